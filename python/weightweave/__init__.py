@@ -1,0 +1,49 @@
+"""weightweave: out-of-core model merging and Weight Weaving for safetensors checkpoints.
+
+The heavy lifting happens in a Rust core (``weightweave._rust``); this package holds the API,
+the CLI and a pure-torch reference implementation used as test oracle and benchmark baseline.
+"""
+
+from ._rust import (
+    CancelledError,
+    HeaderError,
+    MismatchError,
+    NonFiniteError,
+    OutputError,
+    ParamError,
+    WeaveError,
+    WeaveIOError,
+    __version__,
+)
+from .api import (
+    METHODS,
+    POOLS,
+    Report,
+    default_lambdas,
+    inspect,
+    merge,
+    merge_arrays,
+    weave,
+    weave_arrays,
+)
+
+__all__ = [
+    "METHODS",
+    "POOLS",
+    "CancelledError",
+    "HeaderError",
+    "MismatchError",
+    "NonFiniteError",
+    "OutputError",
+    "ParamError",
+    "Report",
+    "WeaveError",
+    "WeaveIOError",
+    "__version__",
+    "default_lambdas",
+    "inspect",
+    "merge",
+    "merge_arrays",
+    "weave",
+    "weave_arrays",
+]

@@ -1,0 +1,353 @@
+"""The Python API: validates and normalises arguments, then hands owned values to the Rust core.
+
+File paths go to Rust as paths (tensors never cross into Python); in-memory state dicts go as
+zero-copy buffers. Nothing here loops over tensor elements.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _rust
+from ._rust import ParamError
+
+METHODS = ("task_arithmetic", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb")
+POOLS = ("mean", "random", "magmax")
+
+PathLike = str | os.PathLike
+ProgressFn = Callable[[int, int], object]
+
+_NP_TO_ST = {
+    "float32": "F32",
+    "float16": "F16",
+    "float64": "F64",
+    "bfloat16": "BF16",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+}
+_ST_TO_NP = {v: k for k, v in _NP_TO_ST.items() if k != "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a finished merge did.
+
+    Attributes:
+        outputs: The files written (weights, index and copied config files).
+        bytes_read: Bytes of tensor data read, summed over every pass over the inputs.
+        bytes_written: Bytes of safetensors written.
+        seconds: Wall time of the whole call.
+    """
+
+    outputs: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+def default_lambdas(method: str) -> list[float]:
+    """The paper's default search space Λ for ``method`` (step 0.1, both ends included).
+
+    Raises:
+        ParamError: for an unknown method.
+    """
+    lams = _rust.default_lambdas(method)
+    if lams is None:
+        raise ParamError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    return lams
+
+
+def parse_lambdas(spec: str | Sequence[float]) -> list[float]:
+    """Λ from ``"start:stop:step"`` (both ends included), ``"0.2,0.5,1"``, or a sequence."""
+    if not isinstance(spec, str):
+        return [float(x) for x in spec]
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step))
+            return [round(start + i * step, 10) for i in range(count + 1)]
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ParamError(
+            f"lambdas: cannot parse '{spec}' (use start:stop:step, or comma-separated values)"
+        ) from None
+
+
+def _method(method: object) -> str:
+    if not isinstance(method, str):
+        raise ParamError(f"method must be a string, got {type(method).__name__}")
+    return method
+
+
+def _models(models: object) -> list[Any]:
+    if isinstance(models, (str, os.PathLike, Mapping)):
+        raise ParamError("models must be a sequence of fine-tuned models, not a single one")
+    out = list(models)  # type: ignore[call-overload]
+    if not out:
+        raise ParamError("models: at least one fine-tuned model is needed")
+    return out
+
+
+def _common(seed: int, threads: int | None, chunk_size: int | None) -> dict[str, Any]:
+    for name, v in (("threads", threads), ("chunk_size", chunk_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ParamError(f"{name} must be a positive integer, got {v!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ParamError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    return {"seed": seed, "threads": threads, "chunk_size": chunk_size}
+
+
+def _report(d: dict[str, Any]) -> Report:
+    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"])
+
+
+def merge(
+    base: PathLike,
+    models: Sequence[PathLike],
+    out: PathLike,
+    *,
+    method: str,
+    lam: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str | None = None,
+    shard_size: int | None = None,
+    progress: ProgressFn | None = None,
+    **params: float | bool | str,
+) -> Report:
+    """Merge fine-tuned checkpoints into θ_pre + λ·M, streaming from disk to disk.
+
+    Args:
+        base: The pre-trained checkpoint: a ``.safetensors`` file, a model directory, or a
+            ``model.safetensors.index.json``.
+        models: The fine-tuned checkpoints (same tensors and shapes as the base).
+        out: A ``.safetensors`` file, or a directory (sharded with ``shard_size``; the base
+            directory's config files are copied in).
+        method: One of ``METHODS``.
+        lam: The scaling factor λ (default: 0.3 for task_arithmetic, 0.5 for magmax, else 1.0).
+        seed: Seed of the counter-based generator (DARE masks).
+        threads: Worker threads (default: all cores).
+        chunk_size: Elements per chunk (default 262144); memory is O(chunk_size × threads × T).
+        out_dtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"f64"`` for merged tensors
+            (default: the base's dtype).
+        shard_size: Maximum bytes per output shard (directory output only).
+        progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
+            raising from it cancels the merge.
+        **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
+            ``rescale``, ``ties_density`` (see the README's method table).
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        WeaveError: any problem with the inputs, parameters or output (subclasses name it);
+            nothing is left at ``out`` when it is raised.
+    """
+    d = _rust.merge_files(
+        os.fspath(base),
+        [os.fspath(m) for m in _models(models)],
+        os.fspath(out),
+        method=_method(method),
+        params=params,
+        mode="merge",
+        lam=lam,
+        out_dtype=out_dtype,
+        shard_size=shard_size,
+        progress=progress,
+        **_common(seed, threads, chunk_size),
+    )
+    return _report(d)
+
+
+def weave(
+    base: PathLike,
+    models: Sequence[PathLike],
+    out: PathLike,
+    *,
+    method: str,
+    lambdas: Sequence[float] | str | None = None,
+    pool: str = "mean",
+    include_deltas: bool = True,
+    seed: int = 0,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str | None = None,
+    shard_size: int | None = None,
+    progress: ProgressFn | None = None,
+    **params: float | bool | str,
+) -> Report:
+    """Weight Weaving: θ_pre + pool([τ_1..τ_T] + [λ·M for λ in Λ]), without building that stack.
+
+    Args:
+        lambdas: The search space Λ, strictly increasing: a sequence, ``"start:stop:step"`` or
+            ``"a,b,c"`` (default: the paper's range for the method, see ``default_lambdas``).
+        pool: ``"mean"``, ``"random"`` or ``"magmax"``.
+        include_deltas: Pool over the task vectors too (the paper's default).
+        Other arguments as in :func:`merge`.
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        WeaveError: as in :func:`merge`.
+    """
+    d = _rust.merge_files(
+        os.fspath(base),
+        [os.fspath(m) for m in _models(models)],
+        os.fspath(out),
+        method=_method(method),
+        params=params,
+        mode="weave",
+        lambdas=None if lambdas is None else parse_lambdas(lambdas),
+        pool=pool,
+        include_deltas=bool(include_deltas),
+        out_dtype=out_dtype,
+        shard_size=shard_size,
+        progress=progress,
+        **_common(seed, threads, chunk_size),
+    )
+    return _report(d)
+
+
+def inspect(path: PathLike) -> dict[str, Any]:
+    """Summarise a checkpoint without reading its tensors.
+
+    Returns:
+        A dict with ``path``, ``files``, ``metadata``, ``num_params``, ``data_bytes`` and
+        ``tensors`` (each with ``name``, ``dtype``, ``shape``, ``bytes``, ``file``, ``merged``).
+
+    Raises:
+        WeaveError: if the checkpoint is missing or malformed.
+    """
+    return _rust.inspect(os.fspath(path))
+
+
+# ---- in-memory state dicts -------------------------------------------------------------------
+
+
+def _is_torch(v: object) -> bool:
+    return type(v).__module__.split(".")[0] == "torch"
+
+
+def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int], Any]]:
+    if not isinstance(sd, Mapping):
+        raise ParamError(f"{label} must be a mapping of tensor names to arrays")
+    out = []
+    for name, v in sd.items():
+        if _is_torch(v):
+            import torch
+
+            t = v.detach().to("cpu").contiguous()
+            if t.dtype == torch.bfloat16:
+                arr, dt = t.view(torch.int16).numpy(), "BF16"
+            else:
+                arr = t.numpy()
+                dt = _NP_TO_ST.get(arr.dtype.name)
+        else:
+            arr = np.asarray(v)
+            dt = _NP_TO_ST.get(arr.dtype.name)
+            if dt == "BF16":
+                arr = arr.view(np.uint16)
+        if dt is None:
+            raise ParamError(f"{label}: tensor '{name}': unsupported dtype {arr.dtype}")
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
+        # Rust gets a flat view: the shape travels separately, and 0-d buffers have no shape.
+        out.append((str(name), dt, list(arr.shape), arr.reshape(-1)))
+    return out
+
+
+def _run_arrays(base, models, mode: str, kw: dict[str, Any]) -> dict[str, Any]:
+    models = _models(models)
+    as_torch = any(_is_torch(v) for v in base.values())
+    b = _entries(base, "base")
+    ms = [_entries(m, f"models[{i}]") for i, m in enumerate(models)]
+    plan_kw = {k: kw[k] for k in ("method", "params", "lam", "lambdas", "pool", "include_deltas", "out_dtype")}
+    plan = _rust.plan_buffers(b, ms, mode=mode, **plan_kw)
+    outputs = {}
+    for name, dt, shape in plan:
+        storage = np.uint16 if dt == "BF16" else np.dtype(_ST_TO_NP[dt])
+        outputs[name] = (dt, np.empty(shape, dtype=storage))
+    _rust.merge_buffers(b, ms, [(n, a.reshape(-1)) for n, (_, a) in outputs.items()], mode=mode, **kw)
+    if as_torch:
+        import torch
+
+        res = {}
+        for n, (dt, a) in outputs.items():
+            t = torch.from_numpy(a)
+            res[n] = t.view(torch.bfloat16) if dt == "BF16" else t
+        return res
+    res = {}
+    for n, (dt, a) in outputs.items():
+        if dt == "BF16":
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise ParamError(
+                    "bf16 output from numpy inputs needs ml_dtypes; pass torch tensors instead"
+                ) from None
+            a = a.view(ml_dtypes.bfloat16)
+        res[n] = a
+    return res
+
+
+def merge_arrays(
+    base: Mapping[str, Any],
+    models: Sequence[Mapping[str, Any]],
+    *,
+    method: str,
+    lam: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str | None = None,
+    progress: ProgressFn | None = None,
+    **params: float | bool | str,
+) -> dict[str, Any]:
+    """:func:`merge` on in-memory state dicts of numpy arrays or torch tensors.
+
+    Returns the same kind it was given (torch tensors on CPU, or numpy arrays), computed by the
+    same Rust engine with the inputs shared zero-copy where their layout allows.
+    """
+    kw = dict(method=_method(method), params=params, lam=lam, lambdas=None, pool="mean",
+              include_deltas=True, out_dtype=out_dtype, progress=progress,
+              **_common(seed, threads, chunk_size))
+    return _run_arrays(base, models, "merge", kw)
+
+
+def weave_arrays(
+    base: Mapping[str, Any],
+    models: Sequence[Mapping[str, Any]],
+    *,
+    method: str,
+    lambdas: Sequence[float] | str | None = None,
+    pool: str = "mean",
+    include_deltas: bool = True,
+    seed: int = 0,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str | None = None,
+    progress: ProgressFn | None = None,
+    **params: float | bool | str,
+) -> dict[str, Any]:
+    """:func:`weave` on in-memory state dicts of numpy arrays or torch tensors."""
+    kw = dict(method=_method(method), params=params, lam=None,
+              lambdas=None if lambdas is None else parse_lambdas(lambdas), pool=pool,
+              include_deltas=bool(include_deltas), out_dtype=out_dtype, progress=progress,
+              **_common(seed, threads, chunk_size))
+    return _run_arrays(base, models, "weave", kw)

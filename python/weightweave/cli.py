@@ -1,0 +1,172 @@
+"""Command line: parses arguments and calls :mod:`weightweave.api`; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__, api
+from ._rust import WeaveError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"``, ``"500MiB"``, ``"1000000"`` → bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: '{text}' (e.g. 2GB, 500MiB, 1000000)")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_value(text: str) -> float | bool | str:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_set(items: Sequence[str]) -> dict[str, float | bool | str]:
+    params: dict[str, float | bool | str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise WeaveError(f"--set expects key=value, got '{item}'")
+        params[key.strip()] = parse_value(value.strip())
+    return params
+
+
+class Bar:
+    """A one-line progress bar on stderr, drawn only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        frac = min(done / total, 1.0)
+        width = 30
+        fill = int(frac * width)
+        secs = time.monotonic() - self.start
+        rate = done / secs / 1e9 if secs > 0 else 0.0
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
+                         f"{done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.2f} GB/s {secs:5.1f}s")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="pre-trained checkpoint: .safetensors file, model dir or index.json")
+    p.add_argument("models", nargs="+", help="fine-tuned checkpoints")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file or directory")
+    p.add_argument("--method", required=True, choices=api.METHODS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter, e.g. --set density=0.2 (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--chunk-size", type=int, help="elements per chunk")
+    p.add_argument("--out-dtype", choices=["f32", "f16", "bf16", "f64"])
+    p.add_argument("--shard-size", type=parse_size, help="max bytes per shard, e.g. 2GB (dir output)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weightweave", description=(
+        "Merge fine-tuned safetensors checkpoints out of core, or Weight-Weave them over a λ grid."))
+    parser.add_argument("--version", action="version", version=f"weightweave {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="θ_pre + λ·M")
+    _common(m)
+    m.add_argument("--lam", type=float, help="scaling factor λ (default per method)")
+    w = sub.add_parser("weave", help="Weight Weaving: pool over a search space Λ")
+    _common(w)
+    w.add_argument("--lambdas", help="start:stop:step or a,b,c (default: the paper's range)")
+    w.add_argument("--pool", choices=api.POOLS, default="mean")
+    w.add_argument("--no-deltas", action="store_true", help="pool over the λ-scaled merges only")
+    i = sub.add_parser("inspect", help="summarise a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    d = sub.add_parser("demo", help="build small checkpoints in a temp dir and weave them")
+    d.add_argument("--dir", help="work here and keep the files (default: a temp dir, removed)")
+    return parser
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    bar = Bar(enabled=not args.quiet and sys.stderr.isatty())
+    kw: dict[str, Any] = dict(method=args.method, seed=args.seed, threads=args.threads,
+                              chunk_size=args.chunk_size, out_dtype=args.out_dtype,
+                              shard_size=args.shard_size, progress=bar, **parse_set(args.set))
+    try:
+        if args.command == "merge":
+            rep = api.merge(args.base, args.models, args.out, lam=args.lam, **kw)
+        else:
+            lambdas = api.parse_lambdas(args.lambdas) if args.lambdas else None
+            rep = api.weave(args.base, args.models, args.out, lambdas=lambdas, pool=args.pool,
+                            include_deltas=not args.no_deltas, **kw)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"wrote {len(rep.outputs)} file(s), {rep.bytes_written / 1e9:.3f} GB in {rep.seconds:.2f}s "
+              f"({rep.bytes_read / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s read): {args.out}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    info = api.inspect(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['num_params']:,} parameters, {info['data_bytes'] / 1e9:.3f} GB "
+          f"in {len(info['files'])} file(s)")
+    for k, v in sorted(info["metadata"].items()):
+        print(f"  metadata {k} = {v}")
+    for t in info["tensors"]:
+        flag = "" if t["merged"] else "  (copied from base)"
+        print(f"  {t['name']:60} {t['dtype']:5} {str(t['shape']):20}{flag}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``weightweave`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("merge", "weave"):
+            return _run_merge(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
+        from . import demo
+
+        demo.run(args.dir)
+        return 0
+    except KeyboardInterrupt:
+        print("weightweave: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except WeaveError as e:
+        print(f"weightweave: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"weightweave: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""A pure-torch reference implementation of every method, written literally from SPEC.md.
+
+Whole state dicts in memory, the global task vector flattened exactly as the authors' code does
+(``torch.cat`` of every mergeable tensor in name order), ``kthvalue`` for TIES, sorts for PCB and
+Breadcrumbs, and A* stacked explicitly. It is the test oracle and the benchmark baseline, never
+the fast path. The counter-based generator is re-implemented here in numpy from its definition
+(see ``rust/core/src/rng.rs``), independently of the Rust code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+StateDict = Mapping[str, Tensor]
+
+MERGEABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+POOL_STREAM = _MASK
+DEFAULT_LAM = {"task_arithmetic": 0.3, "magmax": 0.5}
+OUT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
+
+
+# ---- the counter-based generator ---------------------------------------------------------------
+
+def _mix_int(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _fnv1a64(name: str) -> int:
+    h = 0xCBF29CE484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001B3) & _MASK
+    return h
+
+
+def draws(seed: int, stream: int, name: str, n: int) -> np.ndarray:
+    """The generator's 64-bit draws for elements 0..n-1 of tensor ``name``."""
+    key = _mix_int(_mix_int(seed ^ _mix_int((stream + _GOLDEN) & _MASK)) ^ _fnv1a64(name))
+    idx = np.arange(1, n + 1, dtype=np.uint64)
+    return _mix(np.uint64(key) + idx * np.uint64(_GOLDEN))
+
+
+def dare_mask(seed: int, task: int, name: str, n: int, density: float) -> np.ndarray:
+    u = (draws(seed, task, name, n) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+    return u < np.float32(density)
+
+
+def pick(seed: int, name: str, n: int, members: int) -> np.ndarray:
+    x = draws(seed, POOL_STREAM, name, n) >> np.uint64(32)
+    return ((x * np.uint64(members)) >> np.uint64(32)).astype(np.int64)
+
+
+# ---- task vectors ------------------------------------------------------------------------------
+
+def mergeable_names(base: StateDict) -> list[str]:
+    return sorted(n for n, t in base.items() if t.dtype in MERGEABLE)
+
+
+def task_vectors(base: StateDict, models: Sequence[StateDict]) -> list[dict[str, Tensor]]:
+    names = mergeable_names(base)
+    return [{n: m[n].to(torch.float32) - base[n].to(torch.float32) for n in names} for m in models]
+
+
+def _flatten(tv: Mapping[str, Tensor], names: list[str]) -> Tensor:
+    return torch.cat([tv[n].reshape(-1) for n in names]) if names else torch.zeros(0)
+
+
+def _unflatten(flat: Tensor, like: Mapping[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    out, i = {}, 0
+    for n in names:
+        k = like[n].numel()
+        out[n] = flat[i:i + k].reshape(like[n].shape)
+        i += k
+    return out
+
+
+def _dare(tvs: list[dict[str, Tensor]], seed: int, density: float, rescale: bool) -> list[dict[str, Tensor]]:
+    out = []
+    for t, tv in enumerate(tvs):
+        d = {}
+        for n, x in tv.items():
+            m = torch.from_numpy(dare_mask(seed, t, n, x.numel(), density)).reshape(x.shape)
+            d[n] = x * m / density if rescale else x * m
+        out.append(d)
+    return out
+
+
+# ---- methods -----------------------------------------------------------------------------------
+
+def _ties_flat(x: Tensor, density: float) -> Tensor:
+    """TIES on a T×d matrix, literally: kthvalue trim, sign election, disjoint mean."""
+    d = x.shape[1]
+    kk = d - int(d * density)
+    if kk > 0:
+        thr = x.abs().kthvalue(kk, dim=1, keepdim=True).values
+        trimmed = x * (x.abs() >= thr)
+    else:
+        trimmed = x.clone()
+    s = torch.sign(trimmed.sum(dim=0))
+    majority = torch.sign(s.sum())
+    s[s == 0] = majority
+    keep = ((s > 0) & (trimmed > 0)) | ((s < 0) & (trimmed < 0))
+    selected = trimmed * keep
+    count = (selected != 0).sum(dim=0).float()
+    return selected.sum(dim=0) / torch.clamp(count, min=1)
+
+
+def _crumbs(x: Tensor, density: float, gamma: float) -> Tensor:
+    if x.dim() == 0:
+        return x.clone()
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    g, b = int(n * gamma), int(n * density)
+    order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n).expand_as(order).contiguous())
+    mask = (ranks >= g) & (ranks < g + b)
+    return (rows * mask).reshape(x.shape)
+
+
+def _clamp(x: Tensor, lo: float, hi: float) -> Tensor:
+    d = x.shape[1]
+    s = torch.sort(x, dim=1).values
+    a = s[:, int(d * lo)].unsqueeze(1)
+    b = s[:, max(int(d * (1 - hi) - 1), 0)].unsqueeze(1)
+    return torch.clamp(x, a, b)
+
+
+def _norm(x: Tensor) -> Tensor:
+    mn = x.min(dim=1, keepdim=True).values
+    mx = x.max(dim=1, keepdim=True).values
+    den = mx - mn
+    return torch.where(den > 0, (x - mn) / torch.where(den > 0, den, 1), torch.zeros_like(x))
+
+
+def _pcb_flat(x: Tensor, ratio: float) -> Tensor:
+    t = x.shape[0]
+    a = _clamp(x.abs(), 0.01, 0.01)
+    xc = torch.sign(x) * a
+    na = _norm(a)
+    nn = torch.sign(x) * na
+    intra = torch.exp(t * na**2)
+    inter = torch.zeros_like(x)
+    for j in range(t):
+        inter = inter + torch.tanh(nn * nn[j:j + 1])
+    b = intra * inter
+    s = _norm(_clamp(b, 1 - ratio, 0))
+    return (s * xc).sum(dim=0) / torch.clamp(s.sum(dim=0), min=1e-12)
+
+
+def merged_task_vector(base: StateDict, models: Sequence[StateDict], method: str, seed: int = 0,
+                       **params: float | bool | str) -> dict[str, Tensor]:
+    """f_merge(τ_1..τ_T) → M for every mergeable tensor (f32)."""
+    names = mergeable_names(base)
+    tvs = task_vectors(base, models)
+    if method in ("dare", "dare_ties"):
+        tvs = _dare(tvs, seed, float(params.get("density", 0.5)), bool(params.get("rescale", True)))
+    stack = {n: torch.stack([tv[n] for tv in tvs]) for n in names}
+    if method in ("task_arithmetic", "dare"):
+        return {n: s.sum(dim=0) for n, s in stack.items()}
+    if method == "magmax":
+        out = {}
+        for n, s in stack.items():
+            best = s[0].clone()
+            for x in s[1:]:
+                best = torch.where(x.abs() >= best.abs(), x, best)
+            out[n] = best
+        return out
+    if method in ("ties", "dare_ties"):
+        density = float(params.get("ties_density" if method == "dare_ties" else "density", 0.2))
+        if params.get("scope", "global") == "tensor":
+            return {n: _ties_flat(s.reshape(len(tvs), -1), density).reshape(s.shape[1:])
+                    for n, s in stack.items()}
+        flat = torch.stack([_flatten(tv, names) for tv in tvs])
+        return _unflatten(_ties_flat(flat, density), tvs[0], names)
+    if method == "breadcrumbs":
+        density, gamma = float(params.get("density", 0.15)), float(params.get("gamma", 0.006))
+        return {n: sum(_crumbs(x, density, gamma) for x in s) for n, s in stack.items()}  # type: ignore[misc]
+    if method == "pcb":
+        flat = torch.stack([_flatten(tv, names) for tv in tvs])
+        return _unflatten(_pcb_flat(flat, float(params.get("ratio", 0.05))), tvs[0], names)
+    raise ValueError(f"unknown method {method}")
+
+
+def _finish(base: StateDict, p: Mapping[str, Tensor], out_dtype: str | None) -> dict[str, Tensor]:
+    out = {}
+    for n, t in base.items():
+        if n in p:
+            dt = OUT_DTYPES[out_dtype] if out_dtype else t.dtype
+            out[n] = (t.to(torch.float32) + p[n]).to(dt)
+        else:
+            out[n] = t.clone()
+    return out
+
+
+def merge(base: StateDict, models: Sequence[StateDict], method: str, lam: float | None = None,
+          seed: int = 0, out_dtype: str | None = None, **params: float | bool | str) -> dict[str, Tensor]:
+    """θ_pre + λ·M."""
+    lam = DEFAULT_LAM.get(method, 1.0) if lam is None else lam
+    m = merged_task_vector(base, models, method, seed, **params)
+    return _finish(base, {n: lam * x for n, x in m.items()}, out_dtype)
+
+
+def weave(base: StateDict, models: Sequence[StateDict], method: str, lambdas: Sequence[float],
+          pool: str = "mean", include_deltas: bool = True, seed: int = 0, out_dtype: str | None = None,
+          **params: float | bool | str) -> dict[str, Tensor]:
+    """Weight Weaving with A* stacked explicitly, as the paper's code does."""
+    m = merged_task_vector(base, models, method, seed, **params)
+    tvs = task_vectors(base, models)
+    p = {}
+    for n, mn in m.items():
+        members = ([tv[n] for tv in tvs] if include_deltas else []) + [lam * mn for lam in lambdas]
+        a_star = torch.stack(members)
+        if pool == "mean":
+            p[n] = a_star.mean(dim=0)
+        elif pool == "random":
+            idx = torch.from_numpy(pick(seed, n, mn.numel(), len(members))).reshape(1, *mn.shape)
+            p[n] = torch.gather(a_star, 0, idx)[0]
+        elif pool == "magmax":
+            best = a_star[0].clone()
+            for x in a_star[1:]:
+                best = torch.where(x.abs() >= best.abs(), x, best)
+            p[n] = best
+        else:
+            raise ValueError(f"unknown pool {pool}")
+    return _finish(base, p, out_dtype)

@@ -1,0 +1,206 @@
+//! Element types of safetensors and the conversions to and from the f32 the arithmetic runs in.
+//! Conversions read little-endian bytes at any alignment, because tensor data inside a
+//! safetensors file is only byte-aligned.
+
+use half::{bf16, f16};
+
+/// A safetensors dtype. Only F16/BF16/F32/F64 are merged; the rest are copied from the base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    Bool,
+    U8,
+    I8,
+    F8E5M2,
+    F8E4M3,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+}
+
+const ALL: [DType; 15] = [
+    DType::Bool,
+    DType::U8,
+    DType::I8,
+    DType::F8E5M2,
+    DType::F8E4M3,
+    DType::I16,
+    DType::U16,
+    DType::F16,
+    DType::BF16,
+    DType::I32,
+    DType::U32,
+    DType::F32,
+    DType::F64,
+    DType::I64,
+    DType::U64,
+];
+
+impl DType {
+    /// The name as written in safetensors headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Bool => "BOOL",
+            DType::U8 => "U8",
+            DType::I8 => "I8",
+            DType::F8E5M2 => "F8_E5M2",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::I16 => "I16",
+            DType::U16 => "U16",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::I32 => "I32",
+            DType::U32 => "U32",
+            DType::F32 => "F32",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::U64 => "U64",
+        }
+    }
+
+    /// Parses a header dtype name (case-insensitive, so "bf16" works from the CLI too).
+    pub fn parse(s: &str) -> Option<DType> {
+        ALL.into_iter().find(|d| d.name().eq_ignore_ascii_case(s))
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bool | DType::U8 | DType::I8 | DType::F8E5M2 | DType::F8E4M3 => 1,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::U32 | DType::F32 => 4,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+        }
+    }
+
+    /// Whether tensors of this dtype are merged (the rest are copied from the base).
+    pub fn is_mergeable(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+    }
+}
+
+/// Decodes `out.len()` elements of `dtype` from `bytes` into f32.
+pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        DType::F64 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                *o = f64::from_le_bytes(b) as f32;
+            }
+        }
+        other => unreachable!("decode called on non-mergeable dtype {}", other.name()),
+    }
+}
+
+/// Encodes f32 values as `dtype`, rounding to nearest even.
+pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(out.len(), src.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (c, v) in out.chunks_exact_mut(4).zip(src) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (c, v) in out.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (c, v) in out.chunks_exact_mut(2).zip(src) {
+                c.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        DType::F64 => {
+            for (c, v) in out.chunks_exact_mut(8).zip(src) {
+                c.copy_from_slice(&(*v as f64).to_le_bytes());
+            }
+        }
+        other => unreachable!("encode called on non-mergeable dtype {}", other.name()),
+    }
+}
+
+/// Index and value of the first non-finite element, if any.
+pub fn first_non_finite(values: &[f32]) -> Option<(usize, f32)> {
+    // A branch-free scan first: the common case is all finite, and this vectorizes.
+    if values.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        return None;
+    }
+    values
+        .iter()
+        .position(|v| !v.is_finite())
+        .map(|i| (i, values[i]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in ALL {
+            assert_eq!(DType::parse(d.name()), Some(d));
+        }
+        assert_eq!(DType::parse("bf16"), Some(DType::BF16));
+        assert_eq!(DType::parse("F128"), None);
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is exactly halfway between two bf16 values: ties go to the even one (1.0).
+        let halfway = 1.0f32 + 2f32.powi(-8);
+        let mut out = [0u8; 2];
+        encode(DType::BF16, &[halfway], &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3F80);
+        // Just above halfway rounds up.
+        encode(
+            DType::BF16,
+            &[f32::from_bits(halfway.to_bits() + 1)],
+            &mut out,
+        );
+        assert_eq!(u16::from_le_bytes(out), 0x3F81);
+    }
+
+    #[test]
+    fn decode_encode_round_trip_all_float_dtypes() {
+        let vals = [0.0f32, -1.5, 3.25, 1e-3, -65504.0];
+        for d in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            let mut bytes = vec![0u8; vals.len() * d.size()];
+            encode(d, &vals, &mut bytes);
+            let mut back = [0f32; 5];
+            decode(d, &bytes, &mut back);
+            for (a, b) in vals.iter().zip(back) {
+                assert!((a - b).abs() <= a.abs() * 1e-2, "{d:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn finds_non_finite() {
+        assert_eq!(first_non_finite(&[1.0, 2.0]), None);
+        let r = first_non_finite(&[1.0, f32::NAN, f32::INFINITY]).unwrap();
+        assert_eq!(r.0, 1);
+    }
+}

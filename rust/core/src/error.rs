@@ -1,0 +1,104 @@
+//! The one error type of the core. Every variant carries what a user needs to find the problem:
+//! the file (or in-memory model label) and the tensor, never just "invalid input".
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in reading, planning, merging or writing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system failure on one path (open, map, write, rename, ...).
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file-level problem in a safetensors header or a shard index.
+    #[error("{file}: invalid header: {reason}")]
+    Header { file: String, reason: String },
+    /// A problem with one tensor's header entry (dtype, shape, offsets).
+    #[error("{file}: tensor '{tensor}': {reason}")]
+    TensorHeader {
+        file: String,
+        tensor: String,
+        reason: String,
+    },
+    /// A tensor of the base is absent from a fine-tuned model.
+    #[error("{file}: tensor '{tensor}' of the base is missing")]
+    MissingTensor { file: String, tensor: String },
+    /// A fine-tuned model holds a tensor the base does not.
+    #[error("{file}: tensor '{tensor}' is not in the base")]
+    ExtraTensor { file: String, tensor: String },
+    /// Same tensor name, different shape than the base.
+    #[error("{file}: tensor '{tensor}' has shape {got:?}, the base has {expected:?}")]
+    ShapeMismatch {
+        file: String,
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// Same tensor name, a dtype that cannot be merged with the base's.
+    #[error("{file}: tensor '{tensor}' has dtype {got}, incompatible with the base's {expected}")]
+    DtypeMismatch {
+        file: String,
+        tensor: String,
+        expected: &'static str,
+        got: &'static str,
+    },
+    /// NaN or infinity in an input: merging it would silently poison the output.
+    #[error("{file}: tensor '{tensor}' holds a non-finite value ({value}) at element {index}")]
+    NonFinite {
+        file: String,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    /// A method name the core does not implement.
+    #[error("unknown method '{name}' (known: {known})")]
+    UnknownMethod { name: String, known: &'static str },
+    /// A parameter that is unknown, of the wrong type or out of range.
+    #[error("parameter '{name}': {reason}")]
+    InvalidParam { name: String, reason: String },
+    /// The output would replace one of the inputs.
+    #[error("refusing to write {}: it is the input {}", out.display(), input.display())]
+    OutputIsInput { out: PathBuf, input: PathBuf },
+    /// The output location cannot be used as asked.
+    #[error("{}: {reason}", path.display())]
+    BadOutput { path: PathBuf, reason: String },
+    /// The caller asked to stop (Ctrl-C, or an exception in the progress callback).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn header(file: &str, reason: impl Into<String>) -> Self {
+        Error::Header {
+            file: file.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn tensor(file: &str, tensor: &str, reason: impl Into<String>) -> Self {
+        Error::TensorHeader {
+            file: file.to_owned(),
+            tensor: tensor.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn param(name: &str, reason: impl Into<String>) -> Self {
+        Error::InvalidParam {
+            name: name.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Kernels that look at one element position across tasks at a time: task arithmetic (a sum),
+//! MagMax, and DARE's random drop-and-rescale. Loops run task-outer so each inner loop is a
+//! straight pass over a chunk that the compiler vectorizes.
+
+use super::DareParams;
+use crate::rng::Stream;
+
+/// M = Σ_t τ_t, summed in task order.
+pub fn sum(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
+    m[..n].fill(0.0);
+    for d in deltas {
+        for (acc, &x) in m[..n].iter_mut().zip(&d[..n]) {
+            *acc += x;
+        }
+    }
+}
+
+/// M = the τ_t of largest |τ_t| per element; ties go to the later task.
+pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
+    m[..n].fill(0.0);
+    for d in deltas {
+        for (best, &x) in m[..n].iter_mut().zip(&d[..n]) {
+            if x.abs() >= best.abs() {
+                *best = x;
+            }
+        }
+    }
+}
+
+/// dare(τ) = τ ⊙ mask / density (or τ ⊙ mask without rescale); `first` is the element index of
+/// `raw[0]` within its tensor, so the mask does not depend on chunking.
+pub fn dare(raw: &[f32], out: &mut [f32], stream: &Stream, first: u64, p: DareParams) {
+    let density = p.density as f32;
+    for (i, (o, &x)) in out.iter_mut().zip(raw).enumerate() {
+        let kept = if stream.keep(first + i as u64, density) {
+            x
+        } else {
+            0.0 * x
+        };
+        *o = if p.rescale { kept / density } else { kept };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_hand_case() {
+        let d = vec![vec![1.0, -2.0, 3.0, 0.0], vec![2.0, 2.0, -1.0, 0.0]];
+        let mut m = [0.0; 4];
+        sum(&d, 4, &mut m);
+        assert_eq!(m, [3.0, 0.0, 2.0, 0.0]);
+        magmax(&d, 4, &mut m);
+        assert_eq!(m, [2.0, 2.0, 3.0, 0.0]);
+    }
+
+    #[test]
+    fn dare_keeps_or_rescales() {
+        let raw = vec![1.0f32; 1000];
+        let mut out = vec![0.0; 1000];
+        let s = Stream::new(3, 0, "t");
+        dare(
+            &raw,
+            &mut out,
+            &s,
+            0,
+            DareParams {
+                density: 0.25,
+                rescale: true,
+            },
+        );
+        assert!(out.iter().all(|&v| v == 0.0 || v == 4.0));
+        let kept = out.iter().filter(|&&v| v != 0.0).count();
+        assert!((150..350).contains(&kept), "{kept}");
+    }
+}

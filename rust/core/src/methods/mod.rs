@@ -1,0 +1,335 @@
+//! The merge methods f_merge(τ_1..τ_T) → M of SPEC.md: their parameters, defaults and the
+//! per-chunk kernels. Global statistics (TIES thresholds, PCB percentiles) are gathered by the
+//! pipeline's extra passes and handed to the kernels as plain numbers.
+
+pub mod breadcrumbs;
+pub mod elementwise;
+pub mod pcb;
+pub mod ties;
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+/// A parameter value as it arrives from Python or the CLI.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Param {
+    Num(f64),
+    Bool(bool),
+    Str(String),
+}
+
+pub type Params = BTreeMap<String, Param>;
+
+/// Where TIES computes its threshold and majority sign.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Over the whole model, like the reference implementation.
+    Global,
+    /// Per tensor, like mergekit.
+    Tensor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DareParams {
+    /// Keep probability (1 − drop rate).
+    pub density: f64,
+    pub rescale: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TiesParams {
+    /// Fraction of entries kept by the trim step.
+    pub density: f64,
+    pub scope: Scope,
+}
+
+/// A merge method with validated parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    TaskArithmetic,
+    MagMax,
+    Dare(DareParams),
+    DareTies(DareParams, TiesParams),
+    Ties(TiesParams),
+    Breadcrumbs { density: f64, gamma: f64 },
+    Pcb { ratio: f64 },
+}
+
+pub const METHOD_NAMES: &str = "task_arithmetic, magmax, dare, dare_ties, ties, breadcrumbs, pcb";
+
+/// Reads and range-checks parameters, rejecting any the method does not take.
+struct Reader<'a> {
+    params: &'a Params,
+    used: Vec<&'static str>,
+}
+
+impl<'a> Reader<'a> {
+    fn num(
+        &mut self,
+        name: &'static str,
+        default: f64,
+        lo: f64,
+        hi: f64,
+        lo_open: bool,
+    ) -> Result<f64> {
+        self.used.push(name);
+        let v = match self.params.get(name) {
+            None => return Ok(default),
+            Some(Param::Num(v)) => *v,
+            Some(other) => {
+                return Err(Error::param(
+                    name,
+                    format!("expected a number, got {other:?}"),
+                ))
+            }
+        };
+        let below = if lo_open { v <= lo } else { v < lo };
+        if !v.is_finite() || below || v > hi {
+            let open = if lo_open { "(" } else { "[" };
+            return Err(Error::param(
+                name,
+                format!("{v} is outside {open}{lo}, {hi}]"),
+            ));
+        }
+        Ok(v)
+    }
+
+    fn flag(&mut self, name: &'static str, default: bool) -> Result<bool> {
+        self.used.push(name);
+        match self.params.get(name) {
+            None => Ok(default),
+            Some(Param::Bool(b)) => Ok(*b),
+            Some(Param::Str(s)) if s == "true" || s == "false" => Ok(s == "true"),
+            Some(other) => Err(Error::param(
+                name,
+                format!("expected true or false, got {other:?}"),
+            )),
+        }
+    }
+
+    fn scope(&mut self) -> Result<Scope> {
+        self.used.push("scope");
+        match self.params.get("scope") {
+            None => Ok(Scope::Global),
+            Some(Param::Str(s)) if s == "global" => Ok(Scope::Global),
+            Some(Param::Str(s)) if s == "tensor" => Ok(Scope::Tensor),
+            Some(other) => Err(Error::param(
+                "scope",
+                format!("expected \"global\" or \"tensor\", got {other:?}"),
+            )),
+        }
+    }
+
+    fn finish(self, method: &str) -> Result<()> {
+        if let Some(k) = self
+            .params
+            .keys()
+            .find(|k| !self.used.contains(&k.as_str()))
+        {
+            let accepted = if self.used.is_empty() {
+                "none".to_owned()
+            } else {
+                self.used.join(", ")
+            };
+            return Err(Error::param(
+                k,
+                format!("not a parameter of {method} (accepted: {accepted})"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Method {
+    /// Builds a method from its name and parameters, applying SPEC.md's defaults.
+    pub fn parse(name: &str, params: &Params) -> Result<Method> {
+        let mut r = Reader {
+            params,
+            used: Vec::new(),
+        };
+        let m = match name {
+            "task_arithmetic" => Method::TaskArithmetic,
+            "magmax" => Method::MagMax,
+            "dare" => Method::Dare(dare(&mut r)?),
+            "dare_ties" => {
+                let d = dare(&mut r)?;
+                let density = r.num("ties_density", 0.2, 0.0, 1.0, true)?;
+                let scope = r.scope()?;
+                Method::DareTies(d, TiesParams { density, scope })
+            }
+            "ties" => Method::Ties(TiesParams {
+                density: r.num("density", 0.2, 0.0, 1.0, true)?,
+                scope: r.scope()?,
+            }),
+            "breadcrumbs" => {
+                let density = r.num("density", 0.15, 0.0, 1.0, false)?;
+                let gamma = r.num("gamma", 0.006, 0.0, 1.0, false)?;
+                if density + gamma > 1.0 {
+                    return Err(Error::param(
+                        "density",
+                        format!("density + gamma = {} exceeds 1", density + gamma),
+                    ));
+                }
+                Method::Breadcrumbs { density, gamma }
+            }
+            "pcb" => Method::Pcb {
+                ratio: r.num("ratio", 0.05, 0.0, 1.0, true)?,
+            },
+            _ => {
+                return Err(Error::UnknownMethod {
+                    name: name.to_owned(),
+                    known: METHOD_NAMES,
+                })
+            }
+        };
+        r.finish(name)?;
+        Ok(m)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::TaskArithmetic => "task_arithmetic",
+            Method::MagMax => "magmax",
+            Method::Dare(_) => "dare",
+            Method::DareTies(..) => "dare_ties",
+            Method::Ties(_) => "ties",
+            Method::Breadcrumbs { .. } => "breadcrumbs",
+            Method::Pcb { .. } => "pcb",
+        }
+    }
+
+    /// The DARE step applied to every delta before the method proper, if any.
+    pub fn dare(&self) -> Option<DareParams> {
+        match self {
+            Method::Dare(d) | Method::DareTies(d, _) => Some(*d),
+            _ => None,
+        }
+    }
+
+    pub fn ties(&self) -> Option<TiesParams> {
+        match self {
+            Method::Ties(t) | Method::DareTies(_, t) => Some(*t),
+            _ => None,
+        }
+    }
+
+    /// The effective parameters, for the recipe recorded in the output's metadata.
+    pub fn params_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let scope = |s: Scope| {
+            if s == Scope::Global {
+                "global"
+            } else {
+                "tensor"
+            }
+        };
+        match self {
+            Method::TaskArithmetic | Method::MagMax => json!({}),
+            Method::Dare(d) => json!({"density": d.density, "rescale": d.rescale}),
+            Method::DareTies(d, t) => json!({"density": d.density, "rescale": d.rescale,
+                "ties_density": t.density, "scope": scope(t.scope)}),
+            Method::Ties(t) => json!({"density": t.density, "scope": scope(t.scope)}),
+            Method::Breadcrumbs { density, gamma } => json!({"density": density, "gamma": gamma}),
+            Method::Pcb { ratio } => json!({"ratio": ratio}),
+        }
+    }
+
+    /// λ of a plain merge when the caller gives none (SPEC.md's table; 1.0 where it gives none).
+    pub fn default_lam(name: &str) -> f64 {
+        match name {
+            "task_arithmetic" => 0.3,
+            "magmax" => 0.5,
+            _ => 1.0,
+        }
+    }
+
+    /// The paper's default search space Λ for Weight Weaving (step 0.1, both ends included).
+    pub fn default_lambdas(name: &str) -> Option<Vec<f64>> {
+        let (a, b) = match name {
+            "task_arithmetic" | "dare" | "magmax" | "breadcrumbs" => (1, 10),
+            "ties" | "dare_ties" => (1, 15),
+            "pcb" => (1, 25),
+            "tsv" => (5, 20),
+            "iso_c" => (1, 20),
+            _ => return None,
+        };
+        Some((a..=b).map(|k| k as f64 / 10.0).collect())
+    }
+}
+
+fn dare(r: &mut Reader) -> Result<DareParams> {
+    Ok(DareParams {
+        density: r.num("density", 0.5, 0.0, 1.0, true)?,
+        rescale: r.flag("rescale", true)?,
+    })
+}
+
+/// `int(d · f)` as Python computes it (f64 product, truncation), used for every rank in SPEC.md.
+pub fn int_frac(d: usize, f: f64) -> usize {
+    let v = d as f64 * f;
+    if v <= 0.0 {
+        0
+    } else {
+        v as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, Param)]) -> Params {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        assert_eq!(
+            Method::parse("ties", &Params::new()).unwrap(),
+            Method::Ties(TiesParams {
+                density: 0.2,
+                scope: Scope::Global
+            })
+        );
+        let bad = [
+            ("ties", p(&[("density", Param::Num(0.0))])),
+            ("ties", p(&[("density", Param::Num(1.5))])),
+            ("ties", p(&[("scope", Param::Str("row".into()))])),
+            ("dare", p(&[("gamma", Param::Num(0.1))])),
+            (
+                "breadcrumbs",
+                p(&[("density", Param::Num(0.9)), ("gamma", Param::Num(0.2))]),
+            ),
+            ("pcb", p(&[("ratio", Param::Num(f64::NAN))])),
+            ("task_arithmetic", p(&[("density", Param::Num(0.5))])),
+        ];
+        for (m, params) in bad {
+            assert!(
+                matches!(Method::parse(m, &params), Err(Error::InvalidParam { .. })),
+                "{m} {params:?}"
+            );
+        }
+        assert!(matches!(
+            Method::parse("nope", &Params::new()),
+            Err(Error::UnknownMethod { .. })
+        ));
+    }
+
+    #[test]
+    fn default_search_spaces() {
+        let l = Method::default_lambdas("pcb").unwrap();
+        assert_eq!((l.len(), l[0], l[24]), (25, 0.1, 2.5));
+        assert_eq!(Method::default_lambdas("tsv").unwrap()[0], 0.5);
+    }
+
+    #[test]
+    fn python_int_semantics() {
+        assert_eq!(int_frac(10, 0.2), 2);
+        assert_eq!(int_frac(3, 0.99), 2);
+        assert_eq!(int_frac(0, 0.5), 0);
+    }
+}

@@ -1,0 +1,139 @@
+//! What will be written: the cross-model validation that must pass before any output exists,
+//! and the split of every tensor into the chunks the pipeline streams.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::reader::ModelView;
+
+/// One output tensor.
+#[derive(Clone, Debug)]
+pub struct TensorPlan {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub numel: usize,
+    pub base_dtype: DType,
+    pub out_dtype: DType,
+    /// Floating tensors are merged; the rest are copied from the base.
+    pub mergeable: bool,
+}
+
+impl TensorPlan {
+    /// Length of a row along the last dimension (a 0-d tensor is one row of one element).
+    pub fn row_len(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1).max(1)
+    }
+
+    pub fn out_bytes(&self) -> usize {
+        self.numel * self.out_dtype.size()
+    }
+}
+
+/// A contiguous element range of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub tensor: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Checks that every model holds exactly the base's tensors, with the same shapes and compatible
+/// dtypes, and returns the output tensors in name order.
+pub fn validate(
+    base: &ModelView,
+    models: &[ModelView],
+    out_dtype: Option<DType>,
+) -> Result<Vec<TensorPlan>> {
+    if let Some(d) = out_dtype {
+        if !d.is_mergeable() {
+            return Err(Error::param(
+                "out_dtype",
+                format!("{} is not one of F32, F16, BF16, F64", d.name()),
+            ));
+        }
+    }
+    for m in models {
+        if let Some(extra) = m.tensors.keys().find(|k| !base.tensors.contains_key(*k)) {
+            return Err(Error::ExtraTensor {
+                file: m.tensors[extra].file.to_owned(),
+                tensor: extra.clone(),
+            });
+        }
+    }
+    let mut plan = Vec::with_capacity(base.tensors.len());
+    for (name, b) in &base.tensors {
+        for m in models {
+            let Some(t) = m.tensors.get(name) else {
+                return Err(Error::MissingTensor {
+                    file: m.label.clone(),
+                    tensor: name.clone(),
+                });
+            };
+            if t.shape != b.shape {
+                return Err(Error::ShapeMismatch {
+                    file: t.file.to_owned(),
+                    tensor: name.clone(),
+                    expected: b.shape.to_vec(),
+                    got: t.shape.to_vec(),
+                });
+            }
+            let compatible = if b.dtype.is_mergeable() {
+                t.dtype.is_mergeable()
+            } else {
+                t.dtype == b.dtype
+            };
+            if !compatible {
+                return Err(Error::DtypeMismatch {
+                    file: t.file.to_owned(),
+                    tensor: name.clone(),
+                    expected: b.dtype.name(),
+                    got: t.dtype.name(),
+                });
+            }
+        }
+        let mergeable = b.dtype.is_mergeable();
+        plan.push(TensorPlan {
+            name: name.clone(),
+            shape: b.shape.to_vec(),
+            numel: b.numel(),
+            base_dtype: b.dtype,
+            out_dtype: if mergeable {
+                out_dtype.unwrap_or(b.dtype)
+            } else {
+                b.dtype
+            },
+            mergeable,
+        });
+    }
+    Ok(plan)
+}
+
+/// Splits tensors into chunks of about `chunk_size` elements. With `whole_rows`, chunks of a
+/// mergeable tensor hold whole rows (methods that rank within rows need them), growing to one
+/// row when a row is longer than `chunk_size`. Returns (merge chunks, copy chunks).
+pub fn chunks(
+    plan: &[TensorPlan],
+    chunk_size: usize,
+    whole_rows: bool,
+) -> (Vec<Chunk>, Vec<Chunk>) {
+    let (mut merge, mut copy) = (Vec::new(), Vec::new());
+    for (i, t) in plan.iter().enumerate() {
+        let step = if t.mergeable && whole_rows {
+            let row = t.row_len();
+            (chunk_size / row).max(1) * row
+        } else {
+            chunk_size
+        };
+        let list = if t.mergeable { &mut merge } else { &mut copy };
+        let mut start = 0;
+        while start < t.numel {
+            let len = step.min(t.numel - start);
+            list.push(Chunk {
+                tensor: i,
+                start,
+                len,
+            });
+            start += len;
+        }
+    }
+    (merge, copy)
+}

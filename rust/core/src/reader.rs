@@ -1,0 +1,232 @@
+//! Opening checkpoints: a safetensors file, a directory with `model.safetensors`, or a sharded
+//! `model.safetensors.index.json`. Files are memory-mapped, so a model larger than RAM costs only
+//! page cache, and every header is validated before any tensor is touched.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::header;
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A borrowed view of one tensor: where its bytes are and which file they came from.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorRef<'a> {
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+    /// The file (or in-memory label) that holds the tensor, for error messages.
+    pub file: &'a str,
+}
+
+impl TensorRef<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// What the pipeline sees of one model, whatever it was read from.
+#[derive(Clone, Debug, Default)]
+pub struct ModelView<'a> {
+    pub label: String,
+    pub tensors: BTreeMap<String, TensorRef<'a>>,
+}
+
+struct MappedFile {
+    path: PathBuf,
+    label: String,
+    map: Option<Mmap>,
+    header: header::Header,
+}
+
+/// An opened, validated checkpoint on disk.
+pub struct Checkpoint {
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// The directory the model lives in, when the user gave a directory (for config files).
+    pub model_dir: Option<PathBuf>,
+    /// The index file, when the checkpoint is sharded.
+    pub index_file: Option<PathBuf>,
+    files: Vec<MappedFile>,
+    /// tensor name -> file index
+    owner: BTreeMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+fn map_file(path: &Path) -> Result<MappedFile> {
+    let label = path.display().to_string();
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    // SAFETY: the map is read-only; the contract (documented) is that inputs are not modified
+    // while a merge runs. A zero-length file cannot be mapped, and fails validation below anyway.
+    let map = if len == 0 {
+        None
+    } else {
+        Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
+    };
+    let header = header::parse(&label, map.as_deref().unwrap_or(&[]))?;
+    Ok(MappedFile {
+        path: path.to_owned(),
+        label,
+        map,
+        header,
+    })
+}
+
+impl Checkpoint {
+    /// Opens a file, a model directory or an index file, validating every header.
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            let index = path.join(INDEX_FILE);
+            let single = path.join(SINGLE_FILE);
+            let mut ck = if index.is_file() {
+                Self::open_index(path, &index)?
+            } else if single.is_file() {
+                Self::open_single(path, &single)?
+            } else {
+                return Err(Error::header(
+                    &path.display().to_string(),
+                    format!("directory holds neither {SINGLE_FILE} nor {INDEX_FILE}"),
+                ));
+            };
+            ck.model_dir = Some(path.to_owned());
+            Ok(ck)
+        } else if path.extension().is_some_and(|e| e == "json") {
+            Self::open_index(path, path)
+        } else {
+            Self::open_single(path, path)
+        }
+    }
+
+    fn open_single(given: &Path, file: &Path) -> Result<Checkpoint> {
+        let mapped = map_file(file)?;
+        let owner = mapped
+            .header
+            .tensors
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
+        Ok(Checkpoint {
+            path: given.to_owned(),
+            model_dir: None,
+            index_file: None,
+            files: vec![mapped],
+            owner,
+        })
+    }
+
+    fn open_index(given: &Path, index: &Path) -> Result<Checkpoint> {
+        let label = index.display().to_string();
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let raw: RawIndex = serde_json::from_str(&text)
+            .map_err(|e| Error::header(&label, format!("not a shard index: {e}")))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shard_names: Vec<&String> = raw.weight_map.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let mut files = Vec::new();
+        let mut file_of = BTreeMap::new();
+        for name in shard_names {
+            let rel = Path::new(name);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(Error::header(
+                    &label,
+                    format!("shard '{name}' is not inside the index's directory"),
+                ));
+            }
+            file_of.insert(name.clone(), files.len());
+            files.push(map_file(&dir.join(rel))?);
+        }
+        let mut owner = BTreeMap::new();
+        for (tensor, shard) in &raw.weight_map {
+            let i = file_of[shard];
+            if !files[i].header.tensors.contains_key(tensor) {
+                return Err(Error::tensor(
+                    &files[i].label,
+                    tensor,
+                    format!("listed in {label} but absent from the shard"),
+                ));
+            }
+            owner.insert(tensor.clone(), i);
+        }
+        for f in &files {
+            if let Some(extra) = f.header.tensors.keys().find(|t| !owner.contains_key(*t)) {
+                return Err(Error::tensor(
+                    &f.label,
+                    extra,
+                    format!("present in the shard but not listed in {label}"),
+                ));
+            }
+        }
+        Ok(Checkpoint {
+            path: given.to_owned(),
+            model_dir: None,
+            index_file: Some(index.to_owned()),
+            files,
+            owner,
+        })
+    }
+
+    /// Every file this checkpoint reads (shards and index), to keep outputs off them.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
+        v.extend(self.index_file.clone());
+        v
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| f.header.tensors.values())
+            .map(|e| (e.end - e.start) as u64)
+            .sum()
+    }
+
+    /// The `__metadata__` of the (first) file.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.files[0].header.metadata
+    }
+
+    /// A view for the pipeline, borrowing the maps.
+    pub fn view(&self) -> ModelView<'_> {
+        let tensors = self
+            .owner
+            .iter()
+            .map(|(name, &i)| {
+                let f = &self.files[i];
+                let e = &f.header.tensors[name];
+                let bytes = f.map.as_deref().unwrap_or(&[]);
+                let data = &bytes[f.header.data_start + e.start..f.header.data_start + e.end];
+                let r = TensorRef {
+                    dtype: e.dtype,
+                    shape: &e.shape,
+                    data,
+                    file: &f.label,
+                };
+                (name.clone(), r)
+            })
+            .collect();
+        ModelView {
+            label: self.path.display().to_string(),
+            tensors,
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Paths in, files out: tensors never cross into Python on this path.
+
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use weightweave_core::{run_files, Checkpoint, Method};
+
+use crate::convert;
+use crate::errors::PyWeaveErr;
+use crate::progress::run_detached;
+
+/// Merges or weaves checkpoints on disk. See `weightweave.merge` / `weightweave.weave`.
+#[pyfunction]
+#[pyo3(signature = (base, models, out, *, method, params=None, mode="merge", lam=None, lambdas=None,
+    pool="mean".to_owned(), include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
+    shard_size=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn merge_files<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    models: Vec<PathBuf>,
+    out: PathBuf,
+    method: String,
+    params: Option<&Bound<'py, PyDict>>,
+    mode: &str,
+    lam: Option<f64>,
+    lambdas: Option<Vec<f64>>,
+    pool: String,
+    include_deltas: bool,
+    seed: u64,
+    threads: Option<usize>,
+    chunk_size: Option<usize>,
+    out_dtype: Option<String>,
+    shard_size: Option<u64>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let job = convert::job(
+        method,
+        params,
+        mode,
+        lam,
+        lambdas,
+        pool,
+        include_deltas,
+        seed,
+        threads,
+        chunk_size,
+        out_dtype,
+    )?;
+    let report = run_detached(py, progress, |report, cancel| {
+        run_files(&base, &models, &out, shard_size, &job, report, cancel)
+    })?;
+    let d = PyDict::new(py);
+    let outputs: Vec<String> = report
+        .outputs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    d.set_item("outputs", outputs)?;
+    d.set_item("bytes_read", report.bytes_read)?;
+    d.set_item("bytes_written", report.bytes_written)?;
+    d.set_item("seconds", report.seconds)?;
+    Ok(d)
+}
+
+/// Summary of a checkpoint: files, metadata, and every tensor's dtype, shape and size.
+#[pyfunction]
+pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let ck = py.detach(|| Checkpoint::open(&path)).map_err(PyWeaveErr)?;
+    let view = ck.view();
+    let tensors = PyList::empty(py);
+    let mut params = 0usize;
+    for (name, t) in &view.tensors {
+        let e = PyDict::new(py);
+        e.set_item("name", name)?;
+        e.set_item("dtype", t.dtype.name())?;
+        e.set_item("shape", t.shape.to_vec())?;
+        e.set_item("bytes", t.data.len())?;
+        e.set_item("file", t.file)?;
+        e.set_item("merged", t.dtype.is_mergeable())?;
+        tensors.append(e)?;
+        params += t.numel();
+    }
+    let d = PyDict::new(py);
+    d.set_item("path", path.display().to_string())?;
+    let files: Vec<String> = ck
+        .input_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    d.set_item("files", files)?;
+    d.set_item("metadata", ck.metadata().clone())?;
+    d.set_item("tensors", tensors)?;
+    d.set_item("num_params", params)?;
+    d.set_item("data_bytes", ck.data_bytes())?;
+    Ok(d)
+}
+
+/// λ of a plain merge when none is given.
+#[pyfunction]
+pub fn default_lam(method: &str) -> f64 {
+    Method::default_lam(method)
+}
+
+/// The paper's default Λ for a method, or None for an unknown one.
+#[pyfunction]
+pub fn default_lambdas(method: &str) -> Option<Vec<f64>> {
+    Method::default_lambdas(method)
+}

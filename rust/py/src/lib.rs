@@ -1,0 +1,21 @@
+//! `weightweave._rust`: the binding module. Declarations only; each area lives in its own file.
+
+mod arrays;
+mod convert;
+mod errors;
+mod files;
+mod progress;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", weightweave_core::VERSION)?;
+    m.add_function(wrap_pyfunction!(files::merge_files, m)?)?;
+    m.add_function(wrap_pyfunction!(files::inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(files::default_lam, m)?)?;
+    m.add_function(wrap_pyfunction!(files::default_lambdas, m)?)?;
+    m.add_function(wrap_pyfunction!(arrays::plan_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(arrays::merge_buffers, m)?)?;
+    errors::register(m)
+}
