@@ -4,10 +4,11 @@ implementation written literally from SPEC.md), on files with mixed dtypes and a
 from __future__ import annotations
 
 import pytest
-from conftest import assert_close_ulp, load, rounding_slack
 
 import weightweave as ww
 from weightweave import reference as R
+
+from conftest import assert_close_ulp, load, rounding_slack
 
 METHOD_PARAMS = [
     ("task_arithmetic", {}),
@@ -22,6 +23,8 @@ METHOD_PARAMS = [
     ("pcb", {}),
     ("pcb", {"ratio": 0.2}),
 ]
+
+
 # PCB evaluates exp and tanh: Rust's libm and torch's vectorized kernels may differ in the last
 # bit, which moves P by ~1e-8 here (|P| ~ 0.1). Every other method must agree to 1 ulp.
 def slack(method: str) -> float:
@@ -47,10 +50,19 @@ def test_weave_matches_reference(ckpts, tmp_path, method, params, pool, include_
     base, models, bp, mps = ckpts
     out = tmp_path / "out.safetensors"
     lambdas = ww.default_lambdas(method)
-    ww.weave(bp, mps, out, method=method, pool=pool, include_deltas=include_deltas, seed=11,
-             chunk_size=128, threads=2, **params)
-    want = R.weave(base, models, method, lambdas, pool=pool, include_deltas=include_deltas, seed=11,
-                   **params)
+    ww.weave(
+        bp,
+        mps,
+        out,
+        method=method,
+        pool=pool,
+        include_deltas=include_deltas,
+        seed=11,
+        chunk_size=128,
+        threads=2,
+        **params,
+    )
+    want = R.weave(base, models, method, lambdas, pool=pool, include_deltas=include_deltas, seed=11, **params)
     tol = rounding_slack(base, models, method, lambdas, include_deltas, seed=11, **params)
     assert_close_ulp(load(out), want, atol=tol)
 
@@ -68,8 +80,11 @@ def test_out_dtype(ckpts, tmp_path, out_dtype):
 def test_array_api_matches_reference_and_keeps_kind(ckpts, method):
     base, models, _, _ = ckpts
     got = ww.weave_arrays(base, models, method=method, lambdas=[0.3, 0.9], pool="random", seed=2)
-    assert_close_ulp(got, R.weave(base, models, method, [0.3, 0.9], pool="random", seed=2),
-                     atol=rounding_slack(base, models, method, [0.3, 0.9], seed=2))
+    assert_close_ulp(
+        got,
+        R.weave(base, models, method, [0.3, 0.9], pool="random", seed=2),
+        atol=rounding_slack(base, models, method, [0.3, 0.9], seed=2),
+    )
     np_base = {k: v.numpy() for k, v in base.items() if v.dtype != R.torch.bfloat16}
     np_models = [{k: m[k].numpy() for k in np_base} for m in models]
     got_np = ww.merge_arrays(np_base, np_models, method=method, lam=0.5)

@@ -21,8 +21,9 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-def save(tensors: Mapping[str, tuple[str, np.ndarray]], path: str | os.PathLike,
-         metadata: Mapping[str, str] | None = None) -> None:
+def save(
+    tensors: Mapping[str, tuple[str, np.ndarray]], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Writes ``name -> (dtype, array)``; for ``"BF16"`` the array holds the bit patterns."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     blobs, offset = [], 0

@@ -82,9 +82,7 @@ def parse_lambdas(spec: str | Sequence[float]) -> list[float]:
             return [round(start + i * step, 10) for i in range(count + 1)]
         return [float(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ParamError(
-            f"lambdas: cannot parse '{spec}' (use start:stop:step, or comma-separated values)"
-        ) from None
+        raise ParamError(f"lambdas: cannot parse '{spec}' (use start:stop:step, or comma-separated values)") from None
 
 
 def _method(method: object) -> str:
@@ -298,9 +296,7 @@ def _run_arrays(base, models, mode: str, kw: dict[str, Any]) -> dict[str, Any]:
             try:
                 import ml_dtypes
             except ImportError:
-                raise ParamError(
-                    "bf16 output from numpy inputs needs ml_dtypes; pass torch tensors instead"
-                ) from None
+                raise ParamError("bf16 output from numpy inputs needs ml_dtypes; pass torch tensors instead") from None
             a = a.view(ml_dtypes.bfloat16)
         res[n] = a
     return res
@@ -324,9 +320,17 @@ def merge_arrays(
     Returns the same kind it was given (torch tensors on CPU, or numpy arrays), computed by the
     same Rust engine with the inputs shared zero-copy where their layout allows.
     """
-    kw = dict(method=_method(method), params=params, lam=lam, lambdas=None, pool="mean",
-              include_deltas=True, out_dtype=out_dtype, progress=progress,
-              **_common(seed, threads, chunk_size))
+    kw = dict(
+        method=_method(method),
+        params=params,
+        lam=lam,
+        lambdas=None,
+        pool="mean",
+        include_deltas=True,
+        out_dtype=out_dtype,
+        progress=progress,
+        **_common(seed, threads, chunk_size),
+    )
     return _run_arrays(base, models, "merge", kw)
 
 
@@ -346,8 +350,15 @@ def weave_arrays(
     **params: float | bool | str,
 ) -> dict[str, Any]:
     """:func:`weave` on in-memory state dicts of numpy arrays or torch tensors."""
-    kw = dict(method=_method(method), params=params, lam=None,
-              lambdas=None if lambdas is None else parse_lambdas(lambdas), pool=pool,
-              include_deltas=bool(include_deltas), out_dtype=out_dtype, progress=progress,
-              **_common(seed, threads, chunk_size))
+    kw = dict(
+        method=_method(method),
+        params=params,
+        lam=None,
+        lambdas=None if lambdas is None else parse_lambdas(lambdas),
+        pool=pool,
+        include_deltas=bool(include_deltas),
+        out_dtype=out_dtype,
+        progress=progress,
+        **_common(seed, threads, chunk_size),
+    )
     return _run_arrays(base, models, "weave", kw)

@@ -14,8 +14,18 @@ from . import __version__, api
 from ._rust import WeaveError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -63,8 +73,10 @@ class Bar:
         fill = int(frac * width)
         secs = time.monotonic() - self.start
         rate = done / secs / 1e9 if secs > 0 else 0.0
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
-                         f"{done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.2f} GB/s {secs:5.1f}s")
+        sys.stderr.write(
+            f"\r[{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
+            f"{done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.2f} GB/s {secs:5.1f}s"
+        )
         sys.stderr.flush()
         self.drawn = True
 
@@ -79,8 +91,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="fine-tuned checkpoints")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file or directory")
     p.add_argument("--method", required=True, choices=api.METHODS)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="method parameter, e.g. --set density=0.2 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method parameter, e.g. --set density=0.2 (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--chunk-size", type=int, help="elements per chunk")
@@ -90,8 +107,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weightweave", description=(
-        "Merge fine-tuned safetensors checkpoints out of core, or Weight-Weave them over a λ grid."))
+    parser = argparse.ArgumentParser(
+        prog="weightweave",
+        description=("Merge fine-tuned safetensors checkpoints out of core, or Weight-Weave them over a λ grid."),
+    )
     parser.add_argument("--version", action="version", version=f"weightweave {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="θ_pre + λ·M")
@@ -112,21 +131,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_merge(args: argparse.Namespace) -> int:
     bar = Bar(enabled=not args.quiet and sys.stderr.isatty())
-    kw: dict[str, Any] = dict(method=args.method, seed=args.seed, threads=args.threads,
-                              chunk_size=args.chunk_size, out_dtype=args.out_dtype,
-                              shard_size=args.shard_size, progress=bar, **parse_set(args.set))
+    kw: dict[str, Any] = dict(
+        method=args.method,
+        seed=args.seed,
+        threads=args.threads,
+        chunk_size=args.chunk_size,
+        out_dtype=args.out_dtype,
+        shard_size=args.shard_size,
+        progress=bar,
+        **parse_set(args.set),
+    )
     try:
         if args.command == "merge":
             rep = api.merge(args.base, args.models, args.out, lam=args.lam, **kw)
         else:
             lambdas = api.parse_lambdas(args.lambdas) if args.lambdas else None
-            rep = api.weave(args.base, args.models, args.out, lambdas=lambdas, pool=args.pool,
-                            include_deltas=not args.no_deltas, **kw)
+            rep = api.weave(
+                args.base,
+                args.models,
+                args.out,
+                lambdas=lambdas,
+                pool=args.pool,
+                include_deltas=not args.no_deltas,
+                **kw,
+            )
     finally:
         bar.close()
     if not args.quiet:
-        print(f"wrote {len(rep.outputs)} file(s), {rep.bytes_written / 1e9:.3f} GB in {rep.seconds:.2f}s "
-              f"({rep.bytes_read / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s read): {args.out}")
+        print(
+            f"wrote {len(rep.outputs)} file(s), {rep.bytes_written / 1e9:.3f} GB in {rep.seconds:.2f}s "
+            f"({rep.bytes_read / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s read): {args.out}"
+        )
     return 0
 
 
@@ -135,8 +170,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['path']}: {info['num_params']:,} parameters, {info['data_bytes'] / 1e9:.3f} GB "
-          f"in {len(info['files'])} file(s)")
+    print(
+        f"{info['path']}: {info['num_params']:,} parameters, {info['data_bytes'] / 1e9:.3f} GB "
+        f"in {len(info['files'])} file(s)"
+    )
     for k, v in sorted(info["metadata"].items()):
         print(f"  metadata {k} = {v}")
     for t in info["tensors"]:

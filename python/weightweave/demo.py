@@ -84,8 +84,10 @@ def run(root: str | None = None, echo: Callable[[str], None] = print) -> list[st
         base, models = make_checkpoints(root)
         info = inspect(base)
         echo(f"weightweave demo in {root}")
-        echo(f"  base: {info['num_params']:,} parameters in {len(info['tensors'])} tensors "
-             f"(bf16 matrices, f32 norms, an int64 buffer) + {len(models)} fine-tunes")
+        echo(
+            f"  base: {info['num_params']:,} parameters in {len(info['tensors'])} tensors "
+            f"(bf16 matrices, f32 norms, an int64 buffer) + {len(models)} fine-tunes"
+        )
         echo(f"  {'mode':6} {'method':16} {'options':28} {'seconds':>8}  output")
         outs = []
         for mode, method, opts in RUNS:
@@ -99,8 +101,10 @@ def run(root: str | None = None, echo: Callable[[str], None] = print) -> list[st
             shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
             echo(f"  {mode:6} {method:16} {shown:28} {rep.seconds:8.3f}  {out} ({', '.join(files)})")
             outs.append(out)
-        echo("  every output keeps config.json, the int64 buffer and bf16/f32 dtypes; "
-             "`weightweave inspect DIR` shows one.")
+        echo(
+            "  every output keeps config.json, the int64 buffer and bf16/f32 dtypes; "
+            "`weightweave inspect DIR` shows one."
+        )
         return outs
     finally:
         if tmp is not None:

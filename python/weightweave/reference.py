@@ -27,6 +27,7 @@ OUT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16
 
 # ---- the counter-based generator ---------------------------------------------------------------
 
+
 def _mix_int(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
@@ -65,6 +66,7 @@ def pick(seed: int, name: str, n: int, members: int) -> np.ndarray:
 
 # ---- task vectors ------------------------------------------------------------------------------
 
+
 def mergeable_names(base: StateDict) -> list[str]:
     return sorted(n for n, t in base.items() if t.dtype in MERGEABLE)
 
@@ -82,7 +84,7 @@ def _unflatten(flat: Tensor, like: Mapping[str, Tensor], names: list[str]) -> di
     out, i = {}, 0
     for n in names:
         k = like[n].numel()
-        out[n] = flat[i:i + k].reshape(like[n].shape)
+        out[n] = flat[i : i + k].reshape(like[n].shape)
         i += k
     return out
 
@@ -99,6 +101,7 @@ def _dare(tvs: list[dict[str, Tensor]], seed: int, density: float, rescale: bool
 
 
 # ---- methods -----------------------------------------------------------------------------------
+
 
 def _ties_flat(x: Tensor, density: float) -> Tensor:
     """TIES on a T×d matrix, literally: kthvalue trim, sign election, disjoint mean."""
@@ -155,14 +158,15 @@ def _pcb_flat(x: Tensor, ratio: float) -> Tensor:
     intra = torch.exp(t * na**2)
     inter = torch.zeros_like(x)
     for j in range(t):
-        inter = inter + torch.tanh(nn * nn[j:j + 1])
+        inter = inter + torch.tanh(nn * nn[j : j + 1])
     b = intra * inter
     s = _norm(_clamp(b, 1 - ratio, 0))
     return (s * xc).sum(dim=0) / torch.clamp(s.sum(dim=0), min=1e-12)
 
 
-def merged_task_vector(base: StateDict, models: Sequence[StateDict], method: str, seed: int = 0,
-                       **params: float | bool | str) -> dict[str, Tensor]:
+def merged_task_vector(
+    base: StateDict, models: Sequence[StateDict], method: str, seed: int = 0, **params: float | bool | str
+) -> dict[str, Tensor]:
     """f_merge(τ_1..τ_T) → M for every mergeable tensor (f32)."""
     names = mergeable_names(base)
     tvs = task_vectors(base, models)
@@ -182,8 +186,7 @@ def merged_task_vector(base: StateDict, models: Sequence[StateDict], method: str
     if method in ("ties", "dare_ties"):
         density = float(params.get("ties_density" if method == "dare_ties" else "density", 0.2))
         if params.get("scope", "global") == "tensor":
-            return {n: _ties_flat(s.reshape(len(tvs), -1), density).reshape(s.shape[1:])
-                    for n, s in stack.items()}
+            return {n: _ties_flat(s.reshape(len(tvs), -1), density).reshape(s.shape[1:]) for n, s in stack.items()}
         flat = torch.stack([_flatten(tv, names) for tv in tvs])
         return _unflatten(_ties_flat(flat, density), tvs[0], names)
     if method == "breadcrumbs":
@@ -206,17 +209,32 @@ def _finish(base: StateDict, p: Mapping[str, Tensor], out_dtype: str | None) -> 
     return out
 
 
-def merge(base: StateDict, models: Sequence[StateDict], method: str, lam: float | None = None,
-          seed: int = 0, out_dtype: str | None = None, **params: float | bool | str) -> dict[str, Tensor]:
+def merge(
+    base: StateDict,
+    models: Sequence[StateDict],
+    method: str,
+    lam: float | None = None,
+    seed: int = 0,
+    out_dtype: str | None = None,
+    **params: float | bool | str,
+) -> dict[str, Tensor]:
     """θ_pre + λ·M."""
     lam = DEFAULT_LAM.get(method, 1.0) if lam is None else lam
     m = merged_task_vector(base, models, method, seed, **params)
     return _finish(base, {n: lam * x for n, x in m.items()}, out_dtype)
 
 
-def weave(base: StateDict, models: Sequence[StateDict], method: str, lambdas: Sequence[float],
-          pool: str = "mean", include_deltas: bool = True, seed: int = 0, out_dtype: str | None = None,
-          **params: float | bool | str) -> dict[str, Tensor]:
+def weave(
+    base: StateDict,
+    models: Sequence[StateDict],
+    method: str,
+    lambdas: Sequence[float],
+    pool: str = "mean",
+    include_deltas: bool = True,
+    seed: int = 0,
+    out_dtype: str | None = None,
+    **params: float | bool | str,
+) -> dict[str, Tensor]:
     """Weight Weaving with A* stacked explicitly, as the paper's code does."""
     m = merged_task_vector(base, models, method, seed, **params)
     tvs = task_vectors(base, models)

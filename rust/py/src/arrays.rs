@@ -83,7 +83,7 @@ fn inputs(base: Vec<Entry<'_>>, models: Vec<Vec<Entry<'_>>>) -> PyResult<(Owned,
 /// Validates in-memory models; returns (name, out dtype, shape) of every output tensor.
 #[pyfunction]
 #[pyo3(signature = (base, models, *, method, params=None, mode="merge", lam=None, lambdas=None,
-    pool="mean".to_owned(), include_deltas=true, out_dtype=None))]
+    pool="mean", include_deltas=true, out_dtype=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn plan_buffers<'py>(
     py: Python<'py>,
@@ -94,7 +94,7 @@ pub fn plan_buffers<'py>(
     mode: &str,
     lam: Option<f64>,
     lambdas: Option<Vec<f64>>,
-    pool: String,
+    pool: &str,
     include_deltas: bool,
     out_dtype: Option<String>,
 ) -> PyResult<Bound<'py, PyList>> {
@@ -142,7 +142,7 @@ impl Sink for MemSink {
 /// Merges in-memory models into caller-allocated output buffers (name → writable buffer).
 #[pyfunction]
 #[pyo3(signature = (base, models, outputs, *, method, params=None, mode="merge", lam=None, lambdas=None,
-    pool="mean".to_owned(), include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
+    pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
     progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn merge_buffers<'py>(
@@ -155,7 +155,7 @@ pub fn merge_buffers<'py>(
     mode: &str,
     lam: Option<f64>,
     lambdas: Option<Vec<f64>>,
-    pool: String,
+    pool: &str,
     include_deltas: bool,
     seed: u64,
     threads: Option<usize>,

@@ -32,7 +32,7 @@ pub fn job(
     mode: &str,
     lam: Option<f64>,
     lambdas: Option<Vec<f64>>,
-    pool: String,
+    pool: &str,
     include_deltas: bool,
     seed: u64,
     threads: Option<usize>,
@@ -51,7 +51,7 @@ pub fn job(
         "merge" => Mode::Merge { lam },
         "weave" => Mode::Weave {
             lambdas,
-            pool,
+            pool: pool.to_owned(),
             include_deltas,
         },
         other => {

@@ -13,7 +13,7 @@ use crate::progress::run_detached;
 /// Merges or weaves checkpoints on disk. See `weightweave.merge` / `weightweave.weave`.
 #[pyfunction]
 #[pyo3(signature = (base, models, out, *, method, params=None, mode="merge", lam=None, lambdas=None,
-    pool="mean".to_owned(), include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
+    pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
     shard_size=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn merge_files<'py>(
@@ -26,7 +26,7 @@ pub fn merge_files<'py>(
     mode: &str,
     lam: Option<f64>,
     lambdas: Option<Vec<f64>>,
-    pool: String,
+    pool: &str,
     include_deltas: bool,
     seed: u64,
     threads: Option<usize>,

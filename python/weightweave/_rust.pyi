@@ -1,0 +1,91 @@
+"""Type stubs for the Rust extension module ``weightweave._rust``."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "__version__",
+    "merge_files",
+    "inspect",
+    "default_lam",
+    "default_lambdas",
+    "plan_buffers",
+    "merge_buffers",
+    "WeaveError",
+    "HeaderError",
+    "MismatchError",
+    "NonFiniteError",
+    "ParamError",
+    "OutputError",
+    "WeaveIOError",
+    "CancelledError",
+]
+
+__version__: str
+
+class WeaveError(Exception): ...
+class HeaderError(WeaveError): ...
+class MismatchError(WeaveError): ...
+class NonFiniteError(WeaveError): ...
+class ParamError(WeaveError): ...
+class OutputError(WeaveError): ...
+class WeaveIOError(WeaveError): ...
+class CancelledError(WeaveError): ...
+
+_Params = dict[str, float | bool | str]
+_Progress = Callable[[int, int], object]
+_Entry = tuple[str, str, Sequence[int], Any]
+
+def merge_files(
+    base: str,
+    models: Sequence[str],
+    out: str,
+    *,
+    method: str,
+    params: _Params | None = None,
+    mode: str = "merge",
+    lam: float | None = None,
+    lambdas: Sequence[float] | None = None,
+    pool: str = "mean",
+    include_deltas: bool = True,
+    seed: int = 0,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str | None = None,
+    shard_size: int | None = None,
+    progress: _Progress | None = None,
+) -> dict[str, Any]: ...
+def inspect(path: str) -> dict[str, Any]: ...
+def default_lam(method: str) -> float: ...
+def default_lambdas(method: str) -> list[float] | None: ...
+def plan_buffers(
+    base: Sequence[_Entry],
+    models: Sequence[Sequence[_Entry]],
+    *,
+    method: str,
+    params: _Params | None = None,
+    mode: str = "merge",
+    lam: float | None = None,
+    lambdas: Sequence[float] | None = None,
+    pool: str = "mean",
+    include_deltas: bool = True,
+    out_dtype: str | None = None,
+) -> list[tuple[str, str, list[int]]]: ...
+def merge_buffers(
+    base: Sequence[_Entry],
+    models: Sequence[Sequence[_Entry]],
+    outputs: Sequence[tuple[str, Any]],
+    *,
+    method: str,
+    params: _Params | None = None,
+    mode: str = "merge",
+    lam: float | None = None,
+    lambdas: Sequence[float] | None = None,
+    pool: str = "mean",
+    include_deltas: bool = True,
+    seed: int = 0,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+    out_dtype: str | None = None,
+    progress: _Progress | None = None,
+) -> None: ...
