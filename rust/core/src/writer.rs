@@ -259,6 +259,14 @@ impl FileOutput {
                 });
             }
         }
+        if let Target::File(path) = target {
+            if !dir.is_dir() {
+                return Err(Error::BadOutput {
+                    path: path.clone(),
+                    reason: "its directory does not exist".into(),
+                });
+            }
+        }
         if let Target::Dir { .. } = target {
             if dir.is_file() {
                 return Err(Error::BadOutput {
@@ -323,21 +331,11 @@ impl FileOutput {
             file.sync_all().map_err(|e| Error::io(tmp, e))?;
         }
         let mut extra: Vec<(PathBuf, PathBuf)> = Vec::new();
-        if let Some(index) = &self.index {
-            let fin = self.dir.join(INDEX_FILE);
-            let tmp = tmp_name(&self.dir, INDEX_FILE);
-            write_synced(&tmp, index)?;
-            extra.push((tmp, fin));
-        }
-        for c in &self.companions {
-            let name = c.file_name().expect("file").to_string_lossy().into_owned();
-            let tmp = tmp_name(&self.dir, &name);
-            let bytes = std::fs::read(c).map_err(|e| Error::io(c, e))?;
-            if let Err(e) = write_synced(&tmp, &bytes) {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
+        if let Err(e) = self.write_extras(&mut extra) {
+            for (tmp, _) in &extra {
+                let _ = std::fs::remove_file(tmp);
             }
-            extra.push((tmp, self.dir.join(name)));
+            return Err(e);
         }
         // From here on renames only: the weights first, then index and companions.
         self.committed = true;
@@ -354,6 +352,26 @@ impl FileOutput {
             let _ = d.sync_all();
         }
         Ok(published)
+    }
+}
+
+impl FileOutput {
+    /// Writes the index and the companion files to temporaries, recording each in `extra`
+    /// (temporary, final) as soon as it exists so a failure can remove it.
+    fn write_extras(&self, extra: &mut Vec<(PathBuf, PathBuf)>) -> Result<()> {
+        if let Some(index) = &self.index {
+            let tmp = tmp_name(&self.dir, INDEX_FILE);
+            extra.push((tmp.clone(), self.dir.join(INDEX_FILE)));
+            write_synced(&tmp, index)?;
+        }
+        for c in &self.companions {
+            let name = c.file_name().expect("file").to_string_lossy().into_owned();
+            let tmp = tmp_name(&self.dir, &name);
+            extra.push((tmp.clone(), self.dir.join(&name)));
+            let bytes = std::fs::read(c).map_err(|e| Error::io(c, e))?;
+            write_synced(&tmp, &bytes)?;
+        }
+        Ok(())
     }
 }
 
