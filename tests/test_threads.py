@@ -110,13 +110,13 @@ def test_ctrl_c_stops_the_cli_and_leaves_nothing(tmp_path):
     paths = []
     for i in range(3):
         p = tmp_path / f"m{i}.safetensors"
-        _st.save({"w": ("F32", rng.standard_normal(8_000_000, dtype=np.float32))}, p)
+        _st.save({"w": ("F32", rng.standard_normal(30_000_000, dtype=np.float32))}, p)
         paths.append(p)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "weightweave", "weave", *map(str, paths), "-o", str(out), "--method", "pcb",
            "--threads", "1", "--chunk-size", "4096"]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    time.sleep(1.0)
     assert proc.poll() is None, "merge finished before it could be interrupted"
     t0 = time.perf_counter()
     proc.send_signal(signal.SIGINT)

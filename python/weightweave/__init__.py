@@ -18,6 +18,7 @@ from ._rust import (
 from .api import (
     METHODS,
     POOLS,
+    SVD_METHODS,
     Report,
     default_lambdas,
     inspect,
@@ -30,6 +31,7 @@ from .api import (
 __all__ = [
     "METHODS",
     "POOLS",
+    "SVD_METHODS",
     "CancelledError",
     "HeaderError",
     "MismatchError",

@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``weightweave._rust``."""
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, final
 
 __all__ = [
     "__version__",
@@ -11,6 +11,8 @@ __all__ = [
     "default_lambdas",
     "plan_buffers",
     "merge_buffers",
+    "Session",
+    "TensorBuffer",
     "WeaveError",
     "HeaderError",
     "MismatchError",
@@ -88,4 +90,42 @@ def merge_buffers(
     chunk_size: int | None = None,
     out_dtype: str | None = None,
     progress: _Progress | None = None,
+    given: Sequence[tuple[str, Any]] | None = None,
 ) -> None: ...
+
+@final
+class TensorBuffer:
+    """Read-only bytes of one tensor inside a memory map (buffer protocol)."""
+
+    def __len__(self) -> int: ...
+
+@final
+class Session:
+    """A merge whose 2-D tensors' M is computed by the caller (the torch backend)."""
+
+    def __new__(
+        cls,
+        base: str,
+        models: Sequence[str],
+        out: str,
+        *,
+        method: str,
+        params: _Params | None = None,
+        mode: str = "merge",
+        lam: float | None = None,
+        lambdas: Sequence[float] | None = None,
+        pool: str = "mean",
+        include_deltas: bool = True,
+        seed: int = 0,
+        threads: int | None = None,
+        chunk_size: int | None = None,
+        out_dtype: str | None = None,
+        shard_size: int | None = None,
+    ) -> Session: ...
+    def tensors(self) -> list[tuple[str, str, list[int], bool]]: ...
+    def inputs(self, i: int) -> tuple[tuple[str, TensorBuffer], list[tuple[str, TensorBuffer]]]: ...
+    def prefetch(self, i: int) -> None: ...
+    def write(self, i: int, m: Any | None = None) -> None: ...
+    def progress(self) -> tuple[int, int]: ...
+    def finish(self) -> dict[str, Any]: ...
+    def abort(self) -> None: ...

@@ -16,7 +16,8 @@ import numpy as np
 from . import _rust
 from ._rust import ParamError
 
-METHODS = ("task_arithmetic", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb")
+METHODS = ("task_arithmetic", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
+SVD_METHODS = ("tsv", "iso_c")
 POOLS = ("mean", "random", "magmax")
 
 PathLike = str | os.PathLike
@@ -113,6 +114,33 @@ def _report(d: dict[str, Any]) -> Report:
     return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"])
 
 
+def _svd_options(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Pops the torch backend's own options (``device``, ``svd_exclude``) off ``params``."""
+    if method not in SVD_METHODS:
+        return {}
+    return {k: params.pop(k) for k in ("device", "svd_exclude") if k in params}
+
+
+def _backend():
+    try:
+        from . import torch_backend
+    except ImportError as e:
+        raise ParamError(f"tsv and iso_c need torch ({e}); install weightweave[torch]") from None
+    return torch_backend
+
+
+def _run_files(base, models, out, method: str, params: dict[str, Any], kw: dict[str, Any]) -> Report:
+    method = _method(method)
+    args = (os.fspath(base), [os.fspath(m) for m in _models(models)], os.fspath(out))
+    svd = _svd_options(method, params)
+    if method in SVD_METHODS:
+        backend = _backend()
+        progress = kw.pop("progress")
+        sess = _rust.Session(*args, method=method, params=params, **kw)
+        return _report(backend.run_session(sess, method, progress=progress, **svd))
+    return _report(_rust.merge_files(*args, method=method, params=params, **kw))
+
+
 def merge(
     base: PathLike,
     models: Sequence[PathLike],
@@ -156,20 +184,21 @@ def merge(
         WeaveError: any problem with the inputs, parameters or output (subclasses name it);
             nothing is left at ``out`` when it is raised.
     """
-    d = _rust.merge_files(
-        os.fspath(base),
-        [os.fspath(m) for m in _models(models)],
-        os.fspath(out),
-        method=_method(method),
-        params=params,
-        mode="merge",
-        lam=lam,
-        out_dtype=out_dtype,
-        shard_size=shard_size,
-        progress=progress,
-        **_common(seed, threads, chunk_size),
+    return _run_files(
+        base,
+        models,
+        out,
+        method,
+        params,
+        dict(
+            mode="merge",
+            lam=lam,
+            out_dtype=out_dtype,
+            shard_size=shard_size,
+            progress=progress,
+            **_common(seed, threads, chunk_size),
+        ),
     )
-    return _report(d)
 
 
 def weave(
@@ -204,22 +233,23 @@ def weave(
     Raises:
         WeaveError: as in :func:`merge`.
     """
-    d = _rust.merge_files(
-        os.fspath(base),
-        [os.fspath(m) for m in _models(models)],
-        os.fspath(out),
-        method=_method(method),
-        params=params,
-        mode="weave",
-        lambdas=None if lambdas is None else parse_lambdas(lambdas),
-        pool=pool,
-        include_deltas=bool(include_deltas),
-        out_dtype=out_dtype,
-        shard_size=shard_size,
-        progress=progress,
-        **_common(seed, threads, chunk_size),
+    return _run_files(
+        base,
+        models,
+        out,
+        method,
+        params,
+        dict(
+            mode="weave",
+            lambdas=None if lambdas is None else parse_lambdas(lambdas),
+            pool=pool,
+            include_deltas=bool(include_deltas),
+            out_dtype=out_dtype,
+            shard_size=shard_size,
+            progress=progress,
+            **_common(seed, threads, chunk_size),
+        ),
     )
-    return _report(d)
 
 
 def inspect(path: PathLike) -> dict[str, Any]:
@@ -272,6 +302,7 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
 
 def _run_arrays(base, models, mode: str, kw: dict[str, Any]) -> dict[str, Any]:
     models = _models(models)
+    svd = _svd_options(kw["method"], kw["params"])
     as_torch = any(_is_torch(v) for v in base.values())
     b = _entries(base, "base")
     ms = [_entries(m, f"models[{i}]") for i, m in enumerate(models)]
@@ -281,7 +312,17 @@ def _run_arrays(base, models, mode: str, kw: dict[str, Any]) -> dict[str, Any]:
     for name, dt, shape in plan:
         storage = np.uint16 if dt == "BF16" else np.dtype(_ST_TO_NP[dt])
         outputs[name] = (dt, np.empty(shape, dtype=storage))
-    _rust.merge_buffers(b, ms, [(n, a.reshape(-1)) for n, (_, a) in outputs.items()], mode=mode, **kw)
+    given = None
+    if kw["method"] in SVD_METHODS:
+        import torch
+
+        def as_torch(sd: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v if _is_torch(v) else torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+
+        ms_t = [as_torch(m) for m in models]
+        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, kw["method"], **svd)
+        given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
+    _rust.merge_buffers(b, ms, [(n, a.reshape(-1)) for n, (_, a) in outputs.items()], mode=mode, given=given, **kw)
     if as_torch:
         import torch
 

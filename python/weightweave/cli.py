@@ -47,13 +47,17 @@ def parse_value(text: str) -> float | bool | str:
         return text
 
 
+STRING_PARAMS = ("scope", "svd_exclude", "device")
+
+
 def parse_set(items: Sequence[str]) -> dict[str, float | bool | str]:
     params: dict[str, float | bool | str] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep or not key:
             raise WeaveError(f"--set expects key=value, got '{item}'")
-        params[key.strip()] = parse_value(value.strip())
+        params[key] = value if key in STRING_PARAMS else parse_value(value)
     return params
 
 

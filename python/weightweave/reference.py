@@ -9,6 +9,7 @@ the fast path. The counter-based generator is re-implemented here in numpy from 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -164,6 +165,32 @@ def _pcb_flat(x: Tensor, ratio: float) -> Tensor:
     return (s * xc).sum(dim=0) / torch.clamp(s.sum(dim=0), min=1e-12)
 
 
+def _tsv(taus: list[Tensor]) -> Tensor:
+    """SPEC.md's TSV for one 2-D tensor, literally (reference compute_and_sum_svd_mem_reduction)."""
+    t_count = len(taus)
+    m, n = taus[0].shape
+    r = min(m, n)
+    k = max(1, int(r / t_count))
+    u_bar, s_bar, v_bar = torch.zeros(m, r), torch.zeros(r), torch.zeros(r, n)
+    for t, tau in enumerate(taus):
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        lo, hi = t * k, min(t * k + k, r)
+        if lo >= r:
+            continue
+        u_bar[:, lo:hi] = u[:, : hi - lo]
+        s_bar[lo:hi] = s[: hi - lo]
+        v_bar[lo:hi, :] = vh[: hi - lo, :]
+    u_u, _, v_u = torch.linalg.svd(u_bar, full_matrices=False)
+    u_v, _, v_v = torch.linalg.svd(v_bar, full_matrices=False)
+    return torch.linalg.multi_dot((u_u, v_u, torch.diag(s_bar), u_v, v_v))
+
+
+def _iso_c(taus: list[Tensor]) -> Tensor:
+    """SPEC.md's Iso-C for one 2-D tensor: the sum's spectrum replaced by its mean."""
+    u, s, vh = torch.linalg.svd(torch.stack(taus).sum(dim=0), full_matrices=False)
+    return u @ torch.diag(torch.full_like(s, s.mean().item())) @ vh
+
+
 def merged_task_vector(
     base: StateDict, models: Sequence[StateDict], method: str, seed: int = 0, **params: float | bool | str
 ) -> dict[str, Tensor]:
@@ -192,6 +219,13 @@ def merged_task_vector(
     if method == "breadcrumbs":
         density, gamma = float(params.get("density", 0.15)), float(params.get("gamma", 0.006))
         return {n: sum(_crumbs(x, density, gamma) for x in s) for n, s in stack.items()}  # type: ignore[misc]
+    if method in ("tsv", "iso_c"):
+        pattern = params.get("svd_exclude")
+        svd = _tsv if method == "tsv" else _iso_c
+        return {
+            n: svd(list(s)) if s.dim() == 3 and not (pattern and re.search(str(pattern), n)) else s.mean(dim=0)
+            for n, s in stack.items()
+        }
     if method == "pcb":
         flat = torch.stack([_flatten(tv, names) for tv in tvs])
         return _unflatten(_pcb_flat(flat, float(params.get("ratio", 0.05))), tvs[0], names)

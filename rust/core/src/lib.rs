@@ -13,6 +13,7 @@ pub mod pool;
 pub mod reader;
 pub mod rng;
 pub mod select;
+pub mod session;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -140,7 +141,7 @@ impl Job {
             .transpose()
     }
 
-    fn options(&self) -> Options {
+    pub fn options(&self) -> Options {
         Options {
             threads: self
                 .threads
@@ -188,11 +189,13 @@ fn check_tasks(models: usize) -> Result<()> {
     Ok(())
 }
 
-/// Merges in-memory models into a caller-provided sink (the array API).
+/// Merges in-memory models into a caller-provided sink (the array API). For the SVD methods,
+/// `given` maps tensor names to their externally computed M (other tensors take the mean).
 pub fn run_views(
     base: &ModelView,
     models: &[ModelView],
     job: &Job,
+    given: &BTreeMap<String, &[f32]>,
     sink: &dyn Sink,
     progress: pipeline::Progress,
     cancel: &AtomicBool,
@@ -200,15 +203,10 @@ pub fn run_views(
     check_tasks(models.len())?;
     let recipe = job.recipe()?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
+    let given = plan::given_for(&plan, given, &recipe)?;
+    let opts = job.options();
     pipeline::run(
-        base,
-        models,
-        &plan,
-        &recipe,
-        job.options(),
-        sink,
-        progress,
-        cancel,
+        base, models, &plan, &recipe, opts, sink, progress, cancel, &given,
     )?;
     Ok(plan)
 }
@@ -237,6 +235,15 @@ pub fn run_files(
     let start = Instant::now();
     check_tasks(models.len())?;
     let recipe = job.recipe()?;
+    if recipe.method.is_external() {
+        return Err(Error::param(
+            "method",
+            format!(
+                "{} runs on the torch backend: use a Session",
+                recipe.method.name()
+            ),
+        ));
+    }
     let target = writer::Target::from_path(out, shard_size)?;
     let base_ck = Checkpoint::open(base)?;
     let model_cks = models
@@ -263,6 +270,7 @@ pub fn run_files(
         &output,
         progress,
         cancel,
+        &[],
     )?;
     let outputs = output.commit()?;
     Ok(Report {

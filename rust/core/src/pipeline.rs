@@ -40,6 +40,10 @@ pub struct Options {
     pub chunk_size: usize,
 }
 
+/// M supplied from outside, per planned tensor (the SVD methods' 2-D tensors); `None` for a
+/// tensor means "compute it here".
+pub type Given<'a> = &'a [Option<&'a [f32]>];
+
 /// Called with (bytes processed, bytes to process) after every chunk; must be cheap.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
@@ -77,6 +81,7 @@ struct Engine<'a> {
     total: u64,
     progress: Progress<'a>,
     cancel: &'a AtomicBool,
+    given: Given<'a>,
 }
 
 /// Runs a merge: validation already done (`plan` from [`crate::plan::validate`]).
@@ -90,9 +95,38 @@ pub fn run(
     sink: &dyn Sink,
     progress: Progress,
     cancel: &AtomicBool,
+    given: Given,
 ) -> Result<u64> {
     let whole_rows = matches!(recipe.method, Method::Breadcrumbs { .. });
     let (merge, copy) = crate::plan::chunks(plan, opts.chunk_size.max(1), whole_rows);
+    run_chunks(
+        base,
+        models,
+        plan,
+        recipe,
+        opts,
+        (&merge, &copy),
+        sink,
+        progress,
+        cancel,
+        given,
+    )
+}
+
+/// Runs the given merge and copy chunks (all of a model, or one tensor's).
+#[allow(clippy::too_many_arguments)]
+pub fn run_chunks(
+    base: &ModelView,
+    models: &[ModelView],
+    plan: &[TensorPlan],
+    recipe: &Recipe,
+    opts: Options,
+    (merge, copy): (&[Chunk], &[Chunk]),
+    sink: &dyn Sink,
+    progress: Progress,
+    cancel: &AtomicBool,
+    given: Given,
+) -> Result<u64> {
     let tasks = models.len() as u64;
     let merge_bytes: u64 = merge
         .iter()
@@ -120,14 +154,15 @@ pub fn run(
         total: merge_bytes * passes + copy_bytes,
         progress,
         cancel,
+        given,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
         .map_err(|e| Error::param("threads", e.to_string()))?;
     pool.install(|| {
-        let stats = engine.statistics(&merge)?;
-        engine.output(&merge, &copy, &stats, sink)
+        let stats = engine.statistics(merge)?;
+        engine.output(merge, copy, &stats, sink)
     })?;
     Ok(engine.total)
 }
@@ -406,6 +441,10 @@ impl<'a> Engine<'a> {
                 keys,
                 m,
             ),
+            Method::Tsv | Method::IsoC => match self.given.get(c.tensor).copied().flatten() {
+                Some(g) => m[..n].copy_from_slice(&g[c.start..c.start + n]),
+                None => elementwise::mean(deltas, n, m),
+            },
             Method::Pcb { .. } => {
                 let (abs, score) = stats.pcb.as_ref().expect("pcb statistics");
                 scores.resize_with(self.tasks(), Vec::new);

@@ -137,3 +137,55 @@ pub fn chunks(
     }
     (merge, copy)
 }
+
+/// Lines up externally computed M (by name) with the plan, checking that they belong to an
+/// external method, name mergeable tensors and have the right length.
+pub fn given_for<'a>(
+    plan: &[TensorPlan],
+    given: &std::collections::BTreeMap<String, &'a [f32]>,
+    recipe: &crate::pipeline::Recipe,
+) -> Result<Vec<Option<&'a [f32]>>> {
+    if given.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !recipe.method.is_external() {
+        return Err(Error::param(
+            "given",
+            format!("{} computes M itself", recipe.method.name()),
+        ));
+    }
+    let mut out = vec![None; plan.len()];
+    for (name, m) in given {
+        let Some(i) = plan.iter().position(|t| &t.name == name && t.mergeable) else {
+            return Err(Error::param(
+                "given",
+                format!("'{name}' is not a mergeable tensor of the base"),
+            ));
+        };
+        if m.len() != plan[i].numel {
+            return Err(Error::param(
+                "given",
+                format!(
+                    "M for '{name}' has {} elements, the tensor {}",
+                    m.len(),
+                    plan[i].numel
+                ),
+            ));
+        }
+        out[i] = Some(*m);
+    }
+    Ok(out)
+}
+
+/// The chunks of one tensor.
+pub fn tensor_chunks(plan: &[TensorPlan], tensor: usize, chunk_size: usize) -> Vec<Chunk> {
+    let t = &plan[tensor];
+    (0..t.numel)
+        .step_by(chunk_size.max(1))
+        .map(|start| Chunk {
+            tensor,
+            start,
+            len: chunk_size.max(1).min(t.numel - start),
+        })
+        .collect()
+}

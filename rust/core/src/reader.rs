@@ -205,6 +205,21 @@ impl Checkpoint {
         &self.files[0].header.metadata
     }
 
+    /// Asks the OS to start reading a tensor's pages now (a prefetch hint; errors are ignored).
+    pub fn will_need(&self, tensor: &str) {
+        if let Some(&i) = self.owner.get(tensor) {
+            let f = &self.files[i];
+            let e = &f.header.tensors[tensor];
+            if let Some(map) = &f.map {
+                let _ = map.advise_range(
+                    memmap2::Advice::WillNeed,
+                    f.header.data_start + e.start,
+                    e.end - e.start,
+                );
+            }
+        }
+    }
+
     /// A view for the pipeline, borrowing the maps.
     pub fn view(&self) -> ModelView<'_> {
         let tensors = self

@@ -69,7 +69,16 @@ fn run(base: &Owned, models: &[Owned], job: &Job) -> Vec<Vec<u8>> {
         .map(|(i, m)| view(&format!("m{i}"), m))
         .collect();
     let sink = VecSink((0..base.len()).map(|_| Mutex::new(Vec::new())).collect());
-    run_views(&bv, &mvs, job, &sink, &|_, _| {}, &AtomicBool::new(false)).unwrap();
+    run_views(
+        &bv,
+        &mvs,
+        job,
+        &BTreeMap::new(),
+        &sink,
+        &|_, _| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     sink.0
         .into_iter()
         .map(|m| m.into_inner().unwrap())

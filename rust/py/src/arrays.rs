@@ -11,6 +11,7 @@ use weightweave_core::{plan_views, run_views, DType, ModelView, Result, Sink, Te
 use crate::convert;
 use crate::errors::{ParamError, PyWeaveErr};
 use crate::progress::run_detached;
+use crate::session::f32_slice;
 
 /// One tensor handed over from Python: (name, dtype, shape, buffer).
 type Entry<'py> = (String, String, Vec<usize>, Bound<'py, PyAny>);
@@ -143,7 +144,7 @@ impl Sink for MemSink {
 #[pyfunction]
 #[pyo3(signature = (base, models, outputs, *, method, params=None, mode="merge", lam=None, lambdas=None,
     pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
-    progress=None))]
+    progress=None, given=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn merge_buffers<'py>(
     py: Python<'py>,
@@ -162,6 +163,7 @@ pub fn merge_buffers<'py>(
     chunk_size: Option<usize>,
     out_dtype: Option<String>,
     progress: Option<Py<PyAny>>,
+    given: Option<Vec<(String, Bound<'py, PyAny>)>>,
 ) -> PyResult<()> {
     let job = convert::job(
         method,
@@ -202,8 +204,17 @@ pub fn merge_buffers<'py>(
         held.push(buf);
     }
     let sink = MemSink { targets };
+    let given_bufs = given
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, o)| Ok((n, PyUntypedBuffer::get(&o)?)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let mut given = std::collections::BTreeMap::new();
+    for (n, b) in &given_bufs {
+        given.insert(n.clone(), f32_slice(b)?);
+    }
     let r = run_detached(py, progress, |report, cancel| {
-        run_views(&base_view, &views, &job, &sink, report, cancel).map(|_| ())
+        run_views(&base_view, &views, &job, &given, &sink, report, cancel).map(|_| ())
     });
     drop(held);
     r

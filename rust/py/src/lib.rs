@@ -5,6 +5,7 @@ mod convert;
 mod errors;
 mod files;
 mod progress;
+mod session;
 
 use pyo3::prelude::*;
 
@@ -17,5 +18,7 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::default_lambdas, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::plan_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::merge_buffers, m)?)?;
+    m.add_class::<session::Session>()?;
+    m.add_class::<session::TensorBuffer>()?;
     errors::register(m)
 }

@@ -15,6 +15,15 @@ pub fn sum(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     }
 }
 
+/// M = mean_t τ_t (the SVD methods' rule for tensors that are not 2-D).
+pub fn mean(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
+    sum(deltas, n, m);
+    let t = deltas.len() as f32;
+    for v in &mut m[..n] {
+        *v /= t;
+    }
+}
+
 /// M = the τ_t of largest |τ_t| per element; ties go to the later task.
 pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     m[..n].fill(0.0);

@@ -52,11 +52,21 @@ pub enum Method {
     Dare(DareParams),
     DareTies(DareParams, TiesParams),
     Ties(TiesParams),
-    Breadcrumbs { density: f64, gamma: f64 },
-    Pcb { ratio: f64 },
+    Breadcrumbs {
+        density: f64,
+        gamma: f64,
+    },
+    Pcb {
+        ratio: f64,
+    },
+    /// Task Singular Vectors: M of 2-D tensors comes from the torch backend; mean elsewhere.
+    Tsv,
+    /// Isotropic merging: M of 2-D tensors comes from the torch backend; mean elsewhere.
+    IsoC,
 }
 
-pub const METHOD_NAMES: &str = "task_arithmetic, magmax, dare, dare_ties, ties, breadcrumbs, pcb";
+pub const METHOD_NAMES: &str =
+    "task_arithmetic, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c";
 
 /// Reads and range-checks parameters, rejecting any the method does not take.
 struct Reader<'a> {
@@ -176,6 +186,8 @@ impl Method {
             "pcb" => Method::Pcb {
                 ratio: r.num("ratio", 0.05, 0.0, 1.0, true)?,
             },
+            "tsv" => Method::Tsv,
+            "iso_c" => Method::IsoC,
             _ => {
                 return Err(Error::UnknownMethod {
                     name: name.to_owned(),
@@ -196,6 +208,8 @@ impl Method {
             Method::Ties(_) => "ties",
             Method::Breadcrumbs { .. } => "breadcrumbs",
             Method::Pcb { .. } => "pcb",
+            Method::Tsv => "tsv",
+            Method::IsoC => "iso_c",
         }
     }
 
@@ -205,6 +219,11 @@ impl Method {
             Method::Dare(d) | Method::DareTies(d, _) => Some(*d),
             _ => None,
         }
+    }
+
+    /// Whether M of 2-D tensors is computed outside the core (the SVD methods).
+    pub fn is_external(&self) -> bool {
+        matches!(self, Method::Tsv | Method::IsoC)
     }
 
     pub fn ties(&self) -> Option<TiesParams> {
@@ -225,7 +244,7 @@ impl Method {
             }
         };
         match self {
-            Method::TaskArithmetic | Method::MagMax => json!({}),
+            Method::TaskArithmetic | Method::MagMax | Method::Tsv | Method::IsoC => json!({}),
             Method::Dare(d) => json!({"density": d.density, "rescale": d.rescale}),
             Method::DareTies(d, t) => json!({"density": d.density, "rescale": d.rescale,
                 "ties_density": t.density, "scope": scope(t.scope)}),

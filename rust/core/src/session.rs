@@ -1,0 +1,191 @@
+//! A merge driven tensor by tensor from outside: the torch backend reads a tensor's inputs
+//! (zero-copy from the maps), computes M for it — an SVD the core does not do — and hands M back;
+//! the core pools it with the deltas exactly as for every other method and writes it. Tensors the
+//! caller does not hand back take the mean of the deltas (or are copied) at [`Session::finish`].
+//! The output stays a set of temporaries until then; dropping the session discards it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::pipeline::{self, Options, Recipe};
+use crate::plan::{self, TensorPlan};
+use crate::reader::{Checkpoint, ModelView, TensorRef};
+use crate::writer::{FileOutput, Layout, Target};
+use crate::{Job, Report};
+
+pub struct Session {
+    base: Arc<Checkpoint>,
+    models: Vec<Arc<Checkpoint>>,
+    plan: Vec<TensorPlan>,
+    recipe: Recipe,
+    opts: Options,
+    output: FileOutput,
+    written: Mutex<Vec<bool>>,
+    bytes_written: u64,
+    done: AtomicU64,
+    total: u64,
+    start: Instant,
+}
+
+impl Session {
+    /// Opens and validates every input, and creates the output's temporaries.
+    pub fn open(
+        base: &Path,
+        models: &[PathBuf],
+        out: &Path,
+        shard_size: Option<u64>,
+        job: &Job,
+    ) -> Result<Session> {
+        let start = Instant::now();
+        if models.is_empty() {
+            return Err(Error::param(
+                "models",
+                "at least one fine-tuned model is needed",
+            ));
+        }
+        let recipe = job.recipe()?;
+        let target = Target::from_path(out, shard_size)?;
+        let base = Arc::new(Checkpoint::open(base)?);
+        let models = models
+            .iter()
+            .map(|m| Checkpoint::open(m).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let plan = {
+            let views: Vec<ModelView> = models.iter().map(|m| m.view()).collect();
+            plan::validate(&base.view(), &views, job.out_dtype()?)?
+        };
+        let mut inputs = base.input_files();
+        for m in &models {
+            inputs.extend(m.input_files());
+        }
+        let layout = Layout::new(&plan, &target, &job.metadata(&recipe));
+        let bytes_written = layout.bytes();
+        let output = FileOutput::create(&target, layout, &inputs, base.model_dir.as_deref())?;
+        let tasks = models.len() as u64;
+        let total = plan
+            .iter()
+            .map(|t| {
+                (t.numel * t.base_dtype.size()) as u64 * if t.mergeable { tasks + 1 } else { 1 }
+            })
+            .sum();
+        Ok(Session {
+            written: Mutex::new(vec![false; plan.len()]),
+            base,
+            models,
+            plan,
+            recipe,
+            opts: job.options(),
+            output,
+            bytes_written,
+            done: AtomicU64::new(0),
+            total,
+            start,
+        })
+    }
+
+    pub fn plan(&self) -> &[TensorPlan] {
+        &self.plan
+    }
+
+    /// The checkpoints, for callers that hand out views of their maps.
+    pub fn checkpoints(&self) -> (&Arc<Checkpoint>, &[Arc<Checkpoint>]) {
+        (&self.base, &self.models)
+    }
+
+    /// Zero-copy inputs of one tensor: (base, models).
+    pub fn inputs(&self, tensor: usize) -> (TensorRef<'_>, Vec<TensorRef<'_>>) {
+        let name = &self.plan[tensor].name;
+        let b = self.base.view().tensors[name];
+        let ms = self.models.iter().map(|m| m.view().tensors[name]).collect();
+        (b, ms)
+    }
+
+    /// Starts reading a tensor's inputs in the background (I/O overlapped with the caller's work).
+    pub fn prefetch(&self, tensor: usize) {
+        let name = &self.plan[tensor].name;
+        self.base.will_need(name);
+        for m in &self.models {
+            m.will_need(name);
+        }
+    }
+
+    /// (bytes processed, bytes to process).
+    pub fn progress(&self) -> (u64, u64) {
+        (self.done.load(Ordering::Relaxed), self.total)
+    }
+
+    /// Pools and writes one tensor, with `m` as its merged task vector (`None`: the mean of
+    /// the deltas for a mergeable tensor, a copy of the base otherwise).
+    pub fn write(&self, tensor: usize, m: Option<&[f32]>, cancel: &AtomicBool) -> Result<()> {
+        let t = self
+            .plan
+            .get(tensor)
+            .ok_or_else(|| Error::param("tensor", format!("index {tensor} out of range")))?;
+        if let Some(m) = m {
+            if !t.mergeable || m.len() != t.numel {
+                return Err(Error::param(
+                    "m",
+                    format!("'{}' takes no M of {} elements", t.name, m.len()),
+                ));
+            }
+        }
+        {
+            let mut w = self.written.lock().expect("not poisoned");
+            if w[tensor] {
+                return Err(Error::param(
+                    "tensor",
+                    format!("'{}' was already written", t.name),
+                ));
+            }
+            w[tensor] = true;
+        }
+        let chunks = plan::tensor_chunks(&self.plan, tensor, self.opts.chunk_size);
+        let (merge, copy): (&[_], &[_]) = if t.mergeable {
+            (&chunks, &[])
+        } else {
+            (&[], &chunks)
+        };
+        let mut given = vec![None; self.plan.len()];
+        given[tensor] = m;
+        let views: Vec<ModelView> = self.models.iter().map(|m| m.view()).collect();
+        let bytes = pipeline::run_chunks(
+            &self.base.view(),
+            &views,
+            &self.plan,
+            &self.recipe,
+            self.opts,
+            (merge, copy),
+            &self.output,
+            &|_, _| {},
+            cancel,
+            &given,
+        )?;
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes every tensor not written yet (mean or copy) and publishes the output.
+    pub fn finish(self, cancel: &AtomicBool) -> Result<Report> {
+        let pending: Vec<usize> = {
+            let w = self.written.lock().expect("not poisoned");
+            (0..self.plan.len()).filter(|&i| !w[i]).collect()
+        };
+        for i in pending {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            self.write(i, None, cancel)?;
+        }
+        let bytes_read = self.done.load(Ordering::Relaxed);
+        let outputs = self.output.commit()?;
+        Ok(Report {
+            outputs,
+            bytes_read,
+            bytes_written: self.bytes_written,
+            seconds: self.start.elapsed().as_secs_f64(),
+        })
+    }
+}

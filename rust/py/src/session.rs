@@ -1,0 +1,275 @@
+//! The torch backend's view of a merge: tensor-by-tensor access to the inputs (zero-copy
+//! buffers over the memory maps) and hand-back of each tensor's M. Mirrors `core::session`.
+
+use std::ffi::c_int;
+use std::path::PathBuf;
+use std::ptr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::PyBufferError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use weightweave_core::session::Session as CoreSession;
+use weightweave_core::Checkpoint;
+
+use crate::convert;
+use crate::errors::{ParamError, PyWeaveErr, WeaveError};
+
+/// Read-only bytes of one tensor inside a memory map; keeps the map alive while viewed.
+#[pyclass(frozen, module = "weightweave._rust")]
+pub struct TensorBuffer {
+    _owner: Arc<Checkpoint>,
+    ptr: usize,
+    len: isize,
+}
+
+#[pymethods]
+impl TensorBuffer {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        use pyo3::ffi;
+        if view.is_null() {
+            return Err(PyBufferError::new_err("view is null"));
+        }
+        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err("tensor buffers are read-only"));
+        }
+        let (buf, len) = {
+            let this = slf.get();
+            (this.ptr, this.len)
+        };
+        // SAFETY: `view` is a valid Py_buffer to fill (CPython's contract); the memory stays
+        // mapped while `obj` (this object, holding an Arc of the checkpoint) is referenced.
+        unsafe {
+            (*view).obj = slf.into_any().into_ptr();
+            (*view).buf = buf as *mut std::ffi::c_void;
+            (*view).len = len;
+            (*view).readonly = 1;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                c"B".as_ptr() as *mut _
+            } else {
+                ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+                &mut (*view).len
+            } else {
+                ptr::null_mut()
+            };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                ptr::null_mut()
+            };
+            (*view).suboffsets = ptr::null_mut();
+            (*view).internal = ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.len as usize
+    }
+}
+
+/// A merge whose 2-D tensors' M is computed by the caller (see `weightweave.torch_backend`).
+#[pyclass(frozen, module = "weightweave._rust")]
+pub struct Session {
+    inner: RwLock<Option<CoreSession>>,
+}
+
+fn closed() -> PyErr {
+    WeaveError::new_err("the session is finished or aborted")
+}
+
+impl Session {
+    fn with<T>(&self, f: impl FnOnce(&CoreSession) -> PyResult<T>) -> PyResult<T> {
+        let guard = self.inner.read().map_err(|_| closed())?;
+        f(guard.as_ref().ok_or_else(closed)?)
+    }
+}
+
+#[pymethods]
+impl Session {
+    #[new]
+    #[pyo3(signature = (base, models, out, *, method, params=None, mode="merge", lam=None, lambdas=None,
+        pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
+        shard_size=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        base: PathBuf,
+        models: Vec<PathBuf>,
+        out: PathBuf,
+        method: String,
+        params: Option<&Bound<'_, PyDict>>,
+        mode: &str,
+        lam: Option<f64>,
+        lambdas: Option<Vec<f64>>,
+        pool: &str,
+        include_deltas: bool,
+        seed: u64,
+        threads: Option<usize>,
+        chunk_size: Option<usize>,
+        out_dtype: Option<String>,
+        shard_size: Option<u64>,
+    ) -> PyResult<Session> {
+        let job = convert::job(
+            method,
+            params,
+            mode,
+            lam,
+            lambdas,
+            pool,
+            include_deltas,
+            seed,
+            threads,
+            chunk_size,
+            out_dtype,
+        )?;
+        if !job.recipe().map_err(PyWeaveErr)?.method.is_external() {
+            return Err(ParamError::new_err(format!(
+                "method '{}' does not take M from outside",
+                job.method
+            )));
+        }
+        let s = py
+            .detach(|| CoreSession::open(&base, &models, &out, shard_size, &job))
+            .map_err(PyWeaveErr)?;
+        Ok(Session {
+            inner: RwLock::new(Some(s)),
+        })
+    }
+
+    /// Every output tensor: (name, base dtype, shape, merged?).
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.with(|s| {
+            let out = PyList::empty(py);
+            for t in s.plan() {
+                out.append((
+                    t.name.clone(),
+                    t.base_dtype.name(),
+                    t.shape.clone(),
+                    t.mergeable,
+                ))?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// Zero-copy inputs of tensor `i`: ((dtype, buffer) of the base, [(dtype, buffer) per model]).
+    #[allow(clippy::type_complexity)]
+    fn inputs(
+        &self,
+        py: Python<'_>,
+        i: usize,
+    ) -> PyResult<((String, Py<TensorBuffer>), Vec<(String, Py<TensorBuffer>)>)> {
+        self.with(|s| {
+            if i >= s.plan().len() {
+                return Err(ParamError::new_err(format!(
+                    "tensor index {i} out of range"
+                )));
+            }
+            let (bck, mcks) = s.checkpoints();
+            let (b, ms) = s.inputs(i);
+            let wrap = |ck: &Arc<Checkpoint>,
+                        r: &weightweave_core::TensorRef|
+             -> PyResult<(String, Py<TensorBuffer>)> {
+                let buf = TensorBuffer {
+                    _owner: ck.clone(),
+                    ptr: r.data.as_ptr() as usize,
+                    len: r.data.len() as isize,
+                };
+                Ok((r.dtype.name().to_owned(), Py::new(py, buf)?))
+            };
+            let base = wrap(bck, &b)?;
+            let models = mcks
+                .iter()
+                .zip(&ms)
+                .map(|(ck, r)| wrap(ck, r))
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok((base, models))
+        })
+    }
+
+    /// Hints the OS to read tensor `i`'s inputs now.
+    fn prefetch(&self, i: usize) -> PyResult<()> {
+        self.with(|s| {
+            if i < s.plan().len() {
+                s.prefetch(i);
+            }
+            Ok(())
+        })
+    }
+
+    /// Pools tensor `i` with `m` (a contiguous float32 buffer) as its M, or the mean if None.
+    #[pyo3(signature = (i, m=None))]
+    fn write(&self, py: Python<'_>, i: usize, m: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let held = m.map(PyUntypedBuffer::get).transpose()?;
+        let slice = match &held {
+            None => None,
+            Some(b) => Some(f32_slice(b)?),
+        };
+        self.with(|s| {
+            py.detach(|| s.write(i, slice, &AtomicBool::new(false)))
+                .map_err(|e| PyWeaveErr(e).into())
+        })
+    }
+
+    /// (bytes processed, bytes to process).
+    fn progress(&self) -> PyResult<(u64, u64)> {
+        self.with(|s| Ok(s.progress()))
+    }
+
+    /// Writes what is left and publishes the output; returns the report as a dict.
+    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self
+            .inner
+            .write()
+            .map_err(|_| closed())?
+            .take()
+            .ok_or_else(closed)?;
+        let r = py
+            .detach(|| s.finish(&AtomicBool::new(false)))
+            .map_err(PyWeaveErr)?;
+        let d = PyDict::new(py);
+        let outputs: Vec<String> = r.outputs.iter().map(|p| p.display().to_string()).collect();
+        d.set_item("outputs", outputs)?;
+        d.set_item("bytes_read", r.bytes_read)?;
+        d.set_item("bytes_written", r.bytes_written)?;
+        d.set_item("seconds", r.seconds)?;
+        Ok(d)
+    }
+
+    /// Discards the output (its temporaries are removed).
+    fn abort(&self) -> PyResult<()> {
+        if let Ok(mut g) = self.inner.write() {
+            g.take();
+        }
+        Ok(())
+    }
+}
+
+/// A float32 view of a contiguous, aligned buffer.
+pub fn f32_slice(b: &PyUntypedBuffer) -> PyResult<&[f32]> {
+    let ptr = b.buf_ptr() as *const f32;
+    if !b.is_c_contiguous() || b.len_bytes() % 4 != 0 || b.item_size() != 4 || !ptr.is_aligned() {
+        return Err(ParamError::new_err(
+            "M must be a contiguous, aligned float32 buffer",
+        ));
+    }
+    if b.len_bytes() == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: checked contiguous, aligned and sized; the buffer is held by the caller for the
+    // lifetime of the returned slice and only read.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, b.len_bytes() / 4) })
+}

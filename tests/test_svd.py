@@ -1,0 +1,164 @@
+"""TSV and Iso-C (torch backend, streamed through the Rust core) against the reference and
+against properties that hold by construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightweave as ww
+from weightweave import reference as R
+from weightweave import torch_backend
+
+from conftest import assert_close_ulp, digest, load, write_models
+
+SVD_SHAPES = {"tall": (48, 20), "wide": (12, 40), "square": (16, 16), "thin": (30, 2)}
+OTHER = {"bias": (20,), "scale": (), "conv": (2, 3, 2, 2)}
+
+
+def state(seed: int, tasks: int):
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g) for n, s in {**SVD_SHAPES, **OTHER}.items()}
+    base["half"] = torch.randn(10, 6, generator=g).to(torch.bfloat16)
+    base["ids"] = torch.arange(4)
+    models = [
+        {n: (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(t.dtype) if t.is_floating_point() else t
+         for n, t in base.items()}
+        for _ in range(tasks)
+    ]  # fmt: skip
+    return base, models
+
+
+def svd_slack(base, models, method, lambdas, **params):
+    """SVDs agree to f32 accuracy, not to the ulp: a relative slack on the size of each merge."""
+    m = R.merged_task_vector(base, models, method, **params)
+    lam = max(abs(x) for x in lambdas)
+    scale = {n: lam * x.abs().max().item() + max(tv[n].abs().max().item() for tv in R.task_vectors(base, models))
+             for n, x in m.items()}  # fmt: skip
+    return {n: 2e-5 * v for n, v in scale.items()}
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 5])
+@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+def test_files_match_reference(tmp_path, method, tasks):
+    base, models = state(tasks, tasks)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "out.safetensors"
+    lambdas = ww.default_lambdas(method)
+    ww.weave(bp, mps, out, method=method, chunk_size=64)
+    want = R.weave(base, models, method, lambdas)
+    assert_close_ulp(load(out), want, atol=svd_slack(base, models, method, lambdas))
+    plain = tmp_path / "plain.safetensors"
+    ww.merge(bp, mps, plain, method=method, lam=0.7)
+    assert_close_ulp(load(plain), R.merge(base, models, method, lam=0.7),
+                     atol=svd_slack(base, models, method, [0.7]))  # fmt: skip
+
+
+def test_more_tasks_than_rank(tmp_path):
+    # "thin" has r = 2 < T = 5: k = 1 and tasks 2..4 contribute nothing.
+    base, models = state(9, 5)
+    got = ww.merge_arrays(base, models, method="tsv", lam=1.0)
+    assert_close_ulp(got, R.merge(base, models, "tsv", lam=1.0), atol=svd_slack(base, models, "tsv", [1.0]))
+    thin = R.task_vectors(base, models)
+    only_first_two = R._tsv([thin[0]["thin"], thin[1]["thin"]])  # slots 0 and 1 with k = 1
+    torch.testing.assert_close(got["thin"] - base["thin"], only_first_two, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["mean", "random", "magmax"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+def test_arrays_and_pools_match_reference(method, pool):
+    base, models = state(4, 3)
+    got = ww.weave_arrays(base, models, method=method, pool=pool, lambdas=[0.5, 1.5], seed=3)
+    want = R.weave(base, models, method, [0.5, 1.5], pool=pool, seed=3)
+    assert_close_ulp(got, want, atol=svd_slack(base, models, method, [0.5, 1.5]))
+
+
+def test_iso_c_spectrum_is_flat_and_subspace_kept():
+    g = torch.Generator().manual_seed(1)
+    zero = {"w": torch.zeros(30, 8)}
+    taus = [torch.randn(30, 8, generator=g) for _ in range(3)]
+    m = ww.merge_arrays(zero, [{"w": t} for t in taus], method="iso_c", lam=1.0)["w"]
+    total = sum(taus)
+    s_total = torch.linalg.svdvals(total)
+    s_m = torch.linalg.svdvals(m)
+    torch.testing.assert_close(s_m, torch.full_like(s_m, s_total.mean().item()), rtol=1e-5, atol=1e-5)
+    u = torch.linalg.svd(total, full_matrices=False).U
+    proj = u @ (u.T @ m)  # M's columns lie in the column space of Σ τ_t
+    torch.testing.assert_close(proj, m, rtol=1e-4, atol=1e-5)
+
+
+def test_tsv_single_task_reproduces_a_low_rank_delta():
+    g = torch.Generator().manual_seed(2)
+    tau = torch.randn(24, 3, generator=g) @ torch.randn(3, 18, generator=g)  # rank 3
+    m = ww.merge_arrays({"w": torch.zeros(24, 18)}, [{"w": tau}], method="tsv", lam=1.0)["w"]
+    torch.testing.assert_close(m, tau, rtol=1e-4, atol=1e-4)
+
+
+def test_svd_exclude_routes_to_the_mean(tmp_path):
+    base, models = state(5, 3)
+    got = ww.merge_arrays(base, models, method="tsv", lam=1.0, svd_exclude="^(tall|wide)$")
+    tvs = R.task_vectors(base, models)
+    for n in ("tall", "wide"):
+        mean = torch.stack([tv[n] for tv in tvs]).mean(dim=0)
+        torch.testing.assert_close(got[n], base[n] + mean, rtol=0, atol=1e-6)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    ww.merge(bp, mps, tmp_path / "o.safetensors", method="tsv", lam=1.0, svd_exclude="^(tall|wide)$")
+    assert_close_ulp(load(tmp_path / "o.safetensors"), got, atol=1e-6)
+    with pytest.raises(ww.ParamError):
+        ww.merge(bp, mps, tmp_path / "x.safetensors", method="tsv", svd_exclude="(")
+
+
+def test_deterministic_and_sharded(tmp_path):
+    base, models = state(6, 3)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    a, b = tmp_path / "a", tmp_path / "b"
+    ww.weave(bp, mps, a, method="tsv", pool="random", seed=1, shard_size=2000, threads=1)
+    ww.weave(bp, mps, b, method="tsv", pool="random", seed=1, shard_size=2000, threads=2, chunk_size=7)
+    assert digest(a) == digest(b)
+    assert (a / "model.safetensors.index.json").exists()
+
+
+def test_too_big_for_the_device_falls_back_to_cpu_with_a_warning(tmp_path, monkeypatch):
+    base, models = state(7, 2)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    monkeypatch.setattr(torch_backend, "_fits", lambda shape, device: False)
+    with pytest.warns(RuntimeWarning, match="does not fit"):
+        ww.merge(bp, mps, tmp_path / "o.safetensors", method="iso_c", lam=1.0)
+    assert_close_ulp(load(tmp_path / "o.safetensors"), R.merge(base, models, "iso_c", lam=1.0),
+                     atol=svd_slack(base, models, "iso_c", [1.0]))  # fmt: skip
+
+
+def test_errors_leave_nothing(tmp_path):
+    base, models = state(8, 2)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    bad = dict(models[1])
+    bad["tall"] = torch.zeros(5, 5)
+    from safetensors.torch import save_file
+
+    save_file(bad, str(tmp_path / "in" / "bad.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(ww.MismatchError, match="tall"):
+        ww.weave(bp, [mps[0], tmp_path / "in" / "bad.safetensors"], out, method="tsv")
+    assert not out.exists()
+
+    def boom(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ww.weave(bp, mps, out, method="tsv", progress=boom)
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(
+        ["base.safetensors", "ft0.safetensors", "ft1.safetensors", "bad.safetensors"]
+    )
+
+
+def test_cli_runs_tsv(tmp_path):
+    from weightweave.cli import main
+
+    base, models = state(10, 2)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    assert main(["weave", str(bp), *map(str, mps), "-o", str(out), "--method", "iso_c",
+                 "--set", "svd_exclude=^conv", "--set", "device=cpu", "-q"]) == 0  # fmt: skip
+    assert_close_ulp(load(out), R.weave(base, models, "iso_c", ww.default_lambdas("iso_c"), svd_exclude="^conv"),
+                     atol=svd_slack(base, models, "iso_c", ww.default_lambdas("iso_c")))  # fmt: skip
