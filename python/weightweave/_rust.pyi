@@ -9,6 +9,7 @@ __all__ = [
     "inspect",
     "default_lam",
     "default_lambdas",
+    "read_floor",
     "plan_buffers",
     "merge_buffers",
     "Session",
@@ -60,6 +61,7 @@ def merge_files(
 def inspect(path: str) -> dict[str, Any]: ...
 def default_lam(method: str) -> float: ...
 def default_lambdas(method: str) -> list[float] | None: ...
+def read_floor(paths: Sequence[str], threads: int | None = None) -> tuple[int, int]: ...
 def plan_buffers(
     base: Sequence[_Entry],
     models: Sequence[Sequence[_Entry]],

@@ -11,8 +11,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import _rust
 from ._rust import ParamError
 
@@ -273,6 +271,8 @@ def _is_torch(v: object) -> bool:
 
 
 def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int], Any]]:
+    import numpy as np
+
     if not isinstance(sd, Mapping):
         raise ParamError(f"{label} must be a mapping of tensor names to arrays")
     out = []
@@ -301,6 +301,9 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
 
 
 def _run_arrays(base, models, mode: str, kw: dict[str, Any]) -> dict[str, Any]:
+    # numpy only here: importing it starts BLAS threads that would compete with file merges.
+    import numpy as np
+
     models = _models(models)
     svd = _svd_options(kw["method"], kw["params"])
     as_torch = any(_is_torch(v) for v in base.values())

@@ -2,7 +2,7 @@
 //! Conversions read little-endian bytes at any alignment, because tensor data inside a
 //! safetensors file is only byte-aligned.
 
-use half::{bf16, f16};
+use half::f16;
 
 /// A safetensors dtype. Only F16/BF16/F32/F64 are merged; the rest are copied from the base.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -125,7 +125,7 @@ pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
         }
         DType::BF16 => {
             for (c, v) in out.chunks_exact_mut(2).zip(src) {
-                c.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+                c.copy_from_slice(&bf16_bits(*v).to_le_bytes());
             }
         }
         DType::F16 => {
@@ -139,6 +139,70 @@ pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
             }
         }
         other => unreachable!("encode called on non-mergeable dtype {}", other.name()),
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even, NaN kept NaN: branch-free so the loop vectorizes
+/// (`half::bf16::from_f32` gives the same bits but branches per element).
+#[inline]
+pub fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = ((x >> 16) as u16) | 0x0040;
+    if x & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// Decodes `out.len()` elements of `dtype` and subtracts `base` (the delta θ_t − θ_pre), in one
+/// pass. Returns false if any decoded value is not finite.
+pub fn decode_delta(dtype: DType, bytes: &[u8], base: &[f32], out: &mut [f32]) -> bool {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    let mut finite = true;
+    match dtype {
+        DType::BF16 => {
+            for ((o, c), b) in out.iter_mut().zip(bytes.chunks_exact(2)).zip(base) {
+                let x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                finite &= x.is_finite();
+                *o = x - b;
+            }
+        }
+        DType::F32 => {
+            for ((o, c), b) in out.iter_mut().zip(bytes.chunks_exact(4)).zip(base) {
+                let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                finite &= x.is_finite();
+                *o = x - b;
+            }
+        }
+        _ => {
+            decode(dtype, bytes, out);
+            for (o, b) in out.iter_mut().zip(base) {
+                finite &= o.is_finite();
+                *o -= b;
+            }
+        }
+    }
+    finite
+}
+
+/// Decodes like [`decode`] and reports whether every value is finite, in the same pass.
+pub fn decode_finite(dtype: DType, bytes: &[u8], out: &mut [f32]) -> bool {
+    match dtype {
+        DType::BF16 => {
+            let mut finite = true;
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                let x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                finite &= x.is_finite();
+                *o = x;
+            }
+            finite
+        }
+        _ => {
+            decode(dtype, bytes, out);
+            out.iter().fold(true, |ok, v| ok & v.is_finite())
+        }
     }
 }
 
@@ -157,6 +221,7 @@ pub fn first_non_finite(values: &[f32]) -> Option<(usize, f32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     #[test]
     fn names_round_trip() {
@@ -195,6 +260,42 @@ mod tests {
                 assert!((a - b).abs() <= a.abs() * 1e-2, "{d:?}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn bf16_bits_match_half_everywhere_that_matters() {
+        let mut x = 0u32;
+        // A stride through all bit patterns, plus the rounding boundaries around a few values.
+        while x < u32::MAX - 65_521 {
+            let v = f32::from_bits(x);
+            let want = bf16::from_f32(v);
+            let got = bf16_bits(v);
+            if v.is_nan() {
+                assert!(bf16::from_bits(got).is_nan());
+            } else {
+                assert_eq!(got, want.to_bits(), "{x:#x}");
+            }
+            x += 65_521;
+        }
+        for base in [1.0f32, -3.5, 1e-30, 3.0e38] {
+            let b = base.to_bits();
+            for d in 0x7FF0..0x8010 {
+                let v = f32::from_bits((b & 0xFFFF_0000) + d);
+                assert_eq!(bf16_bits(v), bf16::from_f32(v).to_bits(), "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_delta_subtracts_and_flags() {
+        let vals = [1.0f32, 2.0, 3.0];
+        let mut bytes = vec![0u8; 12];
+        encode(DType::F32, &vals, &mut bytes);
+        let mut out = [0f32; 3];
+        assert!(decode_delta(DType::F32, &bytes, &[0.5, 0.5, 0.5], &mut out));
+        assert_eq!(out, [0.5, 1.5, 2.5]);
+        encode(DType::F32, &[1.0, f32::INFINITY, 0.0], &mut bytes);
+        assert!(!decode_delta(DType::F32, &bytes, &[0.0; 3], &mut out));
     }
 
     #[test]

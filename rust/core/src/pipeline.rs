@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use crate::dtype::{decode, encode, first_non_finite};
+use crate::dtype::{decode, decode_delta, decode_finite, encode, first_non_finite};
 use crate::error::{Error, Result};
 use crate::methods::pcb::{self, Clamp};
 use crate::methods::ties::{self, TiesStats};
@@ -208,13 +208,24 @@ impl<'a> Engine<'a> {
         let tasks = self.tasks();
         w.base.resize(n, 0.0);
         w.raw.resize_with(tasks, Vec::new);
-        decode_checked(&self.base_refs[c.tensor], &t.name, c, &mut w.base)?;
+        let b = &self.base_refs[c.tensor];
+        let size = b.dtype.size();
+        if !decode_finite(
+            b.dtype,
+            &b.data[c.start * size..(c.start + c.len) * size],
+            &mut w.base,
+        ) {
+            decode_checked(b, &t.name, c, &mut w.base)?;
+        }
         for (k, refs) in self.model_refs.iter().enumerate() {
             let d = &mut w.raw[k];
             d.resize(n, 0.0);
-            decode_checked(&refs[c.tensor], &t.name, c, d)?;
-            for (x, &b) in d.iter_mut().zip(&w.base) {
-                *x -= b;
+            let r = &refs[c.tensor];
+            let size = r.dtype.size();
+            let bytes = &r.data[c.start * size..(c.start + c.len) * size];
+            if !decode_delta(r.dtype, bytes, &w.base, d) {
+                // Rare path: find and report the offending element.
+                decode_checked(r, &t.name, c, d)?;
             }
         }
         if let Some(p) = self.recipe.method.dare() {
@@ -455,10 +466,13 @@ impl<'a> Engine<'a> {
             }
         }
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
+        // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
+        let m_is_sum = matches!(self.recipe.method, Method::TaskArithmetic);
         pool::apply(
             &self.recipe.combine,
             raw,
             m,
+            m_is_sum,
             base,
             out,
             &stream,

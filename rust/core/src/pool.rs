@@ -69,10 +69,13 @@ impl Combine {
 
 /// out = base + P for one chunk. `raw` are the unmodified deltas (A*'s first members), `m` the
 /// merged task vector; `first` is the element index of the chunk's start within its tensor.
+/// `m_is_sum`: M equals Σ_t raw τ_t (task arithmetic), which the mean pool then reuses.
+#[allow(clippy::too_many_arguments)]
 pub fn apply(
     combine: &Combine,
     raw: &[Vec<f32>],
     m: &[f32],
+    m_is_sum: bool,
     base: &[f32],
     out: &mut [f32],
     rng: &Stream,
@@ -93,7 +96,7 @@ pub fn apply(
         } => {
             let deltas: &[Vec<f32>] = if *include_deltas { raw } else { &[] };
             match pool {
-                Pool::Mean => mean(deltas, lambdas, m, base, out),
+                Pool::Mean => mean(deltas, lambdas, m, m_is_sum, base, out),
                 Pool::Random => {
                     let members = (deltas.len() + lambdas.len()) as u64;
                     for i in 0..n {
@@ -106,18 +109,28 @@ pub fn apply(
                     }
                 }
                 Pool::MagMax => {
-                    for i in 0..n {
-                        let mut best = 0.0f32;
-                        let candidates = deltas
-                            .iter()
-                            .map(|d| d[i])
-                            .chain(lambdas.iter().map(|l| l * m[i]));
-                        for (j, v) in candidates.enumerate() {
-                            if j == 0 || v.abs() >= best.abs() {
-                                best = v;
-                            }
+                    // Members in A* order; each later one wins ties. Task-outer selects vectorize.
+                    let first_member = |i: usize| match deltas.first() {
+                        Some(d) => d[i],
+                        None => lambdas[0] * m[i],
+                    };
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = first_member(i);
+                    }
+                    let skip = usize::from(deltas.is_empty());
+                    for d in deltas.iter().skip(1) {
+                        for (o, &x) in out.iter_mut().zip(&d[..n]) {
+                            *o = if x.abs() >= o.abs() { x } else { *o };
                         }
-                        out[i] = base[i] + best;
+                    }
+                    for &l in &lambdas[skip..] {
+                        for (o, &mi) in out.iter_mut().zip(m) {
+                            let x = l * mi;
+                            *o = if x.abs() >= o.abs() { x } else { *o };
+                        }
+                    }
+                    for (o, &b) in out.iter_mut().zip(base) {
+                        *o += b;
                     }
                 }
             }
@@ -126,26 +139,37 @@ pub fn apply(
 }
 
 /// P = (Σ_t τ_t + (Σ_i λ_i)·M) / N.
-fn mean(deltas: &[Vec<f32>], lambdas: &[f32], m: &[f32], base: &[f32], out: &mut [f32]) {
+fn mean(
+    deltas: &[Vec<f32>],
+    lambdas: &[f32],
+    m: &[f32],
+    m_is_sum: bool,
+    base: &[f32],
+    out: &mut [f32],
+) {
     let n = base.len();
     let lam_sum = lambdas.iter().map(|&l| l as f64).sum::<f64>() as f32;
     let members = (deltas.len() + lambdas.len()) as f32;
-    for i in 0..n {
-        out[i] = lam_sum * m[i];
-    }
-    if !deltas.is_empty() {
-        let mut sum = vec![0.0f32; n];
-        for d in deltas {
-            for i in 0..n {
-                sum[i] += d[i];
-            }
-        }
+    if deltas.is_empty() {
         for i in 0..n {
-            out[i] += sum[i];
+            out[i] = base[i] + (lam_sum * m[i]) / members;
+        }
+        return;
+    }
+    if m_is_sum {
+        for i in 0..n {
+            out[i] = base[i] + (m[i] + lam_sum * m[i]) / members;
+        }
+        return;
+    }
+    out.fill(0.0);
+    for d in deltas {
+        for i in 0..n {
+            out[i] += d[i];
         }
     }
     for i in 0..n {
-        out[i] = base[i] + out[i] / members;
+        out[i] = base[i] + (out[i] + lam_sum * m[i]) / members;
     }
 }
 
@@ -167,6 +191,7 @@ mod tests {
             &c,
             &raw,
             &m,
+            false,
             &[0.0; 4],
             &mut out,
             &Stream::new(0, 0, "x"),
@@ -188,6 +213,7 @@ mod tests {
             &c,
             &[vec![-2.0]],
             &[2.0],
+            false,
             &[10.0],
             &mut out,
             &Stream::new(0, 0, "x"),

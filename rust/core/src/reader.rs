@@ -245,3 +245,36 @@ impl Checkpoint {
         }
     }
 }
+
+/// The physical floor of a streaming merge: reads every tensor byte of the checkpoints once,
+/// in parallel, summing them as u64 words (the sum keeps the reads from being optimised away).
+/// Returns (bytes read, checksum).
+pub fn read_floor(paths: &[PathBuf], threads: usize) -> Result<(u64, u64)> {
+    use rayon::prelude::*;
+    let cks = paths
+        .iter()
+        .map(Checkpoint::open)
+        .collect::<Result<Vec<_>>>()?;
+    let views: Vec<ModelView> = cks.iter().map(|c| c.view()).collect();
+    let slices: Vec<&[u8]> = views
+        .iter()
+        .flat_map(|v| v.tensors.values().flat_map(|t| t.data.chunks(1 << 20)))
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| Error::param("threads", e.to_string()))?;
+    let sum = pool.install(|| {
+        slices
+            .par_iter()
+            .map(|s| {
+                let words = s.chunks_exact(8);
+                let tail: u64 = words.remainder().iter().map(|&b| b as u64).sum();
+                words.fold(tail, |acc, w| {
+                    acc.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                })
+            })
+            .reduce(|| 0, u64::wrapping_add)
+    });
+    Ok((slices.iter().map(|s| s.len() as u64).sum(), sum))
+}

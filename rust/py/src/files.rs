@@ -108,3 +108,19 @@ pub fn default_lam(method: &str) -> f64 {
 pub fn default_lambdas(method: &str) -> Option<Vec<f64>> {
     Method::default_lambdas(method)
 }
+
+/// Reads every tensor byte of the checkpoints once (the benchmarks' read floor).
+/// Returns (bytes, checksum).
+#[pyfunction]
+#[pyo3(signature = (paths, threads=None))]
+pub fn read_floor(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    threads: Option<usize>,
+) -> PyResult<(u64, u64)> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Ok(py
+        .detach(|| weightweave_core::reader::read_floor(&paths, threads))
+        .map_err(PyWeaveErr)?)
+}

@@ -29,9 +29,8 @@ pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     m[..n].fill(0.0);
     for d in deltas {
         for (best, &x) in m[..n].iter_mut().zip(&d[..n]) {
-            if x.abs() >= best.abs() {
-                *best = x;
-            }
+            // A select, not a conditional store, so the loop vectorizes.
+            *best = if x.abs() >= best.abs() { x } else { *best };
         }
     }
 }
