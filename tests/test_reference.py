@@ -92,3 +92,16 @@ def test_array_api_matches_reference_and_keeps_kind(ckpts, method):
     t_base = {k: base[k] for k in np_base}
     want = R.merge(t_base, [{k: m[k] for k in np_base} for m in models], method, lam=0.5)
     assert_close_ulp({k: R.torch.from_numpy(v) for k, v in got_np.items()}, want, atol=slack(method))
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {}), ("ties", {"scope": "tensor"}), ("dare_ties", {}), ("pcb", {})],
+)
+def test_radix_fallback_matches_reference(ckpts, tmp_path, monkeypatch, method, params):
+    # Statistics normally come from one sampled-window pass; this forces the two-pass radix path.
+    monkeypatch.setenv("WEIGHTWEAVE_FORCE_RADIX", "1")
+    base, models, bp, mps = ckpts
+    out = tmp_path / "out.safetensors"
+    ww.merge(bp, mps, out, method=method, lam=0.7, seed=5, chunk_size=97, **params)
+    assert_close_ulp(load(out), R.merge(base, models, method, lam=0.7, seed=5, **params), atol=slack(method))

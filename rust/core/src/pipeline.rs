@@ -17,7 +17,7 @@ use crate::plan::{Chunk, TensorPlan};
 use crate::pool::{self, Combine};
 use crate::reader::{ModelView, TensorRef};
 use crate::rng::{Stream, POOL_STREAM};
-use crate::select::{Buckets, Hist, Request};
+use crate::select::{key, Buckets, Hist, Request, Windowed, Windows};
 
 /// Where finished chunks go: a file writer or caller-owned memory.
 pub trait Sink: Sync {
@@ -136,9 +136,10 @@ pub fn run_chunks(
         .iter()
         .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64)
         .sum();
+    // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
     let passes = match recipe.method {
-        Method::Ties(_) | Method::DareTies(..) => 4,
-        Method::Pcb { .. } => 5,
+        Method::Ties(_) | Method::DareTies(..) => 3,
+        Method::Pcb { .. } => 3,
         _ => 1,
     };
     let engine = Engine {
@@ -161,8 +162,18 @@ pub fn run_chunks(
         .build()
         .map_err(|e| Error::param("threads", e.to_string()))?;
     pool.install(|| {
+        let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
+        let t0 = std::time::Instant::now();
         let stats = engine.statistics(merge)?;
-        engine.output(merge, copy, &stats, sink)
+        if debug {
+            eprintln!("statistics: {:.2}s", t0.elapsed().as_secs_f64());
+        }
+        let t1 = std::time::Instant::now();
+        engine.output(merge, copy, &stats, sink)?;
+        if debug {
+            eprintln!("output: {:.2}s", t1.elapsed().as_secs_f64());
+        }
+        Ok::<(), Error>(())
     })?;
     Ok(engine.total)
 }
@@ -180,6 +191,34 @@ impl<'a> Engine<'a> {
         F: Fn(&mut Work, &Chunk, &mut A) -> Result<()> + Sync + Send,
         R: Fn(A, A) -> A + Sync + Send,
     {
+        self.pass_impl(chunks, init, f, merge, true)
+    }
+
+    /// [`Self::pass`] without progress reports (samples are not counted in the total).
+    fn pass_quiet<A, I, F, R>(&self, chunks: &[Chunk], init: I, f: F, merge: R) -> Result<A>
+    where
+        A: Send,
+        I: Fn() -> A + Sync + Send,
+        F: Fn(&mut Work, &Chunk, &mut A) -> Result<()> + Sync + Send,
+        R: Fn(A, A) -> A + Sync + Send,
+    {
+        self.pass_impl(chunks, init, f, merge, false)
+    }
+
+    fn pass_impl<A, I, F, R>(
+        &self,
+        chunks: &[Chunk],
+        init: I,
+        f: F,
+        merge: R,
+        report: bool,
+    ) -> Result<A>
+    where
+        A: Send,
+        I: Fn() -> A + Sync + Send,
+        F: Fn(&mut Work, &Chunk, &mut A) -> Result<()> + Sync + Send,
+        R: Fn(A, A) -> A + Sync + Send,
+    {
         chunks
             .par_iter()
             .try_fold(
@@ -190,10 +229,12 @@ impl<'a> Engine<'a> {
                     }
                     self.load(&mut w, c)?;
                     f(&mut w, c, &mut acc)?;
-                    let bytes = (c.len * self.plan[c.tensor].base_dtype.size()) as u64
-                        * (self.tasks() as u64 + 1);
-                    let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                    (self.progress)(done, self.total);
+                    if report {
+                        let size = self.plan[c.tensor].base_dtype.size() as u64;
+                        let bytes = c.len as u64 * size * (self.tasks() as u64 + 1);
+                        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                        (self.progress)(done.min(self.total), self.total);
+                    }
                     Ok((w, acc))
                 },
             )
@@ -356,9 +397,107 @@ impl<'a> Engine<'a> {
         Ok(Some((abs, score)))
     }
 
-    /// Exact order statistics of per-task rows produced by `rows`, in two passes.
+    /// Exact order statistics of per-task rows produced by `rows`: one windowed pass guided by
+    /// a sample, or (when the guess misses) the two-pass radix select.
     #[allow(clippy::type_complexity)]
     fn select(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        requests: Vec<Request>,
+        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
+    ) -> Result<Vec<f32>> {
+        // Tests set this to exercise the fallback, which small models would otherwise never reach.
+        if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
+            return self.radix_select(chunks, n_rows, requests, rows);
+        }
+        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let t0 = std::time::Instant::now();
+        let samples = self.sample(chunks, n_rows, total, rows)?;
+        if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
+            eprintln!("sample: {:.2}s", t0.elapsed().as_secs_f64());
+        }
+        let windows = Windows::from_sample(requests.clone(), &samples, total, 6.0);
+        drop(samples);
+        let acc = self.pass(
+            chunks,
+            || windows.acc(),
+            |w, c, a| {
+                rows(w, c.len, &mut |row, v| a.count(&windows, row, v));
+                Ok(())
+            },
+            Windowed::merge,
+        )?;
+        if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
+            eprintln!(
+                "select: total {total} windows {:?} cap {} {}",
+                windows.bounds,
+                windows.cap,
+                acc.describe()
+            );
+        }
+        if let Some(v) = acc.finish(&windows) {
+            return Ok(v);
+        }
+        self.radix_select(chunks, n_rows, requests, rows)
+    }
+
+    /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
+    /// (at least 2^18 elements; everything when the scope is small).
+    #[allow(clippy::type_complexity)]
+    fn sample(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        total: u64,
+        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
+    ) -> Result<Vec<Vec<u32>>> {
+        const RUN: u64 = 64;
+        let want = (total / 256).max(1 << 18);
+        let runs = (want / RUN).max(1);
+        let step = (total / runs).max(RUN);
+        let mut picks = Vec::new();
+        let mut offset = 0u64; // global position of the current chunk's start
+        let mut next = 0u64;
+        for c in chunks {
+            let end = offset + c.len as u64;
+            while next < end {
+                let at = next - offset;
+                let len = RUN.min(end - next) as usize;
+                picks.push(Chunk {
+                    tensor: c.tensor,
+                    start: c.start + at as usize,
+                    len,
+                });
+                next += step;
+            }
+            offset = end;
+        }
+        let mut samples = self.pass_quiet(
+            &picks,
+            || vec![Vec::new(); n_rows],
+            |w, c, acc: &mut Vec<Vec<u32>>| {
+                rows(w, c.len, &mut |row, v| {
+                    acc[row].extend(v.iter().map(|&x| key(x)))
+                });
+                Ok(())
+            },
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    x.extend(y);
+                }
+                a
+            },
+        )?;
+        for s in &mut samples {
+            s.sort_unstable();
+        }
+        Ok(samples)
+    }
+
+    /// The two-pass radix select: exact whatever the data.
+    #[allow(clippy::type_complexity)]
+    fn radix_select(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
@@ -441,7 +580,7 @@ impl<'a> Engine<'a> {
                 let s = stats.ties[scope]
                     .as_ref()
                     .expect("statistics of a non-empty scope");
-                ties::merge(deltas, s, n, m, scratch);
+                ties::merge(deltas, s, n, m, scratch, out);
             }
             Method::Breadcrumbs { density, gamma } => breadcrumbs::merge(
                 deltas,

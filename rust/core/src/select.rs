@@ -161,3 +161,226 @@ mod tests {
         }
     }
 }
+
+/// One-pass exact selection inside a key window guessed from a sample. For each request the
+/// window [lo, hi] should contain the wanted rank; one pass counts the keys below it and keeps
+/// the keys inside it, and the rank is then selected exactly among those. When the guess was
+/// wrong (the rank is not inside) or the window held more keys than `cap`, [`Windowed::finish`]
+/// says so and the caller falls back to the two-pass radix select.
+#[derive(Clone, Debug)]
+pub struct Windows {
+    pub requests: Vec<Request>,
+    /// Inclusive key bounds per request.
+    pub bounds: Vec<(u32, u32)>,
+    /// Most keys kept per request before giving up.
+    pub cap: usize,
+}
+
+impl Windows {
+    /// Windows from per-row sorted sample keys: the sample quantile of each request's rank,
+    /// widened by `sigmas` binomial standard deviations (and a margin) on each side.
+    pub fn from_sample(
+        requests: Vec<Request>,
+        samples: &[Vec<u32>],
+        total: u64,
+        sigmas: f64,
+    ) -> Windows {
+        let mut bounds = Vec::with_capacity(requests.len());
+        let mut expected = 0.0f64;
+        for r in &requests {
+            let s = &samples[r.row];
+            if s.is_empty() || total == 0 {
+                bounds.push((0, u32::MAX));
+                expected = expected.max(total as f64);
+                continue;
+            }
+            let n = s.len() as f64;
+            let p = (r.rank as f64 + 0.5) / total as f64;
+            let spread = sigmas * (n * p * (1.0 - p)).sqrt() + 8.0;
+            let lo_i = (p * n - spread).floor();
+            let hi_i = (p * n + spread).ceil();
+            let lo = if lo_i < 0.0 { 0 } else { s[lo_i as usize] };
+            let hi = if hi_i >= n - 1.0 {
+                u32::MAX
+            } else {
+                s[hi_i as usize]
+            };
+            bounds.push((lo, hi));
+            if lo < hi {
+                // Keys inside are stored; estimate how many from the sample itself (ties make
+                // index distance a poor guide). A degenerate window's keys are only counted.
+                let inside = s.partition_point(|&k| k <= hi) - s.partition_point(|&k| k < lo);
+                expected = expected.max((inside as f64 + spread) / n * total as f64);
+            }
+        }
+        Windows {
+            requests,
+            bounds,
+            cap: (4.0 * expected) as usize + (1 << 16),
+        }
+    }
+
+    pub fn acc(&self) -> Windowed {
+        Windowed {
+            below: vec![0; self.requests.len()],
+            equal: vec![0; self.requests.len()],
+            inside: vec![Vec::new(); self.requests.len()],
+            overflow: false,
+        }
+    }
+}
+
+/// Per-worker state of a windowed pass.
+#[derive(Clone, Debug, Default)]
+pub struct Windowed {
+    below: Vec<u64>,
+    /// Keys seen in a degenerate (lo == hi) window: all equal, so only counted.
+    equal: Vec<u64>,
+    inside: Vec<Vec<u32>>,
+    overflow: bool,
+}
+
+impl Windowed {
+    pub fn count(&mut self, w: &Windows, row: usize, values: &[f32]) {
+        if self.overflow {
+            return;
+        }
+        for (i, (req, &(lo, hi))) in w.requests.iter().zip(&w.bounds).enumerate() {
+            if req.row != row {
+                continue;
+            }
+            let mut below = 0u64;
+            let inside = &mut self.inside[i];
+            let width = hi - lo;
+            if width == 0 {
+                let mut equal = 0u64;
+                for &v in values {
+                    let k = key(v);
+                    below += u64::from(k < lo);
+                    equal += u64::from(k == lo);
+                }
+                self.equal[i] += equal;
+                self.below[i] += below;
+                continue;
+            }
+            for &v in values {
+                let k = key(v);
+                below += u64::from(k < lo);
+                // One unsigned compare for lo <= k <= hi: rarely true, so well predicted.
+                if k.wrapping_sub(lo) <= width {
+                    inside.push(k);
+                }
+            }
+            self.below[i] += below;
+            if inside.len() > w.cap {
+                self.overflow = true;
+                self.inside.iter_mut().for_each(|v| *v = Vec::new());
+                return;
+            }
+        }
+    }
+
+    pub fn merge(mut self, mut other: Windowed) -> Windowed {
+        self.overflow |= other.overflow;
+        for (a, b) in self.below.iter_mut().zip(&other.below) {
+            *a += b;
+        }
+        for (a, b) in self.equal.iter_mut().zip(&other.equal) {
+            *a += b;
+        }
+        for (a, b) in self.inside.iter_mut().zip(&mut other.inside) {
+            a.append(b);
+        }
+        self
+    }
+
+    pub fn describe(&self) -> String {
+        let sizes: Vec<usize> = self.inside.iter().map(|v| v.len()).collect();
+        format!(
+            "overflow {} below {:?} inside {:?}",
+            self.overflow, self.below, sizes
+        )
+    }
+
+    /// The selected values, or None when a rank fell outside its window (or it overflowed).
+    pub fn finish(mut self, w: &Windows) -> Option<Vec<f32>> {
+        if self.overflow {
+            return None;
+        }
+        let mut out = Vec::with_capacity(w.requests.len());
+        for (i, req) in w.requests.iter().enumerate() {
+            let r = req.rank.checked_sub(self.below[i])?;
+            let (lo, hi) = w.bounds[i];
+            if lo == hi {
+                if r >= self.equal[i] {
+                    return None;
+                }
+                out.push(unkey(lo));
+                continue;
+            }
+            let keys = &mut self.inside[i];
+            if r >= keys.len() as u64 {
+                return None;
+            }
+            let (_, &mut k, _) = keys.select_nth_unstable(r as usize);
+            out.push(unkey(k));
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn windowed_is_exact_or_declines(values in prop::collection::vec(-1e3f32..1e3, 1..2000), r in 0usize..2000, stride in 1usize..50, chunk in 1usize..100) {
+            let rank = (r % values.len()) as u64;
+            let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
+            sample.sort_unstable();
+            let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
+            let mut acc = w.acc();
+            for c in values.chunks(chunk) {
+                let mut part = w.acc();
+                part.count(&w, 0, c);
+                acc = acc.merge(part);
+            }
+            let mut sorted = values.clone();
+            sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            if let Some(v) = acc.finish(&w) {
+                prop_assert_eq!(v[0], sorted[rank as usize]);
+            }
+        }
+    }
+
+    #[test]
+    fn degenerate_windows_count_ties() {
+        let mut values = vec![0.0f32; 1000];
+        values.extend((1..=100).map(|i| i as f32));
+        let mut sample: Vec<u32> = values.iter().step_by(7).map(|&v| key(v)).collect();
+        sample.sort_unstable();
+        let reqs = vec![
+            Request { row: 0, rank: 500 },
+            Request { row: 0, rank: 1050 },
+        ];
+        let w = Windows::from_sample(reqs, &[sample], 1100, 6.0);
+        assert_eq!(w.bounds[0], (key(0.0), key(0.0)));
+        let mut acc = w.acc();
+        acc.count(&w, 0, &values);
+        assert_eq!(acc.finish(&w), Some(vec![0.0, 51.0]));
+    }
+
+    #[test]
+    fn a_bad_guess_declines() {
+        let w = Windows {
+            requests: vec![Request { row: 0, rank: 0 }],
+            bounds: vec![(key(5.0), key(6.0))],
+            cap: 10,
+        };
+        let mut acc = w.acc();
+        acc.count(&w, 0, &[1.0, 2.0, 5.5]);
+        assert_eq!(acc.finish(&w), None);
+    }
+}

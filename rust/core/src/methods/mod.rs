@@ -4,6 +4,7 @@
 
 pub mod breadcrumbs;
 pub mod elementwise;
+pub mod fastmath;
 pub mod pcb;
 pub mod ties;
 

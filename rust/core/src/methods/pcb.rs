@@ -2,7 +2,7 @@
 //! order statistics — the clamp bounds of |X| and of the balancing score B — gathered by the
 //! pipeline's radix-select passes; everything else is per element.
 
-use super::int_frac;
+use super::{fastmath, int_frac};
 
 /// clamp(x, lo, hi) followed by norm(): SPEC's a = sorted[int(d·lo)], b = sorted[int(d·(1−hi)−1)].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,18 +41,15 @@ pub fn clamp_ranks(d: usize, lo: f64, hi: f64) -> (u64, u64) {
 /// |X| is clamped at the 1st and 99th percentiles.
 pub const ABS_CLAMP: (f64, f64) = (0.01, 0.01);
 
+/// torch.sign, branch-free: data signs are random, so a branch would mispredict half the time.
 #[inline]
 fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
+    f32::from(u8::from(x > 0.0)) - f32::from(u8::from(x < 0.0))
 }
 
 /// B_t = exp(T·norm(A_t)²) · Σ_j tanh(N_t N_j) for every element of the chunk, into `b`.
+/// Each symmetric pair tanh(N_t N_j) is evaluated once and added to both sums, which still
+/// accumulate in ascending j like the reference.
 pub fn scores(
     deltas: &[Vec<f32>],
     n: usize,
@@ -66,23 +63,37 @@ pub fn scores(
     signed.resize(t_count * n, 0.0);
     for (t, d) in deltas.iter().enumerate() {
         let c = abs[t];
-        for i in 0..n {
-            let x = d[i];
-            signed[t * n + i] = sign(x) * c.norm(c.clip(x.abs()));
+        for (s, &x) in signed[t * n..(t + 1) * n].iter_mut().zip(&d[..n]) {
+            *s = sign(x) * c.norm(c.clip(x.abs()));
+        }
+    }
+    for bt in b.iter_mut() {
+        bt[..n].fill(0.0);
+    }
+    for t in 0..t_count {
+        for j in t..t_count {
+            let (nt, nj) = (&signed[t * n..(t + 1) * n], &signed[j * n..(j + 1) * n]);
+            if j == t {
+                for (acc, &x) in b[t][..n].iter_mut().zip(nt) {
+                    *acc += fastmath::tanh(x * x);
+                }
+            } else {
+                let (lo, hi) = b.split_at_mut(j);
+                let (bt, bj) = (&mut lo[t][..n], &mut hi[0][..n]);
+                for (((at, aj), &x), &y) in bt.iter_mut().zip(bj.iter_mut()).zip(nt).zip(nj) {
+                    let v = fastmath::tanh(x * y);
+                    *at += v;
+                    *aj += v;
+                }
+            }
         }
     }
     let tf = t_count as f32;
     for t in 0..t_count {
-        let bt = &mut b[t][..n];
-        for (i, out) in bt.iter_mut().enumerate() {
-            let nt = signed[t * n + i];
-            let na = nt.abs();
-            let intra = (tf * (na * na)).exp();
-            let mut inter = 0.0f32;
-            for j in 0..t_count {
-                inter += (nt * signed[j * n + i]).tanh();
-            }
-            *out = intra * inter;
+        let nt = &signed[t * n..(t + 1) * n];
+        for (out, &x) in b[t][..n].iter_mut().zip(nt) {
+            let na = x.abs();
+            *out *= fastmath::exp(tf * (na * na));
         }
     }
 }

@@ -22,11 +22,7 @@ pub fn threshold_rank(d: usize, p: &TiesParams) -> Option<u64> {
 
 #[inline]
 fn trim(x: f32, thr: f32) -> f32 {
-    if x.abs() >= thr {
-        x
-    } else {
-        0.0
-    }
+    x * f32::from(u8::from(x.abs() >= thr))
 }
 
 /// Σ_t trimmed_t into `s`.
@@ -39,15 +35,10 @@ fn trimmed_sum(deltas: &[Vec<f32>], thr: &[f32], n: usize, s: &mut [f32]) {
     }
 }
 
+/// torch.sign, branch-free: data signs are random, so a branch would mispredict half the time.
 #[inline]
 fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
+    f32::from(u8::from(x > 0.0)) - f32::from(u8::from(x < 0.0))
 }
 
 /// Σ over the chunk of sign(Σ_t trimmed_t), for the majority sign.
@@ -56,30 +47,42 @@ pub fn sign_count(deltas: &[Vec<f32>], thr: &[f32], n: usize, scratch: &mut [f32
     scratch[..n].iter().map(|&v| sign(v) as i64).sum()
 }
 
-/// The merged task vector of one chunk.
-pub fn merge(deltas: &[Vec<f32>], stats: &TiesStats, n: usize, m: &mut [f32], count: &mut [f32]) {
-    // m holds the elected sign first, then the disjoint sum.
+/// The merged task vector of one chunk; `count` and `total` are chunk-sized scratch.
+pub fn merge(
+    deltas: &[Vec<f32>],
+    stats: &TiesStats,
+    n: usize,
+    m: &mut [f32],
+    count: &mut [f32],
+    total: &mut [f32],
+) {
+    // m holds the elected sign first, then the disjoint mean. Loops are task-outer, zipped and
+    // branch-free (selects), so they vectorize.
     trimmed_sum(deltas, &stats.thr, n, m);
+    let majority = stats.majority;
     for s in &mut m[..n] {
-        *s = match sign(*s) {
-            0.0 => stats.majority,
-            v => v,
-        };
+        let v = sign(*s);
+        *s = v + majority * f32::from(u8::from(v == 0.0));
     }
-    count[..n].fill(0.0);
-    let mut total = vec![0.0f32; n];
+    let (count, total) = (&mut count[..n], &mut total[..n]);
+    count.fill(0.0);
+    total.fill(0.0);
     for (d, &t) in deltas.iter().zip(&stats.thr) {
-        for i in 0..n {
-            let x = trim(d[i], t);
-            let s = m[i];
-            if (s > 0.0 && x > 0.0) || (s < 0.0 && x < 0.0) {
-                total[i] += x;
-                count[i] += 1.0;
-            }
+        for (((c, acc), &s), &x) in count
+            .iter_mut()
+            .zip(total.iter_mut())
+            .zip(&m[..n])
+            .zip(&d[..n])
+        {
+            let x = trim(x, t);
+            // Non-short-circuit operators and arithmetic selects: no data-dependent branches.
+            let keep = f32::from(u8::from(((s > 0.0) & (x > 0.0)) | ((s < 0.0) & (x < 0.0))));
+            *acc += keep * x;
+            *c += keep;
         }
     }
-    for i in 0..n {
-        m[i] = total[i] / count[i].max(1.0);
+    for ((v, &acc), &c) in m[..n].iter_mut().zip(total.iter()).zip(count.iter()) {
+        *v = acc / c.max(1.0);
     }
 }
 
@@ -110,8 +113,8 @@ mod tests {
             thr: vec![2.0, 2.0],
             majority: 1.0,
         };
-        let (mut m, mut c) = ([0.0; 4], [0.0; 4]);
-        merge(&d, &stats, 4, &mut m, &mut c);
+        let (mut m, mut c, mut t) = ([0.0; 4], [0.0; 4], [0.0; 4]);
+        merge(&d, &stats, 4, &mut m, &mut c, &mut t);
         // [3,-4] → sign −1 → −4; [0,5] → 5; [2,2] → 2; [−2,2] → sum 0 → majority +1 → 2.
         assert_eq!(m, [-4.0, 5.0, 2.0, 2.0]);
     }
