@@ -36,6 +36,8 @@ class WeaveIOError(WeaveError): ...
 class CancelledError(WeaveError): ...
 
 _Params = dict[str, float | bool | str]
+# method, params, mode, lam, lambdas, pool, include_deltas, seed, threads, chunk_size, out_dtype
+_Job = dict[str, Any]
 _Progress = Callable[[int, int], object]
 _Entry = tuple[str, str, Sequence[int], Any]
 
@@ -43,18 +45,8 @@ def merge_files(
     base: str,
     models: Sequence[str],
     out: str,
+    job: _Job,
     *,
-    method: str,
-    params: _Params | None = None,
-    mode: str = "merge",
-    lam: float | None = None,
-    lambdas: Sequence[float] | None = None,
-    pool: str = "mean",
-    include_deltas: bool = True,
-    seed: int = 0,
-    threads: int | None = None,
-    chunk_size: int | None = None,
-    out_dtype: str | None = None,
     shard_size: int | None = None,
     progress: _Progress | None = None,
 ) -> dict[str, Any]: ...
@@ -63,34 +55,14 @@ def default_lam(method: str) -> float: ...
 def default_lambdas(method: str) -> list[float] | None: ...
 def read_floor(paths: Sequence[str], threads: int | None = None) -> tuple[int, int]: ...
 def plan_buffers(
-    base: Sequence[_Entry],
-    models: Sequence[Sequence[_Entry]],
-    *,
-    method: str,
-    params: _Params | None = None,
-    mode: str = "merge",
-    lam: float | None = None,
-    lambdas: Sequence[float] | None = None,
-    pool: str = "mean",
-    include_deltas: bool = True,
-    out_dtype: str | None = None,
+    base: Sequence[_Entry], models: Sequence[Sequence[_Entry]], job: _Job
 ) -> list[tuple[str, str, list[int]]]: ...
 def merge_buffers(
     base: Sequence[_Entry],
     models: Sequence[Sequence[_Entry]],
     outputs: Sequence[tuple[str, Any]],
+    job: _Job,
     *,
-    method: str,
-    params: _Params | None = None,
-    mode: str = "merge",
-    lam: float | None = None,
-    lambdas: Sequence[float] | None = None,
-    pool: str = "mean",
-    include_deltas: bool = True,
-    seed: int = 0,
-    threads: int | None = None,
-    chunk_size: int | None = None,
-    out_dtype: str | None = None,
     progress: _Progress | None = None,
     given: Sequence[tuple[str, Any]] | None = None,
 ) -> None: ...
@@ -106,23 +78,7 @@ class Session:
     """A merge whose 2-D tensors' M is computed by the caller (the torch backend)."""
 
     def __new__(
-        cls,
-        base: str,
-        models: Sequence[str],
-        out: str,
-        *,
-        method: str,
-        params: _Params | None = None,
-        mode: str = "merge",
-        lam: float | None = None,
-        lambdas: Sequence[float] | None = None,
-        pool: str = "mean",
-        include_deltas: bool = True,
-        seed: int = 0,
-        threads: int | None = None,
-        chunk_size: int | None = None,
-        out_dtype: str | None = None,
-        shard_size: int | None = None,
+        cls, base: str, models: Sequence[str], out: str, job: _Job, *, shard_size: int | None = None
     ) -> Session: ...
     def tensors(self) -> list[tuple[str, str, list[int], bool]]: ...
     def inputs(self, i: int) -> tuple[tuple[str, TensorBuffer], list[tuple[str, TensorBuffer]]]: ...

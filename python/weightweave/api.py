@@ -99,13 +99,29 @@ def _models(models: object) -> list[Any]:
     return out
 
 
-def _common(seed: int, threads: int | None, chunk_size: int | None) -> dict[str, Any]:
+def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None = None,
+         lambdas: Sequence[float] | str | None = None, pool: str = "mean", include_deltas: bool = True,
+         seed: int = 0, threads: int | None = None, chunk_size: int | None = None,
+         out_dtype: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The recipe and run options, validated, as the one mapping every Rust entry point takes."""
     for name, v in (("threads", threads), ("chunk_size", chunk_size)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ParamError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ParamError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return {"seed": seed, "threads": threads, "chunk_size": chunk_size}
+    return {
+        "method": _method(method),
+        "params": params,
+        "mode": mode,
+        "lam": lam,
+        "lambdas": None if lambdas is None else parse_lambdas(lambdas),
+        "pool": pool,
+        "include_deltas": bool(include_deltas),
+        "seed": seed,
+        "threads": threads,
+        "chunk_size": chunk_size,
+        "out_dtype": out_dtype,
+    }
 
 
 def _report(d: dict[str, Any]) -> Report:
@@ -127,16 +143,13 @@ def _backend():
     return torch_backend
 
 
-def _run_files(base, models, out, method: str, params: dict[str, Any], kw: dict[str, Any]) -> Report:
-    method = _method(method)
+def _run_files(base, models, out, job: dict[str, Any], shard_size: int | None, progress) -> Report:
     args = (os.fspath(base), [os.fspath(m) for m in _models(models)], os.fspath(out))
-    svd = _svd_options(method, params)
-    if method in SVD_METHODS:
-        backend = _backend()
-        progress = kw.pop("progress")
-        sess = _rust.Session(*args, method=method, params=params, **kw)
-        return _report(backend.run_session(sess, method, progress=progress, **svd))
-    return _report(_rust.merge_files(*args, method=method, params=params, **kw))
+    svd = _svd_options(job["method"], job["params"])
+    if job["method"] in SVD_METHODS:
+        sess = _rust.Session(*args, job, shard_size=shard_size)
+        return _report(_backend().run_session(sess, job["method"], progress=progress, **svd))
+    return _report(_rust.merge_files(*args, job, shard_size=shard_size, progress=progress))
 
 
 def merge(
@@ -182,21 +195,9 @@ def merge(
         WeaveError: any problem with the inputs, parameters or output (subclasses name it);
             nothing is left at ``out`` when it is raised.
     """
-    return _run_files(
-        base,
-        models,
-        out,
-        method,
-        params,
-        dict(
-            mode="merge",
-            lam=lam,
-            out_dtype=out_dtype,
-            shard_size=shard_size,
-            progress=progress,
-            **_common(seed, threads, chunk_size),
-        ),
-    )
+    job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
+               out_dtype=out_dtype)  # fmt: skip
+    return _run_files(base, models, out, job, shard_size, progress)
 
 
 def weave(
@@ -231,23 +232,9 @@ def weave(
     Raises:
         WeaveError: as in :func:`merge`.
     """
-    return _run_files(
-        base,
-        models,
-        out,
-        method,
-        params,
-        dict(
-            mode="weave",
-            lambdas=None if lambdas is None else parse_lambdas(lambdas),
-            pool=pool,
-            include_deltas=bool(include_deltas),
-            out_dtype=out_dtype,
-            shard_size=shard_size,
-            progress=progress,
-            **_common(seed, threads, chunk_size),
-        ),
-    )
+    job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
+               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype)  # fmt: skip
+    return _run_files(base, models, out, job, shard_size, progress)
 
 
 def inspect(path: PathLike) -> dict[str, Any]:
@@ -300,32 +287,32 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
     return out
 
 
-def _run_arrays(base, models, mode: str, kw: dict[str, Any]) -> dict[str, Any]:
+def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
     # numpy only here: importing it starts BLAS threads that would compete with file merges.
     import numpy as np
 
     models = _models(models)
-    svd = _svd_options(kw["method"], kw["params"])
+    svd = _svd_options(job["method"], job["params"])
     as_torch = any(_is_torch(v) for v in base.values())
     b = _entries(base, "base")
     ms = [_entries(m, f"models[{i}]") for i, m in enumerate(models)]
-    plan_kw = {k: kw[k] for k in ("method", "params", "lam", "lambdas", "pool", "include_deltas", "out_dtype")}
-    plan = _rust.plan_buffers(b, ms, mode=mode, **plan_kw)
+    plan = _rust.plan_buffers(b, ms, job)
     outputs = {}
     for name, dt, shape in plan:
         storage = np.uint16 if dt == "BF16" else np.dtype(_ST_TO_NP[dt])
         outputs[name] = (dt, np.empty(shape, dtype=storage))
     given = None
-    if kw["method"] in SVD_METHODS:
+    if job["method"] in SVD_METHODS:
         import torch
 
         def as_torch(sd: Mapping[str, Any]) -> dict[str, Any]:
             return {k: v if _is_torch(v) else torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
 
         ms_t = [as_torch(m) for m in models]
-        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, kw["method"], **svd)
+        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], **svd)
         given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
-    _rust.merge_buffers(b, ms, [(n, a.reshape(-1)) for n, (_, a) in outputs.items()], mode=mode, given=given, **kw)
+    flat_outputs = [(n, a.reshape(-1)) for n, (_, a) in outputs.items()]
+    _rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given)
     if as_torch:
         import torch
 
@@ -364,18 +351,9 @@ def merge_arrays(
     Returns the same kind it was given (torch tensors on CPU, or numpy arrays), computed by the
     same Rust engine with the inputs shared zero-copy where their layout allows.
     """
-    kw = dict(
-        method=_method(method),
-        params=params,
-        lam=lam,
-        lambdas=None,
-        pool="mean",
-        include_deltas=True,
-        out_dtype=out_dtype,
-        progress=progress,
-        **_common(seed, threads, chunk_size),
-    )
-    return _run_arrays(base, models, "merge", kw)
+    job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
+               out_dtype=out_dtype)  # fmt: skip
+    return _run_arrays(base, models, job, progress)
 
 
 def weave_arrays(
@@ -394,15 +372,6 @@ def weave_arrays(
     **params: float | bool | str,
 ) -> dict[str, Any]:
     """:func:`weave` on in-memory state dicts of numpy arrays or torch tensors."""
-    kw = dict(
-        method=_method(method),
-        params=params,
-        lam=None,
-        lambdas=None if lambdas is None else parse_lambdas(lambdas),
-        pool=pool,
-        include_deltas=bool(include_deltas),
-        out_dtype=out_dtype,
-        progress=progress,
-        **_common(seed, threads, chunk_size),
-    )
-    return _run_arrays(base, models, "weave", kw)
+    job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
+               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype)  # fmt: skip
+    return _run_arrays(base, models, job, progress)

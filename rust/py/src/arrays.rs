@@ -83,35 +83,13 @@ fn inputs(base: Vec<Entry<'_>>, models: Vec<Vec<Entry<'_>>>) -> PyResult<(Owned,
 
 /// Validates in-memory models; returns (name, out dtype, shape) of every output tensor.
 #[pyfunction]
-#[pyo3(signature = (base, models, *, method, params=None, mode="merge", lam=None, lambdas=None,
-    pool="mean", include_deltas=true, out_dtype=None))]
-#[allow(clippy::too_many_arguments)]
 pub fn plan_buffers<'py>(
     py: Python<'py>,
     base: Vec<Entry<'py>>,
     models: Vec<Vec<Entry<'py>>>,
-    method: String,
-    params: Option<&Bound<'py, PyDict>>,
-    mode: &str,
-    lam: Option<f64>,
-    lambdas: Option<Vec<f64>>,
-    pool: &str,
-    include_deltas: bool,
-    out_dtype: Option<String>,
+    job: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let job = convert::job(
-        method,
-        params,
-        mode,
-        lam,
-        lambdas,
-        pool,
-        include_deltas,
-        0,
-        None,
-        None,
-        out_dtype,
-    )?;
+    let job = convert::job(job)?;
     let (b, ms) = inputs(base, models)?;
     let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
     let plan = plan_views(&b.view(), &views, &job).map_err(PyWeaveErr)?;
@@ -141,43 +119,19 @@ impl Sink for MemSink {
 }
 
 /// Merges in-memory models into caller-allocated output buffers (name → writable buffer).
+/// `given`: for the SVD methods, name → float32 buffer of that tensor's M.
 #[pyfunction]
-#[pyo3(signature = (base, models, outputs, *, method, params=None, mode="merge", lam=None, lambdas=None,
-    pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
-    progress=None, given=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (base, models, outputs, job, *, progress=None, given=None))]
 pub fn merge_buffers<'py>(
     py: Python<'py>,
     base: Vec<Entry<'py>>,
     models: Vec<Vec<Entry<'py>>>,
     outputs: Vec<(String, Bound<'py, PyAny>)>,
-    method: String,
-    params: Option<&Bound<'py, PyDict>>,
-    mode: &str,
-    lam: Option<f64>,
-    lambdas: Option<Vec<f64>>,
-    pool: &str,
-    include_deltas: bool,
-    seed: u64,
-    threads: Option<usize>,
-    chunk_size: Option<usize>,
-    out_dtype: Option<String>,
+    job: &Bound<'py, PyDict>,
     progress: Option<Py<PyAny>>,
     given: Option<Vec<(String, Bound<'py, PyAny>)>>,
 ) -> PyResult<()> {
-    let job = convert::job(
-        method,
-        params,
-        mode,
-        lam,
-        lambdas,
-        pool,
-        include_deltas,
-        seed,
-        threads,
-        chunk_size,
-        out_dtype,
-    )?;
+    let job = convert::job(job)?;
     let (b, ms) = inputs(base, models)?;
     let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
     let base_view = b.view();

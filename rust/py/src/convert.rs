@@ -1,4 +1,5 @@
-//! Python arguments → owned core values, done before the GIL is released.
+//! Python arguments → owned core values, done before the GIL is released. Every entry point
+//! takes the recipe and run options as one `job` mapping, parsed here and only here.
 
 use std::collections::BTreeMap;
 
@@ -24,35 +25,43 @@ fn param(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Param> {
     }
 }
 
-/// The keyword arguments shared by every merge entry point.
-#[allow(clippy::too_many_arguments)]
-pub fn job(
-    method: String,
-    params: Option<&Bound<'_, PyDict>>,
-    mode: &str,
-    lam: Option<f64>,
-    lambdas: Option<Vec<f64>>,
-    pool: &str,
-    include_deltas: bool,
-    seed: u64,
-    threads: Option<usize>,
-    chunk_size: Option<usize>,
-    out_dtype: Option<String>,
-) -> PyResult<Job> {
-    let mut ps = BTreeMap::new();
-    if let Some(d) = params {
-        for (k, v) in d.iter() {
-            let k: String = k.extract()?;
-            let p = param(&k, &v)?;
-            ps.insert(k, p);
+/// The value of `key`, or `default` when the key is absent or None.
+fn item<'py, T>(d: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T>
+where
+    T: for<'a> FromPyObject<'a, 'py>,
+    for<'a> <T as FromPyObject<'a, 'py>>::Error: Into<PyErr>,
+{
+    match d.get_item(key)? {
+        Some(v) if !v.is_none() => v.extract::<T>().map_err(|e| {
+            let e: PyErr = e.into();
+            ParamError::new_err(format!("{key}: {e}"))
+        }),
+        _ => Ok(default),
+    }
+}
+
+/// Parses the `job` mapping: method, params, mode ("merge" | "weave"), lam, lambdas, pool,
+/// include_deltas, seed, threads, chunk_size, out_dtype.
+pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
+    let method: String = item(d, "method", String::new())?;
+    let mut params = BTreeMap::new();
+    if let Some(p) = d.get_item("params")? {
+        if !p.is_none() {
+            for (k, v) in p.cast::<PyDict>()?.iter() {
+                let k: String = k.extract()?;
+                let v = param(&k, &v)?;
+                params.insert(k, v);
+            }
         }
     }
-    let mode = match mode {
-        "merge" => Mode::Merge { lam },
+    let mode = match item(d, "mode", "merge".to_owned())?.as_str() {
+        "merge" => Mode::Merge {
+            lam: item(d, "lam", None)?,
+        },
         "weave" => Mode::Weave {
-            lambdas,
-            pool: pool.to_owned(),
-            include_deltas,
+            lambdas: item(d, "lambdas", None)?,
+            pool: item(d, "pool", "mean".to_owned())?,
+            include_deltas: item(d, "include_deltas", true)?,
         },
         other => {
             return Err(ParamError::new_err(format!(
@@ -62,11 +71,11 @@ pub fn job(
     };
     Ok(Job {
         method,
-        params: ps,
+        params,
         mode,
-        seed,
-        threads,
-        chunk_size,
-        out_dtype,
+        seed: item(d, "seed", 0)?,
+        threads: item(d, "threads", None)?,
+        chunk_size: item(d, "chunk_size", None)?,
+        out_dtype: item(d, "out_dtype", None)?,
     })
 }

@@ -12,42 +12,17 @@ use crate::progress::run_detached;
 
 /// Merges or weaves checkpoints on disk. See `weightweave.merge` / `weightweave.weave`.
 #[pyfunction]
-#[pyo3(signature = (base, models, out, *, method, params=None, mode="merge", lam=None, lambdas=None,
-    pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
-    shard_size=None, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (base, models, out, job, *, shard_size=None, progress=None))]
 pub fn merge_files<'py>(
     py: Python<'py>,
     base: PathBuf,
     models: Vec<PathBuf>,
     out: PathBuf,
-    method: String,
-    params: Option<&Bound<'py, PyDict>>,
-    mode: &str,
-    lam: Option<f64>,
-    lambdas: Option<Vec<f64>>,
-    pool: &str,
-    include_deltas: bool,
-    seed: u64,
-    threads: Option<usize>,
-    chunk_size: Option<usize>,
-    out_dtype: Option<String>,
+    job: &Bound<'py, PyDict>,
     shard_size: Option<u64>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let job = convert::job(
-        method,
-        params,
-        mode,
-        lam,
-        lambdas,
-        pool,
-        include_deltas,
-        seed,
-        threads,
-        chunk_size,
-        out_dtype,
-    )?;
+    let job = convert::job(job)?;
     let report = run_detached(py, progress, |report, cancel| {
         run_files(&base, &models, &out, shard_size, &job, report, cancel)
     })?;

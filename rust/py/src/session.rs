@@ -100,41 +100,16 @@ impl Session {
 #[pymethods]
 impl Session {
     #[new]
-    #[pyo3(signature = (base, models, out, *, method, params=None, mode="merge", lam=None, lambdas=None,
-        pool="mean", include_deltas=true, seed=0, threads=None, chunk_size=None, out_dtype=None,
-        shard_size=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (base, models, out, job, *, shard_size=None))]
     fn new(
         py: Python<'_>,
         base: PathBuf,
         models: Vec<PathBuf>,
         out: PathBuf,
-        method: String,
-        params: Option<&Bound<'_, PyDict>>,
-        mode: &str,
-        lam: Option<f64>,
-        lambdas: Option<Vec<f64>>,
-        pool: &str,
-        include_deltas: bool,
-        seed: u64,
-        threads: Option<usize>,
-        chunk_size: Option<usize>,
-        out_dtype: Option<String>,
+        job: &Bound<'_, PyDict>,
         shard_size: Option<u64>,
     ) -> PyResult<Session> {
-        let job = convert::job(
-            method,
-            params,
-            mode,
-            lam,
-            lambdas,
-            pool,
-            include_deltas,
-            seed,
-            threads,
-            chunk_size,
-            out_dtype,
-        )?;
+        let job = convert::job(job)?;
         if !job.recipe().map_err(PyWeaveErr)?.method.is_external() {
             return Err(ParamError::new_err(format!(
                 "method '{}' does not take M from outside",
