@@ -121,7 +121,8 @@ def _plot(out: Path, rows: list[dict], sizes: list[float]) -> None:
             continue
         if r["tool"] == "weightweave" and r["mode"] not in ("merge", "mean"):
             continue
-        labels.append(f"{r['tool'].replace('weightweave', 'ww')} {r['method']} {r['mode']}")
+        scope = " (per tensor)" if "scope=tensor" in r.get("note", "") else ""
+        labels.append(f"{r['tool'].replace('weightweave', 'ww')} {r['method']} {r['mode']}{scope}")
         values.append(r["seconds"] / cat["seconds"])
         colors.append({"weightweave": "tab:blue", "pure torch": "tab:orange", "mergekit": "tab:green"}[r["tool"]])
     ax1.barh(labels, values, color=colors)
