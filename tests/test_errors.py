@@ -181,3 +181,15 @@ def test_every_error_is_a_weave_error():
         ww.CancelledError,
     ):
         assert issubclass(cls, ww.WeaveError)
+
+
+@pytest.mark.parametrize(("out_dtype", "value"), [("f16", 70000.0), ("bf16", 3.40e38)])
+def test_output_overflow_is_an_error(tmp_path, out_dtype, value):
+    base = {"w": torch.full((8,), value / 2), "v": torch.zeros(3)}
+    models = [{"w": torch.full((8,), value), "v": torch.zeros(3)}]
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ww.OutputError, match="'w'.*overflow"):
+        ww.merge(bp, mps, out, method="task_arithmetic", lam=1.0, out_dtype=out_dtype)
+    assert not out.exists()
+    ww.merge(bp, mps, out, method="task_arithmetic", lam=1.0, out_dtype="f32")  # fits in f32

@@ -78,6 +78,15 @@ impl DType {
         }
     }
 
+    /// Magnitude from which an f32 rounds to infinity in this dtype (round to nearest even).
+    pub fn overflow_at(self) -> f32 {
+        match self {
+            DType::F16 => 65_520.0,
+            DType::BF16 => f32::from_bits(0x7F7F_8000),
+            _ => f32::INFINITY,
+        }
+    }
+
     /// Whether tensors of this dtype are merged (the rest are copied from the base).
     pub fn is_mergeable(self) -> bool {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)

@@ -53,6 +53,9 @@ pub enum Error {
         index: usize,
         value: f32,
     },
+    /// A merged value does not fit the output dtype (it would be written as infinity).
+    #[error("tensor '{tensor}': merged values overflow {dtype}; choose a wider out_dtype")]
+    Overflow { tensor: String, dtype: &'static str },
     /// A method name the core does not implement.
     #[error("unknown method '{name}' (known: {known})")]
     UnknownMethod { name: String, known: &'static str },

@@ -617,6 +617,13 @@ impl<'a> Engine<'a> {
             &stream,
             c.start as u64,
         );
+        let limit = t.out_dtype.overflow_at();
+        if !out[..n].iter().fold(true, |ok, v| ok & (v.abs() < limit)) {
+            return Err(Error::Overflow {
+                tensor: t.name.clone(),
+                dtype: t.out_dtype.name(),
+            });
+        }
         let size = t.out_dtype.size();
         bytes.resize(n * size, 0);
         encode(t.out_dtype, &out[..n], bytes);

@@ -74,7 +74,9 @@ impl From<PyWeaveErr> for PyErr {
             | Error::DtypeMismatch { .. } => MismatchError::new_err(msg),
             Error::NonFinite { .. } => NonFiniteError::new_err(msg),
             Error::UnknownMethod { .. } | Error::InvalidParam { .. } => ParamError::new_err(msg),
-            Error::OutputIsInput { .. } | Error::BadOutput { .. } => OutputError::new_err(msg),
+            Error::OutputIsInput { .. } | Error::BadOutput { .. } | Error::Overflow { .. } => {
+                OutputError::new_err(msg)
+            }
             Error::Io { .. } => WeaveIOError::new_err(msg),
             Error::Cancelled => CancelledError::new_err(msg),
         }
