@@ -17,7 +17,7 @@ use crate::plan::{Chunk, TensorPlan};
 use crate::pool::{self, Combine};
 use crate::reader::{ModelView, TensorRef};
 use crate::rng::{Stream, POOL_STREAM};
-use crate::select::{key, Buckets, Hist, Request, Windowed, Windows};
+use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
 /// Where finished chunks go: a file writer or caller-owned memory.
 pub trait Sink: Sync {
@@ -417,6 +417,13 @@ impl<'a> Engine<'a> {
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             eprintln!("sample: {:.2}s", t0.elapsed().as_secs_f64());
         }
+        if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
+            // Small scopes are sampled whole: the sorted sample is the data.
+            return Ok(requests
+                .iter()
+                .map(|r| unkey(samples[r.row][r.rank as usize]))
+                .collect());
+        }
         let windows = Windows::from_sample(requests.clone(), &samples, total, 6.0);
         drop(samples);
         let acc = self.pass(
@@ -443,7 +450,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
-    /// (at least 2^18 elements; everything when the scope is small).
+    /// (at least 2^15 elements; everything when the scope is small).
     #[allow(clippy::type_complexity)]
     fn sample(
         &self,
@@ -453,7 +460,7 @@ impl<'a> Engine<'a> {
         rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
     ) -> Result<Vec<Vec<u32>>> {
         const RUN: u64 = 64;
-        let want = (total / 256).max(1 << 18);
+        let want = (total / 256).max(1 << 15);
         let runs = (want / RUN).max(1);
         let step = (total / runs).max(RUN);
         let mut picks = Vec::new();
