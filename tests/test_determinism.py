@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 import weightweave as ww
@@ -46,3 +51,30 @@ def test_seed_changes_random_outputs(ckpts, tmp_path, mode, method, opts):
     c = run(mode, bp, mps, tmp_path / "c.safetensors", method, seed=1, **opts)
     assert a != b
     assert a == c
+
+
+def _digest_in_subprocess(mode, bp, mps, out, method, opts, simd):
+    """Runs one merge in a fresh process, where WEIGHTWEAVE_SIMD is read once."""
+    code = (
+        "import json, sys, weightweave as ww\n"
+        "a = json.loads(sys.argv[1])\n"
+        "fn = ww.weave if a['mode'] == 'weave' else ww.merge\n"
+        "fn(a['base'], a['models'], a['out'], method=a['method'], seed=3, **a['opts'])\n"
+    )
+    args = {"mode": mode, "base": str(bp), "models": [str(m) for m in mps], "out": str(out), "method": method,
+            "opts": opts}
+    env = {**os.environ, "WEIGHTWEAVE_SIMD": simd}
+    subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, check=True)
+    return digest(out)
+
+
+EXTRA = [("weave", "task_arithmetic", {"pool": "mean"}), ("weave", "magmax", {"pool": "magmax"})]
+
+
+@pytest.mark.parametrize(("mode", "method", "opts"), CASES + EXTRA, ids=[f"{m}-{x}" for m, x, _ in CASES + EXTRA])
+def test_simd_width_does_not_change_output(ckpts, tmp_path, mode, method, opts):
+    # The AVX2 copies of the kernels must compute exactly what the baseline copies compute.
+    _, _, bp, mps = ckpts
+    wide = _digest_in_subprocess(mode, bp, mps, tmp_path / "wide.safetensors", method, opts, "auto")
+    base = _digest_in_subprocess(mode, bp, mps, tmp_path / "base.safetensors", method, opts, "baseline")
+    assert wide == base

@@ -94,6 +94,7 @@ impl DType {
 }
 
 /// Decodes `out.len()` elements of `dtype` from `bytes` into f32.
+#[inline(always)]
 pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     match dtype {
@@ -124,6 +125,7 @@ pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Encodes f32 values as `dtype`, rounding to nearest even.
+#[inline(always)]
 pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
     debug_assert_eq!(out.len(), src.len() * dtype.size());
     match dtype {
@@ -167,6 +169,7 @@ pub fn bf16_bits(v: f32) -> u16 {
 
 /// Decodes `out.len()` elements of `dtype` and subtracts `base` (the delta θ_t − θ_pre), in one
 /// pass. Returns false if any decoded value is not finite.
+#[inline(always)]
 pub fn decode_delta(dtype: DType, bytes: &[u8], base: &[f32], out: &mut [f32]) -> bool {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     let mut finite = true;
@@ -197,6 +200,7 @@ pub fn decode_delta(dtype: DType, bytes: &[u8], base: &[f32], out: &mut [f32]) -
 }
 
 /// Decodes like [`decode`] and reports whether every value is finite, in the same pass.
+#[inline(always)]
 pub fn decode_finite(dtype: DType, bytes: &[u8], out: &mut [f32]) -> bool {
     match dtype {
         DType::BF16 => {

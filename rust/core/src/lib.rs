@@ -14,6 +14,7 @@ pub mod reader;
 pub mod rng;
 pub mod select;
 pub mod session;
+pub mod simd;
 pub mod writer;
 
 use std::collections::BTreeMap;

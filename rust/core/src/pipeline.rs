@@ -227,8 +227,10 @@ impl<'a> Engine<'a> {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Err(Error::Cancelled);
                     }
-                    self.load(&mut w, c)?;
-                    f(&mut w, c, &mut acc)?;
+                    crate::simd!({
+                        let loaded = self.load(&mut w, c);
+                        loaded.and_then(|()| f(&mut w, c, &mut acc))
+                    })?;
                     if report {
                         let size = self.plan[c.tensor].base_dtype.size() as u64;
                         let bytes = c.len as u64 * size * (self.tasks() as u64 + 1);
@@ -243,6 +245,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Decodes the chunk of the base and of every model and forms the deltas (and DARE's).
+    #[inline(always)]
     fn load(&self, w: &mut Work, c: &Chunk) -> Result<()> {
         let n = c.len;
         let t = &self.plan[c.tensor];
@@ -326,9 +329,7 @@ impl<'a> Engine<'a> {
                 self.select(chunks, tasks, requests, &|w: &mut Work, n, emit| {
                     let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
                     for (t, d) in deltas.iter().enumerate() {
-                        for (s, x) in w.scratch[..n].iter_mut().zip(&d[..n]) {
-                            *s = x.abs();
-                        }
+                        crate::simd!(abs_into(&d[..n], &mut w.scratch[..n]));
                         emit(t, &w.scratch[..n]);
                     }
                 })?
@@ -337,6 +338,7 @@ impl<'a> Engine<'a> {
         let count = self.pass(
             chunks,
             || 0i64,
+            #[inline(always)]
             |w, c, acc| {
                 let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
                 *acc += ties::sign_count(deltas, &thr, c.len, &mut w.scratch);
@@ -371,9 +373,7 @@ impl<'a> Engine<'a> {
             pairs(pcb::clamp_ranks(d, lo, hi)),
             &|w: &mut Work, n, emit| {
                 for (t, x) in w.raw.iter().enumerate() {
-                    for (s, v) in w.scratch[..n].iter_mut().zip(&x[..n]) {
-                        *s = v.abs();
-                    }
+                    crate::simd!(abs_into(&x[..n], &mut w.scratch[..n]));
                     emit(t, &w.scratch[..n]);
                 }
             },
@@ -388,7 +388,7 @@ impl<'a> Engine<'a> {
                 for s in &mut w.scores {
                     s.resize(n, 0.0);
                 }
-                pcb::scores(&w.raw, n, &abs, &mut w.scores, &mut w.signed);
+                crate::simd!(pcb::scores(&w.raw, n, &abs, &mut w.scores, &mut w.signed));
                 for (t, s) in w.scores.iter().enumerate() {
                     emit(t, &s[..n]);
                 }
@@ -429,8 +429,11 @@ impl<'a> Engine<'a> {
         let acc = self.pass(
             chunks,
             || windows.acc(),
+            #[inline(always)]
             |w, c, a| {
-                rows(w, c.len, &mut |row, v| a.count(&windows, row, v));
+                rows(w, c.len, &mut |row, v| {
+                    crate::simd!(a.count(&windows, row, v))
+                });
                 Ok(())
             },
             Windowed::merge,
@@ -514,8 +517,9 @@ impl<'a> Engine<'a> {
         let high = self.pass(
             chunks,
             || Hist::new(n_rows),
+            #[inline(always)]
             |w, c, h| {
-                rows(w, c.len, &mut |row, v| h.count_high(row, v));
+                rows(w, c.len, &mut |row, v| crate::simd!(h.count_high(row, v)));
                 Ok(())
             },
             Hist::merge,
@@ -525,8 +529,11 @@ impl<'a> Engine<'a> {
         let low = self.pass(
             chunks,
             || found.low_hist(),
+            #[inline(always)]
             |w, c, h| {
-                rows(w, c.len, &mut |row, v| h.count_low(&found, row, v));
+                rows(w, c.len, &mut |row, v| {
+                    crate::simd!(h.count_low(&found, row, v))
+                });
                 Ok(())
             },
             Hist::merge,
@@ -544,6 +551,7 @@ impl<'a> Engine<'a> {
         self.pass(
             merge,
             || (),
+            #[inline(always)]
             |w, c, _| self.output_chunk(w, c, stats, sink),
             |_, _| (),
         )?;
@@ -559,6 +567,7 @@ impl<'a> Engine<'a> {
         })
     }
 
+    #[inline(always)]
     fn output_chunk(&self, w: &mut Work, c: &Chunk, stats: &Stats, sink: &dyn Sink) -> Result<()> {
         let n = c.len;
         let t = &self.plan[c.tensor];
@@ -635,6 +644,13 @@ impl<'a> Engine<'a> {
         bytes.resize(n * size, 0);
         encode(t.out_dtype, &out[..n], bytes);
         sink.write(c.tensor, c.start * size, bytes)
+    }
+}
+
+#[inline(always)]
+fn abs_into(src: &[f32], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.abs();
     }
 }
 

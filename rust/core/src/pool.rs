@@ -71,6 +71,7 @@ impl Combine {
 /// merged task vector; `first` is the element index of the chunk's start within its tensor.
 /// `m_is_sum`: M equals Σ_t raw τ_t (task arithmetic), which the mean pool then reuses.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub fn apply(
     combine: &Combine,
     raw: &[Vec<f32>],
@@ -139,6 +140,7 @@ pub fn apply(
 }
 
 /// P = (Σ_t τ_t + (Σ_i λ_i)·M) / N.
+#[inline(always)]
 fn mean(
     deltas: &[Vec<f32>],
     lambdas: &[f32],

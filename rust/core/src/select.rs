@@ -54,6 +54,7 @@ impl Hist {
     }
 
     /// Pass one: counts the high halves of the keys of `values` into histogram `row`.
+    #[inline(always)]
     pub fn count_high(&mut self, row: usize, values: &[f32]) {
         let h = &mut self.bins[row * BINS..(row + 1) * BINS];
         for &v in values {
@@ -62,6 +63,7 @@ impl Hist {
     }
 
     /// Pass two: for every request on `row`, counts the low halves of keys in its bucket.
+    #[inline(always)]
     pub fn count_low(&mut self, found: &Buckets, row: usize, values: &[f32]) {
         for (i, (req, &(bucket, _))) in found.requests.iter().zip(&found.buckets).enumerate() {
             if req.row != row {
@@ -241,6 +243,7 @@ pub struct Windowed {
 }
 
 impl Windowed {
+    #[inline(always)]
     pub fn count(&mut self, w: &Windows, row: usize, values: &[f32]) {
         if self.overflow {
             return;

@@ -6,6 +6,7 @@ use super::DareParams;
 use crate::rng::Stream;
 
 /// M = Σ_t τ_t, summed in task order.
+#[inline(always)]
 pub fn sum(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     m[..n].fill(0.0);
     for d in deltas {
@@ -16,6 +17,7 @@ pub fn sum(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
 }
 
 /// M = mean_t τ_t (the SVD methods' rule for tensors that are not 2-D).
+#[inline(always)]
 pub fn mean(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     sum(deltas, n, m);
     let t = deltas.len() as f32;
@@ -25,6 +27,7 @@ pub fn mean(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
 }
 
 /// M = the τ_t of largest |τ_t| per element; ties go to the later task.
+#[inline(always)]
 pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     m[..n].fill(0.0);
     for d in deltas {
@@ -37,6 +40,7 @@ pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
 
 /// dare(τ) = τ ⊙ mask / density (or τ ⊙ mask without rescale); `first` is the element index of
 /// `raw[0]` within its tensor, so the mask does not depend on chunking.
+#[inline(always)]
 pub fn dare(raw: &[f32], out: &mut [f32], stream: &Stream, first: u64, p: DareParams) {
     let density = p.density as f32;
     for (i, (o, &x)) in out.iter_mut().zip(raw).enumerate() {

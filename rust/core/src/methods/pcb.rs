@@ -50,6 +50,7 @@ fn sign(x: f32) -> f32 {
 /// B_t = exp(T·norm(A_t)²) · Σ_j tanh(N_t N_j) for every element of the chunk, into `b`.
 /// Each symmetric pair tanh(N_t N_j) is evaluated once and added to both sums, which still
 /// accumulate in ascending j like the reference.
+#[inline(always)]
 pub fn scores(
     deltas: &[Vec<f32>],
     n: usize,
@@ -99,6 +100,7 @@ pub fn scores(
 }
 
 /// M = Σ_t S_t ⊙ Xc_t / max(Σ_t S_t, 1e-12), with S_t = norm(clamp(B_t)).
+#[inline(always)]
 pub fn merge(
     deltas: &[Vec<f32>],
     n: usize,

@@ -26,6 +26,7 @@ fn trim(x: f32, thr: f32) -> f32 {
 }
 
 /// Σ_t trimmed_t into `s`.
+#[inline(always)]
 fn trimmed_sum(deltas: &[Vec<f32>], thr: &[f32], n: usize, s: &mut [f32]) {
     s[..n].fill(0.0);
     for (d, &t) in deltas.iter().zip(thr) {
@@ -42,12 +43,14 @@ fn sign(x: f32) -> f32 {
 }
 
 /// Σ over the chunk of sign(Σ_t trimmed_t), for the majority sign.
+#[inline(always)]
 pub fn sign_count(deltas: &[Vec<f32>], thr: &[f32], n: usize, scratch: &mut [f32]) -> i64 {
     trimmed_sum(deltas, thr, n, scratch);
     scratch[..n].iter().map(|&v| sign(v) as i64).sum()
 }
 
 /// The merged task vector of one chunk; `count` and `total` are chunk-sized scratch.
+#[inline(always)]
 pub fn merge(
     deltas: &[Vec<f32>],
     stats: &TiesStats,
