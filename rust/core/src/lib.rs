@@ -15,6 +15,7 @@ pub mod rng;
 pub mod select;
 pub mod session;
 pub mod simd;
+mod stats;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Elements per chunk when the caller gives none: small enough that (T+4) f32 buffers per worker
 /// stay in the low megabytes, large enough to amortize per-chunk overhead.
 pub const DEFAULT_CHUNK: usize = 1 << 18;
+
+/// The largest chunk accepted.
+pub const MAX_CHUNK: usize = 1 << 30;
 
 /// Plain merge or Weight Weaving, as the caller asked (defaults not yet applied).
 #[derive(Clone, Debug, PartialEq)]
@@ -121,6 +125,13 @@ impl Job {
         };
         if self.chunk_size == Some(0) {
             return Err(Error::param("chunk_size", "must be positive"));
+        }
+        // Kernels count within a chunk in u32.
+        if self.chunk_size.is_some_and(|c| c > MAX_CHUNK) {
+            return Err(Error::param(
+                "chunk_size",
+                format!("at most {MAX_CHUNK} elements"),
+            ));
         }
         if self.threads == Some(0) {
             return Err(Error::param("threads", "must be positive"));

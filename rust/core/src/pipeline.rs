@@ -12,12 +12,11 @@ use crate::dtype::{decode, decode_delta, decode_finite, encode, first_non_finite
 use crate::error::{Error, Result};
 use crate::methods::pcb::{self, Clamp};
 use crate::methods::ties::{self, TiesStats};
-use crate::methods::{breadcrumbs, elementwise, int_frac, Method, Scope};
+use crate::methods::{breadcrumbs, elementwise, Method, Scope};
 use crate::plan::{Chunk, TensorPlan};
 use crate::pool::{self, Combine};
 use crate::reader::{ModelView, TensorRef};
 use crate::rng::{Stream, POOL_STREAM};
-use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
 /// Where finished chunks go: a file writer or caller-owned memory.
 pub trait Sink: Sync {
@@ -49,39 +48,39 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
 /// Per-worker buffers, reused from chunk to chunk.
 #[derive(Default)]
-struct Work {
-    base: Vec<f32>,
-    raw: Vec<Vec<f32>>,
-    dared: Vec<Vec<f32>>,
-    m: Vec<f32>,
-    scratch: Vec<f32>,
-    out: Vec<f32>,
-    bytes: Vec<u8>,
-    keys: Vec<u64>,
-    scores: Vec<Vec<f32>>,
-    signed: Vec<f32>,
+pub(crate) struct Work {
+    pub(crate) base: Vec<f32>,
+    pub(crate) raw: Vec<Vec<f32>>,
+    pub(crate) dared: Vec<Vec<f32>>,
+    pub(crate) m: Vec<f32>,
+    pub(crate) scratch: Vec<f32>,
+    pub(crate) out: Vec<f32>,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) keys: Vec<u64>,
+    pub(crate) scores: Vec<Vec<f32>>,
+    pub(crate) signed: Vec<f32>,
 }
 
 /// The statistics the output pass needs.
 #[derive(Default)]
-struct Stats {
+pub(crate) struct Stats {
     /// TIES, indexed by scope (0 for global, the tensor index for per-tensor).
-    ties: Vec<Option<TiesStats>>,
+    pub(crate) ties: Vec<Option<TiesStats>>,
     /// PCB clamps of |X| and of B, per task.
-    pcb: Option<(Vec<Clamp>, Vec<Clamp>)>,
+    pub(crate) pcb: Option<(Vec<Clamp>, Vec<Clamp>)>,
 }
 
-struct Engine<'a> {
-    models: &'a [ModelView<'a>],
-    plan: &'a [TensorPlan],
-    recipe: &'a Recipe,
-    base_refs: Vec<TensorRef<'a>>,
-    model_refs: Vec<Vec<TensorRef<'a>>>,
-    done: AtomicU64,
-    total: u64,
-    progress: Progress<'a>,
-    cancel: &'a AtomicBool,
-    given: Given<'a>,
+pub(crate) struct Engine<'a> {
+    pub(crate) models: &'a [ModelView<'a>],
+    pub(crate) plan: &'a [TensorPlan],
+    pub(crate) recipe: &'a Recipe,
+    pub(crate) base_refs: Vec<TensorRef<'a>>,
+    pub(crate) model_refs: Vec<Vec<TensorRef<'a>>>,
+    pub(crate) done: AtomicU64,
+    pub(crate) total: u64,
+    pub(crate) progress: Progress<'a>,
+    pub(crate) cancel: &'a AtomicBool,
+    pub(crate) given: Given<'a>,
 }
 
 /// Runs a merge: validation already done (`plan` from [`crate::plan::validate`]).
@@ -138,7 +137,7 @@ pub fn run_chunks(
         .sum();
     // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
     let passes = match recipe.method {
-        Method::Ties(_) | Method::DareTies(..) => 3,
+        Method::Ties(_) | Method::DareTies(..) => 2,
         Method::Pcb { .. } => 3,
         _ => 1,
     };
@@ -179,12 +178,12 @@ pub fn run_chunks(
 }
 
 impl<'a> Engine<'a> {
-    fn tasks(&self) -> usize {
+    pub(crate) fn tasks(&self) -> usize {
         self.models.len()
     }
 
     /// Runs `f` on every chunk in parallel, folding per-worker accumulators with `merge`.
-    fn pass<A, I, F, R>(&self, chunks: &[Chunk], init: I, f: F, merge: R) -> Result<A>
+    pub(crate) fn pass<A, I, F, R>(&self, chunks: &[Chunk], init: I, f: F, merge: R) -> Result<A>
     where
         A: Send,
         I: Fn() -> A + Sync + Send,
@@ -195,7 +194,13 @@ impl<'a> Engine<'a> {
     }
 
     /// [`Self::pass`] without progress reports (samples are not counted in the total).
-    fn pass_quiet<A, I, F, R>(&self, chunks: &[Chunk], init: I, f: F, merge: R) -> Result<A>
+    pub(crate) fn pass_quiet<A, I, F, R>(
+        &self,
+        chunks: &[Chunk],
+        init: I,
+        f: F,
+        merge: R,
+    ) -> Result<A>
     where
         A: Send,
         I: Fn() -> A + Sync + Send,
@@ -205,7 +210,7 @@ impl<'a> Engine<'a> {
         self.pass_impl(chunks, init, f, merge, false)
     }
 
-    fn pass_impl<A, I, F, R>(
+    pub(crate) fn pass_impl<A, I, F, R>(
         &self,
         chunks: &[Chunk],
         init: I,
@@ -284,261 +289,6 @@ impl<'a> Engine<'a> {
         w.scratch.resize(n, 0.0);
         w.out.resize(n, 0.0);
         Ok(())
-    }
-
-    fn statistics(&self, merge: &[Chunk]) -> Result<Stats> {
-        let mut stats = Stats::default();
-        if let Some(p) = self.recipe.method.ties() {
-            let scopes: Vec<(usize, Vec<Chunk>)> = match p.scope {
-                Scope::Global => vec![(0, merge.to_vec())],
-                Scope::Tensor => (0..self.plan.len())
-                    .map(|i| (i, merge.iter().filter(|c| c.tensor == i).copied().collect()))
-                    .collect(),
-            };
-            let n_scopes = if p.scope == Scope::Global {
-                1
-            } else {
-                self.plan.len()
-            };
-            stats.ties = vec![None; n_scopes];
-            for (scope, chunks) in scopes {
-                let d: usize = chunks.iter().map(|c| c.len).sum();
-                if d == 0 {
-                    continue;
-                }
-                stats.ties[scope] = Some(self.ties_stats(&chunks, d, &p)?);
-            }
-        }
-        if let Method::Pcb { ratio } = self.recipe.method {
-            stats.pcb = self.pcb_stats(merge, ratio)?;
-        }
-        Ok(stats)
-    }
-
-    fn ties_stats(
-        &self,
-        chunks: &[Chunk],
-        d: usize,
-        p: &crate::methods::TiesParams,
-    ) -> Result<TiesStats> {
-        let tasks = self.tasks();
-        let thr = match ties::threshold_rank(d, p) {
-            None => vec![0.0; tasks],
-            Some(rank) => {
-                let requests = (0..tasks).map(|row| Request { row, rank }).collect();
-                self.select(chunks, tasks, requests, &|w: &mut Work, n, emit| {
-                    let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
-                    for (t, d) in deltas.iter().enumerate() {
-                        crate::simd!(abs_into(&d[..n], &mut w.scratch[..n]));
-                        emit(t, &w.scratch[..n]);
-                    }
-                })?
-            }
-        };
-        let count = self.pass(
-            chunks,
-            || 0i64,
-            #[inline(always)]
-            |w, c, acc| {
-                let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
-                *acc += ties::sign_count(deltas, &thr, c.len, &mut w.scratch);
-                Ok(())
-            },
-            |a, b| a + b,
-        )?;
-        Ok(TiesStats {
-            thr,
-            majority: count.signum() as f32,
-        })
-    }
-
-    fn pcb_stats(&self, chunks: &[Chunk], ratio: f64) -> Result<Option<(Vec<Clamp>, Vec<Clamp>)>> {
-        let d: usize = chunks.iter().map(|c| c.len).sum();
-        let tasks = self.tasks();
-        if d == 0 || tasks == 0 {
-            return Ok(None);
-        }
-        let pairs = |(a, b): (u64, u64)| -> Vec<Request> {
-            (0..tasks)
-                .flat_map(|row| [Request { row, rank: a }, Request { row, rank: b }])
-                .collect()
-        };
-        let to_clamps = |v: Vec<f32>| -> Vec<Clamp> {
-            v.chunks(2).map(|p| Clamp { a: p[0], b: p[1] }).collect()
-        };
-        let (lo, hi) = pcb::ABS_CLAMP;
-        let abs = to_clamps(self.select(
-            chunks,
-            tasks,
-            pairs(pcb::clamp_ranks(d, lo, hi)),
-            &|w: &mut Work, n, emit| {
-                for (t, x) in w.raw.iter().enumerate() {
-                    crate::simd!(abs_into(&x[..n], &mut w.scratch[..n]));
-                    emit(t, &w.scratch[..n]);
-                }
-            },
-        )?);
-        let score_ranks = (int_frac(d, 1.0 - ratio).min(d - 1) as u64, d as u64 - 1);
-        let score = to_clamps(self.select(
-            chunks,
-            tasks,
-            pairs(score_ranks),
-            &|w: &mut Work, n, emit| {
-                w.scores.resize_with(tasks, Vec::new);
-                for s in &mut w.scores {
-                    s.resize(n, 0.0);
-                }
-                crate::simd!(pcb::scores(&w.raw, n, &abs, &mut w.scores, &mut w.signed));
-                for (t, s) in w.scores.iter().enumerate() {
-                    emit(t, &s[..n]);
-                }
-            },
-        )?);
-        Ok(Some((abs, score)))
-    }
-
-    /// Exact order statistics of per-task rows produced by `rows`: one windowed pass guided by
-    /// a sample, or (when the guess misses) the two-pass radix select.
-    #[allow(clippy::type_complexity)]
-    fn select(
-        &self,
-        chunks: &[Chunk],
-        n_rows: usize,
-        requests: Vec<Request>,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
-    ) -> Result<Vec<f32>> {
-        // Tests set this to exercise the fallback, which small models would otherwise never reach.
-        if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
-            return self.radix_select(chunks, n_rows, requests, rows);
-        }
-        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let t0 = std::time::Instant::now();
-        let samples = self.sample(chunks, n_rows, total, rows)?;
-        if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
-            eprintln!("sample: {:.2}s", t0.elapsed().as_secs_f64());
-        }
-        if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
-            // Small scopes are sampled whole: the sorted sample is the data.
-            return Ok(requests
-                .iter()
-                .map(|r| unkey(samples[r.row][r.rank as usize]))
-                .collect());
-        }
-        let windows = Windows::from_sample(requests.clone(), &samples, total, 6.0);
-        drop(samples);
-        let acc = self.pass(
-            chunks,
-            || windows.acc(),
-            #[inline(always)]
-            |w, c, a| {
-                rows(w, c.len, &mut |row, v| {
-                    crate::simd!(a.count(&windows, row, v))
-                });
-                Ok(())
-            },
-            Windowed::merge,
-        )?;
-        if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
-            eprintln!(
-                "select: total {total} windows {:?} cap {} {}",
-                windows.bounds,
-                windows.cap,
-                acc.describe()
-            );
-        }
-        if let Some(v) = acc.finish(&windows) {
-            return Ok(v);
-        }
-        self.radix_select(chunks, n_rows, requests, rows)
-    }
-
-    /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
-    /// (at least 2^15 elements; everything when the scope is small).
-    #[allow(clippy::type_complexity)]
-    fn sample(
-        &self,
-        chunks: &[Chunk],
-        n_rows: usize,
-        total: u64,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
-    ) -> Result<Vec<Vec<u32>>> {
-        const RUN: u64 = 64;
-        let want = (total / 256).max(1 << 15);
-        let runs = (want / RUN).max(1);
-        let step = (total / runs).max(RUN);
-        let mut picks = Vec::new();
-        let mut offset = 0u64; // global position of the current chunk's start
-        let mut next = 0u64;
-        for c in chunks {
-            let end = offset + c.len as u64;
-            while next < end {
-                let at = next - offset;
-                let len = RUN.min(end - next) as usize;
-                picks.push(Chunk {
-                    tensor: c.tensor,
-                    start: c.start + at as usize,
-                    len,
-                });
-                next += step;
-            }
-            offset = end;
-        }
-        let mut samples = self.pass_quiet(
-            &picks,
-            || vec![Vec::new(); n_rows],
-            |w, c, acc: &mut Vec<Vec<u32>>| {
-                rows(w, c.len, &mut |row, v| {
-                    acc[row].extend(v.iter().map(|&x| key(x)))
-                });
-                Ok(())
-            },
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    x.extend(y);
-                }
-                a
-            },
-        )?;
-        for s in &mut samples {
-            s.sort_unstable();
-        }
-        Ok(samples)
-    }
-
-    /// The two-pass radix select: exact whatever the data.
-    #[allow(clippy::type_complexity)]
-    fn radix_select(
-        &self,
-        chunks: &[Chunk],
-        n_rows: usize,
-        requests: Vec<Request>,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
-    ) -> Result<Vec<f32>> {
-        let high = self.pass(
-            chunks,
-            || Hist::new(n_rows),
-            #[inline(always)]
-            |w, c, h| {
-                rows(w, c.len, &mut |row, v| crate::simd!(h.count_high(row, v)));
-                Ok(())
-            },
-            Hist::merge,
-        )?;
-        let found = Buckets::resolve(&high, requests);
-        drop(high);
-        let low = self.pass(
-            chunks,
-            || found.low_hist(),
-            #[inline(always)]
-            |w, c, h| {
-                rows(w, c.len, &mut |row, v| {
-                    crate::simd!(h.count_low(&found, row, v))
-                });
-                Ok(())
-            },
-            Hist::merge,
-        )?;
-        Ok(found.finish(&low))
     }
 
     fn output(
@@ -644,13 +394,6 @@ impl<'a> Engine<'a> {
         bytes.resize(n * size, 0);
         encode(t.out_dtype, &out[..n], bytes);
         sink.write(c.tensor, c.start * size, bytes)
-    }
-}
-
-#[inline(always)]
-fn abs_into(src: &[f32], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.abs();
     }
 }
 

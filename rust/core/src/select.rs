@@ -252,29 +252,30 @@ impl Windowed {
             if req.row != row {
                 continue;
             }
-            let mut below = 0u64;
+            // u32 counters (a chunk holds < 2^32 values) vectorize twice as wide as u64.
+            let mut below = 0u32;
             let inside = &mut self.inside[i];
             let width = hi - lo;
             if width == 0 {
-                let mut equal = 0u64;
+                let mut equal = 0u32;
                 for &v in values {
                     let k = key(v);
-                    below += u64::from(k < lo);
-                    equal += u64::from(k == lo);
+                    below += u32::from(k < lo);
+                    equal += u32::from(k == lo);
                 }
-                self.equal[i] += equal;
-                self.below[i] += below;
+                self.equal[i] += u64::from(equal);
+                self.below[i] += u64::from(below);
                 continue;
             }
             for &v in values {
                 let k = key(v);
-                below += u64::from(k < lo);
+                below += u32::from(k < lo);
                 // One unsigned compare for lo <= k <= hi: rarely true, so well predicted.
                 if k.wrapping_sub(lo) <= width {
                     inside.push(k);
                 }
             }
-            self.below[i] += below;
+            self.below[i] += u64::from(below);
             if inside.len() > w.cap {
                 self.overflow = true;
                 self.inside.iter_mut().for_each(|v| *v = Vec::new());

@@ -3,6 +3,7 @@
 //! the threshold exactly, by radix select over |τ|.
 
 use super::{int_frac, TiesParams};
+use crate::select::key;
 
 /// Statistics of one scope.
 #[derive(Clone, Debug, PartialEq)]
@@ -11,6 +12,16 @@ pub struct TiesStats {
     pub thr: Vec<f32>,
     /// sign of Σ over the scope of sign(Σ_t trimmed_t): used where an element's own sign is 0.
     pub majority: f32,
+}
+
+impl TiesStats {
+    /// `count`: Σ over the scope of sign(Σ_t trimmed_t).
+    pub fn new(thr: Vec<f32>, count: i64) -> TiesStats {
+        TiesStats {
+            thr,
+            majority: count.signum() as f32,
+        }
+    }
 }
 
 /// The 0-based rank of the threshold in |τ| sorted ascending, or None when nothing is trimmed.
@@ -60,32 +71,153 @@ pub fn merge(
     total: &mut [f32],
 ) {
     // m holds the elected sign first, then the disjoint mean. Loops are task-outer, zipped and
-    // branch-free (selects), so they vectorize.
-    trimmed_sum(deltas, &stats.thr, n, m);
-    let majority = stats.majority;
-    for s in &mut m[..n] {
-        let v = sign(*s);
-        *s = v + majority * f32::from(u8::from(v == 0.0));
-    }
-    let (count, total) = (&mut count[..n], &mut total[..n]);
-    count.fill(0.0);
-    total.fill(0.0);
-    for (d, &t) in deltas.iter().zip(&stats.thr) {
-        for (((c, acc), &s), &x) in count
-            .iter_mut()
-            .zip(total.iter_mut())
-            .zip(&m[..n])
-            .zip(&d[..n])
-        {
-            let x = trim(x, t);
-            // Non-short-circuit operators and arithmetic selects: no data-dependent branches.
-            let keep = f32::from(u8::from(((s > 0.0) & (x > 0.0)) | ((s < 0.0) & (x < 0.0))));
-            *acc += keep * x;
-            *c += keep;
+    // branch-free (selects), so they vectorize; blocks keep their working set in L1.
+    for start in (0..n).step_by(BLOCK) {
+        let r = start..(start + BLOCK).min(n);
+        let m = &mut m[r.clone()];
+        m.fill(0.0);
+        for (d, &t) in deltas.iter().zip(&stats.thr) {
+            for (acc, &x) in m.iter_mut().zip(&d[r.clone()]) {
+                *acc += trim(x, t);
+            }
+        }
+        let majority = stats.majority;
+        for s in m.iter_mut() {
+            let v = sign(*s);
+            *s = v + majority * f32::from(u8::from(v == 0.0));
+        }
+        let (count, total) = (&mut count[..r.len()], &mut total[..r.len()]);
+        count.fill(0.0);
+        total.fill(0.0);
+        for (d, &t) in deltas.iter().zip(&stats.thr) {
+            for (((c, acc), &s), &x) in count
+                .iter_mut()
+                .zip(total.iter_mut())
+                .zip(m.iter())
+                .zip(&d[r.clone()])
+            {
+                let x = trim(x, t);
+                // Non-short-circuit operators and arithmetic selects: no data-dependent branches.
+                let keep = f32::from(u8::from(((s > 0.0) & (x > 0.0)) | ((s < 0.0) & (x < 0.0))));
+                *acc += keep * x;
+                *c += keep;
+            }
+        }
+        for ((v, &acc), &c) in m.iter_mut().zip(total.iter()).zip(count.iter()) {
+            *v = acc / c.max(1.0);
         }
     }
-    for ((v, &acc), &c) in m[..n].iter_mut().zip(total.iter()).zip(count.iter()) {
-        *v = acc / c.max(1.0);
+}
+
+/// Elements per block of the per-element loops: a few 16 KiB buffers fit L1.
+const BLOCK: usize = 4096;
+
+/// The majority-sign count, tallied during the threshold's windowed pass (before the thresholds
+/// are known). With the key window [lo, hi] around task t's threshold, |τ_t| above the window
+/// survives the trim for certain and below it is trimmed for certain, so every element whose
+/// tasks all fall outside their windows is counted at once; the few with a task inside one are
+/// kept (all T values) and counted by [`SignTally::resolve`] once the thresholds are known.
+/// Past `cap` kept elements the tally gives up, and the caller runs the separate count pass.
+#[derive(Debug, Default)]
+pub struct SignTally {
+    count: i64,
+    pending: Vec<f32>,
+    cap: usize,
+    overflow: bool,
+}
+
+impl SignTally {
+    pub fn new(cap: usize) -> SignTally {
+        SignTally {
+            cap,
+            ..SignTally::default()
+        }
+    }
+
+    /// Tallies one chunk; `bounds` are the windows' inclusive key bounds per task (a window one
+    /// key wide decides alone: the threshold is then that key). `sum` and `undecided` are
+    /// chunk-sized scratch.
+    #[inline(always)]
+    pub fn observe(
+        &mut self,
+        deltas: &[Vec<f32>],
+        bounds: &[(u32, u32)],
+        n: usize,
+        sum: &mut [f32],
+        undecided: &mut [f32],
+    ) {
+        for start in (0..n).step_by(BLOCK) {
+            let r = start..(start + BLOCK).min(n);
+            let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
+            sum.fill(0.0);
+            undecided.fill(0.0);
+            for (d, &(lo, hi)) in deltas.iter().zip(bounds) {
+                let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
+                for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(&d[r.clone()]) {
+                    let k = key(x.abs());
+                    let kept = (k > hi) | (!proper & (k == lo));
+                    // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
+                    *s += x * f32::from(u8::from(kept));
+                    *u += f32::from(u8::from(proper & (k.wrapping_sub(lo) <= width)));
+                }
+            }
+            // Signs of decided elements, summed as integers (a float sum would not vectorize).
+            let decided: i32 = sum
+                .iter()
+                .zip(undecided.iter())
+                .map(|(&s, &u)| (i32::from(s > 0.0) - i32::from(s < 0.0)) * i32::from(u == 0.0))
+                .sum();
+            self.count += i64::from(decided);
+            if undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
+                continue;
+            }
+            for (i, &u) in undecided.iter().enumerate() {
+                if u != 0.0 {
+                    self.keep(deltas.iter().map(|d| d[start + i]));
+                }
+            }
+        }
+    }
+
+    fn keep(&mut self, values: impl Iterator<Item = f32>) {
+        if self.overflow {
+            return;
+        }
+        self.pending.extend(values);
+        if self.pending.len() > self.cap {
+            self.overflow = true;
+            self.pending = Vec::new();
+        }
+    }
+
+    pub fn merge(mut self, mut other: SignTally) -> SignTally {
+        self.count += other.count;
+        self.overflow |= other.overflow || self.pending.len() + other.pending.len() > self.cap;
+        if self.overflow {
+            self.pending = Vec::new();
+        } else {
+            self.pending.append(&mut other.pending);
+        }
+        self
+    }
+
+    /// The full count, given the thresholds; None when the tally overflowed.
+    pub fn resolve(&self, thr: &[f32]) -> Option<i64> {
+        if self.overflow || thr.is_empty() {
+            return None;
+        }
+        let late: i64 = self
+            .pending
+            .chunks(thr.len())
+            .map(|xs| {
+                let s = xs
+                    .iter()
+                    .zip(thr)
+                    .fold(0.0f32, |s, (&x, &t)| s + trim(x, t));
+                sign(s) as i64
+            })
+            .sum();
+        Some(self.count + late)
     }
 }
 
@@ -120,5 +252,74 @@ mod tests {
         merge(&d, &stats, 4, &mut m, &mut c, &mut t);
         // [3,-4] → sign −1 → −4; [0,5] → 5; [2,2] → 2; [−2,2] → sum 0 → majority +1 → 2.
         assert_eq!(m, [-4.0, 5.0, 2.0, 2.0]);
+    }
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Σ sign(Σ_t trim(x_t, thr_t)) straight from the definition.
+    fn direct(deltas: &[Vec<f32>], thr: &[f32]) -> i64 {
+        (0..deltas[0].len())
+            .map(|i| {
+                let s = deltas
+                    .iter()
+                    .zip(thr)
+                    .fold(0.0f32, |s, (d, &t)| s + trim(d[i], t));
+                sign(s) as i64
+            })
+            .sum()
+    }
+
+    fn tally(deltas: &[Vec<f32>], bounds: &[(u32, u32)], chunk: usize, cap: usize) -> SignTally {
+        let n = deltas[0].len();
+        let mut total = SignTally::new(cap);
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let part: Vec<Vec<f32>> = deltas
+                .iter()
+                .map(|d| d[start..start + len].to_vec())
+                .collect();
+            let mut t = SignTally::new(cap);
+            let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
+            t.observe(&part, bounds, len, &mut s, &mut u);
+            total = total.merge(t);
+        }
+        total
+    }
+
+    proptest! {
+        // Small integers make exact cancellations (sum 0 → majority) and ties at thr common.
+        #[test]
+        fn matches_the_definition(
+            values in prop::collection::vec(-6i8..=6, 3..600),
+            thr_pick in prop::collection::vec(0u8..=6, 3),
+            widen in 0u8..3,
+            chunk in 1usize..100,
+        ) {
+            let n = values.len() / 3;
+            let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
+            let thr: Vec<f32> = thr_pick.iter().map(|&p| p as f32 * 0.25).collect();
+            // Windows that contain each threshold, from one key wide to a few values wide.
+            let bounds: Vec<(u32, u32)> = thr.iter().map(|&t| {
+                let w = widen as f32 * 0.25;
+                (key((t - w).max(0.0)), key(t + w))
+            }).collect();
+            let t = tally(&deltas, &bounds, chunk, usize::MAX);
+            prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
+        }
+    }
+
+    #[test]
+    fn overflow_declines() {
+        let deltas = vec![vec![1.0f32; 100], vec![-1.0; 100]];
+        let bounds = vec![(key(0.5), key(2.0)); 2];
+        let t = tally(&deltas, &bounds, 7, 10);
+        assert_eq!(t.resolve(&[1.0, 1.0]), None);
+        let t = tally(&deltas, &bounds, 7, 1000);
+        assert_eq!(t.resolve(&[1.0, 1.0]), Some(0));
+        assert_eq!(t.resolve(&[1.0, 1.5]), Some(100));
     }
 }
