@@ -8,7 +8,7 @@ import pytest
 import weightweave as ww
 from weightweave import reference as R
 
-from conftest import assert_close_ulp, load, rounding_slack
+from conftest import assert_close_ulp, digest, load, rounding_slack, write_models
 
 METHOD_PARAMS = [
     ("task_arithmetic", {}),
@@ -105,3 +105,39 @@ def test_radix_fallback_matches_reference(ckpts, tmp_path, monkeypatch, method, 
     out = tmp_path / "out.safetensors"
     ww.merge(bp, mps, out, method=method, lam=0.7, seed=5, chunk_size=97, **params)
     assert_close_ulp(load(out), R.merge(base, models, method, lam=0.7, seed=5, **params), atol=slack(method))
+
+
+def _big_state(dtype, quantized: bool):
+    """Scopes large enough (> 2^15 elements) that statistics take the sampled-window pass. With
+    `quantized`, deltas are small multiples of 1/64: repeated values make one-key-wide windows,
+    and exact cancellations between tasks make the majority sign matter."""
+    g = R.torch.Generator().manual_seed(11)
+    shapes = {"a.weight": (300, 257), "b.weight": (41_000,)}
+    base = {n: R.torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()}
+    models = []
+    for _ in range(3):
+        m = {}
+        for n, t in base.items():
+            noise = R.torch.randn(t.shape, generator=g) * 0.05
+            if quantized:
+                noise = R.torch.randint(-3, 4, t.shape, generator=g).float() / 64
+            m[n] = (t.float() + noise).to(dtype)
+        models.append(m)
+    return base, models
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["continuous", "quantized"])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("ties", {}), ("ties", {"scope": "tensor"}), ("dare_ties", {}), ("pcb", {})],
+)
+def test_windowed_statistics_match_reference_and_radix(tmp_path, monkeypatch, method, params, quantized):
+    base, models = _big_state(R.torch.float32, quantized)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "out.safetensors"
+    ww.merge(bp, mps, out, method=method, lam=0.7, seed=5, chunk_size=5000, **params)
+    assert_close_ulp(load(out), R.merge(base, models, method, lam=0.7, seed=5, **params), atol=slack(method))
+    monkeypatch.setenv("WEIGHTWEAVE_FORCE_RADIX", "1")
+    radix = tmp_path / "radix.safetensors"
+    ww.merge(bp, mps, radix, method=method, lam=0.7, seed=5, **params)
+    assert digest(out) == digest(radix)
