@@ -267,12 +267,22 @@ impl Windowed {
                 self.below[i] += u64::from(below);
                 continue;
             }
-            for &v in values {
-                let k = key(v);
-                below += u32::from(k < lo);
-                // One unsigned compare for lo <= k <= hi: rarely true, so well predicted.
-                if k.wrapping_sub(lo) <= width {
-                    inside.push(k);
+            // Count in short vectorized blocks; revisit a block only when it has keys inside
+            // (rare: the window is narrow). One unsigned compare tests lo <= k <= hi.
+            for block in values.chunks(16) {
+                let mut hits = 0u32;
+                for &v in block {
+                    let k = key(v);
+                    below += u32::from(k < lo);
+                    hits += u32::from(k.wrapping_sub(lo) <= width);
+                }
+                if hits > 0 {
+                    inside.extend(
+                        block
+                            .iter()
+                            .map(|&v| key(v))
+                            .filter(|k| k.wrapping_sub(lo) <= width),
+                    );
                 }
             }
             self.below[i] += u64::from(below);

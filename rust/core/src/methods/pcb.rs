@@ -59,45 +59,55 @@ pub fn scores(
     signed: &mut Vec<f32>,
 ) {
     let t_count = deltas.len();
-    // N_t = sign(x)·norm(A_t), laid out t-major.
-    signed.clear();
-    signed.resize(t_count * n, 0.0);
-    for (t, d) in deltas.iter().enumerate() {
-        let c = abs[t];
-        for (s, &x) in signed[t * n..(t + 1) * n].iter_mut().zip(&d[..n]) {
-            *s = sign(x) * c.norm(c.clip(x.abs()));
+    let tf = t_count as f32;
+    // Blocks keep N (t-major) and the block's scores in L1 across the T(T+1)/2 pair loops.
+    signed.resize(t_count * BLOCK, 0.0);
+    for start in (0..n).step_by(BLOCK) {
+        let r = start..(start + BLOCK).min(n);
+        let len = r.len();
+        // N_t = sign(x)·norm(A_t).
+        for (t, d) in deltas.iter().enumerate() {
+            let c = abs[t];
+            for (s, &x) in signed[t * len..(t + 1) * len].iter_mut().zip(&d[r.clone()]) {
+                *s = sign(x) * c.norm(c.clip(x.abs()));
+            }
         }
-    }
-    for bt in b.iter_mut() {
-        bt[..n].fill(0.0);
-    }
-    for t in 0..t_count {
-        for j in t..t_count {
-            let (nt, nj) = (&signed[t * n..(t + 1) * n], &signed[j * n..(j + 1) * n]);
-            if j == t {
-                for (acc, &x) in b[t][..n].iter_mut().zip(nt) {
-                    *acc += fastmath::tanh(x * x);
-                }
-            } else {
-                let (lo, hi) = b.split_at_mut(j);
-                let (bt, bj) = (&mut lo[t][..n], &mut hi[0][..n]);
-                for (((at, aj), &x), &y) in bt.iter_mut().zip(bj.iter_mut()).zip(nt).zip(nj) {
-                    let v = fastmath::tanh(x * y);
-                    *at += v;
-                    *aj += v;
+        for bt in b.iter_mut() {
+            bt[r.clone()].fill(0.0);
+        }
+        for t in 0..t_count {
+            for j in t..t_count {
+                let (nt, nj) = (
+                    &signed[t * len..(t + 1) * len],
+                    &signed[j * len..(j + 1) * len],
+                );
+                if j == t {
+                    for (acc, &x) in b[t][r.clone()].iter_mut().zip(nt) {
+                        *acc += fastmath::tanh(x * x);
+                    }
+                } else {
+                    let (lo, hi) = b.split_at_mut(j);
+                    let (bt, bj) = (&mut lo[t][r.clone()], &mut hi[0][r.clone()]);
+                    for (((at, aj), &x), &y) in bt.iter_mut().zip(bj.iter_mut()).zip(nt).zip(nj) {
+                        let v = fastmath::tanh(x * y);
+                        *at += v;
+                        *aj += v;
+                    }
                 }
             }
         }
-    }
-    let tf = t_count as f32;
-    for t in 0..t_count {
-        let nt = &signed[t * n..(t + 1) * n];
-        for (out, &x) in b[t][..n].iter_mut().zip(nt) {
-            let na = x.abs();
-            *out *= fastmath::exp(tf * (na * na));
+        for t in 0..t_count {
+            let nt = &signed[t * len..(t + 1) * len];
+            for (out, &x) in b[t][r.clone()].iter_mut().zip(nt) {
+                let na = x.abs();
+                *out *= fastmath::exp(tf * (na * na));
+            }
         }
     }
 }
+
+/// Elements per block: T rows of N plus T rows of scores stay in L1.
+const BLOCK: usize = 1024;
 
 /// M = Σ_t S_t ⊙ Xc_t / max(Σ_t S_t, 1e-12), with S_t = norm(clamp(B_t)).
 #[inline(always)]
@@ -111,20 +121,28 @@ pub fn merge(
     m: &mut [f32],
 ) {
     scores(deltas, n, abs, b, signed);
-    let mut den = vec![0.0f32; n];
-    m[..n].fill(0.0);
-    for (t, d) in deltas.iter().enumerate() {
-        let (ca, cb) = (abs[t], score[t]);
-        for i in 0..n {
-            let x = d[i];
-            let xc = sign(x) * ca.clip(x.abs());
-            let s = cb.norm(cb.clip(b[t][i]));
-            m[i] += s * xc;
-            den[i] += s;
+    for start in (0..n).step_by(BLOCK) {
+        let r = start..(start + BLOCK).min(n);
+        let mut den = [0.0f32; BLOCK];
+        let (m, den) = (&mut m[r.clone()], &mut den[..r.len()]);
+        m.fill(0.0);
+        for (t, d) in deltas.iter().enumerate() {
+            let (ca, cb) = (abs[t], score[t]);
+            for (((mi, di), &x), &bt) in m
+                .iter_mut()
+                .zip(den.iter_mut())
+                .zip(&d[r.clone()])
+                .zip(&b[t][r.clone()])
+            {
+                let xc = sign(x) * ca.clip(x.abs());
+                let s = cb.norm(cb.clip(bt));
+                *mi += s * xc;
+                *di += s;
+            }
         }
-    }
-    for (v, d) in m[..n].iter_mut().zip(den) {
-        *v /= d.max(1e-12);
+        for (v, &d) in m.iter_mut().zip(den.iter()) {
+            *v /= d.max(1e-12);
+        }
     }
 }
 
