@@ -373,29 +373,40 @@ impl<'a> Engine<'a> {
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
         // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
         let m_is_sum = matches!(self.recipe.method, Method::TaskArithmetic);
-        pool::apply(
-            &self.recipe.combine,
-            raw,
-            m,
-            m_is_sum,
-            base,
-            out,
-            &stream,
-            c.start as u64,
-        );
         let limit = t.out_dtype.overflow_at();
-        if !out[..n].iter().fold(true, |ok, v| ok & (v.abs() < limit)) {
+        let size = t.out_dtype.size();
+        bytes.resize(n * size, 0);
+        let mut in_range = true;
+        // Pool, range check and encode block by block, while each block is still in L1.
+        for start in (0..n).step_by(OUT_BLOCK) {
+            let r = start..(start + OUT_BLOCK).min(n);
+            let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
+            let out = &mut out[r.clone()];
+            pool::apply(
+                &self.recipe.combine,
+                &raw,
+                &m[r.clone()],
+                m_is_sum,
+                &base[r.clone()],
+                out,
+                &stream,
+                (c.start + start) as u64,
+            );
+            in_range &= out.iter().fold(true, |ok, v| ok & (v.abs() < limit));
+            encode(t.out_dtype, out, &mut bytes[r.start * size..r.end * size]);
+        }
+        if !in_range {
             return Err(Error::Overflow {
                 tensor: t.name.clone(),
                 dtype: t.out_dtype.name(),
             });
         }
-        let size = t.out_dtype.size();
-        bytes.resize(n * size, 0);
-        encode(t.out_dtype, &out[..n], bytes);
         sink.write(c.tensor, c.start * size, bytes)
     }
 }
+
+/// Elements per block of the output stage.
+const OUT_BLOCK: usize = 4096;
 
 fn decode_checked(r: &TensorRef, name: &str, c: &Chunk, out: &mut [f32]) -> Result<()> {
     let size = r.dtype.size();

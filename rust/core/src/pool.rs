@@ -74,7 +74,7 @@ impl Combine {
 #[inline(always)]
 pub fn apply(
     combine: &Combine,
-    raw: &[Vec<f32>],
+    raw: &[&[f32]],
     m: &[f32],
     m_is_sum: bool,
     base: &[f32],
@@ -95,7 +95,7 @@ pub fn apply(
             pool,
             include_deltas,
         } => {
-            let deltas: &[Vec<f32>] = if *include_deltas { raw } else { &[] };
+            let deltas: &[&[f32]] = if *include_deltas { raw } else { &[] };
             match pool {
                 Pool::Mean => mean(deltas, lambdas, m, m_is_sum, base, out),
                 Pool::Random => {
@@ -142,7 +142,7 @@ pub fn apply(
 /// P = (Σ_t τ_t + (Σ_i λ_i)·M) / N.
 #[inline(always)]
 fn mean(
-    deltas: &[Vec<f32>],
+    deltas: &[&[f32]],
     lambdas: &[f32],
     m: &[f32],
     m_is_sum: bool,
@@ -189,6 +189,7 @@ mod tests {
             pool: Pool::Mean,
             include_deltas: true,
         };
+        let raw: Vec<&[f32]> = raw.iter().map(|v| &v[..]).collect();
         apply(
             &c,
             &raw,
@@ -213,7 +214,7 @@ mod tests {
         let mut out = [0.0];
         apply(
             &c,
-            &[vec![-2.0]],
+            &[&[-2.0][..]],
             &[2.0],
             false,
             &[10.0],
