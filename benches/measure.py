@@ -19,6 +19,7 @@ class Run:
     peak_file: int
     rc: int
     stderr: str = ""
+    cap_bytes: int | None = None
 
 
 @dataclass
@@ -109,7 +110,7 @@ def run_once(cmd: list[str], cap_bytes: int | None = None, timeout: float = 1800
             group.rmdir()
         except OSError:
             pass
-    return Run(seconds, peak_anon, peak_file, proc.returncode, err[-2000:])
+    return Run(seconds, peak_anon, peak_file, proc.returncode, err[-2000:], cap_bytes)
 
 
 def measure(cmd: list[str], repeats: int = 3, warmup: bool = True, cap_bytes: int | None = None,

@@ -1,8 +1,8 @@
 """The benchmark suite: weightweave against the read floor, pure torch and mergekit.
 
-    python benches/run.py                 # default: 0.1 B full comparison + 0.5 B growth and cap runs
-    python benches/run.py --sizes 0.1,0.5,1.0 --repeats 5
-    python benches/run.py --quick         # 0.1 B only, weightweave and floors
+    python benches/run.py                 # 0.1 B: every tool and method, and the capped runs (~15 min)
+    python benches/run.py --full          # 0.1, 0.5 and 1.0 B: the run behind benches/results (~1 h)
+    python benches/run.py --quick         # 0.1 B, weightweave and the read floors only (< 1 min)
 
 Writes ``benches/results/results.md`` (tables), ``results.json`` and ``plot.png``. Checkpoints
 are generated once into ``benches/data/`` (Llama-shaped bf16, base + 3 fine-tunes). mergekit is
@@ -37,8 +37,25 @@ MERGEKIT = {
 }
 
 
+def _weightweave() -> str:
+    """The console script of the running interpreter's environment (not a shim on PATH, whose
+    start-up would be timed too)."""
+    here = Path(sys.executable).parent / "weightweave"
+    return str(here) if here.exists() else (shutil.which("weightweave") or "weightweave")
+
+
+def baseline_cap() -> int | None:
+    """A memory cap for torch and mergekit runs, so one that outgrows the machine is killed
+    cleanly (and reported) instead of taking the machine down."""
+    if not can_cap():
+        return None
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    return total - 4 * 2**30
+
+
 def ww_cmd(base: Path, fts: list[Path], out: Path, method: str, mode: str, extra: dict | None = None) -> list[str]:
-    cmd = ["weightweave", "merge" if mode == "merge" else "weave", str(base), *map(str, fts), "-o", str(out)]
+    cmd = [_weightweave(), "merge" if mode == "merge" else "weave", str(base), *map(str, fts), "-o", str(out)]
     cmd += ["--method", method, "-q"]
     if mode != "merge":
         cmd += ["--pool", mode]
@@ -56,6 +73,13 @@ def mergekit_config(path: Path, base: Path, fts: list[Path], method: str) -> Non
     path.write_text("\n".join(lines) + "\n")
 
 
+def _failure(res: Result) -> str:
+    r = res.runs[0]
+    if r.rc < 0:
+        return f"killed (signal {-r.rc})" + (f", over the {r.cap_bytes / 2**30:.0f} GiB cap" if r.cap_bytes else "")
+    return f"failed: {r.stderr.strip().splitlines()[-1:]}"
+
+
 def row(size: float, tool: str, method: str, mode: str, res: Result, inputs: int, note: str = "") -> dict:
     return {
         "size_b": size,
@@ -67,13 +91,14 @@ def row(size: float, tool: str, method: str, mode: str, res: Result, inputs: int
         "peak_anon": res.peak_anon,
         "peak_file": res.peak_file,
         "inputs": inputs,
-        "note": note or ("" if res.ok else f"failed: {res.runs[0].stderr.strip().splitlines()[-1:]}"),
+        "note": note if res.ok else (f"{note}; " if note else "") + _failure(res),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="0.1,0.5", help="billions of parameters, comma-separated")
+    ap.add_argument("--sizes", default="0.1", help="billions of parameters, comma-separated")
+    ap.add_argument("--full", action="store_true", help="sizes 0.1,0.5,1.0 (the published results)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smallest size, weightweave and floors only")
     ap.add_argument("--no-torch", action="store_true")
@@ -81,13 +106,14 @@ def main() -> None:
     ap.add_argument("--cap-mb", type=int, default=512, help="memory cap for the capped runs (0: skip)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
-    sizes = [float(s) for s in a.sizes.split(",")]
+    sizes = [0.1, 0.5, 1.0] if a.full else [float(s) for s in a.sizes.split(",")]
     if a.quick:
         sizes, a.no_torch, a.mergekit, a.cap_mb = sizes[:1], True, None, 0
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("WW_BENCH_TMP", "/tmp")) / f"ww-bench-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
+    bcap = baseline_cap()
     rows: list[dict] = []
     t_start = time.time()
 
@@ -112,10 +138,13 @@ def main() -> None:
         print(f"   cat {cat.seconds:.2f}s, rust read floor {floor.seconds:.2f}s", flush=True)
 
         out = work / "out"
+        # Beyond the first size: every method plain and woven (mean) up to 0.5 B, then the two
+        # that show growth. Baselines run every shared method up to 0.5 B, task arithmetic beyond.
+        full = size <= 0.5
         configs = (
             [(m, mode) for m in METHODS for mode in MODES]
             if first
-            else [("task_arithmetic", "merge"), ("task_arithmetic", "mean"), ("ties", "merge"), ("ties", "mean")]
+            else [(m, mode) for m in (METHODS if full else ["task_arithmetic", "ties"]) for mode in ("merge", "mean")]
         )
         for method, mode in configs:
             res = measure(ww_cmd(base, fts, out, method, mode), a.repeats, warmup=False, cleanup=out_clean(out))
@@ -128,34 +157,33 @@ def main() -> None:
             rows.append(row(size, "weightweave", "ties", "merge", res, inputs, "scope=tensor (as mergekit)"))
 
         if not a.no_torch:
-            tmethods = METHODS if first else ["task_arithmetic"]
-            tmodes = ["merge", "mean"] if first else ["mean"]
+            tmethods = METHODS if first else list(MERGEKIT) if full else ["task_arithmetic"]
             for method in tmethods:
-                for mode in tmodes:
+                for mode in ["merge", "mean"]:
                     if mode == "mean" and method != "task_arithmetic":
                         continue
                     tout = work / "torch.safetensors"
                     cmd = [py, str(HERE / "torch_baseline.py"), str(base), *map(str, fts), "-o", str(tout),
                            "--method", method] + ([] if mode == "merge" else ["--weave", mode])  # fmt: skip
-                    res = measure(cmd, a.repeats if first else 1, warmup=False, cleanup=out_clean(tout), timeout=900)
+                    res = measure(cmd, a.repeats, warmup=False, cap_bytes=bcap, cleanup=out_clean(tout), timeout=900)
                     rows.append(row(size, "pure torch", method, mode, res, inputs))
                     print(f"   torch       {method:16} {mode:7} {res.seconds if res.ok else float('nan'):7.2f}s "
                           f"anon {res.peak_anon / 2**20:6.0f} MiB", flush=True)  # fmt: skip
 
         if a.mergekit:
-            for method in MERGEKIT if first else ["task_arithmetic"]:
+            for method in MERGEKIT if full else ["task_arithmetic"]:
                 cfg = work / f"{method}.yml"
                 mergekit_config(cfg, base, fts, method)
                 mout = work / "mk"
-                res = measure([a.mergekit, str(cfg), str(mout), "--no-copy-tokenizer"], a.repeats if first else 1,
-                              warmup=False, cleanup=out_clean(mout), timeout=1800)  # fmt: skip
+                res = measure([a.mergekit, str(cfg), str(mout), "--no-copy-tokenizer"], a.repeats, warmup=False,
+                              cap_bytes=bcap, cleanup=out_clean(mout), timeout=1800)  # fmt: skip
                 rows.append(row(size, "mergekit", method, "merge", res, inputs, f"mergekit {MERGEKIT[method][0]}"))
                 print(f"   mergekit    {method:16} merge   {res.seconds if res.ok else float('nan'):7.2f}s "
                       f"anon {res.peak_anon / 2**20:6.0f} MiB", flush=True)  # fmt: skip
 
     capped: list[dict] = []
     if a.cap_mb and can_cap():
-        size = sizes[-1]
+        size = min(sizes, key=lambda s: abs(s - 0.5))
         dirs = make(HERE / "data" / f"p{size}", size, 3)
         inputs = sum(os.path.getsize(f) for d in dirs for f in d.glob("*.safetensors"))
         cap = a.cap_mb * 2**20

@@ -5,6 +5,7 @@
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -81,6 +82,8 @@ pub(crate) struct Engine<'a> {
     pub(crate) progress: Progress<'a>,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) given: Given<'a>,
+    /// Worker buffers handed from pass to pass (a pass per tensor is common with scope=tensor).
+    pub(crate) spare: Mutex<Vec<Work>>,
 }
 
 /// Runs a merge: validation already done (`plan` from [`crate::plan::validate`]).
@@ -155,6 +158,7 @@ pub fn run_chunks(
         progress,
         cancel,
         given,
+        spare: Mutex::new(Vec::new()),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
@@ -227,7 +231,7 @@ impl<'a> Engine<'a> {
         chunks
             .par_iter()
             .try_fold(
-                || (Work::default(), init()),
+                || (self.spare_work(), init()),
                 |(mut w, mut acc), c| {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Err(Error::Cancelled);
@@ -245,8 +249,21 @@ impl<'a> Engine<'a> {
                     Ok((w, acc))
                 },
             )
-            .map(|r| r.map(|(_, acc)| acc))
+            .map(|r| {
+                r.map(|(w, acc)| {
+                    self.spare.lock().expect("not poisoned").push(w);
+                    acc
+                })
+            })
             .try_reduce(&init, |a, b| Ok(merge(a, b)))
+    }
+
+    fn spare_work(&self) -> Work {
+        self.spare
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .unwrap_or_default()
     }
 
     /// Decodes the chunk of the base and of every model and forms the deltas (and DARE's).
@@ -255,24 +272,24 @@ impl<'a> Engine<'a> {
         let n = c.len;
         let t = &self.plan[c.tensor];
         let tasks = self.tasks();
-        w.base.resize(n, 0.0);
+        // Buffers only grow (and keep stale data past n): zeroing megabytes whenever a short
+        // chunk or a sample run came before a full one cost more than the work itself.
+        grow(&mut w.base, n);
         w.raw.resize_with(tasks, Vec::new);
         let b = &self.base_refs[c.tensor];
         let size = b.dtype.size();
-        if !decode_finite(
-            b.dtype,
-            &b.data[c.start * size..(c.start + c.len) * size],
-            &mut w.base,
-        ) {
-            decode_checked(b, &t.name, c, &mut w.base)?;
+        let base = &mut w.base[..n];
+        let bytes = &b.data[c.start * size..(c.start + c.len) * size];
+        if !decode_finite(b.dtype, bytes, base) {
+            decode_checked(b, &t.name, c, base)?;
         }
         for (k, refs) in self.model_refs.iter().enumerate() {
-            let d = &mut w.raw[k];
-            d.resize(n, 0.0);
+            grow(&mut w.raw[k], n);
+            let d = &mut w.raw[k][..n];
             let r = &refs[c.tensor];
             let size = r.dtype.size();
             let bytes = &r.data[c.start * size..(c.start + c.len) * size];
-            if !decode_delta(r.dtype, bytes, &w.base, d) {
+            if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
                 // Rare path: find and report the offending element.
                 decode_checked(r, &t.name, c, d)?;
             }
@@ -280,14 +297,15 @@ impl<'a> Engine<'a> {
         if let Some(p) = self.recipe.method.dare() {
             w.dared.resize_with(tasks, Vec::new);
             for k in 0..tasks {
-                w.dared[k].resize(n, 0.0);
+                grow(&mut w.dared[k], n);
                 let stream = Stream::new(self.recipe.seed, k as u64, &t.name);
-                elementwise::dare(&w.raw[k], &mut w.dared[k], &stream, c.start as u64, p);
+                let (raw, dared) = (&w.raw[k][..n], &mut w.dared[k][..n]);
+                elementwise::dare(raw, dared, &stream, c.start as u64, p);
             }
         }
-        w.m.resize(n, 0.0);
-        w.scratch.resize(n, 0.0);
-        w.out.resize(n, 0.0);
+        grow(&mut w.m, n);
+        grow(&mut w.scratch, n);
+        grow(&mut w.out, n);
         Ok(())
     }
 
@@ -365,7 +383,7 @@ impl<'a> Engine<'a> {
                 let (abs, score) = stats.pcb.as_ref().expect("pcb statistics");
                 scores.resize_with(self.tasks(), Vec::new);
                 for s in scores.iter_mut() {
-                    s.resize(n, 0.0);
+                    grow(s, n);
                 }
                 pcb::merge(raw, n, abs, score, scores, signed, m);
             }
@@ -375,7 +393,9 @@ impl<'a> Engine<'a> {
         let m_is_sum = matches!(self.recipe.method, Method::TaskArithmetic);
         let limit = t.out_dtype.overflow_at();
         let size = t.out_dtype.size();
-        bytes.resize(n * size, 0);
+        if bytes.len() < n * size {
+            bytes.resize(n * size, 0);
+        }
         let mut in_range = true;
         // Pool, range check and encode block by block, while each block is still in L1.
         for start in (0..n).step_by(OUT_BLOCK) {
@@ -401,12 +421,20 @@ impl<'a> Engine<'a> {
                 dtype: t.out_dtype.name(),
             });
         }
-        sink.write(c.tensor, c.start * size, bytes)
+        sink.write(c.tensor, c.start * size, &bytes[..n * size])
     }
 }
 
 /// Elements per block of the output stage.
 const OUT_BLOCK: usize = 4096;
+
+/// Makes `v` at least `n` long without touching what it holds.
+#[inline]
+pub(crate) fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
 
 fn decode_checked(r: &TensorRef, name: &str, c: &Chunk, out: &mut [f32]) -> Result<()> {
     let size = r.dtype.size();

@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn spec_hand_case_mean() {
-        let raw = vec![vec![1.0, -2.0, 3.0, 0.0], vec![2.0, 2.0, -1.0, 0.0]];
+        let raw = [[1.0, -2.0, 3.0, 0.0], [2.0, 2.0, -1.0, 0.0]];
         let m = [3.0, 0.0, 2.0, 0.0];
         let mut out = [0.0; 4];
         let c = Combine::Weave {

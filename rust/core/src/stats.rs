@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::methods::pcb::{self, Clamp};
 use crate::methods::ties::{self, SignTally, TiesStats};
 use crate::methods::{int_frac, Method, Scope};
-use crate::pipeline::{Engine, Stats, Work};
+use crate::pipeline::{grow, Engine, Stats, Work};
 use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
@@ -155,7 +155,7 @@ impl Engine<'_> {
             &|w: &mut Work, n, emit| {
                 w.scores.resize_with(tasks, Vec::new);
                 for s in &mut w.scores {
-                    s.resize(n, 0.0);
+                    grow(s, n);
                 }
                 crate::simd!(pcb::scores(&w.raw, n, &abs, &mut w.scores, &mut w.signed));
                 for (t, s) in w.scores.iter().enumerate() {
