@@ -284,7 +284,14 @@ pub fn run_files(
         cancel,
         &[],
     )?;
-    let outputs = output.commit()?;
+    // Unmapping gigabytes of inputs takes a while (page tables); do it while commit waits for
+    // the disk.
+    drop(views);
+    drop(base_view);
+    let unmap = std::thread::spawn(move || drop((base_ck, model_cks)));
+    let outputs = output.commit();
+    let _ = unmap.join();
+    let outputs = outputs?;
     Ok(Report {
         outputs,
         bytes_read,

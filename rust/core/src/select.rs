@@ -176,7 +176,13 @@ pub struct Windows {
     pub bounds: Vec<(u32, u32)>,
     /// Most keys kept per request before giving up.
     pub cap: usize,
+    /// False when the expected keys inside would not fit the memory budget.
+    pub viable: bool,
 }
+
+/// Keys all windows of one select may keep together (32 MiB), so statistics memory is bounded
+/// whatever the model size; past it the radix select (fixed-size histograms) takes over.
+pub const WINDOW_BUDGET: usize = 1 << 23;
 
 impl Windows {
     /// Windows from per-row sorted sample keys: the sample quantile of each request's rank,
@@ -187,6 +193,7 @@ impl Windows {
         total: u64,
         sigmas: f64,
     ) -> Windows {
+        let budget = WINDOW_BUDGET / requests.len().max(1);
         let mut bounds = Vec::with_capacity(requests.len());
         let mut expected = 0.0f64;
         for r in &requests {
@@ -218,7 +225,8 @@ impl Windows {
         Windows {
             requests,
             bounds,
-            cap: (4.0 * expected) as usize + (1 << 16),
+            cap: ((4.0 * expected) as usize + (1 << 16)).min(budget),
+            viable: (expected as usize) < budget,
         }
     }
 
@@ -392,6 +400,7 @@ mod window_tests {
             requests: vec![Request { row: 0, rank: 0 }],
             bounds: vec![(key(5.0), key(6.0))],
             cap: 10,
+            viable: true,
         };
         let mut acc = w.acc();
         acc.count(&w, 0, &[1.0, 2.0, 5.5]);

@@ -230,9 +230,9 @@ impl Engine<'_> {
                     .collect(),
             )));
         }
-        Ok(Some(Guess::Window(Windows::from_sample(
-            requests, &samples, total, 6.0,
-        ))))
+        let windows = Windows::from_sample(requests, &samples, total, 6.0);
+        // Windows that would hold more keys than the memory budget go straight to radix.
+        Ok(windows.viable.then_some(Guess::Window(windows)))
     }
 
     fn debug_windows(&self, windows: &Windows, acc: &Windowed) {
@@ -247,7 +247,7 @@ impl Engine<'_> {
     }
 
     /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
-    /// (at least 2^15 elements; everything when the scope is small).
+    /// (2^15 to 2^20 elements; everything when the scope is small).
     #[allow(clippy::type_complexity)]
     fn sample(
         &self,
@@ -257,7 +257,8 @@ impl Engine<'_> {
         rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
     ) -> Result<Vec<Vec<u32>>> {
         const RUN: u64 = 64;
-        let want = (total / 256).max(1 << 15);
+        // Capped, so that neither the sample nor the windows it implies grow with the model.
+        let want = (total / 256).clamp(1 << 15, 1 << 20);
         let runs = (want / RUN).max(1);
         let step = (total / runs).max(RUN);
         let mut picks = Vec::new();
