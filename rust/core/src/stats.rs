@@ -247,7 +247,7 @@ impl Engine<'_> {
     }
 
     /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
-    /// (2^15 to 2^20 elements; everything when the scope is small).
+    /// (2^15 to 2^21 elements; everything when the scope is small).
     #[allow(clippy::type_complexity)]
     fn sample(
         &self,
@@ -258,7 +258,7 @@ impl Engine<'_> {
     ) -> Result<Vec<Vec<u32>>> {
         const RUN: u64 = 64;
         // Capped, so that neither the sample nor the windows it implies grow with the model.
-        let want = (total / 256).clamp(1 << 15, 1 << 20);
+        let want = (total / 256).clamp(1 << 15, 1 << 21);
         let runs = (want / RUN).max(1);
         let step = (total / runs).max(RUN);
         let mut picks = Vec::new();
