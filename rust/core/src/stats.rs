@@ -168,29 +168,24 @@ impl Engine<'_> {
 
     /// Exact order statistics of per-task rows produced by `rows`: one windowed pass guided by
     /// a sample, or (when the guess misses) the two-pass radix select.
-    #[allow(clippy::type_complexity)]
     fn select(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
         requests: Vec<Request>,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
+        rows: Rows,
     ) -> Result<Vec<f32>> {
         let windows = match self.guess(chunks, n_rows, requests.clone(), rows)? {
             Some(Guess::Exact(v)) => return Ok(v),
             Some(Guess::Window(windows)) => windows,
             None => return self.radix_select(chunks, n_rows, requests, rows),
         };
-        let acc = self.pass(
+        let acc = self.rows_pass(
             chunks,
+            rows,
             || windows.acc(),
             #[inline(always)]
-            |w, c, a| {
-                rows(w, c.len, &mut |row, v| {
-                    crate::simd!(a.count(&windows, row, v))
-                });
-                Ok(())
-            },
+            |a, row, v| a.count(&windows, row, v),
             Windowed::merge,
         )?;
         self.debug_windows(&windows, &acc);
@@ -204,13 +199,12 @@ impl Engine<'_> {
     /// enough to be sampled whole, else windows for a one-pass select; None when the radix
     /// select is forced (tests set WEIGHTWEAVE_FORCE_RADIX to exercise the fallback, which
     /// small models would otherwise never reach).
-    #[allow(clippy::type_complexity)]
     fn guess(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
         requests: Vec<Request>,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
+        rows: Rows,
     ) -> Result<Option<Guess>> {
         if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
             return Ok(None);
@@ -248,13 +242,12 @@ impl Engine<'_> {
 
     /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
     /// (2^15 to 2^21 elements; everything when the scope is small).
-    #[allow(clippy::type_complexity)]
     fn sample(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
         total: u64,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
+        rows: Rows,
     ) -> Result<Vec<Vec<u32>>> {
         const RUN: u64 = 64;
         // Capped, so that neither the sample nor the windows it implies grow with the model.
@@ -301,41 +294,65 @@ impl Engine<'_> {
     }
 
     /// The two-pass radix select: exact whatever the data.
-    #[allow(clippy::type_complexity)]
     fn radix_select(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
         requests: Vec<Request>,
-        rows: &(dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync),
+        rows: Rows,
     ) -> Result<Vec<f32>> {
-        let high = self.pass(
+        let high = self.rows_pass(
             chunks,
+            rows,
             || Hist::new(n_rows),
             #[inline(always)]
-            |w, c, h| {
-                rows(w, c.len, &mut |row, v| crate::simd!(h.count_high(row, v)));
-                Ok(())
-            },
+            |h, row, v| h.count_high(row, v),
             Hist::merge,
         )?;
         let found = Buckets::resolve(&high, requests);
         drop(high);
-        let low = self.pass(
+        let low = self.rows_pass(
             chunks,
+            rows,
             || found.low_hist(),
             #[inline(always)]
-            |w, c, h| {
-                rows(w, c.len, &mut |row, v| {
-                    crate::simd!(h.count_low(&found, row, v))
-                });
-                Ok(())
-            },
+            |h, row, v| h.count_low(&found, row, v),
             Hist::merge,
         )?;
         Ok(found.finish(&low))
     }
+
+    /// A statistics pass: every row `rows` produces for a chunk goes to `count` on the worker's
+    /// accumulator (in the AVX2 copy when the CPU has it).
+    fn rows_pass<A, I, C, M>(
+        &self,
+        chunks: &[Chunk],
+        rows: Rows,
+        init: I,
+        count: C,
+        merge: M,
+    ) -> Result<A>
+    where
+        A: Send,
+        I: Fn() -> A + Sync + Send,
+        C: Fn(&mut A, usize, &[f32]) + Sync + Send,
+        M: Fn(A, A) -> A + Sync + Send,
+    {
+        self.pass(
+            chunks,
+            init,
+            #[inline(always)]
+            |w, c, a| {
+                rows(w, c.len, &mut |row, v| crate::simd!(count(a, row, v)));
+                Ok(())
+            },
+            merge,
+        )
+    }
 }
+
+/// Produces a chunk's rows (one per task, or per requested statistic's task) for a select.
+type Rows<'r> = &'r (dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync);
 
 #[inline(always)]
 fn abs_into(src: &[f32], dst: &mut [f32]) {
