@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import weightweave as ww
 from weightweave import reference as R
 
-from conftest import assert_close_ulp, load, make_state, rounding_slack, tree
+from conftest import assert_close_ulp, digest, load, make_state, rounding_slack, tree
 
 
 def write_sharded(d: Path, sd: dict, per_shard: int = 3) -> Path:
@@ -72,14 +72,22 @@ def test_single_file_dir_output_and_metadata(ckpts, tmp_path):
     assert recipe["include_deltas"] is True
 
 
-def test_rerun_into_same_dir_replaces_and_other_weights_are_refused(ckpts, tmp_path):
+def test_rerun_needs_overwrite_and_replaces_only_our_output(ckpts, tmp_path):
     _, _, bp, mps = ckpts
     out = tmp_path / "o"
     ww.merge(bp, mps, out, method="magmax")
-    ww.merge(bp, mps, out, method="magmax", lam=0.2)  # same file names: replaced atomically
-    (out / "stray.safetensors").write_bytes(b"x")
-    with pytest.raises(ww.OutputError, match="stray.safetensors"):
-        ww.merge(bp, mps, out, method="magmax")
+    first = digest(out)
+    with pytest.raises(ww.OutputError, match="overwrite"):
+        ww.merge(bp, mps, out, method="magmax", lam=0.2)
+    assert digest(out) == first
+    ww.merge(bp, mps, out, method="magmax", lam=0.2, overwrite=True)
+    assert digest(out) != first
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert '"lam":0.2' in f.metadata()["weightweave.recipe"].replace(" ", "")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ww.OutputError, match="notes.txt"):
+        ww.merge(bp, mps, out, method="magmax", overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_inspect(tmp_path):

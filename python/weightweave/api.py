@@ -68,20 +68,91 @@ def default_lambdas(method: str) -> list[float]:
     return lams
 
 
-def parse_lambdas(spec: str | Sequence[float]) -> list[float]:
-    """Λ from ``"start:stop:step"`` (both ends included), ``"0.2,0.5,1"``, or a sequence."""
-    if not isinstance(spec, str):
-        return [float(x) for x in spec]
+MAX_LAMBDAS = 2**20
+
+
+def parse_lambdas(spec: object) -> list[float]:
+    """Λ from ``"start:stop:step"`` (both ends included, never past ``stop``), ``"0.2,0.5,1"``,
+    or a sequence of numbers.
+
+    Raises:
+        ParamError: naming what is wrong, before anything large is built.
+    """
+    if isinstance(spec, str):
+        return _parse_lambda_text(spec)
+    if isinstance(spec, (bytes, Mapping)) or not isinstance(spec, Sequence | range) and not _is_array(spec):
+        raise ParamError(
+            f"lambdas must be a sequence of numbers or a string such as '0.1:1.0:0.1' or '0.2,0.5,1', "
+            f"got {type(spec).__name__}"
+        )
+    if len(spec) > MAX_LAMBDAS:  # type: ignore[arg-type]
+        raise ParamError(f"lambdas: {len(spec)} values, more than the {MAX_LAMBDAS} allowed")  # type: ignore[arg-type]
+    out = []
+    for i, x in enumerate(spec):  # type: ignore[arg-type]
+        if isinstance(x, bool) or not isinstance(x, int | float) and not _is_number(x):
+            raise ParamError(f"lambdas[{i}]: expected a number, got {x!r}")
+        out.append(_f32_checked(f"lambdas[{i}]", float(x)))
+    return out
+
+
+def _is_array(v: object) -> bool:
+    return hasattr(v, "__len__") and hasattr(v, "__iter__") and hasattr(v, "dtype")
+
+
+def _is_number(v: object) -> bool:
+    import numbers
+
+    return isinstance(v, numbers.Real)
+
+
+F32_MAX = 3.4028234663852886e38
+
+
+def _f32_checked(name: str, v: float) -> float:
+    """``v`` when it is finite and an f32 can hold it (all arithmetic is f32)."""
+    if v != v or abs(v) == float("inf"):
+        raise ParamError(f"{name}: {v} is not finite")
+    if abs(v) > F32_MAX:
+        raise ParamError(f"{name}: {v:g} is beyond the f32 range of the arithmetic (about 3.4e38)")
+    return v
+
+
+def _parse_lambda_text(spec: str) -> list[float]:
+    form = "use start:stop:step, or comma-separated values"
     try:
         if ":" in spec:
-            start, stop, step = (float(x) for x in spec.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = int(round((stop - start) / step))
-            return [round(start + i * step, 10) for i in range(count + 1)]
-        return [float(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise ParamError(f"lambdas: cannot parse '{spec}' (use start:stop:step, or comma-separated values)") from None
+            parts = spec.split(":")
+            if len(parts) != 3:
+                raise ParamError(f"lambdas: '{spec}' has {len(parts)} ':'-separated parts, not 3 ({form})")
+            start, stop, step = (_f32_checked("lambdas", float(x)) for x in parts)
+            if step <= 0:
+                raise ParamError(f"lambdas: '{spec}': the step must be positive")
+            if stop < start:
+                raise ParamError(f"lambdas: '{spec}': stop {stop:g} is below start {start:g}")
+            # Values past stop by less than a rounding error still count as reaching it.
+            span = (stop - start) / step
+            if span + 1 > MAX_LAMBDAS:
+                raise ParamError(f"lambdas: '{spec}' gives {span + 1:.3g} values, more than the {MAX_LAMBDAS} allowed")
+            count = int(span + 1e-9) + 1
+            return [round(start + i * step, 10) for i in range(count)]
+        values = [x.strip() for x in spec.split(",")]
+        if any(not x for x in values):
+            raise ParamError(f"lambdas: '{spec}' has an empty value ({form})")
+        if len(values) > MAX_LAMBDAS:
+            raise ParamError(f"lambdas: {len(values)} values, more than the {MAX_LAMBDAS} allowed")
+        return [_f32_checked("lambdas", float(x)) for x in values]
+    except ValueError as e:
+        raise ParamError(f"lambdas: cannot parse '{spec}': {e} ({form})") from None
+
+
+def _path(p: object, name: str) -> str:
+    """A path argument as a str: str, bytes and os.PathLike are accepted."""
+    if isinstance(p, bytes):
+        return os.fsdecode(p)
+    if isinstance(p, (str, os.PathLike)):
+        v = os.fspath(p)
+        return os.fsdecode(v) if isinstance(v, bytes) else v
+    raise ParamError(f"{name} must be a path (str or os.PathLike), got {type(p).__name__}")
 
 
 def _method(method: object) -> str:
@@ -91,9 +162,12 @@ def _method(method: object) -> str:
 
 
 def _models(models: object) -> list[Any]:
-    if isinstance(models, (str, os.PathLike, Mapping)):
+    if isinstance(models, (str, bytes, os.PathLike, Mapping)):
         raise ParamError("models must be a sequence of fine-tuned models, not a single one")
-    out = list(models)  # type: ignore[call-overload]
+    try:
+        out = list(models)  # type: ignore[call-overload]
+    except TypeError:
+        raise ParamError(f"models must be a sequence, got {type(models).__name__}") from None
     if not out:
         raise ParamError("models: at least one fine-tuned model is needed")
     return out
@@ -105,10 +179,21 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
          out_dtype: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The recipe and run options, validated, as the one mapping every Rust entry point takes."""
     for name, v in (("threads", threads), ("chunk_size", chunk_size)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v >= 2**63):
             raise ParamError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ParamError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    if lam is not None:
+        if isinstance(lam, bool) or not _is_number(lam):
+            raise ParamError(f"lam must be a number, got {lam!r}")
+        lam = _f32_checked("lam", float(lam))
+    if not isinstance(pool, str):
+        raise ParamError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if out_dtype is not None and not isinstance(out_dtype, str):
+        raise ParamError(f"out_dtype must be a string such as 'bf16', got {out_dtype!r}")
+    for k, v in params.items():
+        if isinstance(v, float | int) and not isinstance(v, bool):
+            params[k] = _f32_checked(k, float(v)) if isinstance(v, float) else v
     return {
         "method": _method(method),
         "params": params,
@@ -143,13 +228,26 @@ def _backend():
     return torch_backend
 
 
-def _run_files(base, models, out, job: dict[str, Any], shard_size: int | None, progress) -> Report:
-    args = (os.fspath(base), [os.fspath(m) for m in _models(models)], os.fspath(out))
+def _progress(progress: object) -> ProgressFn | None:
+    if progress is not None and not callable(progress):
+        raise ParamError(f"progress must be callable as progress(done, total), got {type(progress).__name__}")
+    return progress  # type: ignore[return-value]
+
+
+def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, progress) -> Report:
+    args = (_path(base, "base"), [_path(m, f"models[{i}]") for i, m in enumerate(_models(models))], _path(out, "out"))
+    if shard_size is not None and (not isinstance(shard_size, int) or isinstance(shard_size, bool)
+                                   or not 0 < shard_size < 2**64):  # fmt: skip
+        raise ParamError(f"shard_size must be a positive number of bytes below 2^64, got {shard_size!r}")
+    progress = _progress(progress)
     svd = _svd_options(job["method"], job["params"])
+    opts = {"shard_size": shard_size, "overwrite": bool(overwrite)}
     if job["method"] in SVD_METHODS:
-        sess = _rust.Session(*args, job, shard_size=shard_size)
-        return _report(_backend().run_session(sess, job["method"], progress=progress, **svd))
-    return _report(_rust.merge_files(*args, job, shard_size=shard_size, progress=progress))
+        backend = _backend()
+        backend.check_options(**svd)
+        sess = _rust.Session(*args, job, **opts)
+        return _report(backend.run_session(sess, job["method"], progress=progress, **svd))
+    return _report(_rust.merge_files(*args, job, **opts, progress=progress))
 
 
 def merge(
@@ -164,6 +262,7 @@ def merge(
     chunk_size: int | None = None,
     out_dtype: str | None = None,
     shard_size: int | None = None,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
     **params: float | bool | str,
 ) -> Report:
@@ -183,6 +282,9 @@ def merge(
         out_dtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"f64"`` for merged tensors
             (default: the base's dtype).
         shard_size: Maximum bytes per output shard (directory output only).
+        overwrite: Replace an earlier weightweave output at ``out`` (without it, an existing
+            file or non-empty directory is an error). Only outputs weightweave wrote are ever
+            replaced, atomically.
         progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
             raising from it cancels the merge.
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
@@ -197,7 +299,7 @@ def merge(
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
                out_dtype=out_dtype)  # fmt: skip
-    return _run_files(base, models, out, job, shard_size, progress)
+    return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
 def weave(
@@ -214,6 +316,7 @@ def weave(
     chunk_size: int | None = None,
     out_dtype: str | None = None,
     shard_size: int | None = None,
+    overwrite: bool = False,
     progress: ProgressFn | None = None,
     **params: float | bool | str,
 ) -> Report:
@@ -234,7 +337,7 @@ def weave(
     """
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
                threads=threads, chunk_size=chunk_size, out_dtype=out_dtype)  # fmt: skip
-    return _run_files(base, models, out, job, shard_size, progress)
+    return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
 def inspect(path: PathLike) -> dict[str, Any]:
@@ -247,7 +350,7 @@ def inspect(path: PathLike) -> dict[str, Any]:
     Raises:
         WeaveError: if the checkpoint is missing or malformed.
     """
-    return _rust.inspect(os.fspath(path))
+    return _rust.inspect(_path(path, "path"))
 
 
 # ---- in-memory state dicts -------------------------------------------------------------------
@@ -267,7 +370,11 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
         if _is_torch(v):
             import torch
 
-            t = v.detach().to("cpu").contiguous()
+            try:
+                t = v.detach().to("cpu").contiguous()
+            except (NotImplementedError, RuntimeError) as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ParamError(f"{label}: tensor '{name}' on device {v.device} cannot be read: {first}") from None
             if t.dtype == torch.bfloat16:
                 arr, dt = t.view(torch.int16).numpy(), "BF16"
             else:
@@ -291,6 +398,9 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
     # numpy only here: importing it starts BLAS threads that would compete with file merges.
     import numpy as np
 
+    progress = _progress(progress)
+    if not isinstance(base, Mapping):
+        raise ParamError("base must be a mapping of tensor names to arrays")
     models = _models(models)
     svd = _svd_options(job["method"], job["params"])
     as_torch = any(_is_torch(v) for v in base.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -61,15 +62,55 @@ def parse_set(items: Sequence[str]) -> dict[str, float | bool | str]:
     return params
 
 
-class Bar:
-    """A one-line progress bar on stderr, drawn only on a terminal."""
+class Stop(BaseException):
+    """A stop signal, raised at a point where stopping is clean (see :class:`Signals`)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP (what Ctrl-C, ``timeout``, ``docker stop``, systemd and a
+    closed terminal send) stop the command the same way. While a merge runs they are only
+    recorded, and raised from the progress callback, which the engine calls last just before
+    it publishes: so a stop either cancels the merge (nothing written) or arrives after the
+    publish, and the message says which."""
+
+    NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.armed = False
+        self.published = False
+
+    def install(self) -> None:
+        for s in self.NAMES:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+        if not self.armed:
+            raise Stop(signum)
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise Stop(self.received)
+
+
+class Bar:
+    """A one-line progress bar on stderr, drawn only on a terminal; also where a recorded stop
+    signal is raised."""
+
+    def __init__(self, enabled: bool, signals: Signals | None = None) -> None:
         self.enabled = enabled
+        self.signals = signals
         self.start = time.monotonic()
         self.drawn = False
 
     def __call__(self, done: int, total: int) -> None:
+        if self.signals is not None:
+            self.signals.check()
         if not self.enabled or total <= 0:
             return
         frac = min(done / total, 1.0)
@@ -107,6 +148,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, help="elements per chunk")
     p.add_argument("--out-dtype", choices=["f32", "f16", "bf16", "f64"])
     p.add_argument("--shard-size", type=parse_size, help="max bytes per shard, e.g. 2GB (dir output)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier weightweave output at OUT (atomically; never anything else)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -133,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_merge(args: argparse.Namespace) -> int:
-    bar = Bar(enabled=not args.quiet and sys.stderr.isatty())
+def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
+    bar = Bar(enabled=not args.quiet and sys.stderr.isatty(), signals=signals)
     kw: dict[str, Any] = dict(
         method=args.method,
         seed=args.seed,
@@ -142,9 +188,11 @@ def _run_merge(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         out_dtype=args.out_dtype,
         shard_size=args.shard_size,
+        overwrite=args.overwrite,
         progress=bar,
         **parse_set(args.set),
     )
+    signals.armed = True
     try:
         if args.command == "merge":
             rep = api.merge(args.base, args.models, args.out, lam=args.lam, **kw)
@@ -160,7 +208,13 @@ def _run_merge(args: argparse.Namespace) -> int:
                 **kw,
             )
     finally:
+        signals.armed = False
         bar.close()
+    signals.published = True
+    if signals.received is not None:
+        name = Signals.NAMES.get(signals.received, str(signals.received))
+        print(f"weightweave: {name} arrived after the output was published; {args.out} is complete", file=sys.stderr)
+        return 128 + signals.received
     if not args.quiet:
         print(
             f"wrote {len(rep.outputs)} file(s), {rep.bytes_written / 1e9:.3f} GB in {rep.seconds:.2f}s "
@@ -189,23 +243,36 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``weightweave`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    signals = Signals()
     try:
+        signals.install()
         if args.command in ("merge", "weave"):
-            return _run_merge(args)
+            return _run_merge(args, signals)
         if args.command == "inspect":
             return _run_inspect(args)
         from . import demo
 
         demo.run(args.dir)
         return 0
-    except KeyboardInterrupt:
-        print("weightweave: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except WeaveError as e:
+    except (Stop, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Stop) else signal.SIGINT
+        name = Signals.NAMES.get(signum, str(signum))
+        if signals.published:
+            print(f"weightweave: interrupted ({name}) after the output was published; it is complete", file=sys.stderr)
+        else:
+            print(f"weightweave: interrupted ({name}); nothing was written", file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:
+        # `weightweave inspect ... | head`: the reader left; that is not an error.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (WeaveError, OSError) as e:
         print(f"weightweave: error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"weightweave: error: {e}", file=sys.stderr)
+    except Exception as e:  # never a traceback for the user; the type says where to look
+        print(f"weightweave: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 

@@ -35,9 +35,19 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ParamError(f"device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ParamError(f"device: '{device}' is not supported; use 'cpu' or 'cuda' (or 'cuda:N')")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParamError("device: CUDA was requested but is not available")
     return dev
+
+
+def check_options(device: str | torch.device | None = None, svd_exclude: str | None = None) -> None:
+    """Validates the backend's own options before any file is touched."""
+    pick_device(device)
+    if svd_exclude is not None and not isinstance(svd_exclude, str):
+        raise ParamError(f"svd_exclude must be a regular expression string, got {type(svd_exclude).__name__}")
+    svd_targets([], svd_exclude)
 
 
 class TsvState:
@@ -152,8 +162,12 @@ def run_session(
                     sess.prefetch(jobs[k + 1][0])
                 (bdt, bbuf), models = sess.inputs(i)
                 base = _load(bbuf, bdt, shape, on)
+                if not bool(torch.isfinite(base).all()):
+                    sess.check_finite(i)  # raises NonFiniteError naming file, tensor, element
                 for t, (mdt, mbuf) in enumerate(models):
                     delta = _load(mbuf, mdt, shape, on) - base
+                    if not bool(torch.isfinite(delta).all()):
+                        sess.check_finite(i)
                     while not stop.is_set():
                         try:
                             q.put((i, t, delta), timeout=0.1)
@@ -189,10 +203,13 @@ def run_session(
                 sess.write(i, m.numpy().reshape(-1))
                 if progress is not None:
                     progress(*sess.progress())
-        report = sess.finish()
+        sess.complete()
         if progress is not None:
-            progress(report["bytes_read"], report["bytes_read"])
-        return report
+            # The last report comes before the publish: a callback that raises here (or a
+            # Ctrl-C it surfaces) leaves nothing behind.
+            total = sess.progress()[1]
+            progress(total, total)
+        return sess.publish()
     except BaseException:
         stop.set()
         sess.abort()

@@ -87,6 +87,16 @@ impl DType {
         }
     }
 
+    /// The largest finite value of a floating output dtype (f32's for wider ones: the
+    /// arithmetic is f32).
+    pub fn max_finite(self) -> f32 {
+        match self {
+            DType::F16 => 65_504.0,
+            DType::BF16 => f32::from_bits(0x7F7F_0000),
+            _ => f32::MAX,
+        }
+    }
+
     /// Whether tensors of this dtype are merged (the rest are copied from the base).
     pub fn is_mergeable(self) -> bool {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong in reading, planning, merging or writing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operating-system failure on one path (open, map, write, rename, ...).
-    #[error("{}: {source}", path.display())]
+    /// An operating-system failure on one path (open, map, write, rename, ...), always the
+    /// user's path, never a temporary one.
+    #[error("{}: {}", path.display(), describe_io(source))]
     Io {
         path: PathBuf,
         #[source]
@@ -54,8 +55,24 @@ pub enum Error {
         value: f32,
     },
     /// A merged value does not fit the output dtype (it would be written as infinity).
-    #[error("tensor '{tensor}': merged values overflow {dtype}; choose a wider out_dtype")]
-    Overflow { tensor: String, dtype: &'static str },
+    #[error("tensor '{tensor}': merged values overflow {dtype} (largest {dtype} is {max:e}); write a wider out_dtype such as f32")]
+    Overflow {
+        tensor: String,
+        dtype: &'static str,
+        max: f32,
+    },
+    /// A merged value exceeds f32, the precision all arithmetic runs in, whatever the output
+    /// dtype (λ or the weights are too large for these inputs).
+    #[error("tensor '{tensor}': merged values exceed the f32 range of the arithmetic (about 3.4e38); use a smaller λ")]
+    ArithmeticOverflow { tensor: String },
+    /// A finite input value that f32, the precision of the arithmetic, cannot hold.
+    #[error("{file}: tensor '{tensor}' holds {value:e} at element {index}, beyond the f32 range of the arithmetic (about 3.4e38)")]
+    OutOfRange {
+        file: String,
+        tensor: String,
+        index: usize,
+        value: f64,
+    },
     /// A method name the core does not implement.
     #[error("unknown method '{name}' (known: {known})")]
     UnknownMethod { name: String, known: &'static str },
@@ -68,12 +85,37 @@ pub enum Error {
     /// The output location cannot be used as asked.
     #[error("{}: {reason}", path.display())]
     BadOutput { path: PathBuf, reason: String },
+    /// Another run is writing the same output.
+    #[error("{}: another weightweave run is writing this output ({holder}); wait for it, or remove {} if no such run exists", path.display(), lock.display())]
+    Locked {
+        path: PathBuf,
+        holder: String,
+        lock: PathBuf,
+    },
+    /// An input changed while the merge read it: the result would mix two versions.
+    #[error("{}: the input changed while the merge ran ({what}); nothing was written", path.display())]
+    InputChanged { path: PathBuf, what: String },
+    /// A bug: an invariant of the engine did not hold. Reported, never a crash.
+    #[error("internal error: {what} (please report it)")]
+    Internal { what: String },
     /// The caller asked to stop (Ctrl-C, or an exception in the progress callback).
     #[error("cancelled")]
     Cancelled,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An OS error in words a user can act on, for the cases whose raw message misleads.
+fn describe_io(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENODEV) => "not a regular file (cannot be memory-mapped)".into(),
+        Some(libc::EISDIR) => "is a directory".into(),
+        Some(libc::ENOTDIR) => "a component of the path is not a directory".into(),
+        Some(libc::ELOOP) => "is a symbolic link, or one that loops".into(),
+        Some(libc::ENAMETOOLONG) => "the path or one of its names is too long".into(),
+        _ => e.to_string(),
+    }
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

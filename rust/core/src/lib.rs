@@ -16,6 +16,7 @@ pub mod select;
 pub mod session;
 pub mod simd;
 mod stats;
+pub mod watch;
 pub mod writer;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,17 @@ pub const DEFAULT_CHUNK: usize = 1 << 18;
 
 /// The largest chunk accepted.
 pub const MAX_CHUNK: usize = 1 << 30;
+
+/// Chunks larger than this are processed in pieces of this size: a chunk is the unit between
+/// cancellation checks, so this bounds how long Ctrl-C takes (tens of milliseconds for the
+/// slowest method), and it only lowers memory. Outputs do not depend on chunking.
+pub const PIECE: usize = 1 << 20;
+
+/// More worker threads than this is an error (a typo, not a wish).
+pub const MAX_THREADS: usize = 1024;
+
+/// Threads beyond this many per core only add contention; larger requests are clamped.
+pub const THREADS_PER_CORE: usize = 4;
 
 /// Plain merge or Weight Weaving, as the caller asked (defaults not yet applied).
 #[derive(Clone, Debug, PartialEq)]
@@ -80,8 +92,13 @@ impl Job {
         let combine = match &self.mode {
             Mode::Merge { lam } => {
                 let lam = lam.unwrap_or_else(|| Method::default_lam(&self.method));
-                if !lam.is_finite() {
-                    return Err(Error::param("lam", format!("{lam} is not finite")));
+                if !fits_f32(lam) {
+                    return Err(Error::param(
+                        "lam",
+                        format!(
+                            "{lam} is not a finite value within the f32 range of the arithmetic"
+                        ),
+                    ));
                 }
                 Combine::Merge { lam: lam as f32 }
             }
@@ -102,12 +119,19 @@ impl Job {
                         "must hold between 1 and 2^20 values",
                     ));
                 }
-                if lambdas.iter().any(|l| !l.is_finite())
-                    || lambdas.windows(2).any(|w| w[0] >= w[1])
-                {
+                if let Some(l) = lambdas.iter().find(|l| !fits_f32(**l)) {
                     return Err(Error::param(
                         "lambdas",
-                        format!("must be finite and strictly increasing, got {lambdas:?}"),
+                        format!("{l} is not a finite value within the f32 range of the arithmetic"),
+                    ));
+                }
+                if let Some(w) = lambdas.windows(2).find(|w| w[0] >= w[1]) {
+                    return Err(Error::param(
+                        "lambdas",
+                        format!(
+                            "must be strictly increasing ({} is followed by {})",
+                            w[0], w[1]
+                        ),
                     ));
                 }
                 let pool = Pool::parse(pool).ok_or_else(|| {
@@ -136,6 +160,12 @@ impl Job {
         if self.threads == Some(0) {
             return Err(Error::param("threads", "must be positive"));
         }
+        if let Some(t) = self.threads.filter(|&t| t > MAX_THREADS) {
+            return Err(Error::param(
+                "threads",
+                format!("{t} is more than the {MAX_THREADS} allowed (requests above {THREADS_PER_CORE} per core are clamped)"),
+            ));
+        }
         Ok(Recipe {
             method,
             combine,
@@ -154,11 +184,14 @@ impl Job {
     }
 
     pub fn options(&self) -> Options {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Options {
             threads: self
                 .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-            chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK),
+                .unwrap_or(cores)
+                .min(cores * THREADS_PER_CORE)
+                .max(1),
+            chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK).min(PIECE),
         }
     }
 
@@ -189,6 +222,11 @@ impl Job {
             ("weightweave.recipe".to_owned(), r.to_string()),
         ])
     }
+}
+
+/// Whether `v` is finite and an f32 holds it (all arithmetic is f32).
+fn fits_f32(v: f64) -> bool {
+    v.is_finite() && v.abs() <= f32::MAX as f64
 }
 
 fn check_tasks(models: usize) -> Result<()> {
@@ -234,16 +272,136 @@ pub fn plan_views(
     plan::validate(base, models, job.out_dtype()?)
 }
 
-/// Merges checkpoints on disk into `out` (a `.safetensors` file or a model directory).
-pub fn run_files(
+/// Where and how a file merge writes its output.
+#[derive(Clone, Debug, Default)]
+pub struct OutputOptions {
+    /// Maximum bytes per shard (directory output).
+    pub shard_size: Option<u64>,
+    /// Replace an earlier weightweave output at the same path.
+    pub overwrite: bool,
+}
+
+/// A computed merge, fully written to its staging area, not yet published.
+pub struct Prepared {
+    output: writer::FileOutput,
+    inputs: Vec<(PathBuf, watch::Fingerprint)>,
+    bytes_read: u64,
+    bytes_written: u64,
+    start: Instant,
+    unmap: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prepared {
+    /// Checks that no input changed and publishes the output in one step. Nothing is left at
+    /// the target when this fails.
+    pub fn publish(self) -> Result<Report> {
+        let Prepared {
+            output,
+            inputs,
+            bytes_read,
+            bytes_written,
+            start,
+            unmap,
+        } = self;
+        let verify = || inputs.iter().try_for_each(|(p, fp)| watch::verify(p, fp));
+        let outputs = output.publish(&verify);
+        if let Some(h) = unmap {
+            let _ = h.join();
+        }
+        Ok(Report {
+            outputs: outputs?,
+            bytes_read,
+            bytes_written,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// The checkpoints of a file merge, opened and validated, with the output's staging area
+/// created: every check that can fail before any work has passed when this returns.
+pub(crate) struct Opened {
+    pub base: Checkpoint,
+    pub models: Vec<Checkpoint>,
+    pub plan: Vec<plan::TensorPlan>,
+    pub output: writer::FileOutput,
+    pub bytes_written: u64,
+}
+
+pub(crate) fn open_files(
     base: &Path,
     models: &[PathBuf],
     out: &Path,
-    shard_size: Option<u64>,
+    opts: &OutputOptions,
+    job: &Job,
+    recipe: &Recipe,
+) -> Result<Opened> {
+    let target = writer::Target::new(out, opts.shard_size, opts.overwrite)?;
+    let base_ck = Checkpoint::open(base)?;
+    let model_cks = models
+        .iter()
+        .map(Checkpoint::open)
+        .collect::<Result<Vec<_>>>()?;
+    let plan = {
+        let views: Vec<ModelView> = model_cks.iter().map(|m| m.view()).collect();
+        plan::validate(&base_ck.view(), &views, job.out_dtype()?)?
+    };
+    let mut inputs = base_ck.input_files();
+    for m in &model_cks {
+        inputs.extend(m.input_files());
+    }
+    let (output, bytes_written) = writer::FileOutput::create(
+        &target,
+        &plan,
+        &job.metadata(recipe),
+        &inputs,
+        base_ck.model_dir.as_deref(),
+    )?;
+    Ok(Opened {
+        base: base_ck,
+        models: model_cks,
+        plan,
+        output,
+        bytes_written,
+    })
+}
+
+impl Opened {
+    /// Ends the reading: checks the maps for truncation, keeps the inputs' fingerprints, and
+    /// unmaps in the background (page tables of gigabytes take a while) while publish waits
+    /// for the disk.
+    pub(crate) fn finish_reading(self, bytes_read: u64, start: Instant) -> Result<Prepared> {
+        self.base.check_truncation()?;
+        self.models
+            .iter()
+            .try_for_each(Checkpoint::check_truncation)?;
+        let mut inputs = self.base.fingerprints();
+        for m in &self.models {
+            inputs.extend(m.fingerprints());
+        }
+        let (base, models) = (self.base, self.models);
+        let unmap = std::thread::spawn(move || drop((base, models)));
+        Ok(Prepared {
+            output: self.output,
+            inputs,
+            bytes_read,
+            bytes_written: self.bytes_written,
+            start,
+            unmap: Some(unmap),
+        })
+    }
+}
+
+/// Merges checkpoints on disk into the staging area of `out` (a `.safetensors` file or a
+/// model directory); [`Prepared::publish`] then makes it visible.
+pub fn prepare_files(
+    base: &Path,
+    models: &[PathBuf],
+    out: &Path,
+    opts: &OutputOptions,
     job: &Job,
     progress: pipeline::Progress,
     cancel: &AtomicBool,
-) -> Result<Report> {
+) -> Result<Prepared> {
     let start = Instant::now();
     check_tasks(models.len())?;
     let recipe = job.recipe()?;
@@ -256,46 +414,34 @@ pub fn run_files(
             ),
         ));
     }
-    let target = writer::Target::from_path(out, shard_size)?;
-    let base_ck = Checkpoint::open(base)?;
-    let model_cks = models
-        .iter()
-        .map(Checkpoint::open)
-        .collect::<Result<Vec<_>>>()?;
-    let base_view = base_ck.view();
-    let views: Vec<ModelView> = model_cks.iter().map(|m| m.view()).collect();
-    let plan = plan::validate(&base_view, &views, job.out_dtype()?)?;
-    let mut inputs = base_ck.input_files();
-    for m in &model_cks {
-        inputs.extend(m.input_files());
-    }
-    let layout = writer::Layout::new(&plan, &target, &job.metadata(&recipe));
-    let bytes_written = layout.bytes();
-    let output =
-        writer::FileOutput::create(&target, layout, &inputs, base_ck.model_dir.as_deref())?;
-    let bytes_read = pipeline::run(
-        &base_view,
-        &views,
-        &plan,
-        &recipe,
-        job.options(),
-        &output,
-        progress,
-        cancel,
-        &[],
-    )?;
-    // Unmapping gigabytes of inputs takes a while (page tables); do it while commit waits for
-    // the disk.
-    drop(views);
-    drop(base_view);
-    let unmap = std::thread::spawn(move || drop((base_ck, model_cks)));
-    let outputs = output.commit();
-    let _ = unmap.join();
-    let outputs = outputs?;
-    Ok(Report {
-        outputs,
-        bytes_read,
-        bytes_written,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    let opened = open_files(base, models, out, opts, job, &recipe)?;
+    let bytes_read = {
+        let base_view = opened.base.view();
+        let views: Vec<ModelView> = opened.models.iter().map(|m| m.view()).collect();
+        pipeline::run(
+            &base_view,
+            &views,
+            &opened.plan,
+            &recipe,
+            job.options(),
+            &opened.output,
+            progress,
+            cancel,
+            &[],
+        )?
+    };
+    opened.finish_reading(bytes_read, start)
+}
+
+/// [`prepare_files`] then [`Prepared::publish`].
+pub fn run_files(
+    base: &Path,
+    models: &[PathBuf],
+    out: &Path,
+    opts: &OutputOptions,
+    job: &Job,
+    progress: pipeline::Progress,
+    cancel: &AtomicBool,
+) -> Result<Report> {
+    prepare_files(base, models, out, opts, job, progress, cancel)?.publish()
 }

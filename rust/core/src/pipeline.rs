@@ -84,6 +84,8 @@ pub(crate) struct Engine<'a> {
     pub(crate) given: Given<'a>,
     /// Worker buffers handed from pass to pass (a pass per tensor is common with scope=tensor).
     pub(crate) spare: Mutex<Vec<Work>>,
+    /// Σ λ, computed once.
+    pub(crate) lam_sum: f32,
 }
 
 /// Runs a merge: validation already done (`plan` from [`crate::plan::validate`]).
@@ -159,6 +161,7 @@ pub fn run_chunks(
         cancel,
         given,
         spare: Mutex::new(Vec::new()),
+        lam_sum: recipe.combine.lam_sum(),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
@@ -407,6 +410,7 @@ impl<'a> Engine<'a> {
                 &raw,
                 &m[r.clone()],
                 m_is_sum,
+                self.lam_sum,
                 &base[r.clone()],
                 out,
                 &stream,
@@ -416,9 +420,17 @@ impl<'a> Engine<'a> {
             encode(t.out_dtype, out, &mut bytes[r.start * size..r.end * size]);
         }
         if !in_range {
-            return Err(Error::Overflow {
-                tensor: t.name.clone(),
-                dtype: t.out_dtype.name(),
+            let n = n.min(out.len());
+            return Err(if out[..n].iter().any(|v| !v.is_finite()) {
+                Error::ArithmeticOverflow {
+                    tensor: t.name.clone(),
+                }
+            } else {
+                Error::Overflow {
+                    tensor: t.name.clone(),
+                    dtype: t.out_dtype.name(),
+                    max: t.out_dtype.max_finite(),
+                }
             });
         }
         sink.write(c.tensor, c.start * size, &bytes[..n * size])
@@ -436,14 +448,24 @@ pub(crate) fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
-fn decode_checked(r: &TensorRef, name: &str, c: &Chunk, out: &mut [f32]) -> Result<()> {
+/// Decodes a chunk that failed the fast finite check, and reports its first bad element: a
+/// NaN or infinity, or a finite f64 that f32 cannot hold.
+pub(crate) fn decode_checked(r: &TensorRef, name: &str, c: &Chunk, out: &mut [f32]) -> Result<()> {
     let size = r.dtype.size();
-    decode(
-        r.dtype,
-        &r.data[c.start * size..(c.start + c.len) * size],
-        out,
-    );
+    let bytes = &r.data[c.start * size..(c.start + c.len) * size];
+    decode(r.dtype, bytes, out);
     if let Some((i, value)) = first_non_finite(out) {
+        if r.dtype == crate::dtype::DType::F64 {
+            let v = f64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            if v.is_finite() {
+                return Err(Error::OutOfRange {
+                    file: r.file.to_owned(),
+                    tensor: name.to_owned(),
+                    index: c.start + i,
+                    value: v,
+                });
+            }
+        }
         return Err(Error::NonFinite {
             file: r.file.to_owned(),
             tensor: name.to_owned(),

@@ -67,9 +67,20 @@ impl Combine {
     }
 }
 
+impl Combine {
+    /// Σ_i λ_i (summed in f64 once per run, not per chunk: Λ may hold a million values).
+    pub fn lam_sum(&self) -> f32 {
+        match self {
+            Combine::Merge { lam } => *lam,
+            Combine::Weave { lambdas, .. } => lambdas.iter().map(|&l| l as f64).sum::<f64>() as f32,
+        }
+    }
+}
+
 /// out = base + P for one chunk. `raw` are the unmodified deltas (A*'s first members), `m` the
 /// merged task vector; `first` is the element index of the chunk's start within its tensor.
 /// `m_is_sum`: M equals Σ_t raw τ_t (task arithmetic), which the mean pool then reuses.
+/// `lam_sum` is [`Combine::lam_sum`]. Every pool is O(1) per element in |Λ|.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn apply(
@@ -77,6 +88,7 @@ pub fn apply(
     raw: &[&[f32]],
     m: &[f32],
     m_is_sum: bool,
+    lam_sum: f32,
     base: &[f32],
     out: &mut [f32],
     rng: &Stream,
@@ -97,7 +109,7 @@ pub fn apply(
         } => {
             let deltas: &[&[f32]] = if *include_deltas { raw } else { &[] };
             match pool {
-                Pool::Mean => mean(deltas, lambdas, m, m_is_sum, base, out),
+                Pool::Mean => mean(deltas, lambdas.len(), lam_sum, m, m_is_sum, base, out),
                 Pool::Random => {
                     let members = (deltas.len() + lambdas.len()) as u64;
                     for i in 0..n {
@@ -109,49 +121,76 @@ pub fn apply(
                         out[i] = base[i] + p;
                     }
                 }
-                Pool::MagMax => {
-                    // Members in A* order; each later one wins ties. Task-outer selects vectorize.
-                    let first_member = |i: usize| match deltas.first() {
-                        Some(d) => d[i],
-                        None => lambdas[0] * m[i],
-                    };
-                    for (i, o) in out.iter_mut().enumerate() {
-                        *o = first_member(i);
-                    }
-                    let skip = usize::from(deltas.is_empty());
-                    for d in deltas.iter().skip(1) {
-                        for (o, &x) in out.iter_mut().zip(&d[..n]) {
-                            *o = if x.abs() >= o.abs() { x } else { *o };
-                        }
-                    }
-                    for &l in &lambdas[skip..] {
-                        for (o, &mi) in out.iter_mut().zip(m) {
-                            let x = l * mi;
-                            *o = if x.abs() >= o.abs() { x } else { *o };
-                        }
-                    }
-                    for (o, &b) in out.iter_mut().zip(base) {
-                        *o += b;
-                    }
-                }
+                Pool::MagMax => magmax(deltas, lambdas, m, base, out),
             }
         }
     }
+}
+
+/// The member of A* of largest magnitude, the later one on ties (A* order: deltas, then
+/// λ_1·M < … < λ_L·M). Over the scaled merges, |fl(λ·m)| is monotone in |λ| (rounding is
+/// monotone), so the winner is λ_L·m or, when |λ_1·m| is strictly larger, the last λ whose
+/// product rounds to the same magnitude as λ_1's: λ_1 itself unless neighbouring λ tie.
+#[inline(always)]
+fn magmax(deltas: &[&[f32]], lambdas: &[f32], m: &[f32], base: &[f32], out: &mut [f32]) {
+    let n = base.len();
+    let (lo, hi) = (lambdas[0], lambdas[lambdas.len() - 1]);
+    let second = lambdas.get(1).copied().unwrap_or(hi);
+    // Deltas first, task-outer so the selects vectorize.
+    if let Some(d0) = deltas.first() {
+        out.copy_from_slice(&d0[..n]);
+        for d in &deltas[1..] {
+            for (o, &x) in out.iter_mut().zip(&d[..n]) {
+                *o = if x.abs() >= o.abs() { x } else { *o };
+            }
+        }
+    }
+    let has_deltas = !deltas.is_empty();
+    for i in 0..n {
+        let (a, b) = (hi * m[i], lo * m[i]);
+        let mut x = if a.abs() >= b.abs() { a } else { b };
+        if a.abs() < b.abs() && (second * m[i]).abs() == b.abs() {
+            x = last_tie(lambdas, m[i], b.abs());
+        }
+        let o = if has_deltas && out[i].abs() > x.abs() {
+            out[i]
+        } else {
+            x
+        };
+        out[i] = base[i] + o;
+    }
+}
+
+/// The product λ_k·m of the last k with |λ_k·m| = `top` (= |λ_1·m|, the maximum): the
+/// magnitudes fall and then rise along Λ, and stay below `top` on the rising side, so the
+/// indices reaching `top` are a prefix, found by bisection.
+#[cold]
+fn last_tie(lambdas: &[f32], m: f32, top: f32) -> f32 {
+    let (mut lo, mut hi) = (0, lambdas.len());
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if (lambdas[mid] * m).abs() == top {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lambdas[lo] * m
 }
 
 /// P = (Σ_t τ_t + (Σ_i λ_i)·M) / N.
 #[inline(always)]
 fn mean(
     deltas: &[&[f32]],
-    lambdas: &[f32],
+    lambdas: usize,
+    lam_sum: f32,
     m: &[f32],
     m_is_sum: bool,
     base: &[f32],
     out: &mut [f32],
 ) {
     let n = base.len();
-    let lam_sum = lambdas.iter().map(|&l| l as f64).sum::<f64>() as f32;
-    let members = (deltas.len() + lambdas.len()) as f32;
+    let members = (deltas.len() + lambdas) as f32;
     if deltas.is_empty() {
         for i in 0..n {
             out[i] = base[i] + (lam_sum * m[i]) / members;
@@ -195,6 +234,7 @@ mod tests {
             &raw,
             &m,
             false,
+            c.lam_sum(),
             &[0.0; 4],
             &mut out,
             &Stream::new(0, 0, "x"),
@@ -217,11 +257,60 @@ mod tests {
             &[&[-2.0][..]],
             &[2.0],
             false,
+            c.lam_sum(),
             &[10.0],
             &mut out,
             &Stream::new(0, 0, "x"),
             0,
         );
         assert_eq!(out, [12.0]);
+    }
+
+    /// The member-by-member definition, for comparison with the O(1) pool.
+    fn magmax_by_definition(deltas: &[f32], lambdas: &[f32], m: f32) -> f32 {
+        let members = deltas.iter().copied().chain(lambdas.iter().map(|&l| l * m));
+        members.fold(f32::NAN, |o, x| {
+            if o.is_nan() || x.abs() >= o.abs() {
+                x
+            } else {
+                o
+            }
+        })
+    }
+
+    #[test]
+    fn magmax_pool_matches_the_definition() {
+        let lambda_sets: [&[f32]; 6] = [
+            &[0.1, 0.5, 1.0],
+            &[-2.0, -1.0, 0.5, 1.0],
+            &[-1.0, 1.0],
+            &[-1.0, -0.99999994, -0.9999999, 0.5],
+            &[-3.0],
+            &[-1.5, -1.0, -0.5],
+        ];
+        let ms = [0.0f32, -0.0, 1.0, -2.5, 1e-45, -3e-45, 7e-39, 1e30];
+        let delta_sets: [&[f32]; 4] = [&[], &[0.5], &[-3.0, 3.0], &[0.0, -0.0]];
+        for lambdas in lambda_sets {
+            for &m in &ms {
+                for deltas in delta_sets {
+                    let c = Combine::Weave {
+                        lambdas: lambdas.to_vec(),
+                        pool: Pool::MagMax,
+                        include_deltas: true,
+                    };
+                    let raw: Vec<[f32; 1]> = deltas.iter().map(|&d| [d]).collect();
+                    let raw: Vec<&[f32]> = raw.iter().map(|d| &d[..]).collect();
+                    let mut out = [0.0];
+                    let s = Stream::new(0, 0, "x");
+                    apply(&c, &raw, &[m], false, c.lam_sum(), &[0.0], &mut out, &s, 0);
+                    let want = magmax_by_definition(deltas, lambdas, m);
+                    assert_eq!(
+                        out[0].to_bits(),
+                        (0.0 + want).to_bits(),
+                        "{lambdas:?} m={m} deltas={deltas:?}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::header;
+use crate::watch::{self, Fingerprint};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -42,8 +43,63 @@ pub struct ModelView<'a> {
 struct MappedFile {
     path: PathBuf,
     label: String,
+    /// Unregistered before the map goes (fields drop in order).
+    guard: Option<watch::Guard>,
     map: Option<Mmap>,
     header: header::Header,
+    fingerprint: Fingerprint,
+}
+
+/// Opens an input file for reading, refusing anything but a regular file up front (opening
+/// a FIFO would block forever; a directory maps as "No such device").
+pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::header(
+            &path.display().to_string(),
+            "is a directory, not a file",
+        ));
+    }
+    if !meta.is_file() {
+        return Err(Error::header(
+            &path.display().to_string(),
+            "is not a regular file (a FIFO, socket or device cannot be read as a checkpoint)",
+        ));
+    }
+    Ok((file, meta))
+}
+
+fn map_file(path: &Path) -> Result<MappedFile> {
+    let label = path.display().to_string();
+    let (file, meta) = open_regular(path)?;
+    let len = meta.len();
+    // SAFETY: the map is read-only. An input modified while mapped changes what we read and
+    // is caught by the fingerprint check before publishing; one truncated raises SIGBUS, which
+    // `watch` turns into zero pages and an error. A zero-length file cannot be mapped, and
+    // fails validation below anyway.
+    let map = if len == 0 {
+        None
+    } else {
+        Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
+    };
+    let guard = map
+        .as_ref()
+        .map(|m| watch::Guard::register(m.as_ptr(), m.len(), path));
+    let header = header::parse(&label, map.as_deref().unwrap_or(&[]))?;
+    Ok(MappedFile {
+        path: path.to_owned(),
+        label,
+        guard,
+        map,
+        header,
+        fingerprint: Fingerprint::of(&meta),
+    })
 }
 
 /// An opened, validated checkpoint on disk.
@@ -52,8 +108,9 @@ pub struct Checkpoint {
     pub path: PathBuf,
     /// The directory the model lives in, when the user gave a directory (for config files).
     pub model_dir: Option<PathBuf>,
-    /// The index file, when the checkpoint is sharded.
+    /// The index file, when the checkpoint is sharded, and its state when read.
     pub index_file: Option<PathBuf>,
+    index_fingerprint: Option<Fingerprint>,
     files: Vec<MappedFile>,
     /// tensor name -> file index
     owner: BTreeMap<String, usize>,
@@ -64,26 +121,6 @@ struct RawIndex {
     weight_map: BTreeMap<String, String>,
 }
 
-fn map_file(path: &Path) -> Result<MappedFile> {
-    let label = path.display().to_string();
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    // SAFETY: the map is read-only; the contract (documented) is that inputs are not modified
-    // while a merge runs. A zero-length file cannot be mapped, and fails validation below anyway.
-    let map = if len == 0 {
-        None
-    } else {
-        Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
-    };
-    let header = header::parse(&label, map.as_deref().unwrap_or(&[]))?;
-    Ok(MappedFile {
-        path: path.to_owned(),
-        label,
-        map,
-        header,
-    })
-}
-
 impl Checkpoint {
     /// Opens a file, a model directory or an index file, validating every header.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
@@ -92,13 +129,20 @@ impl Checkpoint {
         if meta.is_dir() {
             let index = path.join(INDEX_FILE);
             let single = path.join(SINGLE_FILE);
-            let mut ck = if index.is_file() {
+            let label = path.display().to_string();
+            if index.exists() && single.exists() {
+                return Err(Error::header(
+                    &label,
+                    format!("holds both {SINGLE_FILE} and {INDEX_FILE}, and loaders disagree on which wins; pass the one to use"),
+                ));
+            }
+            let mut ck = if index.exists() {
                 Self::open_index(path, &index)?
-            } else if single.is_file() {
+            } else if single.exists() {
                 Self::open_single(path, &single)?
             } else {
                 return Err(Error::header(
-                    &path.display().to_string(),
+                    &label,
                     format!("directory holds neither {SINGLE_FILE} nor {INDEX_FILE}"),
                 ));
             };
@@ -123,6 +167,7 @@ impl Checkpoint {
             path: given.to_owned(),
             model_dir: None,
             index_file: None,
+            index_fingerprint: None,
             files: vec![mapped],
             owner,
         })
@@ -130,9 +175,15 @@ impl Checkpoint {
 
     fn open_index(given: &Path, index: &Path) -> Result<Checkpoint> {
         let label = index.display().to_string();
-        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let raw: RawIndex = serde_json::from_str(&text)
+        let (file, meta) = open_regular(index)?;
+        let raw: RawIndex = serde_json::from_reader(std::io::BufReader::new(file))
             .map_err(|e| Error::header(&label, format!("not a shard index: {e}")))?;
+        if raw.weight_map.is_empty() {
+            return Err(Error::header(
+                &label,
+                "the index's weight_map lists no tensor",
+            ));
+        }
         let dir = index.parent().unwrap_or(Path::new("."));
         let mut shard_names: Vec<&String> = raw.weight_map.values().collect();
         shard_names.sort();
@@ -179,6 +230,7 @@ impl Checkpoint {
             path: given.to_owned(),
             model_dir: None,
             index_file: Some(index.to_owned()),
+            index_fingerprint: Some(Fingerprint::of(&meta)),
             files,
             owner,
         })
@@ -188,6 +240,29 @@ impl Checkpoint {
     pub fn input_files(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
         v.extend(self.index_file.clone());
+        v
+    }
+
+    /// An error if a read hit a page lost to truncation (see [`watch`]). Call once the reads
+    /// are over, before the maps go.
+    pub fn check_truncation(&self) -> Result<()> {
+        self.files
+            .iter()
+            .filter_map(|f| f.guard.as_ref())
+            .try_for_each(|g| g.check())
+    }
+
+    /// Every input file with its state when opened, for [`crate::watch::verify`] before
+    /// publishing.
+    pub fn fingerprints(&self) -> Vec<(PathBuf, Fingerprint)> {
+        let mut v: Vec<(PathBuf, Fingerprint)> = self
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.fingerprint))
+            .collect();
+        if let (Some(p), Some(fp)) = (&self.index_file, self.index_fingerprint) {
+            v.push((p.clone(), fp));
+        }
         v
     }
 

@@ -1,8 +1,9 @@
 //! A merge driven tensor by tensor from outside: the torch backend reads a tensor's inputs
 //! (zero-copy from the maps), computes M for it — an SVD the core does not do — and hands M back;
 //! the core pools it with the deltas exactly as for every other method and writes it. Tensors the
-//! caller does not hand back take the mean of the deltas (or are copied) at [`Session::finish`].
-//! The output stays a set of temporaries until then; dropping the session discards it.
+//! caller does not hand back take the mean of the deltas (or are copied) at [`Session::complete`].
+//! The output stays in its staging area until [`Session::publish`]; dropping the session
+//! discards it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::pipeline::{self, Options, Recipe};
 use crate::plan::{self, TensorPlan};
 use crate::reader::{Checkpoint, ModelView, TensorRef};
-use crate::writer::{FileOutput, Layout, Target};
-use crate::{Job, Report};
+use crate::writer::FileOutput;
+use crate::{Job, OutputOptions, Report};
 
 pub struct Session {
     base: Arc<Checkpoint>,
@@ -31,12 +32,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Opens and validates every input, and creates the output's temporaries.
+    /// Opens and validates every input, and creates the output's staging area.
     pub fn open(
         base: &Path,
         models: &[PathBuf],
         out: &Path,
-        shard_size: Option<u64>,
+        opts: &OutputOptions,
         job: &Job,
     ) -> Result<Session> {
         let start = Instant::now();
@@ -47,39 +48,24 @@ impl Session {
             ));
         }
         let recipe = job.recipe()?;
-        let target = Target::from_path(out, shard_size)?;
-        let base = Arc::new(Checkpoint::open(base)?);
-        let models = models
-            .iter()
-            .map(|m| Checkpoint::open(m).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
-        let plan = {
-            let views: Vec<ModelView> = models.iter().map(|m| m.view()).collect();
-            plan::validate(&base.view(), &views, job.out_dtype()?)?
-        };
-        let mut inputs = base.input_files();
-        for m in &models {
-            inputs.extend(m.input_files());
-        }
-        let layout = Layout::new(&plan, &target, &job.metadata(&recipe));
-        let bytes_written = layout.bytes();
-        let output = FileOutput::create(&target, layout, &inputs, base.model_dir.as_deref())?;
+        let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
         let tasks = models.len() as u64;
-        let total = plan
+        let total = opened
+            .plan
             .iter()
             .map(|t| {
                 (t.numel * t.base_dtype.size()) as u64 * if t.mergeable { tasks + 1 } else { 1 }
             })
             .sum();
         Ok(Session {
-            written: Mutex::new(vec![false; plan.len()]),
-            base,
-            models,
-            plan,
+            written: Mutex::new(vec![false; opened.plan.len()]),
+            base: Arc::new(opened.base),
+            models: opened.models.into_iter().map(Arc::new).collect(),
+            plan: opened.plan,
             recipe,
             opts: job.options(),
-            output,
-            bytes_written,
+            output: opened.output,
+            bytes_written: opened.bytes_written,
             done: AtomicU64::new(0),
             total,
             start,
@@ -110,6 +96,27 @@ impl Session {
         for m in &self.models {
             m.will_need(name);
         }
+    }
+
+    /// An error naming the first NaN, infinity or out-of-f32-range value among tensor
+    /// `tensor`'s inputs (the torch backend checks before an SVD sees them).
+    pub fn check_finite(&self, tensor: usize) -> Result<()> {
+        let t = self
+            .plan
+            .get(tensor)
+            .ok_or_else(|| Error::param("tensor", format!("index {tensor} out of range")))?;
+        if !t.mergeable {
+            return Ok(());
+        }
+        let (b, ms) = self.inputs(tensor);
+        let mut buf = Vec::new();
+        for r in std::iter::once(&b).chain(&ms) {
+            for c in plan::tensor_chunks(&self.plan, tensor, self.opts.chunk_size) {
+                buf.resize(c.len, 0.0);
+                pipeline::decode_checked(r, &t.name, &c, &mut buf)?;
+            }
+        }
+        Ok(())
     }
 
     /// (bytes processed, bytes to process).
@@ -167,8 +174,8 @@ impl Session {
         Ok(())
     }
 
-    /// Writes every tensor not written yet (mean or copy) and publishes the output.
-    pub fn finish(self, cancel: &AtomicBool) -> Result<Report> {
+    /// Writes every tensor not written yet (mean or copy).
+    pub fn complete(&self, cancel: &AtomicBool) -> Result<()> {
         let pending: Vec<usize> = {
             let w = self.written.lock().expect("not poisoned");
             (0..self.plan.len()).filter(|&i| !w[i]).collect()
@@ -179,8 +186,36 @@ impl Session {
             }
             self.write(i, None, cancel)?;
         }
+        Ok(())
+    }
+
+    /// Publishes the output once every tensor is written and no input changed.
+    pub fn publish(self) -> Result<Report> {
+        if self
+            .written
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .any(|w| !w)
+        {
+            return Err(Error::param(
+                "session",
+                "tensors are still unwritten: call complete() before publish()",
+            ));
+        }
+        self.base.check_truncation()?;
+        self.models.iter().try_for_each(|m| m.check_truncation())?;
+        let mut inputs = self.base.fingerprints();
+        for m in &self.models {
+            inputs.extend(m.fingerprints());
+        }
+        let verify = || {
+            inputs
+                .iter()
+                .try_for_each(|(p, fp)| crate::watch::verify(p, fp))
+        };
         let bytes_read = self.done.load(Ordering::Relaxed);
-        let outputs = self.output.commit()?;
+        let outputs = self.output.publish(&verify)?;
         Ok(Report {
             outputs,
             bytes_read,

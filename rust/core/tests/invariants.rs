@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use proptest::prelude::*;
 use weightweave_core::dtype::{encode, DType};
-use weightweave_core::{run_views, Job, Mode, ModelView, Param, Params, Result, Sink, TensorRef};
+use weightweave_core::{
+    run_views, Job, Mode, ModelView, OutputOptions, Param, Params, Result, Sink, TensorRef,
+};
 
 struct VecSink(Vec<Mutex<Vec<u8>>>);
 
@@ -200,7 +202,10 @@ fn written_files_read_back() {
         &bp,
         &[bp.clone(), bp.clone()],
         &out,
-        Some(20),
+        &OutputOptions {
+            shard_size: Some(20),
+            overwrite: false,
+        },
         &j,
         &|_, _| {},
         &AtomicBool::new(false),

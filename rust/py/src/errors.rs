@@ -63,24 +63,51 @@ impl From<Error> for PyWeaveErr {
     }
 }
 
+/// Names inside messages come from files: control characters (newlines, ANSI escapes) are
+/// shown escaped, so a hostile tensor name cannot forge output lines or drive the terminal.
+pub fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl From<PyWeaveErr> for PyErr {
     fn from(PyWeaveErr(e): PyWeaveErr) -> PyErr {
-        let msg = e.to_string();
+        let msg = escape_controls(&e.to_string());
         match e {
             Error::Header { .. } | Error::TensorHeader { .. } => HeaderError::new_err(msg),
             Error::MissingTensor { .. }
             | Error::ExtraTensor { .. }
             | Error::ShapeMismatch { .. }
             | Error::DtypeMismatch { .. } => MismatchError::new_err(msg),
-            Error::NonFinite { .. } => NonFiniteError::new_err(msg),
+            Error::NonFinite { .. } | Error::OutOfRange { .. } => NonFiniteError::new_err(msg),
             Error::UnknownMethod { .. } | Error::InvalidParam { .. } => ParamError::new_err(msg),
-            Error::OutputIsInput { .. } | Error::BadOutput { .. } | Error::Overflow { .. } => {
-                OutputError::new_err(msg)
-            }
-            Error::Io { .. } => WeaveIOError::new_err(msg),
+            Error::OutputIsInput { .. }
+            | Error::BadOutput { .. }
+            | Error::Overflow { .. }
+            | Error::ArithmeticOverflow { .. }
+            | Error::Locked { .. } => OutputError::new_err(msg),
+            Error::Io { .. } | Error::InputChanged { .. } => WeaveIOError::new_err(msg),
             Error::Cancelled => CancelledError::new_err(msg),
+            Error::Internal { .. } => WeaveError::new_err(msg),
         }
     }
+}
+
+/// A panic in the engine, as the error every caller already handles.
+pub fn panic_error(payload: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into());
+    PyWeaveErr(Error::Internal { what }).into()
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -4,15 +4,16 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use weightweave_core::{run_files, Checkpoint, Method};
+use weightweave_core::{prepare_files, Checkpoint, Method, OutputOptions, Report};
 
 use crate::convert;
-use crate::errors::PyWeaveErr;
+use crate::errors::{panic_error, PyWeaveErr};
 use crate::progress::run_detached;
 
 /// Merges or weaves checkpoints on disk. See `weightweave.merge` / `weightweave.weave`.
 #[pyfunction]
-#[pyo3(signature = (base, models, out, job, *, shard_size=None, progress=None))]
+#[pyo3(signature = (base, models, out, job, *, shard_size=None, overwrite=false, progress=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn merge_files<'py>(
     py: Python<'py>,
     base: PathBuf,
@@ -20,12 +21,34 @@ pub fn merge_files<'py>(
     out: PathBuf,
     job: &Bound<'py, PyDict>,
     shard_size: Option<u64>,
+    overwrite: bool,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let job = convert::job(job)?;
-    let report = run_detached(py, progress, |report, cancel| {
-        run_files(&base, &models, &out, shard_size, &job, report, cancel)
+    let opts = OutputOptions {
+        shard_size,
+        overwrite,
+    };
+    let prepared = run_detached(py, progress, |report, cancel| {
+        prepare_files(&base, &models, &out, &opts, &job, report, cancel)
     })?;
+    let report = detach_catching(py, || prepared.publish())?;
+    report_dict(py, &report)
+}
+
+/// Runs core work with the GIL released, turning a panic into a `WeaveError`.
+pub fn detach_catching<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> weightweave_core::Result<T> + Send,
+) -> PyResult<T> {
+    match py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
+        Ok(r) => r.map_err(|e| PyWeaveErr(e).into()),
+        Err(payload) => Err(panic_error(payload)),
+    }
+}
+
+/// A finished merge's report as the dict `api.Report` is built from.
+pub fn report_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let outputs: Vec<String> = report
         .outputs
@@ -42,7 +65,7 @@ pub fn merge_files<'py>(
 /// Summary of a checkpoint: files, metadata, and every tensor's dtype, shape and size.
 #[pyfunction]
 pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    let ck = py.detach(|| Checkpoint::open(&path)).map_err(PyWeaveErr)?;
+    let ck = detach_catching(py, || Checkpoint::open(&path))?;
     let view = ck.view();
     let tensors = PyList::empty(py);
     let mut params = 0usize;

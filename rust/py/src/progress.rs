@@ -1,16 +1,16 @@
 //! Running core work with the GIL released while staying responsive: the work runs on a scoped
 //! thread; the calling thread wakes every 100 ms to check signals (so Ctrl-C works) and to report
 //! progress to the Python callback. Either raising cancels the work, which stops at its next chunk.
+//! The final tick runs after the work and before the caller publishes anything.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use weightweave_core::Result;
 
-use crate::errors::PyWeaveErr;
+use crate::errors::{panic_error, PyWeaveErr};
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -68,14 +68,13 @@ where
     }
     match outcome {
         Ok(Ok(v)) => {
-            if progress.is_some() {
-                tick(py)?;
-            }
+            // The last report, and the last chance to stop, come before the caller publishes:
+            // nothing after the publish may raise.
+            done.store(total.load(Ordering::Relaxed), Ordering::Relaxed);
+            tick(py)?;
             Ok(v)
         }
         Ok(Err(e)) => Err(PyWeaveErr(e).into()),
-        Err(_) => Err(PyRuntimeError::new_err(
-            "weightweave: internal panic in the merge engine",
-        )),
+        Err(payload) => Err(panic_error(payload)),
     }
 }

@@ -12,10 +12,11 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use weightweave_core::session::Session as CoreSession;
-use weightweave_core::Checkpoint;
+use weightweave_core::{Checkpoint, OutputOptions};
 
 use crate::convert;
 use crate::errors::{ParamError, PyWeaveErr, WeaveError};
+use crate::files::{detach_catching, report_dict};
 
 /// Read-only bytes of one tensor inside a memory map; keeps the map alive while viewed.
 #[pyclass(frozen, module = "weightweave._rust")]
@@ -100,7 +101,7 @@ impl Session {
 #[pymethods]
 impl Session {
     #[new]
-    #[pyo3(signature = (base, models, out, job, *, shard_size=None))]
+    #[pyo3(signature = (base, models, out, job, *, shard_size=None, overwrite=false))]
     fn new(
         py: Python<'_>,
         base: PathBuf,
@@ -108,6 +109,7 @@ impl Session {
         out: PathBuf,
         job: &Bound<'_, PyDict>,
         shard_size: Option<u64>,
+        overwrite: bool,
     ) -> PyResult<Session> {
         let job = convert::job(job)?;
         if !job.recipe().map_err(PyWeaveErr)?.method.is_external() {
@@ -116,9 +118,11 @@ impl Session {
                 job.method
             )));
         }
-        let s = py
-            .detach(|| CoreSession::open(&base, &models, &out, shard_size, &job))
-            .map_err(PyWeaveErr)?;
+        let opts = OutputOptions {
+            shard_size,
+            overwrite,
+        };
+        let s = detach_catching(py, || CoreSession::open(&base, &models, &out, &opts, &job))?;
         Ok(Session {
             inner: RwLock::new(Some(s)),
         })
@@ -175,6 +179,11 @@ impl Session {
         })
     }
 
+    /// Raises `NonFiniteError` naming the first NaN/infinity among tensor `i`'s inputs.
+    fn check_finite(&self, py: Python<'_>, i: usize) -> PyResult<()> {
+        self.with(|s| detach_catching(py, || s.check_finite(i)))
+    }
+
     /// Hints the OS to read tensor `i`'s inputs now.
     fn prefetch(&self, i: usize) -> PyResult<()> {
         self.with(|s| {
@@ -193,10 +202,7 @@ impl Session {
             None => None,
             Some(b) => Some(f32_slice(b)?),
         };
-        self.with(|s| {
-            py.detach(|| s.write(i, slice, &AtomicBool::new(false)))
-                .map_err(|e| PyWeaveErr(e).into())
-        })
+        self.with(|s| detach_catching(py, || s.write(i, slice, &AtomicBool::new(false))))
     }
 
     /// (bytes processed, bytes to process).
@@ -204,24 +210,21 @@ impl Session {
         self.with(|s| Ok(s.progress()))
     }
 
-    /// Writes what is left and publishes the output; returns the report as a dict.
-    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// Writes what is left (the mean of the deltas, or copies).
+    fn complete(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(|s| detach_catching(py, || s.complete(&AtomicBool::new(false))))
+    }
+
+    /// Publishes the output; returns the report as a dict. Call after `complete`.
+    fn publish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self
             .inner
             .write()
             .map_err(|_| closed())?
             .take()
             .ok_or_else(closed)?;
-        let r = py
-            .detach(|| s.finish(&AtomicBool::new(false)))
-            .map_err(PyWeaveErr)?;
-        let d = PyDict::new(py);
-        let outputs: Vec<String> = r.outputs.iter().map(|p| p.display().to_string()).collect();
-        d.set_item("outputs", outputs)?;
-        d.set_item("bytes_read", r.bytes_read)?;
-        d.set_item("bytes_written", r.bytes_written)?;
-        d.set_item("seconds", r.seconds)?;
-        Ok(d)
+        let r = detach_catching(py, || s.publish())?;
+        report_dict(py, &r)
     }
 
     /// Discards the output (its temporaries are removed).

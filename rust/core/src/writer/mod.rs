@@ -1,0 +1,427 @@
+//! Writing the output so that it is never seen half-written, and never mixed with another run's.
+//!
+//! Under a lock on the target ([`lock`]), every output file is built in a staging area next to
+//! the target: a hidden directory holding the shards, index and companion files, or, for a
+//! single `.safetensors` output, one hidden temporary file. Chunks land there with positioned
+//! writes (workers never contend on a cursor). [`FileOutput::publish`] fsyncs everything,
+//! lets the caller check its inputs, and publishes with one rename — an atomic exchange when
+//! an earlier output is replaced — so that at any instant the target holds the old output or
+//! the new one. Dropping an unpublished output removes all it created; what a killed run
+//! leaves behind is removed by the next run in that directory ([`leftovers`]).
+
+mod companions;
+pub mod leftovers;
+pub mod lock;
+mod target;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use target::{Existing, Kind, Target, FILES_KEY, VERSION_KEY};
+
+use crate::error::{Error, Result};
+use crate::pipeline::Sink;
+use crate::plan::TensorPlan;
+use crate::reader::{INDEX_FILE, SINGLE_FILE};
+use lock::OutputLock;
+
+struct OutFile {
+    name: String,
+    header: Vec<u8>,
+    size: u64,
+}
+
+/// Output files and the position of every tensor within them.
+pub struct Layout {
+    files: Vec<OutFile>,
+    /// Per tensor: (file index, absolute byte offset of its data).
+    loc: Vec<(usize, u64)>,
+    index: Option<Vec<u8>>,
+}
+
+impl Layout {
+    pub fn new(
+        plan: &[TensorPlan],
+        target: &Target,
+        metadata: &BTreeMap<String, String>,
+    ) -> Layout {
+        // Group tensors into shards (in name order, like transformers: a new shard starts when
+        // the next tensor would overflow the current one).
+        let limit = target.shard_size().unwrap_or(u64::MAX);
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut used = 0u64;
+        for (i, t) in plan.iter().enumerate() {
+            let b = t.out_bytes() as u64;
+            if used > 0 && used.saturating_add(b) > limit {
+                groups.push(Vec::new());
+                used = 0;
+            }
+            groups.last_mut().expect("non-empty").push(i);
+            used += b;
+        }
+        let n = groups.len();
+        let names: Vec<String> = match target.kind {
+            Kind::File => vec![target.name.to_string_lossy().into_owned()],
+            Kind::Dir { .. } if n == 1 => vec![SINGLE_FILE.to_owned()],
+            Kind::Dir { .. } => (1..=n)
+                .map(|k| format!("model-{k:05}-of-{n:05}.safetensors"))
+                .collect(),
+        };
+        let mut loc = vec![(0, 0); plan.len()];
+        let mut files = Vec::new();
+        let mut weight_map = serde_json::Map::new();
+        for (f, (group, name)) in groups.iter().zip(&names).enumerate() {
+            let mut header = serde_json::Map::new();
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).expect("strings"),
+            );
+            let mut offset = 0u64;
+            for &i in group {
+                let t = &plan[i];
+                let end = offset + t.out_bytes() as u64;
+                header.insert(
+                    t.name.clone(),
+                    serde_json::json!({"dtype": t.out_dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
+                );
+                weight_map.insert(t.name.clone(), name.clone().into());
+                offset = end;
+            }
+            let mut bytes = serde_json::to_vec(&header).expect("json");
+            // Pad so tensor data starts 8-byte aligned, as the safetensors library does.
+            while bytes.len() % 8 != 0 {
+                bytes.push(b' ');
+            }
+            let data_start = 8 + bytes.len() as u64;
+            let mut full = (bytes.len() as u64).to_le_bytes().to_vec();
+            full.extend(bytes);
+            let mut off = data_start;
+            for &i in group {
+                loc[i] = (f, off);
+                off += plan[i].out_bytes() as u64;
+            }
+            files.push(OutFile {
+                name: name.clone(),
+                header: full,
+                size: off,
+            });
+        }
+        let index = (n > 1).then(|| {
+            let total: u64 = plan.iter().map(|t| t.out_bytes() as u64).sum();
+            let v =
+                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            serde_json::to_vec_pretty(&v).expect("json")
+        });
+        Layout { files, loc, index }
+    }
+
+    /// Total bytes of all output files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// The names of the entries a directory output will hold, for its manifest.
+    fn entry_names(&self, companions: &[PathBuf]) -> Vec<String> {
+        let mut v: Vec<String> = self.files.iter().map(|f| f.name.clone()).collect();
+        if self.index.is_some() {
+            v.push(INDEX_FILE.to_owned());
+        }
+        v.extend(
+            companions
+                .iter()
+                .map(|c| c.file_name().expect("file").to_string_lossy().into_owned()),
+        );
+        v.sort();
+        v
+    }
+}
+
+/// A file being written in the staging area.
+struct Staged {
+    /// Where the user will find it (errors name this, never the staging path).
+    shown: PathBuf,
+    file: File,
+}
+
+/// Test hook: dies like `kill -9` at the named point of the publish, to check that a crash at
+/// any instant leaves the old output or the new one.
+fn failpoint(name: &str) {
+    if std::env::var_os("WEIGHTWEAVE_FAILPOINT").is_some_and(|v| v == name) {
+        // SAFETY: sending a signal to ourselves has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+fn nonce() -> String {
+    use std::sync::atomic::AtomicU32;
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{:x}{:08x}{:x}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in paths");
+    let (ca, cb) = (c(a), c(b));
+    // SAFETY: two valid NUL-terminated paths; the syscall only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An output being written. [`FileOutput::publish`] to publish; drop to discard.
+pub struct FileOutput {
+    target: Target,
+    existing: Existing,
+    lock: Option<OutputLock>,
+    created_parents: Vec<PathBuf>,
+    /// The staging directory (directory output) or temporary file (file output); `None` until
+    /// created.
+    staging: Option<PathBuf>,
+    files: Vec<Staged>,
+    /// Per file: bytes written since writeback was last started.
+    unflushed: Vec<AtomicU64>,
+    loc: Vec<(usize, u64)>,
+    index: Option<Vec<u8>>,
+    companions: Vec<PathBuf>,
+    published: bool,
+}
+
+impl FileOutput {
+    /// Locks the target, checks its place against the inputs, and creates the staging area
+    /// with every output file at its final size. `metadata` is recorded in every weight file;
+    /// `companions_from` is the base's model directory, whose config files are copied along.
+    pub fn create(
+        target: &Target,
+        plan: &[TensorPlan],
+        metadata: &BTreeMap<String, String>,
+        inputs: &[PathBuf],
+        companions_from: Option<&Path>,
+    ) -> Result<(FileOutput, u64)> {
+        let mut out = FileOutput {
+            target: target.clone(),
+            existing: Existing::Absent,
+            lock: None,
+            created_parents: Vec::new(),
+            staging: None,
+            files: Vec::new(),
+            unflushed: Vec::new(),
+            loc: Vec::new(),
+            index: None,
+            companions: Vec::new(),
+            published: false,
+        };
+        // From here on, dropping `out` undoes whatever was done.
+        out.created_parents = target::make_parents(&target.parent)?;
+        let key = lock::key(&target.name);
+        out.lock = Some(OutputLock::acquire(&target.parent, &key, &target.path)?);
+        leftovers::clean(&target.parent, &key);
+        out.existing = target::check_place(target)?;
+        target::check_inputs(target, inputs)?;
+        if let (true, Some(d)) = (target.is_dir(), companions_from) {
+            out.companions = companions::list(d)?;
+        }
+        let mut metadata = metadata.clone();
+        let probe = Layout::new(plan, target, &metadata);
+        if target.is_dir() {
+            let names = probe.entry_names(&out.companions);
+            metadata.insert(
+                FILES_KEY.into(),
+                serde_json::to_string(&names).expect("json"),
+            );
+        }
+        let layout = Layout::new(plan, target, &metadata);
+        let bytes = layout.bytes();
+        out.loc = layout.loc;
+        out.index = layout.index;
+        out.unflushed = layout.files.iter().map(|_| AtomicU64::new(0)).collect();
+        let parent = &target.parent;
+        let staging = match target.kind {
+            Kind::Dir { .. } => {
+                let s = parent.join(format!("{}{key}-{}.staging", lock::PREFIX, nonce()));
+                std::fs::create_dir(&s).map_err(|e| Error::io(&target.path, e))?;
+                s
+            }
+            Kind::File => parent.join(format!("{}{key}-{}.tmp", lock::PREFIX, nonce())),
+        };
+        out.staging = Some(staging.clone());
+        for f in &layout.files {
+            let (path, shown) = match target.kind {
+                Kind::Dir { .. } => (staging.join(&f.name), target.path.join(&f.name)),
+                Kind::File => (staging.clone(), target.path.clone()),
+            };
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io(&shown, e))?;
+            file.set_len(f.size).map_err(|e| Error::io(&shown, e))?;
+            file.write_all_at(&f.header, 0)
+                .map_err(|e| Error::io(&shown, e))?;
+            out.files.push(Staged { shown, file });
+        }
+        Ok((out, bytes))
+    }
+
+    /// Makes everything durable, runs `verify` (the inputs are unchanged), and publishes the
+    /// output in one step; returns the published paths. Once the output is in place nothing
+    /// can fail any more: later steps (fsync of the parent, removal of the replaced output)
+    /// are best effort, and what they leave is cleaned by the next run.
+    pub fn publish(mut self, verify: &dyn Fn() -> Result<()>) -> Result<Vec<PathBuf>> {
+        for s in &self.files {
+            s.file.sync_all().map_err(|e| Error::io(&s.shown, e))?;
+        }
+        let staging = self.staging.clone().expect("created");
+        if self.target.is_dir() {
+            self.write_extras(&staging)?;
+            fsync_dir(&staging).map_err(|e| Error::io(&self.target.path, e))?;
+        }
+        failpoint("staged");
+        verify()?;
+        let t = &self.target.path;
+        match self.existing {
+            Existing::Previous if self.target.is_dir() => {
+                exchange(&staging, t).map_err(|e| Error::io(t, e))?;
+                self.published = true;
+                failpoint("exchanged");
+                // The staging name now holds the replaced output.
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+            _ => {
+                std::fs::rename(&staging, t).map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => Error::BadOutput {
+                        path: t.clone(),
+                        reason:
+                            "something was put there while the merge ran; nothing was published"
+                                .into(),
+                    },
+                    _ => Error::io(t, e),
+                })?;
+                self.published = true;
+            }
+        }
+        failpoint("published");
+        let _ = fsync_dir(&self.target.parent);
+        Ok(self.outputs())
+    }
+
+    fn outputs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self.files.iter().map(|s| s.shown.clone()).collect();
+        if self.index.is_some() {
+            v.push(self.target.path.join(INDEX_FILE));
+        }
+        v.extend(
+            self.companions
+                .iter()
+                .map(|c| self.target.path.join(c.file_name().expect("file"))),
+        );
+        v
+    }
+
+    /// Writes the index and copies the companion files into the staging directory.
+    fn write_extras(&self, staging: &Path) -> Result<()> {
+        if let Some(index) = &self.index {
+            let shown = self.target.path.join(INDEX_FILE);
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(staging.join(INDEX_FILE))
+                .map_err(|e| Error::io(&shown, e))?;
+            f.write_all_at(index, 0).map_err(|e| Error::io(&shown, e))?;
+            f.sync_all().map_err(|e| Error::io(&shown, e))?;
+        }
+        for c in &self.companions {
+            let name = c.file_name().expect("file");
+            companions::copy(c, &staging.join(name), &self.target.path.join(name))?;
+        }
+        Ok(())
+    }
+}
+
+/// Dirty bytes per output file after which the kernel is asked to start writing them out.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
+/// Starts (without waiting for) writeback of the file's dirty pages, so the disk works while the
+/// merge computes and the fsync at publish only waits for the tail. Advisory: errors surface at
+/// that fsync.
+fn start_writeback(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+impl Sink for FileOutput {
+    fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()> {
+        let (f, base) = self.loc[tensor];
+        let s = &self.files[f];
+        s.file
+            .write_all_at(data, base + offset as u64)
+            .map_err(|e| Error::io(&s.shown, e))?;
+        let pending = self.unflushed[f].fetch_add(data.len() as u64, Ordering::Relaxed);
+        if pending + data.len() as u64 >= WRITEBACK_EVERY {
+            self.unflushed[f].store(0, Ordering::Relaxed);
+            start_writeback(&s.file);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FileOutput {
+    fn drop(&mut self) {
+        if !self.published {
+            self.files.clear();
+            if let Some(s) = &self.staging {
+                match self.target.kind {
+                    Kind::Dir { .. } => {
+                        let _ = std::fs::remove_dir_all(s);
+                    }
+                    Kind::File => {
+                        let _ = std::fs::remove_file(s);
+                    }
+                }
+            }
+        }
+        // The lock file goes before the directories that may hold it.
+        self.lock.take();
+        if !self.published {
+            target::remove_created(&self.created_parents);
+        }
+    }
+}

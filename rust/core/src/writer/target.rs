@@ -1,0 +1,358 @@
+//! Where the output goes, and every check on that place that can be made before any work:
+//! the path's shape, what is there now, and whether writing there would touch an input or
+//! make a model directory ambiguous to loaders.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::header::MAX_HEADER_LEN;
+use crate::reader::{INDEX_FILE, SINGLE_FILE};
+
+/// Metadata key that marks a weightweave output.
+pub const VERSION_KEY: &str = "weightweave.version";
+/// Metadata key listing every entry of a directory output (what `overwrite` may delete).
+pub const FILES_KEY: &str = "weightweave.files";
+
+/// A file system's limit on one name.
+const NAME_MAX: usize = 255;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// One `.safetensors` file.
+    File,
+    /// A model directory: `model.safetensors`, or shards + index; config files copied in.
+    Dir { shard_size: Option<u64> },
+}
+
+/// The output as asked: a path, its kind, and whether an earlier output may be replaced.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// As the user gave it: every message names this path.
+    pub path: PathBuf,
+    pub parent: PathBuf,
+    pub name: OsString,
+    pub kind: Kind,
+    pub overwrite: bool,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::BadOutput {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl Target {
+    /// A path ending in `.safetensors` is a file; anything else a directory. Checks the path's
+    /// shape only; [`check_place`] looks at what is there.
+    pub fn new(path: &Path, shard_size: Option<u64>, overwrite: bool) -> Result<Target> {
+        if path.as_os_str().is_empty() {
+            return Err(bad(path, "the output path is empty"));
+        }
+        let Some(name) = path.file_name() else {
+            return Err(bad(
+                path,
+                "the output path must end in a file or directory name",
+            ));
+        };
+        if name.as_bytes().len() > NAME_MAX {
+            return Err(bad(
+                path,
+                format!(
+                    "the name is {} bytes, over the {NAME_MAX}-byte limit of file systems",
+                    name.as_bytes().len()
+                ),
+            ));
+        }
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let kind = if path.extension().is_some_and(|e| e == "safetensors") {
+            if shard_size.is_some() {
+                return Err(bad(
+                    path,
+                    "sharded output needs a directory, not a .safetensors file",
+                ));
+            }
+            Kind::File
+        } else {
+            if shard_size == Some(0) {
+                return Err(Error::param("shard_size", "must be positive"));
+            }
+            Kind::Dir { shard_size }
+        };
+        Ok(Target {
+            path: path.to_owned(),
+            parent,
+            name: name.to_owned(),
+            kind,
+            overwrite,
+        })
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, Kind::Dir { .. })
+    }
+
+    pub fn shard_size(&self) -> Option<u64> {
+        match self.kind {
+            Kind::Dir { shard_size } => shard_size,
+            Kind::File => None,
+        }
+    }
+}
+
+/// What is at the target now (looked at under the output lock).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    Absent,
+    /// An empty directory: replacing it loses nothing.
+    EmptyDir,
+    /// An earlier weightweave output, to be replaced (`overwrite` was given).
+    Previous,
+}
+
+#[derive(Deserialize)]
+struct MetaOnly {
+    #[serde(rename = "__metadata__", default)]
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+/// The `__metadata__` of a safetensors file, if it is one.
+fn file_metadata(path: &Path) -> Option<BTreeMap<String, String>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_LEN {
+        return None;
+    }
+    let mut text = vec![0u8; n as usize];
+    f.read_exact(&mut text).ok()?;
+    serde_json::from_slice::<MetaOnly>(&text).ok()?.metadata
+}
+
+#[derive(Deserialize)]
+struct IndexOnly {
+    weight_map: BTreeMap<String, String>,
+}
+
+fn index_shards(index: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read(index).ok()?;
+    let idx: IndexOnly = serde_json::from_slice(&text).ok()?;
+    let mut v: Vec<String> = idx.weight_map.into_values().collect();
+    v.sort();
+    v.dedup();
+    Some(v)
+}
+
+/// Looks at the target's place: refuses what may not be replaced, and says what is there.
+pub fn check_place(t: &Target) -> Result<Existing> {
+    let meta = match std::fs::symlink_metadata(&t.path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Absent),
+        Err(e) => return Err(Error::io(&t.path, e)),
+    };
+    if meta.file_type().is_symlink() {
+        return Err(if std::fs::metadata(&t.path).is_err() {
+            bad(
+                &t.path,
+                "is a dangling symbolic link; remove it or give another path",
+            )
+        } else {
+            bad(&t.path, "is a symbolic link; give the path it points to")
+        });
+    }
+    let again = "pass overwrite=True (--overwrite) to replace an earlier weightweave output";
+    match t.kind {
+        Kind::File => {
+            if meta.is_dir() {
+                return Err(bad(
+                    &t.path,
+                    "is a directory; a .safetensors output is a file",
+                ));
+            }
+            if !meta.is_file() {
+                return Err(bad(&t.path, "exists and is not a regular file"));
+            }
+            if !t.overwrite {
+                return Err(bad(&t.path, format!("already exists; {again}")));
+            }
+            if !file_metadata(&t.path).is_some_and(|m| m.contains_key(VERSION_KEY)) {
+                return Err(bad(
+                    &t.path,
+                    "exists and was not written by weightweave; refusing to replace it",
+                ));
+            }
+            Ok(Existing::Previous)
+        }
+        Kind::Dir { .. } => {
+            if !meta.is_dir() {
+                return Err(bad(
+                    &t.path,
+                    "exists and is not a directory; give a directory, or a path ending in .safetensors",
+                ));
+            }
+            let mut names = Vec::new();
+            for e in std::fs::read_dir(&t.path).map_err(|e| Error::io(&t.path, e))? {
+                let e = e.map_err(|e| Error::io(&t.path, e))?;
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+            if names.is_empty() {
+                return Ok(Existing::EmptyDir);
+            }
+            if !t.overwrite {
+                return Err(bad(
+                    &t.path,
+                    format!("already exists and is not empty; {again}"),
+                ));
+            }
+            let ours = previous_files(&t.path).ok_or_else(|| {
+                bad(
+                    &t.path,
+                    "is not a weightweave output (its weights carry no weightweave metadata); refusing to replace it",
+                )
+            })?;
+            names.sort();
+            if let Some(stranger) = names.iter().find(|n| !ours.contains(n)) {
+                return Err(bad(
+                    &t.path,
+                    format!("holds '{stranger}', which weightweave did not write; refusing to delete it (move it away first)"),
+                ));
+            }
+            Ok(Existing::Previous)
+        }
+    }
+}
+
+/// The entries an earlier weightweave output directory says it wrote, if it is one.
+fn previous_files(dir: &Path) -> Option<Vec<String>> {
+    let index = dir.join(INDEX_FILE);
+    let (weights, shards) = if dir.join(SINGLE_FILE).is_file() {
+        (dir.join(SINGLE_FILE), vec![SINGLE_FILE.to_owned()])
+    } else {
+        let shards = index_shards(&index)?;
+        (dir.join(shards.first()?), shards)
+    };
+    let meta = file_metadata(&weights)?;
+    meta.get(VERSION_KEY)?;
+    match meta.get(FILES_KEY) {
+        Some(list) => serde_json::from_str(list).ok(),
+        // Outputs of 0.1 carry no list: their weight files and index only.
+        None => {
+            let mut v = shards;
+            v.push(INDEX_FILE.to_owned());
+            Some(v)
+        }
+    }
+}
+
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// Refuses a target that is, or holds, one of the inputs (replacing a directory would delete
+/// it), or a `.safetensors` file that would change which weights a loader picks in its folder.
+pub fn check_inputs(t: &Target, inputs: &[PathBuf]) -> Result<()> {
+    let target = std::fs::metadata(&t.path).ok();
+    for input in inputs {
+        let Ok(im) = std::fs::metadata(input) else {
+            continue;
+        };
+        if target.as_ref().is_some_and(|tm| same_file(tm, &im)) {
+            return Err(Error::OutputIsInput {
+                out: t.path.clone(),
+                input: input.clone(),
+            });
+        }
+        if let Some(tm) = target.as_ref().filter(|m| m.is_dir()) {
+            // Is the input inside the target directory (at any depth)?
+            let mut p = input.parent();
+            while let Some(d) = p {
+                if std::fs::metadata(if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                })
+                .is_ok_and(|dm| same_file(tm, &dm))
+                {
+                    return Err(Error::OutputIsInput {
+                        out: t.path.clone(),
+                        input: input.clone(),
+                    });
+                }
+                p = d.parent();
+            }
+        }
+    }
+    if t.kind == Kind::File {
+        let name = t.name.to_string_lossy();
+        let index = t.parent.join(INDEX_FILE);
+        if index.is_file() {
+            if name == SINGLE_FILE {
+                return Err(bad(
+                    &t.path,
+                    format!("{} holds a sharded model ({INDEX_FILE}); a {SINGLE_FILE} next to it would make loaders pick one or the other; write elsewhere", t.parent.display()),
+                ));
+            }
+            if index_shards(&index).is_some_and(|s| s.iter().any(|s| *s == name)) {
+                return Err(bad(
+                    &t.path,
+                    format!(
+                        "is a shard of the model in {}; write elsewhere",
+                        t.parent.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the missing directories above the output; returns them, outermost first, so a
+/// failed run can remove exactly those.
+pub fn make_parents(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut d = dir.to_owned();
+    loop {
+        match std::fs::metadata(&d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(bad(&d, "is not a directory")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                missing.push(d.clone());
+                match d.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => d = p.to_owned(),
+                    _ => break,
+                }
+            }
+            Err(e) => return Err(Error::io(&d, e)),
+        }
+    }
+    let mut created = Vec::new();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(&d) {
+            Ok(()) => created.push(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => {
+                remove_created(&created);
+                return Err(Error::io(&d, e));
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// Removes directories [`make_parents`] created, innermost first, if they are still empty.
+pub fn remove_created(created: &[PathBuf]) {
+    for d in created.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+}
