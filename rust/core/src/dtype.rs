@@ -64,7 +64,12 @@ impl DType {
         }
     }
 
-    /// Parses a header dtype name (case-insensitive, so "bf16" works from the CLI too).
+    /// Parses a dtype name as safetensors headers spell it (exact case).
+    pub fn parse_exact(s: &str) -> Option<DType> {
+        ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// Parses a dtype name case-insensitively (so "bf16" works from the CLI and API).
     pub fn parse(s: &str) -> Option<DType> {
         ALL.into_iter().find(|d| d.name().eq_ignore_ascii_case(s))
     }

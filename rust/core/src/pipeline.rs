@@ -4,6 +4,7 @@
 //! size cannot change a result); the final pass computes M, pools, encodes and writes each chunk
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -69,6 +70,8 @@ pub(crate) struct Stats {
     pub(crate) ties: Vec<Option<TiesStats>>,
     /// PCB clamps of |X| and of B, per task.
     pub(crate) pcb: Option<(Vec<Clamp>, Vec<Clamp>)>,
+    /// Breadcrumbs' cuts for the pieces of long rows, by (tensor, chunk start), per task.
+    pub(crate) crumbs: BTreeMap<(usize, usize), Vec<Option<breadcrumbs::Piece>>>,
 }
 
 pub(crate) struct Engine<'a> {
@@ -146,6 +149,15 @@ pub fn run_chunks(
         Method::Pcb { .. } => 3,
         _ => 1,
     };
+    // Breadcrumbs' long rows take a windowed select and a counting pass more.
+    let long_rows: u64 = match recipe.method {
+        Method::Breadcrumbs { .. } => merge
+            .iter()
+            .filter(|c| plan[c.tensor].has_long_rows(opts.chunk_size))
+            .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+            .sum(),
+        _ => 0,
+    };
     let engine = Engine {
         models,
         plan,
@@ -156,7 +168,7 @@ pub fn run_chunks(
             .map(|m| plan.iter().map(|t| m.tensors[&t.name]).collect())
             .collect(),
         done: AtomicU64::new(0),
-        total: merge_bytes * passes + copy_bytes,
+        total: merge_bytes * passes + copy_bytes + 2 * long_rows,
         progress,
         cancel,
         given,
@@ -170,7 +182,7 @@ pub fn run_chunks(
     pool.install(|| {
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
-        let stats = engine.statistics(merge)?;
+        let stats = engine.statistics(merge, opts.chunk_size)?;
         if debug {
             eprintln!("statistics: {:.2}s", t0.elapsed().as_secs_f64());
         }
@@ -369,15 +381,20 @@ impl<'a> Engine<'a> {
                     .expect("statistics of a non-empty scope");
                 ties::merge(deltas, s, n, m, scratch, out);
             }
-            Method::Breadcrumbs { density, gamma } => breadcrumbs::merge(
-                deltas,
-                n,
-                t.row_len(),
-                t.shape.is_empty(),
-                (density, gamma),
-                keys,
-                m,
-            ),
+            Method::Breadcrumbs { density, gamma } => {
+                match stats.crumbs.get(&(c.tensor, c.start)) {
+                    Some(cuts) => breadcrumbs::merge_pieces(deltas, n, cuts, m),
+                    None => breadcrumbs::merge(
+                        deltas,
+                        n,
+                        t.row_len(),
+                        t.shape.is_empty(),
+                        (density, gamma),
+                        keys,
+                        m,
+                    ),
+                }
+            }
             Method::Tsv | Method::IsoC => match self.given.get(c.tensor).copied().flatten() {
                 Some(g) => m[..n].copy_from_slice(&g[c.start..c.start + n]),
                 None => elementwise::mean(deltas, n, m),

@@ -23,6 +23,12 @@ impl TensorPlan {
         self.shape.last().copied().unwrap_or(1).max(1)
     }
 
+    /// Whether rows (along the last dimension) are longer than a chunk, so that methods
+    /// ranking within rows must stream them in pieces.
+    pub fn has_long_rows(&self, chunk_size: usize) -> bool {
+        self.mergeable && !self.shape.is_empty() && self.row_len() > chunk_size
+    }
+
     pub fn out_bytes(&self) -> usize {
         self.numel * self.out_dtype.size()
     }
@@ -50,6 +56,12 @@ pub fn validate(
                 format!("{} is not one of F32, F16, BF16, F64", d.name()),
             ));
         }
+    }
+    if base.tensors.is_empty() {
+        return Err(Error::header(
+            &base.label,
+            "holds no tensors: nothing to merge",
+        ));
     }
     for m in models {
         if let Some(extra) = m.tensors.keys().find(|k| !base.tensors.contains_key(*k)) {
@@ -108,31 +120,36 @@ pub fn validate(
 }
 
 /// Splits tensors into chunks of about `chunk_size` elements. With `whole_rows`, chunks of a
-/// mergeable tensor hold whole rows (methods that rank within rows need them), growing to one
-/// row when a row is longer than `chunk_size`. Returns (merge chunks, copy chunks).
+/// mergeable tensor hold whole rows (methods that rank within rows need them); a row longer
+/// than `chunk_size` is split into pieces that never cross into the next row (see
+/// [`TensorPlan::has_long_rows`]). Returns (merge chunks, copy chunks).
 pub fn chunks(
     plan: &[TensorPlan],
     chunk_size: usize,
     whole_rows: bool,
 ) -> (Vec<Chunk>, Vec<Chunk>) {
     let (mut merge, mut copy) = (Vec::new(), Vec::new());
-    for (i, t) in plan.iter().enumerate() {
-        let step = if t.mergeable && whole_rows {
-            let row = t.row_len();
-            (chunk_size / row).max(1) * row
-        } else {
-            chunk_size
-        };
-        let list = if t.mergeable { &mut merge } else { &mut copy };
-        let mut start = 0;
-        while start < t.numel {
-            let len = step.min(t.numel - start);
-            list.push(Chunk {
-                tensor: i,
-                start,
-                len,
-            });
+    let push = |list: &mut Vec<Chunk>, tensor, from: usize, to: usize, step: usize| {
+        let mut start = from;
+        while start < to {
+            let len = step.min(to - start);
+            list.push(Chunk { tensor, start, len });
             start += len;
+        }
+    };
+    for (i, t) in plan.iter().enumerate() {
+        if !t.mergeable {
+            push(&mut copy, i, 0, t.numel, chunk_size);
+        } else if !whole_rows {
+            push(&mut merge, i, 0, t.numel, chunk_size);
+        } else if t.has_long_rows(chunk_size) {
+            let row = t.row_len();
+            for r in (0..t.numel).step_by(row) {
+                push(&mut merge, i, r, r + row, chunk_size);
+            }
+        } else {
+            let row = t.row_len();
+            push(&mut merge, i, 0, t.numel, (chunk_size / row).max(1) * row);
         }
     }
     (merge, copy)

@@ -113,12 +113,63 @@ pub struct Checkpoint {
     index_fingerprint: Option<Fingerprint>,
     files: Vec<MappedFile>,
     /// tensor name -> file index
-    owner: BTreeMap<String, usize>,
+    /// tensor name -> file index, for sharded checkpoints (a single file owns every tensor).
+    owner: Option<BTreeMap<String, usize>>,
 }
 
 #[derive(Deserialize)]
 struct RawIndex {
     weight_map: BTreeMap<String, String>,
+}
+
+/// Parses a shard index (`model.safetensors.index.json`): the tensor → shard map and the
+/// distinct shard names, each a plain relative path inside the index's directory.
+pub fn parse_index(label: &str, text: &[u8]) -> Result<(BTreeMap<String, String>, Vec<String>)> {
+    let raw: RawIndex = serde_json::from_slice(text)
+        .map_err(|e| Error::header(label, format!("not a shard index: {e}")))?;
+    if raw.weight_map.is_empty() {
+        return Err(Error::header(
+            label,
+            "the index's weight_map lists no tensor",
+        ));
+    }
+    let mut shards: Vec<String> = raw.weight_map.values().cloned().collect();
+    shards.sort();
+    shards.dedup();
+    for name in &shards {
+        let rel = Path::new(name);
+        let plain = !name.is_empty()
+            && !rel.is_absolute()
+            && rel
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            return Err(Error::header(
+                label,
+                format!("shard '{name}' is not a file inside the index's directory"),
+            ));
+        }
+    }
+    Ok((raw.weight_map, shards))
+}
+
+/// Parses `text` as an index and panics if an accepted one names a shard outside its
+/// directory. The fuzz target and the corpus replay test call this.
+#[doc(hidden)]
+pub fn check_index_accepted(text: &[u8]) {
+    let Ok((map, shards)) = parse_index("fuzz", text) else {
+        return;
+    };
+    assert!(!map.is_empty() && !shards.is_empty());
+    for s in &shards {
+        let p = Path::new(s);
+        assert!(
+            !p.is_absolute()
+                && p.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        );
+        assert!(map.values().any(|v| v == s));
+    }
 }
 
 impl Checkpoint {
@@ -157,12 +208,7 @@ impl Checkpoint {
 
     fn open_single(given: &Path, file: &Path) -> Result<Checkpoint> {
         let mapped = map_file(file)?;
-        let owner = mapped
-            .header
-            .tensors
-            .keys()
-            .map(|k| (k.clone(), 0))
-            .collect();
+        let owner = None;
         Ok(Checkpoint {
             path: given.to_owned(),
             model_dir: None,
@@ -176,39 +222,31 @@ impl Checkpoint {
     fn open_index(given: &Path, index: &Path) -> Result<Checkpoint> {
         let label = index.display().to_string();
         let (file, meta) = open_regular(index)?;
-        let raw: RawIndex = serde_json::from_reader(std::io::BufReader::new(file))
-            .map_err(|e| Error::header(&label, format!("not a shard index: {e}")))?;
-        if raw.weight_map.is_empty() {
+        if meta.len() > crate::header::MAX_HEADER_LEN {
             return Err(Error::header(
                 &label,
-                "the index's weight_map lists no tensor",
+                format!(
+                    "index of {} bytes exceeds the {}-byte limit",
+                    meta.len(),
+                    crate::header::MAX_HEADER_LEN
+                ),
             ));
         }
+        let mut text = Vec::with_capacity(meta.len() as usize);
+        std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut text)
+            .map_err(|e| Error::io(index, e))?;
+        let (raw, shard_names) = parse_index(&label, &text)?;
         let dir = index.parent().unwrap_or(Path::new("."));
-        let mut shard_names: Vec<&String> = raw.weight_map.values().collect();
-        shard_names.sort();
-        shard_names.dedup();
         let mut files = Vec::new();
         let mut file_of = BTreeMap::new();
         for name in shard_names {
-            let rel = Path::new(name);
-            if rel.is_absolute()
-                || rel
-                    .components()
-                    .any(|c| c == std::path::Component::ParentDir)
-            {
-                return Err(Error::header(
-                    &label,
-                    format!("shard '{name}' is not inside the index's directory"),
-                ));
-            }
             file_of.insert(name.clone(), files.len());
-            files.push(map_file(&dir.join(rel))?);
+            files.push(map_file(&dir.join(&name))?);
         }
         let mut owner = BTreeMap::new();
-        for (tensor, shard) in &raw.weight_map {
+        for (tensor, shard) in &raw {
             let i = file_of[shard];
-            if !files[i].header.tensors.contains_key(tensor) {
+            if !files[i].header.contains(tensor) {
                 return Err(Error::tensor(
                     &files[i].label,
                     tensor,
@@ -218,7 +256,7 @@ impl Checkpoint {
             owner.insert(tensor.clone(), i);
         }
         for f in &files {
-            if let Some(extra) = f.header.tensors.keys().find(|t| !owner.contains_key(*t)) {
+            if let Some((extra, _)) = f.header.iter().find(|(t, _)| !owner.contains_key(*t)) {
                 return Err(Error::tensor(
                     &f.label,
                     extra,
@@ -232,7 +270,7 @@ impl Checkpoint {
             index_file: Some(index.to_owned()),
             index_fingerprint: Some(Fingerprint::of(&meta)),
             files,
-            owner,
+            owner: Some(owner),
         })
     }
 
@@ -270,8 +308,8 @@ impl Checkpoint {
     pub fn data_bytes(&self) -> u64 {
         self.files
             .iter()
-            .flat_map(|f| f.header.tensors.values())
-            .map(|e| (e.end - e.start) as u64)
+            .flat_map(|f| f.header.iter())
+            .map(|(_, e)| (e.end - e.start) as u64)
             .sum()
     }
 
@@ -280,38 +318,65 @@ impl Checkpoint {
         &self.files[0].header.metadata
     }
 
+    /// Every tensor in name order: (name, the file that holds it, its entry). Borrows the
+    /// headers only: no copy of the names (headers may list millions of tensors).
+    pub fn entries(&self) -> Box<dyn Iterator<Item = (&str, usize, header::Entry<'_>)> + '_> {
+        match &self.owner {
+            None => Box::new(self.files[0].header.iter().map(|(n, e)| (n, 0, e))),
+            Some(owner) => Box::new(owner.iter().map(|(name, &i)| {
+                let e = self.files[i]
+                    .header
+                    .get(name)
+                    .expect("owned tensors are in their file");
+                (name.as_str(), i, e)
+            })),
+        }
+    }
+
+    /// How many tensor files the checkpoint has.
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    /// The label (path) of the checkpoint's `i`-th file.
+    pub fn file_label(&self, i: usize) -> &str {
+        &self.files[i].label
+    }
+
     /// Asks the OS to start reading a tensor's pages now (a prefetch hint; errors are ignored).
     pub fn will_need(&self, tensor: &str) {
-        if let Some(&i) = self.owner.get(tensor) {
-            let f = &self.files[i];
-            let e = &f.header.tensors[tensor];
-            if let Some(map) = &f.map {
-                let _ = map.advise_range(
-                    memmap2::Advice::WillNeed,
-                    f.header.data_start + e.start,
-                    e.end - e.start,
-                );
-            }
+        let i = match &self.owner {
+            None => 0,
+            Some(o) => match o.get(tensor) {
+                Some(&i) => i,
+                None => return,
+            },
+        };
+        let f = &self.files[i];
+        if let (Some(e), Some(map)) = (f.header.get(tensor), &f.map) {
+            let _ = map.advise_range(
+                memmap2::Advice::WillNeed,
+                f.header.data_start + e.start,
+                e.end - e.start,
+            );
         }
     }
 
     /// A view for the pipeline, borrowing the maps.
     pub fn view(&self) -> ModelView<'_> {
         let tensors = self
-            .owner
-            .iter()
-            .map(|(name, &i)| {
+            .entries()
+            .map(|(name, i, e)| {
                 let f = &self.files[i];
-                let e = &f.header.tensors[name];
                 let bytes = f.map.as_deref().unwrap_or(&[]);
                 let data = &bytes[f.header.data_start + e.start..f.header.data_start + e.end];
                 let r = TensorRef {
                     dtype: e.dtype,
-                    shape: &e.shape,
+                    shape: e.shape,
                     data,
                     file: &f.label,
                 };
-                (name.clone(), r)
+                (name.to_owned(), r)
             })
             .collect();
         ModelView {

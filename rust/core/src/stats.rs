@@ -2,10 +2,12 @@
 //! by a sample, falling back to a two-pass radix select), and TIES's majority sign, tallied in
 //! the same windowed pass where the sampled windows allow.
 
+use std::collections::BTreeMap;
+
 use crate::error::Result;
 use crate::methods::pcb::{self, Clamp};
 use crate::methods::ties::{self, SignTally, TiesStats};
-use crate::methods::{int_frac, Method, Scope};
+use crate::methods::{breadcrumbs, int_frac, Method, Scope};
 use crate::pipeline::{grow, Engine, Stats, Work};
 use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
@@ -17,7 +19,7 @@ enum Guess {
 }
 
 impl Engine<'_> {
-    pub(crate) fn statistics(&self, merge: &[Chunk]) -> Result<Stats> {
+    pub(crate) fn statistics(&self, merge: &[Chunk], chunk_size: usize) -> Result<Stats> {
         let mut stats = Stats::default();
         if let Some(p) = self.recipe.method.ties() {
             let scopes: Vec<(usize, Vec<Chunk>)> = match p.scope {
@@ -43,7 +45,101 @@ impl Engine<'_> {
         if let Method::Pcb { ratio } = self.recipe.method {
             stats.pcb = self.pcb_stats(merge, ratio)?;
         }
+        if let Method::Breadcrumbs { density, gamma } = self.recipe.method {
+            for (i, t) in self.plan.iter().enumerate() {
+                if t.has_long_rows(chunk_size) {
+                    self.crumbs_stats(merge, i, (density, gamma), &mut stats.crumbs)?;
+                }
+            }
+        }
         Ok(stats)
+    }
+
+    /// Breadcrumbs' cuts for every piece of tensor `i`'s rows, one row at a time: an exact
+    /// select of the magnitudes at the two cut ranks, then a pass counting, per piece, the
+    /// elements above and equal to each cut (the ties are ranked by position).
+    fn crumbs_stats(
+        &self,
+        merge: &[Chunk],
+        i: usize,
+        (density, gamma): (f64, f64),
+        out: &mut BTreeMap<(usize, usize), Vec<Option<breadcrumbs::Piece>>>,
+    ) -> Result<()> {
+        let row = self.plan[i].row_len();
+        let tasks = self.tasks();
+        let chunks: Vec<Chunk> = merge.iter().filter(|c| c.tensor == i).copied().collect();
+        let Some((g, k)) = breadcrumbs::kept_ranks(row, density, gamma) else {
+            for c in &chunks {
+                out.insert((i, c.start), vec![None; tasks]);
+            }
+            return Ok(());
+        };
+        let n = row as u64;
+        let has_low = g + k < n;
+        let abs_rows = &|w: &mut Work, len: usize, emit: &mut dyn FnMut(usize, &[f32])| {
+            for (t, d) in w.raw.iter().enumerate() {
+                crate::simd!(abs_into(&d[..len], &mut w.scratch[..len]));
+                emit(t, &w.scratch[..len]);
+            }
+        };
+        for pieces in chunks.chunk_by(|a, b| a.start / row == b.start / row) {
+            let requests: Vec<Request> = (0..tasks)
+                .flat_map(|t| {
+                    let top = Request {
+                        row: t,
+                        rank: n - 1 - g,
+                    };
+                    let low = Request {
+                        row: t,
+                        rank: n - 1 - (g + k).min(n - 1),
+                    };
+                    [top, low]
+                })
+                .collect();
+            let v = self.select(pieces, tasks, requests, abs_rows)?;
+            let cuts: Vec<(f32, Option<f32>)> = v
+                .chunks(2)
+                .map(|p| (p[0], has_low.then_some(p[1])))
+                .collect();
+            let counts = self.pass(
+                pieces,
+                Vec::new,
+                |w, c, acc: &mut Vec<(usize, Vec<[u64; 4]>)>| {
+                    let per_task = (0..tasks)
+                        .map(|t| breadcrumbs::count_piece(&w.raw[t][..c.len], cuts[t].0, cuts[t].1))
+                        .collect();
+                    acc.push((c.start, per_task));
+                    Ok(())
+                },
+                |mut a, b| {
+                    a.extend(b);
+                    a
+                },
+            )?;
+            let mut counts = counts;
+            counts.sort_unstable_by_key(|(start, _)| *start);
+            for t in 0..tasks {
+                let above_top: u64 = counts.iter().map(|(_, c)| c[t][0]).sum();
+                let above_low: u64 = counts.iter().map(|(_, c)| c[t][2]).sum();
+                let cut = breadcrumbs::Cut {
+                    top: cuts[t].0,
+                    top_skip: g - above_top,
+                    low: cuts[t].1.map(|l| (l, g + k - above_low)),
+                };
+                let (mut top_before, mut low_before) = (0, 0);
+                for (start, c) in &counts {
+                    let cell = out.entry((i, *start)).or_insert_with(|| vec![None; tasks]);
+                    cell[t] = Some(breadcrumbs::Piece {
+                        cut,
+                        top_before,
+                        low_before,
+                    });
+                    top_before += c[t][1];
+                    low_before += c[t][3];
+                }
+            }
+        }
+        Ok(())
     }
 
     fn ties_stats(

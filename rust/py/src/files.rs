@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use std::collections::BTreeMap;
+
+use pyo3::intern;
+use pyo3::types::{PyDict, PyList, PyString};
 use weightweave_core::{prepare_files, Checkpoint, Method, OutputOptions, Report};
 
 use crate::convert;
@@ -66,20 +69,29 @@ pub fn report_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py,
 #[pyfunction]
 pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let ck = detach_catching(py, || Checkpoint::open(&path))?;
-    let view = ck.view();
-    let tensors = PyList::empty(py);
+    // Headers may list millions of tensors: keys are interned and file and dtype names shared,
+    // so each tensor costs its dict, name and shape only.
+    let labels: Vec<Bound<'_, PyString>> = (0..ck.file_count())
+        .map(|i| PyString::new(py, ck.file_label(i)))
+        .collect();
+    let mut dtypes: BTreeMap<&str, Bound<'_, PyString>> = BTreeMap::new();
+    let mut items = Vec::new();
     let mut params = 0usize;
-    for (name, t) in &view.tensors {
-        let e = PyDict::new(py);
-        e.set_item("name", name)?;
-        e.set_item("dtype", t.dtype.name())?;
-        e.set_item("shape", t.shape.to_vec())?;
-        e.set_item("bytes", t.data.len())?;
-        e.set_item("file", t.file)?;
-        e.set_item("merged", t.dtype.is_mergeable())?;
-        tensors.append(e)?;
-        params += t.numel();
+    for (name, file, e) in ck.entries() {
+        let dt = dtypes
+            .entry(e.dtype.name())
+            .or_insert_with(|| PyString::new(py, e.dtype.name()));
+        let t = PyDict::new(py);
+        t.set_item(intern!(py, "name"), name)?;
+        t.set_item(intern!(py, "dtype"), &*dt)?;
+        t.set_item(intern!(py, "shape"), PyList::new(py, e.shape)?)?;
+        t.set_item(intern!(py, "bytes"), e.end - e.start)?;
+        t.set_item(intern!(py, "file"), &labels[file])?;
+        t.set_item(intern!(py, "merged"), e.dtype.is_mergeable())?;
+        items.push(t);
+        params += e.shape.iter().product::<usize>();
     }
+    let tensors = PyList::new(py, items)?;
     let d = PyDict::new(py);
     d.set_item("path", path.display().to_string())?;
     let files: Vec<String> = ck

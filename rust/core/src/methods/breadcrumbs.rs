@@ -2,8 +2,89 @@
 //! largest-magnitude entries (outliers), then keep only the β fraction of largest of the rest.
 //! Ranking is by |x| descending with ties broken by position (earlier first), so the mask is a
 //! well-defined function of the row and matches a stable descending sort.
+//!
+//! A row that fits a chunk is ranked in place ([`add_row`]). A longer row is streamed in
+//! pieces: statistics passes find, per task, the magnitudes at the two cut ranks and how many
+//! elements of equal magnitude fall on each side of each cut ([`Cut`]), and every piece then
+//! decides its elements alone, given how many equal magnitudes came before it ([`Piece`]).
 
 use super::int_frac;
+
+/// The descending ranks [g, g + k) a row of `n` keeps, or `None` when it keeps nothing.
+pub fn kept_ranks(n: usize, density: f64, gamma: f64) -> Option<(u64, u64)> {
+    let (g, k) = (int_frac(n, gamma), int_frac(n, density));
+    (g < n && k > 0).then_some((g as u64, k as u64))
+}
+
+/// One task's cuts in one long row: `top` is |x| at descending rank g (the largest kept
+/// magnitude), of which the first `top_skip` (in position order) rank above g and are dropped;
+/// `low` is |x| at rank g + k and how many of that magnitude are still kept (`None`: the row
+/// keeps everything from rank g on).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cut {
+    pub top: f32,
+    pub top_skip: u64,
+    pub low: Option<(f32, u64)>,
+}
+
+/// A cut as one piece of the row sees it: how many elements of magnitude `top` and `low`
+/// precede the piece in the row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Piece {
+    pub cut: Cut,
+    pub top_before: u64,
+    pub low_before: u64,
+}
+
+/// Per piece, for the statistics: (#|x| > top, #|x| = top, #|x| > low, #|x| = low).
+pub fn count_piece(piece: &[f32], top: f32, low: Option<f32>) -> [u64; 4] {
+    let low = low.unwrap_or(f32::INFINITY);
+    let mut c = [0u64; 4];
+    for &x in piece {
+        let v = x.abs();
+        c[0] += u64::from(v > top);
+        c[1] += u64::from(v == top);
+        c[2] += u64::from(v > low);
+        c[3] += u64::from(v == low);
+    }
+    c
+}
+
+/// Adds crumbs(piece) into `acc`, the piece being part of a long row cut by `p`.
+pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
+    let Cut { top, top_skip, low } = p.cut;
+    let (mut seen_top, mut seen_low) = (p.top_before, p.low_before);
+    for (a, &x) in acc.iter_mut().zip(piece) {
+        let v = x.abs();
+        let below_top = if v == top {
+            seen_top += 1;
+            seen_top > top_skip
+        } else {
+            v < top
+        };
+        let above_low = match low {
+            None => true,
+            Some((l, keep)) if v == l => {
+                seen_low += 1;
+                seen_low <= keep
+            }
+            Some((l, _)) => v > l,
+        };
+        if below_top && above_low {
+            *a += x;
+        }
+    }
+}
+
+/// M of one piece of long rows: per task, its cut (`None`: the row keeps nothing).
+pub fn merge_pieces(deltas: &[Vec<f32>], n: usize, cuts: &[Option<Piece>], m: &mut [f32]) {
+    m[..n].fill(0.0);
+    for (d, cut) in deltas.iter().zip(cuts) {
+        if let Some(p) = cut {
+            add_piece(&d[..n], p, &mut m[..n]);
+        }
+    }
+}
 
 /// Sort key: ascending key order = descending |x|, then ascending position.
 #[inline]
@@ -14,11 +95,10 @@ fn rank_key(x: f32, pos: usize) -> u64 {
 /// Adds crumbs(row) into `acc`. `keys` is scratch.
 pub fn add_row(row: &[f32], density: f64, gamma: f64, keys: &mut Vec<u64>, acc: &mut [f32]) {
     let n = row.len();
-    let drop_top = int_frac(n, gamma);
-    let keep = int_frac(n, density);
-    if drop_top >= n || keep == 0 {
+    let Some((drop_top, keep)) = kept_ranks(n, density, gamma) else {
         return;
-    }
+    };
+    let (drop_top, keep) = (drop_top as usize, keep as usize);
     keys.clear();
     keys.extend(row.iter().enumerate().map(|(i, &x)| rank_key(x, i)));
     // The key at rank `drop_top` is the smallest kept; the one at `drop_top + keep` the first cut.
