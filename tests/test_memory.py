@@ -16,10 +16,10 @@ from weightweave import _st
 ELEMS = 16 * 2**20  # 64 MiB of f32 per model
 
 
-def write_big(path: Path, seed: int) -> None:
+def write_big(path: Path, seed: int, shape: list[int] | None = None) -> None:
     header = {
         "__metadata__": {"format": "pt"},
-        "big": {"dtype": "F32", "shape": [ELEMS // 1024, 1024], "data_offsets": [0, ELEMS * 4]},
+        "big": {"dtype": "F32", "shape": shape or [ELEMS // 1024, 1024], "data_offsets": [0, ELEMS * 4]},
         "small": {"dtype": "F32", "shape": [3], "data_offsets": [ELEMS * 4, ELEMS * 4 + 12]},
     }
     text = json.dumps(header).encode()
@@ -69,10 +69,27 @@ def big_inputs(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def big_vector(tmp_path_factory):
+    """One 1-D tensor of 16 Mi elements: a single row, which Breadcrumbs must stream."""
+    d = tmp_path_factory.mktemp("vec")
+    paths = [d / f"m{i}.safetensors" for i in range(3)]
+    for i, p in enumerate(paths):
+        write_big(p, i, shape=[ELEMS])
+    return paths
+
+
 @pytest.mark.parametrize(
-    ("method", "mode"), [("task_arithmetic", "weave"), ("ties", "merge"), ("breadcrumbs", "weave")]
+    ("method", "mode", "inputs"),
+    [
+        ("task_arithmetic", "weave", "big_inputs"),
+        ("ties", "merge", "big_inputs"),
+        ("breadcrumbs", "weave", "big_inputs"),
+        ("breadcrumbs", "merge", "big_vector"),
+    ],
 )
-def test_peak_anonymous_memory_is_bounded(big_inputs, tmp_path, method, mode):
+def test_peak_anonymous_memory_is_bounded(request, tmp_path, method, mode, inputs):
+    big_inputs = request.getfixturevalue(inputs)
     base, *models = big_inputs
     out = tmp_path / "out.safetensors"
     r = subprocess.run(

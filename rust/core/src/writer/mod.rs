@@ -245,8 +245,8 @@ impl FileOutput {
         let key = lock::key(&target.name);
         out.lock = Some(OutputLock::acquire(&target.parent, &key, &target.path)?);
         leftovers::clean(&target.parent, &key);
-        out.existing = target::check_place(target)?;
         target::check_inputs(target, inputs)?;
+        out.existing = target::check_place(target)?;
         if let (true, Some(d)) = (target.is_dir(), companions_from) {
             out.companions = companions::list(d)?;
         }
