@@ -81,6 +81,11 @@ def test_existing_output_needs_overwrite_and_must_be_ours(inputs, tmp_path):
     with pytest.raises(ww.OutputError, match="overwrite"):
         merged(inputs, out, 0.9)
     assert digest(out) == old
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()  # same name as ours, but not what we wrote
+    with pytest.raises(ww.OutputError, match="holds 'config.json', which weightweave did not write"):
+        merged(inputs, out, 0.9, overwrite=True)
+    (out / "config.json").rmdir()
     new = merged(inputs, out, 0.9, overwrite=True)
     assert new != old and leftovers(tmp_path) == []
     # A directory weightweave did not write is never replaced, overwrite or not.
@@ -114,16 +119,21 @@ def test_single_file_overwrite_replaces_atomically(inputs, tmp_path):
     assert digest(out) != old and leftovers(tmp_path) == []
 
 
-def test_a_second_writer_is_refused_while_the_first_holds_the_lock(inputs, tmp_path):
-    out = tmp_path / "out"
+def gated_child(inputs, out: Path, lam: float) -> subprocess.Popen:
+    """A child that stops at its first progress call (holding the lock, its output staged)
+    until a line arrives on its stdin."""
     base, mps = inputs
-    # The first writer stops in its progress callback until told to go on.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD.replace('print("progress", done, total, flush=True)',
-                                             'print("progress", flush=True); sys.stdin.readline()'),
-         str(base), str(out), "0", "0.3", *map(str, mps)],
+    code = CHILD.replace('print("progress", done, total, flush=True)',
+                         'print("progress", flush=True); sys.stdin.readline()')  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(base), str(out), "0", str(lam), *map(str, mps)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(inputs, tmp_path):
+    out = tmp_path / "out"
+    holder = gated_child(inputs, out, 0.3)
     try:
         assert holder.stdout.readline().strip() == "progress"
         with pytest.raises(ww.OutputError, match=r"another weightweave run is writing this output \(pid \d+"):
@@ -142,13 +152,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(inputs, tmp_p
 
 def test_stale_lock_and_staging_of_a_killed_run_are_taken_over(inputs, tmp_path):
     out = tmp_path / "out"
-    base, mps = inputs
-    holder = subprocess.Popen(
-        [sys.executable, "-c", CHILD.replace('print("progress", done, total, flush=True)',
-                                             'print("progress", flush=True); sys.stdin.readline()'),
-         str(base), str(out), "0", "0.3", *map(str, mps)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = gated_child(inputs, out, 0.3)
     assert holder.stdout.readline().strip() == "progress"
     holder.kill()
     holder.communicate()

@@ -279,6 +279,9 @@ impl Build<'_> {
             ));
         }
         h.names = names;
+        h.names.shrink_to_fit();
+        h.shapes.shrink_to_fit();
+        h.slots.shrink_to_fit();
         Ok(h)
     }
 }

@@ -202,19 +202,30 @@ impl Job {
             "params": recipe.method.params_json(),
             "seed": recipe.seed,
         });
-        match &recipe.combine {
-            Combine::Merge { lam } => {
+        // λ as the caller gave it (f64), not the f32 the arithmetic uses: 0.3, not
+        // 0.30000001192092896.
+        match (&recipe.combine, &self.mode) {
+            (Combine::Merge { .. }, Mode::Merge { lam }) => {
+                let lam = lam.unwrap_or_else(|| Method::default_lam(&self.method));
                 r["lam"] = serde_json::json!(lam);
             }
-            Combine::Weave {
-                lambdas,
-                pool,
-                include_deltas,
-            } => {
+            (
+                Combine::Weave {
+                    pool,
+                    include_deltas,
+                    ..
+                },
+                Mode::Weave { lambdas, .. },
+            ) => {
+                let lambdas = lambdas
+                    .clone()
+                    .or_else(|| Method::default_lambdas(&self.method))
+                    .unwrap_or_default();
                 r["lambdas"] = serde_json::json!(lambdas);
                 r["pool"] = serde_json::json!(pool.name());
                 r["include_deltas"] = serde_json::json!(include_deltas);
             }
+            _ => unreachable!("the recipe is made from this job's mode"),
         }
         BTreeMap::from([
             ("format".to_owned(), "pt".to_owned()),
@@ -392,7 +403,8 @@ impl Opened {
 }
 
 /// Merges checkpoints on disk into the staging area of `out` (a `.safetensors` file or a
-/// model directory); [`Prepared::publish`] then makes it visible.
+/// model directory); [`Prepared::publish`] then makes it visible. The two steps are apart so
+/// that a caller can report progress one last time (and still cancel) before the publish.
 pub fn prepare_files(
     base: &Path,
     models: &[PathBuf],
@@ -431,17 +443,4 @@ pub fn prepare_files(
         )?
     };
     opened.finish_reading(bytes_read, start)
-}
-
-/// [`prepare_files`] then [`Prepared::publish`].
-pub fn run_files(
-    base: &Path,
-    models: &[PathBuf],
-    out: &Path,
-    opts: &OutputOptions,
-    job: &Job,
-    progress: pipeline::Progress,
-    cancel: &AtomicBool,
-) -> Result<Report> {
-    prepare_files(base, models, out, opts, job, progress, cancel)?.publish()
 }

@@ -171,7 +171,7 @@ proptest! {
 
 #[test]
 fn written_files_read_back() {
-    use weightweave_core::{run_files, Checkpoint};
+    use weightweave_core::{prepare_files, Checkpoint};
     let dir = tempfile::tempdir().unwrap();
     // A base written by hand in safetensors layout, then merged to a sharded directory.
     let base = model(&[vec![0.5; 8], vec![1.0; 5], vec![2.0], vec![0.25; 3]]);
@@ -198,7 +198,7 @@ fn written_files_read_back() {
         2,
         3,
     );
-    let report = run_files(
+    let report = prepare_files(
         &bp,
         &[bp.clone(), bp.clone()],
         &out,
@@ -210,6 +210,7 @@ fn written_files_read_back() {
         &|_, _| {},
         &AtomicBool::new(false),
     )
+    .and_then(|p| p.publish())
     .unwrap();
     assert!(report.outputs.len() > 2);
     let back = Checkpoint::open(&out).unwrap();

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::lock::{OutputLock, PREFIX};
+use super::lock::{OutputLock, CLEANING, PREFIX};
 
 /// What a name in an output's parent directory is to us.
 enum Entry<'a> {
@@ -102,7 +102,7 @@ pub fn clean(dir: &Path, own_key: &str) {
             continue;
         }
         // Free lock: nobody works under this key. Dropping the lock removes its stale file.
-        if let Ok(Ok(_held)) = OutputLock::try_acquire(dir, &key) {
+        if let Ok(Ok(_held)) = OutputLock::try_acquire(dir, &key, CLEANING, dir) {
             paths.iter().for_each(|p| remove(p));
         }
     }

@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// What a lock file says when its holder only removes a dead run's leftovers.
+pub const CLEANING: &str = ", removing a dead run's leftovers";
+
 /// Prefix of every entry weightweave creates in an output's parent directory.
 pub const PREFIX: &str = ".weightweave-";
 
@@ -64,9 +67,15 @@ pub fn hostname() -> String {
 }
 
 impl OutputLock {
-    /// Takes the lock of `key` in `dir` without waiting. `Ok(None)`: another live process
-    /// holds it (`holder` then says who, when it can be read).
-    pub fn try_acquire(dir: &Path, key: &str) -> Result<std::result::Result<OutputLock, String>> {
+    /// Takes the lock of `key` in `dir` without waiting. `Ok(Err(holder))`: another live
+    /// process holds it (`holder` says who, when it can be read). `role` is appended to what
+    /// the lock file says of us; `shown` names the path in errors.
+    pub fn try_acquire(
+        dir: &Path,
+        key: &str,
+        role: &str,
+        shown: &Path,
+    ) -> Result<std::result::Result<OutputLock, String>> {
         let path = path(dir, key);
         loop {
             let mut file = OpenOptions::new()
@@ -77,41 +86,56 @@ impl OutputLock {
                 .mode(0o644)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
+                .map_err(|e| Error::io(shown, e))?;
             if let Err(e) = flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
                 if e.kind() == std::io::ErrorKind::WouldBlock {
                     let mut who = String::new();
                     let _ = file.read_to_string(&mut who);
                     return Ok(Err(who.trim().to_owned()));
                 }
-                return Err(Error::io(&path, e));
+                return Err(Error::io(shown, e));
             }
             // The holder we waited out may have removed the file after we opened it: the lock
             // is only ours if it is still the file at `path`.
-            let ours = file.metadata().map_err(|e| Error::io(&path, e))?;
+            let ours = file.metadata().map_err(|e| Error::io(shown, e))?;
             match std::fs::symlink_metadata(&path) {
                 Ok(now) if now.ino() == ours.ino() && now.dev() == ours.dev() => {}
                 _ => continue,
             }
-            let who = format!("pid {} on host {}", std::process::id(), hostname());
-            file.set_len(0).map_err(|e| Error::io(&path, e))?;
+            let who = format!("pid {} on host {}{role}", std::process::id(), hostname());
+            file.set_len(0).map_err(|e| Error::io(shown, e))?;
             file.write_all(who.as_bytes())
-                .map_err(|e| Error::io(&path, e))?;
+                .map_err(|e| Error::io(shown, e))?;
             return Ok(Ok(OutputLock { path, file }));
         }
     }
 
-    /// Takes the lock for the output `shown` (the user's path, for the error) or fails at once.
+    /// Takes the lock for the output `shown` (the user's path, for the error), or fails at once
+    /// when another run writes that output. A run that holds it only to remove a dead run's
+    /// leftovers ([`CLEANING`]) is waited for.
     pub fn acquire(dir: &Path, key: &str, shown: &Path) -> Result<OutputLock> {
-        Self::try_acquire(dir, key)?.map_err(|holder| Error::Locked {
-            path: shown.to_owned(),
-            holder: if holder.is_empty() {
-                "another process".into()
-            } else {
-                holder
-            },
-            lock: path(dir, key),
-        })
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match Self::try_acquire(dir, key, "", shown)? {
+                Ok(lock) => return Ok(lock),
+                Err(holder) if holder.ends_with(CLEANING) && waited.as_secs() < 600 => {
+                    let pause = std::time::Duration::from_millis(20);
+                    std::thread::sleep(pause);
+                    waited += pause;
+                }
+                Err(holder) => {
+                    return Err(Error::Locked {
+                        path: shown.to_owned(),
+                        holder: if holder.is_empty() {
+                            "another process".into()
+                        } else {
+                            holder
+                        },
+                        lock: path(dir, key),
+                    })
+                }
+            }
+        }
     }
 }
 

@@ -175,8 +175,24 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Moves `a` to `b` only if nothing is at `b` (Linux `renameat2(RENAME_NOREPLACE)`): a file
+/// someone put at the target while the merge ran is not silently replaced. File systems
+/// without the flag get a plain rename.
+fn rename_new(a: &Path, b: &Path) -> std::io::Result<()> {
+    match renameat2(a, b, libc::RENAME_NOREPLACE) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
+            std::fs::rename(a, b)
+        }
+        r => r,
+    }
+}
+
 /// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`).
 fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    renameat2(a, b, libc::RENAME_EXCHANGE)
+}
+
+fn renameat2(a: &Path, b: &Path, flags: libc::c_uint) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL in paths");
     let (ca, cb) = (c(a), c(b));
@@ -188,7 +204,7 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
             ca.as_ptr(),
             libc::AT_FDCWD,
             cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            flags,
         )
     };
     if rc == 0 {
@@ -317,8 +333,13 @@ impl FileOutput {
                 // The staging name now holds the replaced output.
                 let _ = std::fs::remove_dir_all(&staging);
             }
-            _ => {
-                std::fs::rename(&staging, t).map_err(|e| match e.raw_os_error() {
+            existing => {
+                let moved = if existing == Existing::Absent {
+                    rename_new(&staging, t)
+                } else {
+                    std::fs::rename(&staging, t)
+                };
+                moved.map_err(|e| match e.raw_os_error() {
                     Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => Error::BadOutput {
                         path: t.clone(),
                         reason:

@@ -202,9 +202,14 @@ pub fn check_place(t: &Target) -> Result<Existing> {
                 ));
             }
             let mut names = Vec::new();
+            let mut dirs = Vec::new();
             for e in std::fs::read_dir(&t.path).map_err(|e| Error::io(&t.path, e))? {
                 let e = e.map_err(|e| Error::io(&t.path, e))?;
-                names.push(e.file_name().to_string_lossy().into_owned());
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !e.file_type().is_ok_and(|f| f.is_file()) {
+                    dirs.push(name.clone());
+                }
+                names.push(name);
             }
             if names.is_empty() {
                 return Ok(Existing::EmptyDir);
@@ -222,7 +227,8 @@ pub fn check_place(t: &Target) -> Result<Existing> {
                 )
             })?;
             names.sort();
-            if let Some(stranger) = names.iter().find(|n| !ours.contains(n)) {
+            // weightweave writes regular files only: anything else in there is someone's.
+            if let Some(stranger) = names.iter().find(|n| !ours.contains(n) || dirs.contains(n)) {
                 return Err(bad(
                     &t.path,
                     format!("holds '{stranger}', which weightweave did not write; refusing to delete it (move it away first)"),
