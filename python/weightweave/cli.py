@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     d = sub.add_parser("demo", help="build small checkpoints in a temp dir and weave them")
     d.add_argument("--dir", help="work here and keep the files (default: a temp dir, removed)")
+    d.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="train a small model on real digits and compare λ = 1 with Weight Weaving (needs torch, scikit-learn)",
+    )
+    d.add_argument("--seed", type=int, default=0, help="seed of --accuracy")
     return parser
 
 
@@ -252,7 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_inspect(args)
         from . import demo
 
-        demo.run(args.dir)
+        if args.accuracy:
+            demo.run_accuracy(args.seed)
+        else:
+            demo.run(args.dir)
         return 0
     except (Stop, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Stop) else signal.SIGINT

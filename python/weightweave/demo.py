@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import _st
+from ._rust import ParamError
 from .api import inspect, merge, weave
 
 SHAPES = {
@@ -101,11 +102,47 @@ def run(root: str | None = None, echo: Callable[[str], None] = print) -> list[st
             shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
             echo(f"  {mode:6} {method:16} {shown:28} {rep.seconds:8.3f}  {out} ({', '.join(files)})")
             outs.append(out)
-        echo(
-            "  every output keeps config.json, the int64 buffer and bf16/f32 dtypes; "
-            "`weightweave inspect DIR` shows one."
-        )
+        echo("  every output keeps config.json, the int64 buffer and bf16/f32 dtypes.")
+        if owned:
+            echo("  (the temporary directory is removed now; `weightweave demo --dir DIR` keeps the files)")
+        else:
+            echo(f"  `weightweave inspect {outs[0]}` shows one.")
         return outs
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def run_accuracy(seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, tuple[float, float]]:
+    """Does Weight Weaving help? Trains the multi-task miniature (``weightweave.miniature``: real
+    handwritten digits, six domains, a small encoder with a frozen head) for one seed and prints
+    accuracy at λ = 1 against Weight Weaving (mean pool over the default Λ). Needs torch and
+    scikit-learn. Returns {method: (λ = 1, WW)}."""
+    try:
+        import sklearn  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        need = "demo --accuracy needs torch and scikit-learn"
+        raise ParamError(f"{need} ({e}); pip install 'weightweave[bench]'") from None
+    import time
+
+    from . import miniature as M
+
+    t0 = time.perf_counter()
+    echo(f"weightweave demo --accuracy (seed {seed}): pre-training an encoder on real digits, "
+         f"fine-tuning it on {len(M.DOMAINS)} domains ...")  # fmt: skip
+    zoo = M.build_zoo(seed, continual=False)
+    refs = M.references(zoo, "multitask")
+    echo(f"  mean accuracy over the domains: zero-shot {100 * refs['zero-shot']:.1f}%, each fine-tune on its own "
+         f"domain {100 * refs['fine-tunes alone']:.1f}%, weight averaging {100 * refs['weight averaging']:.1f}%")
+    echo(f"  {'method':16} {'λ = 1':>8} {'Weight Weaving':>15}")
+    (sc,) = M.scenarios(zoo, "multitask")
+    out = {}
+    for method in ("task_arithmetic", "ties", "breadcrumbs"):
+        blind = sc.score(M.merged(sc.base, sc.models, method, lam=1.0))
+        woven = sc.score(M.merged(sc.base, sc.models, method, pool="mean", seed=seed))
+        out[method] = (blind, woven)
+        echo(f"  {method:16} {100 * blind:7.1f}% {100 * woven:14.1f}%")
+    echo(f"  ({time.perf_counter() - t0:.0f} s; the full study over 3 setups, 7 methods and 5 seeds: "
+         "python benches/paper/run.py)")
+    return out
