@@ -71,7 +71,8 @@ def load(path: Path | str) -> dict[str, torch.Tensor]:
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of `dtype` at |x| (x in f64)."""
-    mant = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}[dtype]
+    mant = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52, torch.float8_e4m3fn: 3,
+            torch.float8_e5m2: 2}[dtype]  # fmt: skip
     tiny = torch.finfo(dtype).tiny
     e = torch.floor(torch.log2(torch.clamp(x.abs(), min=tiny)))
     return torch.pow(2.0, e - mant)

@@ -66,7 +66,7 @@ def merge_buffers(
     *,
     progress: _Progress | None = None,
     given: Sequence[tuple[str, Any]] | None = None,
-) -> None: ...
+) -> list[str]: ...
 
 @final
 class TensorBuffer:

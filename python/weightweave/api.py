@@ -7,8 +7,9 @@ zero-copy buffers. Nothing here loops over tensor elements.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _rust
@@ -37,6 +38,16 @@ _NP_TO_ST = {
     "bool": "BOOL",
 }
 _ST_TO_NP = {v: k for k, v in _NP_TO_ST.items() if k != "bfloat16"}
+# FP8 travels as its byte codes; ml_dtypes names its numpy types.
+_FP8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _torch_fp8() -> dict[Any, str]:
+    try:
+        import torch
+    except ImportError:
+        return {}
+    return {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,31 @@ class Report:
         bytes_read: Bytes of tensor data read, summed over every pass over the inputs.
         bytes_written: Bytes of safetensors written.
         seconds: Wall time of the whole call.
+        differing: Integer/bool tensors that differ between the base and a fine-tune (they are
+            copied from the base, never merged; a :class:`CopiedTensorsWarning` says so too).
     """
 
     outputs: list[str]
     bytes_read: int
     bytes_written: int
     seconds: float
+    differing: list[str] = field(default_factory=list)
+
+
+class CopiedTensorsWarning(UserWarning):
+    """Integer or bool tensors differ between the base and a fine-tune: they were copied from the
+    base, not merged (BatchNorm counters legitimately differ; token ids should not)."""
+
+
+def _warn_differing(names: list[str]) -> None:
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"{len(names)} integer/bool tensor(s) differ between the base and a fine-tune and were copied from the "
+            f"base, not merged: {shown}",
+            CopiedTensorsWarning,
+            stacklevel=4,
+        )
 
 
 def default_lambdas(method: str) -> list[float]:
@@ -210,7 +240,8 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
 
 
 def _report(d: dict[str, Any]) -> Report:
-    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"])
+    _warn_differing(d["differing"])
+    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"], d["differing"])
 
 
 def _svd_options(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +408,8 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
                 raise ParamError(f"{label}: tensor '{name}' on device {v.device} cannot be read: {first}") from None
             if t.dtype == torch.bfloat16:
                 arr, dt = t.view(torch.int16).numpy(), "BF16"
+            elif t.dtype in _torch_fp8():
+                arr, dt = t.view(torch.uint8).numpy(), _torch_fp8()[t.dtype]
             else:
                 arr = t.numpy()
                 dt = _NP_TO_ST.get(arr.dtype.name)
@@ -409,7 +442,7 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
     plan = _rust.plan_buffers(b, ms, job)
     outputs = {}
     for name, dt, shape in plan:
-        storage = np.uint16 if dt == "BF16" else np.dtype(_ST_TO_NP[dt])
+        storage = np.uint16 if dt == "BF16" else np.uint8 if dt in _FP8 else np.dtype(_ST_TO_NP[dt])
         outputs[name] = (dt, np.empty(shape, dtype=storage))
     given = None
     if job["method"] in SVD_METHODS:
@@ -422,23 +455,24 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
         m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], **svd)
         given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
     flat_outputs = [(n, a.reshape(-1)) for n, (_, a) in outputs.items()]
-    _rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given)
+    _warn_differing(_rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given))
     if as_torch:
         import torch
 
         res = {}
+        views = {"BF16": torch.bfloat16, **{v: k for k, v in _torch_fp8().items()}}
         for n, (dt, a) in outputs.items():
             t = torch.from_numpy(a)
-            res[n] = t.view(torch.bfloat16) if dt == "BF16" else t
+            res[n] = t.view(views[dt]) if dt in views else t
         return res
     res = {}
     for n, (dt, a) in outputs.items():
-        if dt == "BF16":
+        if dt == "BF16" or dt in _FP8:
             try:
                 import ml_dtypes
             except ImportError:
-                raise ParamError("bf16 output from numpy inputs needs ml_dtypes; pass torch tensors instead") from None
-            a = a.view(ml_dtypes.bfloat16)
+                raise ParamError(f"{dt} output from numpy inputs needs ml_dtypes; pass torch tensors instead") from None
+            a = a.view(ml_dtypes.bfloat16 if dt == "BF16" else getattr(ml_dtypes, _FP8[dt]))
         res[n] = a
     return res
 

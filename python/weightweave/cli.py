@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -199,23 +200,16 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
         **parse_set(args.set),
     )
     signals.armed = True
+    caught: list[warnings.WarningMessage] = []
     try:
-        if args.command == "merge":
-            rep = api.merge(args.base, args.models, args.out, lam=args.lam, **kw)
-        else:
-            lambdas = api.parse_lambdas(args.lambdas) if args.lambdas else None
-            rep = api.weave(
-                args.base,
-                args.models,
-                args.out,
-                lambdas=lambdas,
-                pool=args.pool,
-                include_deltas=not args.no_deltas,
-                **kw,
-            )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rep = _call(args, kw)
     finally:
         signals.armed = False
         bar.close()
+        for w in caught:
+            print(f"weightweave: warning: {w.message}", file=sys.stderr)
     signals.published = True
     if signals.received is not None:
         name = Signals.NAMES.get(signals.received, str(signals.received))
@@ -227,6 +221,14 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
             f"({rep.bytes_read / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s read): {args.out}"
         )
     return 0
+
+
+def _call(args: argparse.Namespace, kw: dict[str, Any]) -> api.Report:
+    if args.command == "merge":
+        return api.merge(args.base, args.models, args.out, lam=args.lam, **kw)
+    lambdas = api.parse_lambdas(args.lambdas) if args.lambdas else None
+    return api.weave(args.base, args.models, args.out, lambdas=lambdas, pool=args.pool,
+                     include_deltas=not args.no_deltas, **kw)  # fmt: skip
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

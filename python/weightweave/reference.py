@@ -18,7 +18,7 @@ import torch
 Tensor = torch.Tensor
 StateDict = Mapping[str, Tensor]
 
-MERGEABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MERGEABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 POOL_STREAM = _MASK

@@ -24,7 +24,8 @@ import torch
 from ._rust import ParamError, Session
 
 SVD_METHODS = ("tsv", "iso_c")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

@@ -83,11 +83,15 @@ impl DType {
         }
     }
 
-    /// Magnitude from which an f32 rounds to infinity in this dtype (round to nearest even).
+    /// Magnitude from which an f32 no longer rounds to a finite value of this dtype (round to
+    /// nearest even).
     pub fn overflow_at(self) -> f32 {
         match self {
             DType::F16 => 65_520.0,
             DType::BF16 => f32::from_bits(0x7F7F_8000),
+            // 464 is a tie between 448 (even) and the NaN code: it rounds to 448.
+            DType::F8E4M3 => f32::from_bits(464f32.to_bits() + 1),
+            DType::F8E5M2 => 61_440.0,
             _ => f32::INFINITY,
         }
     }
@@ -98,13 +102,18 @@ impl DType {
         match self {
             DType::F16 => 65_504.0,
             DType::BF16 => f32::from_bits(0x7F7F_0000),
+            DType::F8E4M3 => 448.0,
+            DType::F8E5M2 => 57_344.0,
             _ => f32::MAX,
         }
     }
 
     /// Whether tensors of this dtype are merged (the rest are copied from the base).
     pub fn is_mergeable(self) -> bool {
-        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+        matches!(
+            self,
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64 | DType::F8E4M3 | DType::F8E5M2
+        )
     }
 }
 
@@ -133,6 +142,12 @@ pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(c);
                 *o = f64::from_le_bytes(b) as f32;
+            }
+        }
+        DType::F8E4M3 | DType::F8E5M2 => {
+            let table = fp8::table(dtype);
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = table[b as usize];
             }
         }
         other => unreachable!("decode called on non-mergeable dtype {}", other.name()),
@@ -164,7 +179,161 @@ pub fn encode(dtype: DType, src: &[f32], out: &mut [u8]) {
                 c.copy_from_slice(&(*v as f64).to_le_bytes());
             }
         }
+        DType::F8E4M3 | DType::F8E5M2 => {
+            let f = fp8::Format::of(dtype);
+            for (c, v) in out.iter_mut().zip(src) {
+                *c = f.encode(*v);
+            }
+        }
         other => unreachable!("encode called on non-mergeable dtype {}", other.name()),
+    }
+}
+
+/// The two FP8 formats of safetensors: E4M3 "fn" (bias 7, no infinities, S.1111.111 is NaN,
+/// largest 448) and E5M2 (bias 15, IEEE-like with infinities, largest 57344). Decoding is a
+/// table lookup; encoding rounds to nearest even exactly (in f64, where every step is exact).
+pub mod fp8 {
+    use std::sync::OnceLock;
+
+    use super::DType;
+
+    #[derive(Clone, Copy, Debug)]
+    pub struct Format {
+        mbits: i32,
+        bias: i32,
+        /// E4M3fn spends its top exponent on finite values; E5M2 on infinities and NaN.
+        ieee: bool,
+    }
+
+    impl Format {
+        pub fn of(d: DType) -> Format {
+            match d {
+                DType::F8E4M3 => Format {
+                    mbits: 3,
+                    bias: 7,
+                    ieee: false,
+                },
+                DType::F8E5M2 => Format {
+                    mbits: 2,
+                    bias: 15,
+                    ieee: true,
+                },
+                other => unreachable!("{} is not FP8", other.name()),
+            }
+        }
+
+        pub fn decode(self, b: u8) -> f32 {
+            let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+            let ebits = 7 - self.mbits;
+            let e = ((b & 0x7F) >> self.mbits) as i32;
+            let m = (b & ((1 << self.mbits) - 1)) as i32;
+            let top = (1 << ebits) - 1;
+            if self.ieee && e == top {
+                return if m == 0 {
+                    sign * f32::INFINITY
+                } else {
+                    f32::NAN
+                };
+            }
+            if !self.ieee && e == top && m == (1 << self.mbits) - 1 {
+                return f32::NAN;
+            }
+            let scale = |p: i32| (2.0f64).powi(p);
+            let v = if e == 0 {
+                m as f64 * scale(1 - self.bias - self.mbits)
+            } else {
+                (((1 << self.mbits) + m) as f64) * scale(e - self.bias - self.mbits)
+            };
+            sign * v as f32
+        }
+
+        /// Rounds a finite `v` below [`DType::overflow_at`] to the nearest code, ties to even.
+        pub fn encode(self, v: f32) -> u8 {
+            let sign = ((v.to_bits() >> 31) as u8) << 7;
+            let exp = ((v.to_bits() >> 23) & 0xFF) as i32;
+            if exp == 0 {
+                // Zero or an f32 subnormal: far below half the smallest FP8 subnormal.
+                return sign;
+            }
+            let a = v.abs() as f64;
+            let min = 1 - self.bias;
+            let e = (exp - 127).max(min);
+            let r = (a / (2.0f64).powi(e - self.mbits)).round_ties_even() as i32;
+            let one = 1 << self.mbits;
+            let (field, mant) = if r < one {
+                (0, r) // subnormal (e == min)
+            } else if r == 2 * one {
+                (e + 1 + self.bias, 0) // rounded up into the next binade
+            } else {
+                (e + self.bias, r - one)
+            };
+            sign | ((field << self.mbits) | mant) as u8
+        }
+    }
+
+    /// Every code's value, for decoding by lookup.
+    pub fn table(d: DType) -> &'static [f32; 256] {
+        static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
+        static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
+        let cell = if d == DType::F8E4M3 { &E4M3 } else { &E5M2 };
+        cell.get_or_init(|| {
+            let f = Format::of(d);
+            std::array::from_fn(|b| f.decode(b as u8))
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn known_values() {
+            let e4 = Format::of(DType::F8E4M3);
+            assert_eq!(e4.decode(0x7E), 448.0);
+            assert!(e4.decode(0x7F).is_nan());
+            assert_eq!(e4.decode(0x01), 2f32.powi(-9));
+            assert_eq!(e4.decode(0x38), 1.0);
+            let e5 = Format::of(DType::F8E5M2);
+            assert_eq!(e5.decode(0x7B), 57344.0);
+            assert_eq!(e5.decode(0x7C), f32::INFINITY);
+            assert_eq!(e5.decode(0x01), 2f32.powi(-16));
+            assert_eq!(e5.decode(0x3C), 1.0);
+        }
+
+        /// Every finite code round-trips, and every f32 between two neighbouring codes goes to
+        /// the nearer one (the even one on a tie): checked against the sorted table.
+        #[test]
+        fn encode_is_round_to_nearest_even() {
+            for d in [DType::F8E4M3, DType::F8E5M2] {
+                let f = Format::of(d);
+                let t = table(d);
+                let mut finite: Vec<(f32, u8)> = (0..=255u8)
+                    .filter(|&b| t[b as usize].is_finite() && b & 0x80 == 0)
+                    .map(|b| (t[b as usize], b))
+                    .collect();
+                finite.sort_by(|a, b| a.0.total_cmp(&b.0));
+                for &(v, b) in &finite {
+                    assert_eq!(f.encode(v), b, "{v}");
+                    assert_eq!(f.encode(-v), b | 0x80, "-{v}");
+                }
+                for w in finite.windows(2) {
+                    let ((lo, bl), (hi, bh)) = (w[0], w[1]);
+                    let mid = (lo as f64 + hi as f64) / 2.0;
+                    let even = if bl & 1 == 0 { bl } else { bh };
+                    assert_eq!(f.encode(mid as f32), even, "tie {lo}..{hi}");
+                    let below = f32::from_bits((mid as f32).to_bits() - 1);
+                    let above = f32::from_bits((mid as f32).to_bits() + 1);
+                    assert_eq!(f.encode(below), bl, "below {mid}");
+                    if above < d.overflow_at() {
+                        assert_eq!(f.encode(above), bh, "above {mid}");
+                    }
+                }
+                // Just under the overflow threshold still encodes to the largest finite value.
+                let top = f32::from_bits(d.overflow_at().to_bits() - 1);
+                assert_eq!(t[f.encode(top) as usize], d.max_finite());
+                assert_eq!(f.encode(1e-30), 0);
+            }
+        }
     }
 }
 

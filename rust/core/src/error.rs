@@ -54,6 +54,13 @@ pub enum Error {
         index: usize,
         value: f32,
     },
+    /// Weights stored in a quantized form the arithmetic cannot read.
+    #[error("{file}: tensor '{tensor}': {format} cannot be merged; merge unquantized (or dequantized) checkpoints")]
+    Quantized {
+        file: String,
+        tensor: String,
+        format: String,
+    },
     /// A merged value does not fit the output dtype (it would be written as infinity).
     #[error("tensor '{tensor}': merged values overflow {dtype} (largest {dtype} is {max:e}); write a wider out_dtype such as f32")]
     Overflow {

@@ -80,6 +80,8 @@ pub struct Job {
 #[derive(Clone, Debug)]
 pub struct Report {
     pub outputs: Vec<PathBuf>,
+    /// Integer/bool tensors that differ between the base and a fine-tune (copied from the base).
+    pub differing: Vec<String>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
@@ -296,6 +298,7 @@ pub struct OutputOptions {
 pub struct Prepared {
     output: writer::FileOutput,
     inputs: Vec<(PathBuf, watch::Fingerprint)>,
+    differing: Vec<String>,
     bytes_read: u64,
     bytes_written: u64,
     start: Instant,
@@ -309,6 +312,7 @@ impl Prepared {
         let Prepared {
             output,
             inputs,
+            differing,
             bytes_read,
             bytes_written,
             start,
@@ -321,6 +325,7 @@ impl Prepared {
         }
         Ok(Report {
             outputs: outputs?,
+            differing,
             bytes_read,
             bytes_written,
             seconds: start.elapsed().as_secs_f64(),
@@ -336,6 +341,7 @@ pub(crate) struct Opened {
     pub plan: Vec<plan::TensorPlan>,
     pub output: writer::FileOutput,
     pub bytes_written: u64,
+    pub differing: Vec<String>,
 }
 
 pub(crate) fn open_files(
@@ -352,9 +358,12 @@ pub(crate) fn open_files(
         .iter()
         .map(Checkpoint::open)
         .collect::<Result<Vec<_>>>()?;
-    let plan = {
+    let (plan, differing) = {
         let views: Vec<ModelView> = model_cks.iter().map(|m| m.view()).collect();
-        plan::validate(&base_ck.view(), &views, job.out_dtype()?)?
+        let base_view = base_ck.view();
+        let plan = plan::validate(&base_view, &views, job.out_dtype()?)?;
+        let differing = plan::differing_copies(&base_view, &views, &plan);
+        (plan, differing)
     };
     let mut inputs = base_ck.input_files();
     for m in &model_cks {
@@ -373,6 +382,7 @@ pub(crate) fn open_files(
         plan,
         output,
         bytes_written,
+        differing,
     })
 }
 
@@ -394,6 +404,7 @@ impl Opened {
         Ok(Prepared {
             output: self.output,
             inputs,
+            differing: self.differing,
             bytes_read,
             bytes_written: self.bytes_written,
             start,

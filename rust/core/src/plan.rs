@@ -63,6 +63,9 @@ pub fn validate(
             "holds no tensors: nothing to merge",
         ));
     }
+    for m in std::iter::once(base).chain(models) {
+        check_quantization(m)?;
+    }
     for m in models {
         if let Some(extra) = m.tensors.keys().find(|k| !base.tensors.contains_key(*k)) {
             return Err(Error::ExtraTensor {
@@ -117,6 +120,67 @@ pub fn validate(
         });
     }
     Ok(plan)
+}
+
+/// Refuses checkpoints whose weights are stored in a form the arithmetic cannot read directly:
+/// packed integer quantizations (GPTQ, AWQ, bitsandbytes) and FP8 weights that carry scale
+/// tensors. Merging their raw codes, or copying them from the base, would write a wrong model
+/// without a word.
+fn check_quantization(m: &ModelView) -> Result<()> {
+    const PACKED: [(&str, &str); 8] = [
+        (".qweight", "GPTQ/AWQ packed integer weights"),
+        (".qzeros", "GPTQ/AWQ packed integer weights"),
+        (".g_idx", "GPTQ packed integer weights"),
+        (".absmax", "bitsandbytes 4-bit weights"),
+        (".quant_map", "bitsandbytes 4-bit weights"),
+        (".nested_absmax", "bitsandbytes 4-bit weights"),
+        (".SCB", "bitsandbytes 8-bit weights"),
+        (".weight_format", "bitsandbytes 8-bit weights"),
+    ];
+    let refuse = |name: &str, file: &str, format: String| Error::Quantized {
+        file: file.to_owned(),
+        tensor: name.to_owned(),
+        format,
+    };
+    for (name, t) in &m.tensors {
+        if let Some((_, format)) = PACKED.iter().find(|(suffix, _)| name.ends_with(suffix)) {
+            return Err(refuse(name, t.file, format.to_string()));
+        }
+        if name.contains(".quant_state.") {
+            return Err(refuse(name, t.file, "bitsandbytes 4-bit weights".into()));
+        }
+        for suffix in ["_scale_inv", "_scale"] {
+            let Some(stem) = name.strip_suffix(suffix) else {
+                continue;
+            };
+            if m.tensors
+                .get(stem)
+                .is_some_and(|w| matches!(w.dtype, DType::F8E4M3 | DType::F8E5M2))
+            {
+                let what = format!("FP8 weights with scale tensors ('{stem}' is scaled by this one; dequantizing them is not supported yet)");
+                return Err(refuse(name, t.file, what));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The names of tensors copied from the base (integer, bool) whose bytes differ in some
+/// fine-tune. They are never merged (BatchNorm counters legitimately differ), but a user must
+/// hear of it.
+pub fn differing_copies(
+    base: &ModelView,
+    models: &[ModelView],
+    plan: &[TensorPlan],
+) -> Vec<String> {
+    plan.iter()
+        .filter(|t| !t.mergeable)
+        .filter(|t| {
+            let b = base.tensors[&t.name].data;
+            models.iter().any(|m| m.tensors[&t.name].data != b)
+        })
+        .map(|t| t.name.clone())
+        .collect()
 }
 
 /// Splits tensors into chunks of about `chunk_size` elements. With `whole_rows`, chunks of a

@@ -24,6 +24,7 @@ pub struct Session {
     recipe: Recipe,
     opts: Options,
     output: FileOutput,
+    differing: Vec<String>,
     written: Mutex<Vec<bool>>,
     bytes_written: u64,
     done: AtomicU64,
@@ -66,6 +67,7 @@ impl Session {
             opts: job.options(),
             output: opened.output,
             bytes_written: opened.bytes_written,
+            differing: opened.differing,
             done: AtomicU64::new(0),
             total,
             start,
@@ -218,6 +220,7 @@ impl Session {
         let outputs = self.output.publish(&verify)?;
         Ok(Report {
             outputs,
+            differing: self.differing,
             bytes_read,
             bytes_written: self.bytes_written,
             seconds: self.start.elapsed().as_secs_f64(),

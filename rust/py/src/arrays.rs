@@ -5,7 +5,7 @@
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use weightweave_core::plan::TensorPlan;
+use weightweave_core::plan::{differing_copies, TensorPlan};
 use weightweave_core::{plan_views, run_views, DType, ModelView, Result, Sink, TensorRef};
 
 use crate::convert;
@@ -130,7 +130,7 @@ pub fn merge_buffers<'py>(
     job: &Bound<'py, PyDict>,
     progress: Option<Py<PyAny>>,
     given: Option<Vec<(String, Bound<'py, PyAny>)>>,
-) -> PyResult<()> {
+) -> PyResult<Vec<String>> {
     let job = convert::job(job)?;
     let (b, ms) = inputs(base, models)?;
     let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
@@ -168,7 +168,8 @@ pub fn merge_buffers<'py>(
         given.insert(n.clone(), f32_slice(b)?);
     }
     let r = run_detached(py, progress, |report, cancel| {
-        run_views(&base_view, &views, &job, &given, &sink, report, cancel).map(|_| ())
+        run_views(&base_view, &views, &job, &given, &sink, report, cancel)
+            .map(|plan| differing_copies(&base_view, &views, &plan))
     });
     drop(held);
     r

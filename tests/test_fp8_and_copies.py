@@ -1,0 +1,114 @@
+"""FP8 checkpoints are merged like every float (they used to be copied from the base without a
+word); weights stored in forms we cannot dequantize are refused; integer tensors that differ
+between models are copied from the base and said so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightweave as ww
+from weightweave import reference as R
+from weightweave.cli import main
+
+from conftest import assert_close_ulp, load, rounding_slack, write_models
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_state(dtype, seed=0, tasks=3):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (33, 16), "b.weight": (40,), "c.bias": (7,)}
+    base = {n: (torch.randn(s, generator=g) * 0.5).to(dtype) for n, s in shapes.items()}
+    base["ids"] = torch.arange(5)
+    models = []
+    for _ in range(tasks):
+        m = {n: (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in base.items() if n != "ids"}
+        m["ids"] = base["ids"].clone()
+        models.append(m)
+    return base, models
+
+
+CASES = [("task_arithmetic", "merge"), ("ties", "weave"), ("magmax", "weave"), ("dare", "merge"),
+         ("breadcrumbs", "weave"), ("pcb", "merge")]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", FP8)
+@pytest.mark.parametrize(("method", "mode"), CASES)
+def test_fp8_is_merged_like_every_float(tmp_path, dtype, method, mode):
+    base, models = fp8_state(dtype)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    params = {"gamma": 0.05} if method == "breadcrumbs" else {}
+    if mode == "merge":
+        ww.merge(bp, mps, out, method=method, lam=0.7, **params)
+        want = R.merge(base, models, method, 0.7, **params)
+        lambdas = [0.7]
+    else:
+        ww.weave(bp, mps, out, method=method, **params)
+        lambdas = ww.default_lambdas(method)
+        want = R.weave(base, models, method, lambdas, **params)
+    got = load(out)
+    assert got["a.weight"].dtype == dtype
+    assert not torch.equal(got["a.weight"].view(torch.uint8), base["a.weight"].view(torch.uint8))
+    assert_close_ulp(got, want, atol=rounding_slack(base, models, method, lambdas, **params))
+
+
+def test_fp8_out_dtype_and_overflow(tmp_path):
+    base, models = fp8_state(torch.float8_e4m3fn)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    ww.merge(bp, mps, out, method="task_arithmetic", out_dtype="bf16")
+    want = R.merge(base, models, "task_arithmetic", 0.3, out_dtype="bf16")
+    assert_close_ulp(load(out), want, atol=rounding_slack(base, models, "task_arithmetic", [0.3]))
+    with pytest.raises(ww.OutputError, match=r"overflow F8_E4M3 \(largest F8_E4M3 is 4.48e2\)"):
+        ww.merge(bp, mps, tmp_path / "big.safetensors", method="task_arithmetic", lam=3000.0)
+
+
+def test_fp8_cli_no_longer_writes_the_base(tmp_path, capsys):
+    base, models = fp8_state(torch.float8_e4m3fn)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(bp), *map(str, mps), "-o", str(out), "--method", "task_arithmetic", "-q"]) == 0
+    want = R.merge(base, models, "task_arithmetic", 0.3)
+    assert_close_ulp(load(out), want, atol=rounding_slack(base, models, "task_arithmetic", [0.3]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"a.weight_scale_inv": torch.ones(1, 1)}, "FP8 weights with scale tensors"),
+        ({"a.weight_scale": torch.ones(())}, "FP8 weights with scale tensors"),
+        ({"q.qweight": torch.zeros(4, 2, dtype=torch.int32)}, "GPTQ/AWQ packed integer weights"),
+        ({"q.weight.absmax": torch.ones(3)}, "bitsandbytes 4-bit weights"),
+        ({"q.weight.SCB": torch.ones(3)}, "bitsandbytes 8-bit weights"),
+    ],
+)
+def test_quantized_checkpoints_are_refused_by_name(tmp_path, extra, message):
+    base, models = fp8_state(torch.float8_e4m3fn, tasks=1)
+    base.update(extra)
+    models[0].update(extra)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    with pytest.raises(ww.HeaderError, match=message) as e:
+        ww.merge(bp, mps, tmp_path / "o.safetensors", method="task_arithmetic")
+    assert next(iter(extra)) in str(e.value) and "base.safetensors" in str(e.value)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_differing_integer_tensors_are_copied_and_reported(tmp_path, capsys):
+    base, models = fp8_state(torch.float8_e5m2)
+    models[1]["ids"] = base["ids"] + 1
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    with pytest.warns(ww.CopiedTensorsWarning, match=r"1 integer/bool tensor\(s\) differ .*: ids"):
+        rep = ww.merge(bp, mps, out, method="ties")
+    assert rep.differing == ["ids"]
+    assert torch.equal(load(out)["ids"], base["ids"])
+    with pytest.warns(ww.CopiedTensorsWarning, match="ids"):
+        ww.merge_arrays(base, models, method="ties")
+    assert main(["merge", str(bp), *map(str, mps), "-o", str(tmp_path / "c.safetensors"), "--method", "ties"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("weightweave: warning: 1 integer/bool tensor(s) differ") == 1
+    # Identical integer tensors: no warning at all (filterwarnings = error would fail the test).
+    base, models = fp8_state(torch.float8_e5m2)
+    assert ww.merge_arrays(base, models, method="ties")["ids"].equal(base["ids"])
