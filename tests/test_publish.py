@@ -83,7 +83,7 @@ def test_existing_output_needs_overwrite_and_must_be_ours(inputs, tmp_path):
     assert digest(out) == old
     (out / "config.json").unlink()
     (out / "config.json").mkdir()  # same name as ours, but not what we wrote
-    with pytest.raises(ww.OutputError, match="holds 'config.json', which weightweave did not write"):
+    with pytest.raises(ww.OutputError, match="holds 'config.json/', which weightweave did not write"):
         merged(inputs, out, 0.9, overwrite=True)
     (out / "config.json").rmdir()
     new = merged(inputs, out, 0.9, overwrite=True)

@@ -61,6 +61,8 @@ class Report:
         seconds: Wall time of the whole call.
         differing: Integer/bool tensors that differ between the base and a fine-tune (they are
             copied from the base, never merged; a :class:`CopiedTensorsWarning` says so too).
+        skipped: Files of the base's model directory not copied next to the output, each with
+            why (weights in another format, a training log, over 512 MiB, nested too deep).
     """
 
     outputs: list[str]
@@ -68,6 +70,7 @@ class Report:
     bytes_written: int
     seconds: float
     differing: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 class CopiedTensorsWarning(UserWarning):
@@ -241,7 +244,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
 
 def _report(d: dict[str, Any]) -> Report:
     _warn_differing(d["differing"])
-    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"], d["differing"])
+    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"], d["differing"], d["skipped"])
 
 
 def _svd_options(method: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -215,6 +215,8 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
         name = Signals.NAMES.get(signals.received, str(signals.received))
         print(f"weightweave: {name} arrived after the output was published; {args.out} is complete", file=sys.stderr)
         return 128 + signals.received
+    if rep.skipped and not args.quiet:
+        print(f"weightweave: not copied from the base's directory: {', '.join(rep.skipped)}", file=sys.stderr)
     if not args.quiet:
         print(
             f"wrote {len(rep.outputs)} file(s), {rep.bytes_written / 1e9:.3f} GB in {rep.seconds:.2f}s "

@@ -82,6 +82,8 @@ pub struct Report {
     pub outputs: Vec<PathBuf>,
     /// Integer/bool tensors that differ between the base and a fine-tune (copied from the base).
     pub differing: Vec<String>,
+    /// Files of the base's model directory not copied to the output, with why.
+    pub skipped: Vec<String>,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub seconds: f64,
@@ -319,6 +321,7 @@ impl Prepared {
             unmap,
         } = self;
         let verify = || inputs.iter().try_for_each(|(p, fp)| watch::verify(p, fp));
+        let skipped = output.skipped().to_vec();
         let outputs = output.publish(&verify);
         if let Some(h) = unmap {
             let _ = h.join();
@@ -326,6 +329,7 @@ impl Prepared {
         Ok(Report {
             outputs: outputs?,
             differing,
+            skipped,
             bytes_read,
             bytes_written,
             seconds: start.elapsed().as_secs_f64(),
@@ -344,6 +348,31 @@ pub(crate) struct Opened {
     pub differing: Vec<String>,
 }
 
+/// The output's `__metadata__`: the base's entries, then ours (version, recipe with λ and the
+/// inputs as the caller gave them).
+fn output_metadata(
+    base_ck: &Checkpoint,
+    job: &Job,
+    recipe: &Recipe,
+    base: &Path,
+    models: &[PathBuf],
+) -> BTreeMap<String, String> {
+    let mut meta = base_ck.metadata().clone();
+    let mut ours = job.metadata(recipe);
+    if let Some(r) = ours.get_mut("weightweave.recipe") {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(r) {
+            v["base"] = serde_json::json!(base.display().to_string());
+            v["models"] = serde_json::json!(models
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect::<Vec<_>>());
+            *r = v.to_string();
+        }
+    }
+    meta.extend(ours);
+    meta
+}
+
 pub(crate) fn open_files(
     base: &Path,
     models: &[PathBuf],
@@ -352,8 +381,17 @@ pub(crate) fn open_files(
     job: &Job,
     recipe: &Recipe,
 ) -> Result<Opened> {
-    let target = writer::Target::new(out, opts.shard_size, opts.overwrite)?;
+    let mut target = writer::Target::new(out, opts.shard_size, opts.overwrite)?;
     let base_ck = Checkpoint::open(base)?;
+    // A sharded base gives a sharded output (shards as large as the base's largest) unless
+    // the caller chose.
+    if let (writer::Kind::Dir { shard_size: None }, Some(size)) =
+        (target.kind, base_ck.largest_shard_bytes())
+    {
+        target.kind = writer::Kind::Dir {
+            shard_size: Some(size.max(1)),
+        };
+    }
     let model_cks = models
         .iter()
         .map(Checkpoint::open)
@@ -369,12 +407,14 @@ pub(crate) fn open_files(
     for m in &model_cks {
         inputs.extend(m.input_files());
     }
+    let metadata = output_metadata(&base_ck, job, recipe, base, models);
     let (output, bytes_written) = writer::FileOutput::create(
         &target,
         &plan,
-        &job.metadata(recipe),
+        &metadata,
         &inputs,
         base_ck.model_dir.as_deref(),
+        job.out_dtype()?,
     )?;
     Ok(Opened {
         base: base_ck,

@@ -199,10 +199,25 @@ impl Checkpoint {
             };
             ck.model_dir = Some(path.to_owned());
             Ok(ck)
-        } else if path.extension().is_some_and(|e| e == "json") {
-            Self::open_index(path, path)
         } else {
-            Self::open_single(path, path)
+            let mut ck = if path.extension().is_some_and(|e| e == "json") {
+                Self::open_index(path, path)?
+            } else {
+                Self::open_single(path, path)?
+            };
+            // `model_dir/model.safetensors` (or its index) given as a file still comes with its
+            // model directory's config and tokenizer files; a loose file elsewhere does not.
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            if matches!(name.as_deref(), Some(SINGLE_FILE | INDEX_FILE))
+                && dir.join("config.json").is_file()
+            {
+                ck.model_dir = Some(dir);
+            }
+            Ok(ck)
         }
     }
 
@@ -331,6 +346,15 @@ impl Checkpoint {
                 (name.as_str(), i, e)
             })),
         }
+    }
+
+    /// The largest shard's tensor bytes, for a sharded checkpoint.
+    pub fn largest_shard_bytes(&self) -> Option<u64> {
+        self.owner.as_ref()?;
+        self.files
+            .iter()
+            .map(|f| f.header.iter().map(|(_, e)| (e.end - e.start) as u64).sum())
+            .max()
     }
 
     /// How many tensor files the checkpoint has.

@@ -217,10 +217,12 @@ impl Session {
                 .try_for_each(|(p, fp)| crate::watch::verify(p, fp))
         };
         let bytes_read = self.done.load(Ordering::Relaxed);
+        let skipped = self.output.skipped().to_vec();
         let outputs = self.output.publish(&verify)?;
         Ok(Report {
             outputs,
             differing: self.differing,
+            skipped,
             bytes_read,
             bytes_written: self.bytes_written,
             seconds: self.start.elapsed().as_secs_f64(),

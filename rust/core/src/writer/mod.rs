@@ -22,10 +22,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use target::{Existing, Kind, Target, FILES_KEY, VERSION_KEY};
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pipeline::Sink;
 use crate::plan::TensorPlan;
 use crate::reader::{INDEX_FILE, SINGLE_FILE};
+use companions::Companion;
 use lock::OutputLock;
 
 struct OutFile {
@@ -123,8 +125,8 @@ impl Layout {
         self.files.iter().map(|f| f.size).sum()
     }
 
-    /// The names of the entries a directory output will hold, for its manifest.
-    fn entry_names(&self, companions: &[PathBuf]) -> Vec<String> {
+    /// Every file a directory output will hold (relative paths), for its manifest.
+    fn entry_names(&self, companions: &[Companion]) -> Vec<String> {
         let mut v: Vec<String> = self.files.iter().map(|f| f.name.clone()).collect();
         if self.index.is_some() {
             v.push(INDEX_FILE.to_owned());
@@ -132,7 +134,7 @@ impl Layout {
         v.extend(
             companions
                 .iter()
-                .map(|c| c.file_name().expect("file").to_string_lossy().into_owned()),
+                .map(|c| c.rel.to_string_lossy().into_owned()),
         );
         v.sort();
         v
@@ -228,20 +230,26 @@ pub struct FileOutput {
     unflushed: Vec<AtomicU64>,
     loc: Vec<(usize, u64)>,
     index: Option<Vec<u8>>,
-    companions: Vec<PathBuf>,
+    companions: Vec<Companion>,
+    /// Files of the base's directory not copied, with why.
+    skipped: Vec<String>,
+    /// The dtype `config.json` must name (the `out_dtype` asked for).
+    config_dtype: Option<DType>,
     published: bool,
 }
 
 impl FileOutput {
     /// Locks the target, checks its place against the inputs, and creates the staging area
     /// with every output file at its final size. `metadata` is recorded in every weight file;
-    /// `companions_from` is the base's model directory, whose config files are copied along.
+    /// `companions_from` is the base's model directory, whose config files are copied along
+    /// (their `config.json` naming `config_dtype` when given).
     pub fn create(
         target: &Target,
         plan: &[TensorPlan],
         metadata: &BTreeMap<String, String>,
         inputs: &[PathBuf],
         companions_from: Option<&Path>,
+        config_dtype: Option<DType>,
     ) -> Result<(FileOutput, u64)> {
         let mut out = FileOutput {
             target: target.clone(),
@@ -254,6 +262,8 @@ impl FileOutput {
             loc: Vec::new(),
             index: None,
             companions: Vec::new(),
+            skipped: Vec::new(),
+            config_dtype,
             published: false,
         };
         // From here on, dropping `out` undoes whatever was done.
@@ -264,7 +274,9 @@ impl FileOutput {
         target::check_inputs(target, inputs)?;
         out.existing = target::check_place(target)?;
         if let (true, Some(d)) = (target.is_dir(), companions_from) {
-            out.companions = companions::list(d)?;
+            let found = companions::list(d, inputs)?;
+            out.companions = found.files;
+            out.skipped = found.skipped;
         }
         let mut metadata = metadata.clone();
         let probe = Layout::new(plan, target, &metadata);
@@ -364,9 +376,14 @@ impl FileOutput {
         v.extend(
             self.companions
                 .iter()
-                .map(|c| self.target.path.join(c.file_name().expect("file"))),
+                .map(|c| self.target.path.join(&c.rel)),
         );
         v
+    }
+
+    /// Files of the base's directory that were not copied, with why.
+    pub fn skipped(&self) -> &[String] {
+        &self.skipped
     }
 
     /// Writes the index and copies the companion files into the staging directory.
@@ -381,9 +398,16 @@ impl FileOutput {
             f.write_all_at(index, 0).map_err(|e| Error::io(&shown, e))?;
             f.sync_all().map_err(|e| Error::io(&shown, e))?;
         }
+        let mut dirs = std::collections::BTreeSet::new();
         for c in &self.companions {
-            let name = c.file_name().expect("file");
-            companions::copy(c, &staging.join(name), &self.target.path.join(name))?;
+            let shown = self.target.path.join(&c.rel);
+            companions::copy(c, staging, &shown, self.config_dtype)?;
+            if let Some(parent) = c.rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+                dirs.insert(parent.to_owned());
+            }
+        }
+        for d in dirs {
+            fsync_dir(&staging.join(&d)).map_err(|e| Error::io(self.target.path.join(&d), e))?;
         }
         Ok(())
     }

@@ -202,16 +202,9 @@ pub fn check_place(t: &Target) -> Result<Existing> {
                 ));
             }
             let mut names = Vec::new();
-            let mut dirs = Vec::new();
-            for e in std::fs::read_dir(&t.path).map_err(|e| Error::io(&t.path, e))? {
-                let e = e.map_err(|e| Error::io(&t.path, e))?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !e.file_type().is_ok_and(|f| f.is_file()) {
-                    dirs.push(name.clone());
-                }
-                names.push(name);
-            }
-            if names.is_empty() {
+            list_files(&t.path, Path::new(""), &mut names).map_err(|e| Error::io(&t.path, e))?;
+            if names.is_empty() && std::fs::read_dir(&t.path).is_ok_and(|mut d| d.next().is_none())
+            {
                 return Ok(Existing::EmptyDir);
             }
             if !t.overwrite {
@@ -227,8 +220,7 @@ pub fn check_place(t: &Target) -> Result<Existing> {
                 )
             })?;
             names.sort();
-            // weightweave writes regular files only: anything else in there is someone's.
-            if let Some(stranger) = names.iter().find(|n| !ours.contains(n) || dirs.contains(n)) {
+            if let Some(stranger) = names.iter().find(|n| !ours.contains(n)) {
                 return Err(bad(
                     &t.path,
                     format!("holds '{stranger}', which weightweave did not write; refusing to delete it (move it away first)"),
@@ -237,6 +229,30 @@ pub fn check_place(t: &Target) -> Result<Existing> {
             Ok(Existing::Previous)
         }
     }
+}
+
+/// Every entry below `dir` as a relative path: regular files, and anything that is neither a
+/// file nor a directory (a link, a FIFO) as itself, so that it counts as a stranger. Empty
+/// directories are listed with a trailing '/'.
+fn list_files(dir: &Path, rel: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    let mut empty = true;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        empty = false;
+        let r = rel.join(e.file_name());
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            list_files(&e.path(), &r, out)?;
+        } else if ft.is_file() {
+            out.push(r.to_string_lossy().into_owned());
+        } else {
+            out.push(format!("{} (not a regular file)", r.display()));
+        }
+    }
+    if empty && !rel.as_os_str().is_empty() {
+        out.push(format!("{}/", rel.display()));
+    }
+    Ok(())
 }
 
 /// The entries an earlier weightweave output directory says it wrote, if it is one.
