@@ -89,6 +89,33 @@ def _warn_differing(names: list[str]) -> None:
         )
 
 
+DESCRIPTIONS = {
+    "task_arithmetic": "Σ_t τ_t",
+    "magmax": "per element the τ_t of largest |τ_t|",
+    "dare": "Σ_t of randomly dropped, rescaled τ_t",
+    "dare_ties": "TIES on DARE-dropped τ_t",
+    "ties": "trim, elect sign, disjoint mean (exact)",
+    "breadcrumbs": "per row: drop the largest γ, keep the next β",
+    "pcb": "balanced weighted mean of clamped deltas",
+    "tsv": "Task Singular Vectors on 2-D tensors (torch)",
+    "iso_c": "isotropic spectrum of Σ τ_t on 2-D tensors (torch)",
+}
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Every method with its parameters and their defaults, the default λ of a plain merge and the
+    default search space Λ of Weight Weaving."""
+    out = []
+    for m in METHODS:
+        params = dict(_rust.default_params(m))
+        if m in SVD_METHODS:
+            params.update({"svd_exclude": None, "device": "cuda if available, else cpu"})
+        lams = default_lambdas(m)
+        out.append({"method": m, "description": DESCRIPTIONS[m], "params": params, "lam": _rust.default_lam(m),
+                    "lambdas": lams, "lambdas_text": f"{lams[0]:.1f}:{lams[-1]:.1f}:0.1"})  # fmt: skip
+    return out
+
+
 def default_lambdas(method: str) -> list[float]:
     """The paper's default search space Λ for ``method`` (step 0.1, both ends included).
 

@@ -30,6 +30,15 @@ _UNITS = {
 }
 
 
+def human(n: float) -> str:
+    """Bytes for people: 532 B, 1.2 MB, 3.96 GB (powers of 1000, like the sizes users give)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def parse_size(text: str) -> int:
     """``"2GB"``, ``"500MiB"``, ``"1000000"`` → bytes."""
     m = _SIZE.match(text)
@@ -157,21 +166,37 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def methods_table() -> str:
+    """The methods, their parameters with defaults (--set KEY=VALUE), default λ and Λ."""
+    rows = []
+    for d in api.describe_methods():
+        params = ", ".join(f"{k}={v}" for k, v in d["params"].items()) or "-"
+        rows.append(f"  {d['method']:16} {d['description']}\n  {'':16} parameters: {params}\n"
+                    f"  {'':16} λ for merge: {d['lam']:g}   Λ for weave: {d['lambdas_text']}")  # fmt: skip
+    return "methods:\n" + "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    epilog = methods_table()
     parser = argparse.ArgumentParser(
         prog="weightweave",
         description=("Merge fine-tuned safetensors checkpoints out of core, or Weight-Weave them over a λ grid."),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"weightweave {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="θ_pre + λ·M")
+    raw = argparse.RawDescriptionHelpFormatter
+    m = sub.add_parser("merge", help="θ_pre + λ·M", epilog=epilog, formatter_class=raw)
     _common(m)
     m.add_argument("--lam", type=float, help="scaling factor λ (default per method)")
-    w = sub.add_parser("weave", help="Weight Weaving: pool over a search space Λ")
+    w = sub.add_parser("weave", help="Weight Weaving: pool over a search space Λ", epilog=epilog, formatter_class=raw)
     _common(w)
     w.add_argument("--lambdas", help="start:stop:step or a,b,c (default: the paper's range)")
     w.add_argument("--pool", choices=api.POOLS, default="mean")
     w.add_argument("--no-deltas", action="store_true", help="pool over the λ-scaled merges only")
+    ms = sub.add_parser("methods", help="list the methods, their parameters, default λ and Λ")
+    ms.add_argument("--json", action="store_true", help="machine-readable output")
     i = sub.add_parser("inspect", help="summarise a checkpoint")
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="machine-readable output")
@@ -219,7 +244,7 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
         print(f"weightweave: not copied from the base's directory: {', '.join(rep.skipped)}", file=sys.stderr)
     if not args.quiet:
         print(
-            f"wrote {len(rep.outputs)} file(s), {rep.bytes_written / 1e9:.3f} GB in {rep.seconds:.2f}s "
+            f"wrote {len(rep.outputs)} file(s), {human(rep.bytes_written)} in {rep.seconds:.2f}s "
             f"({rep.bytes_read / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s read): {args.out}"
         )
     return 0
@@ -238,16 +263,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    weights = [f for f in info["files"] if not f.endswith(".json")]
     print(
-        f"{info['path']}: {info['num_params']:,} parameters, {info['data_bytes'] / 1e9:.3f} GB "
-        f"in {len(info['files'])} file(s)"
+        f"{_shown(info['path'])}: {info['num_params']:,} parameters, {human(info['data_bytes'])} "
+        f"in {len(weights)} weight file(s)"
     )
     for k, v in sorted(info["metadata"].items()):
-        print(f"  metadata {k} = {v}")
+        print(f"  metadata {_shown(k)} = {_shown(v)}")
     for t in info["tensors"]:
         flag = "" if t["merged"] else "  (copied from base)"
-        print(f"  {t['name']:60} {t['dtype']:5} {str(t['shape']):20}{flag}")
+        print(f"  {_shown(t['name']):60} {t['dtype']:7} {str(t['shape']):20} {human(t['bytes']):>9}{flag}")
     return 0
+
+
+def _shown(text: str) -> str:
+    """Names from files with control characters escaped (no forged lines, no terminal codes)."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_merge(args, signals)
         if args.command == "inspect":
             return _run_inspect(args)
+        if args.command == "methods":
+            print(json.dumps(api.describe_methods(), indent=2) if args.json else methods_table())
+            return 0
         from . import demo
 
         if args.accuracy:

@@ -1,8 +1,10 @@
 //! The one place core errors become Python exceptions.
 
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyTuple, PyType};
 use weightweave_core::Error;
 
 create_exception!(
@@ -19,21 +21,9 @@ create_exception!(
 );
 create_exception!(
     weightweave._rust,
-    MismatchError,
-    WeaveError,
-    "The models do not share the base's tensors, shapes or dtypes."
-);
-create_exception!(
-    weightweave._rust,
     NonFiniteError,
     WeaveError,
     "An input tensor holds NaN or infinity."
-);
-create_exception!(
-    weightweave._rust,
-    ParamError,
-    WeaveError,
-    "An unknown method, or a parameter that is unknown or out of range."
 );
 create_exception!(
     weightweave._rust,
@@ -41,12 +31,72 @@ create_exception!(
     WeaveError,
     "The output cannot be written where asked (it is an input, or the place is unusable)."
 );
-create_exception!(
-    weightweave._rust,
-    WeaveIOError,
-    WeaveError,
-    "An operating-system error on a named path."
+
+/// An exception class with a second, built-in base, so that generic handlers catch it too
+/// (`except ValueError`, `except OSError`). `create_exception!` takes one base, so the class is
+/// made once through `PyErr_NewExceptionWithDoc`, which takes a tuple.
+macro_rules! two_base_exception {
+    ($name:ident, $qualname:literal, $doc:literal, $builtin:ty) => {
+        pub struct $name;
+
+        impl $name {
+            pub fn type_object(py: Python<'_>) -> &Bound<'_, PyType> {
+                static TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+                TYPE.get_or_init(py, || {
+                    let bases = PyTuple::new(
+                        py,
+                        [
+                            py.get_type::<WeaveError>().into_any(),
+                            py.get_type::<$builtin>().into_any(),
+                        ],
+                    )
+                    .expect("a tuple of two types");
+                    // SAFETY: NUL-terminated literals and a valid tuple; the call returns a new
+                    // reference or NULL with an exception set, which from_owned_ptr_or_err takes.
+                    let ty = unsafe {
+                        let ptr = pyo3::ffi::PyErr_NewExceptionWithDoc(
+                            $qualname.as_ptr(),
+                            $doc.as_ptr(),
+                            bases.as_ptr(),
+                            std::ptr::null_mut(),
+                        );
+                        Bound::from_owned_ptr_or_err(py, ptr)
+                    };
+                    ty.expect("creating an exception class")
+                        .cast_into::<PyType>()
+                        .expect("an exception class is a type")
+                        .unbind()
+                })
+                .bind(py)
+            }
+
+            pub fn new_err(msg: impl Into<String>) -> PyErr {
+                let msg = msg.into();
+                Python::attach(|py| PyErr::from_type(Self::type_object(py).clone(), msg))
+            }
+        }
+    };
+}
+
+two_base_exception!(
+    MismatchError,
+    c"weightweave._rust.MismatchError",
+    c"The models do not share the base's tensors, shapes or dtypes.",
+    PyValueError
 );
+two_base_exception!(
+    ParamError,
+    c"weightweave._rust.ParamError",
+    c"An unknown method, or a parameter that is unknown or out of range.",
+    PyValueError
+);
+two_base_exception!(
+    WeaveIOError,
+    c"weightweave._rust.WeaveIOError",
+    c"An operating-system error on a named path, or an input that changed during the run.",
+    PyOSError
+);
+
 create_exception!(
     weightweave._rust,
     CancelledError,
@@ -116,11 +166,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("WeaveError", py.get_type::<WeaveError>())?;
     m.add("HeaderError", py.get_type::<HeaderError>())?;
-    m.add("MismatchError", py.get_type::<MismatchError>())?;
+    m.add("MismatchError", MismatchError::type_object(py))?;
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
-    m.add("ParamError", py.get_type::<ParamError>())?;
+    m.add("ParamError", ParamError::type_object(py))?;
     m.add("OutputError", py.get_type::<OutputError>())?;
-    m.add("WeaveIOError", py.get_type::<WeaveIOError>())?;
+    m.add("WeaveIOError", WeaveIOError::type_object(py))?;
     m.add("CancelledError", py.get_type::<CancelledError>())?;
     Ok(())
 }

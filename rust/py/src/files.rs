@@ -109,6 +109,16 @@ pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDic
     Ok(d)
 }
 
+/// A method's parameters with their defaults, as the output's recipe records them.
+#[pyfunction]
+pub fn default_params(py: Python<'_>, method: &str) -> PyResult<Py<PyAny>> {
+    let m = Method::parse(method, &Default::default()).map_err(PyWeaveErr)?;
+    let json = PyModule::import(py, "json")?;
+    Ok(json
+        .call_method1("loads", (m.params_json().to_string(),))?
+        .unbind())
+}
+
 /// λ of a plain merge when none is given.
 #[pyfunction]
 pub fn default_lam(method: &str) -> f64 {
