@@ -1,0 +1,90 @@
+"""Real clients are the test: tiny transformers models built from configs (offline, random init),
+saved with ``save_pretrained`` (sharded and not, tied and untied embeddings, with a tokenizer and a
+generation config), merged by every method, and loaded back with ``from_pretrained``: every
+parameter must match the pure-torch reference, in the dtype the user asked for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightweave as ww
+from weightweave import reference as R
+
+from conftest import assert_close_ulp, load, rounding_slack
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "the", "merged", "model", "works"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def llama(seed: int, tie: bool):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def save_family(root, tie: bool, shard: str | None, tasks: int = 3):
+    """A base and fine-tunes (the base plus noise), as save_pretrained writes them."""
+    base = llama(0, tie)
+    kw = {"max_shard_size": shard} if shard else {}
+    base.save_pretrained(root / "base", **kw)
+    tokenizer().save_pretrained(root / "base")
+    dirs = []
+    g = torch.Generator().manual_seed(1)
+    for t in range(tasks):
+        ft = llama(0, tie)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_((0.02 * torch.randn(p.shape, generator=g)).to(p.dtype))
+        ft.save_pretrained(root / f"ft{t}", **kw)
+        dirs.append(root / f"ft{t}")
+    return root / "base", dirs
+
+
+@pytest.mark.parametrize(("tie", "shard"), [(True, None), (False, "10KB")])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "breadcrumbs", "pcb", "magmax", "iso_c"])
+def test_merged_model_loads_as_meant(tmp_path, tie, shard, method):
+    base_dir, ft_dirs = save_family(tmp_path, tie, shard)
+    out = tmp_path / "out"
+    kw = {"device": "cpu"} if method in ww.SVD_METHODS else {}
+    ww.weave(base_dir, ft_dirs, out, method=method, **kw)
+    base_sd, ft_sds = load(base_dir), [load(d) for d in ft_dirs]
+    lambdas = ww.default_lambdas(method)
+    want = R.weave(base_sd, ft_sds, method, lambdas, **kw)
+    slack = rounding_slack(base_sd, ft_sds, method, lambdas, **kw)
+    if method == "iso_c":  # an SVD: the reference and the backend agree to f32 SVD accuracy
+        slack = {n: s + 1e-3 for n, s in slack.items()}
+    got = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert got.dtype == torch.bfloat16
+    state = {k: v for k, v in got.state_dict().items() if k in want}
+    assert sorted(state) == sorted(want)
+    assert_close_ulp(state, want, atol=slack)
+    if tie:
+        assert got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()
+    # A sharded base gives a sharded output.
+    assert (out / "model.safetensors.index.json").exists() == (base_dir / "model.safetensors.index.json").exists()
+    assert (base_dir / "model.safetensors.index.json").exists() == bool(shard)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("the merged model works")["input_ids"] == [2, 3, 4, 5]
+    assert (out / "generation_config.json").exists()
+
+
+def test_out_dtype_loads_in_that_dtype(tmp_path):
+    base_dir, ft_dirs = save_family(tmp_path, tie=False, shard=None)
+    out = tmp_path / "out32"
+    ww.merge(base_dir, ft_dirs, out, method="ties", out_dtype="f32")
+    got = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert got.dtype == torch.float32
+    want = R.merge(load(base_dir), [load(d) for d in ft_dirs], "ties", 1.0, out_dtype="f32")
+    state = {k: v for k, v in got.state_dict().items() if k in want}
+    assert_close_ulp(state, want, ulps=2)
