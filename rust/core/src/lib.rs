@@ -5,7 +5,9 @@
 
 pub mod dtype;
 pub mod error;
-pub mod header;
+pub mod source;
+/// The safetensors header parser, under its historical name.
+pub use source::safetensors as header;
 pub mod methods;
 pub mod pipeline;
 pub mod plan;

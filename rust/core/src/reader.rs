@@ -16,6 +16,8 @@ use crate::watch::{self, Fingerprint};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const BIN_FILE: &str = "pytorch_model.bin";
+pub const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 
 /// A borrowed view of one tensor: where its bytes are and which file they came from.
 #[derive(Clone, Copy, Debug)]
@@ -91,7 +93,7 @@ fn map_file(path: &Path) -> Result<MappedFile> {
     let guard = map
         .as_ref()
         .map(|m| watch::Guard::register(m.as_ptr(), m.len(), path));
-    let header = header::parse(&label, map.as_deref().unwrap_or(&[]))?;
+    let header = crate::source::parse(&label, path, map.as_deref().unwrap_or(&[]))?;
     Ok(MappedFile {
         path: path.to_owned(),
         label,
@@ -191,10 +193,14 @@ impl Checkpoint {
                 Self::open_index(path, &index)?
             } else if single.exists() {
                 Self::open_single(path, &single)?
+            } else if path.join(BIN_INDEX_FILE).exists() {
+                Self::open_index(path, &path.join(BIN_INDEX_FILE))?
+            } else if path.join(BIN_FILE).exists() {
+                Self::open_single(path, &path.join(BIN_FILE))?
             } else {
                 return Err(Error::header(
                     &label,
-                    format!("directory holds neither {SINGLE_FILE} nor {INDEX_FILE}"),
+                    format!("directory holds none of {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE}, {BIN_INDEX_FILE}"),
                 ));
             };
             ck.model_dir = Some(path.to_owned());
@@ -212,8 +218,10 @@ impl Checkpoint {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
             };
-            if matches!(name.as_deref(), Some(SINGLE_FILE | INDEX_FILE))
-                && dir.join("config.json").is_file()
+            if matches!(
+                name.as_deref(),
+                Some(SINGLE_FILE | INDEX_FILE | BIN_FILE | BIN_INDEX_FILE)
+            ) && dir.join("config.json").is_file()
             {
                 ck.model_dir = Some(dir);
             }

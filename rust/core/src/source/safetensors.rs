@@ -1,4 +1,5 @@
-//! Parsing and full validation of one safetensors header. Nothing downstream re-checks offsets,
+//! Parsing and full validation of one safetensors header (and the compact tensor table every
+//! input format produces, [`Header`]). Nothing downstream re-checks offsets,
 //! so every rule that keeps a later slice in bounds lives here.
 //!
 //! The rules are the safetensors library's: exact dtype names, tensor data that tiles the data
@@ -235,21 +236,27 @@ impl Build<'_> {
         Ok(())
     }
 
-    /// Name order, no duplicates, and data that tiles `data_len` bytes exactly.
-    fn finish(mut self) -> Result<Header> {
-        let data_len = self.data_len;
-        let file = self.file;
+    /// Name order and no duplicates.
+    fn sorted_unique(mut self) -> Result<Header> {
         let mut h = std::mem::take(&mut self.header);
         let names = std::mem::take(&mut h.names);
         let name = |s: &Slot| &names[s.name.0 as usize..(s.name.0 + s.name.1) as usize];
         h.slots.sort_unstable_by(|a, b| name(a).cmp(name(b)));
         if let Some(w) = h.slots.windows(2).find(|w| name(&w[0]) == name(&w[1])) {
-            return Err(Error::tensor(
-                file,
-                name(&w[0]),
-                "appears twice in the header",
-            ));
+            return Err(Error::tensor(self.file, name(&w[0]), "appears twice"));
         }
+        h.names = names;
+        h.names.shrink_to_fit();
+        h.shapes.shrink_to_fit();
+        h.slots.shrink_to_fit();
+        Ok(h)
+    }
+
+    /// Name order, no duplicates, and data that tiles `data_len` bytes exactly.
+    fn finish(self) -> Result<Header> {
+        let (file, data_len) = (self.file, self.data_len);
+        let h = self.sorted_unique()?;
+        let name = |s: &Slot| &h.names[s.name.0 as usize..(s.name.0 + s.name.1) as usize];
         let mut order: Vec<u32> = (0..h.slots.len() as u32).collect();
         order.sort_unstable_by_key(|&i| (h.slots[i as usize].start, h.slots[i as usize].end));
         let mut at = 0usize;
@@ -278,10 +285,6 @@ impl Build<'_> {
                 format!("the tensors' data ends at byte {at} of a {data_len}-byte data section (trailing bytes)"),
             ));
         }
-        h.names = names;
-        h.names.shrink_to_fit();
-        h.shapes.shrink_to_fit();
-        h.slots.shrink_to_fit();
         Ok(h)
     }
 }
@@ -328,6 +331,38 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
     h.data_start = data_start;
     Ok(h)
 }
+impl Header {
+    /// A table built by another format's reader (`rows`: name, dtype, shape, byte range within
+    /// the file). Unlike a safetensors data section, ranges may overlap (tied tensors share a
+    /// storage) and leave gaps; each must lie inside the file and match its shape.
+    pub fn from_table(
+        file: &str,
+        rows: Vec<(String, DType, Vec<u64>, u64, u64)>,
+        file_len: usize,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Header> {
+        let mut build = Build {
+            file,
+            data_len: file_len,
+            header: Header::default(),
+            problem: None,
+        };
+        for (name, dtype, shape, start, end) in rows {
+            build.push(
+                &name,
+                RawEntry {
+                    dtype: Cow::Borrowed(dtype.name()),
+                    shape,
+                    data_offsets: (start, end),
+                },
+            )?;
+        }
+        let mut h = build.sorted_unique()?;
+        h.metadata = metadata;
+        Ok(h)
+    }
+}
+
 /// Parses `bytes` and panics if an accepted header breaks a rule the readers rely on (every
 /// tensor inside the data section, sizes matching shapes, names sorted and unique). The fuzz
 /// target and the corpus replay test call this.

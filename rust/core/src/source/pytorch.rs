@@ -1,0 +1,114 @@
+//! PyTorch checkpoints (`pytorch_model.bin`, `*.pt`, `*.pth`) as `torch.save` writes them since
+//! 1.6: a zip archive, stored uncompressed, holding `data.pkl` (the state dict, pickled) and one
+//! entry per storage (`data/0`, `data/1`, ...). The archive is memory-mapped like a safetensors
+//! file; its directory gives each storage's position, and the restricted unpickler
+//! ([`super::pickle`]) gives each tensor's storage, offset and shape. Tensor data is read in
+//! place: no whole-file load, and no code from the pickle ever runs.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+
+use super::pickle::{self, Value};
+use super::safetensors::Header;
+use crate::error::{Error, Result};
+
+/// The first bytes of a zip archive.
+pub const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+
+/// Whether `bytes` look like a pre-1.6 (non-zip) PyTorch pickle.
+pub fn is_legacy(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&0x80)
+}
+
+/// Reads the tensor table of a PyTorch zip checkpoint held in `bytes` (`file` names it).
+pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
+    let bad = |why: String| Error::header(file, why);
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| bad(format!("not a readable zip archive: {e}")))?;
+    // (name, data start, size, stored uncompressed?)
+    let mut entries = BTreeMap::new();
+    for i in 0..zip.len() {
+        let f = zip
+            .by_index_raw(i)
+            .map_err(|e| bad(format!("zip entry {i}: {e}")))?;
+        let stored = f.compression() == zip::CompressionMethod::Stored;
+        let start = f.data_start();
+        entries.insert(f.name().to_owned(), (start, f.compressed_size(), stored));
+    }
+    let pkl = entries
+        .keys()
+        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .cloned()
+        .ok_or_else(|| bad("a zip archive without data.pkl: not a PyTorch checkpoint".into()))?;
+    let prefix = pkl.strip_suffix("data.pkl").expect("suffix").to_owned();
+    let slice = |name: &str| -> Result<(u64, u64)> {
+        let &(start, size, stored) = entries
+            .get(name)
+            .ok_or_else(|| bad(format!("the archive lacks '{name}'")))?;
+        if !stored {
+            return Err(bad(format!(
+                "'{name}' is compressed; re-save the checkpoint with torch.save (storages must be stored uncompressed to be read in place)"
+            )));
+        }
+        let end = start
+            .checked_add(size)
+            .filter(|&e| e <= bytes.len() as u64)
+            .ok_or_else(|| bad(format!("'{name}' extends past the end of the file")))?;
+        Ok((start, end))
+    };
+    let (ps, pe) = slice(&pkl)?;
+    let value = pickle::load(&bytes[ps as usize..pe as usize])
+        .map_err(|why| bad(format!("data.pkl: {why}")))?;
+    let Value::Dict(items) = value else {
+        return Err(bad(
+            "data.pkl does not hold a state dict (a dict of tensors)".into(),
+        ));
+    };
+    let mut rows = Vec::with_capacity(items.len());
+    for (k, v) in items {
+        let Value::Str(name) = k else {
+            return Err(bad("a state dict key that is not a string".into()));
+        };
+        let Value::Tensor(t) = v else {
+            return Err(Error::tensor(
+                file,
+                &name,
+                "is not a tensor: this looks like a training checkpoint; save the model's state_dict() instead",
+            ));
+        };
+        let (ss, se) = slice(&format!("{prefix}data/{}", t.key))?;
+        let size = t.dtype.size() as u64;
+        let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let numel = numel.ok_or_else(|| Error::tensor(file, &name, "shape overflows"))?;
+        // C-contiguous strides (a dimension of size 1 may have any stride).
+        let mut want = 1u64;
+        for (&d, &s) in t.shape.iter().zip(&t.stride).rev() {
+            if d != 1 && s != want {
+                return Err(Error::tensor(
+                    file,
+                    &name,
+                    "is not contiguous (a view with strides); save a contiguous copy",
+                ));
+            }
+            want = want.saturating_mul(d);
+        }
+        if t.stride.len() != t.shape.len() {
+            return Err(Error::tensor(file, &name, "shape and stride disagree"));
+        }
+        let start = t
+            .offset
+            .checked_mul(size)
+            .and_then(|o| o.checked_add(ss))
+            .ok_or_else(|| Error::tensor(file, &name, "storage offset overflows"))?;
+        let end = numel
+            .checked_mul(size)
+            .and_then(|n| n.checked_add(start))
+            .filter(|&e| e <= se)
+            .ok_or_else(|| Error::tensor(file, &name, "extends past its storage"))?;
+        rows.push((name, t.dtype, t.shape, start, end));
+    }
+    if rows.is_empty() {
+        return Err(bad("the state dict holds no tensors".into()));
+    }
+    Header::from_table(file, rows, bytes.len(), BTreeMap::new())
+}

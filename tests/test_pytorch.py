@@ -1,0 +1,111 @@
+"""PyTorch checkpoints in: `torch.save` zip files (single, in a model directory, sharded with an
+index) are read in place through a restricted unpickler; merging them gives exactly what merging
+the same tensors as safetensors gives. A pickle that tries to run code is refused, and it does
+not run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import weightweave as ww
+
+from conftest import load, make_state
+
+
+def save_both(root, sd, name):
+    """The same tensors as a .bin and as a .safetensors file."""
+    torch.save(sd, root / f"{name}.bin")
+    save_file(sd, str(root / f"{name}.safetensors"))
+    return root / f"{name}.bin", root / f"{name}.safetensors"
+
+
+@pytest.mark.parametrize(("method", "mode"), [("ties", "weave"), ("task_arithmetic", "merge"), ("dare", "weave"),
+                                              ("breadcrumbs", "merge"), ("pcb", "weave")])  # fmt: skip
+def test_bin_inputs_merge_exactly_like_safetensors(tmp_path, method, mode):
+    base, models = make_state(11)
+    pairs = [save_both(tmp_path, sd, f"m{i}") for i, sd in enumerate([base, *models])]
+    fn = ww.weave if mode == "weave" else ww.merge
+    fn(pairs[0][0], [p[0] for p in pairs[1:]], tmp_path / "from_bin.safetensors", method=method)
+    fn(pairs[0][1], [p[1] for p in pairs[1:]], tmp_path / "from_st.safetensors", method=method)
+    assert (tmp_path / "from_bin.safetensors").read_bytes().split(b'"weightweave.recipe"')[1].count(b".bin") > 0
+    a, b = load(tmp_path / "from_bin.safetensors"), load(tmp_path / "from_st.safetensors")
+    def raw(t):
+        return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+    for k in b:
+        assert torch.equal(raw(a[k]), raw(b[k])), k
+
+
+def test_model_state_dicts_parameters_and_tied_weights(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    sd = model.state_dict()  # an OrderedDict with _metadata
+    sd["tied"] = sd["0.weight"]  # shares the storage
+    torch.save(sd, tmp_path / "a.pt")
+    torch.save({k: torch.nn.Parameter(v.clone()) for k, v in sd.items()}, tmp_path / "b.pth")
+    info = ww.inspect(tmp_path / "a.pt")
+    assert sorted(t["name"] for t in info["tensors"]) == sorted(sd)
+    out = tmp_path / "o.safetensors"
+    ww.merge(tmp_path / "a.pt", [tmp_path / "b.pth"], out, method="task_arithmetic", lam=1.0)
+    got = load(out)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_model_directories_single_and_sharded(tmp_path):
+    base, models = make_state(12)
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save(base, single / "pytorch_model.bin")
+    (single / "config.json").write_text('{"model_type": "x"}')
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(base)
+    wm = {}
+    for k, group in enumerate([names[:4], names[4:]]):
+        f = f"pytorch_model-{k + 1:05d}-of-00002.bin"
+        torch.save({n: base[n] for n in group}, sharded / f)
+        wm.update({n: f for n in group})
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+    ft = tmp_path / "ft.bin"
+    torch.save(models[0], ft)
+    for b in (single, sharded):
+        out = tmp_path / f"out-{b.name}"
+        ww.merge(b, [ft], out, method="ties")
+        assert (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
+    assert (tmp_path / "out-single" / "config.json").exists()
+    assert not list((tmp_path / "out-single").glob("*.bin"))  # the base's .bin is never copied
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(2), "x": Evil(marker)}, tmp_path / "evil.bin")
+    base = tmp_path / "base.bin"
+    torch.save({"w": torch.zeros(2), "x": torch.zeros(1)}, base)
+    with pytest.raises(ww.HeaderError, match=r"evil.bin: .*refers to '(posix|os)\.system'.*refusing to load it"):
+        ww.merge(base, [tmp_path / "evil.bin"], tmp_path / "o.safetensors", method="ties")
+    assert not marker.exists()
+
+
+def test_unsupported_pytorch_files_say_why(tmp_path):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(ww.HeaderError, match="legacy .* re-save it"):
+        ww.inspect(tmp_path / "legacy.bin")
+    torch.save({"w": torch.arange(6.0).reshape(2, 3).T}, tmp_path / "strided.bin")
+    with pytest.raises(ww.HeaderError, match="'w': is not contiguous"):
+        ww.inspect(tmp_path / "strided.bin")
+    torch.save({"epoch": 3, "model": {"w": torch.zeros(2)}}, tmp_path / "train.pt")
+    with pytest.raises(ww.HeaderError, match="'epoch': is not a tensor: this looks like a training checkpoint"):
+        ww.inspect(tmp_path / "train.pt")
