@@ -27,3 +27,8 @@ fn header_corpus() {
 fn index_corpus() {
     replay("index", weightweave_core::reader::check_index_accepted);
 }
+
+#[test]
+fn pytorch_corpus() {
+    replay("pytorch", weightweave_core::source::pytorch::check_accepted);
+}

@@ -112,3 +112,15 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
     }
     Header::from_table(file, rows, bytes.len(), BTreeMap::new())
 }
+
+/// Parses `bytes` as a PyTorch checkpoint and panics if an accepted one points a tensor outside
+/// the file or at the wrong number of bytes. The fuzz target and the corpus replay call this.
+#[doc(hidden)]
+pub fn check_accepted(bytes: &[u8]) {
+    let Ok(h) = parse("fuzz", bytes) else { return };
+    for (name, e) in h.iter() {
+        assert!(e.start <= e.end && e.end <= bytes.len(), "{name} inside the file");
+        let numel: usize = e.shape.iter().product();
+        assert_eq!(numel * e.dtype.size(), e.end - e.start, "{name} size");
+    }
+}
