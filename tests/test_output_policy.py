@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import weightweave as ww
 
-from conftest import make_state
+from conftest import make_state, write_models
 
 
 def model_dir(root, sd, *, sharded=False, metadata=None):
@@ -43,11 +43,7 @@ def model_dir(root, sd, *, sharded=False, metadata=None):
 @pytest.fixture
 def models(tmp_path):
     base, fts = make_state(9)
-    mps = []
-    for i, m in enumerate(fts):
-        p = tmp_path / f"ft{i}.safetensors"
-        save_file(m, str(p))
-        mps.append(p)
+    _, mps = write_models(tmp_path / "fts", base, fts)
     return base, mps
 
 

@@ -119,7 +119,10 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
 pub fn check_accepted(bytes: &[u8]) {
     let Ok(h) = parse("fuzz", bytes) else { return };
     for (name, e) in h.iter() {
-        assert!(e.start <= e.end && e.end <= bytes.len(), "{name} inside the file");
+        assert!(
+            e.start <= e.end && e.end <= bytes.len(),
+            "{name} inside the file"
+        );
         let numel: usize = e.shape.iter().product();
         assert_eq!(numel * e.dtype.size(), e.end - e.start, "{name} size");
     }
