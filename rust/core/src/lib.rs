@@ -350,6 +350,14 @@ pub(crate) struct Opened {
     pub differing: Vec<String>,
 }
 
+/// What the pipeline reads of each fine-tune (a LoRA adapter as deltas of the base's tensors).
+pub(crate) fn tuned_views<'a>(
+    base: &ModelView<'a>,
+    models: &'a [Checkpoint],
+) -> Result<Vec<ModelView<'a>>> {
+    models.iter().map(|m| m.tuned_view(base)).collect()
+}
+
 /// The output's `__metadata__`: the base's entries, then ours (version, recipe with λ and the
 /// inputs as the caller gave them).
 fn output_metadata(
@@ -399,8 +407,8 @@ pub(crate) fn open_files(
         .map(Checkpoint::open)
         .collect::<Result<Vec<_>>>()?;
     let (plan, differing) = {
-        let views: Vec<ModelView> = model_cks.iter().map(|m| m.view()).collect();
         let base_view = base_ck.view();
+        let views = tuned_views(&base_view, &model_cks)?;
         let plan = plan::validate(&base_view, &views, job.out_dtype()?)?;
         let differing = plan::differing_copies(&base_view, &views, &plan);
         (plan, differing)
@@ -482,7 +490,7 @@ pub fn prepare_files(
     let opened = open_files(base, models, out, opts, job, &recipe)?;
     let bytes_read = {
         let base_view = opened.base.view();
-        let views: Vec<ModelView> = opened.models.iter().map(|m| m.view()).collect();
+        let views = tuned_views(&base_view, &opened.models)?;
         pipeline::run(
             &base_view,
             &views,

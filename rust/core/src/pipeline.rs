@@ -19,6 +19,7 @@ use crate::plan::{Chunk, TensorPlan};
 use crate::pool::{self, Combine};
 use crate::reader::{ModelView, TensorRef};
 use crate::rng::{Stream, POOL_STREAM};
+use crate::source::lora;
 
 /// Where finished chunks go: a file writer or caller-owned memory.
 pub trait Sink: Sync {
@@ -61,6 +62,8 @@ pub(crate) struct Work {
     pub(crate) keys: Vec<u64>,
     pub(crate) scores: Vec<Vec<f32>>,
     pub(crate) signed: Vec<f32>,
+    /// Decoded LoRA factors (A, B) of the tensor being read.
+    pub(crate) lora: (Vec<f32>, Vec<f32>),
 }
 
 /// The statistics the output pass needs.
@@ -302,6 +305,10 @@ impl<'a> Engine<'a> {
             grow(&mut w.raw[k], n);
             let d = &mut w.raw[k][..n];
             let r = &refs[c.tensor];
+            if let Some(delta) = &r.delta {
+                lora::fill(delta, &t.name, t.row_len(), c.start, d, &mut w.lora)?;
+                continue;
+            }
             let size = r.dtype.size();
             let bytes = &r.data[c.start * size..(c.start + c.len) * size];
             if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
@@ -365,6 +372,7 @@ impl<'a> Engine<'a> {
             keys,
             scores,
             signed,
+            ..
         } = w;
         let deltas = if dared.is_empty() { &*raw } else { &*dared };
         match self.recipe.method {

@@ -177,7 +177,10 @@ pub fn differing_copies(
         .filter(|t| !t.mergeable)
         .filter(|t| {
             let b = base.tensors[&t.name].data;
-            models.iter().any(|m| m.tensors[&t.name].data != b)
+            models.iter().any(|m| {
+                let r = &m.tensors[&t.name];
+                r.delta.is_none() && r.data != b
+            })
         })
         .map(|t| t.name.clone())
         .collect()

@@ -27,6 +27,9 @@ pub struct TensorRef<'a> {
     pub data: &'a [u8],
     /// The file (or in-memory label) that holds the tensor, for error messages.
     pub file: &'a str,
+    /// Set when the fine-tune is not stored whole (a LoRA adapter): `data` is then empty and
+    /// the delta is computed from this.
+    pub delta: Option<crate::source::lora::Delta<'a>>,
 }
 
 impl TensorRef<'_> {
@@ -110,6 +113,8 @@ pub struct Checkpoint {
     pub path: PathBuf,
     /// The directory the model lives in, when the user gave a directory (for config files).
     pub model_dir: Option<PathBuf>,
+    /// Set when the checkpoint is a PEFT LoRA adapter directory.
+    pub lora: Option<crate::source::lora::AdapterConfig>,
     /// The index file, when the checkpoint is sharded, and its state when read.
     pub index_file: Option<PathBuf>,
     index_fingerprint: Option<Fingerprint>,
@@ -183,6 +188,9 @@ impl Checkpoint {
             let index = path.join(INDEX_FILE);
             let single = path.join(SINGLE_FILE);
             let label = path.display().to_string();
+            if path.join(crate::source::lora::CONFIG_FILE).exists() {
+                return Self::open_adapter(path);
+            }
             if index.exists() && single.exists() {
                 return Err(Error::header(
                     &label,
@@ -229,12 +237,44 @@ impl Checkpoint {
         }
     }
 
+    /// A PEFT LoRA adapter directory: its weights file, with the adapter's configuration.
+    fn open_adapter(dir: &Path) -> Result<Checkpoint> {
+        use crate::source::lora;
+        let cfg = lora::AdapterConfig::read(&dir.join(lora::CONFIG_FILE))?;
+        let weights = lora::WEIGHTS
+            .iter()
+            .map(|w| dir.join(w))
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                Error::header(
+                    &dir.display().to_string(),
+                    format!(
+                        "a LoRA adapter directory without {}",
+                        lora::WEIGHTS.join(" or ")
+                    ),
+                )
+            })?;
+        let mut ck = Self::open_single(dir, &weights)?;
+        ck.lora = Some(cfg);
+        Ok(ck)
+    }
+
+    /// What the pipeline reads of this checkpoint as a fine-tune of `base`: its own tensors,
+    /// or, for a LoRA adapter, every base tensor as a low-rank delta or τ = 0.
+    pub fn tuned_view<'a>(&'a self, base: &ModelView<'a>) -> Result<ModelView<'a>> {
+        match &self.lora {
+            None => Ok(self.view()),
+            Some(cfg) => crate::source::lora::aligned_view(cfg, &self.view(), base),
+        }
+    }
+
     fn open_single(given: &Path, file: &Path) -> Result<Checkpoint> {
         let mapped = map_file(file)?;
         let owner = None;
         Ok(Checkpoint {
             path: given.to_owned(),
             model_dir: None,
+            lora: None,
             index_file: None,
             index_fingerprint: None,
             files: vec![mapped],
@@ -290,6 +330,7 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: given.to_owned(),
             model_dir: None,
+            lora: None,
             index_file: Some(index.to_owned()),
             index_fingerprint: Some(Fingerprint::of(&meta)),
             files,
@@ -407,6 +448,7 @@ impl Checkpoint {
                     shape: e.shape,
                     data,
                     file: &f.label,
+                    delta: None,
                 };
                 (name.to_owned(), r)
             })

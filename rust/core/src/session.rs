@@ -50,6 +50,16 @@ impl Session {
         }
         let recipe = job.recipe()?;
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
+        if let Some(m) = opened.models.iter().find(|m| m.lora.is_some()) {
+            return Err(Error::param(
+                "models",
+                format!(
+                    "{} is a LoRA adapter; {} does not take adapters yet (merge it into a full fine-tune first)",
+                    m.path.display(),
+                    recipe.method.name()
+                ),
+            ));
+        }
         let tasks = models.len() as u64;
         let total = opened
             .plan

@@ -35,6 +35,7 @@ fn view<'a>(label: &str, m: &'a Owned) -> ModelView<'a> {
             .iter()
             .map(|(n, (d, s, b))| {
                 let r = TensorRef {
+                    delta: None,
                     dtype: *d,
                     shape: s,
                     data: b,

@@ -56,6 +56,7 @@ impl Owned {
                     unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, len) }
                 };
                 let r = TensorRef {
+                    delta: None,
                     dtype: *dtype,
                     shape,
                     data,

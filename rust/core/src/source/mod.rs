@@ -3,6 +3,7 @@
 //! downstream reads tensors in place whatever the format: one file per format here, nothing
 //! format-specific beyond.
 
+pub mod lora;
 mod pickle;
 pub mod pytorch;
 pub mod safetensors;
