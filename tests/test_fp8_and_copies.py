@@ -77,8 +77,9 @@ def test_fp8_cli_no_longer_writes_the_base(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"a.weight_scale_inv": torch.ones(1, 1)}, "FP8 weights with scale tensors"),
-        ({"a.weight_scale": torch.ones(())}, "FP8 weights with scale tensors"),
+        ({"a.weight_scale_inv": torch.ones(1, 1)}, "FP8 weights with scale tensors .* give out_dtype"),
+        ({"a.weight_scale": torch.ones(())}, "FP8 weights with scale tensors .* give out_dtype"),
+        ({"a.weight_scale": torch.ones(5)}, "fits no known layout"),
         ({"q.qweight": torch.zeros(4, 2, dtype=torch.int32)}, "GPTQ/AWQ packed integer weights"),
         ({"q.weight.absmax": torch.ones(3)}, "bitsandbytes 4-bit weights"),
         ({"q.weight.SCB": torch.ones(3)}, "bitsandbytes 8-bit weights"),
@@ -91,7 +92,8 @@ def test_quantized_checkpoints_are_refused_by_name(tmp_path, extra, message):
     bp, mps = write_models(tmp_path / "in", base, models)
     with pytest.raises(ww.HeaderError, match=message) as e:
         ww.merge(bp, mps, tmp_path / "o.safetensors", method="task_arithmetic")
-    assert next(iter(extra)) in str(e.value) and "base.safetensors" in str(e.value)
+    assert "a.weight" in str(e.value) or next(iter(extra)) in str(e.value)
+    assert "base.safetensors" in str(e.value)
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -112,3 +114,55 @@ def test_differing_integer_tensors_are_copied_and_reported(tmp_path, capsys):
     # Identical integer tensors: no warning at all (filterwarnings = error would fail the test).
     base, models = fp8_state(torch.float8_e5m2)
     assert ww.merge_arrays(base, models, method="ties")["ids"].equal(base["ids"])
+
+
+def scaled_model(seed, block=(128, 128), layout="block"):
+    """A DeepSeek-style FP8 checkpoint (codes + scales) and the f32 weights it stands for."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(200, 300, generator=g)
+    if layout == "block":
+        sr, sc = -(-200 // block[0]), -(-300 // block[1])
+        scale = torch.rand(sr, sc, generator=g) * 0.01 + 0.002
+        full = scale.repeat_interleave(block[0], 0)[:200].repeat_interleave(block[1], 1)[:, :300]
+        key = "w.weight_scale_inv"
+    elif layout == "row":
+        scale = torch.rand(200, 1, generator=g) * 0.01 + 0.002
+        full, key = scale.expand(200, 300), "w.weight_scale"
+    else:
+        scale = torch.tensor(0.004)
+        full, key = scale.expand(200, 300), "w.weight_scale"
+    q = (w / full).to(torch.float8_e4m3fn)
+    stored = {"w.weight": q, key: scale, "norm.weight": torch.randn(300, generator=g)}
+    dense = {"w.weight": q.float() * full, "norm.weight": stored["norm.weight"]}
+    return stored, dense
+
+
+@pytest.mark.parametrize("layout", ["block", "row", "tensor"])
+def test_scaled_fp8_is_dequantized_with_its_scales(tmp_path, layout):
+    import json
+
+    block = (64, 64) if layout == "block" else (128, 128)
+    models = [scaled_model(s, block, layout) for s in range(3)]
+    d = tmp_path / "base"
+    d.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(models[0][0], str(d / "model.safetensors"))
+    cfg = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    fts = []
+    for i, (stored, _) in enumerate(models[1:]):
+        p = tmp_path / f"ft{i}.safetensors"
+        save_file(stored, str(p))
+        fts.append(p)
+    out = tmp_path / "out"
+    with pytest.raises(ww.HeaderError, match="give out_dtype"):
+        ww.merge(d, fts, out, method="ties")
+    ww.merge(d, fts, out, method="ties", out_dtype="bf16")
+    got = load(out)
+    assert sorted(got) == ["norm.weight", "w.weight"] and got["w.weight"].dtype == torch.bfloat16
+    dense = [m[1] for m in models]
+    want = R.merge(dense[0], dense[1:], "ties", 1.0, out_dtype="bf16")
+    assert_close_ulp(got, want, atol=rounding_slack(dense[0], dense[1:], "ties", [1.0]))
+    cfg_out = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg_out and cfg_out["torch_dtype"] == "bfloat16"

@@ -348,14 +348,32 @@ pub(crate) struct Opened {
     pub output: writer::FileOutput,
     pub bytes_written: u64,
     pub differing: Vec<String>,
+    /// Some input weight is FP8 with scales (dequantized while read).
+    pub scaled: bool,
 }
 
 /// What the pipeline reads of each fine-tune (a LoRA adapter as deltas of the base's tensors).
-pub(crate) fn tuned_views<'a>(
-    base: &ModelView<'a>,
-    models: &'a [Checkpoint],
-) -> Result<Vec<ModelView<'a>>> {
-    models.iter().map(|m| m.tuned_view(base)).collect()
+/// The views the pipeline reads: the base and each fine-tune (a LoRA adapter as deltas of the
+/// base's tensors), with FP8 scales attached to the weights they scale. The name of one scaled
+/// weight, if any.
+pub(crate) type Views<'a> = (ModelView<'a>, Vec<ModelView<'a>>, Option<String>);
+
+pub(crate) fn input_views<'a>(base: &'a Checkpoint, models: &'a [Checkpoint]) -> Result<Views<'a>> {
+    let block = base.fp8_block();
+    let base_view = source::scaled::dequant_view(base.view(), block)?;
+    let views = models
+        .iter()
+        .map(|m| {
+            m.tuned_view(&base_view)
+                .and_then(|v| source::scaled::dequant_view(v, block))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let scaled = std::iter::once(&base_view)
+        .chain(&views)
+        .flat_map(|v| v.tensors.iter())
+        .find(|(_, t)| t.scale.is_some())
+        .map(|(n, _)| n.clone());
+    Ok((base_view, views, scaled))
 }
 
 /// The output's `__metadata__`: the base's entries, then ours (version, recipe with λ and the
@@ -406,13 +424,27 @@ pub(crate) fn open_files(
         .iter()
         .map(Checkpoint::open)
         .collect::<Result<Vec<_>>>()?;
-    let (plan, differing) = {
-        let base_view = base_ck.view();
-        let views = tuned_views(&base_view, &model_cks)?;
+    let (plan, differing, scaled) = {
+        let (base_view, views, scaled) = input_views(&base_ck, &model_cks)?;
         let plan = plan::validate(&base_view, &views, job.out_dtype()?)?;
         let differing = plan::differing_copies(&base_view, &views, &plan);
-        (plan, differing)
+        (plan, differing, scaled)
     };
+    if let Some(name) = &scaled {
+        if !job
+            .out_dtype()?
+            .is_some_and(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
+        {
+            return Err(Error::Quantized {
+                file: base_ck.path.display().to_string(),
+                tensor: name.clone(),
+                format: "FP8 weights with scale tensors are dequantized for the merge, and writing them \
+                         re-quantized with fresh scales is not supported yet: give out_dtype (bf16, f16 or \
+                         f32) to write them dequantized; without it they"
+                    .into(),
+            });
+        }
+    }
     let mut inputs = base_ck.input_files();
     for m in &model_cks {
         inputs.extend(m.input_files());
@@ -425,6 +457,7 @@ pub(crate) fn open_files(
         &inputs,
         base_ck.model_dir.as_deref(),
         job.out_dtype()?,
+        scaled.is_some(),
     )?;
     Ok(Opened {
         base: base_ck,
@@ -433,6 +466,7 @@ pub(crate) fn open_files(
         output,
         bytes_written,
         differing,
+        scaled: scaled.is_some(),
     })
 }
 
@@ -489,8 +523,7 @@ pub fn prepare_files(
     }
     let opened = open_files(base, models, out, opts, job, &recipe)?;
     let bytes_read = {
-        let base_view = opened.base.view();
-        let views = tuned_views(&base_view, &opened.models)?;
+        let (base_view, views, _) = input_views(&opened.base, &opened.models)?;
         pipeline::run(
             &base_view,
             &views,

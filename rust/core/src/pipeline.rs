@@ -19,7 +19,7 @@ use crate::plan::{Chunk, TensorPlan};
 use crate::pool::{self, Combine};
 use crate::reader::{ModelView, TensorRef};
 use crate::rng::{Stream, POOL_STREAM};
-use crate::source::lora;
+use crate::source::{lora, scaled};
 
 /// Where finished chunks go: a file writer or caller-owned memory.
 pub trait Sink: Sync {
@@ -301,6 +301,9 @@ impl<'a> Engine<'a> {
         if !decode_finite(b.dtype, bytes, base) {
             decode_checked(b, &t.name, c, base)?;
         }
+        if let Some(s) = &b.scale {
+            scaled::apply(s, &t.name, t.row_len(), c.start, base, &mut w.lora.0)?;
+        }
         for (k, refs) in self.model_refs.iter().enumerate() {
             grow(&mut w.raw[k], n);
             let d = &mut w.raw[k][..n];
@@ -311,6 +314,16 @@ impl<'a> Engine<'a> {
             }
             let size = r.dtype.size();
             let bytes = &r.data[c.start * size..(c.start + c.len) * size];
+            if let Some(s) = &r.scale {
+                if !decode_finite(r.dtype, bytes, d) {
+                    decode_checked(r, &t.name, c, d)?;
+                }
+                scaled::apply(s, &t.name, t.row_len(), c.start, d, &mut w.lora.0)?;
+                for (x, b) in d.iter_mut().zip(&w.base[..n]) {
+                    *x -= b;
+                }
+                continue;
+            }
             if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
                 // Rare path: find and report the offending element.
                 decode_checked(r, &t.name, c, d)?;

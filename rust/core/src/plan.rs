@@ -123,9 +123,9 @@ pub fn validate(
 }
 
 /// Refuses checkpoints whose weights are stored in a form the arithmetic cannot read directly:
-/// packed integer quantizations (GPTQ, AWQ, bitsandbytes) and FP8 weights that carry scale
-/// tensors. Merging their raw codes, or copying them from the base, would write a wrong model
-/// without a word.
+/// packed integer quantizations (GPTQ, AWQ, bitsandbytes). Merging their raw codes, or copying
+/// them from the base, would write a wrong model without a word. (FP8 with scales is read
+/// through [`crate::source::scaled`].)
 fn check_quantization(m: &ModelView) -> Result<()> {
     const PACKED: [(&str, &str); 8] = [
         (".qweight", "GPTQ/AWQ packed integer weights"),
@@ -148,18 +148,6 @@ fn check_quantization(m: &ModelView) -> Result<()> {
         }
         if name.contains(".quant_state.") {
             return Err(refuse(name, t.file, "bitsandbytes 4-bit weights".into()));
-        }
-        for suffix in ["_scale_inv", "_scale"] {
-            let Some(stem) = name.strip_suffix(suffix) else {
-                continue;
-            };
-            if m.tensors
-                .get(stem)
-                .is_some_and(|w| matches!(w.dtype, DType::F8E4M3 | DType::F8E5M2))
-            {
-                let what = format!("FP8 weights with scale tensors ('{stem}' is scaled by this one; dequantizing them is not supported yet)");
-                return Err(refuse(name, t.file, what));
-            }
         }
     }
     Ok(())

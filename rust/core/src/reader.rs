@@ -30,6 +30,8 @@ pub struct TensorRef<'a> {
     /// Set when the fine-tune is not stored whole (a LoRA adapter): `data` is then empty and
     /// the delta is computed from this.
     pub delta: Option<crate::source::lora::Delta<'a>>,
+    /// Set for FP8 codes that carry scales (see [`crate::source::scaled`]).
+    pub scale: Option<crate::source::scaled::Scale<'a>>,
 }
 
 impl TensorRef<'_> {
@@ -406,6 +408,24 @@ impl Checkpoint {
             .max()
     }
 
+    /// The block of block-wise FP8 scales: the config's `quantization_config.weight_block_size`,
+    /// else 128 × 128 (DeepSeek's).
+    pub fn fp8_block(&self) -> (usize, usize) {
+        let cfg = self
+            .model_dir
+            .as_ref()
+            .and_then(|d| std::fs::read(d.join("config.json")).ok())
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok());
+        let size = cfg.as_ref().and_then(|c| {
+            let b = c
+                .get("quantization_config")?
+                .get("weight_block_size")?
+                .as_array()?;
+            Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize))
+        });
+        size.filter(|&(a, b)| a > 0 && b > 0).unwrap_or((128, 128))
+    }
+
     /// How many tensor files the checkpoint has.
     pub fn file_count(&self) -> usize {
         self.files.len()
@@ -449,6 +469,7 @@ impl Checkpoint {
                     data,
                     file: &f.label,
                     delta: None,
+                    scale: None,
                 };
                 (name.to_owned(), r)
             })

@@ -50,6 +50,15 @@ impl Session {
         }
         let recipe = job.recipe()?;
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
+        if opened.scaled {
+            return Err(Error::param(
+                "models",
+                format!(
+                    "{} does not take FP8 weights with scale tensors yet; dequantize them first",
+                    recipe.method.name()
+                ),
+            ));
+        }
         if let Some(m) = opened.models.iter().find(|m| m.lora.is_some()) {
             return Err(Error::param(
                 "models",

@@ -36,6 +36,7 @@ fn view<'a>(label: &str, m: &'a Owned) -> ModelView<'a> {
             .map(|(n, (d, s, b))| {
                 let r = TensorRef {
                     delta: None,
+                    scale: None,
                     dtype: *d,
                     shape: s,
                     data: b,

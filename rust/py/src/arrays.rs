@@ -57,6 +57,7 @@ impl Owned {
                 };
                 let r = TensorRef {
                     delta: None,
+                    scale: None,
                     dtype: *dtype,
                     shape,
                     data,

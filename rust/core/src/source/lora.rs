@@ -209,6 +209,7 @@ pub fn aligned_view<'a>(
                     scaling,
                     transposed,
                 }),
+                scale: None,
                 data: &[],
                 ..*w
             },
@@ -222,6 +223,7 @@ pub fn aligned_view<'a>(
                 name.clone(),
                 TensorRef {
                     delta: Some(Delta::Zero),
+                    scale: None,
                     data: &[],
                     file: adapter.tensors.values().next().map_or("", |t| t.file),
                     ..*w

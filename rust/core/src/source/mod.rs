@@ -7,6 +7,7 @@ pub mod lora;
 mod pickle;
 pub mod pytorch;
 pub mod safetensors;
+pub mod scaled;
 
 use std::path::Path;
 

@@ -108,14 +108,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Copies `c` into `staging` (creating its subfolders) and flushes it; `config.json` gets its
 /// dtype set to `dtype` (the written dtype, when the caller asked for one). `shown` is where
 /// the user will find it.
-pub fn copy(c: &Companion, staging: &Path, shown: &Path, dtype: Option<DType>) -> Result<()> {
+pub fn copy(
+    c: &Companion,
+    staging: &Path,
+    shown: &Path,
+    dtype: Option<DType>,
+    dequantized: bool,
+) -> Result<()> {
     let dst = staging.join(&c.rel);
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(shown, e))?;
     }
     std::fs::copy(&c.src, &dst).map_err(|e| Error::io(&c.src, e))?;
     if let (Some(d), true) = (dtype, c.rel == Path::new("config.json")) {
-        set_config_dtype(&dst, d, shown)?;
+        set_config_dtype(&dst, d, dequantized, shown)?;
     }
     std::fs::File::open(&dst)
         .and_then(|f| f.sync_all())
@@ -124,7 +130,7 @@ pub fn copy(c: &Companion, staging: &Path, shown: &Path, dtype: Option<DType>) -
 
 /// transformers casts to a config's `torch_dtype` (or `dtype`) on load: it must name what
 /// was written. Sub-configs (vision/text towers) carry their own.
-fn set_config_dtype(path: &Path, d: DType, shown: &Path) -> Result<()> {
+fn set_config_dtype(path: &Path, d: DType, dequantized: bool, shown: &Path) -> Result<()> {
     let name = match d {
         DType::F32 => "float32",
         DType::F16 => "float16",
@@ -150,7 +156,15 @@ fn set_config_dtype(path: &Path, d: DType, shown: &Path) -> Result<()> {
         }
         changed
     }
-    if visit(&mut v, name) {
+    let mut changed = visit(&mut v, name);
+    if dequantized {
+        // The weights are no longer quantized: a loader must not treat them as such.
+        changed |= v
+            .as_object_mut()
+            .and_then(|o| o.shift_remove("quantization_config"))
+            .is_some();
+    }
+    if changed {
         let mut out = serde_json::to_vec_pretty(&v).expect("json");
         out.push(b'\n');
         std::fs::write(path, out).map_err(|e| Error::io(shown, e))?;

@@ -235,6 +235,9 @@ pub struct FileOutput {
     skipped: Vec<String>,
     /// The dtype `config.json` must name (the `out_dtype` asked for).
     config_dtype: Option<DType>,
+    /// Scaled FP8 weights were written dequantized: `config.json` loses its
+    /// `quantization_config`.
+    dequantized: bool,
     published: bool,
 }
 
@@ -250,6 +253,7 @@ impl FileOutput {
         inputs: &[PathBuf],
         companions_from: Option<&Path>,
         config_dtype: Option<DType>,
+        dequantized: bool,
     ) -> Result<(FileOutput, u64)> {
         let mut out = FileOutput {
             target: target.clone(),
@@ -264,6 +268,7 @@ impl FileOutput {
             companions: Vec::new(),
             skipped: Vec::new(),
             config_dtype,
+            dequantized,
             published: false,
         };
         // From here on, dropping `out` undoes whatever was done.
@@ -401,7 +406,7 @@ impl FileOutput {
         let mut dirs = std::collections::BTreeSet::new();
         for c in &self.companions {
             let shown = self.target.path.join(&c.rel);
-            companions::copy(c, staging, &shown, self.config_dtype)?;
+            companions::copy(c, staging, &shown, self.config_dtype, self.dequantized)?;
             if let Some(parent) = c.rel.parent().filter(|p| !p.as_os_str().is_empty()) {
                 dirs.insert(parent.to_owned());
             }
