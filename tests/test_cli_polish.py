@@ -54,3 +54,26 @@ def test_errors_are_also_builtin_exceptions(tmp_path):
         ww.merge(tmp_path / "a", [tmp_path / "b"], tmp_path / "o.safetensors", method="bogus")
     with pytest.raises(OSError, match="No such file"):
         ww.merge(tmp_path / "a", [tmp_path / "b"], tmp_path / "o.safetensors", method="ties")
+
+
+def test_progress_names_the_pass_for_callbacks_that_ask(tmp_path):
+    base, models = make_state(4)
+    from conftest import write_models
+
+    bp, mps = write_models(tmp_path / "in", base, models)
+
+    class Staged:
+        wants_stage = True
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, done, total, stage):
+            self.calls.append(stage)
+
+    staged, plain = Staged(), []
+    ww.merge(bp, mps, tmp_path / "a.safetensors", method="ties", progress=staged)
+    ww.merge(bp, mps, tmp_path / "b.safetensors", method="ties", progress=lambda d, t: plain.append((d, t)))
+    assert staged.calls[-1] == "output"  # the last call, before the publish, is the output pass's
+    assert all(s == "output" or s.startswith("statistics ") for s in staged.calls)
+    assert plain[-1][0] == plain[-1][1]  # two arguments for plain callbacks, as documented

@@ -22,10 +22,10 @@ CLI = """
 import sys
 from weightweave import cli
 shown = cli.Bar.__call__
-def gated(self, done, total):
+def gated(self, *args):
     print("progress", flush=True)
     sys.stdin.readline()
-    return shown(self, done, total)
+    return shown(self, *args)
 cli.Bar.__call__ = gated
 raise SystemExit(cli.main(sys.argv[1:]))
 """

@@ -110,7 +110,9 @@ class Signals:
 
 class Bar:
     """A one-line progress bar on stderr, drawn only on a terminal; also where a recorded stop
-    signal is raised."""
+    signal is raised. It names the pass the engine is in ("statistics 1", "output")."""
+
+    wants_stage = True  # the engine then passes the pass's name as a third argument
 
     def __init__(self, enabled: bool, signals: Signals | None = None) -> None:
         self.enabled = enabled
@@ -118,7 +120,7 @@ class Bar:
         self.start = time.monotonic()
         self.drawn = False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, stage: str | None = None) -> None:
         if self.signals is not None:
             self.signals.check()
         if not self.enabled or total <= 0:
@@ -129,7 +131,7 @@ class Bar:
         secs = time.monotonic() - self.start
         rate = done / secs / 1e9 if secs > 0 else 0.0
         sys.stderr.write(
-            f"\r[{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
+            f"\r{stage or '':>12} [{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
             f"{done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.2f} GB/s {secs:5.1f}s"
         )
         sys.stderr.flush()

@@ -5,7 +5,7 @@
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -46,8 +46,9 @@ pub struct Options {
 /// tensor means "compute it here".
 pub type Given<'a> = &'a [Option<&'a [f32]>];
 
-/// Called with (bytes processed, bytes to process) after every chunk; must be cheap.
-pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+/// Called with (bytes processed, bytes to process, stage) after every chunk; must be cheap.
+/// The stage is 0 for the output pass and k ≥ 1 for the k-th statistics pass.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64, u32) + Sync);
 
 /// Per-worker buffers, reused from chunk to chunk.
 #[derive(Default)]
@@ -92,6 +93,10 @@ pub(crate) struct Engine<'a> {
     pub(crate) spare: Mutex<Vec<Work>>,
     /// Σ λ, computed once.
     pub(crate) lam_sum: f32,
+    /// Statistics passes started so far, and whether the output pass has begun (the stage
+    /// progress reports).
+    pub(crate) stats_passes: AtomicU32,
+    pub(crate) in_output: AtomicBool,
 }
 
 /// Runs a merge: validation already done (`plan` from [`crate::plan::validate`]).
@@ -177,6 +182,8 @@ pub fn run_chunks(
         given,
         spare: Mutex::new(Vec::new()),
         lam_sum: recipe.combine.lam_sum(),
+        stats_passes: AtomicU32::new(0),
+        in_output: AtomicBool::new(false),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
@@ -246,6 +253,10 @@ impl<'a> Engine<'a> {
         F: Fn(&mut Work, &Chunk, &mut A) -> Result<()> + Sync + Send,
         R: Fn(A, A) -> A + Sync + Send,
     {
+        let stage = match (report, self.in_output.load(Ordering::Relaxed)) {
+            (true, false) => self.stats_passes.fetch_add(1, Ordering::Relaxed) + 1,
+            _ => 0,
+        };
         chunks
             .par_iter()
             .try_fold(
@@ -262,7 +273,7 @@ impl<'a> Engine<'a> {
                         let size = self.plan[c.tensor].base_dtype.size() as u64;
                         let bytes = c.len as u64 * size * (self.tasks() as u64 + 1);
                         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                        (self.progress)(done.min(self.total), self.total);
+                        (self.progress)(done.min(self.total), self.total, stage);
                     }
                     Ok((w, acc))
                 },
@@ -351,6 +362,7 @@ impl<'a> Engine<'a> {
         stats: &Stats,
         sink: &dyn Sink,
     ) -> Result<()> {
+        self.in_output.store(true, Ordering::Relaxed);
         self.pass(
             merge,
             || (),
@@ -365,7 +377,7 @@ impl<'a> Engine<'a> {
             sink.write(c.tensor, c.start * size, data)?;
             let done =
                 self.done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
-            (self.progress)(done, self.total);
+            (self.progress)(done, self.total, 0);
             Ok(())
         })
     }

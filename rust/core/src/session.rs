@@ -187,7 +187,7 @@ impl Session {
             self.opts,
             (merge, copy),
             &self.output,
-            &|_, _| {},
+            &|_, _, _| {},
             cancel,
             &given,
         )?;

@@ -79,7 +79,7 @@ fn run(base: &Owned, models: &[Owned], job: &Job) -> Vec<Vec<u8>> {
         job,
         &BTreeMap::new(),
         &sink,
-        &|_, _| {},
+        &|_, _, _| {},
         &AtomicBool::new(false),
     )
     .unwrap();
@@ -209,7 +209,7 @@ fn written_files_read_back() {
             overwrite: false,
         },
         &j,
-        &|_, _| {},
+        &|_, _, _| {},
         &AtomicBool::new(false),
     )
     .and_then(|p| p.publish())
@@ -227,4 +227,64 @@ fn written_files_read_back() {
         );
     }
     assert!(back.metadata()["weightweave.recipe"].contains("\"ties\""));
+}
+
+/// Progress names its pass: statistics passes (1, 2, ...) come first, then the output (0),
+/// and bytes never go backwards.
+#[test]
+fn progress_reports_each_pass() {
+    let vals: Vec<Vec<f32>> = vec![
+        (0..64).map(|i| i as f32 * 0.1).collect(),
+        (0..9).map(|i| i as f32).collect(),
+        vec![1.0],
+        (0..5).map(|i| -(i as f32)).collect(),
+    ];
+    let base = model(&vals);
+    let models: Vec<Owned> = (1..3)
+        .map(|k| {
+            model(
+                &vals
+                    .iter()
+                    .map(|v| v.iter().map(|x| x + k as f32 * 0.3).collect())
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    for (method, passes) in [("ties", 1), ("pcb", 2), ("task_arithmetic", 0)] {
+        let seen = Mutex::new(Vec::new());
+        let bv = view("base", &base);
+        let mvs: Vec<ModelView> = models.iter().map(|m| view("m", m)).collect();
+        let sink = VecSink((0..base.len()).map(|_| Mutex::new(Vec::new())).collect());
+        let j = job(method, Mode::Merge { lam: None }, 1, 8);
+        run_views(
+            &bv,
+            &mvs,
+            &j,
+            &BTreeMap::new(),
+            &sink,
+            &|d, t, s| seen.lock().unwrap().push((d, t, s)),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let seen = seen.into_inner().unwrap();
+        let stages: Vec<u32> = seen.iter().map(|x| x.2).collect();
+        let first_output = stages.iter().position(|&s| s == 0).unwrap();
+        assert!(
+            stages[first_output..].iter().all(|&s| s == 0),
+            "{method}: {stages:?}"
+        );
+        assert_eq!(
+            stages[..first_output].iter().max().copied().unwrap_or(0),
+            passes,
+            "{method}"
+        );
+        assert!(
+            stages[..first_output].windows(2).all(|w| w[0] <= w[1]),
+            "{method}"
+        );
+        assert!(
+            seen.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{method}: bytes go backwards"
+        );
+    }
 }

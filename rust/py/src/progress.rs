@@ -3,7 +3,7 @@
 //! progress to the Python callback. Either raising cancels the work, which stops at its next chunk.
 //! The final tick runs after the work and before the caller publishes anything.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -17,22 +17,37 @@ const TICK: Duration = Duration::from_millis(100);
 pub fn run_detached<T, F>(py: Python<'_>, progress: Option<Py<PyAny>>, work: F) -> PyResult<T>
 where
     T: Send,
-    F: FnOnce(&(dyn Fn(u64, u64) + Sync), &AtomicBool) -> Result<T> + Send,
+    F: FnOnce(&(dyn Fn(u64, u64, u32) + Sync), &AtomicBool) -> Result<T> + Send,
 {
     let done = AtomicU64::new(0);
     let total = AtomicU64::new(0);
+    let stage = AtomicU32::new(0);
     let cancel = AtomicBool::new(false);
-    let report = |d: u64, t: u64| {
+    let report = |d: u64, t: u64, s: u32| {
         done.fetch_max(d, Ordering::Relaxed);
         total.store(t, Ordering::Relaxed);
+        stage.store(s, Ordering::Relaxed);
     };
+    // A callback with a true `wants_stage` attribute (the CLI's bar) also gets the pass's name.
+    let wants_stage = progress.as_ref().is_some_and(|cb| {
+        cb.bind(py)
+            .getattr("wants_stage")
+            .and_then(|v| v.is_truthy())
+            .unwrap_or(false)
+    });
     let tick = |py: Python<'_>| -> PyResult<()> {
         py.check_signals()?;
         if let Some(cb) = &progress {
-            cb.call1(
-                py,
-                (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed)),
-            )?;
+            let (d, t) = (done.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
+            if wants_stage {
+                let name = match stage.load(Ordering::Relaxed) {
+                    0 => "output".to_owned(),
+                    k => format!("statistics {k}"),
+                };
+                cb.call1(py, (d, t, name))?;
+            } else {
+                cb.call1(py, (d, t))?;
+            }
         }
         Ok(())
     };
@@ -71,6 +86,7 @@ where
             // The last report, and the last chance to stop, come before the caller publishes:
             // nothing after the publish may raise.
             done.store(total.load(Ordering::Relaxed), Ordering::Relaxed);
+            stage.store(0, Ordering::Relaxed);
             tick(py)?;
             Ok(v)
         }
