@@ -120,14 +120,15 @@ def _no_thread_env(monkeypatch):
     os.environ.pop("WEIGHTWEAVE_TEST", None)
 
 
-def rounding_slack(base, models, method, lambdas, include_deltas=True, seed=0, pcb_abs=1e-7, **params):
+def rounding_slack(base, models, method, lambdas, include_deltas=True, seed=0, pcb_abs=1e-7, weights=None,
+                   **params):  # fmt: skip
     """Per-element slack for comparing two valid f32 evaluations of a pooled sum: 2 f32 ulps of
     the largest member of A* there (SPEC's mean formula and a stacked mean round differently),
     plus an absolute term for PCB's transcendental functions."""
     from weightweave import reference as R
 
-    m = R.merged_task_vector(base, models, method, seed, **params)
-    tvs = R.task_vectors(base, models)
+    m = R.merged_task_vector(base, models, method, seed, weights, **params)
+    tvs = R.task_vectors(base, models, weights)
     lam = max(abs(x) for x in lambdas)
     out = {}
     for n, mn in m.items():

@@ -15,7 +15,7 @@ from typing import Any
 from . import _rust
 from ._rust import ParamError
 
-METHODS = ("task_arithmetic", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
+METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
 SVD_METHODS = ("tsv", "iso_c")
 POOLS = ("mean", "random", "magmax")
 
@@ -91,6 +91,7 @@ def _warn_differing(names: list[str]) -> None:
 
 DESCRIPTIONS = {
     "task_arithmetic": "Σ_t τ_t",
+    "linear": "weighted average of the fine-tunes (a model soup): Σ w_t τ_t / Σ w_t",
     "magmax": "per element the τ_t of largest |τ_t|",
     "dare": "Σ_t of randomly dropped, rescaled τ_t",
     "dare_ties": "TIES on DARE-dropped τ_t",
@@ -236,7 +237,7 @@ def _models(models: object) -> list[Any]:
 def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None = None,
          lambdas: Sequence[float] | str | None = None, pool: str = "mean", include_deltas: bool = True,
          seed: int = 0, threads: int | None = None, chunk_size: int | None = None,
-         out_dtype: str | None = None) -> dict[str, Any]:  # fmt: skip
+         out_dtype: str | None = None, weights: Sequence[float] | None = None) -> dict[str, Any]:  # fmt: skip
     """The recipe and run options, validated, as the one mapping every Rust entry point takes."""
     for name, v in (("threads", threads), ("chunk_size", chunk_size)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v >= 2**63):
@@ -247,6 +248,14 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
         if isinstance(lam, bool) or not _is_number(lam):
             raise ParamError(f"lam must be a number, got {lam!r}")
         lam = _f32_checked("lam", float(lam))
+    if weights is not None:
+        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__"):
+            raise ParamError(f"weights must be a sequence of numbers, one per fine-tuned model, got {weights!r}")
+        ws = list(weights)
+        for i, w in enumerate(ws):
+            if isinstance(w, bool) or not _is_number(w):
+                raise ParamError(f"weights[{i}]: expected a number, got {w!r}")
+        weights = [_f32_checked(f"weights[{i}]", float(w)) for i, w in enumerate(ws)]
     if not isinstance(pool, str):
         raise ParamError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if out_dtype is not None and not isinstance(out_dtype, str):
@@ -266,6 +275,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
         "threads": threads,
         "chunk_size": chunk_size,
         "out_dtype": out_dtype,
+        "weights": weights,
     }
 
 
@@ -307,7 +317,7 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
         backend = _backend()
         backend.check_options(**svd)
         sess = _rust.Session(*args, job, **opts)
-        return _report(backend.run_session(sess, job["method"], progress=progress, **svd))
+        return _report(backend.run_session(sess, job["method"], progress=progress, weights=job["weights"], **svd))
     return _report(_rust.merge_files(*args, job, **opts, progress=progress))
 
 
@@ -324,6 +334,7 @@ def merge(
     out_dtype: str | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
+    weights: Sequence[float] | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str,
 ) -> Report:
@@ -346,6 +357,8 @@ def merge(
         overwrite: Replace an earlier weightweave output at ``out`` (without it, an existing
             file or non-empty directory is an error). Only outputs weightweave wrote are ever
             replaced, atomically.
+        weights: One weight per fine-tune: every method, and Weight Weaving's A*, use w_t·τ_t
+            in place of τ_t (mergekit's per-model ``weight``; may be negative or zero).
         progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
             raising from it cancels the merge.
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
@@ -359,7 +372,7 @@ def merge(
             nothing is left at ``out`` when it is raised.
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
-               out_dtype=out_dtype)  # fmt: skip
+               out_dtype=out_dtype, weights=weights)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
@@ -378,6 +391,7 @@ def weave(
     out_dtype: str | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
+    weights: Sequence[float] | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str,
 ) -> Report:
@@ -397,7 +411,7 @@ def weave(
         WeaveError: as in :func:`merge`.
     """
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
-               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype)  # fmt: skip
+               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
@@ -482,7 +496,7 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
             return {k: v if _is_torch(v) else torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
 
         ms_t = [as_torch(m) for m in models]
-        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], **svd)
+        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], weights=job["weights"], **svd)
         given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
     flat_outputs = [(n, a.reshape(-1)) for n, (_, a) in outputs.items()]
     _warn_differing(_rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given))
@@ -517,6 +531,7 @@ def merge_arrays(
     threads: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str | None = None,
+    weights: Sequence[float] | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str,
 ) -> dict[str, Any]:
@@ -526,7 +541,7 @@ def merge_arrays(
     same Rust engine with the inputs shared zero-copy where their layout allows.
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
-               out_dtype=out_dtype)  # fmt: skip
+               out_dtype=out_dtype, weights=weights)  # fmt: skip
     return _run_arrays(base, models, job, progress)
 
 
@@ -542,10 +557,11 @@ def weave_arrays(
     threads: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str | None = None,
+    weights: Sequence[float] | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str,
 ) -> dict[str, Any]:
     """:func:`weave` on in-memory state dicts of numpy arrays or torch tensors."""
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
-               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype)  # fmt: skip
+               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights)  # fmt: skip
     return _run_arrays(base, models, job, progress)

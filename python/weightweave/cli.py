@@ -155,6 +155,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="method parameter, e.g. --set density=0.2 (repeatable)",
     )
+    p.add_argument("--weights", help="one weight per fine-tuned model, e.g. 0.2,0.5,1 (τ_t → w_t·τ_t)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--chunk-size", type=int, help="elements per chunk")
@@ -223,6 +224,7 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
         out_dtype=args.out_dtype,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        weights=_weights(args.weights),
         progress=bar,
         **parse_set(args.set),
     )
@@ -250,6 +252,15 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
             f"({rep.bytes_read / 1e9 / max(rep.seconds, 1e-9):.2f} GB/s read): {args.out}"
         )
     return 0
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise WeaveError(f"--weights: cannot parse '{text}' (comma-separated numbers, one per model)") from None
 
 
 def _call(args: argparse.Namespace, kw: dict[str, Any]) -> api.Report:

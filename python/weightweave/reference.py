@@ -72,9 +72,16 @@ def mergeable_names(base: StateDict) -> list[str]:
     return sorted(n for n, t in base.items() if t.dtype in MERGEABLE)
 
 
-def task_vectors(base: StateDict, models: Sequence[StateDict]) -> list[dict[str, Tensor]]:
+def task_vectors(
+    base: StateDict, models: Sequence[StateDict], weights: Sequence[float] | None = None
+) -> list[dict[str, Tensor]]:
+    """τ'_t = w_t·τ_t (SPEC: per-model weights, default 1), in f32."""
     names = mergeable_names(base)
-    return [{n: m[n].to(torch.float32) - base[n].to(torch.float32) for n in names} for m in models]
+    tvs = [{n: m[n].to(torch.float32) - base[n].to(torch.float32) for n in names} for m in models]
+    if weights is not None:
+        ws = [torch.tensor(w, dtype=torch.float32) for w in weights]
+        tvs = [{n: w * x for n, x in tv.items()} for w, tv in zip(ws, tvs, strict=True)]
+    return tvs
 
 
 def _flatten(tv: Mapping[str, Tensor], names: list[str]) -> Tensor:
@@ -192,16 +199,25 @@ def _iso_c(taus: list[Tensor]) -> Tensor:
 
 
 def merged_task_vector(
-    base: StateDict, models: Sequence[StateDict], method: str, seed: int = 0, **params: float | bool | str
+    base: StateDict,
+    models: Sequence[StateDict],
+    method: str,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+    **params: float | bool | str,
 ) -> dict[str, Tensor]:
-    """f_merge(τ_1..τ_T) → M for every mergeable tensor (f32)."""
+    """f_merge(τ'_1..τ'_T) → M for every mergeable tensor (f32)."""
     names = mergeable_names(base)
-    tvs = task_vectors(base, models)
+    tvs = task_vectors(base, models, weights)
     if method in ("dare", "dare_ties"):
         tvs = _dare(tvs, seed, float(params.get("density", 0.5)), bool(params.get("rescale", True)))
     stack = {n: torch.stack([tv[n] for tv in tvs]) for n in names}
     if method in ("task_arithmetic", "dare"):
         return {n: s.sum(dim=0) for n, s in stack.items()}
+    if method == "linear":  # M = Σ w_t τ_t / Σ w_t (normalize), or the plain weighted sum
+        total = float(sum(weights)) if weights is not None else float(len(models))
+        norm = bool(params.get("normalize", True))
+        return {n: s.sum(dim=0) / total if norm else s.sum(dim=0) for n, s in stack.items()}
     if method == "magmax":
         out = {}
         for n, s in stack.items():
@@ -250,11 +266,12 @@ def merge(
     lam: float | None = None,
     seed: int = 0,
     out_dtype: str | None = None,
+    weights: Sequence[float] | None = None,
     **params: float | bool | str,
 ) -> dict[str, Tensor]:
     """θ_pre + λ·M."""
     lam = DEFAULT_LAM.get(method, 1.0) if lam is None else lam
-    m = merged_task_vector(base, models, method, seed, **params)
+    m = merged_task_vector(base, models, method, seed, weights, **params)
     return _finish(base, {n: lam * x for n, x in m.items()}, out_dtype)
 
 
@@ -267,11 +284,13 @@ def weave(
     include_deltas: bool = True,
     seed: int = 0,
     out_dtype: str | None = None,
+    weights: Sequence[float] | None = None,
     **params: float | bool | str,
 ) -> dict[str, Tensor]:
-    """Weight Weaving with A* stacked explicitly, as the paper's code does."""
-    m = merged_task_vector(base, models, method, seed, **params)
-    tvs = task_vectors(base, models)
+    """Weight Weaving with A* stacked explicitly, as the paper's code does (A* holds the
+    weighted deltas τ'_t)."""
+    m = merged_task_vector(base, models, method, seed, weights, **params)
+    tvs = task_vectors(base, models, weights)
     p = {}
     for n, mn in m.items():
         members = ([tv[n] for tv in tvs] if include_deltas else []) + [lam * mn for lam in lambdas]

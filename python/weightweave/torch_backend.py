@@ -133,8 +133,10 @@ def run_session(
     device: str | torch.device | None = None,
     svd_exclude: str | None = None,
     progress: Callable[[int, int], object] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Computes M for every 2-D tensor of an open session, then finishes it."""
+    """Computes M for every 2-D tensor of an open session, then finishes it. ``weights`` scale
+    each task's delta (τ'_t = w_t·τ_t), as the core does for the other tensors."""
     dev = pick_device(device)
     tensors = sess.tensors()
     targets = svd_targets(tensors, svd_exclude)
@@ -167,6 +169,8 @@ def run_session(
                     sess.check_finite(i)  # raises NonFiniteError naming file, tensor, element
                 for t, (mdt, mbuf) in enumerate(models):
                     delta = _load(mbuf, mdt, shape, on) - base
+                    if weights is not None:
+                        delta = delta * torch.tensor(float(weights[t]), dtype=torch.float32)
                     if not bool(torch.isfinite(delta).all()):
                         sess.check_finite(i)
                     while not stop.is_set():
@@ -226,8 +230,10 @@ def merged_tensors(
     method: str,
     device: str | torch.device | None = None,
     svd_exclude: str | None = None,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """M of every 2-D mergeable tensor of in-memory state dicts (f32, CPU), for the array API."""
+    """M of every 2-D mergeable tensor of in-memory state dicts (f32, CPU), for the array API.
+    ``weights`` scale each task's delta (τ'_t = w_t·τ_t)."""
     dev = pick_device(device)
     entries = [(n, "", list(t.shape), t.is_floating_point() and t.dtype in _DTYPES.values()) for n, t in base.items()]
     out = {}
@@ -236,6 +242,7 @@ def merged_tensors(
         b = base[name].to(dev, torch.float32)
         state = STATES[method](entries[i][2], len(models), dev)
         for t, m in enumerate(models):
-            state.add(t, m[name].to(dev, torch.float32) - b)
+            delta = m[name].to(dev, torch.float32) - b
+            state.add(t, delta if weights is None else delta * float(weights[t]))
         out[name] = state.result().to("cpu", torch.float32).contiguous()
     return out

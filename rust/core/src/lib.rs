@@ -76,6 +76,8 @@ pub struct Job {
     pub threads: Option<usize>,
     pub chunk_size: Option<usize>,
     pub out_dtype: Option<String>,
+    /// Per-model weights (SPEC: τ_t → w_t·τ_t), one per fine-tune.
+    pub weights: Option<Vec<f64>>,
 }
 
 /// What a finished merge did.
@@ -172,11 +174,33 @@ impl Job {
                 format!("{t} is more than the {MAX_THREADS} allowed (requests above {THREADS_PER_CORE} per core are clamped)"),
             ));
         }
-        Ok(Recipe {
+        let weights = match &self.weights {
+            None => None,
+            Some(w) => {
+                if let Some(x) = w.iter().find(|x| !fits_f32(**x)) {
+                    return Err(Error::param(
+                        "weights",
+                        format!("{x} is not a finite value within the f32 range of the arithmetic"),
+                    ));
+                }
+                Some(w.iter().map(|&x| x as f32).collect::<Vec<f32>>())
+            }
+        };
+        let recipe = Recipe {
             method,
             combine,
             seed: self.seed,
-        })
+            weights,
+        };
+        if let (Method::Linear { normalize: true }, Some(w)) = (&recipe.method, &self.weights) {
+            if w.iter().sum::<f64>() == 0.0 {
+                return Err(Error::param(
+                    "weights",
+                    "sum to 0, and linear with normalize divides by their sum",
+                ));
+            }
+        }
+        Ok(recipe)
     }
 
     pub fn out_dtype(&self) -> Result<Option<DType>> {
@@ -208,6 +232,9 @@ impl Job {
             "params": recipe.method.params_json(),
             "seed": recipe.seed,
         });
+        if let Some(w) = &self.weights {
+            r["weights"] = serde_json::json!(w);
+        }
         // λ as the caller gave it (f64), not the f32 the arithmetic uses: 0.3, not
         // 0.30000001192092896.
         match (&recipe.combine, &self.mode) {
@@ -246,6 +273,17 @@ fn fits_f32(v: f64) -> bool {
     v.is_finite() && v.abs() <= f32::MAX as f64
 }
 
+/// The weights, when given, must be one per fine-tune.
+pub(crate) fn check_weights(job: &Job, models: usize) -> Result<()> {
+    match &job.weights {
+        Some(w) if w.len() != models => Err(Error::param(
+            "weights",
+            format!("{} weights for {models} fine-tuned models", w.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_tasks(models: usize) -> Result<()> {
     if models == 0 {
         return Err(Error::param(
@@ -268,6 +306,7 @@ pub fn run_views(
     cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
     check_tasks(models.len())?;
+    check_weights(job, models.len())?;
     let recipe = job.recipe()?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
     let given = plan::given_for(&plan, given, &recipe)?;
@@ -285,6 +324,7 @@ pub fn plan_views(
     job: &Job,
 ) -> Result<Vec<plan::TensorPlan>> {
     check_tasks(models.len())?;
+    check_weights(job, models.len())?;
     job.recipe()?;
     plan::validate(base, models, job.out_dtype()?)
 }
@@ -511,6 +551,7 @@ pub fn prepare_files(
 ) -> Result<Prepared> {
     let start = Instant::now();
     check_tasks(models.len())?;
+    check_weights(job, models.len())?;
     let recipe = job.recipe()?;
     if recipe.method.is_external() {
         return Err(Error::param(

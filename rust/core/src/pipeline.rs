@@ -33,6 +33,18 @@ pub struct Recipe {
     pub method: Method,
     pub combine: Combine,
     pub seed: u64,
+    /// Per-model weights: every method, and A*, use w_t·τ_t in place of τ_t.
+    pub weights: Option<Vec<f32>>,
+}
+
+impl Recipe {
+    /// Σ_t w_t, summed in f64 (T when every weight is 1).
+    pub fn weight_sum(&self, tasks: usize) -> f32 {
+        match &self.weights {
+            Some(w) => w.iter().map(|&x| x as f64).sum::<f64>() as f32,
+            None => tasks as f32,
+        }
+    }
 }
 
 /// How to run it.
@@ -93,6 +105,8 @@ pub(crate) struct Engine<'a> {
     pub(crate) spare: Mutex<Vec<Work>>,
     /// Σ λ, computed once.
     pub(crate) lam_sum: f32,
+    /// Σ w_t (T without weights), for `linear`.
+    pub(crate) weight_sum: f32,
     /// Statistics passes started so far, and whether the output pass has begun (the stage
     /// progress reports).
     pub(crate) stats_passes: AtomicU32,
@@ -182,6 +196,7 @@ pub fn run_chunks(
         given,
         spare: Mutex::new(Vec::new()),
         lam_sum: recipe.combine.lam_sum(),
+        weight_sum: recipe.weight_sum(models.len()),
         stats_passes: AtomicU32::new(0),
         in_output: AtomicBool::new(false),
     };
@@ -340,6 +355,13 @@ impl<'a> Engine<'a> {
                 decode_checked(r, &t.name, c, d)?;
             }
         }
+        if let Some(ws) = &self.recipe.weights {
+            for (d, &wt) in w.raw.iter_mut().zip(ws) {
+                for x in &mut d[..n] {
+                    *x *= wt;
+                }
+            }
+        }
         if let Some(p) = self.recipe.method.dare() {
             w.dared.resize_with(tasks, Vec::new);
             for k in 0..tasks {
@@ -402,6 +424,15 @@ impl<'a> Engine<'a> {
         let deltas = if dared.is_empty() { &*raw } else { &*dared };
         match self.recipe.method {
             Method::TaskArithmetic | Method::Dare(_) => elementwise::sum(deltas, n, m),
+            Method::Linear { normalize } => {
+                elementwise::sum(deltas, n, m);
+                if normalize {
+                    let total = self.weight_sum;
+                    for x in &mut m[..n] {
+                        *x /= total;
+                    }
+                }
+            }
             Method::MagMax => elementwise::magmax(deltas, n, m),
             Method::Ties(p) | Method::DareTies(_, p) => {
                 let scope = if p.scope == Scope::Global {

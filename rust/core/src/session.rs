@@ -48,6 +48,7 @@ impl Session {
                 "at least one fine-tuned model is needed",
             ));
         }
+        crate::check_weights(job, models.len())?;
         let recipe = job.recipe()?;
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
         if opened.scaled {

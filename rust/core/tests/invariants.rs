@@ -103,6 +103,7 @@ fn job(method: &str, mode: Mode, threads: usize, chunk: usize) -> Job {
         threads: Some(threads),
         chunk_size: Some(chunk),
         out_dtype: None,
+        weights: None,
     }
 }
 

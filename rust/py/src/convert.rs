@@ -77,5 +77,6 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         threads: item(d, "threads", None)?,
         chunk_size: item(d, "chunk_size", None)?,
         out_dtype: item(d, "out_dtype", None)?,
+        weights: item(d, "weights", None)?,
     })
 }

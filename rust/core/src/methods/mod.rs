@@ -49,6 +49,11 @@ pub struct TiesParams {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Method {
     TaskArithmetic,
+    /// The weighted average of the fine-tunes (a model soup): M = Σ w_t τ_t / Σ w_t, or the
+    /// plain weighted sum without `normalize`.
+    Linear {
+        normalize: bool,
+    },
     MagMax,
     Dare(DareParams),
     DareTies(DareParams, TiesParams),
@@ -67,7 +72,7 @@ pub enum Method {
 }
 
 pub const METHOD_NAMES: &str =
-    "task_arithmetic, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c";
+    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c";
 
 /// Reads and range-checks parameters, rejecting any the method does not take.
 struct Reader<'a> {
@@ -161,6 +166,9 @@ impl Method {
         };
         let m = match name {
             "task_arithmetic" => Method::TaskArithmetic,
+            "linear" => Method::Linear {
+                normalize: r.flag("normalize", true)?,
+            },
             "magmax" => Method::MagMax,
             "dare" => Method::Dare(dare(&mut r)?),
             "dare_ties" => {
@@ -203,6 +211,7 @@ impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::TaskArithmetic => "task_arithmetic",
+            Method::Linear { .. } => "linear",
             Method::MagMax => "magmax",
             Method::Dare(_) => "dare",
             Method::DareTies(..) => "dare_ties",
@@ -246,6 +255,7 @@ impl Method {
         };
         match self {
             Method::TaskArithmetic | Method::MagMax | Method::Tsv | Method::IsoC => json!({}),
+            Method::Linear { normalize } => json!({"normalize": normalize}),
             Method::Dare(d) => json!({"density": d.density, "rescale": d.rescale}),
             Method::DareTies(d, t) => json!({"density": d.density, "rescale": d.rescale,
                 "ties_density": t.density, "scope": scope(t.scope)}),
@@ -267,7 +277,7 @@ impl Method {
     /// The paper's default search space Λ for Weight Weaving (step 0.1, both ends included).
     pub fn default_lambdas(name: &str) -> Option<Vec<f64>> {
         let (a, b) = match name {
-            "task_arithmetic" | "dare" | "magmax" | "breadcrumbs" => (1, 10),
+            "task_arithmetic" | "linear" | "dare" | "magmax" | "breadcrumbs" => (1, 10),
             "ties" | "dare_ties" => (1, 15),
             "pcb" => (1, 25),
             "tsv" => (5, 20),
