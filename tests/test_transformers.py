@@ -141,3 +141,36 @@ def test_other_architectures_round_trip(tmp_path, make):
     assert sorted(got) == sorted(exp)
     slack = rounding_slack(base_sd, ft_sds, "ties", lambdas)
     assert_close_ulp(got, exp, atol=max(float(v.max()) for v in slack.values()))
+
+
+def test_pytorch_bin_checkpoints_in_loadable_model_out(tmp_path):
+    """Model directories as older transformers saved them (config.json + pytorch_model.bin): the
+    merge reads the .bin in place and writes safetensors that from_pretrained loads, equal to
+    merging the same weights saved as safetensors."""
+
+    def save(model, d):
+        model.save_pretrained(d.with_name(d.name + "_st"))
+        d.mkdir()
+        (d / "config.json").write_bytes((d.with_name(d.name + "_st") / "config.json").read_bytes())
+        torch.save(model.state_dict(), d / "pytorch_model.bin")
+        return d, d.with_name(d.name + "_st")
+
+    base_bin, base_st = save(llama(0, tie=False), tmp_path / "base")
+    g = torch.Generator().manual_seed(9)
+    bins, sts = [], []
+    for t in range(2):
+        ft = llama(0, tie=False)
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_((0.02 * torch.randn(p.shape, generator=g)).to(p.dtype))
+        b, st = save(ft, tmp_path / f"ft{t}")
+        bins.append(b)
+        sts.append(st)
+    ww.weave(base_bin, bins, tmp_path / "out", method="ties")
+    ww.weave(base_st, sts, tmp_path / "ref", method="ties")
+    assert not list((tmp_path / "out").glob("*.bin")) and (tmp_path / "out" / "config.json").exists()
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ref").state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
