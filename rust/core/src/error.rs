@@ -80,6 +80,9 @@ pub enum Error {
         index: usize,
         value: f64,
     },
+    /// A user-defined pool function raised or returned something unusable.
+    #[error("the pool function failed on tensor '{tensor}': {reason}")]
+    PoolFunction { tensor: String, reason: String },
     /// A method name the core does not implement.
     #[error("unknown method '{name}' (known: {known})")]
     UnknownMethod { name: String, known: &'static str },
@@ -151,6 +154,14 @@ impl Error {
         Error::InvalidParam {
             name: name.to_owned(),
             reason: reason.into(),
+        }
+    }
+
+    /// The reason of a parameter error (the whole message otherwise), for wrapping.
+    pub(crate) fn detail(&self) -> String {
+        match self {
+            Error::InvalidParam { reason, .. } => reason.clone(),
+            other => other.to_string(),
         }
     }
 }

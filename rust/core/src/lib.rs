@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pool;
 pub mod reader;
+pub mod recipe;
 pub mod rng;
 pub mod select;
 pub mod session;
@@ -29,9 +30,10 @@ use std::time::Instant;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use methods::{Method, Param, Params};
-pub use pipeline::{Options, Recipe, Sink};
-pub use pool::{Combine, Pool};
+pub use pipeline::{Options, Sink};
+pub use pool::Pool;
 pub use reader::{Checkpoint, ModelView, TensorRef};
+pub use recipe::{Combine, CustomPool, Job, Mode, Recipe, Space};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -53,33 +55,6 @@ pub const MAX_THREADS: usize = 1024;
 /// Threads beyond this many per core only add contention; larger requests are clamped.
 pub const THREADS_PER_CORE: usize = 4;
 
-/// Plain merge or Weight Weaving, as the caller asked (defaults not yet applied).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Mode {
-    Merge {
-        lam: Option<f64>,
-    },
-    Weave {
-        lambdas: Option<Vec<f64>>,
-        pool: String,
-        include_deltas: bool,
-    },
-}
-
-/// Everything a merge needs besides the inputs and the output.
-#[derive(Clone, Debug)]
-pub struct Job {
-    pub method: String,
-    pub params: Params,
-    pub mode: Mode,
-    pub seed: u64,
-    pub threads: Option<usize>,
-    pub chunk_size: Option<usize>,
-    pub out_dtype: Option<String>,
-    /// Per-model weights (SPEC: τ_t → w_t·τ_t), one per fine-tune.
-    pub weights: Option<Vec<f64>>,
-}
-
 /// What a finished merge did.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -93,207 +68,6 @@ pub struct Report {
     pub seconds: f64,
 }
 
-impl Job {
-    /// Validates the job and resolves its defaults.
-    pub fn recipe(&self) -> Result<Recipe> {
-        let method = Method::parse(&self.method, &self.params)?;
-        let combine = match &self.mode {
-            Mode::Merge { lam } => {
-                let lam = lam.unwrap_or_else(|| Method::default_lam(&self.method));
-                if !fits_f32(lam) {
-                    return Err(Error::param(
-                        "lam",
-                        format!(
-                            "{lam} is not a finite value within the f32 range of the arithmetic"
-                        ),
-                    ));
-                }
-                Combine::Merge { lam: lam as f32 }
-            }
-            Mode::Weave {
-                lambdas,
-                pool,
-                include_deltas,
-            } => {
-                let lambdas = match lambdas {
-                    Some(l) => l.clone(),
-                    None => {
-                        Method::default_lambdas(&self.method).expect("every method has a default")
-                    }
-                };
-                if lambdas.is_empty() || lambdas.len() > 1 << 20 {
-                    return Err(Error::param(
-                        "lambdas",
-                        "must hold between 1 and 2^20 values",
-                    ));
-                }
-                if let Some(l) = lambdas.iter().find(|l| !fits_f32(**l)) {
-                    return Err(Error::param(
-                        "lambdas",
-                        format!("{l} is not a finite value within the f32 range of the arithmetic"),
-                    ));
-                }
-                if let Some(w) = lambdas.windows(2).find(|w| w[0] >= w[1]) {
-                    return Err(Error::param(
-                        "lambdas",
-                        format!(
-                            "must be strictly increasing ({} is followed by {})",
-                            w[0], w[1]
-                        ),
-                    ));
-                }
-                let pool = Pool::parse(pool).ok_or_else(|| {
-                    Error::param(
-                        "pool",
-                        format!("'{pool}' is not one of mean, random, magmax"),
-                    )
-                })?;
-                Combine::Weave {
-                    lambdas: lambdas.iter().map(|&l| l as f32).collect(),
-                    pool,
-                    include_deltas: *include_deltas,
-                }
-            }
-        };
-        if self.chunk_size == Some(0) {
-            return Err(Error::param("chunk_size", "must be positive"));
-        }
-        // Kernels count within a chunk in u32.
-        if self.chunk_size.is_some_and(|c| c > MAX_CHUNK) {
-            return Err(Error::param(
-                "chunk_size",
-                format!("at most {MAX_CHUNK} elements"),
-            ));
-        }
-        if self.threads == Some(0) {
-            return Err(Error::param("threads", "must be positive"));
-        }
-        if let Some(t) = self.threads.filter(|&t| t > MAX_THREADS) {
-            return Err(Error::param(
-                "threads",
-                format!("{t} is more than the {MAX_THREADS} allowed (requests above {THREADS_PER_CORE} per core are clamped)"),
-            ));
-        }
-        let weights = match &self.weights {
-            None => None,
-            Some(w) => {
-                if let Some(x) = w.iter().find(|x| !fits_f32(**x)) {
-                    return Err(Error::param(
-                        "weights",
-                        format!("{x} is not a finite value within the f32 range of the arithmetic"),
-                    ));
-                }
-                Some(w.iter().map(|&x| x as f32).collect::<Vec<f32>>())
-            }
-        };
-        let recipe = Recipe {
-            method,
-            combine,
-            seed: self.seed,
-            weights,
-        };
-        if let (Method::Linear { normalize: true }, Some(w)) = (&recipe.method, &self.weights) {
-            if w.iter().sum::<f64>() == 0.0 {
-                return Err(Error::param(
-                    "weights",
-                    "sum to 0, and linear with normalize divides by their sum",
-                ));
-            }
-        }
-        Ok(recipe)
-    }
-
-    pub fn out_dtype(&self) -> Result<Option<DType>> {
-        self.out_dtype
-            .as_deref()
-            .map(|s| {
-                DType::parse(s)
-                    .ok_or_else(|| Error::param("out_dtype", format!("unknown dtype '{s}'")))
-            })
-            .transpose()
-    }
-
-    pub fn options(&self) -> Options {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Options {
-            threads: self
-                .threads
-                .unwrap_or(cores)
-                .min(cores * THREADS_PER_CORE)
-                .max(1),
-            chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK).min(PIECE),
-        }
-    }
-
-    /// The recipe recorded in the output's `__metadata__`.
-    pub fn metadata(&self, recipe: &Recipe) -> BTreeMap<String, String> {
-        let mut r = serde_json::json!({
-            "method": recipe.method.name(),
-            "params": recipe.method.params_json(),
-            "seed": recipe.seed,
-        });
-        if let Some(w) = &self.weights {
-            r["weights"] = serde_json::json!(w);
-        }
-        // λ as the caller gave it (f64), not the f32 the arithmetic uses: 0.3, not
-        // 0.30000001192092896.
-        match (&recipe.combine, &self.mode) {
-            (Combine::Merge { .. }, Mode::Merge { lam }) => {
-                let lam = lam.unwrap_or_else(|| Method::default_lam(&self.method));
-                r["lam"] = serde_json::json!(lam);
-            }
-            (
-                Combine::Weave {
-                    pool,
-                    include_deltas,
-                    ..
-                },
-                Mode::Weave { lambdas, .. },
-            ) => {
-                let lambdas = lambdas
-                    .clone()
-                    .or_else(|| Method::default_lambdas(&self.method))
-                    .unwrap_or_default();
-                r["lambdas"] = serde_json::json!(lambdas);
-                r["pool"] = serde_json::json!(pool.name());
-                r["include_deltas"] = serde_json::json!(include_deltas);
-            }
-            _ => unreachable!("the recipe is made from this job's mode"),
-        }
-        BTreeMap::from([
-            ("format".to_owned(), "pt".to_owned()),
-            ("weightweave.version".to_owned(), VERSION.to_owned()),
-            ("weightweave.recipe".to_owned(), r.to_string()),
-        ])
-    }
-}
-
-/// Whether `v` is finite and an f32 holds it (all arithmetic is f32).
-fn fits_f32(v: f64) -> bool {
-    v.is_finite() && v.abs() <= f32::MAX as f64
-}
-
-/// The weights, when given, must be one per fine-tune.
-pub(crate) fn check_weights(job: &Job, models: usize) -> Result<()> {
-    match &job.weights {
-        Some(w) if w.len() != models => Err(Error::param(
-            "weights",
-            format!("{} weights for {models} fine-tuned models", w.len()),
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn check_tasks(models: usize) -> Result<()> {
-    if models == 0 {
-        return Err(Error::param(
-            "models",
-            "at least one fine-tuned model is needed",
-        ));
-    }
-    Ok(())
-}
-
 /// Merges in-memory models into a caller-provided sink (the array API). For the SVD methods,
 /// `given` maps tensor names to their externally computed M (other tensors take the mean).
 pub fn run_views(
@@ -305,9 +79,8 @@ pub fn run_views(
     progress: pipeline::Progress,
     cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
-    check_tasks(models.len())?;
-    check_weights(job, models.len())?;
     let recipe = job.recipe()?;
+    job.check_tasks(&recipe, models.len())?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
     let given = plan::given_for(&plan, given, &recipe)?;
     let opts = job.options();
@@ -323,9 +96,8 @@ pub fn plan_views(
     models: &[ModelView],
     job: &Job,
 ) -> Result<Vec<plan::TensorPlan>> {
-    check_tasks(models.len())?;
-    check_weights(job, models.len())?;
-    job.recipe()?;
+    let recipe = job.recipe()?;
+    job.check_tasks(&recipe, models.len())?;
     plan::validate(base, models, job.out_dtype()?)
 }
 
@@ -550,15 +322,14 @@ pub fn prepare_files(
     cancel: &AtomicBool,
 ) -> Result<Prepared> {
     let start = Instant::now();
-    check_tasks(models.len())?;
-    check_weights(job, models.len())?;
     let recipe = job.recipe()?;
-    if recipe.method.is_external() {
+    job.check_tasks(&recipe, models.len())?;
+    if recipe.method().is_external() {
         return Err(Error::param(
             "method",
             format!(
                 "{} runs on the torch backend: use a Session",
-                recipe.method.name()
+                recipe.method().name()
             ),
         ));
     }

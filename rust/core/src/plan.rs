@@ -3,6 +3,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::methods::Rows;
 use crate::reader::ModelView;
 
 /// One output tensor.
@@ -23,10 +24,22 @@ impl TensorPlan {
         self.shape.last().copied().unwrap_or(1).max(1)
     }
 
-    /// Whether rows (along the last dimension) are longer than a chunk, so that methods
-    /// ranking within rows must stream them in pieces.
-    pub fn has_long_rows(&self, chunk_size: usize) -> bool {
-        self.mergeable && !self.shape.is_empty() && self.row_len() > chunk_size
+    /// The length of the rows a method ranks within (see [`Rows`]); 1 for a 0-d tensor.
+    pub fn unit(&self, rows: Rows) -> usize {
+        match rows {
+            Rows::Tensor => self.numel.max(1),
+            _ => self.row_len(),
+        }
+    }
+
+    /// Whether the rows a method ranks within are longer than a chunk, so that they must be
+    /// streamed in pieces.
+    pub fn has_long(&self, rows: Rows, chunk_size: usize) -> bool {
+        match rows {
+            Rows::None => false,
+            Rows::Last => self.mergeable && !self.shape.is_empty() && self.row_len() > chunk_size,
+            Rows::Tensor => self.mergeable && self.numel > chunk_size,
+        }
     }
 
     pub fn out_bytes(&self) -> usize {
@@ -178,11 +191,7 @@ pub fn differing_copies(
 /// mergeable tensor hold whole rows (methods that rank within rows need them); a row longer
 /// than `chunk_size` is split into pieces that never cross into the next row (see
 /// [`TensorPlan::has_long_rows`]). Returns (merge chunks, copy chunks).
-pub fn chunks(
-    plan: &[TensorPlan],
-    chunk_size: usize,
-    whole_rows: bool,
-) -> (Vec<Chunk>, Vec<Chunk>) {
+pub fn chunks(plan: &[TensorPlan], chunk_size: usize, rows: Rows) -> (Vec<Chunk>, Vec<Chunk>) {
     let (mut merge, mut copy) = (Vec::new(), Vec::new());
     let push = |list: &mut Vec<Chunk>, tensor, from: usize, to: usize, step: usize| {
         let mut start = from;
@@ -195,15 +204,15 @@ pub fn chunks(
     for (i, t) in plan.iter().enumerate() {
         if !t.mergeable {
             push(&mut copy, i, 0, t.numel, chunk_size);
-        } else if !whole_rows {
+        } else if rows == Rows::None {
             push(&mut merge, i, 0, t.numel, chunk_size);
-        } else if t.has_long_rows(chunk_size) {
-            let row = t.row_len();
+        } else if t.has_long(rows, chunk_size) {
+            let row = t.unit(rows);
             for r in (0..t.numel).step_by(row) {
                 push(&mut merge, i, r, r + row, chunk_size);
             }
         } else {
-            let row = t.row_len();
+            let row = t.unit(rows);
             push(&mut merge, i, 0, t.numel, (chunk_size / row).max(1) * row);
         }
     }
@@ -215,15 +224,15 @@ pub fn chunks(
 pub fn given_for<'a>(
     plan: &[TensorPlan],
     given: &std::collections::BTreeMap<String, &'a [f32]>,
-    recipe: &crate::pipeline::Recipe,
+    recipe: &crate::recipe::Recipe,
 ) -> Result<Vec<Option<&'a [f32]>>> {
     if given.is_empty() {
         return Ok(Vec::new());
     }
-    if !recipe.method.is_external() {
+    if !recipe.method().is_external() {
         return Err(Error::param(
             "given",
-            format!("{} computes M itself", recipe.method.name()),
+            format!("{} computes M itself", recipe.method().name()),
         ));
     }
     let mut out = vec![None; plan.len()];

@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::pipeline::{self, Options, Recipe};
+use crate::pipeline::{self, Options};
 use crate::plan::{self, TensorPlan};
 use crate::reader::{Checkpoint, ModelView, TensorRef};
+use crate::recipe::Recipe;
 use crate::writer::FileOutput;
 use crate::{Job, OutputOptions, Report};
 
@@ -42,21 +43,15 @@ impl Session {
         job: &Job,
     ) -> Result<Session> {
         let start = Instant::now();
-        if models.is_empty() {
-            return Err(Error::param(
-                "models",
-                "at least one fine-tuned model is needed",
-            ));
-        }
-        crate::check_weights(job, models.len())?;
         let recipe = job.recipe()?;
+        job.check_tasks(&recipe, models.len())?;
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
         if opened.scaled {
             return Err(Error::param(
                 "models",
                 format!(
                     "{} does not take FP8 weights with scale tensors yet; dequantize them first",
-                    recipe.method.name()
+                    recipe.method().name()
                 ),
             ));
         }
@@ -66,7 +61,7 @@ impl Session {
                 format!(
                     "{} is a LoRA adapter; {} does not take adapters yet (merge it into a full fine-tune first)",
                     m.path.display(),
-                    recipe.method.name()
+                    recipe.method().name()
                 ),
             ));
         }

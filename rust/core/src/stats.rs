@@ -2,13 +2,11 @@
 //! by a sample, falling back to a two-pass radix select), and TIES's majority sign, tallied in
 //! the same windowed pass where the sampled windows allow.
 
-use std::collections::BTreeMap;
-
 use crate::error::Result;
 use crate::methods::pcb::{self, Clamp};
 use crate::methods::ties::{self, SignTally, TiesStats};
-use crate::methods::{breadcrumbs, int_frac, Method, Scope};
-use crate::pipeline::{grow, Engine, Stats, Work};
+use crate::methods::{breadcrumbs, int_frac, Method, Scope, Sparsify};
+use crate::pipeline::{grow, Engine, Src, Stats, Work};
 use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
@@ -19,9 +17,14 @@ enum Guess {
 }
 
 impl Engine<'_> {
-    pub(crate) fn statistics(&self, merge: &[Chunk], chunk_size: usize) -> Result<Stats> {
-        let mut stats = Stats::default();
-        if let Some(p) = self.recipe.method.ties() {
+    /// The statistics of every parameter set, gathered in shared passes: one select serves
+    /// every distinct TIES density, PCB ratio or row cut at once.
+    pub(crate) fn statistics(&self, merge: &[Chunk], chunk_size: usize) -> Result<Vec<Stats>> {
+        let sets = self.recipe.sets.len();
+        let mut stats: Vec<Stats> = (0..sets).map(|_| Stats::default()).collect();
+        let all: Vec<usize> = (0..sets).collect();
+        let method = self.recipe.method();
+        if let Some(p) = method.ties() {
             let scopes: Vec<(usize, Vec<Chunk>)> = match p.scope {
                 Scope::Global => vec![(0, merge.to_vec())],
                 Scope::Tensor => (0..self.plan.len())
@@ -33,82 +36,164 @@ impl Engine<'_> {
             } else {
                 self.plan.len()
             };
-            stats.ties = vec![None; n_scopes];
+            for s in &mut stats {
+                s.ties = vec![None; n_scopes];
+            }
             for (scope, chunks) in scopes {
                 let d: usize = chunks.iter().map(|c| c.len).sum();
                 if d == 0 {
                     continue;
                 }
-                stats.ties[scope] = Some(self.ties_stats(&chunks, d, &p)?);
+                for (j, r) in self.ties_stats(&chunks, d, &all)?.into_iter().enumerate() {
+                    stats[j].ties[scope] = Some(r);
+                }
             }
         }
-        if let Method::Pcb { ratio } = self.recipe.method {
-            stats.pcb = self.pcb_stats(merge, ratio)?;
+        if let Method::Pcb { .. } = method {
+            for (j, r) in self.pcb_stats(merge, &all)?.into_iter().enumerate() {
+                stats[j].pcb = r;
+            }
         }
-        if let Method::Breadcrumbs { density, gamma } = self.recipe.method {
-            for (i, t) in self.plan.iter().enumerate() {
-                if t.has_long_rows(chunk_size) {
-                    self.crumbs_stats(merge, i, (density, gamma), &mut stats.crumbs)?;
-                }
+        for (i, t) in self.plan.iter().enumerate() {
+            if t.has_long(self.rows, chunk_size) {
+                self.crumbs_stats(merge, i, &mut stats)?;
+            }
+        }
+        if let Method::Mergekit(g) = method {
+            if g.rescale && g.sparsify != Sparsify::None {
+                self.l1_stats(merge, &mut stats)?;
             }
         }
         Ok(stats)
     }
 
-    /// Breadcrumbs' cuts for every piece of tensor `i`'s rows, one row at a time: an exact
-    /// select of the magnitudes at the two cut ranks, then a pass counting, per piece, the
-    /// elements above and equal to each cut (the ties are ranked by position).
-    fn crumbs_stats(
-        &self,
-        merge: &[Chunk],
-        i: usize,
-        (density, gamma): (f64, f64),
-        out: &mut BTreeMap<(usize, usize), Vec<Option<breadcrumbs::Piece>>>,
-    ) -> Result<()> {
-        let row = self.plan[i].row_len();
-        let tasks = self.tasks();
-        let chunks: Vec<Chunk> = merge.iter().filter(|c| c.tensor == i).copied().collect();
-        let Some((g, k)) = breadcrumbs::kept_ranks(row, density, gamma) else {
-            for c in &chunks {
-                out.insert((i, c.start), vec![None; tasks]);
+    /// Groups sets whose deltas are the same (same weights and DARE; mergekit's methods all
+    /// read the unweighted deltas): (variant of each set, a representative set per variant).
+    fn variants(&self, sets: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        let key = |j: usize| {
+            let s = &self.recipe.sets[j];
+            match &s.method {
+                Method::Mergekit(_) | Method::MergekitLinear { .. } => (None, None),
+                m => (
+                    self.own_weights[j].then(|| self.weights[j].clone()),
+                    m.dare().cloned(),
+                ),
             }
-            return Ok(());
         };
-        let n = row as u64;
-        let has_low = g + k < n;
-        let abs_rows = &|w: &mut Work, len: usize, emit: &mut dyn FnMut(usize, &[f32])| {
-            for (t, d) in w.raw.iter().enumerate() {
-                crate::simd!(abs_into(&d[..len], &mut w.scratch[..len]));
-                emit(t, &w.scratch[..len]);
+        let mut reps: Vec<usize> = Vec::new();
+        let of = sets
+            .iter()
+            .map(|&j| match reps.iter().position(|&r| key(r) == key(j)) {
+                Some(v) => v,
+                None => {
+                    reps.push(j);
+                    reps.len() - 1
+                }
+            })
+            .collect();
+        (of, reps)
+    }
+
+    /// Emits |deltas| of every variant, task by task, as rows `v·T + t`.
+    fn emit_abs(
+        &self,
+        w: &mut Work,
+        c: &Chunk,
+        reps: &[usize],
+        emit: &mut dyn FnMut(usize, &[f32]),
+    ) {
+        let (n, tasks) = (c.len, self.tasks());
+        for (v, &j) in reps.iter().enumerate() {
+            let src = self.set_deltas(w, j, c);
+            let Work {
+                raw,
+                plain,
+                eff,
+                scratch,
+                ..
+            } = w;
+            let d: &[Vec<f32>] = match src {
+                Src::Raw => raw,
+                Src::Plain => plain,
+                Src::Eff => eff,
+            };
+            for (t, x) in d.iter().enumerate() {
+                crate::simd!(abs_into(&x[..n], &mut scratch[..n]));
+                emit(v * tasks + t, &scratch[..n]);
             }
+        }
+    }
+
+    /// Cuts for every piece of tensor `i`'s long rows, for every set, one row at a time: an
+    /// exact select of the magnitudes at the two cut ranks, then a pass counting, per piece,
+    /// the elements above and equal to each cut (the ties are ranked by position).
+    fn crumbs_stats(&self, merge: &[Chunk], i: usize, stats: &mut [Stats]) -> Result<()> {
+        let row = self.plan[i].unit(self.rows);
+        let tasks = self.tasks();
+        let all: Vec<usize> = (0..stats.len()).collect();
+        let (of, reps) = self.variants(&all);
+        let chunks: Vec<Chunk> = merge.iter().filter(|c| c.tensor == i).copied().collect();
+        let n = row as u64;
+        // Per (set, task): the kept ranks, and the indices of its two requests.
+        let mut requests = Vec::new();
+        let mut slots: Vec<Vec<Option<(u64, u64, usize)>>> = vec![vec![None; tasks]; all.len()];
+        for (k, &j) in all.iter().enumerate() {
+            for (t, slot) in slots[k].iter_mut().enumerate() {
+                if let Some((g, kk)) = self.recipe.sets[j].method.kept_ranks(row, t) {
+                    *slot = Some((g, kk, requests.len()));
+                    let r = of[k] * tasks + t;
+                    requests.push(Request {
+                        row: r,
+                        rank: n - 1 - g,
+                    });
+                    requests.push(Request {
+                        row: r,
+                        rank: n - 1 - (g + kk).min(n - 1),
+                    });
+                }
+            }
+        }
+        let rows = &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
+            self.emit_abs(w, c, &reps, emit)
         };
         for pieces in chunks.chunk_by(|a, b| a.start / row == b.start / row) {
-            let requests: Vec<Request> = (0..tasks)
-                .flat_map(|t| {
-                    let top = Request {
-                        row: t,
-                        rank: n - 1 - g,
-                    };
-                    let low = Request {
-                        row: t,
-                        rank: n - 1 - (g + k).min(n - 1),
-                    };
-                    [top, low]
+            let v = if requests.is_empty() {
+                Vec::new()
+            } else {
+                self.select(pieces, reps.len() * tasks, requests.clone(), rows)?
+            };
+            // cuts[k][t] = (top, low) for the sets and tasks that keep something.
+            let cuts: Vec<Vec<Option<Cuts>>> = slots
+                .iter()
+                .map(|s| {
+                    s.iter()
+                        .map(|o| o.map(|(g, kk, r)| (v[r], (g + kk < n).then_some(v[r + 1]))))
+                        .collect()
                 })
-                .collect();
-            let v = self.select(pieces, tasks, requests, abs_rows)?;
-            let cuts: Vec<(f32, Option<f32>)> = v
-                .chunks(2)
-                .map(|p| (p[0], has_low.then_some(p[1])))
                 .collect();
             let counts = self.pass(
                 pieces,
                 Vec::new,
-                |w, c, acc: &mut Vec<(usize, Vec<[u64; 4]>)>| {
-                    let per_task = (0..tasks)
-                        .map(|t| breadcrumbs::count_piece(&w.raw[t][..c.len], cuts[t].0, cuts[t].1))
-                        .collect();
-                    acc.push((c.start, per_task));
+                |w, c, acc: &mut Vec<(usize, Vec<Vec<[u64; 4]>>)>| {
+                    let mut per_set = vec![Vec::new(); all.len()];
+                    for (v, &j) in reps.iter().enumerate() {
+                        let src = self.set_deltas(w, j, c);
+                        let d = w.src(src);
+                        for (k, cs) in cuts.iter().enumerate() {
+                            if of[k] != v {
+                                continue;
+                            }
+                            per_set[k] = (0..tasks)
+                                .map(|t| match cs[t] {
+                                    Some((top, low)) => {
+                                        breadcrumbs::count_piece(&d[t][..c.len], top, low)
+                                    }
+                                    None => [0; 4],
+                                })
+                                .collect();
+                        }
+                    }
+                    acc.push((c.start, per_set));
                     Ok(())
                 },
                 |mut a, b| {
@@ -118,148 +203,351 @@ impl Engine<'_> {
             )?;
             let mut counts = counts;
             counts.sort_unstable_by_key(|(start, _)| *start);
-            for t in 0..tasks {
-                let above_top: u64 = counts.iter().map(|(_, c)| c[t][0]).sum();
-                let above_low: u64 = counts.iter().map(|(_, c)| c[t][2]).sum();
-                let cut = breadcrumbs::Cut {
-                    top: cuts[t].0,
-                    top_skip: g - above_top,
-                    low: cuts[t].1.map(|l| (l, g + k - above_low)),
-                };
-                let (mut top_before, mut low_before) = (0, 0);
-                for (start, c) in &counts {
-                    let cell = out.entry((i, *start)).or_insert_with(|| vec![None; tasks]);
-                    cell[t] = Some(breadcrumbs::Piece {
-                        cut,
-                        top_before,
-                        low_before,
-                    });
-                    top_before += c[t][1];
-                    low_before += c[t][3];
+            for (k, cs) in cuts.iter().enumerate() {
+                for t in 0..tasks {
+                    let Some((top, low)) = cs[t] else {
+                        for (start, _) in &counts {
+                            stats[k]
+                                .crumbs
+                                .entry((i, *start))
+                                .or_insert_with(|| vec![None; tasks]);
+                        }
+                        continue;
+                    };
+                    let (g, kk, _) = slots[k][t].expect("a cut has ranks");
+                    let above_top: u64 = counts.iter().map(|(_, c)| c[k][t][0]).sum();
+                    let above_low: u64 = counts.iter().map(|(_, c)| c[k][t][2]).sum();
+                    let cut = breadcrumbs::Cut {
+                        top,
+                        top_skip: g - above_top,
+                        low: low.map(|l| (l, g + kk - above_low)),
+                    };
+                    let (mut top_before, mut low_before) = (0, 0);
+                    for (start, c) in &counts {
+                        let cell = stats[k]
+                            .crumbs
+                            .entry((i, *start))
+                            .or_insert_with(|| vec![None; tasks]);
+                        cell[t] = Some(breadcrumbs::Piece {
+                            cut,
+                            top_before,
+                            low_before,
+                        });
+                        top_before += c[k][t][1];
+                        low_before += c[k][t][3];
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    fn ties_stats(
-        &self,
-        chunks: &[Chunk],
-        d: usize,
-        p: &crate::methods::TiesParams,
-    ) -> Result<TiesStats> {
+    /// mergekit's rescale: per set, tensor and task, Σ|τ| / Σ|sparsified τ| (1 where either is
+    /// below 1e-7, as mergekit), summed in f64 per chunk and then in chunk order.
+    fn l1_stats(&self, merge: &[Chunk], stats: &mut [Stats]) -> Result<()> {
         let tasks = self.tasks();
-        let Some(rank) = ties::threshold_rank(d, p) else {
-            let thr = vec![0.0; tasks];
-            let count = self.sign_count(chunks, &thr)?;
-            return Ok(TiesStats::new(thr, count));
-        };
-        let requests: Vec<Request> = (0..tasks).map(|row| Request { row, rank }).collect();
-        let rows = &|w: &mut Work, n: usize, emit: &mut dyn FnMut(usize, &[f32])| {
-            let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
-            for (t, d) in deltas.iter().enumerate() {
-                crate::simd!(abs_into(&d[..n], &mut w.scratch[..n]));
-                emit(t, &w.scratch[..n]);
+        type Sums = Vec<(usize, usize, usize, Vec<(f64, f64)>)>;
+        let stats_ro: &[Stats] = stats;
+        let mut sums: Sums = self.pass(
+            merge,
+            Vec::new,
+            |w, c, acc: &mut Sums| {
+                for (j, s) in self.recipe.sets.iter().enumerate() {
+                    let Method::Mergekit(g) = &s.method else {
+                        continue;
+                    };
+                    let src = self.set_deltas(w, j, c);
+                    let n = c.len;
+                    let Work {
+                        raw,
+                        plain,
+                        scratch,
+                        keys,
+                        ..
+                    } = w;
+                    let from: &[Vec<f32>] = if src == Src::Plain { plain } else { raw };
+                    let per_task = (0..tasks)
+                        .map(|t| {
+                            let x = &from[t][..n];
+                            let o = &mut scratch[..n];
+                            self.mergekit_sparsify(g, t, x, o, keys, c, &stats_ro[j]);
+                            let before = x.iter().map(|v| v.abs() as f64).sum::<f64>();
+                            let after = o.iter().map(|v| v.abs() as f64).sum::<f64>();
+                            (before, after)
+                        })
+                        .collect();
+                    acc.push((j, c.tensor, c.start, per_task));
+                }
+                Ok(())
+            },
+            |mut a, b| {
+                a.extend(b);
+                a
+            },
+        )?;
+        sums.sort_unstable_by_key(|(j, tensor, start, _)| (*j, *tensor, *start));
+        for group in sums.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (j, tensor) = (group[0].0, group[0].1);
+            let factors = (0..tasks)
+                .map(|t| {
+                    let before: f64 = group.iter().map(|g| g.3[t].0).sum();
+                    let after: f64 = group.iter().map(|g| g.3[t].1).sum();
+                    if before < 1e-7 || after < 1e-7 {
+                        1.0
+                    } else {
+                        (before / after) as f32
+                    }
+                })
+                .collect();
+            stats[j].l1.insert(tensor, factors);
+        }
+        Ok(())
+    }
+
+    /// TIES's thresholds and majority signs of every set over one scope, in shared passes.
+    fn ties_stats(&self, chunks: &[Chunk], d: usize, sets: &[usize]) -> Result<Vec<TiesStats>> {
+        let tasks = self.tasks();
+        let (of, reps) = self.variants(sets);
+        let mut requests = Vec::new();
+        let mut slot: Vec<Vec<Option<usize>>> = vec![vec![None; tasks]; sets.len()];
+        for (k, &j) in sets.iter().enumerate() {
+            let p = self.recipe.sets[j].method.ties().expect("a TIES set");
+            for (t, s) in slot[k].iter_mut().enumerate() {
+                if let Some(rank) = ties::threshold_rank(d, p.density.get(t)) {
+                    *s = Some(requests.len());
+                    requests.push(Request {
+                        row: of[k] * tasks + t,
+                        rank,
+                    });
+                }
             }
+        }
+        let thresholds = |v: &[f32]| -> Vec<Vec<f32>> {
+            slot.iter()
+                .map(|s| s.iter().map(|o| o.map_or(0.0, |i| v[i])).collect())
+                .collect()
         };
-        let windows = match self.guess(chunks, tasks, requests.clone(), rows)? {
-            Some(Guess::Exact(thr)) => {
-                let count = self.sign_count(chunks, &thr)?;
-                return Ok(TiesStats::new(thr, count));
+        let finish = |thr: Vec<Vec<f32>>, counts: Vec<i64>| -> Vec<TiesStats> {
+            thr.into_iter()
+                .zip(counts)
+                .map(|(t, c)| TiesStats::new(t, c))
+                .collect()
+        };
+        let n_rows = reps.len() * tasks;
+        let rows = &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
+            self.emit_abs(w, c, &reps, emit)
+        };
+        if requests.is_empty() {
+            let thr = thresholds(&[]);
+            let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
+            return Ok(finish(thr, counts));
+        }
+        let windows = match self.guess(chunks, n_rows, requests.clone(), rows)? {
+            Some(Guess::Exact(v)) => {
+                let thr = thresholds(&v);
+                let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
+                return Ok(finish(thr, counts));
             }
             Some(Guess::Window(windows)) => windows,
             None => {
-                let thr = self.radix_select(chunks, tasks, requests, rows)?;
-                let count = self.sign_count(chunks, &thr)?;
-                return Ok(TiesStats::new(thr, count));
+                let thr = thresholds(&self.radix_select(chunks, n_rows, requests, rows)?);
+                let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
+                return Ok(finish(thr, counts));
             }
         };
-        // One pass finds the thresholds and tallies the majority sign together.
-        let (acc, tally) = self.pass(
+        // Per set, the window bounds of each task (one key wide at 0 where nothing is trimmed).
+        let zero = key(0.0);
+        let bounds: Vec<Vec<(u32, u32)>> = slot
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|o| o.map_or((zero, zero), |i| windows.bounds[i]))
+                    .collect()
+            })
+            .collect();
+        // One pass finds the thresholds and tallies the majority signs together.
+        let (acc, tallies) = self.pass(
             chunks,
-            || (windows.acc(), SignTally::new(windows.cap * tasks)),
+            || {
+                let tallies = (0..sets.len())
+                    .map(|_| SignTally::new(windows.cap * tasks))
+                    .collect::<Vec<_>>();
+                (windows.acc(), tallies)
+            },
             #[inline(always)]
-            |w, c, (acc, tally)| {
-                rows(w, c.len, &mut |row, v| {
-                    crate::simd!(acc.count(&windows, row, v))
-                });
-                let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
-                let (sum, undecided) = (&mut w.scratch, &mut w.m);
-                crate::simd!(tally.observe(deltas, &windows.bounds, c.len, sum, undecided));
+            |w, c, (acc, tallies)| {
+                let n = c.len;
+                for (v, &j) in reps.iter().enumerate() {
+                    let src = self.set_deltas(w, j, c);
+                    let Work {
+                        raw,
+                        plain,
+                        eff,
+                        scratch,
+                        m,
+                        ..
+                    } = w;
+                    let d: &[Vec<f32>] = match src {
+                        Src::Raw => raw,
+                        Src::Plain => plain,
+                        Src::Eff => eff,
+                    };
+                    for (t, x) in d.iter().enumerate() {
+                        crate::simd!(abs_into(&x[..n], &mut scratch[..n]));
+                        crate::simd!(acc.count(&windows, v * tasks + t, &scratch[..n]));
+                    }
+                    for (k, tally) in tallies.iter_mut().enumerate() {
+                        if of[k] == v {
+                            let (sum, undecided) = (&mut *scratch, &mut *m);
+                            crate::simd!(tally.observe(d, &bounds[k], n, sum, undecided));
+                        }
+                    }
+                }
                 Ok(())
             },
-            |(a, x), (b, y)| (a.merge(b), x.merge(y)),
+            |(a, x), (b, y)| {
+                let t = x.into_iter().zip(y).map(|(p, q)| p.merge(q)).collect();
+                (a.merge(b), t)
+            },
         )?;
         self.debug_windows(&windows, &acc);
         let thr = match acc.finish(&windows) {
-            Some(thr) => thr,
-            None => self.radix_select(chunks, tasks, requests, rows)?,
+            Some(v) => thresholds(&v),
+            None => thresholds(&self.radix_select(chunks, n_rows, requests, rows)?),
         };
-        let count = match tally.resolve(&thr) {
-            Some(count) => count,
-            None => self.sign_count(chunks, &thr)?,
+        let resolved: Option<Vec<i64>> = tallies
+            .iter()
+            .zip(&thr)
+            .map(|(t, thr)| t.resolve(thr))
+            .collect();
+        let counts = match resolved {
+            Some(c) => c,
+            None => self.sign_counts(chunks, &of, &reps, &thr)?,
         };
-        Ok(TiesStats::new(thr, count))
+        Ok(finish(thr, counts))
     }
 
-    /// Σ over the scope of sign(Σ_t trimmed_t): a pass of its own.
-    fn sign_count(&self, chunks: &[Chunk], thr: &[f32]) -> Result<i64> {
+    /// Σ over the scope of sign(Σ_t trimmed_t), for every set: a pass of its own.
+    fn sign_counts(
+        &self,
+        chunks: &[Chunk],
+        of: &[usize],
+        reps: &[usize],
+        thr: &[Vec<f32>],
+    ) -> Result<Vec<i64>> {
         self.pass(
             chunks,
-            || 0i64,
+            || vec![0i64; thr.len()],
             #[inline(always)]
             |w, c, acc| {
-                let deltas = if w.dared.is_empty() { &w.raw } else { &w.dared };
-                *acc += ties::sign_count(deltas, thr, c.len, &mut w.scratch);
+                for (v, &j) in reps.iter().enumerate() {
+                    let src = self.set_deltas(w, j, c);
+                    let Work {
+                        raw,
+                        plain,
+                        eff,
+                        scratch,
+                        ..
+                    } = w;
+                    let d: &[Vec<f32>] = match src {
+                        Src::Raw => raw,
+                        Src::Plain => plain,
+                        Src::Eff => eff,
+                    };
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        if of[k] == v {
+                            *a += ties::sign_count(d, &thr[k], c.len, scratch);
+                        }
+                    }
+                }
                 Ok(())
             },
-            |a, b| a + b,
+            |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
         )
     }
 
-    fn pcb_stats(&self, chunks: &[Chunk], ratio: f64) -> Result<Option<(Vec<Clamp>, Vec<Clamp>)>> {
+    /// PCB's clamps of |X| per distinct weighting and of B per set, in two shared selects.
+    #[allow(clippy::type_complexity)]
+    fn pcb_stats(
+        &self,
+        chunks: &[Chunk],
+        sets: &[usize],
+    ) -> Result<Vec<Option<(Vec<Clamp>, Vec<Clamp>)>>> {
         let d: usize = chunks.iter().map(|c| c.len).sum();
         let tasks = self.tasks();
         if d == 0 || tasks == 0 {
-            return Ok(None);
+            return Ok(vec![None; sets.len()]);
         }
-        let pairs = |(a, b): (u64, u64)| -> Vec<Request> {
+        let (of, reps) = self.variants(sets);
+        let pairs = |v: usize, (a, b): (u64, u64)| -> Vec<Request> {
             (0..tasks)
-                .flat_map(|row| [Request { row, rank: a }, Request { row, rank: b }])
+                .flat_map(|t| {
+                    let row = v * tasks + t;
+                    [Request { row, rank: a }, Request { row, rank: b }]
+                })
                 .collect()
         };
-        let to_clamps = |v: Vec<f32>| -> Vec<Clamp> {
-            v.chunks(2).map(|p| Clamp { a: p[0], b: p[1] }).collect()
-        };
+        let to_clamps =
+            |v: &[f32]| -> Vec<Clamp> { v.chunks(2).map(|p| Clamp { a: p[0], b: p[1] }).collect() };
         let (lo, hi) = pcb::ABS_CLAMP;
-        let abs = to_clamps(self.select(
+        let abs_ranks = pcb::clamp_ranks(d, lo, hi);
+        let requests: Vec<Request> = (0..reps.len()).flat_map(|v| pairs(v, abs_ranks)).collect();
+        let v = self.select(
             chunks,
-            tasks,
-            pairs(pcb::clamp_ranks(d, lo, hi)),
-            &|w: &mut Work, n, emit| {
-                for (t, x) in w.raw.iter().enumerate() {
-                    crate::simd!(abs_into(&x[..n], &mut w.scratch[..n]));
-                    emit(t, &w.scratch[..n]);
+            reps.len() * tasks,
+            requests,
+            &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
+                self.emit_abs(w, c, &reps, emit)
+            },
+        )?;
+        let abs: Vec<Vec<Clamp>> = v.chunks(2 * tasks).map(to_clamps).collect();
+        let requests: Vec<Request> = sets
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &j)| {
+                let Method::Pcb { ratio } = self.recipe.sets[j].method else {
+                    unreachable!("a PCB set")
+                };
+                let ranks = (int_frac(d, 1.0 - ratio).min(d - 1) as u64, d as u64 - 1);
+                pairs(of[k], ranks)
+            })
+            .collect();
+        let v = self.select(
+            chunks,
+            reps.len() * tasks,
+            requests,
+            &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
+                let n = c.len;
+                for (v, &j) in reps.iter().enumerate() {
+                    let src = self.set_deltas(w, j, c);
+                    let Work {
+                        raw,
+                        plain,
+                        eff,
+                        scores,
+                        signed,
+                        ..
+                    } = w;
+                    let d: &[Vec<f32>] = match src {
+                        Src::Raw => raw,
+                        Src::Plain => plain,
+                        Src::Eff => eff,
+                    };
+                    scores.resize_with(tasks, Vec::new);
+                    for s in scores.iter_mut() {
+                        grow(s, n);
+                    }
+                    crate::simd!(pcb::scores(d, n, &abs[v], scores, signed));
+                    for (t, s) in scores.iter().enumerate() {
+                        emit(v * tasks + t, &s[..n]);
+                    }
                 }
             },
-        )?);
-        let score_ranks = (int_frac(d, 1.0 - ratio).min(d - 1) as u64, d as u64 - 1);
-        let score = to_clamps(self.select(
-            chunks,
-            tasks,
-            pairs(score_ranks),
-            &|w: &mut Work, n, emit| {
-                w.scores.resize_with(tasks, Vec::new);
-                for s in &mut w.scores {
-                    grow(s, n);
-                }
-                crate::simd!(pcb::scores(&w.raw, n, &abs, &mut w.scores, &mut w.signed));
-                for (t, s) in w.scores.iter().enumerate() {
-                    emit(t, &s[..n]);
-                }
-            },
-        )?);
-        Ok(Some((abs, score)))
+        )?;
+        Ok(v.chunks(2 * tasks)
+            .enumerate()
+            .map(|(k, score)| Some((abs[of[k]].clone(), to_clamps(score))))
+            .collect())
     }
 
     /// Exact order statistics of per-task rows produced by `rows`: one windowed pass guided by
@@ -371,7 +659,7 @@ impl Engine<'_> {
             &picks,
             || vec![Vec::new(); n_rows],
             |w, c, acc: &mut Vec<Vec<u32>>| {
-                rows(w, c.len, &mut |row, v| {
+                rows(w, c, &mut |row, v| {
                     acc[row].extend(v.iter().map(|&x| key(x)))
                 });
                 Ok(())
@@ -439,7 +727,7 @@ impl Engine<'_> {
             init,
             #[inline(always)]
             |w, c, a| {
-                rows(w, c.len, &mut |row, v| crate::simd!(count(a, row, v)));
+                rows(w, c, &mut |row, v| crate::simd!(count(a, row, v)));
                 Ok(())
             },
             merge,
@@ -447,8 +735,11 @@ impl Engine<'_> {
     }
 }
 
+/// A long row's magnitudes at its two cut ranks (the lower one absent when it keeps the rest).
+type Cuts = (f32, Option<f32>);
+
 /// Produces a chunk's rows (one per task, or per requested statistic's task) for a select.
-type Rows<'r> = &'r (dyn Fn(&mut Work, usize, &mut dyn FnMut(usize, &[f32])) + Sync);
+type Rows<'r> = &'r (dyn Fn(&mut Work, &Chunk, &mut dyn FnMut(usize, &[f32])) + Sync);
 
 #[inline(always)]
 fn abs_into(src: &[f32], dst: &mut [f32]) {

@@ -104,6 +104,9 @@ fn job(method: &str, mode: Mode, threads: usize, chunk: usize) -> Job {
         chunk_size: Some(chunk),
         out_dtype: None,
         weights: None,
+        space: None,
+        pool_fn: None,
+        compat: None,
     }
 }
 

@@ -2,10 +2,11 @@
 //! takes the recipe and run options as one `job` mapping, parsed here and only here.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
-use weightweave_core::{Job, Mode, Param};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use weightweave_core::{CustomPool, Error, Job, Mode, Param, Params, Space};
 
 use crate::errors::ParamError;
 
@@ -17,12 +18,101 @@ fn param(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Param> {
         Ok(Param::Num(v.extract()?))
     } else if v.is_instance_of::<PyString>() {
         Ok(Param::Str(v.extract()?))
+    } else if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
+        let items: Vec<Bound<'_, PyAny>> = v.extract()?;
+        let mut out = Vec::with_capacity(items.len());
+        for x in items {
+            if x.is_instance_of::<PyBool>()
+                || !(x.is_instance_of::<PyInt>() || x.is_instance_of::<PyFloat>())
+            {
+                return Err(ParamError::new_err(format!(
+                    "parameter '{key}': a list must hold numbers, got {}",
+                    x.get_type().name()?
+                )));
+            }
+            out.push(x.extract()?);
+        }
+        Ok(Param::List(out))
     } else {
         Err(ParamError::new_err(format!(
-            "parameter '{key}': expected a number, bool or string, got {}",
+            "parameter '{key}': expected a number, bool, string or list of numbers, got {}",
             v.get_type().name()?
         )))
     }
+}
+
+fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
+    let mut out = BTreeMap::new();
+    for (k, v) in d.iter() {
+        let k: String = k.extract()?;
+        let v = param(&k, &v)?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// `search`: a dict of value lists (a grid, in the dict's order) or a list of point dicts.
+fn space(v: &Bound<'_, PyAny>) -> PyResult<Space> {
+    if let Ok(d) = v.cast::<PyDict>() {
+        let mut axes = Vec::new();
+        for (k, vals) in d.iter() {
+            let k: String = k.extract()?;
+            let items: Vec<Bound<'_, PyAny>> = vals.extract().map_err(|_| {
+                ParamError::new_err(format!("search: '{k}' must be a list of values"))
+            })?;
+            let vals = items
+                .iter()
+                .map(|x| param(&k, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            axes.push((k, vals));
+        }
+        return Ok(Space::Grid(axes));
+    }
+    let items: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
+        ParamError::new_err("search must be a dict of value lists (a grid) or a list of points")
+    })?;
+    let mut points = Vec::with_capacity(items.len());
+    for (i, p) in items.iter().enumerate() {
+        let d = p
+            .cast::<PyDict>()
+            .map_err(|_| ParamError::new_err(format!("search: point {i} is not a dict")))?;
+        points.push(params(d)?);
+    }
+    Ok(Space::Points(points))
+}
+
+/// A Python callable as a pool: called with the GIL, a float32 array of shape (rows, cols).
+fn pool_fn(f: Py<PyAny>) -> CustomPool {
+    CustomPool(Arc::new(move |a, rows, cols, tensor, out| {
+        Python::attach(|py| -> PyResult<()> {
+            let np = py.import("numpy")?;
+            let bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let arr = np
+                .call_method1("frombuffer", (PyBytes::new(py, &bytes), "float32"))?
+                .call_method1("reshape", ((rows, cols),))?;
+            let r = f.call1(py, (arr,))?;
+            let r = np.call_method1("asarray", (r, "float32"))?;
+            let shape: Vec<usize> = r.getattr("shape")?.extract()?;
+            if shape != [cols] {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "returned shape {shape:?}, expected ({cols},)"
+                )));
+            }
+            let b: Vec<u8> = r
+                .call_method0("tobytes")?
+                .cast::<PyBytes>()?
+                .as_bytes()
+                .to_vec();
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+            Ok(())
+        })
+        .map_err(|e| Error::PoolFunction {
+            tensor: tensor.to_owned(),
+            reason: e.to_string(),
+        })
+    }))
 }
 
 /// The value of `key`, or `default` when the key is absent or None.
@@ -40,27 +130,36 @@ where
     }
 }
 
-/// Parses the `job` mapping: method, params, mode ("merge" | "weave"), lam, lambdas, pool,
-/// include_deltas, seed, threads, chunk_size, out_dtype.
+/// Parses the `job` mapping: method, params, mode ("merge" | "weave"), lam, lambdas, search,
+/// pool (a name or a function), include_deltas, seed, threads, chunk_size, out_dtype, weights,
+/// compat.
 pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
     let method: String = item(d, "method", String::new())?;
-    let mut params = BTreeMap::new();
-    if let Some(p) = d.get_item("params")? {
-        if !p.is_none() {
-            for (k, v) in p.cast::<PyDict>()?.iter() {
-                let k: String = k.extract()?;
-                let v = param(&k, &v)?;
-                params.insert(k, v);
-            }
+    let params = match d.get_item("params")? {
+        Some(p) if !p.is_none() => params(p.cast::<PyDict>()?)?,
+        _ => BTreeMap::new(),
+    };
+    let (mut pool, mut pool_fn_) = ("mean".to_owned(), None);
+    if let Some(p) = d.get_item("pool")? {
+        if p.is_callable() {
+            pool_fn_ = Some(pool_fn(p.unbind()));
+        } else if !p.is_none() {
+            pool = p
+                .extract()
+                .map_err(|_| ParamError::new_err("pool must be a name or a function"))?;
         }
     }
+    let space = match d.get_item("search")? {
+        Some(v) if !v.is_none() => Some(space(&v)?),
+        _ => None,
+    };
     let mode = match item(d, "mode", "merge".to_owned())?.as_str() {
         "merge" => Mode::Merge {
             lam: item(d, "lam", None)?,
         },
         "weave" => Mode::Weave {
             lambdas: item(d, "lambdas", None)?,
-            pool: item(d, "pool", "mean".to_owned())?,
+            pool,
             include_deltas: item(d, "include_deltas", true)?,
         },
         other => {
@@ -78,5 +177,8 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         chunk_size: item(d, "chunk_size", None)?,
         out_dtype: item(d, "out_dtype", None)?,
         weights: item(d, "weights", None)?,
+        space,
+        pool_fn: pool_fn_,
+        compat: item(d, "compat", None)?,
     })
 }

@@ -147,7 +147,7 @@ impl From<PyWeaveErr> for PyErr {
             | Error::Locked { .. } => OutputError::new_err(msg),
             Error::Io { .. } | Error::InputChanged { .. } => WeaveIOError::new_err(msg),
             Error::Cancelled => CancelledError::new_err(msg),
-            Error::Internal { .. } => WeaveError::new_err(msg),
+            Error::Internal { .. } | Error::PoolFunction { .. } => WeaveError::new_err(msg),
         }
     }
 }

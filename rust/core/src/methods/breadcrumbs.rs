@@ -92,12 +92,19 @@ fn rank_key(x: f32, pos: usize) -> u64 {
     (((!x.abs().to_bits()) as u64) << 32) | pos as u64
 }
 
-/// Adds crumbs(row) into `acc`. `keys` is scratch.
-pub fn add_row(row: &[f32], density: f64, gamma: f64, keys: &mut Vec<u64>, acc: &mut [f32]) {
+/// Adds crumbs(row) into `acc`, keeping the descending ranks `ranks` = [g, g + k) (`None`:
+/// nothing). `keys` is scratch.
+pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc: &mut [f32]) {
     let n = row.len();
-    let Some((drop_top, keep)) = kept_ranks(n, density, gamma) else {
+    let Some((drop_top, keep)) = ranks else {
         return;
     };
+    if drop_top == 0 && keep as usize >= n {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += x;
+        }
+        return;
+    }
     let (drop_top, keep) = (drop_top as usize, keep as usize);
     keys.clear();
     keys.extend(row.iter().enumerate().map(|(i, &x)| rank_key(x, i)));
@@ -117,28 +124,44 @@ pub fn add_row(row: &[f32], density: f64, gamma: f64, keys: &mut Vec<u64>, acc: 
     }
 }
 
-/// M of one chunk: `row_len` divides the chunk (the pipeline aligns chunks to rows).
-/// A 0-d tensor (`scalar`) is left as it is: crumbs(τ) = τ.
+/// M of one chunk: `row_len` divides the chunk (the pipeline aligns chunks to rows); task t
+/// keeps the ranks `ranks(row_len, t)`. A 0-d tensor (`scalar`) is left as it is.
 pub fn merge(
     deltas: &[Vec<f32>],
     n: usize,
-    row_len: usize,
-    scalar: bool,
-    (density, gamma): (f64, f64),
+    (row_len, scalar): (usize, bool),
+    ranks: &dyn Fn(usize, usize) -> Option<(u64, u64)>,
     keys: &mut Vec<u64>,
     m: &mut [f32],
 ) {
     m[..n].fill(0.0);
-    for d in deltas {
-        if scalar {
-            for (a, &x) in m[..n].iter_mut().zip(&d[..n]) {
-                *a += x;
-            }
-            continue;
+    for (t, d) in deltas.iter().enumerate() {
+        add_task(
+            &d[..n],
+            (row_len, scalar),
+            ranks(row_len, t),
+            keys,
+            &mut m[..n],
+        );
+    }
+}
+
+/// Adds crumbs of one task's chunk (whole rows) into `acc`.
+pub fn add_task(
+    d: &[f32],
+    (row_len, scalar): (usize, bool),
+    ranks: Option<(u64, u64)>,
+    keys: &mut Vec<u64>,
+    acc: &mut [f32],
+) {
+    if scalar {
+        for (a, &x) in acc.iter_mut().zip(d) {
+            *a += x;
         }
-        for (row, acc) in d[..n].chunks(row_len).zip(m[..n].chunks_mut(row_len)) {
-            add_row(row, density, gamma, keys, acc);
-        }
+        return;
+    }
+    for (row, acc) in d.chunks(row_len).zip(acc.chunks_mut(row_len)) {
+        add_row(row, ranks, keys, acc);
     }
 }
 
@@ -151,7 +174,7 @@ mod tests {
         // n = 10, γ = 0.1 → drop 1; β = 0.3 → keep 3.
         let row = [1.0, -9.0, 3.0, 0.5, -4.0, 2.0, 0.0, 5.0, -0.1, 0.2];
         let mut acc = [0.0; 10];
-        add_row(&row, 0.3, 0.1, &mut Vec::new(), &mut acc);
+        add_row(&row, kept_ranks(10, 0.3, 0.1), &mut Vec::new(), &mut acc);
         assert_eq!(acc, [0.0, 0.0, 3.0, 0.0, -4.0, 0.0, 0.0, 5.0, 0.0, 0.0]);
     }
 
@@ -159,7 +182,7 @@ mod tests {
     fn ties_go_to_earlier_positions() {
         let row = [1.0, 1.0, 1.0, 1.0];
         let mut acc = [0.0; 4];
-        add_row(&row, 0.5, 0.25, &mut Vec::new(), &mut acc);
+        add_row(&row, kept_ranks(4, 0.5, 0.25), &mut Vec::new(), &mut acc);
         assert_eq!(acc, [0.0, 1.0, 1.0, 0.0]);
     }
 }

@@ -2,7 +2,6 @@
 //! MagMax, and DARE's random drop-and-rescale. Loops run task-outer so each inner loop is a
 //! straight pass over a chunk that the compiler vectorizes.
 
-use super::DareParams;
 use crate::rng::Stream;
 
 /// M = Σ_t τ_t, summed in task order.
@@ -38,18 +37,18 @@ pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
     }
 }
 
-/// dare(τ) = τ ⊙ mask / density (or τ ⊙ mask without rescale); `first` is the element index of
-/// `raw[0]` within its tensor, so the mask does not depend on chunking.
+/// dare(τ) = τ ⊙ mask / density (or τ ⊙ mask without rescale), in place; `first` is the element
+/// index of `x[0]` within its tensor, so the mask does not depend on chunking.
 #[inline(always)]
-pub fn dare(raw: &[f32], out: &mut [f32], stream: &Stream, first: u64, p: DareParams) {
-    let density = p.density as f32;
-    for (i, (o, &x)) in out.iter_mut().zip(raw).enumerate() {
+pub fn dare(x: &mut [f32], stream: &Stream, first: u64, density: f64, rescale: bool) {
+    let density = density as f32;
+    for (i, o) in x.iter_mut().enumerate() {
         let kept = if stream.keep(first + i as u64, density) {
-            x
+            *o
         } else {
-            0.0 * x
+            0.0 * *o
         };
-        *o = if p.rescale { kept / density } else { kept };
+        *o = if rescale { kept / density } else { kept };
     }
 }
 
@@ -69,19 +68,9 @@ mod tests {
 
     #[test]
     fn dare_keeps_or_rescales() {
-        let raw = vec![1.0f32; 1000];
-        let mut out = vec![0.0; 1000];
+        let mut out = vec![1.0f32; 1000];
         let s = Stream::new(3, 0, "t");
-        dare(
-            &raw,
-            &mut out,
-            &s,
-            0,
-            DareParams {
-                density: 0.25,
-                rescale: true,
-            },
-        );
+        dare(&mut out, &s, 0, 0.25, true);
         assert!(out.iter().all(|&v| v == 0.0 || v == 4.0));
         let kept = out.iter().filter(|&&v| v != 0.0).count();
         assert!((150..350).contains(&kept), "{kept}");

@@ -5,6 +5,7 @@
 pub mod breadcrumbs;
 pub mod elementwise;
 pub mod fastmath;
+pub mod mergekit;
 pub mod pcb;
 pub mod ties;
 
@@ -12,15 +13,63 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 
+pub use mergekit::{Gta, Sparsify};
+
 /// A parameter value as it arrives from Python or the CLI.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Param {
     Num(f64),
     Bool(bool),
     Str(String),
+    /// One number per fine-tuned model (SPEC: per-model density or gamma).
+    List(Vec<f64>),
+}
+
+/// A parameter given for all tasks at once or one value per task.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PerTask {
+    All(f64),
+    Each(Vec<f64>),
+}
+
+impl PerTask {
+    #[inline]
+    pub fn get(&self, task: usize) -> f64 {
+        match self {
+            PerTask::All(v) => *v,
+            PerTask::Each(v) => v[task],
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            PerTask::All(v) => serde_json::json!(v),
+            PerTask::Each(v) => serde_json::json!(v),
+        }
+    }
+
+    fn check_len(&self, name: &str, tasks: usize) -> Result<()> {
+        match self {
+            PerTask::Each(v) if v.len() != tasks => Err(Error::param(
+                name,
+                format!("{} values for {tasks} fine-tuned models", v.len()),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub type Params = BTreeMap<String, Param>;
+
+/// The unit within which a method ranks magnitudes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    None,
+    /// Rows along the last dimension (a 0-d tensor is left as it is).
+    Last,
+    /// The whole tensor is one row.
+    Tensor,
+}
 
 /// Where TIES computes its threshold and majority sign.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,22 +80,22 @@ pub enum Scope {
     Tensor,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DareParams {
-    /// Keep probability (1 − drop rate).
-    pub density: f64,
+    /// Keep probability (1 − drop rate), per task.
+    pub density: PerTask,
     pub rescale: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TiesParams {
-    /// Fraction of entries kept by the trim step.
-    pub density: f64,
+    /// Fraction of entries kept by the trim step, per task.
+    pub density: PerTask,
     pub scope: Scope,
 }
 
 /// A merge method with validated parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Method {
     TaskArithmetic,
     /// The weighted average of the fine-tunes (a model soup): M = Σ w_t τ_t / Σ w_t, or the
@@ -59,8 +108,8 @@ pub enum Method {
     DareTies(DareParams, TiesParams),
     Ties(TiesParams),
     Breadcrumbs {
-        density: f64,
-        gamma: f64,
+        density: PerTask,
+        gamma: PerTask,
     },
     Pcb {
         ratio: f64,
@@ -69,6 +118,12 @@ pub enum Method {
     Tsv,
     /// Isotropic merging: M of 2-D tensors comes from the torch backend; mean elsewhere.
     IsoC,
+    /// One of mergekit's task-arithmetic family, with mergekit's own semantics (`compat`).
+    Mergekit(Gta),
+    /// mergekit's `linear`: Σ_t w_t θ_t (÷ Σ_t w_t), from the models' values, not their deltas.
+    MergekitLinear {
+        normalize: bool,
+    },
 }
 
 pub const METHOD_NAMES: &str =
@@ -109,6 +164,34 @@ impl<'a> Reader<'a> {
             ));
         }
         Ok(v)
+    }
+
+    /// A number for all tasks or a list of one per task, each in the range.
+    fn frac(
+        &mut self,
+        name: &'static str,
+        default: f64,
+        lo: f64,
+        hi: f64,
+        lo_open: bool,
+    ) -> Result<PerTask> {
+        if let Some(Param::List(values)) = self.params.get(name) {
+            self.used.push(name);
+            if values.is_empty() {
+                return Err(Error::param(name, "an empty list"));
+            }
+            for (t, &v) in values.iter().enumerate() {
+                let one = Params::from([(name.to_owned(), Param::Num(v))]);
+                let mut r = Reader {
+                    params: &one,
+                    used: Vec::new(),
+                };
+                r.num(name, default, lo, hi, lo_open)
+                    .map_err(|e| Error::param(name, format!("model {t}: {}", e.detail())))?;
+            }
+            return Ok(PerTask::Each(values.clone()));
+        }
+        Ok(PerTask::All(self.num(name, default, lo, hi, lo_open)?))
     }
 
     fn flag(&mut self, name: &'static str, default: bool) -> Result<bool> {
@@ -173,22 +256,29 @@ impl Method {
             "dare" => Method::Dare(dare(&mut r)?),
             "dare_ties" => {
                 let d = dare(&mut r)?;
-                let density = r.num("ties_density", 0.2, 0.0, 1.0, true)?;
+                let density = r.frac("ties_density", 0.2, 0.0, 1.0, true)?;
                 let scope = r.scope()?;
                 Method::DareTies(d, TiesParams { density, scope })
             }
             "ties" => Method::Ties(TiesParams {
-                density: r.num("density", 0.2, 0.0, 1.0, true)?,
+                density: r.frac("density", 0.2, 0.0, 1.0, true)?,
                 scope: r.scope()?,
             }),
             "breadcrumbs" => {
-                let density = r.num("density", 0.15, 0.0, 1.0, false)?;
-                let gamma = r.num("gamma", 0.006, 0.0, 1.0, false)?;
-                if density + gamma > 1.0 {
-                    return Err(Error::param(
-                        "density",
-                        format!("density + gamma = {} exceeds 1", density + gamma),
-                    ));
+                let density = r.frac("density", 0.15, 0.0, 1.0, false)?;
+                let gamma = r.frac("gamma", 0.006, 0.0, 1.0, false)?;
+                let tasks = match (&density, &gamma) {
+                    (PerTask::Each(v), _) | (_, PerTask::Each(v)) => v.len(),
+                    _ => 1,
+                };
+                for t in 0..tasks {
+                    let (d, g) = (density.get(t), gamma.get(t));
+                    if d + g > 1.0 {
+                        return Err(Error::param(
+                            "density",
+                            format!("density + gamma = {} exceeds 1", d + g),
+                        ));
+                    }
                 }
                 Method::Breadcrumbs { density, gamma }
             }
@@ -220,13 +310,91 @@ impl Method {
             Method::Pcb { .. } => "pcb",
             Method::Tsv => "tsv",
             Method::IsoC => "iso_c",
+            Method::Mergekit(g) => g.name,
+            Method::MergekitLinear { .. } => "linear",
+        }
+    }
+
+    /// Builds one of mergekit's methods with mergekit's semantics and defaults.
+    pub fn parse_mergekit(name: &str, params: &Params) -> Result<Method> {
+        let mut r = Reader {
+            params,
+            used: Vec::new(),
+        };
+        let m = if name == "linear" {
+            Method::MergekitLinear {
+                normalize: r.flag("normalize", true)?,
+            }
+        } else {
+            let Some(mut g) = Gta::named(name) else {
+                return Err(Error::UnknownMethod {
+                    name: name.to_owned(),
+                    known: mergekit::NAMES,
+                });
+            };
+            g.normalize = r.flag("normalize", g.normalize)?;
+            g.rescale = r.flag("rescale", g.rescale)?;
+            // An int8 mask changes the mask's dtype, never its values.
+            r.flag("int8_mask", false)?;
+            if g.sparsify != Sparsify::None {
+                g.density = r.frac("density", 1.0, 0.0, 1.0, false)?;
+            }
+            if g.sparsify == Sparsify::Outliers {
+                g.gamma = r.frac("gamma", 0.01, 0.0, 1.0, false)?;
+            }
+            Method::Mergekit(g)
+        };
+        r.finish(name)?;
+        Ok(m)
+    }
+
+    /// Per-task lists must have one value per fine-tune.
+    pub fn check_tasks(&self, tasks: usize) -> Result<()> {
+        match self {
+            Method::Dare(d) => d.density.check_len("density", tasks),
+            Method::DareTies(d, t) => {
+                d.density.check_len("density", tasks)?;
+                t.density.check_len("ties_density", tasks)
+            }
+            Method::Ties(t) => t.density.check_len("density", tasks),
+            Method::Breadcrumbs { density, gamma } => {
+                density.check_len("density", tasks)?;
+                gamma.check_len("gamma", tasks)
+            }
+            Method::Mergekit(g) => {
+                g.density.check_len("density", tasks)?;
+                g.gamma.check_len("gamma", tasks)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// How the method ranks within a tensor: along its last dimension (Breadcrumbs), over the
+    /// whole tensor (mergekit's magnitude sparsification), or not at all.
+    pub fn rows(&self) -> Rows {
+        match self {
+            Method::Breadcrumbs { .. } => Rows::Last,
+            Method::Mergekit(g) if g.ranks() => Rows::Tensor,
+            _ => Rows::None,
+        }
+    }
+
+    /// The descending ranks [g, g + k) that task `t` keeps of a row of `n` elements, for the
+    /// methods that rank within rows; `None` keeps nothing.
+    pub fn kept_ranks(&self, n: usize, t: usize) -> Option<(u64, u64)> {
+        match self {
+            Method::Breadcrumbs { density, gamma } => {
+                breadcrumbs::kept_ranks(n, density.get(t), gamma.get(t))
+            }
+            Method::Mergekit(g) => g.kept_ranks(n, t),
+            _ => Some((0, n as u64)),
         }
     }
 
     /// The DARE step applied to every delta before the method proper, if any.
-    pub fn dare(&self) -> Option<DareParams> {
+    pub fn dare(&self) -> Option<&DareParams> {
         match self {
-            Method::Dare(d) | Method::DareTies(d, _) => Some(*d),
+            Method::Dare(d) | Method::DareTies(d, _) => Some(d),
             _ => None,
         }
     }
@@ -236,9 +404,9 @@ impl Method {
         matches!(self, Method::Tsv | Method::IsoC)
     }
 
-    pub fn ties(&self) -> Option<TiesParams> {
+    pub fn ties(&self) -> Option<&TiesParams> {
         match self {
-            Method::Ties(t) | Method::DareTies(_, t) => Some(*t),
+            Method::Ties(t) | Method::DareTies(_, t) => Some(t),
             _ => None,
         }
     }
@@ -255,13 +423,18 @@ impl Method {
         };
         match self {
             Method::TaskArithmetic | Method::MagMax | Method::Tsv | Method::IsoC => json!({}),
-            Method::Linear { normalize } => json!({"normalize": normalize}),
-            Method::Dare(d) => json!({"density": d.density, "rescale": d.rescale}),
-            Method::DareTies(d, t) => json!({"density": d.density, "rescale": d.rescale,
-                "ties_density": t.density, "scope": scope(t.scope)}),
-            Method::Ties(t) => json!({"density": t.density, "scope": scope(t.scope)}),
-            Method::Breadcrumbs { density, gamma } => json!({"density": density, "gamma": gamma}),
+            Method::Linear { normalize } | Method::MergekitLinear { normalize } => {
+                json!({"normalize": normalize})
+            }
+            Method::Dare(d) => json!({"density": d.density.json(), "rescale": d.rescale}),
+            Method::DareTies(d, t) => json!({"density": d.density.json(), "rescale": d.rescale,
+                "ties_density": t.density.json(), "scope": scope(t.scope)}),
+            Method::Ties(t) => json!({"density": t.density.json(), "scope": scope(t.scope)}),
+            Method::Breadcrumbs { density, gamma } => {
+                json!({"density": density.json(), "gamma": gamma.json()})
+            }
             Method::Pcb { ratio } => json!({"ratio": ratio}),
+            Method::Mergekit(g) => g.params_json(),
         }
     }
 
@@ -290,7 +463,7 @@ impl Method {
 
 fn dare(r: &mut Reader) -> Result<DareParams> {
     Ok(DareParams {
-        density: r.num("density", 0.5, 0.0, 1.0, true)?,
+        density: r.frac("density", 0.5, 0.0, 1.0, true)?,
         rescale: r.flag("rescale", true)?,
     })
 }
@@ -321,7 +494,7 @@ mod tests {
         assert_eq!(
             Method::parse("ties", &Params::new()).unwrap(),
             Method::Ties(TiesParams {
-                density: 0.2,
+                density: PerTask::All(0.2),
                 scope: Scope::Global
             })
         );

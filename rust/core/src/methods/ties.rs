@@ -2,7 +2,7 @@
 //! are statistics over the whole scope (the model, or one tensor), gathered by the pipeline:
 //! the threshold exactly, by radix select over |τ|.
 
-use super::{int_frac, TiesParams};
+use super::int_frac;
 use crate::select::key;
 
 /// Statistics of one scope.
@@ -26,8 +26,8 @@ impl TiesStats {
 
 /// The 0-based rank of the threshold in |τ| sorted ascending, or None when nothing is trimmed.
 /// SPEC: kk = d − int(k·d), thr = the kk-th smallest (1-based).
-pub fn threshold_rank(d: usize, p: &TiesParams) -> Option<u64> {
-    let kk = d - int_frac(d, p.density).min(d);
+pub fn threshold_rank(d: usize, density: f64) -> Option<u64> {
+    let kk = d - int_frac(d, density).min(d);
     (kk > 0).then(|| kk as u64 - 1)
 }
 
@@ -224,20 +224,11 @@ impl SignTally {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::Scope;
 
     #[test]
     fn ranks() {
-        let p = TiesParams {
-            density: 0.2,
-            scope: Scope::Global,
-        };
-        assert_eq!(threshold_rank(10, &p), Some(7)); // kk = 8
-        let all = TiesParams {
-            density: 1.0,
-            scope: Scope::Global,
-        };
-        assert_eq!(threshold_rank(10, &all), None);
+        assert_eq!(threshold_rank(10, 0.2), Some(7)); // kk = 8
+        assert_eq!(threshold_rank(10, 1.0), None);
     }
 
     #[test]

@@ -3,12 +3,18 @@
 
 use crate::rng::Stream;
 
+pub mod sets;
+
+use crate::recipe::{Combine, CustomPool};
+
 /// How the members of A* are pooled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Pool {
     Mean,
     Random,
     MagMax,
+    /// A function of one block of A* (the only pool that materializes A*, a block at a time).
+    Custom(CustomPool),
 }
 
 impl Pool {
@@ -21,70 +27,31 @@ impl Pool {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Pool::Mean => "mean",
             Pool::Random => "random",
             Pool::MagMax => "magmax",
+            Pool::Custom(_) => "function",
         }
     }
 }
 
-/// What is done with M.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Combine {
-    /// θ_pre + λ·M.
-    Merge { lam: f32 },
-    /// θ_pre + pool(A*).
-    Weave {
-        lambdas: Vec<f32>,
-        pool: Pool,
-        include_deltas: bool,
-    },
+/// Σ λ of the given points, summed in f64 once per run, not per chunk (Λ may hold a million).
+pub fn lam_sum(lams: impl Iterator<Item = f32>) -> f32 {
+    lams.map(|l| l as f64).sum::<f64>() as f32
 }
 
-impl Combine {
-    /// |A*| (1 for a plain merge).
-    pub fn members(&self, tasks: usize) -> usize {
-        match self {
-            Combine::Merge { .. } => 1,
-            Combine::Weave {
-                lambdas,
-                include_deltas,
-                ..
-            } => lambdas.len() + if *include_deltas { tasks } else { 0 },
-        }
-    }
-
-    pub fn is_random(&self) -> bool {
-        matches!(
-            self,
-            Combine::Weave {
-                pool: Pool::Random,
-                ..
-            }
-        )
-    }
-}
-
-impl Combine {
-    /// Σ_i λ_i (summed in f64 once per run, not per chunk: Λ may hold a million values).
-    pub fn lam_sum(&self) -> f32 {
-        match self {
-            Combine::Merge { lam } => *lam,
-            Combine::Weave { lambdas, .. } => lambdas.iter().map(|&l| l as f64).sum::<f64>() as f32,
-        }
-    }
-}
-
-/// out = base + P for one chunk. `raw` are the unmodified deltas (A*'s first members), `m` the
-/// merged task vector; `first` is the element index of the chunk's start within its tensor.
-/// `m_is_sum`: M equals Σ_t raw τ_t (task arithmetic), which the mean pool then reuses.
-/// `lam_sum` is [`Combine::lam_sum`]. Every pool is O(1) per element in |Λ|.
+/// out = base + P for one chunk of a recipe with one parameter set and a built-in pool. `raw`
+/// are the deltas (A*'s first members), `m` the merged task vector, `lambdas` the points' λ in
+/// order; `first` is the element index of the chunk's start within its tensor. `m_is_sum`: M
+/// equals Σ_t τ_t (task arithmetic), which the mean pool then reuses. `lam_sum` is Σ λ. Every
+/// pool is O(1) per element in |Λ| when Λ is increasing.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn apply(
     combine: &Combine,
+    lambdas: &[f32],
     raw: &[&[f32]],
     m: &[f32],
     m_is_sum: bool,
@@ -96,6 +63,7 @@ pub fn apply(
 ) {
     let n = base.len();
     let (m, out) = (&m[..n], &mut out[..n]);
+    debug_assert!(!matches!(combine, Combine::Weave { .. }) || !lambdas.is_empty());
     match combine {
         Combine::Merge { lam } => {
             for i in 0..n {
@@ -103,13 +71,14 @@ pub fn apply(
             }
         }
         Combine::Weave {
-            lambdas,
             pool,
             include_deltas,
+            ..
         } => {
             let deltas: &[&[f32]] = if *include_deltas { raw } else { &[] };
             match pool {
                 Pool::Mean => mean(deltas, lambdas.len(), lam_sum, m, m_is_sum, base, out),
+                Pool::Custom(_) => unreachable!("a function pool goes through sets::Weaver"),
                 Pool::Random => {
                     let members = (deltas.len() + lambdas.len()) as u64;
                     for i in 0..n {
@@ -121,9 +90,36 @@ pub fn apply(
                         out[i] = base[i] + p;
                     }
                 }
-                Pool::MagMax => magmax(deltas, lambdas, m, base, out),
+                Pool::MagMax if increasing(lambdas) => magmax(deltas, lambdas, m, base, out),
+                Pool::MagMax => {
+                    for i in 0..n {
+                        let mut best = f32::NAN;
+                        for d in deltas {
+                            best = later_if_not_smaller(best, d[i]);
+                        }
+                        for &l in lambdas {
+                            best = later_if_not_smaller(best, l * m[i]);
+                        }
+                        out[i] = base[i] + best;
+                    }
+                }
             }
         }
+    }
+}
+
+/// Whether the λ strictly increase (the closed-form magmax needs it).
+pub fn increasing(lambdas: &[f32]) -> bool {
+    lambdas.windows(2).all(|w| w[0] < w[1])
+}
+
+/// MagMax's step over members in A* order: the later member wins ties (NaN: none yet).
+#[inline(always)]
+pub(crate) fn later_if_not_smaller(best: f32, x: f32) -> f32 {
+    if best.is_nan() || x.abs() >= best.abs() {
+        x
+    } else {
+        best
     }
 }
 
@@ -161,11 +157,32 @@ fn magmax(deltas: &[&[f32]], lambdas: &[f32], m: &[f32], base: &[f32], out: &mut
     }
 }
 
+/// The winner of λ_k·m over an increasing Λ and its index k (the later one on ties).
+#[inline(always)]
+pub(crate) fn best_scaled(lambdas: &[f32], m: f32) -> (f32, usize) {
+    let last = lambdas.len() - 1;
+    let (a, b) = (lambdas[last] * m, lambdas[0] * m);
+    if a.abs() >= b.abs() {
+        return (a, last);
+    }
+    let second = lambdas.get(1).copied().unwrap_or(lambdas[last]);
+    if (second * m).abs() == b.abs() {
+        let k = last_tie_index(lambdas, m, b.abs());
+        return (lambdas[k] * m, k);
+    }
+    (b, 0)
+}
+
 /// The product λ_k·m of the last k with |λ_k·m| = `top` (= |λ_1·m|, the maximum): the
 /// magnitudes fall and then rise along Λ, and stay below `top` on the rising side, so the
 /// indices reaching `top` are a prefix, found by bisection.
 #[cold]
 fn last_tie(lambdas: &[f32], m: f32, top: f32) -> f32 {
+    lambdas[last_tie_index(lambdas, m, top)] * m
+}
+
+#[cold]
+fn last_tie_index(lambdas: &[f32], m: f32, top: f32) -> usize {
     let (mut lo, mut hi) = (0, lambdas.len());
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
@@ -175,7 +192,7 @@ fn last_tie(lambdas: &[f32], m: f32, top: f32) -> f32 {
             hi = mid;
         }
     }
-    lambdas[lo] * m
+    lo
 }
 
 /// P = (Σ_t τ_t + (Σ_i λ_i)·M) / N.
@@ -218,23 +235,28 @@ fn mean(
 mod tests {
     use super::*;
 
+    fn weave(pool: Pool) -> Combine {
+        Combine::Weave {
+            points: Vec::new(),
+            pool,
+            include_deltas: true,
+        }
+    }
+
     #[test]
     fn spec_hand_case_mean() {
         let raw = [[1.0, -2.0, 3.0, 0.0], [2.0, 2.0, -1.0, 0.0]];
         let m = [3.0, 0.0, 2.0, 0.0];
         let mut out = [0.0; 4];
-        let c = Combine::Weave {
-            lambdas: vec![0.5, 1.0],
-            pool: Pool::Mean,
-            include_deltas: true,
-        };
+        let c = weave(Pool::Mean);
         let raw: Vec<&[f32]> = raw.iter().map(|v| &v[..]).collect();
         apply(
             &c,
+            &[0.5, 1.0],
             &raw,
             &m,
             false,
-            c.lam_sum(),
+            1.5,
             &[0.0; 4],
             &mut out,
             &Stream::new(0, 0, "x"),
@@ -246,18 +268,15 @@ mod tests {
     #[test]
     fn magmax_pool_prefers_later_on_ties() {
         // Members: τ = [−2], 1.0·M = [2]: equal magnitude → the later (2).
-        let c = Combine::Weave {
-            lambdas: vec![1.0],
-            pool: Pool::MagMax,
-            include_deltas: true,
-        };
+        let c = weave(Pool::MagMax);
         let mut out = [0.0];
         apply(
             &c,
+            &[1.0],
             &[&[-2.0][..]],
             &[2.0],
             false,
-            c.lam_sum(),
+            1.0,
             &[10.0],
             &mut out,
             &Stream::new(0, 0, "x"),
@@ -293,16 +312,16 @@ mod tests {
         for lambdas in lambda_sets {
             for &m in &ms {
                 for deltas in delta_sets {
-                    let c = Combine::Weave {
-                        lambdas: lambdas.to_vec(),
-                        pool: Pool::MagMax,
-                        include_deltas: true,
-                    };
+                    let c = weave(Pool::MagMax);
                     let raw: Vec<[f32; 1]> = deltas.iter().map(|&d| [d]).collect();
                     let raw: Vec<&[f32]> = raw.iter().map(|d| &d[..]).collect();
                     let mut out = [0.0];
                     let s = Stream::new(0, 0, "x");
-                    apply(&c, &raw, &[m], false, c.lam_sum(), &[0.0], &mut out, &s, 0);
+                    let sum = lam_sum(lambdas.iter().copied());
+                    apply(&c, lambdas, &raw, &[m], false, sum, &[0.0], &mut out, &s, 0);
+                    let (v, _) = best_scaled(lambdas, m);
+                    let w = magmax_by_definition(&[], lambdas, m);
+                    assert_eq!(v.to_bits(), w.to_bits(), "{lambdas:?} m={m}");
                     let want = magmax_by_definition(deltas, lambdas, m);
                     assert_eq!(
                         out[0].to_bits(),

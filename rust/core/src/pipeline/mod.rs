@@ -4,47 +4,30 @@
 //! size cannot change a result); the final pass computes M, pools, encodes and writes each chunk
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
+mod output;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::dtype::{decode, decode_delta, decode_finite, encode, first_non_finite};
+use crate::dtype::{decode, decode_delta, decode_finite, first_non_finite};
 use crate::error::{Error, Result};
-use crate::methods::pcb::{self, Clamp};
-use crate::methods::ties::{self, TiesStats};
-use crate::methods::{breadcrumbs, elementwise, Method, Scope};
+use crate::methods::pcb::Clamp;
+use crate::methods::ties::TiesStats;
+use crate::methods::{breadcrumbs, elementwise, Method, Rows};
 use crate::plan::{Chunk, TensorPlan};
-use crate::pool::{self, Combine};
+use crate::pool::sets::SetPoints;
 use crate::reader::{ModelView, TensorRef};
-use crate::rng::{Stream, POOL_STREAM};
+use crate::recipe::{Combine, Recipe};
+use crate::rng::Stream;
 use crate::source::{lora, scaled};
 
 /// Where finished chunks go: a file writer or caller-owned memory.
 pub trait Sink: Sync {
     /// Writes `data` at byte `offset` of output tensor `tensor`.
     fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()>;
-}
-
-/// What to compute.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Recipe {
-    pub method: Method,
-    pub combine: Combine,
-    pub seed: u64,
-    /// Per-model weights: every method, and A*, use w_t·τ_t in place of τ_t.
-    pub weights: Option<Vec<f32>>,
-}
-
-impl Recipe {
-    /// Σ_t w_t, summed in f64 (T when every weight is 1).
-    pub fn weight_sum(&self, tasks: usize) -> f32 {
-        match &self.weights {
-            Some(w) => w.iter().map(|&x| x as f64).sum::<f64>() as f32,
-            None => tasks as f32,
-        }
-    }
 }
 
 /// How to run it.
@@ -66,8 +49,13 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64, u32) + Sync);
 #[derive(Default)]
 pub(crate) struct Work {
     pub(crate) base: Vec<f32>,
+    /// A*'s deltas τ'_t = w_t·τ_t (the models' values for a method that reads them).
     pub(crate) raw: Vec<Vec<f32>>,
-    pub(crate) dared: Vec<Vec<f32>>,
+    /// Unweighted τ_t, kept when some parameter set weights differently from the recipe.
+    pub(crate) plain: Vec<Vec<f32>>,
+    /// The deltas of the parameter set being computed, when they differ from `raw` (their own
+    /// weights, DARE, sparsification).
+    pub(crate) eff: Vec<Vec<f32>>,
     pub(crate) m: Vec<f32>,
     pub(crate) scratch: Vec<f32>,
     pub(crate) out: Vec<f32>,
@@ -77,17 +65,42 @@ pub(crate) struct Work {
     pub(crate) signed: Vec<f32>,
     /// Decoded LoRA factors (A, B) of the tensor being read.
     pub(crate) lora: (Vec<f32>, Vec<f32>),
+    /// Pooling state over several parameter sets.
+    pub(crate) acc: Vec<f32>,
+    pub(crate) pos: Vec<u32>,
+    pub(crate) picks: Vec<u64>,
+    pub(crate) astar: Vec<f32>,
 }
 
-/// The statistics the output pass needs.
+/// Which buffer holds a parameter set's deltas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Src {
+    Raw,
+    Plain,
+    Eff,
+}
+
+impl Work {
+    pub(crate) fn src(&self, s: Src) -> &[Vec<f32>] {
+        match s {
+            Src::Raw => &self.raw,
+            Src::Plain => &self.plain,
+            Src::Eff => &self.eff,
+        }
+    }
+}
+
+/// The statistics of one parameter set.
 #[derive(Default)]
 pub(crate) struct Stats {
     /// TIES, indexed by scope (0 for global, the tensor index for per-tensor).
     pub(crate) ties: Vec<Option<TiesStats>>,
     /// PCB clamps of |X| and of B, per task.
     pub(crate) pcb: Option<(Vec<Clamp>, Vec<Clamp>)>,
-    /// Breadcrumbs' cuts for the pieces of long rows, by (tensor, chunk start), per task.
+    /// Cuts for the pieces of rows longer than a chunk, by (tensor, chunk start), per task.
     pub(crate) crumbs: BTreeMap<(usize, usize), Vec<Option<breadcrumbs::Piece>>>,
+    /// mergekit's L1 rescale factor, by tensor, per task.
+    pub(crate) l1: BTreeMap<usize, Vec<f32>>,
 }
 
 pub(crate) struct Engine<'a> {
@@ -103,10 +116,16 @@ pub(crate) struct Engine<'a> {
     pub(crate) given: Given<'a>,
     /// Worker buffers handed from pass to pass (a pass per tensor is common with scope=tensor).
     pub(crate) spare: Mutex<Vec<Work>>,
-    /// Σ λ, computed once.
-    pub(crate) lam_sum: f32,
-    /// Σ w_t (T without weights), for `linear`.
-    pub(crate) weight_sum: f32,
+    /// The points of each parameter set.
+    pub(crate) points: Vec<SetPoints>,
+    /// Each set's weights for M (ones without weights), and whether they differ from A*'s.
+    pub(crate) weights: Vec<Vec<f32>>,
+    pub(crate) own_weights: Vec<bool>,
+    /// Some set needs the unweighted deltas while A*'s are weighted.
+    pub(crate) need_plain: bool,
+    /// The method reads the models' values, not their deltas (mergekit's linear).
+    pub(crate) absolute: bool,
+    pub(crate) rows: Rows,
     /// Statistics passes started so far, and whether the output pass has begun (the stage
     /// progress reports).
     pub(crate) stats_passes: AtomicU32,
@@ -126,8 +145,21 @@ pub fn run(
     cancel: &AtomicBool,
     given: Given,
 ) -> Result<u64> {
-    let whole_rows = matches!(recipe.method, Method::Breadcrumbs { .. });
-    let (merge, copy) = crate::plan::chunks(plan, opts.chunk_size.max(1), whole_rows);
+    let mut chunk = opts.chunk_size.max(1);
+    if let Combine::Weave {
+        pool: crate::pool::Pool::Custom(_),
+        ..
+    } = &recipe.combine
+    {
+        // A function pool sees a block of A*, N rows by a chunk: keep it near 16 MiB.
+        let members = recipe.combine.members(models.len()).max(1);
+        chunk = chunk.min(((1 << 22) / members).max(64));
+    }
+    let opts = Options {
+        chunk_size: chunk,
+        ..opts
+    };
+    let (merge, copy) = crate::plan::chunks(plan, chunk, recipe.method().rows());
     run_chunks(
         base,
         models,
@@ -166,19 +198,43 @@ pub fn run_chunks(
         .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64)
         .sum();
     // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
-    let passes = match recipe.method {
+    let method = recipe.method();
+    let mut passes = match method {
         Method::Ties(_) | Method::DareTies(..) => 2,
         Method::Pcb { .. } => 3,
         _ => 1,
     };
-    // Breadcrumbs' long rows take a windowed select and a counting pass more.
-    let long_rows: u64 = match recipe.method {
-        Method::Breadcrumbs { .. } => merge
-            .iter()
-            .filter(|c| plan[c.tensor].has_long_rows(opts.chunk_size))
-            .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
-            .sum(),
-        _ => 0,
+    if let Method::Mergekit(g) = method {
+        passes += u64::from(g.rescale && g.sparsify != crate::methods::Sparsify::None);
+    }
+    let rows = method.rows();
+    // Long rows take a windowed select and a counting pass more.
+    let long_rows: u64 = merge
+        .iter()
+        .filter(|c| plan[c.tensor].has_long(rows, opts.chunk_size))
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+        .sum();
+    let sets = recipe.sets.len();
+    let ones = vec![1.0f32; models.len()];
+    let weights: Vec<Vec<f32>> = recipe
+        .sets
+        .iter()
+        .map(|s| s.weights.clone().unwrap_or_else(|| ones.clone()))
+        .collect();
+    let own_weights: Vec<bool> = recipe
+        .sets
+        .iter()
+        .map(|s| s.weights != recipe.weights)
+        .collect();
+    let mergekit = matches!(method, Method::Mergekit(_) | Method::MergekitLinear { .. });
+    let points = match &recipe.combine {
+        Combine::Merge { lam } => vec![SetPoints {
+            index: vec![0],
+            lams: vec![*lam],
+            lam_sum: *lam,
+            increasing: true,
+        }],
+        Combine::Weave { points, .. } => SetPoints::of(points, sets),
     };
     let engine = Engine {
         models,
@@ -195,8 +251,12 @@ pub fn run_chunks(
         cancel,
         given,
         spare: Mutex::new(Vec::new()),
-        lam_sum: recipe.combine.lam_sum(),
-        weight_sum: recipe.weight_sum(models.len()),
+        points,
+        need_plain: recipe.weights.is_some() && (mergekit || own_weights.iter().any(|&o| o)),
+        weights,
+        own_weights,
+        absolute: matches!(method, Method::MergekitLinear { .. }),
+        rows,
         stats_passes: AtomicU32::new(0),
         in_output: AtomicBool::new(false),
     };
@@ -310,7 +370,7 @@ impl<'a> Engine<'a> {
             .unwrap_or_default()
     }
 
-    /// Decodes the chunk of the base and of every model and forms the deltas (and DARE's).
+    /// Decodes the chunk of the base and of every model and forms the (weighted) deltas.
     #[inline(always)]
     fn load(&self, w: &mut Work, c: &Chunk) -> Result<()> {
         let n = c.len;
@@ -350,25 +410,29 @@ impl<'a> Engine<'a> {
                 }
                 continue;
             }
+            if self.absolute {
+                if !decode_finite(r.dtype, bytes, d) {
+                    decode_checked(r, &t.name, c, d)?;
+                }
+                continue;
+            }
             if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
                 // Rare path: find and report the offending element.
                 decode_checked(r, &t.name, c, d)?;
             }
         }
-        if let Some(ws) = &self.recipe.weights {
+        if self.need_plain {
+            w.plain.resize_with(tasks, Vec::new);
+            for (p, d) in w.plain.iter_mut().zip(&w.raw) {
+                grow(p, n);
+                p[..n].copy_from_slice(&d[..n]);
+            }
+        }
+        if let (Some(ws), false) = (&self.recipe.weights, self.absolute) {
             for (d, &wt) in w.raw.iter_mut().zip(ws) {
                 for x in &mut d[..n] {
                     *x *= wt;
                 }
-            }
-        }
-        if let Some(p) = self.recipe.method.dare() {
-            w.dared.resize_with(tasks, Vec::new);
-            for k in 0..tasks {
-                grow(&mut w.dared[k], n);
-                let stream = Stream::new(self.recipe.seed, k as u64, &t.name);
-                let (raw, dared) = (&w.raw[k][..n], &mut w.dared[k][..n]);
-                elementwise::dare(raw, dared, &stream, c.start as u64, p);
             }
         }
         grow(&mut w.m, n);
@@ -377,149 +441,57 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn output(
-        &self,
-        merge: &[Chunk],
-        copy: &[Chunk],
-        stats: &Stats,
-        sink: &dyn Sink,
-    ) -> Result<()> {
-        self.in_output.store(true, Ordering::Relaxed);
-        self.pass(
-            merge,
-            || (),
-            #[inline(always)]
-            |w, c, _| self.output_chunk(w, c, stats, sink),
-            |_, _| (),
-        )?;
-        copy.par_iter().try_for_each(|c| {
-            let t = &self.plan[c.tensor];
-            let size = t.base_dtype.size();
-            let data = &self.base_refs[c.tensor].data[c.start * size..(c.start + c.len) * size];
-            sink.write(c.tensor, c.start * size, data)?;
-            let done =
-                self.done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
-            (self.progress)(done, self.total, 0);
-            Ok(())
-        })
-    }
-
-    #[inline(always)]
-    fn output_chunk(&self, w: &mut Work, c: &Chunk, stats: &Stats, sink: &dyn Sink) -> Result<()> {
+    /// Fills `w.eff` with set `j`'s deltas when they are not A*'s (`raw`): its own weights,
+    /// DARE. mergekit's methods take the unweighted deltas and weight them themselves.
+    pub(crate) fn set_deltas(&self, w: &mut Work, j: usize, c: &Chunk) -> Src {
         let n = c.len;
-        let t = &self.plan[c.tensor];
-        let Work {
-            base,
-            raw,
-            dared,
-            m,
-            scratch,
-            out,
-            bytes,
-            keys,
-            scores,
-            signed,
-            ..
-        } = w;
-        let deltas = if dared.is_empty() { &*raw } else { &*dared };
-        match self.recipe.method {
-            Method::TaskArithmetic | Method::Dare(_) => elementwise::sum(deltas, n, m),
-            Method::Linear { normalize } => {
-                elementwise::sum(deltas, n, m);
-                if normalize {
-                    let total = self.weight_sum;
-                    for x in &mut m[..n] {
-                        *x /= total;
-                    }
-                }
-            }
-            Method::MagMax => elementwise::magmax(deltas, n, m),
-            Method::Ties(p) | Method::DareTies(_, p) => {
-                let scope = if p.scope == Scope::Global {
-                    0
-                } else {
-                    c.tensor
-                };
-                let s = stats.ties[scope]
-                    .as_ref()
-                    .expect("statistics of a non-empty scope");
-                ties::merge(deltas, s, n, m, scratch, out);
-            }
-            Method::Breadcrumbs { density, gamma } => {
-                match stats.crumbs.get(&(c.tensor, c.start)) {
-                    Some(cuts) => breadcrumbs::merge_pieces(deltas, n, cuts, m),
-                    None => breadcrumbs::merge(
-                        deltas,
-                        n,
-                        t.row_len(),
-                        t.shape.is_empty(),
-                        (density, gamma),
-                        keys,
-                        m,
-                    ),
-                }
-            }
-            Method::Tsv | Method::IsoC => match self.given.get(c.tensor).copied().flatten() {
-                Some(g) => m[..n].copy_from_slice(&g[c.start..c.start + n]),
-                None => elementwise::mean(deltas, n, m),
-            },
-            Method::Pcb { .. } => {
-                let (abs, score) = stats.pcb.as_ref().expect("pcb statistics");
-                scores.resize_with(self.tasks(), Vec::new);
-                for s in scores.iter_mut() {
-                    grow(s, n);
-                }
-                pcb::merge(raw, n, abs, score, scores, signed, m);
-            }
+        let tasks = self.tasks();
+        let unweighted = if self.need_plain {
+            Src::Plain
+        } else {
+            Src::Raw
+        };
+        let method = &self.recipe.sets[j].method;
+        if matches!(method, Method::Mergekit(_) | Method::MergekitLinear { .. }) {
+            return unweighted;
         }
-        let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
-        // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
-        let m_is_sum = matches!(self.recipe.method, Method::TaskArithmetic);
-        let limit = t.out_dtype.overflow_at();
-        let size = t.out_dtype.size();
-        if bytes.len() < n * size {
-            bytes.resize(n * size, 0);
-        }
-        let mut in_range = true;
-        // Pool, range check and encode block by block, while each block is still in L1.
-        for start in (0..n).step_by(OUT_BLOCK) {
-            let r = start..(start + OUT_BLOCK).min(n);
-            let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
-            let out = &mut out[r.clone()];
-            pool::apply(
-                &self.recipe.combine,
-                &raw,
-                &m[r.clone()],
-                m_is_sum,
-                self.lam_sum,
-                &base[r.clone()],
-                out,
-                &stream,
-                (c.start + start) as u64,
-            );
-            in_range &= out.iter().fold(true, |ok, v| ok & (v.abs() < limit));
-            encode(t.out_dtype, out, &mut bytes[r.start * size..r.end * size]);
-        }
-        if !in_range {
-            let n = n.min(out.len());
-            return Err(if out[..n].iter().any(|v| !v.is_finite()) {
-                Error::ArithmeticOverflow {
-                    tensor: t.name.clone(),
-                }
+        let mut src = Src::Raw;
+        if self.own_weights[j] {
+            let Work {
+                raw, plain, eff, ..
+            } = w;
+            let from = if unweighted == Src::Plain {
+                &*plain
             } else {
-                Error::Overflow {
-                    tensor: t.name.clone(),
-                    dtype: t.out_dtype.name(),
-                    max: t.out_dtype.max_finite(),
+                &*raw
+            };
+            eff.resize_with(tasks, Vec::new);
+            for ((e, d), &wt) in eff.iter_mut().zip(from).zip(&self.weights[j]) {
+                grow(e, n);
+                for (o, &x) in e[..n].iter_mut().zip(&d[..n]) {
+                    *o = x * wt;
                 }
-            });
+            }
+            src = Src::Eff;
         }
-        sink.write(c.tensor, c.start * size, &bytes[..n * size])
+        if let Some(p) = method.dare() {
+            let name = &self.plan[c.tensor].name;
+            w.eff.resize_with(tasks, Vec::new);
+            for k in 0..tasks {
+                grow(&mut w.eff[k], n);
+                if src == Src::Raw {
+                    let (raw, eff) = (&w.raw[k][..n], &mut w.eff[k][..n]);
+                    eff.copy_from_slice(raw);
+                }
+                let stream = Stream::new(self.recipe.seed, k as u64, name);
+                let x = &mut w.eff[k][..n];
+                elementwise::dare(x, &stream, c.start as u64, p.density.get(k), p.rescale);
+            }
+            src = Src::Eff;
+        }
+        src
     }
 }
-
-/// Elements per block of the output stage.
-const OUT_BLOCK: usize = 4096;
 
 /// Makes `v` at least `n` long without touching what it holds.
 #[inline]

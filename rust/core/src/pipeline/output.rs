@@ -1,0 +1,414 @@
+//! The output pass: per chunk, M of every parameter set (from the statistics), pooled into
+//! θ_pre + P, range-checked, encoded to the output dtype and written at its final offset.
+
+use std::sync::atomic::Ordering;
+
+use super::{grow, Engine, Src, Stats, Work};
+use crate::dtype::encode;
+use crate::error::{Error, Result};
+use crate::methods::mergekit::{self, Sparsify};
+use crate::methods::{breadcrumbs, elementwise, pcb, ties, Method, Scope};
+use crate::plan::Chunk;
+use crate::pool::sets::{Buffers, Weaving};
+use crate::pool::{self, Pool};
+use crate::recipe::Combine;
+use crate::rng::{Stream, POOL_STREAM};
+use crate::Sink;
+
+/// Elements per block of the output stage.
+const OUT_BLOCK: usize = 4096;
+
+impl Engine<'_> {
+    pub(super) fn output(
+        &self,
+        merge: &[Chunk],
+        copy: &[Chunk],
+        stats: &[Stats],
+        sink: &dyn Sink,
+    ) -> Result<()> {
+        self.in_output.store(true, Ordering::Relaxed);
+        self.pass(
+            merge,
+            || (),
+            #[inline(always)]
+            |w, c, _| self.output_chunk(w, c, stats, sink),
+            |_, _| (),
+        )?;
+        use rayon::prelude::*;
+        copy.par_iter().try_for_each(|c| {
+            let t = &self.plan[c.tensor];
+            let size = t.base_dtype.size();
+            let data = &self.base_refs[c.tensor].data[c.start * size..(c.start + c.len) * size];
+            sink.write(c.tensor, c.start * size, data)?;
+            let done =
+                self.done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+            (self.progress)(done, self.total, 0);
+            Ok(())
+        })
+    }
+
+    /// M of parameter set `j` for one chunk, into `w.m`.
+    #[inline(always)]
+    pub(crate) fn set_m(&self, w: &mut Work, j: usize, c: &Chunk, stats: &Stats) -> Result<()> {
+        let src = self.set_deltas(w, j, c);
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let method = &self.recipe.sets[j].method;
+        if let Method::Mergekit(g) = method {
+            return self.mergekit_m(w, g, src, j, c, stats);
+        }
+        let Work {
+            raw,
+            plain,
+            eff,
+            m,
+            scratch,
+            out,
+            keys,
+            scores,
+            signed,
+            ..
+        } = w;
+        let deltas: &[Vec<f32>] = match src {
+            Src::Raw => raw,
+            Src::Plain => plain,
+            Src::Eff => eff,
+        };
+        match method {
+            Method::TaskArithmetic | Method::Dare(_) => elementwise::sum(deltas, n, m),
+            Method::Linear { normalize } => {
+                elementwise::sum(deltas, n, m);
+                if *normalize {
+                    let total = pool::lam_sum(self.weights[j].iter().copied());
+                    for x in &mut m[..n] {
+                        *x /= total;
+                    }
+                }
+            }
+            Method::MergekitLinear { normalize } => {
+                // mergekit: result = Σ_t θ_t·w_t from zero, then ÷ Σ_t w_t.
+                m[..n].fill(0.0);
+                for (d, &wt) in deltas.iter().zip(&self.weights[j]) {
+                    for (acc, &x) in m[..n].iter_mut().zip(&d[..n]) {
+                        *acc += x * wt;
+                    }
+                }
+                if *normalize {
+                    let total = self.weights[j].iter().fold(0.0f32, |s, &x| s + x);
+                    for x in &mut m[..n] {
+                        *x /= total;
+                    }
+                }
+            }
+            Method::MagMax => elementwise::magmax(deltas, n, m),
+            Method::Ties(p) | Method::DareTies(_, p) => {
+                let scope = if p.scope == Scope::Global {
+                    0
+                } else {
+                    c.tensor
+                };
+                let s = stats.ties[scope]
+                    .as_ref()
+                    .expect("statistics of a non-empty scope");
+                ties::merge(deltas, s, n, m, scratch, out);
+            }
+            Method::Breadcrumbs { .. } => match stats.crumbs.get(&(c.tensor, c.start)) {
+                Some(cuts) => breadcrumbs::merge_pieces(deltas, n, cuts, m),
+                None => breadcrumbs::merge(
+                    deltas,
+                    n,
+                    (t.row_len(), t.shape.is_empty()),
+                    &|len, k| method.kept_ranks(len, k),
+                    keys,
+                    m,
+                ),
+            },
+            Method::Tsv | Method::IsoC => match self.given.get(c.tensor).copied().flatten() {
+                Some(g) => m[..n].copy_from_slice(&g[c.start..c.start + n]),
+                None => elementwise::mean(deltas, n, m),
+            },
+            Method::Pcb { .. } => {
+                let (abs, score) = stats.pcb.as_ref().expect("pcb statistics");
+                scores.resize_with(self.tasks(), Vec::new);
+                for s in scores.iter_mut() {
+                    grow(s, n);
+                }
+                pcb::merge(deltas, n, abs, score, scores, signed, m);
+            }
+            Method::Mergekit(_) => unreachable!("handled above"),
+        }
+        Ok(())
+    }
+
+    /// Sparsifies task `k`'s chunk of `src` into `out` as mergekit would (unweighted).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn mergekit_sparsify(
+        &self,
+        g: &mergekit::Gta,
+        k: usize,
+        src: &[f32],
+        out: &mut [f32],
+        keys: &mut Vec<u64>,
+        c: &Chunk,
+        stats: &Stats,
+    ) {
+        let t = &self.plan[c.tensor];
+        match g.sparsify {
+            Sparsify::None => out.copy_from_slice(src),
+            Sparsify::Random => {
+                out.copy_from_slice(src);
+                if g.sparsifies(k) {
+                    let stream = Stream::new(self.recipe.seed, k as u64, &t.name);
+                    elementwise::dare(out, &stream, c.start as u64, g.density.get(k), false);
+                }
+            }
+            Sparsify::Magnitude | Sparsify::Outliers => {
+                out.fill(0.0);
+                match stats.crumbs.get(&(c.tensor, c.start)) {
+                    Some(cuts) => {
+                        if let Some(p) = &cuts[k] {
+                            breadcrumbs::add_piece(src, p, out);
+                        }
+                    }
+                    None => {
+                        let unit = t.numel.max(1);
+                        let ranks = g.kept_ranks(unit, k);
+                        breadcrumbs::add_task(src, (unit, false), ranks, keys, out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn mergekit_m(
+        &self,
+        w: &mut Work,
+        g: &mergekit::Gta,
+        src: Src,
+        j: usize,
+        c: &Chunk,
+        stats: &Stats,
+    ) -> Result<()> {
+        let n = c.len;
+        let tasks = self.tasks();
+        let Work {
+            raw,
+            plain,
+            eff,
+            m,
+            scratch,
+            out,
+            keys,
+            ..
+        } = w;
+        let from: &[Vec<f32>] = if src == Src::Plain { plain } else { raw };
+        eff.resize_with(tasks, Vec::new);
+        let l1 = stats.l1.get(&c.tensor);
+        for k in 0..tasks {
+            grow(&mut eff[k], n);
+            let o = &mut eff[k][..n];
+            self.mergekit_sparsify(g, k, &from[k][..n], o, keys, c, stats);
+            if let Some(f) = l1.map(|f| f[k]).filter(|&f| f != 1.0) {
+                for x in o.iter_mut() {
+                    *x *= f;
+                }
+            }
+        }
+        mergekit::mix(g, eff, &self.weights[j], n, m, (scratch, out));
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn output_chunk(
+        &self,
+        w: &mut Work,
+        c: &Chunk,
+        stats: &[Stats],
+        sink: &dyn Sink,
+    ) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
+        let (pool, points, include) = match &self.recipe.combine {
+            Combine::Merge { .. } => (None, &[][..], false),
+            Combine::Weave {
+                pool,
+                points,
+                include_deltas,
+            } => (Some(pool), &points[..], *include_deltas),
+        };
+        let single = self.recipe.sets.len() == 1 && !matches!(pool, Some(Pool::Custom(_)));
+        if single {
+            self.set_m(w, 0, c, &stats[0])?;
+            if self.absolute {
+                if let Combine::Merge { lam } = self.recipe.combine {
+                    if lam == 1.0 {
+                        // mergekit's linear writes Σ w θ / Σ w itself, not θ_pre + (it − θ_pre).
+                        let Work { m, out, .. } = w;
+                        out[..n].copy_from_slice(&m[..n]);
+                        return self.finish_chunk(w, c, sink);
+                    }
+                }
+                self.to_deltas(w, n);
+            }
+            let Work {
+                base,
+                raw,
+                m,
+                out,
+                bytes,
+                ..
+            } = w;
+            // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
+            let m_is_sum =
+                matches!(self.recipe.method(), Method::TaskArithmetic) && !self.own_weights[0];
+            let lams = &self.points[0].lams;
+            let size = t.out_dtype.size();
+            if bytes.len() < n * size {
+                bytes.resize(n * size, 0);
+            }
+            let mut in_range = true;
+            // Pool, range check and encode block by block, while each block is still in L1.
+            for start in (0..n).step_by(OUT_BLOCK) {
+                let r = start..(start + OUT_BLOCK).min(n);
+                let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
+                pool::apply(
+                    &self.recipe.combine,
+                    lams,
+                    &raw,
+                    &m[r.clone()],
+                    m_is_sum,
+                    self.points[0].lam_sum,
+                    &base[r.clone()],
+                    &mut out[r.clone()],
+                    &stream,
+                    (c.start + start) as u64,
+                );
+                in_range &=
+                    encode_block(t, &out[r.clone()], &mut bytes[r.start * size..r.end * size]);
+            }
+            return self.write_chunk(w, c, in_range, sink);
+        }
+        let pool = pool.expect("several sets only in a weave");
+        // Several sets: the deltas go in first, then each set's M in turn.
+        let (mut acc, mut pos, mut picks, mut astar) = (
+            std::mem::take(&mut w.acc),
+            std::mem::take(&mut w.pos),
+            std::mem::take(&mut w.picks),
+            std::mem::take(&mut w.astar),
+        );
+        grow(&mut acc, n);
+        if pos.len() < n {
+            pos.resize(n, 0);
+        }
+        if picks.len() < n {
+            picks.resize(n, 0);
+        }
+        let result = (|| {
+            if self.absolute {
+                self.set_m(w, 0, c, &stats[0])?;
+                self.to_deltas(w, n);
+            }
+            let bufs = Buffers {
+                acc: &mut acc,
+                pos: &mut pos,
+                picks: &mut picks,
+                astar: &mut astar,
+            };
+            let deltas: Vec<&[f32]> = if include {
+                w.raw.iter().map(|d| &d[..n]).collect()
+            } else {
+                Vec::new()
+            };
+            let mut weave =
+                Weaving::start(pool, points, &deltas, n, bufs, (&stream, c.start as u64));
+            drop(deltas);
+            // The sets' M leave `raw` as it is (their own deltas go to `eff`).
+            for (j, s) in self.points.iter().enumerate() {
+                if s.index.is_empty() {
+                    continue;
+                }
+                self.set_m(w, j, c, &stats[j])?;
+                weave.add(j, s, &w.m);
+            }
+            let Work { raw, base, out, .. } = w;
+            let deltas: Vec<&[f32]> = if include {
+                raw.iter().map(|d| &d[..n]).collect()
+            } else {
+                Vec::new()
+            };
+            weave.finish(&deltas, base, out, &t.name)
+        })();
+        (w.acc, w.pos, w.picks, w.astar) = (acc, pos, picks, astar);
+        result?;
+        self.finish_chunk(w, c, sink)
+    }
+
+    /// Turns the models' values in `raw` (and an absolute M) into deltas of the base.
+    fn to_deltas(&self, w: &mut Work, n: usize) {
+        let Work { base, raw, m, .. } = w;
+        for d in raw.iter_mut() {
+            for (x, &b) in d[..n].iter_mut().zip(&base[..n]) {
+                *x -= b;
+            }
+        }
+        for (x, &b) in m[..n].iter_mut().zip(&base[..n]) {
+            *x -= b;
+        }
+        if let Some(ws) = &self.recipe.weights {
+            for (d, &wt) in raw.iter_mut().zip(ws) {
+                for x in &mut d[..n] {
+                    *x *= wt;
+                }
+            }
+        }
+    }
+
+    /// Range-checks `w.out`, encodes it to the output dtype and writes it.
+    fn finish_chunk(&self, w: &mut Work, c: &Chunk, sink: &dyn Sink) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let Work { out, bytes, .. } = w;
+        let size = t.out_dtype.size();
+        if bytes.len() < n * size {
+            bytes.resize(n * size, 0);
+        }
+        let mut in_range = true;
+        for start in (0..n).step_by(OUT_BLOCK) {
+            let r = start..(start + OUT_BLOCK).min(n);
+            in_range &= encode_block(t, &out[r.clone()], &mut bytes[r.start * size..r.end * size]);
+        }
+        self.write_chunk(w, c, in_range, sink)
+    }
+
+    /// Writes the encoded chunk, or reports why its values do not fit.
+    fn write_chunk(&self, w: &mut Work, c: &Chunk, in_range: bool, sink: &dyn Sink) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let size = t.out_dtype.size();
+        let Work { out, bytes, .. } = w;
+        if !in_range {
+            return Err(if out[..n].iter().any(|v| !v.is_finite()) {
+                Error::ArithmeticOverflow {
+                    tensor: t.name.clone(),
+                }
+            } else {
+                Error::Overflow {
+                    tensor: t.name.clone(),
+                    dtype: t.out_dtype.name(),
+                    max: t.out_dtype.max_finite(),
+                }
+            });
+        }
+        sink.write(c.tensor, c.start * size, &bytes[..n * size])
+    }
+}
+
+/// Encodes one block; false when a value is out of the output dtype's range.
+#[inline(always)]
+fn encode_block(t: &crate::plan::TensorPlan, out: &[f32], bytes: &mut [u8]) -> bool {
+    let limit = t.out_dtype.overflow_at();
+    let ok = out.iter().fold(true, |ok, v| ok & (v.abs() < limit));
+    encode(t.out_dtype, out, bytes);
+    ok
+}

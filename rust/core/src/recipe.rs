@@ -1,0 +1,619 @@
+//! A job resolved into what the pipeline computes: the distinct parameter sets of the search
+//! space (M is computed once per set and chunk), the points that scale each, and the pool.
+//! Everything a caller can get wrong is checked here, before any input is opened.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::methods::{Method, Param, Params};
+use crate::pool::Pool;
+
+/// Search points accepted in one run (each costs a term per element of the pool).
+pub const MAX_POINTS: usize = 1 << 20;
+
+/// A user-defined pool: called with one block of A* (`rows` × `cols` f32, row-major, rows in A*
+/// order) and the tensor's name; writes the `cols` pooled values.
+pub type PoolFn = dyn Fn(&[f32], usize, usize, &str, &mut [f32]) -> Result<()> + Send + Sync;
+
+/// A [`PoolFn`] that can live in a [`Job`].
+#[derive(Clone)]
+pub struct CustomPool(pub Arc<PoolFn>);
+
+impl std::fmt::Debug for CustomPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CustomPool(..)")
+    }
+}
+
+impl PartialEq for CustomPool {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// A search space as the caller gave it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Space {
+    /// Named value lists; the points are their Cartesian product, the first name outermost.
+    Grid(Vec<(String, Vec<Param>)>),
+    /// Explicit points, each setting `lam` and any numeric parameter (or `weights`).
+    Points(Vec<Params>),
+}
+
+/// Plain merge or Weight Weaving, as the caller asked (defaults not yet applied).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mode {
+    Merge {
+        lam: Option<f64>,
+    },
+    Weave {
+        /// Λ, the shorthand for a grid over `lam` alone.
+        lambdas: Option<Vec<f64>>,
+        pool: String,
+        include_deltas: bool,
+    },
+}
+
+/// Everything a merge needs besides the inputs and the output.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub method: String,
+    pub params: Params,
+    pub mode: Mode,
+    pub seed: u64,
+    pub threads: Option<usize>,
+    pub chunk_size: Option<usize>,
+    pub out_dtype: Option<String>,
+    /// Per-model weights (SPEC: τ_t → w_t·τ_t), one per fine-tune.
+    pub weights: Option<Vec<f64>>,
+    /// A search space beyond Λ (weave only).
+    pub space: Option<Space>,
+    /// A pool given as a function (weave only; `pool` is then ignored).
+    pub pool_fn: Option<CustomPool>,
+    /// "mergekit" for mergekit's semantics; None or "paper" for SPEC.md's.
+    pub compat: Option<String>,
+}
+
+impl Job {
+    /// A job with SPEC's defaults for everything but the method and mode.
+    pub fn new(method: &str, mode: Mode) -> Job {
+        Job {
+            method: method.to_owned(),
+            params: Params::new(),
+            mode,
+            seed: 0,
+            threads: None,
+            chunk_size: None,
+            out_dtype: None,
+            weights: None,
+            space: None,
+            pool_fn: None,
+            compat: None,
+        }
+    }
+}
+
+/// One distinct parameter set: M(params) over the deltas weighted by `weights`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSet {
+    pub method: Method,
+    pub weights: Option<Vec<f32>>,
+}
+
+/// One point of the search space: λ_p · M(sets[set]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Point {
+    pub lam: f32,
+    pub set: usize,
+}
+
+/// What is done with the M of each set.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Combine {
+    /// θ_pre + λ·M of the only set.
+    Merge { lam: f32 },
+    /// θ_pre + pool(A*), A* = the deltas (when included) + λ_p·M(set_p) in point order.
+    Weave {
+        points: Vec<Point>,
+        pool: Pool,
+        include_deltas: bool,
+    },
+}
+
+impl Combine {
+    /// |A*| (1 for a plain merge).
+    pub fn members(&self, tasks: usize) -> usize {
+        match self {
+            Combine::Merge { .. } => 1,
+            Combine::Weave {
+                points,
+                include_deltas,
+                ..
+            } => points.len() + if *include_deltas { tasks } else { 0 },
+        }
+    }
+
+    pub fn is_random(&self) -> bool {
+        matches!(
+            self,
+            Combine::Weave {
+                pool: Pool::Random,
+                ..
+            }
+        )
+    }
+}
+
+/// What to compute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recipe {
+    /// The distinct parameter sets, in order of first use; a plain merge has one.
+    pub sets: Vec<ParamSet>,
+    pub combine: Combine,
+    pub seed: u64,
+    /// Per-model weights of A*'s deltas (and of every set that does not set its own).
+    pub weights: Option<Vec<f32>>,
+}
+
+impl Recipe {
+    /// The method (every set has the same one, with different numbers).
+    pub fn method(&self) -> &Method {
+        &self.sets[0].method
+    }
+}
+
+/// Whether `v` is finite and an f32 holds it (all arithmetic is f32).
+pub(crate) fn fits_f32(v: f64) -> bool {
+    v.is_finite() && v.abs() <= f32::MAX as f64
+}
+
+fn f32_list(name: &str, v: &[f64]) -> Result<Vec<f32>> {
+    if let Some(x) = v.iter().find(|x| !fits_f32(**x)) {
+        return Err(Error::param(
+            name,
+            format!("{x} is not a finite value within the f32 range of the arithmetic"),
+        ));
+    }
+    Ok(v.iter().map(|&x| x as f32).collect())
+}
+
+fn lam_value(name: &str, v: &Param) -> Result<f32> {
+    match v {
+        Param::Num(x) => Ok(f32_list(name, &[*x])?[0]),
+        other => Err(Error::param(
+            name,
+            format!("expected a number, got {other:?}"),
+        )),
+    }
+}
+
+impl Job {
+    fn parse_method(&self, params: &Params) -> Result<Method> {
+        match self.compat.as_deref() {
+            None | Some("paper") => Method::parse(&self.method, params),
+            Some("mergekit") => Method::parse_mergekit(&self.method, params),
+            Some(other) => Err(Error::param(
+                "compat",
+                format!("'{other}' is not one of paper, mergekit"),
+            )),
+        }
+    }
+
+    fn default_lam(&self) -> f64 {
+        match self.compat.as_deref() {
+            Some("mergekit") => 1.0,
+            _ => Method::default_lam(&self.method),
+        }
+    }
+
+    /// The resolved parameter set of one point's overrides (`None`: the job's own).
+    fn param_set(&self, overrides: &Params) -> Result<ParamSet> {
+        let mut params = self.params.clone();
+        let mut weights = self.weights.clone();
+        for (k, v) in overrides {
+            match (k.as_str(), v) {
+                ("lam", _) => {}
+                ("weights", Param::List(w)) => weights = Some(w.clone()),
+                ("weights", other) => {
+                    return Err(Error::param(
+                        "weights",
+                        format!("expected a list of numbers, got {other:?}"),
+                    ))
+                }
+                _ => {
+                    params.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let method = self.parse_method(&params)?;
+        let weights = weights.map(|w| f32_list("weights", &w)).transpose()?;
+        if let (Method::Linear { normalize: true }, Some(w)) = (&method, &weights) {
+            if w.iter().map(|&x| x as f64).sum::<f64>() == 0.0 {
+                return Err(Error::param(
+                    "weights",
+                    "sum to 0, and linear with normalize divides by their sum",
+                ));
+            }
+        }
+        Ok(ParamSet { method, weights })
+    }
+
+    /// The points of the search space, each as its parameter overrides (with `lam`).
+    fn points(&self) -> Result<Vec<Params>> {
+        let Mode::Weave { lambdas, .. } = &self.mode else {
+            return Ok(Vec::new());
+        };
+        let lam_points = |l: &[f64]| -> Vec<Params> {
+            l.iter()
+                .map(|&x| Params::from([("lam".to_owned(), Param::Num(x))]))
+                .collect()
+        };
+        let default = || {
+            Method::default_lambdas(&self.method)
+                .or_else(|| Method::default_lambdas("task_arithmetic"))
+                .expect("a default Λ")
+        };
+        match (&self.space, lambdas) {
+            (Some(_), Some(_)) => Err(Error::param(
+                "lambdas",
+                "give lambdas or a search space, not both (lambdas is a grid over lam alone)",
+            )),
+            (None, l) => {
+                let l = l.clone().unwrap_or_else(default);
+                if l.is_empty() || l.len() > MAX_POINTS {
+                    return Err(Error::param(
+                        "lambdas",
+                        "must hold between 1 and 2^20 values",
+                    ));
+                }
+                f32_list("lambdas", &l)?;
+                if let Some(w) = l.windows(2).find(|w| w[0] >= w[1]) {
+                    return Err(Error::param(
+                        "lambdas",
+                        format!(
+                            "must be strictly increasing ({} is followed by {})",
+                            w[0], w[1]
+                        ),
+                    ));
+                }
+                Ok(lam_points(&l))
+            }
+            (Some(Space::Points(p)), None) => {
+                if p.is_empty() || p.len() > MAX_POINTS {
+                    return Err(Error::param(
+                        "search",
+                        "must hold between 1 and 2^20 points",
+                    ));
+                }
+                if let Some(i) = p.iter().position(|p| !p.contains_key("lam")) {
+                    return Err(Error::param(
+                        "search",
+                        format!("point {i} sets no lam (every point sets λ)"),
+                    ));
+                }
+                Ok(p.clone())
+            }
+            (Some(Space::Grid(axes)), None) => {
+                let mut axes = axes.clone();
+                if !axes.iter().any(|(k, _)| k == "lam") {
+                    let l = default();
+                    axes.insert(
+                        0,
+                        ("lam".to_owned(), l.into_iter().map(Param::Num).collect()),
+                    );
+                }
+                if let Some((k, _)) = axes.iter().find(|(_, v)| v.is_empty()) {
+                    return Err(Error::param("search", format!("'{k}' has no values")));
+                }
+                let total = axes
+                    .iter()
+                    .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()))
+                    .filter(|&n| n <= MAX_POINTS)
+                    .ok_or_else(|| {
+                        Error::param("search", "the grid holds more than 2^20 points")
+                    })?;
+                let mut out = Vec::with_capacity(total);
+                for i in 0..total {
+                    // Row-major: the last axis varies fastest.
+                    let mut rest = i;
+                    let mut p = Params::new();
+                    for (k, v) in axes.iter().rev() {
+                        p.insert(k.clone(), v[rest % v.len()].clone());
+                        rest /= v.len();
+                    }
+                    out.push(p);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Validates the job and resolves its defaults.
+    pub fn recipe(&self) -> Result<Recipe> {
+        if self.chunk_size == Some(0) {
+            return Err(Error::param("chunk_size", "must be positive"));
+        }
+        // Kernels count within a chunk in u32.
+        if self.chunk_size.is_some_and(|c| c > crate::MAX_CHUNK) {
+            return Err(Error::param(
+                "chunk_size",
+                format!("at most {} elements", crate::MAX_CHUNK),
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(Error::param("threads", "must be positive"));
+        }
+        if let Some(t) = self.threads.filter(|&t| t > crate::MAX_THREADS) {
+            return Err(Error::param(
+                "threads",
+                format!(
+                    "{t} is more than the {} allowed (requests above {} per core are clamped)",
+                    crate::MAX_THREADS,
+                    crate::THREADS_PER_CORE
+                ),
+            ));
+        }
+        let weights = self
+            .weights
+            .as_ref()
+            .map(|w| f32_list("weights", w))
+            .transpose()?;
+        let own = self.param_set(&Params::new())?;
+        if matches!(self.mode, Mode::Merge { .. })
+            && (self.space.is_some() || self.pool_fn.is_some())
+        {
+            return Err(Error::param(
+                "search",
+                "a search space and a pool belong to weave, not to a plain merge",
+            ));
+        }
+        let combine = match &self.mode {
+            Mode::Merge { lam } => {
+                let lam = lam.unwrap_or_else(|| self.default_lam());
+                Combine::Merge {
+                    lam: lam_value("lam", &Param::Num(lam))?,
+                }
+            }
+            Mode::Weave {
+                pool,
+                include_deltas,
+                ..
+            } => {
+                let pool = match &self.pool_fn {
+                    Some(f) => Pool::Custom(f.clone()),
+                    None => Pool::parse(pool).ok_or_else(|| {
+                        Error::param(
+                            "pool",
+                            format!("'{pool}' is not one of mean, random, magmax or a function"),
+                        )
+                    })?,
+                };
+                let mut sets: Vec<ParamSet> = Vec::new();
+                let mut points = Vec::new();
+                for (i, p) in self.points()?.iter().enumerate() {
+                    let at = |e: Error| match e {
+                        Error::InvalidParam { name, reason } => Error::param(
+                            "search",
+                            format!("point {i} ({}): {name}: {reason}", describe(p)),
+                        ),
+                        other => other,
+                    };
+                    let lam = lam_value("lam", &p["lam"]).map_err(at)?;
+                    let set = self.param_set(p).map_err(at)?;
+                    let idx = match sets.iter().position(|s| *s == set) {
+                        Some(k) => k,
+                        None => {
+                            sets.push(set);
+                            sets.len() - 1
+                        }
+                    };
+                    points.push(Point { lam, set: idx });
+                }
+                return Ok(Recipe {
+                    sets,
+                    combine: Combine::Weave {
+                        points,
+                        pool,
+                        include_deltas: *include_deltas,
+                    },
+                    seed: self.seed,
+                    weights,
+                });
+            }
+        };
+        Ok(Recipe {
+            sets: vec![own],
+            combine,
+            seed: self.seed,
+            weights,
+        })
+    }
+
+    pub fn out_dtype(&self) -> Result<Option<crate::DType>> {
+        self.out_dtype
+            .as_deref()
+            .map(|s| {
+                crate::DType::parse(s)
+                    .ok_or_else(|| Error::param("out_dtype", format!("unknown dtype '{s}'")))
+            })
+            .transpose()
+    }
+
+    pub fn options(&self) -> crate::Options {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        crate::Options {
+            threads: self
+                .threads
+                .unwrap_or(cores)
+                .min(cores * crate::THREADS_PER_CORE)
+                .max(1),
+            chunk_size: self
+                .chunk_size
+                .unwrap_or(crate::DEFAULT_CHUNK)
+                .min(crate::PIECE),
+        }
+    }
+
+    /// Checks that every per-model list has one value per fine-tune.
+    pub(crate) fn check_tasks(&self, recipe: &Recipe, tasks: usize) -> Result<()> {
+        if tasks == 0 {
+            return Err(Error::param(
+                "models",
+                "at least one fine-tuned model is needed",
+            ));
+        }
+        let check = |w: &Option<Vec<f32>>| match w {
+            Some(w) if w.len() != tasks => Err(Error::param(
+                "weights",
+                format!("{} weights for {tasks} fine-tuned models", w.len()),
+            )),
+            _ => Ok(()),
+        };
+        check(&recipe.weights)?;
+        for (k, s) in recipe.sets.iter().enumerate() {
+            let at = |e: Error| match (e, recipe.sets.len()) {
+                (e, 1) => e,
+                (Error::InvalidParam { name, reason }, _) => {
+                    Error::param("search", format!("parameter set {k}: {name}: {reason}"))
+                }
+                (e, _) => e,
+            };
+            check(&s.weights).map_err(at)?;
+            s.method.check_tasks(tasks).map_err(at)?;
+        }
+        Ok(())
+    }
+
+    /// The recipe recorded in the output's `__metadata__`.
+    pub fn metadata(&self, recipe: &Recipe) -> BTreeMap<String, String> {
+        let mut r = serde_json::json!({
+            "method": recipe.method().name(),
+            "params": recipe.method().params_json(),
+            "seed": recipe.seed,
+        });
+        if let Some(w) = &self.weights {
+            r["weights"] = serde_json::json!(w);
+        }
+        if let Some(c) = &self.compat {
+            r["compat"] = serde_json::json!(c);
+        }
+        // Numbers as the caller gave them (f64), not the f32 the arithmetic uses: 0.3, not
+        // 0.30000001192092896.
+        match (&recipe.combine, &self.mode) {
+            (Combine::Merge { .. }, Mode::Merge { lam }) => {
+                r["lam"] = serde_json::json!(lam.unwrap_or_else(|| self.default_lam()));
+            }
+            (
+                Combine::Weave {
+                    pool,
+                    include_deltas,
+                    ..
+                },
+                Mode::Weave { lambdas, .. },
+            ) => {
+                match &self.space {
+                    Some(Space::Grid(axes)) => {
+                        let g: serde_json::Map<String, serde_json::Value> = axes
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.iter().map(param_json).collect()))
+                            .collect();
+                        r["grid"] = serde_json::Value::Object(g);
+                    }
+                    Some(Space::Points(p)) => {
+                        r["points"] = p.iter().map(params_json).collect();
+                    }
+                    None => {
+                        let l = lambdas
+                            .clone()
+                            .or_else(|| Method::default_lambdas(&self.method))
+                            .unwrap_or_default();
+                        r["lambdas"] = serde_json::json!(l);
+                    }
+                }
+                r["pool"] = serde_json::json!(pool.name());
+                r["include_deltas"] = serde_json::json!(include_deltas);
+            }
+            _ => unreachable!("the recipe is made from this job's mode"),
+        }
+        BTreeMap::from([
+            ("format".to_owned(), "pt".to_owned()),
+            ("weightweave.version".to_owned(), crate::VERSION.to_owned()),
+            ("weightweave.recipe".to_owned(), r.to_string()),
+        ])
+    }
+}
+
+fn param_json(p: &Param) -> serde_json::Value {
+    match p {
+        Param::Num(x) => serde_json::json!(x),
+        Param::Bool(b) => serde_json::json!(b),
+        Param::Str(s) => serde_json::json!(s),
+        Param::List(v) => serde_json::json!(v),
+    }
+}
+
+fn params_json(p: &Params) -> serde_json::Value {
+    serde_json::Value::Object(p.iter().map(|(k, v)| (k.clone(), param_json(v))).collect())
+}
+
+fn describe(p: &Params) -> String {
+    params_json(p).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weave(space: Space) -> Job {
+        let mut j = Job::new(
+            "ties",
+            Mode::Weave {
+                lambdas: None,
+                pool: "mean".into(),
+                include_deltas: true,
+            },
+        );
+        j.space = Some(space);
+        j
+    }
+
+    #[test]
+    fn grid_is_row_major_and_shares_sets() {
+        let j = weave(Space::Grid(vec![
+            ("density".into(), vec![Param::Num(0.1), Param::Num(0.2)]),
+            (
+                "lam".into(),
+                vec![Param::Num(0.5), Param::Num(1.0), Param::Num(1.5)],
+            ),
+        ]));
+        let r = j.recipe().unwrap();
+        assert_eq!(r.sets.len(), 2);
+        let Combine::Weave { points, .. } = &r.combine else {
+            panic!()
+        };
+        let got: Vec<(f32, usize)> = points.iter().map(|p| (p.lam, p.set)).collect();
+        assert_eq!(
+            got,
+            [(0.5, 0), (1.0, 0), (1.5, 0), (0.5, 1), (1.0, 1), (1.5, 1)]
+        );
+    }
+
+    #[test]
+    fn bad_points_name_the_point() {
+        let j = weave(Space::Points(vec![
+            Params::from([("lam".into(), Param::Num(1.0))]),
+            Params::from([
+                ("lam".into(), Param::Num(1.0)),
+                ("density".into(), Param::Num(2.0)),
+            ]),
+        ]));
+        let e = j.recipe().unwrap_err().to_string();
+        assert!(e.contains("point 1") && e.contains("density"), "{e}");
+        let j = weave(Space::Points(vec![Params::from([(
+            "density".into(),
+            Param::Num(0.5),
+        )])]));
+        assert!(j.recipe().unwrap_err().to_string().contains("sets no lam"));
+    }
+}
