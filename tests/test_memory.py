@@ -53,8 +53,9 @@ def sample():
         time.sleep(0.002)
 t = threading.Thread(target=sample)
 t.start()
-fn = ww.weave if mode == "weave" else ww.merge
-rep = fn(base, models, out, method=method, threads=2, chunk_size=65536)
+fn = ww.weave if mode in ("weave", "grid") else ww.merge
+kw = {"search": {"density": [0.1, 0.2, 0.3], "lam": "0.1:1.0:0.1"}} if mode == "grid" else {}
+rep = fn(base, models, out, method=method, threads=2, chunk_size=65536, **kw)
 done.set(); t.join()
 print(json.dumps({"delta": peak[0] - start, "read": rep.bytes_read}))
 """
@@ -86,6 +87,8 @@ def big_vector(tmp_path_factory):
         ("ties", "merge", "big_inputs"),
         ("breadcrumbs", "weave", "big_inputs"),
         ("breadcrumbs", "merge", "big_vector"),
+        ("ties", "grid", "big_inputs"),
+        ("breadcrumbs", "grid", "big_vector"),
     ],
 )
 def test_peak_anonymous_memory_is_bounded(request, tmp_path, method, mode, inputs):
@@ -105,3 +108,19 @@ def test_peak_anonymous_memory_is_bounded(request, tmp_path, method, mode, input
     assert res["delta"] < 40 * 2**20, (res, inputs)
     assert out.stat().st_size > ELEMS * 4
     _ = _st  # the helper module stays importable without torch
+
+
+def test_a_grid_reads_the_inputs_as_often_as_one_merge(big_inputs, tmp_path):
+    """3 TIES densities × 10 λ: the thresholds and majority signs of all three densities come
+    from the same statistics pass as a single TIES merge's, so the bytes read are the same."""
+    base, *models = big_inputs
+    reads = {}
+    for mode in ("merge", "grid"):
+        out = tmp_path / f"{mode}.safetensors"
+        r = subprocess.run([sys.executable, "-c", CHILD, str(base), *map(str, models), str(out), "ties", mode],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        reads[mode] = json.loads(r.stdout)["read"]
+    assert reads["grid"] == reads["merge"], reads
+    # One statistics pass and the output pass over the base and 2 models (the sample of about
+    # 1/256 of the scope is not counted).
+    assert reads["merge"] == 2 * 3 * (ELEMS + 3) * 4, reads

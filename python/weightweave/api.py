@@ -14,10 +14,11 @@ from typing import Any
 
 from . import _rust
 from ._rust import ParamError
+from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job, parse_lambdas  # noqa: F401
 
 METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
 SVD_METHODS = ("tsv", "iso_c")
-POOLS = ("mean", "random", "magmax")
+from .job import POOLS  # noqa: E402,F401
 
 PathLike = str | os.PathLike
 ProgressFn = Callable[[int, int], object]
@@ -129,83 +130,6 @@ def default_lambdas(method: str) -> list[float]:
     return lams
 
 
-MAX_LAMBDAS = 2**20
-
-
-def parse_lambdas(spec: object) -> list[float]:
-    """Λ from ``"start:stop:step"`` (both ends included, never past ``stop``), ``"0.2,0.5,1"``,
-    or a sequence of numbers.
-
-    Raises:
-        ParamError: naming what is wrong, before anything large is built.
-    """
-    if isinstance(spec, str):
-        return _parse_lambda_text(spec)
-    if isinstance(spec, (bytes, Mapping)) or not isinstance(spec, Sequence | range) and not _is_array(spec):
-        raise ParamError(
-            f"lambdas must be a sequence of numbers or a string such as '0.1:1.0:0.1' or '0.2,0.5,1', "
-            f"got {type(spec).__name__}"
-        )
-    if len(spec) > MAX_LAMBDAS:  # type: ignore[arg-type]
-        raise ParamError(f"lambdas: {len(spec)} values, more than the {MAX_LAMBDAS} allowed")  # type: ignore[arg-type]
-    out = []
-    for i, x in enumerate(spec):  # type: ignore[arg-type]
-        if isinstance(x, bool) or not isinstance(x, int | float) and not _is_number(x):
-            raise ParamError(f"lambdas[{i}]: expected a number, got {x!r}")
-        out.append(_f32_checked(f"lambdas[{i}]", float(x)))
-    return out
-
-
-def _is_array(v: object) -> bool:
-    return hasattr(v, "__len__") and hasattr(v, "__iter__") and hasattr(v, "dtype")
-
-
-def _is_number(v: object) -> bool:
-    import numbers
-
-    return isinstance(v, numbers.Real)
-
-
-F32_MAX = 3.4028234663852886e38
-
-
-def _f32_checked(name: str, v: float) -> float:
-    """``v`` when it is finite and an f32 can hold it (all arithmetic is f32)."""
-    if v != v or abs(v) == float("inf"):
-        raise ParamError(f"{name}: {v} is not finite")
-    if abs(v) > F32_MAX:
-        raise ParamError(f"{name}: {v:g} is beyond the f32 range of the arithmetic (about 3.4e38)")
-    return v
-
-
-def _parse_lambda_text(spec: str) -> list[float]:
-    form = "use start:stop:step, or comma-separated values"
-    try:
-        if ":" in spec:
-            parts = spec.split(":")
-            if len(parts) != 3:
-                raise ParamError(f"lambdas: '{spec}' has {len(parts)} ':'-separated parts, not 3 ({form})")
-            start, stop, step = (_f32_checked("lambdas", float(x)) for x in parts)
-            if step <= 0:
-                raise ParamError(f"lambdas: '{spec}': the step must be positive")
-            if stop < start:
-                raise ParamError(f"lambdas: '{spec}': stop {stop:g} is below start {start:g}")
-            # Values past stop by less than a rounding error still count as reaching it.
-            span = (stop - start) / step
-            if span + 1 > MAX_LAMBDAS:
-                raise ParamError(f"lambdas: '{spec}' gives {span + 1:.3g} values, more than the {MAX_LAMBDAS} allowed")
-            count = int(span + 1e-9) + 1
-            return [round(start + i * step, 10) for i in range(count)]
-        values = [x.strip() for x in spec.split(",")]
-        if any(not x for x in values):
-            raise ParamError(f"lambdas: '{spec}' has an empty value ({form})")
-        if len(values) > MAX_LAMBDAS:
-            raise ParamError(f"lambdas: {len(values)} values, more than the {MAX_LAMBDAS} allowed")
-        return [_f32_checked("lambdas", float(x)) for x in values]
-    except ValueError as e:
-        raise ParamError(f"lambdas: cannot parse '{spec}': {e} ({form})") from None
-
-
 def _path(p: object, name: str) -> str:
     """A path argument as a str: str, bytes and os.PathLike are accepted."""
     if isinstance(p, bytes):
@@ -214,12 +138,6 @@ def _path(p: object, name: str) -> str:
         v = os.fspath(p)
         return os.fsdecode(v) if isinstance(v, bytes) else v
     raise ParamError(f"{name} must be a path (str or os.PathLike), got {type(p).__name__}")
-
-
-def _method(method: object) -> str:
-    if not isinstance(method, str):
-        raise ParamError(f"method must be a string, got {type(method).__name__}")
-    return method
 
 
 def _models(models: object) -> list[Any]:
@@ -232,51 +150,6 @@ def _models(models: object) -> list[Any]:
     if not out:
         raise ParamError("models: at least one fine-tuned model is needed")
     return out
-
-
-def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None = None,
-         lambdas: Sequence[float] | str | None = None, pool: str = "mean", include_deltas: bool = True,
-         seed: int = 0, threads: int | None = None, chunk_size: int | None = None,
-         out_dtype: str | None = None, weights: Sequence[float] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The recipe and run options, validated, as the one mapping every Rust entry point takes."""
-    for name, v in (("threads", threads), ("chunk_size", chunk_size)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v >= 2**63):
-            raise ParamError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ParamError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    if lam is not None:
-        if isinstance(lam, bool) or not _is_number(lam):
-            raise ParamError(f"lam must be a number, got {lam!r}")
-        lam = _f32_checked("lam", float(lam))
-    if weights is not None:
-        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__"):
-            raise ParamError(f"weights must be a sequence of numbers, one per fine-tuned model, got {weights!r}")
-        ws = list(weights)
-        for i, w in enumerate(ws):
-            if isinstance(w, bool) or not _is_number(w):
-                raise ParamError(f"weights[{i}]: expected a number, got {w!r}")
-        weights = [_f32_checked(f"weights[{i}]", float(w)) for i, w in enumerate(ws)]
-    if not isinstance(pool, str):
-        raise ParamError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    if out_dtype is not None and not isinstance(out_dtype, str):
-        raise ParamError(f"out_dtype must be a string such as 'bf16', got {out_dtype!r}")
-    for k, v in params.items():
-        if isinstance(v, float | int) and not isinstance(v, bool):
-            params[k] = _f32_checked(k, float(v)) if isinstance(v, float) else v
-    return {
-        "method": _method(method),
-        "params": params,
-        "mode": mode,
-        "lam": lam,
-        "lambdas": None if lambdas is None else parse_lambdas(lambdas),
-        "pool": pool,
-        "include_deltas": bool(include_deltas),
-        "seed": seed,
-        "threads": threads,
-        "chunk_size": chunk_size,
-        "out_dtype": out_dtype,
-        "weights": weights,
-    }
 
 
 def _report(d: dict[str, Any]) -> Report:
@@ -335,8 +208,9 @@ def merge(
     shard_size: int | None = None,
     overwrite: bool = False,
     weights: Sequence[float] | None = None,
+    compat: str | None = None,
     progress: ProgressFn | None = None,
-    **params: float | bool | str,
+    **params: float | bool | str | Sequence[float],
 ) -> Report:
     """Merge fine-tuned checkpoints into θ_pre + λ·M, streaming from disk to disk.
 
@@ -359,10 +233,14 @@ def merge(
             replaced, atomically.
         weights: One weight per fine-tune: every method, and Weight Weaving's A*, use w_t·τ_t
             in place of τ_t (mergekit's per-model ``weight``; may be negative or zero).
+        compat: ``"mergekit"`` computes mergekit's version of the method (its names and
+            semantics: per-tensor sparsification, weights after it, normalized sign consensus;
+            see the README's semantics table); default: the papers' semantics of SPEC.md.
         progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
             raising from it cancels the merge.
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
-            ``rescale``, ``ties_density`` (see the README's method table).
+            ``rescale``, ``ties_density`` (see the README's method table); ``density`` and
+            ``gamma`` may be lists, one value per fine-tune.
 
     Returns:
         A :class:`Report`.
@@ -372,7 +250,7 @@ def merge(
             nothing is left at ``out`` when it is raised.
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
-               out_dtype=out_dtype, weights=weights)  # fmt: skip
+               out_dtype=out_dtype, weights=weights, compat=compat)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
@@ -383,7 +261,8 @@ def weave(
     *,
     method: str,
     lambdas: Sequence[float] | str | None = None,
-    pool: str = "mean",
+    search: SearchArg | None = None,
+    pool: PoolArg = "mean",
     include_deltas: bool = True,
     seed: int = 0,
     threads: int | None = None,
@@ -392,15 +271,28 @@ def weave(
     shard_size: int | None = None,
     overwrite: bool = False,
     weights: Sequence[float] | None = None,
+    compat: str | None = None,
     progress: ProgressFn | None = None,
-    **params: float | bool | str,
+    **params: float | bool | str | Sequence[float],
 ) -> Report:
     """Weight Weaving: θ_pre + pool([τ_1..τ_T] + [λ·M for λ in Λ]), without building that stack.
 
     Args:
         lambdas: The search space Λ, strictly increasing: a sequence, ``"start:stop:step"`` or
             ``"a,b,c"`` (default: the paper's range for the method, see ``default_lambdas``).
-        pool: ``"mean"``, ``"random"`` or ``"magmax"``.
+            Shorthand for ``search={"lam": lambdas}``.
+        search: A search space over any numeric parameter: a grid such as
+            ``{"lam": "0.1:1.0:0.1", "density": [0.1, 0.2, 0.3]}`` (the Cartesian product,
+            the first name outermost; without ``lam``, the default Λ is the first axis) or a
+            list of points such as ``[{"lam": 0.5, "density": 0.2}, ...]`` (each sets ``lam``).
+            A point may set ``weights`` (a vector for M only; A*'s deltas keep ``weights``).
+            M is computed once per distinct parameter set, all in the same passes.
+        pool: ``"mean"``, ``"random"``, ``"magmax"``, or a function ``f(A) -> P``: ``A`` is one
+            block of A* as a float32 numpy array of shape (N, n) (rows in A* order: the deltas,
+            then λ_p·M_p in point order; columns consecutive elements of one tensor), ``P`` its
+            n pooled values. It is called with the GIL held, from worker threads, once per
+            block, blocks in no particular order; the result is as deterministic as ``f`` is
+            column by column. An exception in it aborts the run with nothing written.
         include_deltas: Pool over the task vectors too (the paper's default).
         Other arguments as in :func:`merge`.
 
@@ -411,7 +303,8 @@ def weave(
         WeaveError: as in :func:`merge`.
     """
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
-               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights)  # fmt: skip
+               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights, search=search,
+               compat=compat)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
@@ -532,8 +425,9 @@ def merge_arrays(
     chunk_size: int | None = None,
     out_dtype: str | None = None,
     weights: Sequence[float] | None = None,
+    compat: str | None = None,
     progress: ProgressFn | None = None,
-    **params: float | bool | str,
+    **params: float | bool | str | Sequence[float],
 ) -> dict[str, Any]:
     """:func:`merge` on in-memory state dicts of numpy arrays or torch tensors.
 
@@ -541,7 +435,7 @@ def merge_arrays(
     same Rust engine with the inputs shared zero-copy where their layout allows.
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
-               out_dtype=out_dtype, weights=weights)  # fmt: skip
+               out_dtype=out_dtype, weights=weights, compat=compat)  # fmt: skip
     return _run_arrays(base, models, job, progress)
 
 
@@ -551,17 +445,20 @@ def weave_arrays(
     *,
     method: str,
     lambdas: Sequence[float] | str | None = None,
-    pool: str = "mean",
+    search: SearchArg | None = None,
+    pool: PoolArg = "mean",
     include_deltas: bool = True,
     seed: int = 0,
     threads: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str | None = None,
     weights: Sequence[float] | None = None,
+    compat: str | None = None,
     progress: ProgressFn | None = None,
-    **params: float | bool | str,
+    **params: float | bool | str | Sequence[float],
 ) -> dict[str, Any]:
     """:func:`weave` on in-memory state dicts of numpy arrays or torch tensors."""
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
-               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights)  # fmt: skip
+               threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights, search=search,
+               compat=compat)  # fmt: skip
     return _run_arrays(base, models, job, progress)

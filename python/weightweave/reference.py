@@ -23,6 +23,11 @@ _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 POOL_STREAM = _MASK
 DEFAULT_LAM = {"task_arithmetic": 0.3, "magmax": 0.5}
+# SPEC: default Λ per method, step 0.1, both ends included.
+DEFAULT_LAMBDAS = {
+    **{m: (1, 10) for m in ("task_arithmetic", "linear", "dare", "magmax", "breadcrumbs")},
+    "ties": (1, 15), "dare_ties": (1, 15), "pcb": (1, 25), "tsv": (5, 20), "iso_c": (1, 20),
+}  # fmt: skip
 OUT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
 
 
@@ -97,13 +102,19 @@ def _unflatten(flat: Tensor, like: Mapping[str, Tensor], names: list[str]) -> di
     return out
 
 
-def _dare(tvs: list[dict[str, Tensor]], seed: int, density: float, rescale: bool) -> list[dict[str, Tensor]]:
+def per_task(v: object, t: int) -> float:
+    """SPEC: a parameter given as a list holds one value per task; a scalar applies to all."""
+    return float(v[t]) if isinstance(v, (list, tuple)) else float(v)  # type: ignore[arg-type]
+
+
+def _dare(tvs: list[dict[str, Tensor]], seed: int, density: object, rescale: bool) -> list[dict[str, Tensor]]:
     out = []
     for t, tv in enumerate(tvs):
+        p = per_task(density, t)
         d = {}
         for n, x in tv.items():
-            m = torch.from_numpy(dare_mask(seed, t, n, x.numel(), density)).reshape(x.shape)
-            d[n] = x * m / density if rescale else x * m
+            m = torch.from_numpy(dare_mask(seed, t, n, x.numel(), p)).reshape(x.shape)
+            d[n] = x * m / p if rescale else x * m
         out.append(d)
     return out
 
@@ -111,15 +122,19 @@ def _dare(tvs: list[dict[str, Tensor]], seed: int, density: float, rescale: bool
 # ---- methods -----------------------------------------------------------------------------------
 
 
-def _ties_flat(x: Tensor, density: float) -> Tensor:
-    """TIES on a T×d matrix, literally: kthvalue trim, sign election, disjoint mean."""
+def _ties_flat(x: Tensor, density: object) -> Tensor:
+    """TIES on a T×d matrix, literally: kthvalue trim (per task, with its density), sign
+    election, disjoint mean."""
     d = x.shape[1]
-    kk = d - int(d * density)
-    if kk > 0:
-        thr = x.abs().kthvalue(kk, dim=1, keepdim=True).values
-        trimmed = x * (x.abs() >= thr)
-    else:
-        trimmed = x.clone()
+    rows = []
+    for t in range(x.shape[0]):
+        kk = d - int(d * per_task(density, t))
+        if kk > 0:
+            thr = x[t].abs().kthvalue(kk).values
+            rows.append(x[t] * (x[t].abs() >= thr))
+        else:
+            rows.append(x[t].clone())
+    trimmed = torch.stack(rows)
     s = torch.sign(trimmed.sum(dim=0))
     majority = torch.sign(s.sum())
     s[s == 0] = majority
@@ -210,7 +225,7 @@ def merged_task_vector(
     names = mergeable_names(base)
     tvs = task_vectors(base, models, weights)
     if method in ("dare", "dare_ties"):
-        tvs = _dare(tvs, seed, float(params.get("density", 0.5)), bool(params.get("rescale", True)))
+        tvs = _dare(tvs, seed, params.get("density", 0.5), bool(params.get("rescale", True)))
     stack = {n: torch.stack([tv[n] for tv in tvs]) for n in names}
     if method in ("task_arithmetic", "dare"):
         return {n: s.sum(dim=0) for n, s in stack.items()}
@@ -227,14 +242,17 @@ def merged_task_vector(
             out[n] = best
         return out
     if method in ("ties", "dare_ties"):
-        density = float(params.get("ties_density" if method == "dare_ties" else "density", 0.2))
+        density = params.get("ties_density" if method == "dare_ties" else "density", 0.2)
         if params.get("scope", "global") == "tensor":
             return {n: _ties_flat(s.reshape(len(tvs), -1), density).reshape(s.shape[1:]) for n, s in stack.items()}
         flat = torch.stack([_flatten(tv, names) for tv in tvs])
         return _unflatten(_ties_flat(flat, density), tvs[0], names)
     if method == "breadcrumbs":
-        density, gamma = float(params.get("density", 0.15)), float(params.get("gamma", 0.006))
-        return {n: sum(_crumbs(x, density, gamma) for x in s) for n, s in stack.items()}  # type: ignore[misc]
+        density, gamma = params.get("density", 0.15), params.get("gamma", 0.006)
+        return {
+            n: sum(_crumbs(x, per_task(density, t), per_task(gamma, t)) for t, x in enumerate(s))  # type: ignore[misc]
+            for n, s in stack.items()
+        }
     if method in ("tsv", "iso_c"):
         pattern = params.get("svd_exclude")
         svd = _tsv if method == "tsv" else _iso_c
@@ -275,27 +293,64 @@ def merge(
     return _finish(base, {n: lam * x for n, x in m.items()}, out_dtype)
 
 
+def search_points(method: str, lambdas: Sequence[float] | None, search: object) -> list[dict[str, object]]:
+    """SPEC's search space as its list of points: Λ alone, a grid (the Cartesian product in
+    row-major order of the names as given; the default Λ first when it names no ``lam``), or an
+    explicit list."""
+    if search is None:
+        if lambdas is None:
+            a, b = DEFAULT_LAMBDAS.get(method, (1, 10))
+            lambdas = [k / 10 for k in range(a, b + 1)]
+        return [{"lam": lam} for lam in lambdas]
+    if isinstance(search, Mapping):
+        axes = list(search.items())
+        if "lam" not in search:
+            a, b = DEFAULT_LAMBDAS.get(method, (1, 10))
+            axes.insert(0, ("lam", [k / 10 for k in range(a, b + 1)]))
+        points = [{}]
+        for name, values in axes:
+            points = [{**p, name: v} for p in points for v in values]
+        return points
+    return [dict(p) for p in search]  # type: ignore[union-attr]
+
+
 def weave(
     base: StateDict,
     models: Sequence[StateDict],
     method: str,
-    lambdas: Sequence[float],
-    pool: str = "mean",
+    lambdas: Sequence[float] | None = None,
+    pool: object = "mean",
     include_deltas: bool = True,
     seed: int = 0,
     out_dtype: str | None = None,
     weights: Sequence[float] | None = None,
+    search: object = None,
+    merged: object = None,
     **params: float | bool | str,
 ) -> dict[str, Tensor]:
-    """Weight Weaving with A* stacked explicitly, as the paper's code does (A* holds the
-    weighted deltas τ'_t)."""
-    m = merged_task_vector(base, models, method, seed, weights, **params)
+    """Weight Weaving with A* stacked explicitly, as the paper's code does: the weighted deltas
+    τ'_t, then λ_p·M(params_p) for every point p of the search space (a point's own ``weights``
+    weight M only). ``pool`` may be a function of A* (N × numel, float32 numpy) → P.
+    ``merged(weights, params)`` computes M (default: this module's ``merged_task_vector``)."""
+
+    def default_merged(ws, ps):
+        return merged_task_vector(base, models, method, seed, ws, **ps)
+
+    merged = merged or default_merged
+    ms = []
+    for pt in search_points(method, lambdas, search):
+        ps = {**params, **{k: v for k, v in pt.items() if k not in ("lam", "weights")}}
+        ms.append((float(pt["lam"]), merged(pt.get("weights", weights), ps)))  # type: ignore[arg-type]
     tvs = task_vectors(base, models, weights)
     p = {}
-    for n, mn in m.items():
-        members = ([tv[n] for tv in tvs] if include_deltas else []) + [lam * mn for lam in lambdas]
+    for n in ms[0][1]:
+        mn = ms[0][1][n]
+        members = ([tv[n] for tv in tvs] if include_deltas else []) + [lam * m[n] for lam, m in ms]
         a_star = torch.stack(members)
-        if pool == "mean":
+        if callable(pool):
+            flat = a_star.reshape(len(members), -1).numpy()
+            p[n] = torch.from_numpy(np.asarray(pool(flat), dtype=np.float32)).reshape(mn.shape)
+        elif pool == "mean":
             p[n] = a_star.mean(dim=0)
         elif pool == "random":
             idx = torch.from_numpy(pick(seed, n, mn.numel(), len(members))).reshape(1, *mn.shape)

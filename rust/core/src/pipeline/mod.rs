@@ -278,7 +278,7 @@ pub fn run_chunks(
         }
         Ok::<(), Error>(())
     })?;
-    Ok(engine.total)
+    Ok(engine.done.load(Ordering::Relaxed))
 }
 
 impl<'a> Engine<'a> {

@@ -1,0 +1,139 @@
+"""A pure-torch reference of mergekit's semantics (``compat="mergekit"``), written from mergekit's
+rules (``generalized_task_arithmetic.py``, ``sparsify.py``, ``linear.py``): per tensor, each delta
+is sparsified alone (magnitude: the max(1, int(density·n)) largest |τ|; outliers: drop the largest
+int(gamma·n), keep the next int(density·n), fewer dropped when needed; random: Bernoulli(density)),
+optionally rescaled to its former L1 norm, then weighted; with sign consensus only the weighted
+deltas of the majority sign (+ where their sum is ≥ 0) are summed, and ``normalize`` divides by
+Σ w over the kept ones. Ties at a magnitude cut go to the earlier position (mergekit's order
+there is torch's unstable sort). Random masks come from this project's counter-based generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .reference import StateDict, Tensor, dare_mask, mergeable_names, per_task
+
+# name → (sparsification, consensus, normalize default, rescale default)
+METHODS = {
+    "task_arithmetic": (None, False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_ties": ("random", True, False, True),
+    "dare_linear": ("random", False, False, True),
+    "breadcrumbs": ("outliers", False, False, False),
+    "breadcrumbs_ties": ("outliers", True, False, False),
+}
+
+
+def _keep_descending(x: Tensor, lo: int, hi: int) -> Tensor:
+    """x with only the elements of descending |x| rank in [lo, hi) kept (stable: earlier first)."""
+    flat = x.reshape(-1)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    mask = torch.zeros_like(flat)
+    mask[order[lo:hi]] = 1
+    return (flat * mask).reshape(x.shape)
+
+
+def sparsify(x: Tensor, kind: str | None, density: float, gamma: float, seed: int, task: int, name: str) -> Tensor:
+    if kind is None or density >= 1:
+        return x
+    n = x.numel()
+    if kind == "magnitude":
+        if density <= 0 or n == 0:
+            return torch.zeros_like(x)
+        return _keep_descending(x, 0, max(1, int(density * n)))
+    if kind == "outliers":
+        target, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - target - top)
+        # mergekit keeps ascending ranks [bottom, bottom + target).
+        return _keep_descending(x, n - bottom - target, n - bottom)
+    mask = torch.from_numpy(dare_mask(seed, task, name, n, density)).reshape(x.shape)
+    return x * mask
+
+
+def _rescale_l1(x: Tensor, masked: Tensor) -> Tensor:
+    before, after = x.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def merged(
+    base: StateDict,
+    models: Sequence[StateDict],
+    method: str,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    **params: object,
+) -> dict[str, Tensor]:
+    """M per tensor (the mixed delta before λ), as mergekit mixes it."""
+    kind, consensus, normalize, rescale = METHODS[method]
+    normalize = bool(params.get("normalize", normalize))
+    rescale = bool(params.get("rescale", rescale))
+    ws = torch.tensor([1.0] * len(models) if weights is None else list(weights), dtype=torch.float32)
+    out = {}
+    for n in mergeable_names(base):
+        b = base[n].to(torch.float32)
+        deltas = []
+        for t, m in enumerate(models):
+            tau = m[n].to(torch.float32) - b
+            d = sparsify(tau, kind, per_task(params.get("density", 1.0), t),
+                         per_task(params.get("gamma", 0.01), t), seed, t, n)  # fmt: skip
+            if rescale and kind is not None and per_task(params.get("density", 1.0), t) < 1:
+                d = _rescale_l1(tau, d)
+            deltas.append(d)
+        w = ws.reshape(-1, *([1] * b.dim()))
+        weighted = torch.stack(deltas) * w
+        if consensus:
+            majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+            mask = (torch.sign(weighted) == majority).to(torch.float32)
+            mixed = (weighted * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = weighted.sum(dim=0)
+            divisor = ws.sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.tensor(1.0)
+        out[n] = mixed / divisor if normalize else mixed
+    return out
+
+
+def merge(
+    base: StateDict,
+    models: Sequence[StateDict],
+    method: str,
+    weights: Sequence[float] | None = None,
+    lam: float = 1.0,
+    seed: int = 0,
+    **params: object,
+) -> dict[str, Tensor]:
+    """mergekit's merged model: base + λ·M in the base's dtype (``linear``: Σ w θ / Σ w)."""
+    if method == "linear":
+        return linear(models, weights, bool(params.get("normalize", True)), base)
+    m = merged(base, models, method, weights, seed, **params)
+    out = {}
+    for n, t in base.items():
+        out[n] = (t.to(torch.float32) + (m[n] * lam if lam != 1 else m[n])).to(t.dtype) if n in m else t.clone()
+    return out
+
+
+def linear(
+    models: Sequence[StateDict], weights: Sequence[float] | None, normalize: bool, like: StateDict
+) -> dict[str, Tensor]:
+    """Σ_t w_t θ_t, accumulated from zero in model order, ÷ Σ_t w_t with ``normalize``."""
+    ws = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+    out = {}
+    for n in like:
+        if n not in mergeable_names(like):
+            out[n] = like[n].clone()
+            continue
+        acc = torch.zeros_like(models[0][n], dtype=torch.float32)
+        for m, w in zip(models, ws, strict=True):
+            acc = acc + m[n].to(torch.float32) * torch.tensor(w, dtype=torch.float32)
+        if normalize:
+            acc = acc / torch.tensor(ws, dtype=torch.float32).sum()
+        out[n] = acc.to(like[n].dtype)
+    return out
