@@ -28,6 +28,7 @@ from .api import (
     weave,
     weave_arrays,
 )
+from .recipe import RecipeError, run
 
 __all__ = [
     "METHODS",
@@ -40,6 +41,7 @@ __all__ = [
     "NonFiniteError",
     "OutputError",
     "ParamError",
+    "RecipeError",
     "Report",
     "WeaveError",
     "WeaveIOError",
@@ -48,6 +50,7 @@ __all__ = [
     "inspect",
     "merge",
     "merge_arrays",
+    "run",
     "weave",
     "weave_arrays",
 ]

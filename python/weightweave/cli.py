@@ -61,15 +61,50 @@ def parse_value(text: str) -> float | bool | str:
 STRING_PARAMS = ("scope", "svd_exclude", "device")
 
 
-def parse_set(items: Sequence[str]) -> dict[str, float | bool | str]:
-    params: dict[str, float | bool | str] = {}
+def _numbers(flag: str, key: str, text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise WeaveError(f"{flag} {key}: cannot parse '{text}' (comma-separated numbers)") from None
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set key=value``; ``--set density=0.2,0.5,0.3`` gives one value per fine-tuned model."""
+    params: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
             raise WeaveError(f"--set expects key=value, got '{item}'")
-        params[key] = value if key in STRING_PARAMS else parse_value(value)
+        if key in STRING_PARAMS:
+            params[key] = value
+        elif "," in value:
+            params[key] = _numbers("--set", key, value)
+        else:
+            params[key] = parse_value(value)
     return params
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, Any] | None:
+    """``--grid lam=0.1:1.0:0.1 --grid density=0.1,0.2,0.3``: the axes of a search grid, in
+    order (``weights`` axes take vectors separated by ';', e.g. weights=1,1,0;0.5,1,1)."""
+    if not items:
+        return None
+    from .api import parse_lambdas
+
+    grid: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise WeaveError(f"--grid expects name=values, got '{item}'")
+        if key in grid:
+            raise WeaveError(f"--grid {key} is given twice")
+        if key == "weights":
+            grid[key] = [_numbers("--grid", key, v) for v in value.split(";")]
+        else:
+            grid[key] = parse_lambdas(value) if ":" in value else _numbers("--grid", key, value)
+    return grid
 
 
 class Stop(BaseException):
@@ -147,15 +182,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="pre-trained checkpoint: .safetensors file, model dir or index.json")
     p.add_argument("models", nargs="+", help="fine-tuned checkpoints")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file or directory")
-    p.add_argument("--method", required=True, choices=api.METHODS)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(api.METHODS)} (with --compat mergekit: "
+                   "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties)")  # fmt: skip
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method parameter, e.g. --set density=0.2 (repeatable)",
+        help="method parameter, e.g. --set density=0.2, or one per model: density=0.2,0.5,0.3 (repeatable)",
     )
     p.add_argument("--weights", help="one weight per fine-tuned model, e.g. 0.2,0.5,1 (τ_t → w_t·τ_t)")
+    p.add_argument("--compat", choices=["paper", "mergekit"],
+                   help="mergekit: mergekit's semantics and names (see the README's semantics table)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--chunk-size", type=int, help="elements per chunk")
@@ -196,8 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("weave", help="Weight Weaving: pool over a search space Λ", epilog=epilog, formatter_class=raw)
     _common(w)
     w.add_argument("--lambdas", help="start:stop:step or a,b,c (default: the paper's range)")
+    w.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
+                   help="a search axis, e.g. --grid lam=0.1:1.0:0.1 --grid density=0.1,0.2,0.3 (repeatable; "
+                        "the points are their product, the first axis outermost)")  # fmt: skip
     w.add_argument("--pool", choices=api.POOLS, default="mean")
     w.add_argument("--no-deltas", action="store_true", help="pool over the λ-scaled merges only")
+    r = sub.add_parser("run", help="run a recipe file (ours, or a mergekit YAML as it is)")
+    r.add_argument("recipe", help="a YAML recipe: ours, or mergekit's config schema (merge_method: ...)")
+    r.add_argument("out", nargs="?", help="output .safetensors file or directory (default: the recipe's 'out')")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--chunk-size", type=int, help="elements per chunk")
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier weightweave output at OUT")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ms = sub.add_parser("methods", help="list the methods, their parameters, default λ and Λ")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     i = sub.add_parser("inspect", help="summarise a checkpoint")
@@ -216,24 +264,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
     bar = Bar(enabled=not args.quiet and sys.stderr.isatty(), signals=signals)
-    kw: dict[str, Any] = dict(
-        method=args.method,
-        seed=args.seed,
-        threads=args.threads,
-        chunk_size=args.chunk_size,
-        out_dtype=args.out_dtype,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        weights=_weights(args.weights),
-        progress=bar,
-        **parse_set(args.set),
-    )
+    if args.command == "run":
+        from . import recipe
+
+        recipe_ = recipe.load(args.recipe)  # every key checked before the progress bar starts
+        args.out = args.out if args.out is not None else recipe_.out
+
+        def call() -> api.Report:
+            return recipe.run(args.recipe, args.out, overwrite=args.overwrite, progress=bar, threads=args.threads,
+                              chunk_size=args.chunk_size)  # fmt: skip
+    else:
+        kw: dict[str, Any] = dict(
+            method=args.method,
+            seed=args.seed,
+            threads=args.threads,
+            chunk_size=args.chunk_size,
+            out_dtype=args.out_dtype,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+            weights=_weights(args.weights),
+            compat=args.compat,
+            progress=bar,
+            **parse_set(args.set),
+        )
+
+        def call() -> api.Report:
+            return _call(args, kw)
+
     signals.armed = True
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rep = _call(args, kw)
+            rep = call()
     finally:
         signals.armed = False
         bar.close()
@@ -267,7 +330,7 @@ def _call(args: argparse.Namespace, kw: dict[str, Any]) -> api.Report:
     if args.command == "merge":
         return api.merge(args.base, args.models, args.out, lam=args.lam, **kw)
     lambdas = api.parse_lambdas(args.lambdas) if args.lambdas else None
-    return api.weave(args.base, args.models, args.out, lambdas=lambdas, pool=args.pool,
+    return api.weave(args.base, args.models, args.out, lambdas=lambdas, search=parse_grid(args.grid), pool=args.pool,
                      include_deltas=not args.no_deltas, **kw)  # fmt: skip
 
 
@@ -296,11 +359,18 @@ def _shown(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``weightweave`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("merge", "weave"):
+        from .recipe import MERGEKIT_METHODS
+
+        known = MERGEKIT_METHODS if args.compat == "mergekit" else api.METHODS
+        if args.method not in known:
+            parser.error(f"argument --method: invalid choice: '{args.method}' (choose from {', '.join(known)})")
     signals = Signals()
     try:
         signals.install()
-        if args.command in ("merge", "weave"):
+        if args.command in ("merge", "weave", "run"):
             return _run_merge(args, signals)
         if args.command == "inspect":
             return _run_inspect(args)

@@ -1,0 +1,328 @@
+"""Recipes as files: ``weightweave run RECIPE.yaml [OUT]`` and :func:`run`.
+
+Two schemas are read. A mapping with ``merge_method`` is a mergekit config, accepted as it is for
+the methods both tools have and run with mergekit's semantics (``compat="mergekit"``), plus an
+optional ``weave:`` block of ours. Anything else is our own schema (see the README). Every key
+is checked before any work: a key we do not support is one :class:`RecipeError` naming it, never
+ignored. Paths are taken as given (relative to the working directory, as mergekit does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._rust import ParamError
+
+#: mergekit's merge methods this tool reproduces.
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                    "breadcrumbs_ties")  # fmt: skip
+_MK_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64",
+              "fp32": "f32", "bf16": "bf16", "fp16": "f16", "f32": "f32", "f16": "f16"}  # fmt: skip
+_MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+           "weave", "slices", "tokenizer", "chat_template", "name", "modules"}  # fmt: skip
+_MK_SHARED = {"normalize", "rescale", "int8_mask", "lambda"}
+_MK_PER_MODEL = {"weight", "density", "gamma"}
+_WEAVE_KEYS = {"lambdas", "search", "pool", "include_deltas", "seed"}
+_OWN_TOP = {"base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "include_deltas",
+            "seed", "weights", "out", "out_dtype", "shard_size", "compat", "threads", "chunk_size"}  # fmt: skip
+_OWN_MODEL = {"model", "weight", "density", "gamma", "ties_density"}
+
+
+class RecipeError(ParamError):
+    """A recipe that cannot be run as written: the message names the key (and the file)."""
+
+
+@dataclass
+class Recipe:
+    """A recipe resolved into one call of :func:`weightweave.merge` or :func:`weightweave.weave`."""
+
+    mode: str
+    base: str
+    models: list[str]
+    out: str | None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail(where: str, msg: str) -> RecipeError:
+    return RecipeError(f"{where}: {msg}" if where else msg)
+
+
+def load(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
+    """Reads and validates a recipe (a YAML file path or a mapping)."""
+    where = ""
+    if isinstance(source, Mapping):
+        data: Any = source
+    elif isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        data = _read_yaml(where)
+    else:
+        raise RecipeError(f"a recipe is a path to a YAML file or a mapping, got {type(source).__name__}")
+    if not isinstance(data, Mapping):
+        raise _fail(where, f"a recipe is a mapping of keys, got {type(data).__name__}")
+    if "merge_method" in data:
+        return _mergekit(data, where)
+    return _own(data, where)
+
+
+def _read_yaml(path: str) -> Any:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{path}: not valid YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e}") from None
+
+
+def _number(where: str, key: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, Mapping) or (isinstance(v, list) and v and isinstance(v[0], Mapping)):
+            raise _fail(where, f"'{key}' is conditional (filter/value): not supported (give one number)")
+        if isinstance(v, list):
+            raise _fail(where, f"'{key}' is a list: gradients over layers are not supported (give one number)")
+        raise _fail(where, f"'{key}' must be a number, got {v!r}")
+    return float(v)
+
+
+def _local(where: str, key: str, v: object) -> str:
+    """A model reference that must be a local checkpoint (no hub ids, no LoRA '+' suffixes)."""
+    if isinstance(v, Mapping):
+        raise _fail(where, f"'{key}' must be a path string; structured model references are not supported")
+    if not isinstance(v, str) or not v:
+        raise _fail(where, f"'{key}' must be a path, got {v!r}")
+    if "+" in v and not os.path.exists(v):
+        raise _fail(where, f"'{key}': '{v}' names a LoRA with '+': not supported (merge the adapter dir as a "
+                           "model instead)")  # fmt: skip
+    if not os.path.exists(v):
+        hint = " (it looks like a hub id: download it first; nothing is fetched)" if v.count("/") == 1 else ""
+        raise _fail(where, f"'{key}': '{v}' does not exist{hint}")
+    return v
+
+
+def _weave_block(block: object, where: str) -> dict[str, Any]:
+    if not isinstance(block, Mapping):
+        raise _fail(where, "'weave' must be a mapping (lambdas, search, pool, include_deltas, seed)")
+    bad = sorted(set(block) - _WEAVE_KEYS)
+    if bad:
+        raise _fail(where, f"weave.{bad[0]}: not a key of the weave block ({', '.join(sorted(_WEAVE_KEYS))})")
+    out = {k: block[k] for k in block}
+    if "pool" in out:
+        out["pool"] = _pool(out["pool"], where)
+    return out
+
+
+def _pool(v: object, where: str) -> str | Callable[..., Any]:
+    """A pool name, or ``module:function`` naming a function pool."""
+    if not isinstance(v, str):
+        raise _fail(where, f"'pool' must be a name or 'module:function', got {v!r}")
+    if ":" not in v:
+        return v
+    mod, _, attr = v.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise _fail(where, f"pool '{v}': cannot import it ({e})") from None
+    if not callable(fn):
+        raise _fail(where, f"pool '{v}' is not callable")
+    return fn
+
+
+def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
+    """A mergekit config, run with mergekit's semantics."""
+    unknown = sorted(set(d) - _MK_TOP)
+    if unknown:
+        raise _fail(where, f"'{unknown[0]}': not a mergekit config key weightweave supports")
+    refused = {
+        "slices": "slices (layer ranges) are not supported: merge whole models with 'models'",
+        "tokenizer": "a tokenizer block is not supported (the base's tokenizer is copied)",
+        "modules": "modules are not supported",
+        "chat_template": "chat_template is not supported",
+    }
+    for key, why in refused.items():
+        if key in d:
+            raise _fail(where, f"'{key}': {why}")
+    method = d["merge_method"]
+    if method not in MERGEKIT_METHODS:
+        raise _fail(where, f"merge_method: '{method}' is not one weightweave runs (supported: "
+                           f"{', '.join(MERGEKIT_METHODS)})")  # fmt: skip
+    ts = d.get("tokenizer_source")
+    if ts not in (None, "base"):
+        raise _fail(where, f"tokenizer_source: '{ts}' is not supported (only 'base': the base's tokenizer is copied)")
+    shared = dict(d.get("parameters") or {})
+    if not isinstance(d.get("parameters") or {}, Mapping):
+        raise _fail(where, "'parameters' must be a mapping")
+    unknown = sorted(set(shared) - _MK_SHARED - _MK_PER_MODEL)
+    if unknown:
+        raise _fail(where, f"parameters.{unknown[0]}: not a parameter weightweave supports for {method}")
+    base = d.get("base_model")
+    base = _local(where, "base_model", base) if base is not None else None
+    entries = d.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise _fail(where, "'models' must be a non-empty list")
+    models, per_model = [], []
+    for i, e in enumerate(entries):
+        if not isinstance(e, Mapping) or "model" not in e:
+            raise _fail(where, f"models[{i}] must be a mapping with 'model'")
+        bad = sorted(set(e) - {"model", "parameters"})
+        if bad:
+            raise _fail(where, f"models[{i}].{bad[0]}: not supported")
+        path = _local(where, f"models[{i}].model", e["model"])
+        ps = e.get("parameters") or {}
+        if not isinstance(ps, Mapping):
+            raise _fail(where, f"models[{i}].parameters must be a mapping")
+        bad = sorted(set(ps) - _MK_PER_MODEL)
+        if bad:
+            raise _fail(where, f"models[{i}].parameters.{bad[0]}: not a per-model parameter weightweave supports")
+        if method != "linear" and base is not None and os.path.realpath(path) == os.path.realpath(base):
+            continue  # mergekit takes no task vector from the base model
+        merged = {k: shared[k] for k in _MK_PER_MODEL if k in shared} | dict(ps)
+        per_model.append({k: _number(where, f"models[{i}].parameters.{k}", v) for k, v in merged.items()})
+        models.append(path)
+    if not models:
+        raise _fail(where, "'models' lists only the base model")
+    if base is None:
+        if method != "linear":
+            raise _fail(where, f"base_model is required by {method}")
+        base = models[0]
+    for i, p in enumerate(per_model):
+        if "weight" not in p:
+            raise _fail(where, f"models[{i}]: parameters.weight is required by mergekit's {method}")
+    params: dict[str, Any] = {}
+    for k in ("normalize", "rescale", "int8_mask"):
+        if k in shared:
+            if not isinstance(shared[k], bool):
+                raise _fail(where, f"parameters.{k} must be true or false, got {shared[k]!r}")
+            params[k] = shared[k]
+    for k in ("density", "gamma"):
+        vals = [p[k] for p in per_model if k in p]
+        if vals:
+            if len(vals) != len(per_model):
+                default = {"density": 1.0, "gamma": 0.01}[k]
+                vals = [p.get(k, default) for p in per_model]
+            params[k] = vals
+    kwargs: dict[str, Any] = {"method": method, "compat": "mergekit", "weights": [p["weight"] for p in per_model],
+                              **params}  # fmt: skip
+    out_dtype = d.get("out_dtype", d.get("dtype"))
+    if out_dtype is not None:
+        if out_dtype not in _MK_DTYPES:
+            raise _fail(where, f"dtype '{out_dtype}' is not one of {', '.join(sorted(_MK_DTYPES))}")
+        kwargs["out_dtype"] = _MK_DTYPES[out_dtype]
+    lam = shared.get("lambda")
+    mode = "merge"
+    if "weave" in d:
+        if lam is not None:
+            raise _fail(where, "parameters.lambda and a weave block: λ comes from the weave search space")
+        kwargs.update(_weave_block(d["weave"], where))
+        mode = "weave"
+    elif lam is not None:
+        kwargs["lam"] = _number(where, "parameters.lambda", lam)
+    return Recipe(mode, base, models, None, kwargs)
+
+
+def _own(d: Mapping[str, Any], where: str) -> Recipe:
+    """Our own schema: base, models (paths or {model, weight, density, ...}), method, params, and
+    merge or weave options."""
+    unknown = sorted(set(d) - _OWN_TOP)
+    if unknown:
+        hint = " (a mergekit config needs 'merge_method')" if unknown[0] in ("base_model", "merge_method") else ""
+        raise _fail(where, f"'{unknown[0]}': not a recipe key (keys: {', '.join(sorted(_OWN_TOP))}){hint}")
+    for k in ("base", "models", "method"):
+        if k not in d:
+            raise _fail(where, f"'{k}' is required")
+    base = _local(where, "base", d["base"])
+    entries = d["models"]
+    if not isinstance(entries, list) or not entries:
+        raise _fail(where, "'models' must be a non-empty list")
+    models, per_model = [], []
+    for i, e in enumerate(entries):
+        if isinstance(e, Mapping):
+            bad = sorted(set(e) - _OWN_MODEL)
+            if bad:
+                raise _fail(where, f"models[{i}].{bad[0]}: not a per-model key ({', '.join(sorted(_OWN_MODEL))})")
+            if "model" not in e:
+                raise _fail(where, f"models[{i}].model is required")
+            models.append(_local(where, f"models[{i}].model", e["model"]))
+            per_model.append({k: _number(where, f"models[{i}].{k}", v) for k, v in e.items() if k != "model"})
+        else:
+            models.append(_local(where, f"models[{i}]", e))
+            per_model.append({})
+    params = d.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise _fail(where, "'params' must be a mapping")
+    kwargs: dict[str, Any] = {"method": d["method"], **params}
+    if any("weight" in p for p in per_model):
+        if "weights" in d:
+            raise _fail(where, "'weights' and per-model 'weight': give one of them")
+        kwargs["weights"] = [p.get("weight", 1.0) for p in per_model]
+    elif "weights" in d:
+        kwargs["weights"] = d["weights"]
+    for k in ("density", "gamma", "ties_density"):
+        if any(k in p for p in per_model):
+            if k in params:
+                raise _fail(where, f"params.{k} and a per-model '{k}': give one of them")
+            missing = [i for i, p in enumerate(per_model) if k not in p]
+            if missing:
+                raise _fail(where, f"models[{missing[0]}]: '{k}' is set for some models but not this one")
+            kwargs[k] = [p[k] for p in per_model]
+    weave_keys = {"lambdas", "search", "pool", "include_deltas"} & set(d)
+    mode = d.get("mode", "weave" if weave_keys else "merge")
+    if mode not in ("merge", "weave"):
+        raise _fail(where, f"mode must be merge or weave, got {mode!r}")
+    if mode == "merge" and weave_keys:
+        raise _fail(where, f"'{sorted(weave_keys)[0]}' belongs to mode: weave")
+    if mode == "weave" and "lam" in d:
+        raise _fail(where, "'lam' belongs to mode: merge (weave takes lambdas or search)")
+    for k in ("lam", "lambdas", "search", "include_deltas", "seed", "out_dtype", "shard_size", "compat", "threads",
+              "chunk_size"):  # fmt: skip
+        if k in d:
+            kwargs[k] = d[k]
+    if "pool" in d:
+        kwargs["pool"] = _pool(d["pool"], where)
+    out = d.get("out")
+    if out is not None and not isinstance(out, str):
+        raise _fail(where, f"'out' must be a path, got {out!r}")
+    return Recipe(mode, base, models, out, kwargs)
+
+
+def run(
+    recipe: str | os.PathLike | Mapping[str, Any],
+    out: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    threads: int | None = None,
+    chunk_size: int | None = None,
+):
+    """Runs a recipe (a YAML path or a mapping, in our schema or mergekit's) and returns the
+    :class:`~weightweave.Report`. ``out`` overrides the recipe's ``out``; one of them is needed.
+
+    Raises:
+        RecipeError: for a key that is unsupported, mistyped or missing, before any work.
+        WeaveError: as :func:`weightweave.merge`.
+    """
+    from . import api
+
+    r = load(recipe)
+    target = out if out is not None else r.out
+    if target is None:
+        raise RecipeError("no output: give OUT (or 'out' in the recipe)")
+    kw = dict(r.kwargs)
+    for k, v in (("threads", threads), ("chunk_size", chunk_size)):
+        if v is not None:
+            kw[k] = v
+    fn = api.weave if r.mode == "weave" else api.merge
+    try:
+        return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
+    except TypeError as e:
+        raise RecipeError(f"{os.fspath(recipe) if not isinstance(recipe, Mapping) else 'recipe'}: {e}") from None

@@ -1,0 +1,215 @@
+"""Recipe files: ``weightweave run RECIPE [OUT]`` and ``ww.run``, in our schema and mergekit's;
+every unsupported key is one clear error before any work."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import weightweave as ww
+from weightweave import reference as R
+from weightweave import reference_mergekit as MK
+from weightweave.cli import main
+
+from conftest import assert_close_ulp, load, make_state, tree, ulp, write_models
+
+
+@pytest.fixture
+def ck(tmp_path, monkeypatch):
+    base, models = make_state(51)
+    base = {n: t.float() if t.is_floating_point() else t for n, t in base.items()}
+    models = [{n: t.float() if t.is_floating_point() else t for n, t in m.items()} for m in models]
+    bp, mps = write_models(tmp_path / "in", base, models)
+    monkeypatch.chdir(tmp_path)  # recipes name paths relative to the working directory
+    return base, models, bp, mps
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "recipe.yml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+MERGEKIT_TIES = """\
+    merge_method: ties
+    base_model: in/base.safetensors
+    models:
+      - model: in/base.safetensors
+      - model: in/ft0.safetensors
+        parameters: {weight: 1.0, density: 0.5}
+      - model: in/ft1.safetensors
+        parameters: {weight: 0.5, density: 0.3}
+      - model: in/ft2.safetensors
+        parameters:
+          weight: 0.3
+    parameters:
+      normalize: true
+      int8_mask: true
+      density: 0.7
+    dtype: float32
+    tokenizer_source: base
+"""
+
+
+def close(base, models, got):
+    out = {}
+    for n, b in base.items():
+        if b.is_floating_point():
+            top = max((m[n].double() - b.double()).abs().max() for m in models)
+            out[n] = 4 * ulp(got[n].double().abs(), torch.float32) + top * 1e-6
+    return out
+
+
+def test_a_mergekit_yaml_runs_unchanged(ck, tmp_path):
+    base, models, _, _ = ck
+    p = write(tmp_path, MERGEKIT_TIES)
+    assert main(["run", str(p), "out1", "-q"]) == 0
+    got = load(tmp_path / "out1")
+    # The base listed among the models gives no task vector; the top-level density is the
+    # default of the model that sets none.
+    want = MK.merge(base, models, "ties", [1.0, 0.5, 0.3], density=[0.5, 0.3, 0.7], normalize=True)
+    assert_close_ulp(got, want, atol=close(base, models, got))
+    rep = ww.run(p, "out2")
+    assert load(tmp_path / "out2").keys() == got.keys()
+    assert rep.outputs
+
+
+def test_mergekit_lambda_and_weave_block(ck, tmp_path):
+    base, models, _, _ = ck
+    text = MERGEKIT_TIES.replace("density: 0.7\n", "density: 0.7\n      lambda: 0.6\n")
+    ww.run(write(tmp_path, text), "lam.safetensors")
+    got = load(tmp_path / "lam.safetensors")
+    want = MK.merge(base, models, "ties", [1.0, 0.5, 0.3], lam=0.6, density=[0.5, 0.3, 0.7])
+    assert_close_ulp(got, want, atol=close(base, models, got))
+    text = MERGEKIT_TIES + "    weave:\n      search: {lam: [0.5, 1.0], density: [0.2, 0.6]}\n      pool: magmax\n"
+    ww.run(write(tmp_path, text), "woven.safetensors")
+    got = load(tmp_path / "woven.safetensors")
+
+    def merged(ws, ps):
+        return MK.merged(base, models, "ties", ws, **ps)
+
+    want = R.weave(base, models, "ties", search={"lam": [0.5, 1.0], "density": [0.2, 0.6]}, pool="magmax",
+                   weights=[1.0, 0.5, 0.3], merged=merged)  # fmt: skip
+    assert_close_ulp(got, want, atol=close(base, models, got))
+
+
+def test_our_schema_with_a_grid_and_out_in_the_recipe(ck, tmp_path):
+    base, models, _, _ = ck
+    p = write(tmp_path, """\
+        base: in/base.safetensors
+        models:
+          - {model: in/ft0.safetensors, weight: 1.0, density: 0.2}
+          - {model: in/ft1.safetensors, weight: 0.5, density: 0.4}
+          - {model: in/ft2.safetensors, weight: 2.0, density: 0.3}
+        method: dare
+        search: {lam: "0.2:1.0:0.4", rescale: [true]}
+        pool: mean
+        seed: 4
+        out: woven.safetensors
+    """)
+    assert main(["run", str(p), "-q"]) == 0
+    got = load(tmp_path / "woven.safetensors")
+    want = R.weave(base, models, "dare", [0.2, 0.6, 1.0], weights=[1.0, 0.5, 2.0], seed=4, density=[0.2, 0.4, 0.3])
+    assert_close_ulp(got, want, ulps=2, atol=1e-6)
+    # The same recipe as a mapping, with OUT given.
+    ww.run({"base": "in/base.safetensors", "models": ["in/ft0.safetensors", "in/ft1.safetensors"],
+            "method": "task_arithmetic", "lam": 0.5}, "m.safetensors")  # fmt: skip
+    want = R.merge(base, models[:2], "task_arithmetic", 0.5)
+    assert_close_ulp(load(tmp_path / "m.safetensors"), want)
+
+
+REFUSED = [
+    ("slices:\n  - sources: []\n", "'slices'"),
+    ("tokenizer:\n  source: union\n", "'tokenizer'"),
+    ("tokenizer_source: union\n", "tokenizer_source"),
+    ("chat_template: chatml\n", "chat_template"),
+    ("frobnicate: 1\n", "'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize(("extra", "key"), REFUSED)
+def test_unsupported_mergekit_keys_are_named(ck, tmp_path, extra, key):
+    text = MERGEKIT_TIES.replace("    tokenizer_source: base\n", "") + textwrap.indent(extra, "    ")
+    with pytest.raises(ww.RecipeError, match=key):
+        ww.run(write(tmp_path, text), "o")
+    assert not (tmp_path / "o").exists()
+
+
+EDITS = [
+    (("merge_method: ties", "merge_method: slerp"), "slerp"),
+    (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: 1.0, density: [0.1, 0.5]}"), "gradients"),
+    (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: [{filter: mlp, value: 1}]}"), "conditional"),
+    (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: x}"), "must be a number"),
+    (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: 1.0, epsilon: 0.1}"), "epsilon"),
+    (("parameters: {weight: 1.0, density: 0.5}", "parameters: {density: 0.5}"), "weight is required"),
+    (("model: in/ft1.safetensors", "model: meta-llama/Llama-3-8B"), "hub id"),
+    (("model: in/ft1.safetensors", "model: in/ft1.safetensors+lora/x"), "LoRA"),
+    (("model: in/ft1.safetensors", "model: in/missing.safetensors"), "does not exist"),
+    (("base_model: in/base.safetensors", "base_model: nope"), "base_model"),
+    (("  normalize: true", "  normalize: 3"), "normalize"),
+    (("  normalize: true", "  normalize: true\n      rescale_norm: l2"), "rescale_norm"),
+    (("dtype: float32", "dtype: int4"), "int4"),
+    (("merge_method: ties\n", "merge_method: ties\n    weave: {lambdas: 0.1:1.0:0.1, foo: 1}\n"), "weave.foo"),
+]
+
+
+@pytest.mark.parametrize(("edit", "msg"), EDITS)
+def test_bad_mergekit_recipes_name_the_key(ck, tmp_path, edit, msg):
+    text = MERGEKIT_TIES.replace(*edit)
+    assert text != MERGEKIT_TIES
+    with pytest.raises(ww.RecipeError, match=msg):
+        ww.run(write(tmp_path, text), "o")
+    assert tree(tmp_path / "o") == []
+
+
+def test_bad_yaml_names_the_line(ck, tmp_path, capsys):
+    p = write(tmp_path, "merge_method: ties\nmodels: [\n  - model: x\n")
+    with pytest.raises(ww.RecipeError, match=r"not valid YAML at line \d+"):
+        ww.run(p, "o")
+    assert main(["run", str(p), "o"]) == 1
+    assert "recipe.yml: not valid YAML" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "none.yml"), "o"]) == 1
+    assert "no such recipe file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+OWN_BAD = [
+    ({"method": "ties", "models": ["in/ft0.safetensors"]}, "'base' is required"),
+    ({"base": "in/base.safetensors", "models": [{"model": "in/ft0.safetensors", "wieght": 1}], "method": "ties"},
+     "wieght"),
+    ({"base": "in/base.safetensors", "models": "in/ft0.safetensors", "method": "ties"}, "non-empty list"),
+    ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties", "lam": 1, "pool": "mean"},
+     "belongs to mode: merge"),
+    ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties", "pool": "nope:fn"},
+     "cannot import"),
+    ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties", "base_model": "x"},
+     "merge_method"),
+    ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties"}, "no output"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("recipe", "msg"), OWN_BAD)
+def test_bad_recipes_of_our_schema(ck, tmp_path, recipe, msg):
+    with pytest.raises(ww.RecipeError, match=msg):
+        ww.run(recipe, None if msg == "no output" else "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_grid_and_per_model_set(ck, tmp_path):
+    base, models, bp, mps = ck
+    args = ["weave", str(bp), *map(str, mps), "-o", "g.safetensors", "--method", "ties", "-q",
+            "--grid", "density=0.1,0.3", "--grid", "lam=0.5:1.5:0.5", "--set", "scope=tensor"]  # fmt: skip
+    assert main(args) == 0
+    grid = {"density": [0.1, 0.3], "lam": [0.5, 1.0, 1.5]}
+    want = R.weave(base, models, "ties", search=grid, scope="tensor")
+    got = load(tmp_path / "g.safetensors")
+    assert_close_ulp(got, want, ulps=2, atol=1e-6)
+    args = ["merge", str(bp), *map(str, mps), "-o", "p.safetensors", "--method", "ties", "-q",
+            "--set", "density=0.1,0.5,0.9", "--compat", "mergekit", "--weights", "1,0.5,2"]  # fmt: skip
+    assert main(args) == 0
+    got = load(tmp_path / "p.safetensors")
+    want = MK.merge(base, models, "ties", [1.0, 0.5, 2.0], density=[0.1, 0.5, 0.9])
+    assert_close_ulp(got, want, atol=close(base, models, got))
+    assert main(["weave", str(bp), *map(str, mps), "-o", "x", "--method", "ties", "--grid", "density"]) == 1
