@@ -201,3 +201,11 @@ def test_a_failing_pool_function_names_the_tensor_and_writes_nothing(ck, tmp_pat
     with pytest.raises(ww.WeaveError, match=r"returned shape"):
         ww.weave(bp, mps, tmp_path / "o.safetensors", method="ties", pool=lambda a: a)
     assert tree(tmp_path) == []
+
+
+def test_svd_methods_search_over_lambda_alone(ck, tmp_path):
+    _, _, bp, mps = ck
+    with pytest.raises(ww.ParamError, match="λ alone"):
+        ww.weave(bp, mps, tmp_path / "o.safetensors", method="tsv", device="cpu",
+                 search=[{"lam": 1.0}, {"lam": 1.0, "weights": [1.0, 0.0, 1.0]}])  # fmt: skip
+    assert tree(tmp_path) == []

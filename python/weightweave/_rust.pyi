@@ -37,7 +37,8 @@ class WeaveIOError(WeaveError, OSError): ...
 class CancelledError(WeaveError): ...
 
 _Params = dict[str, float | bool | str]
-# method, params, mode, lam, lambdas, pool, include_deltas, seed, threads, chunk_size, out_dtype
+# method, params, mode, lam, lambdas, search, pool (a name or a function), include_deltas, seed, threads,
+# chunk_size, out_dtype, weights, compat
 _Job = dict[str, Any]
 _Progress = Callable[[int, int], object]
 _Entry = tuple[str, str, Sequence[int], Any]

@@ -120,10 +120,29 @@ def merge(
     return out
 
 
+def fma32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """a·b + c rounded once to f32 (IEEE fusedMultiplyAdd), from f64 arithmetic: the product of
+    two f32 is exact in f64, TwoSum gives the f64 sum and its exact error, and the error decides
+    the one case where rounding the f64 sum to f32 could go the wrong way (a sum exactly halfway
+    between two f32 values)."""
+    p = a.double() * b.double()
+    c64 = c.double()
+    s = p + c64
+    bb = s - p
+    err = (p - (s - bb)) + (c64 - bb)
+    r = s.to(torch.float32)
+    toward = torch.nextafter(r, torch.where(s > r.double(), torch.tensor(float("inf")), torch.tensor(float("-inf"))))
+    halfway = (r.double() != s) & ((r.double() + toward.double()) / 2 == s) & (err != 0)
+    up = err > 0
+    fixed = torch.where(up, torch.maximum(r, toward), torch.minimum(r, toward))
+    return torch.where(halfway, fixed, r)
+
+
 def linear(
     models: Sequence[StateDict], weights: Sequence[float] | None, normalize: bool, like: StateDict
 ) -> dict[str, Tensor]:
-    """Σ_t w_t θ_t, accumulated from zero in model order, ÷ Σ_t w_t with ``normalize``."""
+    """Σ_t w_t θ_t, accumulated from zero in model order with fused multiply-adds (mergekit's
+    ``addcmul_``), ÷ Σ_t w_t with ``normalize``."""
     ws = [1.0] * len(models) if weights is None else [float(w) for w in weights]
     out = {}
     for n in like:
@@ -132,7 +151,7 @@ def linear(
             continue
         acc = torch.zeros_like(models[0][n], dtype=torch.float32)
         for m, w in zip(models, ws, strict=True):
-            acc = acc + m[n].to(torch.float32) * torch.tensor(w, dtype=torch.float32)
+            acc = fma32(m[n].to(torch.float32), torch.tensor(w, dtype=torch.float32), acc)
         if normalize:
             acc = acc / torch.tensor(ws, dtype=torch.float32).sum()
         out[n] = acc.to(like[n].dtype)

@@ -410,6 +410,15 @@ impl Job {
                     };
                     points.push(Point { lam, set: idx });
                 }
+                if sets.len() > 1 && sets[0].method.is_external() {
+                    return Err(Error::param(
+                        "search",
+                        format!(
+                            "{} searches over λ alone: a point with its own weights would need SVDs of its own",
+                            sets[0].method.name()
+                        ),
+                    ));
+                }
                 return Ok(Recipe {
                     sets,
                     combine: Combine::Weave {

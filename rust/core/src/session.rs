@@ -45,6 +45,7 @@ impl Session {
         let start = Instant::now();
         let recipe = job.recipe()?;
         job.check_tasks(&recipe, models.len())?;
+
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
         if opened.scaled {
             return Err(Error::param(

@@ -43,12 +43,37 @@ pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
 pub fn dare(x: &mut [f32], stream: &Stream, first: u64, density: f64, rescale: bool) {
     let density = density as f32;
     for (i, o) in x.iter_mut().enumerate() {
-        let kept = if stream.keep(first + i as u64, density) {
-            *o
-        } else {
-            0.0 * *o
-        };
-        *o = if rescale { kept / density } else { kept };
+        *o = dare_one(*o, stream, first + i as u64, density, rescale);
+    }
+}
+
+/// [`dare`] from `src` into `out`.
+#[inline(always)]
+pub fn dare_into(
+    src: &[f32],
+    out: &mut [f32],
+    stream: &Stream,
+    first: u64,
+    density: f64,
+    rescale: bool,
+) {
+    let density = density as f32;
+    for (i, (o, &x)) in out.iter_mut().zip(src).enumerate() {
+        *o = dare_one(x, stream, first + i as u64, density, rescale);
+    }
+}
+
+#[inline(always)]
+fn dare_one(x: f32, stream: &Stream, index: u64, density: f32, rescale: bool) -> f32 {
+    let kept = if stream.keep(index, density) {
+        x
+    } else {
+        0.0 * x
+    };
+    if rescale {
+        kept / density
+    } else {
+        kept
     }
 }
 

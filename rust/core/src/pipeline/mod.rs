@@ -479,13 +479,15 @@ impl<'a> Engine<'a> {
             w.eff.resize_with(tasks, Vec::new);
             for k in 0..tasks {
                 grow(&mut w.eff[k], n);
+                let stream = Stream::new(self.recipe.seed, k as u64, name);
+                let (first, density) = (c.start as u64, p.density.get(k));
                 if src == Src::Raw {
                     let (raw, eff) = (&w.raw[k][..n], &mut w.eff[k][..n]);
-                    eff.copy_from_slice(raw);
+                    elementwise::dare_into(raw, eff, &stream, first, density, p.rescale);
+                } else {
+                    let x = &mut w.eff[k][..n];
+                    elementwise::dare(x, &stream, first, density, p.rescale);
                 }
-                let stream = Stream::new(self.recipe.seed, k as u64, name);
-                let x = &mut w.eff[k][..n];
-                elementwise::dare(x, &stream, c.start as u64, p.density.get(k), p.rescale);
             }
             src = Src::Eff;
         }

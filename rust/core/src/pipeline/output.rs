@@ -86,11 +86,12 @@ impl Engine<'_> {
                 }
             }
             Method::MergekitLinear { normalize } => {
-                // mergekit: result = Σ_t θ_t·w_t from zero, then ÷ Σ_t w_t.
+                // mergekit: result = 0, then result.addcmul_(θ_t, w_t) per model — a fused
+                // multiply-add in torch's vectorized CPU kernel — then ÷ Σ_t w_t.
                 m[..n].fill(0.0);
                 for (d, &wt) in deltas.iter().zip(&self.weights[j]) {
                     for (acc, &x) in m[..n].iter_mut().zip(&d[..n]) {
-                        *acc += x * wt;
+                        *acc = x.mul_add(wt, *acc);
                     }
                 }
                 if *normalize {
