@@ -213,3 +213,14 @@ def test_cli_grid_and_per_model_set(ck, tmp_path):
     want = MK.merge(base, models, "ties", [1.0, 0.5, 2.0], density=[0.1, 0.5, 0.9])
     assert_close_ulp(got, want, atol=close(base, models, got))
     assert main(["weave", str(bp), *map(str, mps), "-o", "x", "--method", "ties", "--grid", "density"]) == 1
+
+
+def test_a_soup_recipe_needs_no_base(ck, tmp_path):
+    base, models, _, _ = ck
+    ww.run({"models": ["in/ft0.safetensors", "in/ft1.safetensors"], "method": "linear", "weights": [1.0, 3.0]},
+           "soup.safetensors")  # fmt: skip
+    got = load(tmp_path / "soup.safetensors")
+    for n, b in base.items():
+        if b.is_floating_point():
+            want = (models[0][n].double() + 3 * models[1][n].double()) / 4
+            assert torch.allclose(got[n].double(), want, atol=1e-6), n

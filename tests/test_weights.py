@@ -88,3 +88,19 @@ def test_weights_from_the_cli_and_arrays_and_recorded(ck, tmp_path, capsys):
     assert main(["merge", str(bp), *map(str, mps), "-o", str(tmp_path / "x"), "--method", "ties", "--weights",
                  "1,x"]) == 1  # fmt: skip
     assert "--weights: cannot parse" in capsys.readouterr().err
+
+
+def test_a_model_soup_needs_no_base(ck, tmp_path):
+    base, models, bp, mps = ck
+    w = [1.0, 3.0, 0.5]
+    ww.merge(None, mps, tmp_path / "soup.safetensors", method="linear", weights=w)
+    got = load(tmp_path / "soup.safetensors")
+    for n, b in base.items():
+        if b.is_floating_point():
+            avg = sum(wi * m[n].double() for wi, m in zip(w, models, strict=True)) / sum(w)
+            assert torch.allclose(got[n].double(), avg, atol=float(b.abs().max()) * 2e-2 + 1e-3), n
+    with pytest.raises(ww.ParamError, match="base is required"):
+        ww.merge(None, mps, tmp_path / "x.safetensors", method="ties")
+    with pytest.raises(ww.ParamError, match="base is required"):
+        ww.weave(None, mps, tmp_path / "x.safetensors", method="linear")
+    assert not (tmp_path / "x.safetensors").exists()

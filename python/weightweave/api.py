@@ -179,6 +179,12 @@ def _progress(progress: object) -> ProgressFn | None:
 
 
 def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, progress) -> Report:
+    if base is None:
+        # A model soup needs no base: Σ w_t θ_t / Σ w_t is the same over any reference point, so
+        # the first model serves as one (its delta is 0).
+        if job["method"] != "linear" or job["mode"] != "merge" or job["lam"] not in (None, 1.0):
+            raise ParamError("base is required (only a plain linear merge, a model soup, can do without one)")
+        base = _models(models)[0]
     args = (_path(base, "base"), [_path(m, f"models[{i}]") for i, m in enumerate(_models(models))], _path(out, "out"))
     if shard_size is not None and (not isinstance(shard_size, int) or isinstance(shard_size, bool)
                                    or not 0 < shard_size < 2**64):  # fmt: skip
@@ -195,7 +201,7 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
 
 
 def merge(
-    base: PathLike,
+    base: PathLike | None,
     models: Sequence[PathLike],
     out: PathLike,
     *,
@@ -216,7 +222,8 @@ def merge(
 
     Args:
         base: The pre-trained checkpoint: a ``.safetensors`` file, a model directory, or a
-            ``model.safetensors.index.json``.
+            ``model.safetensors.index.json``. ``None`` only for ``linear`` (a model soup), whose
+            structure and dtypes then come from the first model.
         models: The fine-tuned checkpoints (same tensors and shapes as the base).
         out: A ``.safetensors`` file, or a directory (sharded with ``shard_size``; the base
             directory's config files are copied in).

@@ -41,7 +41,7 @@ class Recipe:
     """A recipe resolved into one call of :func:`weightweave.merge` or :func:`weightweave.weave`."""
 
     mode: str
-    base: str
+    base: str | None
     models: list[str]
     out: str | None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -237,10 +237,12 @@ def _own(d: Mapping[str, Any], where: str) -> Recipe:
     if unknown:
         hint = " (a mergekit config needs 'merge_method')" if unknown[0] in ("base_model", "merge_method") else ""
         raise _fail(where, f"'{unknown[0]}': not a recipe key (keys: {', '.join(sorted(_OWN_TOP))}){hint}")
-    for k in ("base", "models", "method"):
+    for k in ("models", "method"):
         if k not in d:
             raise _fail(where, f"'{k}' is required")
-    base = _local(where, "base", d["base"])
+    if "base" not in d and d["method"] != "linear":
+        raise _fail(where, "'base' is required (only linear, a model soup, can do without one)")
+    base = _local(where, "base", d["base"]) if "base" in d else None
     entries = d["models"]
     if not isinstance(entries, list) or not entries:
         raise _fail(where, "'models' must be a non-empty list")
