@@ -105,21 +105,10 @@ impl Engine<'_> {
         let (n, tasks) = (c.len, self.tasks());
         for (v, &j) in reps.iter().enumerate() {
             let src = self.set_deltas(w, j, c);
-            let Work {
-                raw,
-                plain,
-                eff,
-                scratch,
-                ..
-            } = w;
-            let d: &[Vec<f32>] = match src {
-                Src::Raw => raw,
-                Src::Plain => plain,
-                Src::Eff => eff,
-            };
-            for (t, x) in d.iter().enumerate() {
-                crate::simd!(abs_into(&x[..n], &mut scratch[..n]));
-                emit(v * tasks + t, &scratch[..n]);
+            let p = w.parts(src);
+            for (t, x) in p.deltas.iter().enumerate() {
+                crate::simd!(abs_into(&x[..n], &mut p.scratch[..n]));
+                emit(v * tasks + t, &p.scratch[..n]);
             }
         }
     }
@@ -379,26 +368,14 @@ impl Engine<'_> {
                 let n = c.len;
                 for (v, &j) in reps.iter().enumerate() {
                     let src = self.set_deltas(w, j, c);
-                    let Work {
-                        raw,
-                        plain,
-                        eff,
-                        scratch,
-                        m,
-                        ..
-                    } = w;
-                    let d: &[Vec<f32>] = match src {
-                        Src::Raw => raw,
-                        Src::Plain => plain,
-                        Src::Eff => eff,
-                    };
-                    for (t, x) in d.iter().enumerate() {
-                        crate::simd!(abs_into(&x[..n], &mut scratch[..n]));
-                        crate::simd!(acc.count(&windows, v * tasks + t, &scratch[..n]));
+                    let p = w.parts(src);
+                    for (t, x) in p.deltas.iter().enumerate() {
+                        crate::simd!(abs_into(&x[..n], &mut p.scratch[..n]));
+                        crate::simd!(acc.count(&windows, v * tasks + t, &p.scratch[..n]));
                     }
                     for (k, tally) in tallies.iter_mut().enumerate() {
                         if of[k] == v {
-                            let (sum, undecided) = (&mut *scratch, &mut *m);
+                            let (d, sum, undecided) = (p.deltas, &mut *p.scratch, &mut *p.m);
                             crate::simd!(tally.observe(d, &bounds[k], n, sum, undecided));
                         }
                     }
@@ -442,21 +419,10 @@ impl Engine<'_> {
             |w, c, acc| {
                 for (v, &j) in reps.iter().enumerate() {
                     let src = self.set_deltas(w, j, c);
-                    let Work {
-                        raw,
-                        plain,
-                        eff,
-                        scratch,
-                        ..
-                    } = w;
-                    let d: &[Vec<f32>] = match src {
-                        Src::Raw => raw,
-                        Src::Plain => plain,
-                        Src::Eff => eff,
-                    };
+                    let p = w.parts(src);
                     for (k, a) in acc.iter_mut().enumerate() {
                         if of[k] == v {
-                            *a += ties::sign_count(d, &thr[k], c.len, scratch);
+                            *a += ties::sign_count(p.deltas, &thr[k], c.len, p.scratch);
                         }
                     }
                 }
@@ -520,25 +486,13 @@ impl Engine<'_> {
                 let n = c.len;
                 for (v, &j) in reps.iter().enumerate() {
                     let src = self.set_deltas(w, j, c);
-                    let Work {
-                        raw,
-                        plain,
-                        eff,
-                        scores,
-                        signed,
-                        ..
-                    } = w;
-                    let d: &[Vec<f32>] = match src {
-                        Src::Raw => raw,
-                        Src::Plain => plain,
-                        Src::Eff => eff,
-                    };
-                    scores.resize_with(tasks, Vec::new);
-                    for s in scores.iter_mut() {
+                    let p = w.parts(src);
+                    p.scores.resize_with(tasks, Vec::new);
+                    for s in p.scores.iter_mut() {
                         grow(s, n);
                     }
-                    crate::simd!(pcb::scores(d, n, &abs[v], scores, signed));
-                    for (t, s) in scores.iter().enumerate() {
+                    crate::simd!(pcb::scores(p.deltas, n, &abs[v], p.scores, p.signed));
+                    for (t, s) in p.scores.iter().enumerate() {
                         emit(v * tasks + t, &s[..n]);
                     }
                 }

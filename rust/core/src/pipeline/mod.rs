@@ -80,12 +80,52 @@ pub(crate) enum Src {
     Eff,
 }
 
+/// A set's deltas and the scratch buffers, borrowed apart.
+pub(crate) struct Parts<'w> {
+    pub(crate) deltas: &'w [Vec<f32>],
+    pub(crate) m: &'w mut Vec<f32>,
+    pub(crate) scratch: &'w mut Vec<f32>,
+    pub(crate) out: &'w mut Vec<f32>,
+    pub(crate) keys: &'w mut Vec<u64>,
+    pub(crate) scores: &'w mut Vec<Vec<f32>>,
+    pub(crate) signed: &'w mut Vec<f32>,
+}
+
 impl Work {
     pub(crate) fn src(&self, s: Src) -> &[Vec<f32>] {
         match s {
             Src::Raw => &self.raw,
             Src::Plain => &self.plain,
             Src::Eff => &self.eff,
+        }
+    }
+
+    pub(crate) fn parts(&mut self, s: Src) -> Parts<'_> {
+        let Work {
+            raw,
+            plain,
+            eff,
+            m,
+            scratch,
+            out,
+            keys,
+            scores,
+            signed,
+            ..
+        } = self;
+        let deltas = match s {
+            Src::Raw => &*raw,
+            Src::Plain => &*plain,
+            Src::Eff => &*eff,
+        };
+        Parts {
+            deltas,
+            m,
+            scratch,
+            out,
+            keys,
+            scores,
+            signed,
         }
     }
 }

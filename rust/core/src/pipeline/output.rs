@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{grow, Engine, Src, Stats, Work};
+use super::{grow, Engine, Parts, Src, Stats, Work};
 use crate::dtype::encode;
 use crate::error::{Error, Result};
 use crate::methods::mergekit::{self, Sparsify};
@@ -57,23 +57,15 @@ impl Engine<'_> {
         if let Method::Mergekit(g) = method {
             return self.mergekit_m(w, g, src, j, c, stats);
         }
-        let Work {
-            raw,
-            plain,
-            eff,
+        let Parts {
+            deltas,
             m,
             scratch,
             out,
             keys,
             scores,
             signed,
-            ..
-        } = w;
-        let deltas: &[Vec<f32>] = match src {
-            Src::Raw => raw,
-            Src::Plain => plain,
-            Src::Eff => eff,
-        };
+        } = w.parts(src);
         match method {
             Method::TaskArithmetic | Method::Dare(_) => elementwise::sum(deltas, n, m),
             Method::Linear { normalize } => {
