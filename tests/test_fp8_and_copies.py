@@ -11,7 +11,7 @@ import weightweave as ww
 from weightweave import reference as R
 from weightweave.cli import main
 
-from conftest import assert_close_ulp, load, rounding_slack, write_models
+from conftest import assert_close_ulp, load, rounding_slack, ulp, write_models
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -77,8 +77,6 @@ def test_fp8_cli_no_longer_writes_the_base(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"a.weight_scale_inv": torch.ones(1, 1)}, "FP8 weights with scale tensors .* give out_dtype"),
-        ({"a.weight_scale": torch.ones(())}, "FP8 weights with scale tensors .* give out_dtype"),
         ({"a.weight_scale": torch.ones(5)}, "fits no known layout"),
         ({"q.qweight": torch.zeros(4, 2, dtype=torch.int32)}, "GPTQ/AWQ packed integer weights"),
         ({"q.weight.absmax": torch.ones(3)}, "bitsandbytes 4-bit weights"),
@@ -156,8 +154,6 @@ def test_scaled_fp8_is_dequantized_with_its_scales(tmp_path, layout):
         save_file(stored, str(p))
         fts.append(p)
     out = tmp_path / "out"
-    with pytest.raises(ww.HeaderError, match="give out_dtype"):
-        ww.merge(d, fts, out, method="ties")
     ww.merge(d, fts, out, method="ties", out_dtype="bf16")
     got = load(out)
     assert sorted(got) == ["norm.weight", "w.weight"] and got["w.weight"].dtype == torch.bfloat16
@@ -166,3 +162,57 @@ def test_scaled_fp8_is_dequantized_with_its_scales(tmp_path, layout):
     assert_close_ulp(got, want, atol=rounding_slack(dense[0], dense[1:], "ties", [1.0]))
     cfg_out = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg_out and cfg_out["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("layout", ["block", "row", "tensor"])
+@pytest.mark.parametrize("mode", ["merge", "weave"])
+def test_scaled_fp8_is_written_requantized_with_fresh_scales(tmp_path, layout, mode):
+    """Without out_dtype the merged weight goes back to FP8 codes with fresh scales in the same
+    layout (s = the block's largest |value| / 448), and the config keeps its quantization."""
+    import json
+
+    from safetensors.torch import save_file
+
+    block = (64, 64) if layout == "block" else (128, 128)
+    models = [scaled_model(s, block, layout) for s in range(3)]
+    d = tmp_path / "base"
+    d.mkdir()
+    save_file(models[0][0], str(d / "model.safetensors"))
+    cfg = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    fts = []
+    for i, (stored, _) in enumerate(models[1:]):
+        fts.append(tmp_path / f"ft{i}.safetensors")
+        save_file(stored, str(fts[-1]))
+    out = tmp_path / "out"
+    dense = [m[1] for m in models]
+    if mode == "merge":
+        rep = ww.merge(d, fts, out, method="ties", lam=0.7)
+        want = R.merge(dense[0], dense[1:], "ties", 0.7, out_dtype="f32")
+    else:
+        rep = ww.weave(d, fts, out, method="ties", search={"lam": [0.5, 1.0], "density": [0.2, 0.5]}, pool="magmax")
+        want = R.weave(dense[0], dense[1:], "ties", search={"lam": [0.5, 1.0], "density": [0.2, 0.5]},
+                       pool="magmax", out_dtype="f32")  # fmt: skip
+    got = load(out)
+    key = next(k for k in models[0][0] if k.startswith("w.weight_"))
+    assert sorted(got) == sorted(models[0][0])
+    assert got["w.weight"].dtype == torch.float8_e4m3fn
+    assert got[key].dtype == models[0][0][key].dtype and got[key].shape == models[0][0][key].shape
+    scale = got[key].float()
+    rows, cols = 200, 300
+    if layout == "block":
+        full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    else:
+        full = scale.reshape(-1, 1).expand(rows, cols) if scale.dim() else scale.expand(rows, cols)
+    q = got["w.weight"].float()
+    assert q.abs().max() <= 448
+    # Every block's largest code is at (or, rounded, next to) the top of the FP8 range.
+    assert q.abs().max() >= 416
+    deq = q * full
+    w = want["w.weight"]
+    # E4M3 keeps 3 mantissa bits: within half a code step of the exact merged value.
+    step = ulp(w.double().abs() / full.double(), torch.float8_e4m3fn) * full.double()
+    assert ((deq.double() - w.double()).abs() <= step / 2 + 1e-6).all()
+    assert_close_ulp({"n": got["norm.weight"]}, {"n": want["norm.weight"]}, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    assert rep.outputs

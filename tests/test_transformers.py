@@ -174,3 +174,27 @@ def test_pytorch_bin_checkpoints_in_loadable_model_out(tmp_path):
     assert sorted(got) == sorted(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_fp8_model_merges_and_loads(tmp_path):
+    """A Llama whose matrices are stored as FP8 (E4M3) codes: merged without out_dtype the
+    output keeps them FP8, and from_pretrained loads it (into f32 here) equal to the reference
+    merge of the same FP8 weights, rounded back to FP8."""
+    from safetensors.torch import load_file, save_file
+
+    base_dir, ft_dirs = save_family(tmp_path, tie=False, shard=None)
+    for d in [base_dir, *ft_dirs]:
+        sd = load_file(str(d / "model.safetensors"))
+        sd = {k: v.float().to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in sd.items()}
+        save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    ww.merge(base_dir, ft_dirs, out, method="ties", lam=0.8)
+    written = load(out)
+    assert written["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    base_sd, ft_sds = load(base_dir), [load(d) for d in ft_dirs]
+    want = R.merge(base_sd, ft_sds, "ties", 0.8)
+    assert_close_ulp(written, want, atol=rounding_slack(base_sd, ft_sds, "ties", [0.8]))
+    got = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    state = got.state_dict()
+    for k, v in want.items():
+        assert torch.equal(state[k], v.float()), k

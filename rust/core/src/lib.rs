@@ -236,27 +236,18 @@ pub(crate) fn open_files(
         .iter()
         .map(Checkpoint::open)
         .collect::<Result<Vec<_>>>()?;
+    let out_dtype = job.out_dtype()?;
     let (plan, differing, scaled) = {
         let (base_view, views, scaled) = input_views(&base_ck, &model_cks)?;
-        let plan = plan::validate(&base_view, &views, job.out_dtype()?)?;
+        let mut plan = plan::validate(&base_view, &views, out_dtype)?;
         let differing = plan::differing_copies(&base_view, &views, &plan);
+        // Scaled FP8 weights are written re-quantized with fresh scales, unless out_dtype asks
+        // for them dequantized.
+        if scaled.is_some() && out_dtype.is_none() {
+            plan::requantize(&mut plan, &base_view);
+        }
         (plan, differing, scaled)
     };
-    if let Some(name) = &scaled {
-        if !job
-            .out_dtype()?
-            .is_some_and(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16 | DType::F64))
-        {
-            return Err(Error::Quantized {
-                file: base_ck.path.display().to_string(),
-                tensor: name.clone(),
-                format: "FP8 weights with scale tensors are dequantized for the merge, and writing them \
-                         re-quantized with fresh scales is not supported yet: give out_dtype (bf16, f16 or \
-                         f32) to write them dequantized; without it they"
-                    .into(),
-            });
-        }
-    }
     let mut inputs = base_ck.input_files();
     for m in &model_cks {
         inputs.extend(m.input_files());
@@ -268,8 +259,8 @@ pub(crate) fn open_files(
         &metadata,
         &inputs,
         base_ck.model_dir.as_deref(),
-        job.out_dtype()?,
-        scaled.is_some(),
+        out_dtype,
+        scaled.is_some() && out_dtype.is_some(),
     )?;
     Ok(Opened {
         base: base_ck,

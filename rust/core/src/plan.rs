@@ -16,6 +16,24 @@ pub struct TensorPlan {
     pub out_dtype: DType,
     /// Floating tensors are merged; the rest are copied from the base.
     pub mergeable: bool,
+    /// An FP8 weight written re-quantized, with fresh scales in its scale tensor.
+    pub requant: Option<Requant>,
+    /// A scale tensor the engine computes (the plan index of the weight it scales): neither
+    /// merged nor copied.
+    pub derived: Option<usize>,
+}
+
+/// How a re-quantized FP8 weight is scaled on output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Requant {
+    /// Rows and columns per scale value, as the base's scales.
+    pub block: (usize, usize),
+    /// Elements per row.
+    pub cols: usize,
+    /// Number of scale values.
+    pub scales: usize,
+    /// The plan index of the scale tensor.
+    pub scale_tensor: usize,
 }
 
 impl TensorPlan {
@@ -39,6 +57,14 @@ impl TensorPlan {
             Rows::None => false,
             Rows::Last => self.mergeable && !self.shape.is_empty() && self.row_len() > chunk_size,
             Rows::Tensor => self.mergeable && self.numel > chunk_size,
+        }
+    }
+
+    /// Columns of the weight as its scales see it ([rows, cols]; one row otherwise).
+    pub fn row_len_2d(&self) -> usize {
+        match self.shape[..] {
+            [_, c] => c,
+            _ => self.numel.max(1),
         }
     }
 
@@ -130,9 +156,60 @@ pub fn validate(
                 b.dtype
             },
             mergeable,
+            requant: None,
+            derived: None,
         });
     }
     Ok(plan)
+}
+
+/// Plans every scaled FP8 weight of `base` to be written re-quantized: the weight keeps its FP8
+/// dtype and its scale tensor (name, dtype, shape as in the base) comes back as an output whose
+/// values the engine computes from the merged weight.
+pub fn requantize(plan: &mut Vec<TensorPlan>, base: &ModelView) {
+    let mut added = Vec::new();
+    for t in plan.iter() {
+        let Some(s) = base.tensors.get(&t.name).and_then(|r| r.scale) else {
+            continue;
+        };
+        added.push(TensorPlan {
+            name: format!("{}{}", t.name, s.suffix),
+            shape: s.values.shape.to_vec(),
+            numel: s.values.shape.iter().product(),
+            base_dtype: s.values.dtype,
+            out_dtype: s.values.dtype,
+            mergeable: false,
+            requant: None,
+            derived: None,
+        });
+    }
+    let weights: Vec<String> = added
+        .iter()
+        .map(|a| {
+            let stem = a
+                .name
+                .strip_suffix("_scale_inv")
+                .or(a.name.strip_suffix("_scale"));
+            stem.expect("a scale suffix").to_owned()
+        })
+        .collect();
+    plan.extend(added);
+    plan.sort_by(|a, b| a.name.cmp(&b.name));
+    let index = |plan: &[TensorPlan], name: &str| {
+        plan.iter().position(|t| t.name == name).expect("planned")
+    };
+    for w in weights {
+        let (wi, scale) = (index(plan, &w), base.tensors[&w].scale.expect("scaled"));
+        let si = index(plan, &format!("{w}{}", scale.suffix));
+        let cols = plan[wi].row_len_2d();
+        plan[wi].requant = Some(Requant {
+            block: scale.block,
+            cols,
+            scales: plan[si].numel,
+            scale_tensor: si,
+        });
+        plan[si].derived = Some(wi);
+    }
 }
 
 /// Refuses checkpoints whose weights are stored in a form the arithmetic cannot read directly:
@@ -175,7 +252,7 @@ pub fn differing_copies(
     plan: &[TensorPlan],
 ) -> Vec<String> {
     plan.iter()
-        .filter(|t| !t.mergeable)
+        .filter(|t| !t.mergeable && t.derived.is_none())
         .filter(|t| {
             let b = base.tensors[&t.name].data;
             models.iter().any(|m| {
@@ -202,7 +279,9 @@ pub fn chunks(plan: &[TensorPlan], chunk_size: usize, rows: Rows) -> (Vec<Chunk>
         }
     };
     for (i, t) in plan.iter().enumerate() {
-        if !t.mergeable {
+        if t.derived.is_some() {
+            continue;
+        } else if !t.mergeable {
             push(&mut copy, i, 0, t.numel, chunk_size);
         } else if rows == Rows::None {
             push(&mut merge, i, 0, t.numel, chunk_size);

@@ -254,6 +254,12 @@ pub fn run_chunks(
         .filter(|c| plan[c.tensor].has_long(rows, opts.chunk_size))
         .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
         .sum();
+    // Re-quantized FP8 weights take a pass more: their blocks' largest values set the scales.
+    let requant_bytes: u64 = merge
+        .iter()
+        .filter(|c| plan[c.tensor].requant.is_some())
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+        .sum();
     let sets = recipe.sets.len();
     let ones = vec![1.0f32; models.len()];
     let weights: Vec<Vec<f32>> = recipe
@@ -280,13 +286,14 @@ pub fn run_chunks(
         models,
         plan,
         recipe,
-        base_refs: plan.iter().map(|t| base.tensors[&t.name]).collect(),
+        // A computed scale tensor has no input of its own: its weight's stands in (never read).
+        base_refs: plan.iter().map(|t| base.tensors[source(plan, t)]).collect(),
         model_refs: models
             .iter()
-            .map(|m| plan.iter().map(|t| m.tensors[&t.name]).collect())
+            .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
             .collect(),
         done: AtomicU64::new(0),
-        total: merge_bytes * passes + copy_bytes + 2 * long_rows,
+        total: merge_bytes * passes + copy_bytes + 2 * long_rows + requant_bytes,
         progress,
         cancel,
         given,
@@ -308,11 +315,13 @@ pub fn run_chunks(
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
         let stats = engine.statistics(merge, opts.chunk_size)?;
+        let scales = engine.requant_scales(merge, &stats)?;
         if debug {
             eprintln!("statistics: {:.2}s", t0.elapsed().as_secs_f64());
         }
         let t1 = std::time::Instant::now();
-        engine.output(merge, copy, &stats, sink)?;
+        engine.output(merge, copy, &stats, &scales, sink)?;
+        engine.write_scales(&scales, sink)?;
         if debug {
             eprintln!("output: {:.2}s", t1.elapsed().as_secs_f64());
         }
@@ -532,6 +541,14 @@ impl<'a> Engine<'a> {
             src = Src::Eff;
         }
         src
+    }
+}
+
+/// The input tensor a planned output reads (a computed scale tensor: its weight's).
+fn source<'p>(plan: &'p [TensorPlan], t: &'p TensorPlan) -> &'p str {
+    match t.derived {
+        Some(w) => &plan[w].name,
+        None => &t.name,
     }
 }
 

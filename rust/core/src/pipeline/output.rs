@@ -13,7 +13,11 @@ use crate::pool::sets::{Buffers, Weaving};
 use crate::pool::{self, Pool};
 use crate::recipe::Combine;
 use crate::rng::{Stream, POOL_STREAM};
+use crate::source::scaled;
 use crate::Sink;
+
+/// Fresh FP8 scales by plan index of the re-quantized weight.
+pub(super) type Scales = std::collections::BTreeMap<usize, Vec<f32>>;
 
 /// Elements per block of the output stage.
 const OUT_BLOCK: usize = 4096;
@@ -24,6 +28,7 @@ impl Engine<'_> {
         merge: &[Chunk],
         copy: &[Chunk],
         stats: &[Stats],
+        scales: &Scales,
         sink: &dyn Sink,
     ) -> Result<()> {
         self.in_output.store(true, Ordering::Relaxed);
@@ -31,7 +36,10 @@ impl Engine<'_> {
             merge,
             || (),
             #[inline(always)]
-            |w, c, _| self.output_chunk(w, c, stats, sink),
+            |w, c, _| match scales.get(&c.tensor) {
+                Some(s) => self.requant_chunk(w, c, stats, s, sink),
+                None => self.output_chunk(w, c, stats, sink),
+            },
             |_, _| (),
         )?;
         use rayon::prelude::*;
@@ -211,6 +219,127 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// The fresh scales of every re-quantized FP8 weight: a pass computing the merged values
+    /// and folding each block's largest magnitude (a max: order-free, so deterministic).
+    pub(super) fn requant_scales(&self, merge: &[Chunk], stats: &[Stats]) -> Result<Scales> {
+        let chunks: Vec<Chunk> = merge
+            .iter()
+            .filter(|c| self.plan[c.tensor].requant.is_some())
+            .copied()
+            .collect();
+        if chunks.is_empty() {
+            return Ok(Scales::new());
+        }
+        let amax = self.pass(
+            &chunks,
+            Scales::new,
+            |w, c, acc| {
+                let t = &self.plan[c.tensor];
+                let q = t.requant.expect("a requantized tensor");
+                self.pooled(w, c, stats)?;
+                let a = acc.entry(c.tensor).or_insert_with(|| vec![0.0; q.scales]);
+                for (k, &v) in w.out[..c.len].iter().enumerate() {
+                    let i = scaled::scale_index(q.block, q.cols, c.start + k);
+                    a[i] = a[i].max(v.abs());
+                }
+                Ok(())
+            },
+            |mut a, b| {
+                for (k, v) in b {
+                    let e = a.entry(k).or_insert_with(|| vec![0.0; v.len()]);
+                    for (x, y) in e.iter_mut().zip(v) {
+                        *x = x.max(y);
+                    }
+                }
+                a
+            },
+        )?;
+        Ok(amax
+            .into_iter()
+            .map(|(i, a)| {
+                let t = &self.plan[i];
+                let scale = &self.plan[t.requant.expect("requantized").scale_tensor];
+                (i, scaled::fresh_scales(&a, t.out_dtype, scale.out_dtype))
+            })
+            .collect())
+    }
+
+    /// Writes the scale tensors of the re-quantized weights.
+    pub(super) fn write_scales(&self, scales: &Scales, sink: &dyn Sink) -> Result<()> {
+        for (&i, s) in scales {
+            let st = self.plan[i].requant.expect("requantized").scale_tensor;
+            let dtype = self.plan[st].out_dtype;
+            let mut bytes = vec![0u8; s.len() * dtype.size()];
+            encode(dtype, s, &mut bytes);
+            sink.write(st, 0, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// One chunk of a re-quantized weight: merged, divided by its block's scale, encoded.
+    fn requant_chunk(
+        &self,
+        w: &mut Work,
+        c: &Chunk,
+        stats: &[Stats],
+        scales: &[f32],
+        sink: &dyn Sink,
+    ) -> Result<()> {
+        let q = self.plan[c.tensor].requant.expect("a requantized tensor");
+        self.pooled(w, c, stats)?;
+        for (k, v) in w.out[..c.len].iter_mut().enumerate() {
+            *v /= scales[scaled::scale_index(q.block, q.cols, c.start + k)];
+        }
+        self.finish_chunk(w, c, sink)
+    }
+
+    /// θ_pre + P of one chunk into `w.out`, unencoded.
+    fn pooled(&self, w: &mut Work, c: &Chunk, stats: &[Stats]) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
+        if self.recipe.sets.len() == 1 && !matches!(self.pool(), Some(Pool::Custom(_))) {
+            self.set_m(w, 0, c, &stats[0])?;
+            if self.absolute {
+                if let Combine::Merge { lam } = self.recipe.combine {
+                    if lam == 1.0 {
+                        let Work { m, out, .. } = w;
+                        out[..n].copy_from_slice(&m[..n]);
+                        return Ok(());
+                    }
+                }
+                self.to_deltas(w, n);
+            }
+            let Work {
+                base, raw, m, out, ..
+            } = w;
+            let m_is_sum =
+                matches!(self.recipe.method(), Method::TaskArithmetic) && !self.own_weights[0];
+            let raw: Vec<&[f32]> = raw.iter().map(|d| &d[..n]).collect();
+            pool::apply(
+                &self.recipe.combine,
+                &self.points[0].lams,
+                &raw,
+                &m[..n],
+                m_is_sum,
+                self.points[0].lam_sum,
+                &base[..n],
+                &mut out[..n],
+                &stream,
+                c.start as u64,
+            );
+            return Ok(());
+        }
+        self.weave_sets(w, c, stats, &stream)
+    }
+
+    fn pool(&self) -> Option<&Pool> {
+        match &self.recipe.combine {
+            Combine::Merge { .. } => None,
+            Combine::Weave { pool, .. } => Some(pool),
+        }
+    }
+
     #[inline(always)]
     fn output_chunk(
         &self,
@@ -222,28 +351,15 @@ impl Engine<'_> {
         let n = c.len;
         let t = &self.plan[c.tensor];
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
-        let (pool, points, include) = match &self.recipe.combine {
-            Combine::Merge { .. } => (None, &[][..], false),
-            Combine::Weave {
-                pool,
-                points,
-                include_deltas,
-            } => (Some(pool), &points[..], *include_deltas),
-        };
-        let single = self.recipe.sets.len() == 1 && !matches!(pool, Some(Pool::Custom(_)));
-        if single {
-            self.set_m(w, 0, c, &stats[0])?;
-            if self.absolute {
-                if let Combine::Merge { lam } = self.recipe.combine {
-                    if lam == 1.0 {
-                        // mergekit's linear writes Σ w θ / Σ w itself, not θ_pre + (it − θ_pre).
-                        let Work { m, out, .. } = w;
-                        out[..n].copy_from_slice(&m[..n]);
-                        return self.finish_chunk(w, c, sink);
-                    }
-                }
-                self.to_deltas(w, n);
-            }
+        let single = self.recipe.sets.len() == 1 && !matches!(self.pool(), Some(Pool::Custom(_)));
+        if !single || self.absolute {
+            self.pooled(w, c, stats)?;
+            return self.finish_chunk(w, c, sink);
+        }
+        // One set and a built-in pool: pool, range-check and encode block by block, while each
+        // block is still in L1.
+        self.set_m(w, 0, c, &stats[0])?;
+        let in_range = {
             let Work {
                 base,
                 raw,
@@ -261,7 +377,6 @@ impl Engine<'_> {
                 bytes.resize(n * size, 0);
             }
             let mut in_range = true;
-            // Pool, range check and encode block by block, while each block is still in L1.
             for start in (0..n).step_by(OUT_BLOCK) {
                 let r = start..(start + OUT_BLOCK).min(n);
                 let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
@@ -280,10 +395,25 @@ impl Engine<'_> {
                 in_range &=
                     encode_block(t, &out[r.clone()], &mut bytes[r.start * size..r.end * size]);
             }
-            return self.write_chunk(w, c, in_range, sink);
-        }
-        let pool = pool.expect("several sets only in a weave");
-        // Several sets: the deltas go in first, then each set's M in turn.
+            in_range
+        };
+        self.write_chunk(w, c, in_range, sink)
+    }
+
+    /// θ_pre + pool(A*) of one chunk into `w.out`, for several sets or a function pool: the
+    /// deltas go in first, then each set's M in turn.
+    fn weave_sets(&self, w: &mut Work, c: &Chunk, stats: &[Stats], stream: &Stream) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let Combine::Weave {
+            pool,
+            points,
+            include_deltas: include,
+        } = &self.recipe.combine
+        else {
+            unreachable!("several sets only in a weave")
+        };
+        let include = *include;
         let (mut acc, mut pos, mut picks, mut astar) = (
             std::mem::take(&mut w.acc),
             std::mem::take(&mut w.pos),
@@ -314,7 +444,7 @@ impl Engine<'_> {
                 Vec::new()
             };
             let mut weave =
-                Weaving::start(pool, points, &deltas, n, bufs, (&stream, c.start as u64));
+                Weaving::start(pool, points, &deltas, n, bufs, (stream, c.start as u64));
             drop(deltas);
             // The sets' M leave `raw` as it is (their own deltas go to `eff`).
             for (j, s) in self.points.iter().enumerate() {
@@ -333,8 +463,7 @@ impl Engine<'_> {
             weave.finish(&deltas, base, out, &t.name)
         })();
         (w.acc, w.pos, w.picks, w.astar) = (acc, pos, picks, astar);
-        result?;
-        self.finish_chunk(w, c, sink)
+        result
     }
 
     /// Turns the models' values in `raw` (and an absolute M) into deltas of the base.

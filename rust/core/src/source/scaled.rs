@@ -17,6 +17,8 @@ pub struct Scale<'a> {
     pub values: Factor<'a>,
     /// Rows and columns per scale value; (1, cols) per row; (rows, cols) for one value.
     pub block: (usize, usize),
+    /// The scale tensor's name is the weight's plus this.
+    pub suffix: &'static str,
 }
 
 fn ceil_div(a: usize, b: usize) -> usize {
@@ -26,7 +28,7 @@ fn ceil_div(a: usize, b: usize) -> usize {
 /// `view` with every scaled FP8 weight's scale attached and the scale tensors removed.
 /// `block`: the block size of block-wise scales (from the config; 128 × 128 by default).
 pub fn dequant_view<'a>(mut view: ModelView<'a>, block: (usize, usize)) -> Result<ModelView<'a>> {
-    let mut found: BTreeMap<String, (String, TensorRef<'a>)> = BTreeMap::new();
+    let mut found: BTreeMap<String, (String, TensorRef<'a>, &'static str)> = BTreeMap::new();
     for (name, t) in &view.tensors {
         for suffix in ["_scale_inv", "_scale"] {
             let Some(stem) = name.strip_suffix(suffix) else {
@@ -37,11 +39,11 @@ pub fn dequant_view<'a>(mut view: ModelView<'a>, block: (usize, usize)) -> Resul
                 .get(stem)
                 .is_some_and(|w| matches!(w.dtype, DType::F8E4M3 | DType::F8E5M2))
             {
-                found.insert(stem.to_owned(), (name.clone(), *t));
+                found.insert(stem.to_owned(), (name.clone(), *t, suffix));
             }
         }
     }
-    for (stem, (scale_name, s)) in found {
+    for (stem, (scale_name, s, suffix)) in found {
         let w = view.tensors.get_mut(&stem).expect("found above");
         let (rows, cols) = match w.shape {
             [r, c] => (*r, *c),
@@ -70,10 +72,62 @@ pub fn dequant_view<'a>(mut view: ModelView<'a>, block: (usize, usize)) -> Resul
         w.scale = Some(Scale {
             values: s.into(),
             block: unit,
+            suffix,
         });
         view.tensors.remove(&scale_name);
     }
     Ok(view)
+}
+
+/// The index of the scale of element `idx` of a tensor with rows of `cols`, for `block`.
+#[inline]
+pub fn scale_index(block: (usize, usize), cols: usize, idx: usize) -> usize {
+    let cols = cols.max(1);
+    let (i, j) = (idx / cols, idx % cols);
+    (i / block.0) * ceil_div(cols, block.1) + j / block.1
+}
+
+/// Fresh scales for FP8 codes of `dtype` from each block's largest |value|: s = amax / max,
+/// rounded to the scale tensor's dtype and nudged up when that rounding would push a block's
+/// largest value past the FP8 range (an all-zero block gets 1).
+pub fn fresh_scales(amax: &[f32], dtype: DType, scale_dtype: DType) -> Vec<f32> {
+    let max = dtype.max_finite();
+    amax.iter()
+        .map(|&a| {
+            if a == 0.0 {
+                return 1.0;
+            }
+            let mut s = round_to(scale_dtype, a / max);
+            while a / s > max {
+                s = round_to(scale_dtype, next_up(s));
+            }
+            s
+        })
+        .collect()
+}
+
+/// The smallest value of `dtype` ≥ v (v > 0): round to nearest, and when that went down, the
+/// next code up (for positive IEEE values, consecutive codes are consecutive values).
+fn round_to(dtype: DType, v: f32) -> f32 {
+    let mut bytes = vec![0u8; dtype.size()];
+    crate::dtype::encode(dtype, &[v], &mut bytes);
+    let mut out = [0f32];
+    decode(dtype, &bytes, &mut out);
+    if out[0] < v {
+        for b in bytes.iter_mut() {
+            let (x, carry) = b.overflowing_add(1);
+            *b = x;
+            if !carry {
+                break;
+            }
+        }
+        decode(dtype, &bytes, &mut out);
+    }
+    out[0]
+}
+
+fn next_up(v: f32) -> f32 {
+    f32::from_bits(v.to_bits() + 1)
 }
 
 /// Multiplies `out` (elements `start..` of a tensor with rows of `cols`) by its scales.
@@ -103,4 +157,38 @@ pub fn apply(
         *o *= buf[(i / bh) * per_row + j / bw];
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_scales_keep_every_block_in_range() {
+        let amax = [448.0, 1.0, 0.0, 3.3e-3, 1234.567, 7.0e-30];
+        for scale_dtype in [DType::F32, DType::BF16, DType::F16] {
+            let s = fresh_scales(&amax, DType::F8E4M3, scale_dtype);
+            for (&a, &v) in amax.iter().zip(&s) {
+                assert!(v > 0.0 && a / v <= 448.0, "{scale_dtype:?} {a} {v}");
+                // Representable in the scale dtype (encode/decode is the identity on it).
+                assert_eq!(round_to(scale_dtype, v), v);
+                // Not needlessly large: one code below would overflow the range.
+                if a > 0.0 && scale_dtype == DType::F32 {
+                    assert!(a / f32::from_bits(v.to_bits() - 1) > 448.0 || a / v == 448.0);
+                }
+            }
+        }
+        assert_eq!(fresh_scales(&[0.0], DType::F8E5M2, DType::F32), [1.0]);
+    }
+
+    #[test]
+    fn scale_index_follows_the_layout() {
+        // 5 × 7 weight, 2 × 3 blocks: ⌈7/3⌉ = 3 blocks per row of blocks.
+        assert_eq!(scale_index((2, 3), 7, 0), 0);
+        assert_eq!(scale_index((2, 3), 7, 6), 2);
+        assert_eq!(scale_index((2, 3), 7, 2 * 7 + 4), 4);
+        // Per row and per tensor.
+        assert_eq!(scale_index((1, 7), 7, 3 * 7 + 6), 3);
+        assert_eq!(scale_index((5, 7), 7, 34), 0);
+    }
 }
