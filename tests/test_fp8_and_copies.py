@@ -135,24 +135,31 @@ def scaled_model(seed, block=(128, 128), layout="block"):
     return stored, dense
 
 
-@pytest.mark.parametrize("layout", ["block", "row", "tensor"])
-def test_scaled_fp8_is_dequantized_with_its_scales(tmp_path, layout):
+def write_scaled(tmp_path, layout):
+    """A base dir (with an FP8 quantization_config) and two fine-tune files of scaled FP8."""
     import json
+
+    from safetensors.torch import save_file
 
     block = (64, 64) if layout == "block" else (128, 128)
     models = [scaled_model(s, block, layout) for s in range(3)]
     d = tmp_path / "base"
     d.mkdir()
-    from safetensors.torch import save_file
-
     save_file(models[0][0], str(d / "model.safetensors"))
     cfg = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
     (d / "config.json").write_text(json.dumps(cfg))
     fts = []
     for i, (stored, _) in enumerate(models[1:]):
-        p = tmp_path / f"ft{i}.safetensors"
-        save_file(stored, str(p))
-        fts.append(p)
+        fts.append(tmp_path / f"ft{i}.safetensors")
+        save_file(stored, str(fts[-1]))
+    return d, fts, models, block
+
+
+@pytest.mark.parametrize("layout", ["block", "row", "tensor"])
+def test_scaled_fp8_is_dequantized_with_its_scales(tmp_path, layout):
+    import json
+
+    d, fts, models, _ = write_scaled(tmp_path, layout)
     out = tmp_path / "out"
     ww.merge(d, fts, out, method="ties", out_dtype="bf16")
     got = load(out)
@@ -171,19 +178,7 @@ def test_scaled_fp8_is_written_requantized_with_fresh_scales(tmp_path, layout, m
     layout (s = the block's largest |value| / 448), and the config keeps its quantization."""
     import json
 
-    from safetensors.torch import save_file
-
-    block = (64, 64) if layout == "block" else (128, 128)
-    models = [scaled_model(s, block, layout) for s in range(3)]
-    d = tmp_path / "base"
-    d.mkdir()
-    save_file(models[0][0], str(d / "model.safetensors"))
-    cfg = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
-    (d / "config.json").write_text(json.dumps(cfg))
-    fts = []
-    for i, (stored, _) in enumerate(models[1:]):
-        fts.append(tmp_path / f"ft{i}.safetensors")
-        save_file(stored, str(fts[-1]))
+    d, fts, models, block = write_scaled(tmp_path, layout)
     out = tmp_path / "out"
     dense = [m[1] for m in models]
     if mode == "merge":
