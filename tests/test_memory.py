@@ -105,7 +105,11 @@ def test_peak_anonymous_memory_is_bounded(request, tmp_path, method, mode, input
     inputs = sum(p.stat().st_size for p in big_inputs)
     # 2 workers × ~(T+5) buffers of 64 Ki f32 (+ TIES's 2^16-bin histograms) is a few MiB;
     # 40 MiB leaves room for allocator slack while staying far below the 192 MiB of inputs.
-    assert res["delta"] < 40 * 2**20, (res, inputs)
+    # A grid of 3 densities keeps the select windows' keys and a sign tally for each density
+    # (measured: about 18 MiB for one TIES merge, 37-45 MiB for the grid; the windows of one
+    # select share a fixed budget, and the 10 λ cost nothing), so it gets 64 MiB.
+    limit = 64 * 2**20 if mode == "grid" else 40 * 2**20
+    assert res["delta"] < limit, (res, inputs)
     assert out.stat().st_size > ELEMS * 4
     _ = _st  # the helper module stays importable without torch
 

@@ -359,44 +359,32 @@ impl Engine<'_> {
         // One set and a built-in pool: pool, range-check and encode block by block, while each
         // block is still in L1.
         self.set_m(w, 0, c, &stats[0])?;
-        let in_range = {
-            let Work {
-                base,
-                raw,
-                m,
+        let Work {
+            base,
+            raw,
+            m,
+            out,
+            bytes,
+            ..
+        } = w;
+        // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
+        let m_is_sum =
+            matches!(self.recipe.method(), Method::TaskArithmetic) && !self.own_weights[0];
+        let in_range = encode_blocks(t, n, out, bytes, |r, out| {
+            let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
+            pool::apply(
+                &self.recipe.combine,
+                &self.points[0].lams,
+                &raw,
+                &m[r.clone()],
+                m_is_sum,
+                self.points[0].lam_sum,
+                &base[r.clone()],
                 out,
-                bytes,
-                ..
-            } = w;
-            // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
-            let m_is_sum =
-                matches!(self.recipe.method(), Method::TaskArithmetic) && !self.own_weights[0];
-            let lams = &self.points[0].lams;
-            let size = t.out_dtype.size();
-            if bytes.len() < n * size {
-                bytes.resize(n * size, 0);
-            }
-            let mut in_range = true;
-            for start in (0..n).step_by(OUT_BLOCK) {
-                let r = start..(start + OUT_BLOCK).min(n);
-                let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
-                pool::apply(
-                    &self.recipe.combine,
-                    lams,
-                    &raw,
-                    &m[r.clone()],
-                    m_is_sum,
-                    self.points[0].lam_sum,
-                    &base[r.clone()],
-                    &mut out[r.clone()],
-                    &stream,
-                    (c.start + start) as u64,
-                );
-                in_range &=
-                    encode_block(t, &out[r.clone()], &mut bytes[r.start * size..r.end * size]);
-            }
-            in_range
-        };
+                &stream,
+                (c.start + r.start) as u64,
+            );
+        });
         self.write_chunk(w, c, in_range, sink)
     }
 
@@ -488,18 +476,9 @@ impl Engine<'_> {
 
     /// Range-checks `w.out`, encodes it to the output dtype and writes it.
     fn finish_chunk(&self, w: &mut Work, c: &Chunk, sink: &dyn Sink) -> Result<()> {
-        let n = c.len;
         let t = &self.plan[c.tensor];
         let Work { out, bytes, .. } = w;
-        let size = t.out_dtype.size();
-        if bytes.len() < n * size {
-            bytes.resize(n * size, 0);
-        }
-        let mut in_range = true;
-        for start in (0..n).step_by(OUT_BLOCK) {
-            let r = start..(start + OUT_BLOCK).min(n);
-            in_range &= encode_block(t, &out[r.clone()], &mut bytes[r.start * size..r.end * size]);
-        }
+        let in_range = encode_blocks(t, c.len, out, bytes, |_, _| {});
         self.write_chunk(w, c, in_range, sink)
     }
 
@@ -526,11 +505,29 @@ impl Engine<'_> {
     }
 }
 
-/// Encodes one block; false when a value is out of the output dtype's range.
+/// Encodes `out[..n]` into `bytes` block by block, first filling each block with `fill` (the
+/// pool), so that a block is encoded while it is still in L1. False when a value is out of the
+/// output dtype's range.
 #[inline(always)]
-fn encode_block(t: &crate::plan::TensorPlan, out: &[f32], bytes: &mut [u8]) -> bool {
+fn encode_blocks(
+    t: &crate::plan::TensorPlan,
+    n: usize,
+    out: &mut [f32],
+    bytes: &mut Vec<u8>,
+    mut fill: impl FnMut(std::ops::Range<usize>, &mut [f32]),
+) -> bool {
+    let size = t.out_dtype.size();
+    if bytes.len() < n * size {
+        bytes.resize(n * size, 0);
+    }
     let limit = t.out_dtype.overflow_at();
-    let ok = out.iter().fold(true, |ok, v| ok & (v.abs() < limit));
-    encode(t.out_dtype, out, bytes);
-    ok
+    let mut in_range = true;
+    for start in (0..n).step_by(OUT_BLOCK) {
+        let r = start..(start + OUT_BLOCK).min(n);
+        let block = &mut out[r.clone()];
+        fill(r.clone(), block);
+        in_range &= block.iter().fold(true, |ok, v| ok & (v.abs() < limit));
+        encode(t.out_dtype, block, &mut bytes[r.start * size..r.end * size]);
+    }
+    in_range
 }
