@@ -183,7 +183,7 @@ OWN_BAD = [
     ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties", "lam": 1, "pool": "mean"},
      "belongs to mode: merge"),
     ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties", "pool": "nope:fn"},
-     "cannot import"),
+     "names Python code"),
     ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties", "base_model": "x"},
      "merge_method"),
     ({"base": "in/base.safetensors", "models": ["in/ft0.safetensors"], "method": "ties"}, "no output"),

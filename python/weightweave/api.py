@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _rust
 from ._rust import ParamError
-from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job, parse_lambdas  # noqa: F401
+from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job, as_bool, parse_lambdas  # noqa: F401
 
 METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
 SVD_METHODS = ("tsv", "iso_c")
@@ -191,7 +191,7 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
         raise ParamError(f"shard_size must be a positive number of bytes below 2^64, got {shard_size!r}")
     progress = _progress(progress)
     svd = _svd_options(job["method"], job["params"])
-    opts = {"shard_size": shard_size, "overwrite": bool(overwrite)}
+    opts = {"shard_size": shard_size, "overwrite": as_bool("overwrite", overwrite)}
     if job["method"] in SVD_METHODS:
         backend = _backend()
         backend.check_options(**svd)

@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chunk-size", type=int, help="elements per chunk")
     r.add_argument("--overwrite", action="store_true", help="replace an earlier weightweave output at OUT")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--allow-code", action="store_true",
+                   help="let the recipe's 'pool: module:function' import and call that Python function (a recipe "
+                        "never runs code without this flag)")  # fmt: skip
     ms = sub.add_parser("methods", help="list the methods, their parameters, default λ and Λ")
     ms.add_argument("--json", action="store_true", help="machine-readable output")
     i = sub.add_parser("inspect", help="summarise a checkpoint")
@@ -267,12 +270,12 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
     if args.command == "run":
         from . import recipe
 
-        recipe_ = recipe.load(args.recipe)  # every key checked before the progress bar starts
+        recipe_ = recipe.load(args.recipe, allow_code=args.allow_code)  # every key checked before the bar starts
         args.out = args.out if args.out is not None else recipe_.out
 
         def call() -> api.Report:
             return recipe.run(args.recipe, args.out, overwrite=args.overwrite, progress=bar, threads=args.threads,
-                              chunk_size=args.chunk_size)  # fmt: skip
+                              chunk_size=args.chunk_size, allow_code=args.allow_code)  # fmt: skip
     else:
         kw: dict[str, Any] = dict(
             method=args.method,

@@ -97,6 +97,23 @@ def _parse_lambda_text(spec: str) -> list[float]:
 
 
 
+#: The words YAML and the CLI use for booleans; any other string is refused, never truthy.
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def as_bool(name: str, v: object) -> bool:
+    """``v`` as a bool: True/False (numpy's too) or the words for them; anything else (a list, an
+    array, "maybe") is a ParamError, so ``"false"`` is never taken as true."""
+    if isinstance(v, bool):
+        return v
+    if type(v).__name__ == "bool_" and type(v).__module__ == "numpy":
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ParamError(f"{name} must be True or False, got {v!r}")
+
+
 def _method(method: object) -> str:
     if not isinstance(method, str):
         raise ParamError(f"method must be a string, got {type(method).__name__}")
@@ -119,6 +136,8 @@ def _param(name: str, v: object) -> object:
     """A method parameter: a number, bool, string, or a list of numbers (one per model)."""
     if isinstance(v, bool | str):
         return v
+    if type(v).__name__ == "bool_" and type(v).__module__ == "numpy":
+        return bool(v)
     if isinstance(v, int):
         return v
     if _is_number(v):
@@ -178,7 +197,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
         raise ParamError(f"pool must be one of {', '.join(POOLS)} or a function, got {pool!r}")
     if out_dtype is not None and not isinstance(out_dtype, str):
         raise ParamError(f"out_dtype must be a string such as 'bf16', got {out_dtype!r}")
-    if compat is not None and compat not in COMPATS:
+    if compat is not None and (not isinstance(compat, str) or compat not in COMPATS):
         raise ParamError(f"compat must be one of {', '.join(COMPATS)}, got {compat!r}")
     for k, v in params.items():
         params[k] = _param(k, v)
@@ -191,7 +210,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
         "lam": lam,
         "lambdas": None if lambdas is None else parse_lambdas(lambdas),
         "pool": pool,
-        "include_deltas": bool(include_deltas),
+        "include_deltas": as_bool("include_deltas", include_deltas),
         "seed": seed,
         "threads": threads,
         "chunk_size": chunk_size,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._rust import ParamError
+from .job import as_bool
 
 #: mergekit's merge methods this tool reproduces.
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -30,6 +31,10 @@ _WEAVE_KEYS = {"lambdas", "search", "pool", "include_deltas", "seed"}
 _OWN_TOP = {"base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "include_deltas",
             "seed", "weights", "out", "out_dtype", "shard_size", "compat", "threads", "chunk_size"}  # fmt: skip
 _OWN_MODEL = {"model", "weight", "density", "gamma", "ties_density"}
+
+
+#: Names that are arguments of merge/weave, not method parameters: a ``params`` key never sets them.
+_NOT_PARAMS = _OWN_TOP | {"overwrite", "progress", "out", "base", "models", "allow_code", "weights"}
 
 
 class RecipeError(ParamError):
@@ -51,8 +56,15 @@ def _fail(where: str, msg: str) -> RecipeError:
     return RecipeError(f"{where}: {msg}" if where else msg)
 
 
-def load(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
-    """Reads and validates a recipe (a YAML file path or a mapping)."""
+def load(source: str | os.PathLike | Mapping[str, Any], *, allow_code: bool = False) -> Recipe:
+    """Reads and validates a recipe (a YAML file path or a mapping).
+
+    A recipe is data: nothing is imported or called because it says so. A ``pool`` of the form
+    ``module:function`` is refused unless the caller passes ``allow_code=True`` (the CLI's
+    ``--allow-code``); even then the module is imported only after every other key was checked.
+    """
+    if not isinstance(allow_code, bool):
+        raise RecipeError(f"allow_code must be True or False, got {allow_code!r}")
     where = ""
     if isinstance(source, Mapping):
         data: Any = source
@@ -63,17 +75,29 @@ def load(source: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         raise RecipeError(f"a recipe is a path to a YAML file or a mapping, got {type(source).__name__}")
     if not isinstance(data, Mapping):
         raise _fail(where, f"a recipe is a mapping of keys, got {type(data).__name__}")
-    if "merge_method" in data:
-        return _mergekit(data, where)
-    return _own(data, where)
+    bad_key = next((k for k in data if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise _fail(where, f"recipe keys are strings, got {bad_key!r}")
+    r = _mergekit(data, where) if "merge_method" in data else _own(data, where)
+    pool = r.kwargs.get("pool")
+    if isinstance(pool, str) and ":" in pool:
+        r.kwargs["pool"] = _code_pool(pool, where, allow_code)
+    return r
 
 
 def _read_yaml(path: str) -> Any:
     import yaml
 
+    if "\0" in path:
+        raise RecipeError(f"{path!r}: a recipe path cannot contain a NUL character")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            text = f.read(MAX_RECIPE_BYTES + 1)
+        if len(text) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB: not a recipe")
+        return _check_depth(path, yaml.safe_load(text))
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
     except yaml.YAMLError as e:
@@ -83,6 +107,30 @@ def _read_yaml(path: str) -> Any:
         raise RecipeError(f"{path}: not valid YAML{at}: {problem}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read the recipe: {e}") from None
+
+
+#: A recipe is a few kilobytes; this bounds what parsing a hostile file can cost.
+MAX_RECIPE_BYTES = 16 * 2**20
+#: Nesting a recipe never needs (a search point inside a list inside a mapping is 4 deep).
+MAX_RECIPE_DEPTH = 32
+
+
+def _check_depth(path: str, data: Any) -> Any:
+    """``data`` unless it nests deeper than :data:`MAX_RECIPE_DEPTH` (walked without recursion;
+    aliases are followed once per distinct node, so an alias bomb costs nothing)."""
+    seen: set[int] = set()
+    todo = [(data, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, Mapping | list):
+            if depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"{path}: nested deeper than {MAX_RECIPE_DEPTH} levels: not a recipe")
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            items = list(v.keys()) + list(v.values()) if isinstance(v, Mapping) else v
+            todo.extend((x, depth + 1) for x in items)
+    return data
 
 
 def _number(where: str, key: str, v: object) -> float:
@@ -122,13 +170,24 @@ def _weave_block(block: object, where: str) -> dict[str, Any]:
     return out
 
 
-def _pool(v: object, where: str) -> str | Callable[..., Any]:
-    """A pool name, or ``module:function`` naming a function pool."""
+def _pool(v: object, where: str) -> str:
+    """A pool name, or ``module:function`` naming a function pool (resolved later, and only with
+    ``allow_code``)."""
     if not isinstance(v, str):
         raise _fail(where, f"'pool' must be a name or 'module:function', got {v!r}")
-    if ":" not in v:
-        return v
+    return v
+
+
+def _code_pool(v: str, where: str, allow_code: bool) -> Callable[..., Any]:
+    """Imports the function pool ``module:function`` — only because the caller typed
+    ``allow_code``: a recipe file alone never makes weightweave import or run code."""
+    if not allow_code:
+        raise _fail(where, f"pool '{v}' names Python code; a recipe file is data and never runs code by itself. "
+                           "To run it, pass --allow-code (CLI) or allow_code=True (ww.run), or call "
+                           "ww.weave(..., pool=function) from Python")  # fmt: skip
     mod, _, attr = v.partition(":")
+    if not mod or not attr or not all(p.isidentifier() for p in mod.split(".")) or not attr.isidentifier():
+        raise _fail(where, f"pool '{v}' is not of the form module:function")
     try:
         fn = getattr(importlib.import_module(mod), attr)
     except (ImportError, AttributeError) as e:
@@ -153,15 +212,15 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         if key in d:
             raise _fail(where, f"'{key}': {why}")
     method = d["merge_method"]
-    if method not in MERGEKIT_METHODS:
+    if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         raise _fail(where, f"merge_method: '{method}' is not one weightweave runs (supported: "
                            f"{', '.join(MERGEKIT_METHODS)})")  # fmt: skip
     ts = d.get("tokenizer_source")
-    if ts not in (None, "base"):
+    if ts is not None and ts != "base":
         raise _fail(where, f"tokenizer_source: '{ts}' is not supported (only 'base': the base's tokenizer is copied)")
-    shared = dict(d.get("parameters") or {})
     if not isinstance(d.get("parameters") or {}, Mapping):
-        raise _fail(where, "'parameters' must be a mapping")
+        raise _fail(where, f"'parameters' must be a mapping, got {d.get('parameters')!r}")
+    shared = dict(d.get("parameters") or {})
     unknown = sorted(set(shared) - _MK_SHARED - _MK_PER_MODEL)
     if unknown:
         raise _fail(where, f"parameters.{unknown[0]}: not a parameter weightweave supports for {method}")
@@ -201,9 +260,10 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     params: dict[str, Any] = {}
     for k in ("normalize", "rescale", "int8_mask"):
         if k in shared:
-            if not isinstance(shared[k], bool):
-                raise _fail(where, f"parameters.{k} must be true or false, got {shared[k]!r}")
-            params[k] = shared[k]
+            try:
+                params[k] = as_bool(f"parameters.{k}", shared[k])
+            except ParamError as e:
+                raise _fail(where, str(e)) from None
     for k in ("density", "gamma"):
         vals = [p[k] for p in per_model if k in p]
         if vals:
@@ -215,7 +275,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
                               **params}  # fmt: skip
     out_dtype = d.get("out_dtype", d.get("dtype"))
     if out_dtype is not None:
-        if out_dtype not in _MK_DTYPES:
+        if not isinstance(out_dtype, str) or out_dtype not in _MK_DTYPES:
             raise _fail(where, f"dtype '{out_dtype}' is not one of {', '.join(sorted(_MK_DTYPES))}")
         kwargs["out_dtype"] = _MK_DTYPES[out_dtype]
     lam = shared.get("lambda")
@@ -262,6 +322,9 @@ def _own(d: Mapping[str, Any], where: str) -> Recipe:
     params = d.get("params") or {}
     if not isinstance(params, Mapping):
         raise _fail(where, "'params' must be a mapping")
+    bad = next((k for k in params if not isinstance(k, str) or k in _NOT_PARAMS), None)
+    if bad is not None:
+        raise _fail(where, f"params: {bad!r} is not a method parameter")
     kwargs: dict[str, Any] = {"method": d["method"], **params}
     if any("weight" in p for p in per_model):
         if "weights" in d:
@@ -279,7 +342,7 @@ def _own(d: Mapping[str, Any], where: str) -> Recipe:
             kwargs[k] = [p[k] for p in per_model]
     weave_keys = {"lambdas", "search", "pool", "include_deltas"} & set(d)
     mode = d.get("mode", "weave" if weave_keys else "merge")
-    if mode not in ("merge", "weave"):
+    if not isinstance(mode, str) or mode not in ("merge", "weave"):
         raise _fail(where, f"mode must be merge or weave, got {mode!r}")
     if mode == "merge" and weave_keys:
         raise _fail(where, f"'{sorted(weave_keys)[0]}' belongs to mode: weave")
@@ -305,9 +368,12 @@ def run(
     progress: Callable[[int, int], object] | None = None,
     threads: int | None = None,
     chunk_size: int | None = None,
+    allow_code: bool = False,
 ):
     """Runs a recipe (a YAML path or a mapping, in our schema or mergekit's) and returns the
     :class:`~weightweave.Report`. ``out`` overrides the recipe's ``out``; one of them is needed.
+    ``allow_code=True`` lets a ``pool: module:function`` key import and call that function
+    (never the default: a recipe from a stranger must not run code).
 
     Raises:
         RecipeError: for a key that is unsupported, mistyped or missing, before any work.
@@ -315,7 +381,7 @@ def run(
     """
     from . import api
 
-    r = load(recipe)
+    r = load(recipe, allow_code=allow_code)
     target = out if out is not None else r.out
     if target is None:
         raise RecipeError("no output: give OUT (or 'out' in the recipe)")
@@ -326,5 +392,8 @@ def run(
     fn = api.weave if r.mode == "weave" else api.merge
     try:
         return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
-    except TypeError as e:
+    except RecipeError:
+        raise
+    except (TypeError, ParamError) as e:
+        # A value of the recipe the API refused: the same error, naming the recipe.
         raise RecipeError(f"{os.fspath(recipe) if not isinstance(recipe, Mapping) else 'recipe'}: {e}") from None

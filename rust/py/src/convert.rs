@@ -106,6 +106,13 @@ fn pool_fn(f: Py<PyAny>) -> CustomPool {
             for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
                 *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
             }
+            // Its own cause, not the overflow check's "use a smaller λ" later on.
+            if let Some(k) = out.iter().position(|x| !x.is_finite()) {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "returned {} at column {k}: a pool must return finite values",
+                    out[k]
+                )));
+            }
             Ok(())
         })
         .map_err(|e| Error::PoolFunction {

@@ -8,6 +8,7 @@ mod pickle;
 pub mod pytorch;
 pub mod safetensors;
 pub mod scaled;
+mod zip;
 
 use std::path::Path;
 

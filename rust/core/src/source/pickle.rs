@@ -64,14 +64,53 @@ fn allowed(module: &str, name: &str) -> bool {
     ) || (module == "torch" && STORAGES.iter().any(|(n, _)| *n == name))
 }
 
+/// Nesting a state dict never needs (a `_metadata` dict of dicts inside the top dict is 3
+/// levels). It bounds the recursion of cloning and dropping a value, so no pickle can overflow
+/// the stack however deeply it nests.
+pub const MAX_DEPTH: u32 = 64;
+/// Marks open at once: `torch.save` nests two or three.
+pub const MAX_MARKS: usize = 1024;
+/// Values made in all may not exceed the pickle's length plus this: each opcode byte makes at
+/// most one value, and memo fetches, which copy, are charged their whole size, so a kilobyte
+/// of memo references cannot build 64^5 values.
+pub const EXTRA_VALUES: u64 = 1 << 16;
+
+/// A value with what bounds it: its nesting depth and how many values it holds (itself
+/// included).
+#[derive(Clone)]
+struct Item {
+    v: Value,
+    depth: u32,
+    size: u64,
+}
+
 struct Vm<'a> {
     data: &'a [u8],
     at: usize,
-    stack: Vec<Value>,
-    memo: std::collections::HashMap<u32, Value>,
+    stack: Vec<Item>,
+    marks: usize,
+    memo: std::collections::HashMap<u32, Item>,
+    /// Values made so far: each new one, and every value a memo fetch copies.
+    made: u64,
+    budget: u64,
 }
 
 type R<T> = std::result::Result<T, String>;
+
+/// The depth and size of a container holding `items`, or an error past [`MAX_DEPTH`].
+fn measure<'i>(items: impl Iterator<Item = &'i Item>, depth: u32, size: u64) -> R<(u32, u64)> {
+    let (mut d, mut n) = (depth, size);
+    for it in items {
+        d = d.max(it.depth + 1);
+        n = n.saturating_add(it.size);
+    }
+    if d > MAX_DEPTH {
+        return Err(format!(
+            "it nests values more than {MAX_DEPTH} levels deep: not a state dict"
+        ));
+    }
+    Ok((d, n))
+}
 
 impl<'a> Vm<'a> {
     fn take(&mut self, n: usize) -> R<&'a [u8]> {
@@ -109,20 +148,91 @@ impl<'a> Vm<'a> {
         Ok(s.to_owned())
     }
 
-    fn pop(&mut self) -> R<Value> {
-        self.stack.pop().ok_or_else(|| "stack underflow".into())
+    fn charge(&mut self, n: u64) -> R<()> {
+        self.made = self.made.saturating_add(n);
+        if self.made > self.budget {
+            return Err(format!(
+                "it builds more than {} values from {} bytes (memo references copied over and over): not a state dict",
+                self.budget,
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pushes a new value that holds no others.
+    fn push(&mut self, v: Value) -> R<()> {
+        self.charge(1)?;
+        self.stack.push(Item {
+            v,
+            depth: 0,
+            size: 1,
+        });
+        Ok(())
+    }
+
+    /// Pushes a new tuple of `items`.
+    fn push_tuple(&mut self, items: Vec<Item>) -> R<()> {
+        self.charge(1)?;
+        let (depth, size) = measure(items.iter(), 1, 1)?;
+        let v = Value::Tuple(items.into_iter().map(|i| i.v).collect());
+        self.stack.push(Item { v, depth, size });
+        Ok(())
+    }
+
+    fn pop(&mut self) -> R<Item> {
+        let it = self.stack.pop().ok_or("stack underflow")?;
+        if matches!(it.v, Value::Mark) {
+            self.marks -= 1;
+        }
+        Ok(it)
+    }
+
+    fn pop_value(&mut self) -> R<Value> {
+        Ok(self.pop()?.v)
     }
 
     /// Everything above the topmost mark (which is removed).
-    fn pop_mark(&mut self) -> R<Vec<Value>> {
+    fn pop_mark(&mut self) -> R<Vec<Item>> {
         let at = self
             .stack
             .iter()
-            .rposition(|v| matches!(v, Value::Mark))
+            .rposition(|v| matches!(v.v, Value::Mark))
             .ok_or("no MARK on the stack")?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
+        self.marks -= 1;
         Ok(items)
+    }
+
+    /// Adds `items` to the container on top of the stack: key/value pairs to a dict
+    /// (`dict = true`), elements to a list.
+    fn extend_top(&mut self, items: Vec<Item>, dict: bool) -> R<()> {
+        if items.iter().any(|i| matches!(i.v, Value::Mark)) {
+            return Err("a MARK stored in a container".into());
+        }
+        let top = self
+            .stack
+            .last_mut()
+            .ok_or("SETITEMS/APPEND on an empty stack")?;
+        let (depth, size) = measure(items.iter(), top.depth, top.size)?;
+        match (&mut top.v, dict) {
+            (Value::Dict(d), true) => {
+                if items.len() % 2 != 0 {
+                    return Err("odd number of items for a dict".into());
+                }
+                let mut it = items.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    d.push((k.v, v.v));
+                }
+            }
+            (Value::List(l), false) => l.extend(items.into_iter().map(|i| i.v)),
+            (_, true) => return Err("SETITEMS on something that is not a dict".into()),
+            (_, false) => return Err("APPEND on something that is not a list".into()),
+        }
+        top.depth = depth;
+        top.size = size;
+        Ok(())
     }
 
     fn text(&mut self, n: usize) -> R<Value> {
@@ -140,22 +250,7 @@ impl<'a> Vm<'a> {
                 "it refers to '{module}.{name}', which a state dict never needs; refusing to load it (a pickle can run code)"
             ));
         }
-        self.stack.push(Value::Global(module, name));
-        Ok(())
-    }
-
-    fn set_items(target: &mut Value, items: Vec<Value>) -> R<()> {
-        let Value::Dict(d) = target else {
-            return Err("SETITEMS on something that is not a dict".into());
-        };
-        if items.len() % 2 != 0 {
-            return Err("odd number of items for a dict".into());
-        }
-        let mut it = items.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            d.push((k, v));
-        }
-        Ok(())
+        self.push(Value::Global(module, name))
     }
 
     fn run(&mut self) -> R<Value> {
@@ -168,14 +263,22 @@ impl<'a> Vm<'a> {
                 0x95 => {
                     self.u64()?; // FRAME
                 }
-                b'.' => return self.pop(),
-                b'(' => self.stack.push(Value::Mark),
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'.' => return self.pop_value(),
+                b'(' => {
+                    if self.marks >= MAX_MARKS {
+                        return Err(format!(
+                            "more than {MAX_MARKS} MARKs open at once: not a state dict"
+                        ));
+                    }
+                    self.push(Value::Mark)?;
+                    self.marks += 1;
+                }
+                b'}' => self.push(Value::Dict(Vec::new()))?,
+                b']' => self.push(Value::List(Vec::new()))?,
+                b')' => self.push(Value::Tuple(Vec::new()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.push_tuple(items)?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -183,39 +286,42 @@ impl<'a> Vm<'a> {
                         return Err("stack underflow".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    if items.iter().any(|i| matches!(i.v, Value::Mark)) {
+                        return Err("a MARK inside a tuple".into());
+                    }
+                    self.push_tuple(items)?;
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
                     let v = self.text(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let v = self.text(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 0x8d => {
                     let n = usize::try_from(self.u64()?).map_err(|_| "string too long")?;
                     let v = self.text(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'B' | b'C' => {
                     let n = if op == b'B' { self.u32()? as usize } else { self.u8()? as usize };
                     self.take(n)?;
-                    self.stack.push(Value::Opaque);
+                    self.push(Value::Opaque)?;
                 }
                 b'J' => {
                     let v = i32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"));
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 b'M' => {
                     let v = u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes"));
-                    self.stack.push(Value::Int(v as i64));
+                    self.push(Value::Int(v as i64))?;
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
@@ -226,14 +332,14 @@ impl<'a> Vm<'a> {
                     let neg = b.last().is_some_and(|&x| x & 0x80 != 0);
                     let mut buf = [if neg { 0xFF } else { 0 }; 8];
                     buf[..n].copy_from_slice(b);
-                    self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+                    self.push(Value::Int(i64::from_le_bytes(buf)))?;
                 }
                 b'G' => {
                     self.take(8)?;
-                    self.stack.push(Value::Opaque);
+                    self.push(Value::Opaque)?;
                 }
-                b'N' => self.stack.push(Value::None),
-                0x88 | 0x89 => self.stack.push(Value::Opaque),
+                b'N' => self.push(Value::None)?,
+                0x88 | 0x89 => self.push(Value::Opaque)?,
                 b'q' | b'r' | 0x94 => {
                     let key = match op {
                         b'q' => self.u8()? as u32,
@@ -241,19 +347,25 @@ impl<'a> Vm<'a> {
                         _ => self.memo.len() as u32,
                     };
                     let top = self.stack.last().ok_or("memo of an empty stack")?;
+                    if matches!(top.v, Value::Mark) {
+                        return Err("memo of a MARK".into());
+                    }
                     // Sharing large containers is never needed by a state dict, and copying
                     // them could blow memory up quadratically: they are not memoized (a later
                     // reference to one is then an error).
-                    let big = matches!(top, Value::List(v) | Value::Tuple(v) if v.len() > 64)
-                        || matches!(top, Value::Dict(d) if d.len() > 64);
-                    if !big {
+                    if top.size <= 64 {
                         let top = top.clone();
                         self.memo.insert(key, top);
+                    } else {
+                        self.memo.remove(&key);
                     }
                 }
                 b'h' | b'j' => {
                     let key = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
-                    let v = self.memo.get(&key).ok_or("unknown memo key")?.clone();
+                    let size = self.memo.get(&key).ok_or("unknown memo key")?.size;
+                    // A copy costs what it holds: charged before it is made.
+                    self.charge(size)?;
+                    let v = self.memo[&key].clone();
                     self.stack.push(v);
                 }
                 b'c' => {
@@ -262,21 +374,21 @@ impl<'a> Vm<'a> {
                     self.global(module, name)?;
                 }
                 0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
+                    let name = self.pop_value()?;
+                    let module = self.pop_value()?;
                     match (module, name) {
                         (Value::Str(m), Value::Str(n)) => self.global(m, n)?,
                         _ => return Err("STACK_GLOBAL needs two strings".into()),
                     }
                 }
                 b'Q' => {
-                    let pid = self.pop()?;
-                    self.stack.push(storage(pid)?);
+                    let pid = self.pop_value()?;
+                    self.push(storage(pid)?)?;
                 }
                 b'R' => {
-                    let args = self.pop()?;
-                    let f = self.pop()?;
-                    self.stack.push(reduce(f, args)?);
+                    let args = self.pop_value()?;
+                    let f = self.pop_value()?;
+                    self.push(reduce(f, args)?)?;
                 }
                 b'b' => {
                     // BUILD: state for the object below (an OrderedDict's `_metadata`): ignored.
@@ -288,20 +400,19 @@ impl<'a> Vm<'a> {
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
-                    let d = self.stack.last_mut().ok_or("SETITEM on an empty stack")?;
-                    Self::set_items(d, vec![k, v])?;
+                    self.extend_top(vec![k, v], true)?;
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
-                    let d = self.stack.last_mut().ok_or("SETITEMS on an empty stack")?;
-                    Self::set_items(d, items)?;
+                    self.extend_top(items, true)?;
                 }
-                b'a' | b'e' => {
-                    let items = if op == b'a' { vec![self.pop()?] } else { self.pop_mark()? };
-                    match self.stack.last_mut() {
-                        Some(Value::List(l)) => l.extend(items),
-                        _ => return Err("APPEND on something that is not a list".into()),
-                    }
+                b'a' => {
+                    let item = self.pop()?;
+                    self.extend_top(vec![item], false)?;
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    self.extend_top(items, false)?;
                 }
                 other => {
                     return Err(format!(
@@ -388,7 +499,79 @@ pub fn load(data: &[u8]) -> R<Value> {
         data,
         at: 0,
         stack: Vec::new(),
+        marks: 0,
         memo: Default::default(),
+        made: 0,
+        budget: (data.len() as u64).saturating_add(EXTRA_VALUES),
     };
     vm.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // (((...))) 100 000 levels: each TUPLE1 wraps the one before.
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 100_000));
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("levels deep"));
+        // Within the limit it loads.
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, MAX_DEPTH as usize - 1));
+        p.push(b'.');
+        assert!(load(&p).is_ok());
+        // Lists nested through APPEND count too.
+        let mut p = b"\x80\x02]".to_vec();
+        for _ in 0..200 {
+            p.extend(b"]");
+        }
+        p.extend(std::iter::repeat_n(b'a', 200));
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("levels deep"));
+    }
+
+    #[test]
+    fn memo_copies_are_charged() {
+        // 5 levels of 64 references to the memo: 64^5 values from about 1 KB.
+        let mut p = b"\x80\x02N\x94".to_vec();
+        for level in 0..5u8 {
+            p.push(b'(');
+            for _ in 0..64 {
+                p.extend([b'h', level]);
+            }
+            p.extend(b"t\x94");
+        }
+        p.push(b'.');
+        let e = load(&p).unwrap_err();
+        assert!(e.contains("values") || e.contains("memo"), "{e}");
+        // The largest memoizable value (64 values) fetched 10 000 times: 640 000 copies from
+        // 20 KB, past the budget of the pickle's length + 65 536.
+        let mut p = b"\x80\x02(".to_vec();
+        p.extend(std::iter::repeat_n(b'N', 63));
+        p.extend(b"t\x94]");
+        p.extend(std::iter::repeat_n(*b"h\x00a", 10_000).flatten());
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("builds more than"));
+    }
+
+    #[test]
+    fn marks_are_bounded() {
+        let mut p = b"\x80\x02".to_vec();
+        p.extend(std::iter::repeat_n(b'(', 10_000));
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("MARK"));
+    }
+
+    #[test]
+    fn small_shared_values_still_load() {
+        // A state dict's memo use: a global fetched again for a second call.
+        let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bh\x00u.";
+        let Value::Dict(d) = load(p).unwrap() else {
+            panic!("a dict")
+        };
+        assert_eq!(d.len(), 2);
+    }
 }

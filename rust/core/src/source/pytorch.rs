@@ -6,10 +6,10 @@
 //! place: no whole-file load, and no code from the pickle ever runs.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 
 use super::pickle::{self, Value};
 use super::safetensors::Header;
+use super::zip;
 use crate::error::{Error, Result};
 
 /// The first bytes of a zip archive.
@@ -23,39 +23,68 @@ pub fn is_legacy(bytes: &[u8]) -> bool {
 /// Reads the tensor table of a PyTorch zip checkpoint held in `bytes` (`file` names it).
 pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
     let bad = |why: String| Error::header(file, why);
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| bad(format!("not a readable zip archive: {e}")))?;
-    // (name, data start, size, stored uncompressed?)
-    let mut entries = BTreeMap::new();
-    for i in 0..zip.len() {
-        let f = zip
-            .by_index_raw(i)
-            .map_err(|e| bad(format!("zip entry {i}: {e}")))?;
-        let stored = f.compression() == zip::CompressionMethod::Stored;
-        let start = f.data_start();
-        entries.insert(f.name().to_owned(), (start, f.compressed_size(), stored));
+    let list = zip::entries(bytes).map_err(|e| bad(format!("not a readable zip archive: {e}")))?;
+    // torch's rule: the folder of the first entry is the archive's; every record is looked up
+    // under it ("archive/data.pkl", "archive/data/0", "archive/byteorder").
+    let first = list
+        .first()
+        .ok_or_else(|| bad("an empty zip archive: not a PyTorch checkpoint".into()))?;
+    let prefix = match first.name.find('/') {
+        Some(i) => first.name[..=i].to_owned(),
+        None => {
+            return Err(bad(format!(
+                "'{}' is not in a folder: torch.save puts every record in one (torch refuses this archive too)",
+                first.name
+            )))
+        }
+    };
+    let pickles: Vec<&str> = list
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .collect();
+    if pickles.len() > 1 {
+        return Err(bad(format!(
+            "the archive holds several pickles ({}): which one is the model is ambiguous",
+            pickles.join(", ")
+        )));
     }
-    let pkl = entries
-        .keys()
-        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-        .cloned()
-        .ok_or_else(|| bad("a zip archive without data.pkl: not a PyTorch checkpoint".into()))?;
-    let prefix = pkl.strip_suffix("data.pkl").expect("suffix").to_owned();
+    let entries: BTreeMap<&str, &zip::Entry> = list.iter().map(|e| (e.name.as_str(), e)).collect();
+    let pkl = format!("{prefix}data.pkl");
+    if !entries.contains_key(pkl.as_str()) {
+        return Err(bad(format!(
+            "a zip archive without '{pkl}': not a PyTorch checkpoint"
+        )));
+    }
     let slice = |name: &str| -> Result<(u64, u64)> {
-        let &(start, size, stored) = entries
+        let e = entries
             .get(name)
             .ok_or_else(|| bad(format!("the archive lacks '{name}'")))?;
-        if !stored {
+        if !e.stored {
             return Err(bad(format!(
                 "'{name}' is compressed; re-save the checkpoint with torch.save (storages must be stored uncompressed to be read in place)"
             )));
         }
-        let end = start
-            .checked_add(size)
-            .filter(|&e| e <= bytes.len() as u64)
+        let end = e
+            .start
+            .checked_add(e.size)
+            .filter(|&end| end <= bytes.len() as u64)
             .ok_or_else(|| bad(format!("'{name}' extends past the end of the file")))?;
-        Ok((start, end))
+        Ok((e.start, end))
     };
+    // Storages are in the byte order of the machine that saved them ("little" when the record
+    // is absent, as torch assumes). Big-endian ones would need swapping: refused, never misread.
+    let order = format!("{prefix}byteorder");
+    if entries.contains_key(order.as_str()) {
+        let (s, e) = slice(&order)?;
+        let text = &bytes[s as usize..e as usize];
+        if text != b"little" {
+            return Err(bad(format!(
+                "its storages are in '{}' byte order; only little-endian checkpoints are read (load and re-save it with torch on a little-endian machine)",
+                String::from_utf8_lossy(&text[..text.len().min(16)])
+            )));
+        }
+    }
     let (ps, pe) = slice(&pkl)?;
     let value = pickle::load(&bytes[ps as usize..pe as usize])
         .map_err(|why| bad(format!("data.pkl: {why}")))?;
