@@ -324,7 +324,7 @@ pub fn prepare_files(
             ),
         ));
     }
-    let opened = open_files(base, models, out, opts, job, &recipe)?;
+    let mut opened = open_files(base, models, out, opts, job, &recipe)?;
     let bytes_read = {
         let (base_view, views, _) = input_views(&opened.base, &opened.models)?;
         pipeline::run(
@@ -339,5 +339,6 @@ pub fn prepare_files(
             &[],
         )?
     };
+    opened.output.stage_extras(cancel)?;
     opened.finish_reading(bytes_read, start)
 }

@@ -207,6 +207,12 @@ impl Session {
         Ok(())
     }
 
+    /// Copies the companion files into the output's staging area, checking `cancel`; the
+    /// caller runs it where Ctrl-C is watched, before [`Session::publish`].
+    pub fn stage_extras(&mut self, cancel: &AtomicBool) -> Result<()> {
+        self.output.stage_extras(cancel)
+    }
+
     /// Publishes the output once every tensor is written and no input changed.
     pub fn publish(self) -> Result<Report> {
         if self

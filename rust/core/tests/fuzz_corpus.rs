@@ -32,3 +32,11 @@ fn index_corpus() {
 fn pytorch_corpus() {
     replay("pytorch", weightweave_core::source::pytorch::check_accepted);
 }
+
+#[test]
+fn pytorch_program_corpus() {
+    replay(
+        "pytorch_program",
+        weightweave_core::source::pytorch::check_program,
+    );
+}

@@ -223,6 +223,9 @@ impl Session {
             .map_err(|_| closed())?
             .take()
             .ok_or_else(closed)?;
+        let mut s = s;
+        // Companions are copied where Ctrl-C is watched; the publish after it only renames.
+        crate::progress::run_detached(py, None, |_, cancel| s.stage_extras(cancel))?;
         let r = detach_catching(py, || s.publish())?;
         report_dict(py, &r)
     }

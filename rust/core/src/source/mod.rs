@@ -3,6 +3,8 @@
 //! downstream reads tensors in place whatever the format: one file per format here, nothing
 //! format-specific beyond.
 
+#[doc(hidden)]
+pub mod fuzzgen;
 pub mod lora;
 mod pickle;
 pub mod pytorch;

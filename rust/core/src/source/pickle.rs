@@ -19,13 +19,14 @@ pub enum Value {
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     /// A global the allowlist knows, by (module, name).
-    Global(String, String),
+    Global(&'static str, &'static str),
     /// A storage reference from a persistent id: its dtype and its key in the archive.
     Storage {
         dtype: DType,
         key: String,
     },
-    Tensor(Tensor),
+    /// Boxed: values are many and most are small.
+    Tensor(Box<Tensor>),
     Mark,
 }
 
@@ -54,14 +55,25 @@ const STORAGES: [(&str, DType); 12] = [
     ("Float8_e5m2Storage", DType::F8E5M2),
 ];
 
-fn allowed(module: &str, name: &str) -> bool {
-    matches!(
-        (module, name),
-        ("collections", "OrderedDict")
-            | ("torch._utils", "_rebuild_tensor_v2")
-            | ("torch._utils", "_rebuild_parameter")
-            | ("torch._utils", "_rebuild_parameter_with_state")
-    ) || (module == "torch" && STORAGES.iter().any(|(n, _)| *n == name))
+const CALLS: [(&str, &str); 4] = [
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+];
+
+/// The allowlisted global (module, name), or None.
+fn allowed(module: &str, name: &str) -> Option<(&'static str, &'static str)> {
+    CALLS
+        .iter()
+        .find(|(m, n)| *m == module && *n == name)
+        .copied()
+        .or_else(|| {
+            let s = STORAGES
+                .iter()
+                .find(|(n, _)| module == "torch" && *n == name)?;
+            Some(("torch", s.0))
+        })
 }
 
 /// Nesting a state dict never needs (a `_metadata` dict of dicts inside the top dict is 3
@@ -70,6 +82,9 @@ fn allowed(module: &str, name: &str) -> bool {
 pub const MAX_DEPTH: u32 = 64;
 /// Marks open at once: `torch.save` nests two or three.
 pub const MAX_MARKS: usize = 1024;
+/// Values on the stack at once: pickles batch dict items and list elements by 1 000, so a
+/// state dict's stack stays in the low thousands whatever its size.
+pub const MAX_STACK: usize = 1 << 16;
 /// Values made in all may not exceed the pickle's length plus this: each opcode byte makes at
 /// most one value, and memo fetches, which copy, are charged their whole size, so a kilobyte
 /// of memo references cannot build 64^5 values.
@@ -163,11 +178,20 @@ impl<'a> Vm<'a> {
     /// Pushes a new value that holds no others.
     fn push(&mut self, v: Value) -> R<()> {
         self.charge(1)?;
-        self.stack.push(Item {
+        self.push_item(Item {
             v,
             depth: 0,
             size: 1,
-        });
+        })
+    }
+
+    fn push_item(&mut self, it: Item) -> R<()> {
+        if self.stack.len() >= MAX_STACK {
+            return Err(format!(
+                "more than {MAX_STACK} values on its stack at once: not a state dict"
+            ));
+        }
+        self.stack.push(it);
         Ok(())
     }
 
@@ -176,8 +200,7 @@ impl<'a> Vm<'a> {
         self.charge(1)?;
         let (depth, size) = measure(items.iter(), 1, 1)?;
         let v = Value::Tuple(items.into_iter().map(|i| i.v).collect());
-        self.stack.push(Item { v, depth, size });
-        Ok(())
+        self.push_item(Item { v, depth, size })
     }
 
     fn pop(&mut self) -> R<Item> {
@@ -245,12 +268,12 @@ impl<'a> Vm<'a> {
     }
 
     fn global(&mut self, module: String, name: String) -> R<()> {
-        if !allowed(&module, &name) {
+        let Some((m, n)) = allowed(&module, &name) else {
             return Err(format!(
                 "it refers to '{module}.{name}', which a state dict never needs; refusing to load it (a pickle can run code)"
             ));
-        }
-        self.push(Value::Global(module, name))
+        };
+        self.push(Value::Global(m, n))
     }
 
     fn run(&mut self) -> R<Value> {
@@ -354,7 +377,10 @@ impl<'a> Vm<'a> {
                     // them could blow memory up quadratically: they are not memoized (a later
                     // reference to one is then an error).
                     if top.size <= 64 {
-                        let top = top.clone();
+                        // Memoizing copies too: charged like a fetch, so MEMOIZE repeated
+                        // over a 64-value tuple cannot build gigabytes.
+                        let (top, size) = (top.clone(), top.size);
+                        self.charge(size)?;
                         self.memo.insert(key, top);
                     } else {
                         self.memo.remove(&key);
@@ -366,7 +392,7 @@ impl<'a> Vm<'a> {
                     // A copy costs what it holds: charged before it is made.
                     self.charge(size)?;
                     let v = self.memo[&key].clone();
-                    self.stack.push(v);
+                    self.push_item(v)?;
                 }
                 b'c' => {
                     let module = self.line()?;
@@ -445,7 +471,7 @@ fn storage(pid: Value) -> R<Value> {
     };
     match t.as_slice() {
         [Value::Str(kind), Value::Global(m, n), Value::Str(key), _, _]
-            if kind == "storage" && m == "torch" =>
+            if kind == "storage" && *m == "torch" =>
         {
             let dtype = STORAGES
                 .iter()
@@ -469,17 +495,17 @@ fn reduce(f: Value, args: Value) -> R<Value> {
     let Value::Tuple(args) = args else {
         return Err("REDUCE arguments are not a tuple".into());
     };
-    match (module.as_str(), name.as_str()) {
+    match (module, name) {
         ("collections", "OrderedDict") => Ok(Value::Dict(Vec::new())),
         ("torch._utils", "_rebuild_tensor_v2") => match args.as_slice() {
             [Value::Storage { dtype, key }, offset, shape, stride, ..] => {
-                Ok(Value::Tensor(Tensor {
+                Ok(Value::Tensor(Box::new(Tensor {
                     dtype: *dtype,
                     key: key.clone(),
                     offset: int(offset)?,
                     shape: ints(shape)?,
                     stride: ints(stride)?,
-                }))
+                })))
             }
             _ => Err("_rebuild_tensor_v2 with unexpected arguments".into()),
         },
@@ -555,6 +581,13 @@ mod tests {
         p.extend(std::iter::repeat_n(*b"h\x00a", 10_000).flatten());
         p.push(b'.');
         assert!(load(&p).unwrap_err().contains("builds more than"));
+        // Memoizing the same tuple over and over copies it as often.
+        let mut p = b"\x80\x02(".to_vec();
+        p.extend(std::iter::repeat_n(b'N', 63));
+        p.push(b't');
+        p.extend(std::iter::repeat_n(0x94u8, 10_000));
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("builds more than"));
     }
 
     #[test]
@@ -563,6 +596,11 @@ mod tests {
         p.extend(std::iter::repeat_n(b'(', 10_000));
         p.push(b'.');
         assert!(load(&p).unwrap_err().contains("MARK"));
+        let mut p = b"\x80\x02".to_vec();
+        p.extend(std::iter::repeat_n(b'N', 100_000));
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("stack"));
+        assert!(std::mem::size_of::<Value>() <= 40);
     }
 
     #[test]

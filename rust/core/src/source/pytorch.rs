@@ -142,6 +142,12 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
     Header::from_table(file, rows, bytes.len(), BTreeMap::new())
 }
 
+/// [`check_accepted`] on the archive a structure-aware program describes ([`super::fuzzgen`]).
+#[doc(hidden)]
+pub fn check_program(program: &[u8]) {
+    check_accepted(&super::fuzzgen::archive(program));
+}
+
 /// Parses `bytes` as a PyTorch checkpoint and panics if an accepted one points a tensor outside
 /// the file or at the wrong number of bytes. The fuzz target and the corpus replay call this.
 #[doc(hidden)]

@@ -5,6 +5,7 @@
 //! are not copied, and the report says so. `config.json`'s dtype follows the written dtype.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -33,11 +34,16 @@ pub const MAX_FILE: u64 = 512 << 20;
 /// Subfolders deeper than this are not copied.
 const MAX_DEPTH: usize = 3;
 
-/// One file to copy: its source and its path relative to the output directory.
+/// One file to copy: its source and its path relative to the output directory (kept as the
+/// file system's bytes, never a lossy UTF-8 copy that two names could share).
 #[derive(Clone, Debug)]
 pub struct Companion {
     pub src: PathBuf,
     pub rel: PathBuf,
+    /// Its size when listed: never more is copied (a `/proc` file reports 0 and reads forever).
+    pub size: u64,
+    /// Its identity when listed (device, inode): the file opened for copying must be it.
+    id: (u64, u64),
 }
 
 /// What a model directory holds for the output: the files to copy, and the ones left out
@@ -60,38 +66,124 @@ fn why_not(name: &str, size: u64) -> Option<&'static str> {
     }
 }
 
+/// Where links in a model directory may point: the directory itself and, for a Hugging Face
+/// cache snapshot (`models--org--name/snapshots/REV/`), that repository's `blobs/`. A link
+/// anywhere else (`~/.ssh/id_rsa`, `/proc/...`, another model) is never followed: cloned repos
+/// and untarred archives carry links, and a companion is uploaded with the model.
+struct Confine {
+    roots: Vec<PathBuf>,
+}
+
+impl Confine {
+    fn new(model_dir: &Path) -> Result<Confine> {
+        let dir = std::fs::canonicalize(model_dir).map_err(|e| Error::io(model_dir, e))?;
+        let mut roots = vec![dir.clone()];
+        let mut at = dir.as_path();
+        while let Some(parent) = at.parent() {
+            if parent.file_name().is_some_and(|n| n == "snapshots") {
+                if let Some(repo) = parent.parent() {
+                    if let Ok(blobs) = std::fs::canonicalize(repo.join("blobs")) {
+                        roots.push(blobs);
+                    }
+                }
+                break;
+            }
+            at = parent;
+        }
+        Ok(Confine { roots })
+    }
+
+    /// The link's final target when it stays inside; None otherwise (or when it dangles).
+    fn resolve(&self, link: &Path) -> Option<PathBuf> {
+        let t = std::fs::canonicalize(link).ok()?;
+        self.roots.iter().any(|r| t.starts_with(r)).then_some(t)
+    }
+}
+
 /// Lists the companions of `model_dir`, sorted. Hidden entries and `own` (the checkpoint's own
-/// weight files, which are what is being merged) are passed over without a word.
-pub fn list(model_dir: &Path, own: &[PathBuf]) -> Result<Companions> {
+/// weight files, which are what is being merged) are passed over without a word. Two names
+/// that would read the same once shown as text are an error (one would hide the other in the
+/// output's manifest and messages).
+pub fn list(model_dir: &Path, own: &[PathBuf], cancel: &AtomicBool) -> Result<Companions> {
     let mut out = Companions::default();
-    walk(model_dir, Path::new(""), 0, own, &mut out)?;
+    let confine = Confine::new(model_dir)?;
+    walk(model_dir, Path::new(""), 0, own, &confine, cancel, &mut out)?;
     out.files.sort_by(|a, b| a.rel.cmp(&b.rel));
     out.skipped.sort();
+    let mut seen = std::collections::BTreeMap::new();
+    for c in &out.files {
+        let shown = c.rel.to_string_lossy().into_owned();
+        if let Some(other) = seen.insert(shown, &c.rel) {
+            return Err(Error::BadOutput {
+                path: model_dir.join(&c.rel),
+                reason: format!(
+                    "its name reads the same as {:?} (names that are not UTF-8); rename one of them",
+                    other.as_os_str()
+                ),
+            });
+        }
+    }
     Ok(out)
 }
 
-fn walk(dir: &Path, rel: &Path, depth: usize, own: &[PathBuf], out: &mut Companions) -> Result<()> {
+fn walk(
+    dir: &Path,
+    rel: &Path,
+    depth: usize,
+    own: &[PathBuf],
+    confine: &Confine,
+    cancel: &AtomicBool,
+    out: &mut Companions,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
         let e = e.map_err(|e| Error::io(dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let (src, r) = (e.path(), rel.join(&name));
+        let name_os = e.file_name();
+        let name = name_os.to_string_lossy().into_owned();
+        let (src, r) = (e.path(), rel.join(&name_os));
         if name.starts_with('.') || own.iter().any(|o| same_file(o, &src)) {
             continue;
         }
-        let meta = std::fs::metadata(&src).map_err(|e| Error::io(&src, e))?;
+        let lmeta = std::fs::symlink_metadata(&src).map_err(|e| Error::io(&src, e))?;
+        let (src, meta) = if lmeta.file_type().is_symlink() {
+            match confine.resolve(&src) {
+                Some(t) => {
+                    let m = std::fs::metadata(&t).map_err(|e| Error::io(&src, e))?;
+                    (t, m)
+                }
+                None => {
+                    out.skipped.push(format!(
+                        "{} (a link to outside the model directory)",
+                        r.display()
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            (src, lmeta)
+        };
         if meta.is_dir() {
             if depth + 1 >= MAX_DEPTH {
                 out.skipped
                     .push(format!("{} (nested too deep)", r.display()));
             } else {
-                walk(&src, &r, depth + 1, own, out)?;
+                walk(&src, &r, depth + 1, own, confine, cancel, out)?;
             }
         } else if !meta.is_file() {
-            continue;
+            out.skipped
+                .push(format!("{} (not a regular file)", r.display()));
         } else if let Some(why) = why_not(&name, meta.len()) {
             out.skipped.push(format!("{} ({why})", r.display()));
         } else {
-            out.files.push(Companion { src, rel: r });
+            out.files.push(Companion {
+                src,
+                rel: r,
+                size: meta.len(),
+                id: (meta.dev(), meta.ino()),
+            });
         }
     }
     Ok(())
@@ -105,21 +197,63 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Bytes copied between cancellation checks.
+const PIECE: u64 = 8 << 20;
+
 /// Copies `c` into `staging` (creating its subfolders) and flushes it; `config.json` gets its
 /// dtype set to `dtype` (the written dtype, when the caller asked for one). `shown` is where
-/// the user will find it.
+/// the user will find it. The source is opened without following a link, without blocking
+/// (a FIFO swapped in cannot hang it), must still be the regular file that was listed, and
+/// gives exactly the size it had then (by the kernel's `copy_file_range`, in pieces, checking
+/// `cancel` between them).
 pub fn copy(
     c: &Companion,
     staging: &Path,
     shown: &Path,
     dtype: Option<DType>,
     dequantized: bool,
+    cancel: &AtomicBool,
 ) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let dst = staging.join(&c.rel);
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(shown, e))?;
     }
-    std::fs::copy(&c.src, &dst).map_err(|e| Error::io(&c.src, e))?;
+    let src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&c.src)
+        .map_err(|e| Error::io(&c.src, e))?;
+    let meta = src.metadata().map_err(|e| Error::io(&c.src, e))?;
+    if !meta.is_file() || (meta.dev(), meta.ino()) != c.id {
+        return Err(Error::InputChanged {
+            path: c.src.clone(),
+            what: "a companion file was replaced".into(),
+        });
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.permissions().mode() & 0o777)
+        .open(&dst)
+        .map_err(|e| Error::io(shown, e))?;
+    let mut left = c.size;
+    let mut reader = std::io::Read::take(&src, c.size);
+    while left > 0 {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let n = std::io::copy(&mut std::io::Read::take(&mut reader, PIECE), &mut out)
+            .map_err(|e| Error::io(&c.src, e))?;
+        if n == 0 {
+            return Err(Error::InputChanged {
+                path: c.src.clone(),
+                what: "a companion file became shorter".into(),
+            });
+        }
+        left -= n;
+    }
+    drop(out);
     if let (Some(d), true) = (dtype, c.rel == Path::new("config.json")) {
         set_config_dtype(&dst, d, dequantized, shown)?;
     }

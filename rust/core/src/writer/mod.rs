@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub use target::{Existing, Kind, Target, FILES_KEY, VERSION_KEY};
 
@@ -238,6 +238,8 @@ pub struct FileOutput {
     /// Scaled FP8 weights were written dequantized: `config.json` loses its
     /// `quantization_config`.
     dequantized: bool,
+    /// The index and companions are in the staging directory.
+    extras_staged: bool,
     published: bool,
 }
 
@@ -269,6 +271,7 @@ impl FileOutput {
             skipped: Vec::new(),
             config_dtype,
             dequantized,
+            extras_staged: false,
             published: false,
         };
         // From here on, dropping `out` undoes whatever was done.
@@ -279,7 +282,7 @@ impl FileOutput {
         target::check_inputs(target, inputs)?;
         out.existing = target::check_place(target)?;
         if let (true, Some(d)) = (target.is_dir(), companions_from) {
-            let found = companions::list(d, inputs)?;
+            let found = companions::list(d, inputs, &AtomicBool::new(false))?;
             out.companions = found.files;
             out.skipped = found.skipped;
         }
@@ -336,7 +339,9 @@ impl FileOutput {
         }
         let staging = self.staging.clone().expect("created");
         if self.target.is_dir() {
-            self.write_extras(&staging)?;
+            if !self.extras_staged {
+                self.stage_extras(&AtomicBool::new(false))?;
+            }
             fsync_dir(&staging).map_err(|e| Error::io(&self.target.path, e))?;
         }
         failpoint("staged");
@@ -391,8 +396,16 @@ impl FileOutput {
         &self.skipped
     }
 
-    /// Writes the index and copies the companion files into the staging directory.
-    fn write_extras(&self, staging: &Path) -> Result<()> {
+    /// Writes the index and copies the companion files into the staging directory (a
+    /// directory output only). Callers run it with the merge, where Ctrl-C is watched, so the
+    /// publish after it only renames: thousands of companions cannot delay an interrupt, and
+    /// nothing is copied once one arrived.
+    pub fn stage_extras(&mut self, cancel: &AtomicBool) -> Result<()> {
+        if !self.target.is_dir() || self.extras_staged {
+            return Ok(());
+        }
+        let staging = self.staging.clone().expect("created");
+        let staging = staging.as_path();
         if let Some(index) = &self.index {
             let shown = self.target.path.join(INDEX_FILE);
             let f = OpenOptions::new()
@@ -406,7 +419,14 @@ impl FileOutput {
         let mut dirs = std::collections::BTreeSet::new();
         for c in &self.companions {
             let shown = self.target.path.join(&c.rel);
-            companions::copy(c, staging, &shown, self.config_dtype, self.dequantized)?;
+            companions::copy(
+                c,
+                staging,
+                &shown,
+                self.config_dtype,
+                self.dequantized,
+                cancel,
+            )?;
             if let Some(parent) = c.rel.parent().filter(|p| !p.as_os_str().is_empty()) {
                 dirs.insert(parent.to_owned());
             }
@@ -414,6 +434,7 @@ impl FileOutput {
         for d in dirs {
             fsync_dir(&staging.join(&d)).map_err(|e| Error::io(self.target.path.join(&d), e))?;
         }
+        self.extras_staged = true;
         Ok(())
     }
 }
