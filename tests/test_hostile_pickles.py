@@ -66,7 +66,7 @@ def shared_bomb() -> bytes:
 
 BOMBS = {
     "nested_tuples": (b"\x80\x02)" + b"\x85" * 100_000 + b".", "levels deep"),
-    "nested_lists": (b"\x80\x02" + b"]" * 300_000 + b"a" * 300_000 + b".", "levels deep"),
+    "nested_lists": (b"\x80\x02" + b"]" * 300_000 + b"a" * 300_000 + b".", "on its stack"),
     "memo_bomb": (memo_bomb(), "memo"),
     "shared_bomb": (shared_bomb(), "builds more than"),
     "marks": (b"\x80\x02" + b"(" * 10_000_000 + b".", "MARK"),

@@ -124,6 +124,8 @@ def default_lambdas(method: str) -> list[float]:
     Raises:
         ParamError: for an unknown method.
     """
+    if not isinstance(method, str):
+        raise ParamError(f"method must be a string, got {type(method).__name__}")
     lams = _rust.default_lambdas(method)
     if lams is None:
         raise ParamError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
@@ -342,11 +344,20 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
         raise ParamError(f"{label} must be a mapping of tensor names to arrays")
     out = []
     for name, v in sd.items():
+        if not isinstance(name, str):
+            # str() would make 1 and "1" one tensor, and one of them would be lost.
+            raise ParamError(f"{label}: tensor names must be strings, got {name!r}")
         if _is_torch(v):
             import torch
 
+            if not isinstance(v, torch.Tensor):
+                raise ParamError(f"{label}: '{name}' is a {type(v).__name__}, not a tensor")
+            if v.is_quantized:
+                raise ParamError(f"{label}: tensor '{name}' is quantized ({v.dtype}): dequantize it first "
+                                 "(packed quantized weights are never merged as they are)")  # fmt: skip
             try:
-                t = v.detach().to("cpu").contiguous()
+                # Lazy negation/conjugation flags are resolved into the values they stand for.
+                t = v.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
             except (NotImplementedError, RuntimeError) as e:
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise ParamError(f"{label}: tensor '{name}' on device {v.device} cannot be read: {first}") from None
@@ -358,7 +369,13 @@ def _entries(sd: Mapping[str, Any], label: str) -> list[tuple[str, str, list[int
                 arr = t.numpy()
                 dt = _NP_TO_ST.get(arr.dtype.name)
         else:
-            arr = np.asarray(v)
+            try:
+                arr = np.asarray(v)
+            except Exception as e:  # noqa: BLE001 - any object can fail to convert
+                raise ParamError(f"{label}: tensor '{name}' is not an array ({type(v).__name__}: {e})") from None
+            if not arr.dtype.isnative:
+                # The engine reads little-endian bytes: a big-endian array is converted, not misread.
+                arr = arr.astype(arr.dtype.newbyteorder("="))
             dt = _NP_TO_ST.get(arr.dtype.name)
             if dt == "BF16":
                 arr = arr.view(np.uint16)

@@ -47,7 +47,8 @@ def parse_lambdas(spec: object) -> list[float]:
 
 
 def _is_array(v: object) -> bool:
-    return hasattr(v, "__len__") and hasattr(v, "__iter__") and hasattr(v, "dtype")
+    """An array of at least one dimension (a 0-d array has neither a length nor items)."""
+    return hasattr(v, "__len__") and hasattr(v, "__iter__") and hasattr(v, "dtype") and getattr(v, "ndim", 1) >= 1
 
 
 def _is_number(v: object) -> bool:
@@ -122,7 +123,7 @@ def _method(method: object) -> str:
 
 def _numbers(name: str, v: object) -> list[float]:
     """A list of finite f32 numbers (per-model weights, densities, a point's weight vector)."""
-    if isinstance(v, (str, bytes, Mapping)) or not hasattr(v, "__iter__"):
+    if isinstance(v, (str, bytes, Mapping)) or not hasattr(v, "__iter__") or getattr(v, "ndim", 1) == 0:
         raise ParamError(f"{name} must be a sequence of numbers, got {v!r}")
     out = []
     for i, x in enumerate(v):  # type: ignore[attr-defined]
@@ -190,7 +191,9 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
             raise ParamError(f"lam must be a number, got {lam!r}")
         lam = _f32_checked("lam", float(lam))
     if weights is not None:
-        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__"):
+        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__") or getattr(
+            weights, "ndim", 1
+        ) == 0:
             raise ParamError(f"weights must be a sequence of numbers, one per fine-tuned model, got {weights!r}")
         weights = _numbers("weights", weights)
     if not isinstance(pool, str) and not callable(pool):

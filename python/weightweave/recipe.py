@@ -133,6 +133,15 @@ def _check_depth(path: str, data: Any) -> Any:
     return data
 
 
+def _mapping(where: str, key: str, v: object) -> dict[Any, Any]:
+    """An optional mapping value (absent or null: empty)."""
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise _fail(where, f"'{key}' must be a mapping, got {v!r}")
+    return dict(v)
+
+
 def _number(where: str, key: str, v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         if isinstance(v, Mapping) or (isinstance(v, list) and v and isinstance(v[0], Mapping)):
@@ -218,9 +227,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     ts = d.get("tokenizer_source")
     if ts is not None and ts != "base":
         raise _fail(where, f"tokenizer_source: '{ts}' is not supported (only 'base': the base's tokenizer is copied)")
-    if not isinstance(d.get("parameters") or {}, Mapping):
-        raise _fail(where, f"'parameters' must be a mapping, got {d.get('parameters')!r}")
-    shared = dict(d.get("parameters") or {})
+    shared = _mapping(where, "parameters", d.get("parameters"))
     unknown = sorted(set(shared) - _MK_SHARED - _MK_PER_MODEL)
     if unknown:
         raise _fail(where, f"parameters.{unknown[0]}: not a parameter weightweave supports for {method}")
@@ -237,9 +244,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         if bad:
             raise _fail(where, f"models[{i}].{bad[0]}: not supported")
         path = _local(where, f"models[{i}].model", e["model"])
-        ps = e.get("parameters") or {}
-        if not isinstance(ps, Mapping):
-            raise _fail(where, f"models[{i}].parameters must be a mapping")
+        ps = _mapping(where, f"models[{i}].parameters", e.get("parameters"))
         bad = sorted(set(ps) - _MK_PER_MODEL)
         if bad:
             raise _fail(where, f"models[{i}].parameters.{bad[0]}: not a per-model parameter weightweave supports")
@@ -319,9 +324,7 @@ def _own(d: Mapping[str, Any], where: str) -> Recipe:
         else:
             models.append(_local(where, f"models[{i}]", e))
             per_model.append({})
-    params = d.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise _fail(where, "'params' must be a mapping")
+    params = _mapping(where, "params", d.get("params"))
     bad = next((k for k in params if not isinstance(k, str) or k in _NOT_PARAMS), None)
     if bad is not None:
         raise _fail(where, f"params: {bad!r} is not a method parameter")

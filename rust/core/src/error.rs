@@ -68,6 +68,15 @@ pub enum Error {
         dtype: &'static str,
         max: f32,
     },
+    /// Re-quantizing merged FP8 weights needs a scale larger than the scale tensor's dtype
+    /// holds (it would be written as infinity and the model would load as NaN).
+    #[error("tensor '{tensor}': merged values up to {amax:e} need an FP8 scale above the largest {dtype} ({max:e}); write the weights dequantized with out_dtype (e.g. bf16) or use a smaller λ")]
+    ScaleOverflow {
+        tensor: String,
+        dtype: &'static str,
+        max: f32,
+        amax: f32,
+    },
     /// A merged value exceeds f32, the precision all arithmetic runs in, whatever the output
     /// dtype (λ or the weights are too large for these inputs).
     #[error("tensor '{tensor}': merged values exceed the f32 range of the arithmetic (about 3.4e38); use a smaller λ")]

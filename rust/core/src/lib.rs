@@ -180,6 +180,7 @@ pub(crate) fn input_views<'a>(base: &'a Checkpoint, models: &'a [Checkpoint]) ->
                 .and_then(|v| source::scaled::dequant_view(v, block))
         })
         .collect::<Result<Vec<_>>>()?;
+    source::scaled::check_same_scaling(&base_view, &views)?;
     let scaled = std::iter::once(&base_view)
         .chain(&views)
         .flat_map(|v| v.tensors.iter())

@@ -525,19 +525,19 @@ impl Job {
                     Some(Space::Grid(axes)) => {
                         let g: serde_json::Map<String, serde_json::Value> = axes
                             .iter()
-                            .map(|(k, v)| (k.clone(), v.iter().map(param_json).collect()))
+                            .map(|(k, v)| (k.clone(), bounded(v.iter().map(param_json).collect())))
                             .collect();
                         r["grid"] = serde_json::Value::Object(g);
                     }
                     Some(Space::Points(p)) => {
-                        r["points"] = p.iter().map(params_json).collect();
+                        r["points"] = bounded(p.iter().map(params_json).collect());
                     }
                     None => {
                         let l = lambdas
                             .clone()
                             .or_else(|| Method::default_lambdas(&self.method))
                             .unwrap_or_default();
-                        r["lambdas"] = serde_json::json!(l);
+                        r["lambdas"] = bounded(l.iter().map(|x| serde_json::json!(x)).collect());
                     }
                 }
                 r["pool"] = serde_json::json!(pool.name());
@@ -551,6 +551,24 @@ impl Job {
             ("weightweave.recipe".to_owned(), r.to_string()),
         ])
     }
+}
+
+/// Lists longer than this are recorded by count and digest, not in full.
+pub const RECORDED_VALUES: usize = 1024;
+
+/// `values` as a JSON list, or, past [`RECORDED_VALUES`], `{"count", "fnv1a64"}` of its JSON
+/// text: a search of 800 000 points would otherwise put a 100 MB list into the header, more
+/// than safetensors readers open. The digest still tells two recipes apart.
+fn bounded(values: Vec<serde_json::Value>) -> serde_json::Value {
+    if values.len() <= RECORDED_VALUES {
+        return serde_json::Value::Array(values);
+    }
+    let text = serde_json::Value::Array(values.clone()).to_string();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    serde_json::json!({"count": values.len(), "fnv1a64": format!("{h:016x}")})
 }
 
 fn param_json(p: &Param) -> serde_json::Value {

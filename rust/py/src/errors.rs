@@ -143,6 +143,7 @@ impl From<PyWeaveErr> for PyErr {
             Error::OutputIsInput { .. }
             | Error::BadOutput { .. }
             | Error::Overflow { .. }
+            | Error::ScaleOverflow { .. }
             | Error::ArithmeticOverflow { .. }
             | Error::Locked { .. } => OutputError::new_err(msg),
             Error::Io { .. } | Error::InputChanged { .. } => WeaveIOError::new_err(msg),

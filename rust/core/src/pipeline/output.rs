@@ -254,14 +254,21 @@ impl Engine<'_> {
                 a
             },
         )?;
-        Ok(amax
-            .into_iter()
+        amax.into_iter()
             .map(|(i, a)| {
                 let t = &self.plan[i];
                 let scale = &self.plan[t.requant.expect("requantized").scale_tensor];
-                (i, scaled::fresh_scales(&a, t.out_dtype, scale.out_dtype))
+                let s = scaled::fresh_scales(&a, t.out_dtype, scale.out_dtype).map_err(|amax| {
+                    Error::ScaleOverflow {
+                        tensor: scale.name.clone(),
+                        dtype: scale.out_dtype.name(),
+                        max: scale.out_dtype.max_finite(),
+                        amax,
+                    }
+                })?;
+                Ok((i, s))
             })
-            .collect())
+            .collect()
     }
 
     /// Writes the scale tensors of the re-quantized weights.

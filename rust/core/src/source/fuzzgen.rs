@@ -51,8 +51,9 @@ fn tensor(out: &mut Vec<u8>, i: u8) {
     out.extend(b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR");
 }
 
-/// Largest pickle a program may build.
-const MAX_PICKLE: usize = 4 << 20;
+/// Largest pickle a program may build: past a megabyte, every limit of the unpickler is
+/// within reach (a million opcodes).
+const MAX_PICKLE: usize = 3 << 19;
 
 /// The archive described by `program`.
 pub fn archive(program: &[u8]) -> Vec<u8> {
@@ -75,9 +76,7 @@ pub fn archive(program: &[u8]) -> Vec<u8> {
                 };
                 let count = (hi << 8 | it.next().unwrap_or(1) as usize) << (op >> 5);
                 let room = (MAX_PICKLE - pkl.len().min(MAX_PICKLE)) / piece.len();
-                for _ in 0..count.min(room) {
-                    pkl.extend(piece);
-                }
+                pkl.extend_from_slice(&piece.repeat(count.min(room)));
             }
             3 => tensor(&mut pkl, it.next().unwrap_or(0)),
             4 => order = Some(if op & 0x10 != 0 { "big" } else { "little" }),

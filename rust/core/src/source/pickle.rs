@@ -381,7 +381,14 @@ impl<'a> Vm<'a> {
                         // over a 64-value tuple cannot build gigabytes.
                         let (top, size) = (top.clone(), top.size);
                         self.charge(size)?;
-                        self.memo.insert(key, top);
+                        if self.memo.insert(key, top).is_none()
+                            && self.memo.len() > self.data.len() / 4 + 4096
+                        {
+                            // torch.save memoizes about one object per 13 bytes of pickle.
+                            return Err(
+                                "more memo entries than a pickle of its size can hold".into()
+                            );
+                        }
                     } else {
                         self.memo.remove(&key);
                     }

@@ -89,21 +89,57 @@ pub fn scale_index(block: (usize, usize), cols: usize, idx: usize) -> usize {
 
 /// Fresh scales for FP8 codes of `dtype` from each block's largest |value|: s = amax / max,
 /// rounded to the scale tensor's dtype and nudged up when that rounding would push a block's
-/// largest value past the FP8 range (an all-zero block gets 1).
-pub fn fresh_scales(amax: &[f32], dtype: DType, scale_dtype: DType) -> Vec<f32> {
+/// largest value past the FP8 range (an all-zero block gets 1). Err(amax) when a scale does not
+/// fit the scale's own dtype (an f16 scale above 65504 would be written as infinity, and the
+/// model would dequantize to NaN).
+pub fn fresh_scales(
+    amax: &[f32],
+    dtype: DType,
+    scale_dtype: DType,
+) -> std::result::Result<Vec<f32>, f32> {
     let max = dtype.max_finite();
     amax.iter()
         .map(|&a| {
             if a == 0.0 {
-                return 1.0;
+                return Ok(1.0);
             }
             let mut s = round_to(scale_dtype, a / max);
-            while a / s > max {
+            while s.is_finite() && a / s > max {
                 s = round_to(scale_dtype, next_up(s));
             }
-            s
+            if s.is_finite() {
+                Ok(s)
+            } else {
+                Err(a)
+            }
         })
         .collect()
+}
+
+/// Refuses views where one model stores a weight scaled (codes plus a scale tensor) and another
+/// the same weight unscaled: the same codes would mean different values.
+pub fn check_same_scaling(base: &ModelView, models: &[ModelView]) -> Result<()> {
+    for (name, b) in &base.tensors {
+        for m in models {
+            let Some(t) = m.tensors.get(name) else {
+                continue;
+            };
+            if t.delta.is_some() || b.scale.is_some() == t.scale.is_some() {
+                continue;
+            }
+            let (with, without) = if b.scale.is_some() { (b, t) } else { (t, b) };
+            let suffix = with.scale.map_or("_scale", |s| s.suffix);
+            return Err(Error::tensor(
+                without.file,
+                name,
+                format!(
+                    "is FP8 without a scale, but {} scales it with '{name}{suffix}': scaled and unscaled codes mean different values; merge checkpoints quantized the same way",
+                    with.file
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The smallest value of `dtype` ≥ v (v > 0): round to nearest, and when that went down, the
@@ -167,7 +203,7 @@ mod tests {
     fn fresh_scales_keep_every_block_in_range() {
         let amax = [448.0, 1.0, 0.0, 3.3e-3, 1234.567, 7.0e-30];
         for scale_dtype in [DType::F32, DType::BF16, DType::F16] {
-            let s = fresh_scales(&amax, DType::F8E4M3, scale_dtype);
+            let s = fresh_scales(&amax, DType::F8E4M3, scale_dtype).unwrap();
             for (&a, &v) in amax.iter().zip(&s) {
                 assert!(v > 0.0 && a / v <= 448.0, "{scale_dtype:?} {a} {v}");
                 // Representable in the scale dtype (encode/decode is the identity on it).
@@ -178,7 +214,16 @@ mod tests {
                 }
             }
         }
-        assert_eq!(fresh_scales(&[0.0], DType::F8E5M2, DType::F32), [1.0]);
+        assert_eq!(
+            fresh_scales(&[0.0], DType::F8E5M2, DType::F32),
+            Ok(vec![1.0])
+        );
+        // 448 × 65504 needs a scale above f16's largest value: refused, never infinity.
+        assert_eq!(
+            fresh_scales(&[448.0 * 65504.0 * 2.0], DType::F8E4M3, DType::F16),
+            Err(448.0 * 65504.0 * 2.0)
+        );
+        assert!(fresh_scales(&[448.0 * 65000.0], DType::F8E4M3, DType::F16).is_ok());
     }
 
     #[test]

@@ -296,6 +296,20 @@ impl FileOutput {
             );
         }
         let layout = Layout::new(plan, target, &metadata);
+        if let Some(f) = layout
+            .files
+            .iter()
+            .find(|f| f.header.len() as u64 - 8 > WRITE_HEADER_LIMIT)
+        {
+            return Err(Error::BadOutput {
+                path: target.path.clone(),
+                reason: format!(
+                    "{}'s header would be {} bytes, more than the {WRITE_HEADER_LIMIT} that safetensors readers open (the base's metadata or tensor names are too large)",
+                    f.name,
+                    f.header.len() - 8
+                ),
+            });
+        }
         let bytes = layout.bytes();
         out.loc = layout.loc;
         out.index = layout.index;
@@ -438,6 +452,10 @@ impl FileOutput {
         Ok(())
     }
 }
+
+/// The largest header the `safetensors` library opens (its `MAX_HEADER_SIZE`): an output with
+/// a larger one is refused before any work, not written for nobody to read.
+pub const WRITE_HEADER_LIMIT: u64 = 100_000_000;
 
 /// Dirty bytes per output file after which the kernel is asked to start writing them out.
 const WRITEBACK_EVERY: u64 = 32 << 20;
