@@ -93,6 +93,10 @@ def test_file_api_arguments(func, files, tmp_path):
             check(fn, {**good, name: v}, f"{func}({name}={v!r})")
 
 
+RECIPE_KEYS = ("base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "weights",
+               "include_deltas", "seed", "out_dtype", "shard_size", "compat", "threads", "chunk_size")  # fmt: skip
+
+
 def test_other_functions(files, tmp_path):
     root, bp, mps = files
     for v in WRONG:
@@ -103,7 +107,6 @@ def test_other_functions(files, tmp_path):
             args = {"recipe": recipe, "out": str(tmp_path / "r.safetensors"), name: v}
             check(ww.run, args, f"run({name}={v!r})")
             (tmp_path / "r.safetensors").unlink(missing_ok=True)
-        for key in ("base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "weights",
-                    "include_deltas", "seed", "out_dtype", "shard_size", "compat", "threads", "chunk_size"):  # fmt: skip
+        for key in RECIPE_KEYS:
             check(ww.run, {"recipe": {**recipe, key: v}, "out": str(tmp_path / "k.safetensors")}, f"recipe {key}={v!r}")
             (tmp_path / "k.safetensors").unlink(missing_ok=True)

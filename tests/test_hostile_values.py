@@ -68,8 +68,8 @@ def test_big_endian_arrays_are_read_as_their_values():
 
 def test_names_must_be_strings_so_none_collide():
     with pytest.raises(ww.ParamError, match="names must be strings"):
-        ww.merge_arrays({1: np.ones(2, np.float32), "1": np.zeros(2, np.float32)},
-                        [{1: np.ones(2, np.float32), "1": np.zeros(2, np.float32)}], method="task_arithmetic")  # fmt: skip
+        sd = {1: np.ones(2, np.float32), "1": np.zeros(2, np.float32)}
+        ww.merge_arrays(sd, [sd], method="task_arithmetic")
 
 
 def test_lazy_negation_and_quantized_tensors():
