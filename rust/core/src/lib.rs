@@ -172,11 +172,12 @@ pub(crate) type Views<'a> = (ModelView<'a>, Vec<ModelView<'a>>, Option<String>);
 
 pub(crate) fn input_views<'a>(base: &'a Checkpoint, models: &'a [Checkpoint]) -> Result<Views<'a>> {
     let block = base.fp8_block();
+    let model_type = base.model_type();
     let base_view = source::scaled::dequant_view(base.view(), block)?;
     let views = models
         .iter()
         .map(|m| {
-            m.tuned_view(&base_view)
+            m.tuned_view(&base_view, model_type.as_deref())
                 .and_then(|v| source::scaled::dequant_view(v, block))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -263,10 +263,16 @@ impl Checkpoint {
 
     /// What the pipeline reads of this checkpoint as a fine-tune of `base`: its own tensors,
     /// or, for a LoRA adapter, every base tensor as a low-rank delta or τ = 0.
-    pub fn tuned_view<'a>(&'a self, base: &ModelView<'a>) -> Result<ModelView<'a>> {
+    /// `model_type`: the base's architecture (its config.json), which decides how a LoRA ΔW of
+    /// a square weight is laid out.
+    pub fn tuned_view<'a>(
+        &'a self,
+        base: &ModelView<'a>,
+        model_type: Option<&str>,
+    ) -> Result<ModelView<'a>> {
         match &self.lora {
             None => Ok(self.view()),
-            Some(cfg) => crate::source::lora::aligned_view(cfg, &self.view(), base),
+            Some(cfg) => crate::source::lora::aligned_view(cfg, &self.view(), base, model_type),
         }
     }
 
@@ -411,11 +417,7 @@ impl Checkpoint {
     /// The block of block-wise FP8 scales: the config's `quantization_config.weight_block_size`,
     /// else 128 × 128 (DeepSeek's).
     pub fn fp8_block(&self) -> (usize, usize) {
-        let cfg = self
-            .model_dir
-            .as_ref()
-            .and_then(|d| std::fs::read(d.join("config.json")).ok())
-            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok());
+        let cfg = self.config();
         let size = cfg.as_ref().and_then(|c| {
             let b = c
                 .get("quantization_config")?
@@ -424,6 +426,21 @@ impl Checkpoint {
             Some((b.first()?.as_u64()? as usize, b.get(1)?.as_u64()? as usize))
         });
         size.filter(|&(a, b)| a > 0 && b > 0).unwrap_or((128, 128))
+    }
+
+    /// The model directory's `config.json`, when there is one (at most 16 MiB of it) and it
+    /// parses.
+    fn config(&self) -> Option<serde_json::Value> {
+        use std::io::Read;
+        let f = std::fs::File::open(self.model_dir.as_ref()?.join("config.json")).ok()?;
+        let mut text = Vec::new();
+        f.take(16 << 20).read_to_end(&mut text).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// The architecture its `config.json` names (`model_type`).
+    pub fn model_type(&self) -> Option<String> {
+        Some(self.config()?.get("model_type")?.as_str()?.to_owned())
     }
 
     /// How many tensor files the checkpoint has.

@@ -48,34 +48,102 @@ pub enum Delta<'a> {
     Zero,
 }
 
-/// What `adapter_config.json` says that matters here.
+/// What `adapter_config.json` says that matters here, as it is written.
 #[derive(Clone, Debug, Deserialize)]
-pub struct AdapterConfig {
+struct RawConfig {
     #[serde(default)]
-    pub peft_type: Option<String>,
+    peft_type: Option<String>,
+    r: i64,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    /// Kept in the file's order (serde_json preserves it): PEFT takes the first key that matches.
+    #[serde(default)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A `rank_pattern` / `alpha_pattern` key: a regular expression that PEFT matches against the
+/// module's name as `re.match(rf"(.*\.)?({key})$", name)`, first key in the config's order.
+#[derive(Clone, Debug)]
+struct Pattern<T> {
+    key: String,
+    re: regex::Regex,
+    value: T,
+}
+
+/// An adapter's configuration, resolved as PEFT resolves it.
+#[derive(Clone, Debug)]
+pub struct AdapterConfig {
     pub r: u64,
     pub lora_alpha: f64,
-    #[serde(default)]
     pub use_rslora: bool,
-    #[serde(default)]
-    pub use_dora: bool,
-    #[serde(default)]
     pub fan_in_fan_out: bool,
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, u64>,
-    #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    rank_pattern: Vec<Pattern<u64>>,
+    alpha_pattern: Vec<Pattern<f64>>,
+    label: String,
 }
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS: [&str; 2] = ["adapter_model.safetensors", "adapter_model.bin"];
 const PREFIX: &str = "base_model.model.";
+/// An adapter config is a few kilobytes.
+const MAX_CONFIG: u64 = 16 << 20;
+
+/// Architectures whose projections are transformers' `Conv1D` (weight stored [in, out]): PEFT
+/// transposes their ΔW whatever `fan_in_fan_out` says, and ignores the flag on `nn.Linear`.
+const CONV1D_MODELS: [&str; 4] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer"];
+
+fn patterns<T>(
+    label: &str,
+    what: &str,
+    map: &serde_json::Map<String, serde_json::Value>,
+    value: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<Vec<Pattern<T>>> {
+    map.iter()
+        .map(|(key, v)| {
+            let bad = |why: String| Error::header(label, format!("{what} key '{key}': {why}"));
+            let value = value(v).ok_or_else(|| bad(format!("{v} is not a valid value")))?;
+            // Linear-time matching and a bounded compiled size: a hostile key costs nothing.
+            let re = regex::RegexBuilder::new(&format!("^(?:.*\\.)?(?:{key})$"))
+                .size_limit(1 << 20)
+                .dfa_size_limit(1 << 20)
+                .build()
+                .map_err(|e| {
+                    bad(format!(
+                        "not a regular expression weightweave can match as PEFT does ({})",
+                        e.to_string().lines().last().unwrap_or("")
+                    ))
+                })?;
+            Ok(Pattern {
+                key: key.clone(),
+                re,
+                value,
+            })
+        })
+        .collect()
+}
 
 impl AdapterConfig {
     pub fn read(path: &Path) -> Result<AdapterConfig> {
+        use std::io::Read;
         let label = path.display().to_string();
-        let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let cfg: AdapterConfig = serde_json::from_slice(&text)
+        let mut text = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_CONFIG + 1).read_to_end(&mut text))
+            .map_err(|e| Error::io(path, e))?;
+        if text.len() as u64 > MAX_CONFIG {
+            return Err(Error::header(
+                &label,
+                "larger than 16 MiB: not an adapter config",
+            ));
+        }
+        let cfg: RawConfig = serde_json::from_slice(&text)
             .map_err(|e| Error::header(&label, format!("not a PEFT LoRA adapter config: {e}")))?;
         if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
             return Err(Error::header(
@@ -89,26 +157,62 @@ impl AdapterConfig {
         if cfg.use_dora {
             return Err(Error::header(&label, "DoRA adapters are not supported yet"));
         }
-        Ok(cfg)
+        if cfg.r <= 0 {
+            return Err(Error::header(
+                &label,
+                format!(
+                    "r = {}: a LoRA rank must be positive (PEFT refuses it too)",
+                    cfg.r
+                ),
+            ));
+        }
+        let positive = |v: &serde_json::Value| v.as_u64().filter(|&r| r > 0);
+        Ok(AdapterConfig {
+            r: cfg.r as u64,
+            lora_alpha: cfg.lora_alpha,
+            use_rslora: cfg.use_rslora,
+            fan_in_fan_out: cfg.fan_in_fan_out,
+            rank_pattern: patterns(&label, "rank_pattern", &cfg.rank_pattern, positive)?,
+            alpha_pattern: patterns(&label, "alpha_pattern", &cfg.alpha_pattern, |v| v.as_f64())?,
+            label,
+        })
     }
 
-    /// PEFT's per-module pattern lookup: a key matches a module named like it or ending in
-    /// `.key`.
-    fn pattern<T: Copy>(patterns: &BTreeMap<String, T>, module: &str) -> Option<T> {
-        patterns
-            .iter()
-            .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
-            .map(|(_, v)| *v)
+    /// PEFT's `get_pattern_key`: the first pattern, in the config's order, whose regex matches.
+    fn pattern<'p, T>(patterns: &'p [Pattern<T>], module: &str) -> Option<&'p Pattern<T>> {
+        patterns.iter().find(|p| p.re.is_match(module))
     }
 
-    fn scaling(&self, module: &str, rank: usize) -> f32 {
-        let alpha = Self::pattern(&self.alpha_pattern, module).unwrap_or(self.lora_alpha);
-        let r = Self::pattern(&self.rank_pattern, module).unwrap_or(rank as u64) as f64;
-        (if self.use_rslora {
+    /// α/r (α/√r with rank-stabilised LoRA) for `module`, whose factors have rank `rank`. The
+    /// rank the config gives it must be the factors' (PEFT refuses to load them otherwise).
+    fn scaling(&self, module: &str, rank: usize, file: &str) -> Result<f32> {
+        let rp = Self::pattern(&self.rank_pattern, module);
+        let r = rp.map_or(self.r, |p| p.value);
+        if r != rank as u64 {
+            let from = rp.map_or("r".to_owned(), |p| format!("rank_pattern '{}'", p.key));
+            return Err(Error::tensor(
+                file,
+                &format!("{module}.lora_A"),
+                format!(
+                    "has rank {rank} but {} gives {from} = {r}: the factors do not belong to this config (PEFT refuses them too)",
+                    self.label
+                ),
+            ));
+        }
+        let alpha = Self::pattern(&self.alpha_pattern, module).map_or(self.lora_alpha, |p| p.value);
+        let r = r as f64;
+        let s = if self.use_rslora {
             alpha / r.sqrt()
         } else {
             alpha / r
-        }) as f32
+        };
+        if !(s as f32).is_finite() {
+            return Err(Error::header(
+                &self.label,
+                format!("the LoRA scaling of '{module}' (α = {alpha:e}, r = {r}) is {s:e}, beyond the f32 range of the arithmetic"),
+            ));
+        }
+        Ok(s as f32)
     }
 }
 
@@ -118,6 +222,7 @@ pub fn aligned_view<'a>(
     cfg: &AdapterConfig,
     adapter: &ModelView<'a>,
     base: &ModelView<'a>,
+    model_type: Option<&str>,
 ) -> Result<ModelView<'a>> {
     let label = adapter.label.clone();
     let mut pairs: BTreeMap<String, (Option<TensorRef<'a>>, Option<TensorRef<'a>>, bool)> =
@@ -141,6 +246,16 @@ pub fn aligned_view<'a>(
                 } else {
                     e.1 = Some(*t);
                 }
+            }
+            None if name.contains(".base_layer.") => {
+                // PEFT saves the base's own embedding weights next to an embedding adapter
+                // (`save_embedding_layers`); they are the base's tensor, or the adapter was
+                // trained on another base (a resized vocabulary).
+                let target = name.replace(".base_layer.", ".");
+                let w = base.tensors.get(&target).ok_or_else(|| {
+                    Error::tensor(t.file, key, "wraps a tensor the base does not have")
+                })?;
+                same_values(t, w, key, &target)?;
             }
             None => {
                 let name = name.replace(".modules_to_save.default.", ".");
@@ -171,18 +286,33 @@ pub fn aligned_view<'a>(
                 "is targeted by the adapter but is not in the base",
             )
         })?;
-        let transposed = emb || cfg.fan_in_fan_out;
-        // A: [r, in], B: [out, r]; ΔW = B·A is [out, in] (its transpose when `transposed`).
+        // A: [r, in], B: [out, r]; ΔW = B·A is [out, in], transposed for embeddings (whose
+        // factors PEFT stores the other way round) and for Conv1D weights ([in, out]).
         let ok = a.shape.len() == 2
             && b.shape.len() == 2
             && w.shape.len() == 2
-            && a.shape[0] == b.shape[1]
-            && if transposed {
-                (a.shape[1], b.shape[0]) == (w.shape[0], w.shape[1])
-            } else {
-                (b.shape[0], a.shape[1]) == (w.shape[0], w.shape[1])
-            };
-        if !ok {
+            && a.shape[0] == b.shape[1];
+        let plain = ok && (b.shape[0], a.shape[1]) == (w.shape[0], w.shape[1]);
+        let flipped = ok && (a.shape[1], b.shape[0]) == (w.shape[0], w.shape[1]);
+        let transposed = if emb {
+            flipped
+        } else if plain && flipped {
+            // A square weight: its layer type decides, as in PEFT, never the flag alone.
+            match model_type {
+                Some(m) => CONV1D_MODELS.contains(&m),
+                None if cfg.fan_in_fan_out => {
+                    return Err(Error::tensor(
+                        a.file,
+                        &target,
+                        "is square and the adapter sets fan_in_fan_out: whether it is a Conv1D (transposed) or an nn.Linear (where PEFT ignores the flag) cannot be told without the base's config.json; give the base as a model directory",
+                    ))
+                }
+                None => false,
+            }
+        } else {
+            flipped
+        };
+        if !(plain || flipped) || (emb && !flipped) {
             return Err(Error::tensor(
                 a.file,
                 &target,
@@ -199,7 +329,7 @@ pub fn aligned_view<'a>(
                 "LoRA factors must be floating point",
             ));
         }
-        let scaling = cfg.scaling(&module, a.shape[0]);
+        let scaling = cfg.scaling(&module, a.shape[0], a.file)?;
         tensors.insert(
             target,
             TensorRef {
@@ -232,6 +362,44 @@ pub fn aligned_view<'a>(
         }
     }
     Ok(ModelView { label, tensors })
+}
+
+/// Checks that `saved` (an adapter's copy of a base tensor) holds exactly the base's values,
+/// compared as f32 in pieces.
+fn same_values(saved: &TensorRef, w: &TensorRef, key: &str, target: &str) -> Result<()> {
+    let differs = |why: &str| {
+        Error::tensor(
+            saved.file,
+            key,
+            format!("{why} the base's '{target}': the adapter was trained on another base (a resized vocabulary?); merge it into that base instead"),
+        )
+    };
+    if saved.shape != w.shape || !saved.dtype.is_mergeable() || w.data.is_empty() {
+        return Err(differs("is not"));
+    }
+    const PIECE: usize = 1 << 16;
+    let (sa, sb) = (saved.dtype.size(), w.dtype.size());
+    let (mut x, mut y) = (vec![0f32; PIECE], vec![0f32; PIECE]);
+    let n = saved.numel();
+    let mut at = 0;
+    while at < n {
+        let k = PIECE.min(n - at);
+        decode(
+            saved.dtype,
+            &saved.data[at * sa..(at + k) * sa],
+            &mut x[..k],
+        );
+        decode(w.dtype, &w.data[at * sb..(at + k) * sb], &mut y[..k]);
+        if x[..k]
+            .iter()
+            .zip(&y[..k])
+            .any(|(p, q)| p.to_bits() != q.to_bits())
+        {
+            return Err(differs("differs from"));
+        }
+        at += k;
+    }
+    Ok(())
 }
 
 fn decoded(t: &Factor, name: &str, out: &mut Vec<f32>) -> Result<()> {
