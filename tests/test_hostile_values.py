@@ -111,3 +111,70 @@ def test_an_output_header_safetensors_cannot_open_is_refused_before_work(tmp_pat
     with pytest.raises(ww.OutputError, match="header would be .* bytes, more than the 100000000"):
         ww.merge(base, [base], tmp_path / "o.safetensors", method="task_arithmetic")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.fixture
+def small(tmp_path):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        _st.save({"w": ("F32", rng.standard_normal((8, 16), dtype=np.float32))}, paths[-1])
+    return paths
+
+
+def test_a_mount_point_output_is_refused_before_work(small, tmp_path):
+    import subprocess
+
+    target = tmp_path / "out"
+    target.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount here: {r.stderr.decode().strip()}")
+    try:
+        calls = []
+        with pytest.raises(ww.OutputError, match="is a mount point"):
+            ww.merge(small[0], small[1:], target, method="ties", progress=lambda d, t: calls.append(d))
+        assert calls == []  # before any work
+        # A bind mount of the same file system too.
+        subprocess.run(["umount", str(target)], check=True)
+        subprocess.run(["mount", "--bind", str(target), str(target)], check=True)
+        with pytest.raises(ww.OutputError, match="is a mount point"):
+            ww.merge(small[0], small[1:], target, method="ties")
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "pcb"])
+def test_thousands_of_distinct_statistics_are_a_param_error_before_work(small, tmp_path, method):
+    key = "ratio" if method == "pcb" else "density"
+    values = [round(0.01 + i * 0.0003, 6) for i in range(3000)]
+    with pytest.raises(ww.ParamError, match="3000 distinct parameter sets.*at most 64"):
+        ww.weave(small[0], small[1:], tmp_path / "o.safetensors", method=method, search={key: values, "lam": [1.0]})
+    assert not (tmp_path / "o.safetensors").exists()
+    # 64 are gathered, with the same statistics as separate merges (the grid test elsewhere
+    # checks the values; here that the limit is not below it).
+    ww.weave(small[0], small[1:], tmp_path / "o.safetensors", method=method, search={key: values[:64], "lam": [1.0]})
+
+
+def test_a_large_grid_is_planned_in_linear_time(small, tmp_path):
+    """512 × 512 Breadcrumbs parameter sets: found distinct by hashing (it took minutes when each
+    point scanned every set found so far). Run on a 128-element model it plans and finishes
+    (values of grids are checked against the reference in test_search.py)."""
+    grid = {"density": [round(0.1 + i / 1024, 6) for i in range(512)],
+            "gamma": [round(0.001 + i / 10240, 6) for i in range(512)], "lam": [1.0]}  # fmt: skip
+    out = tmp_path / "o.safetensors"
+    ww.weave(small[0], small[1:], out, method="breadcrumbs", search=grid, pool="magmax", include_deltas=False)
+    assert load(out)["w"].shape == (8, 16)
+
+
+def test_svd_exclude_runs_in_linear_time(small, tmp_path):
+    pytest.importorskip("torch")
+    names = ["a" * 28 + "!"]
+    from weightweave import _rust
+
+    # '(a+)+$' backtracks exponentially in Python's re on this name; here it is matched at once.
+    assert _rust.names_matching("svd_exclude", "(a+)+$", names) == [False]
+    assert _rust.names_matching("svd_exclude", "a!$", names) == [True]
+    with pytest.raises(ww.ParamError, match="svd_exclude.*linear time"):
+        ww.merge(small[0], small[1:], tmp_path / "o.safetensors", method="tsv", svd_exclude="(?<=a)b")

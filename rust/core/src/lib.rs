@@ -344,3 +344,24 @@ pub fn prepare_files(
     opened.output.stage_extras(cancel)?;
     opened.finish_reading(bytes_read, start)
 }
+
+/// Which of `names` the regular expression `pattern` finds a match in (Python's `re.search`
+/// semantics for the patterns both engines accept). Matching runs in linear time with a bounded
+/// compiled size, so a pattern from a recipe such as `(a+)+$` cannot stall a run; syntax only
+/// a backtracking engine has (look-around, back-references) is an error.
+pub fn names_matching(what: &str, pattern: &str, names: &[String]) -> Result<Vec<bool>> {
+    let re = regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20)
+        .build()
+        .map_err(|e| {
+            Error::param(
+                what,
+                format!(
+                    "not a regular expression weightweave can match in linear time ({})",
+                    e.to_string().lines().last().unwrap_or("")
+                ),
+            )
+        })?;
+    Ok(names.iter().map(|n| re.is_match(n)).collect())
+}

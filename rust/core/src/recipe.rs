@@ -12,6 +12,11 @@ use crate::pool::Pool;
 /// Search points accepted in one run (each costs a term per element of the pool).
 pub const MAX_POINTS: usize = 1 << 20;
 
+/// Distinct parameter sets that need global statistics (TIES thresholds and signs, PCB
+/// clamps, mergekit's cuts) in one run: each holds select windows and tallies per worker
+/// (about 1 MiB), so this bounds statistics memory whatever the search asks for.
+pub const MAX_STAT_SETS: usize = 64;
+
 /// A user-defined pool: called with one block of A* (`rows` × `cols` f32, row-major, rows in A*
 /// order) and the tensor's name; writes the `cols` pooled values.
 pub type PoolFn = dyn Fn(&[f32], usize, usize, &str, &mut [f32]) -> Result<()> + Send + Sync;
@@ -390,6 +395,9 @@ impl Job {
                     })?,
                 };
                 let mut sets: Vec<ParamSet> = Vec::new();
+                // Distinct sets by their exact description: O(1) per point, not a scan of the
+                // sets (a 512 × 512 grid took minutes before any work).
+                let mut index: std::collections::HashMap<String, usize> = Default::default();
                 let mut points = Vec::new();
                 for (i, p) in self.points()?.iter().enumerate() {
                     let at = |e: Error| match e {
@@ -401,14 +409,21 @@ impl Job {
                     };
                     let lam = lam_value("lam", &p["lam"]).map_err(at)?;
                     let set = self.param_set(p).map_err(at)?;
-                    let idx = match sets.iter().position(|s| *s == set) {
-                        Some(k) => k,
-                        None => {
-                            sets.push(set);
-                            sets.len() - 1
-                        }
-                    };
+                    let idx = *index.entry(format!("{set:?}")).or_insert_with(|| {
+                        sets.push(set);
+                        sets.len() - 1
+                    });
                     points.push(Point { lam, set: idx });
+                }
+                let stats = sets.iter().filter(|s| s.method.needs_statistics()).count();
+                if stats > MAX_STAT_SETS {
+                    return Err(Error::param(
+                        "search",
+                        format!(
+                            "{stats} distinct parameter sets of {}, each with statistics of its own over the whole model; at most {MAX_STAT_SETS} are gathered in one run (fewer distinct densities/ratios, or several runs)",
+                            sets[0].method.name()
+                        ),
+                    ));
                 }
                 if sets.len() > 1 && sets[0].method.is_external() {
                     return Err(Error::param(

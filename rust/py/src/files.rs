@@ -146,3 +146,10 @@ pub fn read_floor(
         .detach(|| weightweave_core::reader::read_floor(&paths, threads))
         .map_err(PyWeaveErr)?)
 }
+
+/// Which of `names` `pattern` finds a match in (linear-time engine): the torch backend's
+/// `svd_exclude`.
+#[pyfunction]
+pub fn names_matching(what: &str, pattern: &str, names: Vec<String>) -> PyResult<Vec<bool>> {
+    weightweave_core::names_matching(what, pattern, &names).map_err(|e| PyWeaveErr(e).into())
+}

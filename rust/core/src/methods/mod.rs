@@ -399,6 +399,16 @@ impl Method {
         }
     }
 
+    /// Whether the method gathers statistics over the whole model (or per tensor) before its
+    /// output pass, per parameter set.
+    pub fn needs_statistics(&self) -> bool {
+        match self {
+            Method::Pcb { .. } => true,
+            Method::Mergekit(g) => g.sparsify != mergekit::Sparsify::None,
+            m => m.ties().is_some(),
+        }
+    }
+
     /// Whether M of 2-D tensors is computed outside the core (the SVD methods).
     pub fn is_external(&self) -> bool {
         matches!(self, Method::Tsv | Method::IsoC)

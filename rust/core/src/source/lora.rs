@@ -312,7 +312,7 @@ pub fn aligned_view<'a>(
         } else {
             flipped
         };
-        if !(plain || flipped) || (emb && !flipped) {
+        if !flipped && (emb || !plain) {
             return Err(Error::tensor(
                 a.file,
                 &target,

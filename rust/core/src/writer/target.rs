@@ -155,6 +155,34 @@ fn index_shards(index: &Path) -> Option<Vec<String>> {
 }
 
 /// Looks at the target's place: refuses what may not be replaced, and says what is there.
+/// Whether `path` (with metadata `meta`) is mounted on: another device than its parent's, or
+/// listed as a mount point by the kernel (a bind mount of the same file system).
+fn is_mount_point(path: &Path, meta: &std::fs::Metadata) -> bool {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if std::fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev()) {
+        return true;
+    }
+    let Ok(full) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    // /proc/self/mountinfo's fifth field is the mount point, with ' ', '\t', '\n' and '\\'
+    // escaped as octal.
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = full
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
 pub fn check_place(t: &Target) -> Result<Existing> {
     let meta = match std::fs::symlink_metadata(&t.path) {
         Ok(m) => m,
@@ -170,6 +198,14 @@ pub fn check_place(t: &Target) -> Result<Existing> {
         } else {
             bad(&t.path, "is a symbolic link; give the path it points to")
         });
+    }
+    if is_mount_point(&t.path, &meta) {
+        // Publishing renames a staged copy over the target, which the kernel refuses for a
+        // mount point (EBUSY): said now, not after the whole merge.
+        return Err(bad(
+            &t.path,
+            "is a mount point; an output is published by renaming over it, which a mount point refuses: give a path inside it",
+        ));
     }
     let again = "pass overwrite=True (--overwrite) to replace an earlier weightweave output";
     match t.kind {
