@@ -79,7 +79,7 @@ pub fn run_views(
     progress: pipeline::Progress,
     cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
-    let recipe = job.recipe()?;
+    let recipe = job.recipe_cancellable(cancel)?;
     job.check_tasks(&recipe, models.len())?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
     let given = plan::given_for(&plan, given, &recipe)?;
@@ -95,8 +95,9 @@ pub fn plan_views(
     base: &ModelView,
     models: &[ModelView],
     job: &Job,
+    cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
-    let recipe = job.recipe()?;
+    let recipe = job.recipe_cancellable(cancel)?;
     job.check_tasks(&recipe, models.len())?;
     plan::validate(base, models, job.out_dtype()?)
 }
@@ -315,7 +316,7 @@ pub fn prepare_files(
     cancel: &AtomicBool,
 ) -> Result<Prepared> {
     let start = Instant::now();
-    let recipe = job.recipe()?;
+    let recipe = job.recipe_cancellable(cancel)?;
     job.check_tasks(&recipe, models.len())?;
     if recipe.method().is_external() {
         return Err(Error::param(

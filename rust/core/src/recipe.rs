@@ -3,6 +3,7 @@
 //! Everything a caller can get wrong is checked here, before any input is opened.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -336,6 +337,12 @@ impl Job {
 
     /// Validates the job and resolves its defaults.
     pub fn recipe(&self) -> Result<Recipe> {
+        self.recipe_cancellable(&AtomicBool::new(false))
+    }
+
+    /// [`Job::recipe`], checking `cancel` as it goes through the search points (a million-point
+    /// grid takes seconds to resolve).
+    pub fn recipe_cancellable(&self, cancel: &AtomicBool) -> Result<Recipe> {
         if self.chunk_size == Some(0) {
             return Err(Error::param("chunk_size", "must be positive"));
         }
@@ -400,6 +407,9 @@ impl Job {
                 let mut index: std::collections::HashMap<String, usize> = Default::default();
                 let mut points = Vec::new();
                 for (i, p) in self.points()?.iter().enumerate() {
+                    if i % 4096 == 4095 && cancel.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
                     let at = |e: Error| match e {
                         Error::InvalidParam { name, reason } => Error::param(
                             "search",
@@ -618,6 +628,36 @@ mod tests {
         );
         j.space = Some(space);
         j
+    }
+
+    #[test]
+    fn planning_a_large_grid_is_cancellable_and_hashes_its_sets() {
+        let axis = |k: &str, n: usize, step: f64| {
+            (
+                k.to_owned(),
+                (0..n).map(|i| Param::Num(0.1 + i as f64 * step)).collect(),
+            )
+        };
+        let mut j = weave(Space::Grid(vec![
+            axis("density", 256, 1e-3),
+            axis("gamma", 256, 1e-5),
+        ]));
+        j.method = "breadcrumbs".into();
+        let cancel = AtomicBool::new(true);
+        assert!(matches!(
+            j.recipe_cancellable(&cancel),
+            Err(Error::Cancelled)
+        ));
+        // 65 536 distinct sets, each point its own; no point shares another's set.
+        let r = j.recipe().unwrap();
+        assert_eq!(r.sets.len(), 256 * 256);
+        // TIES over more than 64 densities: refused before any work, naming the limit.
+        let t = weave(Space::Grid(vec![axis("density", 65, 1e-3)]));
+        let e = t.recipe().unwrap_err().to_string();
+        assert!(
+            e.contains("65 distinct parameter sets") && e.contains("at most 64"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use weightweave_core::plan::{differing_copies, TensorPlan};
 use weightweave_core::{plan_views, run_views, DType, ModelView, Result, Sink, TensorRef};
 
 use crate::convert;
-use crate::errors::{ParamError, PyWeaveErr};
+use crate::errors::ParamError;
 use crate::progress::run_detached;
 use crate::session::f32_slice;
 
@@ -94,7 +94,11 @@ pub fn plan_buffers<'py>(
     let job = convert::job(job)?;
     let (b, ms) = inputs(base, models)?;
     let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
-    let plan = plan_views(&b.view(), &views, &job).map_err(PyWeaveErr)?;
+    let base_view = b.view();
+    // Detached and watched: resolving a million-point search takes seconds, and Ctrl-C works.
+    let plan = run_detached(py, None, |_, cancel| {
+        plan_views(&base_view, &views, &job, cancel)
+    })?;
     let out = PyList::empty(py);
     for t in plan {
         out.append((t.name, t.out_dtype.name(), t.shape))?;
@@ -137,7 +141,9 @@ pub fn merge_buffers<'py>(
     let (b, ms) = inputs(base, models)?;
     let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
     let base_view = b.view();
-    let plan: Vec<TensorPlan> = plan_views(&base_view, &views, &job).map_err(PyWeaveErr)?;
+    let plan: Vec<TensorPlan> = run_detached(py, None, |_, cancel| {
+        plan_views(&base_view, &views, &job, cancel)
+    })?;
     let mut targets = Vec::with_capacity(plan.len());
     // Held until the merge returns, so the exporters keep the memory alive and writable.
     let mut held = Vec::with_capacity(plan.len());

@@ -446,6 +446,10 @@ impl Engine<'_> {
                 if s.index.is_empty() {
                     continue;
                 }
+                // A chunk of a million-set grid is seconds of work: stop between sets too.
+                if j % 64 == 63 && self.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
                 self.set_m(w, j, c, &stats[j])?;
                 weave.add(j, s, &w.m);
             }
