@@ -178,3 +178,24 @@ def test_svd_exclude_runs_in_linear_time(small, tmp_path):
     assert _rust.names_matching("svd_exclude", "a!$", names) == [True]
     with pytest.raises(ww.ParamError, match="svd_exclude.*linear time"):
         ww.merge(small[0], small[1:], tmp_path / "o.safetensors", method="tsv", svd_exclude="(?<=a)b")
+
+
+def test_false_words_never_mean_true_in_the_api(small, tmp_path):
+    out = tmp_path / "o.safetensors"
+    ww.merge(small[0], small[1:], out, method="ties")
+    before = out.read_bytes()
+    with pytest.raises(ww.OutputError, match="already exists"):
+        ww.merge(small[0], small[1:], out, method="ties", lam=0.5, overwrite="false")
+    assert out.read_bytes() == before  # the earlier output was not replaced
+    ww.merge(small[0], small[1:], out, method="ties", lam=0.5, overwrite="true")
+    assert out.read_bytes() != before
+    for bad in (np.array([True, False]), "maybe", 2):
+        with pytest.raises(ww.ParamError, match="overwrite must be True or False"):
+            ww.merge(small[0], small[1:], out, method="ties", overwrite=bad)
+
+
+def test_a_pool_returning_nan_is_named_as_such(small, tmp_path):
+    with pytest.raises(ww.WeaveError, match="returned NaN at column 0: a pool must return finite values"):
+        ww.weave(small[0], small[1:], tmp_path / "o.safetensors", method="ties",
+                 pool=lambda a: np.full(a.shape[1], np.nan, np.float32))  # fmt: skip
+    assert not (tmp_path / "o.safetensors").exists()
