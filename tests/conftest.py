@@ -52,6 +52,25 @@ def write_models(root: Path, base: dict, models: list[dict]) -> tuple[Path, list
     return bp, mps
 
 
+def tiny_llama(seed: int = 0):
+    """The tiny float32 Llama the LoRA tests adapt (PEFT then merges in f32 too)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def fine_tunes(tmp_path: Path) -> tuple[dict, list[Path]]:
+    """A base state (not written) and three fine-tunes of it written as safetensors files."""
+    base, fts = make_state(9)
+    _, mps = write_models(tmp_path / "fts", base, fts)
+    return base, mps
+
+
 @pytest.fixture
 def ckpts(tmp_path: Path):
     base, models = make_state(0)

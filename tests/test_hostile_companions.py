@@ -13,14 +13,12 @@ from safetensors.torch import save_file
 
 import weightweave as ww
 
-from conftest import make_state, tree, write_models
+from conftest import tree
 
 
 @pytest.fixture
-def fts(tmp_path):
-    base, fts = make_state(21)
-    _, mps = write_models(tmp_path / "fts", base, fts)
-    return base, mps
+def fts(fine_tunes):
+    return fine_tunes
 
 
 def base_dir(root, sd):

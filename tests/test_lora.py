@@ -10,7 +10,7 @@ import torch
 import weightweave as ww
 from weightweave import reference as R
 
-from conftest import assert_close_ulp, load, rounding_slack
+from conftest import assert_close_ulp, load, rounding_slack, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 peft = pytest.importorskip("peft", reason="PEFT checks the LoRA semantics (.ci/run installs it)")
@@ -18,12 +18,7 @@ peft = pytest.importorskip("peft", reason="PEFT checks the LoRA semantics (.ci/r
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64)  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)  # float32: PEFT then merges in f32 too
+llama = tiny_llama
 
 
 def adapter(root, name, seed, **cfg):

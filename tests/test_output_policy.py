@@ -18,8 +18,6 @@ from safetensors.torch import save_file
 
 import weightweave as ww
 
-from conftest import make_state, write_models
-
 
 def model_dir(root, sd, *, sharded=False, metadata=None):
     root.mkdir(parents=True)
@@ -41,10 +39,8 @@ def model_dir(root, sd, *, sharded=False, metadata=None):
 
 
 @pytest.fixture
-def models(tmp_path):
-    base, fts = make_state(9)
-    _, mps = write_models(tmp_path / "fts", base, fts)
-    return base, mps
+def models(fine_tunes):
+    return fine_tunes
 
 
 def test_config_dtype_follows_out_dtype(tmp_path, models):
