@@ -104,7 +104,11 @@ struct Vm<'a> {
     at: usize,
     stack: Vec<Item>,
     marks: usize,
-    memo: std::collections::HashMap<u32, Item>,
+    /// Indexed by memo key (picklers number them 0, 1, 2, ...): None for a key never set,
+    /// Some(None) for a value too large to share.
+    memo: Vec<Option<Option<Item>>>,
+    /// Distinct keys set: the next MEMOIZE key, as Python's `len(memo)`.
+    memo_len: usize,
     /// Values made so far: each new one, and every value a memo fetch copies.
     made: u64,
     budget: u64,
@@ -365,40 +369,52 @@ impl<'a> Vm<'a> {
                 0x88 | 0x89 => self.push(Value::Opaque)?,
                 b'q' | b'r' | 0x94 => {
                     let key = match op {
-                        b'q' => self.u8()? as u32,
-                        b'r' => self.u32()?,
-                        _ => self.memo.len() as u32,
+                        b'q' => self.u8()? as usize,
+                        b'r' => self.u32()? as usize,
+                        _ => self.memo_len,
                     };
+                    // Keys run 0, 1, 2, ... and torch.save memoizes about one object per 13
+                    // bytes of pickle: a key beyond this is not a state dict's.
+                    if key > self.data.len() / 4 + 4096 {
+                        return Err(format!(
+                            "memo key {key} is beyond what a pickle of {} bytes uses",
+                            self.data.len()
+                        ));
+                    }
                     let top = self.stack.last().ok_or("memo of an empty stack")?;
                     if matches!(top.v, Value::Mark) {
                         return Err("memo of a MARK".into());
                     }
                     // Sharing large containers is never needed by a state dict, and copying
                     // them could blow memory up quadratically: they are not memoized (a later
-                    // reference to one is then an error).
-                    if top.size <= 64 {
-                        // Memoizing copies too: charged like a fetch, so MEMOIZE repeated
-                        // over a 64-value tuple cannot build gigabytes.
+                    // reference to one is then an error). Memoizing copies too: charged like a
+                    // fetch, so MEMOIZE repeated over a 64-value tuple cannot build gigabytes.
+                    let entry = if top.size <= 64 {
                         let (top, size) = (top.clone(), top.size);
                         self.charge(size)?;
-                        if self.memo.insert(key, top).is_none()
-                            && self.memo.len() > self.data.len() / 4 + 4096
-                        {
-                            // torch.save memoizes about one object per 13 bytes of pickle.
-                            return Err(
-                                "more memo entries than a pickle of its size can hold".into()
-                            );
-                        }
+                        Some(top)
                     } else {
-                        self.memo.remove(&key);
+                        None
+                    };
+                    if self.memo.len() <= key {
+                        self.memo.resize_with(key + 1, || None);
+                    }
+                    if self.memo[key].replace(entry).is_none() {
+                        self.memo_len += 1;
                     }
                 }
                 b'h' | b'j' => {
-                    let key = if op == b'h' { self.u8()? as u32 } else { self.u32()? };
-                    let size = self.memo.get(&key).ok_or("unknown memo key")?.size;
+                    let key = if op == b'h' { self.u8()? as usize } else { self.u32()? as usize };
+                    let item = match self.memo.get(key) {
+                        Some(Some(Some(item))) => item,
+                        Some(Some(None)) => {
+                            return Err("a memo reference to a large shared value, which a state dict never makes".into())
+                        }
+                        _ => return Err("unknown memo key".into()),
+                    };
                     // A copy costs what it holds: charged before it is made.
+                    let (v, size) = (item.clone(), item.size);
                     self.charge(size)?;
-                    let v = self.memo[&key].clone();
                     self.push_item(v)?;
                 }
                 b'c' => {
@@ -533,7 +549,8 @@ pub fn load(data: &[u8]) -> R<Value> {
         at: 0,
         stack: Vec::new(),
         marks: 0,
-        memo: Default::default(),
+        memo: Vec::new(),
+        memo_len: 0,
         made: 0,
         budget: (data.len() as u64).saturating_add(EXTRA_VALUES),
     };
