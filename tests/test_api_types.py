@@ -82,7 +82,8 @@ def test_array_api_arguments(func):
 
 
 @pytest.mark.parametrize("func", ["merge", "weave"])
-def test_file_api_arguments(func, files, tmp_path):
+def test_file_api_arguments(func, files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a string such as "x" given as `out` writes there, not into the checkout
     fn = getattr(ww, func)
     root, bp, mps = files
     k = 0
@@ -97,7 +98,8 @@ RECIPE_KEYS = ("base", "models", "method", "params", "mode", "lam", "lambdas", "
                "include_deltas", "seed", "out_dtype", "shard_size", "compat", "threads", "chunk_size")  # fmt: skip
 
 
-def test_other_functions(files, tmp_path):
+def test_other_functions(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     root, bp, mps = files
     for v in WRONG:
         check(ww.inspect, {"path": v}, f"inspect({v!r})")
