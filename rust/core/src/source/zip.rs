@@ -244,6 +244,78 @@ mod tests {
         assert!(e.iter().all(|e| e.stored));
     }
 
+    /// The same archive as zip64 writes it (as torch does past 4 GiB): every size and offset
+    /// in the extra fields, the 32-bit ones saturated, a zip64 end record and its locator.
+    fn archive64(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let (mut out, mut dir) = (Vec::new(), Vec::new());
+        for (name, data) in files {
+            let off = out.len() as u64;
+            let len = data.len() as u64;
+            out.extend(LOCAL.to_le_bytes());
+            out.extend([45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            out.extend([0xFF; 8]);
+            out.extend((name.len() as u16).to_le_bytes());
+            out.extend(20u16.to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend(1u16.to_le_bytes());
+            out.extend(16u16.to_le_bytes());
+            out.extend(len.to_le_bytes());
+            out.extend(len.to_le_bytes());
+            out.extend(*data);
+            dir.extend(CENTRAL.to_le_bytes());
+            dir.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            dir.extend([0xFF; 8]);
+            dir.extend((name.len() as u16).to_le_bytes());
+            dir.extend(28u16.to_le_bytes());
+            dir.extend([0; 10]);
+            dir.extend([0xFF; 4]);
+            dir.extend(name.as_bytes());
+            dir.extend(1u16.to_le_bytes());
+            dir.extend(24u16.to_le_bytes());
+            dir.extend(len.to_le_bytes());
+            dir.extend(len.to_le_bytes());
+            dir.extend(off.to_le_bytes());
+        }
+        let cd = out.len() as u64;
+        out.extend(&dir);
+        let rec = out.len() as u64;
+        out.extend(EOCD64.to_le_bytes());
+        out.extend(44u64.to_le_bytes());
+        out.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend((files.len() as u64).to_le_bytes());
+        out.extend((files.len() as u64).to_le_bytes());
+        out.extend((dir.len() as u64).to_le_bytes());
+        out.extend(cd.to_le_bytes());
+        out.extend(EOCD64_LOCATOR.to_le_bytes());
+        out.extend(0u32.to_le_bytes());
+        out.extend(rec.to_le_bytes());
+        out.extend(1u32.to_le_bytes());
+        out.extend(EOCD.to_le_bytes());
+        out.extend([0; 4]);
+        out.extend([0xFF; 4]);
+        out.extend([0xFF; 8]);
+        out.extend([0; 2]);
+        out
+    }
+
+    #[test]
+    fn reads_zip64_directories() {
+        let z = archive64(&[("a/x", b"hello"), ("a/y", b"world!")]);
+        let e = entries(&z).unwrap();
+        assert_eq!(e.len(), 2);
+        assert_eq!(&z[e[0].start as usize..][..5], b"hello");
+        assert_eq!(
+            (e[1].size, &z[e[1].start as usize..][..6]),
+            (6, &b"world!"[..])
+        );
+        assert!(e.iter().all(|e| e.stored));
+        // A locator pointing elsewhere is an error, not a guess.
+        let mut bad = z.clone();
+        let n = bad.len();
+        bad[n - 22 - 12..n - 22 - 4].copy_from_slice(&5u64.to_le_bytes());
+        assert!(entries(&bad).unwrap_err().contains("zip64"));
+    }
+
     #[test]
     fn refuses_duplicates_lies_and_far_records() {
         let z = archive(&[("a/x", b"1"), ("a/x", b"2")], b"");
