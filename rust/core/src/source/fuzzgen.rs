@@ -53,7 +53,7 @@ fn tensor(out: &mut Vec<u8>, i: u8) {
 
 /// Largest pickle a program may build: past a megabyte, every limit of the unpickler is
 /// within reach (a million opcodes).
-const MAX_PICKLE: usize = 3 << 19;
+const MAX_PICKLE: usize = (1 << 20) + 4096;
 
 /// The archive described by `program`.
 pub fn archive(program: &[u8]) -> Vec<u8> {
