@@ -33,20 +33,21 @@ const LOCAL: u32 = 0x0403_4b50;
 /// The longest comment an end record can carry, so the farthest it can be from the end.
 const MAX_COMMENT: usize = 0xFFFF;
 
+/// Offsets come from the file: a saturated end (never wrapped) is simply out of range.
 fn u16_at(b: &[u8], at: usize) -> R<u16> {
-    b.get(at..at + 2)
+    b.get(at..at.saturating_add(2))
         .map(|s| u16::from_le_bytes([s[0], s[1]]))
         .ok_or_else(|| "the zip directory is cut short".into())
 }
 
 fn u32_at(b: &[u8], at: usize) -> R<u32> {
-    b.get(at..at + 4)
+    b.get(at..at.saturating_add(4))
         .map(|s| u32::from_le_bytes(s.try_into().expect("4 bytes")))
         .ok_or_else(|| "the zip directory is cut short".into())
 }
 
 fn u64_at(b: &[u8], at: usize) -> R<u64> {
-    b.get(at..at + 8)
+    b.get(at..at.saturating_add(8))
         .map(|s| u64::from_le_bytes(s.try_into().expect("8 bytes")))
         .ok_or_else(|| "the zip directory is cut short".into())
 }
