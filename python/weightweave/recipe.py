@@ -18,15 +18,36 @@ from typing import Any
 from ._rust import ParamError
 from .job import as_bool
 
+_GTA = ("required", {"normalize", "rescale", "int8_mask", "lambda"}, {"weight", "density"}, True)
+_SPEC = {
+    # method: (base_model, shared parameters, per-model parameters, weight required) as in
+    # mergekit 0.1.5's parameter specs.
+    "linear": ("optional", {"normalize"}, {"weight"}, True),
+    "task_arithmetic": _GTA, "ties": _GTA, "dare_ties": _GTA, "dare_linear": _GTA,
+    "breadcrumbs": (*_GTA[:2], {"weight", "density", "gamma"}, True),
+    "breadcrumbs_ties": (*_GTA[:2], {"weight", "density", "gamma"}, True),
+    "della": (*_GTA[:2], {"weight", "density", "epsilon"}, True),
+    "della_linear": (*_GTA[:2], {"weight", "density", "epsilon"}, True),
+    "slerp": ("required", {"t"}, set(), False),
+    "nearswap": ("required", {"t"}, set(), False),
+    "nuslerp": ("optional", {"nuslerp_row_wise", "nuslerp_flatten"}, {"weight"}, True),
+    "multislerp": ("optional", {"normalize_weights", "eps"}, {"weight"}, True),
+    "passthrough": ("none", set(), {"scale"}, False),
+    "model_stock": ("required", {"filter_wise"}, set(), False),
+    "sce": ("required", {"int8_mask", "select_topk"}, set(), False),
+    "ram": ("required", {"epsilon"}, set(), False),
+    "ramplus_tl": ("required", {"epsilon", "r", "alpha"}, set(), False),
+}  # fmt: skip
+
 #: mergekit's merge methods this tool reproduces.
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                    "breadcrumbs_ties")  # fmt: skip
+MERGEKIT_METHODS = tuple(_SPEC)
+_MK_FLAGS = {"normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights",
+             "filter_wise"}  # fmt: skip
+_MK_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 _MK_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64",
               "fp32": "f32", "bf16": "bf16", "fp16": "f16", "f32": "f32", "f16": "f16"}  # fmt: skip
 _MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
            "weave", "slices", "tokenizer", "chat_template", "name", "modules"}  # fmt: skip
-_MK_SHARED = {"normalize", "rescale", "int8_mask", "lambda"}
-_MK_PER_MODEL = {"weight", "density", "gamma"}
 _WEAVE_KEYS = {"lambdas", "search", "pool", "include_deltas", "seed"}
 _OWN_TOP = {"base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "include_deltas",
             "seed", "weights", "out", "out_dtype", "shard_size", "compat", "threads", "chunk_size"}  # fmt: skip
@@ -224,15 +245,19 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         raise _fail(where, f"merge_method: '{method}' is not one weightweave runs (supported: "
                            f"{', '.join(MERGEKIT_METHODS)})")  # fmt: skip
+    base_rule, shared_keys, per_model_keys, weight_required = _SPEC[method]
     ts = d.get("tokenizer_source")
     if ts is not None and ts != "base":
         raise _fail(where, f"tokenizer_source: '{ts}' is not supported (only 'base': the base's tokenizer is copied)")
     shared = _mapping(where, "parameters", d.get("parameters"))
-    unknown = sorted(set(shared) - _MK_SHARED - _MK_PER_MODEL)
+    unknown = sorted(set(shared) - shared_keys - per_model_keys)
     if unknown:
-        raise _fail(where, f"parameters.{unknown[0]}: not a parameter weightweave supports for {method}")
+        raise _fail(where, f"parameters.{unknown[0]}: not a parameter of mergekit's {method} (its parameters: "
+                           f"{', '.join(sorted(shared_keys | per_model_keys)) or 'none'})")  # fmt: skip
     base = d.get("base_model")
     base = _local(where, "base_model", base) if base is not None else None
+    if base_rule == "none" and base is not None:
+        raise _fail(where, f"base_model: mergekit's {method} takes a single model and no base_model")
     entries = d.get("models")
     if not isinstance(entries, list) or not entries:
         raise _fail(where, "'models' must be a non-empty list")
@@ -245,39 +270,50 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
             raise _fail(where, f"models[{i}].{bad[0]}: not supported")
         path = _local(where, f"models[{i}].model", e["model"])
         ps = _mapping(where, f"models[{i}].parameters", e.get("parameters"))
-        bad = sorted(set(ps) - _MK_PER_MODEL)
+        bad = sorted(set(ps) - per_model_keys)
         if bad:
-            raise _fail(where, f"models[{i}].parameters.{bad[0]}: not a per-model parameter weightweave supports")
+            raise _fail(where, f"models[{i}].parameters.{bad[0]}: not a per-model parameter of mergekit's {method} "
+                               f"({', '.join(sorted(per_model_keys)) or 'none'})")  # fmt: skip
         if method != "linear" and base is not None and os.path.realpath(path) == os.path.realpath(base):
             continue  # mergekit takes no task vector from the base model
-        merged = {k: shared[k] for k in _MK_PER_MODEL if k in shared} | dict(ps)
+        merged = {k: shared[k] for k in per_model_keys if k in shared} | dict(ps)
         per_model.append({k: _number(where, f"models[{i}].parameters.{k}", v) for k, v in merged.items()})
         models.append(path)
     if not models:
         raise _fail(where, "'models' lists only the base model")
-    if base is None:
-        if method != "linear":
-            raise _fail(where, f"base_model is required by {method}")
-        base = models[0]
-    for i, p in enumerate(per_model):
-        if "weight" not in p:
-            raise _fail(where, f"models[{i}]: parameters.weight is required by mergekit's {method}")
     params: dict[str, Any] = {}
-    for k in ("normalize", "rescale", "int8_mask"):
-        if k in shared:
+    if base is None:
+        if base_rule == "required":
+            raise _fail(where, f"base_model is required by {method}")
+        if base_rule == "optional" and method != "linear":
+            params["relative"] = False  # mergekit interpolates the models' values themselves
+        base = models[0]
+    if weight_required:
+        for i, p in enumerate(per_model):
+            if "weight" not in p:
+                raise _fail(where, f"models[{i}]: parameters.weight is required by mergekit's {method}")
+    for k in sorted(shared_keys - {"lambda"}):
+        if k not in shared:
+            continue
+        if k in _MK_FLAGS:
             try:
                 params[k] = as_bool(f"parameters.{k}", shared[k])
             except ParamError as e:
                 raise _fail(where, str(e)) from None
-    for k in ("density", "gamma"):
+        else:
+            params[k] = _number(where, f"parameters.{k}", shared[k])
+    for k in sorted(per_model_keys - {"weight"}):
         vals = [p[k] for p in per_model if k in p]
         if vals:
             if len(vals) != len(per_model):
-                default = {"density": 1.0, "gamma": 0.01}[k]
-                vals = [p.get(k, default) for p in per_model]
+                if k not in _MK_DEFAULTS:
+                    raise _fail(where, f"parameters.{k}: given for some models and not others")
+                vals = [p.get(k, _MK_DEFAULTS[k]) for p in per_model]
             params[k] = vals
-    kwargs: dict[str, Any] = {"method": method, "compat": "mergekit", "weights": [p["weight"] for p in per_model],
-                              **params}  # fmt: skip
+    weights = [p["weight"] for p in per_model] if weight_required else None
+    kwargs: dict[str, Any] = {"method": method, "compat": "mergekit", **params}
+    if weights is not None:
+        kwargs["weights"] = weights
     out_dtype = d.get("out_dtype", d.get("dtype"))
     if out_dtype is not None:
         if not isinstance(out_dtype, str) or out_dtype not in _MK_DTYPES:

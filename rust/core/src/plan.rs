@@ -46,6 +46,7 @@ impl TensorPlan {
     pub fn unit(&self, rows: Rows) -> usize {
         match rows {
             Rows::Tensor => self.numel.max(1),
+            Rows::Slab if self.shape.len() > 2 && self.shape[0] > 0 => self.numel / self.shape[0],
             _ => self.row_len(),
         }
     }
@@ -54,7 +55,7 @@ impl TensorPlan {
     /// streamed in pieces.
     pub fn has_long(&self, rows: Rows, chunk_size: usize) -> bool {
         match rows {
-            Rows::None => false,
+            Rows::None | Rows::Slab => false,
             Rows::Last => self.mergeable && !self.shape.is_empty() && self.row_len() > chunk_size,
             Rows::Tensor => self.mergeable && self.numel > chunk_size,
         }

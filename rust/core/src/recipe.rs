@@ -250,13 +250,22 @@ impl Job {
         let Mode::Weave { lambdas, .. } = &self.mode else {
             return Ok(Vec::new());
         };
+        // The interpolation methods search over t, with λ = 1 (A* members merge(t) − θ_base).
+        let var = crate::methods::registry::search_variable(&self.method);
         let lam_points = |l: &[f64]| -> Vec<Params> {
             l.iter()
-                .map(|&x| Params::from([("lam".to_owned(), Param::Num(x))]))
+                .map(|&x| match var {
+                    Some(v) => Params::from([
+                        ("lam".to_owned(), Param::Num(1.0)),
+                        (v.to_owned(), Param::Num(x)),
+                    ]),
+                    None => Params::from([("lam".to_owned(), Param::Num(x))]),
+                })
                 .collect()
         };
         let default = || {
-            Method::default_lambdas(&self.method)
+            crate::methods::registry::default_t(&self.method)
+                .or_else(|| Method::default_lambdas(&self.method))
                 .or_else(|| Method::default_lambdas("task_arithmetic"))
                 .expect("a default Λ")
         };
@@ -292,6 +301,15 @@ impl Job {
                         "must hold between 1 and 2^20 points",
                     ));
                 }
+                if var.is_some() {
+                    // λ is 1 unless a point sets it.
+                    let one = |p: &Params| {
+                        let mut p = p.clone();
+                        p.entry("lam".to_owned()).or_insert(Param::Num(1.0));
+                        p
+                    };
+                    return Ok(p.iter().map(one).collect());
+                }
                 if let Some(i) = p.iter().position(|p| !p.contains_key("lam")) {
                     return Err(Error::param(
                         "search",
@@ -302,6 +320,9 @@ impl Job {
             }
             (Some(Space::Grid(axes)), None) => {
                 let mut axes = axes.clone();
+                if var.is_some() && !axes.iter().any(|(k, _)| k == "lam") {
+                    axes.insert(0, ("lam".to_owned(), vec![Param::Num(1.0)]));
+                }
                 if !axes.iter().any(|(k, _)| k == "lam") {
                     let l = default();
                     axes.insert(
@@ -371,7 +392,14 @@ impl Job {
             .as_ref()
             .map(|w| f32_list("weights", w))
             .transpose()?;
-        let own = self.param_set(&Params::new())?;
+        // A weave over an interpolation's t takes t from its points, not from the job.
+        let searched = matches!(self.mode, Mode::Weave { .. })
+            && crate::methods::registry::search_variable(&self.method).is_some();
+        let own = if searched {
+            None
+        } else {
+            Some(self.param_set(&Params::new())?)
+        };
         if matches!(self.mode, Mode::Merge { .. })
             && (self.space.is_some() || self.pool_fn.is_some())
         {
@@ -425,7 +453,18 @@ impl Job {
                     });
                     points.push(Point { lam, set: idx });
                 }
-                let stats = sets.iter().filter(|s| s.method.needs_statistics()).count();
+                // Kernel methods share statistics between sets with the same key (slerp's
+                // norms serve every t); the others gather their own per set.
+                let stats = sets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.method.needs_statistics())
+                    .map(|(j, s)| match &s.method {
+                        Method::Kernel(k) => k.stats_key(),
+                        _ => format!("set {j}"),
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
                 if stats > MAX_STAT_SETS {
                     return Err(Error::param(
                         "search",
@@ -457,7 +496,7 @@ impl Job {
             }
         };
         Ok(Recipe {
-            sets: vec![own],
+            sets: vec![own.expect("a plain merge's own set")],
             combine,
             seed: self.seed,
             weights,
@@ -560,9 +599,12 @@ impl Job {
                     None => {
                         let l = lambdas
                             .clone()
+                            .or_else(|| crate::methods::registry::default_t(&self.method))
                             .or_else(|| Method::default_lambdas(&self.method))
                             .unwrap_or_default();
-                        r["lambdas"] = bounded(l.iter().map(|x| serde_json::json!(x)).collect());
+                        let key = crate::methods::registry::search_variable(&self.method)
+                            .map_or("lambdas".to_owned(), |v| format!("{v} values"));
+                        r[key.as_str()] = bounded(l.iter().map(|x| serde_json::json!(x)).collect());
                     }
                 }
                 r["pool"] = serde_json::json!(pool.name());

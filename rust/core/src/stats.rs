@@ -24,6 +24,10 @@ impl Engine<'_> {
         let mut stats: Vec<Stats> = (0..sets).map(|_| Stats::default()).collect();
         let all: Vec<usize> = (0..sets).collect();
         let method = self.recipe.method();
+        if let Method::Kernel(_) = method {
+            self.kernel_stats(merge, &mut stats)?;
+            return Ok(stats);
+        }
         if let Some(p) = method.ties() {
             let scopes: Vec<(usize, Vec<Chunk>)> = match p.scope {
                 Scope::Global => vec![(0, merge.to_vec())],
@@ -506,7 +510,7 @@ impl Engine<'_> {
 
     /// Exact order statistics of per-task rows produced by `rows`: one windowed pass guided by
     /// a sample, or (when the guess misses) the two-pass radix select.
-    fn select(
+    pub(crate) fn select(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
@@ -693,7 +697,7 @@ impl Engine<'_> {
 type Cuts = (f32, Option<f32>);
 
 /// Produces a chunk's rows (one per task, or per requested statistic's task) for a select.
-type Rows<'r> = &'r (dyn Fn(&mut Work, &Chunk, &mut dyn FnMut(usize, &[f32])) + Sync);
+pub(crate) type Rows<'r> = &'r (dyn Fn(&mut Work, &Chunk, &mut dyn FnMut(usize, &[f32])) + Sync);
 
 #[inline(always)]
 fn abs_into(src: &[f32], dst: &mut [f32]) {

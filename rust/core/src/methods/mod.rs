@@ -3,10 +3,21 @@
 //! pipeline's extra passes and handed to the kernels as plain numbers.
 
 pub mod breadcrumbs;
+pub mod della;
 pub mod elementwise;
 pub mod fastmath;
+pub mod kernel;
 pub mod mergekit;
+pub mod model_stock;
+pub mod multislerp;
+pub mod nearswap;
+pub mod nuslerp;
+pub mod passthrough;
 pub mod pcb;
+pub mod ram;
+pub mod registry;
+pub mod sce;
+pub mod slerp;
 pub mod ties;
 
 use std::collections::BTreeMap;
@@ -69,6 +80,9 @@ pub enum Rows {
     Last,
     /// The whole tensor is one row.
     Tensor,
+    /// Whole slices along dimension 0 of a tensor of 3 or more dimensions (the vectors along
+    /// dimension 1 lie within one), rows along the last dimension otherwise; never split.
+    Slab,
 }
 
 /// Where TIES computes its threshold and majority sign.
@@ -124,19 +138,45 @@ pub enum Method {
     MergekitLinear {
         normalize: bool,
     },
+    /// A method implementing the [`kernel::Kernel`] trait (see `methods/registry.rs`).
+    Kernel(KernelRef),
+}
+
+/// A shared [`kernel::Kernel`]; two are equal when their names and parameters are.
+#[derive(Clone, Debug)]
+pub struct KernelRef(pub std::sync::Arc<dyn kernel::Kernel>);
+
+impl PartialEq for KernelRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name() && self.0.params_json() == other.0.params_json()
+    }
+}
+
+impl std::ops::Deref for KernelRef {
+    type Target = dyn kernel::Kernel;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref()
+    }
 }
 
 pub const METHOD_NAMES: &str =
-    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c";
+    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl";
 
 /// Reads and range-checks parameters, rejecting any the method does not take.
-struct Reader<'a> {
+pub struct Reader<'a> {
     params: &'a Params,
     used: Vec<&'static str>,
 }
 
 impl<'a> Reader<'a> {
-    fn num(
+    pub fn new(params: &'a Params) -> Reader<'a> {
+        Reader {
+            params,
+            used: Vec::new(),
+        }
+    }
+
+    pub fn num(
         &mut self,
         name: &'static str,
         default: f64,
@@ -167,7 +207,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A number for all tasks or a list of one per task, each in the range.
-    fn frac(
+    pub fn frac(
         &mut self,
         name: &'static str,
         default: f64,
@@ -194,7 +234,7 @@ impl<'a> Reader<'a> {
         Ok(PerTask::All(self.num(name, default, lo, hi, lo_open)?))
     }
 
-    fn flag(&mut self, name: &'static str, default: bool) -> Result<bool> {
+    pub fn flag(&mut self, name: &'static str, default: bool) -> Result<bool> {
         self.used.push(name);
         match self.params.get(name) {
             None => Ok(default),
@@ -220,7 +260,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn finish(self, method: &str) -> Result<()> {
+    pub fn finish(self, method: &str) -> Result<()> {
         if let Some(k) = self
             .params
             .keys()
@@ -287,6 +327,10 @@ impl Method {
             },
             "tsv" => Method::Tsv,
             "iso_c" => Method::IsoC,
+            _ if registry::is_kernel(name) => {
+                // mergekit's other methods have mergekit's semantics only.
+                return Method::parse_mergekit(name, params);
+            }
             _ => {
                 return Err(Error::UnknownMethod {
                     name: name.to_owned(),
@@ -312,6 +356,7 @@ impl Method {
             Method::IsoC => "iso_c",
             Method::Mergekit(g) => g.name,
             Method::MergekitLinear { .. } => "linear",
+            Method::Kernel(k) => k.name(),
         }
     }
 
@@ -321,6 +366,10 @@ impl Method {
             params,
             used: Vec::new(),
         };
+        if let Some(k) = registry::mergekit(name, &mut r)? {
+            r.finish(name)?;
+            return Ok(Method::Kernel(KernelRef(k)));
+        }
         let m = if name == "linear" {
             Method::MergekitLinear {
                 normalize: r.flag("normalize", true)?,
@@ -329,7 +378,7 @@ impl Method {
             let Some(mut g) = Gta::named(name) else {
                 return Err(Error::UnknownMethod {
                     name: name.to_owned(),
-                    known: mergekit::NAMES,
+                    known: registry::MERGEKIT_NAMES,
                 });
             };
             g.normalize = r.flag("normalize", g.normalize)?;
@@ -365,6 +414,7 @@ impl Method {
                 g.density.check_len("density", tasks)?;
                 g.gamma.check_len("gamma", tasks)
             }
+            Method::Kernel(k) => k.check_tasks(tasks),
             _ => Ok(()),
         }
     }
@@ -405,6 +455,7 @@ impl Method {
         match self {
             Method::Pcb { .. } => true,
             Method::Mergekit(g) => g.sparsify != mergekit::Sparsify::None,
+            Method::Kernel(k) => k.needs_statistics(),
             m => m.ties().is_some(),
         }
     }
@@ -445,6 +496,7 @@ impl Method {
             }
             Method::Pcb { ratio } => json!({"ratio": ratio}),
             Method::Mergekit(g) => g.params_json(),
+            Method::Kernel(k) => k.params_json(),
         }
     }
 
@@ -465,6 +517,8 @@ impl Method {
             "pcb" => (1, 25),
             "tsv" => (5, 20),
             "iso_c" => (1, 20),
+            // The kernel methods: λ, or t for the interpolations (`registry::default_t`).
+            _ if registry::is_kernel(name) => (1, 10),
             _ => return None,
         };
         Some((a..=b).map(|k| k as f64 / 10.0).collect())

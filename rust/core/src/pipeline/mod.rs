@@ -4,6 +4,7 @@
 //! size cannot change a result); the final pass computes M, pools, encodes and writes each chunk
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
+mod kernel;
 mod output;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,8 @@ pub(crate) struct Work {
     pub(crate) raw: Vec<Vec<f32>>,
     /// Unweighted τ_t, kept when some parameter set weights differently from the recipe.
     pub(crate) plain: Vec<Vec<f32>>,
+    /// The models' values θ_t, for a kernel method that reads them.
+    pub(crate) vals: Vec<Vec<f32>>,
     /// The deltas of the parameter set being computed, when they differ from `raw` (their own
     /// weights, DARE, sparsification).
     pub(crate) eff: Vec<Vec<f32>>,
@@ -141,6 +144,8 @@ pub(crate) struct Stats {
     pub(crate) crumbs: BTreeMap<(usize, usize), Vec<Option<breadcrumbs::Piece>>>,
     /// mergekit's L1 rescale factor, by tensor, per task.
     pub(crate) l1: BTreeMap<usize, Vec<f32>>,
+    /// A kernel method's statistics, by tensor.
+    pub(crate) kernel: BTreeMap<usize, crate::methods::kernel::TensorStats>,
 }
 
 pub(crate) struct Engine<'a> {
@@ -165,6 +170,10 @@ pub(crate) struct Engine<'a> {
     pub(crate) need_plain: bool,
     /// The method reads the models' values, not their deltas (mergekit's linear).
     pub(crate) absolute: bool,
+    /// A kernel method reads the models' values (`Work::vals`).
+    pub(crate) values: bool,
+    /// A kernel method's M is the merged value, not a delta.
+    pub(crate) value_out: bool,
     pub(crate) rows: Rows,
     /// Statistics passes started so far, and whether the output pass has begun (the stage
     /// progress reports).
@@ -195,11 +204,37 @@ pub fn run(
         let members = recipe.combine.members(models.len()).max(1);
         chunk = chunk.min(((1 << 22) / members).max(64));
     }
+    let mut rows = recipe.method().rows();
+    if let Method::Kernel(k) = recipe.method() {
+        for t in plan.iter().filter(|t| t.mergeable) {
+            for s in &recipe.sets {
+                if let Method::Kernel(k) = &s.method {
+                    k.check_tensor(t)?;
+                }
+            }
+        }
+        if k.whole_rows() {
+            // Chunks of whole rows (slabs): the chunk grows to hold the longest.
+            rows = Rows::Slab;
+            let longest = plan.iter().filter(|t| t.mergeable).map(|t| t.unit(rows));
+            chunk = chunk.max(longest.max().unwrap_or(1));
+            if chunk > crate::MAX_CHUNK {
+                return Err(Error::param(
+                    "method",
+                    format!(
+                        "{} ranks within rows, and a row of {chunk} elements is past the {} a chunk holds",
+                        k.name(),
+                        crate::MAX_CHUNK
+                    ),
+                ));
+            }
+        }
+    }
     let opts = Options {
         chunk_size: chunk,
         ..opts
     };
-    let (merge, copy) = crate::plan::chunks(plan, chunk, recipe.method().rows());
+    let (merge, copy) = crate::plan::chunks(plan, chunk, rows);
     run_chunks(
         base,
         models,
@@ -247,6 +282,9 @@ pub fn run_chunks(
     if let Method::Mergekit(g) = method {
         passes += u64::from(g.rescale && g.sparsify != crate::methods::Sparsify::None);
     }
+    if let Method::Kernel(k) = method {
+        passes += k.passes();
+    }
     let rows = method.rows();
     // Long rows take a windowed select and a counting pass more.
     let long_rows: u64 = merge
@@ -272,7 +310,17 @@ pub fn run_chunks(
         .iter()
         .map(|s| s.weights != recipe.weights)
         .collect();
-    let mergekit = matches!(method, Method::Mergekit(_) | Method::MergekitLinear { .. });
+    let mergekit = matches!(
+        method,
+        Method::Mergekit(_) | Method::MergekitLinear { .. } | Method::Kernel(_)
+    );
+    let kernel = match method {
+        Method::Kernel(k) => Some(k),
+        _ => None,
+    };
+    use crate::methods::kernel::{Inputs, Output};
+    let values = kernel.is_some_and(|k| k.inputs() == Inputs::Values);
+    let value_out = kernel.is_some_and(|k| k.output() == Output::Value);
     let points = match &recipe.combine {
         Combine::Merge { lam } => vec![SetPoints {
             index: vec![0],
@@ -303,6 +351,8 @@ pub fn run_chunks(
         weights,
         own_weights,
         absolute: matches!(method, Method::MergekitLinear { .. }),
+        values,
+        value_out,
         rows,
         stats_passes: AtomicU32::new(0),
         in_output: AtomicBool::new(false),
@@ -439,10 +489,28 @@ impl<'a> Engine<'a> {
         if let Some(s) = &b.scale {
             scaled::apply(s, &t.name, t.row_len(), c.start, base, &mut w.lora.0)?;
         }
+        if self.values {
+            w.vals.resize_with(tasks, Vec::new);
+        }
         for (k, refs) in self.model_refs.iter().enumerate() {
             grow(&mut w.raw[k], n);
             let d = &mut w.raw[k][..n];
             let r = &refs[c.tensor];
+            if self.values && r.delta.is_none() && r.scale.is_none() {
+                // The values as stored, and the deltas from them (the same f32 subtraction
+                // `decode_delta` does).
+                grow(&mut w.vals[k], n);
+                let v = &mut w.vals[k][..n];
+                let size = r.dtype.size();
+                let bytes = &r.data[c.start * size..(c.start + c.len) * size];
+                if !decode_finite(r.dtype, bytes, v) {
+                    decode_checked(r, &t.name, c, v)?;
+                }
+                for ((x, &y), b) in d.iter_mut().zip(v.iter()).zip(&w.base[..n]) {
+                    *x = y - b;
+                }
+                continue;
+            }
             if let Some(delta) = &r.delta {
                 lora::fill(delta, &t.name, t.row_len(), c.start, d, &mut w.lora)?;
                 continue;
@@ -468,6 +536,22 @@ impl<'a> Engine<'a> {
             if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
                 // Rare path: find and report the offending element.
                 decode_checked(r, &t.name, c, d)?;
+            }
+        }
+        if self.values {
+            // LoRA and scaled FP8 inputs have no stored value: θ_base + τ stands in.
+            for (k, refs) in self.model_refs.iter().enumerate() {
+                let r = &refs[c.tensor];
+                if r.delta.is_some() || r.scale.is_some() {
+                    grow(&mut w.vals[k], n);
+                    for ((v, &x), &b) in w.vals[k][..n]
+                        .iter_mut()
+                        .zip(&w.raw[k][..n])
+                        .zip(&w.base[..n])
+                    {
+                        *v = b + x;
+                    }
+                }
             }
         }
         if self.need_plain {
@@ -501,7 +585,10 @@ impl<'a> Engine<'a> {
             Src::Raw
         };
         let method = &self.recipe.sets[j].method;
-        if matches!(method, Method::Mergekit(_) | Method::MergekitLinear { .. }) {
+        if matches!(
+            method,
+            Method::Mergekit(_) | Method::MergekitLinear { .. } | Method::Kernel(_)
+        ) {
             return unweighted;
         }
         let mut src = Src::Raw;

@@ -65,6 +65,10 @@ impl Engine<'_> {
         if let Method::Mergekit(g) = method {
             return self.mergekit_m(w, g, src, j, c, stats);
         }
+        if let Method::Kernel(_) = method {
+            self.kernel_m(w, j, c, stats);
+            return Ok(());
+        }
         let Parts {
             deltas,
             m,
@@ -136,7 +140,7 @@ impl Engine<'_> {
                 }
                 pcb::merge(deltas, n, abs, score, scores, signed, m);
             }
-            Method::Mergekit(_) => unreachable!("handled above"),
+            Method::Mergekit(_) | Method::Kernel(_) => unreachable!("handled above"),
         }
         Ok(())
     }
@@ -307,6 +311,15 @@ impl Engine<'_> {
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
         if self.recipe.sets.len() == 1 && !matches!(self.pool(), Some(Pool::Custom(_))) {
             self.set_m(w, 0, c, &stats[0])?;
+            if self.value_out {
+                // mergekit's values are written as they are at λ = 1.
+                if let Combine::Merge { lam: 1.0 } = self.recipe.combine {
+                    let Work { m, out, .. } = w;
+                    out[..n].copy_from_slice(&m[..n]);
+                    return Ok(());
+                }
+                self.value_to_delta(w, n);
+            }
             if self.absolute {
                 if let Combine::Merge { lam } = self.recipe.combine {
                     if lam == 1.0 {
@@ -359,7 +372,7 @@ impl Engine<'_> {
         let t = &self.plan[c.tensor];
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
         let single = self.recipe.sets.len() == 1 && !matches!(self.pool(), Some(Pool::Custom(_)));
-        if !single || self.absolute {
+        if !single || self.absolute || self.value_out {
             self.pooled(w, c, stats)?;
             return self.finish_chunk(w, c, sink);
         }
@@ -451,6 +464,9 @@ impl Engine<'_> {
                     return Err(Error::Cancelled);
                 }
                 self.set_m(w, j, c, &stats[j])?;
+                if self.value_out {
+                    self.value_to_delta(w, n);
+                }
                 weave.add(j, s, &w.m);
             }
             let Work { raw, base, out, .. } = w;
@@ -463,6 +479,14 @@ impl Engine<'_> {
         })();
         (w.acc, w.pos, w.picks, w.astar) = (acc, pos, picks, astar);
         result
+    }
+
+    /// Turns a kernel's merged value in `w.m` into M − θ_base.
+    fn value_to_delta(&self, w: &mut Work, n: usize) {
+        let Work { base, m, .. } = w;
+        for (x, &b) in m[..n].iter_mut().zip(&base[..n]) {
+            *x -= b;
+        }
     }
 
     /// Turns the models' values in `raw` (and an absolute M) into deltas of the base.

@@ -1,0 +1,253 @@
+//! The merge-method trait. A method is one file under `methods/` implementing [`Kernel`]: the
+//! statistics it needs, requested stage by stage from a small set of shared kinds, and its chunk
+//! kernel given those statistics. The engine (`pipeline/kernel.rs`) schedules the passes from the
+//! requests — one pass per stage, shared by every parameter set and tensor that asks for it — so
+//! a new method touches its own file and a registry line (`methods/registry.rs`), never the
+//! engine.
+//!
+//! Statistics are per tensor. A stage is either
+//! - [`Stage::Sums`]: `slots` f64 accumulators per unit (the whole tensor, or each row along
+//!   the last dimension), filled by [`Kernel::accumulate`] chunk by chunk and summed in chunk
+//!   order (so a thread count cannot change them); for whole-tensor units every chunk also sees
+//!   the sums of the chunks before it (ties at a cut are ranked by position with them), or
+//! - [`Stage::Select`]: exact order statistics of a per-element score ([`Kernel::score`]) over
+//!   the tensor, at the ascending ranks [`Kernel::ranks`] asks for.
+//!
+//! Stages may depend on every earlier stage's results, and a method may stop asking per tensor
+//! (an iterative mean that has converged), so the number of passes is the method's to decide.
+
+use std::fmt::Debug;
+
+use crate::plan::TensorPlan;
+
+/// What a kernel reads besides the deltas τ_t = θ_t − θ_base (always there, unweighted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inputs {
+    Deltas,
+    /// The models' values θ_t as well (interpolations between models, not between deltas).
+    Values,
+}
+
+/// What a kernel writes into M.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// The merged delta: the model is θ_base + λ·M.
+    Delta,
+    /// The merged values themselves (mergekit's arithmetic, written as it is at λ = 1; as
+    /// M − θ_base for any other λ and in Weight Weaving's A*).
+    Value,
+}
+
+/// The unit a [`Stage::Sums`] accumulates over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Tensor,
+    /// Rows along the last dimension (a 0-d or 1-d tensor is one row).
+    Row,
+    /// Vectors along the first dimension: elements whose index agrees modulo
+    /// numel / shape[0] (a 0-d or 1-d tensor is one).
+    Column,
+}
+
+impl Unit {
+    /// How many units tensor `t` has.
+    pub fn count(self, t: &TensorPlan) -> usize {
+        match self {
+            Unit::Tensor => 1,
+            Unit::Row => rows_of(t),
+            Unit::Column => columns_of(t),
+        }
+    }
+
+    /// The unit of element `e` of tensor `t`.
+    #[inline(always)]
+    pub fn of(self, t: &TensorPlan, e: usize) -> usize {
+        match self {
+            Unit::Tensor => 0,
+            Unit::Row => e / t.row_len(),
+            Unit::Column => e % columns_of(t),
+        }
+    }
+}
+
+/// One statistics stage of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Sums { unit: Unit, slots: usize },
+    Select,
+}
+
+/// A stage's results.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Found {
+    /// `units × slots` sums, and (whole-tensor units) the sums before each chunk by its start.
+    Sums {
+        slots: usize,
+        sums: Vec<f64>,
+        before: std::collections::BTreeMap<usize, Vec<f64>>,
+    },
+    /// The values at the requested ranks, in request order.
+    Select(Vec<f32>),
+}
+
+/// The statistics of one tensor for one parameter set: every finished stage's results.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TensorStats {
+    pub stages: Vec<Found>,
+}
+
+impl TensorStats {
+    /// Stage `s`'s sums of unit `u` (a tensor has one unit, index 0).
+    pub fn sums(&self, s: usize, u: usize) -> &[f64] {
+        match &self.stages[s] {
+            Found::Sums { slots, sums, .. } => &sums[u * slots..(u + 1) * slots],
+            Found::Select(_) => panic!("stage {s} is a select"),
+        }
+    }
+
+    /// Stage `s`'s whole-tensor sums over the chunks before the one starting at `start`.
+    pub fn before(&self, s: usize, start: usize) -> &[f64] {
+        match &self.stages[s] {
+            Found::Sums { before, .. } => &before[&start],
+            Found::Select(_) => panic!("stage {s} is a select"),
+        }
+    }
+
+    /// Stage `s`'s order statistics.
+    pub fn selected(&self, s: usize) -> &[f32] {
+        match &self.stages[s] {
+            Found::Select(v) => v,
+            Found::Sums { .. } => panic!("stage {s} is not a select"),
+        }
+    }
+}
+
+/// One chunk of one tensor as a kernel sees it. Slices are `n` long.
+pub struct ChunkIn<'a> {
+    pub tensor: &'a TensorPlan,
+    /// The chunk's first element within the tensor.
+    pub start: usize,
+    pub n: usize,
+    pub base: &'a [f32],
+    /// τ_t, unweighted (the kernel applies `weights` as its method does).
+    pub deltas: &'a [&'a [f32]],
+    /// θ_t (only with [`Inputs::Values`]; empty otherwise).
+    pub values: &'a [&'a [f32]],
+    /// The set's per-model weights (ones where none are given).
+    pub weights: &'a [f32],
+    pub seed: u64,
+}
+
+impl ChunkIn<'_> {
+    pub fn tasks(&self) -> usize {
+        self.deltas.len()
+    }
+
+    /// The row (along the last dimension) element `i` of the chunk belongs to.
+    #[inline]
+    pub fn row_of(&self, i: usize) -> usize {
+        (self.start + i) / self.tensor.row_len()
+    }
+}
+
+/// Chunk-sized scratch a kernel may use freely.
+pub struct Scratch<'a> {
+    pub a: &'a mut Vec<f32>,
+    pub b: &'a mut Vec<f32>,
+    pub per_task: &'a mut Vec<Vec<f32>>,
+    pub keys: &'a mut Vec<u64>,
+}
+
+/// A merge method: f_merge(τ_1..τ_T) → M, with the statistics it needs.
+pub trait Kernel: Send + Sync + Debug {
+    /// The name a recipe gives.
+    fn name(&self) -> &'static str;
+
+    /// The effective parameters, recorded in the output's metadata.
+    fn params_json(&self) -> serde_json::Value;
+
+    fn inputs(&self) -> Inputs {
+        Inputs::Deltas
+    }
+
+    fn output(&self) -> Output {
+        Output::Delta
+    }
+
+    /// Whether every chunk must hold whole rows, and of a tensor of 3 or more dimensions
+    /// whole slices along dimension 0 ([`crate::methods::Rows::Slab`]; a kernel ranking within
+    /// them); the chunk size grows to hold the longest.
+    fn whole_rows(&self) -> bool {
+        false
+    }
+
+    /// Checks the number of fine-tunes (and per-model lists) before any work.
+    fn check_tasks(&self, _tasks: usize) -> crate::error::Result<()> {
+        Ok(())
+    }
+
+    /// Refuses a tensor the method cannot merge exactly (checked before any work).
+    fn check_tensor(&self, _t: &TensorPlan) -> crate::error::Result<()> {
+        Ok(())
+    }
+
+    /// Whether [`Kernel::next_stage`] ever asks for a stage.
+    fn needs_statistics(&self) -> bool {
+        true
+    }
+
+    /// A rough count of statistics passes, for progress reports.
+    fn passes(&self) -> u64 {
+        u64::from(self.needs_statistics())
+    }
+
+    /// Statistics this parameter set shares with another that returns the same key.
+    fn stats_key(&self) -> String {
+        self.params_json().to_string()
+    }
+
+    /// The stage after `done` finished stages of tensor `t` (merging `tasks` fine-tunes), or
+    /// None when M can be computed.
+    fn next_stage(&self, _t: &TensorPlan, _tasks: usize, _done: &TensorStats) -> Option<Stage> {
+        None
+    }
+
+    /// Refuses statistics the method cannot merge from (mergekit raises there), after the
+    /// last stage and before any output.
+    fn check_stats(
+        &self,
+        _t: &TensorPlan,
+        _tasks: usize,
+        _st: &TensorStats,
+    ) -> crate::error::Result<()> {
+        Ok(())
+    }
+
+    /// Adds a chunk's contribution to a [`Stage::Sums`]: `acc` holds `slots` values per unit
+    /// the chunk touches, the first being the unit of its first element.
+    fn accumulate(&self, _x: &ChunkIn, _st: &TensorStats, _scratch: Scratch, _acc: &mut [f64]) {}
+
+    /// The per-element score a [`Stage::Select`] ranks, into `out[..n]`.
+    fn score(&self, _x: &ChunkIn, _st: &TensorStats, _out: &mut [f32]) {}
+
+    /// The ascending ranks a [`Stage::Select`] over tensor `t` wants.
+    fn ranks(&self, _t: &TensorPlan, _st: &TensorStats) -> Vec<u64> {
+        Vec::new()
+    }
+
+    /// M of one chunk into `m[..n]`.
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, scratch: Scratch, m: &mut [f32]);
+}
+
+/// Vectors along the first dimension of tensor `t`.
+pub fn columns_of(t: &TensorPlan) -> usize {
+    match t.shape.first() {
+        Some(&d) if d > 0 && t.shape.len() > 1 => t.numel / d,
+        _ => 1,
+    }
+}
+
+/// Rows of tensor `t` (along the last dimension; a 0-d or 1-d tensor is one row).
+pub fn rows_of(t: &TensorPlan) -> usize {
+    t.numel.div_ceil(t.row_len()).max(1)
+}

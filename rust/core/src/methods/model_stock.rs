@@ -1,0 +1,135 @@
+//! mergekit's `model_stock` (Jang et al. 2024): per tensor (or per row with `filter_wise`), the
+//! mean pairwise cosine of the fine-tunes' offsets from the base sets an interpolation ratio
+//! t = T·cos / (1 + (T − 1)·cos) between the base and the fine-tunes' average. A singular
+//! denominator (|·| < 1e-6) keeps the base. Norms and dots are one statistics stage.
+
+use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::Reader;
+use crate::error::Result;
+use crate::plan::TensorPlan;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelStock {
+    pub filter_wise: bool,
+}
+
+impl ModelStock {
+    pub fn parse(r: &mut Reader) -> Result<ModelStock> {
+        Ok(ModelStock {
+            filter_wise: r.flag("filter_wise", false)?,
+        })
+    }
+
+    fn unit(&self) -> Unit {
+        if self.filter_wise {
+            Unit::Row
+        } else {
+            Unit::Tensor
+        }
+    }
+
+    /// t of one unit from its sums (T squared norms, then the pairs' dots in (a, b > a) order).
+    fn ratio(tasks: usize, s: &[f64]) -> f32 {
+        let norms: Vec<f32> = s[..tasks].iter().map(|&x| x.sqrt() as f32).collect();
+        let mut cos_sum = 0.0f32;
+        let mut k = tasks;
+        for a in 0..tasks {
+            for b in a + 1..tasks {
+                let prod = (norms[a] * norms[b]).max(1e-6);
+                cos_sum += ((s[k] as f32) / prod).clamp(-1.0, 1.0);
+                k += 1;
+            }
+        }
+        let pairs = tasks * (tasks - 1) / 2;
+        let cos = cos_sum / pairs as f32;
+        let den = 1.0 + (tasks - 1) as f32 * cos;
+        if den.abs() < 1e-6 {
+            0.0
+        } else {
+            (tasks as f32 * cos) / den
+        }
+    }
+}
+
+impl Kernel for ModelStock {
+    fn name(&self) -> &'static str {
+        "model_stock"
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        serde_json::json!({"compat": "mergekit", "filter_wise": self.filter_wise})
+    }
+
+    fn inputs(&self) -> Inputs {
+        Inputs::Values
+    }
+
+    fn output(&self) -> Output {
+        Output::Value
+    }
+
+    fn check_tasks(&self, tasks: usize) -> Result<()> {
+        super::registry::tasks_at_least("model_stock", tasks, 2)
+    }
+
+    fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+        done.stages.is_empty().then_some(Stage::Sums {
+            unit: self.unit(),
+            slots: slots(tasks),
+        })
+    }
+
+    fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+        let tasks = x.tasks();
+        let slots = slots(tasks);
+        let row = x.tensor.row_len();
+        let first = x.row_of(0);
+        for i in 0..x.n {
+            let u = match self.unit() {
+                Unit::Tensor => 0,
+                _ => (x.start + i) / row - first,
+            };
+            let a = &mut acc[u * slots..(u + 1) * slots];
+            let mut k = tasks;
+            for p in 0..tasks {
+                let dp = x.deltas[p][i] as f64;
+                a[p] += dp * dp;
+                for q in p + 1..tasks {
+                    // (a·b).sum(): the product rounded to f32, as torch forms it.
+                    a[k] += (x.deltas[p][i] * x.deltas[q][i]) as f64;
+                    k += 1;
+                }
+            }
+        }
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
+        let tasks = x.tasks();
+        let row = x.tensor.row_len();
+        let mut unit = usize::MAX;
+        let mut t = 0.0f32;
+        let count = tasks as f32;
+        for (i, o) in m.iter_mut().enumerate() {
+            let u = match self.unit() {
+                Unit::Tensor => 0,
+                _ => (x.start + i) / row,
+            };
+            if u != unit {
+                unit = u;
+                t = ModelStock::ratio(tasks, st.sums(0, u));
+            }
+            // sum(ws) / count, starting from 0 as Python's sum does.
+            let mut sum = 0.0f32;
+            for v in x.values {
+                sum += v[i];
+            }
+            let average = sum / count;
+            *o = t * average + (1.0 - t) * x.base[i];
+        }
+    }
+}
+
+/// Accumulators per unit for T fine-tunes.
+pub fn slots(tasks: usize) -> usize {
+    tasks + tasks * (tasks - 1) / 2
+}

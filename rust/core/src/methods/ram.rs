@@ -1,0 +1,127 @@
+//! mergekit's `ram` and `ramplus_tl` (Reinforced Agent Merging): per element, a delta that only
+//! one fine-tune changes (|τ| > epsilon) is kept whole, one that several change is averaged
+//! over them. `ramplus_tl` scales each model's unique deltas by 1 + r·clamp(ρ, 0, α), where ρ
+//! is its count of shared over unique changed elements in the tensor (one statistics stage).
+
+use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
+use super::Reader;
+use crate::error::Result;
+use crate::plan::TensorPlan;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ram {
+    pub plus: bool,
+    pub epsilon: f64,
+    pub r: f64,
+    pub alpha: f64,
+}
+
+impl Ram {
+    pub fn parse(r: &mut Reader, plus: bool) -> Result<Ram> {
+        let epsilon = r.num("epsilon", 1e-5, 0.0, f64::MAX, false)?;
+        let (rr, alpha) = if plus {
+            (
+                r.num("r", 0.1, f64::MIN, f64::MAX, false)?,
+                r.num("alpha", 0.2, f64::MIN, f64::MAX, false)?,
+            )
+        } else {
+            (0.1, 0.2)
+        };
+        Ok(Ram {
+            plus,
+            epsilon,
+            r: rr,
+            alpha,
+        })
+    }
+
+    /// Per element: how many fine-tunes change it.
+    #[inline(always)]
+    fn count(x: &ChunkIn, eps: f32, i: usize) -> u32 {
+        x.deltas.iter().map(|d| u32::from(d[i].abs() > eps)).sum()
+    }
+}
+
+impl Kernel for Ram {
+    fn name(&self) -> &'static str {
+        if self.plus {
+            "ramplus_tl"
+        } else {
+            "ram"
+        }
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        if self.plus {
+            serde_json::json!({"compat": "mergekit", "epsilon": self.epsilon, "r": self.r, "alpha": self.alpha})
+        } else {
+            serde_json::json!({"compat": "mergekit", "epsilon": self.epsilon})
+        }
+    }
+
+    fn needs_statistics(&self) -> bool {
+        self.plus
+    }
+
+    fn stats_key(&self) -> String {
+        format!("ram {}", self.epsilon)
+    }
+
+    fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+        (self.plus && done.stages.is_empty()).then_some(Stage::Sums {
+            unit: Unit::Tensor,
+            slots: 2 * tasks,
+        })
+    }
+
+    /// Per task: elements it changes that others change too, and that only it changes.
+    fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+        let eps = self.epsilon as f32;
+        let tasks = x.tasks();
+        let (mut shared, mut unique) = (vec![0u64; tasks], vec![0u64; tasks]);
+        for i in 0..x.n {
+            let c = Ram::count(x, eps, i);
+            for (t, d) in x.deltas.iter().enumerate() {
+                if d[i].abs() > eps {
+                    shared[t] += u64::from(c > 1);
+                    unique[t] += u64::from(c == 1);
+                }
+            }
+        }
+        for t in 0..tasks {
+            acc[t] += shared[t] as f64;
+            acc[tasks + t] += unique[t] as f64;
+        }
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
+        let eps = self.epsilon as f32;
+        let tasks = x.tasks();
+        let lambdas: Vec<f32> = (0..tasks)
+            .map(|t| {
+                if !self.plus {
+                    return 1.0;
+                }
+                let s = st.sums(0, 0);
+                let rho = s[t] as f32 / (s[tasks + t] as f32).max(eps);
+                1.0 + self.r as f32 * rho.clamp(0.0, self.alpha as f32)
+            })
+            .collect();
+        for (i, o) in m.iter_mut().enumerate() {
+            let c = Ram::count(x, eps, i);
+            let (unique, overlap) = (f32::from(u8::from(c == 1)), f32::from(u8::from(c > 1)));
+            let div = c.max(1) as f32;
+            let mut acc = 0.0f32;
+            for (d, &lam) in x.deltas.iter().zip(&lambdas) {
+                let z = d[i] * f32::from(u8::from(d[i].abs() > eps));
+                let kept = if self.plus {
+                    z * unique * lam
+                } else {
+                    z * unique
+                };
+                acc += kept + z * overlap / div;
+            }
+            *o = acc;
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The methods behind the [`Kernel`] trait, by name: one line per method. Each file under
+//! `methods/` parses its own parameters (mergekit 0.1.5's names and defaults) and does the rest.
+
+use std::sync::Arc;
+
+use super::kernel::Kernel;
+use super::{Param, Reader};
+use crate::error::{Error, Result};
+
+/// Every mergekit 0.1.5 method this crate runs (with `compat = "mergekit"`).
+pub const MERGEKIT_NAMES: &str = "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl";
+
+/// Builds the kernel method `name`, or None when it is not one.
+pub fn mergekit(name: &str, r: &mut Reader) -> Result<Option<Arc<dyn Kernel>>> {
+    let k: Arc<dyn Kernel> = match name {
+        "slerp" => Arc::new(super::slerp::Slerp::parse(r)?),
+        "nuslerp" => Arc::new(super::nuslerp::NuSlerp::parse(r)?),
+        "multislerp" => Arc::new(super::multislerp::MultiSlerp::parse(r)?),
+        "nearswap" => Arc::new(super::nearswap::NearSwap::parse(r)?),
+        "passthrough" => Arc::new(super::passthrough::Passthrough::parse(r)?),
+        "model_stock" => Arc::new(super::model_stock::ModelStock::parse(r)?),
+        "della" => Arc::new(super::della::Della::parse(r, true)?),
+        "della_linear" => Arc::new(super::della::Della::parse(r, false)?),
+        "sce" => Arc::new(super::sce::Sce::parse(r)?),
+        "ram" => Arc::new(super::ram::Ram::parse(r, false)?),
+        "ramplus_tl" => Arc::new(super::ram::Ram::parse(r, true)?),
+        _ => return Ok(None),
+    };
+    Ok(Some(k))
+}
+
+/// Whether `name` is one of the kernel methods (which have mergekit's semantics only).
+pub fn is_kernel(name: &str) -> bool {
+    KERNELS.contains(&name)
+}
+
+/// The methods behind the trait, by name.
+pub const KERNELS: [&str; 11] = [
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "nearswap",
+    "passthrough",
+    "model_stock",
+    "della",
+    "della_linear",
+    "sce",
+    "ram",
+    "ramplus_tl",
+];
+
+/// The kernel methods' default search variables and spaces for Weight Weaving: `t` over
+/// 0.1–1.0 for the interpolations (A* members M(t) = merge(t) − θ_base), λ otherwise.
+pub fn default_t(name: &str) -> Option<Vec<f64>> {
+    matches!(name, "slerp" | "nearswap").then(|| (1..=10).map(|k| k as f64 / 10.0).collect())
+}
+
+/// The parameter a method's Weight Weaving grids over in place of λ (`lambdas` give its values).
+pub fn search_variable(name: &str) -> Option<&'static str> {
+    matches!(name, "slerp" | "nearswap").then_some("t")
+}
+
+/// A number the method cannot do without (mergekit has no default for it).
+pub(crate) fn required(
+    r: &mut Reader,
+    method: &str,
+    name: &'static str,
+    lo: f64,
+    hi: f64,
+) -> Result<f64> {
+    if !r.params.contains_key(name) {
+        return Err(Error::param(name, format!("is required by {method}")));
+    }
+    r.num(name, 0.0, lo, hi, false)
+}
+
+/// A per-model list (or one number for all), as mergekit's per-model parameters arrive.
+pub(crate) fn per_model(
+    r: &mut Reader,
+    name: &'static str,
+    default: f64,
+    lo: f64,
+    hi: f64,
+) -> Result<super::PerTask> {
+    if let Some(Param::List(v)) = r.params.get(name) {
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::param(name, "values must be finite"));
+        }
+    }
+    r.frac(name, default, lo, hi, false)
+}
+
+pub(crate) fn tasks_exactly(method: &str, tasks: usize, want: usize) -> Result<()> {
+    if tasks != want {
+        return Err(Error::param(
+            "models",
+            format!("{method} takes {want} model(s) besides the base, got {tasks}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn tasks_at_least(method: &str, tasks: usize, want: usize) -> Result<()> {
+    if tasks < want {
+        return Err(Error::param(
+            "models",
+            format!("{method} takes at least {want} models besides the base, got {tasks}"),
+        ));
+    }
+    Ok(())
+}

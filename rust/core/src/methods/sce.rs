@@ -1,0 +1,210 @@
+//! mergekit's `sce` (Select, Calculate, Erase; Wan et al. 2024), per tensor: keep the elements
+//! whose variance across the fine-tunes is in the top `select_topk` fraction of the nonzero
+//! variances (ties at the cut by position), weight each task by its mean squared (selected)
+//! delta over the sum of those, erase deltas against TIES's majority sign, and take the
+//! weighted mean of the rest. Stages: the nonzero count, the cut (an exact select), the ties
+//! at the cut before each chunk, and the weights.
+
+use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
+use super::Reader;
+use crate::error::Result;
+use crate::plan::TensorPlan;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sce {
+    pub select_topk: f64,
+}
+
+/// Stage indices when the selection is on.
+const NONZERO: usize = 0;
+const CUT: usize = 1;
+const TIES: usize = 2;
+
+impl Sce {
+    pub fn parse(r: &mut Reader) -> Result<Sce> {
+        r.flag("int8_mask", false)?;
+        Ok(Sce {
+            select_topk: r.num("select_topk", 1.0, f64::MIN, f64::MAX, false)?,
+        })
+    }
+
+    fn selects(&self) -> bool {
+        self.select_topk < 1.0
+    }
+
+    /// The variance across tasks of element `i` as torch's CPU `var(unbiased=False)` has it:
+    /// Welford's update in f64, rounded to f32 (equal deltas give exactly 0).
+    #[inline(always)]
+    fn var(x: &ChunkIn, i: usize) -> f32 {
+        let (mut mean, mut m2) = (0.0f64, 0.0f64);
+        for (t, d) in x.deltas.iter().enumerate() {
+            let v = d[i] as f64;
+            let delta = v - mean;
+            mean += delta / (t + 1) as f64;
+            m2 += delta * (v - mean);
+        }
+        (m2 / x.tasks() as f64) as f32
+    }
+
+    /// Whether the selection keeps nothing at all (M is then 0).
+    fn keeps_nothing(&self, st: &TensorStats) -> bool {
+        self.selects() && (self.select_topk <= 0.0 || self.k(st) == 0)
+    }
+
+    /// k = int(nonzero · select_topk) in f32, as mergekit computes it.
+    fn k(&self, st: &TensorStats) -> u64 {
+        let nonzero = st.sums(NONZERO, 0)[0] as f32;
+        (nonzero * self.select_topk as f32) as u64
+    }
+
+    /// The selection mask of one chunk into `mask` (1 or 0), given the cut and the ties before.
+    fn mask(&self, x: &ChunkIn, st: &TensorStats, mask: &mut [f32]) {
+        if !self.selects() {
+            mask.fill(1.0);
+            return;
+        }
+        let k = self.k(st);
+        if self.select_topk <= 0.0 || k == 0 {
+            mask.fill(0.0);
+            return;
+        }
+        let cut = st.selected(CUT)[0];
+        let total = st.sums(TIES, 0);
+        // Of the elements equal to the cut, the first k − (# above) by position are kept.
+        let room = k as f64 - total[0];
+        let mut equal_before = st.before(TIES, x.start)[1];
+        for (i, o) in mask.iter_mut().enumerate() {
+            let v = Sce::var(x, i);
+            *o = if v > cut {
+                1.0
+            } else if v == cut && equal_before < room {
+                equal_before += 1.0;
+                1.0
+            } else {
+                if v == cut {
+                    equal_before += 1.0;
+                }
+                0.0
+            };
+        }
+    }
+
+    fn weights_stage(&self) -> usize {
+        if self.selects() {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+impl Kernel for Sce {
+    fn name(&self) -> &'static str {
+        "sce"
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        serde_json::json!({"compat": "mergekit", "select_topk": self.select_topk})
+    }
+
+    fn passes(&self) -> u64 {
+        if self.selects() {
+            5
+        } else {
+            1
+        }
+    }
+
+    fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+        let sums = |slots| {
+            Some(Stage::Sums {
+                unit: Unit::Tensor,
+                slots,
+            })
+        };
+        match (self.selects(), done.stages.len()) {
+            (false, 0) => sums(tasks),
+            (true, 0) => sums(1),
+            (true, 1) if self.keeps_nothing(done) => None,
+            (true, 1) => Some(Stage::Select),
+            (true, 2) => sums(2),
+            (true, 3) => sums(tasks),
+            _ => None,
+        }
+    }
+
+    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
+        let stage = st.stages.len();
+        if self.selects() && stage == NONZERO {
+            acc[0] += (0..x.n).filter(|&i| Sce::var(x, i) != 0.0).count() as f64;
+            return;
+        }
+        if stage == TIES && self.selects() {
+            let cut = st.selected(CUT)[0];
+            for i in 0..x.n {
+                let v = Sce::var(x, i);
+                acc[0] += f64::from(u8::from(v > cut));
+                acc[1] += f64::from(u8::from(v == cut));
+            }
+            return;
+        }
+        // The weights: Σ (mask·τ_t)² per task.
+        crate::pipeline::grow(s.a, x.n);
+        let mask = &mut s.a[..x.n];
+        self.mask(x, st, mask);
+        for (t, d) in x.deltas.iter().enumerate() {
+            acc[t] += d
+                .iter()
+                .zip(mask.iter())
+                .map(|(&v, &k)| {
+                    let y = v * k;
+                    (y * y) as f64
+                })
+                .sum::<f64>();
+        }
+    }
+
+    fn score(&self, x: &ChunkIn, _st: &TensorStats, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = Sce::var(x, i).abs();
+        }
+    }
+
+    fn ranks(&self, t: &TensorPlan, st: &TensorStats) -> Vec<u64> {
+        vec![t.numel as u64 - self.k(st)]
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
+        let tasks = x.tasks();
+        if self.keeps_nothing(st) {
+            m.fill(0.0);
+            return;
+        }
+        let numel = x.tensor.numel as f32;
+        let squares = st.sums(self.weights_stage(), 0);
+        let means: Vec<f32> = squares.iter().map(|&q| q as f32 / numel).collect();
+        let total = means.iter().fold(0.0f32, |a, &b| a + b) as f64;
+        let weights: Vec<f32> = if total.abs() < 1e-6 {
+            vec![1.0 / tasks as f32; tasks]
+        } else {
+            means.iter().map(|&w| w / total as f32).collect()
+        };
+        crate::pipeline::grow(s.a, x.n);
+        let mask = &mut s.a[..x.n];
+        self.mask(x, st, mask);
+        for (i, o) in m.iter_mut().enumerate() {
+            let k = mask[i];
+            let sum = x.deltas.iter().fold(0.0f32, |a, d| a + d[i] * k);
+            let majority = if sum >= 0.0 { 1.0 } else { -1.0 };
+            let (mut merged, mut div) = (0.0f32, 0.0f32);
+            for (d, &w) in x.deltas.iter().zip(&weights) {
+                let v = d[i] * k;
+                let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
+                let ew = w * f32::from(u8::from(sign == majority));
+                merged += v * ew;
+                div += ew;
+            }
+            *o = merged / div.max(1e-6);
+        }
+    }
+}
