@@ -41,8 +41,32 @@ METHODS = {
                     "shared": {}},
     "breadcrumbs_ties": {"per_model": {"weight": WEIGHTS, "density": DENSITIES, "gamma": [0.01, 0.02, 0.0]},
                          "shared": {}},
+    "della": {"per_model": {"weight": WEIGHTS, "density": DENSITIES, "epsilon": [0.1, 0.1, 0.2]}, "shared": {}},
+    "della_linear": {"per_model": {"weight": WEIGHTS, "density": DENSITIES, "epsilon": [0.1, 0.1, 0.2]},
+                     "shared": {}},
+    # k: how many fine-tunes; list_base: the base is listed among the models, as published
+    # configs do; no_base: the config has no base_model.
+    "slerp": {"k": 1, "list_base": True, "per_model": {}, "shared": {"t": 0.4}},
+    "nuslerp": {"k": 2, "per_model": {"weight": [1.0, 0.6]}, "shared": {}},
+    "multislerp": {"per_model": {"weight": WEIGHTS}, "shared": {}},
+    "karcher": {"no_base": True, "per_model": {}, "shared": {}},
+    "nearswap": {"k": 1, "per_model": {}, "shared": {"t": 0.001}},
+    "passthrough": {"k": 1, "no_base": True, "per_model": {"scale": [0.5]}, "shared": {}},
+    "model_stock": {"list_base": True, "per_model": {}, "shared": {"filter_wise": False}},
+    "sce": {"per_model": {}, "shared": {"select_topk": 0.5}},
+    "ram": {"per_model": {}, "shared": {"epsilon": 0.015}},
+    "ramplus_tl": {"per_model": {}, "shared": {"epsilon": 0.015, "r": 0.3, "alpha": 0.2}},
+    "arcee_fusion": {"k": 1, "per_model": {}, "shared": {}},
 }  # fmt: skip
-RANDOM = ("dare_ties", "dare_linear")
+RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
+# Known causes of differences, by method (beyond rounding, which the ulps column shows).
+NOTES = {
+    "slerp": "norms and dot summed in f64 here, in f32 by torch; acos/sin from the C library here, SLEEF/MKL there",
+    "nuslerp": "as slerp", "multislerp": "as slerp (4 reductions per tensor)", "model_stock": "norms and dots (f64)",
+    "karcher": "iterated on the Gram matrix here (1 pass), element-wise in f32 there",
+    "sce": "mean squares in f64; the elements beyond 64 ulps are ties in variance at the top-k cut (torch's topk order)",
+    "arcee_fusion": "mergekit takes quantiles of a random sample of 10^6 elements in larger tensors; ours are exact",
+}  # fmt: skip
 
 
 def ensure_mergekit() -> Path:
@@ -79,12 +103,14 @@ def make_models(root: Path, hidden: int, layers: int) -> tuple[Path, list[Path]]
 def recipe(method: str, base: Path, fts: list[Path]) -> str:
     spec = METHODS[method]
     lines = [f"merge_method: {method}"]
-    if method != "linear":
+    if method != "linear" and not spec.get("no_base"):
         lines.append(f"base_model: {base}")
     lines.append("models:")
-    for i, ft in enumerate(fts):
+    if spec.get("list_base"):
+        lines.append(f"  - model: {base}")
+    for i, ft in enumerate(fts[: spec.get("k", len(fts))]):
         params = ", ".join(f"{k}: {v[i]}" for k, v in spec["per_model"].items())
-        lines.append(f"  - model: {ft}\n    parameters: {{{params}}}")
+        lines.append(f"  - model: {ft}" + (f"\n    parameters: {{{params}}}" if params else ""))
     if spec["shared"]:
         lines.append("parameters:")
         lines += [f"  {k}: {str(v).lower()}" for k, v in spec["shared"].items()]
@@ -141,13 +167,53 @@ def tied_cut(method: str, name: str, base: dict, fts: list[dict]) -> bool:
     return False
 
 
+def truth(method: str, name: str, base: dict, fts: list[dict]) -> torch.Tensor | None:
+    """The method computed in f64 (the pure-torch reference on f64 inputs), for the methods whose
+    results hang on reductions over a whole tensor: which tool is closer to the exact result."""
+    from weightweave import reference_mergekit_methods as R
+
+    spec = METHODS[method]
+    b = base[name].double()
+    ms = [f[name].double() for f in fts][: spec.get("k", len(fts))]
+    w = spec["per_model"].get("weight")
+    if method == "slerp":
+        return R.slerp(spec["shared"]["t"], b, ms[0])
+    if method == "multislerp":
+        return R.multislerp(ms, w, b)
+    if method == "karcher":
+        return R.karcher(ms)
+    if method == "model_stock":
+        return R.model_stock(b, ms, False)
+    if method == "nuslerp":
+        return b + R.nuslerp(w[1] / (w[0] + w[1]), ms[0] - b, ms[1] - b, False, True)
+    return None
+
+
 def compare(method: str, ours: dict, theirs: dict, base: dict, fts: list[dict]) -> dict:
     names = sorted(n for n in theirs if n in ours)
     missing = sorted(set(theirs) ^ set(ours))
     diff = max(float((ours[n].double() - theirs[n].double()).abs().max()) for n in names)
     differ = sum(int((ours[n] != theirs[n]).sum()) for n in names)
     total = sum(ours[n].numel() for n in names)
-    row = {"method": method, "max_abs_diff": diff, "frac_differ": differ / total, "tensors_not_in_both": missing}
+    # The largest difference in ulps of each tensor's scale (its largest |value| in any input):
+    # per-tensor coefficients that differ in their last bit move every element by about that.
+    scale = {n: max(float(sd[n].abs().max()) for sd in [base, *fts] if n in sd) for n in names}
+    ulps = max(float((ours[n].double() - theirs[n].double()).abs().max()) / (scale[n] * 2.0**-23 or 1.0)
+               for n in names)  # fmt: skip
+    # Elements off by more than 64 ulps of their tensor's scale: a discrete difference (a mask, a
+    # tie at a cut, a sampled quantile), not rounding.
+    beyond = sum(int(((ours[n].double() - theirs[n].double()).abs() > 64 * scale[n] * 2.0**-23).sum())
+                 for n in names)  # fmt: skip
+    row = {"method": method, "max_abs_diff": diff, "max_ulps_of_scale": ulps, "frac_differ": differ / total,
+           "beyond_64_ulps": beyond, "tensors_not_in_both": missing}  # fmt: skip
+    if truth(method, names[0], base, fts) is not None:
+        off = {"ours": 0.0, "mergekit": 0.0}
+        for n in names:
+            exact = truth(method, n, base, fts)
+            for who, sd in (("ours", ours), ("mergekit", theirs)):
+                err = float((sd[n].double() - exact).abs().max()) / (scale[n] * 2.0**-23 or 1.0)
+                off[who] = max(off[who], err)
+        row["ulps_off_f64_ours"], row["ulps_off_f64_mergekit"] = off["ours"], off["mergekit"]
     differing = [n for n in names if not torch.equal(ours[n], theirs[n])]
     row["tensors_differing"] = len(differing)
     if method not in RANDOM and method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
@@ -201,18 +267,23 @@ def main() -> None:
              f"{os.cpu_count()} cores. Command: `python benches/mergekit_compare.py --hidden {args.hidden} "
              f"--layers {args.layers}`.",
              "",
-             "| method | max abs diff | elements differing | mergekit s | weightweave s | speedup | mergekit peak RSS "
-             "| weightweave peak RSS | note |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| method | max abs diff | in ulps of the tensor's scale | elements differing | beyond 64 ulps "
+             "| mergekit s | weightweave s | speedup | mergekit peak RSS | weightweave peak RSS | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         note = ""
         if "differing_with_tied_cut" in r and r["tensors_differing"]:
             note = (f"{r['tensors_differing']} tensor(s) differ, {r['differing_with_tied_cut']} of them with equal "
                     "\\|τ\\| across a cut (mergekit's unstable sort there)")  # fmt: skip
+        note = NOTES.get(r["method"], note)
+        if "ulps_off_f64_ours" in r:
+            note += (f"; off an f64 computation by {r['ulps_off_f64_ours']:.1f} ulps of scale (ours) vs "
+                     f"{r['ulps_off_f64_mergekit']:.1f} (mergekit)")  # fmt: skip
         if r["method"] in RANDOM:
             note = (f"random masks: kept {r['kept_ours']:.4f} vs {r['kept_mergekit']:.4f}, "
                     f"‖Δ‖₂ {r['norm_ours']:.4g} vs {r['norm_mergekit']:.4g}")  # fmt: skip
-        lines.append(f"| {r['method']} | {r['max_abs_diff']:.3g} | {r['frac_differ']:.2e} | {r['seconds_mergekit']:.2f} "
+        lines.append(f"| {r['method']} | {r['max_abs_diff']:.3g} | {r['max_ulps_of_scale']:.1f} "
+                     f"| {r['frac_differ']:.2e} | {r['beyond_64_ulps']} | {r['seconds_mergekit']:.2f} "
                      f"| {r['seconds_weightweave']:.2f} | {r['speedup']:.1f}× | {r['peak_rss_mergekit'] / 1e6:.0f} MB "
                      f"| {r['peak_rss_weightweave'] / 1e6:.0f} MB | {note} |")  # fmt: skip
     lines += ["",

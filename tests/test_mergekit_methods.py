@@ -41,6 +41,10 @@ CASES = [
     ("della", 3, {"density": 0.5, "epsilon": 0.1}),
     ("della", 3, {"density": [0.3, 0.6, 1.0], "epsilon": [0.1, 0.2, 0.1], "normalize": False}),
     ("della_linear", 3, {"density": 0.7, "rescale": False}),
+    ("karcher", 3, {}),
+    ("karcher", 2, {"max_iter": 3, "with_base": True}),
+    ("karcher", 3, {"max_iter": 50, "tol": 1e-9}),
+    ("arcee_fusion", 1, {}),
 ]
 
 
@@ -68,7 +72,18 @@ def _merge(ck, tmp_path, method, k, params, **kw):
     return load(out)
 
 
-@pytest.mark.parametrize(("method", "k", "params"), CASES)
+#: Iterated on the Gram matrix's coefficients instead of element by element (see karcher.rs):
+#: equal to rounding, not bit for bit.
+GRAM = ("karcher",)
+
+
+def _slack(base: dict, models: list[dict], ulps: float = 8) -> dict:
+    """`ulps` ulps of each tensor's scale (its largest |value| in any input)."""
+    return {n: ulps * max(x[n].abs().max().item() for x in [base, *models]) * 2.0**-23
+            for n, b in base.items() if b.is_floating_point()}  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "k", "params"), [c for c in CASES if c[0] not in GRAM])
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_bit_identical_to_the_reference_given_exact_reductions(ck, tmp_path, method, k, params, chunk):
     """The streamed kernel is mergekit's arithmetic bit for bit once the tensor-wide sums (norms,
@@ -89,15 +104,27 @@ def test_close_to_mergekits_own_f32_reductions(ck, tmp_path, method, k, params):
     base, models = ck[0], ck[1][:k]
     got = _merge(ck, tmp_path, method, k, params)
     want = R.merge(base, models, method, WEIGHTS[:k], seed=7, **params)
-    slack = {}
-    for n, b in base.items():
-        if b.is_floating_point():
-            top = max(x[n].abs().max().item() for x in [base, *models])
-            slack[n] = 8 * top * 2.0**-23
-    assert_close_ulp(got, want, ulps=2, atol=slack)
+    assert_close_ulp(got, want, ulps=2, atol=_slack(base, models))
 
 
-@pytest.mark.parametrize(("method", "k", "params"), [c for c in CASES if c[0] in ("slerp", "della", "sce", "nuslerp")])
+@pytest.mark.parametrize(("method", "k", "params"), [c for c in CASES if c[0] in GRAM])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_gram_iterations_match_the_element_wise_reference(ck, tmp_path, method, k, params, chunk):
+    base, models = ck[0], ck[1][:k]
+    got = _merge(ck, tmp_path, method, k, params, chunk_size=chunk)
+    want = R.merge(base, models, method, WEIGHTS[:k], seed=7, exact_reductions=True, **params)
+    assert_close_ulp(got, want, ulps=2, atol=_slack(base, models, 4))
+
+
+def test_hand_karcher(tmp_path):
+    """Two orthogonal directions of norms 1 and 3: the mean direction is their bisector, scaled
+    by the mean norm 2: [√2, √2]. No base: the points are the models' values."""
+    got = _one(tmp_path, [0.0, 0.0], [[1.0, 0.0], [0.0, 3.0]], "karcher")
+    assert got == pytest.approx([math.sqrt(2), math.sqrt(2)], abs=1e-6)
+
+
+@pytest.mark.parametrize(("method", "k", "params"),
+                         [c for c in CASES if c[0] in ("slerp", "della", "sce", "nuslerp", "karcher", "arcee_fusion")])
 def test_threads_and_chunks_do_not_change_a_bit(ck, tmp_path, method, k, params):
     a = _merge(ck, tmp_path, method, k, params, threads=1, chunk_size=5)
     b = _merge(ck, tmp_path, method, k, params, threads=2, chunk_size=1000)

@@ -16,6 +16,7 @@ from ._rust import (
     __version__,
 )
 from .api import (
+    MERGEKIT_ONLY,
     METHODS,
     POOLS,
     SVD_METHODS,
@@ -31,6 +32,7 @@ from .api import (
 from .recipe import RecipeError, run
 
 __all__ = [
+    "MERGEKIT_ONLY",
     "METHODS",
     "POOLS",
     "SVD_METHODS",

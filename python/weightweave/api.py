@@ -18,6 +18,9 @@ from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job
 
 METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
 SVD_METHODS = ("tsv", "iso_c")
+#: mergekit 0.1.5's other methods: mergekit's semantics only (``compat`` may be omitted).
+MERGEKIT_ONLY = ("slerp", "nuslerp", "multislerp", "karcher", "nearswap", "passthrough", "model_stock", "della",
+                 "della_linear", "sce", "ram", "ramplus_tl", "arcee_fusion")  # fmt: skip
 from .job import POOLS  # noqa: E402,F401
 
 PathLike = str | os.PathLike
@@ -101,6 +104,19 @@ DESCRIPTIONS = {
     "pcb": "balanced weighted mean of clamped deltas",
     "tsv": "Task Singular Vectors on 2-D tensors (torch)",
     "iso_c": "isotropic spectrum of Σ τ_t on 2-D tensors (torch)",
+    "slerp": "spherical interpolation base → one model at t, per tensor (mergekit)",
+    "nuslerp": "slerp of two models (of their deltas with a base) at w_2/(w_1+w_2), per tensor/row/column (mergekit)",
+    "multislerp": "barycentric interpolation of T models on the hypersphere, per tensor (mergekit)",
+    "karcher": "Karcher mean of the models' directions, scaled by their mean norm, per tensor (mergekit)",
+    "nearswap": "per element, the base moved toward the model by t/|θ − θ_base| (mergekit)",
+    "passthrough": "one model as it is, or times scale (mergekit)",
+    "model_stock": "base ↔ average of the models by their mean pairwise cosine, per tensor or row (mergekit)",
+    "della": "DELLA: rank-based random drop per row, rescale, TIES sign consensus (mergekit)",
+    "della_linear": "DELLA without the sign consensus (mergekit)",
+    "sce": "select by variance, weights from mean squares, erase minority signs (mergekit)",
+    "ram": "per element: unique changes kept, shared ones averaged (mergekit)",
+    "ramplus_tl": "RAM with unique changes boosted by the tensor's shared/unique ratio (mergekit)",
+    "arcee_fusion": "the model's changes where importance ≥ median + 1.5·IQR of the tensor (mergekit)",
 }
 
 
@@ -108,13 +124,16 @@ def describe_methods() -> list[dict[str, Any]]:
     """Every method with its parameters and their defaults, the default λ of a plain merge and the
     default search space Λ of Weight Weaving."""
     out = []
-    for m in METHODS:
+    for m in METHODS + MERGEKIT_ONLY:
         params = dict(_rust.default_params(m))
         if m in SVD_METHODS:
             params.update({"svd_exclude": None, "device": "cuda if available, else cpu"})
         lams = default_lambdas(m)
+        var = _rust.search_variable(m)
+        text = f"{lams[0]:.1f}:{lams[-1]:.1f}:0.1"
         out.append({"method": m, "description": DESCRIPTIONS[m], "params": params, "lam": _rust.default_lam(m),
-                    "lambdas": lams, "lambdas_text": f"{lams[0]:.1f}:{lams[-1]:.1f}:0.1"})  # fmt: skip
+                    "lambdas": lams, "search_variable": var or "lam",
+                    "lambdas_text": f"{var} in {text} (λ = 1)" if var else text})  # fmt: skip
     return out
 
 

@@ -182,8 +182,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="pre-trained checkpoint: .safetensors file, model dir or index.json")
     p.add_argument("models", nargs="+", help="fine-tuned checkpoints")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file or directory")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(api.METHODS)} (with --compat mergekit: "
-                   "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties)")  # fmt: skip
+    p.add_argument("--method", required=True, help=f"one of {', '.join(api.METHODS)}; mergekit's "
+                   f"{', '.join(api.MERGEKIT_ONLY)}; with --compat mergekit: linear, task_arithmetic, ties, "
+                   "dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties")  # fmt: skip
     p.add_argument(
         "--set",
         action="append",
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("merge", "weave"):
         from .recipe import MERGEKIT_METHODS
 
-        known = MERGEKIT_METHODS if args.compat == "mergekit" else api.METHODS
+        known = MERGEKIT_METHODS if args.compat == "mergekit" else api.METHODS + api.MERGEKIT_ONLY
         if args.method not in known:
             parser.error(f"argument --method: invalid choice: '{args.method}' (choose from {', '.join(known)})")
     signals = Signals()

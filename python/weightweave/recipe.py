@@ -37,6 +37,8 @@ _SPEC = {
     "sce": ("required", {"int8_mask", "select_topk"}, set(), False),
     "ram": ("required", {"epsilon"}, set(), False),
     "ramplus_tl": ("required", {"epsilon", "r", "alpha"}, set(), False),
+    "karcher": ("optional", {"max_iter", "tol"}, set(), False),
+    "arcee_fusion": ("required", set(), set(), False),
 }  # fmt: skip
 
 #: mergekit's merge methods this tool reproduces.
@@ -285,9 +287,11 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     if base is None:
         if base_rule == "required":
             raise _fail(where, f"base_model is required by {method}")
-        if base_rule == "optional" and method != "linear":
+        if method in ("nuslerp", "multislerp"):
             params["relative"] = False  # mergekit interpolates the models' values themselves
         base = models[0]
+    elif method == "karcher":
+        params["with_base"] = True  # the base model is one of the points averaged
     if weight_required:
         for i, p in enumerate(per_model):
             if "weight" not in p:

@@ -1,6 +1,6 @@
 """A pure-torch reference of mergekit 0.1.5's other merge methods (``slerp``, ``nuslerp``,
 ``multislerp``, ``nearswap``, ``passthrough``, ``model_stock``, ``della``, ``della_linear``,
-``sce``, ``ram``, ``ramplus_tl``), written from mergekit's own code (``merge_methods/*.py``,
+``sce``, ``ram``, ``ramplus_tl``, ``karcher``, ``arcee_fusion``), written from mergekit's own code (``merge_methods/*.py``,
 ``sparsify.py``): whole tensors in memory, torch's f32 operations in mergekit's order. It is what
 the streamed kernels are tested against. Where mergekit leaves the outcome to chance or to an
 unspecified order, the reference takes this project's rules: DELLA's Bernoulli draws come from the
@@ -255,6 +255,58 @@ def sce(base: Tensor, deltas: list[Tensor], select_topk: float = 1.0) -> Tensor:
     return base + (tvs * ew).sum(dim=0) / torch.sum(ew, dim=0).clamp(min=1e-6)
 
 
+def karcher(tensors: list[Tensor], max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """mergekit's ``karcher_merge_tensors`` with equal weights."""
+    if len(tensors) == 1:
+        return tensors[0]
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms, units = [], []
+    for x in tensors:
+        n = _vnorm(x)
+        norms.append(n)
+        units.append(torch.zeros_like(x) if n.item() == 0.0 else x / n)
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return sum(x * 0 for x in tensors)
+    total = sum(alphas[i] for i in valid)
+    na = [alphas[i] / total for i in valid]
+    vu = [units[i] for i in valid]
+    mean = torch.zeros_like(vu[0])
+    for a, u in zip(na, vu, strict=True):
+        mean += a * u
+    mn = _vnorm(mean)
+    mean = vu[0].clone() if mn.item() < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(na, vu, strict=True):
+            dot = torch.clamp(_rsum(mean.flatten() * u.flatten()), -1.0, 1.0)
+            theta = _fn("acos", dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / _fn("sin", theta)) * (u - dot * mean)
+        tn = _vnorm(tangent)
+        if tn.item() < tol:
+            break
+        mean = _fn("cos", tn) * mean + _fn("sin", tn) * (tangent / tn)
+        un = _vnorm(mean)
+        if un.item() > tol:
+            mean = mean / un
+    return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean
+
+
+def arcee_fusion(base: Tensor, model: Tensor) -> Tensor:
+    """mergekit's ``arcee_fusion`` with exact quantiles (mergekit samples past 10^6 elements)."""
+    diff = (model - base).abs()
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    imp = diff * _rsum(p * torch.log(p / q), dim=-1, keepdim=True)
+    flat = torch.sort(imp.reshape(-1)).values
+    idx = (torch.tensor([0.25, 0.5, 0.75]) * (flat.numel() - 1)).long()
+    q1, med, q3 = flat[idx]
+    mask = (imp >= med + 1.5 * (q3 - q1)).float()
+    return base + (model - base) * mask
+
+
 def merge(base: StateDict, models: Sequence[StateDict], method: str, weights: Sequence[float] | None = None,
           seed: int = 0, relative: bool = True, exact_reductions: bool = False,
           **p: object) -> dict[str, Tensor]:  # fmt: skip
@@ -299,6 +351,11 @@ def _merge(base, models, method, weights, seed, relative, **p):
                      float(p.get("alpha", 0.2)))  # fmt: skip
         elif method in ("della", "della_linear"):
             r = della(b, deltas, ws, n, seed, method == "della", **p)
+        elif method == "karcher":
+            r = karcher(([b] if p.get("with_base") else []) + vals, int(p.get("max_iter", 10)),
+                        float(p.get("tol", 1e-5)))  # fmt: skip
+        elif method == "arcee_fusion":
+            r = arcee_fusion(b, vals[0])
         elif method == "sce":
             r = sce(b, deltas, float(p.get("select_topk", 1.0)))
         else:

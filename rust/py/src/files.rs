@@ -110,19 +110,44 @@ pub fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDic
 }
 
 /// A method's parameters with their defaults, as the output's recipe records them.
+/// Parameters without a default (slerp's `t`) are shown as "required".
 #[pyfunction]
 pub fn default_params(py: Python<'_>, method: &str) -> PyResult<Py<PyAny>> {
-    let m = Method::parse(method, &Default::default()).map_err(PyWeaveErr)?;
+    let mut params = weightweave_core::methods::Params::new();
+    let mut required = Vec::new();
+    let m = loop {
+        match Method::parse(method, &params) {
+            Err(weightweave_core::Error::InvalidParam { name, reason })
+                if reason.starts_with("is required") && required.len() < 8 =>
+            {
+                params.insert(name.clone(), weightweave_core::methods::Param::Num(0.0));
+                required.push(name);
+            }
+            other => break other.map_err(PyWeaveErr)?,
+        }
+    };
     let json = PyModule::import(py, "json")?;
-    Ok(json
-        .call_method1("loads", (m.params_json().to_string(),))?
-        .unbind())
+    let d = json.call_method1("loads", (m.params_json().to_string(),))?;
+    let d = d.cast_into::<PyDict>()?;
+    for name in required {
+        d.set_item(name, "required")?;
+    }
+    if d.contains("compat")? {
+        d.del_item("compat")?;
+    }
+    Ok(d.into_any().unbind())
 }
 
 /// λ of a plain merge when none is given.
 #[pyfunction]
 pub fn default_lam(method: &str) -> f64 {
     Method::default_lam(method)
+}
+
+/// The parameter Weight Weaving grids over in place of λ (slerp's `t`), if any.
+#[pyfunction]
+pub fn search_variable(method: &str) -> Option<&'static str> {
+    weightweave_core::methods::registry::search_variable(method)
 }
 
 /// The paper's default Λ for a method, or None for an unknown one.

@@ -17,6 +17,7 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::default_lam, m)?)?;
     m.add_function(wrap_pyfunction!(files::default_params, m)?)?;
     m.add_function(wrap_pyfunction!(files::default_lambdas, m)?)?;
+    m.add_function(wrap_pyfunction!(files::search_variable, m)?)?;
     m.add_function(wrap_pyfunction!(files::read_floor, m)?)?;
     m.add_function(wrap_pyfunction!(files::names_matching, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::plan_buffers, m)?)?;

@@ -170,8 +170,8 @@ impl Kernel for Della {
         for t in 0..tasks {
             let out = &mut s.a[..x.n];
             self.prune(x, t, s.keys, out);
-            acc[2 * t] += x.deltas[t].iter().map(|v| v.abs() as f64).sum::<f64>();
-            acc[2 * t + 1] += out.iter().map(|v| v.abs() as f64).sum::<f64>();
+            acc[2 * t] += super::reduce::sum_abs(x.deltas[t]);
+            acc[2 * t + 1] += super::reduce::sum_abs(out);
         }
     }
 

@@ -73,7 +73,16 @@ impl Unit {
 /// One statistics stage of one tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    Sums { unit: Unit, slots: usize },
+    Sums {
+        unit: Unit,
+        slots: usize,
+    },
+    /// Like [`Stage::Sums`], but the accumulators keep the largest value (they start at −∞;
+    /// a max is order-free, so no chunk order is needed).
+    Maxes {
+        unit: Unit,
+        slots: usize,
+    },
     Select,
 }
 
@@ -156,6 +165,7 @@ pub struct Scratch<'a> {
     pub b: &'a mut Vec<f32>,
     pub per_task: &'a mut Vec<Vec<f32>>,
     pub keys: &'a mut Vec<u64>,
+    pub wide: &'a mut Vec<f64>,
 }
 
 /// A merge method: f_merge(τ_1..τ_T) → M, with the statistics it needs.
@@ -228,7 +238,7 @@ pub trait Kernel: Send + Sync + Debug {
     fn accumulate(&self, _x: &ChunkIn, _st: &TensorStats, _scratch: Scratch, _acc: &mut [f64]) {}
 
     /// The per-element score a [`Stage::Select`] ranks, into `out[..n]`.
-    fn score(&self, _x: &ChunkIn, _st: &TensorStats, _out: &mut [f32]) {}
+    fn score(&self, _x: &ChunkIn, _st: &TensorStats, _s: Scratch, _out: &mut [f32]) {}
 
     /// The ascending ranks a [`Stage::Select`] over tensor `t` wants.
     fn ranks(&self, _t: &TensorPlan, _st: &TensorStats) -> Vec<u64> {

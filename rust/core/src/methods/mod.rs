@@ -2,10 +2,12 @@
 //! per-chunk kernels. Global statistics (TIES thresholds, PCB percentiles) are gathered by the
 //! pipeline's extra passes and handed to the kernels as plain numbers.
 
+pub mod arcee_fusion;
 pub mod breadcrumbs;
 pub mod della;
 pub mod elementwise;
 pub mod fastmath;
+pub mod karcher;
 pub mod kernel;
 pub mod mergekit;
 pub mod model_stock;
@@ -15,6 +17,7 @@ pub mod nuslerp;
 pub mod passthrough;
 pub mod pcb;
 pub mod ram;
+pub mod reduce;
 pub mod registry;
 pub mod sce;
 pub mod slerp;
@@ -160,7 +163,7 @@ impl std::ops::Deref for KernelRef {
 }
 
 pub const METHOD_NAMES: &str =
-    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl";
+    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl, karcher, arcee_fusion";
 
 /// Reads and range-checks parameters, rejecting any the method does not take.
 pub struct Reader<'a> {

@@ -4,7 +4,7 @@
 //! denominator (|·| < 1e-6) keeps the base. Norms and dots are one statistics stage.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::Reader;
+use super::{reduce, Reader};
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -82,24 +82,36 @@ impl Kernel for ModelStock {
     fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
         let tasks = x.tasks();
         let slots = slots(tasks);
-        let row = x.tensor.row_len();
+        // Segments of the chunk within one unit: the whole chunk, or its pieces of rows.
+        let len = match self.unit() {
+            Unit::Tensor => x.n,
+            _ => x.tensor.row_len(),
+        };
         let first = x.row_of(0);
-        for i in 0..x.n {
+        let mut at = 0;
+        while at < x.n {
+            let end = match self.unit() {
+                Unit::Tensor => x.n,
+                _ => ((x.start + at) / len + 1) * len - x.start,
+            }
+            .min(x.n);
             let u = match self.unit() {
                 Unit::Tensor => 0,
-                _ => (x.start + i) / row - first,
+                _ => (x.start + at) / len - first,
             };
             let a = &mut acc[u * slots..(u + 1) * slots];
             let mut k = tasks;
             for p in 0..tasks {
-                let dp = x.deltas[p][i] as f64;
-                a[p] += dp * dp;
+                let dp = &x.deltas[p][at..end];
+                a[p] += reduce::sum_sq(dp);
                 for q in p + 1..tasks {
                     // (a·b).sum(): the product rounded to f32, as torch forms it.
-                    a[k] += (x.deltas[p][i] * x.deltas[q][i]) as f64;
+                    let dq = &x.deltas[q][at..end];
+                    a[k] += reduce::sum(dp.len(), |i| (dp[i] * dq[i]) as f64);
                     k += 1;
                 }
             }
+            at = end;
         }
     }
 

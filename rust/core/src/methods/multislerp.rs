@@ -5,7 +5,7 @@
 //! norm. One model is returned as it is.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::Reader;
+use super::{reduce, Reader};
 use crate::error::{Error, Result};
 use crate::plan::TensorPlan;
 
@@ -62,27 +62,31 @@ impl MultiSlerp {
         }
     }
 
-    /// The weighted mean of the unit vectors at element `i`.
-    #[inline(always)]
-    fn mean(&self, k: &Known, v: &[&[f32]], i: usize) -> f32 {
-        let mut m = 0.0f32;
+    /// The weighted mean of the unit vectors over the chunk, into `out` (task by task, as
+    /// torch's sum over the stacked tensors adds them).
+    fn mean_into(&self, k: &Known, v: &[&[f32]], out: &mut [f32]) {
+        out.fill(0.0);
         for ((x, &n), &w) in v.iter().zip(&k.norms).zip(&k.weights) {
-            m += x[i] / (n + self.eps()) * w;
+            let d = n + self.eps();
+            for (o, &y) in out.iter_mut().zip(x.iter()) {
+                *o += y / d * w;
+            }
         }
-        m
     }
 
-    /// The tangent-space result at element `i` (given the mean's norm and the dots).
-    #[inline(always)]
-    fn tangent(&self, k: &Known, v: &[&[f32]], i: usize) -> (f32, f32) {
-        let mean = self.mean(k, v, i) / k.mean_norm.expect("the mean's norm");
+    /// The normalised mean into `mean` and the tangent-space result into `tangent`.
+    fn tangent_into(&self, k: &Known, v: &[&[f32]], mean: &mut [f32], tangent: &mut [f32]) {
+        self.mean_into(k, v, mean);
+        let mn = k.mean_norm.expect("the mean's norm");
+        mean.iter_mut().for_each(|m| *m /= mn);
         let dots = k.dots.as_ref().expect("the dots");
-        let mut t = 0.0f32;
+        tangent.fill(0.0);
         for (((x, &n), &w), &d) in v.iter().zip(&k.norms).zip(&k.weights).zip(dots) {
-            let unit = x[i] / (n + self.eps());
-            t += (unit - d * mean) * w;
+            let e = n + self.eps();
+            for ((o, &y), &m) in tangent.iter_mut().zip(x.iter()).zip(mean.iter()) {
+                *o += (y / e - d * m) * w;
+            }
         }
-        (mean, t)
     }
 
     fn fallback(&self, k: &Known) -> bool {
@@ -151,36 +155,40 @@ impl Kernel for MultiSlerp {
         }
     }
 
-    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         let v = self.inputs_of(x);
         if st.stages.is_empty() {
             for (a, d) in acc.iter_mut().zip(v) {
-                *a += d.iter().map(|&y| (y as f64) * (y as f64)).sum::<f64>();
+                *a += reduce::sum_sq(d);
             }
             return;
         }
         let k = self.known(x, st);
-        for i in 0..x.n {
-            match st.stages.len() {
-                1 => {
-                    let m = self.mean(&k, v, i) as f64;
-                    acc[0] += m * m;
+        crate::pipeline::grow(s.a, x.n);
+        crate::pipeline::grow(s.b, x.n);
+        let (mean, tangent) = (&mut s.a[..x.n], &mut s.b[..x.n]);
+        match st.stages.len() {
+            1 => {
+                self.mean_into(&k, v, mean);
+                acc[0] += reduce::sum_sq(mean);
+            }
+            2 => {
+                self.mean_into(&k, v, mean);
+                let mn = k.mean_norm.expect("norm");
+                mean.iter_mut().for_each(|m| *m /= mn);
+                for ((a, d), &n) in acc.iter_mut().zip(v).zip(&k.norms) {
+                    let e = n + self.eps();
+                    *a += reduce::sum(x.n, |i| ((d[i] / e) * mean[i]) as f64);
                 }
-                2 => {
-                    let mean = self.mean(&k, v, i) / k.mean_norm.expect("norm");
-                    for ((a, d), &n) in acc.iter_mut().zip(v).zip(&k.norms) {
-                        *a += ((d[i] / (n + self.eps())) * mean) as f64;
-                    }
-                }
-                _ => {
-                    let t = self.tangent(&k, v, i).1 as f64;
-                    acc[0] += t * t;
-                }
+            }
+            _ => {
+                self.tangent_into(&k, v, mean, tangent);
+                acc[0] += reduce::sum_sq(tangent);
             }
         }
     }
 
-    fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
         let v = self.inputs_of(x);
         if x.tasks() == 1 {
             m.copy_from_slice(v[0]);
@@ -195,15 +203,18 @@ impl Kernel for MultiSlerp {
             return;
         }
         let tn = (st.sums(3, 0)[0].sqrt() as f32) + self.eps();
-        let (c, s) = (tn.cos(), tn.sin() / tn);
+        let (c, sn) = (tn.cos(), tn.sin() / tn);
         let avg = k
             .norms
             .iter()
             .zip(&k.weights)
             .fold(0.0f32, |a, (&n, &w)| a + n * w);
-        for (i, o) in m.iter_mut().enumerate() {
-            let (mean, t) = self.tangent(&k, v, i);
-            *o = (mean * c + t * s) * avg;
+        crate::pipeline::grow(s.a, x.n);
+        crate::pipeline::grow(s.b, x.n);
+        let (mean, tangent) = (&mut s.a[..x.n], &mut s.b[..x.n]);
+        self.tangent_into(&k, v, mean, tangent);
+        for ((o, &mean), &t) in m.iter_mut().zip(mean.iter()).zip(tangent.iter()) {
+            *o = (mean * c + t * sn) * avg;
         }
     }
 }

@@ -4,7 +4,7 @@
 //! (`nuslerp_row_wise`); norms and the dot per vector are two statistics stages.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::Reader;
+use super::{reduce, Reader};
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -112,22 +112,43 @@ impl Kernel for NuSlerp {
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
         let (a, b) = self.pair(x);
         let unit = self.unit();
-        let first = if unit == Unit::Row { x.row_of(0) } else { 0 };
         let slots = if st.stages.is_empty() { 2 } else { 1 };
-        let mut norms = (usize::MAX, 0.0f32, 0.0f32);
-        for i in 0..x.n {
-            let u = unit.of(x.tensor, x.start + i);
-            let at = (u - first) * slots;
-            if st.stages.is_empty() {
-                acc[at] += (a[i] as f64) * (a[i] as f64);
-                acc[at + 1] += (b[i] as f64) * (b[i] as f64);
-            } else {
-                if norms.0 != u {
+        if unit == Unit::Column {
+            // Units interleave: element by element.
+            for i in 0..x.n {
+                let u = unit.of(x.tensor, x.start + i);
+                if st.stages.is_empty() {
+                    acc[2 * u] += (a[i] as f64) * (a[i] as f64);
+                    acc[2 * u + 1] += (b[i] as f64) * (b[i] as f64);
+                } else {
                     let (p, q) = NuSlerp::norms(st, u);
-                    norms = (u, p, q);
+                    acc[u] += ((a[i] / p) * (b[i] / q)) as f64;
                 }
-                acc[at] += ((a[i] / norms.1) * (b[i] / norms.2)) as f64;
             }
+            return;
+        }
+        // The whole chunk, or its pieces of rows.
+        let first = x.row_of(0);
+        let mut at = 0;
+        while at < x.n {
+            let (u, end) = match unit {
+                Unit::Tensor => (0, x.n),
+                _ => {
+                    let row = x.tensor.row_len();
+                    let r = (x.start + at) / row;
+                    (r, ((r + 1) * row - x.start).min(x.n))
+                }
+            };
+            let (sa, sb) = (&a[at..end], &b[at..end]);
+            let o = (u - if unit == Unit::Tensor { 0 } else { first }) * slots;
+            if st.stages.is_empty() {
+                acc[o] += reduce::sum_sq(sa);
+                acc[o + 1] += reduce::sum_sq(sb);
+            } else {
+                let (p, q) = NuSlerp::norms(st, u);
+                acc[o] += reduce::sum(sa.len(), |i| ((sa[i] / p) * (sb[i] / q)) as f64);
+            }
+            at = end;
         }
     }
 

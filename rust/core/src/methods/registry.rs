@@ -8,46 +8,65 @@ use super::{Param, Reader};
 use crate::error::{Error, Result};
 
 /// Every mergekit 0.1.5 method this crate runs (with `compat = "mergekit"`).
-pub const MERGEKIT_NAMES: &str = "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl";
+pub const MERGEKIT_NAMES: &str = "linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, karcher, nearswap, passthrough, model_stock, sce, ram, ramplus_tl, arcee_fusion";
+
+/// Builds a kernel method from its parameters.
+type Make = fn(&mut Reader) -> Result<Arc<dyn Kernel>>;
+
+/// The methods behind the trait: one line each.
+static REGISTRY: [(&str, Make); 13] = [
+    ("slerp", |r| Ok(Arc::new(super::slerp::Slerp::parse(r)?))),
+    ("nuslerp", |r| {
+        Ok(Arc::new(super::nuslerp::NuSlerp::parse(r)?))
+    }),
+    ("multislerp", |r| {
+        Ok(Arc::new(super::multislerp::MultiSlerp::parse(r)?))
+    }),
+    ("karcher", |r| {
+        Ok(Arc::new(super::karcher::Karcher::parse(r)?))
+    }),
+    ("nearswap", |r| {
+        Ok(Arc::new(super::nearswap::NearSwap::parse(r)?))
+    }),
+    ("passthrough", |r| {
+        Ok(Arc::new(super::passthrough::Passthrough::parse(r)?))
+    }),
+    ("model_stock", |r| {
+        Ok(Arc::new(super::model_stock::ModelStock::parse(r)?))
+    }),
+    ("della", |r| {
+        Ok(Arc::new(super::della::Della::parse(r, true)?))
+    }),
+    ("della_linear", |r| {
+        Ok(Arc::new(super::della::Della::parse(r, false)?))
+    }),
+    ("sce", |r| Ok(Arc::new(super::sce::Sce::parse(r)?))),
+    ("ram", |r| Ok(Arc::new(super::ram::Ram::parse(r, false)?))),
+    ("ramplus_tl", |r| {
+        Ok(Arc::new(super::ram::Ram::parse(r, true)?))
+    }),
+    ("arcee_fusion", |r| {
+        Ok(Arc::new(super::arcee_fusion::ArceeFusion::parse(r)?))
+    }),
+];
 
 /// Builds the kernel method `name`, or None when it is not one.
 pub fn mergekit(name: &str, r: &mut Reader) -> Result<Option<Arc<dyn Kernel>>> {
-    let k: Arc<dyn Kernel> = match name {
-        "slerp" => Arc::new(super::slerp::Slerp::parse(r)?),
-        "nuslerp" => Arc::new(super::nuslerp::NuSlerp::parse(r)?),
-        "multislerp" => Arc::new(super::multislerp::MultiSlerp::parse(r)?),
-        "nearswap" => Arc::new(super::nearswap::NearSwap::parse(r)?),
-        "passthrough" => Arc::new(super::passthrough::Passthrough::parse(r)?),
-        "model_stock" => Arc::new(super::model_stock::ModelStock::parse(r)?),
-        "della" => Arc::new(super::della::Della::parse(r, true)?),
-        "della_linear" => Arc::new(super::della::Della::parse(r, false)?),
-        "sce" => Arc::new(super::sce::Sce::parse(r)?),
-        "ram" => Arc::new(super::ram::Ram::parse(r, false)?),
-        "ramplus_tl" => Arc::new(super::ram::Ram::parse(r, true)?),
-        _ => return Ok(None),
-    };
-    Ok(Some(k))
+    match REGISTRY.iter().find(|(n, _)| *n == name) {
+        Some((_, make)) => make(r).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Whether `name` is one of the kernel methods (which have mergekit's semantics only).
 pub fn is_kernel(name: &str) -> bool {
-    KERNELS.contains(&name)
+    REGISTRY.iter().any(|(n, _)| *n == name)
 }
 
-/// The methods behind the trait, by name.
-pub const KERNELS: [&str; 11] = [
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "nearswap",
-    "passthrough",
-    "model_stock",
-    "della",
-    "della_linear",
-    "sce",
-    "ram",
-    "ramplus_tl",
-];
+/// The kernel methods' names, in registry order.
+pub fn kernels() -> impl Iterator<Item = &'static str> {
+    REGISTRY.iter().map(|(n, _)| *n)
+}
 
 /// The kernel methods' default search variables and spaces for Weight Weaving: `t` over
 /// 0.1–1.0 for the interpolations (A* members M(t) = merge(t) − θ_base), λ otherwise.
@@ -108,4 +127,20 @@ pub(crate) fn tasks_at_least(method: &str, tasks: usize, want: usize) -> Result<
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_is_listed_in_the_error_messages() {
+        for name in kernels() {
+            assert!(MERGEKIT_NAMES.split(", ").any(|n| n == name), "{name}");
+            assert!(
+                super::super::METHOD_NAMES.split(", ").any(|n| n == name),
+                "{name}"
+            );
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! at the cut before each chunk, and the weights.
 
 use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
-use super::Reader;
+use super::{reduce, Reader};
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -32,18 +32,27 @@ impl Sce {
         self.select_topk < 1.0
     }
 
-    /// The variance across tasks of element `i` as torch's CPU `var(unbiased=False)` has it:
-    /// Welford's update in f64, rounded to f32 (equal deltas give exactly 0).
-    #[inline(always)]
-    fn var(x: &ChunkIn, i: usize) -> f32 {
-        let (mut mean, mut m2) = (0.0f64, 0.0f64);
+    /// The variance across tasks of every element of the chunk, into `out`, as torch's CPU
+    /// `var(unbiased=False)` has it: Welford's update in f64, rounded to f32 (equal deltas give
+    /// exactly 0). Task by task over the chunk, so that it vectorizes.
+    fn var_into(x: &ChunkIn, wide: &mut Vec<f64>, out: &mut [f32]) {
+        let n = x.n;
+        wide.clear();
+        wide.resize(2 * n, 0.0);
+        let (mean, m2) = wide.split_at_mut(n);
         for (t, d) in x.deltas.iter().enumerate() {
-            let v = d[i] as f64;
-            let delta = v - mean;
-            mean += delta / (t + 1) as f64;
-            m2 += delta * (v - mean);
+            let k = (t + 1) as f64;
+            for ((mu, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(d.iter()) {
+                let v = v as f64;
+                let delta = v - *mu;
+                *mu += delta / k;
+                *q += delta * (v - *mu);
+            }
         }
-        (m2 / x.tasks() as f64) as f32
+        let tasks = x.tasks() as f64;
+        for (o, &q) in out.iter_mut().zip(m2.iter()) {
+            *o = (q / tasks) as f32;
+        }
     }
 
     /// Whether the selection keeps nothing at all (M is then 0).
@@ -58,7 +67,7 @@ impl Sce {
     }
 
     /// The selection mask of one chunk into `mask` (1 or 0), given the cut and the ties before.
-    fn mask(&self, x: &ChunkIn, st: &TensorStats, mask: &mut [f32]) {
+    fn mask(&self, x: &ChunkIn, st: &TensorStats, wide: &mut Vec<f64>, mask: &mut [f32]) {
         if !self.selects() {
             mask.fill(1.0);
             return;
@@ -73,8 +82,9 @@ impl Sce {
         // Of the elements equal to the cut, the first k − (# above) by position are kept.
         let room = k as f64 - total[0];
         let mut equal_before = st.before(TIES, x.start)[1];
-        for (i, o) in mask.iter_mut().enumerate() {
-            let v = Sce::var(x, i);
+        Sce::var_into(x, wide, mask);
+        for o in mask.iter_mut() {
+            let v = *o;
             *o = if v > cut {
                 1.0
             } else if v == cut && equal_before < room {
@@ -135,39 +145,33 @@ impl Kernel for Sce {
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         let stage = st.stages.len();
+        crate::pipeline::grow(s.a, x.n);
+        let buf = &mut s.a[..x.n];
         if self.selects() && stage == NONZERO {
-            acc[0] += (0..x.n).filter(|&i| Sce::var(x, i) != 0.0).count() as f64;
+            Sce::var_into(x, s.wide, buf);
+            acc[0] += buf.iter().filter(|&&v| v != 0.0).count() as f64;
             return;
         }
         if stage == TIES && self.selects() {
             let cut = st.selected(CUT)[0];
-            for i in 0..x.n {
-                let v = Sce::var(x, i);
-                acc[0] += f64::from(u8::from(v > cut));
-                acc[1] += f64::from(u8::from(v == cut));
-            }
+            Sce::var_into(x, s.wide, buf);
+            acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
+            acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
             return;
         }
         // The weights: Σ (mask·τ_t)² per task.
-        crate::pipeline::grow(s.a, x.n);
-        let mask = &mut s.a[..x.n];
-        self.mask(x, st, mask);
+        self.mask(x, st, s.wide, buf);
         for (t, d) in x.deltas.iter().enumerate() {
-            acc[t] += d
-                .iter()
-                .zip(mask.iter())
-                .map(|(&v, &k)| {
-                    let y = v * k;
-                    (y * y) as f64
-                })
-                .sum::<f64>();
+            acc[t] += reduce::sum(x.n, |i| {
+                let y = d[i] * buf[i];
+                (y * y) as f64
+            });
         }
     }
 
-    fn score(&self, x: &ChunkIn, _st: &TensorStats, out: &mut [f32]) {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = Sce::var(x, i).abs();
-        }
+    fn score(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, out: &mut [f32]) {
+        Sce::var_into(x, s.wide, out);
+        out.iter_mut().for_each(|v| *v = v.abs());
     }
 
     fn ranks(&self, t: &TensorPlan, st: &TensorStats) -> Vec<u64> {
@@ -191,7 +195,7 @@ impl Kernel for Sce {
         };
         crate::pipeline::grow(s.a, x.n);
         let mask = &mut s.a[..x.n];
-        self.mask(x, st, mask);
+        self.mask(x, st, s.wide, mask);
         for (i, o) in m.iter_mut().enumerate() {
             let k = mask[i];
             let sum = x.deltas.iter().fold(0.0f32, |a, d| a + d[i] * k);

@@ -4,7 +4,7 @@
 //! interpolation itself is element-wise. Nearly parallel tensors (|cos| > 0.9995) are lerped.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::Reader;
+use super::{reduce, Reader};
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -92,15 +92,11 @@ impl Kernel for Slerp {
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
         let (a, b) = (x.base, x.values[0]);
         if st.stages.is_empty() {
-            acc[0] += a.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
-            acc[1] += b.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+            acc[0] += reduce::sum_sq(a);
+            acc[1] += reduce::sum_sq(b);
         } else {
             let (na, nb) = Slerp::norms(st);
-            acc[0] += a
-                .iter()
-                .zip(b)
-                .map(|(&p, &q)| ((p / na) * (q / nb)) as f64)
-                .sum::<f64>();
+            acc[0] += reduce::sum(x.n, |i| ((a[i] / na) * (b[i] / nb)) as f64);
         }
     }
 

@@ -100,7 +100,9 @@ impl Engine<'_> {
         wants: &[Vec<Option<Stage>>],
         found: &mut [Vec<TensorStats>],
     ) -> Result<()> {
-        let is_sums = |r: usize, i: usize| matches!(wants[r][i], Some(Stage::Sums { .. }));
+        let is_sums = |r: usize, i: usize| {
+            matches!(wants[r][i], Some(Stage::Sums { .. } | Stage::Maxes { .. }))
+        };
         let chunks: Vec<Chunk> = merge
             .iter()
             .filter(|c| (0..reps.len()).any(|r| is_sums(r, c.tensor)))
@@ -116,8 +118,10 @@ impl Engine<'_> {
             |w, c, acc: &mut Vec<Partial>| {
                 let t = &self.plan[c.tensor];
                 for (r, &j) in reps.iter().enumerate() {
-                    let Some(Stage::Sums { unit, slots }) = wants[r][c.tensor] else {
-                        continue;
+                    let (unit, slots, init) = match wants[r][c.tensor] {
+                        Some(Stage::Sums { unit, slots }) => (unit, slots, 0.0),
+                        Some(Stage::Maxes { unit, slots }) => (unit, slots, f64::NEG_INFINITY),
+                        _ => continue,
                     };
                     let (first, units) = match unit {
                         Unit::Tensor => (0, 1),
@@ -130,7 +134,7 @@ impl Engine<'_> {
                         }
                         Unit::Column => (0, unit.count(t)),
                     };
-                    let mut sums = vec![0.0f64; units * slots];
+                    let mut sums = vec![init; units * slots];
                     self.with_chunk(w, j, c, |k, x, scratch| {
                         k.accumulate(x, &found_ro[r][c.tensor], scratch, &mut sums)
                     });
@@ -146,19 +150,22 @@ impl Engine<'_> {
         partials.sort_unstable_by_key(|p| (p.0, p.1, p.2));
         for group in partials.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
             let (r, i) = (group[0].0, group[0].1);
-            let Some(Stage::Sums { unit, slots }) = wants[r][i] else {
-                unreachable!("a sums stage")
+            let (unit, slots, max) = match wants[r][i] {
+                Some(Stage::Sums { unit, slots }) => (unit, slots, false),
+                Some(Stage::Maxes { unit, slots }) => (unit, slots, true),
+                _ => unreachable!("a sums stage"),
             };
             let units = unit.count(&self.plan[i]);
-            let mut sums = vec![0.0f64; units * slots];
+            let init = if max { f64::NEG_INFINITY } else { 0.0 };
+            let mut sums = vec![init; units * slots];
             let mut before = BTreeMap::new();
             for (_, _, start, first, part) in group {
-                if unit == Unit::Tensor {
+                if unit == Unit::Tensor && !max {
                     before.insert(*start, sums.clone());
                 }
                 let at = first * slots;
                 for (s, p) in sums[at..at + part.len()].iter_mut().zip(part) {
-                    *s += p;
+                    *s = if max { s.max(*p) } else { *s + p };
                 }
             }
             found[r][i].stages.push(Found::Sums {
@@ -202,8 +209,8 @@ impl Engine<'_> {
                     for (row, &r) in rows.iter().enumerate() {
                         let mut out = std::mem::take(&mut w.signed);
                         grow(&mut out, c.len);
-                        self.with_chunk(w, reps[r], c, |k, x, _| {
-                            k.score(x, &found_ro[r][i], &mut out[..c.len])
+                        self.with_chunk(w, reps[r], c, |k, x, scratch| {
+                            k.score(x, &found_ro[r][i], scratch, &mut out[..c.len])
                         });
                         emit(row, &out[..c.len]);
                         w.signed = out;
@@ -242,6 +249,7 @@ impl Engine<'_> {
             out,
             scores,
             keys,
+            wide,
             ..
         } = w;
         let from: &[Vec<f32>] = if src == Src::Plain { plain } else { raw };
@@ -262,6 +270,7 @@ impl Engine<'_> {
             b: out,
             per_task: scores,
             keys,
+            wide,
         };
         f(k.as_ref(), &x, scratch)
     }

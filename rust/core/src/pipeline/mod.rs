@@ -64,6 +64,8 @@ pub(crate) struct Work {
     pub(crate) out: Vec<f32>,
     pub(crate) bytes: Vec<u8>,
     pub(crate) keys: Vec<u64>,
+    /// f64 scratch for the kernel methods.
+    pub(crate) wide: Vec<f64>,
     pub(crate) scores: Vec<Vec<f32>>,
     pub(crate) signed: Vec<f32>,
     /// Decoded LoRA factors (A, B) of the tensor being read.
