@@ -256,9 +256,18 @@ def main() -> None:
                     "peak_rss_mergekit": m_mk, "peak_rss_weightweave": m_ww, "memory_ratio": m_mk / m_ww})  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
+    out = HERE / "results"
+    # A run over some methods keeps the other methods' rows of an earlier run on the same models.
+    old = out / "mergekit.json"
+    if old.exists():
+        prev = json.loads(old.read_text())
+        if (prev.get("hidden"), prev.get("layers")) == (args.hidden, args.layers):
+            done = {r["method"] for r in rows}
+            kept = {r["method"]: r for r in prev["rows"] if r["method"] not in done}
+            rows = [kept.get(m) or next(r for r in rows if r["method"] == m)
+                    for m in METHODS if m in kept or m in done]  # fmt: skip
     result = {"mergekit": MERGEKIT, "model_bytes": size, "hidden": args.hidden, "layers": args.layers,
               "threads": os.cpu_count(), "rows": rows}  # fmt: skip
-    out = HERE / "results"
     (out / "mergekit.json").write_text(json.dumps(result, indent=2))
     lines = [f"# weightweave vs {MERGEKIT}: the same YAML recipes",
              "",

@@ -10,6 +10,7 @@ __all__ = [
     "default_lam",
     "default_params",
     "default_lambdas",
+    "search_variable",
     "read_floor",
     "names_matching",
     "plan_buffers",

@@ -53,7 +53,7 @@ impl Della {
     }
 
     /// Task `t`'s pruned delta of one chunk of whole rows into `out` (unscaled).
-    fn prune(&self, x: &ChunkIn, t: usize, keys: &mut Vec<u64>, out: &mut [f32]) {
+    fn prune(&self, x: &ChunkIn, t: usize, out: &mut [f32]) {
         let d = x.deltas[t];
         let density = self.density.get(t);
         if !self.prunes(t) {
@@ -77,18 +77,26 @@ impl Della {
         };
         let slab = len * stride;
         let span = (len - 1) as f32;
+        // The keep probability of each rank (mergekit's f32 arithmetic, once per row length).
+        let probs: Vec<f32> = (0..len)
+            .map(|rank| low + (rank as f32 / span).clamp(0.0, 1.0) * 2.0 * eps32)
+            .collect();
+        let (mut vals, mut tmp) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        let mut rank_of = vec![0u32; len];
         for s0 in (0..x.n).step_by(slab) {
             for k in 0..stride {
                 let at = |j: usize| s0 + j * stride + k;
-                keys.clear();
-                keys.extend((0..len).map(|j| ((d[at(j)].abs().to_bits() as u64) << 32) | j as u64));
-                keys.sort_unstable();
-                for (rank, key) in keys.iter().enumerate() {
-                    let i = at((*key & 0xffff_ffff) as usize);
-                    let norm = (rank as f32 / span).clamp(0.0, 1.0);
-                    let p = low + norm * 2.0 * eps32;
-                    let keep = stream.keep((x.start + i) as u64, p);
-                    out[i] = if keep { d[i] } else { 0.0 };
+                // Ascending |τ|, equal magnitudes by position (the sort is stable).
+                let mag = |j: usize| d[at(j)].abs().to_bits();
+                super::reduce::radix_order(len, mag, &mut vals, &mut tmp);
+                for (rank, &v) in vals.iter().enumerate() {
+                    rank_of[v as u32 as usize] = rank as u32;
+                }
+                for (j, &rank) in rank_of.iter().enumerate() {
+                    let i = at(j);
+                    let keep = stream.keep((x.start + i) as u64, probs[rank as usize]);
+                    // τ × mask, as mergekit masks (a dropped negative delta is −0).
+                    out[i] = d[i] * f32::from(u8::from(keep));
                 }
             }
         }
@@ -169,7 +177,7 @@ impl Kernel for Della {
         crate::pipeline::grow(s.a, x.n);
         for t in 0..tasks {
             let out = &mut s.a[..x.n];
-            self.prune(x, t, s.keys, out);
+            self.prune(x, t, out);
             acc[2 * t] += super::reduce::sum_abs(x.deltas[t]);
             acc[2 * t + 1] += super::reduce::sum_abs(out);
         }
@@ -182,7 +190,7 @@ impl Kernel for Della {
             let out = &mut s.per_task[t];
             crate::pipeline::grow(out, x.n);
             let out = &mut out[..x.n];
-            self.prune(x, t, s.keys, out);
+            self.prune(x, t, out);
             if self.rescale && self.prunes(t) && self.density.get(t) > 0.0 {
                 let sums = st.sums(0, 0);
                 let (before, after) = (sums[2 * t] as f32, sums[2 * t + 1] as f32);

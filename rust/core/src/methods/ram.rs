@@ -35,10 +35,14 @@ impl Ram {
         })
     }
 
-    /// Per element: how many fine-tunes change it.
-    #[inline(always)]
-    fn count(x: &ChunkIn, eps: f32, i: usize) -> u32 {
-        x.deltas.iter().map(|d| u32::from(d[i].abs() > eps)).sum()
+    /// Per element of the chunk: how many fine-tunes change it (|τ| > epsilon), into `out`.
+    fn counts(x: &ChunkIn, eps: f32, out: &mut [f32]) {
+        out.fill(0.0);
+        for d in x.deltas {
+            for (c, &v) in out.iter_mut().zip(d.iter()) {
+                *c += f32::from(u8::from(v.abs() > eps));
+            }
+        }
     }
 }
 
@@ -75,26 +79,25 @@ impl Kernel for Ram {
     }
 
     /// Per task: elements it changes that others change too, and that only it changes.
-    fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+    fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         let eps = self.epsilon as f32;
         let tasks = x.tasks();
-        let (mut shared, mut unique) = (vec![0u64; tasks], vec![0u64; tasks]);
-        for i in 0..x.n {
-            let c = Ram::count(x, eps, i);
-            for (t, d) in x.deltas.iter().enumerate() {
-                if d[i].abs() > eps {
-                    shared[t] += u64::from(c > 1);
-                    unique[t] += u64::from(c == 1);
-                }
+        crate::pipeline::grow(s.a, x.n);
+        let counts = &mut s.a[..x.n];
+        Ram::counts(x, eps, counts);
+        for (t, d) in x.deltas.iter().enumerate() {
+            let (mut shared, mut unique) = (0u64, 0u64);
+            for (&v, &c) in d.iter().zip(counts.iter()) {
+                let on = v.abs() > eps;
+                shared += u64::from(on & (c > 1.0));
+                unique += u64::from(on & (c == 1.0));
             }
-        }
-        for t in 0..tasks {
-            acc[t] += shared[t] as f64;
-            acc[tasks + t] += unique[t] as f64;
+            acc[t] += shared as f64;
+            acc[tasks + t] += unique as f64;
         }
     }
 
-    fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
         let eps = self.epsilon as f32;
         let tasks = x.tasks();
         let lambdas: Vec<f32> = (0..tasks)
@@ -107,21 +110,23 @@ impl Kernel for Ram {
                 1.0 + self.r as f32 * rho.clamp(0.0, self.alpha as f32)
             })
             .collect();
-        for (i, o) in m.iter_mut().enumerate() {
-            let c = Ram::count(x, eps, i);
-            let (unique, overlap) = (f32::from(u8::from(c == 1)), f32::from(u8::from(c > 1)));
-            let div = c.max(1) as f32;
-            let mut acc = 0.0f32;
-            for (d, &lam) in x.deltas.iter().zip(&lambdas) {
-                let z = d[i] * f32::from(u8::from(d[i].abs() > eps));
+        crate::pipeline::grow(s.a, x.n);
+        let counts = &mut s.a[..x.n];
+        Ram::counts(x, eps, counts);
+        m.fill(0.0);
+        // Task by task, as torch sums the stacked terms: z·unique(·λ) + z·overlap / count.
+        for (d, &lam) in x.deltas.iter().zip(&lambdas) {
+            for ((o, &v), &c) in m.iter_mut().zip(d.iter()).zip(counts.iter()) {
+                let z = v * f32::from(u8::from(v.abs() > eps));
+                let (unique, overlap) =
+                    (f32::from(u8::from(c == 1.0)), f32::from(u8::from(c > 1.0)));
                 let kept = if self.plus {
                     z * unique * lam
                 } else {
                     z * unique
                 };
-                acc += kept + z * overlap / div;
+                *o += kept + z * overlap / c.max(1.0);
             }
-            *o = acc;
         }
     }
 }
