@@ -330,3 +330,13 @@ def test_shapes_of_the_fixture_cover_every_unit():
     """The checkpoints hold 1-d, 2-d and 4-d tensors (rows, columns and slabs all get exercised)."""
     dims = {len(s) for n, (s, _) in SHAPES.items() if n != "scale"}
     assert {1, 2, 4} <= dims
+
+
+def test_in_memory_state_dicts(ck):
+    """The array API runs the trait methods too, with the same result as from files."""
+    base, models = ck[0], ck[1]
+    for method, k, params in (("slerp", 1, {"t": 0.3}), ("sce", 3, {"select_topk": 0.3})):
+        got = ww.merge_arrays(base, models[:k], method=method, **params)
+        want = R.merge(base, models[:k], method, exact_reductions=True, **params)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (method, n)

@@ -248,7 +248,8 @@ def merge(
         models: The fine-tuned checkpoints (same tensors and shapes as the base).
         out: A ``.safetensors`` file, or a directory (sharded with ``shard_size``; the base
             directory's config files are copied in).
-        method: One of ``METHODS``.
+        method: One of ``METHODS``, or of ``MERGEKIT_ONLY`` (mergekit's other methods, with mergekit's
+            semantics and parameter names: ``slerp`` takes ``t``, ``model_stock`` ``filter_wise``, ...).
         lam: The scaling factor λ (default: 0.3 for task_arithmetic, 0.5 for magmax, else 1.0).
         seed: Seed of the counter-based generator (DARE masks).
         threads: Worker threads (default: all cores).
