@@ -1,8 +1,8 @@
 """A pure-torch reference of mergekit 0.1.5's other merge methods (``slerp``, ``nuslerp``,
 ``multislerp``, ``nearswap``, ``passthrough``, ``model_stock``, ``della``, ``della_linear``,
 ``sce``, ``ram``, ``ramplus_tl``, ``karcher``, ``arcee_fusion``), written from mergekit's own code
-(``merge_methods/*.py``, ``sparsify.py``): whole tensors in memory, torch's f32 operations in mergekit's order. It is what
-the streamed kernels are tested against. Where mergekit leaves the outcome to chance or to an
+(``merge_methods/*.py``, ``sparsify.py``): whole tensors in memory, torch's f32 operations in
+mergekit's order. It is what the streamed kernels are tested against. Where mergekit leaves the outcome to chance or to an
 unspecified order, the reference takes this project's rules: DELLA's Bernoulli draws come from the
 project's counter-based generator (element index within the tensor, one stream per model), and
 equal magnitudes or variances rank by position (earlier first).
