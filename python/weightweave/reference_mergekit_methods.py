@@ -2,17 +2,17 @@
 ``multislerp``, ``nearswap``, ``passthrough``, ``model_stock``, ``della``, ``della_linear``,
 ``sce``, ``ram``, ``ramplus_tl``, ``karcher``, ``arcee_fusion``), written from mergekit's own code
 (``merge_methods/*.py``, ``sparsify.py``): whole tensors in memory, torch's f32 operations in
-mergekit's order. It is what the streamed kernels are tested against. Where mergekit leaves the outcome to chance or to an
-unspecified order, the reference takes this project's rules: DELLA's Bernoulli draws come from the
-project's counter-based generator (element index within the tensor, one stream per model), and
-equal magnitudes or variances rank by position (earlier first).
+mergekit's order. It is what the streamed kernels are tested against. Where mergekit leaves the
+outcome to chance or to an unspecified order, the reference takes this project's rules: DELLA's
+Bernoulli draws come from the project's counter-based generator (element index within the tensor,
+one stream per model), and equal magnitudes or variances rank by position (earlier first).
 
 Reductions over a tensor (norms, dots, sums of squares) are torch's f32 ones by default, as in
 mergekit, and so are the few transcendental functions of per-tensor scalars (acos, sin, cos: torch
 takes them from SLEEF or MKL, so mergekit's own bits vary with the machine). With
-``exact_reductions=True`` the sums are taken in f64 and rounded once to f32, and those functions come
-from the C library's f32 ones, which is what weightweave computes: its kernels must then agree bit
-for bit, and with torch's reductions and functions to an ulp or so of the results.
+``exact_reductions=True`` the sums are taken in f64 and rounded once to f32, and those functions
+come from the C library's f32 ones, which is what weightweave computes: its kernels must then agree
+bit for bit, and with torch's reductions and functions to an ulp or so of the results.
 """
 
 from __future__ import annotations
