@@ -28,6 +28,17 @@ pub enum Inputs {
     Values,
 }
 
+impl Inputs {
+    /// Deltas for a method interpolating deltas from a base, values for one without a base.
+    pub fn relative(relative: bool) -> Inputs {
+        if relative {
+            Inputs::Deltas
+        } else {
+            Inputs::Values
+        }
+    }
+}
+
 /// What a kernel writes into M.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -36,6 +47,17 @@ pub enum Output {
     /// The merged values themselves (mergekit's arithmetic, written as it is at λ = 1; as
     /// M − θ_base for any other λ and in Weight Weaving's A*).
     Value,
+}
+
+impl Output {
+    /// A delta for a method working on deltas from a base, the values for one without a base.
+    pub fn relative(relative: bool) -> Output {
+        if relative {
+            Output::Delta
+        } else {
+            Output::Value
+        }
+    }
 }
 
 /// The unit a [`Stage::Sums`] accumulates over.

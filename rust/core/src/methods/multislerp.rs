@@ -105,19 +105,11 @@ impl Kernel for MultiSlerp {
     }
 
     fn inputs(&self) -> Inputs {
-        if self.relative {
-            Inputs::Deltas
-        } else {
-            Inputs::Values
-        }
+        Inputs::relative(self.relative)
     }
 
     fn output(&self) -> Output {
-        if self.relative {
-            Output::Delta
-        } else {
-            Output::Value
-        }
+        Output::relative(self.relative)
     }
 
     fn passes(&self) -> u64 {

@@ -70,19 +70,11 @@ impl Kernel for NuSlerp {
     }
 
     fn inputs(&self) -> Inputs {
-        if self.relative {
-            Inputs::Deltas
-        } else {
-            Inputs::Values
-        }
+        Inputs::relative(self.relative)
     }
 
     fn output(&self) -> Output {
-        if self.relative {
-            Output::Delta
-        } else {
-            Output::Value
-        }
+        Output::relative(self.relative)
     }
 
     fn check_tasks(&self, tasks: usize) -> Result<()> {
