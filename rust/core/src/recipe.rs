@@ -234,13 +234,8 @@ impl Job {
         }
         let method = self.parse_method(&params)?;
         let weights = weights.map(|w| f32_list("weights", &w)).transpose()?;
-        if let (Method::Linear { normalize: true }, Some(w)) = (&method, &weights) {
-            if w.iter().map(|&x| x as f64).sum::<f64>() == 0.0 {
-                return Err(Error::param(
-                    "weights",
-                    "sum to 0, and linear with normalize divides by their sum",
-                ));
-            }
+        if let (Method::Kernel(k), Some(w)) = (&method, &weights) {
+            k.check_weights(w)?;
         }
         Ok(ParamSet { method, weights })
     }

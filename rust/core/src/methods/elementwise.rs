@@ -6,10 +6,10 @@ use crate::rng::Stream;
 
 /// M = Σ_t τ_t, summed in task order.
 #[inline(always)]
-pub fn sum(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
+pub fn sum<D: AsRef<[f32]>>(deltas: &[D], n: usize, m: &mut [f32]) {
     m[..n].fill(0.0);
     for d in deltas {
-        for (acc, &x) in m[..n].iter_mut().zip(&d[..n]) {
+        for (acc, &x) in m[..n].iter_mut().zip(&d.as_ref()[..n]) {
             *acc += x;
         }
     }
@@ -17,7 +17,7 @@ pub fn sum(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
 
 /// M = mean_t τ_t (the SVD methods' rule for tensors that are not 2-D).
 #[inline(always)]
-pub fn mean(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
+pub fn mean<D: AsRef<[f32]>>(deltas: &[D], n: usize, m: &mut [f32]) {
     sum(deltas, n, m);
     let t = deltas.len() as f32;
     for v in &mut m[..n] {
@@ -27,10 +27,10 @@ pub fn mean(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
 
 /// M = the τ_t of largest |τ_t| per element; ties go to the later task.
 #[inline(always)]
-pub fn magmax(deltas: &[Vec<f32>], n: usize, m: &mut [f32]) {
+pub fn magmax<D: AsRef<[f32]>>(deltas: &[D], n: usize, m: &mut [f32]) {
     m[..n].fill(0.0);
     for d in deltas {
-        for (best, &x) in m[..n].iter_mut().zip(&d[..n]) {
+        for (best, &x) in m[..n].iter_mut().zip(&d.as_ref()[..n]) {
             // A select, not a conditional store, so the loop vectorizes.
             *best = if x.abs() >= best.abs() { x } else { *best };
         }

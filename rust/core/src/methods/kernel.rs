@@ -202,6 +202,28 @@ pub trait Kernel: Send + Sync + Debug {
         Inputs::Deltas
     }
 
+    /// Whether the kernel sees the deltas as the papers' methods take them: τ'_t = w_t·τ_t (the
+    /// set's weights), after [`Kernel::dare`] — the same buffers Weight Weaving's A* is made
+    /// of. Otherwise (mergekit's methods) the deltas come unweighted with the weights beside.
+    fn weighted(&self) -> bool {
+        false
+    }
+
+    /// DARE's random drop and rescale, applied by the engine to every weighted delta first.
+    fn dare(&self) -> Option<&super::DareParams> {
+        None
+    }
+
+    /// Whether M is exactly Σ_t τ'_t (the mean pool then reuses it instead of summing again).
+    fn sum_of_deltas(&self) -> bool {
+        false
+    }
+
+    /// Refuses per-model weights the method cannot use (checked before any work).
+    fn check_weights(&self, _weights: &[f32]) -> crate::error::Result<()> {
+        Ok(())
+    }
+
     fn output(&self) -> Output {
         Output::Delta
     }

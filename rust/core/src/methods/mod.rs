@@ -4,11 +4,14 @@
 
 pub mod arcee_fusion;
 pub mod breadcrumbs;
+pub mod dare;
 pub mod della;
 pub mod elementwise;
 pub mod fastmath;
 pub mod karcher;
 pub mod kernel;
+pub mod linear;
+pub mod magmax;
 pub mod mergekit;
 pub mod model_stock;
 pub mod multislerp;
@@ -21,6 +24,7 @@ pub mod reduce;
 pub mod registry;
 pub mod sce;
 pub mod slerp;
+pub mod task_arithmetic;
 pub mod ties;
 
 use std::collections::BTreeMap;
@@ -114,14 +118,6 @@ pub struct TiesParams {
 /// A merge method with validated parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Method {
-    TaskArithmetic,
-    /// The weighted average of the fine-tunes (a model soup): M = Σ w_t τ_t / Σ w_t, or the
-    /// plain weighted sum without `normalize`.
-    Linear {
-        normalize: bool,
-    },
-    MagMax,
-    Dare(DareParams),
     DareTies(DareParams, TiesParams),
     Ties(TiesParams),
     Breadcrumbs {
@@ -290,13 +286,11 @@ impl Method {
             params,
             used: Vec::new(),
         };
+        if let Some(k) = registry::paper(name, &mut r)? {
+            r.finish(name)?;
+            return Ok(Method::Kernel(KernelRef(k)));
+        }
         let m = match name {
-            "task_arithmetic" => Method::TaskArithmetic,
-            "linear" => Method::Linear {
-                normalize: r.flag("normalize", true)?,
-            },
-            "magmax" => Method::MagMax,
-            "dare" => Method::Dare(dare(&mut r)?),
             "dare_ties" => {
                 let d = dare(&mut r)?;
                 let density = r.frac("ties_density", 0.2, 0.0, 1.0, true)?;
@@ -347,10 +341,6 @@ impl Method {
 
     pub fn name(&self) -> &'static str {
         match self {
-            Method::TaskArithmetic => "task_arithmetic",
-            Method::Linear { .. } => "linear",
-            Method::MagMax => "magmax",
-            Method::Dare(_) => "dare",
             Method::DareTies(..) => "dare_ties",
             Method::Ties(_) => "ties",
             Method::Breadcrumbs { .. } => "breadcrumbs",
@@ -403,7 +393,6 @@ impl Method {
     /// Per-task lists must have one value per fine-tune.
     pub fn check_tasks(&self, tasks: usize) -> Result<()> {
         match self {
-            Method::Dare(d) => d.density.check_len("density", tasks),
             Method::DareTies(d, t) => {
                 d.density.check_len("density", tasks)?;
                 t.density.check_len("ties_density", tasks)
@@ -447,8 +436,23 @@ impl Method {
     /// The DARE step applied to every delta before the method proper, if any.
     pub fn dare(&self) -> Option<&DareParams> {
         match self {
-            Method::Dare(d) | Method::DareTies(d, _) => Some(d),
+            Method::DareTies(d, _) => Some(d),
+            Method::Kernel(k) => k.dare(),
             _ => None,
+        }
+    }
+
+    /// Whether M is exactly Σ_t τ'_t (task arithmetic), which the mean pool reuses.
+    pub fn sum_of_deltas(&self) -> bool {
+        matches!(self, Method::Kernel(k) if k.sum_of_deltas())
+    }
+
+    /// Whether the method takes the deltas unweighted, with the weights beside (mergekit's).
+    pub fn unweighted(&self) -> bool {
+        match self {
+            Method::Mergekit(_) | Method::MergekitLinear { .. } => true,
+            Method::Kernel(k) => !k.weighted(),
+            _ => false,
         }
     }
 
@@ -486,11 +490,8 @@ impl Method {
             }
         };
         match self {
-            Method::TaskArithmetic | Method::MagMax | Method::Tsv | Method::IsoC => json!({}),
-            Method::Linear { normalize } | Method::MergekitLinear { normalize } => {
-                json!({"normalize": normalize})
-            }
-            Method::Dare(d) => json!({"density": d.density.json(), "rescale": d.rescale}),
+            Method::Tsv | Method::IsoC => json!({}),
+            Method::MergekitLinear { normalize } => json!({"normalize": normalize}),
             Method::DareTies(d, t) => json!({"density": d.density.json(), "rescale": d.rescale,
                 "ties_density": t.density.json(), "scope": scope(t.scope)}),
             Method::Ties(t) => json!({"density": t.density.json(), "scope": scope(t.scope)}),

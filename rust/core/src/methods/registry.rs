@@ -50,6 +50,24 @@ static REGISTRY: [(&str, Make); 13] = [
     }),
 ];
 
+/// The papers' methods behind the trait (SPEC.md's semantics).
+static PAPER: [(&str, Make); 4] = [
+    ("task_arithmetic", |r| {
+        Ok(Arc::new(super::task_arithmetic::TaskArithmetic::parse(r)?))
+    }),
+    ("linear", |r| Ok(Arc::new(super::linear::Linear::parse(r)?))),
+    ("magmax", |r| Ok(Arc::new(super::magmax::MagMax::parse(r)?))),
+    ("dare", |r| Ok(Arc::new(super::dare::Dare::parse(r)?))),
+];
+
+/// Builds the papers' method `name` on the trait, or None when it is not one of them.
+pub fn paper(name: &str, r: &mut Reader) -> Result<Option<Arc<dyn Kernel>>> {
+    match PAPER.iter().find(|(n, _)| *n == name) {
+        Some((_, make)) => make(r).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Builds the kernel method `name`, or None when it is not one.
 pub fn mergekit(name: &str, r: &mut Reader) -> Result<Option<Arc<dyn Kernel>>> {
     match REGISTRY.iter().find(|(n, _)| *n == name) {

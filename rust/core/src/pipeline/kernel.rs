@@ -244,6 +244,7 @@ impl Engine<'_> {
             base,
             raw,
             plain,
+            eff,
             vals,
             scratch,
             out,
@@ -252,7 +253,11 @@ impl Engine<'_> {
             wide,
             ..
         } = w;
-        let from: &[Vec<f32>] = if src == Src::Plain { plain } else { raw };
+        let from: &[Vec<f32>] = match src {
+            Src::Raw => raw,
+            Src::Plain => plain,
+            Src::Eff => eff,
+        };
         let deltas: Vec<&[f32]> = from.iter().map(|d| &d[..n]).collect();
         let values: Vec<&[f32]> = vals.iter().map(|d| &d[..n]).collect();
         let x = ChunkIn {

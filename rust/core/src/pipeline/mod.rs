@@ -312,10 +312,7 @@ pub fn run_chunks(
         .iter()
         .map(|s| s.weights != recipe.weights)
         .collect();
-    let mergekit = matches!(
-        method,
-        Method::Mergekit(_) | Method::MergekitLinear { .. } | Method::Kernel(_)
-    );
+    let mergekit = method.unweighted();
     let kernel = match method {
         Method::Kernel(k) => Some(k),
         _ => None,
@@ -587,10 +584,7 @@ impl<'a> Engine<'a> {
             Src::Raw
         };
         let method = &self.recipe.sets[j].method;
-        if matches!(
-            method,
-            Method::Mergekit(_) | Method::MergekitLinear { .. } | Method::Kernel(_)
-        ) {
+        if method.unweighted() {
             return unweighted;
         }
         let mut src = Src::Raw;

@@ -58,16 +58,17 @@ impl Engine<'_> {
     /// M of parameter set `j` for one chunk, into `w.m`.
     #[inline(always)]
     pub(crate) fn set_m(&self, w: &mut Work, j: usize, c: &Chunk, stats: &Stats) -> Result<()> {
+        let method = &self.recipe.sets[j].method;
+        if let Method::Kernel(_) = method {
+            // The kernel forms the set's deltas itself (`with_chunk`).
+            self.kernel_m(w, j, c, stats);
+            return Ok(());
+        }
         let src = self.set_deltas(w, j, c);
         let n = c.len;
         let t = &self.plan[c.tensor];
-        let method = &self.recipe.sets[j].method;
         if let Method::Mergekit(g) = method {
             return self.mergekit_m(w, g, src, j, c, stats);
-        }
-        if let Method::Kernel(_) = method {
-            self.kernel_m(w, j, c, stats);
-            return Ok(());
         }
         let Parts {
             deltas,
@@ -79,16 +80,6 @@ impl Engine<'_> {
             signed,
         } = w.parts(src);
         match method {
-            Method::TaskArithmetic | Method::Dare(_) => elementwise::sum(deltas, n, m),
-            Method::Linear { normalize } => {
-                elementwise::sum(deltas, n, m);
-                if *normalize {
-                    let total = pool::lam_sum(self.weights[j].iter().copied());
-                    for x in &mut m[..n] {
-                        *x /= total;
-                    }
-                }
-            }
             Method::MergekitLinear { normalize } => {
                 // mergekit: result = 0, then result.addcmul_(θ_t, w_t) per model — a fused
                 // multiply-add in torch's vectorized CPU kernel — then ÷ Σ_t w_t.
@@ -105,7 +96,6 @@ impl Engine<'_> {
                     }
                 }
             }
-            Method::MagMax => elementwise::magmax(deltas, n, m),
             Method::Ties(p) | Method::DareTies(_, p) => {
                 let scope = if p.scope == Scope::Global {
                     0
@@ -333,8 +323,7 @@ impl Engine<'_> {
             let Work {
                 base, raw, m, out, ..
             } = w;
-            let m_is_sum =
-                matches!(self.recipe.method(), Method::TaskArithmetic) && !self.own_weights[0];
+            let m_is_sum = self.recipe.method().sum_of_deltas() && !self.own_weights[0];
             let raw: Vec<&[f32]> = raw.iter().map(|d| &d[..n]).collect();
             pool::apply(
                 &self.recipe.combine,
@@ -388,8 +377,7 @@ impl Engine<'_> {
             ..
         } = w;
         // For task arithmetic M already is Σ_t τ_t, which the mean pool would sum again.
-        let m_is_sum =
-            matches!(self.recipe.method(), Method::TaskArithmetic) && !self.own_weights[0];
+        let m_is_sum = self.recipe.method().sum_of_deltas() && !self.own_weights[0];
         let in_range = encode_blocks(t, n, out, bytes, |r, out| {
             let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
             pool::apply(
