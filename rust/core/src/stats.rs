@@ -77,7 +77,7 @@ impl Engine<'_> {
         let key = |j: usize| {
             let s = &self.recipe.sets[j];
             match &s.method {
-                Method::Mergekit(_) | Method::MergekitLinear { .. } => (None, None),
+                m if m.unweighted() => (None, None),
                 m => (
                     self.own_weights[j].then(|| self.weights[j].clone()),
                     m.dare().cloned(),

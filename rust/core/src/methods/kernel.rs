@@ -166,6 +166,8 @@ pub struct ChunkIn<'a> {
     pub values: &'a [&'a [f32]],
     /// The set's per-model weights (ones where none are given).
     pub weights: &'a [f32],
+    /// M of this chunk computed outside the core (the SVD methods' 2-D tensors), if any.
+    pub given: Option<&'a [f32]>,
     pub seed: u64,
 }
 
@@ -216,6 +218,11 @@ pub trait Kernel: Send + Sync + Debug {
 
     /// Whether M is exactly Σ_t τ'_t (the mean pool then reuses it instead of summing again).
     fn sum_of_deltas(&self) -> bool {
+        false
+    }
+
+    /// Whether M of 2-D tensors comes from outside the core (the torch backend's SVD methods).
+    fn external(&self) -> bool {
         false
     }
 

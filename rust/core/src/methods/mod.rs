@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod linear;
 pub mod magmax;
 pub mod mergekit;
+pub mod mergekit_linear;
 pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
@@ -24,6 +25,7 @@ pub mod reduce;
 pub mod registry;
 pub mod sce;
 pub mod slerp;
+pub mod svd;
 pub mod task_arithmetic;
 pub mod ties;
 
@@ -127,16 +129,8 @@ pub enum Method {
     Pcb {
         ratio: f64,
     },
-    /// Task Singular Vectors: M of 2-D tensors comes from the torch backend; mean elsewhere.
-    Tsv,
-    /// Isotropic merging: M of 2-D tensors comes from the torch backend; mean elsewhere.
-    IsoC,
     /// One of mergekit's task-arithmetic family, with mergekit's own semantics (`compat`).
     Mergekit(Gta),
-    /// mergekit's `linear`: Σ_t w_t θ_t (÷ Σ_t w_t), from the models' values, not their deltas.
-    MergekitLinear {
-        normalize: bool,
-    },
     /// A method implementing the [`kernel::Kernel`] trait (see `methods/registry.rs`).
     Kernel(KernelRef),
 }
@@ -322,8 +316,6 @@ impl Method {
             "pcb" => Method::Pcb {
                 ratio: r.num("ratio", 0.05, 0.0, 1.0, true)?,
             },
-            "tsv" => Method::Tsv,
-            "iso_c" => Method::IsoC,
             _ if registry::is_kernel(name) => {
                 // mergekit's other methods have mergekit's semantics only.
                 return Method::parse_mergekit(name, params);
@@ -345,10 +337,7 @@ impl Method {
             Method::Ties(_) => "ties",
             Method::Breadcrumbs { .. } => "breadcrumbs",
             Method::Pcb { .. } => "pcb",
-            Method::Tsv => "tsv",
-            Method::IsoC => "iso_c",
             Method::Mergekit(g) => g.name,
-            Method::MergekitLinear { .. } => "linear",
             Method::Kernel(k) => k.name(),
         }
     }
@@ -363,11 +352,7 @@ impl Method {
             r.finish(name)?;
             return Ok(Method::Kernel(KernelRef(k)));
         }
-        let m = if name == "linear" {
-            Method::MergekitLinear {
-                normalize: r.flag("normalize", true)?,
-            }
-        } else {
+        let m = {
             let Some(mut g) = Gta::named(name) else {
                 return Err(Error::UnknownMethod {
                     name: name.to_owned(),
@@ -450,7 +435,7 @@ impl Method {
     /// Whether the method takes the deltas unweighted, with the weights beside (mergekit's).
     pub fn unweighted(&self) -> bool {
         match self {
-            Method::Mergekit(_) | Method::MergekitLinear { .. } => true,
+            Method::Mergekit(_) => true,
             Method::Kernel(k) => !k.weighted(),
             _ => false,
         }
@@ -469,7 +454,7 @@ impl Method {
 
     /// Whether M of 2-D tensors is computed outside the core (the SVD methods).
     pub fn is_external(&self) -> bool {
-        matches!(self, Method::Tsv | Method::IsoC)
+        matches!(self, Method::Kernel(k) if k.external())
     }
 
     pub fn ties(&self) -> Option<&TiesParams> {
@@ -490,8 +475,6 @@ impl Method {
             }
         };
         match self {
-            Method::Tsv | Method::IsoC => json!({}),
-            Method::MergekitLinear { normalize } => json!({"normalize": normalize}),
             Method::DareTies(d, t) => json!({"density": d.density.json(), "rescale": d.rescale,
                 "ties_density": t.density.json(), "scope": scope(t.scope)}),
             Method::Ties(t) => json!({"density": t.density.json(), "scope": scope(t.scope)}),

@@ -14,7 +14,10 @@ pub const MERGEKIT_NAMES: &str = "linear, task_arithmetic, ties, dare_ties, dare
 type Make = fn(&mut Reader) -> Result<Arc<dyn Kernel>>;
 
 /// The methods behind the trait: one line each.
-static REGISTRY: [(&str, Make); 13] = [
+static REGISTRY: [(&str, Make); 14] = [
+    ("linear", |r| {
+        Ok(Arc::new(super::mergekit_linear::MergekitLinear::parse(r)?))
+    }),
     ("slerp", |r| Ok(Arc::new(super::slerp::Slerp::parse(r)?))),
     ("nuslerp", |r| {
         Ok(Arc::new(super::nuslerp::NuSlerp::parse(r)?))
@@ -51,13 +54,17 @@ static REGISTRY: [(&str, Make); 13] = [
 ];
 
 /// The papers' methods behind the trait (SPEC.md's semantics).
-static PAPER: [(&str, Make); 4] = [
+static PAPER: [(&str, Make); 6] = [
     ("task_arithmetic", |r| {
         Ok(Arc::new(super::task_arithmetic::TaskArithmetic::parse(r)?))
     }),
     ("linear", |r| Ok(Arc::new(super::linear::Linear::parse(r)?))),
     ("magmax", |r| Ok(Arc::new(super::magmax::MagMax::parse(r)?))),
     ("dare", |r| Ok(Arc::new(super::dare::Dare::parse(r)?))),
+    ("tsv", |r| Ok(Arc::new(super::svd::Svd::parse(r, "tsv")?))),
+    ("iso_c", |r| {
+        Ok(Arc::new(super::svd::Svd::parse(r, "iso_c")?))
+    }),
 ];
 
 /// Builds the papers' method `name` on the trait, or None when it is not one of them.

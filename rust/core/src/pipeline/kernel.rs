@@ -268,6 +268,12 @@ impl Engine<'_> {
             deltas: &deltas,
             values: if self.values { &values } else { &[] },
             weights: &self.weights[j],
+            given: self
+                .given
+                .get(c.tensor)
+                .copied()
+                .flatten()
+                .map(|g| &g[c.start..c.start + n]),
             seed: self.recipe.seed,
         };
         let scratch = Scratch {

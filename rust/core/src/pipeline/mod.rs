@@ -170,8 +170,6 @@ pub(crate) struct Engine<'a> {
     pub(crate) own_weights: Vec<bool>,
     /// Some set needs the unweighted deltas while A*'s are weighted.
     pub(crate) need_plain: bool,
-    /// The method reads the models' values, not their deltas (mergekit's linear).
-    pub(crate) absolute: bool,
     /// A kernel method reads the models' values (`Work::vals`).
     pub(crate) values: bool,
     /// A kernel method's M is the merged value, not a delta.
@@ -349,7 +347,6 @@ pub fn run_chunks(
         need_plain: recipe.weights.is_some() && (mergekit || own_weights.iter().any(|&o| o)),
         weights,
         own_weights,
-        absolute: matches!(method, Method::MergekitLinear { .. }),
         values,
         value_out,
         rows,
@@ -526,12 +523,6 @@ impl<'a> Engine<'a> {
                 }
                 continue;
             }
-            if self.absolute {
-                if !decode_finite(r.dtype, bytes, d) {
-                    decode_checked(r, &t.name, c, d)?;
-                }
-                continue;
-            }
             if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
                 // Rare path: find and report the offending element.
                 decode_checked(r, &t.name, c, d)?;
@@ -560,7 +551,7 @@ impl<'a> Engine<'a> {
                 p[..n].copy_from_slice(&d[..n]);
             }
         }
-        if let (Some(ws), false) = (&self.recipe.weights, self.absolute) {
+        if let Some(ws) = &self.recipe.weights {
             for (d, &wt) in w.raw.iter_mut().zip(ws) {
                 for x in &mut d[..n] {
                     *x *= wt;

@@ -80,22 +80,6 @@ impl Engine<'_> {
             signed,
         } = w.parts(src);
         match method {
-            Method::MergekitLinear { normalize } => {
-                // mergekit: result = 0, then result.addcmul_(θ_t, w_t) per model — a fused
-                // multiply-add in torch's vectorized CPU kernel — then ÷ Σ_t w_t.
-                m[..n].fill(0.0);
-                for (d, &wt) in deltas.iter().zip(&self.weights[j]) {
-                    for (acc, &x) in m[..n].iter_mut().zip(&d[..n]) {
-                        *acc = x.mul_add(wt, *acc);
-                    }
-                }
-                if *normalize {
-                    let total = self.weights[j].iter().fold(0.0f32, |s, &x| s + x);
-                    for x in &mut m[..n] {
-                        *x /= total;
-                    }
-                }
-            }
             Method::Ties(p) | Method::DareTies(_, p) => {
                 let scope = if p.scope == Scope::Global {
                     0
@@ -117,10 +101,6 @@ impl Engine<'_> {
                     keys,
                     m,
                 ),
-            },
-            Method::Tsv | Method::IsoC => match self.given.get(c.tensor).copied().flatten() {
-                Some(g) => m[..n].copy_from_slice(&g[c.start..c.start + n]),
-                None => elementwise::mean(deltas, n, m),
             },
             Method::Pcb { .. } => {
                 let (abs, score) = stats.pcb.as_ref().expect("pcb statistics");
@@ -310,16 +290,6 @@ impl Engine<'_> {
                 }
                 self.value_to_delta(w, n);
             }
-            if self.absolute {
-                if let Combine::Merge { lam } = self.recipe.combine {
-                    if lam == 1.0 {
-                        let Work { m, out, .. } = w;
-                        out[..n].copy_from_slice(&m[..n]);
-                        return Ok(());
-                    }
-                }
-                self.to_deltas(w, n);
-            }
             let Work {
                 base, raw, m, out, ..
             } = w;
@@ -361,7 +331,7 @@ impl Engine<'_> {
         let t = &self.plan[c.tensor];
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
         let single = self.recipe.sets.len() == 1 && !matches!(self.pool(), Some(Pool::Custom(_)));
-        if !single || self.absolute || self.value_out {
+        if !single || self.value_out {
             self.pooled(w, c, stats)?;
             return self.finish_chunk(w, c, sink);
         }
@@ -424,10 +394,6 @@ impl Engine<'_> {
             picks.resize(n, 0);
         }
         let result = (|| {
-            if self.absolute {
-                self.set_m(w, 0, c, &stats[0])?;
-                self.to_deltas(w, n);
-            }
             let bufs = Buffers {
                 acc: &mut acc,
                 pos: &mut pos,
@@ -474,26 +440,6 @@ impl Engine<'_> {
         let Work { base, m, .. } = w;
         for (x, &b) in m[..n].iter_mut().zip(&base[..n]) {
             *x -= b;
-        }
-    }
-
-    /// Turns the models' values in `raw` (and an absolute M) into deltas of the base.
-    fn to_deltas(&self, w: &mut Work, n: usize) {
-        let Work { base, raw, m, .. } = w;
-        for d in raw.iter_mut() {
-            for (x, &b) in d[..n].iter_mut().zip(&base[..n]) {
-                *x -= b;
-            }
-        }
-        for (x, &b) in m[..n].iter_mut().zip(&base[..n]) {
-            *x -= b;
-        }
-        if let Some(ws) = &self.recipe.weights {
-            for (d, &wt) in raw.iter_mut().zip(ws) {
-                for x in &mut d[..n] {
-                    *x *= wt;
-                }
-            }
         }
     }
 
