@@ -51,6 +51,10 @@ impl Kernel for ArceeFusion {
         Inputs::Values
     }
 
+    fn reads_deltas(&self) -> bool {
+        false
+    }
+
     fn output(&self) -> Output {
         Output::Value
     }

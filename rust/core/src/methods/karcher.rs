@@ -154,6 +154,10 @@ impl Kernel for Karcher {
         Inputs::Values
     }
 
+    fn reads_deltas(&self) -> bool {
+        false
+    }
+
     fn output(&self) -> Output {
         Output::Value
     }

@@ -204,6 +204,13 @@ pub trait Kernel: Send + Sync + Debug {
         Inputs::Deltas
     }
 
+    /// Whether the kernel reads `ChunkIn::deltas` (with [`Inputs::Values`], a kernel that reads
+    /// only the values and the base returns false, and a plain merge at λ = 1 then skips
+    /// forming the deltas).
+    fn reads_deltas(&self) -> bool {
+        true
+    }
+
     /// Whether the kernel sees the deltas as the papers' methods take them: τ'_t = w_t·τ_t (the
     /// set's weights), after [`Kernel::dare`] — the same buffers Weight Weaving's A* is made
     /// of. Otherwise (mergekit's methods) the deltas come unweighted with the weights beside.

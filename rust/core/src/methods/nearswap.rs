@@ -32,6 +32,10 @@ impl Kernel for NearSwap {
         Inputs::Values
     }
 
+    fn reads_deltas(&self) -> bool {
+        false
+    }
+
     fn output(&self) -> Output {
         Output::Value
     }

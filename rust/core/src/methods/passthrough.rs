@@ -47,6 +47,10 @@ impl Kernel for Passthrough {
         Inputs::Values
     }
 
+    fn reads_deltas(&self) -> bool {
+        false
+    }
+
     fn output(&self) -> Output {
         Output::Value
     }

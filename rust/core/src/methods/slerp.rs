@@ -66,6 +66,10 @@ impl Kernel for Slerp {
         Inputs::Values
     }
 
+    fn reads_deltas(&self) -> bool {
+        false
+    }
+
     fn output(&self) -> Output {
         Output::Value
     }

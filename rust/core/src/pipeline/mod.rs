@@ -174,6 +174,9 @@ pub(crate) struct Engine<'a> {
     pub(crate) values: bool,
     /// A kernel method's M is the merged value, not a delta.
     pub(crate) value_out: bool,
+    /// Nothing reads the deltas of stored values (a plain merge at λ = 1 by a method that
+    /// reads only values): they are not formed, and `raw` holds stale numbers.
+    pub(crate) values_only: bool,
     pub(crate) rows: Rows,
     /// Statistics passes started so far, and whether the output pass has begun (the stage
     /// progress reports).
@@ -349,6 +352,9 @@ pub fn run_chunks(
         own_weights,
         values,
         value_out,
+        values_only: value_out
+            && kernel.is_some_and(|k| !k.reads_deltas())
+            && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0),
         rows,
         stats_passes: AtomicU32::new(0),
         in_output: AtomicBool::new(false),
@@ -502,8 +508,10 @@ impl<'a> Engine<'a> {
                 if !decode_finite(r.dtype, bytes, v) {
                     decode_checked(r, &t.name, c, v)?;
                 }
-                for ((x, &y), b) in d.iter_mut().zip(v.iter()).zip(&w.base[..n]) {
-                    *x = y - b;
+                if !self.values_only {
+                    for ((x, &y), b) in d.iter_mut().zip(v.iter()).zip(&w.base[..n]) {
+                        *x = y - b;
+                    }
                 }
                 continue;
             }
