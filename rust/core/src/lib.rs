@@ -318,7 +318,7 @@ pub fn prepare_files(
     let start = Instant::now();
     let recipe = job.recipe_cancellable(cancel)?;
     job.check_tasks(&recipe, models.len())?;
-    if recipe.method().is_external() {
+    if recipe.method().external() {
         return Err(Error::param(
             "method",
             format!(

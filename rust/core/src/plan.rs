@@ -309,7 +309,7 @@ pub fn given_for<'a>(
     if given.is_empty() {
         return Ok(Vec::new());
     }
-    if !recipe.method().is_external() {
+    if !recipe.method().external() {
         return Err(Error::param(
             "given",
             format!("{} computes M itself", recipe.method().name()),

@@ -234,8 +234,8 @@ impl Job {
         }
         let method = self.parse_method(&params)?;
         let weights = weights.map(|w| f32_list("weights", &w)).transpose()?;
-        if let (Method::Kernel(k), Some(w)) = (&method, &weights) {
-            k.check_weights(w)?;
+        if let Some(w) = &weights {
+            method.check_weights(w)?;
         }
         Ok(ParamSet { method, weights })
     }
@@ -454,10 +454,7 @@ impl Job {
                     .iter()
                     .enumerate()
                     .filter(|(_, s)| s.method.needs_statistics())
-                    .map(|(j, s)| match &s.method {
-                        Method::Kernel(k) => k.stats_key(),
-                        _ => format!("set {j}"),
-                    })
+                    .map(|(_, s)| s.method.stats_key())
                     .collect::<std::collections::BTreeSet<_>>()
                     .len();
                 if stats > MAX_STAT_SETS {
@@ -469,7 +466,7 @@ impl Job {
                         ),
                     ));
                 }
-                if sets.len() > 1 && sets[0].method.is_external() {
+                if sets.len() > 1 && sets[0].method.external() {
                     return Err(Error::param(
                         "search",
                         format!(

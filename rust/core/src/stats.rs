@@ -2,11 +2,12 @@
 //! by a sample, falling back to a two-pass radix select), and TIES's majority sign, tallied in
 //! the same windowed pass where the sampled windows allow.
 
+use std::collections::BTreeMap;
+
 use crate::error::Result;
-use crate::methods::pcb::{self, Clamp};
-use crate::methods::ties::{self, SignTally, TiesStats};
-use crate::methods::{breadcrumbs, int_frac, Method, Scope, Sparsify};
-use crate::pipeline::{grow, Engine, Src, Stats, Work};
+use crate::methods::breadcrumbs::{self, Piece};
+use crate::methods::ties::SignTally;
+use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
@@ -17,57 +18,13 @@ enum Guess {
 }
 
 impl Engine<'_> {
-    /// The statistics of every parameter set, gathered in shared passes: one select serves
-    /// every distinct TIES density, PCB ratio or row cut at once.
+    /// The statistics of every parameter set, gathered in shared passes (the methods' requests,
+    /// scheduled by `pipeline/kernel.rs`).
     pub(crate) fn statistics(&self, merge: &[Chunk], chunk_size: usize) -> Result<Vec<Stats>> {
-        let sets = self.recipe.sets.len();
-        let mut stats: Vec<Stats> = (0..sets).map(|_| Stats::default()).collect();
-        let all: Vec<usize> = (0..sets).collect();
-        let method = self.recipe.method();
-        if let Method::Kernel(_) = method {
-            self.kernel_stats(merge, &mut stats)?;
-            return Ok(stats);
-        }
-        if let Some(p) = method.ties() {
-            let scopes: Vec<(usize, Vec<Chunk>)> = match p.scope {
-                Scope::Global => vec![(0, merge.to_vec())],
-                Scope::Tensor => (0..self.plan.len())
-                    .map(|i| (i, merge.iter().filter(|c| c.tensor == i).copied().collect()))
-                    .collect(),
-            };
-            let n_scopes = if p.scope == Scope::Global {
-                1
-            } else {
-                self.plan.len()
-            };
-            for s in &mut stats {
-                s.ties = vec![None; n_scopes];
-            }
-            for (scope, chunks) in scopes {
-                let d: usize = chunks.iter().map(|c| c.len).sum();
-                if d == 0 {
-                    continue;
-                }
-                for (j, r) in self.ties_stats(&chunks, d, &all)?.into_iter().enumerate() {
-                    stats[j].ties[scope] = Some(r);
-                }
-            }
-        }
-        if let Method::Pcb { .. } = method {
-            for (j, r) in self.pcb_stats(merge, &all)?.into_iter().enumerate() {
-                stats[j].pcb = r;
-            }
-        }
-        for (i, t) in self.plan.iter().enumerate() {
-            if t.has_long(self.rows, chunk_size) {
-                self.crumbs_stats(merge, i, &mut stats)?;
-            }
-        }
-        if let Method::Mergekit(g) = method {
-            if g.rescale && g.sparsify != Sparsify::None {
-                self.l1_stats(merge, &mut stats)?;
-            }
-        }
+        let mut stats: Vec<Stats> = (0..self.recipe.sets.len())
+            .map(|_| Stats::default())
+            .collect();
+        self.kernel_stats(merge, chunk_size, &mut stats)?;
         Ok(stats)
     }
 
@@ -117,14 +74,20 @@ impl Engine<'_> {
         }
     }
 
-    /// Cuts for every piece of tensor `i`'s long rows, for every set, one row at a time: an
-    /// exact select of the magnitudes at the two cut ranks, then a pass counting, per piece,
-    /// the elements above and equal to each cut (the ties are ranked by position).
-    fn crumbs_stats(&self, merge: &[Chunk], i: usize, stats: &mut [Stats]) -> Result<()> {
+    /// Cuts for every piece of tensor `i`'s long rows, for each of `sets`, by the piece's
+    /// start, one row at a time: an exact select of the magnitudes at the two cut ranks, then a
+    /// pass counting, per piece, the elements above and equal to each cut (the ties are ranked
+    /// by position).
+    pub(crate) fn crumbs_stats(
+        &self,
+        merge: &[Chunk],
+        i: usize,
+        all: &[usize],
+    ) -> Result<Vec<Cuts>> {
         let row = self.plan[i].unit(self.rows);
         let tasks = self.tasks();
-        let all: Vec<usize> = (0..stats.len()).collect();
-        let (of, reps) = self.variants(&all);
+        let mut stats: Vec<Cuts> = vec![BTreeMap::new(); all.len()];
+        let (of, reps) = self.variants(all);
         let chunks: Vec<Chunk> = merge.iter().filter(|c| c.tensor == i).copied().collect();
         let n = row as u64;
         // Per (set, task): the kept ranks, and the indices of its two requests.
@@ -132,7 +95,7 @@ impl Engine<'_> {
         let mut slots: Vec<Vec<Option<(u64, u64, usize)>>> = vec![vec![None; tasks]; all.len()];
         for (k, &j) in all.iter().enumerate() {
             for (t, slot) in slots[k].iter_mut().enumerate() {
-                if let Some((g, kk)) = self.recipe.sets[j].method.kept_ranks(row, t) {
+                if let Some((g, kk)) = self.kernel_of(j).kept_ranks(row, t) {
                     *slot = Some((g, kk, requests.len()));
                     let r = of[k] * tasks + t;
                     requests.push(Request {
@@ -156,7 +119,7 @@ impl Engine<'_> {
                 self.select(pieces, reps.len() * tasks, requests.clone(), rows)?
             };
             // cuts[k][t] = (top, low) for the sets and tasks that keep something.
-            let cuts: Vec<Vec<Option<Cuts>>> = slots
+            let cuts: Vec<Vec<Option<RowCuts>>> = slots
                 .iter()
                 .map(|s| {
                     s.iter()
@@ -200,10 +163,7 @@ impl Engine<'_> {
                 for t in 0..tasks {
                     let Some((top, low)) = cs[t] else {
                         for (start, _) in &counts {
-                            stats[k]
-                                .crumbs
-                                .entry((i, *start))
-                                .or_insert_with(|| vec![None; tasks]);
+                            stats[k].entry(*start).or_insert_with(|| vec![None; tasks]);
                         }
                         continue;
                     };
@@ -217,10 +177,7 @@ impl Engine<'_> {
                     };
                     let (mut top_before, mut low_before) = (0, 0);
                     for (start, c) in &counts {
-                        let cell = stats[k]
-                            .crumbs
-                            .entry((i, *start))
-                            .or_insert_with(|| vec![None; tasks]);
+                        let cell = stats[k].entry(*start).or_insert_with(|| vec![None; tasks]);
                         cell[t] = Some(breadcrumbs::Piece {
                             cut,
                             top_before,
@@ -232,87 +189,29 @@ impl Engine<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(stats)
     }
 
-    /// mergekit's rescale: per set, tensor and task, Σ|τ| / Σ|sparsified τ| (1 where either is
-    /// below 1e-7, as mergekit), summed in f64 per chunk and then in chunk order.
-    fn l1_stats(&self, merge: &[Chunk], stats: &mut [Stats]) -> Result<()> {
-        let tasks = self.tasks();
-        type Sums = Vec<(usize, usize, usize, Vec<(f64, f64)>)>;
-        let stats_ro: &[Stats] = stats;
-        let mut sums: Sums = self.pass(
-            merge,
-            Vec::new,
-            |w, c, acc: &mut Sums| {
-                for (j, s) in self.recipe.sets.iter().enumerate() {
-                    let Method::Mergekit(g) = &s.method else {
-                        continue;
-                    };
-                    let src = self.set_deltas(w, j, c);
-                    let n = c.len;
-                    let Work {
-                        raw,
-                        plain,
-                        scratch,
-                        keys,
-                        ..
-                    } = w;
-                    let from: &[Vec<f32>] = if src == Src::Plain { plain } else { raw };
-                    let per_task = (0..tasks)
-                        .map(|t| {
-                            let x = &from[t][..n];
-                            let o = &mut scratch[..n];
-                            self.mergekit_sparsify(g, t, x, o, keys, c, &stats_ro[j]);
-                            let before = x.iter().map(|v| v.abs() as f64).sum::<f64>();
-                            let after = o.iter().map(|v| v.abs() as f64).sum::<f64>();
-                            (before, after)
-                        })
-                        .collect();
-                    acc.push((j, c.tensor, c.start, per_task));
-                }
-                Ok(())
-            },
-            |mut a, b| {
-                a.extend(b);
-                a
-            },
-        )?;
-        sums.sort_unstable_by_key(|(j, tensor, start, _)| (*j, *tensor, *start));
-        for group in sums.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-            let (j, tensor) = (group[0].0, group[0].1);
-            let factors = (0..tasks)
-                .map(|t| {
-                    let before: f64 = group.iter().map(|g| g.3[t].0).sum();
-                    let after: f64 = group.iter().map(|g| g.3[t].1).sum();
-                    if before < 1e-7 || after < 1e-7 {
-                        1.0
-                    } else {
-                        (before / after) as f32
-                    }
-                })
-                .collect();
-            stats[j].l1.insert(tensor, factors);
-        }
-        Ok(())
-    }
-
-    /// TIES's thresholds and majority signs of every set over one scope, in shared passes.
-    fn ties_stats(&self, chunks: &[Chunk], d: usize, sets: &[usize]) -> Result<Vec<TiesStats>> {
+    /// Trim thresholds (per set, task `t`'s at the rank `ranks` gives it; 0 where none) and
+    /// majority-sign tallies of every set over one scope, in shared passes: one windowed pass
+    /// finds the thresholds and tallies the signs together where the sampled windows allow.
+    pub(crate) fn ties_stats(
+        &self,
+        chunks: &[Chunk],
+        sets: &[usize],
+        ranks: &[Vec<(usize, u64)>],
+    ) -> Result<Vec<(Vec<f32>, i64)>> {
         let tasks = self.tasks();
         let (of, reps) = self.variants(sets);
         let mut requests = Vec::new();
         let mut slot: Vec<Vec<Option<usize>>> = vec![vec![None; tasks]; sets.len()];
-        for (k, &j) in sets.iter().enumerate() {
-            let p = self.recipe.sets[j].method.ties().expect("a TIES set");
-            for (t, s) in slot[k].iter_mut().enumerate() {
-                if let Some(rank) = ties::threshold_rank(d, p.density.get(t)) {
-                    *s = Some(requests.len());
-                    requests.push(Request {
-                        row: of[k] * tasks + t,
-                        rank,
-                    });
-                }
+        for (k, ranks) in ranks.iter().enumerate() {
+            for &(t, rank) in ranks {
+                slot[k][t] = Some(requests.len());
+                requests.push(Request {
+                    row: of[k] * tasks + t,
+                    rank,
+                });
             }
         }
         let thresholds = |v: &[f32]| -> Vec<Vec<f32>> {
@@ -320,11 +219,8 @@ impl Engine<'_> {
                 .map(|s| s.iter().map(|o| o.map_or(0.0, |i| v[i])).collect())
                 .collect()
         };
-        let finish = |thr: Vec<Vec<f32>>, counts: Vec<i64>| -> Vec<TiesStats> {
-            thr.into_iter()
-                .zip(counts)
-                .map(|(t, c)| TiesStats::new(t, c))
-                .collect()
+        let finish = |thr: Vec<Vec<f32>>, counts: Vec<i64>| -> Vec<(Vec<f32>, i64)> {
+            thr.into_iter().zip(counts).collect()
         };
         let n_rows = reps.len() * tasks;
         let rows = &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
@@ -426,7 +322,9 @@ impl Engine<'_> {
                     let p = w.parts(src);
                     for (k, a) in acc.iter_mut().enumerate() {
                         if of[k] == v {
-                            *a += ties::sign_count(p.deltas, &thr[k], c.len, p.scratch);
+                            *a += crate::methods::ties::sign_count(
+                                p.deltas, &thr[k], c.len, p.scratch,
+                            );
                         }
                     }
                 }
@@ -434,78 +332,6 @@ impl Engine<'_> {
             },
             |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
         )
-    }
-
-    /// PCB's clamps of |X| per distinct weighting and of B per set, in two shared selects.
-    #[allow(clippy::type_complexity)]
-    fn pcb_stats(
-        &self,
-        chunks: &[Chunk],
-        sets: &[usize],
-    ) -> Result<Vec<Option<(Vec<Clamp>, Vec<Clamp>)>>> {
-        let d: usize = chunks.iter().map(|c| c.len).sum();
-        let tasks = self.tasks();
-        if d == 0 || tasks == 0 {
-            return Ok(vec![None; sets.len()]);
-        }
-        let (of, reps) = self.variants(sets);
-        let pairs = |v: usize, (a, b): (u64, u64)| -> Vec<Request> {
-            (0..tasks)
-                .flat_map(|t| {
-                    let row = v * tasks + t;
-                    [Request { row, rank: a }, Request { row, rank: b }]
-                })
-                .collect()
-        };
-        let to_clamps =
-            |v: &[f32]| -> Vec<Clamp> { v.chunks(2).map(|p| Clamp { a: p[0], b: p[1] }).collect() };
-        let (lo, hi) = pcb::ABS_CLAMP;
-        let abs_ranks = pcb::clamp_ranks(d, lo, hi);
-        let requests: Vec<Request> = (0..reps.len()).flat_map(|v| pairs(v, abs_ranks)).collect();
-        let v = self.select(
-            chunks,
-            reps.len() * tasks,
-            requests,
-            &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
-                self.emit_abs(w, c, &reps, emit)
-            },
-        )?;
-        let abs: Vec<Vec<Clamp>> = v.chunks(2 * tasks).map(to_clamps).collect();
-        let requests: Vec<Request> = sets
-            .iter()
-            .enumerate()
-            .flat_map(|(k, &j)| {
-                let Method::Pcb { ratio } = self.recipe.sets[j].method else {
-                    unreachable!("a PCB set")
-                };
-                let ranks = (int_frac(d, 1.0 - ratio).min(d - 1) as u64, d as u64 - 1);
-                pairs(of[k], ranks)
-            })
-            .collect();
-        let v = self.select(
-            chunks,
-            reps.len() * tasks,
-            requests,
-            &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
-                let n = c.len;
-                for (v, &j) in reps.iter().enumerate() {
-                    let src = self.set_deltas(w, j, c);
-                    let p = w.parts(src);
-                    p.scores.resize_with(tasks, Vec::new);
-                    for s in p.scores.iter_mut() {
-                        grow(s, n);
-                    }
-                    crate::simd!(pcb::scores(p.deltas, n, &abs[v], p.scores, p.signed));
-                    for (t, s) in p.scores.iter().enumerate() {
-                        emit(v * tasks + t, &s[..n]);
-                    }
-                }
-            },
-        )?;
-        Ok(v.chunks(2 * tasks)
-            .enumerate()
-            .map(|(k, score)| Some((abs[of[k]].clone(), to_clamps(score))))
-            .collect())
     }
 
     /// Exact order statistics of per-task rows produced by `rows`: one windowed pass guided by
@@ -694,7 +520,10 @@ impl Engine<'_> {
 }
 
 /// A long row's magnitudes at its two cut ranks (the lower one absent when it keeps the rest).
-type Cuts = (f32, Option<f32>);
+type RowCuts = (f32, Option<f32>);
+
+/// Per task, the cuts of the piece of a long row starting at each chunk start.
+pub(crate) type Cuts = BTreeMap<usize, Vec<Option<Piece>>>;
 
 /// Produces a chunk's rows (one per task, or per requested statistic's task) for a select.
 pub(crate) type Rows<'r> = &'r (dyn Fn(&mut Work, &Chunk, &mut dyn FnMut(usize, &[f32])) + Sync);

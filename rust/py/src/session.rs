@@ -112,7 +112,7 @@ impl Session {
         overwrite: bool,
     ) -> PyResult<Session> {
         let job = convert::job(job)?;
-        if !job.recipe().map_err(PyWeaveErr)?.method().is_external() {
+        if !job.recipe().map_err(PyWeaveErr)?.method().external() {
             return Err(ParamError::new_err(format!(
                 "method '{}' does not take M from outside",
                 job.method

@@ -73,7 +73,7 @@ impl Kernel for ArceeFusion {
             0 => Some(Stage::Maxes { unit, slots: 2 }),
             1 => Some(Stage::Sums { unit, slots: 2 }),
             2 => Some(Stage::Sums { unit, slots: 1 }),
-            3 => Some(Stage::Select),
+            3 => Some(Stage::Select { rows: 1 }),
             _ => None,
         }
     }
@@ -100,15 +100,15 @@ impl Kernel for ArceeFusion {
         }
     }
 
-    fn score(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, out: &mut [f32]) {
-        for (i, o) in out.iter_mut().enumerate() {
+    fn score(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, out: &mut [Vec<f32>]) {
+        for (i, o) in out[0][..x.n].iter_mut().enumerate() {
             *o = ArceeFusion::importance(x, st, i);
         }
     }
 
-    fn ranks(&self, t: &TensorPlan, _st: &TensorStats) -> Vec<u64> {
+    fn ranks(&self, t: &TensorPlan, _tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {
         let last = (t.numel - 1) as f32;
-        QUANTILES.iter().map(|&q| (q * last) as u64).collect()
+        QUANTILES.iter().map(|&q| (0, (q * last) as u64)).collect()
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {

@@ -8,7 +8,86 @@
 //! elements of equal magnitude fall on each side of each cut ([`Cut`]), and every piece then
 //! decides its elements alone, given how many equal magnitudes came before it ([`Piece`]).
 
-use super::int_frac;
+use super::kernel::{ChunkIn, Kernel, Scratch, TensorStats};
+use super::{int_frac, PerTask, Reader, Rows};
+use crate::error::{Error, Result};
+
+/// Breadcrumbs as SPEC.md writes it: per task and row along the last dimension.
+#[derive(Debug)]
+pub struct Breadcrumbs {
+    pub density: PerTask,
+    pub gamma: PerTask,
+}
+
+impl Breadcrumbs {
+    pub fn parse(r: &mut Reader) -> Result<Breadcrumbs> {
+        let density = r.frac("density", 0.15, 0.0, 1.0, false)?;
+        let gamma = r.frac("gamma", 0.006, 0.0, 1.0, false)?;
+        let tasks = match (&density, &gamma) {
+            (PerTask::Each(v), _) | (_, PerTask::Each(v)) => v.len(),
+            _ => 1,
+        };
+        for t in 0..tasks {
+            let (d, g) = (density.get(t), gamma.get(t));
+            if d + g > 1.0 {
+                return Err(Error::param(
+                    "density",
+                    format!("density + gamma = {} exceeds 1", d + g),
+                ));
+            }
+        }
+        Ok(Breadcrumbs { density, gamma })
+    }
+}
+
+impl Kernel for Breadcrumbs {
+    fn name(&self) -> &'static str {
+        "breadcrumbs"
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        serde_json::json!({"density": self.density.json(), "gamma": self.gamma.json()})
+    }
+
+    fn weighted(&self) -> bool {
+        true
+    }
+
+    fn rows(&self) -> Rows {
+        Rows::Last
+    }
+
+    fn kept_ranks(&self, n: usize, t: usize) -> Option<(u64, u64)> {
+        kept_ranks(n, self.density.get(t), self.gamma.get(t))
+    }
+
+    fn check_tasks(&self, tasks: usize) -> Result<()> {
+        self.density.check_len("density", tasks)?;
+        self.gamma.check_len("gamma", tasks)
+    }
+
+    fn needs_statistics(&self) -> bool {
+        false
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
+        match st.cuts.get(&x.start) {
+            Some(cuts) => merge_pieces(x.deltas, x.n, cuts, m),
+            None => {
+                let t = x.tensor;
+                let ranks = |len, k| self.kept_ranks(len, k);
+                merge(
+                    x.deltas,
+                    x.n,
+                    (t.row_len(), t.shape.is_empty()),
+                    &ranks,
+                    s.keys,
+                    m,
+                )
+            }
+        }
+    }
+}
 
 /// The descending ranks [g, g + k) a row of `n` keeps, or `None` when it keeps nothing.
 pub fn kept_ranks(n: usize, density: f64, gamma: f64) -> Option<(u64, u64)> {
@@ -77,11 +156,16 @@ pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
 }
 
 /// M of one piece of long rows: per task, its cut (`None`: the row keeps nothing).
-pub fn merge_pieces(deltas: &[Vec<f32>], n: usize, cuts: &[Option<Piece>], m: &mut [f32]) {
+pub fn merge_pieces<D: AsRef<[f32]>>(
+    deltas: &[D],
+    n: usize,
+    cuts: &[Option<Piece>],
+    m: &mut [f32],
+) {
     m[..n].fill(0.0);
     for (d, cut) in deltas.iter().zip(cuts) {
         if let Some(p) = cut {
-            add_piece(&d[..n], p, &mut m[..n]);
+            add_piece(&d.as_ref()[..n], p, &mut m[..n]);
         }
     }
 }
@@ -126,8 +210,8 @@ pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc:
 
 /// M of one chunk: `row_len` divides the chunk (the pipeline aligns chunks to rows); task t
 /// keeps the ranks `ranks(row_len, t)`. A 0-d tensor (`scalar`) is left as it is.
-pub fn merge(
-    deltas: &[Vec<f32>],
+pub fn merge<D: AsRef<[f32]>>(
+    deltas: &[D],
     n: usize,
     (row_len, scalar): (usize, bool),
     ranks: &dyn Fn(usize, usize) -> Option<(u64, u64)>,
@@ -137,7 +221,7 @@ pub fn merge(
     m[..n].fill(0.0);
     for (t, d) in deltas.iter().enumerate() {
         add_task(
-            &d[..n],
+            &d.as_ref()[..n],
             (row_len, scalar),
             ranks(row_len, t),
             keys,

@@ -117,8 +117,8 @@ impl Kernel for Della {
             "density": self.density.json(), "epsilon": self.epsilon.json()})
     }
 
-    fn whole_rows(&self) -> bool {
-        true
+    fn rows(&self) -> super::Rows {
+        super::Rows::Slab
     }
 
     fn check_tasks(&self, tasks: usize) -> Result<()> {

@@ -10,14 +10,26 @@
 //!   the last dimension), filled by [`Kernel::accumulate`] chunk by chunk and summed in chunk
 //!   order (so a thread count cannot change them); for whole-tensor units every chunk also sees
 //!   the sums of the chunks before it (ties at a cut are ranked by position with them), or
-//! - [`Stage::Select`]: exact order statistics of a per-element score ([`Kernel::score`]) over
-//!   the tensor, at the ascending ranks [`Kernel::ranks`] asks for.
+//! - [`Stage::Select`]: exact order statistics of per-element scores ([`Kernel::score`], one
+//!   or more rows of them) over the tensor, at the ascending ranks [`Kernel::ranks`] asks for,
+//!   or
+//! - [`Stage::Trim`]: per task, the magnitude |τ_t| at a rank (a trim threshold), and with the
+//!   thresholds the sign tally Σ sign(Σ_t τ_t·[|τ_t| ≥ thr_t]) — TIES's statistics, which the
+//!   engine gathers in one windowed pass where the sampled windows decide the tally.
+//!
+//! A method whose statistics span the whole model ([`Kernel::scope`] = [`Scope::Global`]) is
+//! asked as if the model were one flat tensor, and every tensor sees the same results.
+//! A method that ranks within rows ([`Kernel::rows`]) gets, for rows longer than a chunk, the
+//! exact position-ranked cuts of each piece ([`TensorStats::cuts`]) before its own stages.
 //!
 //! Stages may depend on every earlier stage's results, and a method may stop asking per tensor
 //! (an iterative mean that has converged), so the number of passes is the method's to decide.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 
+use super::breadcrumbs::Piece;
+use super::{Rows, Scope};
 use crate::plan::TensorPlan;
 
 /// What a kernel reads besides the deltas τ_t = θ_t − θ_base (always there, unweighted).
@@ -105,7 +117,13 @@ pub enum Stage {
         unit: Unit,
         slots: usize,
     },
-    Select,
+    /// Order statistics of `rows` rows of scores.
+    Select {
+        rows: usize,
+    },
+    /// Per-task trim thresholds of |τ_t| (one rank per task at most; none keeps every entry)
+    /// and the sign tally of what they keep.
+    Trim,
 }
 
 /// A stage's results.
@@ -119,12 +137,17 @@ pub enum Found {
     },
     /// The values at the requested ranks, in request order.
     Select(Vec<f32>),
+    /// Per task the threshold (0 where nothing is trimmed), and Σ sign(Σ_t trimmed_t).
+    Trim { thr: Vec<f32>, count: i64 },
 }
 
 /// The statistics of one tensor for one parameter set: every finished stage's results.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TensorStats {
     pub stages: Vec<Found>,
+    /// Per task, the cuts of the piece of a long row starting at each chunk start (rows
+    /// longer than a chunk, for a method ranking within rows).
+    pub cuts: BTreeMap<usize, Vec<Option<Piece>>>,
 }
 
 impl TensorStats {
@@ -132,7 +155,7 @@ impl TensorStats {
     pub fn sums(&self, s: usize, u: usize) -> &[f64] {
         match &self.stages[s] {
             Found::Sums { slots, sums, .. } => &sums[u * slots..(u + 1) * slots],
-            Found::Select(_) => panic!("stage {s} is a select"),
+            _ => panic!("stage {s} is not a sums stage"),
         }
     }
 
@@ -140,7 +163,7 @@ impl TensorStats {
     pub fn before(&self, s: usize, start: usize) -> &[f64] {
         match &self.stages[s] {
             Found::Sums { before, .. } => &before[&start],
-            Found::Select(_) => panic!("stage {s} is a select"),
+            _ => panic!("stage {s} is not a sums stage"),
         }
     }
 
@@ -148,7 +171,15 @@ impl TensorStats {
     pub fn selected(&self, s: usize) -> &[f32] {
         match &self.stages[s] {
             Found::Select(v) => v,
-            Found::Sums { .. } => panic!("stage {s} is not a select"),
+            _ => panic!("stage {s} is not a select"),
+        }
+    }
+
+    /// Stage `s`'s trim thresholds and sign tally.
+    pub fn trim(&self, s: usize) -> (&[f32], i64) {
+        match &self.stages[s] {
+            Found::Trim { thr, count } => (thr, *count),
+            _ => panic!("stage {s} is not a trim"),
         }
     }
 }
@@ -242,11 +273,24 @@ pub trait Kernel: Send + Sync + Debug {
         Output::Delta
     }
 
-    /// Whether every chunk must hold whole rows, and of a tensor of 3 or more dimensions
-    /// whole slices along dimension 0 ([`crate::methods::Rows::Slab`]; a kernel ranking within
-    /// them); the chunk size grows to hold the longest.
-    fn whole_rows(&self) -> bool {
-        false
+    /// The rows the method ranks within. [`Rows::Slab`]: every chunk holds whole rows, and of a
+    /// tensor of 3 or more dimensions whole slices along dimension 0 (the chunk size grows to
+    /// hold the longest). [`Rows::Last`] and [`Rows::Tensor`]: chunks hold whole rows where a
+    /// row fits one, and a longer row comes in pieces with their cuts
+    /// ([`TensorStats::cuts`], from [`Kernel::kept_ranks`]).
+    fn rows(&self) -> Rows {
+        Rows::None
+    }
+
+    /// The descending ranks [g, g + k) of |τ_t| task `t` keeps of a row of `n` (`None`: none),
+    /// for a method ranking within rows.
+    fn kept_ranks(&self, n: usize, _t: usize) -> Option<(u64, u64)> {
+        Some((0, n as u64))
+    }
+
+    /// Where the statistics are gathered: per tensor, or over the whole model as one tensor.
+    fn scope(&self) -> Scope {
+        Scope::Tensor
     }
 
     /// Checks the number of fine-tunes (and per-model lists) before any work.
@@ -269,9 +313,16 @@ pub trait Kernel: Send + Sync + Debug {
         u64::from(self.needs_statistics())
     }
 
-    /// Statistics this parameter set shares with another that returns the same key.
+    /// Statistics this parameter set shares with another that returns the same key (the
+    /// engine adds the set's own weights where it has them).
     fn stats_key(&self) -> String {
         self.params_json().to_string()
+    }
+
+    /// Select rows this parameter set shares with another whose key agrees at this stage
+    /// (`done` finished; the ranks may differ: one TIES select serves every density).
+    fn select_key(&self, _done: &TensorStats) -> String {
+        self.stats_key()
     }
 
     /// The stage after `done` finished stages of tensor `t` (merging `tasks` fine-tunes), or
@@ -295,11 +346,12 @@ pub trait Kernel: Send + Sync + Debug {
     /// the chunk touches, the first being the unit of its first element.
     fn accumulate(&self, _x: &ChunkIn, _st: &TensorStats, _scratch: Scratch, _acc: &mut [f64]) {}
 
-    /// The per-element score a [`Stage::Select`] ranks, into `out[..n]`.
-    fn score(&self, _x: &ChunkIn, _st: &TensorStats, _s: Scratch, _out: &mut [f32]) {}
+    /// The per-element scores a [`Stage::Select`] ranks, row `r` into `out[r][..n]`.
+    fn score(&self, _x: &ChunkIn, _st: &TensorStats, _s: Scratch, _out: &mut [Vec<f32>]) {}
 
-    /// The ascending ranks a [`Stage::Select`] over tensor `t` wants.
-    fn ranks(&self, _t: &TensorPlan, _st: &TensorStats) -> Vec<u64> {
+    /// The ascending ranks a [`Stage::Select`] or [`Stage::Trim`] over tensor `t` wants, as
+    /// (row, rank); a trim's rows are the tasks.
+    fn ranks(&self, _t: &TensorPlan, _tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {
         Vec::new()
     }
 

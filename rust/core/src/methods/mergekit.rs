@@ -5,7 +5,14 @@
 //! kept, and `normalize` divides by Σ w_t over the kept ones. Keeping the family in one
 //! parameterised kernel mirrors mergekit, where the methods are the same code with switches.
 
-use super::{int_frac, PerTask};
+use super::breadcrumbs::{add_piece, add_task};
+use super::elementwise;
+use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
+use super::{int_frac, PerTask, Reader, Rows};
+use crate::error::Result;
+use crate::pipeline::grow;
+use crate::plan::TensorPlan;
+use crate::rng::Stream;
 
 /// mergekit's method names this crate reproduces.
 pub const NAMES: &str =
@@ -60,6 +67,63 @@ impl Gta {
         })
     }
 
+    /// Builds method `name` of the family with mergekit's parameters and defaults.
+    pub fn parse(name: &str, r: &mut Reader) -> Result<Gta> {
+        let mut g = Gta::named(name).expect("a GTA method");
+        g.normalize = r.flag("normalize", g.normalize)?;
+        g.rescale = r.flag("rescale", g.rescale)?;
+        // An int8 mask changes the mask's dtype, never its values.
+        r.flag("int8_mask", false)?;
+        if g.sparsify != Sparsify::None {
+            g.density = r.frac("density", 1.0, 0.0, 1.0, false)?;
+        }
+        if g.sparsify == Sparsify::Outliers {
+            g.gamma = r.frac("gamma", 0.01, 0.0, 1.0, false)?;
+        }
+        Ok(g)
+    }
+
+    /// Whether the L1 rescale's statistics stage runs.
+    fn rescales(&self) -> bool {
+        self.rescale && self.sparsify != Sparsify::None
+    }
+
+    /// Sparsifies task `k`'s chunk of `src` into `out` as mergekit would (unweighted).
+    fn sparsify_into(
+        &self,
+        x: &ChunkIn,
+        st: &TensorStats,
+        k: usize,
+        keys: &mut Vec<u64>,
+        out: &mut [f32],
+    ) {
+        let src = x.deltas[k];
+        match self.sparsify {
+            Sparsify::None => out.copy_from_slice(src),
+            Sparsify::Random => {
+                out.copy_from_slice(src);
+                if self.sparsifies(k) {
+                    let stream = Stream::new(x.seed, k as u64, &x.tensor.name);
+                    elementwise::dare(out, &stream, x.start as u64, self.density.get(k), false);
+                }
+            }
+            Sparsify::Magnitude | Sparsify::Outliers => {
+                out.fill(0.0);
+                match st.cuts.get(&x.start) {
+                    Some(cuts) => {
+                        if let Some(p) = &cuts[k] {
+                            add_piece(src, p, out);
+                        }
+                    }
+                    None => {
+                        let unit = x.tensor.numel.max(1);
+                        add_task(src, (unit, false), self.kept_ranks(unit, k), keys, out);
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether sparsification ranks magnitudes over the tensor.
     pub fn ranks(&self) -> bool {
         matches!(self.sparsify, Sparsify::Magnitude | Sparsify::Outliers)
@@ -112,13 +176,94 @@ impl Gta {
     }
 }
 
+impl Kernel for Gta {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        Gta::params_json(self)
+    }
+
+    fn rows(&self) -> Rows {
+        if self.ranks() {
+            Rows::Tensor
+        } else {
+            Rows::None
+        }
+    }
+
+    fn kept_ranks(&self, n: usize, t: usize) -> Option<(u64, u64)> {
+        Gta::kept_ranks(self, n, t)
+    }
+
+    fn check_tasks(&self, tasks: usize) -> Result<()> {
+        self.density.check_len("density", tasks)?;
+        self.gamma.check_len("gamma", tasks)
+    }
+
+    fn needs_statistics(&self) -> bool {
+        self.sparsify != Sparsify::None
+    }
+
+    fn passes(&self) -> u64 {
+        u64::from(self.rescales())
+    }
+
+    /// The L1 rescale: per task Σ|τ| and Σ|sparsified τ| over the tensor.
+    fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+        (self.rescales() && done.stages.is_empty()).then_some(Stage::Sums {
+            unit: Unit::Tensor,
+            slots: 2 * tasks,
+        })
+    }
+
+    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
+        grow(s.a, x.n);
+        for (k, d) in x.deltas.iter().enumerate() {
+            let o = &mut s.a[..x.n];
+            self.sparsify_into(x, st, k, s.keys, o);
+            acc[2 * k] += d.iter().map(|v| v.abs() as f64).sum::<f64>();
+            acc[2 * k + 1] += o.iter().map(|v| v.abs() as f64).sum::<f64>();
+        }
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
+        let tasks = x.tasks();
+        s.per_task.resize_with(tasks, Vec::new);
+        for k in 0..tasks {
+            grow(&mut s.per_task[k], x.n);
+            let o = &mut s.per_task[k][..x.n];
+            self.sparsify_into(x, st, k, s.keys, o);
+            if !st.stages.is_empty() {
+                // mergekit: 1 where either norm is below 1e-7.
+                let l1 = st.sums(0, 0);
+                let (before, after) = (l1[2 * k], l1[2 * k + 1]);
+                let f = if before < 1e-7 || after < 1e-7 {
+                    1.0
+                } else {
+                    (before / after) as f32
+                };
+                if f != 1.0 {
+                    for v in o.iter_mut() {
+                        *v *= f;
+                    }
+                }
+            }
+        }
+        grow(s.a, x.n);
+        grow(s.b, x.n);
+        crate::simd!(mix(self, s.per_task, x.weights, x.n, m, (s.a, s.b)));
+    }
+}
+
 /// M of one chunk from the sparsified (unweighted) deltas and the weights, as mergekit mixes
 /// them: weighted deltas, then sign consensus and normalization. `sums` and `div` are
 /// chunk-sized scratch.
 #[inline(always)]
-pub fn mix(
+pub fn mix<D: AsRef<[f32]>>(
     g: &Gta,
-    deltas: &[Vec<f32>],
+    deltas: &[D],
     weights: &[f32],
     n: usize,
     m: &mut [f32],
@@ -128,7 +273,7 @@ pub fn mix(
     m.fill(0.0);
     if !g.consensus {
         for (d, &w) in deltas.iter().zip(weights) {
-            for (acc, &x) in m.iter_mut().zip(&d[..n]) {
+            for (acc, &x) in m.iter_mut().zip(&d.as_ref()[..n]) {
                 *acc += x * w;
             }
         }
@@ -145,7 +290,7 @@ pub fn mix(
     }
     // m holds Σ_t w_t·τ_t first, then becomes the majority sign (+1 where the sum is ≥ 0).
     for (d, &w) in deltas.iter().zip(weights) {
-        for (acc, &x) in m.iter_mut().zip(&d[..n]) {
+        for (acc, &x) in m.iter_mut().zip(&d.as_ref()[..n]) {
             *acc += x * w;
         }
     }
@@ -158,7 +303,7 @@ pub fn mix(
         for ((s, (q, &maj)), &x) in sums
             .iter_mut()
             .zip(div.iter_mut().zip(m.iter()))
-            .zip(&d[..n])
+            .zip(&d.as_ref()[..n])
         {
             let y = x * w;
             let sign = f32::from(u8::from(y > 0.0)) - f32::from(u8::from(y < 0.0));

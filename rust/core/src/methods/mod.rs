@@ -61,14 +61,14 @@ impl PerTask {
         }
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         match self {
             PerTask::All(v) => serde_json::json!(v),
             PerTask::Each(v) => serde_json::json!(v),
         }
     }
 
-    fn check_len(&self, name: &str, tasks: usize) -> Result<()> {
+    pub(crate) fn check_len(&self, name: &str, tasks: usize) -> Result<()> {
         match self {
             PerTask::Each(v) if v.len() != tasks => Err(Error::param(
                 name,
@@ -110,30 +110,10 @@ pub struct DareParams {
     pub rescale: bool,
 }
 
+/// A merge method with validated parameters: a [`kernel::Kernel`] (every method is one file
+/// under `methods/` behind the trait; `methods/registry.rs` builds them by name).
 #[derive(Clone, Debug, PartialEq)]
-pub struct TiesParams {
-    /// Fraction of entries kept by the trim step, per task.
-    pub density: PerTask,
-    pub scope: Scope,
-}
-
-/// A merge method with validated parameters.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Method {
-    DareTies(DareParams, TiesParams),
-    Ties(TiesParams),
-    Breadcrumbs {
-        density: PerTask,
-        gamma: PerTask,
-    },
-    Pcb {
-        ratio: f64,
-    },
-    /// One of mergekit's task-arithmetic family, with mergekit's own semantics (`compat`).
-    Mergekit(Gta),
-    /// A method implementing the [`kernel::Kernel`] trait (see `methods/registry.rs`).
-    Kernel(KernelRef),
-}
+pub struct Method(pub KernelRef);
 
 /// A shared [`kernel::Kernel`]; two are equal when their names and parameters are.
 #[derive(Clone, Debug)]
@@ -145,10 +125,10 @@ impl PartialEq for KernelRef {
     }
 }
 
-impl std::ops::Deref for KernelRef {
+impl std::ops::Deref for Method {
     type Target = dyn kernel::Kernel;
     fn deref(&self) -> &Self::Target {
-        self.0.as_ref()
+        self.0 .0.as_ref()
     }
 }
 
@@ -240,7 +220,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn scope(&mut self) -> Result<Scope> {
+    pub(crate) fn scope(&mut self) -> Result<Scope> {
         self.used.push("scope");
         match self.params.get("scope") {
             None => Ok(Scope::Global),
@@ -276,215 +256,39 @@ impl<'a> Reader<'a> {
 impl Method {
     /// Builds a method from its name and parameters, applying SPEC.md's defaults.
     pub fn parse(name: &str, params: &Params) -> Result<Method> {
-        let mut r = Reader {
-            params,
-            used: Vec::new(),
-        };
+        let mut r = Reader::new(params);
         if let Some(k) = registry::paper(name, &mut r)? {
             r.finish(name)?;
-            return Ok(Method::Kernel(KernelRef(k)));
+            return Ok(Method(KernelRef(k)));
         }
-        let m = match name {
-            "dare_ties" => {
-                let d = dare(&mut r)?;
-                let density = r.frac("ties_density", 0.2, 0.0, 1.0, true)?;
-                let scope = r.scope()?;
-                Method::DareTies(d, TiesParams { density, scope })
-            }
-            "ties" => Method::Ties(TiesParams {
-                density: r.frac("density", 0.2, 0.0, 1.0, true)?,
-                scope: r.scope()?,
-            }),
-            "breadcrumbs" => {
-                let density = r.frac("density", 0.15, 0.0, 1.0, false)?;
-                let gamma = r.frac("gamma", 0.006, 0.0, 1.0, false)?;
-                let tasks = match (&density, &gamma) {
-                    (PerTask::Each(v), _) | (_, PerTask::Each(v)) => v.len(),
-                    _ => 1,
-                };
-                for t in 0..tasks {
-                    let (d, g) = (density.get(t), gamma.get(t));
-                    if d + g > 1.0 {
-                        return Err(Error::param(
-                            "density",
-                            format!("density + gamma = {} exceeds 1", d + g),
-                        ));
-                    }
-                }
-                Method::Breadcrumbs { density, gamma }
-            }
-            "pcb" => Method::Pcb {
-                ratio: r.num("ratio", 0.05, 0.0, 1.0, true)?,
-            },
-            _ if registry::is_kernel(name) => {
-                // mergekit's other methods have mergekit's semantics only.
-                return Method::parse_mergekit(name, params);
-            }
-            _ => {
-                return Err(Error::UnknownMethod {
-                    name: name.to_owned(),
-                    known: METHOD_NAMES,
-                })
-            }
-        };
-        r.finish(name)?;
-        Ok(m)
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Method::DareTies(..) => "dare_ties",
-            Method::Ties(_) => "ties",
-            Method::Breadcrumbs { .. } => "breadcrumbs",
-            Method::Pcb { .. } => "pcb",
-            Method::Mergekit(g) => g.name,
-            Method::Kernel(k) => k.name(),
+        if registry::mergekit_only(name) {
+            // mergekit's other methods have mergekit's semantics only.
+            return Method::parse_mergekit(name, params);
         }
+        Err(Error::UnknownMethod {
+            name: name.to_owned(),
+            known: METHOD_NAMES,
+        })
     }
 
     /// Builds one of mergekit's methods with mergekit's semantics and defaults.
     pub fn parse_mergekit(name: &str, params: &Params) -> Result<Method> {
-        let mut r = Reader {
-            params,
-            used: Vec::new(),
-        };
-        if let Some(k) = registry::mergekit(name, &mut r)? {
-            r.finish(name)?;
-            return Ok(Method::Kernel(KernelRef(k)));
+        let mut r = Reader::new(params);
+        match registry::mergekit(name, &mut r)? {
+            Some(k) => {
+                r.finish(name)?;
+                Ok(Method(KernelRef(k)))
+            }
+            None => Err(Error::UnknownMethod {
+                name: name.to_owned(),
+                known: registry::MERGEKIT_NAMES,
+            }),
         }
-        let m = {
-            let Some(mut g) = Gta::named(name) else {
-                return Err(Error::UnknownMethod {
-                    name: name.to_owned(),
-                    known: registry::MERGEKIT_NAMES,
-                });
-            };
-            g.normalize = r.flag("normalize", g.normalize)?;
-            g.rescale = r.flag("rescale", g.rescale)?;
-            // An int8 mask changes the mask's dtype, never its values.
-            r.flag("int8_mask", false)?;
-            if g.sparsify != Sparsify::None {
-                g.density = r.frac("density", 1.0, 0.0, 1.0, false)?;
-            }
-            if g.sparsify == Sparsify::Outliers {
-                g.gamma = r.frac("gamma", 0.01, 0.0, 1.0, false)?;
-            }
-            Method::Mergekit(g)
-        };
-        r.finish(name)?;
-        Ok(m)
-    }
-
-    /// Per-task lists must have one value per fine-tune.
-    pub fn check_tasks(&self, tasks: usize) -> Result<()> {
-        match self {
-            Method::DareTies(d, t) => {
-                d.density.check_len("density", tasks)?;
-                t.density.check_len("ties_density", tasks)
-            }
-            Method::Ties(t) => t.density.check_len("density", tasks),
-            Method::Breadcrumbs { density, gamma } => {
-                density.check_len("density", tasks)?;
-                gamma.check_len("gamma", tasks)
-            }
-            Method::Mergekit(g) => {
-                g.density.check_len("density", tasks)?;
-                g.gamma.check_len("gamma", tasks)
-            }
-            Method::Kernel(k) => k.check_tasks(tasks),
-            _ => Ok(()),
-        }
-    }
-
-    /// How the method ranks within a tensor: along its last dimension (Breadcrumbs), over the
-    /// whole tensor (mergekit's magnitude sparsification), or not at all.
-    pub fn rows(&self) -> Rows {
-        match self {
-            Method::Breadcrumbs { .. } => Rows::Last,
-            Method::Mergekit(g) if g.ranks() => Rows::Tensor,
-            _ => Rows::None,
-        }
-    }
-
-    /// The descending ranks [g, g + k) that task `t` keeps of a row of `n` elements, for the
-    /// methods that rank within rows; `None` keeps nothing.
-    pub fn kept_ranks(&self, n: usize, t: usize) -> Option<(u64, u64)> {
-        match self {
-            Method::Breadcrumbs { density, gamma } => {
-                breadcrumbs::kept_ranks(n, density.get(t), gamma.get(t))
-            }
-            Method::Mergekit(g) => g.kept_ranks(n, t),
-            _ => Some((0, n as u64)),
-        }
-    }
-
-    /// The DARE step applied to every delta before the method proper, if any.
-    pub fn dare(&self) -> Option<&DareParams> {
-        match self {
-            Method::DareTies(d, _) => Some(d),
-            Method::Kernel(k) => k.dare(),
-            _ => None,
-        }
-    }
-
-    /// Whether M is exactly Σ_t τ'_t (task arithmetic), which the mean pool reuses.
-    pub fn sum_of_deltas(&self) -> bool {
-        matches!(self, Method::Kernel(k) if k.sum_of_deltas())
     }
 
     /// Whether the method takes the deltas unweighted, with the weights beside (mergekit's).
     pub fn unweighted(&self) -> bool {
-        match self {
-            Method::Mergekit(_) => true,
-            Method::Kernel(k) => !k.weighted(),
-            _ => false,
-        }
-    }
-
-    /// Whether the method gathers statistics over the whole model (or per tensor) before its
-    /// output pass, per parameter set.
-    pub fn needs_statistics(&self) -> bool {
-        match self {
-            Method::Pcb { .. } => true,
-            Method::Mergekit(g) => g.sparsify != mergekit::Sparsify::None,
-            Method::Kernel(k) => k.needs_statistics(),
-            m => m.ties().is_some(),
-        }
-    }
-
-    /// Whether M of 2-D tensors is computed outside the core (the SVD methods).
-    pub fn is_external(&self) -> bool {
-        matches!(self, Method::Kernel(k) if k.external())
-    }
-
-    pub fn ties(&self) -> Option<&TiesParams> {
-        match self {
-            Method::Ties(t) | Method::DareTies(_, t) => Some(t),
-            _ => None,
-        }
-    }
-
-    /// The effective parameters, for the recipe recorded in the output's metadata.
-    pub fn params_json(&self) -> serde_json::Value {
-        use serde_json::json;
-        let scope = |s: Scope| {
-            if s == Scope::Global {
-                "global"
-            } else {
-                "tensor"
-            }
-        };
-        match self {
-            Method::DareTies(d, t) => json!({"density": d.density.json(), "rescale": d.rescale,
-                "ties_density": t.density.json(), "scope": scope(t.scope)}),
-            Method::Ties(t) => json!({"density": t.density.json(), "scope": scope(t.scope)}),
-            Method::Breadcrumbs { density, gamma } => {
-                json!({"density": density.json(), "gamma": gamma.json()})
-            }
-            Method::Pcb { ratio } => json!({"ratio": ratio}),
-            Method::Mergekit(g) => g.params_json(),
-            Method::Kernel(k) => k.params_json(),
-        }
+        !self.weighted()
     }
 
     /// λ of a plain merge when the caller gives none (SPEC.md's table; 1.0 where it gives none).
@@ -504,15 +308,15 @@ impl Method {
             "pcb" => (1, 25),
             "tsv" => (5, 20),
             "iso_c" => (1, 20),
-            // The kernel methods: λ, or t for the interpolations (`registry::default_t`).
-            _ if registry::is_kernel(name) => (1, 10),
+            // mergekit's other methods: λ, or t for the interpolations (`registry::default_t`).
+            _ if registry::mergekit_only(name) => (1, 10),
             _ => return None,
         };
         Some((a..=b).map(|k| k as f64 / 10.0).collect())
     }
 }
 
-fn dare(r: &mut Reader) -> Result<DareParams> {
+pub(crate) fn dare(r: &mut Reader) -> Result<DareParams> {
     Ok(DareParams {
         density: r.frac("density", 0.5, 0.0, 1.0, true)?,
         rescale: r.flag("rescale", true)?,
@@ -543,11 +347,8 @@ mod tests {
     #[test]
     fn defaults_and_validation() {
         assert_eq!(
-            Method::parse("ties", &Params::new()).unwrap(),
-            Method::Ties(TiesParams {
-                density: PerTask::All(0.2),
-                scope: Scope::Global
-            })
+            Method::parse("ties", &Params::new()).unwrap().params_json(),
+            serde_json::json!({"density": 0.2, "scope": "global"})
         );
         let bad = [
             ("ties", p(&[("density", Param::Num(0.0))])),

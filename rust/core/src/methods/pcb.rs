@@ -2,7 +2,98 @@
 //! order statistics — the clamp bounds of |X| and of the balancing score B — gathered by the
 //! pipeline's radix-select passes; everything else is per element.
 
-use super::{fastmath, int_frac};
+use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats};
+use super::{fastmath, int_frac, Reader, Scope};
+use crate::error::Result;
+use crate::pipeline::grow;
+use crate::plan::TensorPlan;
+
+/// PCB over the whole model: a select of |τ_t|'s clamps, then one of the balancing scores'.
+#[derive(Debug)]
+pub struct Pcb {
+    pub ratio: f64,
+}
+
+impl Pcb {
+    pub fn parse(r: &mut Reader) -> Result<Pcb> {
+        Ok(Pcb {
+            ratio: r.num("ratio", 0.05, 0.0, 1.0, true)?,
+        })
+    }
+}
+
+/// The clamps of a select's values: two per task, in task order.
+fn clamps(v: &[f32]) -> Vec<Clamp> {
+    v.chunks(2).map(|p| Clamp { a: p[0], b: p[1] }).collect()
+}
+
+impl Kernel for Pcb {
+    fn name(&self) -> &'static str {
+        "pcb"
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        serde_json::json!({"ratio": self.ratio})
+    }
+
+    fn weighted(&self) -> bool {
+        true
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Global
+    }
+
+    fn passes(&self) -> u64 {
+        2
+    }
+
+    fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+        (done.stages.len() < 2 && tasks > 0).then_some(Stage::Select { rows: tasks })
+    }
+
+    /// Both selects' rows depend on the deltas alone (the ratio only picks ranks of the
+    /// second), so every ratio of a search shares them.
+    fn select_key(&self, done: &TensorStats) -> String {
+        format!("pcb {}", done.stages.len())
+    }
+
+    fn ranks(&self, t: &TensorPlan, tasks: usize, done: &TensorStats) -> Vec<(usize, u64)> {
+        let d = t.numel;
+        let (a, b) = match done.stages.len() {
+            0 => clamp_ranks(d, ABS_CLAMP.0, ABS_CLAMP.1),
+            _ => (
+                int_frac(d, 1.0 - self.ratio).min(d - 1) as u64,
+                d as u64 - 1,
+            ),
+        };
+        (0..tasks).flat_map(|k| [(k, a), (k, b)]).collect()
+    }
+
+    fn score(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, out: &mut [Vec<f32>]) {
+        if st.stages.is_empty() {
+            for (o, d) in out.iter_mut().zip(x.deltas) {
+                for (o, &v) in o[..x.n].iter_mut().zip(d.iter()) {
+                    *o = v.abs();
+                }
+            }
+        } else {
+            let abs = clamps(st.selected(0));
+            crate::simd!(scores(x.deltas, x.n, &abs, out, s.a));
+        }
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
+        let (abs, score) = (clamps(st.selected(0)), clamps(st.selected(1)));
+        s.per_task.resize_with(x.tasks(), Vec::new);
+        for b in s.per_task.iter_mut() {
+            grow(b, x.n);
+        }
+        // The kernel is reached through the trait, out of line: its loops need their own AVX2
+        // copy (`simd!`).
+        crate::simd!(merge(x.deltas, x.n, &abs, &score, s.per_task, s.a, m));
+    }
+}
 
 /// clamp(x, lo, hi) followed by norm(): SPEC's a = sorted[int(d·lo)], b = sorted[int(d·(1−hi)−1)].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -51,8 +142,8 @@ fn sign(x: f32) -> f32 {
 /// Each symmetric pair tanh(N_t N_j) is evaluated once and added to both sums, which still
 /// accumulate in ascending j like the reference.
 #[inline(always)]
-pub fn scores(
-    deltas: &[Vec<f32>],
+pub fn scores<D: AsRef<[f32]>>(
+    deltas: &[D],
     n: usize,
     abs: &[Clamp],
     b: &mut [Vec<f32>],
@@ -68,7 +159,8 @@ pub fn scores(
         // N_t = sign(x)·norm(A_t).
         for (t, d) in deltas.iter().enumerate() {
             let c = abs[t];
-            for (s, &x) in signed[t * len..(t + 1) * len].iter_mut().zip(&d[r.clone()]) {
+            let d = &d.as_ref()[r.clone()];
+            for (s, &x) in signed[t * len..(t + 1) * len].iter_mut().zip(d) {
                 *s = sign(x) * c.norm(c.clip(x.abs()));
             }
         }
@@ -111,8 +203,8 @@ const BLOCK: usize = 1024;
 
 /// M = Σ_t S_t ⊙ Xc_t / max(Σ_t S_t, 1e-12), with S_t = norm(clamp(B_t)).
 #[inline(always)]
-pub fn merge(
-    deltas: &[Vec<f32>],
+pub fn merge<D: AsRef<[f32]>>(
+    deltas: &[D],
     n: usize,
     abs: &[Clamp],
     score: &[Clamp],
@@ -131,7 +223,7 @@ pub fn merge(
             for (((mi, di), &x), &bt) in m
                 .iter_mut()
                 .zip(den.iter_mut())
-                .zip(&d[r.clone()])
+                .zip(&d.as_ref()[r.clone()])
                 .zip(&b[t][r.clone()])
             {
                 let xc = sign(x) * ca.clip(x.abs());

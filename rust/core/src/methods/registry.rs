@@ -53,14 +53,37 @@ static REGISTRY: [(&str, Make); 14] = [
     }),
 ];
 
+/// mergekit's generalized task arithmetic family (`compat = "mergekit"`): one kernel with
+/// switches, as mergekit has it.
+static GTA: [(&str, Make); 6] = [
+    ("task_arithmetic", |r| gta("task_arithmetic", r)),
+    ("ties", |r| gta("ties", r)),
+    ("dare_ties", |r| gta("dare_ties", r)),
+    ("dare_linear", |r| gta("dare_linear", r)),
+    ("breadcrumbs", |r| gta("breadcrumbs", r)),
+    ("breadcrumbs_ties", |r| gta("breadcrumbs_ties", r)),
+];
+
+fn gta(name: &str, r: &mut Reader) -> Result<Arc<dyn Kernel>> {
+    Ok(Arc::new(super::mergekit::Gta::parse(name, r)?))
+}
+
 /// The papers' methods behind the trait (SPEC.md's semantics).
-static PAPER: [(&str, Make); 6] = [
+static PAPER: [(&str, Make); 10] = [
     ("task_arithmetic", |r| {
         Ok(Arc::new(super::task_arithmetic::TaskArithmetic::parse(r)?))
     }),
     ("linear", |r| Ok(Arc::new(super::linear::Linear::parse(r)?))),
     ("magmax", |r| Ok(Arc::new(super::magmax::MagMax::parse(r)?))),
     ("dare", |r| Ok(Arc::new(super::dare::Dare::parse(r)?))),
+    ("dare_ties", |r| {
+        Ok(Arc::new(super::ties::Ties::parse_dare(r)?))
+    }),
+    ("ties", |r| Ok(Arc::new(super::ties::Ties::parse(r)?))),
+    ("breadcrumbs", |r| {
+        Ok(Arc::new(super::breadcrumbs::Breadcrumbs::parse(r)?))
+    }),
+    ("pcb", |r| Ok(Arc::new(super::pcb::Pcb::parse(r)?))),
     ("tsv", |r| Ok(Arc::new(super::svd::Svd::parse(r, "tsv")?))),
     ("iso_c", |r| {
         Ok(Arc::new(super::svd::Svd::parse(r, "iso_c")?))
@@ -75,20 +98,21 @@ pub fn paper(name: &str, r: &mut Reader) -> Result<Option<Arc<dyn Kernel>>> {
     }
 }
 
-/// Builds the kernel method `name`, or None when it is not one.
+/// Builds mergekit's method `name` (mergekit's semantics), or None when it is not one.
 pub fn mergekit(name: &str, r: &mut Reader) -> Result<Option<Arc<dyn Kernel>>> {
-    match REGISTRY.iter().find(|(n, _)| *n == name) {
+    match REGISTRY.iter().chain(&GTA).find(|(n, _)| *n == name) {
         Some((_, make)) => make(r).map(Some),
         None => Ok(None),
     }
 }
 
-/// Whether `name` is one of the kernel methods (which have mergekit's semantics only).
-pub fn is_kernel(name: &str) -> bool {
+/// Whether `name` is one of mergekit's methods the papers have no version of (they have
+/// mergekit's semantics only).
+pub fn mergekit_only(name: &str) -> bool {
     REGISTRY.iter().any(|(n, _)| *n == name)
 }
 
-/// The kernel methods' names, in registry order.
+/// mergekit's methods the papers have no version of, in registry order.
 pub fn kernels() -> impl Iterator<Item = &'static str> {
     REGISTRY.iter().map(|(n, _)| *n)
 }

@@ -136,7 +136,7 @@ impl Kernel for Sce {
             (false, 0) => sums(tasks),
             (true, 0) => sums(1),
             (true, 1) if self.keeps_nothing(done) => None,
-            (true, 1) => Some(Stage::Select),
+            (true, 1) => Some(Stage::Select { rows: 1 }),
             (true, 2) => sums(2),
             (true, 3) => sums(tasks),
             _ => None,
@@ -169,13 +169,14 @@ impl Kernel for Sce {
         }
     }
 
-    fn score(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, out: &mut [f32]) {
+    fn score(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, out: &mut [Vec<f32>]) {
+        let out = &mut out[0][..x.n];
         Sce::var_into(x, s.wide, out);
         out.iter_mut().for_each(|v| *v = v.abs());
     }
 
-    fn ranks(&self, t: &TensorPlan, st: &TensorStats) -> Vec<u64> {
-        vec![t.numel as u64 - self.k(st)]
+    fn ranks(&self, t: &TensorPlan, _tasks: usize, st: &TensorStats) -> Vec<(usize, u64)> {
+        vec![(0, t.numel as u64 - self.k(st))]
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {

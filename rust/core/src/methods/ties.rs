@@ -2,8 +2,102 @@
 //! are statistics over the whole scope (the model, or one tensor), gathered by the pipeline:
 //! the threshold exactly, by radix select over |τ|.
 
-use super::int_frac;
+use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats};
+use super::{int_frac, DareParams, PerTask, Reader, Scope};
+use crate::error::Result;
+use crate::plan::TensorPlan;
 use crate::select::key;
+
+/// TIES (and DARE-TIES: DARE's drop and rescale first, by the engine), as SPEC.md writes it.
+#[derive(Debug)]
+pub struct Ties {
+    /// Fraction of entries kept by the trim step, per task.
+    pub density: PerTask,
+    pub scope: Scope,
+    pub dare: Option<DareParams>,
+}
+
+impl Ties {
+    pub fn parse(r: &mut Reader) -> Result<Ties> {
+        Ok(Ties {
+            density: r.frac("density", 0.2, 0.0, 1.0, true)?,
+            scope: r.scope()?,
+            dare: None,
+        })
+    }
+
+    /// DARE-TIES: `density` and `rescale` are DARE's, `ties_density` the trim's.
+    pub fn parse_dare(r: &mut Reader) -> Result<Ties> {
+        let dare = super::dare(r)?;
+        Ok(Ties {
+            density: r.frac("ties_density", 0.2, 0.0, 1.0, true)?,
+            scope: r.scope()?,
+            dare: Some(dare),
+        })
+    }
+}
+
+impl Kernel for Ties {
+    fn name(&self) -> &'static str {
+        if self.dare.is_some() {
+            "dare_ties"
+        } else {
+            "ties"
+        }
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        let scope = match self.scope {
+            Scope::Global => "global",
+            Scope::Tensor => "tensor",
+        };
+        match &self.dare {
+            Some(d) => serde_json::json!({"density": d.density.json(), "rescale": d.rescale,
+                "ties_density": self.density.json(), "scope": scope}),
+            None => serde_json::json!({"density": self.density.json(), "scope": scope}),
+        }
+    }
+
+    fn weighted(&self) -> bool {
+        true
+    }
+
+    fn dare(&self) -> Option<&DareParams> {
+        self.dare.as_ref()
+    }
+
+    fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    fn check_tasks(&self, tasks: usize) -> Result<()> {
+        match &self.dare {
+            Some(d) => {
+                d.density.check_len("density", tasks)?;
+                self.density.check_len("ties_density", tasks)
+            }
+            None => self.density.check_len("density", tasks),
+        }
+    }
+
+    fn next_stage(&self, _t: &TensorPlan, _tasks: usize, done: &TensorStats) -> Option<Stage> {
+        done.stages.is_empty().then_some(Stage::Trim)
+    }
+
+    fn ranks(&self, t: &TensorPlan, tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {
+        (0..tasks)
+            .filter_map(|k| threshold_rank(t.numel, self.density.get(k)).map(|r| (k, r)))
+            .collect()
+    }
+
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
+        let (thr, count) = st.trim(0);
+        let stats = TiesStats::new(thr.to_vec(), count);
+        crate::pipeline::grow(s.a, x.n);
+        crate::pipeline::grow(s.b, x.n);
+        crate::simd!(merge(x.deltas, &stats, x.n, m, s.a, s.b));
+    }
+}
 
 /// Statistics of one scope.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,10 +132,10 @@ fn trim(x: f32, thr: f32) -> f32 {
 
 /// Σ_t trimmed_t into `s`.
 #[inline(always)]
-fn trimmed_sum(deltas: &[Vec<f32>], thr: &[f32], n: usize, s: &mut [f32]) {
+fn trimmed_sum<D: AsRef<[f32]>>(deltas: &[D], thr: &[f32], n: usize, s: &mut [f32]) {
     s[..n].fill(0.0);
     for (d, &t) in deltas.iter().zip(thr) {
-        for (acc, &x) in s[..n].iter_mut().zip(&d[..n]) {
+        for (acc, &x) in s[..n].iter_mut().zip(&d.as_ref()[..n]) {
             *acc += trim(x, t);
         }
     }
@@ -55,15 +149,20 @@ fn sign(x: f32) -> f32 {
 
 /// Σ over the chunk of sign(Σ_t trimmed_t), for the majority sign.
 #[inline(always)]
-pub fn sign_count(deltas: &[Vec<f32>], thr: &[f32], n: usize, scratch: &mut [f32]) -> i64 {
+pub fn sign_count<D: AsRef<[f32]>>(
+    deltas: &[D],
+    thr: &[f32],
+    n: usize,
+    scratch: &mut [f32],
+) -> i64 {
     trimmed_sum(deltas, thr, n, scratch);
     scratch[..n].iter().map(|&v| sign(v) as i64).sum()
 }
 
 /// The merged task vector of one chunk; `count` and `total` are chunk-sized scratch.
 #[inline(always)]
-pub fn merge(
-    deltas: &[Vec<f32>],
+pub fn merge<D: AsRef<[f32]>>(
+    deltas: &[D],
     stats: &TiesStats,
     n: usize,
     m: &mut [f32],
@@ -77,7 +176,7 @@ pub fn merge(
         let m = &mut m[r.clone()];
         m.fill(0.0);
         for (d, &t) in deltas.iter().zip(&stats.thr) {
-            for (acc, &x) in m.iter_mut().zip(&d[r.clone()]) {
+            for (acc, &x) in m.iter_mut().zip(&d.as_ref()[r.clone()]) {
                 *acc += trim(x, t);
             }
         }
@@ -94,7 +193,7 @@ pub fn merge(
                 .iter_mut()
                 .zip(total.iter_mut())
                 .zip(m.iter())
-                .zip(&d[r.clone()])
+                .zip(&d.as_ref()[r.clone()])
             {
                 let x = trim(x, t);
                 // Non-short-circuit operators and arithmetic selects: no data-dependent branches.
@@ -138,9 +237,9 @@ impl SignTally {
     /// key wide decides alone: the threshold is then that key). `sum` and `undecided` are
     /// chunk-sized scratch.
     #[inline(always)]
-    pub fn observe(
+    pub fn observe<D: AsRef<[f32]>>(
         &mut self,
-        deltas: &[Vec<f32>],
+        deltas: &[D],
         bounds: &[(u32, u32)],
         n: usize,
         sum: &mut [f32],
@@ -153,7 +252,8 @@ impl SignTally {
             undecided.fill(0.0);
             for (d, &(lo, hi)) in deltas.iter().zip(bounds) {
                 let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
-                for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(&d[r.clone()]) {
+                let d = &d.as_ref()[r.clone()];
+                for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
                     let k = key(x.abs());
                     let kept = (k > hi) | (!proper & (k == lo));
                     // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
@@ -173,7 +273,7 @@ impl SignTally {
             }
             for (i, &u) in undecided.iter().enumerate() {
                 if u != 0.0 {
-                    self.keep(deltas.iter().map(|d| d[start + i]));
+                    self.keep(deltas.iter().map(|d| d.as_ref()[start + i]));
                 }
             }
         }

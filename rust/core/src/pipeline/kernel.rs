@@ -1,40 +1,94 @@
 //! The engine side of [`Kernel`]: statistics scheduled from the methods' requests, and M of a
 //! chunk from them. Stage k of every tensor and parameter set runs in one shared pass (a select
 //! takes a pass per tensor, as TIES's per-tensor scope does); parameter sets whose statistics
-//! agree ([`Kernel::stats_key`]) share them.
+//! agree ([`Kernel::stats_key`], and their own weights) share them. A method with
+//! [`Scope::Global`] statistics has one group, the model, asked as one flat tensor; the others a
+//! group per tensor.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{grow, Engine, Src, Stats, Work};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::kernel::{ChunkIn, Found, Kernel, Scratch, Stage, TensorStats, Unit};
-use crate::methods::Method;
-use crate::plan::Chunk;
+use crate::methods::Scope;
+use crate::plan::{Chunk, TensorPlan};
 use crate::select::Request;
 
-/// A chunk's sums: (representative, tensor, chunk start, first unit, `units × slots` values).
-type Partial = (usize, usize, usize, usize, Vec<f64>);
+/// A chunk's sums: (representative, group, chunk start, first unit, `units × slots` values),
+/// in chunk order within a group once sorted (a group's chunks are in plan order).
+type Partial = (usize, usize, usize, usize, usize, Vec<f64>);
 
 static EMPTY: std::sync::OnceLock<TensorStats> = std::sync::OnceLock::new();
 
-impl Engine<'_> {
-    fn kernel_of(&self, j: usize) -> &Arc<dyn Kernel> {
-        match &self.recipe.sets[j].method {
-            Method::Kernel(k) => &k.0,
-            other => unreachable!("{} is not a kernel method", other.name()),
+/// The statistics groups of one run: a group per tensor, and the model as group `n`.
+struct Groups<'p> {
+    n: usize,
+    model: TensorPlan,
+    plan: &'p [TensorPlan],
+    /// Per representative: whether its statistics are the model's.
+    global: Vec<bool>,
+}
+
+impl Groups<'_> {
+    fn plan(&self, g: usize) -> &TensorPlan {
+        if g == self.n {
+            &self.model
+        } else {
+            &self.plan[g]
         }
     }
 
-    /// Every set's per-tensor statistics, stage by stage, in shared passes.
-    pub(crate) fn kernel_stats(&self, merge: &[Chunk], stats: &mut [Stats]) -> Result<()> {
+    /// The group chunk `c` falls in for representative `r`.
+    fn of(&self, r: usize, c: &Chunk) -> usize {
+        if self.global[r] {
+            self.n
+        } else {
+            c.tensor
+        }
+    }
+
+    /// Whether representative `r` gathers statistics over group `g`.
+    fn live(&self, r: usize, g: usize) -> bool {
+        let t = self.plan(g);
+        (self.global[r] == (g == self.n)) && t.mergeable && t.numel > 0
+    }
+
+    fn chunks(&self, merge: &[Chunk], g: usize) -> Vec<Chunk> {
+        if g == self.n {
+            merge.to_vec()
+        } else {
+            merge.iter().filter(|c| c.tensor == g).copied().collect()
+        }
+    }
+}
+
+impl Engine<'_> {
+    pub(crate) fn kernel_of(&self, j: usize) -> &Arc<dyn Kernel> {
+        &self.recipe.sets[j].method.0 .0
+    }
+
+    /// What set `j`'s deltas are: its own weights (where it has them) and DARE.
+    fn deltas_key(&self, j: usize) -> String {
+        let own = self.own_weights[j].then(|| &self.weights[j]);
+        format!("{own:?} {:?}", self.kernel_of(j).dare())
+    }
+
+    /// Every set's statistics, stage by stage, in shared passes.
+    pub(crate) fn kernel_stats(
+        &self,
+        merge: &[Chunk],
+        chunk_size: usize,
+        stats: &mut [Stats],
+    ) -> Result<()> {
         let sets = self.recipe.sets.len();
         // Representatives: one set per distinct statistics key.
         let mut reps: Vec<usize> = Vec::new();
         let mut of = Vec::with_capacity(sets);
         let mut keys: Vec<String> = Vec::new();
         for j in 0..sets {
-            let key = self.kernel_of(j).stats_key();
+            let key = format!("{} {}", self.kernel_of(j).stats_key(), self.deltas_key(j));
             match keys.iter().position(|k| *k == key) {
                 Some(r) => of.push(r),
                 None => {
@@ -44,68 +98,109 @@ impl Engine<'_> {
                 }
             }
         }
-        let n_tensors = self.plan.len();
+        let n = self.plan.len();
+        let d: usize = merge.iter().map(|c| c.len).sum();
+        let groups = Groups {
+            n,
+            model: TensorPlan {
+                name: "the model".to_owned(),
+                shape: vec![d],
+                numel: d,
+                base_dtype: DType::F32,
+                out_dtype: DType::F32,
+                mergeable: true,
+                requant: None,
+                derived: None,
+            },
+            plan: self.plan,
+            global: reps
+                .iter()
+                .map(|&j| self.kernel_of(j).scope() == Scope::Global)
+                .collect(),
+        };
         let mut found: Vec<Vec<TensorStats>> =
-            vec![vec![TensorStats::default(); n_tensors]; reps.len()];
-        let mut open: Vec<Vec<bool>> = vec![vec![true; n_tensors]; reps.len()];
+            vec![vec![TensorStats::default(); n + 1]; reps.len()];
+        // Rows longer than a chunk, for a method ranking within rows: their pieces' cuts.
+        for (i, t) in self.plan.iter().enumerate() {
+            if t.has_long(self.rows, chunk_size) {
+                for (r, cuts) in self.crumbs_stats(merge, i, &reps)?.into_iter().enumerate() {
+                    found[r][i].cuts = cuts;
+                }
+            }
+        }
+        let mut open: Vec<Vec<bool>> = (0..reps.len())
+            .map(|r| (0..=n).map(|g| groups.live(r, g)).collect())
+            .collect();
         loop {
-            // This stage's requests per (representative, tensor).
-            let mut wants: Vec<Vec<Option<Stage>>> = vec![vec![None; n_tensors]; reps.len()];
+            // This stage's requests per (representative, group).
+            let mut wants: Vec<Vec<Option<Stage>>> = vec![vec![None; n + 1]; reps.len()];
             let mut any = false;
             for (r, &j) in reps.iter().enumerate() {
                 let k = self.kernel_of(j);
-                for i in 0..n_tensors {
-                    if !open[r][i] || !self.plan[i].mergeable || self.plan[i].numel == 0 {
+                for g in 0..=n {
+                    if !open[r][g] {
                         continue;
                     }
-                    match k.next_stage(&self.plan[i], self.tasks(), &found[r][i]) {
+                    match k.next_stage(groups.plan(g), self.tasks(), &found[r][g]) {
                         Some(s) => {
-                            wants[r][i] = Some(s);
+                            wants[r][g] = Some(s);
                             any = true;
                         }
-                        None => open[r][i] = false,
+                        None => open[r][g] = false,
                     }
                 }
             }
             if !any {
                 break;
             }
-            self.sums_stage(merge, &reps, &wants, &mut found)?;
-            self.select_stage(merge, &reps, &wants, &mut found)?;
+            self.sums_stage(merge, &groups, &reps, &wants, &mut found)?;
+            self.select_stage(merge, &groups, &reps, &wants, &mut found)?;
+            self.trim_stage(merge, &groups, &reps, &wants, &mut found)?;
         }
         for (r, &j) in reps.iter().enumerate() {
             let k = self.kernel_of(j);
-            for (i, st) in found[r].iter().enumerate() {
-                if self.plan[i].mergeable && self.plan[i].numel > 0 {
-                    k.check_stats(&self.plan[i], self.tasks(), st)?;
+            for g in (0..=n).filter(|&g| groups.live(r, g)) {
+                k.check_stats(groups.plan(g), self.tasks(), &found[r][g])?;
+            }
+            if groups.global[r] {
+                // Every tensor sees the model's statistics.
+                let model = std::mem::take(&mut found[r][n]);
+                for (i, t) in self.plan.iter().enumerate() {
+                    if t.mergeable && t.numel > 0 {
+                        found[r][i].stages = model.stages.clone();
+                    }
                 }
             }
         }
         for (j, s) in stats.iter_mut().enumerate() {
-            s.kernel = found[of[j]]
+            s.kernel = found[of[j]][..n]
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| !t.stages.is_empty())
+                .filter(|(_, t)| !t.stages.is_empty() || !t.cuts.is_empty())
                 .map(|(i, t)| (i, t.clone()))
                 .collect();
         }
         Ok(())
     }
 
-    /// One pass for every [`Stage::Sums`] asked for at this stage.
+    /// One pass for every [`Stage::Sums`] and [`Stage::Maxes`] asked for at this stage.
     fn sums_stage(
         &self,
         merge: &[Chunk],
+        groups: &Groups,
         reps: &[usize],
         wants: &[Vec<Option<Stage>>],
         found: &mut [Vec<TensorStats>],
     ) -> Result<()> {
-        let is_sums = |r: usize, i: usize| {
-            matches!(wants[r][i], Some(Stage::Sums { .. } | Stage::Maxes { .. }))
+        let is_sums = |r: usize, c: &Chunk| {
+            matches!(
+                wants[r][groups.of(r, c)],
+                Some(Stage::Sums { .. } | Stage::Maxes { .. })
+            )
         };
         let chunks: Vec<Chunk> = merge
             .iter()
-            .filter(|c| (0..reps.len()).any(|r| is_sums(r, c.tensor)))
+            .filter(|c| (0..reps.len()).any(|r| is_sums(r, c)))
             .copied()
             .collect();
         if chunks.is_empty() {
@@ -118,7 +213,8 @@ impl Engine<'_> {
             |w, c, acc: &mut Vec<Partial>| {
                 let t = &self.plan[c.tensor];
                 for (r, &j) in reps.iter().enumerate() {
-                    let (unit, slots, init) = match wants[r][c.tensor] {
+                    let g = groups.of(r, c);
+                    let (unit, slots, init) = match wants[r][g] {
                         Some(Stage::Sums { unit, slots }) => (unit, slots, 0.0),
                         Some(Stage::Maxes { unit, slots }) => (unit, slots, f64::NEG_INFINITY),
                         _ => continue,
@@ -136,9 +232,9 @@ impl Engine<'_> {
                     };
                     let mut sums = vec![init; units * slots];
                     self.with_chunk(w, j, c, |k, x, scratch| {
-                        k.accumulate(x, &found_ro[r][c.tensor], scratch, &mut sums)
+                        k.accumulate(x, &found_ro[r][g], scratch, &mut sums)
                     });
-                    acc.push((r, c.tensor, c.start, first, sums));
+                    acc.push((r, g, c.tensor, c.start, first, sums));
                 }
                 Ok(())
             },
@@ -147,20 +243,25 @@ impl Engine<'_> {
                 a
             },
         )?;
-        partials.sort_unstable_by_key(|p| (p.0, p.1, p.2));
+        partials.sort_unstable_by_key(|p| (p.0, p.1, p.2, p.3));
         for group in partials.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-            let (r, i) = (group[0].0, group[0].1);
-            let (unit, slots, max) = match wants[r][i] {
+            let (r, g) = (group[0].0, group[0].1);
+            let (unit, slots, max) = match wants[r][g] {
                 Some(Stage::Sums { unit, slots }) => (unit, slots, false),
                 Some(Stage::Maxes { unit, slots }) => (unit, slots, true),
                 _ => unreachable!("a sums stage"),
             };
-            let units = unit.count(&self.plan[i]);
+            // Over the model, only whole-tensor sums make sense (the model is one tensor).
+            let units = if g == groups.n {
+                1
+            } else {
+                unit.count(&self.plan[g])
+            };
             let init = if max { f64::NEG_INFINITY } else { 0.0 };
             let mut sums = vec![init; units * slots];
             let mut before = BTreeMap::new();
-            for (_, _, start, first, part) in group {
-                if unit == Unit::Tensor && !max {
+            for (_, _, _, start, first, part) in group {
+                if unit == Unit::Tensor && !max && g != groups.n {
                     before.insert(*start, sums.clone());
                 }
                 let at = first * slots;
@@ -168,7 +269,7 @@ impl Engine<'_> {
                     *s = if max { s.max(*p) } else { *s + p };
                 }
             }
-            found[r][i].stages.push(Found::Sums {
+            found[r][g].stages.push(Found::Sums {
                 slots,
                 sums,
                 before,
@@ -177,53 +278,116 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// The exact selects asked for at this stage: one per tensor, every representative's
-    /// scores as rows of it.
+    /// The exact selects asked for at this stage: one per group, every representative's
+    /// scores as rows of it (representatives whose deltas and [`Kernel::select_key`] agree
+    /// share their rows).
     fn select_stage(
         &self,
         merge: &[Chunk],
+        groups: &Groups,
         reps: &[usize],
         wants: &[Vec<Option<Stage>>],
         found: &mut [Vec<TensorStats>],
     ) -> Result<()> {
-        for i in 0..self.plan.len() {
-            let rows: Vec<usize> = (0..reps.len())
-                .filter(|&r| wants[r][i] == Some(Stage::Select))
+        for g in 0..=groups.n {
+            let asking: Vec<(usize, usize)> = (0..reps.len())
+                .filter_map(|r| match wants[r][g] {
+                    Some(Stage::Select { rows }) => Some((r, rows)),
+                    _ => None,
+                })
                 .collect();
-            if rows.is_empty() {
+            if asking.is_empty() {
                 continue;
             }
-            let chunks: Vec<Chunk> = merge.iter().filter(|c| c.tensor == i).copied().collect();
+            // Blocks of shared rows: (key, first row, rows, the representative scoring them).
+            let mut blocks: Vec<(String, usize, usize, usize)> = Vec::new();
+            let mut n_rows = 0;
             let mut requests = Vec::new();
             let mut counts = Vec::new();
-            for (row, &r) in rows.iter().enumerate() {
-                let ranks = self.kernel_of(reps[r]).ranks(&self.plan[i], &found[r][i]);
+            for &(r, rows) in &asking {
+                let k = self.kernel_of(reps[r]);
+                let key = format!(
+                    "{} {} {rows}",
+                    self.deltas_key(reps[r]),
+                    k.select_key(&found[r][g])
+                );
+                let base = match blocks.iter().find(|b| b.0 == key) {
+                    Some(b) => b.1,
+                    None => {
+                        blocks.push((key, n_rows, rows, r));
+                        n_rows += rows;
+                        n_rows - rows
+                    }
+                };
+                let ranks = k.ranks(groups.plan(g), self.tasks(), &found[r][g]);
                 counts.push(ranks.len());
-                requests.extend(ranks.into_iter().map(|rank| Request { row, rank }));
+                requests.extend(ranks.into_iter().map(|(row, rank)| Request {
+                    row: base + row,
+                    rank,
+                }));
             }
             let values = if requests.is_empty() {
                 Vec::new()
             } else {
+                let chunks = groups.chunks(merge, g);
                 let found_ro: &[Vec<TensorStats>] = found;
                 let emit = |w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
-                    for (row, &r) in rows.iter().enumerate() {
-                        let mut out = std::mem::take(&mut w.signed);
-                        grow(&mut out, c.len);
+                    for &(_, base, rows, r) in &blocks {
+                        let mut out = std::mem::take(&mut w.sel);
+                        out.resize_with(out.len().max(rows), Vec::new);
+                        for o in &mut out[..rows] {
+                            grow(o, c.len);
+                        }
                         self.with_chunk(w, reps[r], c, |k, x, scratch| {
-                            k.score(x, &found_ro[r][i], scratch, &mut out[..c.len])
+                            k.score(x, &found_ro[r][g], scratch, &mut out[..rows])
                         });
-                        emit(row, &out[..c.len]);
-                        w.signed = out;
+                        for (row, o) in out[..rows].iter().enumerate() {
+                            emit(base + row, &o[..c.len]);
+                        }
+                        w.sel = out;
                     }
                 };
-                self.select(&chunks, rows.len(), requests, &emit)?
+                self.select(&chunks, n_rows, requests, &emit)?
             };
             let mut at = 0;
-            for (&r, n) in rows.iter().zip(counts) {
-                found[r][i]
+            for (&(r, _), n) in asking.iter().zip(counts) {
+                found[r][g]
                     .stages
                     .push(Found::Select(values[at..at + n].to_vec()));
                 at += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// The [`Stage::Trim`]s asked for at this stage: per group, the thresholds of every
+    /// representative with the sign tallies, in shared passes.
+    fn trim_stage(
+        &self,
+        merge: &[Chunk],
+        groups: &Groups,
+        reps: &[usize],
+        wants: &[Vec<Option<Stage>>],
+        found: &mut [Vec<TensorStats>],
+    ) -> Result<()> {
+        for g in 0..=groups.n {
+            let asking: Vec<usize> = (0..reps.len())
+                .filter(|&r| wants[r][g] == Some(Stage::Trim))
+                .collect();
+            if asking.is_empty() {
+                continue;
+            }
+            let sets: Vec<usize> = asking.iter().map(|&r| reps[r]).collect();
+            let ranks: Vec<Vec<(usize, u64)>> = asking
+                .iter()
+                .map(|&r| {
+                    let k = self.kernel_of(reps[r]);
+                    k.ranks(groups.plan(g), self.tasks(), &found[r][g])
+                })
+                .collect();
+            let chunks = groups.chunks(merge, g);
+            for (&r, (thr, count)) in asking.iter().zip(self.ties_stats(&chunks, &sets, &ranks)?) {
+                found[r][g].stages.push(Found::Trim { thr, count });
             }
         }
         Ok(())

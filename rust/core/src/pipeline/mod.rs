@@ -15,9 +15,7 @@ use rayon::prelude::*;
 
 use crate::dtype::{decode, decode_delta, decode_finite, first_non_finite};
 use crate::error::{Error, Result};
-use crate::methods::pcb::Clamp;
-use crate::methods::ties::TiesStats;
-use crate::methods::{breadcrumbs, elementwise, Method, Rows};
+use crate::methods::{elementwise, Rows};
 use crate::plan::{Chunk, TensorPlan};
 use crate::pool::sets::SetPoints;
 use crate::reader::{ModelView, TensorRef};
@@ -67,7 +65,8 @@ pub(crate) struct Work {
     /// f64 scratch for the kernel methods.
     pub(crate) wide: Vec<f64>,
     pub(crate) scores: Vec<Vec<f32>>,
-    pub(crate) signed: Vec<f32>,
+    /// Rows of scores a kernel's select emits.
+    pub(crate) sel: Vec<Vec<f32>>,
     /// Decoded LoRA factors (A, B) of the tensor being read.
     pub(crate) lora: (Vec<f32>, Vec<f32>),
     /// Pooling state over several parameter sets.
@@ -90,10 +89,6 @@ pub(crate) struct Parts<'w> {
     pub(crate) deltas: &'w [Vec<f32>],
     pub(crate) m: &'w mut Vec<f32>,
     pub(crate) scratch: &'w mut Vec<f32>,
-    pub(crate) out: &'w mut Vec<f32>,
-    pub(crate) keys: &'w mut Vec<u64>,
-    pub(crate) scores: &'w mut Vec<Vec<f32>>,
-    pub(crate) signed: &'w mut Vec<f32>,
 }
 
 impl Work {
@@ -112,10 +107,6 @@ impl Work {
             eff,
             m,
             scratch,
-            out,
-            keys,
-            scores,
-            signed,
             ..
         } = self;
         let deltas = match s {
@@ -123,30 +114,14 @@ impl Work {
             Src::Plain => &*plain,
             Src::Eff => &*eff,
         };
-        Parts {
-            deltas,
-            m,
-            scratch,
-            out,
-            keys,
-            scores,
-            signed,
-        }
+        Parts { deltas, m, scratch }
     }
 }
 
 /// The statistics of one parameter set.
 #[derive(Default)]
 pub(crate) struct Stats {
-    /// TIES, indexed by scope (0 for global, the tensor index for per-tensor).
-    pub(crate) ties: Vec<Option<TiesStats>>,
-    /// PCB clamps of |X| and of B, per task.
-    pub(crate) pcb: Option<(Vec<Clamp>, Vec<Clamp>)>,
-    /// Cuts for the pieces of rows longer than a chunk, by (tensor, chunk start), per task.
-    pub(crate) crumbs: BTreeMap<(usize, usize), Vec<Option<breadcrumbs::Piece>>>,
-    /// mergekit's L1 rescale factor, by tensor, per task.
-    pub(crate) l1: BTreeMap<usize, Vec<f32>>,
-    /// A kernel method's statistics, by tensor.
+    /// The method's statistics, by tensor.
     pub(crate) kernel: BTreeMap<usize, crate::methods::kernel::TensorStats>,
 }
 
@@ -207,18 +182,16 @@ pub fn run(
         let members = recipe.combine.members(models.len()).max(1);
         chunk = chunk.min(((1 << 22) / members).max(64));
     }
-    let mut rows = recipe.method().rows();
-    if let Method::Kernel(k) = recipe.method() {
+    let k = recipe.method();
+    let rows = k.rows();
+    {
         for t in plan.iter().filter(|t| t.mergeable) {
             for s in &recipe.sets {
-                if let Method::Kernel(k) = &s.method {
-                    k.check_tensor(t)?;
-                }
+                s.method.check_tensor(t)?;
             }
         }
-        if k.whole_rows() {
+        if rows == Rows::Slab {
             // Chunks of whole rows (slabs): the chunk grows to hold the longest.
-            rows = Rows::Slab;
             let longest = plan.iter().filter(|t| t.mergeable).map(|t| t.unit(rows));
             chunk = chunk.max(longest.max().unwrap_or(1));
             if chunk > crate::MAX_CHUNK {
@@ -277,17 +250,7 @@ pub fn run_chunks(
         .sum();
     // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
     let method = recipe.method();
-    let mut passes = match method {
-        Method::Ties(_) | Method::DareTies(..) => 2,
-        Method::Pcb { .. } => 3,
-        _ => 1,
-    };
-    if let Method::Mergekit(g) = method {
-        passes += u64::from(g.rescale && g.sparsify != crate::methods::Sparsify::None);
-    }
-    if let Method::Kernel(k) = method {
-        passes += k.passes();
-    }
+    let passes = 1 + method.passes();
     let rows = method.rows();
     // Long rows take a windowed select and a counting pass more.
     let long_rows: u64 = merge
@@ -314,13 +277,9 @@ pub fn run_chunks(
         .map(|s| s.weights != recipe.weights)
         .collect();
     let mergekit = method.unweighted();
-    let kernel = match method {
-        Method::Kernel(k) => Some(k),
-        _ => None,
-    };
     use crate::methods::kernel::{Inputs, Output};
-    let values = kernel.is_some_and(|k| k.inputs() == Inputs::Values);
-    let value_out = kernel.is_some_and(|k| k.output() == Output::Value);
+    let values = method.inputs() == Inputs::Values;
+    let value_out = method.output() == Output::Value;
     let points = match &recipe.combine {
         Combine::Merge { lam } => vec![SetPoints {
             index: vec![0],
@@ -353,7 +312,7 @@ pub fn run_chunks(
         values,
         value_out,
         values_only: value_out
-            && kernel.is_some_and(|k| !k.reads_deltas())
+            && !method.reads_deltas()
             && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0),
         rows,
         stats_passes: AtomicU32::new(0),

@@ -3,11 +3,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{grow, Engine, Parts, Src, Stats, Work};
+use super::{grow, Engine, Stats, Work};
 use crate::dtype::encode;
 use crate::error::{Error, Result};
-use crate::methods::mergekit::{self, Sparsify};
-use crate::methods::{breadcrumbs, elementwise, pcb, ties, Method, Scope};
 use crate::plan::Chunk;
 use crate::pool::sets::{Buffers, Weaving};
 use crate::pool::{self, Pool};
@@ -55,141 +53,11 @@ impl Engine<'_> {
         })
     }
 
-    /// M of parameter set `j` for one chunk, into `w.m`.
+    /// M of parameter set `j` for one chunk, into `w.m` (the kernel forms the set's deltas
+    /// itself: `with_chunk`).
     #[inline(always)]
     pub(crate) fn set_m(&self, w: &mut Work, j: usize, c: &Chunk, stats: &Stats) -> Result<()> {
-        let method = &self.recipe.sets[j].method;
-        if let Method::Kernel(_) = method {
-            // The kernel forms the set's deltas itself (`with_chunk`).
-            self.kernel_m(w, j, c, stats);
-            return Ok(());
-        }
-        let src = self.set_deltas(w, j, c);
-        let n = c.len;
-        let t = &self.plan[c.tensor];
-        if let Method::Mergekit(g) = method {
-            return self.mergekit_m(w, g, src, j, c, stats);
-        }
-        let Parts {
-            deltas,
-            m,
-            scratch,
-            out,
-            keys,
-            scores,
-            signed,
-        } = w.parts(src);
-        match method {
-            Method::Ties(p) | Method::DareTies(_, p) => {
-                let scope = if p.scope == Scope::Global {
-                    0
-                } else {
-                    c.tensor
-                };
-                let s = stats.ties[scope]
-                    .as_ref()
-                    .expect("statistics of a non-empty scope");
-                ties::merge(deltas, s, n, m, scratch, out);
-            }
-            Method::Breadcrumbs { .. } => match stats.crumbs.get(&(c.tensor, c.start)) {
-                Some(cuts) => breadcrumbs::merge_pieces(deltas, n, cuts, m),
-                None => breadcrumbs::merge(
-                    deltas,
-                    n,
-                    (t.row_len(), t.shape.is_empty()),
-                    &|len, k| method.kept_ranks(len, k),
-                    keys,
-                    m,
-                ),
-            },
-            Method::Pcb { .. } => {
-                let (abs, score) = stats.pcb.as_ref().expect("pcb statistics");
-                scores.resize_with(self.tasks(), Vec::new);
-                for s in scores.iter_mut() {
-                    grow(s, n);
-                }
-                pcb::merge(deltas, n, abs, score, scores, signed, m);
-            }
-            Method::Mergekit(_) | Method::Kernel(_) => unreachable!("handled above"),
-        }
-        Ok(())
-    }
-
-    /// Sparsifies task `k`'s chunk of `src` into `out` as mergekit would (unweighted).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn mergekit_sparsify(
-        &self,
-        g: &mergekit::Gta,
-        k: usize,
-        src: &[f32],
-        out: &mut [f32],
-        keys: &mut Vec<u64>,
-        c: &Chunk,
-        stats: &Stats,
-    ) {
-        let t = &self.plan[c.tensor];
-        match g.sparsify {
-            Sparsify::None => out.copy_from_slice(src),
-            Sparsify::Random => {
-                out.copy_from_slice(src);
-                if g.sparsifies(k) {
-                    let stream = Stream::new(self.recipe.seed, k as u64, &t.name);
-                    elementwise::dare(out, &stream, c.start as u64, g.density.get(k), false);
-                }
-            }
-            Sparsify::Magnitude | Sparsify::Outliers => {
-                out.fill(0.0);
-                match stats.crumbs.get(&(c.tensor, c.start)) {
-                    Some(cuts) => {
-                        if let Some(p) = &cuts[k] {
-                            breadcrumbs::add_piece(src, p, out);
-                        }
-                    }
-                    None => {
-                        let unit = t.numel.max(1);
-                        let ranks = g.kept_ranks(unit, k);
-                        breadcrumbs::add_task(src, (unit, false), ranks, keys, out);
-                    }
-                }
-            }
-        }
-    }
-
-    fn mergekit_m(
-        &self,
-        w: &mut Work,
-        g: &mergekit::Gta,
-        src: Src,
-        j: usize,
-        c: &Chunk,
-        stats: &Stats,
-    ) -> Result<()> {
-        let n = c.len;
-        let tasks = self.tasks();
-        let Work {
-            raw,
-            plain,
-            eff,
-            m,
-            scratch,
-            out,
-            keys,
-            ..
-        } = w;
-        let from: &[Vec<f32>] = if src == Src::Plain { plain } else { raw };
-        eff.resize_with(tasks, Vec::new);
-        let l1 = stats.l1.get(&c.tensor);
-        for k in 0..tasks {
-            grow(&mut eff[k], n);
-            let o = &mut eff[k][..n];
-            self.mergekit_sparsify(g, k, &from[k][..n], o, keys, c, stats);
-            if let Some(f) = l1.map(|f| f[k]).filter(|&f| f != 1.0) {
-                for x in o.iter_mut() {
-                    *x *= f;
-                }
-            }
-        }
-        mergekit::mix(g, eff, &self.weights[j], n, m, (scratch, out));
+        self.kernel_m(w, j, c, stats);
         Ok(())
     }
 
