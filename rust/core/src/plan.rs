@@ -265,10 +265,10 @@ pub fn differing_copies(
         .collect()
 }
 
-/// Splits tensors into chunks of about `chunk_size` elements. With `whole_rows`, chunks of a
-/// mergeable tensor hold whole rows (methods that rank within rows need them); a row longer
-/// than `chunk_size` is split into pieces that never cross into the next row (see
-/// [`TensorPlan::has_long_rows`]). Returns (merge chunks, copy chunks).
+/// Splits tensors into chunks of about `chunk_size` elements. With `rows` other than
+/// [`Rows::None`], chunks of a mergeable tensor hold whole rows (methods that rank within rows
+/// need them); a row longer than `chunk_size` is split into pieces that never cross into the
+/// next row (see [`TensorPlan::has_long`]). Returns (merge chunks, copy chunks).
 pub fn chunks(plan: &[TensorPlan], chunk_size: usize, rows: Rows) -> (Vec<Chunk>, Vec<Chunk>) {
     let (mut merge, mut copy) = (Vec::new(), Vec::new());
     let push = |list: &mut Vec<Chunk>, tensor, from: usize, to: usize, step: usize| {
