@@ -1,4 +1,4 @@
-"""TSV and Iso-C (torch backend, streamed through the Rust core) against the reference and
+"""TSV, Iso-C and Iso-CTS (torch backend, streamed through the Rust core) against the reference and
 against properties that hold by construction."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def svd_slack(base, models, method, lambdas, **params):
 
 
 @pytest.mark.parametrize("tasks", [1, 2, 3, 5])
-@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
 def test_files_match_reference(tmp_path, method, tasks):
     base, models = state(tasks, tasks)
     bp, mps = write_models(tmp_path / "in", base, models)
@@ -65,7 +65,7 @@ def test_more_tasks_than_rank(tmp_path):
 
 
 @pytest.mark.parametrize("pool", ["mean", "random", "magmax"])
-@pytest.mark.parametrize("method", ["tsv", "iso_c"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
 def test_arrays_and_pools_match_reference(method, pool):
     base, models = state(4, 3)
     got = ww.weave_arrays(base, models, method=method, pool=pool, lambdas=[0.5, 1.5], seed=3)
@@ -85,6 +85,65 @@ def test_iso_c_spectrum_is_flat_and_subspace_kept():
     u = torch.linalg.svd(total, full_matrices=False).U
     proj = u @ (u.T @ m)  # M's columns lie in the column space of Σ τ_t
     torch.testing.assert_close(proj, m, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("frac", [0.8, 0.5, 0.25])
+def test_iso_cts_spectrum_is_flat_and_holds_each_task(frac):
+    # By construction: M's singular values all equal the mean of the kept ones; with T tasks the
+    # rank splits into the common subspace of Σ τ_t and s directions per task (SPEC's split).
+    g = torch.Generator().manual_seed(3)
+    zero = {"w": torch.zeros(40, 12)}
+    taus = [torch.randn(40, 12, generator=g) for _ in range(3)]
+    m = ww.merge_arrays(zero, [{"w": t} for t in taus], method="iso_cts", lam=1.0,
+                        common_space_fraction=frac)["w"]  # fmt: skip
+    r = 12
+    common = int(r * frac)
+    common = r - round((r - common) / 3) * 3
+    per_task = (r - common) // 3
+    s_m = torch.linalg.svdvals(m)
+    total = sum(taus)
+    s_total = torch.linalg.svdvals(total)
+    # The kept values: the common part's top singular values and each task's top ones outside it.
+    u_c = torch.linalg.svd(total, full_matrices=False).U[:, :common]
+    kept = [s_total[:common]]
+    for t in taus:
+        kept.append(torch.linalg.svdvals(t - u_c @ (u_c.T @ t))[:per_task])
+    mean = torch.cat(kept).sum() / r
+    torch.testing.assert_close(s_m, torch.full_like(s_m, mean.item()), rtol=1e-4, atol=1e-5)
+
+
+def test_iso_cts_with_the_whole_rank_common_is_iso_c():
+    base, models = state(11, 3)
+    a = ww.merge_arrays(base, models, method="iso_cts", lam=1.0, common_space_fraction=1.0)
+    b = ww.merge_arrays(base, models, method="iso_c", lam=1.0)
+    for n in SVD_SHAPES:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-5)
+    # Elsewhere Iso-CTS keeps its reference's running mean (m += (τ_t − m)/t), bit for bit.
+    tvs = R.task_vectors(base, models)
+    for n in OTHER:
+        m = tvs[0][n].clone()
+        for i in range(1, 3):
+            m += (tvs[i][n] - m) / (i + 1)
+        assert torch.equal(a[n], base[n] + m), n
+
+
+def test_iso_cts_refuses_a_rank_too_small_before_any_work(tmp_path):
+    # r = 10, fraction 0.1: int(1) common, then round(9/6)·6 = 12 task-specific columns > 10.
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(10, 12, generator=g)}
+    models = [{"w": base["w"] + torch.randn(10, 12, generator=g)} for _ in range(6)]
+    with pytest.raises(ww.ParamError, match="iso_cts: tensor 'w'.*rank 10"):
+        ww.merge_arrays(base, models, method="iso_cts", common_space_fraction=0.1)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ww.ParamError, match="iso_cts: tensor 'w'"):
+        ww.merge(bp, mps, out, method="iso_cts", common_space_fraction=0.1)
+    assert not out.exists()
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ww.ParamError, match="common_space_fraction"):
+            ww.merge_arrays(base, models, method="iso_cts", common_space_fraction=bad)
+    ww.merge(bp, mps, out, method="iso_cts", common_space_fraction=0.5)  # fine with a larger fraction
+    assert out.exists()
 
 
 def test_tsv_single_task_reproduces_a_low_rank_delta():
@@ -121,7 +180,7 @@ def test_deterministic_and_sharded(tmp_path):
 def test_too_big_for_the_device_falls_back_to_cpu_with_a_warning(tmp_path, monkeypatch):
     base, models = state(7, 2)
     bp, mps = write_models(tmp_path / "in", base, models)
-    monkeypatch.setattr(torch_backend, "_fits", lambda shape, device: False)
+    monkeypatch.setattr(torch_backend, "_fits", lambda *_: False)
     with pytest.warns(RuntimeWarning, match="does not fit"):
         ww.merge(bp, mps, tmp_path / "o.safetensors", method="iso_c", lam=1.0)
     assert_close_ulp(load(tmp_path / "o.safetensors"), R.merge(base, models, "iso_c", lam=1.0),
@@ -162,3 +221,23 @@ def test_cli_runs_tsv(tmp_path):
                  "--set", "svd_exclude=^conv", "--set", "device=cpu", "-q"]) == 0  # fmt: skip
     assert_close_ulp(load(out), R.weave(base, models, "iso_c", ww.default_lambdas("iso_c"), svd_exclude="^conv"),
                      atol=svd_slack(base, models, "iso_c", ww.default_lambdas("iso_c")))  # fmt: skip
+
+
+def test_cli_and_recipe_run_iso_cts(tmp_path):
+    from weightweave.cli import main
+
+    base, models = state(12, 3)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(bp), *map(str, mps), "-o", str(out), "--method", "iso_cts", "--lam", "0.6",
+                 "--set", "common_space_fraction=0.5", "--set", "device=cpu", "-q"]) == 0  # fmt: skip
+    want = R.merge(base, models, "iso_cts", lam=0.6, common_space_fraction=0.5)
+    slack = svd_slack(base, models, "iso_cts", [0.6], common_space_fraction=0.5)
+    assert_close_ulp(load(out), want, atol=slack)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"base: {bp}\nmodels: [{', '.join(map(str, mps))}]\nmethod: iso_cts\nlam: 0.6\n"
+        f"params: {{common_space_fraction: 0.5}}\nout: {tmp_path / 'r.safetensors'}\n"
+    )
+    assert main(["run", str(recipe), "-q"]) == 0
+    assert_close_ulp(load(tmp_path / "r.safetensors"), want, atol=slack)

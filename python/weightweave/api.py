@@ -16,8 +16,9 @@ from . import _rust
 from ._rust import ParamError
 from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job, as_bool, parse_lambdas  # noqa: F401
 
-METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c")
-SVD_METHODS = ("tsv", "iso_c")
+METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c",
+           "iso_cts")  # fmt: skip
+SVD_METHODS = ("tsv", "iso_c", "iso_cts")
 #: mergekit 0.1.5's other methods: mergekit's semantics only (``compat`` may be omitted).
 MERGEKIT_ONLY = ("slerp", "nuslerp", "multislerp", "karcher", "nearswap", "passthrough", "model_stock", "della",
                  "della_linear", "sce", "ram", "ramplus_tl", "arcee_fusion")  # fmt: skip
@@ -104,6 +105,7 @@ DESCRIPTIONS = {
     "pcb": "balanced weighted mean of clamped deltas",
     "tsv": "Task Singular Vectors on 2-D tensors (torch)",
     "iso_c": "isotropic spectrum of Σ τ_t on 2-D tensors (torch)",
+    "iso_cts": "Iso-C's common subspace plus each task's own directions, isotropic spectrum, on 2-D tensors (torch)",
     "slerp": "spherical interpolation base → one model at t, per tensor (mergekit)",
     "nuslerp": "slerp of two models (of their deltas with a base) at w_2/(w_1+w_2), per tensor/row/column (mergekit)",
     "multislerp": "barycentric interpolation of T models on the hypersphere, per tensor (mergekit)",
@@ -189,7 +191,7 @@ def _backend():
     try:
         from . import torch_backend
     except ImportError as e:
-        raise ParamError(f"tsv and iso_c need torch ({e}); install weightweave[torch]") from None
+        raise ParamError(f"tsv, iso_c and iso_cts need torch ({e}); install weightweave[torch]") from None
     return torch_backend
 
 
@@ -217,7 +219,8 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
         backend = _backend()
         backend.check_options(**svd)
         sess = _rust.Session(*args, job, **opts)
-        return _report(backend.run_session(sess, job["method"], progress=progress, weights=job["weights"], **svd))
+        return _report(backend.run_session(sess, job["method"], progress=progress, weights=job["weights"],
+                                           params=job["params"], **svd))  # fmt: skip
     return _report(_rust.merge_files(*args, job, **opts, progress=progress))
 
 
@@ -433,7 +436,8 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
             return {k: v if _is_torch(v) else torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
 
         ms_t = [as_torch(m) for m in models]
-        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], weights=job["weights"], **svd)
+        m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], weights=job["weights"],
+                                              params=job["params"], **svd)  # fmt: skip
         given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
     flat_outputs = [(n, a.reshape(-1)) for n, (_, a) in outputs.items()]
     _warn_differing(_rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given))

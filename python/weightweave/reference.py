@@ -26,7 +26,7 @@ DEFAULT_LAM = {"task_arithmetic": 0.3, "magmax": 0.5}
 # SPEC: default Λ per method, step 0.1, both ends included.
 DEFAULT_LAMBDAS = {
     **{m: (1, 10) for m in ("task_arithmetic", "linear", "dare", "magmax", "breadcrumbs")},
-    "ties": (1, 15), "dare_ties": (1, 15), "pcb": (1, 25), "tsv": (5, 20), "iso_c": (1, 20),
+    "ties": (1, 15), "dare_ties": (1, 15), "pcb": (1, 25), "tsv": (5, 20), "iso_c": (1, 20), "iso_cts": (1, 20),
 }  # fmt: skip
 OUT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
 
@@ -213,6 +213,45 @@ def _iso_c(taus: list[Tensor]) -> Tensor:
     return u @ torch.diag(torch.full_like(s, s.mean().item())) @ vh
 
 
+def _iso_cts(taus: list[Tensor], common_space_fraction: float) -> Tensor:
+    """SPEC.md's Iso-CTS for one 2-D tensor, in the reference's order of operations
+    (danielm1405/iso-merging `iso_cts`)."""
+    shape = taus[0].shape
+    n_tasks = len(taus)
+    combined = sum(taus)
+    common = int(min(shape) * common_space_fraction)
+    specific_total = round((min(shape) - common) / n_tasks) * n_tasks
+    common = min(shape) - specific_total
+    u, s, v = torch.linalg.svd(combined, full_matrices=False)
+    cu, cs, cv = u[:, :common], s[:common], v[:common, :]
+    per_task = int((min(shape) - common) / n_tasks)
+    # The reference allocates these as zeros_like the first task's SVD factors: the same shapes.
+    r = min(shape)
+    space_u, space_s, space_v = torch.zeros(shape[0], r), torch.zeros(r), torch.zeros(r, shape[1])
+    for i, w in enumerate(taus):
+        w_ts = w - cu @ cu.T @ w
+        u_ts, s_ts, v_ts = torch.linalg.svd(w_ts, full_matrices=False)
+        space_u[:, i * per_task : (i + 1) * per_task] = u_ts[:, :per_task]
+        space_s[i * per_task : (i + 1) * per_task] = s_ts[:per_task]
+        space_v[i * per_task : (i + 1) * per_task, :] = v_ts[:per_task, :]
+    at = n_tasks * per_task
+    space_u[:, at : at + common] = cu
+    space_s[at : at + common] = cs
+    space_v[at : at + common, :] = cv
+    uu, _, vu = torch.linalg.svd(space_u, full_matrices=False)
+    uv, _, vv = torch.linalg.svd(space_v, full_matrices=False)
+    space_s = torch.ones_like(space_s) * space_s.mean()
+    return torch.linalg.multi_dot((uu @ vu, torch.diag(space_s), uv @ vv))
+
+
+def _running_mean(s: Tensor) -> Tensor:
+    """Iso-CTS's reference mean elsewhere: m = τ_1, then m += (τ_t − m)/t."""
+    m = s[0].clone()
+    for i in range(1, len(s)):
+        m += (s[i] - m) / (i + 1)
+    return m
+
+
 def merged_task_vector(
     base: StateDict,
     models: Sequence[StateDict],
@@ -258,6 +297,14 @@ def merged_task_vector(
         svd = _tsv if method == "tsv" else _iso_c
         return {
             n: svd(list(s)) if s.dim() == 3 and not (pattern and re.search(str(pattern), n)) else s.mean(dim=0)
+            for n, s in stack.items()
+        }
+    if method == "iso_cts":
+        pattern = params.get("svd_exclude")
+        frac = float(params.get("common_space_fraction", 0.8))
+        return {
+            n: _iso_cts(list(s), frac) if s.dim() == 3 and not (pattern and re.search(str(pattern), n))
+            else _running_mean(s)
             for n, s in stack.items()
         }
     if method == "pcb":

@@ -1,13 +1,14 @@
-"""TSV and Iso-C on torch: CUDA when available, CPU otherwise; streamed tensor by tensor.
+"""TSV, Iso-C and Iso-CTS on torch: CUDA when available, CPU otherwise; streamed tensor by tensor.
 
 The Rust core hands each 2-D tensor's inputs over zero-copy (buffers over the memory maps);
 a producer thread converts one task's delta at a time to f32 on the device, ahead of the
 consumer (a queue of two), while the OS is already reading the next tensor (``madvise``). The
 consumer folds each delta into the method's running state — TSV keeps only the top-k singular
 triplets of each task, Iso-C a running sum — so device memory holds a few copies of the largest
-tensor whatever the number of tasks. M goes back to the core, which pools it with the deltas and
-writes it like any other method. Tensors that are not 2-D (or match ``svd_exclude``) take the mean
-of the deltas, computed in Rust without crossing into Python.
+tensor whatever the number of tasks (Iso-CTS projects every task's delta on the common subspace
+of their sum, so it keeps the T deltas of the tensor at hand). M goes back to the core, which
+pools it with the deltas and writes it like any other method. Tensors that are not 2-D (or
+match ``svd_exclude``) take the mean of the deltas, computed in Rust without crossing into Python.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from . import _rust
 from ._rust import ParamError, Session
 
-SVD_METHODS = ("tsv", "iso_c")
+SVD_METHODS = ("tsv", "iso_c", "iso_cts")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
 
@@ -93,7 +94,80 @@ class IsoCState:
         return (u * s.mean()) @ vt
 
 
-STATES: dict[str, Callable[..., Any]] = {"tsv": TsvState, "iso_c": IsoCState}
+def iso_cts_split(r: int, tasks: int, fraction: float) -> tuple[int, int]:
+    """Iso-CTS's split of the rank r: (columns of the common subspace, columns per task), as its
+    reference computes them (the task-specific total rounded, half to even, to a multiple of T)."""
+    common = int(r * fraction)
+    specific = round((r - common) / tasks) * tasks
+    common = r - specific
+    return common, int((r - common) / tasks)
+
+
+def check_iso_cts(name: str, shape: Sequence[int], tasks: int, fraction: float) -> None:
+    """Refuses a tensor whose split would leave the common subspace a negative size (the reference
+    slices from the end then: a silently wrong merge)."""
+    r = min(shape)
+    common, _ = iso_cts_split(r, tasks, fraction)
+    if common < 0:
+        raise ParamError(
+            f"iso_cts: tensor '{name}' {list(shape)} has rank {r}, too small to give {tasks} models equal "
+            f"task-specific subspaces with common_space_fraction {fraction} (raise common_space_fraction, "
+            "or leave the tensor out with svd_exclude)"
+        )
+
+
+class IsoCtsState:
+    """Iso-CTS (SPEC.md): a common subspace from the SVD of Σ τ_t, each task's top directions
+    outside it, the stacked bases orthogonalised, an isotropic spectrum."""
+
+    def __init__(self, shape: Sequence[int], tasks: int, device: torch.device,
+                 common_space_fraction: float = 0.8) -> None:  # fmt: skip
+        self.shape, self.tasks, self.fraction = tuple(shape), tasks, common_space_fraction
+        self.deltas: list[torch.Tensor] = []
+
+    def add(self, t: int, delta: torch.Tensor) -> None:
+        self.deltas.append(delta)
+
+    def result(self) -> torch.Tensor:
+        r = min(self.shape)
+        common, per_task = iso_cts_split(r, self.tasks, self.fraction)
+        total = self.deltas[0]
+        for d in self.deltas[1:]:
+            total = total + d
+        u, s, vt = torch.linalg.svd(total, full_matrices=False)
+        u_c, s_c, vt_c = u[:, :common], s[:common], vt[:common, :]
+        u_all = torch.zeros(self.shape[0], r, device=total.device)
+        s_all = torch.zeros(r, device=total.device)
+        vt_all = torch.zeros(r, self.shape[1], device=total.device)
+        for i, w in enumerate(self.deltas):
+            if per_task == 0:
+                break
+            # The part of τ_i outside the common subspace, in the reference's order: (U_c U_cᵀ) τ_i.
+            w_ts = w - u_c @ u_c.T @ w
+            u_ts, s_ts, vt_ts = torch.linalg.svd(w_ts, full_matrices=False)
+            lo, hi = i * per_task, (i + 1) * per_task
+            u_all[:, lo:hi] = u_ts[:, :per_task]
+            s_all[lo:hi] = s_ts[:per_task]
+            vt_all[lo:hi, :] = vt_ts[:per_task, :]
+        self.deltas = []
+        at = self.tasks * per_task
+        u_all[:, at : at + common] = u_c
+        s_all[at : at + common] = s_c
+        vt_all[at : at + common, :] = vt_c
+        uu, _, vu = torch.linalg.svd(u_all, full_matrices=False)
+        uv, _, vv = torch.linalg.svd(vt_all, full_matrices=False)
+        s_iso = torch.ones_like(s_all) * s_all.mean()
+        return torch.linalg.multi_dot((uu @ vu, torch.diag(s_iso), uv @ vv))
+
+
+STATES: dict[str, Callable[..., Any]] = {"tsv": TsvState, "iso_c": IsoCState, "iso_cts": IsoCtsState}
+
+
+def _state_options(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The method parameters a state takes (Iso-CTS's common_space_fraction, default 0.8)."""
+    if method != "iso_cts":
+        return {}
+    return {"common_space_fraction": float((params or {}).get("common_space_fraction", 0.8))}
 
 
 def _load(buf: Any, dtype: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -105,11 +179,11 @@ def _load(buf: Any, dtype: str, shape: Sequence[int], device: torch.device) -> t
     return raw.reshape(tuple(shape)).to(device=device, dtype=torch.float32)
 
 
-def _fits(shape: Sequence[int], device: torch.device) -> bool:
+def _fits(shape: Sequence[int], device: torch.device, held: int = 0) -> bool:
     if device.type != "cuda":
         return True
     m, n = shape
-    need = 8 * m * n * 4  # state, two deltas in flight, SVD outputs and workspace
+    need = (8 + held) * m * n * 4  # state, two deltas in flight, SVD outputs and workspace, held deltas
     free, _ = torch.cuda.mem_get_info(device)
     return need < free
 
@@ -135,19 +209,28 @@ def run_session(
     svd_exclude: str | None = None,
     progress: Callable[[int, int], object] | None = None,
     weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Computes M for every 2-D tensor of an open session, then finishes it. ``weights`` scale
-    each task's delta (τ'_t = w_t·τ_t), as the core does for the other tensors."""
+    each task's delta (τ'_t = w_t·τ_t), as the core does for the other tensors; ``params`` are the
+    method's (Iso-CTS's common_space_fraction)."""
     dev = pick_device(device)
     tensors = sess.tensors()
     targets = svd_targets(tensors, svd_exclude)
-    if targets:
-        tasks = len(sess.inputs(targets[0])[1])
+    opts = _state_options(method, params)
+    tasks = len(sess.inputs(targets[0])[1]) if targets else 0
+    if method == "iso_cts":
+        try:
+            for i in targets:  # before any work
+                check_iso_cts(tensors[i][0], tensors[i][2], tasks, opts["common_space_fraction"])
+        except BaseException:
+            sess.abort()
+            raise
     jobs = []
     for i in targets:
         shape = tensors[i][2]
         on = dev
-        if not _fits(shape, dev):
+        if not _fits(shape, dev, tasks if method == "iso_cts" else 0):
             warnings.warn(
                 f"{tensors[i][0]} {shape}: the SVD does not fit on {dev}; computing it on the CPU",
                 RuntimeWarning,
@@ -199,7 +282,7 @@ def run_session(
                 raise item
             i, t, delta = item
             if t == 0:
-                state = STATES[method](tensors[i][2], tasks, delta.device)
+                state = STATES[method](tensors[i][2], tasks, delta.device, **opts)
             assert state is not None
             state.add(t, delta)
             del delta
@@ -232,16 +315,22 @@ def merged_tensors(
     device: str | torch.device | None = None,
     svd_exclude: str | None = None,
     weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """M of every 2-D mergeable tensor of in-memory state dicts (f32, CPU), for the array API.
-    ``weights`` scale each task's delta (τ'_t = w_t·τ_t)."""
+    ``weights`` scale each task's delta (τ'_t = w_t·τ_t); ``params`` are the method's."""
     dev = pick_device(device)
     entries = [(n, "", list(t.shape), t.is_floating_point() and t.dtype in _DTYPES.values()) for n, t in base.items()]
+    opts = _state_options(method, params)
+    targets = svd_targets(entries, svd_exclude)
+    if method == "iso_cts":
+        for i in targets:
+            check_iso_cts(entries[i][0], entries[i][2], len(models), opts["common_space_fraction"])
     out = {}
-    for i in svd_targets(entries, svd_exclude):
+    for i in targets:
         name = entries[i][0]
         b = base[name].to(dev, torch.float32)
-        state = STATES[method](entries[i][2], len(models), dev)
+        state = STATES[method](entries[i][2], len(models), dev, **opts)
         for t, m in enumerate(models):
             delta = m[name].to(dev, torch.float32) - b
             state.add(t, delta if weights is None else delta * float(weights[t]))

@@ -69,7 +69,7 @@ fn gta(name: &str, r: &mut Reader) -> Result<Arc<dyn Kernel>> {
 }
 
 /// The papers' methods behind the trait (SPEC.md's semantics).
-static PAPER: [(&str, Make); 10] = [
+static PAPER: [(&str, Make); 11] = [
     ("task_arithmetic", |r| {
         Ok(Arc::new(super::task_arithmetic::TaskArithmetic::parse(r)?))
     }),
@@ -87,6 +87,9 @@ static PAPER: [(&str, Make); 10] = [
     ("tsv", |r| Ok(Arc::new(super::svd::Svd::parse(r, "tsv")?))),
     ("iso_c", |r| {
         Ok(Arc::new(super::svd::Svd::parse(r, "iso_c")?))
+    }),
+    ("iso_cts", |r| {
+        Ok(Arc::new(super::svd::Svd::parse(r, "iso_cts")?))
     }),
 ];
 

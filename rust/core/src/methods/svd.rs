@@ -1,5 +1,6 @@
-//! The SVD methods, TSV (Gargiulo et al. 2025) and Iso-C (Marczak et al. 2025): M of 2-D
-//! tensors comes from the torch backend (`given`); every other tensor takes the mean of τ'_t.
+//! The SVD methods, TSV (Gargiulo et al. 2025), Iso-C and Iso-CTS (Marczak et al. 2025): M of
+//! 2-D tensors comes from the torch backend (`given`); every other tensor takes the mean of τ'_t
+//! (Iso-CTS: the running mean its reference computes, m += (τ'_t − m)/(t + 1)).
 
 use super::elementwise;
 use super::kernel::{ChunkIn, Kernel, Scratch, TensorStats};
@@ -9,11 +10,21 @@ use crate::error::Result;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Svd {
     pub name: &'static str,
+    /// Iso-CTS: the fraction of the rank given to the common subspace.
+    pub common_space_fraction: Option<f64>,
 }
 
 impl Svd {
-    pub fn parse(_r: &mut Reader, name: &'static str) -> Result<Svd> {
-        Ok(Svd { name })
+    pub fn parse(r: &mut Reader, name: &'static str) -> Result<Svd> {
+        let common_space_fraction = if name == "iso_cts" {
+            Some(r.num("common_space_fraction", 0.8, 0.0, 1.0, true)?)
+        } else {
+            None
+        };
+        Ok(Svd {
+            name,
+            common_space_fraction,
+        })
     }
 }
 
@@ -23,7 +34,10 @@ impl Kernel for Svd {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({})
+        match self.common_space_fraction {
+            Some(f) => serde_json::json!({ "common_space_fraction": f }),
+            None => serde_json::json!({}),
+        }
     }
 
     fn weighted(&self) -> bool {
@@ -42,6 +56,16 @@ impl Kernel for Svd {
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         match x.given {
             Some(g) => m.copy_from_slice(g),
+            None if self.common_space_fraction.is_some() => {
+                // Iso-CTS's reference: m = τ'_1, then m += (τ'_t − m)/t, in f32 as torch does.
+                m.copy_from_slice(x.deltas[0]);
+                for (t, d) in x.deltas.iter().enumerate().skip(1) {
+                    let k = (t + 1) as f32;
+                    for (o, &v) in m.iter_mut().zip(d.iter()) {
+                        *o += (v - *o) / k;
+                    }
+                }
+            }
             None => elementwise::mean(x.deltas, x.n, m),
         }
     }
