@@ -170,15 +170,6 @@ def _state_options(method: str, params: Mapping[str, Any] | None) -> dict[str, A
     return {"common_space_fraction": float((params or {}).get("common_space_fraction", 0.8))}
 
 
-def _load(buf: Any, dtype: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A tensor's bytes (a read-only buffer over the map) as f32 on `device` (never in place)."""
-    with warnings.catch_warnings():
-        # The buffer is read-only and only ever read: torch's warning about that does not apply.
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(buf, dtype=_DTYPES[dtype]) if len(buf) else torch.zeros(0, dtype=_DTYPES[dtype])
-    return raw.reshape(tuple(shape)).to(device=device, dtype=torch.float32)
-
-
 def _fits(shape: Sequence[int], device: torch.device, held: int = 0) -> bool:
     if device.type != "cuda":
         return True
@@ -247,16 +238,18 @@ def run_session(
             for k, (i, shape, on) in enumerate(jobs):
                 if k + 1 < len(jobs):
                     sess.prefetch(jobs[k + 1][0])
-                (bdt, bbuf), models = sess.inputs(i)
-                base = _load(bbuf, bdt, shape, on)
-                if not bool(torch.isfinite(base).all()):
-                    sess.check_finite(i)  # raises NonFiniteError naming file, tensor, element
-                for t, (mdt, mbuf) in enumerate(models):
-                    delta = _load(mbuf, mdt, shape, on) - base
-                    if weights is not None:
-                        delta = delta * torch.tensor(float(weights[t]), dtype=torch.float32)
-                    if not bool(torch.isfinite(delta).all()):
-                        sess.check_finite(i)
+                for t in range(tasks):
+                    # Decoded and differenced in Rust with the GIL released: no torch operation
+                    # here, beside the SVD, to compete for torch's threads.
+                    data, finite = sess.delta(i, t, None if weights is None else float(weights[t]))
+                    if not finite:
+                        sess.check_finite(i)  # raises NonFiniteError naming file, tensor, element
+                    if len(data):
+                        delta = torch.frombuffer(data, dtype=torch.float32).reshape(tuple(shape))
+                    else:
+                        delta = torch.zeros(tuple(shape))
+                    if on.type != "cpu":
+                        delta = delta.to(on)
                     while not stop.is_set():
                         try:
                             q.put((i, t, delta), timeout=0.1)
@@ -265,7 +258,6 @@ def run_session(
                             continue
                     if stop.is_set():
                         return
-                del base
             q.put(None)
         except BaseException as e:  # handed to the consumer, which re-raises it
             q.put(e)

@@ -107,6 +107,42 @@ impl Session {
         (b, ms)
     }
 
+    /// τ_t = (θ_t − θ_base)·w of one tensor, decoded to f32 into `out` (`base` is scratch), as
+    /// the torch backend consumes it: two f32 operations, rounded each, as torch's `m − b` then
+    /// `· w`. The conversion runs here, so that no torch operation competes with the SVD for
+    /// torch's threads. Returns whether every value is finite.
+    pub fn delta_into(
+        &self,
+        tensor: usize,
+        t: usize,
+        weight: Option<f32>,
+        base: &mut Vec<f32>,
+        out: &mut Vec<f32>,
+    ) -> Result<bool> {
+        let p = self
+            .plan
+            .get(tensor)
+            .ok_or_else(|| Error::param("tensor", format!("index {tensor} out of range")))?;
+        let (b, ms) = self.inputs(tensor);
+        let m = ms
+            .get(t)
+            .ok_or_else(|| Error::param("model", format!("index {t} out of range")))?;
+        let n = p.numel;
+        base.resize(n, 0.0);
+        out.resize(n, 0.0);
+        crate::dtype::decode(b.dtype, &b.data[..n * b.dtype.size()], base);
+        crate::dtype::decode(m.dtype, &m.data[..n * m.dtype.size()], out);
+        for (o, &x) in out.iter_mut().zip(base.iter()) {
+            *o -= x;
+        }
+        if let Some(w) = weight {
+            for o in out.iter_mut() {
+                *o *= w;
+            }
+        }
+        Ok(out.iter().all(|v| v.is_finite()))
+    }
+
     /// Starts reading a tensor's inputs in the background (I/O overlapped with the caller's work).
     pub fn prefetch(&self, tensor: usize) {
         let name = &self.plan[tensor].name;

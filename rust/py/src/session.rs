@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyBufferError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyByteArray, PyDict, PyList};
 use weightweave_core::session::Session as CoreSession;
 use weightweave_core::{Checkpoint, OutputOptions};
 
@@ -177,6 +177,33 @@ impl Session {
                 .collect::<PyResult<Vec<_>>>()?;
             Ok((base, models))
         })
+    }
+
+    /// τ_t of tensor `i` as a float32 bytearray ((θ_t − θ_base)·weight), converted here with
+    /// the GIL released, so the torch backend's prefetch runs no torch operation beside the SVD;
+    /// and whether every value is finite.
+    #[pyo3(signature = (i, t, weight=None))]
+    fn delta<'py>(
+        &self,
+        py: Python<'py>,
+        i: usize,
+        t: usize,
+        weight: Option<f32>,
+    ) -> PyResult<(Bound<'py, PyByteArray>, bool)> {
+        let (v, finite) = self.with(|s| {
+            detach_catching(py, || {
+                let (mut base, mut out) = (Vec::new(), Vec::new());
+                let finite = s.delta_into(i, t, weight, &mut base, &mut out)?;
+                Ok((out, finite))
+            })
+        })?;
+        let arr = PyByteArray::new_with(py, v.len() * 4, |buf| {
+            for (dst, x) in buf.chunks_exact_mut(4).zip(&v) {
+                dst.copy_from_slice(&x.to_le_bytes());
+            }
+            Ok(())
+        })?;
+        Ok((arr, finite))
     }
 
     /// Raises `NonFiniteError` naming the first NaN/infinity among tensor `i`'s inputs.
