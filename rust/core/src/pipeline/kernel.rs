@@ -64,6 +64,29 @@ impl Groups<'_> {
     }
 }
 
+/// One round of stages: what every (representative, group) asks for.
+#[derive(Clone, Copy)]
+struct Round<'r> {
+    merge: &'r [Chunk],
+    groups: &'r Groups<'r>,
+    reps: &'r [usize],
+    wants: &'r [Vec<Option<Stage>>],
+}
+
+/// A round's (merge chunks, groups, representatives, requests).
+type Parts<'r> = (
+    &'r [Chunk],
+    &'r Groups<'r>,
+    &'r [usize],
+    &'r [Vec<Option<Stage>>],
+);
+
+impl<'r> Round<'r> {
+    fn parts(&self) -> Parts<'r> {
+        (self.merge, self.groups, self.reps, self.wants)
+    }
+}
+
 impl Engine<'_> {
     pub(crate) fn kernel_of(&self, j: usize) -> &Arc<dyn Kernel> {
         &self.recipe.sets[j].method.0 .0
@@ -153,9 +176,15 @@ impl Engine<'_> {
             if !any {
                 break;
             }
-            self.sums_stage(merge, &groups, &reps, &wants, &mut found)?;
-            self.select_stage(merge, &groups, &reps, &wants, &mut found)?;
-            self.trim_stage(merge, &groups, &reps, &wants, &mut found)?;
+            let round = Round {
+                merge,
+                groups: &groups,
+                reps: &reps,
+                wants: &wants,
+            };
+            self.sums_stage(&round, &mut found)?;
+            self.select_stage(&round, &mut found)?;
+            self.trim_stage(&round, &mut found)?;
         }
         for (r, &j) in reps.iter().enumerate() {
             let k = self.kernel_of(j);
@@ -184,14 +213,8 @@ impl Engine<'_> {
     }
 
     /// One pass for every [`Stage::Sums`] and [`Stage::Maxes`] asked for at this stage.
-    fn sums_stage(
-        &self,
-        merge: &[Chunk],
-        groups: &Groups,
-        reps: &[usize],
-        wants: &[Vec<Option<Stage>>],
-        found: &mut [Vec<TensorStats>],
-    ) -> Result<()> {
+    fn sums_stage(&self, round: &Round, found: &mut [Vec<TensorStats>]) -> Result<()> {
+        let (merge, groups, reps, wants) = round.parts();
         let is_sums = |r: usize, c: &Chunk| {
             matches!(
                 wants[r][groups.of(r, c)],
@@ -281,14 +304,8 @@ impl Engine<'_> {
     /// The exact selects asked for at this stage: one per group, every representative's
     /// scores as rows of it (representatives whose deltas and [`Kernel::select_key`] agree
     /// share their rows).
-    fn select_stage(
-        &self,
-        merge: &[Chunk],
-        groups: &Groups,
-        reps: &[usize],
-        wants: &[Vec<Option<Stage>>],
-        found: &mut [Vec<TensorStats>],
-    ) -> Result<()> {
+    fn select_stage(&self, round: &Round, found: &mut [Vec<TensorStats>]) -> Result<()> {
+        let (merge, groups, reps, wants) = round.parts();
         for g in 0..=groups.n {
             let asking: Vec<(usize, usize)> = (0..reps.len())
                 .filter_map(|r| match wants[r][g] {
@@ -362,14 +379,8 @@ impl Engine<'_> {
 
     /// The [`Stage::Trim`]s asked for at this stage: per group, the thresholds of every
     /// representative with the sign tallies, in shared passes.
-    fn trim_stage(
-        &self,
-        merge: &[Chunk],
-        groups: &Groups,
-        reps: &[usize],
-        wants: &[Vec<Option<Stage>>],
-        found: &mut [Vec<TensorStats>],
-    ) -> Result<()> {
+    fn trim_stage(&self, round: &Round, found: &mut [Vec<TensorStats>]) -> Result<()> {
+        let (merge, groups, reps, wants) = round.parts();
         for g in 0..=groups.n {
             let asking: Vec<usize> = (0..reps.len())
                 .filter(|&r| wants[r][g] == Some(Stage::Trim))
