@@ -39,19 +39,20 @@ def svd_slack(base, models, method, lambdas, **params):
 
 
 @pytest.mark.parametrize("tasks", [1, 2, 3, 5])
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
 def test_files_match_reference(tmp_path, method, tasks):
     base, models = state(tasks, tasks)
     bp, mps = write_models(tmp_path / "in", base, models)
     out = tmp_path / "out.safetensors"
     lambdas = ww.default_lambdas(method)
-    ww.weave(bp, mps, out, method=method, chunk_size=64)
-    want = R.weave(base, models, method, lambdas)
-    assert_close_ulp(load(out), want, atol=svd_slack(base, models, method, lambdas))
+    extra = {"steps": 40, "lr": 1e-3} if method == "wudi" else {}  # defaults: the arrays test
+    ww.weave(bp, mps, out, method=method, chunk_size=64, **extra)
+    want = R.weave(base, models, method, lambdas, **extra)
+    assert_close_ulp(load(out), want, atol=svd_slack(base, models, method, lambdas, **extra))
     plain = tmp_path / "plain.safetensors"
-    ww.merge(bp, mps, plain, method=method, lam=0.7)
-    assert_close_ulp(load(plain), R.merge(base, models, method, lam=0.7),
-                     atol=svd_slack(base, models, method, [0.7]))  # fmt: skip
+    ww.merge(bp, mps, plain, method=method, lam=0.7, **extra)
+    assert_close_ulp(load(plain), R.merge(base, models, method, lam=0.7, **extra),
+                     atol=svd_slack(base, models, method, [0.7], **extra))  # fmt: skip
 
 
 def test_more_tasks_than_rank(tmp_path):
@@ -65,7 +66,7 @@ def test_more_tasks_than_rank(tmp_path):
 
 
 @pytest.mark.parametrize("pool", ["mean", "random", "magmax"])
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
 def test_arrays_and_pools_match_reference(method, pool):
     base, models = state(4, 3)
     got = ww.weave_arrays(base, models, method=method, pool=pool, lambdas=[0.5, 1.5], seed=3)
@@ -144,6 +145,31 @@ def test_iso_cts_refuses_a_rank_too_small_before_any_work(tmp_path):
             ww.merge_arrays(base, models, method="iso_cts", common_space_fraction=bad)
     ww.merge(bp, mps, out, method="iso_cts", common_space_fraction=0.5)  # fine with a larger fraction
     assert out.exists()
+
+
+def _wudi_loss(m, taus):
+    return sum(((m - t) @ t.T).square().sum() / t.square().sum() for t in taus)
+
+
+def test_wudi_hand_cases():
+    g = torch.Generator().manual_seed(5)
+    zero = {"w": torch.zeros(16, 10)}
+    # One task: M = τ has zero loss and zero gradient, so Adam never moves it.
+    tau = torch.randn(16, 10, generator=g)
+    m = ww.merge_arrays(zero, [{"w": tau}], method="wudi", lam=1.0, steps=30, lr=1e-2)["w"]
+    assert torch.equal(m, tau)
+    # Tasks on disjoint columns: (Σ τ − τ_t) τ_tᵀ = τ_s τ_tᵀ = 0 for s ≠ t, so M stays Σ τ_t.
+    a, b = torch.zeros(16, 10), torch.zeros(16, 10)
+    a[:, :5], b[:, 5:] = torch.randn(16, 5, generator=g), torch.randn(16, 5, generator=g)
+    m = ww.merge_arrays(zero, [{"w": a}, {"w": b}], method="wudi", lam=1.0, steps=30, lr=1e-2)["w"]
+    assert torch.equal(m, a + b)
+    # Overlapping tasks: the descent lowers the interference it measures.
+    taus = [torch.randn(16, 10, generator=g) for _ in range(3)]
+    m = ww.merge_arrays(zero, [{"w": t} for t in taus], method="wudi", lam=1.0, steps=50, lr=1e-2)["w"]
+    assert _wudi_loss(m, taus) < 0.9 * _wudi_loss(sum(taus), taus)
+    for bad in ({"steps": 1.5}, {"steps": -1}, {"lr": 0.0}, {"lr": float("nan")}):
+        with pytest.raises(ww.ParamError):
+            ww.merge_arrays(zero, [{"w": tau}], method="wudi", **bad)
 
 
 def test_tsv_single_task_reproduces_a_low_rank_delta():

@@ -17,8 +17,8 @@ from ._rust import ParamError
 from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job, as_bool, parse_lambdas  # noqa: F401
 
 METHODS = ("task_arithmetic", "linear", "magmax", "dare", "dare_ties", "ties", "breadcrumbs", "pcb", "tsv", "iso_c",
-           "iso_cts")  # fmt: skip
-SVD_METHODS = ("tsv", "iso_c", "iso_cts")
+           "iso_cts", "wudi")  # fmt: skip
+SVD_METHODS = ("tsv", "iso_c", "iso_cts", "wudi")
 #: mergekit 0.1.5's other methods: mergekit's semantics only (``compat`` may be omitted).
 MERGEKIT_ONLY = ("slerp", "nuslerp", "multislerp", "karcher", "nearswap", "passthrough", "model_stock", "della",
                  "della_linear", "sce", "ram", "ramplus_tl", "arcee_fusion")  # fmt: skip
@@ -106,6 +106,7 @@ DESCRIPTIONS = {
     "tsv": "Task Singular Vectors on 2-D tensors (torch)",
     "iso_c": "isotropic spectrum of Σ τ_t on 2-D tensors (torch)",
     "iso_cts": "Iso-C's common subspace plus each task's own directions, isotropic spectrum, on 2-D tensors (torch)",
+    "wudi": "Σ τ_t refined by Adam to cut each task's interference ‖(M − τ_t) τ_tᵀ‖², on 2-D tensors (torch)",
     "slerp": "spherical interpolation base → one model at t, per tensor (mergekit)",
     "nuslerp": "slerp of two models (of their deltas with a base) at w_2/(w_1+w_2), per tensor/row/column (mergekit)",
     "multislerp": "barycentric interpolation of T models on the hypersphere, per tensor (mergekit)",
@@ -191,7 +192,7 @@ def _backend():
     try:
         from . import torch_backend
     except ImportError as e:
-        raise ParamError(f"tsv, iso_c and iso_cts need torch ({e}); install weightweave[torch]") from None
+        raise ParamError(f"tsv, iso_c, iso_cts and wudi need torch ({e}); install weightweave[torch]") from None
     return torch_backend
 
 

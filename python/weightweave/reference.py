@@ -27,6 +27,7 @@ DEFAULT_LAM = {"task_arithmetic": 0.3, "magmax": 0.5}
 DEFAULT_LAMBDAS = {
     **{m: (1, 10) for m in ("task_arithmetic", "linear", "dare", "magmax", "breadcrumbs")},
     "ties": (1, 15), "dare_ties": (1, 15), "pcb": (1, 25), "tsv": (5, 20), "iso_c": (1, 20), "iso_cts": (1, 20),
+    "wudi": (1, 20),
 }  # fmt: skip
 OUT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}
 
@@ -244,6 +245,23 @@ def _iso_cts(taus: list[Tensor], common_space_fraction: float) -> Tensor:
     return torch.linalg.multi_dot((uu @ vu, torch.diag(space_s), uv @ vv))
 
 
+def _wudi(taus: list[Tensor], steps: int, lr: float) -> Tensor:
+    """SPEC.md's WUDI for one 2-D tensor, as FusionBench's ``wudi_merging`` computes it."""
+    tvs = torch.stack(taus)
+    merged = torch.nn.Parameter(torch.sum(tvs, dim=0))
+    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    l2_norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
+    with torch.enable_grad():
+        for _ in range(steps):
+            disturbing = merged.unsqueeze(0) - tvs
+            product = torch.matmul(disturbing, tvs.transpose(1, 2))
+            loss = torch.sum(torch.square(product) / l2_norms.unsqueeze(-1).unsqueeze(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return merged.detach()
+
+
 def _running_mean(s: Tensor) -> Tensor:
     """Iso-CTS's reference mean elsewhere: m = τ_1, then m += (τ_t − m)/t."""
     m = s[0].clone()
@@ -297,6 +315,14 @@ def merged_task_vector(
         svd = _tsv if method == "tsv" else _iso_c
         return {
             n: svd(list(s)) if s.dim() == 3 and not (pattern and re.search(str(pattern), n)) else s.mean(dim=0)
+            for n, s in stack.items()
+        }
+    if method == "wudi":
+        pattern = params.get("svd_exclude")
+        steps, lr = int(params.get("steps", 400)), float(params.get("lr", 1e-5))
+        return {
+            n: _wudi(list(s), steps, lr) if s.dim() == 3 and not (pattern and re.search(str(pattern), n))
+            else s.sum(dim=0) / len(s)
             for n, s in stack.items()
         }
     if method == "iso_cts":

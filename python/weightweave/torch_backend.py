@@ -1,4 +1,4 @@
-"""TSV, Iso-C and Iso-CTS on torch: CUDA when available, CPU otherwise; streamed tensor by tensor.
+"""TSV, Iso-C, Iso-CTS and WUDI on torch: CUDA when available, CPU otherwise; streamed tensor by tensor.
 
 The Rust core hands each 2-D tensor's inputs over zero-copy (buffers over the memory maps);
 a producer thread converts one task's delta at a time to f32 on the device, ahead of the
@@ -6,8 +6,8 @@ consumer (a queue of two), while the OS is already reading the next tensor (``ma
 consumer folds each delta into the method's running state — TSV keeps only the top-k singular
 triplets of each task, Iso-C a running sum — so device memory holds a few copies of the largest
 tensor whatever the number of tasks (Iso-CTS projects every task's delta on the common subspace
-of their sum, so it keeps the T deltas of the tensor at hand). M goes back to the core, which
-pools it with the deltas and writes it like any other method. Tensors that are not 2-D (or
+of their sum, and WUDI descends on a loss over all T, so both keep the T deltas of the tensor).
+M goes back to the core, which pools it with the deltas and writes it like any other method. Tensors that are not 2-D (or
 match ``svd_exclude``) take the mean of the deltas, computed in Rust without crossing into Python.
 """
 
@@ -24,7 +24,7 @@ import torch
 from . import _rust
 from ._rust import ParamError, Session
 
-SVD_METHODS = ("tsv", "iso_c", "iso_cts")
+SVD_METHODS = ("tsv", "iso_c", "iso_cts", "wudi")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}  # fmt: skip
 
@@ -160,14 +160,49 @@ class IsoCtsState:
         return torch.linalg.multi_dot((uu @ vu, torch.diag(s_iso), uv @ vv))
 
 
-STATES: dict[str, Callable[..., Any]] = {"tsv": TsvState, "iso_c": IsoCState, "iso_cts": IsoCtsState}
+class WudiState:
+    """WUDI (SPEC.md; FusionBench's ``wudi_merging``): M starts at Σ τ_t and takes ``steps`` Adam
+    steps (learning rate ``lr``, no weight decay) on Σ_t ‖(M − τ_t) τ_tᵀ‖²_F / ‖τ_t‖²_F."""
+
+    def __init__(self, shape: Sequence[int], tasks: int, device: torch.device, steps: int = 400,
+                 lr: float = 1e-5) -> None:  # fmt: skip
+        self.steps, self.lr = steps, lr
+        self.deltas: list[torch.Tensor] = []
+
+    def add(self, t: int, delta: torch.Tensor) -> None:
+        self.deltas.append(delta)
+
+    def result(self) -> torch.Tensor:
+        tvs = torch.stack(self.deltas)
+        self.deltas = []
+        m = torch.nn.Parameter(torch.sum(tvs, dim=0))
+        norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
+        opt = torch.optim.Adam([m], lr=self.lr, weight_decay=0)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                product = torch.matmul(m.unsqueeze(0) - tvs, tvs.transpose(1, 2))
+                loss = torch.sum(torch.square(product) / norms.unsqueeze(-1).unsqueeze(-1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return m.detach()
+
+
+STATES: dict[str, Callable[..., Any]] = {"tsv": TsvState, "iso_c": IsoCState, "iso_cts": IsoCtsState,
+                                         "wudi": WudiState}  # fmt: skip
+
+# Methods whose state keeps the tensor's T deltas (the GPU fit check counts them).
+_HOLDS_DELTAS = ("iso_cts", "wudi")
 
 
 def _state_options(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The method parameters a state takes (Iso-CTS's common_space_fraction, default 0.8)."""
-    if method != "iso_cts":
-        return {}
-    return {"common_space_fraction": float((params or {}).get("common_space_fraction", 0.8))}
+    """The method parameters a state takes (Iso-CTS's common_space_fraction; WUDI's steps, lr)."""
+    p = params or {}
+    if method == "iso_cts":
+        return {"common_space_fraction": float(p.get("common_space_fraction", 0.8))}
+    if method == "wudi":
+        return {"steps": int(p.get("steps", 400)), "lr": float(p.get("lr", 1e-5))}
+    return {}
 
 
 def _fits(shape: Sequence[int], device: torch.device, held: int = 0) -> bool:
@@ -221,7 +256,7 @@ def run_session(
     for i in targets:
         shape = tensors[i][2]
         on = dev
-        if not _fits(shape, dev, tasks if method == "iso_cts" else 0):
+        if not _fits(shape, dev, tasks if method in _HOLDS_DELTAS else 0):
             warnings.warn(
                 f"{tensors[i][0]} {shape}: the SVD does not fit on {dev}; computing it on the CPU",
                 RuntimeWarning,

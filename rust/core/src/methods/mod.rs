@@ -133,7 +133,7 @@ impl std::ops::Deref for Method {
 }
 
 pub const METHOD_NAMES: &str =
-    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c, iso_cts, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl, karcher, arcee_fusion";
+    "task_arithmetic, linear, magmax, dare, dare_ties, ties, breadcrumbs, pcb, tsv, iso_c, iso_cts, wudi, della, della_linear, slerp, nuslerp, multislerp, nearswap, passthrough, model_stock, sce, ram, ramplus_tl, karcher, arcee_fusion";
 
 /// Reads and range-checks parameters, rejecting any the method does not take.
 pub struct Reader<'a> {
@@ -308,6 +308,7 @@ impl Method {
             "pcb" => (1, 25),
             "tsv" => (5, 20),
             "iso_c" | "iso_cts" => (1, 20),
+            "wudi" => (1, 20),
             // mergekit's other methods: λ, or t for the interpolations (`registry::default_t`).
             _ if registry::mergekit_only(name) => (1, 10),
             _ => return None,

@@ -69,7 +69,7 @@ fn gta(name: &str, r: &mut Reader) -> Result<Arc<dyn Kernel>> {
 }
 
 /// The papers' methods behind the trait (SPEC.md's semantics).
-static PAPER: [(&str, Make); 11] = [
+static PAPER: [(&str, Make); 12] = [
     ("task_arithmetic", |r| {
         Ok(Arc::new(super::task_arithmetic::TaskArithmetic::parse(r)?))
     }),
@@ -91,6 +91,7 @@ static PAPER: [(&str, Make); 11] = [
     ("iso_cts", |r| {
         Ok(Arc::new(super::svd::Svd::parse(r, "iso_cts")?))
     }),
+    ("wudi", |r| Ok(Arc::new(super::svd::Svd::parse(r, "wudi")?))),
 ];
 
 /// Builds the papers' method `name` on the trait, or None when it is not one of them.

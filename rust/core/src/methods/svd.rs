@@ -1,6 +1,7 @@
-//! The SVD methods, TSV (Gargiulo et al. 2025), Iso-C and Iso-CTS (Marczak et al. 2025): M of
-//! 2-D tensors comes from the torch backend (`given`); every other tensor takes the mean of τ'_t
-//! (Iso-CTS: the running mean its reference computes, m += (τ'_t − m)/(t + 1)).
+//! The methods computed by the torch backend on 2-D tensors (`given`): TSV (Gargiulo et al.
+//! 2025), Iso-C and Iso-CTS (Marczak et al. 2025), WUDI (Cheng et al. 2025, an Adam descent);
+//! every other tensor takes the mean of τ'_t (Iso-CTS: the running mean its reference computes,
+//! m += (τ'_t − m)/(t + 1)).
 
 use super::elementwise;
 use super::kernel::{ChunkIn, Kernel, Scratch, TensorStats};
@@ -12,6 +13,8 @@ pub struct Svd {
     pub name: &'static str,
     /// Iso-CTS: the fraction of the rank given to the common subspace.
     pub common_space_fraction: Option<f64>,
+    /// WUDI: Adam's steps and learning rate.
+    pub wudi: Option<(u64, f64)>,
 }
 
 impl Svd {
@@ -21,9 +24,22 @@ impl Svd {
         } else {
             None
         };
+        let wudi = if name == "wudi" {
+            let steps = r.num("steps", 400.0, 0.0, 1e6, false)?;
+            if steps.fract() != 0.0 {
+                return Err(crate::error::Error::param(
+                    "steps",
+                    format!("{steps} is not a whole number of steps"),
+                ));
+            }
+            Some((steps as u64, r.num("lr", 1e-5, 0.0, 1.0, true)?))
+        } else {
+            None
+        };
         Ok(Svd {
             name,
             common_space_fraction,
+            wudi,
         })
     }
 }
@@ -34,9 +50,10 @@ impl Kernel for Svd {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        match self.common_space_fraction {
-            Some(f) => serde_json::json!({ "common_space_fraction": f }),
-            None => serde_json::json!({}),
+        match (self.common_space_fraction, self.wudi) {
+            (Some(f), _) => serde_json::json!({ "common_space_fraction": f }),
+            (_, Some((steps, lr))) => serde_json::json!({ "steps": steps, "lr": lr }),
+            _ => serde_json::json!({}),
         }
     }
 
