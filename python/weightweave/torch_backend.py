@@ -7,8 +7,9 @@ consumer folds each delta into the method's running state — TSV keeps only the
 triplets of each task, Iso-C a running sum — so device memory holds a few copies of the largest
 tensor whatever the number of tasks (Iso-CTS projects every task's delta on the common subspace
 of their sum, and WUDI descends on a loss over all T, so both keep the T deltas of the tensor).
-M goes back to the core, which pools it with the deltas and writes it like any other method. Tensors that are not 2-D (or
-match ``svd_exclude``) take the mean of the deltas, computed in Rust without crossing into Python.
+M goes back to the core, which pools it with the deltas and writes it like any other method.
+Tensors that are not 2-D (or match ``svd_exclude``) take the mean of the deltas, computed in Rust
+without crossing into Python.
 """
 
 from __future__ import annotations
