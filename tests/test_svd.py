@@ -167,6 +167,11 @@ def test_wudi_hand_cases():
     taus = [torch.randn(16, 10, generator=g) for _ in range(3)]
     m = ww.merge_arrays(zero, [{"w": t} for t in taus], method="wudi", lam=1.0, steps=50, lr=1e-2)["w"]
     assert _wudi_loss(m, taus) < 0.9 * _wudi_loss(sum(taus), taus)
+    # A zero delta has no interference: its term (0/0 in FusionBench, which turns M into NaN) is
+    # left out, and the other tasks' merge is what it would be without it.
+    with_zero = ww.merge_arrays(zero, [{"w": t} for t in taus] + [zero], method="wudi", lam=1.0, steps=50,
+                                lr=1e-2)["w"]  # fmt: skip
+    assert torch.equal(with_zero, m)
     for bad in ({"steps": 1.5}, {"steps": -1}, {"lr": 0.0}, {"lr": float("nan")}):
         with pytest.raises(ww.ParamError):
             ww.merge_arrays(zero, [{"w": tau}], method="wudi", **bad)

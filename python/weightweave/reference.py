@@ -251,8 +251,10 @@ def _wudi(taus: list[Tensor], steps: int, lr: float) -> Tensor:
     merged = torch.nn.Parameter(torch.sum(tvs, dim=0))
     optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
     l2_norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
+    # SPEC's exception to the reference: a zero τ_t's term (0/0 there) is left out.
+    tvs, l2_norms = tvs[l2_norms > 0], l2_norms[l2_norms > 0]
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in range(steps if len(tvs) else 0):
             disturbing = merged.unsqueeze(0) - tvs
             product = torch.matmul(disturbing, tvs.transpose(1, 2))
             loss = torch.sum(torch.square(product) / l2_norms.unsqueeze(-1).unsqueeze(-1))

@@ -178,9 +178,13 @@ class WudiState:
         self.deltas = []
         m = torch.nn.Parameter(torch.sum(tvs, dim=0))
         norms = torch.square(torch.norm(tvs.reshape(tvs.shape[0], -1), p=2, dim=-1))
+        # A zero τ_t interferes with nothing: its term (0/0 in the reference, which then turns M
+        # into NaN) is left out.
+        keep = norms > 0
+        tvs, norms = tvs[keep], norms[keep]
         opt = torch.optim.Adam([m], lr=self.lr, weight_decay=0)
         with torch.enable_grad():
-            for _ in range(self.steps):
+            for _ in range(self.steps if len(tvs) else 0):
                 product = torch.matmul(m.unsqueeze(0) - tvs, tvs.transpose(1, 2))
                 loss = torch.sum(torch.square(product) / norms.unsqueeze(-1).unsqueeze(-1))
                 opt.zero_grad()
