@@ -231,14 +231,14 @@ def merge(
     out: PathLike,
     *,
     method: str,
-    lam: float | None = None,
+    lam: float | str | None = None,
     seed: int = 0,
     threads: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | str | None = None,
     compat: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
@@ -254,7 +254,9 @@ def merge(
             directory's config files are copied in).
         method: One of ``METHODS``, or of ``MERGEKIT_ONLY`` (mergekit's other methods, with mergekit's
             semantics and parameter names: ``slerp`` takes ``t``, ``model_stock`` ``filter_wise``, ...).
-        lam: The scaling factor λ (default: 0.3 for task_arithmetic, 0.5 for magmax, else 1.0).
+        lam: The scaling factor λ (default: 0.3 for task_arithmetic, 0.5 for magmax, else 1.0), or
+            ``"metagpt"``: MetaGPT's closed form, per-task weights λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² (exact
+            norms over the whole model, one more read of the inputs) with λ = 1.
         seed: Seed of the counter-based generator (DARE masks).
         threads: Worker threads (default: all cores).
         chunk_size: Elements per chunk (default 262144); memory is O(chunk_size × threads × T).
@@ -265,7 +267,8 @@ def merge(
             file or non-empty directory is an error). Only outputs weightweave wrote are ever
             replaced, atomically.
         weights: One weight per fine-tune: every method, and Weight Weaving's A*, use w_t·τ_t
-            in place of τ_t (mergekit's per-model ``weight``; may be negative or zero).
+            in place of τ_t (mergekit's per-model ``weight``; may be negative or zero); or
+            ``"metagpt"`` for MetaGPT's λ_t as the weights.
         compat: ``"mergekit"`` computes mergekit's version of the method (its names and
             semantics: per-tensor sparsification, weights after it, normalized sign consensus;
             see the README's semantics table); default: the papers' semantics of SPEC.md.
@@ -273,7 +276,11 @@ def merge(
             raising from it cancels the merge.
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
             ``rescale``, ``ties_density`` (see the README's method table); ``density`` and
-            ``gamma`` may be lists, one value per fine-tune.
+            ``gamma`` may be lists, one value per fine-tune. LiNeS, with any method:
+            ``lines=True`` scales M in block ℓ of L by α + λ·(ℓ − 1)/(L − 1) and elsewhere by α
+            (λ is LiNeS's β); ``lines_alpha`` (default ``"auto"``: ‖Σ_t τ'_t‖₁ / (T·‖M‖₁), one
+            more pass), ``lines_blocks`` (default: one more than the largest block index in the
+            names; a name's block is its first integer component, ``layers.7.``).
 
     Returns:
         A :class:`Report`.
@@ -303,7 +310,7 @@ def weave(
     out_dtype: str | None = None,
     shard_size: int | None = None,
     overwrite: bool = False,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | str | None = None,
     compat: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
@@ -318,7 +325,8 @@ def weave(
             ``{"lam": "0.1:1.0:0.1", "density": [0.1, 0.2, 0.3]}`` (the Cartesian product,
             the first name outermost; without ``lam``, the default Λ is the first axis) or a
             list of points such as ``[{"lam": 0.5, "density": 0.2}, ...]`` (each sets ``lam``).
-            A point may set ``weights`` (a vector for M only; A*'s deltas keep ``weights``).
+            A point may set ``weights`` (a vector for M only; A*'s deltas keep ``weights``), and
+            with ``lines=True`` its own ``lines_alpha`` (its λ is LiNeS's β).
             M is computed once per distinct parameter set, all in the same passes.
         pool: ``"mean"``, ``"random"``, ``"magmax"``, or a function ``f(A) -> P``: ``A`` is one
             block of A* as a float32 numpy array of shape (N, n) (rows in A* order: the deltas,
@@ -437,6 +445,9 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
             return {k: v if _is_torch(v) else torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
 
         ms_t = [as_torch(m) for m in models]
+        if job["metagpt"]:
+            # The core finds MetaGPT's weights (exact norms) before any M is computed here.
+            job = {**job, "weights": _rust.metagpt_buffers(b, ms, job), "metagpt": False}
         m_by_name = _backend().merged_tensors(as_torch(base), ms_t, job["method"], weights=job["weights"],
                                               params=job["params"], **svd)  # fmt: skip
         given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
@@ -468,12 +479,12 @@ def merge_arrays(
     models: Sequence[Mapping[str, Any]],
     *,
     method: str,
-    lam: float | None = None,
+    lam: float | str | None = None,
     seed: int = 0,
     threads: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str | None = None,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | str | None = None,
     compat: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
@@ -501,7 +512,7 @@ def weave_arrays(
     threads: int | None = None,
     chunk_size: int | None = None,
     out_dtype: str | None = None,
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | str | None = None,
     compat: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],

@@ -192,7 +192,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="method parameter, e.g. --set density=0.2, or one per model: density=0.2,0.5,0.3 (repeatable)",
     )
-    p.add_argument("--weights", help="one weight per fine-tuned model, e.g. 0.2,0.5,1 (τ_t → w_t·τ_t)")
+    p.add_argument("--weights", help="one weight per fine-tuned model, e.g. 0.2,0.5,1 (τ_t → w_t·τ_t), or "
+                   "'metagpt' (MetaGPT's ‖τ_t‖²/Σ‖τ_k‖²)")  # fmt: skip
     p.add_argument("--compat", choices=["paper", "mergekit"],
                    help="mergekit: mergekit's semantics and names (see the README's semantics table)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
@@ -215,7 +216,14 @@ def methods_table() -> str:
         params = ", ".join(f"{k}={v}" for k, v in d["params"].items()) or "-"
         rows.append(f"  {d['method']:16} {d['description']}\n  {'':16} parameters: {params}\n"
                     f"  {'':16} λ for merge: {d['lam']:g}   Λ for weave: {d['lambdas_text']}")  # fmt: skip
-    return "methods:\n" + "\n".join(rows)
+    return "methods:\n" + "\n".join(rows) + "\n" + DATA_FREE
+
+
+DATA_FREE = """data-free λ (with every method):
+  MetaGPT          --lam metagpt (merge: weights λ_t = ‖τ_t‖²/Σ‖τ_k‖², λ = 1), --weights metagpt (merge, weave)
+  LiNeS            --set lines=true: block ℓ of L scaled by α + λ·(ℓ−1)/(L−1), α outside the blocks (λ is
+                   LiNeS's β); --set lines_alpha=X (default: ‖Σ τ‖₁/(T·‖M‖₁)), --set lines_blocks=L
+                   (default: from the names); weave: --grid lines_alpha=..."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     m = sub.add_parser("merge", help="θ_pre + λ·M", epilog=epilog, formatter_class=raw)
     _common(m)
-    m.add_argument("--lam", type=float, help="scaling factor λ (default per method)")
+    m.add_argument("--lam", type=_lam, help="scaling factor λ (default per method), or 'metagpt' (per-task "
+                   "weights ‖τ_t‖²/Σ‖τ_k‖², λ = 1)")  # fmt: skip
     w = sub.add_parser("weave", help="Weight Weaving: pool over a search space Λ", epilog=epilog, formatter_class=raw)
     _common(w)
     w.add_argument("--lambdas", help="start:stop:step or a,b,c (default: the paper's range)")
@@ -321,9 +330,20 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
     return 0
 
 
-def _weights(text: str | None) -> list[float] | None:
+def _lam(text: str) -> float | str:
+    if text.strip() == "metagpt":
+        return "metagpt"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor 'metagpt'") from None
+
+
+def _weights(text: str | None) -> list[float] | str | None:
     if text is None:
         return None
+    if text.strip() == "metagpt":
+        return "metagpt"
     try:
         return [float(x) for x in text.split(",")]
     except ValueError:

@@ -175,10 +175,10 @@ def _search(search: object) -> dict[str, list[Any]] | list[dict[str, Any]]:
     return points
 
 
-def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None = None,
+def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str | None = None,
          lambdas: Sequence[float] | str | None = None, pool: PoolArg = "mean", include_deltas: bool = True,
          seed: int = 0, threads: int | None = None, chunk_size: int | None = None,
-         out_dtype: str | None = None, weights: Sequence[float] | None = None,
+         out_dtype: str | None = None, weights: Sequence[float] | str | None = None,
          search: SearchArg | None = None, compat: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The recipe and run options, validated, as the one mapping every Rust entry point takes."""
     for name, v in (("threads", threads), ("chunk_size", chunk_size)):
@@ -186,10 +186,24 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
             raise ParamError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ParamError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    metagpt = False
+    if isinstance(weights, str) and weights == "metagpt":
+        metagpt, weights = True, None
+    if isinstance(lam, str) and lam == "metagpt":
+        # MetaGPT's closed form: per-task weights from the norms, λ = 1 (SPEC).
+        if mode != "merge":
+            raise ParamError("lam='metagpt' is a plain merge's λ; to weave MetaGPT-weighted merges, "
+                             "pass weights='metagpt'")  # fmt: skip
+        if metagpt:
+            raise ParamError("lam='metagpt' already sets the weights: give it, or weights='metagpt', not both")
+        metagpt, lam = True, 1.0
+    if metagpt and weights is not None:
+        raise ParamError("MetaGPT sets the weights (λ_t = ‖τ_t‖² / Σ‖τ_k‖²): give weights or metagpt, not both")
     if lam is not None:
         if isinstance(lam, bool) or not _is_number(lam):
-            raise ParamError(f"lam must be a number, got {lam!r}")
+            raise ParamError(f"lam must be a number or 'metagpt', got {lam!r}")
         lam = _f32_checked("lam", float(lam))
+    lines = _lines(params)
     if weights is not None:
         if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__") or getattr(
             weights, "ndim", 1
@@ -221,6 +235,33 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | None
         "weights": weights,
         "search": None if search is None else _search(search),
         "compat": compat,
+        "metagpt": metagpt,
+        "lines": lines,
     }
+
+
+#: LiNeS's options, taken out of the method parameters.
+LINES_KEYS = ("lines", "lines_alpha", "lines_blocks")
+
+
+def _lines(params: dict[str, Any]) -> dict[str, Any] | None:
+    """Pops LiNeS's options off ``params``: None when LiNeS is off, else its α (None: the paper's
+    rule) and L (None: from the names)."""
+    on = as_bool("lines", params.pop("lines", False))
+    alpha = params.pop("lines_alpha", None)
+    blocks = params.pop("lines_blocks", None)
+    if not on:
+        if alpha is not None or blocks is not None:
+            raise ParamError("lines_alpha and lines_blocks are LiNeS's: pass lines=True to scale by depth")
+        return None
+    if isinstance(alpha, str) and alpha == "auto":
+        alpha = None
+    if alpha is not None:
+        if isinstance(alpha, bool) or not _is_number(alpha):
+            raise ParamError(f"lines_alpha must be a number or 'auto', got {alpha!r}")
+        alpha = _f32_checked("lines_alpha", float(alpha))
+    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool) or not 2 <= blocks < 2**31):
+        raise ParamError(f"lines_blocks must be an integer of at least 2, got {blocks!r}")
+    return {"alpha": alpha, "blocks": blocks}
 
 

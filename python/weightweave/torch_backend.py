@@ -246,6 +246,13 @@ def run_session(
     each task's delta (τ'_t = w_t·τ_t), as the core does for the other tensors; ``params`` are the
     method's (Iso-CTS's common_space_fraction)."""
     dev = pick_device(device)
+    try:
+        # MetaGPT's weights take a pass over the inputs before any tensor: the core's weights
+        # then serve the deltas here and every tensor it computes itself.
+        weights = sess.resolve_weights(progress)
+    except BaseException:
+        sess.abort()
+        raise
     tensors = sess.tensors()
     targets = svd_targets(tensors, svd_exclude)
     opts = _state_options(method, params)

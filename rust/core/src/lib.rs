@@ -15,6 +15,7 @@ pub mod pool;
 pub mod reader;
 pub mod recipe;
 pub mod rng;
+pub mod scaling;
 pub mod select;
 pub mod session;
 pub mod simd;

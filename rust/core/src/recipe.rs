@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::methods::{Method, Param, Params};
 use crate::pool::Pool;
+use crate::scaling::Lines;
 
 /// Search points accepted in one run (each costs a term per element of the pool).
 pub const MAX_POINTS: usize = 1 << 20;
@@ -79,6 +80,10 @@ pub struct Job {
     pub pool_fn: Option<CustomPool>,
     /// "mergekit" for mergekit's semantics; None or "paper" for SPEC.md's.
     pub compat: Option<String>,
+    /// The weights are MetaGPT's, λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖², found in a pass over the inputs.
+    pub metagpt: bool,
+    /// LiNeS: each point's λ becomes α + λ·(ℓ − 1)/(L − 1) in block ℓ (α outside the blocks).
+    pub lines: Option<Lines>,
 }
 
 impl Job {
@@ -96,6 +101,8 @@ impl Job {
             space: None,
             pool_fn: None,
             compat: None,
+            metagpt: false,
+            lines: None,
         }
     }
 }
@@ -112,6 +119,8 @@ pub struct ParamSet {
 pub struct Point {
     pub lam: f32,
     pub set: usize,
+    /// The point's own LiNeS α (`lines_alpha`), if it sets one.
+    pub alpha: Option<f32>,
 }
 
 /// What is done with the M of each set.
@@ -160,6 +169,9 @@ pub struct Recipe {
     pub seed: u64,
     /// Per-model weights of A*'s deltas (and of every set that does not set its own).
     pub weights: Option<Vec<f32>>,
+    /// The weights are still to be found as MetaGPT's (`weights` is then `None`).
+    pub metagpt: bool,
+    pub lines: Option<Lines>,
 }
 
 impl Recipe {
@@ -219,7 +231,13 @@ impl Job {
         let mut weights = self.weights.clone();
         for (k, v) in overrides {
             match (k.as_str(), v) {
-                ("lam", _) => {}
+                ("lam" | "lines_alpha", _) => {}
+                ("weights", Param::List(_)) if self.metagpt => {
+                    return Err(Error::param(
+                        "weights",
+                        "a point's own weights and MetaGPT's weights: give one of them",
+                    ))
+                }
                 ("weights", Param::List(w)) => weights = Some(w.clone()),
                 ("weights", other) => {
                     return Err(Error::param(
@@ -382,6 +400,7 @@ impl Job {
                 ),
             ));
         }
+        self.check_scaling()?;
         let weights = self
             .weights
             .as_ref()
@@ -441,12 +460,17 @@ impl Job {
                         other => other,
                     };
                     let lam = lam_value("lam", &p["lam"]).map_err(at)?;
+                    let alpha = self.point_alpha(p).map_err(at)?;
                     let set = self.param_set(p).map_err(at)?;
                     let idx = *index.entry(format!("{set:?}")).or_insert_with(|| {
                         sets.push(set);
                         sets.len() - 1
                     });
-                    points.push(Point { lam, set: idx });
+                    points.push(Point {
+                        lam,
+                        set: idx,
+                        alpha,
+                    });
                 }
                 // Kernel methods share statistics between sets with the same key (slerp's
                 // norms serve every t); the others gather their own per set.
@@ -484,6 +508,8 @@ impl Job {
                     },
                     seed: self.seed,
                     weights,
+                    metagpt: self.metagpt,
+                    lines: self.lines,
                 });
             }
         };
@@ -492,7 +518,40 @@ impl Job {
             combine,
             seed: self.seed,
             weights,
+            metagpt: self.metagpt,
+            lines: self.lines,
         })
+    }
+
+    /// Checks the data-free λ options (MetaGPT, LiNeS) against the rest of the job.
+    fn check_scaling(&self) -> Result<()> {
+        if self.metagpt && self.weights.is_some() {
+            return Err(Error::param(
+                "weights",
+                "MetaGPT sets the weights (λ_t = ‖τ_t‖² / Σ‖τ_k‖²): give weights or metagpt, not both",
+            ));
+        }
+        if let Some(l) = &self.lines {
+            if let Some(a) = l.alpha {
+                lam_value("lines_alpha", &Param::Num(a as f64))?;
+            }
+            if l.blocks == Some(0) {
+                return Err(Error::param("lines_blocks", "must be at least 2"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A point's own LiNeS α (`lines_alpha`), only with LiNeS.
+    fn point_alpha(&self, p: &Params) -> Result<Option<f32>> {
+        match (p.get("lines_alpha"), &self.lines) {
+            (None, _) => Ok(None),
+            (Some(_), None) => Err(Error::param(
+                "lines_alpha",
+                "is LiNeS's α: turn LiNeS on (lines) to search over it",
+            )),
+            (Some(v), Some(_)) => lam_value("lines_alpha", v).map(Some),
+        }
     }
 
     pub fn out_dtype(&self) -> Result<Option<crate::DType>> {
@@ -562,6 +621,12 @@ impl Job {
         }
         if let Some(c) = &self.compat {
             r["compat"] = serde_json::json!(c);
+        }
+        if self.metagpt {
+            r["weights"] = serde_json::json!("metagpt");
+        }
+        if let Some(l) = &self.lines {
+            r["lines"] = serde_json::json!({"alpha": l.alpha.map_or(serde_json::json!("auto"), |a| serde_json::json!(a)), "blocks": l.blocks});
         }
         // Numbers as the caller gave them (f64), not the f32 the arithmetic uses: 0.3, not
         // 0.30000001192092896.

@@ -66,6 +66,15 @@ impl Session {
                 ),
             ));
         }
+        if crate::scaling::auto_alpha_sets(&recipe).iter().any(|&a| a) {
+            return Err(Error::param(
+                "lines_alpha",
+                format!(
+                    "LiNeS's α rule needs the whole merged task vector before the first tensor is written, which {} computes tensor by tensor; give lines_alpha",
+                    recipe.method().name()
+                ),
+            ));
+        }
         let tasks = models.len() as u64;
         let total = opened
             .plan
@@ -143,6 +152,35 @@ impl Session {
         Ok(out.iter().all(|v| v.is_finite()))
     }
 
+    /// Finds MetaGPT's weights when the recipe asks for them (a pass over every input; before
+    /// any tensor is written) and returns the weights every task's delta takes, if any.
+    pub fn resolve_weights(
+        &mut self,
+        progress: pipeline::Progress,
+        cancel: &AtomicBool,
+    ) -> Result<Option<Vec<f32>>> {
+        if self.recipe.metagpt {
+            let views: Vec<ModelView> = self.models.iter().map(|m| m.view()).collect();
+            let (w, bytes) = pipeline::metagpt_weights(
+                &self.base.view(),
+                &views,
+                &self.plan,
+                &self.recipe,
+                self.opts,
+                progress,
+                cancel,
+            )?;
+            self.done.fetch_add(bytes, Ordering::Relaxed);
+            self.total += bytes;
+            self.recipe.metagpt = false;
+            self.recipe.weights = Some(w.clone());
+            for s in &mut self.recipe.sets {
+                s.weights.get_or_insert_with(|| w.clone());
+            }
+        }
+        Ok(self.recipe.weights.clone())
+    }
+
     /// Starts reading a tensor's inputs in the background (I/O overlapped with the caller's work).
     pub fn prefetch(&self, tensor: usize) {
         let name = &self.plan[tensor].name;
@@ -185,6 +223,12 @@ impl Session {
             .plan
             .get(tensor)
             .ok_or_else(|| Error::param("tensor", format!("index {tensor} out of range")))?;
+        if self.recipe.metagpt {
+            return Err(Error::param(
+                "session",
+                "MetaGPT's weights are not found yet: call resolve_weights() before writing",
+            ));
+        }
         if let Some(m) = m {
             if !t.mergeable || m.len() != t.numel {
                 return Err(Error::param(

@@ -107,6 +107,8 @@ fn job(method: &str, mode: Mode, threads: usize, chunk: usize) -> Job {
         space: None,
         pool_fn: None,
         compat: None,
+        metagpt: false,
+        lines: None,
     }
 }
 

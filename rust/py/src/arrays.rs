@@ -106,6 +106,29 @@ pub fn plan_buffers<'py>(
     Ok(out)
 }
 
+/// MetaGPT's weights of in-memory models (the torch backend needs them before it computes M).
+#[pyfunction]
+pub fn metagpt_buffers<'py>(
+    py: Python<'py>,
+    base: Vec<Entry<'py>>,
+    models: Vec<Vec<Entry<'py>>>,
+    job: &Bound<'py, PyDict>,
+) -> PyResult<Vec<f32>> {
+    let job = convert::job(job)?;
+    let (b, ms) = inputs(base, models)?;
+    let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
+    let base_view = b.view();
+    run_detached(py, None, |report, cancel| {
+        let plan = plan_views(&base_view, &views, &job, cancel)?;
+        let recipe = job.recipe_cancellable(cancel)?;
+        let opts = job.options();
+        weightweave_core::pipeline::metagpt_weights(
+            &base_view, &views, &plan, &recipe, opts, report, cancel,
+        )
+        .map(|(w, _)| w)
+    })
+}
+
 struct MemSink {
     /// Per planned tensor: (address, length) of the caller's writable buffer.
     targets: Vec<(usize, usize)>,

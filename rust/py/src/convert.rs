@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use weightweave_core::scaling::Lines;
 use weightweave_core::{CustomPool, Error, Job, Mode, Param, Params, Space};
 
 use crate::errors::ParamError;
@@ -139,7 +140,7 @@ where
 
 /// Parses the `job` mapping: method, params, mode ("merge" | "weave"), lam, lambdas, search,
 /// pool (a name or a function), include_deltas, seed, threads, chunk_size, out_dtype, weights,
-/// compat.
+/// compat, metagpt (bool), lines (None or {alpha, blocks}).
 pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
     let method: String = item(d, "method", String::new())?;
     let params = match d.get_item("params")? {
@@ -187,5 +188,18 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         space,
         pool_fn: pool_fn_,
         compat: item(d, "compat", None)?,
+        metagpt: item(d, "metagpt", false)?,
+        lines: match d.get_item("lines")? {
+            Some(l) if !l.is_none() => {
+                let l = l
+                    .cast::<PyDict>()
+                    .map_err(|_| ParamError::new_err("lines must be a dict of alpha and blocks"))?;
+                Some(Lines {
+                    alpha: item(l, "alpha", None)?,
+                    blocks: item(l, "blocks", None)?,
+                })
+            }
+            _ => None,
+        },
     })
 }

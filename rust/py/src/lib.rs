@@ -22,6 +22,7 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::names_matching, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::plan_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::merge_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(arrays::metagpt_buffers, m)?)?;
     m.add_class::<session::Session>()?;
     m.add_class::<session::TensorBuffer>()?;
     errors::register(m)

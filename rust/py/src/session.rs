@@ -233,6 +233,21 @@ impl Session {
     }
 
     /// (bytes processed, bytes to process).
+    /// MetaGPT's weights, found in a pass over the inputs when the job asks for them (call before
+    /// any `delta` or `write`); the weights every task's delta takes (None: unweighted).
+    #[pyo3(signature = (progress=None))]
+    fn resolve_weights(
+        &self,
+        py: Python<'_>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Option<Vec<f32>>> {
+        let mut g = self.inner.write().map_err(|_| closed())?;
+        let s = g.as_mut().ok_or_else(closed)?;
+        crate::progress::run_detached(py, progress, |report, cancel| {
+            s.resolve_weights(report, cancel)
+        })
+    }
+
     fn progress(&self) -> PyResult<(u64, u64)> {
         self.with(|s| Ok(s.progress()))
     }

@@ -6,6 +6,7 @@
 
 mod kernel;
 mod output;
+mod scaling;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -17,7 +18,6 @@ use crate::dtype::{decode, decode_delta, decode_finite, first_non_finite};
 use crate::error::{Error, Result};
 use crate::methods::{elementwise, Rows};
 use crate::plan::{Chunk, TensorPlan};
-use crate::pool::sets::SetPoints;
 use crate::reader::{ModelView, TensorRef};
 use crate::recipe::{Combine, Recipe};
 use crate::rng::Stream;
@@ -138,8 +138,9 @@ pub(crate) struct Engine<'a> {
     pub(crate) given: Given<'a>,
     /// Worker buffers handed from pass to pass (a pass per tensor is common with scope=tensor).
     pub(crate) spare: Mutex<Vec<Work>>,
-    /// The points of each parameter set.
-    pub(crate) points: Vec<SetPoints>,
+    /// What each depth class pools with (one class without LiNeS), and each tensor's class.
+    pub(crate) classes: Vec<scaling::Class>,
+    pub(crate) class_of: Vec<u32>,
     /// Each set's weights for M (ones without weights), and whether they differ from A*'s.
     pub(crate) weights: Vec<Vec<f32>>,
     pub(crate) own_weights: Vec<bool>,
@@ -264,68 +265,53 @@ pub fn run_chunks(
         .filter(|c| plan[c.tensor].requant.is_some())
         .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
         .sum();
-    let sets = recipe.sets.len();
-    let ones = vec![1.0f32; models.len()];
-    let weights: Vec<Vec<f32>> = recipe
-        .sets
+    // MetaGPT's norms and LiNeS's α take a pass each.
+    let auto_alpha = crate::scaling::auto_alpha_sets(recipe)
         .iter()
-        .map(|s| s.weights.clone().unwrap_or_else(|| ones.clone()))
-        .collect();
-    let own_weights: Vec<bool> = recipe
-        .sets
-        .iter()
-        .map(|s| s.weights != recipe.weights)
-        .collect();
-    let mergekit = method.unweighted();
-    use crate::methods::kernel::{Inputs, Output};
-    let values = method.inputs() == Inputs::Values;
-    let value_out = method.output() == Output::Value;
-    let points = match &recipe.combine {
-        Combine::Merge { lam } => vec![SetPoints {
-            index: vec![0],
-            lams: vec![*lam],
-            lam_sum: *lam,
-            increasing: true,
-        }],
-        Combine::Weave { points, .. } => SetPoints::of(points, sets),
-    };
-    let engine = Engine {
-        models,
-        plan,
-        recipe,
-        // A computed scale tensor has no input of its own: its weight's stands in (never read).
-        base_refs: plan.iter().map(|t| base.tensors[source(plan, t)]).collect(),
-        model_refs: models
-            .iter()
-            .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
-            .collect(),
-        done: AtomicU64::new(0),
-        total: merge_bytes * passes + copy_bytes + 2 * long_rows + requant_bytes,
-        progress,
-        cancel,
-        given,
-        spare: Mutex::new(Vec::new()),
-        points,
-        need_plain: recipe.weights.is_some() && (mergekit || own_weights.iter().any(|&o| o)),
-        weights,
-        own_weights,
-        values,
-        value_out,
-        values_only: value_out
-            && !method.reads_deltas()
-            && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0),
-        rows,
-        stats_passes: AtomicU32::new(0),
-        in_output: AtomicBool::new(false),
-    };
+        .zip(&recipe.sets)
+        .any(|(&a, s)| a && !(s.method.sum_of_deltas() && s.weights == recipe.weights));
+    let scaling_bytes = merge_bytes * (recipe.metagpt as u64 + auto_alpha as u64);
+    let total = merge_bytes * passes + copy_bytes + 2 * long_rows + requant_bytes + scaling_bytes;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
         .map_err(|e| Error::param("threads", e.to_string()))?;
+    let parts = Run {
+        base,
+        models,
+        plan,
+        progress,
+        cancel,
+        given,
+        total,
+    };
+    let resolved;
+    let mut recipe = recipe;
+    let (mut done, mut stats_passes) = (0, 0);
+    if recipe.metagpt {
+        // The norms of the unweighted deltas set the weights of everything after.
+        let pre = parts.engine(recipe, 0, 0);
+        let norms = pool.install(|| pre.task_sq_norms(merge))?;
+        let w = crate::scaling::metagpt_weights(&norms)?;
+        (done, stats_passes) = (pre.done.into_inner(), pre.stats_passes.into_inner());
+        let mut r = recipe.clone();
+        r.metagpt = false;
+        r.weights = Some(w.clone());
+        for s in &mut r.sets {
+            s.weights.get_or_insert_with(|| w.clone());
+        }
+        resolved = r;
+        recipe = &resolved;
+    }
+    let mut engine = parts.engine(recipe, done, stats_passes);
     pool.install(|| {
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
         let stats = engine.statistics(merge, opts.chunk_size)?;
+        if recipe.lines.is_some() {
+            let alphas = engine.lines_alphas(merge, &stats)?;
+            (engine.classes, engine.class_of) = scaling::classes(recipe, plan, &alphas)?;
+        }
         let scales = engine.requant_scales(merge, &stats)?;
         if debug {
             eprintln!("statistics: {:.2}s", t0.elapsed().as_secs_f64());
@@ -341,7 +327,129 @@ pub fn run_chunks(
     Ok(engine.done.load(Ordering::Relaxed))
 }
 
+/// MetaGPT's weights λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² of `recipe`'s inputs, from one pass over every
+/// mergeable tensor (for callers that need them before a merge: the torch backend), and the
+/// bytes read.
+#[allow(clippy::too_many_arguments)]
+pub fn metagpt_weights(
+    base: &ModelView,
+    models: &[ModelView],
+    plan: &[TensorPlan],
+    recipe: &Recipe,
+    opts: Options,
+    progress: Progress,
+    cancel: &AtomicBool,
+) -> Result<(Vec<f32>, u64)> {
+    let chunk = opts.chunk_size.max(1);
+    let (merge, _) = crate::plan::chunks(plan, chunk, Rows::None);
+    let tasks = models.len() as u64;
+    let total = merge
+        .iter()
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+        .sum();
+    let mut r = recipe.clone();
+    r.weights = None;
+    for s in &mut r.sets {
+        s.weights = None;
+    }
+    let run = Run {
+        base,
+        models,
+        plan,
+        progress,
+        cancel,
+        given: &[],
+        total,
+    };
+    let engine = run.engine(&r, 0, 0);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(1))
+        .build()
+        .map_err(|e| Error::param("threads", e.to_string()))?;
+    let norms = pool.install(|| engine.task_sq_norms(&merge))?;
+    Ok((crate::scaling::metagpt_weights(&norms)?, total))
+}
+
+/// What every engine of one run shares.
+struct Run<'a> {
+    base: &'a ModelView<'a>,
+    models: &'a [ModelView<'a>],
+    plan: &'a [TensorPlan],
+    progress: Progress<'a>,
+    cancel: &'a AtomicBool,
+    given: Given<'a>,
+    total: u64,
+}
+
+impl<'a> Run<'a> {
+    /// An engine for `recipe`, its progress starting at `done` bytes and `stats_passes`.
+    fn engine(&self, recipe: &'a Recipe, done: u64, stats_passes: u32) -> Engine<'a> {
+        let (models, plan) = (self.models, self.plan);
+        let method = recipe.method();
+        let ones = vec![1.0f32; models.len()];
+        let weights: Vec<Vec<f32>> = recipe
+            .sets
+            .iter()
+            .map(|s| s.weights.clone().unwrap_or_else(|| ones.clone()))
+            .collect();
+        let own_weights: Vec<bool> = recipe
+            .sets
+            .iter()
+            .map(|s| s.weights != recipe.weights)
+            .collect();
+        let mergekit = method.unweighted();
+        use crate::methods::kernel::{Inputs, Output};
+        let value_out = method.output() == Output::Value;
+        // Without LiNeS every tensor is of one class; LiNeS's come once its α are known.
+        let classes = vec![scaling::Class::of(
+            recipe.combine.clone(),
+            recipe.sets.len(),
+        )];
+        Engine {
+            models,
+            plan,
+            recipe,
+            // A computed scale tensor has no input of its own: its weight's stands in (never read).
+            base_refs: plan
+                .iter()
+                .map(|t| self.base.tensors[source(plan, t)])
+                .collect(),
+            model_refs: models
+                .iter()
+                .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
+                .collect(),
+            done: AtomicU64::new(done),
+            total: self.total,
+            progress: self.progress,
+            cancel: self.cancel,
+            given: self.given,
+            spare: Mutex::new(Vec::new()),
+            classes,
+            class_of: vec![0; plan.len()],
+            need_plain: recipe.weights.is_some() && (mergekit || own_weights.iter().any(|&o| o)),
+            weights,
+            own_weights,
+            values: method.inputs() == Inputs::Values,
+            value_out,
+            values_only: value_out
+                && !method.reads_deltas()
+                && !recipe.metagpt
+                && recipe.lines.is_none()
+                && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0),
+            rows: method.rows(),
+            stats_passes: AtomicU32::new(stats_passes),
+            in_output: AtomicBool::new(false),
+        }
+    }
+}
+
 impl<'a> Engine<'a> {
+    /// What tensor `t` is pooled with (its LiNeS depth class).
+    #[inline]
+    pub(crate) fn class(&self, t: usize) -> &scaling::Class {
+        &self.classes[self.class_of[t] as usize]
+    }
+
     pub(crate) fn tasks(&self) -> usize {
         self.models.len()
     }

@@ -147,11 +147,12 @@ impl Engine<'_> {
         let n = c.len;
         let t = &self.plan[c.tensor];
         let stream = Stream::new(self.recipe.seed, POOL_STREAM, &t.name);
+        let class = self.class(c.tensor);
         if self.recipe.sets.len() == 1 && !matches!(self.pool(), Some(Pool::Custom(_))) {
             self.set_m(w, 0, c, &stats[0])?;
             if self.value_out {
                 // mergekit's values are written as they are at λ = 1.
-                if let Combine::Merge { lam: 1.0 } = self.recipe.combine {
+                if let Combine::Merge { lam: 1.0 } = class.combine {
                     let Work { m, out, .. } = w;
                     out[..n].copy_from_slice(&m[..n]);
                     return Ok(());
@@ -164,12 +165,12 @@ impl Engine<'_> {
             let m_is_sum = self.recipe.method().sum_of_deltas() && !self.own_weights[0];
             let raw: Vec<&[f32]> = raw.iter().map(|d| &d[..n]).collect();
             pool::apply(
-                &self.recipe.combine,
-                &self.points[0].lams,
+                &class.combine,
+                &class.points[0].lams,
                 &raw,
                 &m[..n],
                 m_is_sum,
-                self.points[0].lam_sum,
+                class.points[0].lam_sum,
                 &base[..n],
                 &mut out[..n],
                 &stream,
@@ -205,6 +206,7 @@ impl Engine<'_> {
         }
         // One set and a built-in pool: pool, range-check and encode block by block, while each
         // block is still in L1.
+        let class = self.class(c.tensor);
         self.set_m(w, 0, c, &stats[0])?;
         let Work {
             base,
@@ -219,12 +221,12 @@ impl Engine<'_> {
         let in_range = encode_blocks(t, n, out, bytes, |r, out| {
             let raw: Vec<&[f32]> = raw.iter().map(|d| &d[r.clone()]).collect();
             pool::apply(
-                &self.recipe.combine,
-                &self.points[0].lams,
+                &class.combine,
+                &class.points[0].lams,
                 &raw,
                 &m[r.clone()],
                 m_is_sum,
-                self.points[0].lam_sum,
+                class.points[0].lam_sum,
                 &base[r.clone()],
                 out,
                 &stream,
@@ -239,11 +241,12 @@ impl Engine<'_> {
     fn weave_sets(&self, w: &mut Work, c: &Chunk, stats: &[Stats], stream: &Stream) -> Result<()> {
         let n = c.len;
         let t = &self.plan[c.tensor];
+        let class = self.class(c.tensor);
         let Combine::Weave {
             pool,
             points,
             include_deltas: include,
-        } = &self.recipe.combine
+        } = &class.combine
         else {
             unreachable!("several sets only in a weave")
         };
@@ -277,7 +280,7 @@ impl Engine<'_> {
                 Weaving::start(pool, points, &deltas, n, bufs, (stream, c.start as u64));
             drop(deltas);
             // The sets' M leave `raw` as it is (their own deltas go to `eff`).
-            for (j, s) in self.points.iter().enumerate() {
+            for (j, s) in class.points.iter().enumerate() {
                 if s.index.is_empty() {
                     continue;
                 }
@@ -304,7 +307,7 @@ impl Engine<'_> {
     }
 
     /// Turns a kernel's merged value in `w.m` into M − θ_base.
-    fn value_to_delta(&self, w: &mut Work, n: usize) {
+    pub(super) fn value_to_delta(&self, w: &mut Work, n: usize) {
         let Work { base, m, .. } = w;
         for (x, &b) in m[..n].iter_mut().zip(&base[..n]) {
             *x -= b;
