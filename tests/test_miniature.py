@@ -102,3 +102,17 @@ def test_demo_accuracy_is_wired(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_accuracy", lambda seed: seen.append(seed))
     assert main(["demo", "--accuracy", "--seed", "3"]) == 0
     assert seen == [3]
+
+
+def test_data_free_variants_reach_the_library(zoo):
+    (sc,) = M.scenarios(zoo, "multitask")
+    # "+metagpt": MetaGPT's weights at λ = 1 is the closed form itself.
+    direct = ww.merge_arrays(zoo.pre, sc.models, method="ties", lam="metagpt")
+    assert M.evaluate(zoo, "multitask", "ties+metagpt")["lam=1"] == sc.score(direct)
+    # "+lines": the encoder's three linear layers are LiNeS's blocks 0, 1, 2 (first unscaled by β).
+    got = M.merged(zoo.pre, sc.models, "task_arithmetic+lines", lam=0.5)
+    ta = ww.merge_arrays(zoo.pre, sc.models, method="task_arithmetic", lam=1.0)
+    t = len(sc.models)
+    for k, scale in (("1.weight", 1 / t), ("3.weight", 1 / t + 0.25), ("5.weight", 1 / t + 0.5)):
+        want = zoo.pre[k] + scale * (ta[k] - zoo.pre[k])
+        assert torch.allclose(got[k], want, atol=1e-5), k

@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 
 DOMAINS = ("original", "inverted", "rotated", "mirrored", "blurred", "thick")
-METHODS = ("task_arithmetic", "breadcrumbs", "magmax", "ties", "pcb", "tsv", "iso_c")
+#: The methods of the Weight Weaving paper (its claims are checked averaged over these) ...
+PAPER_METHODS = ("task_arithmetic", "breadcrumbs", "magmax", "ties", "pcb", "tsv", "iso_c")
+#: ... and the newer data-free methods and λ rules, with and without Weight Weaving.
+METHODS = PAPER_METHODS + ("iso_cts", "wudi", "task_arithmetic+metagpt", "ties+metagpt", "task_arithmetic+lines",
+                           "ties+lines")  # fmt: skip
+#: The data-free λ a method name may carry after a '+': MetaGPT's weights, LiNeS's depth scaling.
+VARIANTS = {"metagpt": {"weights": "metagpt"}, "lines": {"lines": True}}
 POOLS = ("mean", "random", "magmax")
 CL_DOMAIN = "rotated"
 CL_SPLITS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
@@ -184,15 +190,40 @@ def build_zoo(seed: int, *, domains: Sequence[str] = DOMAINS, continual: bool = 
 # ---- merging, all through weightweave ---------------------------------------------------------
 
 
+def split_method(method: str) -> tuple[str, dict[str, Any]]:
+    """``"ties+lines"`` → ("ties", LiNeS's options): a method and its data-free λ variant."""
+    name, _, variant = method.partition("+")
+    return name, dict(VARIANTS[variant]) if variant else {}
+
+
+# The encoder's three linear layers as LiNeS's blocks 0, 1, 2 (nn.Sequential numbers them 1, 3, 5).
+_BLOCKS = {"1.": "layers.0.", "3.": "layers.1.", "5.": "layers.2."}
+
+
+def _as_blocks(sd: dict[str, Any]) -> dict[str, Any]:
+    return {next(b + k[len(p):] for p, b in _BLOCKS.items() if k.startswith(p)): v for k, v in sd.items()}
+
+
+def _from_blocks(sd: dict[str, Any]) -> dict[str, Any]:
+    return {next(p + k[len(b):] for p, b in _BLOCKS.items() if k.startswith(b)): v for k, v in sd.items()}
+
+
 def merged(base: dict[str, Any], models: list[dict[str, Any]], method: str, *, lam: float | None = None,
            pool: str | None = None, seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """θ_pre + λ·M (``pool`` None) or Weight Weaving over the default Λ with ``pool``."""
+    """θ_pre + λ·M (``pool`` None) or Weight Weaving over the default Λ with ``pool``; a
+    ``+metagpt`` or ``+lines`` method takes that data-free λ (λ is then LiNeS's β)."""
     from . import api
 
-    extra = {"device": "cpu"} if method in api.SVD_METHODS else {}
+    method, extra = split_method(method)
+    if method in api.SVD_METHODS:
+        extra["device"] = "cpu"
+    if extra.get("lines"):
+        base, models = _as_blocks(base), [_as_blocks(m) for m in models]
     if pool is None:
-        return api.merge_arrays(base, models, method=method, lam=lam, seed=seed, threads=1, **extra)
-    return api.weave_arrays(base, models, method=method, pool=pool, seed=seed, threads=1, **extra)
+        out = api.merge_arrays(base, models, method=method, lam=lam, seed=seed, threads=1, **extra)
+    else:
+        out = api.weave_arrays(base, models, method=method, pool=pool, seed=seed, threads=1, **extra)
+    return _from_blocks(out) if extra.get("lines") else out
 
 
 @dataclass(frozen=True)
@@ -243,8 +274,9 @@ def evaluate(zoo: Zoo, setup: str, method: str) -> dict[str, Any]:
     Λ and its best point (the test-set oracle), each averaged over the setup's scenarios."""
     from . import api
 
-    lambdas = api.default_lambdas(method)
-    author = api._rust.default_lam(method)
+    name, _ = split_method(method)
+    lambdas = api.default_lambdas(name)
+    author = api._rust.default_lam(name)
     acc: dict[str, list[float]] = {"lam=1": [], "author": [], "best": []}
     acc.update({f"ww_{p}": [] for p in POOLS})
     curves = []
