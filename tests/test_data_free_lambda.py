@@ -258,3 +258,15 @@ def test_cli_and_recipes(ck, tmp_path):
     assert main(["run", str(recipe), str(out3), "-q"]) == 0
     want = RL.lines_merge(base, models, "ties", 1.0, BLOCKS, alpha=0.25, weights=w)
     assert_close_ulp(load(out3), want, atol=slack_for(base, models, "ties", 2.0, weights=w, extra=1e-7))
+
+
+@pytest.mark.parametrize("method,kw,k", [("slerp", {"t": 0.5}, 1), ("model_stock", {}, 3), ("karcher", {}, 3),
+                                         ("sce", {}, 3), ("ram", {}, 3), ("arcee_fusion", {}, 1),
+                                         ("nearswap", {"t": 0.01}, 1), ("passthrough", {}, 1)])  # fmt: skip
+def test_methods_without_weights_refuse_them(method, kw, k):
+    # mergekit's methods without a `weight` parameter: weights would be ignored, so they are an error.
+    base, models = state(2)
+    with pytest.raises(ww.ParamError, match="takes no per-model weights"):
+        ww.merge_arrays(base, models[:k], method=method, weights=[0.5] * k, **kw)
+    with pytest.raises(ww.ParamError, match="MetaGPT"):
+        ww.merge_arrays(base, models[:k], method=method, lam="metagpt", **kw)

@@ -64,10 +64,18 @@ def ck(tmp_path_factory):
     return base, models, bp, mps
 
 
+#: mergekit's methods without a `weight` parameter: weights given to them are an error.
+NO_WEIGHTS = ("slerp", "nearswap", "passthrough", "model_stock", "karcher", "sce", "ram", "ramplus_tl", "arcee_fusion")
+
+
+def _weights(method: str, k: int) -> dict:
+    return {} if method in NO_WEIGHTS else {"weights": WEIGHTS[:k]}
+
+
 def _merge(ck, tmp_path, method, k, params, **kw):
     base, models, bp, mps = ck
     out = tmp_path / "o.safetensors"
-    ww.merge(bp, mps[:k], out, method=method, compat="mergekit", weights=WEIGHTS[:k], seed=7, overwrite=True,
+    ww.merge(bp, mps[:k], out, method=method, compat="mergekit", seed=7, overwrite=True, **_weights(method, k),
              **kw, **params)  # fmt: skip
     return load(out)
 
@@ -233,7 +241,7 @@ def test_bad_parameters_are_refused_before_any_work(ck, tmp_path, method, k, par
     base, models, bp, mps = ck
     out = tmp_path / "o.safetensors"
     with pytest.raises(ww.ParamError, match=match):
-        ww.merge(bp, mps[:k], out, method=method, compat="mergekit", weights=WEIGHTS[:k], **params)
+        ww.merge(bp, mps[:k], out, method=method, compat="mergekit", **_weights(method, k), **params)
     assert not out.exists()
 
 

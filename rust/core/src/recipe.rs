@@ -251,6 +251,21 @@ impl Job {
             }
         }
         let method = self.parse_method(&params)?;
+        if (weights.is_some() || self.metagpt) && !method.takes_weights() {
+            return Err(Error::param(
+                "weights",
+                format!(
+                    "{} takes no per-model weights (mergekit's {} has no `weight` parameter){}",
+                    method.name(),
+                    method.name(),
+                    if self.metagpt {
+                        ": MetaGPT's λ_t cannot apply"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
         let weights = weights.map(|w| f32_list("weights", &w)).transpose()?;
         if let Some(w) = &weights {
             method.check_weights(w)?;

@@ -39,6 +39,10 @@ impl ArceeFusion {
 }
 
 impl Kernel for ArceeFusion {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "arcee_fusion"
     }

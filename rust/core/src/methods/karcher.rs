@@ -141,6 +141,10 @@ impl Karcher {
 }
 
 impl Kernel for Karcher {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "karcher"
     }

@@ -265,6 +265,12 @@ pub trait Kernel: Send + Sync + Debug {
     }
 
     /// Refuses per-model weights the method cannot use (checked before any work).
+    /// Whether the method takes per-model weights. mergekit's methods without a `weight`
+    /// parameter do not: weights given to them (MetaGPT's too) are an error, never ignored.
+    fn takes_weights(&self) -> bool {
+        true
+    }
+
     fn check_weights(&self, _weights: &[f32]) -> crate::error::Result<()> {
         Ok(())
     }

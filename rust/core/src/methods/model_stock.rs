@@ -52,6 +52,10 @@ impl ModelStock {
 }
 
 impl Kernel for ModelStock {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "model_stock"
     }

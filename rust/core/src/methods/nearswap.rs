@@ -20,6 +20,10 @@ impl NearSwap {
 }
 
 impl Kernel for NearSwap {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "nearswap"
     }

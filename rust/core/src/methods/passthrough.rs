@@ -35,6 +35,10 @@ impl Passthrough {
 }
 
 impl Kernel for Passthrough {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "passthrough"
     }

@@ -47,6 +47,10 @@ impl Ram {
 }
 
 impl Kernel for Ram {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         if self.plus {
             "ramplus_tl"

@@ -109,6 +109,10 @@ impl Sce {
 }
 
 impl Kernel for Sce {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "sce"
     }

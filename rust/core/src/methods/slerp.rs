@@ -54,6 +54,10 @@ impl Slerp {
 }
 
 impl Kernel for Slerp {
+    fn takes_weights(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "slerp"
     }
