@@ -280,11 +280,20 @@ def evaluate(zoo: Zoo, setup: str, method: str) -> dict[str, Any]:
     acc: dict[str, list[float]] = {"lam=1": [], "author": [], "best": []}
     acc.update({f"ww_{p}": [] for p in POOLS})
     curves = []
+    lines = bool(split_method(method)[1].get("lines"))
     for sc in scenarios(zoo, setup):
-        curve = [sc.score(merged(sc.base, sc.models, method, lam=lam)) for lam in lambdas]
+        one = merged(sc.base, sc.models, method, lam=1.0)
+        if lines:  # λ is LiNeS's β: each point is a merge of its own
+            curve = [sc.score(merged(sc.base, sc.models, method, lam=lam)) for lam in lambdas]
+        else:
+            # θ_pre + λ·M along Λ from the library's own M (its merge at λ = 1): M costs minutes
+            # for WUDI, and does not depend on λ.
+            m = {k: one[k] - sc.base[k] for k in one}
+            curve = [sc.score({k: sc.base[k] + lam * m[k] for k in one}) for lam in lambdas]
         curves.append(curve)
-        acc["lam=1"].append(sc.score(merged(sc.base, sc.models, method, lam=1.0)))
-        acc["author"].append(sc.score(merged(sc.base, sc.models, method, lam=author)))
+        acc["lam=1"].append(sc.score(one))
+        acc["author"].append(acc["lam=1"][-1] if author == 1.0 else
+                             sc.score(merged(sc.base, sc.models, method, lam=author)))  # fmt: skip
         acc["best"].append(max(curve))
         for p in POOLS:
             acc[f"ww_{p}"].append(sc.score(merged(sc.base, sc.models, method, pool=p, seed=zoo.seed)))
