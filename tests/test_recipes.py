@@ -156,7 +156,9 @@ EDITS = [
 
 
 @pytest.mark.parametrize(("edit", "msg"), EDITS)
-def test_bad_mergekit_recipes_name_the_key(ck, tmp_path, edit, msg):
+def test_bad_mergekit_recipes_name_the_key(ck, tmp_path, edit, msg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id is looked up in an empty cache, never fetched
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     text = MERGEKIT_TIES.replace(*edit)
     assert text != MERGEKIT_TIES
     with pytest.raises(ww.RecipeError, match=msg):

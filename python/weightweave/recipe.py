@@ -176,7 +176,8 @@ def _number(where: str, key: str, v: object) -> float:
 
 
 def _local(where: str, key: str, v: object) -> str:
-    """A model reference that must be a local checkpoint (no hub ids, no LoRA '+' suffixes)."""
+    """A model reference: a local checkpoint, or a hub id found in (or downloaded into) the Hugging
+    Face cache (``hub.py``); no LoRA '+' suffixes."""
     if isinstance(v, Mapping):
         raise _fail(where, f"'{key}' must be a path string; structured model references are not supported")
     if not isinstance(v, str) or not v:
@@ -185,8 +186,14 @@ def _local(where: str, key: str, v: object) -> str:
         raise _fail(where, f"'{key}': '{v}' names a LoRA with '+': not supported (merge the adapter dir as a "
                            "model instead)")  # fmt: skip
     if not os.path.exists(v):
-        hint = " (it looks like a hub id: download it first; nothing is fetched)" if v.count("/") == 1 else ""
-        raise _fail(where, f"'{key}': '{v}' does not exist{hint}")
+        from . import hub
+
+        if hub.looks_like_hub_id(v):
+            try:
+                return hub.resolve(v, f"'{key}'")
+            except ParamError as e:
+                raise _fail(where, str(e)) from None
+        raise _fail(where, f"'{key}': '{v}' does not exist")
     return v
 
 
