@@ -128,3 +128,34 @@ def test_own_schema_takes_hub_ids_too(hub, tmp_path):
     ww.run(str(p), tmp_path / "a")
     ww.merge(bp, mps, tmp_path / "b", method="task_arithmetic", lam=0.5)
     same(tmp_path / "a", tmp_path / "b")
+
+
+def test_model_plus_lora_is_the_adapter_on_the_base(tmp_path, monkeypatch):
+    # mergekit's `model+lora`: the adapter applied to the model — here the base, which is how
+    # weightweave reads a PEFT adapter (θ_base + ΔW); checked against the adapter given directly.
+    pytest.importorskip("peft", reason="PEFT writes the adapter (.ci/run installs it)")
+    from test_hostile_lora import make_adapter
+
+    from conftest import tiny_llama
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    tiny_llama().save_pretrained(tmp_path / "base")
+    a = make_adapter(tiny_llama, tmp_path, "lora_a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    b = make_adapter(tiny_llama, tmp_path, "lora_b", 2, r=2, lora_alpha=4, target_modules=["up_proj"])
+    text = ("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+            "  - model: base+lora_a\n    parameters: {weight: 1.0}\n"
+            "  - model: base+lora_b\n    parameters: {weight: 0.5}\ndtype: float32\n")  # fmt: skip
+    (tmp_path / "r.yml").write_text(text)
+    ww.run("r.yml", tmp_path / "x")
+    ww.merge(tmp_path / "base", [a, b], tmp_path / "y", method="task_arithmetic", compat="mergekit", lam=1.0,
+             weights=[1.0, 0.5])  # fmt: skip
+    same(tmp_path / "x", tmp_path / "y")
+    # A LoRA on another model than the base cannot be read as a fine-tune of the base.
+    (tmp_path / "r2.yml").write_text(text.replace("base+lora_b", "lora_a+lora_b"))
+    with pytest.raises(ww.RecipeError, match="not base_model"):
+        ww.run("r2.yml", tmp_path / "z")
+    (tmp_path / "r3.yml").write_text(text.replace("base+lora_b", "base+base"))
+    with pytest.raises(ww.RecipeError, match="not a PEFT LoRA adapter"):
+        ww.run("r3.yml", tmp_path / "z")

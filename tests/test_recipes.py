@@ -145,7 +145,7 @@ EDITS = [
     (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: 1.0, epsilon: 0.1}"), "epsilon"),
     (("parameters: {weight: 1.0, density: 0.5}", "parameters: {density: 0.5}"), "weight is required"),
     (("model: in/ft1.safetensors", "model: meta-llama/Llama-3-8B"), "hub id"),
-    (("model: in/ft1.safetensors", "model: in/ft1.safetensors+lora/x"), "LoRA"),
+    (("model: in/ft1.safetensors", "model: in/ft1.safetensors+lora/x"), "not base_model"),
     (("model: in/ft1.safetensors", "model: in/missing.safetensors"), "does not exist"),
     (("base_model: in/base.safetensors", "base_model: nope"), "base_model"),
     (("  normalize: true", "  normalize: 3"), "normalize"),

@@ -183,8 +183,8 @@ def _local(where: str, key: str, v: object) -> str:
     if not isinstance(v, str) or not v:
         raise _fail(where, f"'{key}' must be a path, got {v!r}")
     if "+" in v and not os.path.exists(v):
-        raise _fail(where, f"'{key}': '{v}' names a LoRA with '+': not supported (merge the adapter dir as a "
-                           "model instead)")  # fmt: skip
+        raise _fail(where, f"'{key}': '{v}' applies a LoRA with '+', which only a model entry of a mergekit "
+                           "config may do")  # fmt: skip
     if not os.path.exists(v):
         from . import hub
 
@@ -195,6 +195,23 @@ def _local(where: str, key: str, v: object) -> str:
                 raise _fail(where, str(e)) from None
         raise _fail(where, f"'{key}': '{v}' does not exist")
     return v
+
+
+def _model_entry(where: str, key: str, v: object, base: str | None) -> str:
+    """A model of a mergekit config: a reference, or ``model+lora`` (mergekit's LoRA applied to
+    a model). weightweave reads a PEFT adapter as a fine-tune of the base (θ_base + ΔW, out of
+    core), so the model under the LoRA must be the base model."""
+    if not isinstance(v, str) or "+" not in v or os.path.exists(v):
+        return _local(where, key, v)
+    model, _, lora = v.partition("+")
+    m = _local(where, key, model)
+    if base is None or os.path.realpath(m) != os.path.realpath(base):
+        raise _fail(where, f"'{key}': '{v}' applies a LoRA to '{model}', which is not base_model: weightweave "
+                           "reads an adapter as a fine-tune of the base only (merge it into its model first)")  # fmt: skip
+    adapter = _local(where, key, lora)
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise _fail(where, f"'{key}': '{lora}' holds no adapter_config.json: not a PEFT LoRA adapter")
+    return adapter
 
 
 def _weave_block(block: object, where: str) -> dict[str, Any]:
@@ -277,7 +294,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         bad = sorted(set(e) - {"model", "parameters"})
         if bad:
             raise _fail(where, f"models[{i}].{bad[0]}: not supported")
-        path = _local(where, f"models[{i}].model", e["model"])
+        path = _model_entry(where, f"models[{i}].model", e["model"], base)
         ps = _mapping(where, f"models[{i}].parameters", e.get("parameters"))
         bad = sorted(set(ps) - per_model_keys)
         if bad:
