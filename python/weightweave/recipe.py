@@ -206,8 +206,9 @@ def _model_entry(where: str, key: str, v: object, base: str | None) -> str:
     model, _, lora = v.partition("+")
     m = _local(where, key, model)
     if base is None or os.path.realpath(m) != os.path.realpath(base):
-        raise _fail(where, f"'{key}': '{v}' applies a LoRA to '{model}', which is not base_model: weightweave "
-                           "reads an adapter as a fine-tune of the base only (merge it into its model first)")  # fmt: skip
+        raise _fail(where, f"'{key}': '{v}' applies a LoRA to '{model}', which is not base_model: "
+                           "weightweave reads an adapter as a fine-tune of the base only (merge it into its "
+                           "model first)")  # fmt: skip
     adapter = _local(where, key, lora)
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise _fail(where, f"'{key}': '{lora}' holds no adapter_config.json: not a PEFT LoRA adapter")
