@@ -23,8 +23,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import torch
-from mergekit_compare import load_dir, timed
+from mergekit_compare import load_dir, make_models, timed
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
@@ -73,36 +72,6 @@ def ensure_fusionbench() -> Path:
     return py
 
 
-def make_models(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, list[Path]]:
-    """A Llama-shaped f32 base and three fine-tunes (base + noise of different sizes)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base_dir = root / "base"
-    if (base_dir / "config.json").exists():
-        return base_dir, sorted(root.glob("ft*"))
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
-                      vocab_size=vocab, torch_dtype="float32")  # fmt: skip
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-    base.save_pretrained(base_dir, safe_serialization=True)
-    fts = []
-    for i, scale in enumerate((0.01, 0.02, 0.005)):
-        m = LlamaForCausalLM(cfg)
-        # Low-rank-ish fine-tunes plus noise, so that the SVD methods see structure.
-        sd = {}
-        for k, v in base.state_dict().items():
-            d = scale * torch.randn_like(v)
-            if v.dim() == 2:
-                r = max(1, min(v.shape) // 16)
-                d += scale * 4 * (torch.randn(v.shape[0], r) @ torch.randn(r, v.shape[1])) / r
-            sd[k] = v + d
-        m.load_state_dict(sd)
-        fts.append(root / f"ft{i}")
-        m.save_pretrained(fts[-1], safe_serialization=True)
-    return base_dir, fts
-
-
 def compare(method: str, ours: dict, theirs: dict, base: dict) -> dict:
     names = sorted(n for n in theirs if n in ours)
     missing = sorted(set(theirs) ^ set(ours))
@@ -139,7 +108,7 @@ def main() -> None:
     py = ensure_fusionbench()
     work = DATA / f"fusionbench-{args.hidden}x{args.layers}x{args.vocab}"
     work.mkdir(parents=True, exist_ok=True)
-    base, fts = make_models(work / "models", args.hidden, args.layers, args.vocab)
+    base, fts = make_models(work / "models", args.hidden, args.layers, args.vocab, low_rank=True)
     base_sd = load_dir(base)
     params = sum(t.numel() for t in base_sd.values())
     rows = []

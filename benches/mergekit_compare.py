@@ -77,8 +77,10 @@ def ensure_mergekit() -> Path:
     return exe
 
 
-def make_models(root: Path, hidden: int, layers: int) -> tuple[Path, list[Path]]:
-    """A Llama-shaped base and three fine-tunes (base + noise of different sizes), f32."""
+def make_models(root: Path, hidden: int, layers: int, vocab: int = 32000,
+                low_rank: bool = False) -> tuple[Path, list[Path]]:  # fmt: skip
+    """A Llama-shaped base and three fine-tunes (base + noise of different sizes), f32. With
+    ``low_rank`` each 2-D fine-tune delta also has a low-rank part (structure for the SVD methods)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     base_dir = root / "base"
@@ -86,14 +88,20 @@ def make_models(root: Path, hidden: int, layers: int) -> tuple[Path, list[Path]]
         return base_dir, sorted(root.glob("ft*"))
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
                       num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
-                      vocab_size=32000, torch_dtype="float32")  # fmt: skip
+                      vocab_size=vocab, torch_dtype="float32")  # fmt: skip
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg)
     base.save_pretrained(base_dir, safe_serialization=True)
     fts = []
     for i, scale in enumerate((0.01, 0.02, 0.005)):
         m = LlamaForCausalLM(cfg)
-        sd = {k: v + scale * torch.randn_like(v) for k, v in base.state_dict().items()}
+        sd = {}
+        for k, v in base.state_dict().items():
+            d = scale * torch.randn_like(v)
+            if low_rank and v.dim() == 2:
+                r = max(1, min(v.shape) // 16)
+                d += scale * 4 * (torch.randn(v.shape[0], r) @ torch.randn(r, v.shape[1])) / r
+            sd[k] = v + d
         m.load_state_dict(sd)
         fts.append(root / f"ft{i}")
         m.save_pretrained(fts[-1], safe_serialization=True)

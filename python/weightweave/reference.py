@@ -419,22 +419,25 @@ def weave(
     tvs = task_vectors(base, models, weights)
     p = {}
     for n in ms[0][1]:
-        mn = ms[0][1][n]
         members = ([tv[n] for tv in tvs] if include_deltas else []) + [lam * m[n] for lam, m in ms]
-        a_star = torch.stack(members)
-        if callable(pool):
-            flat = a_star.reshape(len(members), -1).numpy()
-            p[n] = torch.from_numpy(np.asarray(pool(flat), dtype=np.float32)).reshape(mn.shape)
-        elif pool == "mean":
-            p[n] = a_star.mean(dim=0)
-        elif pool == "random":
-            idx = torch.from_numpy(pick(seed, n, mn.numel(), len(members))).reshape(1, *mn.shape)
-            p[n] = torch.gather(a_star, 0, idx)[0]
-        elif pool == "magmax":
-            best = a_star[0].clone()
-            for x in a_star[1:]:
-                best = torch.where(x.abs() >= best.abs(), x, best)
-            p[n] = best
-        else:
-            raise ValueError(f"unknown pool {pool}")
+        p[n] = pool_members(torch.stack(members), pool, seed, n)
     return _finish(base, p, out_dtype)
+
+
+def pool_members(a_star: Tensor, pool: object, seed: int, name: str) -> Tensor:
+    """P = pool(A*) of one tensor, A* stacked along dimension 0 (SPEC's pools, or a function)."""
+    shape, members = a_star.shape[1:], a_star.shape[0]
+    if callable(pool):
+        flat = a_star.reshape(members, -1).numpy()
+        return torch.from_numpy(np.asarray(pool(flat), dtype=np.float32)).reshape(shape)
+    if pool == "mean":
+        return a_star.mean(dim=0)
+    if pool == "random":
+        idx = torch.from_numpy(pick(seed, name, int(np.prod(shape, dtype=np.int64)), members)).reshape(1, *shape)
+        return torch.gather(a_star, 0, idx)[0]
+    if pool == "magmax":
+        best = a_star[0].clone()
+        for x in a_star[1:]:
+            best = torch.where(x.abs() >= best.abs(), x, best)
+        return best
+    raise ValueError(f"unknown pool {pool}")

@@ -14,7 +14,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .reference import StateDict, Tensor, _finish, merged_task_vector, search_points, task_vectors
+from .reference import (
+    StateDict,
+    Tensor,
+    _finish,
+    merged_task_vector,
+    pool_members,
+    search_points,
+    task_vectors,
+)
 
 
 def metagpt_weights(base: StateDict, models: Sequence[StateDict]) -> list[float]:
@@ -97,13 +105,5 @@ def lines_weave(
     p = {}
     for n in members_m[0]:
         a_star = torch.stack(([tv[n] for tv in tvs] if include_deltas else []) + [m[n] for m in members_m])
-        if pool == "mean":
-            p[n] = a_star.mean(dim=0)
-        elif pool == "magmax":
-            best = a_star[0].clone()
-            for x in a_star[1:]:
-                best = torch.where(x.abs() >= best.abs(), x, best)
-            p[n] = best
-        else:
-            raise ValueError(f"pool {pool} is not in this reference")
+        p[n] = pool_members(a_star, pool, seed, n)
     return _finish(base, p, None)
