@@ -17,6 +17,9 @@ pub enum Error {
     /// A file-level problem in a safetensors header or a shard index.
     #[error("{file}: invalid header: {reason}")]
     Header { file: String, reason: String },
+    /// A directory that holds no weights in a layout weightweave reads.
+    #[error("{file}: {reason}")]
+    NotAModel { file: String, reason: String },
     /// A problem with one tensor's header entry (dtype, shape, offsets).
     #[error("{file}: tensor '{tensor}': {reason}")]
     TensorHeader {

@@ -236,6 +236,8 @@ pub(crate) fn open_files(
             shard_size: Some(size.max(1)),
         };
     }
+    // A diffusers component's output is named as its loader looks for it.
+    target.stem = base_ck.weights_stem();
     let model_cks = models
         .iter()
         .map(Checkpoint::open)

@@ -18,6 +18,21 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const BIN_FILE: &str = "pytorch_model.bin";
 pub const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
+/// A diffusers component's weights (UNet, transformer, VAE, ...): the same formats under
+/// another stem, found in the same order.
+pub const DIFFUSERS_STEM: &str = "diffusion_pytorch_model";
+/// The weight files of a model directory, in the order loaders look for them (transformers',
+/// then diffusers').
+pub const DIR_FILES: [&str; 8] = [
+    INDEX_FILE,
+    SINGLE_FILE,
+    BIN_INDEX_FILE,
+    BIN_FILE,
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.bin",
+];
 
 /// A borrowed view of one tensor: where its bytes are and which file they came from.
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +141,39 @@ pub struct Checkpoint {
     owner: Option<BTreeMap<String, usize>>,
 }
 
+/// A weight file's name as transformers and diffusers save it (variants such as
+/// `diffusion_pytorch_model.fp16.safetensors` included): given as a file, it comes with its
+/// directory's config files.
+fn is_weights_name(n: &str) -> bool {
+    DIR_FILES.contains(&n)
+        || (n.starts_with(DIFFUSERS_STEM) || n.starts_with("model."))
+            && (n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json"))
+}
+
+/// Why a directory is not a model: what it lacks, and the variants it holds instead (diffusers'
+/// `variant="fp16"` files), which are passed as files.
+fn not_a_model(path: &Path, label: &str) -> Error {
+    let mut variants: Vec<String> = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_weights_name(n) && !DIR_FILES.contains(&n.as_str()))
+        .collect();
+    variants.sort();
+    let hint = match variants.first() {
+        Some(v) => format!("; it holds the variant {v}: pass that file"),
+        None => String::new(),
+    };
+    Error::NotAModel {
+        file: label.to_owned(),
+        reason: format!(
+            "not a model directory: it holds none of {}{hint}",
+            DIR_FILES.join(", ")
+        ),
+    }
+}
+
 #[derive(Deserialize)]
 struct RawIndex {
     weight_map: BTreeMap<String, String>,
@@ -199,19 +247,13 @@ impl Checkpoint {
                     format!("holds both {SINGLE_FILE} and {INDEX_FILE}, and loaders disagree on which wins; pass the one to use"),
                 ));
             }
-            let mut ck = if index.exists() {
-                Self::open_index(path, &index)?
-            } else if single.exists() {
-                Self::open_single(path, &single)?
-            } else if path.join(BIN_INDEX_FILE).exists() {
-                Self::open_index(path, &path.join(BIN_INDEX_FILE))?
-            } else if path.join(BIN_FILE).exists() {
-                Self::open_single(path, &path.join(BIN_FILE))?
+            let Some(found) = DIR_FILES.iter().map(|f| path.join(f)).find(|p| p.exists()) else {
+                return Err(not_a_model(path, &label));
+            };
+            let mut ck = if found.extension().is_some_and(|e| e == "json") {
+                Self::open_index(path, &found)?
             } else {
-                return Err(Error::header(
-                    &label,
-                    format!("directory holds none of {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE}, {BIN_INDEX_FILE}"),
-                ));
+                Self::open_single(path, &found)?
             };
             ck.model_dir = Some(path.to_owned());
             Ok(ck)
@@ -228,11 +270,7 @@ impl Checkpoint {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
             };
-            if matches!(
-                name.as_deref(),
-                Some(SINGLE_FILE | INDEX_FILE | BIN_FILE | BIN_INDEX_FILE)
-            ) && dir.join("config.json").is_file()
-            {
+            if name.as_deref().is_some_and(is_weights_name) && dir.join("config.json").is_file() {
                 ck.model_dir = Some(dir);
             }
             Ok(ck)
@@ -347,6 +385,19 @@ impl Checkpoint {
     }
 
     /// Every file this checkpoint reads (shards and index), to keep outputs off them.
+    /// The stem of the weight files it was read from: [`DIFFUSERS_STEM`] for a diffusers
+    /// component (its output directory is named the same), `model` otherwise.
+    pub fn weights_stem(&self) -> &'static str {
+        let file = self
+            .index_file
+            .as_ref()
+            .or(self.files.first().map(|f| &f.path));
+        match file.and_then(|f| f.file_name()) {
+            Some(n) if n.to_string_lossy().starts_with(DIFFUSERS_STEM) => DIFFUSERS_STEM,
+            _ => "model",
+        }
+    }
+
     pub fn input_files(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
         v.extend(self.index_file.clone());

@@ -131,9 +131,10 @@ impl From<PyWeaveErr> for PyErr {
     fn from(PyWeaveErr(e): PyWeaveErr) -> PyErr {
         let msg = escape_controls(&e.to_string());
         match e {
-            Error::Header { .. } | Error::TensorHeader { .. } | Error::Quantized { .. } => {
-                HeaderError::new_err(msg)
-            }
+            Error::Header { .. }
+            | Error::NotAModel { .. }
+            | Error::TensorHeader { .. }
+            | Error::Quantized { .. } => HeaderError::new_err(msg),
             Error::MissingTensor { .. }
             | Error::ExtraTensor { .. }
             | Error::ShapeMismatch { .. }

@@ -26,7 +26,6 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pipeline::Sink;
 use crate::plan::TensorPlan;
-use crate::reader::{INDEX_FILE, SINGLE_FILE};
 use companions::Companion;
 use lock::OutputLock;
 
@@ -42,6 +41,7 @@ pub struct Layout {
     /// Per tensor: (file index, absolute byte offset of its data).
     loc: Vec<(usize, u64)>,
     index: Option<Vec<u8>>,
+    index_name: String,
 }
 
 impl Layout {
@@ -67,9 +67,9 @@ impl Layout {
         let n = groups.len();
         let names: Vec<String> = match target.kind {
             Kind::File => vec![target.name.to_string_lossy().into_owned()],
-            Kind::Dir { .. } if n == 1 => vec![SINGLE_FILE.to_owned()],
+            Kind::Dir { .. } if n == 1 => vec![target.single_file()],
             Kind::Dir { .. } => (1..=n)
-                .map(|k| format!("model-{k:05}-of-{n:05}.safetensors"))
+                .map(|k| format!("{}-{k:05}-of-{n:05}.safetensors", target.stem))
                 .collect(),
         };
         let mut loc = vec![(0, 0); plan.len()];
@@ -117,7 +117,12 @@ impl Layout {
                 serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             serde_json::to_vec_pretty(&v).expect("json")
         });
-        Layout { files, loc, index }
+        Layout {
+            files,
+            loc,
+            index,
+            index_name: target.index_file(),
+        }
     }
 
     /// Total bytes of all output files.
@@ -129,7 +134,7 @@ impl Layout {
     fn entry_names(&self, companions: &[Companion]) -> Vec<String> {
         let mut v: Vec<String> = self.files.iter().map(|f| f.name.clone()).collect();
         if self.index.is_some() {
-            v.push(INDEX_FILE.to_owned());
+            v.push(self.index_name.clone());
         }
         v.extend(
             companions
@@ -395,7 +400,7 @@ impl FileOutput {
     fn outputs(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self.files.iter().map(|s| s.shown.clone()).collect();
         if self.index.is_some() {
-            v.push(self.target.path.join(INDEX_FILE));
+            v.push(self.target.path.join(self.target.index_file()));
         }
         v.extend(
             self.companions
@@ -421,11 +426,12 @@ impl FileOutput {
         let staging = self.staging.clone().expect("created");
         let staging = staging.as_path();
         if let Some(index) = &self.index {
-            let shown = self.target.path.join(INDEX_FILE);
+            let name = self.target.index_file();
+            let shown = self.target.path.join(&name);
             let f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(staging.join(INDEX_FILE))
+                .open(staging.join(&name))
                 .map_err(|e| Error::io(&shown, e))?;
             f.write_all_at(index, 0).map_err(|e| Error::io(&shown, e))?;
             f.sync_all().map_err(|e| Error::io(&shown, e))?;

@@ -40,6 +40,9 @@ pub struct Target {
     pub name: OsString,
     pub kind: Kind,
     pub overwrite: bool,
+    /// The weight files' stem in a directory output: `model`, or the base's own stem
+    /// (`diffusion_pytorch_model` for a diffusers component), so its loader finds them.
+    pub stem: &'static str,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -95,7 +98,18 @@ impl Target {
             name: name.to_owned(),
             kind,
             overwrite,
+            stem: "model",
         })
+    }
+
+    /// The single weight file of a directory output.
+    pub fn single_file(&self) -> String {
+        format!("{}.safetensors", self.stem)
+    }
+
+    /// The shard index of a sharded directory output.
+    pub fn index_file(&self) -> String {
+        format!("{}.safetensors.index.json", self.stem)
     }
 
     pub fn is_dir(&self) -> bool {
@@ -293,9 +307,19 @@ fn list_files(dir: &Path, rel: &Path, out: &mut Vec<String>) -> std::io::Result<
 
 /// The entries an earlier weightweave output directory says it wrote, if it is one.
 fn previous_files(dir: &Path) -> Option<Vec<String>> {
-    let index = dir.join(INDEX_FILE);
-    let (weights, shards) = if dir.join(SINGLE_FILE).is_file() {
-        (dir.join(SINGLE_FILE), vec![SINGLE_FILE.to_owned()])
+    ["model", crate::reader::DIFFUSERS_STEM]
+        .iter()
+        .find_map(|stem| previous_files_of(dir, stem))
+}
+
+fn previous_files_of(dir: &Path, stem: &str) -> Option<Vec<String>> {
+    let (single, index_name) = (
+        format!("{stem}.safetensors"),
+        format!("{stem}.safetensors.index.json"),
+    );
+    let index = dir.join(&index_name);
+    let (weights, shards) = if dir.join(&single).is_file() {
+        (dir.join(&single), vec![single])
     } else {
         let shards = index_shards(&index)?;
         (dir.join(shards.first()?), shards)
@@ -307,7 +331,7 @@ fn previous_files(dir: &Path) -> Option<Vec<String>> {
         // Outputs of 0.1 carry no list: their weight files and index only.
         None => {
             let mut v = shards;
-            v.push(INDEX_FILE.to_owned());
+            v.push(index_name);
             Some(v)
         }
     }
