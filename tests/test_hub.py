@@ -159,3 +159,38 @@ def test_model_plus_lora_is_the_adapter_on_the_base(tmp_path, monkeypatch):
     (tmp_path / "r3.yml").write_text(text.replace("base+lora_b", "base+base"))
     with pytest.raises(ww.RecipeError, match="not a PEFT LoRA adapter"):
         ww.run("r3.yml", tmp_path / "z")
+
+
+def test_a_download_asks_only_for_configs_and_weights(tmp_path, monkeypatch):
+    # Online and not cached: huggingface_hub is asked for json, tokenizer.model and the weights of
+    # the repository's format (never code); stood in for here, as nothing can be downloaded.
+    import huggingface_hub
+
+    from weightweave import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    calls = []
+
+    def snapshot(repo, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None):
+        calls.append((repo, revision, local_files_only, allow_patterns))
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return str(tmp_path / "snap")
+
+    files = {"org/st": ["config.json", "model.safetensors", "modeling_x.py"], "org/bin": ["pytorch_model.bin"]}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: files[repo])
+    assert hub.resolve("org/st@v1", "m") == str(tmp_path / "snap")
+    assert hub.resolve("org/bin", "m") == str(tmp_path / "snap")
+    downloads = [c for c in calls if not c[2]]
+    assert downloads == [("org/st", "v1", False, ["*.json", "tokenizer.model", "*.safetensors"]),
+                         ("org/bin", None, False, ["*.json", "tokenizer.model", "*.bin"])]  # fmt: skip
+
+    def failing(repo, revision=None):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", failing)
+    with pytest.raises(ww.ParamError, match="'org/st' is a hub id.*downloading it failed: Name or service"):
+        hub.resolve("org/st", "m")
