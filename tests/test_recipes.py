@@ -226,3 +226,34 @@ def test_a_soup_recipe_needs_no_base(ck, tmp_path):
         if b.is_floating_point():
             want = (models[0][n].double() + 3 * models[1][n].double()) / 4
             assert torch.allclose(got[n].double(), want, atol=1e-6), n
+
+
+def test_every_blocker_of_a_config_is_named_at_once(ck, tmp_path):
+    # A published config often has several features weightweave does not run yet: one error names
+    # them all (with where each is used), not the first of them only.
+    text = textwrap.dedent("""\
+        slices:
+          - sources:
+              - model: in/base.safetensors
+                layer_range: [0, 2]
+        merge_method: slerp
+        base_model: in/base.safetensors
+        parameters:
+          t:
+            - filter: self_attn
+              value: [0, 0.5, 1]
+            - value: 0.5
+          other: [0.1, 0.9]
+        chat_template: chatml
+        tokenizer_source: union
+    """)
+    (tmp_path / "r.yml").write_text(text)
+    with pytest.raises(ww.RecipeError) as e:
+        ww.run(str(tmp_path / "r.yml"), tmp_path / "out")
+    msg = str(e.value)
+    assert "5 features" in msg, msg
+    for part in ("'slices'", "passthrough", "tokenizer_source: 'union'", "'chat_template'",
+                 "layer gradients, a list as a parameter value (parameters.other)",
+                 "conditional (filter/value) parameters (parameters.t)"):  # fmt: skip
+        assert part in msg, (part, msg)
+    assert not (tmp_path / "out").exists()

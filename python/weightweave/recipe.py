@@ -254,28 +254,60 @@ def _code_pool(v: str, where: str, allow_code: bool) -> Callable[..., Any]:
     return fn
 
 
+def _blockers(d: Mapping[str, Any]) -> list[str]:
+    """The mergekit features of config ``d`` that weightweave does not run yet, each named with
+    where it is used."""
+    out = []
+    if "slices" in d:
+        out.append("'slices' (layer ranges, such as passthrough layer stacking; 'models' merges whole models, "
+                   "which cannot stack layers)")  # fmt: skip
+    if "modules" in d:
+        out.append("'modules'")
+    if "tokenizer" in d:
+        out.append("a 'tokenizer' block (the base's tokenizer is copied)")
+    ts = d.get("tokenizer_source")
+    if ts is not None and ts != "base":
+        out.append(f"tokenizer_source: '{ts}' (only 'base': the base's tokenizer is copied)")
+    if "chat_template" in d:
+        out.append("'chat_template'")
+    method = d.get("merge_method")
+    if not isinstance(method, str) or method not in MERGEKIT_METHODS:
+        out.append(f"merge_method '{method}' (supported: {', '.join(MERGEKIT_METHODS)})")
+    gradients, conditional = [], []
+    places = [("parameters", d.get("parameters"))]
+    if isinstance(d.get("models"), list):
+        places += [(f"models[{i}].parameters", e.get("parameters")) for i, e in enumerate(d["models"])
+                   if isinstance(e, Mapping)]  # fmt: skip
+    for where, ps in places:
+        if not isinstance(ps, Mapping):
+            continue
+        for k, v in ps.items():
+            if isinstance(v, Mapping) or (isinstance(v, list) and v and isinstance(v[0], Mapping)):
+                conditional.append(f"{where}.{k}")
+            elif isinstance(v, list):
+                gradients.append(f"{where}.{k}")
+    if gradients:
+        out.append(f"layer gradients, a list as a parameter value ({', '.join(gradients)})")
+    if conditional:
+        out.append(f"conditional (filter/value) parameters ({', '.join(conditional)})")
+    return out
+
+
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     """A mergekit config, run with mergekit's semantics."""
     unknown = sorted(set(d) - _MK_TOP)
     if unknown:
         raise _fail(where, f"'{unknown[0]}': not a mergekit config key weightweave supports")
-    refused = {
-        "slices": "slices (layer ranges) are not supported: merge whole models with 'models'",
-        "tokenizer": "a tokenizer block is not supported (the base's tokenizer is copied)",
-        "modules": "modules are not supported",
-        "chat_template": "chat_template is not supported",
-    }
-    for key, why in refused.items():
-        if key in d:
-            raise _fail(where, f"'{key}': {why}")
+    blockers = _blockers(d)
+    if blockers:
+        # Every unsupported feature at once: a config rarely has just one.
+        what = "feature" if len(blockers) == 1 else f"{len(blockers)} features"
+        raise _fail(where, f"this config uses {what} weightweave does not run yet: " + "; ".join(blockers))
     method = d["merge_method"]
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         raise _fail(where, f"merge_method: '{method}' is not one weightweave runs (supported: "
                            f"{', '.join(MERGEKIT_METHODS)})")  # fmt: skip
     base_rule, shared_keys, per_model_keys, weight_required = _SPEC[method]
-    ts = d.get("tokenizer_source")
-    if ts is not None and ts != "base":
-        raise _fail(where, f"tokenizer_source: '{ts}' is not supported (only 'base': the base's tokenizer is copied)")
     shared = _mapping(where, "parameters", d.get("parameters"))
     unknown = sorted(set(shared) - shared_keys - per_model_keys)
     if unknown:
