@@ -88,3 +88,30 @@ def test_an_empty_directory_is_not_a_model(tmp_path):
         ww.merge(b, [tmp_path / "empty"], tmp_path / "o", method="task_arithmetic")
     assert "invalid header" not in str(e.value)
     assert torch.is_tensor(load(b)["scale"])
+
+
+def test_open_clip_directories(tmp_path):
+    # open_clip's hub layout: open_clip_config.json beside open_clip_model.safetensors, which is
+    # what open_clip's hf-hub loader reads; the output keeps both names.
+    base, models = make_state(7)
+    cfg = {"model_cfg": {"embed_dim": 8}, "preprocess_cfg": {"mean": [0.5]}}
+
+    def oc(root, state):
+        root.mkdir(parents=True)
+        (root / "open_clip_config.json").write_text(json.dumps(cfg))
+        save_file(state, str(root / "open_clip_model.safetensors"))
+        return root
+
+    b = oc(tmp_path / "b", base)
+    ms = [oc(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    out = tmp_path / "out"
+    ww.merge(b, ms, out, method="ties", lam=0.7)
+    assert tree(out) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert json.loads((out / "open_clip_config.json").read_text()) == cfg
+    assert_close_ulp(load(out), R.merge(base, models, "ties", 0.7),
+                     atol=rounding_slack(base, models, "ties", [0.7]))  # fmt: skip
+    # The weights file given as a file brings its directory's config along too.
+    out2 = tmp_path / "out2"
+    ww.merge(b / "open_clip_model.safetensors", ms, out2, method="ties", lam=0.7)
+    assert tree(out2) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    ww.merge(b, ms, out2, method="ties", lam=0.7, overwrite=True)  # an earlier output is recognised

@@ -21,9 +21,11 @@ pub const BIN_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 /// A diffusers component's weights (UNet, transformer, VAE, ...): the same formats under
 /// another stem, found in the same order.
 pub const DIFFUSERS_STEM: &str = "diffusion_pytorch_model";
+/// An open_clip hub directory's weights (beside `open_clip_config.json`).
+pub const OPEN_CLIP_STEM: &str = "open_clip_model";
 /// The weight files of a model directory, in the order loaders look for them (transformers',
-/// then diffusers').
-pub const DIR_FILES: [&str; 8] = [
+/// diffusers', open_clip's).
+pub const DIR_FILES: [&str; 10] = [
     INDEX_FILE,
     SINGLE_FILE,
     BIN_INDEX_FILE,
@@ -32,7 +34,11 @@ pub const DIR_FILES: [&str; 8] = [
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin.index.json",
     "diffusion_pytorch_model.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
 ];
+/// The configuration files that make a directory a model's (its companions come along).
+const CONFIG_FILES: [&str; 2] = ["config.json", "open_clip_config.json"];
 
 /// A borrowed view of one tensor: where its bytes are and which file they came from.
 #[derive(Clone, Copy, Debug)]
@@ -270,7 +276,9 @@ impl Checkpoint {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
             };
-            if name.as_deref().is_some_and(is_weights_name) && dir.join("config.json").is_file() {
+            if name.as_deref().is_some_and(is_weights_name)
+                && CONFIG_FILES.iter().any(|c| dir.join(c).is_file())
+            {
                 ck.model_dir = Some(dir);
             }
             Ok(ck)
@@ -386,15 +394,21 @@ impl Checkpoint {
 
     /// Every file this checkpoint reads (shards and index), to keep outputs off them.
     /// The stem of the weight files it was read from: [`DIFFUSERS_STEM`] for a diffusers
-    /// component (its output directory is named the same), `model` otherwise.
+    /// component, [`OPEN_CLIP_STEM`] for an open_clip directory (the output directory is named
+    /// so that its loader finds it), `model` otherwise.
     pub fn weights_stem(&self) -> &'static str {
         let file = self
             .index_file
             .as_ref()
             .or(self.files.first().map(|f| &f.path));
-        match file.and_then(|f| f.file_name()) {
-            Some(n) if n.to_string_lossy().starts_with(DIFFUSERS_STEM) => DIFFUSERS_STEM,
-            _ => "model",
+        let name = file.and_then(|f| f.file_name());
+        let name = name.map(|n| n.to_string_lossy()).unwrap_or_default();
+        if name.starts_with(DIFFUSERS_STEM) {
+            DIFFUSERS_STEM
+        } else if name.starts_with("open_clip_") {
+            OPEN_CLIP_STEM
+        } else {
+            "model"
         }
     }
 

@@ -307,9 +307,13 @@ fn list_files(dir: &Path, rel: &Path, out: &mut Vec<String>) -> std::io::Result<
 
 /// The entries an earlier weightweave output directory says it wrote, if it is one.
 fn previous_files(dir: &Path) -> Option<Vec<String>> {
-    ["model", crate::reader::DIFFUSERS_STEM]
-        .iter()
-        .find_map(|stem| previous_files_of(dir, stem))
+    [
+        "model",
+        crate::reader::DIFFUSERS_STEM,
+        crate::reader::OPEN_CLIP_STEM,
+    ]
+    .iter()
+    .find_map(|stem| previous_files_of(dir, stem))
 }
 
 fn previous_files_of(dir: &Path, stem: &str) -> Option<Vec<String>> {
