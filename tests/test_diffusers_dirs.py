@@ -115,3 +115,6 @@ def test_open_clip_directories(tmp_path):
     ww.merge(b / "open_clip_model.safetensors", ms, out2, method="ties", lam=0.7)
     assert tree(out2) == ["open_clip_config.json", "open_clip_model.safetensors"]
     ww.merge(b, ms, out2, method="ties", lam=0.7, overwrite=True)  # an earlier output is recognised
+    with pytest.raises(ww.ParamError, match="open_clip loads a single"):
+        ww.merge(b, ms, tmp_path / "out3", method="ties", shard_size=1000)
+    assert not (tmp_path / "out3").exists()

@@ -236,8 +236,14 @@ pub(crate) fn open_files(
             shard_size: Some(size.max(1)),
         };
     }
-    // A diffusers component's output is named as its loader looks for it.
+    // A diffusers component's (or open_clip's) output is named as its loader looks for it.
     target.stem = base_ck.weights_stem();
+    if target.stem == reader::OPEN_CLIP_STEM && target.shard_size().is_some() {
+        return Err(Error::param(
+            "shard_size",
+            "open_clip loads a single open_clip_model.safetensors and reads no shard index; write one file",
+        ));
+    }
     let model_cks = models
         .iter()
         .map(Checkpoint::open)
