@@ -4,9 +4,13 @@
 //! size cannot change a result); the final pass computes M, pools, encodes and writes each chunk
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
+mod engine;
 mod kernel;
 mod output;
 mod scaling;
+
+pub use engine::metagpt_weights;
+use engine::Run;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -325,122 +329,6 @@ pub fn run_chunks(
         Ok::<(), Error>(())
     })?;
     Ok(engine.done.load(Ordering::Relaxed))
-}
-
-/// MetaGPT's weights λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² of `recipe`'s inputs, from one pass over every
-/// mergeable tensor (for callers that need them before a merge: the torch backend), and the
-/// bytes read.
-#[allow(clippy::too_many_arguments)]
-pub fn metagpt_weights(
-    base: &ModelView,
-    models: &[ModelView],
-    plan: &[TensorPlan],
-    recipe: &Recipe,
-    opts: Options,
-    progress: Progress,
-    cancel: &AtomicBool,
-) -> Result<(Vec<f32>, u64)> {
-    let chunk = opts.chunk_size.max(1);
-    let (merge, _) = crate::plan::chunks(plan, chunk, Rows::None);
-    let tasks = models.len() as u64;
-    let total = merge
-        .iter()
-        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
-        .sum();
-    let mut r = recipe.clone();
-    r.weights = None;
-    for s in &mut r.sets {
-        s.weights = None;
-    }
-    let run = Run {
-        base,
-        models,
-        plan,
-        progress,
-        cancel,
-        given: &[],
-        total,
-    };
-    let engine = run.engine(&r, 0, 0);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads.max(1))
-        .build()
-        .map_err(|e| Error::param("threads", e.to_string()))?;
-    let norms = pool.install(|| engine.task_sq_norms(&merge))?;
-    Ok((crate::scaling::metagpt_weights(&norms)?, total))
-}
-
-/// What every engine of one run shares.
-struct Run<'a> {
-    base: &'a ModelView<'a>,
-    models: &'a [ModelView<'a>],
-    plan: &'a [TensorPlan],
-    progress: Progress<'a>,
-    cancel: &'a AtomicBool,
-    given: Given<'a>,
-    total: u64,
-}
-
-impl<'a> Run<'a> {
-    /// An engine for `recipe`, its progress starting at `done` bytes and `stats_passes`.
-    fn engine(&self, recipe: &'a Recipe, done: u64, stats_passes: u32) -> Engine<'a> {
-        let (models, plan) = (self.models, self.plan);
-        let method = recipe.method();
-        let ones = vec![1.0f32; models.len()];
-        let weights: Vec<Vec<f32>> = recipe
-            .sets
-            .iter()
-            .map(|s| s.weights.clone().unwrap_or_else(|| ones.clone()))
-            .collect();
-        let own_weights: Vec<bool> = recipe
-            .sets
-            .iter()
-            .map(|s| s.weights != recipe.weights)
-            .collect();
-        let mergekit = method.unweighted();
-        use crate::methods::kernel::{Inputs, Output};
-        let value_out = method.output() == Output::Value;
-        // Without LiNeS every tensor is of one class; LiNeS's come once its α are known.
-        let classes = vec![scaling::Class::of(
-            recipe.combine.clone(),
-            recipe.sets.len(),
-        )];
-        Engine {
-            models,
-            plan,
-            recipe,
-            // A computed scale tensor has no input of its own: its weight's stands in (never read).
-            base_refs: plan
-                .iter()
-                .map(|t| self.base.tensors[source(plan, t)])
-                .collect(),
-            model_refs: models
-                .iter()
-                .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
-                .collect(),
-            done: AtomicU64::new(done),
-            total: self.total,
-            progress: self.progress,
-            cancel: self.cancel,
-            given: self.given,
-            spare: Mutex::new(Vec::new()),
-            classes,
-            class_of: vec![0; plan.len()],
-            need_plain: recipe.weights.is_some() && (mergekit || own_weights.iter().any(|&o| o)),
-            weights,
-            own_weights,
-            values: method.inputs() == Inputs::Values,
-            value_out,
-            values_only: value_out
-                && !method.reads_deltas()
-                && !recipe.metagpt
-                && recipe.lines.is_none()
-                && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0),
-            rows: method.rows(),
-            stats_passes: AtomicU32::new(stats_passes),
-            in_output: AtomicBool::new(false),
-        }
-    }
 }
 
 impl<'a> Engine<'a> {
