@@ -272,7 +272,7 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
         out.append("'chat_template'")
     method = d.get("merge_method")
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
-        out.append(f"merge_method '{method}' (supported: {', '.join(MERGEKIT_METHODS)})")
+        out.append(f"merge_method '{method}', not one weightweave runs (supported: {', '.join(MERGEKIT_METHODS)})")
     gradients, conditional = [], []
     places = [("parameters", d.get("parameters"))]
     if isinstance(d.get("models"), list):
@@ -301,7 +301,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     blockers = _blockers(d)
     if blockers:
         # Every unsupported feature at once: a config rarely has just one.
-        what = "feature" if len(blockers) == 1 else f"{len(blockers)} features"
+        what = "a feature" if len(blockers) == 1 else f"{len(blockers)} features"
         raise _fail(where, f"this config uses {what} weightweave does not run yet: " + "; ".join(blockers))
     method = d["merge_method"]
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
