@@ -109,6 +109,10 @@ def test_missing_hub_ids_are_one_clear_error_offline(hub, tmp_path):
     with pytest.raises(ww.RecipeError, match=r"models\[1\].model.*'org/nope' is a hub id not in the Hugging Face "
                                              r"cache.*HF_HUB_OFFLINE"):  # fmt: skip
         ww.run(recipe(tmp_path, "org/base", ["org/ft0", "org/nope", "org/ft2"]), out)
+    # A revision cannot steer the refs/ lookup out of the cache.
+    for rev in ("../../../../etc", "main/../../x", "/abs"):
+        with pytest.raises(ww.RecipeError, match="is not a revision name"):
+            ww.run(recipe(tmp_path, "org/base", [f"org/ft0@{rev}", "org/ft1", "org/ft2"]), out)
     with pytest.raises(ww.RecipeError, match="more than one '@'"):
         ww.run(recipe(tmp_path, "org/base", ["org/ft0@a@b", "org/ft1", "org/ft2"]), out)
     with pytest.raises(ww.RecipeError, match="org/ft0@v9"):  # a revision the cache does not hold

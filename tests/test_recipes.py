@@ -257,3 +257,11 @@ def test_every_blocker_of_a_config_is_named_at_once(ck, tmp_path):
                  "conditional (filter/value) parameters (parameters.t)"):  # fmt: skip
         assert part in msg, (part, msg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_of_many_blocked_models_is_one_short_error(ck, tmp_path):
+    models = "  - model: in/ft0.safetensors\n    parameters: {weight: [1, 0]}\n" * 3000
+    (tmp_path / "r.yml").write_text("merge_method: ties\nbase_model: in/base.safetensors\nmodels:\n" + models)
+    with pytest.raises(ww.RecipeError) as e:
+        ww.run(str(tmp_path / "r.yml"), tmp_path / "out")
+    assert "and 2995 more" in str(e.value) and len(str(e.value)) < 1000, str(e.value)[:300]

@@ -15,6 +15,9 @@ from ._rust import ParamError
 
 #: What a hub id looks like (huggingface_hub's repo-id rules: a namespace and a name).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+#: A revision: a branch, tag or commit name (no `..` component, nothing outside these characters),
+#: so that a recipe cannot steer huggingface_hub's `refs/<revision>` lookup out of the cache.
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -47,6 +50,8 @@ def resolve(ref: str, what: str) -> str:
     if ref.count("@") > 1:
         raise ParamError(f"{what}: '{ref}' has more than one '@' (org/name@revision)")
     repo, _, revision = ref.partition("@")
+    if revision and (not REVISION.match(revision) or ".." in revision.split("/")):
+        raise ParamError(f"{what}: '{ref}': '{revision}' is not a revision name (a branch, tag or commit)")
     try:
         import huggingface_hub
         from huggingface_hub.errors import LocalEntryNotFoundError

@@ -287,10 +287,16 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
             elif isinstance(v, list):
                 gradients.append(f"{where}.{k}")
     if gradients:
-        out.append(f"layer gradients, a list as a parameter value ({', '.join(gradients)})")
+        out.append(f"layer gradients, a list as a parameter value ({_some(gradients)})")
     if conditional:
-        out.append(f"conditional (filter/value) parameters ({', '.join(conditional)})")
+        out.append(f"conditional (filter/value) parameters ({_some(conditional)})")
     return out
+
+
+def _some(places: list[str], shown: int = 5) -> str:
+    """The first few places, and how many more (a config of thousands of models stays one line)."""
+    more = f", and {len(places) - shown} more" if len(places) > shown else ""
+    return ", ".join(places[:shown]) + more
 
 
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
