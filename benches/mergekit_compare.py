@@ -57,6 +57,15 @@ METHODS = {
     "ram": {"per_model": {}, "shared": {"epsilon": 0.015}},
     "ramplus_tl": {"per_model": {}, "shared": {"epsilon": 0.015, "r": 0.3, "alpha": 0.2}},
     "arcee_fusion": {"k": 1, "per_model": {}, "shared": {}},
+    # Per-tensor parameters as published configs write them: layer gradients and filters.
+    "slerp_gradient": {"method": "slerp", "k": 1, "list_base": True, "per_model": {},
+                       "shared": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+    "ties_gradient": {"method": "ties", "shared": {"normalize": True},
+                      "per_model": {"weight": [[1.0, 0.5], 0.6, 0.3],
+                                    "density": [[0.2, 0.9], 0.3, [{"filter": "mlp", "value": 0.4}, {"value": 0.8}]]}},
+    "task_arithmetic_filter": {"method": "task_arithmetic", "per_model": {"weight": WEIGHTS},
+                               "shared": {"lambda": [{"filter": "self_attn", "value": [0.5, 1.5]}, {"value": 1.0}]}},
 }  # fmt: skip
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # Known causes of differences, by method (beyond rounding, which the ulps column shows).
@@ -66,6 +75,10 @@ NOTES = {
     "karcher": "iterated on the Gram matrix here (1 pass), element-wise in f32 there",
     "sce": "mean squares in f64; the elements beyond 64 ulps are ties in variance at the top-k cut (torch's topk order)",
     "arcee_fusion": "mergekit takes quantiles of a random sample of 10^6 elements in larger tensors; ours are exact",
+    "slerp_gradient": "t by filter and layer gradient; the rest as slerp",
+    "ties_gradient": "density and weight gradients; the elements beyond 64 ulps are ties in \\|τ\\| at model 1's cut "
+                     "in lm_head.weight (density 0.3), as in the ties row",
+    "task_arithmetic_filter": "lambda by filter and layer gradient",
 }  # fmt: skip
 
 
@@ -110,6 +123,7 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int = 32000,
 
 def recipe(method: str, base: Path, fts: list[Path]) -> str:
     spec = METHODS[method]
+    method = spec.get("method", method)
     lines = [f"merge_method: {method}"]
     if method != "linear" and not spec.get("no_base"):
         lines.append(f"base_model: {base}")
@@ -117,11 +131,11 @@ def recipe(method: str, base: Path, fts: list[Path]) -> str:
     if spec.get("list_base"):
         lines.append(f"  - model: {base}")
     for i, ft in enumerate(fts[: spec.get("k", len(fts))]):
-        params = ", ".join(f"{k}: {v[i]}" for k, v in spec["per_model"].items())
+        params = ", ".join(f"{k}: {json.dumps(v[i])}" for k, v in spec["per_model"].items())
         lines.append(f"  - model: {ft}" + (f"\n    parameters: {{{params}}}" if params else ""))
     if spec["shared"]:
         lines.append("parameters:")
-        lines += [f"  {k}: {str(v).lower()}" for k, v in spec["shared"].items()]
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in spec["shared"].items()]
     lines.append("dtype: float32")
     return "\n".join(lines) + "\n"
 

@@ -281,6 +281,10 @@ def merge(
             (λ is LiNeS's β); ``lines_alpha`` (default ``"auto"``: ‖Σ_t τ'_t‖₁ / (T·‖M‖₁), one
             more pass), ``lines_blocks`` (default: one more than the largest block index in the
             names; a name's block is its first integer component, ``layers.7.``).
+            Per tensor (mergekit's gradients and filters): a parameter, ``lam`` or an entry of a
+            per-model list may be a setting, ``{"value": [0.2, 0.8]}`` (a gradient over the
+            layers) or ``[{"filter": "mlp", "value": 0.3}, {"value": 0.5}]`` (the first condition
+            whose filter is in the tensor's name); see the README's recipe section.
 
     Returns:
         A :class:`Report`.

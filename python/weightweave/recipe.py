@@ -17,6 +17,7 @@ from typing import Any
 
 from ._rust import ParamError
 from .job import as_bool
+from .settings import conditions
 
 _GTA = ("required", {"normalize", "rescale", "int8_mask", "lambda"}, {"weight", "density"}, True)
 _SPEC = {
@@ -167,12 +168,23 @@ def _mapping(where: str, key: str, v: object) -> dict[Any, Any]:
 
 def _number(where: str, key: str, v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
-        if isinstance(v, Mapping) or (isinstance(v, list) and v and isinstance(v[0], Mapping)):
-            raise _fail(where, f"'{key}' is conditional (filter/value): not supported (give one number)")
-        if isinstance(v, list):
-            raise _fail(where, f"'{key}' is a list: gradients over layers are not supported (give one number)")
+        if not _plain(v):
+            raise _fail(where, f"'{key}' must be one number here, not a per-tensor setting")
         raise _fail(where, f"'{key}' must be a number, got {v!r}")
     return float(v)
+
+
+def _plain(v: object) -> bool:
+    """One value, not a per-tensor setting (a gradient list or filter conditions)."""
+    return not isinstance(v, (list, tuple, Mapping))
+
+
+def _conditions(where: str, key: str, v: object) -> list[dict[str, Any]]:
+    """A mergekit setting as conditions (a bare list is a gradient over the layers)."""
+    try:
+        return conditions(key, v)
+    except ParamError as e:
+        raise _fail(where, str(e)) from None
 
 
 def _local(where: str, key: str, v: object) -> str:
@@ -259,8 +271,8 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
     where it is used."""
     out = []
     if "slices" in d:
-        out.append("'slices' (layer ranges, such as passthrough layer stacking; 'models' merges whole models, "
-                   "which cannot stack layers)")  # fmt: skip
+        out.append("'slices' that stack or move layers (passthrough frankenmerges, layer ranges other than every layer "
+                   "of each model in place; one slice of whole models runs)")  # fmt: skip
     if "modules" in d:
         out.append("'modules'")
     if "tokenizer" in d:
@@ -273,30 +285,71 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
     method = d.get("merge_method")
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         out.append(f"merge_method '{method}', not one weightweave runs (supported: {', '.join(MERGEKIT_METHODS)})")
-    gradients, conditional = [], []
-    places = [("parameters", d.get("parameters"))]
-    if isinstance(d.get("models"), list):
-        places += [(f"models[{i}].parameters", e.get("parameters")) for i, e in enumerate(d["models"])
-                   if isinstance(e, Mapping)]  # fmt: skip
-    for where, ps in places:
-        if not isinstance(ps, Mapping):
-            continue
-        for k, v in ps.items():
-            if isinstance(v, Mapping) or (isinstance(v, list) and v and isinstance(v[0], Mapping)):
-                conditional.append(f"{where}.{k}")
-            elif isinstance(v, list):
-                gradients.append(f"{where}.{k}")
-    if gradients:
-        out.append(f"layer gradients, a list as a parameter value ({_some(gradients)})")
-    if conditional:
-        out.append(f"conditional (filter/value) parameters ({_some(conditional)})")
     return out
 
 
-def _some(places: list[str], shown: int = 5) -> str:
-    """The first few places, and how many more (a config of thousands of models stays one line)."""
-    more = f", and {len(places) - shown} more" if len(places) > shown else ""
-    return ", ".join(places[:shown]) + more
+def _layer_count(path: str) -> int | None:
+    """A model's layer count as mergekit reads it (``num_hidden_layers`` of its config.json, or of
+    its ``text_config``); for a checkpoint without one, the largest layer index in its names + 1."""
+    import json
+
+    cfg = os.path.join(path, "config.json") if os.path.isdir(path) else None
+    if cfg and os.path.isfile(cfg):
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                c = json.loads(f.read(1 << 20))
+        except (OSError, ValueError):
+            c = {}
+        for d in (c, c.get("text_config") if isinstance(c, dict) else None):
+            n = d.get("num_hidden_layers") if isinstance(d, dict) else None
+            if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                return n
+    from . import _rust
+
+    try:
+        names = [t["name"] for t in _rust.inspect(path)["tensors"]]
+    except Exception:  # noqa: BLE001 - the merge itself reports an unreadable model
+        return None
+    firsts = [next((int(c) for c in n.split(".") if c.isdigit() and len(c) < 9), None) for n in names]
+    found = [i for i in firsts if i is not None]
+    return max(found) + 1 if found else None
+
+
+def _identity_slices(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``slices`` that take every layer of every model in place (mergekit's most published form:
+    one slice, each source's ``layer_range`` [0, N)) as the ``models`` form they equal: the
+    sources' parameters become the models', and the slice's come before the config's (mergekit's
+    scope order). Any other slicing is left for the caller to refuse."""
+    sl = d.get("slices")
+    if not isinstance(sl, list) or len(sl) != 1 or not isinstance(sl[0], Mapping):
+        return d
+    one = sl[0]
+    if set(one) - {"sources", "parameters"} or not isinstance(one.get("sources"), list) or not one["sources"]:
+        return d
+    models = []
+    for i, src in enumerate(one["sources"]):
+        if not isinstance(src, Mapping) or set(src) - {"model", "layer_range", "parameters"}:
+            return d
+        r, m = src.get("layer_range"), src.get("model")
+        if not (isinstance(r, list) and len(r) == 2 and r[0] == 0 and isinstance(r[1], int) and isinstance(m, str)):
+            return d
+        path = _local(where, f"slices[0].sources[{i}].model", m.partition("+")[0] if "+" in m
+                      and not os.path.exists(m) else m)  # fmt: skip
+        if _layer_count(path) != r[1]:
+            return d
+        models.append({"model": m, **({"parameters": src["parameters"]} if src.get("parameters") else {})})
+    out = {k: v for k, v in d.items() if k != "slices"}
+    out["models"] = models
+    top = _mapping(where, "parameters", d.get("parameters"))
+    own = _mapping(where, "slices[0].parameters", one.get("parameters"))
+    if own:
+        # The slice's setting first, then the config's: one list of conditions.
+        out["parameters"] = dict(top) | {
+            k: _conditions(where, f"slices[0].parameters.{k}", v)
+            + (_conditions(where, f"parameters.{k}", top[k]) if k in top else [])
+            for k, v in own.items()
+        }
+    return out
 
 
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
@@ -304,6 +357,8 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     unknown = sorted(set(d) - _MK_TOP)
     if unknown:
         raise _fail(where, f"'{unknown[0]}': not a mergekit config key weightweave supports")
+    if "slices" in d and "models" not in d:
+        d = _identity_slices(d, where)
     blockers = _blockers(d)
     if blockers:
         # Every unsupported feature at once: a config rarely has just one.
@@ -326,7 +381,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     entries = d.get("models")
     if not isinstance(entries, list) or not entries:
         raise _fail(where, "'models' must be a non-empty list")
-    models, per_model = [], []
+    models, scopes = [], []
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping) or "model" not in e:
             raise _fail(where, f"models[{i}] must be a mapping with 'model'")
@@ -341,12 +396,15 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
                                f"({', '.join(sorted(per_model_keys)) or 'none'})")  # fmt: skip
         if method != "linear" and base is not None and os.path.realpath(path) == os.path.realpath(base):
             continue  # mergekit takes no task vector from the base model
-        merged = {k: shared[k] for k in per_model_keys if k in shared} | dict(ps)
-        per_model.append({k: _number(where, f"models[{i}].parameters.{k}", v) for k, v in merged.items()})
+        # mergekit's precedence: the model's own setting, then the config's.
+        scopes.append({k: [(f"{at}.{k}", sc[k]) for at, sc in ((f"models[{i}].parameters", ps), ("parameters", shared))
+                           if k in sc] for k in per_model_keys})  # fmt: skip
         models.append(path)
     if not models:
         raise _fail(where, "'models' lists only the base model")
     params: dict[str, Any] = {}
+    pt_shared: dict[str, Any] = {}
+    pt_model: dict[str, Any] = {}
     if base is None:
         if base_rule == "required":
             raise _fail(where, f"base_model is required by {method}")
@@ -355,38 +413,53 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         base = models[0]
     elif method == "karcher":
         params["with_base"] = True  # the base model is one of the points averaged
-    if weight_required:
-        for i, p in enumerate(per_model):
-            if "weight" not in p:
-                raise _fail(where, f"models[{i}]: parameters.weight is required by mergekit's {method}")
-    for k in sorted(shared_keys - {"lambda"}):
+    for k in sorted(shared_keys):
         if k not in shared:
             continue
-        if k in _MK_FLAGS:
+        name = "lam" if k == "lambda" else k
+        if not _plain(shared[k]):
+            pt_shared[name] = _conditions(where, f"parameters.{k}", shared[k])
+        elif k in _MK_FLAGS:
             try:
                 params[k] = as_bool(f"parameters.{k}", shared[k])
             except ParamError as e:
                 raise _fail(where, str(e)) from None
         else:
-            params[k] = _number(where, f"parameters.{k}", shared[k])
-    for k in sorted(per_model_keys - {"weight"}):
-        vals = [p[k] for p in per_model if k in p]
-        if vals:
-            if len(vals) != len(per_model):
+            params[name] = _number(where, f"parameters.{k}", shared[k])
+    for k in sorted(per_model_keys):
+        name = "weights" if k == "weight" else k
+        given = [sc[k] for sc in scopes]
+        if k == "weight" and weight_required:
+            missing = next((i for i, g in enumerate(given) if not g), None)
+            if missing is not None:
+                raise _fail(where, f"models[{missing}]: parameters.weight is required by mergekit's {method}")
+        if not any(given):
+            continue
+        if all(_plain(v) for g in given for _, v in g):
+            vals = [_number(where, g[0][0], g[0][1]) if g else None for g in given]
+            if None in vals:
                 if k not in _MK_DEFAULTS:
                     raise _fail(where, f"parameters.{k}: given for some models and not others")
-                vals = [p.get(k, _MK_DEFAULTS[k]) for p in per_model]
-            params[k] = vals
-    weights = [p["weight"] for p in per_model] if weight_required else None
+                vals = [_MK_DEFAULTS[k] if v is None else v for v in vals]
+            params[name] = vals
+            continue
+        default = [{"filter": None, "value": _MK_DEFAULTS[k]}] if k in _MK_DEFAULTS else []
+        pt_model[name] = [[c for key, v in g for c in _conditions(where, key, v)] + default for g in given]
+    if "weights" in params and not weight_required:
+        del params["weights"]
+    weights = params.pop("weights", None)
     kwargs: dict[str, Any] = {"method": method, "compat": "mergekit", **params}
     if weights is not None:
         kwargs["weights"] = weights
+    # Settings go on in the API's own forms: a list of conditions, or one list per model.
+    kwargs.update(pt_shared)
+    kwargs.update(pt_model)
     out_dtype = d.get("out_dtype", d.get("dtype"))
     if out_dtype is not None:
         if not isinstance(out_dtype, str) or out_dtype not in _MK_DTYPES:
             raise _fail(where, f"dtype '{out_dtype}' is not one of {', '.join(sorted(_MK_DTYPES))}")
         kwargs["out_dtype"] = _MK_DTYPES[out_dtype]
-    lam = shared.get("lambda")
+    lam = kwargs.pop("lam", None)
     mode = "merge"
     if "weave" in d:
         if lam is not None:
@@ -394,7 +467,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         kwargs.update(_weave_block(d["weave"], where))
         mode = "weave"
     elif lam is not None:
-        kwargs["lam"] = _number(where, "parameters.lambda", lam)
+        kwargs["lam"] = lam
     return Recipe(mode, base, models, None, kwargs)
 
 
@@ -423,7 +496,8 @@ def _own(d: Mapping[str, Any], where: str) -> Recipe:
             if "model" not in e:
                 raise _fail(where, f"models[{i}].model is required")
             models.append(_local(where, f"models[{i}].model", e["model"]))
-            per_model.append({k: _number(where, f"models[{i}].{k}", v) for k, v in e.items() if k != "model"})
+            per_model.append({k: v if not _plain(v) else _number(where, f"models[{i}].{k}", v)
+                              for k, v in e.items() if k != "model"})  # fmt: skip
         else:
             models.append(_local(where, f"models[{i}]", e))
             per_model.append({})

@@ -156,3 +156,55 @@ def linear(
             acc = acc / torch.tensor(ws, dtype=torch.float32).sum()
         out[n] = acc.to(like[n].dtype)
     return out
+
+
+# Per-tensor parameters, from mergekit 0.1.5's config.py (evaluate_setting), parameter_resolver.py
+# (scopes in precedence order) and plan.py (t of a layer within its slice).
+
+
+def evaluate_setting(tensor_name: str, setting: object, t: float) -> object:
+    """A setting's value at one tensor: a scalar is itself; a list of scalars is a gradient (numbers
+    interpolated at t·(n−1), anything else stepped); a list of conditions gives the value of the
+    first whose filter is None, "*" or a substring of the name; None when nothing matches."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate_setting(tensor_name, cond["value"], t)
+    return None
+
+
+def resolve(name: str, key: str, scopes: Sequence[dict | None], t: float, default: object = None) -> object:
+    """The first scope (narrowest first: the model's, then the config's) whose setting of ``key``
+    gives a value at this tensor; else ``default``."""
+    for scope in scopes:
+        if scope is not None and key in scope:
+            v = evaluate_setting(name, scope[key], t)
+            if v is not None:
+                return v
+    return default
+
+
+def layer_t(name: str, layers: int) -> float:
+    """t of a tensor in a whole-model merge (one slice over every layer): layer i of ``layers`` has
+    i/(layers − 1), or 1 when there is one layer; the weights before and after the layers
+    (embeddings, final norm, head) are planned with t = 0."""
+    import re
+
+    m = re.search(r"(?:^|\.)layers?\.(\d+)\.", name)
+    if m is None:
+        return 0.0
+    return 1.0 if layers <= 1 else int(m.group(1)) / (layers - 1)

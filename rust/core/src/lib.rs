@@ -80,9 +80,10 @@ pub fn run_views(
     progress: pipeline::Progress,
     cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
-    let recipe = job.recipe_cancellable(cancel)?;
+    let mut recipe = job.recipe_cancellable(cancel)?;
     job.check_tasks(&recipe, models.len())?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
+    recipe.groups = job.tensor_groups(&plan, models.len(), cancel)?;
     let given = plan::given_for(&plan, given, &recipe)?;
     let opts = job.options();
     pipeline::run(
@@ -100,7 +101,9 @@ pub fn plan_views(
 ) -> Result<Vec<plan::TensorPlan>> {
     let recipe = job.recipe_cancellable(cancel)?;
     job.check_tasks(&recipe, models.len())?;
-    plan::validate(base, models, job.out_dtype()?)
+    let plan = plan::validate(base, models, job.out_dtype()?)?;
+    job.tensor_groups(&plan, models.len(), cancel)?;
+    Ok(plan)
 }
 
 /// Where and how a file merge writes its output.
@@ -337,6 +340,8 @@ pub fn prepare_files(
         ));
     }
     let mut opened = open_files(base, models, out, opts, job, &recipe)?;
+    let mut recipe = recipe;
+    recipe.groups = job.tensor_groups(&opened.plan, models.len(), cancel)?;
     let bytes_read = {
         let (base_view, views, _) = input_views(&opened.base, &opened.models)?;
         pipeline::run(

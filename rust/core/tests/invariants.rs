@@ -109,6 +109,7 @@ fn job(method: &str, mode: Mode, threads: usize, chunk: usize) -> Job {
         compat: None,
         metagpt: false,
         lines: None,
+        per_tensor: None,
     }
 }
 

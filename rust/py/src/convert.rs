@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use weightweave_core::recipe::tensors::{Cond, PerTensor, Setting, Value};
 use weightweave_core::scaling::Lines;
 use weightweave_core::{CustomPool, Error, Job, Mode, Param, Params, Space};
 
@@ -50,6 +51,75 @@ fn params(d: &Bound<'_, PyDict>) -> PyResult<Params> {
         out.insert(k, v);
     }
     Ok(out)
+}
+
+/// A scalar parameter value (a number, bool or string).
+fn scalar(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Param> {
+    match param(key, v)? {
+        Param::List(_) => Err(ParamError::new_err(format!(
+            "parameter '{key}': a condition's value is one value or a gradient list"
+        ))),
+        p => Ok(p),
+    }
+}
+
+/// A setting: a list of conditions `{"filter": str | None, "value": scalar | list}`.
+fn setting(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Setting> {
+    let conds: Vec<Bound<'_, PyAny>> = v.extract().map_err(|_| {
+        ParamError::new_err(format!(
+            "per-tensor '{key}': a setting is a list of conditions"
+        ))
+    })?;
+    let mut out = Vec::with_capacity(conds.len());
+    for c in conds {
+        let c = c.cast::<PyDict>().map_err(|_| {
+            ParamError::new_err(format!("per-tensor '{key}': a condition is a dict"))
+        })?;
+        let filter: Option<String> = item(c, "filter", None)?;
+        let value = c.get_item("value")?.ok_or_else(|| {
+            ParamError::new_err(format!("per-tensor '{key}': a condition needs a value"))
+        })?;
+        let value = if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
+            let items: Vec<Bound<'_, PyAny>> = value.extract()?;
+            Value::Steps(
+                items
+                    .iter()
+                    .map(|x| scalar(key, x))
+                    .collect::<PyResult<_>>()?,
+            )
+        } else {
+            Value::One(scalar(key, &value)?)
+        };
+        out.push(Cond { filter, value });
+    }
+    Ok(out)
+}
+
+/// `per_tensor`: {"shared": {name: setting}, "per_model": {name: [setting per model]}}.
+fn per_tensor(v: &Bound<'_, PyAny>) -> PyResult<PerTensor> {
+    let d = v
+        .cast::<PyDict>()
+        .map_err(|_| ParamError::new_err("per_tensor must be a dict"))?;
+    let mut pt = PerTensor::default();
+    if let Some(s) = d.get_item("shared")? {
+        for (k, v) in s.cast::<PyDict>()?.iter() {
+            let k: String = k.extract()?;
+            let st = setting(&k, &v)?;
+            pt.shared.insert(k, st);
+        }
+    }
+    if let Some(s) = d.get_item("per_model")? {
+        for (k, v) in s.cast::<PyDict>()?.iter() {
+            let k: String = k.extract()?;
+            let items: Vec<Bound<'_, PyAny>> = v.extract()?;
+            let per = items
+                .iter()
+                .map(|x| setting(&k, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            pt.per_model.insert(k, per);
+        }
+    }
+    Ok(pt)
 }
 
 /// `search`: a dict of value lists (a grid, in the dict's order) or a list of point dicts.
@@ -199,6 +269,10 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
                     blocks: item(l, "blocks", None)?,
                 })
             }
+            _ => None,
+        },
+        per_tensor: match d.get_item("per_tensor")? {
+            Some(v) if !v.is_none() => Some(per_tensor(&v)?),
             _ => None,
         },
     })

@@ -29,6 +29,8 @@ struct Groups<'p> {
     plan: &'p [TensorPlan],
     /// Per representative: whether its statistics are the model's.
     global: Vec<bool>,
+    /// Per tensor: whether this run merges it (a run over a group of tensors merges some).
+    present: Vec<bool>,
 }
 
 impl Groups<'_> {
@@ -52,7 +54,8 @@ impl Groups<'_> {
     /// Whether representative `r` gathers statistics over group `g`.
     fn live(&self, r: usize, g: usize) -> bool {
         let t = self.plan(g);
-        (self.global[r] == (g == self.n)) && t.mergeable && t.numel > 0
+        let present = g == self.n || self.present[g];
+        (self.global[r] == (g == self.n)) && present && t.mergeable && t.numel > 0
     }
 
     fn chunks(&self, merge: &[Chunk], g: usize) -> Vec<Chunk> {
@@ -109,20 +112,22 @@ impl Engine<'_> {
         // Representatives: one set per distinct statistics key.
         let mut reps: Vec<usize> = Vec::new();
         let mut of = Vec::with_capacity(sets);
-        let mut keys: Vec<String> = Vec::new();
+        // By hash, not a scan: a 512 × 512 grid has a quarter million sets.
+        let mut keys: std::collections::HashMap<String, usize> = Default::default();
         for j in 0..sets {
             let key = format!("{} {}", self.kernel_of(j).stats_key(), self.deltas_key(j));
-            match keys.iter().position(|k| *k == key) {
-                Some(r) => of.push(r),
-                None => {
-                    keys.push(key);
-                    reps.push(j);
-                    of.push(reps.len() - 1);
-                }
-            }
+            let r = *keys.entry(key).or_insert_with(|| {
+                reps.push(j);
+                reps.len() - 1
+            });
+            of.push(r);
         }
         let n = self.plan.len();
         let d: usize = merge.iter().map(|c| c.len).sum();
+        let mut present = vec![false; n];
+        for c in merge {
+            present[c.tensor] = true;
+        }
         let groups = Groups {
             n,
             model: TensorPlan {
@@ -140,12 +145,13 @@ impl Engine<'_> {
                 .iter()
                 .map(|&j| self.kernel_of(j).scope() == Scope::Global)
                 .collect(),
+            present,
         };
         let mut found: Vec<Vec<TensorStats>> =
             vec![vec![TensorStats::default(); n + 1]; reps.len()];
         // Rows longer than a chunk, for a method ranking within rows: their pieces' cuts.
         for (i, t) in self.plan.iter().enumerate() {
-            if t.has_long(self.rows, chunk_size) {
+            if groups.present[i] && t.has_long(self.rows, chunk_size) {
                 for (r, cuts) in self.crumbs_stats(merge, i, &reps)?.into_iter().enumerate() {
                     found[r][i].cuts = cuts;
                 }
@@ -195,7 +201,7 @@ impl Engine<'_> {
                 // Every tensor sees the model's statistics.
                 let model = std::mem::take(&mut found[r][n]);
                 for (i, t) in self.plan.iter().enumerate() {
-                    if t.mergeable && t.numel > 0 {
+                    if groups.present[i] && t.mergeable && t.numel > 0 {
                         found[r][i].stages = model.stages.clone();
                     }
                 }

@@ -5,6 +5,7 @@
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
 mod engine;
+mod groups;
 mod kernel;
 mod output;
 mod scaling;
@@ -190,9 +191,16 @@ pub fn run(
     let k = recipe.method();
     let rows = k.rows();
     {
-        for t in plan.iter().filter(|t| t.mergeable) {
-            for s in &recipe.sets {
-                s.method.check_tensor(t)?;
+        let check =
+            |r: &Recipe, t: &TensorPlan| r.sets.iter().try_for_each(|s| s.method.check_tensor(t));
+        if recipe.groups.is_empty() {
+            for t in plan.iter().filter(|t| t.mergeable) {
+                check(recipe, t)?;
+            }
+        }
+        for g in &recipe.groups {
+            for &t in &g.tensors {
+                check(&g.recipe, &plan[t])?;
             }
         }
         if rows == Rows::Slab {
@@ -216,6 +224,20 @@ pub fn run(
         ..opts
     };
     let (merge, copy) = crate::plan::chunks(plan, chunk, rows);
+    if !recipe.groups.is_empty() {
+        return groups::run(
+            base,
+            models,
+            plan,
+            recipe,
+            opts,
+            (&merge, &copy),
+            sink,
+            progress,
+            cancel,
+            given,
+        );
+    }
     run_chunks(
         base,
         models,
@@ -244,38 +266,7 @@ pub fn run_chunks(
     cancel: &AtomicBool,
     given: Given,
 ) -> Result<u64> {
-    let tasks = models.len() as u64;
-    let merge_bytes: u64 = merge
-        .iter()
-        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
-        .sum();
-    let copy_bytes: u64 = copy
-        .iter()
-        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64)
-        .sum();
-    // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
-    let method = recipe.method();
-    let passes = 1 + method.passes();
-    let rows = method.rows();
-    // Long rows take a windowed select and a counting pass more.
-    let long_rows: u64 = merge
-        .iter()
-        .filter(|c| plan[c.tensor].has_long(rows, opts.chunk_size))
-        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
-        .sum();
-    // Re-quantized FP8 weights take a pass more: their blocks' largest values set the scales.
-    let requant_bytes: u64 = merge
-        .iter()
-        .filter(|c| plan[c.tensor].requant.is_some())
-        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
-        .sum();
-    // MetaGPT's norms and LiNeS's α take a pass each.
-    let auto_alpha = crate::scaling::auto_alpha_sets(recipe)
-        .iter()
-        .zip(&recipe.sets)
-        .any(|(&a, s)| a && !(s.method.sum_of_deltas() && s.weights == recipe.weights));
-    let scaling_bytes = merge_bytes * (recipe.metagpt as u64 + auto_alpha as u64);
-    let total = merge_bytes * passes + copy_bytes + 2 * long_rows + requant_bytes + scaling_bytes;
+    let total = total_bytes(plan, recipe, models.len(), opts.chunk_size, (merge, copy));
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
@@ -329,6 +320,49 @@ pub fn run_chunks(
         Ok::<(), Error>(())
     })?;
     Ok(engine.done.load(Ordering::Relaxed))
+}
+
+/// The bytes a run of `recipe` over these chunks reads, when the sampled windows hold (a radix
+/// fallback adds a pass per select): what its progress counts up to.
+pub(crate) fn total_bytes(
+    plan: &[TensorPlan],
+    recipe: &Recipe,
+    tasks: usize,
+    chunk_size: usize,
+    (merge, copy): (&[Chunk], &[Chunk]),
+) -> u64 {
+    let tasks = tasks as u64;
+    let merge_bytes: u64 = merge
+        .iter()
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+        .sum();
+    let copy_bytes: u64 = copy
+        .iter()
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64)
+        .sum();
+    // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
+    let method = recipe.method();
+    let passes = 1 + method.passes();
+    let rows = method.rows();
+    // Long rows take a windowed select and a counting pass more.
+    let long_rows: u64 = merge
+        .iter()
+        .filter(|c| plan[c.tensor].has_long(rows, chunk_size))
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+        .sum();
+    // Re-quantized FP8 weights take a pass more: their blocks' largest values set the scales.
+    let requant_bytes: u64 = merge
+        .iter()
+        .filter(|c| plan[c.tensor].requant.is_some())
+        .map(|c| (c.len * plan[c.tensor].base_dtype.size()) as u64 * (tasks + 1))
+        .sum();
+    // MetaGPT's norms and LiNeS's α take a pass each.
+    let auto_alpha = crate::scaling::auto_alpha_sets(recipe)
+        .iter()
+        .zip(&recipe.sets)
+        .any(|(&a, s)| a && !(s.method.sum_of_deltas() && s.weights == recipe.weights));
+    let scaling_bytes = merge_bytes * (recipe.metagpt as u64 + auto_alpha as u64);
+    merge_bytes * passes + copy_bytes + 2 * long_rows + requant_bytes + scaling_bytes
 }
 
 impl<'a> Engine<'a> {

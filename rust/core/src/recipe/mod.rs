@@ -11,6 +11,9 @@ use crate::methods::{Method, Param, Params};
 use crate::pool::Pool;
 use crate::scaling::Lines;
 
+pub mod tensors;
+pub use tensors::{PerTensor, TensorGroup};
+
 /// Search points accepted in one run (each costs a term per element of the pool).
 pub const MAX_POINTS: usize = 1 << 20;
 
@@ -84,6 +87,8 @@ pub struct Job {
     pub metagpt: bool,
     /// LiNeS: each point's λ becomes α + λ·(ℓ − 1)/(L − 1) in block ℓ (α outside the blocks).
     pub lines: Option<Lines>,
+    /// Parameters that vary by tensor (mergekit's gradients and filters).
+    pub per_tensor: Option<PerTensor>,
 }
 
 impl Job {
@@ -103,6 +108,7 @@ impl Job {
             compat: None,
             metagpt: false,
             lines: None,
+            per_tensor: None,
         }
     }
 }
@@ -172,6 +178,9 @@ pub struct Recipe {
     /// The weights are still to be found as MetaGPT's (`weights` is then `None`).
     pub metagpt: bool,
     pub lines: Option<Lines>,
+    /// With per-tensor parameters, the groups of tensors and their own recipes (every mergeable
+    /// tensor in one); empty otherwise. Filled once the plan is known ([`Job::tensor_groups`]).
+    pub groups: Vec<TensorGroup>,
 }
 
 impl Recipe {
@@ -392,6 +401,21 @@ impl Job {
     /// [`Job::recipe`], checking `cancel` as it goes through the search points (a million-point
     /// grid takes seconds to resolve).
     pub fn recipe_cancellable(&self, cancel: &AtomicBool) -> Result<Recipe> {
+        if let Some(pt) = &self.per_tensor {
+            // Each group's recipe comes once the tensors are known; this one checks the rest.
+            pt.check(self)?;
+            let r = pt.stand_in(self).recipe_cancellable(cancel)?;
+            if r.method().external() {
+                return Err(Error::param(
+                    "per-tensor parameters",
+                    format!(
+                        "{} runs on the torch backend, which takes one value per parameter for the whole model",
+                        r.method().name()
+                    ),
+                ));
+            }
+            return Ok(r);
+        }
         if self.chunk_size == Some(0) {
             return Err(Error::param("chunk_size", "must be positive"));
         }
@@ -525,6 +549,7 @@ impl Job {
                     weights,
                     metagpt: self.metagpt,
                     lines: self.lines,
+                    groups: Vec::new(),
                 });
             }
         };
@@ -535,6 +560,7 @@ impl Job {
             weights,
             metagpt: self.metagpt,
             lines: self.lines,
+            groups: Vec::new(),
         })
     }
 
@@ -639,6 +665,9 @@ impl Job {
         }
         if self.metagpt {
             r["weights"] = serde_json::json!("metagpt");
+        }
+        if let Some(pt) = &self.per_tensor {
+            r["per_tensor"] = pt.json();
         }
         if let Some(l) = &self.lines {
             r["lines"] = serde_json::json!({"alpha": l.alpha.map_or(serde_json::json!("auto"), |a| serde_json::json!(a)), "blocks": l.blocks});

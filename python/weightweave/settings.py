@@ -1,0 +1,111 @@
+"""Per-tensor parameters, written as mergekit writes them.
+
+A parameter's value may be a *setting*: a gradient over the layers (a list read at
+t = layer / (layers − 1), numbers interpolated linearly), or conditions such as
+``[{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.5}]`` where the first condition
+whose filter is a substring of the tensor's name gives the value. The core resolves them per
+tensor (``recipe/tensors.rs``); this module only checks their shape and normalises them to lists
+of ``{"filter", "value"}``.
+
+In :func:`weightweave.merge` and :func:`weightweave.weave` a bare list of numbers stays what it
+was (one value per fine-tune), so a shared setting there is a condition mapping or a list of them
+(``density={"value": [0.2, 0.8]}`` is a gradient); a per-model list may hold settings
+(``density=[[{"filter": "mlp", "value": 0.3}, {"value": 0.6}], 0.5]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._rust import ParamError
+
+#: Conditions in one setting and values in one gradient: far beyond any published config, and a
+#: bound on what a hostile recipe can make every tensor evaluate.
+MAX_CONDITIONS = 256
+MAX_STEPS = 4096
+
+
+def _is_list(v: object) -> bool:
+    return isinstance(v, Sequence) and not isinstance(v, (str, bytes))
+
+
+def is_conditional(v: object) -> bool:
+    """A condition mapping, or a non-empty list of them: a shared per-tensor setting."""
+    return isinstance(v, Mapping) or (_is_list(v) and len(v) > 0 and all(isinstance(e, Mapping) for e in v))  # type: ignore[arg-type]
+
+
+def is_per_model_settings(v: object) -> bool:
+    """A per-model list at least one of whose entries is a setting (a mapping or a list)."""
+    return _is_list(v) and not is_conditional(v) and any(isinstance(e, Mapping) or _is_list(e) for e in v)  # type: ignore[attr-defined]
+
+
+def _scalar(name: str, v: object) -> bool | int | float | str:
+    from .job import _f32_checked, _is_number
+
+    if isinstance(v, (bool, str)):
+        return v
+    if _is_number(v):
+        return v if isinstance(v, int) else _f32_checked(name, float(v))  # type: ignore[arg-type]
+    raise ParamError(f"{name}: expected a number, bool or string, got {v!r}")
+
+
+def _value(name: str, v: object) -> Any:
+    if _is_list(v):
+        if not v:
+            raise ParamError(f"{name}: an empty gradient has no value")
+        if len(v) > MAX_STEPS:  # type: ignore[arg-type]
+            raise ParamError(f"{name}: a gradient of {len(v)} values, more than the {MAX_STEPS} allowed")  # type: ignore[arg-type]
+        return [_scalar(f"{name}[{i}]", x) for i, x in enumerate(v)]  # type: ignore[attr-defined]
+    return _scalar(name, v)
+
+
+def conditions(name: str, v: object) -> list[dict[str, Any]]:
+    """``v`` as conditions: one value, a gradient list, a condition mapping, or a list of them."""
+    if isinstance(v, Mapping):
+        v = [v]
+    if not is_conditional(v):
+        return [{"filter": None, "value": _value(name, v)}]
+    if len(v) > MAX_CONDITIONS:  # type: ignore[arg-type]
+        raise ParamError(f"{name}: {len(v)} conditions, more than the {MAX_CONDITIONS} allowed")  # type: ignore[arg-type]
+    out = []
+    for i, c in enumerate(v):  # type: ignore[arg-type]
+        bad = sorted(str(k) for k in set(c) - {"value", "filter"})
+        if bad:
+            raise ParamError(f"{name}[{i}]: '{bad[0]}' is not part of a condition (value, filter)")
+        if "value" not in c:
+            raise ParamError(f"{name}[{i}]: a condition needs a value")
+        f = c.get("filter")
+        if f is not None and not isinstance(f, str):
+            raise ParamError(f"{name}[{i}].filter must be a string (a part of tensor names), got {f!r}")
+        out.append({"filter": f, "value": _value(f"{name}[{i}].value", c["value"])})
+    return out
+
+
+def _per_model(name: str, v: object) -> list[dict[str, Any]]:
+    """One model's setting; an empty list is none (the parameter's default, if it has one)."""
+    return [] if _is_list(v) and not v else conditions(name, v)
+
+
+def split(params: dict[str, Any], weights: object, lam: object) -> tuple[object, object, dict[str, Any] | None]:
+    """Takes the per-tensor settings out of ``params`` (in place), ``weights`` and ``lam``;
+    returns (weights, lam, per_tensor) with what is left of the first two."""
+    shared: dict[str, Any] = {}
+    per_model: dict[str, Any] = {}
+    for k in list(params):
+        v = params[k]
+        if is_conditional(v):
+            shared[k] = conditions(k, params.pop(k))
+        elif is_per_model_settings(v):
+            per_model[k] = [_per_model(f"{k}[{i}]", e) for i, e in enumerate(params.pop(k))]
+    if is_conditional(weights):
+        raise ParamError("weights are per model: a list with one entry (a number or a setting) per fine-tune")
+    if is_per_model_settings(weights):
+        per_model["weights"] = [_per_model(f"weights[{i}]", e) for i, e in enumerate(weights)]  # type: ignore[arg-type]
+        weights = None
+    if is_conditional(lam):
+        shared["lam"] = conditions("lam", lam)
+        lam = None
+    if not shared and not per_model:
+        return weights, lam, None
+    return weights, lam, {"shared": shared, "per_model": per_model}
