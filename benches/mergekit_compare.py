@@ -66,6 +66,11 @@ METHODS = {
                                     "density": [[0.2, 0.9], 0.3, [{"filter": "mlp", "value": 0.4}, {"value": 0.8}]]}},
     "task_arithmetic_filter": {"method": "task_arithmetic", "per_model": {"weight": WEIGHTS},
                                "shared": {"lambda": [{"filter": "self_attn", "value": [0.5, 1.5]}, {"value": 1.0}]}},
+    # Slices: a passthrough frankenmerge (layers stacked from two models, a zeroed copy) and a
+    # slerp whose t restarts in each slice.
+    "passthrough_slices": {"method": "passthrough", "per_model": {}, "shared": {}, "slices": "stack"},
+    "slerp_slices": {"method": "slerp", "per_model": {}, "shared": {"t": [{"filter": "self_attn", "value": [0, 1]},
+                                                                          {"value": 0.4}]}, "slices": "split"},
 }  # fmt: skip
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # Known causes of differences, by method (beyond rounding, which the ulps column shows).
@@ -79,6 +84,8 @@ NOTES = {
     "ties_gradient": "density and weight gradients; the elements beyond 64 ulps are ties in \\|τ\\| at model 1's cut "
                      "in lm_head.weight (density 0.3), as in the ties row",
     "task_arithmetic_filter": "lambda by filter and layer gradient",
+    "passthrough_slices": "layers stacked from two models, o_proj/down_proj zeroed in the second slice",
+    "slerp_slices": "two slices, t restarting in each; the rest as slerp",
 }  # fmt: skip
 
 
@@ -123,6 +130,8 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int = 32000,
 
 def recipe(method: str, base: Path, fts: list[Path]) -> str:
     spec = METHODS[method]
+    if "slices" in spec:
+        return slices_recipe(spec, base, fts)
     method = spec.get("method", method)
     lines = [f"merge_method: {method}"]
     if method != "linear" and not spec.get("no_base"):
@@ -138,6 +147,23 @@ def recipe(method: str, base: Path, fts: list[Path]) -> str:
         lines += [f"  {k}: {json.dumps(v)}" for k, v in spec["shared"].items()]
     lines.append("dtype: float32")
     return "\n".join(lines) + "\n"
+
+
+def slices_recipe(spec: dict, base: Path, fts: list[Path]) -> str:
+    """A ``slices`` config over the models' layers (their count from the base's config.json)."""
+    n = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    h = n // 2
+    cfg: dict = {"merge_method": spec["method"], "dtype": "float32"}
+    if spec["slices"] == "stack":
+        zero = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+        cfg["slices"] = [{"sources": [{"model": str(fts[0]), "layer_range": [0, h + 1]}]},
+                         {"sources": [{"model": str(fts[1]), "layer_range": [h - 1, n], "parameters": {"scale": zero}}]}]
+    else:
+        cfg["base_model"] = str(base)
+        cfg["parameters"] = spec["shared"]
+        cfg["slices"] = [{"sources": [{"model": str(m), "layer_range": r} for m in (base, fts[0])]}
+                         for r in ([0, h], [h, n])]  # fmt: skip
+    return json.dumps(cfg, indent=1) + "\n"
 
 
 # Started from a small launcher: a child forked from this (large) process would count the pages
@@ -219,7 +245,9 @@ def compare(method: str, ours: dict, theirs: dict, base: dict, fts: list[dict]) 
     total = sum(ours[n].numel() for n in names)
     # The largest difference in ulps of each tensor's scale (its largest |value| in any input):
     # per-tensor coefficients that differ in their last bit move every element by about that.
-    scale = {n: max(float(sd[n].abs().max()) for sd in [base, *fts] if n in sd) for n in names}
+    # (A stacked model's new layers have no input of their name: their own values stand in.)
+    scale = {n: max([float(sd[n].abs().max()) for sd in [base, *fts] if n in sd] or [float(theirs[n].abs().max())])
+             for n in names}  # fmt: skip
     ulps = max(float((ours[n].double() - theirs[n].double()).abs().max()) / (scale[n] * 2.0**-23 or 1.0)
                for n in names)  # fmt: skip
     # Elements off by more than 64 ulps of their tensor's scale: a discrete difference (a mask, a

@@ -254,6 +254,6 @@ def test_every_blocker_of_a_config_is_named_at_once(ck, tmp_path):
         ww.run(str(tmp_path / "r.yml"), tmp_path / "out")
     msg = str(e.value)
     assert "3 features" in msg, msg
-    for part in ("'slices'", "passthrough", "tokenizer_source: 'union'", "'chat_template'"):
+    for part in ("'slices'", "base_model's layers", "tokenizer_source: 'union'", "'chat_template'"):
         assert part in msg, (part, msg)
     assert not (tmp_path / "out").exists()

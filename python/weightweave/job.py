@@ -186,8 +186,9 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
             raise ParamError(f"{name} must be a positive integer, got {v!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ParamError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    from .settings import split
+    from .settings import split, split_slices
 
+    slices = split_slices(params)
     weights, lam, per_tensor = split(params, weights, lam)  # type: ignore[assignment]
     metagpt = False
     if isinstance(weights, str) and weights == "metagpt":
@@ -241,6 +242,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
         "metagpt": metagpt,
         "lines": lines,
         "per_tensor": per_tensor,
+        "slices": slices,
     }
 
 

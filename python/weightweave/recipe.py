@@ -271,8 +271,8 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
     where it is used."""
     out = []
     if "slices" in d:
-        out.append("'slices' that stack or move layers (passthrough frankenmerges, layer ranges other than every layer "
-                   "of each model in place; one slice of whole models runs)")  # fmt: skip
+        out.append("'slices' whose slices merge different numbers of sources, sources of unequal lengths, or no "
+                   "source of base_model (each slice merges base_model's layers and as many others)")  # fmt: skip
     if "modules" in d:
         out.append("'modules'")
     if "tokenizer" in d:
@@ -352,13 +352,88 @@ def _identity_slices(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     return out
 
 
+def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
+    """Any other ``slices``: layers stacked, repeated or moved (passthrough frankenmerges), as
+    lanes the core assembles (``source/slices.rs``): lane 0 the base's source in each slice (the
+    single source without a base_model), then the others in order, as many in every slice. The
+    config comes back with one ``models`` entry per lane, whose settings (and the slices') hold
+    only in their slice; with them the real inputs and the lanes."""
+    sl, base_ref = d.get("slices"), d.get("base_model")
+    if not isinstance(sl, list) or not sl:
+        return d, None
+    inputs: list[str] = [] if base_ref is None else [base_ref]
+
+    def idx(m: str) -> int:
+        if m not in inputs:
+            inputs.append(m)
+        return inputs.index(m)
+
+    spec, lane_models, lane_params, slice_params = [], [], [], []
+    for k, one in enumerate(sl):
+        if not isinstance(one, Mapping) or set(one) - {"sources", "parameters"}:
+            return d, None
+        srcs = one.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            return d, None
+        for x in srcs:
+            r = x.get("layer_range") if isinstance(x, Mapping) else None
+            if (not isinstance(x, Mapping) or set(x) - {"model", "layer_range", "parameters"}
+                    or not isinstance(x.get("model"), str) or not isinstance(r, list) or len(r) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in r) or not 0 <= r[0] < r[1]):
+                return d, None  # fmt: skip
+        if len({x["layer_range"][1] - x["layer_range"][0] for x in srcs}) != 1:
+            return d, None  # mergekit: every source of a slice has as many layers
+        if base_ref is None:
+            if len(srcs) != 1:
+                return d, None
+            base_src, others = srcs[0], srcs
+        else:
+            at_base = [x for x in srcs if x["model"] == base_ref]
+            if len(at_base) != 1:
+                return d, None
+            base_src, others = at_base[0], [x for x in srcs if x is not at_base[0]]
+            if not others:
+                return d, None
+        lanes = [[idx(base_src["model"]), base_src["layer_range"][0]]]
+        lanes += [[idx(x["model"]), x["layer_range"][0]] for x in others]
+        if spec and len(lanes) != len(spec[0]["lanes"]):
+            return d, None
+        spec.append({"len": base_src["layer_range"][1] - base_src["layer_range"][0], "lanes": lanes})
+        if not lane_models:
+            lane_models = [x["model"] for x in others]
+            lane_params = [[] for _ in others]
+        for j, x in enumerate(others):
+            lane_params[j].append((k, _mapping(where, f"slices[{k}].sources.parameters", x.get("parameters"))))
+        slice_params.append((k, _mapping(where, f"slices[{k}].parameters", one.get("parameters"))))
+
+    def scoped(scopes: list[tuple[int, dict[str, Any]]], key: str, at: str) -> list[dict[str, Any]]:
+        return [c | {"slice": k} for k, ps in scopes if key in ps for c in _conditions(where, f"{at}.{key}", ps[key])]
+
+    top = _mapping(where, "parameters", d.get("parameters"))
+    keys = {k for _, ps in slice_params for k in ps}
+    params = dict(top) | {
+        k: scoped(slice_params, k, "slices[].parameters") + (_conditions(where, f"parameters.{k}", top[k]) if k in top
+                                                               else []) for k in keys}  # fmt: skip
+    entries = []
+    for m, scopes in zip(lane_models, lane_params, strict=True):
+        ps = {k: scoped(scopes, k, "slices[].sources[].parameters") for k in {k for _, p in scopes for k in p}}
+        entries.append({"model": m, **({"parameters": ps} if ps else {})})
+    out = {k: v for k, v in d.items() if k not in ("slices", "parameters")}
+    out["models"] = entries
+    if params:
+        out["parameters"] = params
+    return out, {"inputs": inputs, "slices": spec}
+
+
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     """A mergekit config, run with mergekit's semantics."""
     unknown = sorted(set(d) - _MK_TOP)
     if unknown:
         raise _fail(where, f"'{unknown[0]}': not a mergekit config key weightweave supports")
+    layout = None
     if "slices" in d and "models" not in d:
         d = _identity_slices(d, where)
+        d, layout = _general_slices(d, where)
     blockers = _blockers(d)
     if blockers:
         # Every unsupported feature at once: a config rarely has just one.
@@ -468,6 +543,11 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         mode = "weave"
     elif lam is not None:
         kwargs["lam"] = lam
+    if layout is not None:
+        # The lanes stand for layer ranges of the real inputs: those are what the core opens.
+        real = [_model_entry(where, f"slices: '{m}'", m, base) for m in layout["inputs"]]
+        kwargs["slices"] = layout["slices"]
+        return Recipe(mode, real[0], real[1:] or real[:1], None, kwargs)
     return Recipe(mode, base, models, None, kwargs)
 
 

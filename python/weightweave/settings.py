@@ -70,15 +70,21 @@ def conditions(name: str, v: object) -> list[dict[str, Any]]:
         raise ParamError(f"{name}: {len(v)} conditions, more than the {MAX_CONDITIONS} allowed")  # type: ignore[arg-type]
     out = []
     for i, c in enumerate(v):  # type: ignore[arg-type]
-        bad = sorted(str(k) for k in set(c) - {"value", "filter"})
+        bad = sorted(str(k) for k in set(c) - {"value", "filter", "slice"})
         if bad:
-            raise ParamError(f"{name}[{i}]: '{bad[0]}' is not part of a condition (value, filter)")
+            raise ParamError(f"{name}[{i}]: '{bad[0]}' is not part of a condition (value, filter, slice)")
         if "value" not in c:
             raise ParamError(f"{name}[{i}]: a condition needs a value")
         f = c.get("filter")
         if f is not None and not isinstance(f, str):
             raise ParamError(f"{name}[{i}].filter must be a string (a part of tensor names), got {f!r}")
-        out.append({"filter": f, "value": _value(f"{name}[{i}].value", c["value"])})
+        cond = {"filter": f, "value": _value(f"{name}[{i}].value", c["value"])}
+        if c.get("slice") is not None:
+            k = c["slice"]
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < 2**31:
+                raise ParamError(f"{name}[{i}].slice must be the index of an output slice, got {k!r}")
+            cond["slice"] = k
+        out.append(cond)
     return out
 
 
@@ -109,3 +115,23 @@ def split(params: dict[str, Any], weights: object, lam: object) -> tuple[object,
     if not shared and not per_model:
         return weights, lam, None
     return weights, lam, {"shared": shared, "per_model": per_model}
+
+
+def split_slices(params: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Takes ``slices`` out of ``params``: the output's layers as layer ranges of the inputs, a
+    list of ``{"len": n, "lanes": [[input, start], ...]}`` (input 0 the base, i the i-th model;
+    lane 0 the base's), what a mergekit config's ``slices`` compile to."""
+    sl = params.pop("slices", None)
+    if sl is None:
+        return None
+    if not _is_list(sl) or not sl or len(sl) > 1 << 16:
+        raise ParamError("slices must be a non-empty list of {'len', 'lanes'}")
+    out = []
+    for i, s in enumerate(sl):
+        ok = isinstance(s, Mapping) and set(s) == {"len", "lanes"} and _is_list(s["lanes"])
+        ok = ok and all(_is_list(x) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and
+                                                            0 <= v < 2**31 for v in x) for x in s["lanes"])  # fmt: skip
+        if not ok or not isinstance(s["len"], int) or isinstance(s["len"], bool) or not 0 < s["len"] < 2**31:
+            raise ParamError(f"slices[{i}] must be {{'len': layers, 'lanes': [[input, first layer], ...]}}, got {s!r}")
+        out.append({"len": s["len"], "lanes": [list(x) for x in s["lanes"]]})
+    return out

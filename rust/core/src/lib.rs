@@ -81,6 +81,7 @@ pub fn run_views(
     cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
     let mut recipe = job.recipe_cancellable(cancel)?;
+    no_slices(job)?;
     job.check_tasks(&recipe, models.len())?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
     recipe.groups = job.tensor_groups(&plan, models.len(), cancel)?;
@@ -92,6 +93,17 @@ pub fn run_views(
     Ok(plan)
 }
 
+/// Slices read layer ranges of checkpoint files; in-memory models are merged whole.
+fn no_slices(job: &Job) -> Result<()> {
+    match job.slices {
+        Some(_) => Err(Error::param(
+            "slices",
+            "take layer ranges of checkpoint files, not of arrays",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Validates in-memory models and returns the output plan, without merging.
 pub fn plan_views(
     base: &ModelView,
@@ -100,6 +112,7 @@ pub fn plan_views(
     cancel: &AtomicBool,
 ) -> Result<Vec<plan::TensorPlan>> {
     let recipe = job.recipe_cancellable(cancel)?;
+    no_slices(job)?;
     job.check_tasks(&recipe, models.len())?;
     let plan = plan::validate(base, models, job.out_dtype()?)?;
     job.tensor_groups(&plan, models.len(), cancel)?;
@@ -174,6 +187,30 @@ pub(crate) struct Opened {
 /// base's tensors), with FP8 scales attached to the weights they scale. The name of one scaled
 /// weight, if any.
 pub(crate) type Views<'a> = (ModelView<'a>, Vec<ModelView<'a>>, Option<String>);
+
+/// The views a job merges: the inputs', or with `slices` the lanes assembled from them.
+pub(crate) fn job_views<'a>(
+    job: &Job,
+    base: &'a Checkpoint,
+    models: &'a [Checkpoint],
+) -> Result<Views<'a>> {
+    let (b, v, scaled) = input_views(base, models)?;
+    let Some(sl) = &job.slices else {
+        return Ok((b, v, scaled));
+    };
+    if let Some(m) = models.iter().find(|m| m.lora.is_some()) {
+        return Err(Error::param(
+            "slices",
+            format!(
+                "{} is a LoRA adapter: slices take whole models (merge it into its model first)",
+                m.path.display()
+            ),
+        ));
+    }
+    let inputs: Vec<&ModelView> = std::iter::once(&b).chain(&v).collect();
+    let (b2, v2) = sl.apply(&inputs)?;
+    Ok((b2, v2, scaled))
+}
 
 pub(crate) fn input_views<'a>(base: &'a Checkpoint, models: &'a [Checkpoint]) -> Result<Views<'a>> {
     let block = base.fp8_block();
@@ -253,7 +290,7 @@ pub(crate) fn open_files(
         .collect::<Result<Vec<_>>>()?;
     let out_dtype = job.out_dtype()?;
     let (plan, differing, scaled) = {
-        let (base_view, views, scaled) = input_views(&base_ck, &model_cks)?;
+        let (base_view, views, scaled) = job_views(job, &base_ck, &model_cks)?;
         let mut plan = plan::validate(&base_view, &views, out_dtype)?;
         let differing = plan::differing_copies(&base_view, &views, &plan);
         // Scaled FP8 weights are written re-quantized with fresh scales, unless out_dtype asks
@@ -277,6 +314,8 @@ pub(crate) fn open_files(
         out_dtype,
         scaled.is_some() && out_dtype.is_some(),
     )?;
+    let mut output = output;
+    output.set_layer_map(job.slices.as_ref().map(|s| s.base_layers()));
     Ok(Opened {
         base: base_ck,
         models: model_cks,
@@ -329,7 +368,7 @@ pub fn prepare_files(
 ) -> Result<Prepared> {
     let start = Instant::now();
     let recipe = job.recipe_cancellable(cancel)?;
-    job.check_tasks(&recipe, models.len())?;
+    job.check_tasks(&recipe, job.tasks(models.len()))?;
     if recipe.method().external() {
         return Err(Error::param(
             "method",
@@ -341,9 +380,9 @@ pub fn prepare_files(
     }
     let mut opened = open_files(base, models, out, opts, job, &recipe)?;
     let mut recipe = recipe;
-    recipe.groups = job.tensor_groups(&opened.plan, models.len(), cancel)?;
+    recipe.groups = job.tensor_groups(&opened.plan, job.tasks(models.len()), cancel)?;
     let bytes_read = {
-        let (base_view, views, _) = input_views(&opened.base, &opened.models)?;
+        let (base_view, views, _) = job_views(job, &opened.base, &opened.models)?;
         pipeline::run(
             &base_view,
             &views,

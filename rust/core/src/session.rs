@@ -44,6 +44,15 @@ impl Session {
     ) -> Result<Session> {
         let start = Instant::now();
         let recipe = job.recipe()?;
+        if job.slices.is_some() {
+            return Err(Error::param(
+                "slices",
+                format!(
+                    "{} runs on the torch backend, which merges whole models",
+                    recipe.method().name()
+                ),
+            ));
+        }
         job.check_tasks(&recipe, models.len())?;
 
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;

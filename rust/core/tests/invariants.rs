@@ -110,6 +110,7 @@ fn job(method: &str, mode: Mode, threads: usize, chunk: usize) -> Job {
         metagpt: false,
         lines: None,
         per_tensor: None,
+        slices: None,
     }
 }
 

@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use weightweave_core::recipe::tensors::{Cond, PerTensor, Setting, Value};
 use weightweave_core::scaling::Lines;
+use weightweave_core::source::slices::{Slice, Slices, Source};
 use weightweave_core::{CustomPool, Error, Job, Mode, Param, Params, Space};
 
 use crate::errors::ParamError;
@@ -76,6 +77,7 @@ fn setting(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Setting> {
             ParamError::new_err(format!("per-tensor '{key}': a condition is a dict"))
         })?;
         let filter: Option<String> = item(c, "filter", None)?;
+        let slice: Option<usize> = item(c, "slice", None)?;
         let value = c.get_item("value")?.ok_or_else(|| {
             ParamError::new_err(format!("per-tensor '{key}': a condition needs a value"))
         })?;
@@ -90,7 +92,11 @@ fn setting(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Setting> {
         } else {
             Value::One(scalar(key, &value)?)
         };
-        out.push(Cond { filter, value });
+        out.push(Cond {
+            filter,
+            slice,
+            value,
+        });
     }
     Ok(out)
 }
@@ -120,6 +126,30 @@ fn per_tensor(v: &Bound<'_, PyAny>) -> PyResult<PerTensor> {
         }
     }
     Ok(pt)
+}
+
+/// `slices`: [{"len": n, "lanes": [[input, start], ...]}] (lane 0 the base's).
+fn slices(v: &Bound<'_, PyAny>) -> PyResult<Slices> {
+    let items: Vec<Bound<'_, PyAny>> = v
+        .extract()
+        .map_err(|_| ParamError::new_err("slices must be a list of dicts"))?;
+    let mut out = Vec::with_capacity(items.len());
+    for s in items {
+        let d = s
+            .cast::<PyDict>()
+            .map_err(|_| ParamError::new_err("a slice is a dict of len and lanes"))?;
+        let len: usize = item(d, "len", 0)?;
+        let lanes: Vec<Vec<usize>> = item(d, "lanes", Vec::new())?;
+        let lanes = lanes
+            .into_iter()
+            .map(|l| match l[..] {
+                [input, start] => Ok(Source { input, start }),
+                _ => Err(ParamError::new_err("a lane is [input, first layer]")),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        out.push(Slice { len, lanes });
+    }
+    Ok(Slices(out))
 }
 
 /// `search`: a dict of value lists (a grid, in the dict's order) or a list of point dicts.
@@ -273,6 +303,10 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         },
         per_tensor: match d.get_item("per_tensor")? {
             Some(v) if !v.is_none() => Some(per_tensor(&v)?),
+            _ => None,
+        },
+        slices: match d.get_item("slices")? {
+            Some(v) if !v.is_none() => Some(slices(&v)?),
             _ => None,
         },
     })

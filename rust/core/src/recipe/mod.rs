@@ -89,6 +89,8 @@ pub struct Job {
     pub lines: Option<Lines>,
     /// Parameters that vary by tensor (mergekit's gradients and filters).
     pub per_tensor: Option<PerTensor>,
+    /// The output's layers from layer ranges of the inputs (mergekit's `slices`).
+    pub slices: Option<crate::source::slices::Slices>,
 }
 
 impl Job {
@@ -109,7 +111,13 @@ impl Job {
             metagpt: false,
             lines: None,
             per_tensor: None,
+            slices: None,
         }
+    }
+
+    /// Fine-tuned models the method merges: the slices' model lanes, or the models given.
+    pub fn tasks(&self, models: usize) -> usize {
+        self.slices.as_ref().map_or(models, |s| s.lanes() - 1)
     }
 }
 
@@ -668,6 +676,15 @@ impl Job {
         }
         if let Some(pt) = &self.per_tensor {
             r["per_tensor"] = pt.json();
+        }
+        if let Some(s) = &self.slices {
+            r["slices"] = s
+                .0
+                .iter()
+                .map(|s| {
+                    serde_json::json!({"len": s.len, "lanes": s.lanes.iter().map(|l| [l.input, l.start]).collect::<Vec<_>>()})
+                })
+                .collect();
         }
         if let Some(l) = &self.lines {
             r["lines"] = serde_json::json!({"alpha": l.alpha.map_or(serde_json::json!("auto"), |a| serde_json::json!(a)), "blocks": l.blocks});

@@ -22,6 +22,8 @@ use crate::plan::TensorPlan;
 pub struct Cond {
     /// A substring of the tensor name; `None` or `*` match every tensor.
     pub filter: Option<String>,
+    /// With slices: the condition holds in this output slice only (a slice's own scope).
+    pub slice: Option<usize>,
     pub value: Value,
 }
 
@@ -58,9 +60,17 @@ pub const MAX_GROUPS: usize = 1 << 16;
 
 /// The value of `setting` for tensor `name` at `t`, `None` when no condition matches.
 pub fn evaluate(setting: &[Cond], name: &str, t: f64) -> Option<Param> {
-    let c = setting.iter().find(|c| match c.filter.as_deref() {
-        None | Some("*") => true,
-        Some(f) => name.contains(f),
+    evaluate_in(setting, name, t, 0)
+}
+
+/// [`evaluate`] for a tensor of output slice `slice`.
+pub fn evaluate_in(setting: &[Cond], name: &str, t: f64, slice: usize) -> Option<Param> {
+    let c = setting.iter().find(|c| {
+        c.slice.map_or(true, |s| s == slice)
+            && match c.filter.as_deref() {
+                None | Some("*") => true,
+                Some(f) => name.contains(f),
+            }
     })?;
     match &c.value {
         Value::One(p) => Some(p.clone()),
@@ -128,7 +138,11 @@ fn setting_json(s: &[Cond]) -> serde_json::Value {
                 Value::One(p) => super::param_json(p),
                 Value::Steps(v) => super::bounded(v.iter().map(super::param_json).collect()),
             };
-            serde_json::json!({"filter": c.filter, "value": value})
+            let mut j = serde_json::json!({"filter": c.filter, "value": value});
+            if let Some(k) = c.slice {
+                j["slice"] = serde_json::json!(k);
+            }
+            j
         })
         .collect()
 }
@@ -239,12 +253,13 @@ impl PerTensor {
 
     /// The job of one tensor: its settings' values at its name and t, and a key telling apart
     /// jobs that differ.
-    fn resolve(&self, job: &Job, name: &str, t: f64) -> Result<(Job, String)> {
+    fn resolve(&self, job: &Job, name: &str, (t, slice): (f64, usize)) -> Result<(Job, String)> {
         let mut j = job.clone();
         j.per_tensor = None;
+        j.slices = None;
         let mut key = String::new();
         for (k, s) in &self.shared {
-            let v = evaluate(s, name, t);
+            let v = evaluate_in(s, name, t, slice);
             key.push_str(&format!("{k}={v:?};"));
             match (k.as_str(), v) {
                 (_, None) => {}
@@ -265,7 +280,8 @@ impl PerTensor {
             }
         }
         for (k, per) in &self.per_model {
-            let vals: Vec<Option<Param>> = per.iter().map(|s| evaluate(s, name, t)).collect();
+            let vals: Vec<Option<Param>> =
+                per.iter().map(|s| evaluate_in(s, name, t, slice)).collect();
             key.push_str(&format!("{k}={vals:?};"));
             if vals.iter().all(Option::is_none) {
                 continue;
@@ -328,9 +344,14 @@ impl Job {
                 ),
                 other => other,
             };
-            let (job, key) = pt
-                .resolve(self, &t.name, gradient_t(layer[i], n))
-                .map_err(at)?;
+            let at_t = match &self.slices {
+                Some(s) => {
+                    let p = s.position(&t.name);
+                    (p.t, p.slice)
+                }
+                None => (gradient_t(layer[i], n), 0),
+            };
+            let (job, key) = pt.resolve(self, &t.name, at_t).map_err(at)?;
             if let Some(&g) = index.get(&key) {
                 groups[g].tensors.push(i);
                 continue;
@@ -370,14 +391,17 @@ mod tests {
         let s = vec![
             Cond {
                 filter: Some("self_attn".into()),
+                slice: None,
                 value: one(0.2),
             },
             Cond {
                 filter: Some("mlp".into()),
+                slice: None,
                 value: one(0.7),
             },
             Cond {
                 filter: None,
+                slice: None,
                 value: one(0.5),
             },
         ];
@@ -399,6 +423,7 @@ mod tests {
         // Hand-worked: [0, 0.5, 0.3, 0.7, 1] at t = 0.6 → scaled 2.4, between 0.3 and 0.7.
         let s = vec![Cond {
             filter: Some("*".into()),
+            slice: None,
             value: steps(&[0.0, 0.5, 0.3, 0.7, 1.0]),
         }];
         let Some(Param::Num(x)) = evaluate(&s, "x", 0.6) else {
@@ -409,6 +434,7 @@ mod tests {
         assert_eq!(evaluate(&s, "x", 0.0), Some(Param::Num(0.0)));
         let flags = vec![Cond {
             filter: None,
+            slice: None,
             value: Value::Steps(vec![Param::Bool(true), Param::Bool(false)]),
         }];
         assert_eq!(evaluate(&flags, "x", 0.99), Some(Param::Bool(true)));

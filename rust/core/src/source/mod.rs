@@ -10,6 +10,7 @@ mod pickle;
 pub mod pytorch;
 pub mod safetensors;
 pub mod scaled;
+pub mod slices;
 mod zip;
 
 use std::path::Path;

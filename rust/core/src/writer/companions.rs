@@ -206,12 +206,22 @@ const PIECE: u64 = 8 << 20;
 /// (a FIFO swapped in cannot hang it), must still be the regular file that was listed, and
 /// gives exactly the size it had then (by the kernel's `copy_file_range`, in pieces, checking
 /// `cancel` between them).
+/// What changes in a copied `config.json`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Edits<'a> {
+    /// The written dtype, when the caller asked for one.
+    pub dtype: Option<DType>,
+    /// Scaled FP8 weights written dequantized: the quantization config goes.
+    pub dequantized: bool,
+    /// Slices: each output layer's source layer.
+    pub layers: Option<&'a [usize]>,
+}
+
 pub fn copy(
     c: &Companion,
     staging: &Path,
     shown: &Path,
-    dtype: Option<DType>,
-    dequantized: bool,
+    edits: Edits,
     cancel: &AtomicBool,
 ) -> Result<()> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -254,8 +264,8 @@ pub fn copy(
         left -= n;
     }
     drop(out);
-    if let (Some(d), true) = (dtype, c.rel == Path::new("config.json")) {
-        set_config_dtype(&dst, d, dequantized, shown)?;
+    if c.rel == Path::new("config.json") {
+        edit_config(&dst, edits, shown)?;
     }
     std::fs::File::open(&dst)
         .and_then(|f| f.sync_all())
@@ -263,15 +273,21 @@ pub fn copy(
 }
 
 /// transformers casts to a config's `torch_dtype` (or `dtype`) on load: it must name what
-/// was written. Sub-configs (vision/text towers) carry their own.
-fn set_config_dtype(path: &Path, d: DType, dequantized: bool, shown: &Path) -> Result<()> {
-    let name = match d {
-        DType::F32 => "float32",
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        DType::F64 => "float64",
-        _ => return Ok(()),
+/// was written. Sub-configs (vision/text towers) carry their own. With slices the layer count
+/// (`num_hidden_layers`, in the text config too) and per-layer lists (`layer_types`) follow the
+/// layers taken, as mergekit writes them.
+fn edit_config(path: &Path, edits: Edits, shown: &Path) -> Result<()> {
+    let name = match edits.dtype {
+        Some(DType::F32) => "float32",
+        Some(DType::F16) => "float16",
+        Some(DType::BF16) => "bfloat16",
+        Some(DType::F64) => "float64",
+        _ => "",
     };
+    let dequantized = edits.dequantized;
+    if name.is_empty() && edits.layers.is_none() {
+        return Ok(());
+    }
     let text = std::fs::read(path).map_err(|e| Error::io(shown, e))?;
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&text) else {
         return Ok(()); // not JSON we understand: copied as it is
@@ -290,7 +306,10 @@ fn set_config_dtype(path: &Path, d: DType, dequantized: bool, shown: &Path) -> R
         }
         changed
     }
-    let mut changed = visit(&mut v, name);
+    let mut changed = !name.is_empty() && visit(&mut v, name);
+    if let Some(map) = edits.layers {
+        changed |= set_layers(&mut v, map);
+    }
     if dequantized {
         // The weights are no longer quantized: a loader must not treat them as such.
         changed |= v
@@ -304,4 +323,32 @@ fn set_config_dtype(path: &Path, d: DType, dequantized: bool, shown: &Path) -> R
         std::fs::write(path, out).map_err(|e| Error::io(shown, e))?;
     }
     Ok(())
+}
+
+/// The layer count and per-layer lists of a config (and of its `text_config`) for layers taken
+/// as `map` says.
+fn set_layers(v: &mut serde_json::Value, map: &[usize]) -> bool {
+    let mut changed = false;
+    if let Some(t) = v.get_mut("text_config") {
+        changed |= set_layers(t, map);
+    }
+    let Some(o) = v.as_object_mut() else {
+        return changed;
+    };
+    for key in ["num_hidden_layers", "n_layer", "num_layers"] {
+        if o.get(key).is_some_and(serde_json::Value::is_u64) {
+            o.insert(key.to_owned(), serde_json::json!(map.len()));
+            changed = true;
+        }
+    }
+    if let Some(list) = o.get("layer_types").and_then(|l| l.as_array()).cloned() {
+        if map.iter().all(|&i| i < list.len()) {
+            o.insert(
+                "layer_types".to_owned(),
+                serde_json::Value::Array(map.iter().map(|&i| list[i].clone()).collect()),
+            );
+            changed = true;
+        }
+    }
+    changed
 }

@@ -240,6 +240,8 @@ pub struct FileOutput {
     skipped: Vec<String>,
     /// The dtype `config.json` must name (the `out_dtype` asked for).
     config_dtype: Option<DType>,
+    /// With slices: each output layer's source layer (`config.json` gets the new layer count).
+    layer_map: Option<Vec<usize>>,
     /// Scaled FP8 weights were written dequantized: `config.json` loses its
     /// `quantization_config`.
     dequantized: bool,
@@ -249,6 +251,12 @@ pub struct FileOutput {
 }
 
 impl FileOutput {
+    /// Layers taken by slices: output layer i is source layer `map[i]` (its `config.json` says
+    /// how many there are now, and its per-layer lists follow).
+    pub fn set_layer_map(&mut self, map: Option<Vec<usize>>) {
+        self.layer_map = map;
+    }
+
     /// Locks the target, checks its place against the inputs, and creates the staging area
     /// with every output file at its final size. `metadata` is recorded in every weight file;
     /// `companions_from` is the base's model directory, whose config files are copied along
@@ -275,6 +283,7 @@ impl FileOutput {
             companions: Vec::new(),
             skipped: Vec::new(),
             config_dtype,
+            layer_map: None,
             dequantized,
             extras_staged: false,
             published: false,
@@ -443,8 +452,11 @@ impl FileOutput {
                 c,
                 staging,
                 &shown,
-                self.config_dtype,
-                self.dequantized,
+                companions::Edits {
+                    dtype: self.config_dtype,
+                    dequantized: self.dequantized,
+                    layers: self.layer_map.as_deref(),
+                },
                 cancel,
             )?;
             if let Some(parent) = c.rel.parent().filter(|p| !p.as_os_str().is_empty()) {
