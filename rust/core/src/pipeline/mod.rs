@@ -224,21 +224,13 @@ pub fn run(
         ..opts
     };
     let (merge, copy) = crate::plan::chunks(plan, chunk, rows);
-    if !recipe.groups.is_empty() {
-        return groups::run(
-            base,
-            models,
-            plan,
-            recipe,
-            opts,
-            (&merge, &copy),
-            sink,
-            progress,
-            cancel,
-            given,
-        );
-    }
-    run_chunks(
+    // Per-tensor parameters run each group of tensors in turn; otherwise one run takes them all.
+    let go: RunFn = if recipe.groups.is_empty() {
+        run_chunks
+    } else {
+        groups::run
+    };
+    go(
         base,
         models,
         plan,
@@ -251,6 +243,20 @@ pub fn run(
         given,
     )
 }
+
+/// [`run_chunks`], or its per-group form.
+type RunFn = fn(
+    &ModelView,
+    &[ModelView],
+    &[TensorPlan],
+    &Recipe,
+    Options,
+    (&[Chunk], &[Chunk]),
+    &dyn Sink,
+    Progress,
+    &AtomicBool,
+    Given,
+) -> Result<u64>;
 
 /// Runs the given merge and copy chunks (all of a model, or one tensor's).
 #[allow(clippy::too_many_arguments)]
