@@ -307,17 +307,26 @@ def test_mergekit_yaml_refusals(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cases = {
         "merge_method: slerp\nmodels:\n  - model: a\n  - model: b\nparameters:\n  t: 0.5\n": "base_model is required",
-        "merge_method: sce\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n      weight: 1\n": "per-model",
         "merge_method: passthrough\nbase_model: a\nmodels:\n  - model: b\n": "no base_model",
         "merge_method: nuslerp\nmodels:\n  - model: a\n  - model: b\n": "weight is required",
         "merge_method: karcher2\nmodels:\n  - model: a\n": "not one weightweave runs",
-        "merge_method: slerp\nbase_model: a\nmodels:\n  - model: b\nparameters:\n  t: 0.5\n  density: 0.1\n": "density",
     }
     for name in "ab":
         (tmp_path / name).mkdir()
     for text, match in cases.items():
         with pytest.raises(RecipeError, match=match):
             ww.recipe.load(dict(__import__("yaml").safe_load(text)))
+    # Parameters a method does not take are ignored by mergekit: here too, with a warning.
+    ignored = {
+        "merge_method: sce\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n      weight: 1\n":
+            "'models\\[0\\].parameters.weight' ignored: not a per-model parameter of mergekit's sce",
+        "merge_method: slerp\nbase_model: a\nmodels:\n  - model: b\nparameters:\n  t: 0.5\n  density: 0.1\n":
+            "'parameters.density' ignored",
+    }  # fmt: skip
+    for text, match in ignored.items():
+        with pytest.warns(ww.RecipeWarning, match=match):
+            r = ww.recipe.load(dict(__import__("yaml").safe_load(text)))
+        assert "weights" not in r.kwargs and "density" not in r.kwargs
 
 
 def test_della_random_masks_keep_about_the_rank_probabilities(tmp_path):

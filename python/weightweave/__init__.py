@@ -29,7 +29,7 @@ from .api import (
     weave,
     weave_arrays,
 )
-from .recipe import RecipeError, run
+from .recipe import RecipeError, RecipeWarning, run
 
 __all__ = [
     "MERGEKIT_ONLY",
@@ -44,6 +44,7 @@ __all__ = [
     "OutputError",
     "ParamError",
     "RecipeError",
+    "RecipeWarning",
     "Report",
     "WeaveError",
     "WeaveIOError",

@@ -65,6 +65,20 @@ class RecipeError(ParamError):
     """A recipe that cannot be run as written: the message names the key (and the file)."""
 
 
+class RecipeWarning(UserWarning):
+    """A key of a mergekit config that mergekit ignores (a mis-indented ``int8_mask``, a parameter
+    the method does not take): ignored here too, and said so."""
+
+
+def _ignored(where: str, keys: list[str], why: str) -> None:
+    if keys:
+        import warnings
+
+        what = ", ".join(f"'{k}'" for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        warnings.warn(f"{where + ': ' if where else ''}{what} ignored: {why} (mergekit ignores it too)",
+                      RecipeWarning, stacklevel=4)  # fmt: skip
+
+
 @dataclass
 class Recipe:
     """A recipe resolved into one call of :func:`weightweave.merge` or :func:`weightweave.weave`."""
@@ -427,9 +441,10 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
 
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     """A mergekit config, run with mergekit's semantics."""
-    unknown = sorted(set(d) - _MK_TOP)
-    if unknown:
-        raise _fail(where, f"'{unknown[0]}': not a mergekit config key weightweave supports")
+    # mergekit's schema ignores keys it does not know; so do we, aloud.
+    unknown = sorted(str(k) for k in set(d) - _MK_TOP)
+    _ignored(where, unknown, "not a key of mergekit's config")
+    d = {k: v for k, v in d.items() if k in _MK_TOP}
     layout = None
     if "slices" in d and "models" not in d:
         d = _identity_slices(d, where)
@@ -446,9 +461,9 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     base_rule, shared_keys, per_model_keys, weight_required = _SPEC[method]
     shared = _mapping(where, "parameters", d.get("parameters"))
     unknown = sorted(set(shared) - shared_keys - per_model_keys)
-    if unknown:
-        raise _fail(where, f"parameters.{unknown[0]}: not a parameter of mergekit's {method} (its parameters: "
-                           f"{', '.join(sorted(shared_keys | per_model_keys)) or 'none'})")  # fmt: skip
+    its = ", ".join(sorted(shared_keys | per_model_keys)) or "none"
+    _ignored(where, [f"parameters.{k}" for k in unknown], f"not a parameter of mergekit's {method} (its: {its})")
+    shared = {k: v for k, v in shared.items() if k not in unknown}
     base = d.get("base_model")
     base = _local(where, "base_model", base) if base is not None else None
     if base_rule == "none" and base is not None:
@@ -460,15 +475,15 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping) or "model" not in e:
             raise _fail(where, f"models[{i}] must be a mapping with 'model'")
-        bad = sorted(set(e) - {"model", "parameters"})
-        if bad:
-            raise _fail(where, f"models[{i}].{bad[0]}: not supported")
+        _ignored(where, [f"models[{i}].{k}" for k in sorted(set(e) - {"model", "parameters"})],
+                 "not a key of a model entry")  # fmt: skip
         path = _model_entry(where, f"models[{i}].model", e["model"], base)
         ps = _mapping(where, f"models[{i}].parameters", e.get("parameters"))
         bad = sorted(set(ps) - per_model_keys)
-        if bad:
-            raise _fail(where, f"models[{i}].parameters.{bad[0]}: not a per-model parameter of mergekit's {method} "
-                               f"({', '.join(sorted(per_model_keys)) or 'none'})")  # fmt: skip
+        its = ", ".join(sorted(per_model_keys)) or "none"
+        _ignored(where, [f"models[{i}].parameters.{k}" for k in bad],
+                 f"not a per-model parameter of mergekit's {method} (its: {its})")  # fmt: skip
+        ps = {k: v for k, v in ps.items() if k not in bad}
         if method != "linear" and base is not None and os.path.realpath(path) == os.path.realpath(base):
             continue  # mergekit takes no task vector from the base model
         # mergekit's precedence: the model's own setting, then the config's.
