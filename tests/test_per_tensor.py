@@ -302,3 +302,14 @@ def test_slices_that_move_layers_are_refused_with_why(ck, tmp_path, edit):
     with pytest.raises(ww.RecipeError, match="'slices' whose slices merge different numbers of sources"):
         ww.run(path, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_groups_times_points_are_bounded_before_work(ck, tmp_path):
+    """Every group holds the search's points: a large grid split into many groups is refused
+    (its recipes alone would take gigabytes), naming both counts."""
+    _, _, bp, mps = ck
+    lambdas = [i / 2**18 for i in range(1, 2**18 + 100)]  # 4 groups (t = 0, 1/3, 2/3, 1) × 262243 > 2^20
+    with pytest.raises(ww.ParamError, match="groups of tensors × 262243 search points"):
+        ww.weave(bp, mps, tmp_path / "o.safetensors", method="dare", lambdas=lambdas,
+                 density={"value": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]})  # fmt: skip
+    assert not (tmp_path / "o.safetensors").exists()

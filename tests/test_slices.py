@@ -188,3 +188,11 @@ def test_per_layer_config_lists_follow_the_layers(llamas, tmp_path):
     out = json.loads((tmp_path / "out" / "config.json").read_text())
     assert out["num_hidden_layers"] == 4
     assert out["layer_types"] == ["full_attention", "sliding_attention", "full_attention", "full_attention"]
+
+
+def test_slices_are_bounded_in_layers(llamas):
+    root, _, _ = llamas
+    with pytest.raises(ww.ParamError, match="more than 65536 output layers"):
+        ww.merge(root / "a", [root / "b"], root / "big", method="slerp", compat="mergekit", t=0.5,
+                 slices=[{"len": 40000, "lanes": [[0, 0], [1, 0]]}] * 2)  # fmt: skip
+    assert not (root / "big").exists()

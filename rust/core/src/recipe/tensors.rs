@@ -363,6 +363,18 @@ impl Job {
                 ));
             }
             let recipe = job.recipe_cancellable(cancel).map_err(at)?;
+            // Every group holds its own points: bound them all together, as one search's are.
+            let points = recipe.combine.members(0).max(1);
+            if (groups.len() + 1).saturating_mul(points) > super::MAX_POINTS {
+                return Err(Error::param(
+                    "per-tensor parameters",
+                    format!(
+                        "{} groups of tensors × {points} search points each is past the {} points of one run",
+                        groups.len() + 1,
+                        super::MAX_POINTS
+                    ),
+                ));
+            }
             job.check_tasks(&recipe, tasks).map_err(at)?;
             index.insert(key, groups.len());
             groups.push(TensorGroup {

@@ -33,6 +33,9 @@ pub struct Slice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slices(pub Vec<Slice>);
 
+/// Output layers a run may have (each a layer of some input: far beyond any model).
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// Where a planned tensor sits in the slices: its slice and mergekit's t (layer within the slice
 /// / (slice length − 1), 1 in a one-layer slice; 0 outside the layers).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -90,6 +93,9 @@ impl Slices {
         let lanes = self.lanes();
         if lanes < 2 {
             return bad("a slice needs the base's lane and a model's".into());
+        }
+        if self.0.iter().map(|s| s.len as u64).sum::<u64>() > MAX_LAYERS as u64 {
+            return bad(format!("more than {MAX_LAYERS} output layers"));
         }
         for (k, s) in self.0.iter().enumerate() {
             if s.lanes.len() != lanes {
@@ -154,18 +160,22 @@ impl Slices {
         inputs: &[&ModelView<'a>],
     ) -> Result<(ModelView<'a>, Vec<ModelView<'a>>)> {
         self.check(inputs.len())?;
-        // Per input: (name with its layer as 0, layer) → name.
-        let index: Vec<BTreeMap<(String, usize), &str>> = inputs
-            .iter()
-            .map(|v| {
-                v.tensors
-                    .keys()
-                    .filter_map(|n| {
-                        layer_of(n).map(|(at, l)| ((with_layer(n, at, 0), l), n.as_str()))
-                    })
-                    .collect()
-            })
-            .collect();
+        // Per input: (name with its layer as 0, layer) → name, and each layer's names.
+        type Layers = BTreeMap<usize, Vec<(String, usize)>>;
+        let mut index: Vec<std::collections::HashMap<(String, usize), &str>> = Vec::new();
+        let mut by_layer: Vec<Layers> = Vec::new();
+        for v in inputs {
+            let (mut ix, mut bl) = (std::collections::HashMap::new(), Layers::new());
+            for n in v.tensors.keys() {
+                if let Some((at, l)) = layer_of(n) {
+                    let z = with_layer(n, at, 0);
+                    bl.entry(l).or_default().push((z.clone(), at));
+                    ix.insert((z, l), n.as_str());
+                }
+            }
+            index.push(ix);
+            by_layer.push(bl);
+        }
         let lanes = self.lanes();
         let mut out: Vec<BTreeMap<String, TensorRef<'a>>> = vec![BTreeMap::new(); lanes];
         let missing = |input: usize, name: &str, k: usize| {
@@ -179,11 +189,8 @@ impl Slices {
             // The layer's tensors, as the base's lane has them.
             let first = s.lanes[0];
             let layer = first.start + i;
-            let names: Vec<(String, usize)> = index[first.input]
-                .iter()
-                .filter(|((_, l), _)| *l == layer)
-                .map(|((z, _), n)| (z.clone(), layer_of(n).expect("a layer").0))
-                .collect();
+            let names: &[(String, usize)] =
+                by_layer[first.input].get(&layer).map_or(&[], Vec::as_slice);
             if names.is_empty() {
                 return Err(Error::param(
                     "slices",
@@ -193,7 +200,7 @@ impl Slices {
                     ),
                 ));
             }
-            for (z, at) in &names {
+            for (z, at) in names {
                 let name = with_layer(z, *at, o);
                 for (lane, src) in s.lanes.iter().enumerate() {
                     let want = with_layer(z, *at, src.start + i);
