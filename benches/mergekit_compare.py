@@ -66,6 +66,11 @@ METHODS = {
                                     "density": [[0.2, 0.9], 0.3, [{"filter": "mlp", "value": 0.4}, {"value": 0.8}]]}},
     "task_arithmetic_filter": {"method": "task_arithmetic", "per_model": {"weight": WEIGHTS},
                                "shared": {"lambda": [{"filter": "self_attn", "value": [0.5, 1.5]}, {"value": 1.0}]}},
+    # mergekit's arithmetic in bf16 (dtype: bfloat16): rounded after every operation, as mergekit.
+    "task_arithmetic_bf16": {"method": "task_arithmetic", "dtype": "bfloat16", "per_model": {"weight": WEIGHTS},
+                             "shared": {"normalize": True, "lambda": 0.7}},
+    "ties_bf16": {"method": "ties", "dtype": "bfloat16", "per_model": {"weight": WEIGHTS, "density": DENSITIES},
+                  "shared": {"normalize": True}},
     # Slices: a passthrough frankenmerge (layers stacked from two models, a zeroed copy) and a
     # slerp whose t restarts in each slice.
     "passthrough_slices": {"method": "passthrough", "per_model": {}, "shared": {}, "slices": "stack"},
@@ -86,6 +91,10 @@ NOTES = {
     "task_arithmetic_filter": "lambda by filter and layer gradient",
     "passthrough_slices": "layers stacked from two models, o_proj/down_proj zeroed in the second slice",
     "slerp_slices": "two slices, t restarting in each; the rest as slerp",
+    "task_arithmetic_bf16": "f32 inputs loaded as bf16 and every operation rounded to bf16, as mergekit",
+    "ties_bf16": "as task_arithmetic_bf16, but these inputs are f32: the kept elements are ranked by their exact "
+                 "deltas here, by the deltas of the bf16-rounded inputs in mergekit, and among equal bf16 \\|τ\\| "
+                 "by torch's unstable sort there (on bf16 checkpoints only those ties differ: tests/test_mergekit_dtype.py)",
 }  # fmt: skip
 
 
@@ -145,7 +154,7 @@ def recipe(method: str, base: Path, fts: list[Path]) -> str:
     if spec["shared"]:
         lines.append("parameters:")
         lines += [f"  {k}: {json.dumps(v)}" for k, v in spec["shared"].items()]
-    lines.append("dtype: float32")
+    lines.append(f"dtype: {spec.get('dtype', 'float32')}")
     return "\n".join(lines) + "\n"
 
 

@@ -50,7 +50,7 @@ _MK_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 _MK_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64",
               "fp32": "f32", "bf16": "bf16", "fp16": "f16", "f32": "f32", "f16": "f16"}  # fmt: skip
 _MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-           "weave", "slices", "tokenizer", "chat_template", "name", "modules"}  # fmt: skip
+           "weave", "slices", "tokenizer", "chat_template", "name", "modules", "precision"}  # fmt: skip
 _WEAVE_KEYS = {"lambdas", "search", "pool", "include_deltas", "seed"}
 _OWN_TOP = {"base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "include_deltas",
             "seed", "weights", "out", "out_dtype", "shard_size", "compat", "threads", "chunk_size"}  # fmt: skip
@@ -439,6 +439,26 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
     return out, {"inputs": inputs, "slices": spec}
 
 
+#: mergekit's task-arithmetic family: computed in the config's dtype when it is bf16 or f16.
+_GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
+
+
+def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]) -> None:
+    """mergekit loads the tensors in the config's ``dtype`` and computes in it, rounding after
+    every torch operation: with bf16 or f16 (and the output in the same dtype) the GTA family
+    does the same (``arith``), mergekit's ``lambda`` included. ``precision: f32`` (ours) keeps
+    the f32 arithmetic instead."""
+    precision = d.get("precision", "dtype")
+    if precision not in ("dtype", "f32"):
+        raise _fail(where, f"precision must be 'dtype' (mergekit's arithmetic) or 'f32', got {precision!r}")
+    dt = _MK_DTYPES.get(d["dtype"]) if isinstance(d.get("dtype"), str) else None
+    if precision == "f32" or method not in _GTA_METHODS or dt not in ("bf16", "f16") or kwargs.get("out_dtype") != dt:
+        return
+    kwargs["arith"] = dt
+    if "lam" in kwargs and "weave" not in d:
+        kwargs["lambda"] = kwargs.pop("lam")
+
+
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     """A mergekit config, run with mergekit's semantics."""
     # mergekit's schema ignores keys it does not know; so do we, aloud.
@@ -549,6 +569,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         if not isinstance(out_dtype, str) or out_dtype not in _MK_DTYPES:
             raise _fail(where, f"dtype '{out_dtype}' is not one of {', '.join(sorted(_MK_DTYPES))}")
         kwargs["out_dtype"] = _MK_DTYPES[out_dtype]
+    _arith(d, where, method, kwargs)
     lam = kwargs.pop("lam", None)
     mode = "merge"
     if "weave" in d:

@@ -208,3 +208,60 @@ def layer_t(name: str, layers: int) -> float:
     if m is None:
         return 0.0
     return 1.0 if layers <= 1 else int(m.group(1)) / (layers - 1)
+
+
+def merge_in_dtype(
+    base: StateDict,
+    models: Sequence[StateDict],
+    method: str,
+    weights: Sequence[float],
+    dtype: torch.dtype,
+    lam: float = 1.0,
+    seed: int = 0,
+    **params: object,
+) -> dict[str, Tensor]:
+    """mergekit's ``merge_group`` as its CPU run does it with ``dtype: bfloat16`` (or float16):
+    the tensors loaded in ``dtype`` and every torch operation done on ``dtype`` tensors (torch
+    computes each in f32 and rounds; sums over the models accumulate in f32), transcribed line by
+    line. Sparsification keeps the same elements as :func:`sparsify` (masks are exact in any
+    dtype); the L1 rescale is not transcribed (its bf16 norms are a whole-tensor reduction)."""
+    kind, consensus, normalize, rescale = METHODS[method]
+    normalize = bool(params.get("normalize", normalize))
+    if bool(params.get("rescale", rescale)) and kind is not None:
+        raise ValueError("the L1 rescale is not transcribed in a reduced dtype")
+    out = {}
+    for n, b0 in base.items():
+        if n not in mergeable_names(base):
+            out[n] = b0.clone()
+            continue
+        b = b0.to(dtype)
+        deltas = []
+        for t, m in enumerate(models):
+            delta = m[n].to(dtype) - b
+            if kind is not None:
+                kept = sparsify(delta.float(), kind, per_task(params.get("density", 1.0), t),
+                                per_task(params.get("gamma", 0.01), t), seed, t, n)  # fmt: skip
+                delta = kept.to(dtype)
+            deltas.append(delta)
+        d = torch.stack(deltas)
+        w = torch.tensor(list(weights), dtype=dtype)
+        while d.dim() > w.dim():
+            w = w.unsqueeze(-1)
+        d = d * w
+        if consensus:
+            sign = d.sign()
+            majority = (d.sum(dim=0) >= 0).to(dtype) * 2 - 1
+            mask = sign == majority
+            mixed = (d * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = d.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        if normalize:
+            mixed = mixed / divisor
+        if lam != 1:
+            mixed = mixed * lam
+        out[n] = (b + mixed).to(dtype)
+    return out

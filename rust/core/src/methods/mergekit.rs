@@ -7,9 +7,10 @@
 
 use super::breadcrumbs::{add_piece, add_task};
 use super::elementwise;
-use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
+use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
 use super::{int_frac, PerTask, Reader, Rows};
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::pipeline::grow;
 use crate::plan::TensorPlan;
 use crate::rng::Stream;
@@ -42,6 +43,11 @@ pub struct Gta {
     pub rescale: bool,
     pub density: PerTask,
     pub gamma: PerTask,
+    /// mergekit's `dtype` when it is bf16 or f16: its arithmetic in that dtype, rounded after
+    /// every torch operation as mergekit's CPU run does (`None`: f32 throughout).
+    pub arith: Option<DType>,
+    /// mergekit's `lambda`, applied here (in `arith`) when the arithmetic is emulated.
+    pub lambda: f32,
 }
 
 impl Gta {
@@ -64,6 +70,8 @@ impl Gta {
             rescale,
             density: PerTask::All(1.0),
             gamma: PerTask::All(0.01),
+            arith: None,
+            lambda: 1.0,
         })
     }
 
@@ -80,6 +88,33 @@ impl Gta {
         if g.sparsify == Sparsify::Outliers {
             g.gamma = r.frac("gamma", 0.01, 0.0, 1.0, false)?;
         }
+        r.used.push("arith");
+        g.arith = match r.params.get("arith") {
+            None => None,
+            Some(super::Param::Str(s)) => match DType::parse(s) {
+                Some(DType::F32) => None,
+                Some(d @ (DType::BF16 | DType::F16)) => Some(d),
+                _ => {
+                    return Err(Error::param(
+                        "arith",
+                        format!("'{s}' is not one of f32, bf16, f16 (mergekit's dtype)"),
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(Error::param(
+                    "arith",
+                    format!("expected a dtype name, got {other:?}"),
+                ))
+            }
+        };
+        if r.params.contains_key("lambda") && g.arith.is_none() {
+            return Err(Error::param(
+                "lambda",
+                "is the kernel's λ only with arith (bf16 or f16); otherwise give lam",
+            ));
+        }
+        g.lambda = r.num("lambda", 1.0, f32::MIN as f64, f32::MAX as f64, false)? as f32;
         Ok(g)
     }
 
@@ -172,13 +207,111 @@ impl Gta {
         if self.sparsify == Sparsify::Outliers {
             v["gamma"] = self.gamma.json();
         }
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+            v["lambda"] = serde_json::json!(self.lambda);
+        }
         v
+    }
+}
+
+/// `v` rounded to `d` (nearest even) and back: the value a torch operation in `d` leaves.
+#[inline]
+fn round_in(d: DType, v: f32) -> f32 {
+    match d {
+        DType::BF16 => f32::from_bits(u32::from(crate::dtype::bf16_bits(v)) << 16),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+/// mergekit's `merge_group` in `d`, given the sparsified deltas in `per_task` (whose kept
+/// elements are recomputed here from the values, rounded as loading in `d` rounds them): the
+/// weights in `d`, each product rounded, sums over the models accumulated in f32 in model order
+/// and rounded once (torch's reduction), the divisor likewise, then ÷, λ and `base + mixed_delta`
+/// each rounded: `m` gets the merged values.
+fn mix_in(
+    g: &Gta,
+    d: DType,
+    x: &ChunkIn,
+    (per_task, factors): (&mut [Vec<f32>], &[Option<f32>]),
+    m: &mut [f32],
+) {
+    let n = x.n;
+    let r = |v: f32| round_in(d, v);
+    let weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
+    for (k, o) in per_task.iter_mut().enumerate() {
+        let vals = &x.values[k][..n];
+        for ((o, &v), &b) in o[..n].iter_mut().zip(vals).zip(&x.base[..n]) {
+            if *o != 0.0 {
+                let kept = r(r(v) - r(b));
+                *o = factors[k].map_or(kept, |f| r(kept * f));
+            }
+            *o = r(*o * weights[k]);
+        }
+    }
+    let m = &mut m[..n];
+    let total = r(weights.iter().fold(0.0f32, |s, &w| s + w));
+    for (i, v) in m.iter_mut().enumerate() {
+        let sum = per_task.iter().fold(0.0f32, |s, o| s + o[i]);
+        if !g.consensus {
+            let mixed = r(sum);
+            let div = if total.abs() < 1e-8 { 1.0 } else { total };
+            *v = if g.normalize { r(mixed / div) } else { mixed };
+            continue;
+        }
+        let maj = if sum >= 0.0 { 1.0 } else { -1.0 };
+        let (mut s, mut q) = (0.0f32, 0.0f32);
+        for (o, &w) in per_task.iter().zip(&weights) {
+            let y = o[i];
+            let sign = if y > 0.0 {
+                1.0
+            } else if y < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            if sign == maj {
+                s += y;
+                q += w;
+            }
+        }
+        let (mixed, div) = (r(s), r(q));
+        let div = if div == 0.0 { 1.0 } else { div };
+        *v = if g.normalize { r(mixed / div) } else { mixed };
+    }
+    for (v, &b) in m.iter_mut().zip(&x.base[..n]) {
+        let mixed = if g.lambda != 1.0 {
+            r(*v * g.lambda)
+        } else {
+            *v
+        };
+        *v = r(r(b) + mixed);
     }
 }
 
 impl Kernel for Gta {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The emulated arithmetic ends with mergekit's `base + mixed_delta` in its dtype (the base
+    /// rounded to it too), so it gives the merged values.
+    fn output(&self) -> Output {
+        if self.arith.is_some() {
+            Output::Value
+        } else {
+            Output::Delta
+        }
+    }
+
+    /// The emulated arithmetic forms the deltas from the values rounded to its dtype.
+    fn inputs(&self) -> Inputs {
+        if self.arith.is_some() {
+            Inputs::Values
+        } else {
+            Inputs::Deltas
+        }
     }
 
     fn params_json(&self) -> serde_json::Value {
@@ -231,25 +364,35 @@ impl Kernel for Gta {
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
         let tasks = x.tasks();
         s.per_task.resize_with(tasks, Vec::new);
+        let mut factors = vec![None; tasks];
         for k in 0..tasks {
             grow(&mut s.per_task[k], x.n);
             let o = &mut s.per_task[k][..x.n];
             self.sparsify_into(x, st, k, s.keys, o);
             if !st.stages.is_empty() {
-                // mergekit: 1 where either norm is below 1e-7.
+                // mergekit: no rescale where either L1 norm is below 1e-7; in `arith` the norms,
+                // the bound and the ratio are values of that dtype.
                 let l1 = st.sums(0, 0);
                 let (before, after) = (l1[2 * k], l1[2 * k + 1]);
-                let f = if before < 1e-7 || after < 1e-7 {
-                    1.0
-                } else {
-                    (before / after) as f32
+                factors[k] = match self.arith {
+                    None => (before >= 1e-7 && after >= 1e-7).then(|| (before / after) as f32),
+                    Some(d) => {
+                        let r = |v: f32| round_in(d, v);
+                        let (b, a, eps) = (r(before as f32), r(after as f32), r(1e-7));
+                        (b >= eps && a >= eps).then(|| r(b / a))
+                    }
                 };
+            }
+            if let (Some(f), None) = (factors[k], self.arith) {
                 if f != 1.0 {
                     for v in o.iter_mut() {
                         *v *= f;
                     }
                 }
             }
+        }
+        if let Some(d) = self.arith {
+            return mix_in(self, d, x, (&mut s.per_task[..tasks], &factors), m);
         }
         grow(s.a, x.n);
         grow(s.b, x.n);

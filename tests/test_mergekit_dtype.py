@@ -1,0 +1,110 @@
+"""mergekit's arithmetic in the config's dtype (``dtype: bfloat16`` / ``float16``): the
+task-arithmetic family computed as mergekit's CPU run computes it, rounded after every torch
+operation, against a line-by-line transcription of mergekit's ``merge_group`` on bf16/f16
+tensors (``reference_mergekit.merge_in_dtype``). benches/mergekit_compare.py runs the real
+mergekit on such configs (rows ``*_bf16``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import weightweave as ww
+from weightweave import reference_mergekit as MK
+
+from conftest import load, write_models
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS = [1.0, 0.3, 0.55]
+
+
+def _state(seed: int, dtype: torch.dtype, zero_base: bool = False) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (40, 16), "layers.0.attn.weight": (16, 16), "layers.0.norm.weight": (16,),
+              "layers.1.mlp.weight": (24, 16)}  # fmt: skip
+    base = {n: torch.zeros(s) if zero_base else torch.randn(s, generator=g) for n, s in shapes.items()}
+    models = [{n: t + 0.05 * (k + 1) * torch.randn(t.shape, generator=g) for n, t in base.items()} for k in range(3)]
+    cast = lambda sd: {n: t.to(dtype) for n, t in sd.items()}  # noqa: E731
+    return cast(base), [cast(m) for m in models]
+
+
+def _run(tmp_path, method, bp, mps, dtype, shared=None, per_model=None, extra=None):
+    cfg = {"merge_method": method, "base_model": str(bp), "dtype": dtype,
+           "models": [{"model": str(m), "parameters": {"weight": w, **(per_model[i] if per_model else {})}}
+                      for i, (m, w) in enumerate(zip(mps, WEIGHTS, strict=True))]}  # fmt: skip
+    if shared:
+        cfg["parameters"] = shared
+    cfg |= extra or {}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "o.safetensors"
+    ww.run(path, out, overwrite=True)
+    return load(out)
+
+
+CASES = [
+    ("task_arithmetic", {"normalize": True, "lambda": 0.7}, None),
+    ("task_arithmetic", {}, None),
+    ("ties", {"normalize": True}, None),
+    ("ties", {"normalize": False, "lambda": 1.3}, None),
+    ("breadcrumbs", {}, [{"density": 1.0, "gamma": 0.0}] * 3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("method", "shared", "per_model"), CASES)
+def test_bit_identical_to_mergekits_arithmetic_in_its_dtype(tmp_path, dtype, method, shared, per_model):
+    base, models = _state(5, DTYPES[dtype])
+    bp, mps = write_models(tmp_path / "in", base, models)
+    got = _run(tmp_path, method, bp, mps, dtype, shared, per_model)
+    p = {k: v for k, v in (shared or {}).items() if k != "lambda"}
+    want = MK.merge_in_dtype(base, models, method, WEIGHTS, DTYPES[dtype], lam=(shared or {}).get("lambda", 1.0), **p)
+    for n in want:
+        assert got[n].dtype == DTYPES[dtype] and torch.equal(got[n], want[n]), (n, (got[n] - want[n]).abs().max())
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_sparsified_in_bf16(tmp_path, method):
+    """Deltas that are bf16 values themselves (a zero base), so equal magnitudes are equal in
+    both tools and ties at a cut go to the earlier position in both."""
+    base, models = _state(6, torch.bfloat16, zero_base=True)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    per = [{"density": 0.5, "gamma": 0.05}, {"density": 0.7}, {"density": 0.3}]
+    per = [{k: v for k, v in p.items() if method == "breadcrumbs_ties" or k != "gamma"} for p in per]
+    got = _run(tmp_path, method, bp, mps, "bfloat16", {"normalize": True}, per)
+    dens = [p["density"] for p in per]
+    want = MK.merge_in_dtype(base, models, method, WEIGHTS, torch.bfloat16, normalize=True, density=dens,
+                             gamma=[0.05, 0.01, 0.01])  # fmt: skip
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
+def test_wider_inputs_are_rounded_first(tmp_path):
+    """f32 checkpoints under ``dtype: bfloat16``: mergekit loads them as bf16 before any
+    arithmetic, and so does the emulation."""
+    base, models = _state(7, torch.float32)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    got = _run(tmp_path, "task_arithmetic", bp, mps, "bfloat16", {"normalize": True})
+    want = MK.merge_in_dtype(base, models, "task_arithmetic", WEIGHTS, torch.bfloat16, normalize=True)
+    for n in want:
+        assert got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n]), n
+
+
+def test_precision_f32_keeps_our_arithmetic(tmp_path):
+    base, models = _state(8, torch.bfloat16)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    got = _run(tmp_path, "ties", bp, mps, "bfloat16", {"normalize": True}, extra={"precision": "f32"})
+    want = MK.merge(base, models, "ties", WEIGHTS, normalize=True)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    emulated = _run(tmp_path, "ties", bp, mps, "bfloat16", {"normalize": True})
+    assert any(not torch.equal(got[n], emulated[n]) for n in want)  # the two arithmetics differ
+    with pytest.raises(ww.RecipeError, match="precision must be"):
+        _run(tmp_path, "ties", bp, mps, "bfloat16", extra={"precision": "f64"})
+
+
+def test_a_lambda_without_arith_is_refused(tmp_path):
+    base, models = _state(9, torch.bfloat16)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    with pytest.raises(ww.ParamError, match="lambda"):
+        ww.merge(bp, mps, tmp_path / "o.safetensors", method="task_arithmetic", compat="mergekit", **{"lambda": 0.5})
