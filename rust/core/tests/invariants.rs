@@ -96,21 +96,11 @@ fn job(method: &str, mode: Mode, threads: usize, chunk: usize) -> Job {
         params.insert("density".into(), Param::Num(0.4));
     }
     Job {
-        method: method.into(),
         params,
-        mode,
         seed: 42,
         threads: Some(threads),
         chunk_size: Some(chunk),
-        out_dtype: None,
-        weights: None,
-        space: None,
-        pool_fn: None,
-        compat: None,
-        metagpt: false,
-        lines: None,
-        per_tensor: None,
-        slices: None,
+        ..Job::new(method, mode)
     }
 }
 
