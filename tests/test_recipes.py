@@ -124,7 +124,6 @@ REFUSED = [
     ("slices:\n  - sources: []\n", "'slices'"),
     ("tokenizer:\n  source: union\n", "'tokenizer'"),
     ("tokenizer_source: union\n", "tokenizer_source"),
-    ("chat_template: chatml\n", "chat_template"),
 ]
 
 
@@ -258,6 +257,8 @@ def test_every_blocker_of_a_config_is_named_at_once(ck, tmp_path):
 
 
 IGNORED = [
+    (("    tokenizer_source: base\n", "    chat_template: chatml\n"),
+     "'chat_template' ignored: without tokenizer_source mergekit copies the base's tokenizer as it is"),
     (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}"),
      "'models\\[1\\].parameters.epsilon' ignored: not a per-model parameter of mergekit's ties"),
     (("  normalize: true", "  normalize: true\n      rescale_norm: l2"), "'parameters.rescale_norm' ignored"),
@@ -277,3 +278,11 @@ def test_keys_mergekit_ignores_are_ignored_aloud(ck, tmp_path, edit, msg):
     with pytest.warns(ww.RecipeWarning, match=msg):
         ww.run(write(tmp_path, text), "o")
     assert digest(tmp_path / "o") == digest(tmp_path / "plain")
+
+
+def test_a_chat_template_with_a_built_tokenizer_is_refused(ck, tmp_path):
+    """With tokenizer_source mergekit writes the template into the tokenizer it builds: not run yet."""
+    text = MERGEKIT_TIES + "    chat_template: chatml\n"
+    with pytest.raises(ww.RecipeError, match="'chat_template' with a tokenizer_source"):
+        ww.run(write(tmp_path, text), "o")
+    assert not (tmp_path / "o").exists()

@@ -294,8 +294,9 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
     ts = d.get("tokenizer_source")
     if ts is not None and ts != "base":
         out.append(f"tokenizer_source: '{ts}' (only 'base': the base's tokenizer is copied)")
-    if "chat_template" in d:
-        out.append("'chat_template'")
+    if "chat_template" in d and (d.get("tokenizer_source") is not None or "tokenizer" in d):
+        out.append("'chat_template' with a tokenizer_source or tokenizer block (mergekit writes it into the "
+                   "tokenizer it builds)")  # fmt: skip
     method = d.get("merge_method")
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         out.append(f"merge_method '{method}', not one weightweave runs (supported: {', '.join(MERGEKIT_METHODS)})")
@@ -465,6 +466,11 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     unknown = sorted(str(k) for k in set(d) - _MK_TOP)
     _ignored(where, unknown, "not a key of mergekit's config")
     d = {k: v for k, v in d.items() if k in _MK_TOP}
+    if "chat_template" in d and d.get("tokenizer_source") is None and "tokenizer" not in d:
+        # mergekit builds no tokenizer then: it copies the base's as it is, template unapplied.
+        _ignored(where, ["chat_template"], "without tokenizer_source mergekit copies the base's tokenizer as it is "
+                                           "and applies no chat template")  # fmt: skip
+        d = {k: v for k, v in d.items() if k != "chat_template"}
     layout = None
     if "slices" in d and "models" not in d:
         d = _identity_slices(d, where)
