@@ -313,3 +313,21 @@ def test_groups_times_points_are_bounded_before_work(ck, tmp_path):
         ww.weave(bp, mps, tmp_path / "o.safetensors", method="dare", lambdas=lambdas,
                  density={"value": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]})  # fmt: skip
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_hostile_settings_are_param_errors(ck, tmp_path):
+    """A value nested thousands deep, or a filter that reads like code, is data: a ParamError
+    (its message bounded) or a substring that matches no tensor, never a crash or a call."""
+    _, _, bp, mps = ck
+    deep: object = {"value": 0.5}
+    for _ in range(5000):
+        deep = {"value": deep}
+    with pytest.raises(ww.ParamError, match="expected a number, bool or string") as e:
+        ww.merge(bp, mps, tmp_path / "o.safetensors", method="ties", density=deep)
+    assert len(str(e.value)) < 300
+    ww.merge(bp, mps, tmp_path / "o.safetensors", method="ties",
+             density=[{"filter": "__import__('os').system('false')", "value": 0.3}, {"value": 0.5}])  # fmt: skip
+    want = tmp_path / "p.safetensors"
+    ww.merge(bp, mps, want, method="ties", density=0.5)
+    assert load(tmp_path / "o.safetensors").keys() == load(want).keys()
+    assert all(torch.equal(load(tmp_path / "o.safetensors")[n], load(want)[n]) for n in load(want))

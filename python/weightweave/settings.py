@@ -15,10 +15,17 @@ was (one value per fine-tune), so a shared setting there is a condition mapping 
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._rust import ParamError
+
+#: A value as an error message shows it: bounded in depth and length, so a hostile value (nested
+#: thousands deep, millions long) cannot make the message itself fail or grow.
+_repr = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_repr.maxlevel, _repr.maxstring, _repr.maxother = 3, 80, 80
+_shown = _repr.repr
 
 #: Conditions in one setting and values in one gradient: far beyond any published config, and a
 #: bound on what a hostile recipe can make every tensor evaluate.
@@ -47,7 +54,7 @@ def _scalar(name: str, v: object) -> bool | int | float | str:
         return v
     if _is_number(v):
         return v if isinstance(v, int) else _f32_checked(name, float(v))  # type: ignore[arg-type]
-    raise ParamError(f"{name}: expected a number, bool or string, got {v!r}")
+    raise ParamError(f"{name}: expected a number, bool or string, got {_shown(v)}")
 
 
 def _value(name: str, v: object) -> Any:
@@ -77,12 +84,12 @@ def conditions(name: str, v: object) -> list[dict[str, Any]]:
             raise ParamError(f"{name}[{i}]: a condition needs a value")
         f = c.get("filter")
         if f is not None and not isinstance(f, str):
-            raise ParamError(f"{name}[{i}].filter must be a string (a part of tensor names), got {f!r}")
+            raise ParamError(f"{name}[{i}].filter must be a string (a part of tensor names), got {_shown(f)}")
         cond = {"filter": f, "value": _value(f"{name}[{i}].value", c["value"])}
         if c.get("slice") is not None:
             k = c["slice"]
             if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < 2**31:
-                raise ParamError(f"{name}[{i}].slice must be the index of an output slice, got {k!r}")
+                raise ParamError(f"{name}[{i}].slice must be the index of an output slice, got {_shown(k)}")
             cond["slice"] = k
         out.append(cond)
     return out
@@ -132,6 +139,7 @@ def split_slices(params: dict[str, Any]) -> list[dict[str, Any]] | None:
         ok = ok and all(_is_list(x) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and
                                                             0 <= v < 2**31 for v in x) for x in s["lanes"])  # fmt: skip
         if not ok or not isinstance(s["len"], int) or isinstance(s["len"], bool) or not 0 < s["len"] < 2**31:
-            raise ParamError(f"slices[{i}] must be {{'len': layers, 'lanes': [[input, first layer], ...]}}, got {s!r}")
+            form = "{'len': layers, 'lanes': [[input, first layer], ...]}"
+            raise ParamError(f"slices[{i}] must be {form}, got {_shown(s)}")
         out.append({"len": s["len"], "lanes": [list(x) for x in s["lanes"]]})
     return out
