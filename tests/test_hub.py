@@ -166,7 +166,7 @@ def test_model_plus_lora_is_the_adapter_on_the_base(tmp_path, monkeypatch):
 
 
 def test_a_download_asks_only_for_configs_and_weights(tmp_path, monkeypatch):
-    # Online and not cached: huggingface_hub is asked for json, tokenizer.model and the weights of
+    # Online and not cached: huggingface_hub is asked for json, tokenizer files and the weights of
     # the repository's format (never code); stood in for here, as nothing can be downloaded.
     import huggingface_hub
 
@@ -189,8 +189,8 @@ def test_a_download_asks_only_for_configs_and_weights(tmp_path, monkeypatch):
     assert hub.resolve("org/st@v1", "m") == str(tmp_path / "snap")
     assert hub.resolve("org/bin", "m") == str(tmp_path / "snap")
     downloads = [c for c in calls if not c[2]]
-    assert downloads == [("org/st", "v1", False, ["*.json", "tokenizer.model", "*.safetensors"]),
-                         ("org/bin", None, False, ["*.json", "tokenizer.model", "*.bin"])]  # fmt: skip
+    tok = ["*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
+    assert downloads == [("org/st", "v1", False, tok + ["*.safetensors"]), ("org/bin", None, False, tok + ["*.bin"])]
 
     def failing(repo, revision=None):
         raise OSError("Name or service not known")

@@ -1,9 +1,10 @@
 """Hugging Face hub ids in recipes (``org/name``, ``org/name@revision``), resolved as mergekit
 0.1.5 resolves them (``common.py``: a reference that is not a local path is a hub repository): a
-snapshot in huggingface_hub's cache, else downloaded with it — only ``*.json``,
-``tokenizer.model`` and the weights (``*.safetensors``, or ``*.bin`` where the repository has no
-safetensors), never code. ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE`` are read when a
-recipe is loaded, so they may be set after import.
+snapshot in huggingface_hub's cache, else downloaded with it — only ``*.json``, the tokenizer's
+files (``tokenizer.model``, ``merges.txt``, ``vocab.txt``, ``*.jinja``) and the weights
+(``*.safetensors``, or ``*.bin`` where the repository has no safetensors), never code.
+``HF_HUB_CACHE``/``HF_HOME`` and ``HF_HUB_OFFLINE`` are read when a recipe is loaded, so they may
+be set after import.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def resolve(ref: str, what: str) -> str:
         raise ParamError(f"{what}: '{ref}' is a hub id; resolving it needs huggingface_hub "
                          "(pip install 'weightweave[hub]')") from None  # fmt: skip
     cache, rev = _cache_dir(), revision or None
-    base = ["*.json", "tokenizer.model"]
+    # Configs and tokenizer files (a tokenizer is built from them for tokenizer_source / chat_template).
+    base = ["*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.txt"]
     try:
         # The cache first, as mergekit (through huggingface_hub) finds it.
         return huggingface_hub.snapshot_download(repo, revision=rev, cache_dir=cache, local_files_only=True,

@@ -189,6 +189,9 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
     from .settings import split, split_slices
 
     slices = split_slices(params)
+    # A tokenizer built for the output by a recipe (recipe.run, tokenizer.py): not API arguments.
+    overlays = params.pop("_overlays", None) or []
+    tokenizer = params.pop("_tokenizer", None)
     weights, lam, per_tensor = split(params, weights, lam)  # type: ignore[assignment]
     metagpt = False
     if isinstance(weights, str) and weights == "metagpt":
@@ -243,6 +246,8 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
         "lines": lines,
         "per_tensor": per_tensor,
         "slices": slices,
+        "overlays": overlays,
+        "tokenizer": tokenizer,
     }
 
 

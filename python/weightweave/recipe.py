@@ -88,6 +88,8 @@ class Recipe:
     models: list[str]
     out: str | None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: A tokenizer to build for the output (``tokenizer.py``): spec, base, order, dtype, labels.
+    tokenizer: dict[str, Any] | None = None
 
 
 def _fail(where: str, msg: str) -> RecipeError:
@@ -289,14 +291,9 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
                    "source of base_model (each slice merges base_model's layers and as many others)")  # fmt: skip
     if "modules" in d:
         out.append("'modules'")
-    if "tokenizer" in d:
-        out.append("a 'tokenizer' block (the base's tokenizer is copied)")
-    ts = d.get("tokenizer_source")
-    if ts is not None and ts != "base":
-        out.append(f"tokenizer_source: '{ts}' (only 'base': the base's tokenizer is copied)")
-    if "chat_template" in d and (d.get("tokenizer_source") is not None or "tokenizer" in d):
-        out.append("'chat_template' with a tokenizer_source or tokenizer block (mergekit writes it into the "
-                   "tokenizer it builds)")  # fmt: skip
+    if "slices" in d and any(k in d for k in ("tokenizer", "tokenizer_source", "chat_template")):
+        out.append("a tokenizer (tokenizer_source, tokenizer or chat_template) together with 'slices' that stack or "
+                   "move layers")  # fmt: skip
     method = d.get("merge_method")
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         out.append(f"merge_method '{method}', not one weightweave runs (supported: {', '.join(MERGEKIT_METHODS)})")
@@ -466,15 +463,11 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     unknown = sorted(str(k) for k in set(d) - _MK_TOP)
     _ignored(where, unknown, "not a key of mergekit's config")
     d = {k: v for k, v in d.items() if k in _MK_TOP}
-    if "chat_template" in d and d.get("tokenizer_source") is None and "tokenizer" not in d:
-        # mergekit builds no tokenizer then: it copies the base's as it is, template unapplied.
-        _ignored(where, ["chat_template"], "without tokenizer_source mergekit copies the base's tokenizer as it is "
-                                           "and applies no chat template")  # fmt: skip
-        d = {k: v for k, v in d.items() if k != "chat_template"}
     layout = None
     if "slices" in d and "models" not in d:
         d = _identity_slices(d, where)
-        d, layout = _general_slices(d, where)
+        if "slices" in d and not any(k in d for k in ("tokenizer", "tokenizer_source", "chat_template")):
+            d, layout = _general_slices(d, where)
     blockers = _blockers(d)
     if blockers:
         # Every unsupported feature at once: a config rarely has just one.
@@ -497,7 +490,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     entries = d.get("models")
     if not isinstance(entries, list) or not entries:
         raise _fail(where, "'models' must be a non-empty list")
-    models, scopes = [], []
+    models, scopes, order = [], [], []
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping) or "model" not in e:
             raise _fail(where, f"models[{i}] must be a mapping with 'model'")
@@ -510,6 +503,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         _ignored(where, [f"models[{i}].parameters.{k}" for k in bad],
                  f"not a per-model parameter of mergekit's {method} (its: {its})")  # fmt: skip
         ps = {k: v for k, v in ps.items() if k not in bad}
+        order.append((path, e["model"]))
         if method != "linear" and base is not None and os.path.realpath(path) == os.path.realpath(base):
             continue  # mergekit takes no task vector from the base model
         # mergekit's precedence: the model's own setting, then the config's.
@@ -585,12 +579,91 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         mode = "weave"
     elif lam is not None:
         kwargs["lam"] = lam
+    tok = _tokenizer(d, where, d.get("base_model"), base if d.get("base_model") is not None else None, order)
     if layout is not None:
         # The lanes stand for layer ranges of the real inputs: those are what the core opens.
         real = [_model_entry(where, f"slices: '{m}'", m, base) for m in layout["inputs"]]
         kwargs["slices"] = layout["slices"]
         return Recipe(mode, real[0], real[1:] or real[:1], None, kwargs)
-    return Recipe(mode, base, models, None, kwargs)
+    return Recipe(mode, base, models, None, kwargs, tok)
+
+
+def _tokenizer(d: Mapping[str, Any], where: str, base_ref: object, base: str | None,
+               order: list[tuple[str, object]]) -> dict[str, Any] | None:  # fmt: skip
+    """The tokenizer mergekit would build (``tokenizer_source``, a ``tokenizer`` block), or the
+    base's re-saved with ``chat_template``; None when mergekit copies the base's files as they are."""
+    from .tokenizer import Spec
+
+    block = d.get("tokenizer")
+    source: object = d.get("tokenizer_source")
+    spec = Spec(None)
+    if block is not None:
+        b = _mapping(where, "tokenizer", block)
+        _ignored(where, [f"tokenizer.{k}" for k in sorted(set(b) - {"source", "tokens", "pad_to_multiple_of"})],
+                 "not a key of mergekit's tokenizer block")  # fmt: skip
+        source = b.get("source", "union")
+        pad = b.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 < pad <= 1 << 20):
+            raise _fail(where, f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+        spec.pad_to_multiple_of = pad
+        tokens = _mapping(where, "tokenizer.tokens", b.get("tokens"))
+        if len(tokens) > 1 << 16:
+            raise _fail(where, f"tokenizer.tokens: {len(tokens)} tokens (at most 65536)")
+        for t, cfg in tokens.items():
+            spec.tokens[str(t)] = _token_cfg(where, f"tokenizer.tokens[{t!r}]", cfg, base)
+    ct = d.get("chat_template")
+    if ct is not None and not isinstance(ct, str):
+        raise _fail(where, f"chat_template must be a string (a template, a name or 'auto'), got {type(ct).__name__}")
+    spec.chat_template = ct or None
+    if source is None and spec.chat_template is None:
+        return None
+    if source is not None:
+        if source in ("base", "union"):
+            spec.source = str(source)
+        else:
+            spec.source = _model_entry(where, "tokenizer_source", source, base)
+    paths = list(dict.fromkeys(p for p, _ in order))
+    if base is not None and base not in paths:
+        paths.append(base)  # mergekit plans the base last when the models do not list it
+    labels = {p: str(ref) for p, ref in order}
+    if base is not None:
+        labels.setdefault(base, str(base_ref))
+    dtype = d.get("dtype")
+    return {"spec": spec, "base": base, "order": paths, "labels": labels,
+            "dtype": _TORCH_DTYPES[_MK_DTYPES[dtype]] if isinstance(dtype, str) and dtype in _MK_DTYPES else None}
+
+
+_TORCH_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+
+
+def _token_cfg(where: str, key: str, cfg: object, base: str | None) -> dict[str, Any]:
+    """One entry of ``tokenizer.tokens``: ``source`` (a model, ``{kind: zero}`` or ``{kind:
+    model_token, model, token_id | token}``) and ``force``."""
+    c = _mapping(where, key, cfg)
+    try:
+        out: dict[str, Any] = {"force": as_bool(f"{key}.force", c.get("force", False))}
+    except ParamError as e:
+        raise _fail(where, str(e)) from None
+    src = c.get("source")
+    if src is None:
+        out["source"] = None
+    elif isinstance(src, str):
+        out["source"] = _model_entry(where, f"{key}.source", src, base)
+    else:
+        m = _mapping(where, f"{key}.source", src)
+        if m.get("kind") == "zero":
+            out["source"] = {"kind": "zero"}
+        elif m.get("kind") == "model_token":
+            tid, tname = m.get("token_id"), m.get("token")
+            if (tid is None) == (tname is None):
+                raise _fail(where, f"{key}.source: give one of token_id or token")
+            if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
+                raise _fail(where, f"{key}.source.token_id must be a non-negative integer, got {tid!r}")
+            out["source"] = {"kind": "model_token", "token_id": tid, "token": None if tname is None else str(tname),
+                             "model": _model_entry(where, f"{key}.source.model", m.get("model"), base)}  # fmt: skip
+        else:
+            raise _fail(where, f"{key}.source: kind must be 'zero' or 'model_token', got {m.get('kind')!r}")
+    return out
 
 
 def _own(d: Mapping[str, Any], where: str) -> Recipe:
@@ -693,7 +766,13 @@ def run(
             kw[k] = v
     fn = api.weave if r.mode == "weave" else api.merge
     try:
-        return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
+        if r.tokenizer is None:
+            return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
+        from . import tokenizer, vocabulary
+
+        with vocabulary.workdir(target) as work:
+            kw.update(tokenizer.prepare(r.tokenizer, [r.base, *r.models], work))
+            return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
     except RecipeError:
         raise
     except (TypeError, ParamError) as e:

@@ -265,3 +265,69 @@ def merge_in_dtype(
             mixed = mixed * lam
         out[n] = (b + mixed).to(dtype)
     return out
+
+
+def permuted_vocabulary(tensors: dict[str, Tensor], perms: dict[str, dict[int, int]], vocab: dict[str, int],
+                        tokens: dict[str, dict] | None, base: str | None,
+                        pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """mergekit's ``PermutedVocabulary`` (``tokenizer/embed.py``), token by token as it is written:
+    ``tensors`` maps each model (in the plan's order) to its vocabulary tensor, ``perms`` each
+    model to {new id: old row or -1}; ``tokens``: token → {"source": model | {"kind": "zero"} |
+    {"kind": "model_token", "model", "token_id"}, "force"}. Padding rows: the mean of the rows,
+    in f64 here."""
+    models = list(tensors)
+    size = len(vocab)
+    if pad_to_multiple_of and size % pad_to_multiple_of:
+        size = (size // pad_to_multiple_of + 1) * pad_to_multiple_of
+    shape = tensors[models[0]].shape[1:]
+    dtype = tensors[models[0]].dtype
+    for t in tensors.values():
+        dtype = torch.promote_types(dtype, t.dtype)
+    cfgs = dict(tokens or {})
+    average = set()
+    for token, i in vocab.items():  # assign_embedding_sources
+        if token in cfgs:
+            continue
+        has = [perms[m][i] >= 0 for m in models]
+        if sum(has) == 1:
+            cfgs[token] = {"source": models[has.index(True)]}
+        elif sum(has) == 0:
+            cfgs[token] = {"source": {"kind": "zero"}}
+        elif base in models and perms[base][i] >= 0:
+            cfgs[token] = {"source": base}
+        else:
+            average.add(token)
+    defaults = {}
+    for token, i in vocab.items():
+        cfg = cfgs.get(token)
+        if not (cfg and cfg.get("force")) and all(perms[m][i] >= 0 for m in models):
+            continue
+        if token in average:
+            e, n = torch.zeros(shape, dtype=dtype), 0
+            for m in models:
+                if perms[m][i] >= 0:
+                    e = e + tensors[m][perms[m][i]].to(dtype)
+                    n += 1
+            e /= n
+        else:
+            src = cfg["source"]
+            if isinstance(src, dict) and src.get("kind") == "zero":
+                e = torch.zeros(shape, dtype=dtype)
+            elif isinstance(src, dict):
+                e = tensors[src["model"]][src["token_id"]].to(dtype)
+            else:
+                e = tensors[src][perms[src][i]].to(dtype)
+        defaults[token] = e
+    out = {}
+    for m in models:
+        new = torch.zeros((size, *shape), dtype=dtype)
+        for token, i in vocab.items():
+            force = bool(cfgs.get(token, {}).get("force")) if token in (tokens or {}) else False
+            if perms[m][i] >= 0 and not force:
+                new[i] = tensors[m][perms[m][i]].to(dtype)
+            elif token in defaults:
+                new[i] = defaults[token]
+        if size > len(vocab):
+            new[len(vocab):] = new[: len(vocab)].double().mean(0).to(dtype)
+        out[m] = new
+    return out

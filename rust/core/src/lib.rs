@@ -93,15 +93,22 @@ pub fn run_views(
     Ok(plan)
 }
 
-/// Slices read layer ranges of checkpoint files; in-memory models are merged whole.
+/// Slices read layer ranges of checkpoint files, and a built tokenizer realigns files; in-memory
+/// models are merged whole.
 fn no_slices(job: &Job) -> Result<()> {
-    match job.slices {
-        Some(_) => Err(Error::param(
+    if job.slices.is_some() {
+        return Err(Error::param(
             "slices",
             "take layer ranges of checkpoint files, not of arrays",
-        )),
-        None => Ok(()),
+        ));
     }
+    if job.tokenizer.is_some() || !job.overlays.is_empty() {
+        return Err(Error::param(
+            "tokenizer",
+            "a tokenizer is built for checkpoint files, not for arrays",
+        ));
+    }
+    Ok(())
 }
 
 /// Validates in-memory models and returns the output plan, without merging.
@@ -284,10 +291,20 @@ pub(crate) fn open_files(
             "open_clip loads a single open_clip_model.safetensors and reads no shard index; write one file",
         ));
     }
-    let model_cks = models
+    let mut model_cks = models
         .iter()
         .map(Checkpoint::open)
         .collect::<Result<Vec<_>>>()?;
+    let mut base_ck = base_ck;
+    for o in &job.overlays {
+        let ck = match o.input {
+            0 => &mut base_ck,
+            i => model_cks.get_mut(i - 1).ok_or_else(|| {
+                Error::param("overlays", format!("input {i} of {} models", models.len()))
+            })?,
+        };
+        ck.overlay(&o.path, &o.label)?;
+    }
     let out_dtype = job.out_dtype()?;
     let (plan, differing, scaled) = {
         let (base_view, views, scaled) = job_views(job, &base_ck, &model_cks)?;
@@ -316,6 +333,9 @@ pub(crate) fn open_files(
     )?;
     let mut output = output;
     output.set_layer_map(job.slices.as_ref().map(|s| s.base_layers()));
+    if let Some(t) = &job.tokenizer {
+        output.set_tokenizer(&t.dir, t.vocab_size)?;
+    }
     Ok(Opened {
         base: base_ck,
         models: model_cks,

@@ -142,9 +142,12 @@ pub struct Checkpoint {
     pub index_file: Option<PathBuf>,
     index_fingerprint: Option<Fingerprint>,
     files: Vec<MappedFile>,
-    /// tensor name -> file index
     /// tensor name -> file index, for sharded checkpoints (a single file owns every tensor).
     owner: Option<BTreeMap<String, usize>>,
+    /// Files whose tensors replace (or add to) the checkpoint's in [`Checkpoint::view`]: the
+    /// vocabulary tensors realigned to a tokenizer built for the output (see
+    /// [`Checkpoint::overlay`]).
+    overlays: Vec<MappedFile>,
 }
 
 /// A weight file's name as transformers and diffusers save it (variants such as
@@ -333,7 +336,18 @@ impl Checkpoint {
             index_fingerprint: None,
             files: vec![mapped],
             owner,
+            overlays: Vec::new(),
         })
+    }
+
+    /// Lays the tensors of the safetensors file `path` over this checkpoint's: each replaces the
+    /// tensor of its name (or is added). Errors about them name `label` (the user's input and
+    /// what was done to it), never the temporary file.
+    pub fn overlay(&mut self, path: &Path, label: &str) -> Result<()> {
+        let mut f = map_file(path)?;
+        f.label = label.to_owned();
+        self.overlays.push(f);
+        Ok(())
     }
 
     fn open_index(given: &Path, index: &Path) -> Result<Checkpoint> {
@@ -389,6 +403,7 @@ impl Checkpoint {
             index_fingerprint: Some(Fingerprint::of(&meta)),
             files,
             owner: Some(owner),
+            overlays: Vec::new(),
         })
     }
 
@@ -413,7 +428,12 @@ impl Checkpoint {
     }
 
     pub fn input_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self.files.iter().map(|f| f.path.clone()).collect();
+        let mut v: Vec<PathBuf> = self
+            .files
+            .iter()
+            .chain(&self.overlays)
+            .map(|f| f.path.clone())
+            .collect();
         v.extend(self.index_file.clone());
         v
     }
@@ -423,6 +443,7 @@ impl Checkpoint {
     pub fn check_truncation(&self) -> Result<()> {
         self.files
             .iter()
+            .chain(&self.overlays)
             .filter_map(|f| f.guard.as_ref())
             .try_for_each(|g| g.check())
     }
@@ -433,6 +454,7 @@ impl Checkpoint {
         let mut v: Vec<(PathBuf, Fingerprint)> = self
             .files
             .iter()
+            .chain(&self.overlays)
             .map(|f| (f.path.clone(), f.fingerprint))
             .collect();
         if let (Some(p), Some(fp)) = (&self.index_file, self.index_fingerprint) {
@@ -539,23 +561,26 @@ impl Checkpoint {
 
     /// A view for the pipeline, borrowing the maps.
     pub fn view(&self) -> ModelView<'_> {
-        let tensors = self
+        fn tensor_ref<'a>(f: &'a MappedFile, e: header::Entry<'a>) -> TensorRef<'a> {
+            let bytes = f.map.as_deref().unwrap_or(&[]);
+            TensorRef {
+                dtype: e.dtype,
+                shape: e.shape,
+                data: &bytes[f.header.data_start + e.start..f.header.data_start + e.end],
+                file: &f.label,
+                delta: None,
+                scale: None,
+            }
+        }
+        let mut tensors: BTreeMap<String, TensorRef<'_>> = self
             .entries()
-            .map(|(name, i, e)| {
-                let f = &self.files[i];
-                let bytes = f.map.as_deref().unwrap_or(&[]);
-                let data = &bytes[f.header.data_start + e.start..f.header.data_start + e.end];
-                let r = TensorRef {
-                    dtype: e.dtype,
-                    shape: e.shape,
-                    data,
-                    file: &f.label,
-                    delta: None,
-                    scale: None,
-                };
-                (name.to_owned(), r)
-            })
+            .map(|(name, i, e)| (name.to_owned(), tensor_ref(&self.files[i], e)))
             .collect();
+        for f in &self.overlays {
+            for (name, e) in f.header.iter() {
+                tensors.insert(name.to_owned(), tensor_ref(f, e));
+            }
+        }
         ModelView {
             label: self.path.display().to_string(),
             tensors,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use weightweave_core::recipe::tensors::{Cond, PerTensor, Setting, Value};
+use weightweave_core::recipe::{Overlay, TokenizerOut};
 use weightweave_core::scaling::Lines;
 use weightweave_core::source::slices::{Slice, Slices, Source};
 use weightweave_core::{CustomPool, Error, Job, Mode, Param, Params, Space};
@@ -307,6 +308,22 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         },
         slices: match d.get_item("slices")? {
             Some(v) if !v.is_none() => Some(slices(&v)?),
+            _ => None,
+        },
+        overlays: item::<Vec<(usize, std::path::PathBuf, String)>>(d, "overlays", Vec::new())?
+            .into_iter()
+            .map(|(input, path, label)| Overlay { input, path, label })
+            .collect(),
+        tokenizer: match d.get_item("tokenizer")? {
+            Some(v) if !v.is_none() => {
+                let t = v.cast::<PyDict>().map_err(|_| {
+                    ParamError::new_err("tokenizer must be a dict of dir and vocab_size")
+                })?;
+                Some(TokenizerOut {
+                    dir: item(t, "dir", std::path::PathBuf::new())?,
+                    vocab_size: item(t, "vocab_size", None)?,
+                })
+            }
             _ => None,
         },
     })

@@ -91,6 +91,27 @@ pub struct Job {
     pub per_tensor: Option<PerTensor>,
     /// The output's layers from layer ranges of the inputs (mergekit's `slices`).
     pub slices: Option<crate::source::slices::Slices>,
+    /// Tensors laid over an input's (input 0 the base, i the i-th model): the vocabulary
+    /// tensors realigned to a tokenizer built for the output. Runs on files only.
+    pub overlays: Vec<Overlay>,
+    /// A tokenizer built for the output (mergekit's `tokenizer_source`, `chat_template`).
+    pub tokenizer: Option<TokenizerOut>,
+}
+
+/// Safetensors file `path` laid over input `input`'s tensors; `label` names them in errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overlay {
+    pub input: usize,
+    pub path: std::path::PathBuf,
+    pub label: String,
+}
+
+/// A tokenizer written for the output: the files of `dir` replace the base's tokenizer files,
+/// and `config.json` gets `vocab_size` when set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenizerOut {
+    pub dir: std::path::PathBuf,
+    pub vocab_size: Option<usize>,
 }
 
 impl Job {
@@ -112,6 +133,8 @@ impl Job {
             lines: None,
             per_tensor: None,
             slices: None,
+            overlays: Vec::new(),
+            tokenizer: None,
         }
     }
 

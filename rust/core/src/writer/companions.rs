@@ -215,6 +215,30 @@ pub struct Edits<'a> {
     pub dequantized: bool,
     /// Slices: each output layer's source layer.
     pub layers: Option<&'a [usize]>,
+    /// A tokenizer built for the output: its vocabulary size.
+    pub vocab_size: Option<usize>,
+}
+
+/// The files a Hugging Face tokenizer is saved as (transformers' slow and fast tokenizers,
+/// sentencepiece models, chat templates).
+const TOKENIZER_FILES: [&str; 12] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Whether `rel` (relative to the model directory) is one of the model's tokenizer files.
+pub fn is_tokenizer_file(rel: &Path) -> bool {
+    rel.to_str().is_some_and(|r| TOKENIZER_FILES.contains(&r))
 }
 
 pub fn copy(
@@ -285,7 +309,7 @@ fn edit_config(path: &Path, edits: Edits, shown: &Path) -> Result<()> {
         _ => "",
     };
     let dequantized = edits.dequantized;
-    if name.is_empty() && edits.layers.is_none() {
+    if name.is_empty() && edits.layers.is_none() && edits.vocab_size.is_none() {
         return Ok(());
     }
     let text = std::fs::read(path).map_err(|e| Error::io(shown, e))?;
@@ -310,6 +334,9 @@ fn edit_config(path: &Path, edits: Edits, shown: &Path) -> Result<()> {
     if let Some(map) = edits.layers {
         changed |= set_layers(&mut v, map);
     }
+    if let Some(n) = edits.vocab_size {
+        changed |= set_vocab_size(&mut v, n);
+    }
     if dequantized {
         // The weights are no longer quantized: a loader must not treat them as such.
         changed |= v
@@ -323,6 +350,28 @@ fn edit_config(path: &Path, edits: Edits, shown: &Path) -> Result<()> {
         std::fs::write(path, out).map_err(|e| Error::io(shown, e))?;
     }
     Ok(())
+}
+
+/// `vocab_size` where the config keeps it: at the top, else in its `text_config` (the
+/// multimodal configs mergekit names `text_config.vocab_size`).
+fn set_vocab_size(v: &mut serde_json::Value, n: usize) -> bool {
+    let Some(o) = v.as_object_mut() else {
+        return false;
+    };
+    let at = if o.contains_key("vocab_size") {
+        Some(o)
+    } else {
+        o.get_mut("text_config")
+            .and_then(|t| t.as_object_mut())
+            .filter(|t| t.contains_key("vocab_size"))
+    };
+    match at {
+        Some(o) => {
+            o.insert("vocab_size".into(), serde_json::json!(n));
+            true
+        }
+        None => false,
+    }
 }
 
 /// The layer count and per-layer lists of a config (and of its `text_config`) for layers taken

@@ -242,6 +242,8 @@ pub struct FileOutput {
     config_dtype: Option<DType>,
     /// With slices: each output layer's source layer (`config.json` gets the new layer count).
     layer_map: Option<Vec<usize>>,
+    /// With a tokenizer built for the output: its vocabulary size (`config.json`'s).
+    vocab_size: Option<usize>,
     /// Scaled FP8 weights were written dequantized: `config.json` loses its
     /// `quantization_config`.
     dequantized: bool,
@@ -255,6 +257,30 @@ impl FileOutput {
     /// how many there are now, and its per-layer lists follow).
     pub fn set_layer_map(&mut self, map: Option<Vec<usize>>) {
         self.layer_map = map;
+    }
+
+    /// A tokenizer built for the output: the files of `dir` are written with the output in place
+    /// of the base's tokenizer files (none of which stays: a stale `tokenizer.model` beside a new
+    /// `tokenizer.json` would give a slow tokenizer another vocabulary), and `config.json`
+    /// gets `vocab_size` when given.
+    pub fn set_tokenizer(&mut self, dir: &Path, vocab_size: Option<usize>) -> Result<()> {
+        if !self.target.is_dir() {
+            return Err(Error::param(
+                "tokenizer",
+                format!(
+                    "{}: a tokenizer is written beside the weights; give a directory output",
+                    self.target.path.display()
+                ),
+            ));
+        }
+        let found = companions::list(dir, &[], &std::sync::atomic::AtomicBool::new(false))?;
+        let new: std::collections::BTreeSet<PathBuf> =
+            found.files.iter().map(|c| c.rel.clone()).collect();
+        self.companions
+            .retain(|c| !new.contains(&c.rel) && !companions::is_tokenizer_file(&c.rel));
+        self.companions.extend(found.files);
+        self.vocab_size = vocab_size;
+        Ok(())
     }
 
     /// Locks the target, checks its place against the inputs, and creates the staging area
@@ -284,6 +310,7 @@ impl FileOutput {
             skipped: Vec::new(),
             config_dtype,
             layer_map: None,
+            vocab_size: None,
             dequantized,
             extras_staged: false,
             published: false,
@@ -456,6 +483,7 @@ impl FileOutput {
                     dtype: self.config_dtype,
                     dequantized: self.dequantized,
                     layers: self.layer_map.as_deref(),
+                    vocab_size: self.vocab_size,
                 },
                 cancel,
             )?;
