@@ -108,3 +108,26 @@ def test_a_lambda_without_arith_is_refused(tmp_path):
     bp, mps = write_models(tmp_path / "in", base, models)
     with pytest.raises(ww.ParamError, match="lambda"):
         ww.merge(bp, mps, tmp_path / "o.safetensors", method="task_arithmetic", compat="mergekit", **{"lambda": 0.5})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_in_its_dtype(tmp_path, dtype, filter_wise):
+    """model_stock computed as mergekit's run in bf16/f16 computes it (norms, dots, cosines, t and
+    the interpolation each rounded), against a line-by-line torch transcription run in that dtype."""
+    base, models = _state(11, DTYPES[dtype])
+    bp, mps = write_models(tmp_path / "in", base, models)
+    cfg = {"merge_method": "model_stock", "base_model": str(bp), "dtype": dtype,
+           "models": [{"model": str(m)} for m in mps], "parameters": {"filter_wise": filter_wise}}  # fmt: skip
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors")
+    got = load(tmp_path / "o.safetensors")
+    want = MK.model_stock_in_dtype(base, models, DTYPES[dtype], filter_wise)
+    for n in want:
+        assert got[n].dtype == DTYPES[dtype] and torch.equal(got[n], want[n]), (n, (got[n] - want[n]).abs().max())
+    # Our f32 arithmetic (precision: f32) gives another model: the emulation is what changed it.
+    cfg["precision"] = "f32"
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "f.safetensors")
+    f32 = load(tmp_path / "f.safetensors")
+    assert any(not torch.equal(f32[n], want[n]) for n in want)

@@ -276,3 +276,24 @@ def test_keys_mergekit_ignores_are_ignored_aloud(ck, tmp_path, edit, msg):
     with pytest.warns(ww.RecipeWarning, match=msg):
         ww.run(write(tmp_path, text), "o")
     assert digest(tmp_path / "o") == digest(tmp_path / "plain")
+
+
+def test_a_number_yaml_reads_as_text_is_a_number(ck, tmp_path):
+    """YAML 1.1 reads ``7e-1`` as a string; mergekit's schema takes it as the number (a published
+    karcher config has ``tol: 1e-10``), and so does this."""
+    ww.run(write(tmp_path, MERGEKIT_TIES), "plain")
+    ww.run(write(tmp_path, MERGEKIT_TIES.replace("density: 0.7", "density: 7e-1")), "o")
+    assert digest(tmp_path / "o") == digest(tmp_path / "plain")
+    with pytest.raises(ww.RecipeError, match="must be a number"):
+        ww.run(write(tmp_path, MERGEKIT_TIES.replace("density: 0.7", "density: 7e-1x")), "bad")
+
+
+def test_a_condition_key_mergekit_does_not_have_is_ignored_aloud(ck, tmp_path):
+    """mergekit 0.1.5's conditions have ``filter``; the older ``pattern`` (still in its
+    examples/gradient-slerp.yml) is ignored there, so the condition matches every tensor."""
+    ww.run(write(tmp_path, MERGEKIT_TIES), "plain.safetensors")
+    text = MERGEKIT_TIES.replace("      density: 0.7", "      density:\n        - pattern: mlp\n          value: 0.7")
+    with pytest.warns(ww.RecipeWarning, match=r"'parameters.density\[0\].pattern' ignored: not a key of a mergekit"):
+        ww.run(write(tmp_path, text), "o.safetensors")
+    got, want = load(tmp_path / "o.safetensors"), load(tmp_path / "plain.safetensors")
+    assert all(torch.equal(got[n], want[n]) for n in want)

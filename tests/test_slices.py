@@ -196,3 +196,17 @@ def test_slices_are_bounded_in_layers(llamas):
         ww.merge(root / "a", [root / "b"], root / "big", method="slerp", compat="mergekit", t=0.5,
                  slices=[{"len": 40000, "lanes": [[0, 0], [1, 0]]}] * 2)  # fmt: skip
     assert not (root / "big").exists()
+
+
+def test_keys_mergekit_does_not_have_in_a_slice_are_ignored_aloud(llamas):
+    """A source's ``revision`` (published in a DPOpenHermes-11B config) is not a key of mergekit's
+    schema, which ignores it: the same layers are taken, with a RecipeWarning naming the key."""
+    root, _, _ = llamas
+    plain = {"merge_method": "passthrough", "slices": [{"sources": [_src(root, "a", 0, 3)]},
+                                                       {"sources": [_src(root, "b", 1, 4)]}]}  # fmt: skip
+    want = _run(root, plain, "plain_rev")
+    extra = {"merge_method": "passthrough", "slices": [{"sources": [{**_src(root, "a", 0, 3), "revision": "v1"}]},
+                                                       {"sources": [_src(root, "b", 1, 4)], "note": 1}]}  # fmt: skip
+    with pytest.warns(ww.RecipeWarning, match=r"'slices\[0\].sources\[0\].revision', 'slices\[1\].note' ignored"):
+        got = _run(root, extra, "extra_rev")
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)

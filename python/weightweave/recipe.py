@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,7 +183,14 @@ def _mapping(where: str, key: str, v: object) -> dict[Any, Any]:
     return dict(v)
 
 
+#: A number as text: YAML 1.1 (PyYAML) reads ``1e-10`` as a string; mergekit's schema takes it as
+#: the number, and so does this.
+_NUMBER_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _number(where: str, key: str, v: object) -> float:
+    if isinstance(v, str) and len(v) < 64 and _NUMBER_TEXT.match(v.strip()):
+        return float(v)
     if isinstance(v, bool) or not isinstance(v, int | float):
         if not _plain(v):
             raise _fail(where, f"'{key}' must be one number here, not a per-tensor setting")
@@ -327,6 +335,82 @@ def _layer_count(path: str) -> int | None:
     return max(found) + 1 if found else None
 
 
+def _known_condition_keys(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The config with every parameter's conditions reduced to mergekit's keys (``value``,
+    ``filter``): another key (the older ``pattern``) is ignored aloud, as mergekit's schema ignores
+    it, and that condition then matches every tensor."""
+    dropped: list[str] = []
+
+    def clean(ps: object, at: str) -> object:
+        if not isinstance(ps, Mapping):
+            return ps
+        out = {}
+        for k, v in ps.items():
+            if isinstance(v, list) and any(isinstance(c, Mapping) for c in v):
+                dropped.extend(f"{at}.{k}[{i}].{x}" for i, c in enumerate(v) if isinstance(c, Mapping)
+                               for x in c if x not in ("value", "filter"))  # fmt: skip
+                v = [{x: y for x, y in c.items() if x in ("value", "filter")} if isinstance(c, Mapping) else c
+                     for c in v]  # fmt: skip
+            out[k] = v
+        return out
+
+    d = dict(d)
+    if "parameters" in d:
+        d["parameters"] = clean(d["parameters"], "parameters")
+    if isinstance(d.get("models"), list):
+        d["models"] = [
+            {**e, "parameters": clean(e["parameters"], f"models[{i}].parameters")}
+            if isinstance(e, Mapping) and "parameters" in e else e
+            for i, e in enumerate(d["models"])
+        ]  # fmt: skip
+    if isinstance(d.get("slices"), list):
+        sl = []
+        for k, one in enumerate(d["slices"]):
+            if isinstance(one, Mapping):
+                one = dict(one)
+                if "parameters" in one:
+                    one["parameters"] = clean(one["parameters"], f"slices[{k}].parameters")
+                if isinstance(one.get("sources"), list):
+                    one["sources"] = [
+                        {**x, "parameters": clean(x["parameters"], f"slices[{k}].sources[{i}].parameters")}
+                        if isinstance(x, Mapping) and "parameters" in x else x
+                        for i, x in enumerate(one["sources"])
+                    ]  # fmt: skip
+            sl.append(one)
+        d["slices"] = sl
+    _ignored(where, sorted(set(dropped)), "not a key of a mergekit condition (value, filter): the condition matches "
+                                          "every tensor")  # fmt: skip
+    return d
+
+
+def _known_slice_keys(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """``slices`` without the keys mergekit's schema does not have (a source's ``revision``),
+    ignored aloud as mergekit ignores them; its own keys stay, to be run or refused."""
+    sl = d.get("slices")
+    if not isinstance(sl, list):
+        return d
+    dropped, out = [], []
+    for k, one in enumerate(sl):
+        if not isinstance(one, Mapping):
+            return d
+        one = dict(one)
+        known = ("sources", "parameters", "base_model", "residual_weight")
+        dropped += [f"slices[{k}].{x}" for x in one if x not in known]
+        one = {x: v for x, v in one.items() if x in known}
+        if isinstance(one.get("sources"), list):
+            srcs = []
+            for i, src in enumerate(one["sources"]):
+                if isinstance(src, Mapping):
+                    dropped += [f"slices[{k}].sources[{i}].{x}" for x in src if x not in ("model", "layer_range",
+                                                                                           "parameters")]  # fmt: skip
+                    src = {x: v for x, v in src.items() if x in ("model", "layer_range", "parameters")}
+                srcs.append(src)
+            one["sources"] = srcs
+        out.append(one)
+    _ignored(where, dropped, "not a key of a mergekit slice or source")
+    return {**d, "slices": out}
+
+
 def _identity_slices(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     """``slices`` that take every layer of every model in place (mergekit's most published form:
     one slice, each source's ``layer_range`` [0, N)) as the ``models`` form they equal: the
@@ -439,6 +523,8 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
 
 #: mergekit's task-arithmetic family: computed in the config's dtype when it is bf16 or f16.
 _GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
+#: Methods whose arithmetic in bf16/f16 is emulated: the GTA family and model_stock.
+_ARITH_METHODS = (*_GTA_METHODS, "model_stock")
 
 
 def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]) -> None:
@@ -450,10 +536,10 @@ def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]
     if precision not in ("dtype", "f32"):
         raise _fail(where, f"precision must be 'dtype' (mergekit's arithmetic) or 'f32', got {precision!r}")
     dt = _MK_DTYPES.get(d["dtype"]) if isinstance(d.get("dtype"), str) else None
-    if precision == "f32" or method not in _GTA_METHODS or dt not in ("bf16", "f16") or kwargs.get("out_dtype") != dt:
+    if precision == "f32" or method not in _ARITH_METHODS or dt not in ("bf16", "f16") or kwargs.get("out_dtype") != dt:
         return
     kwargs["arith"] = dt
-    if "lam" in kwargs and "weave" not in d:
+    if method in _GTA_METHODS and "lam" in kwargs and "weave" not in d:
         kwargs["lambda"] = kwargs.pop("lam")
 
 
@@ -463,8 +549,10 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     unknown = sorted(str(k) for k in set(d) - _MK_TOP)
     _ignored(where, unknown, "not a key of mergekit's config")
     d = {k: v for k, v in d.items() if k in _MK_TOP}
+    d = _known_condition_keys(d, where)
     layout = None
     if "slices" in d and "models" not in d:
+        d = _known_slice_keys(d, where)
         d = _identity_slices(d, where)
         if "slices" in d and not any(k in d for k in ("tokenizer", "tokenizer_source", "chat_template")):
             d, layout = _general_slices(d, where)

@@ -34,7 +34,9 @@ impl Karcher {
     pub fn parse(r: &mut Reader) -> Result<Karcher> {
         // Solved once per chunk on T coefficients: a cap keeps a hostile recipe from making
         // that the bulk of the work (mergekit's default is 10; convergence takes a handful).
-        let max_iter = r.num("max_iter", 10.0, 0.0, 1000.0, false)?;
+        // The iteration runs on T coefficients, no pass over the tensor: mergekit sets no bound, and
+        // 10^5 steps cost milliseconds per tensor.
+        let max_iter = r.num("max_iter", 10.0, 0.0, 100_000.0, false)?;
         if max_iter.fract() != 0.0 {
             return Err(Error::param(
                 "max_iter",

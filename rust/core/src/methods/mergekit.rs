@@ -88,26 +88,7 @@ impl Gta {
         if g.sparsify == Sparsify::Outliers {
             g.gamma = r.frac("gamma", 0.01, 0.0, 1.0, false)?;
         }
-        r.used.push("arith");
-        g.arith = match r.params.get("arith") {
-            None => None,
-            Some(super::Param::Str(s)) => match DType::parse(s) {
-                Some(DType::F32) => None,
-                Some(d @ (DType::BF16 | DType::F16)) => Some(d),
-                _ => {
-                    return Err(Error::param(
-                        "arith",
-                        format!("'{s}' is not one of f32, bf16, f16 (mergekit's dtype)"),
-                    ))
-                }
-            },
-            Some(other) => {
-                return Err(Error::param(
-                    "arith",
-                    format!("expected a dtype name, got {other:?}"),
-                ))
-            }
-        };
+        g.arith = parse_arith(r)?;
         if r.params.contains_key("lambda") && g.arith.is_none() {
             return Err(Error::param(
                 "lambda",
@@ -215,9 +196,29 @@ impl Gta {
     }
 }
 
+/// `arith`: mergekit's `dtype` when its arithmetic is emulated (bf16 or f16; f32 is none).
+pub(super) fn parse_arith(r: &mut super::Reader) -> Result<Option<DType>> {
+    r.used.push("arith");
+    match r.params.get("arith") {
+        None => Ok(None),
+        Some(super::Param::Str(s)) => match DType::parse(s) {
+            Some(DType::F32) => Ok(None),
+            Some(d @ (DType::BF16 | DType::F16)) => Ok(Some(d)),
+            _ => Err(Error::param(
+                "arith",
+                format!("'{s}' is not one of f32, bf16, f16 (mergekit's dtype)"),
+            )),
+        },
+        Some(other) => Err(Error::param(
+            "arith",
+            format!("expected a dtype name, got {other:?}"),
+        )),
+    }
+}
+
 /// `v` rounded to `d` (nearest even) and back: the value a torch operation in `d` leaves.
 #[inline]
-fn round_in(d: DType, v: f32) -> f32 {
+pub(super) fn round_in(d: DType, v: f32) -> f32 {
     match d {
         DType::BF16 => f32::from_bits(u32::from(crate::dtype::bf16_bits(v)) << 16),
         DType::F16 => half::f16::from_f32(v).to_f32(),

@@ -2,22 +2,55 @@
 //! mean pairwise cosine of the fine-tunes' offsets from the base sets an interpolation ratio
 //! t = T·cos / (1 + (T − 1)·cos) between the base and the fine-tunes' average. A singular
 //! denominator (|·| < 1e-6) keeps the base. Norms and dots are one statistics stage.
+//!
+//! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
+//! rounded to that dtype as it is there: the values as loaded, each offset and product, each
+//! reduced norm, dot and mean (summed wider, rounded once, as torch reduces), and every step of
+//! t and of `t·average + (1 − t)·w₀`.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::{parse_arith, round_in};
 use super::{reduce, Reader};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelStock {
     pub filter_wise: bool,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 impl ModelStock {
     pub fn parse(r: &mut Reader) -> Result<ModelStock> {
         Ok(ModelStock {
             filter_wise: r.flag("filter_wise", false)?,
+            arith: parse_arith(r)?,
         })
+    }
+
+    /// t as mergekit computes it in `d`.
+    fn ratio_in(d: DType, tasks: usize, s: &[f64]) -> f32 {
+        let r = |v: f32| round_in(d, v);
+        let norms: Vec<f32> = s[..tasks].iter().map(|&x| r(x.sqrt() as f32)).collect();
+        let mut cos_sum = 0.0f64;
+        let mut k = tasks;
+        for a in 0..tasks {
+            for b in a + 1..tasks {
+                let prod = r(norms[a] * norms[b]).max(r(1e-6));
+                cos_sum += r(r(s[k] as f32) / prod).clamp(-1.0, 1.0) as f64;
+                k += 1;
+            }
+        }
+        let pairs = tasks * (tasks - 1) / 2;
+        let cos = r((cos_sum / pairs as f64) as f32);
+        let den = r(1.0 + r((tasks - 1) as f32 * cos));
+        if den.abs() < 1e-6 {
+            0.0
+        } else {
+            r(r(tasks as f32 * cos) / den)
+        }
     }
 
     fn unit(&self) -> Unit {
@@ -61,7 +94,11 @@ impl Kernel for ModelStock {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit", "filter_wise": self.filter_wise})
+        let mut v = serde_json::json!({"compat": "mergekit", "filter_wise": self.filter_wise});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn inputs(&self) -> Inputs {
@@ -104,6 +141,11 @@ impl Kernel for ModelStock {
                 _ => (x.start + at) / len - first,
             };
             let a = &mut acc[u * slots..(u + 1) * slots];
+            if let Some(d) = self.arith {
+                Self::accumulate_in(d, x, at, end, a);
+                at = end;
+                continue;
+            }
             let mut k = tasks;
             for p in 0..tasks {
                 let dp = &x.deltas[p][at..end];
@@ -120,6 +162,9 @@ impl Kernel for ModelStock {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
+        if let Some(d) = self.arith {
+            return self.merge_in(d, x, st, m);
+        }
         let tasks = x.tasks();
         let row = x.tensor.row_len();
         let mut unit = usize::MAX;
@@ -141,6 +186,52 @@ impl Kernel for ModelStock {
             }
             let average = sum / count;
             *o = t * average + (1.0 - t) * x.base[i];
+        }
+    }
+}
+
+impl ModelStock {
+    /// The sums of elements `at..end` in `d`: offsets `w − w₀` of the rounded values, rounded;
+    /// squared norms (torch squares and sums them wider); dots of rounded products.
+    fn accumulate_in(d: DType, x: &ChunkIn, at: usize, end: usize, a: &mut [f64]) {
+        let tasks = x.tasks();
+        let offset =
+            |p: usize, i: usize| round_in(d, round_in(d, x.values[p][i]) - round_in(d, x.base[i]));
+        let mut k = tasks;
+        for p in 0..tasks {
+            a[p] += reduce::sum(end - at, |i| (offset(p, at + i) as f64).powi(2));
+            for q in p + 1..tasks {
+                a[k] += reduce::sum(end - at, |i| {
+                    round_in(d, offset(p, at + i) * offset(q, at + i)) as f64
+                });
+                k += 1;
+            }
+        }
+    }
+
+    fn merge_in(&self, d: DType, x: &ChunkIn, st: &TensorStats, m: &mut [f32]) {
+        let tasks = x.tasks();
+        let row = x.tensor.row_len();
+        let r = |v: f32| round_in(d, v);
+        let count = tasks as f32;
+        let mut unit = usize::MAX;
+        let mut t = 0.0f32;
+        for (i, o) in m.iter_mut().enumerate() {
+            let u = match self.unit() {
+                Unit::Tensor => 0,
+                _ => (x.start + i) / row,
+            };
+            if u != unit {
+                unit = u;
+                t = ModelStock::ratio_in(d, tasks, st.sums(0, u));
+            }
+            // Python's sum from 0: the first value as it is, then each addition rounded.
+            let mut sum = r(x.values[0][i]);
+            for v in &x.values[1..] {
+                sum = r(sum + r(v[i]));
+            }
+            let average = r(sum / count);
+            *o = r(r(t * average) + r(r(1.0 - t) * r(x.base[i])));
         }
     }
 }
