@@ -354,15 +354,16 @@ def _known_condition_keys(d: Mapping[str, Any], where: str) -> Mapping[str, Any]
             out[k] = v
         return out
 
+    def entries(items: list[Any], at: str) -> list[Any]:
+        """Model entries or slice sources, each with its parameters cleaned."""
+        return [{**e, "parameters": clean(e["parameters"], f"{at}[{i}].parameters")}
+                if isinstance(e, Mapping) and "parameters" in e else e for i, e in enumerate(items)]  # fmt: skip
+
     d = dict(d)
     if "parameters" in d:
         d["parameters"] = clean(d["parameters"], "parameters")
     if isinstance(d.get("models"), list):
-        d["models"] = [
-            {**e, "parameters": clean(e["parameters"], f"models[{i}].parameters")}
-            if isinstance(e, Mapping) and "parameters" in e else e
-            for i, e in enumerate(d["models"])
-        ]  # fmt: skip
+        d["models"] = entries(d["models"], "models")
     if isinstance(d.get("slices"), list):
         sl = []
         for k, one in enumerate(d["slices"]):
@@ -371,11 +372,7 @@ def _known_condition_keys(d: Mapping[str, Any], where: str) -> Mapping[str, Any]
                 if "parameters" in one:
                     one["parameters"] = clean(one["parameters"], f"slices[{k}].parameters")
                 if isinstance(one.get("sources"), list):
-                    one["sources"] = [
-                        {**x, "parameters": clean(x["parameters"], f"slices[{k}].sources[{i}].parameters")}
-                        if isinstance(x, Mapping) and "parameters" in x else x
-                        for i, x in enumerate(one["sources"])
-                    ]  # fmt: skip
+                    one["sources"] = entries(one["sources"], f"slices[{k}].sources")
             sl.append(one)
         d["slices"] = sl
     _ignored(where, sorted(set(dropped)), "not a key of a mergekit condition (value, filter): the condition matches "

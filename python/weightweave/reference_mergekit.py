@@ -335,31 +335,10 @@ def permuted_vocabulary(tensors: dict[str, Tensor], perms: dict[str, dict[int, i
 
 def model_stock_in_dtype(base: StateDict, models: Sequence[StateDict], dtype: torch.dtype,
                          filter_wise: bool = False) -> StateDict:  # fmt: skip
-    """mergekit's ``model_stock_merge_method`` line by line in torch, on tensors loaded in
-    ``dtype``: every operation rounds as mergekit's run in that dtype does."""
-    out = {}
-    for name, b in base.items():
-        if not b.is_floating_point():
-            out[name] = b
-            continue
-        w_0, ws = b.to(dtype), [m[name].to(dtype) for m in models]
-        shape = w_0.shape
-        if filter_wise:
-            if w_0.dim() == 1:
-                w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
-        else:
-            w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
-        offsets = [w - w_0 for w in ws]
-        cos = []
-        for i, a in enumerate(offsets):
-            for c in offsets[i + 1 :]:
-                prod = torch.norm(a, dim=-1) * torch.norm(c, dim=-1)
-                cos.append(((a * c).sum(dim=-1) / prod.clamp(min=1e-6)).clamp(-1, 1))
-        cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
-        n = len(ws)
-        den = 1 + (n - 1) * cos_theta
-        singular = den.abs() < 1e-6
-        t = torch.where(singular, torch.zeros_like(cos_theta),
-                        (n * cos_theta) / torch.where(singular, torch.ones_like(den), den))  # fmt: skip
-        out[name] = (t * (sum(ws) / n) + (1 - t) * w_0).reshape(shape)
-    return out
+    """mergekit's ``model_stock_merge_method`` line by line in torch (``reference_mergekit_methods
+    .model_stock`` with torch's own reductions), on tensors loaded in ``dtype``: every operation
+    rounds as mergekit's run in that dtype does."""
+    from .reference_mergekit_methods import model_stock
+
+    return {name: model_stock(b.to(dtype), [m[name].to(dtype) for m in models], filter_wise)
+            if b.is_floating_point() else b for name, b in base.items()}  # fmt: skip

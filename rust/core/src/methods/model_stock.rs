@@ -162,31 +162,40 @@ impl Kernel for ModelStock {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        if let Some(d) = self.arith {
-            return self.merge_in(d, x, st, m);
-        }
         let tasks = x.tasks();
-        let row = x.tensor.row_len();
-        let mut unit = usize::MAX;
-        let mut t = 0.0f32;
         let count = tasks as f32;
-        for (i, o) in m.iter_mut().enumerate() {
-            let u = match self.unit() {
-                Unit::Tensor => 0,
-                _ => (x.start + i) / row,
-            };
-            if u != unit {
-                unit = u;
-                t = ModelStock::ratio(tasks, st.sums(0, u));
-            }
-            // sum(ws) / count, starting from 0 as Python's sum does.
-            let mut sum = 0.0f32;
-            for v in x.values {
-                sum += v[i];
-            }
-            let average = sum / count;
-            *o = t * average + (1.0 - t) * x.base[i];
-        }
+        let Some(d) = self.arith else {
+            return self.per_unit(
+                x,
+                st,
+                m,
+                |s| ModelStock::ratio(tasks, s),
+                |t, i| {
+                    // sum(ws) / count, starting from 0 as Python's sum does.
+                    let mut sum = 0.0f32;
+                    for v in x.values {
+                        sum += v[i];
+                    }
+                    t * (sum / count) + (1.0 - t) * x.base[i]
+                },
+            );
+        };
+        let r = |v: f32| round_in(d, v);
+        self.per_unit(
+            x,
+            st,
+            m,
+            |s| ModelStock::ratio_in(d, tasks, s),
+            |t, i| {
+                // Python's sum from 0: the first value as it is, then each addition rounded.
+                let mut sum = r(x.values[0][i]);
+                for v in &x.values[1..] {
+                    sum = r(sum + r(v[i]));
+                }
+                let average = r(sum / count);
+                r(r(t * average) + r(r(1.0 - t) * r(x.base[i])))
+            },
+        )
     }
 }
 
@@ -209,11 +218,16 @@ impl ModelStock {
         }
     }
 
-    fn merge_in(&self, d: DType, x: &ChunkIn, st: &TensorStats, m: &mut [f32]) {
-        let tasks = x.tasks();
+    /// `m[i] = elem(t, i)`, with t = `ratio` of element i's unit (the tensor, or its row).
+    fn per_unit(
+        &self,
+        x: &ChunkIn,
+        st: &TensorStats,
+        m: &mut [f32],
+        ratio: impl Fn(&[f64]) -> f32,
+        elem: impl Fn(f32, usize) -> f32,
+    ) {
         let row = x.tensor.row_len();
-        let r = |v: f32| round_in(d, v);
-        let count = tasks as f32;
         let mut unit = usize::MAX;
         let mut t = 0.0f32;
         for (i, o) in m.iter_mut().enumerate() {
@@ -223,15 +237,9 @@ impl ModelStock {
             };
             if u != unit {
                 unit = u;
-                t = ModelStock::ratio_in(d, tasks, st.sums(0, u));
+                t = ratio(st.sums(0, u));
             }
-            // Python's sum from 0: the first value as it is, then each addition rounded.
-            let mut sum = r(x.values[0][i]);
-            for v in &x.values[1..] {
-                sum = r(sum + r(v[i]));
-            }
-            let average = r(sum / count);
-            *o = r(r(t * average) + r(r(1.0 - t) * r(x.base[i])));
+            *o = elem(t, i);
         }
     }
 }
