@@ -252,6 +252,9 @@ def why(r: dict) -> str:
             return (f"elements at a sparsification cut between equal {dtype} magnitudes, where torch's unstable "
                     "sort picks (mergekit's own result is undefined there)")  # fmt: skip
         return f"emulated {dtype} arithmetic: reductions rounded at a boundary"
+    if method == "slerp":
+        # mergekit 0.1.5's slerp computes in f32 whatever the dtype, with chunked f32 reductions.
+        return "norms and dot reduced in f64 here, in chunked f32 there (both compute in f32)"
     if narrow:
         return f"f32 arithmetic here, {dtype} there (mergekit rounds after every operation; not emulated for {method})"
     if dtype is None:
