@@ -284,3 +284,24 @@ def test_too_many_tokens_are_refused_before_any_work(f32, tmp_path):
                    + "tokenizer:\n  tokens:\n" + toks.replace("      ", "    "))  # fmt: skip
     with pytest.raises(ww.RecipeError, match="at most 65536"):
         ww.run(str(cfg), str(tmp_path / "o"))
+
+
+def test_a_killed_runs_realigned_rows_are_removed_by_the_next_run(f32):
+    """A run killed while it built a tokenizer leaves its temporary directory and lock (nothing
+    holds the lock any more): the next run beside that output removes them."""
+    from weightweave.vocabulary import _key
+
+    key = _key(b"killed/tokenizer")
+    left = f32 / f".weightweave-{key}-0123abcd.tmp"
+    left.mkdir()
+    (left / "0.safetensors").write_bytes(b"partial")
+    (f32 / f".weightweave-{key}.lock").write_text("pid 1")
+    _run(f32, UNION, "killed")
+    assert not left.exists() and not (f32 / f".weightweave-{key}.lock").exists()
+    assert not [n for n in os.listdir(f32) if n.startswith(".weightweave-")]
+    # A run for another output removes it too, once nothing holds its lock.
+    left.mkdir()
+    (f32 / f".weightweave-{key}.lock").write_text("pid 1")
+    plain = UNION.replace("ROOT/ft2", "ROOT/ft0").replace("ROOT/ft1", "ROOT/base")
+    _run(f32, plain.replace("    tokenizer_source: union\n", ""), "another")
+    assert not left.exists() and not [n for n in os.listdir(f32) if n.startswith(".weightweave-")]

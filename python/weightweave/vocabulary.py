@@ -3,7 +3,8 @@
 temporary safetensors files that the core lays over the inputs (see :mod:`.tokenizer`).
 
 The temporary directory sits next to the output under a name of weightweave's, guarded by a lock
-of its own: a run killed before it could clean up leaves it for the next run to remove.
+of its own: a run killed before it could clean up leaves it for the next run to remove (the next
+run for this output, once it holds that lock; any other run beside it, once the lock is free).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def workdir(out: str | os.PathLike) -> Iterator[str]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ParamError(f"{out}: another run is building a tokenizer for this output") from None
+        # Holding the key's lock, every other directory under it is a killed run's: removed.
+        for name in os.listdir(parent):
+            if name.startswith(f".weightweave-{key}-") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         d = os.path.join(parent, f".weightweave-{key}-{secrets.token_hex(8)}.tmp")
         os.mkdir(d, 0o700)
         try:
