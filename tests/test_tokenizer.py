@@ -270,6 +270,10 @@ def test_auto_takes_the_template_most_models_have(f32, tmp_path):
     ("    tokenizer: {source: union, pad_to_multiple_of: true}\n", "pad_to_multiple_of"),
     ("    tokenizer: {tokens: {a: {source: {kind: model_token, model: ROOT/ft1}}}}\n", "token_id or token"),
     ("    tokenizer: {tokens: {a: {source: {kind: other}}}}\n", "kind must be"),
+    ("    tokenizer: {tokens: {a: {source: {kind: model_token, model: ROOT/ft1, token_id: 1000000000000000000000}}}}\n",
+     "token_id must be an integer"),
+    ("    tokenizer: {tokens: {a: {source: {kind: model_token, model: ROOT/ft1, token_id: 4000}}}}\n",
+     "token id 4000 is outside"),
 ])  # fmt: skip
 def test_bad_tokenizer_settings_are_refused(f32, extra, match):
     with pytest.raises(ww.RecipeError, match=match):
@@ -305,3 +309,27 @@ def test_a_killed_runs_realigned_rows_are_removed_by_the_next_run(f32):
     plain = UNION.replace("ROOT/ft2", "ROOT/ft0").replace("ROOT/ft1", "ROOT/base")
     _run(f32, plain.replace("    tokenizer_source: union\n", ""), "another")
     assert not left.exists() and not [n for n in os.listdir(f32) if n.startswith(".weightweave-")]
+
+
+def test_a_tokenizer_file_linked_out_of_its_model_is_refused(f32, tmp_path):
+    """The tokenizer is saved back into the output: a file linked out of the model directory
+    (here a JSON file of secrets) is never loaded, so never copied."""
+    d = tmp_path / "base"
+    d.mkdir()
+    for f in os.listdir(f32 / "base"):
+        if f != "tokenizer_config.json":
+            (d / f).write_bytes((f32 / "base" / f).read_bytes())
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({**json.loads((f32 / "base" / "tokenizer_config.json").read_text()),
+                                  "api_key": "hunter2"}))  # fmt: skip
+    (d / "tokenizer_config.json").symlink_to(secret)
+    body = UNION.replace("ROOT/base", str(d))
+    with pytest.raises(ww.RecipeError, match="a link out of its model directory"):
+        _run(f32, body, "linked")
+    assert not (f32 / "linked").exists()
+    # A link inside the directory is fine.
+    (d / "tokenizer_config.json").unlink()
+    (d / "inner.json").write_text((f32 / "base" / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").symlink_to(d / "inner.json")
+    out = _run(f32, body, "linked_in")
+    assert "hunter2" not in "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())

@@ -742,8 +742,8 @@ def _token_cfg(where: str, key: str, cfg: object, base: str | None) -> dict[str,
             tid, tname = m.get("token_id"), m.get("token")
             if (tid is None) == (tname is None):
                 raise _fail(where, f"{key}.source: give one of token_id or token")
-            if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or tid < 0):
-                raise _fail(where, f"{key}.source.token_id must be a non-negative integer, got {tid!r}")
+            if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < 1 << 31):
+                raise _fail(where, f"{key}.source.token_id must be an integer in [0, 2^31), got {tid!r}")
             out["source"] = {"kind": "model_token", "token_id": tid, "token": None if tname is None else str(tname),
                              "model": _model_entry(where, f"{key}.source.model", m.get("model"), base)}  # fmt: skip
         else:

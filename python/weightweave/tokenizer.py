@@ -14,6 +14,7 @@ padding rows (``pad_to_multiple_of``) the mean of the vocabulary's rows.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import tempfile
@@ -34,8 +35,13 @@ VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_
 BLOCK_ROWS = 4096
 #: Tokenizer files larger than this are not read (a vocabulary of millions of tokens is ~100 MB).
 MAX_TOKENIZER_FILE = 256 << 20
+#: The files a tokenizer is loaded from (config.json tells transformers the tokenizer's class).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                    "special_tokens_map.json", "added_tokens.json", "vocab.txt")  # fmt: skip
+                    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+                    "config.json")  # fmt: skip
+#: Where loaded tokenizers' files are copied: the run's work directory (set by :func:`prepare`).
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("weightweave_tokenizer_stage", default=None)
 #: Templates mergekit knows by name; their text is ours (same rendering, tested).
 TEMPLATES_DIR = os.path.join(os.path.dirname(__file__), "chat_templates")
 
@@ -67,22 +73,54 @@ def _model_dir(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
-def _check_sizes(d: str) -> None:
+def _roots(d: str) -> list[str]:
+    """Where a model directory's files may lead: the directory, and for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/REV/``) that repository's ``blobs/`` (as the writer's
+    companions are confined)."""
+    real = os.path.realpath(d)
+    roots = [real]
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots":
+        roots.append(os.path.realpath(os.path.join(os.path.dirname(parent), "blobs")))
+    return roots
+
+
+def _staged(d: str, into: str) -> None:
+    """Copies the tokenizer files of model directory ``d`` into ``into``, each a regular file within
+    ``d`` (or its cache's blobs) of at most MAX_TOKENIZER_FILE bytes: a file linked out of the
+    directory (``tokenizer_config.json -> ~/.secrets.json``) is refused, never loaded, since the
+    tokenizer is saved back into the output."""
+    roots = _roots(d)
     for f in _TOKENIZER_FILES:
         p = os.path.join(d, f)
-        if os.path.isfile(p) and os.path.getsize(p) > MAX_TOKENIZER_FILE:
-            raise ParamError(f"{p}: a tokenizer file of {os.path.getsize(p)} bytes (at most {MAX_TOKENIZER_FILE})")
+        if not os.path.lexists(p):
+            continue
+        real = os.path.realpath(p)
+        if not any(real == r or real.startswith(r + os.sep) for r in roots):
+            raise ParamError(f"{p}: a link out of its model directory (to {real}); a tokenizer is read only from "
+                             "files inside it")  # fmt: skip
+        if not os.path.isfile(real):
+            raise ParamError(f"{p}: not a regular file")
+        size = os.path.getsize(real)
+        if size > MAX_TOKENIZER_FILE:
+            raise ParamError(f"{p}: a tokenizer file of {size} bytes (at most {MAX_TOKENIZER_FILE})")
+        with open(real, "rb") as src, open(os.path.join(into, f), "wb") as dst:
+            dst.write(src.read(MAX_TOKENIZER_FILE + 1)[:MAX_TOKENIZER_FILE])
 
 
 def _load(path: str):
+    """The tokenizer of the model at ``path``, loaded from a private copy of its tokenizer files."""
     transformers = _deps()
     d = _model_dir(path)
-    _check_sizes(d)
+    # The copy lives as long as the run's work directory: a slow tokenizer saves its vocabulary
+    # file from where it was loaded.
+    staged = tempfile.mkdtemp(prefix="tok-", dir=_STAGE.get())
+    _staged(d, staged)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return transformers.AutoTokenizer.from_pretrained(d, trust_remote_code=False, local_files_only=True,
-                                                              use_fast=True)  # fmt: skip
+            return transformers.AutoTokenizer.from_pretrained(staged, trust_remote_code=False,
+                                                              local_files_only=True, use_fast=True)  # fmt: skip
     except Exception as e:  # noqa: BLE001 — transformers raises many kinds; one message names the model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ParamError(f"{path}: no tokenizer loads from {d} ({first})") from None
@@ -247,6 +285,14 @@ def build(spec: Spec, base: str, order: list[str]) -> Built:
 def prepare(t: dict[str, Any], inputs: list[str], work: str) -> dict[str, Any]:
     """Builds the tokenizer a recipe asks for into ``work`` and realigns the inputs' vocabulary
     tensors to it; returns the merge's extra arguments (the overlays and the tokenizer)."""
+    token = _STAGE.set(work)
+    try:
+        return _prepare(t, inputs, work)
+    finally:
+        _STAGE.reset(token)
+
+
+def _prepare(t: dict[str, Any], inputs: list[str], work: str) -> dict[str, Any]:
     from .vocabulary import realign
 
     spec: Spec = t["spec"]

@@ -143,7 +143,8 @@ def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base:
             for p in have[1:]:
                 dt = torch.promote_types(dt, _dtype(_ST_DTYPES.get(readers[p].tensors[name]["dtype"], "float32")))
         plans[name] = {"have": have, "perms": perms, "shape": [padded, *shapes[have[0]][1:]], "dtype": dt,
-                       "sources": _sources(name, spec, tokens, have, perms, base, built)}  # fmt: skip
+                       "sources": _sources(name, spec, tokens, have, perms, base, built,
+                                           {p: shapes[p][0] for p in have})}  # fmt: skip
     if not plans:
         return []
     files = {p: os.path.join(work, f"{i}.safetensors") for i, p in enumerate(readers)}
@@ -156,7 +157,7 @@ def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base:
 
 
 def _sources(name: str, spec: Spec, tokens: list[str], have: list[str], perms: np.ndarray, base: str | None,
-             built: Built) -> dict[int, Any]:  # fmt: skip
+             built: Built, rows: dict[str, int]) -> dict[int, Any]:  # fmt: skip
     """Per token that needs a default row (one a model lacks, or forced): where it comes from —
     ("avg",), ("zero",), ("model", k, row) — as mergekit's ``assign_embedding_sources`` and
     ``compute_default_embedding`` decide."""
@@ -168,7 +169,7 @@ def _sources(name: str, spec: Spec, tokens: list[str], have: list[str], perms: n
         if not force and present[:, i].all():
             continue
         if cfg is not None and cfg.get("source") is not None:
-            out[i] = _configured(name, t, i, cfg["source"], have, perms, built)
+            out[i] = _configured(name, t, i, cfg["source"], have, perms, built, rows)
             continue
         count = int(present[:, i].sum())
         if count == 1:
@@ -187,7 +188,7 @@ def _sources(name: str, spec: Spec, tokens: list[str], have: list[str], perms: n
 
 
 def _configured(name: str, token: str, i: int, src: Any, have: list[str], perms: np.ndarray,
-                built: Built) -> tuple[Any, ...]:  # fmt: skip
+                built: Built, rows: dict[str, int]) -> tuple[Any, ...]:  # fmt: skip
     if isinstance(src, Mapping) and src.get("kind") == "zero":
         return ("zero",)
     model = src.get("model") if isinstance(src, Mapping) else src
@@ -201,6 +202,9 @@ def _configured(name: str, token: str, i: int, src: Any, have: list[str], perms:
             if row is None:
                 raise ParamError(f"tokenizer.tokens['{token}']: token {src.get('token')!r} is not in {model}'s "
                                  "vocabulary")  # fmt: skip
+        if not 0 <= int(row) < rows[model]:
+            raise ParamError(f"tokenizer.tokens['{token}']: token id {row} is outside {model}'s '{name}' "
+                             f"({rows[model]} rows)")  # fmt: skip
         return ("model", k, int(row))
     if perms[k, i] < 0:
         raise ParamError(f"tokenizer.tokens['{token}']: {model} does not have this token")
