@@ -111,6 +111,27 @@ def _model(dst: Path, ref: str, layers: int, root: dict[str, torch.Tensor], cfg_
         shutil.copy(f, dst / f.name)
 
 
+def _adapter(dst: Path, ref: str, root: dict[str, torch.Tensor]) -> None:
+    """A PEFT LoRA adapter for the tiny Llama: rank 4, α 8, random bf16 factors on two of the
+    attention/MLP projections (which two, from the name)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(zlib.crc32(b"lora:" + ref.encode()))
+    pairs = [("q_proj", "v_proj"), ("k_proj", "o_proj"), ("q_proj", "down_proj"), ("v_proj", "up_proj")]
+    targets = pairs[zlib.crc32(ref.encode()) % len(pairs)]
+    sd = {}
+    for name, w in root.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
+            out, inp = w.shape
+            sd[f"base_model.model.{module}.lora_A.weight"] = (0.1 * torch.randn(4, inp, generator=g)).to(torch.bfloat16)
+            sd[f"base_model.model.{module}.lora_B.weight"] = (0.1 * torch.randn(out, 4, generator=g)).to(torch.bfloat16)
+    save_file(sd, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    (dst / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": None}, indent=1))  # fmt: skip
+
+
 def _root(layers: int) -> tuple[dict[str, torch.Tensor], dict]:
     import transformers
 
@@ -139,9 +160,19 @@ def prepare(path: Path, work: Path) -> tuple[Path, dict]:
     tok = work / "tokenizer"
     _tokenizer(tok)
     local = work / "local"
-    for ref in sorted(_refs(cfg), key=len, reverse=True):
-        if "+" in ref:
-            continue  # LoRA references are not built here (none in the corpus)
+    refs, adapters = [], []
+    for ref in _refs(cfg):
+        # model+lora: the model, and a PEFT adapter for it.
+        model, plus, lora = ref.partition("+")
+        refs.append(model)
+        if plus:
+            adapters.append(lora)
+    for ref in sorted(set(adapters), key=len, reverse=True):
+        dst = work / ref if _hub(ref) else local / re.sub(r"[^A-Za-z0-9]+", "_", ref).strip("_")
+        _adapter(dst, ref, root)
+        if not _hub(ref):
+            text = re.sub(r"(?<![\w./\\-])" + re.escape(ref) + r"(?![\w./\\-])", lambda _m, d=dst: str(d), text)
+    for ref in sorted(set(refs), key=len, reverse=True):
         if _hub(ref):
             # mergekit 0.1.5 asks the hub for a repository's file list even when the files are
             # cached (common.py, local_path), so offline it runs a hub id only as a directory of
@@ -226,8 +257,10 @@ def compare(a: Path, b: Path) -> dict:
     return res
 
 
-#: Methods whose arithmetic in bf16/f16 weightweave emulates (recipe.py, _ARITH_METHODS).
-EMULATED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock"}
+#: Methods whose arithmetic in bf16/f16 weightweave emulates (recipe.py, _ARITH_METHODS); every
+#: method loads its inputs in the config's dtype, and linear's f32 arithmetic is mergekit's.
+EMULATED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock",
+            "sce", "nuslerp", "arcee_fusion", "linear"}  # fmt: skip
 CUTS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 
 
@@ -246,20 +279,25 @@ def why(r: dict) -> str:
         return ""
     cfg = yaml.safe_load((CORPUS / r["config"]).read_text())
     dtype = cfg.get("dtype") if isinstance(cfg.get("dtype"), str) else None
-    narrow = dtype in ("bfloat16", "float16", "bf16", "fp16", "f16")
+    narrow = dtype in ("bfloat16", "float16", "bf16", "fp16", "f16") or dtype is None
+    what = dtype or "the inputs' stored dtype"
     if method in EMULATED and narrow:
         if method in CUTS:
-            return (f"elements at a sparsification cut between equal {dtype} magnitudes, where torch's unstable "
+            return (f"elements at a sparsification cut between equal {what} magnitudes, where torch's unstable "
                     "sort picks (mergekit's own result is undefined there)")  # fmt: skip
-        return f"emulated {dtype} arithmetic: reductions rounded at a boundary"
+        if method == "sce":
+            return (f"elements at sce's top-k cut between equal {what} variances, where torch.topk picks "
+                    "(mergekit's own result is undefined there)")  # fmt: skip
+        if method == "arcee_fusion":
+            return ("importances at the threshold: torch's softmax (its vectorized exp and f32 sum) differs from "
+                    "ours in an ulp, and a row's KL moves")  # fmt: skip
+        return f"emulated {what} arithmetic: reductions rounded at a boundary"
     if method == "slerp":
         # mergekit 0.1.5's slerp computes in f32 whatever the dtype, with chunked f32 reductions.
         return "norms and dot reduced in f64 here, in chunked f32 there (both compute in f32)"
     if narrow:
-        return f"f32 arithmetic here, {dtype} there (mergekit rounds after every operation; not emulated for {method})"
-    if dtype is None:
-        return "no dtype: mergekit computes in the inputs' bf16, weightweave in f32"
-    return "norms, dots and angles reduced in f64 here, f32 there"
+        return f"f32 arithmetic here, {what} there (mergekit rounds after every operation; not emulated for {method})"
+    return "norms, dots and angles reduced in f64 here, in torch's f32 order there (both compute in f32)"
 
 
 def main() -> None:
@@ -285,7 +323,8 @@ def main() -> None:
             env = dict(base_env, HF_HUB_CACHE=str(work / "hub"), HF_HUB_OFFLINE="1", HF_HOME=str(work / "hf"))
             r = {"config": path.name, "source": path.read_text().splitlines()[0].removeprefix("# source: "), **info}
             # The model card asks the hub about every model (model_info): offline it fails before the tokenizer.
-            rc, r["mk_s"], r["mk_err"] = _run([str(exe), str(cfg), str(work / "mk"), "--no-write-model-card"], work, env)
+            rc, r["mk_s"], r["mk_err"] = _run([str(exe), str(cfg), str(work / "mk"), "--no-write-model-card",
+                                               "--lora-merge-cache", str(work / "lora-cache")], work, env)
             r["mk_ok"] = _weights(work / "mk") is not None if (work / "mk").exists() else False
             rc, r["ww_s"], r["ww_err"] = _run([ww, "run", str(cfg), str(work / "ww"), "-q"], work, env)
             r["ww_ok"] = rc == 0

@@ -156,9 +156,9 @@ def test_model_plus_lora_is_the_adapter_on_the_base(tmp_path, monkeypatch):
     ww.merge(tmp_path / "base", [a, b], tmp_path / "y", method="task_arithmetic", compat="mergekit", lam=1.0,
              weights=[1.0, 0.5])  # fmt: skip
     same(tmp_path / "x", tmp_path / "y")
-    # A LoRA on another model than the base cannot be read as a fine-tune of the base.
+    # A LoRA applies to a model, not to another adapter.
     (tmp_path / "r2.yml").write_text(text.replace("base+lora_b", "lora_a+lora_b"))
-    with pytest.raises(ww.RecipeError, match="not base_model"):
+    with pytest.raises(ww.RecipeError, match="is itself a LoRA adapter"):
         ww.run("r2.yml", tmp_path / "z")
     (tmp_path / "r3.yml").write_text(text.replace("base+lora_b", "base+base"))
     with pytest.raises(ww.RecipeError, match="not a PEFT LoRA adapter"):

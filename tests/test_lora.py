@@ -96,3 +96,95 @@ def test_bad_adapters_are_refused(family, tmp_path):
     with pytest.raises(ww.HeaderError, match="DoRA adapters are not supported"):
         ww.merge(root / "base", [bad], tmp_path / "o.safetensors", method="ties")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_adapters_loaded_in_mergekits_dtype(family, tmp_path):
+    """Under a mergekit ``dtype`` an adapter's values θ_base + BA are rounded to it as they are
+    loaded, like every stored input: linear of (adapter, full) in bf16 against mergekit's linear
+    on PEFT's merged weights and the full model converted to bf16."""
+    from weightweave import reference_mergekit as MK
+
+    root, (a1, m1), _ = family
+    base, full = load(root / "base"), load(root / "full")
+    out = tmp_path / "o.safetensors"
+    ww.merge(root / "base", [a1, root / "full"], out, method="linear", compat="mergekit", weights=[0.5, 0.5],
+             out_dtype="bf16", _load_dtype="bf16")  # fmt: skip
+    got = load(out)
+    bf = lambda sd: {k: sd[k].to(torch.bfloat16) for k in base}  # noqa: E731
+    want = MK.merge(bf(base), [bf(m1), bf(full)], "linear", [0.5, 0.5])
+    unrounded = MK.merge(base, [{k: m1[k] for k in base}, full], "linear", [0.5, 0.5])
+    equal = sum(int((got[k] == want[k]).sum()) for k in want)
+    total = sum(want[k].numel() for k in want)
+    # PEFT forms θ_base + BA in its own f32 order: a rare element lands an ulp apart.
+    assert equal >= total - total // 1000
+    assert all(torch.allclose(got[k].float(), want[k].float(), rtol=2**-7, atol=0) for k in want)
+    assert any(not torch.equal(got[k], unrounded[k].to(torch.bfloat16)) for k in want)
+
+
+def test_mergekit_lora_on_a_model_other_than_the_base(family, tmp_path):
+    """``model+lora`` on a non-base model: mergekit merges the adapter into its model first
+    (PEFT's merge_and_unload); so do we, out of core, into a temporary removed afterwards."""
+    import yaml
+
+    from weightweave import reference_mergekit as MK
+
+    root, (a1, _), (a2, m2) = family
+    full = transformers.AutoModelForCausalLM.from_pretrained(root / "full")
+    peft_full = peft.PeftModel.from_pretrained(full, a1).merge_and_unload()
+    full_a1 = {k: v.detach().clone() for k, v in peft_full.state_dict().items()}
+    base = load(root / "base")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(root / "base"), "dtype": "float32",
+           "models": [{"model": f"{root / 'full'}+{a1}", "parameters": {"weight": 0.7}},
+                      {"model": f"{root / 'base'}+{a2}", "parameters": {"weight": 0.4}}]}  # fmt: skip
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    ww.run(tmp_path / "c.yml", out)
+    got = load(out)
+    want = MK.merge(base, [{k: full_a1[k] for k in base}, {k: m2[k] for k in base}], "task_arithmetic", [0.7, 0.4])
+    assert_close_ulp(got, want, atol=tol(want, 4e-6))
+    # The adapter changed its model: not the plain full model's merge.
+    plain = MK.merge(base, [load(root / "full"), {k: m2[k] for k in base}], "task_arithmetic", [0.7, 0.4])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(got[q], plain[q])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml", "out"]  # no temporary left
+
+    # Without a base the first model stands in for it: its LoRA applies there too.
+    lin = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": f"{root / 'full'}+{a1}", "parameters": {"weight": 1.0}}]}  # fmt: skip
+    (tmp_path / "l.yml").write_text(yaml.safe_dump(lin))
+    ww.run(tmp_path / "l.yml", tmp_path / "lin.safetensors")
+    assert_close_ulp(load(tmp_path / "lin.safetensors"), {k: full_a1[k] for k in base}, atol=tol(base, 4e-6))
+
+    # A tokenizer built with such a LoRA is refused, saying so.
+    cfg["tokenizer_source"] = "base"
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ww.RecipeError, match="applies a LoRA to a model other than base_model, and a tokenizer"):
+        ww.run(tmp_path / "t.yml", tmp_path / "t")
+
+
+def test_mergekit_base_model_with_its_own_lora(family, tmp_path):
+    """``base_model: model+lora`` (as published configs do): the base is the model with that
+    LoRA applied; ``model+other_lora`` and the plain model are then fine-tunes of it, and the
+    base's own reference listed as a model is the base (no task vector)."""
+    import yaml
+
+    from weightweave import reference_mergekit as MK
+
+    root, (a1, _), (a2, _) = family
+
+    def applied(adapter):
+        m = transformers.AutoModelForCausalLM.from_pretrained(root / "full")
+        merged = peft.PeftModel.from_pretrained(m, adapter).merge_and_unload()
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    full = load(root / "full")
+    b0, m1 = applied(a1), applied(a2)
+    b0, m1 = ({k: sd[k] for k in full} for sd in (b0, m1))
+    cfg = {"merge_method": "task_arithmetic", "base_model": f"{root / 'full'}+{a1}", "dtype": "float32",
+           "models": [{"model": f"{root / 'full'}+{a2}", "parameters": {"weight": 0.5}},
+                      {"model": str(root / "full"), "parameters": {"weight": 0.3}},
+                      {"model": f"{root / 'full'}+{a1}", "parameters": {"weight": 1.0}}]}  # fmt: skip
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "out")
+    want = MK.merge(b0, [m1, full], "task_arithmetic", [0.5, 0.3])
+    assert_close_ulp(load(tmp_path / "out"), want, atol=tol(want, 4e-6))

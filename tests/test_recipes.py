@@ -144,7 +144,7 @@ EDITS = [
     (("parameters: {weight: 1.0, density: 0.5}", "parameters: {weight: x}"), "must be a number"),
     (("parameters: {weight: 1.0, density: 0.5}", "parameters: {density: 0.5}"), "weight is required"),
     (("model: in/ft1.safetensors", "model: meta-llama/Llama-3-8B"), "hub id"),
-    (("model: in/ft1.safetensors", "model: in/ft1.safetensors+lora/x"), "not base_model"),
+    (("model: in/ft1.safetensors", "model: in/ft1.safetensors+lora/x"), "'lora/x' is a hub id not in the Hugging Face"),
     (("model: in/ft1.safetensors", "model: in/missing.safetensors"), "does not exist"),
     (("base_model: in/base.safetensors", "base_model: nope"), "base_model"),
     (("  normalize: true", "  normalize: 3"), "normalize"),

@@ -91,6 +91,9 @@ class Recipe:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: A tokenizer to build for the output (``tokenizer.py``): spec, base, order, dtype, labels.
     tokenizer: dict[str, Any] | None = None
+    #: ``model+lora`` references on models other than the base: (input index, model, adapter,
+    #: the config's reference), applied before the merge (:func:`_apply_loras`).
+    loras: list[tuple[int, str, str, str]] = field(default_factory=list)
 
 
 def _fail(where: str, msg: str) -> RecipeError:
@@ -233,22 +236,69 @@ def _local(where: str, key: str, v: object) -> str:
     return v
 
 
-def _model_entry(where: str, key: str, v: object, base: str | None) -> str:
-    """A model of a mergekit config: a reference, or ``model+lora`` (mergekit's LoRA applied to
-    a model). weightweave reads a PEFT adapter as a fine-tune of the base (θ_base + ΔW, out of
-    core), so the model under the LoRA must be the base model."""
+def _reference(where: str, key: str, v: object) -> tuple[str, str | None]:
+    """A model reference of a mergekit config: (the model's path, the PEFT LoRA adapter that
+    ``model+lora`` applies to it, or None)."""
     if not isinstance(v, str) or "+" not in v or os.path.exists(v):
-        return _local(where, key, v)
+        return _local(where, key, v), None
     model, _, lora = v.partition("+")
     m = _local(where, key, model)
-    if base is None or os.path.realpath(m) != os.path.realpath(base):
-        raise _fail(where, f"'{key}': '{v}' applies a LoRA to '{model}', which is not base_model: "
-                           "weightweave reads an adapter as a fine-tune of the base only (merge it into its "
-                           "model first)")  # fmt: skip
     adapter = _local(where, key, lora)
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise _fail(where, f"'{key}': '{lora}' holds no adapter_config.json: not a PEFT LoRA adapter")
-    return adapter
+    if os.path.isfile(os.path.join(m, "adapter_config.json")):
+        raise _fail(where, f"'{key}': '{model}' is itself a LoRA adapter: '{v}' applies a LoRA to a model")
+    return m, adapter
+
+
+def _same(a: tuple[str, str | None], b: tuple[str, str | None]) -> bool:
+    """Whether two references name the same model (and the same adapter on it)."""
+    real = lambda p: None if p is None else os.path.realpath(p)  # noqa: E731
+    return real(a[0]) == real(b[0]) and real(a[1]) == real(b[1])
+
+
+def _model_entry(where: str, key: str, v: object, base: tuple[str, str | None] | None,
+                 loras: list[tuple[str, str]] | None = None) -> str:  # fmt: skip
+    """The path of a model reference that weightweave opens. ``model+lora`` on the plain base
+    model: the adapter, read as a fine-tune of the base (θ_base + ΔW, out of core). On any other
+    model (or on a base that has its own LoRA): the model, with (model, adapter) appended to
+    ``loras``: the adapter is applied to it before the merge, as mergekit does
+    (:func:`_apply_loras`); where ``loras`` is None (a tokenizer source) the model's own files are
+    what is read."""
+    m, adapter = _reference(where, key, v)
+    if adapter is None:
+        return m
+    if base is not None and _same((m, None), base):
+        return adapter
+    if loras is not None:
+        loras.append((m, adapter))
+    return m
+
+
+def _apply_loras(loras: list[tuple[int, str, str, str]], work: str) -> list[tuple[int, str, str]]:
+    """Each ``model+lora`` on a model other than the base, as mergekit builds it before merging
+    (PEFT's merge_and_unload, saved in the model's dtype): θ_model + ΔW, rounded once to the
+    model's dtype, written into ``work`` by our own out-of-core merge (the adapter as a fine-tune
+    of its model, λ = 1). Returns the overlays that lay it over the model's input; errors about them name the
+    config's reference."""
+    from . import api
+
+    overlays, built = [], {}
+    for idx, model, adapter, label in loras:
+        out = built.get((model, adapter))
+        if out is None:
+            out = built[model, adapter] = os.path.join(work, f"lora-{len(built)}.safetensors")
+            try:
+                api.merge(model, [adapter], out, method="task_arithmetic", lam=1.0)
+            except Exception as e:
+                # The same error, saying which of the config's references it came from.
+                try:
+                    wrapped = type(e)(f"applying the LoRA of '{label}': {e}")
+                except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+                    raise e from None
+                raise wrapped from None
+        overlays.append((idx, out, f"'{label}' (the LoRA applied to its model)"))
+    return overlays
 
 
 def _weave_block(block: object, where: str) -> dict[str, Any]:
@@ -520,24 +570,53 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
 
 #: mergekit's task-arithmetic family: computed in the config's dtype when it is bf16 or f16.
 _GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
-#: Methods whose arithmetic in bf16/f16 is emulated: the GTA family and model_stock.
-_ARITH_METHODS = (*_GTA_METHODS, "model_stock")
+#: Methods whose arithmetic in bf16/f16 is emulated.
+_ARITH_METHODS = (*_GTA_METHODS, "model_stock", "sce", "nuslerp", "arcee_fusion")
 
 
-def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]) -> None:
+def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any], inputs: list[str]) -> None:
     """mergekit loads the tensors in the config's ``dtype`` and computes in it, rounding after
-    every torch operation: with bf16 or f16 (and the output in the same dtype) the GTA family
-    does the same (``arith``), mergekit's ``lambda`` included. ``precision: f32`` (ours) keeps
-    the f32 arithmetic instead."""
+    every torch operation. The inputs are rounded to a bf16 or f16 ``dtype`` as they are read
+    (``_load_dtype``); with it (and the output in the same dtype) the methods whose arithmetic is
+    emulated compute as mergekit does (``arith``), mergekit's ``lambda`` included. Without a
+    ``dtype`` mergekit computes in the dtype the inputs are stored in: so do we, when every
+    floating tensor of every input is stored in one of bf16, f16. ``precision: f32`` (ours) keeps
+    the f32 arithmetic instead (the inputs are still loaded in the dtype)."""
     precision = d.get("precision", "dtype")
     if precision not in ("dtype", "f32"):
         raise _fail(where, f"precision must be 'dtype' (mergekit's arithmetic) or 'f32', got {precision!r}")
     dt = _MK_DTYPES.get(d["dtype"]) if isinstance(d.get("dtype"), str) else None
-    if precision == "f32" or method not in _ARITH_METHODS or dt not in ("bf16", "f16") or kwargs.get("out_dtype") != dt:
+    if dt in ("bf16", "f16"):
+        kwargs["_load_dtype"] = dt
+    if d.get("dtype") is None and precision == "dtype" and method in _ARITH_METHODS:
+        dt = _stored_dtype(inputs)
+        if dt is not None and "out_dtype" not in kwargs:
+            kwargs["out_dtype"] = dt
+    # The emulation rounds the result to dt, but arcee_fusion's, which mergekit leaves in f32.
+    out = kwargs.get("out_dtype")
+    if precision == "f32" or method not in _ARITH_METHODS or dt not in ("bf16", "f16") or (
+            out != dt and (method, out) != ("arcee_fusion", "f32")):
         return
     kwargs["arith"] = dt
     if method in _GTA_METHODS and "lam" in kwargs and "weave" not in d:
         kwargs["lambda"] = kwargs.pop("lam")
+
+
+def _stored_dtype(paths: list[str]) -> str | None:
+    """The one dtype (bf16 or f16) every floating tensor of these inputs is stored in, else None
+    (a mix, another dtype, or inputs that cannot be inspected: the merge reports those)."""
+    from . import _rust
+
+    found = set()
+    for p in dict.fromkeys(paths):
+        try:
+            tensors = _rust.inspect(p)["tensors"]
+        except Exception:  # noqa: BLE001 - the merge itself reports an unreadable model
+            return None
+        found |= {t["dtype"] for t in tensors if t["dtype"] in ("F16", "BF16", "F32", "F64")}
+        if len(found) > 1:
+            return None
+    return {"BF16": "bf16", "F16": "f16"}.get(found.pop()) if len(found) == 1 else None
 
 
 def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
@@ -569,19 +648,22 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     _ignored(where, [f"parameters.{k}" for k in unknown], f"not a parameter of mergekit's {method} (its: {its})")
     shared = {k: v for k, v in shared.items() if k not in unknown}
     base = d.get("base_model")
-    base = _local(where, "base_model", base) if base is not None else None
+    base_ref = _reference(where, "base_model", base) if base is not None else None
+    base = base_ref[0] if base_ref is not None else None
     if base_rule == "none" and base is not None:
         raise _fail(where, f"base_model: mergekit's {method} takes a single model and no base_model")
     entries = d.get("models")
     if not isinstance(entries, list) or not entries:
         raise _fail(where, "'models' must be a non-empty list")
     models, scopes, order = [], [], []
+    loras: list[tuple[int, str, str, str]] = []
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping) or "model" not in e:
             raise _fail(where, f"models[{i}] must be a mapping with 'model'")
         _ignored(where, [f"models[{i}].{k}" for k in sorted(set(e) - {"model", "parameters"})],
                  "not a key of a model entry")  # fmt: skip
-        path = _model_entry(where, f"models[{i}].model", e["model"], base)
+        applied: list[tuple[str, str]] = []
+        path = _model_entry(where, f"models[{i}].model", e["model"], base_ref, applied)
         ps = _mapping(where, f"models[{i}].parameters", e.get("parameters"))
         bad = sorted(set(ps) - per_model_keys)
         its = ", ".join(sorted(per_model_keys)) or "none"
@@ -589,14 +671,20 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
                  f"not a per-model parameter of mergekit's {method} (its: {its})")  # fmt: skip
         ps = {k: v for k, v in ps.items() if k not in bad}
         order.append((path, e["model"]))
-        if method != "linear" and base is not None and os.path.realpath(path) == os.path.realpath(base):
+        if method != "linear" and base_ref is not None and _same(_reference(where, "", e["model"]), base_ref):
             continue  # mergekit takes no task vector from the base model
         # mergekit's precedence: the model's own setting, then the config's.
         scopes.append({k: [(f"{at}.{k}", sc[k]) for at, sc in ((f"models[{i}].parameters", ps), ("parameters", shared))
                            if k in sc] for k in per_model_keys})  # fmt: skip
         models.append(path)
+        if applied:
+            loras.append((len(models), *applied[0], str(e["model"])))  # input 0 is the base
     if not models:
         raise _fail(where, "'models' lists only the base model")
+    if base is None and loras and loras[0][0] == 1:
+        loras.insert(0, (0, *loras[0][1:]))  # the first model stands in as the base (input 0)
+    if base_ref is not None and base_ref[1] is not None:
+        loras.insert(0, (0, *base_ref, str(d["base_model"])))
     params: dict[str, Any] = {}
     pt_shared: dict[str, Any] = {}
     pt_model: dict[str, Any] = {}
@@ -654,7 +742,19 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         if not isinstance(out_dtype, str) or out_dtype not in _MK_DTYPES:
             raise _fail(where, f"dtype '{out_dtype}' is not one of {', '.join(sorted(_MK_DTYPES))}")
         kwargs["out_dtype"] = _MK_DTYPES[out_dtype]
-    _arith(d, where, method, kwargs)
+    if method == "arcee_fusion" and d.get("out_dtype") is None:
+        # mergekit writes each tensor as its method returns it unless out_dtype is given, and
+        # arcee_fusion's result is f32 (its mask is): mergekit's model is f32.
+        kwargs["out_dtype"] = "f32"
+    real = None
+    if layout is not None:
+        real, loras = [], []
+        for m in layout["inputs"]:
+            applied = []
+            real.append(_model_entry(where, f"slices: '{m}'", m, base_ref, applied))
+            if applied:
+                loras.append((len(real) - 1, *applied[0], str(m)))
+    _arith(d, where, method, kwargs, real or [base, *models])
     lam = kwargs.pop("lam", None)
     mode = "merge"
     if "weave" in d:
@@ -665,12 +765,15 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     elif lam is not None:
         kwargs["lam"] = lam
     tok = _tokenizer(d, where, d.get("base_model"), base if d.get("base_model") is not None else None, order)
+    if tok is not None and loras:
+        raise _fail(where, f"'{loras[0][3]}' applies a LoRA to a model other than base_model, and a tokenizer is "
+                           "built: not run together yet (merge the LoRA into its model first)")  # fmt: skip
     if layout is not None:
         # The lanes stand for layer ranges of the real inputs: those are what the core opens.
-        real = [_model_entry(where, f"slices: '{m}'", m, base) for m in layout["inputs"]]
+        assert real is not None
         kwargs["slices"] = layout["slices"]
-        return Recipe(mode, real[0], real[1:] or real[:1], None, kwargs)
-    return Recipe(mode, base, models, None, kwargs, tok)
+        return Recipe(mode, real[0], real[1:] or real[:1], None, kwargs, loras=loras)
+    return Recipe(mode, base, models, None, kwargs, tok, loras)
 
 
 def _tokenizer(d: Mapping[str, Any], where: str, base_ref: object, base: str | None,
@@ -706,7 +809,7 @@ def _tokenizer(d: Mapping[str, Any], where: str, base_ref: object, base: str | N
         if source in ("base", "union"):
             spec.source = str(source)
         else:
-            spec.source = _model_entry(where, "tokenizer_source", source, base)
+            spec.source = _reference(where, "tokenizer_source", source)[0]
     paths = list(dict.fromkeys(p for p, _ in order))
     if base is not None and base not in paths:
         paths.append(base)  # mergekit plans the base last when the models do not list it
@@ -733,7 +836,7 @@ def _token_cfg(where: str, key: str, cfg: object, base: str | None) -> dict[str,
     if src is None:
         out["source"] = None
     elif isinstance(src, str):
-        out["source"] = _model_entry(where, f"{key}.source", src, base)
+        out["source"] = _reference(where, f"{key}.source", src)[0]
     else:
         m = _mapping(where, f"{key}.source", src)
         if m.get("kind") == "zero":
@@ -745,7 +848,7 @@ def _token_cfg(where: str, key: str, cfg: object, base: str | None) -> dict[str,
             if tid is not None and (not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < 1 << 31):
                 raise _fail(where, f"{key}.source.token_id must be an integer in [0, 2^31), got {tid!r}")
             out["source"] = {"kind": "model_token", "token_id": tid, "token": None if tname is None else str(tname),
-                             "model": _model_entry(where, f"{key}.source.model", m.get("model"), base)}  # fmt: skip
+                             "model": _reference(where, f"{key}.source.model", m.get("model"))[0]}  # fmt: skip
         else:
             raise _fail(where, f"{key}.source: kind must be 'zero' or 'model_token', got {m.get('kind')!r}")
     return out
@@ -851,12 +954,17 @@ def run(
             kw[k] = v
     fn = api.weave if r.mode == "weave" else api.merge
     try:
-        if r.tokenizer is None:
+        if r.tokenizer is None and not r.loras:
             return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
-        from . import tokenizer, vocabulary
+        from . import vocabulary
 
         with vocabulary.workdir(target) as work:
-            kw.update(tokenizer.prepare(r.tokenizer, [r.base, *r.models], work))
+            if r.loras:
+                kw["_overlays"] = _apply_loras(r.loras, work)
+            if r.tokenizer is not None:
+                from . import tokenizer
+
+                kw.update(tokenizer.prepare(r.tokenizer, [r.base, *r.models], work))
             return fn(r.base, r.models, target, overwrite=overwrite, progress=progress, **kw)
     except RecipeError:
         raise

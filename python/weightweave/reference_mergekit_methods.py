@@ -223,14 +223,15 @@ def della(base: Tensor, deltas: list[Tensor], weights, name: str, seed: int, con
 
 
 def _welford_var(tvs: Tensor) -> Tensor:
-    """torch's CPU var(unbiased=False) over dim 0: Welford's update in f64, rounded to f32."""
+    """torch's CPU var(unbiased=False) over dim 0: Welford's update in f64, rounded to the
+    tensors' dtype."""
     mean = torch.zeros(tvs.shape[1:], dtype=torch.float64)
     m2 = torch.zeros_like(mean)
     for i, x in enumerate(tvs.double()):
         delta = x - mean
         mean = mean + delta / (i + 1)
         m2 = m2 + delta * (x - mean)
-    return (m2 / tvs.shape[0]).to(F32)
+    return (m2 / tvs.shape[0]).to(tvs.dtype)
 
 
 def sce(base: Tensor, deltas: list[Tensor], select_topk: float = 1.0) -> Tensor:
@@ -246,9 +247,11 @@ def sce(base: Tensor, deltas: list[Tensor], select_topk: float = 1.0) -> Tensor:
                 order = torch.sort(var.abs().reshape(-1), descending=True, stable=True).indices
                 mask.view(-1)[order[:k]] = 1
         tvs = tvs * mask.unsqueeze(0)
-    majority = (tvs.sum(dim=0) >= 0).to(F32) * 2 - 1
-    erase = (tvs.sign() == majority).to(F32)
-    w = _rsum(tvs.square().reshape(tvs.shape[0], -1), dim=1) / tvs[0].numel()
+    majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    erase = tvs.sign() == majority
+    squares = tvs.square().reshape(tvs.shape[0], -1)
+    # torch's mean in bf16/f16 rounds once; in f32 (and exact mode) it is the sum ÷ n.
+    w = _rsum(squares, dim=1) / tvs[0].numel() if tvs.dtype == F32 else squares.mean(dim=1)
     total = torch.sum(w).item()
     w = torch.ones_like(w) / w.shape[0] if abs(total) < 1e-6 else w / total
     ew = w.reshape(-1, *([1] * (tvs.dim() - 1))) * erase
@@ -307,6 +310,15 @@ def arcee_fusion(base: Tensor, model: Tensor) -> Tensor:
     return base + (model - base) * mask
 
 
+def merge_in_dtype(base: StateDict, models: Sequence[StateDict], method: str, dtype: torch.dtype,
+                   weights: Sequence[float] | None = None, relative: bool = True,
+                   **p: object) -> dict[str, Tensor]:  # fmt: skip
+    """mergekit's merged model with the tensors loaded in ``dtype`` and every operation in it, as
+    mergekit's run with that ``dtype`` computes (torch's own reductions); each tensor as the
+    method returns it (arcee_fusion's result is f32)."""
+    return _merge(base, models, method, weights, 0, relative, compute=dtype, **p)
+
+
 def merge(base: StateDict, models: Sequence[StateDict], method: str, weights: Sequence[float] | None = None,
           seed: int = 0, relative: bool = True, exact_reductions: bool = False,
           **p: object) -> dict[str, Tensor]:  # fmt: skip
@@ -318,15 +330,15 @@ def merge(base: StateDict, models: Sequence[StateDict], method: str, weights: Se
         _EXACT[0] = False
 
 
-def _merge(base, models, method, weights, seed, relative, **p):
+def _merge(base, models, method, weights, seed, relative, compute=None, **p):
     ws = [1.0] * len(models) if weights is None else [float(w) for w in weights]
     out = {}
     for n, b0 in base.items():
         if n not in mergeable_names(base):
             out[n] = b0.clone()
             continue
-        b = b0.to(F32)
-        vals = [m[n].to(F32) for m in models]
+        b = b0.to(compute or F32)
+        vals = [m[n].to(compute or F32) for m in models]
         deltas = [v - b for v in vals]
         if method == "slerp":
             r = slerp(float(p["t"]), b, vals[0])
@@ -360,8 +372,8 @@ def _merge(base, models, method, weights, seed, relative, **p):
             r = sce(b, deltas, float(p.get("select_topk", 1.0)))
         else:
             raise ValueError(f"unknown method {method}")
-        out[n] = r.to(b0.dtype)
+        out[n] = r if compute is not None else r.to(b0.dtype)
     return out
 
 
-__all__ = ["merge", "slerp", "nuslerp", "multislerp", "nearswap", "model_stock", "della", "sce"]
+__all__ = ["merge", "merge_in_dtype", "slerp", "nuslerp", "multislerp", "nearswap", "model_stock", "della", "sce"]

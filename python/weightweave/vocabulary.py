@@ -41,7 +41,8 @@ def _key(name: bytes) -> str:
 
 @contextmanager
 def workdir(out: str | os.PathLike) -> Iterator[str]:
-    """A temporary directory beside ``out`` for the realigned tensors, removed on the way out."""
+    """A temporary directory beside ``out`` for the realigned tensors and the models with their
+    LoRAs applied, removed on the way out."""
     out = os.path.abspath(os.fspath(out))
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
@@ -55,7 +56,7 @@ def workdir(out: str | os.PathLike) -> Iterator[str]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ParamError(f"{out}: another run is building a tokenizer for this output") from None
+            raise ParamError(f"{out}: another run is preparing inputs (a tokenizer, LoRAs) for this output") from None
         # Holding the key's lock, every other directory under it is a killed run's: removed.
         for name in os.listdir(parent):
             if name.startswith(f".weightweave-{key}-") and name.endswith(".tmp"):

@@ -337,6 +337,17 @@ pub mod fp8 {
     }
 }
 
+/// `v` rounded to floating dtype `d` (nearest even) and back to f32: the value a tensor loaded,
+/// or a torch operation computed, in `d` holds (f32 and wider: `v` itself).
+#[inline]
+pub fn round_to(d: DType, v: f32) -> f32 {
+    match d {
+        DType::BF16 => f32::from_bits(u32::from(bf16_bits(v)) << 16),
+        DType::F16 => f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
 /// f32 → bf16 bits, round to nearest even, NaN kept NaN: branch-free so the loop vectorizes
 /// (`half::bf16::from_f32` gives the same bits but branches per element).
 #[inline]

@@ -92,6 +92,16 @@ pub enum Error {
         index: usize,
         value: f64,
     },
+    /// An input value the config's load dtype (mergekit's `dtype`) cannot hold: loaded in it,
+    /// mergekit would merge an infinity.
+    #[error("{file}: tensor '{tensor}' holds {value:e} at element {index}, beyond {dtype}, the dtype the inputs are loaded in (the config's dtype); load them in a wider dtype such as float32")]
+    LoadOverflow {
+        file: String,
+        tensor: String,
+        index: usize,
+        value: f32,
+        dtype: &'static str,
+    },
     /// A user-defined pool function raised or returned something unusable.
     #[error("the pool function failed on tensor '{tensor}': {reason}")]
     PoolFunction { tensor: String, reason: String },

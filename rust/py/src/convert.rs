@@ -289,6 +289,7 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         space,
         pool_fn: pool_fn_,
         compat: item(d, "compat", None)?,
+        load_dtype: item(d, "load_dtype", None)?,
         metagpt: item(d, "metagpt", false)?,
         lines: match d.get_item("lines")? {
             Some(l) if !l.is_none() => {

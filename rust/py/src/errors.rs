@@ -139,7 +139,9 @@ impl From<PyWeaveErr> for PyErr {
             | Error::ExtraTensor { .. }
             | Error::ShapeMismatch { .. }
             | Error::DtypeMismatch { .. } => MismatchError::new_err(msg),
-            Error::NonFinite { .. } | Error::OutOfRange { .. } => NonFiniteError::new_err(msg),
+            Error::NonFinite { .. } | Error::OutOfRange { .. } | Error::LoadOverflow { .. } => {
+                NonFiniteError::new_err(msg)
+            }
             Error::UnknownMethod { .. } | Error::InvalidParam { .. } => ParamError::new_err(msg),
             Error::OutputIsInput { .. }
             | Error::BadOutput { .. }

@@ -4,9 +4,16 @@
 //! largest value and exponential sum, the KL one more row sum, and the threshold three order
 //! statistics of the importance over the tensor (mergekit samples a million elements of larger
 //! tensors at random; here the quantiles are exact). Four statistics stages.
+//!
+//! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
+//! rounded to that dtype as it is there: the softmaxes (computed wider, rounded once), `+ eps`,
+//! the ratio, its log, each product, the KL sum, the importance and the threshold's steps; the
+//! kept change `θ − θ_base` is rounded, and added to the base in f32 (mergekit's mask is f32).
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::{parse_arith, round_in};
 use super::Reader;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -14,27 +21,48 @@ const EPS: f32 = 1e-8;
 const QUANTILES: [f32; 3] = [0.25, 0.5, 0.75];
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct ArceeFusion;
+pub struct ArceeFusion {
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
+}
 
 impl ArceeFusion {
-    pub fn parse(_r: &mut Reader) -> Result<ArceeFusion> {
-        Ok(ArceeFusion)
+    pub fn parse(r: &mut Reader) -> Result<ArceeFusion> {
+        Ok(ArceeFusion {
+            arith: parse_arith(r)?,
+        })
+    }
+
+    /// `v` as the arithmetic leaves it: rounded to `arith`, else as is.
+    #[inline(always)]
+    fn r(&self, v: f32) -> f32 {
+        match self.arith {
+            Some(d) => round_in(d, v),
+            None => v,
+        }
     }
 
     /// The softmax probabilities of the model and of the base at element `i` (+ eps).
     #[inline(always)]
-    fn probs(x: &ChunkIn, st: &TensorStats, i: usize) -> (f32, f32) {
+    fn probs(&self, x: &ChunkIn, st: &TensorStats, i: usize) -> (f32, f32) {
         let u = x.row_of(i);
         let (mx, sums) = (st.sums(0, u), st.sums(1, u));
-        let p = (x.values[0][i] - mx[0] as f32).exp() * (1.0 / sums[0] as f32) + EPS;
-        let q = (x.base[i] - mx[1] as f32).exp() * (1.0 / sums[1] as f32) + EPS;
+        let r = |v: f32| self.r(v);
+        let p = r(r((x.values[0][i] - mx[0] as f32).exp() * (1.0 / sums[0] as f32)) + EPS);
+        let q = r(r((x.base[i] - mx[1] as f32).exp() * (1.0 / sums[1] as f32)) + EPS);
         (p, q)
     }
 
+    /// The change θ − θ_base as mergekit holds it.
     #[inline(always)]
-    fn importance(x: &ChunkIn, st: &TensorStats, i: usize) -> f32 {
-        let kl = st.sums(2, x.row_of(i))[0] as f32;
-        (x.values[0][i] - x.base[i]).abs() * kl
+    fn change(&self, x: &ChunkIn, i: usize) -> f32 {
+        self.r(x.values[0][i] - x.base[i])
+    }
+
+    #[inline(always)]
+    fn importance(&self, x: &ChunkIn, st: &TensorStats, i: usize) -> f32 {
+        let kl = self.r(st.sums(2, x.row_of(i))[0] as f32);
+        self.r(self.change(x, i).abs() * kl)
     }
 }
 
@@ -48,7 +76,11 @@ impl Kernel for ArceeFusion {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit"})
+        let mut v = serde_json::json!({"compat": "mergekit"});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn inputs(&self) -> Inputs {
@@ -97,8 +129,8 @@ impl Kernel for ArceeFusion {
                     acc[2 * u + 1] += (x.base[i] - mx[1] as f32).exp() as f64;
                 }
                 _ => {
-                    let (p, q) = ArceeFusion::probs(x, st, i);
-                    acc[u] += (p * (p / q).ln()) as f64;
+                    let (p, q) = self.probs(x, st, i);
+                    acc[u] += self.r(p * self.r(self.r(p / q).ln())) as f64;
                 }
             }
         }
@@ -106,7 +138,7 @@ impl Kernel for ArceeFusion {
 
     fn score(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, out: &mut [Vec<f32>]) {
         for (i, o) in out[0][..x.n].iter_mut().enumerate() {
-            *o = ArceeFusion::importance(x, st, i);
+            *o = self.importance(x, st, i);
         }
     }
 
@@ -117,10 +149,11 @@ impl Kernel for ArceeFusion {
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         let q = st.selected(3);
-        let threshold = q[1] + 1.5 * (q[2] - q[0]);
+        let r = |v: f32| self.r(v);
+        let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
         for (i, o) in m.iter_mut().enumerate() {
-            let keep = f32::from(u8::from(ArceeFusion::importance(x, st, i) >= threshold));
-            *o = x.base[i] + (x.values[0][i] - x.base[i]) * keep;
+            let keep = f32::from(u8::from(self.importance(x, st, i) >= threshold));
+            *o = x.base[i] + self.change(x, i) * keep;
         }
     }
 }

@@ -219,11 +219,7 @@ pub(super) fn parse_arith(r: &mut super::Reader) -> Result<Option<DType>> {
 /// `v` rounded to `d` (nearest even) and back: the value a torch operation in `d` leaves.
 #[inline]
 pub(super) fn round_in(d: DType, v: f32) -> f32 {
-    match d {
-        DType::BF16 => f32::from_bits(u32::from(crate::dtype::bf16_bits(v)) << 16),
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-        _ => v,
-    }
+    crate::dtype::round_to(d, v)
 }
 
 /// mergekit's `merge_group` in `d`, given the sparsified deltas in `per_task` (whose kept

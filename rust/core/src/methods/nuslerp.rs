@@ -2,9 +2,15 @@
 //! (0.5 when the weights sum to about 0), of their deltas from the base when there is one.
 //! Vectors are the whole tensor (`nuslerp_flatten`, the default), its rows, or its columns
 //! (`nuslerp_row_wise`); norms and the dot per vector are two statistics stages.
+//!
+//! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
+//! rounded to that dtype as it is there: each delta, each norm and the dot (reduced wider,
+//! rounded once), each normalized element and product, the angle's steps and the blend.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::{parse_arith, round_in};
 use super::{reduce, Reader};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -14,6 +20,8 @@ pub struct NuSlerp {
     pub flatten: bool,
     /// Of the deltas from the base (mergekit with a base_model), else of the models' values.
     pub relative: bool,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 impl NuSlerp {
@@ -22,7 +30,28 @@ impl NuSlerp {
             row_wise: r.flag("nuslerp_row_wise", false)?,
             flatten: r.flag("nuslerp_flatten", true)?,
             relative: r.flag("relative", true)?,
+            arith: parse_arith(r)?,
         })
+    }
+
+    /// `v` as the arithmetic leaves it: rounded to `arith`, else as is.
+    #[inline(always)]
+    fn r(&self, v: f32) -> f32 {
+        match self.arith {
+            Some(d) => round_in(d, v),
+            None => v,
+        }
+    }
+
+    /// Element `i` of the pair as mergekit holds it (a delta rounded as `t − base` is in `arith`;
+    /// values are already loaded in it).
+    #[inline(always)]
+    fn at(&self, (a, b): (&[f32], &[f32]), i: usize) -> (f32, f32) {
+        if self.relative {
+            (self.r(a[i]), self.r(b[i]))
+        } else {
+            (a[i], b[i])
+        }
     }
 
     fn unit(&self) -> Unit {
@@ -52,9 +81,11 @@ impl NuSlerp {
         }
     }
 
-    fn norms(st: &TensorStats, u: usize) -> (f32, f32) {
+    /// The two norms of unit `u`, rounded and clamped (at 1e-7) as mergekit's `_normalize`.
+    fn norms(&self, st: &TensorStats, u: usize) -> (f32, f32) {
         let s = st.sums(0, u);
-        let n = |v: f64| (v.sqrt() as f32).max(1e-7);
+        let floor = self.r(1e-7);
+        let n = |v: f64| self.r(v.sqrt() as f32).max(floor);
         (n(s[0]), n(s[1]))
     }
 }
@@ -65,8 +96,12 @@ impl Kernel for NuSlerp {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit", "nuslerp_row_wise": self.row_wise,
-            "nuslerp_flatten": self.flatten, "relative": self.relative})
+        let mut v = serde_json::json!({"compat": "mergekit", "nuslerp_row_wise": self.row_wise,
+            "nuslerp_flatten": self.flatten, "relative": self.relative});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn inputs(&self) -> Inputs {
@@ -83,10 +118,11 @@ impl Kernel for NuSlerp {
 
     fn stats_key(&self) -> String {
         format!(
-            "nuslerp {:?} {} {}",
+            "nuslerp {:?} {} {} {:?}",
             self.unit(),
             self.relative,
-            self.row_wise
+            self.row_wise,
+            self.arith
         )
     }
 
@@ -109,12 +145,13 @@ impl Kernel for NuSlerp {
             // Units interleave: element by element.
             for i in 0..x.n {
                 let u = unit.of(x.tensor, x.start + i);
+                let (ai, bi) = self.at((a, b), i);
                 if st.stages.is_empty() {
-                    acc[2 * u] += (a[i] as f64) * (a[i] as f64);
-                    acc[2 * u + 1] += (b[i] as f64) * (b[i] as f64);
+                    acc[2 * u] += (ai as f64) * (ai as f64);
+                    acc[2 * u + 1] += (bi as f64) * (bi as f64);
                 } else {
-                    let (p, q) = NuSlerp::norms(st, u);
-                    acc[u] += ((a[i] / p) * (b[i] / q)) as f64;
+                    let (p, q) = self.norms(st, u);
+                    acc[u] += self.r(self.r(ai / p) * self.r(bi / q)) as f64;
                 }
             }
             return;
@@ -133,11 +170,23 @@ impl Kernel for NuSlerp {
             };
             let (sa, sb) = (&a[at..end], &b[at..end]);
             let o = (u - if unit == Unit::Tensor { 0 } else { first }) * slots;
-            if st.stages.is_empty() {
+            if self.arith.is_some() {
+                let pair = (sa, sb);
+                if st.stages.is_empty() {
+                    acc[o] += reduce::sum(sa.len(), |i| (self.at(pair, i).0 as f64).powi(2));
+                    acc[o + 1] += reduce::sum(sa.len(), |i| (self.at(pair, i).1 as f64).powi(2));
+                } else {
+                    let (p, q) = self.norms(st, u);
+                    acc[o] += reduce::sum(sa.len(), |i| {
+                        let (ai, bi) = self.at(pair, i);
+                        self.r(self.r(ai / p) * self.r(bi / q)) as f64
+                    });
+                }
+            } else if st.stages.is_empty() {
                 acc[o] += reduce::sum_sq(sa);
                 acc[o + 1] += reduce::sum_sq(sb);
             } else {
-                let (p, q) = NuSlerp::norms(st, u);
+                let (p, q) = self.norms(st, u);
                 acc[o] += reduce::sum(sa.len(), |i| ((sa[i] / p) * (sb[i] / q)) as f64);
             }
             at = end;
@@ -147,30 +196,32 @@ impl Kernel for NuSlerp {
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         let t = self.t(x);
         let (t32, rest32) = (t as f32, (1.0 - t) as f32);
-        let (a, b) = self.pair(x);
+        let pair = self.pair(x);
         let unit = self.unit();
+        let r = |v: f32| self.r(v);
         // Per unit: (unit, coefficient of a, coefficient of b, divisor or None when colinear).
         let mut coef = (usize::MAX, 0.0f32, 0.0f32, None::<f32>);
         for (i, o) in m.iter_mut().enumerate() {
             let u = unit.of(x.tensor, x.start + i);
             if coef.0 != u {
-                let cos = (st.sums(1, u)[0] as f32).clamp(-1.0, 1.0);
-                let colinear = 1.0 - cos * cos <= 1e-16f32;
+                let cos = r(st.sums(1, u)[0] as f32).clamp(-1.0, 1.0);
+                let colinear = r(1.0 - r(cos * cos)) <= r(1e-16f32);
                 coef = if colinear {
                     (u, rest32, t32, None)
                 } else {
-                    let theta = cos.acos();
+                    let theta = r(cos.acos());
                     (
                         u,
-                        (rest32 * theta).sin(),
-                        (t32 * theta).sin(),
-                        Some(theta.sin()),
+                        r(r(rest32 * theta).sin()),
+                        r(r(t32 * theta).sin()),
+                        Some(r(theta.sin())),
                     )
                 };
             }
+            let (a, b) = self.at(pair, i);
             *o = match coef.3 {
-                None => coef.1 * a[i] + coef.2 * b[i],
-                Some(s) => (coef.1 * a[i] + coef.2 * b[i]) / s,
+                None => r(r(coef.1 * a) + r(coef.2 * b)),
+                Some(s) => r(r(r(coef.1 * a) + r(coef.2 * b)) / s),
             };
         }
     }

@@ -4,15 +4,24 @@
 //! delta over the sum of those, erase deltas against TIES's majority sign, and take the
 //! weighted mean of the rest. Stages: the nonzero count, the cut (an exact select), the ties
 //! at the cut before each chunk, and the weights.
+//!
+//! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
+//! rounded to that dtype as it is there: each delta, the variance, each square and its mean,
+//! the weights' sum and each weight, each product; the sums over tasks (the sign vote, the
+//! weighted sum, the divisor) accumulate in f32 in task order and are rounded once.
 
 use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::{parse_arith, round_in};
 use super::{reduce, Reader};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sce {
     pub select_topk: f64,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 /// Stage indices when the selection is on.
@@ -25,7 +34,17 @@ impl Sce {
         r.flag("int8_mask", false)?;
         Ok(Sce {
             select_topk: r.num("select_topk", 1.0, f64::MIN, f64::MAX, false)?,
+            arith: parse_arith(r)?,
         })
+    }
+
+    /// `v` as the arithmetic leaves it: rounded to `arith`, else as is.
+    #[inline(always)]
+    fn r(&self, v: f32) -> f32 {
+        match self.arith {
+            Some(d) => round_in(d, v),
+            None => v,
+        }
     }
 
     fn selects(&self) -> bool {
@@ -35,7 +54,7 @@ impl Sce {
     /// The variance across tasks of every element of the chunk, into `out`, as torch's CPU
     /// `var(unbiased=False)` has it: Welford's update in f64, rounded to f32 (equal deltas give
     /// exactly 0). Task by task over the chunk, so that it vectorizes.
-    fn var_into(x: &ChunkIn, wide: &mut Vec<f64>, out: &mut [f32]) {
+    fn var_into(&self, x: &ChunkIn, wide: &mut Vec<f64>, out: &mut [f32]) {
         let n = x.n;
         wide.clear();
         wide.resize(2 * n, 0.0);
@@ -43,7 +62,7 @@ impl Sce {
         for (t, d) in x.deltas.iter().enumerate() {
             let k = (t + 1) as f64;
             for ((mu, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(d.iter()) {
-                let v = v as f64;
+                let v = self.r(v) as f64;
                 let delta = v - *mu;
                 *mu += delta / k;
                 *q += delta * (v - *mu);
@@ -51,7 +70,7 @@ impl Sce {
         }
         let tasks = x.tasks() as f64;
         for (o, &q) in out.iter_mut().zip(m2.iter()) {
-            *o = (q / tasks) as f32;
+            *o = self.r((q / tasks) as f32);
         }
     }
 
@@ -82,7 +101,7 @@ impl Sce {
         // Of the elements equal to the cut, the first k − (# above) by position are kept.
         let room = k as f64 - total[0];
         let mut equal_before = st.before(TIES, x.start)[1];
-        Sce::var_into(x, wide, mask);
+        self.var_into(x, wide, mask);
         for o in mask.iter_mut() {
             let v = *o;
             *o = if v > cut {
@@ -96,6 +115,26 @@ impl Sce {
                 }
                 0.0
             };
+        }
+    }
+
+    /// Each task's weight from its summed squares: mean / Σ means (1/T when Σ < 1e-6), the
+    /// means, their sum and each quotient rounded as the arithmetic rounds them.
+    fn weights(&self, squares: &[f64], numel: f32) -> Vec<f32> {
+        let tasks = squares.len();
+        let means: Vec<f32> = match self.arith {
+            // torch's mean in bf16/f16: the sum reduced wider, ÷ n, rounded once.
+            Some(_) => squares
+                .iter()
+                .map(|&q| self.r((q / numel as f64) as f32))
+                .collect(),
+            None => squares.iter().map(|&q| q as f32 / numel).collect(),
+        };
+        let total = self.r(means.iter().fold(0.0f32, |a, &b| a + b));
+        if (total as f64).abs() < 1e-6 {
+            vec![self.r(1.0 / tasks as f32); tasks]
+        } else {
+            means.iter().map(|&w| self.r(w / total)).collect()
         }
     }
 
@@ -118,7 +157,11 @@ impl Kernel for Sce {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit", "select_topk": self.select_topk})
+        let mut v = serde_json::json!({"compat": "mergekit", "select_topk": self.select_topk});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn passes(&self) -> u64 {
@@ -152,13 +195,13 @@ impl Kernel for Sce {
         crate::pipeline::grow(s.a, x.n);
         let buf = &mut s.a[..x.n];
         if self.selects() && stage == NONZERO {
-            Sce::var_into(x, s.wide, buf);
+            self.var_into(x, s.wide, buf);
             acc[0] += buf.iter().filter(|&&v| v != 0.0).count() as f64;
             return;
         }
         if stage == TIES && self.selects() {
             let cut = st.selected(CUT)[0];
-            Sce::var_into(x, s.wide, buf);
+            self.var_into(x, s.wide, buf);
             acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
             acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
             return;
@@ -167,15 +210,15 @@ impl Kernel for Sce {
         self.mask(x, st, s.wide, buf);
         for (t, d) in x.deltas.iter().enumerate() {
             acc[t] += reduce::sum(x.n, |i| {
-                let y = d[i] * buf[i];
-                (y * y) as f64
+                let y = self.r(d[i]) * buf[i];
+                self.r(y * y) as f64
             });
         }
     }
 
     fn score(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, out: &mut [Vec<f32>]) {
         let out = &mut out[0][..x.n];
-        Sce::var_into(x, s.wide, out);
+        self.var_into(x, s.wide, out);
         out.iter_mut().for_each(|v| *v = v.abs());
     }
 
@@ -184,36 +227,31 @@ impl Kernel for Sce {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        let tasks = x.tasks();
         if self.keeps_nothing(st) {
             m.fill(0.0);
             return;
         }
         let numel = x.tensor.numel as f32;
         let squares = st.sums(self.weights_stage(), 0);
-        let means: Vec<f32> = squares.iter().map(|&q| q as f32 / numel).collect();
-        let total = means.iter().fold(0.0f32, |a, &b| a + b) as f64;
-        let weights: Vec<f32> = if total.abs() < 1e-6 {
-            vec![1.0 / tasks as f32; tasks]
-        } else {
-            means.iter().map(|&w| w / total as f32).collect()
-        };
+        let weights = self.weights(squares, numel);
         crate::pipeline::grow(s.a, x.n);
         let mask = &mut s.a[..x.n];
         self.mask(x, st, s.wide, mask);
+        let r = |v: f32| self.r(v);
+        let floor = r(1e-6);
         for (i, o) in m.iter_mut().enumerate() {
             let k = mask[i];
-            let sum = x.deltas.iter().fold(0.0f32, |a, d| a + d[i] * k);
-            let majority = if sum >= 0.0 { 1.0 } else { -1.0 };
+            let sum = x.deltas.iter().fold(0.0f32, |a, d| a + r(d[i]) * k);
+            let majority = if r(sum) >= 0.0 { 1.0 } else { -1.0 };
             let (mut merged, mut div) = (0.0f32, 0.0f32);
             for (d, &w) in x.deltas.iter().zip(&weights) {
-                let v = d[i] * k;
+                let v = r(d[i]) * k;
                 let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
                 let ew = w * f32::from(u8::from(sign == majority));
-                merged += v * ew;
+                merged += r(v * ew);
                 div += ew;
             }
-            *o = merged / div.max(1e-6);
+            *o = r(r(merged) / r(div).max(floor));
         }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::dtype::{decode, decode_delta, decode_finite, first_non_finite};
+use crate::dtype::{decode, decode_delta, decode_finite, first_non_finite, round_to, DType};
 use crate::error::{Error, Result};
 use crate::methods::{elementwise, Rows};
 use crate::plan::{Chunk, TensorPlan};
@@ -470,12 +470,44 @@ impl<'a> Engine<'a> {
     #[inline(always)]
     fn load(&self, w: &mut Work, c: &Chunk) -> Result<()> {
         let n = c.len;
-        let t = &self.plan[c.tensor];
         let tasks = self.tasks();
         // Buffers only grow (and keep stale data past n): zeroing megabytes whenever a short
         // chunk or a sample run came before a full one cost more than the work itself.
         grow(&mut w.base, n);
         w.raw.resize_with(tasks, Vec::new);
+        if self.values {
+            w.vals.resize_with(tasks, Vec::new);
+        }
+        match self.rounding(c.tensor) {
+            Some(d) => self.load_rounded(w, c, d)?,
+            None => self.load_stored(w, c)?,
+        }
+        if self.need_plain {
+            w.plain.resize_with(tasks, Vec::new);
+            for (p, d) in w.plain.iter_mut().zip(&w.raw) {
+                grow(p, n);
+                p[..n].copy_from_slice(&d[..n]);
+            }
+        }
+        if let Some(ws) = &self.recipe.weights {
+            for (d, &wt) in w.raw.iter_mut().zip(ws) {
+                for x in &mut d[..n] {
+                    *x *= wt;
+                }
+            }
+        }
+        grow(&mut w.m, n);
+        grow(&mut w.scratch, n);
+        grow(&mut w.out, n);
+        Ok(())
+    }
+
+    /// The inputs of a chunk as stored: the base, and each model's delta from it (and its
+    /// values for a kernel that reads them).
+    #[inline(always)]
+    fn load_stored(&self, w: &mut Work, c: &Chunk) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
         let b = &self.base_refs[c.tensor];
         let size = b.dtype.size();
         let base = &mut w.base[..n];
@@ -485,9 +517,6 @@ impl<'a> Engine<'a> {
         }
         if let Some(s) = &b.scale {
             scaled::apply(s, &t.name, t.row_len(), c.start, base, &mut w.lora.0)?;
-        }
-        if self.values {
-            w.vals.resize_with(tasks, Vec::new);
         }
         for (k, refs) in self.model_refs.iter().enumerate() {
             grow(&mut w.raw[k], n);
@@ -547,23 +576,77 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        if self.need_plain {
-            w.plain.resize_with(tasks, Vec::new);
-            for (p, d) in w.plain.iter_mut().zip(&w.raw) {
-                grow(p, n);
-                p[..n].copy_from_slice(&d[..n]);
+        Ok(())
+    }
+
+    /// The load dtype tensor `t`'s inputs are rounded to, when rounding can change one: some
+    /// input is stored in another dtype, or is a LoRA or scaled FP8 input.
+    #[inline(always)]
+    fn rounding(&self, t: usize) -> Option<DType> {
+        // Decoding already rounds wider inputs to the f32 of the arithmetic.
+        let d = self
+            .recipe
+            .load_dtype
+            .filter(|d| matches!(d, DType::BF16 | DType::F16))?;
+        let differs = |r: &TensorRef| r.dtype != d || r.delta.is_some() || r.scale.is_some();
+        (differs(&self.base_refs[t]) || self.model_refs.iter().any(|refs| differs(&refs[t])))
+            .then_some(d)
+    }
+
+    /// The inputs of a chunk loaded in `d` (mergekit's `dtype`): each value, the base's too,
+    /// rounded to `d` before the deltas are formed, as mergekit converts the tensors it loads.
+    fn load_rounded(&self, w: &mut Work, c: &Chunk, d: DType) -> Result<()> {
+        let n = c.len;
+        let t = &self.plan[c.tensor];
+        let Work {
+            base,
+            raw,
+            vals,
+            out: stored,
+            lora,
+            ..
+        } = w;
+        grow(stored, n);
+        let (base, stored) = (&mut base[..n], &mut stored[..n]);
+        let b = &self.base_refs[c.tensor];
+        read_values(b, t, c, base, lora)?;
+        // The base as stored: a LoRA's values are θ_base + BA before they are loaded in d.
+        stored.copy_from_slice(base);
+        round_loaded(d, b.file, t, c.start, base)?;
+        for (k, refs) in self.model_refs.iter().enumerate() {
+            let r = &refs[c.tensor];
+            grow(&mut raw[k], n);
+            if self.values {
+                grow(&mut vals[k], n);
             }
-        }
-        if let Some(ws) = &self.recipe.weights {
-            for (d, &wt) in w.raw.iter_mut().zip(ws) {
-                for x in &mut d[..n] {
-                    *x *= wt;
+            let v = if self.values {
+                &mut vals[k][..n]
+            } else {
+                &mut raw[k][..n]
+            };
+            match &r.delta {
+                Some(delta) => {
+                    // A LoRA's values as mergekit loads them: PEFT's merge_and_unload adds the
+                    // f32 ΔW and stores θ_base + ΔW in the base's stored dtype.
+                    lora::fill(delta, &t.name, t.row_len(), c.start, v, lora)?;
+                    for (x, &s) in v.iter_mut().zip(stored.iter()) {
+                        *x = round_to(b.dtype, s + *x);
+                    }
+                }
+                None => read_values(r, t, c, v, lora)?,
+            }
+            round_loaded(d, r.file, t, c.start, v)?;
+            if !self.values {
+                for (x, &b) in raw[k][..n].iter_mut().zip(base.iter()) {
+                    *x -= b;
+                }
+            } else if !self.values_only {
+                let pairs = raw[k][..n].iter_mut().zip(vals[k][..n].iter());
+                for ((x, &y), &b) in pairs.zip(base.iter()) {
+                    *x = y - b;
                 }
             }
         }
-        grow(&mut w.m, n);
-        grow(&mut w.scratch, n);
-        grow(&mut w.out, n);
         Ok(())
     }
 
@@ -635,6 +718,44 @@ pub(crate) fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
     }
+}
+
+/// The stored values of `r`'s chunk (scaled FP8 codes times their scales) into `out`.
+fn read_values(
+    r: &TensorRef,
+    t: &TensorPlan,
+    c: &Chunk,
+    out: &mut [f32],
+    lora: &mut (Vec<f32>, Vec<f32>),
+) -> Result<()> {
+    let size = r.dtype.size();
+    let bytes = &r.data[c.start * size..(c.start + c.len) * size];
+    if !decode_finite(r.dtype, bytes, out) {
+        decode_checked(r, &t.name, c, out)?;
+    }
+    if let Some(s) = &r.scale {
+        scaled::apply(s, &t.name, t.row_len(), c.start, out, &mut lora.0)?;
+    }
+    Ok(())
+}
+
+/// Rounds loaded values to `d` (nearest even); a value beyond `d`'s range is an error naming
+/// the file, the tensor and the element, never an infinity merged.
+fn round_loaded(d: DType, file: &str, t: &TensorPlan, start: usize, v: &mut [f32]) -> Result<()> {
+    let limit = d.overflow_at();
+    for (i, x) in v.iter_mut().enumerate() {
+        if x.abs() >= limit {
+            return Err(Error::LoadOverflow {
+                file: file.to_owned(),
+                tensor: t.name.clone(),
+                index: start + i,
+                value: *x,
+                dtype: d.name(),
+            });
+        }
+        *x = round_to(d, *x);
+    }
+    Ok(())
 }
 
 /// Decodes a chunk that failed the fast finite check, and reports its first bad element: a

@@ -96,6 +96,9 @@ pub struct Job {
     pub overlays: Vec<Overlay>,
     /// A tokenizer built for the output (mergekit's `tokenizer_source`, `chat_template`).
     pub tokenizer: Option<TokenizerOut>,
+    /// mergekit's `dtype`: every input is rounded to it as it is read, as mergekit loads the
+    /// tensors in it before any arithmetic (`None`: the values as stored).
+    pub load_dtype: Option<String>,
 }
 
 /// Safetensors file `path` laid over input `input`'s tensors; `label` names them in errors.
@@ -135,6 +138,7 @@ impl Job {
             slices: None,
             overlays: Vec::new(),
             tokenizer: None,
+            load_dtype: None,
         }
     }
 
@@ -212,6 +216,8 @@ pub struct Recipe {
     /// With per-tensor parameters, the groups of tensors and their own recipes (every mergeable
     /// tensor in one); empty otherwise. Filled once the plan is known ([`Job::tensor_groups`]).
     pub groups: Vec<TensorGroup>,
+    /// The inputs are rounded to this dtype as they are read ([`Job::load_dtype`]).
+    pub load_dtype: Option<crate::DType>,
 }
 
 impl Recipe {
@@ -581,6 +587,7 @@ impl Job {
                     metagpt: self.metagpt,
                     lines: self.lines,
                     groups: Vec::new(),
+                    load_dtype: self.load_dtype()?,
                 });
             }
         };
@@ -592,7 +599,30 @@ impl Job {
             metagpt: self.metagpt,
             lines: self.lines,
             groups: Vec::new(),
+            load_dtype: self.load_dtype()?,
         })
+    }
+
+    /// The dtype the inputs are rounded to as they are read, if any.
+    fn load_dtype(&self) -> Result<Option<crate::DType>> {
+        self.load_dtype
+            .as_deref()
+            .map(|s| {
+                crate::DType::parse(s)
+                    .filter(|d| {
+                        matches!(
+                            d,
+                            crate::DType::F16
+                                | crate::DType::BF16
+                                | crate::DType::F32
+                                | crate::DType::F64
+                        )
+                    })
+                    .ok_or_else(|| {
+                        Error::param("load_dtype", format!("'{s}' is not a floating dtype"))
+                    })
+            })
+            .transpose()
     }
 
     /// Checks the data-free λ options (MetaGPT, LiNeS) against the rest of the job.
