@@ -294,10 +294,15 @@ def why(r: dict) -> str:
         return f"emulated {what} arithmetic: reductions rounded at a boundary"
     if method == "slerp":
         # mergekit 0.1.5's slerp computes in f32 whatever the dtype, with chunked f32 reductions.
-        return "norms and dot reduced in f64 here, in chunked f32 there (both compute in f32)"
+        return ("norms and dot reduced in f64 here, in torch's chunked f32 order there, which changes with the "
+                "thread count on larger tensors (mergekit_threads.md)")  # fmt: skip
     if narrow:
+        if method == "karcher":
+            return (f"f32 arithmetic here, {what} there: not emulated (mergekit rounds the whole mean vector at "
+                    "every iteration; its f32 norms change with the thread count, mergekit_threads.md)")  # fmt: skip
         return f"f32 arithmetic here, {what} there (mergekit rounds after every operation; not emulated for {method})"
-    return "norms, dots and angles reduced in f64 here, in torch's f32 order there (both compute in f32)"
+    return ("norms, dots and angles reduced in f64 here, in torch's f32 order there, which changes with the "
+            "thread count on larger tensors (mergekit_threads.md)")  # fmt: skip
 
 
 def main() -> None:

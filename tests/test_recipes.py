@@ -243,15 +243,15 @@ def test_every_blocker_of_a_config_is_named_at_once(ck, tmp_path):
               value: [0, 0.5, 1]
             - value: 0.5
           other: [0.1, 0.9]
-        chat_template: chatml
-        tokenizer_source: union
+        modules:
+          text_decoder: {slices: []}
     """)
     (tmp_path / "r.yml").write_text(text)
     with pytest.raises(ww.RecipeError) as e:
         ww.run(str(tmp_path / "r.yml"), tmp_path / "out")
     msg = str(e.value)
     assert "2 features" in msg, msg
-    for part in ("'slices'", "base_model's layers", "a tokenizer (tokenizer_source, tokenizer or chat_template)"):
+    for part in ("'slices'", "base_model's layers", "'modules'"):
         assert part in msg, (part, msg)
     assert not (tmp_path / "out").exists()
 

@@ -333,3 +333,35 @@ def test_a_tokenizer_file_linked_out_of_its_model_is_refused(f32, tmp_path):
     (d / "tokenizer_config.json").symlink_to(d / "inner.json")
     out = _run(f32, body, "linked_in")
     assert "hunter2" not in "".join(p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())
+
+
+STACKED = """\
+merge_method: passthrough
+dtype: float32
+slices:
+  - sources: [{model: ROOT/base, layer_range: [0, 2]}]
+  - sources: [{model: ROOT/MODEL, layer_range: [0, 2]}]
+"""
+
+
+def test_a_tokenizer_with_slices_that_stack_layers(f32):
+    """A frankenmerge with ``tokenizer_source`` and a chat template: the stacked model, its layer
+    count and the built tokenizer, loaded by transformers. The rows stay (same vocabulary)."""
+    plain = _run(f32, STACKED.replace("MODEL", "ft0"), "stack_plain")
+    out = _run(f32, STACKED.replace("MODEL", "ft0") + "tokenizer_source: base\nchat_template: chatml\n", "stack_tok")
+    got, want = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == _vocab(f32 / "base")
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+
+
+def test_a_tokenizer_that_moves_rows_with_stacked_slices_is_refused(f32):
+    body = STACKED.replace("MODEL", "ft2") + "tokenizer_source: union\n"
+    with pytest.raises(ww.ParamError, match="together with slices that stack layers"):
+        _run(f32, body, "stack_union")
+    assert not (f32 / "stack_union").exists()
+    assert not [p for p in os.listdir(f32) if p.startswith(".weightweave-")]

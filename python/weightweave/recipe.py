@@ -349,9 +349,6 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
                    "source of base_model (each slice merges base_model's layers and as many others)")  # fmt: skip
     if "modules" in d:
         out.append("'modules'")
-    if "slices" in d and any(k in d for k in ("tokenizer", "tokenizer_source", "chat_template")):
-        out.append("a tokenizer (tokenizer_source, tokenizer or chat_template) together with 'slices' that stack or "
-                   "move layers")  # fmt: skip
     method = d.get("merge_method")
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         out.append(f"merge_method '{method}', not one weightweave runs (supported: {', '.join(MERGEKIT_METHODS)})")
@@ -630,7 +627,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     if "slices" in d and "models" not in d:
         d = _known_slice_keys(d, where)
         d = _identity_slices(d, where)
-        if "slices" in d and not any(k in d for k in ("tokenizer", "tokenizer_source", "chat_template")):
+        if "slices" in d:
             d, layout = _general_slices(d, where)
     blockers = _blockers(d)
     if blockers:
@@ -754,6 +751,8 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
             real.append(_model_entry(where, f"slices: '{m}'", m, base_ref, applied))
             if applied:
                 loras.append((len(real) - 1, *applied[0], str(m)))
+        # The tokenizer's models: every input, in the order the slices name them.
+        order = list(zip(real, layout["inputs"], strict=True))
     _arith(d, where, method, kwargs, real or [base, *models])
     lam = kwargs.pop("lam", None)
     mode = "merge"
@@ -765,6 +764,8 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     elif lam is not None:
         kwargs["lam"] = lam
     tok = _tokenizer(d, where, d.get("base_model"), base if d.get("base_model") is not None else None, order)
+    if tok is not None and layout is not None:
+        tok["fixed_rows"] = True  # vocabulary rows are not realigned under stacked slices (yet)
     if tok is not None and loras:
         raise _fail(where, f"'{loras[0][3]}' applies a LoRA to a model other than base_model, and a tokenizer is "
                            "built: not run together yet (merge the LoRA into its model first)")  # fmt: skip
@@ -772,7 +773,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         # The lanes stand for layer ranges of the real inputs: those are what the core opens.
         assert real is not None
         kwargs["slices"] = layout["slices"]
-        return Recipe(mode, real[0], real[1:] or real[:1], None, kwargs, loras=loras)
+        return Recipe(mode, real[0], real[1:] or real[:1], None, kwargs, tok, loras)
     return Recipe(mode, base, models, None, kwargs, tok, loras)
 
 

@@ -314,7 +314,8 @@ def _prepare(t: dict[str, Any], inputs: list[str], work: str) -> dict[str, Any]:
         tok.save_pretrained(out)
         return {"_tokenizer": {"dir": out, "vocab_size": None}}
     built = build(spec, donor, order)
-    overlays = realign(built, spec, inputs, order, t["base"], t["dtype"], t["labels"], work)
+    overlays = realign(built, spec, inputs, order, t["base"], t["dtype"], t["labels"], work,
+                       fixed_rows=t.get("fixed_rows", False))  # fmt: skip
     template = _template(spec, order)
     if template:
         built.tokenizer.chat_template = template

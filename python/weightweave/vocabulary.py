@@ -107,11 +107,14 @@ def _dtype(name: str):
 
 
 def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base: str | None,
-            dtype: str | None, labels: Mapping[str, str], work: str) -> list[tuple[int, str, str]]:  # fmt: skip
+            dtype: str | None, labels: Mapping[str, str], work: str,
+            fixed_rows: bool = False) -> list[tuple[int, str, str]]:  # fmt: skip
     """Writes the realigned vocabulary tensors of every model that needs them into ``work`` and
     returns the overlays (input index, file, label). ``order``: the models in mergekit's order for
     a tensor (the config's, base last when not listed); ``base``: the config's base_model (None
-    without one); ``dtype``: the config's dtype (None: the inputs' own)."""
+    without one); ``dtype``: the config's dtype (None: the inputs' own). ``fixed_rows``: the rows
+    must stay as they are (slices that stack layers): a tokenizer that moves them is an error,
+    raised before anything is written."""
     import torch
 
     vocab = built.tokenizer.get_vocab()
@@ -137,6 +140,10 @@ def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base:
         forced = {t for t, c in spec.tokens.items() if c.get("force")}
         if identity and not forced:
             continue
+        if fixed_rows:
+            raise ParamError(f"tensor '{name}': the output's tokenizer moves or adds its rows, which weightweave "
+                             "does not do yet together with slices that stack layers (give the models one "
+                             "tokenizer, or tokenizer_source: base)")  # fmt: skip
         if dtype is not None:
             dt = _dtype(dtype)
         else:
