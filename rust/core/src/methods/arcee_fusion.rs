@@ -11,7 +11,7 @@
 //! kept change `θ − θ_base` is rounded, and added to the base in f32 (mergekit's mask is f32).
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::mergekit::{parse_arith, round_in};
+use super::mergekit::{parse_arith, round_opt};
 use super::Reader;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -33,13 +33,9 @@ impl ArceeFusion {
         })
     }
 
-    /// `v` as the arithmetic leaves it: rounded to `arith`, else as is.
     #[inline(always)]
     fn r(&self, v: f32) -> f32 {
-        match self.arith {
-            Some(d) => round_in(d, v),
-            None => v,
-        }
+        round_opt(self.arith, v)
     }
 
     /// The softmax probabilities of the model and of the base at element `i` (+ eps).

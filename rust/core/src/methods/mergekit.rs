@@ -216,6 +216,15 @@ pub(super) fn parse_arith(r: &mut super::Reader) -> Result<Option<DType>> {
     }
 }
 
+/// `v` as an emulated arithmetic leaves it: rounded to `arith` when there is one, else as is.
+#[inline(always)]
+pub(super) fn round_opt(arith: Option<DType>, v: f32) -> f32 {
+    match arith {
+        Some(d) => round_in(d, v),
+        None => v,
+    }
+}
+
 /// `v` rounded to `d` (nearest even) and back: the value a torch operation in `d` leaves.
 #[inline]
 pub(super) fn round_in(d: DType, v: f32) -> f32 {

@@ -8,7 +8,7 @@
 //! rounded once), each normalized element and product, the angle's steps and the blend.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::mergekit::{parse_arith, round_in};
+use super::mergekit::{parse_arith, round_opt};
 use super::{reduce, Reader};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -34,13 +34,9 @@ impl NuSlerp {
         })
     }
 
-    /// `v` as the arithmetic leaves it: rounded to `arith`, else as is.
     #[inline(always)]
     fn r(&self, v: f32) -> f32 {
-        match self.arith {
-            Some(d) => round_in(d, v),
-            None => v,
-        }
+        round_opt(self.arith, v)
     }
 
     /// Element `i` of the pair as mergekit holds it (a delta rounded as `t − base` is in `arith`;

@@ -11,7 +11,7 @@
 //! weighted sum, the divisor) accumulate in f32 in task order and are rounded once.
 
 use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
-use super::mergekit::{parse_arith, round_in};
+use super::mergekit::{parse_arith, round_opt};
 use super::{reduce, Reader};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -38,13 +38,9 @@ impl Sce {
         })
     }
 
-    /// `v` as the arithmetic leaves it: rounded to `arith`, else as is.
     #[inline(always)]
     fn r(&self, v: f32) -> f32 {
-        match self.arith {
-            Some(d) => round_in(d, v),
-            None => v,
-        }
+        round_opt(self.arith, v)
     }
 
     fn selects(&self) -> bool {
