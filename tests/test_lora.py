@@ -138,7 +138,10 @@ def test_mergekit_lora_on_a_model_other_than_the_base(family, tmp_path):
                       {"model": f"{root / 'base'}+{a2}", "parameters": {"weight": 0.4}}]}  # fmt: skip
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
-    ww.run(tmp_path / "c.yml", out)
+    seen = []
+    ww.run(tmp_path / "c.yml", out, progress=lambda done, total: seen.append((done, total)))
+    # The LoRA's application reports its progress too: two merges run to their end.
+    assert sum(1 for done, total in seen if done == total) >= 2
     got = load(out)
     want = MK.merge(base, [{k: full_a1[k] for k in base}, {k: m2[k] for k in base}], "task_arithmetic", [0.7, 0.4])
     assert_close_ulp(got, want, atol=tol(want, 4e-6))

@@ -275,12 +275,13 @@ def _model_entry(where: str, key: str, v: object, base: tuple[str, str | None] |
     return m
 
 
-def _apply_loras(loras: list[tuple[int, str, str, str]], work: str) -> list[tuple[int, str, str]]:
+def _apply_loras(loras: list[tuple[int, str, str, str]], work: str,
+                 progress: Callable[[int, int], object] | None = None) -> list[tuple[int, str, str]]:  # fmt: skip
     """Each ``model+lora`` on a model other than the base, as mergekit builds it before merging
     (PEFT's merge_and_unload, saved in the model's dtype): θ_model + ΔW, rounded once to the
     model's dtype, written into ``work`` by our own out-of-core merge (the adapter as a fine-tune
-    of its model, λ = 1). Returns the overlays that lay it over the model's input; errors about them name the
-    config's reference."""
+    of its model, λ = 1), reported through ``progress`` as the main merge is. Returns the
+    overlays that lay it over the model's input; errors about them name the config's reference."""
     from . import api
 
     overlays, built = [], {}
@@ -289,7 +290,7 @@ def _apply_loras(loras: list[tuple[int, str, str, str]], work: str) -> list[tupl
         if out is None:
             out = built[model, adapter] = os.path.join(work, f"lora-{len(built)}.safetensors")
             try:
-                api.merge(model, [adapter], out, method="task_arithmetic", lam=1.0)
+                api.merge(model, [adapter], out, method="task_arithmetic", lam=1.0, progress=progress)
             except Exception as e:
                 # The same error, saying which of the config's references it came from.
                 try:
@@ -961,7 +962,7 @@ def run(
 
         with vocabulary.workdir(target) as work:
             if r.loras:
-                kw["_overlays"] = _apply_loras(r.loras, work)
+                kw["_overlays"] = _apply_loras(r.loras, work, progress)
             if r.tokenizer is not None:
                 from . import tokenizer
 
