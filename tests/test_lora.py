@@ -191,3 +191,25 @@ def test_mergekit_base_model_with_its_own_lora(family, tmp_path):
     ww.run(tmp_path / "c.yml", tmp_path / "out")
     want = MK.merge(b0, [m1, full], "task_arithmetic", [0.5, 0.3])
     assert_close_ulp(load(tmp_path / "out"), want, atol=tol(want, 4e-6))
+
+
+def test_mergekit_lora_on_another_model_in_stacked_slices(family, tmp_path):
+    """A frankenmerge slice of ``model+lora`` (a model other than the base) stacks that model's
+    layers with the LoRA applied."""
+    import yaml
+
+    root, (a1, _), _ = family
+    full = transformers.AutoModelForCausalLM.from_pretrained(root / "full")
+    applied = peft.PeftModel.from_pretrained(full, a1).merge_and_unload().state_dict()
+    layers = full.config.num_hidden_layers
+    cfg = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(root / "base"), "layer_range": [0, layers]}]},
+        {"sources": [{"model": f"{root / 'full'}+{a1}", "layer_range": [0, 1]}]}]}  # fmt: skip
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "out")
+    got, plain = load(tmp_path / "out"), load(root / "full")
+    for name in ("self_attn.q_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight"):
+        want = applied[f"model.layers.0.{name}"]
+        assert torch.allclose(got[f"model.layers.{layers}.{name}"], want, rtol=0, atol=tol({"w": want}, 4e-6)["w"])
+    q = f"model.layers.{layers}.self_attn.q_proj.weight"
+    assert not torch.allclose(got[q], plain["model.layers.0.self_attn.q_proj.weight"])  # the LoRA is there
