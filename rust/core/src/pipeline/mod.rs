@@ -509,15 +509,7 @@ impl<'a> Engine<'a> {
         let n = c.len;
         let t = &self.plan[c.tensor];
         let b = &self.base_refs[c.tensor];
-        let size = b.dtype.size();
-        let base = &mut w.base[..n];
-        let bytes = &b.data[c.start * size..(c.start + c.len) * size];
-        if !decode_finite(b.dtype, bytes, base) {
-            decode_checked(b, &t.name, c, base)?;
-        }
-        if let Some(s) = &b.scale {
-            scaled::apply(s, &t.name, t.row_len(), c.start, base, &mut w.lora.0)?;
-        }
+        read_values(b, t, c, &mut w.base[..n], &mut w.lora)?;
         for (k, refs) in self.model_refs.iter().enumerate() {
             grow(&mut w.raw[k], n);
             let d = &mut w.raw[k][..n];
@@ -527,11 +519,7 @@ impl<'a> Engine<'a> {
                 // `decode_delta` does).
                 grow(&mut w.vals[k], n);
                 let v = &mut w.vals[k][..n];
-                let size = r.dtype.size();
-                let bytes = &r.data[c.start * size..(c.start + c.len) * size];
-                if !decode_finite(r.dtype, bytes, v) {
-                    decode_checked(r, &t.name, c, v)?;
-                }
+                read_values(r, t, c, v, &mut w.lora)?;
                 if !self.values_only {
                     for ((x, &y), b) in d.iter_mut().zip(v.iter()).zip(&w.base[..n]) {
                         *x = y - b;
@@ -543,18 +531,15 @@ impl<'a> Engine<'a> {
                 lora::fill(delta, &t.name, t.row_len(), c.start, d, &mut w.lora)?;
                 continue;
             }
-            let size = r.dtype.size();
-            let bytes = &r.data[c.start * size..(c.start + c.len) * size];
-            if let Some(s) = &r.scale {
-                if !decode_finite(r.dtype, bytes, d) {
-                    decode_checked(r, &t.name, c, d)?;
-                }
-                scaled::apply(s, &t.name, t.row_len(), c.start, d, &mut w.lora.0)?;
+            if r.scale.is_some() {
+                read_values(r, t, c, d, &mut w.lora)?;
                 for (x, b) in d.iter_mut().zip(&w.base[..n]) {
                     *x -= b;
                 }
                 continue;
             }
+            let size = r.dtype.size();
+            let bytes = &r.data[c.start * size..(c.start + c.len) * size];
             if !decode_delta(r.dtype, bytes, &w.base[..n], d) {
                 // Rare path: find and report the offending element.
                 decode_checked(r, &t.name, c, d)?;
@@ -721,6 +706,7 @@ pub(crate) fn grow(v: &mut Vec<f32>, n: usize) {
 }
 
 /// The stored values of `r`'s chunk (scaled FP8 codes times their scales) into `out`.
+#[inline(always)]
 fn read_values(
     r: &TensorRef,
     t: &TensorPlan,
