@@ -54,7 +54,13 @@ impl Stream {
     /// Bernoulli(density): true with probability `density` (exact multiples of 2^-24).
     #[inline]
     pub fn keep(&self, index: u64, density: f32) -> bool {
-        ((self.draw(index) >> 40) as f32) * (1.0 / 16_777_216.0) < density
+        self.unit(index) < density
+    }
+
+    /// Uniform in [0, 1), a multiple of 2^-24 (exact in f32): `keep` compares it.
+    #[inline]
+    pub fn unit(&self, index: u64) -> f32 {
+        ((self.draw(index) >> 40) as f32) * (1.0 / 16_777_216.0)
     }
 
     /// Uniform in `0..n` for `n < 2^32`.

@@ -81,24 +81,119 @@ impl Della {
         let probs: Vec<f32> = (0..len)
             .map(|rank| low + (rank as f32 / span).clamp(0.0, 1.0) * 2.0 * eps32)
             .collect();
-        let (mut vals, mut tmp) = (Vec::with_capacity(len), Vec::with_capacity(len));
-        let mut rank_of = vec![0u32; len];
+        let mut row = RowKeep::new(len);
         for s0 in (0..x.n).step_by(slab) {
             for k in 0..stride {
                 let at = |j: usize| s0 + j * stride + k;
-                // Ascending |τ|, equal magnitudes by position (the sort is stable).
-                let mag = |j: usize| d[at(j)].abs().to_bits();
-                super::reduce::radix_order(len, mag, &mut vals, &mut tmp);
-                for (rank, &v) in vals.iter().enumerate() {
-                    rank_of[v as u32 as usize] = rank as u32;
+                for (j, key) in row.keys.iter_mut().enumerate() {
+                    *key = d[at(j)].abs().to_bits();
                 }
-                for (j, &rank) in rank_of.iter().enumerate() {
+                row.decide(&probs, |j| stream.unit((x.start + at(j)) as u64));
+                for (j, &keep) in row.keep.iter().enumerate() {
                     let i = at(j);
-                    let keep = stream.keep((x.start + i) as u64, probs[rank as usize]);
                     // τ × mask, as mergekit masks (a dropped negative delta is −0).
                     out[i] = d[i] * f32::from(u8::from(keep));
                 }
             }
+        }
+    }
+}
+
+/// The keep decisions of one vector: element j is kept when its uniform draw u_j is below the
+/// probability of its rank, `probs[rank_j]` (ascending |τ|, equal magnitudes by position).
+///
+/// Sorting every vector to learn the ranks was most of DELLA's time, yet a rank matters only
+/// when u_j falls between the probabilities of the ranks the element could have. One counting
+/// pass spreads the magnitudes over about `len` buckets of equal width from 0 to the largest;
+/// an element of bucket b has a rank in `cum_b .. cum_b + c_b`, and since the probabilities are
+/// monotone in the rank, u_j below both ends keeps it and u_j at or above both drops it. Only
+/// between them is the rank counted exactly (a scan of the vector): a few elements per vector,
+/// as about one element shares a bucket. Vectors where that would happen too often (many equal
+/// magnitudes at a cut, non-finite values) are ranked by the radix sort. The decisions are the
+/// same either way.
+struct RowKeep {
+    keys: Vec<u32>,
+    keep: Vec<bool>,
+    /// Each element's bucket.
+    bucket: Vec<u32>,
+    /// Per bucket, where its ranks start (then, one past the last bucket, the length).
+    start: Vec<u32>,
+    vals: Vec<u64>,
+    tmp: Vec<u64>,
+}
+
+impl RowKeep {
+    fn new(len: usize) -> RowKeep {
+        RowKeep {
+            keys: vec![0; len],
+            keep: vec![false; len],
+            bucket: vec![0; len],
+            start: vec![0; len.next_power_of_two() + 1],
+            vals: Vec::new(),
+            tmp: Vec::new(),
+        }
+    }
+
+    /// Fills `keep` from `keys` (the magnitudes' bits), `probs` (per rank) and the draws.
+    fn decide(&mut self, probs: &[f32], unit: impl Fn(usize) -> f32) {
+        let n = self.keys.len();
+        let nb = self.start.len() - 1;
+        let hi = self.keys.iter().fold(0u32, |hi, &k| hi.max(k));
+        if hi == 0 || hi > f32::MAX.to_bits() {
+            return self.by_sort(probs, unit);
+        }
+        // Monotone in the key and free of branches (so vectorized): the value times a positive
+        // constant, rounded to an integer by adding 2^23, clamped.
+        let scale = (nb - 1) as f32 / f32::from_bits(hi);
+        const MAGIC: f32 = 8_388_608.0;
+        for (b, &k) in self.bucket.iter_mut().zip(&self.keys) {
+            let v = f32::from_bits(k) * scale + MAGIC;
+            *b = (v.to_bits() - MAGIC.to_bits()).min(nb as u32 - 1);
+        }
+        self.start.fill(0);
+        for &b in &self.bucket {
+            self.start[b as usize + 1] += 1;
+        }
+        let mut pairs = 0u64;
+        for b in 0..nb {
+            let c = u64::from(self.start[b + 1]);
+            pairs += c * c.saturating_sub(1);
+            self.start[b + 1] += self.start[b];
+        }
+        // The expected number of exact ranks to count (each a scan of the vector): the draws
+        // that fall between the probabilities of a bucket's first and last rank.
+        let step = (probs[n - 1] - probs[0]).abs() / (n - 1) as f32;
+        if pairs as f32 * step > 48.0 {
+            return self.by_sort(probs, unit);
+        }
+        for j in 0..n {
+            let b = self.bucket[j] as usize;
+            let (p0, p1) = (
+                probs[self.start[b] as usize],
+                probs[self.start[b + 1] as usize - 1],
+            );
+            // The probabilities and draws are non-negative floats: compared by their bits, one
+            // unsigned comparison says lo ≤ u < hi, the rare branch; the keep decision stays
+            // free of branches (on a random draw, half of them would be mispredicted).
+            let (lo, hi) = (p0.min(p1).to_bits(), p0.max(p1).to_bits());
+            let u = unit(j).to_bits();
+            self.keep[j] = u < lo;
+            if u.wrapping_sub(lo) < hi - lo {
+                let kj = self.keys[j];
+                let below = self.keys.iter().filter(|&&k| k < kj).count();
+                let equal_before = self.keys[..j].iter().filter(|&&k| k == kj).count();
+                self.keep[j] = u < probs[below + equal_before].to_bits();
+            }
+        }
+    }
+
+    /// Every rank from a stable sort of the vector.
+    fn by_sort(&mut self, probs: &[f32], unit: impl Fn(usize) -> f32) {
+        let keys = &self.keys;
+        super::reduce::radix_order(keys.len(), |j| keys[j], &mut self.vals, &mut self.tmp);
+        for (rank, &v) in self.vals.iter().enumerate() {
+            let j = v as u32 as usize;
+            self.keep[j] = unit(j) < probs[rank];
         }
     }
 }
@@ -213,5 +308,63 @@ impl Kernel for Della {
             m,
             (&mut s.a[..], &mut s.b[..]),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bucketed decisions equal those from every rank of a sort, on vectors of spread,
+    /// tied, zero, crowded and non-finite magnitudes, with increasing and decreasing
+    /// probabilities.
+    #[test]
+    fn bucketed_decisions_equal_sorted_ones() {
+        let mut seed = 11u64;
+        let mut next = || {
+            seed = crate::rng::mix(seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
+            seed
+        };
+        for n in [2usize, 3, 17, 512, 1365] {
+            for kind in 0..6 {
+                for (low, eps) in [(0.4f32, 0.1f32), (0.2, 0.15), (0.7, -0.2), (0.5, 0.0)] {
+                    let span = (n - 1) as f32;
+                    let probs: Vec<f32> = (0..n)
+                        .map(|r| low + (r as f32 / span).clamp(0.0, 1.0) * 2.0 * eps)
+                        .collect();
+                    let keys: Vec<u32> = (0..n)
+                        .map(|_| {
+                            let z = next();
+                            let g = ((z >> 40) as f32 / 16_777_216.0 - 0.5) * 1e-3;
+                            match kind {
+                                0 => g.abs().to_bits(),
+                                1 => ((z % 9) as f32 * 1e-4).to_bits(), // bf16-like ties
+                                2 if z % 3 == 0 => 0,                   // zeros
+                                2 => g.abs().to_bits(),
+                                3 => (1e-3 + (z % 4) as f32 * 1e-9).to_bits(), // crowded
+                                4 if z % 50 == 0 => f32::NAN.to_bits(),
+                                4 => g.abs().to_bits(),
+                                _ => 0,
+                            }
+                        })
+                        .collect();
+                    let draws: Vec<f32> = (0..n)
+                        .map(|_| (next() >> 40) as f32 / 16_777_216.0)
+                        .collect();
+                    let mut row = RowKeep::new(n);
+                    row.keys.copy_from_slice(&keys);
+                    row.decide(&probs, |j| draws[j]);
+                    let fast = row.keep.clone();
+                    row.by_sort(&probs, |j| draws[j]);
+                    assert_eq!(fast, row.keep, "n {n}, kind {kind}, eps {eps}");
+                    // And by_sort against ranks written out by hand (a comparison sort).
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by_key(|&j| keys[j]);
+                    for (rank, &j) in order.iter().enumerate() {
+                        assert_eq!(row.keep[j], draws[j] < probs[rank]);
+                    }
+                }
+            }
+        }
     }
 }
