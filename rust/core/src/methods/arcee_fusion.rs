@@ -38,27 +38,36 @@ impl ArceeFusion {
         round_opt(self.arith, v)
     }
 
-    /// The softmax probabilities of the model and of the base at element `i` (+ eps).
+    /// The softmax probabilities (+ eps) of the model's and the base's row `u`, as functions of
+    /// an element's values; the row's statistics are looked up once.
     #[inline(always)]
-    fn probs(&self, x: &ChunkIn, st: &TensorStats, i: usize) -> (f32, f32) {
-        let u = x.row_of(i);
+    fn probs(&self, st: &TensorStats, u: usize) -> impl Fn(f32, f32) -> (f32, f32) + '_ {
         let (mx, sums) = (st.sums(0, u), st.sums(1, u));
-        let r = |v: f32| self.r(v);
-        let p = r(r((x.values[0][i] - mx[0] as f32).exp() * (1.0 / sums[0] as f32)) + EPS);
-        let q = r(r((x.base[i] - mx[1] as f32).exp() * (1.0 / sums[1] as f32)) + EPS);
-        (p, q)
+        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+        let (s0, s1) = (1.0 / sums[0] as f32, 1.0 / sums[1] as f32);
+        move |v, b| {
+            let r = |v: f32| self.r(v);
+            (
+                r(r((v - m0).exp() * s0) + EPS),
+                r(r((b - m1).exp() * s1) + EPS),
+            )
+        }
     }
 
     /// The change θ − θ_base as mergekit holds it.
     #[inline(always)]
-    fn change(&self, x: &ChunkIn, i: usize) -> f32 {
-        self.r(x.values[0][i] - x.base[i])
+    fn change(&self, v: f32, b: f32) -> f32 {
+        self.r(v - b)
     }
 
-    #[inline(always)]
-    fn importance(&self, x: &ChunkIn, st: &TensorStats, i: usize) -> f32 {
-        let kl = self.r(st.sums(2, x.row_of(i))[0] as f32);
-        self.r(self.change(x, i).abs() * kl)
+    /// The importance of each element of the chunk into `out`.
+    fn importances(&self, x: &ChunkIn, st: &TensorStats, out: &mut [f32]) {
+        for (u, span) in x.row_spans() {
+            let kl = self.r(st.sums(2, u)[0] as f32);
+            for i in span {
+                out[i] = self.r(self.change(x.values[0][i], x.base[i]).abs() * kl);
+            }
+        }
     }
 }
 
@@ -112,30 +121,44 @@ impl Kernel for ArceeFusion {
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
         let first = x.row_of(0);
-        for i in 0..x.n {
-            let u = x.row_of(i) - first;
+        let (v, b) = (x.values[0], x.base);
+        for (u, span) in x.row_spans() {
+            // Each row's sums add its elements in order, as before the loops ran by row.
             match st.stages.len() {
                 0 => {
-                    acc[2 * u] = acc[2 * u].max(x.values[0][i] as f64);
-                    acc[2 * u + 1] = acc[2 * u + 1].max(x.base[i] as f64);
+                    let a = &mut acc[(u - first) * 2..];
+                    for i in span {
+                        a[0] = a[0].max(v[i] as f64);
+                        a[1] = a[1].max(b[i] as f64);
+                    }
                 }
                 1 => {
-                    let mx = st.sums(0, u + first);
-                    acc[2 * u] += (x.values[0][i] - mx[0] as f32).exp() as f64;
-                    acc[2 * u + 1] += (x.base[i] - mx[1] as f32).exp() as f64;
+                    let a = &mut acc[(u - first) * 2..];
+                    let mx = st.sums(0, u);
+                    let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+                    let (mut s0, mut s1) = (a[0], a[1]);
+                    for i in span {
+                        s0 += (v[i] - m0).exp() as f64;
+                        s1 += (b[i] - m1).exp() as f64;
+                    }
+                    (a[0], a[1]) = (s0, s1);
                 }
                 _ => {
-                    let (p, q) = self.probs(x, st, i);
-                    acc[u] += self.r(p * self.r(self.r(p / q).ln())) as f64;
+                    let a = &mut acc[u - first];
+                    let probs = self.probs(st, u);
+                    let mut kl = *a;
+                    for i in span {
+                        let (p, q) = probs(v[i], b[i]);
+                        kl += self.r(p * self.r(self.r(p / q).ln())) as f64;
+                    }
+                    *a = kl;
                 }
             }
         }
     }
 
     fn score(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, out: &mut [Vec<f32>]) {
-        for (i, o) in out[0][..x.n].iter_mut().enumerate() {
-            *o = self.importance(x, st, i);
-        }
+        self.importances(x, st, &mut out[0][..x.n]);
     }
 
     fn ranks(&self, t: &TensorPlan, _tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {
@@ -147,9 +170,11 @@ impl Kernel for ArceeFusion {
         let q = st.selected(3);
         let r = |v: f32| self.r(v);
         let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
+        self.importances(x, st, m);
         for (i, o) in m.iter_mut().enumerate() {
-            let keep = f32::from(u8::from(self.importance(x, st, i) >= threshold));
-            *o = x.base[i] + self.change(x, i) * keep;
+            let keep = f32::from(u8::from(*o >= threshold));
+            let (v, b) = (x.values[0][i], x.base[i]);
+            *o = b + self.change(v, b) * keep;
         }
     }
 }

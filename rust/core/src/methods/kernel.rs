@@ -212,6 +212,23 @@ impl ChunkIn<'_> {
     pub fn row_of(&self, i: usize) -> usize {
         (self.start + i) / self.tensor.row_len()
     }
+
+    /// The chunk's pieces of rows (along the last dimension): each row's index and the range of
+    /// its elements within the chunk, in order. Kernels loop over these rather than divide per
+    /// element, and look a row's statistics up once.
+    pub fn row_spans(&self) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+        let len = self.tensor.row_len().max(1);
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            (i < self.n).then(|| {
+                let row = (self.start + i) / len;
+                let end = ((row + 1) * len - self.start).min(self.n);
+                let span = (row, i..end);
+                i = end;
+                span
+            })
+        })
+    }
 }
 
 /// Chunk-sized scratch a kernel may use freely.
