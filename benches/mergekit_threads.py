@@ -1,10 +1,13 @@
-"""Is mergekit's own f32 result defined by the config? mergekit 0.1.5 run twice on the same config
-and the same inputs, with 1 and with 2 torch threads (``OMP_NUM_THREADS``), outputs compared bit
-for bit.
+"""Is mergekit's own f32 result defined by the config? mergekit 0.1.5 run three times on the same
+config and the same inputs: with 1 torch thread, with 2 (``OMP_NUM_THREADS``), and with 1 thread and
+another instruction set for torch's kernels (``ATEN_CPU_CAPABILITY``: AVX2 where this CPU has
+AVX-512, else torch's portable code); outputs compared bit for bit against the first run.
 
 torch's CPU reductions (the norms, dots and sums that slerp-family methods, model_stock and karcher
 take over whole tensors) split a large tensor among the threads and add the threads' partial sums:
-the f32 result then depends on the thread count, that is on the machine. The inputs are a small
+the f32 result then depends on the thread count, that is on the machine. The third run asks
+whether the width of torch's vector kernels matters as well (it did not, on torch 2.15: the
+partial sums are laid out the same for AVX2 and AVX-512). The inputs are a small
 Llama-shaped f32 model (hidden 512, 1 layer, 1000-token vocabulary: tensors of 262k–512k elements,
 past torch's parallel grain) with two fine-tunes of it, and three unrelated models of that shape
 (whether the f32 rounding of a reduction flips an output depends on the data). Where mergekit's result changes with the
@@ -32,7 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mergekit_compare import ensure_mergekit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-THREADS = (1, 2)
+
+
+def _runs() -> list[tuple[str, dict[str, str]]]:
+    """The reference run, then the variants compared with it."""
+    native = torch.backends.cpu.get_cpu_capability()
+    other = ("avx2", "AVX2") if native == "AVX512" else ("default", "no vector ISA")
+    return [("1 thread", {"OMP_NUM_THREADS": "1"}), ("2 threads", {"OMP_NUM_THREADS": "2"}),
+            (f"1 thread, {other[1]}", {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": other[0]})]  # fmt: skip
 
 CONFIGS = {
     "slerp": "merge_method: slerp\nbase_model: ./a\nmodels:\n  - model: ./a\n  - model: ./b\nparameters:\n  t: 0.3\n",
@@ -75,6 +85,7 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     exe = ensure_mergekit()
+    runs = _runs()
     rows = []
     for inputs, related in (("fine-tunes", True), ("unrelated", False)):
         with tempfile.TemporaryDirectory(prefix="mkthreads-") as tmp:
@@ -83,27 +94,36 @@ def main() -> None:
             for method, text in CONFIGS.items():
                 (work / f"{method}.yml").write_text(text + "dtype: float32\n")
                 outs = []
-                for n in THREADS:
-                    out = work / f"{method}-{n}"
-                    env = dict(os.environ, OMP_NUM_THREADS=str(n), HF_HUB_OFFLINE="1")
+                for _, extra in runs:
+                    out = work / f"{method}-{len(outs)}"
+                    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+                    env.update(HF_HUB_OFFLINE="1", **extra)
                     subprocess.run([str(exe), f"{method}.yml", str(out), "--no-write-model-card"], cwd=work, env=env,
                                    check=True, capture_output=True, timeout=900)  # fmt: skip
                     outs.append(_weights(out))
-                a, b = outs
-                diff = sum(int((a[k] != b[k]).sum()) for k in a)
+                a = outs[0]
                 total = sum(a[k].numel() for k in a)
-                top = max(float((a[k] - b[k]).abs().max()) for k in a)
-                rows.append({"method": method, "inputs": inputs, "differing": diff, "elements": total, "max_diff": top})
-                print(f"{method} ({inputs}): {diff} of {total} elements differ between 1 and 2 threads (max {top:.3g})",
-                      flush=True)  # fmt: skip
+                row = {"method": method, "inputs": inputs, "elements": total, "variants": []}
+                for (label, _), b in zip(runs[1:], outs[1:], strict=True):
+                    diff = sum(int((a[k] != b[k]).sum()) for k in a)
+                    top = max(float((a[k] - b[k]).abs().max()) for k in a)
+                    row["variants"].append({"run": label, "differing": diff, "max_diff": top})
+                    print(f"{method} ({inputs}): {diff} of {total} elements differ, {runs[0][0]} vs {label} "
+                          f"(max {top:.3g})", flush=True)  # fmt: skip
+                rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mergekit_threads.json").write_text(json.dumps(rows, indent=1))
-    lines = ["# mergekit 0.1.5's f32 output with 1 and with 2 torch threads", "",
-             "Same config, same f32 inputs (hidden 512, 1 layer, 1000 tokens; `dtype: float32`), "
-             "`OMP_NUM_THREADS=1` against `OMP_NUM_THREADS=2` (`python benches/mergekit_threads.py`).", "",
-             "| method | inputs | elements differing | max diff |", "|---|---|---|---|"]  # fmt: skip
+    labels = [label for label, _ in runs[1:]]
+    lines = ["# mergekit 0.1.5's f32 output across thread counts and instruction sets", "",
+             "Same config, same f32 inputs (hidden 512, 1 layer, 1000 tokens; `dtype: float32`); each run compared "
+             f"bit for bit with the run on {runs[0][0]} (torch's {torch.backends.cpu.get_cpu_capability()} kernels); "
+             "`OMP_NUM_THREADS` sets the threads, `ATEN_CPU_CAPABILITY` the instruction set "
+             "(`python benches/mergekit_threads.py`).", "",
+             "| method | inputs | " + " | ".join(f"{x}: elements differing (max diff)" for x in labels) + " |",
+             "|---|---|" + "---|" * len(labels)]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['method']} | {r['inputs']} | {r['differing']} of {r['elements']} | {r['max_diff']:.3g} |")
+        cells = [f"{v['differing']} of {r['elements']} ({v['max_diff']:.3g})" for v in r["variants"]]
+        lines.append(f"| {r['method']} | {r['inputs']} | " + " | ".join(cells) + " |")
     (RESULTS / "mergekit_threads.md").write_text("\n".join(lines) + "\n")
 
 

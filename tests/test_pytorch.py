@@ -106,6 +106,49 @@ def test_unsupported_pytorch_files_say_why(tmp_path):
     torch.save({"w": torch.arange(6.0).reshape(2, 3).T}, tmp_path / "strided.bin")
     with pytest.raises(ww.HeaderError, match="'w': is not contiguous"):
         ww.inspect(tmp_path / "strided.bin")
-    torch.save({"epoch": 3, "model": {"w": torch.zeros(2)}}, tmp_path / "train.pt")
-    with pytest.raises(ww.HeaderError, match="'epoch': is not a tensor: this looks like a training checkpoint"):
+    torch.save({"epoch": 3, "optimizer": {"w": torch.zeros(2)}}, tmp_path / "train.pt")
+    with pytest.raises(ww.HeaderError, match=r"training checkpoint \(entries: epoch, optimizer\), and none of its "
+                                             r"entries 'state_dict', 'model', 'module' is a dict of tensors; "
+                                             r"save the model's state_dict\(\) instead"):  # fmt: skip
         ww.inspect(tmp_path / "train.pt")
+
+
+def _training_checkpoint(sd: dict, entry: str, step: int) -> dict:
+    """A checkpoint as open_clip/timm/Lightning scripts save one: the weights under `entry`, beside
+    an epoch, a name, floats and bools, and an optimizer whose state holds tensors of its own."""
+    moments = {i: {"exp_avg": torch.full_like(v, 7.0), "step": torch.tensor(float(step))}
+               for i, v in enumerate(sd.values())}
+    return {"epoch": step, "name": "run-a", "lr": 1e-4, "ema": False,
+            entry: sd, "optimizer": {"state": moments,
+                                     "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "amsgrad": False,
+                                                       "params": list(range(len(sd)))}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", ["state_dict", "model", "module"])
+def test_training_checkpoints_merge_their_state_dict_entry(tmp_path, entry):
+    g = torch.Generator().manual_seed(3)
+    sds = [{"enc.w": torch.randn(8, 6, generator=g), "enc.b": torch.randn(6, generator=g)} for _ in range(3)]
+    for i, sd in enumerate(sds):
+        torch.save(_training_checkpoint(sd, entry, i), tmp_path / f"epoch_{i}.pt")
+        save_file(sd, tmp_path / f"plain{i}.safetensors")
+    assert sorted(t["name"] for t in ww.inspect(tmp_path / "epoch_0.pt")["tensors"]) == ["enc.b", "enc.w"]
+    ww.merge(tmp_path / "epoch_0.pt", [tmp_path / "epoch_1.pt", tmp_path / "epoch_2.pt"], tmp_path / "a.safetensors",
+             method="ties", density=0.5)  # fmt: skip
+    ww.merge(tmp_path / "plain0.safetensors", [tmp_path / "plain1.safetensors", tmp_path / "plain2.safetensors"],
+             tmp_path / "b.safetensors", method="ties", density=0.5)  # fmt: skip
+    a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The hand reference: TIES at density 0.5 keeps each task's larger half, so the merge moves the base.
+    assert not torch.equal(a["enc.w"], sds[0]["enc.w"])
+
+
+def test_a_training_checkpoints_state_dict_entry_comes_first(tmp_path):
+    torch.save({"epoch": 1, "model": {"x": torch.zeros(2)}, "state_dict": {"w": torch.ones(3)}}, tmp_path / "c.pt")
+    assert [t["name"] for t in ww.inspect(tmp_path / "c.pt")["tensors"]] == ["w"]
+    # A dict whose values are all tensors is the state dict itself, whatever its keys.
+    torch.save({"model": torch.ones(2), "state_dict": torch.zeros(1)}, tmp_path / "d.pt")
+    assert sorted(t["name"] for t in ww.inspect(tmp_path / "d.pt")["tensors"]) == ["model", "state_dict"]
+    # An entry holding something other than tensors is not taken.
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(3), "n": 3}}, tmp_path / "e.pt")
+    with pytest.raises(ww.HeaderError, match="none of its entries"):
+        ww.inspect(tmp_path / "e.pt")

@@ -93,17 +93,14 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
             "data.pkl does not hold a state dict (a dict of tensors)".into(),
         ));
     };
+    let items = state_dict(file, items)?;
     let mut rows = Vec::with_capacity(items.len());
     for (k, v) in items {
         let Value::Str(name) = k else {
             return Err(bad("a state dict key that is not a string".into()));
         };
         let Value::Tensor(t) = v else {
-            return Err(Error::tensor(
-                file,
-                &name,
-                "is not a tensor: this looks like a training checkpoint; save the model's state_dict() instead",
-            ));
+            return Err(Error::tensor(file, &name, "is not a tensor"));
         };
         let (ss, se) = slice(&format!("{prefix}data/{}", t.key))?;
         let size = t.dtype.size() as u64;
@@ -140,6 +137,59 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<Header> {
         return Err(bad("the state dict holds no tensors".into()));
     }
     Header::from_table(file, rows, bytes.len(), BTreeMap::new())
+}
+
+/// The entries of a training checkpoint that hold the model's state dict, in the order they are
+/// looked for: open_clip, timm and Lightning save `state_dict`, DeiT-style scripts `model`,
+/// DeepSpeed-style wrappers `module`.
+pub const ENTRIES: [&str; 3] = ["state_dict", "model", "module"];
+
+/// The state dict in a checkpoint's top-level dict: the dict itself when every value is a
+/// tensor, else the first of [`ENTRIES`] that is a dict of tensors (a training checkpoint: its
+/// epoch, optimizer state and the like are left unread).
+fn state_dict(file: &str, items: Vec<(Value, Value)>) -> Result<Vec<(Value, Value)>> {
+    if items.iter().all(|(_, v)| matches!(v, Value::Tensor(_))) {
+        return Ok(items);
+    }
+    let key_of = |k: &Value| match k {
+        Value::Str(s) => Some(s.clone()),
+        _ => None,
+    };
+    let is_tensors = |v: &Value| match v {
+        Value::Dict(d) => {
+            !d.is_empty()
+                && d.iter()
+                    .all(|(k, v)| matches!((k, v), (Value::Str(_), Value::Tensor(_))))
+        }
+        _ => false,
+    };
+    for entry in ENTRIES {
+        let found = items
+            .iter()
+            .position(|(k, v)| key_of(k).as_deref() == Some(entry) && is_tensors(v));
+        if let Some(i) = found {
+            let Some((_, Value::Dict(d))) = items.into_iter().nth(i) else {
+                unreachable!("checked to be a dict")
+            };
+            return Ok(d);
+        }
+    }
+    let mut keys: Vec<String> = items
+        .iter()
+        .filter_map(|(k, _)| key_of(k))
+        .take(8)
+        .collect();
+    if items.len() > keys.len() {
+        keys.push("...".into());
+    }
+    Err(Error::header(
+        file,
+        format!(
+            "this looks like a training checkpoint (entries: {}), and none of its entries {} is a dict of tensors; save the model's state_dict() instead",
+            keys.join(", "),
+            ENTRIES.map(|e| format!("'{e}'")).join(", ")
+        ),
+    ))
 }
 
 /// [`check_accepted`] on the archive a structure-aware program describes ([`super::fuzzgen`]).
