@@ -108,8 +108,8 @@ def test_unsupported_pytorch_files_say_why(tmp_path):
         ww.inspect(tmp_path / "strided.bin")
     torch.save({"epoch": 3, "optimizer": {"w": torch.zeros(2)}}, tmp_path / "train.pt")
     with pytest.raises(ww.HeaderError, match=r"training checkpoint \(entries: epoch, optimizer\), and none of its "
-                                             r"entries 'state_dict', 'model', 'module' is a dict of tensors; "
-                                             r"save the model's state_dict\(\) instead"):  # fmt: skip
+                                             r"entries 'state_dict', 'model', 'module' is a dict of tensors or a "
+                                             r"module; save the model's state_dict\(\) instead"):  # fmt: skip
         ww.inspect(tmp_path / "train.pt")
 
 
@@ -152,3 +152,85 @@ def test_a_training_checkpoints_state_dict_entry_comes_first(tmp_path):
     torch.save({"epoch": 1, "state_dict": {"w": torch.ones(3), "n": 3}}, tmp_path / "e.pt")
     with pytest.raises(ww.HeaderError, match="none of its entries"):
         ww.inspect(tmp_path / "e.pt")
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 6)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.register_buffer("mask", torch.ones(6), persistent=False)
+        self.register_buffer("kept", torch.arange(3.0))
+        self.register_parameter("unused", None)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.act = torch.nn.GELU()
+
+
+class _Encoder(torch.nn.Module):
+    """As the task-vector papers save their checkpoints (torch.save(model)): modules nested in a
+    ModuleList, tied weights, buffers, and attributes that are no tensors at all."""
+
+    def __init__(self, marker=None):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+        self.emb = torch.nn.Embedding(10, 6)
+        self.head = torch.nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.cfg = {"dtype": torch.float32, "size": (3, 224), "device": torch.device("cpu")}
+        self.cache_dir = "/nowhere"
+        self.hostile = Evil(marker) if marker else None  # an attribute the reader never needs
+
+
+def test_pickled_modules_merge_as_their_state_dicts(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.manual_seed(0)
+    mods = [_Encoder(marker) for _ in range(3)]
+    for i, m in enumerate(mods):
+        torch.save(m, tmp_path / f"m{i}.pt")
+        save_file({k: v.clone() for k, v in m.state_dict().items()}, tmp_path / f"s{i}.safetensors")
+    sd = mods[0].state_dict()
+    names = [t["name"] for t in ww.inspect(tmp_path / "m0.pt")["tensors"]]
+    assert sorted(names) == sorted(sd)  # the non-persistent buffer and the None parameter left out
+    assert "blocks.1.bn.num_batches_tracked" in names and "head.weight" in names
+    ww.merge(tmp_path / "m0.pt", [tmp_path / "m1.pt", tmp_path / "m2.pt"], tmp_path / "a.safetensors", method="ties")
+    ww.merge(tmp_path / "s0.safetensors", [tmp_path / "s1.safetensors", tmp_path / "s2.safetensors"],
+             tmp_path / "b.safetensors", method="ties")  # fmt: skip
+    a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not marker.exists()
+    # The module inside a training checkpoint's 'model' entry reads the same way.
+    torch.save({"epoch": 4, "model": mods[1]}, tmp_path / "ck.pt")
+    assert sorted(t["name"] for t in ww.inspect(tmp_path / "ck.pt")["tensors"]) == sorted(sd)
+
+
+def test_a_pickled_transformers_model_is_named_as_its_state_dict(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)  # fmt: skip
+    m = transformers.LlamaForCausalLM(cfg)
+    torch.save(m, tmp_path / "llama.pt")
+    sd = m.state_dict()
+    info = {t["name"]: t["shape"] for t in ww.inspect(tmp_path / "llama.pt")["tensors"]}
+    assert info == {k: list(v.shape) for k, v in sd.items()}
+
+
+def test_pickled_modules_that_need_code_are_refused(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    m[0]._state_dict_hooks[0] = torch.nn.Identity  # a hook that pickles (a lambda would not)
+    torch.save(m, tmp_path / "hook.pt")
+    with pytest.raises(ww.HeaderError, match=r"module '0' \(torch.nn.modules.linear.Linear\) has _state_dict_hooks, "
+                                             r"which change its state dict by running code"):  # fmt: skip
+        ww.inspect(tmp_path / "hook.pt")
+    marker = tmp_path / "pwned"
+    torch.save(Evil(marker), tmp_path / "evil.pt")
+    with pytest.raises(ww.HeaderError, match=r"refers to '(posix|os)\.system' to make its value, which would run code"):
+        ww.inspect(tmp_path / "evil.pt")
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    m._modules["1"] = Evil(marker)
+    torch.save(m, tmp_path / "child.pt")
+    with pytest.raises(ww.HeaderError, match=r"module '1' \((posix|os)\.system\) is made by a call"):
+        ww.inspect(tmp_path / "child.pt")
+    assert not marker.exists()
+    torch.save({"a": 1}, tmp_path / "plain.pt")
+    with pytest.raises(ww.HeaderError, match="none of its entries"):
+        ww.inspect(tmp_path / "plain.pt")

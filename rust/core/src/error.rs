@@ -20,6 +20,10 @@ pub enum Error {
     /// A directory that holds no weights in a layout weightweave reads.
     #[error("{file}: {reason}")]
     NotAModel { file: String, reason: String },
+    /// A well-formed checkpoint whose content is not weights weightweave reads (a training
+    /// checkpoint without a model entry, a pickled module it cannot name the tensors of).
+    #[error("{file}: {reason}")]
+    Checkpoint { file: String, reason: String },
     /// A problem with one tensor's header entry (dtype, shape, offsets).
     #[error("{file}: tensor '{tensor}': {reason}")]
     TensorHeader {
@@ -159,6 +163,13 @@ impl Error {
 
     pub(crate) fn header(file: &str, reason: impl Into<String>) -> Self {
         Error::Header {
+            file: file.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn checkpoint(file: &str, reason: impl Into<String>) -> Self {
+        Error::Checkpoint {
             file: file.to_owned(),
             reason: reason.into(),
         }

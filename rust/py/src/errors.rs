@@ -133,6 +133,7 @@ impl From<PyWeaveErr> for PyErr {
         match e {
             Error::Header { .. }
             | Error::NotAModel { .. }
+            | Error::Checkpoint { .. }
             | Error::TensorHeader { .. }
             | Error::Quantized { .. } => HeaderError::new_err(msg),
             Error::MissingTensor { .. }

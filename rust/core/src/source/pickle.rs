@@ -1,8 +1,11 @@
-//! A restricted unpickler for PyTorch state dicts: it understands exactly the opcodes and the
-//! handful of globals a `torch.save(state_dict)` pickle uses (ordered dicts, tensor and parameter
-//! rebuilds, typed storages) and refuses everything else. Nothing is ever called: "calls" are
-//! recognised by name and turned into data, so a pickle that tries to run code is an error, not
-//! an exploit.
+//! A restricted unpickler for PyTorch checkpoints: it understands the opcodes and the handful of
+//! globals a `torch.save(state_dict)` pickle uses (ordered dicts, sets, tensor and parameter
+//! rebuilds, typed storages) and turns them into data. Nothing is ever called or constructed:
+//! any other global becomes an inert marker ([`Value::Foreign`]) and what a pickle makes from one
+//! an inert [`Value::Object`] that only records its class, whether a call made it, and the state
+//! BUILD gave it. So a whole pickled `nn.Module` (`torch.save(model)`) can be walked for its
+//! tensors (`pytorch.rs`) without its classes, and a pickle that tries to run code never does:
+//! where its value was made by a call, the reader refuses it, naming the callable.
 
 use crate::dtype::DType;
 
@@ -20,6 +23,10 @@ pub enum Value {
     Dict(Vec<(Value, Value)>),
     /// A global the allowlist knows, by (module, name).
     Global(&'static str, &'static str),
+    /// Any other global, as "module.name": an inert marker, never imported nor called.
+    Foreign(Box<str>),
+    /// What a pickle makes from a foreign global: nothing is constructed (see [`Object`]).
+    Object(Box<Object>),
     /// A storage reference from a persistent id: its dtype and its key in the archive.
     Storage {
         dtype: DType,
@@ -28,6 +35,18 @@ pub enum Value {
     /// Boxed: values are many and most are small.
     Tensor(Box<Tensor>),
     Mark,
+}
+
+/// An instance a pickle describes, as data: `class` (the foreign global, "module.name"), `called`
+/// when it is the result of calling that global (REDUCE: only running code could tell what it
+/// is) rather than an instance of that class made without running any of its code (NEWOBJ, or
+/// copyreg's reconstructor, as `torch.save(model)` pickles modules), and the `state` BUILD gave
+/// it (a module's `__dict__`).
+#[derive(Clone, Debug)]
+pub struct Object {
+    pub class: Box<str>,
+    pub called: bool,
+    pub state: Option<Value>,
 }
 
 /// A rebuilt tensor: a view of `numel` elements from `offset` in a storage.
@@ -55,8 +74,12 @@ const STORAGES: [(&str, DType); 12] = [
     ("Float8_e5m2Storage", DType::F8E5M2),
 ];
 
-const CALLS: [(&str, &str); 4] = [
+const CALLS: [(&str, &str); 7] = [
     ("collections", "OrderedDict"),
+    // A module's `_non_persistent_buffers_set` (protocol 2 pickles a set as a call on a list).
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("__builtin__", "set"),
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_parameter_with_state"),
@@ -272,12 +295,38 @@ impl<'a> Vm<'a> {
     }
 
     fn global(&mut self, module: String, name: String) -> R<()> {
-        let Some((m, n)) = allowed(&module, &name) else {
-            return Err(format!(
-                "it refers to '{module}.{name}', which a state dict never needs; refusing to load it (a pickle can run code)"
-            ));
-        };
-        self.push(Value::Global(m, n))
+        match allowed(&module, &name) {
+            Some((m, n)) => self.push(Value::Global(m, n)),
+            None => self.push(Value::Foreign(format!("{module}.{name}").into())),
+        }
+    }
+
+    /// NEWOBJ / NEWOBJ_EX: `cls.__new__(cls, *args)`, recorded, not run.
+    fn new_object(&mut self, cls: Value) -> R<()> {
+        match cls {
+            Value::Global("collections", "OrderedDict") => self.push(Value::Dict(Vec::new())),
+            Value::Foreign(class) => self.push(Value::Object(Box::new(Object {
+                class,
+                called: false,
+                state: None,
+            }))),
+            _ => Err("NEWOBJ of something that is not a class".into()),
+        }
+    }
+
+    /// BUILD: the state of the object below. An [`Object`] keeps it (it is what a module's
+    /// tensors are found in); for anything else (an ordered dict's `_metadata`) it is dropped.
+    fn build(&mut self) -> R<()> {
+        let state = self.pop()?;
+        let top = self.stack.last_mut().ok_or("BUILD on an empty stack")?;
+        if let Value::Object(o) = &mut top.v {
+            let (depth, size) = measure(std::iter::once(&state), top.depth, top.size)?;
+            o.state = Some(state.v);
+            (top.depth, top.size) = (depth, size);
+        } else if matches!(top.v, Value::Mark) {
+            return Err("BUILD on a MARK".into());
+        }
+        Ok(())
     }
 
     fn run(&mut self) -> R<Value> {
@@ -435,16 +484,38 @@ impl<'a> Vm<'a> {
                     self.push(storage(pid)?)?;
                 }
                 b'R' => {
-                    let args = self.pop_value()?;
+                    let args = self.pop()?;
                     let f = self.pop_value()?;
-                    self.push(reduce(f, args)?)?;
+                    // The result holds at most what the arguments held (a set's list): it
+                    // keeps their depth and size, so no call can hide nesting from the bounds.
+                    let (depth, size) = (args.depth, args.size);
+                    let v = reduce(f, args.v)?;
+                    self.charge(1)?;
+                    self.push_item(Item { v, depth, size })?;
                 }
-                b'b' => {
-                    // BUILD: state for the object below (an OrderedDict's `_metadata`): ignored.
+                b'b' => self.build()?,
+                0x81 => {
+                    self.pop()?; // NEWOBJ: the arguments (unused: nothing is constructed)
+                    let cls = self.pop_value()?;
+                    self.new_object(cls)?;
+                }
+                0x92 => {
+                    self.pop()?; // NEWOBJ_EX: keyword and positional arguments
                     self.pop()?;
-                    if self.stack.is_empty() {
-                        return Err("BUILD on an empty stack".into());
-                    }
+                    let cls = self.pop_value()?;
+                    self.new_object(cls)?;
+                }
+                0x8f => self.push(Value::List(Vec::new()))?, // EMPTY_SET: a set as a list
+                0x90 => {
+                    let items = self.pop_mark()?; // ADDITEMS
+                    self.extend_top(items, false)?;
+                }
+                0x91 => {
+                    let items = self.pop_mark()?; // FROZENSET
+                    self.charge(1)?;
+                    let (depth, size) = measure(items.iter(), 1, 1)?;
+                    let v = Value::List(items.into_iter().map(|i| i.v).collect());
+                    self.push_item(Item { v, depth, size })?;
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -510,16 +581,36 @@ fn storage(pid: Value) -> R<Value> {
     }
 }
 
-/// A "call" of an allowlisted global, turned into data.
+/// A "call" of an allowlisted global, turned into data; of a foreign one, an inert object that
+/// records it (copyreg's reconstructor makes an instance without running its class's code).
 fn reduce(f: Value, args: Value) -> R<Value> {
-    let Value::Global(module, name) = f else {
-        return Err("REDUCE of something that is not an allowed global".into());
-    };
     let Value::Tuple(args) = args else {
         return Err("REDUCE arguments are not a tuple".into());
     };
+    let (module, name) = match f {
+        Value::Global(module, name) => (module, name),
+        Value::Foreign(callable) => {
+            let reconstructed = match (&*callable, args.first()) {
+                ("copyreg._reconstructor", Some(Value::Foreign(class))) => Some(class.clone()),
+                _ => None,
+            };
+            let called = reconstructed.is_none();
+            let class = reconstructed.unwrap_or(callable);
+            return Ok(Value::Object(Box::new(Object {
+                class,
+                called,
+                state: None,
+            })));
+        }
+        _ => return Err("REDUCE of something that is not a global".into()),
+    };
     match (module, name) {
         ("collections", "OrderedDict") => Ok(Value::Dict(Vec::new())),
+        ("builtins" | "__builtin__", "set" | "frozenset") => match args.into_iter().next() {
+            None => Ok(Value::List(Vec::new())),
+            Some(Value::List(l) | Value::Tuple(l)) => Ok(Value::List(l)),
+            Some(_) => Err("a set made from something that is not a list".into()),
+        },
         ("torch._utils", "_rebuild_tensor_v2") => match args.as_slice() {
             [Value::Storage { dtype, key }, offset, shape, stride, ..] => {
                 Ok(Value::Tensor(Box::new(Tensor {
@@ -625,6 +716,44 @@ mod tests {
         p.push(b'.');
         assert!(load(&p).unwrap_err().contains("stack"));
         assert!(std::mem::size_of::<Value>() <= 40);
+    }
+
+    #[test]
+    fn foreign_objects_are_data_and_hold_their_state() {
+        // GLOBAL m.C, (), NEWOBJ, {'a': 1}, BUILD: an object of class m.C with that state.
+        let p = b"\x80\x02cm\nC\n)\x81}X\x01\x00\x00\x00aK\x01sb.";
+        let Value::Object(o) = load(p).unwrap() else {
+            panic!("an object")
+        };
+        assert_eq!((&*o.class, o.called), ("m.C", false));
+        assert!(matches!(o.state, Some(Value::Dict(ref d)) if d.len() == 1));
+        // GLOBAL os.system, ('x',), REDUCE: recorded as a call, never made.
+        let p = b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.";
+        let Value::Object(o) = load(p).unwrap() else {
+            panic!("an object")
+        };
+        assert_eq!((&*o.class, o.called), ("os.system", true));
+        // A set (protocol 2: builtins.set called on a list) is a list.
+        let p = b"\x80\x02cbuiltins\nset\n]X\x01\x00\x00\x00ba\x85R.";
+        assert!(matches!(load(p).unwrap(), Value::List(ref l) if l.len() == 1));
+    }
+
+    #[test]
+    fn calls_and_builds_keep_the_depth_bound() {
+        // Nesting passed through calls still counts: set((set((... [] ...),)),), 100 deep.
+        let mut p = b"\x80\x02".to_vec();
+        p.extend(b"cbuiltins\nset\n".repeat(100));
+        p.push(b']');
+        p.extend(b"\x85R".repeat(100)); // (x,), then set((x,)): a list holding x
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("levels deep"));
+        // A state BUILT into an object counts too: 100 objects, each BUILT into the one below.
+        let mut p = b"\x80\x02".to_vec();
+        p.extend(b"cm\nC\n)\x81".repeat(100));
+        p.push(b'N');
+        p.extend(b"b".repeat(100));
+        p.push(b'.');
+        assert!(load(&p).unwrap_err().contains("levels deep"));
     }
 
     #[test]
