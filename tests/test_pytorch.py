@@ -5,6 +5,7 @@ not run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -119,6 +120,7 @@ def _training_checkpoint(sd: dict, entry: str, step: int) -> dict:
     moments = {i: {"exp_avg": torch.full_like(v, 7.0), "step": torch.tensor(float(step))}
                for i, v in enumerate(sd.values())}
     return {"epoch": step, "name": "run-a", "lr": 1e-4, "ema": False,
+            "args": argparse.Namespace(model="vit", epochs=3, aug=[1, 2]),  # timm's: an object, left unread
             entry: sd, "optimizer": {"state": moments,
                                      "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "amsgrad": False,
                                                        "params": list(range(len(sd)))}]}}  # fmt: skip
