@@ -68,6 +68,8 @@ class Report:
             copied from the base, never merged; a :class:`CopiedTensorsWarning` says so too).
         skipped: Files of the base's model directory not copied next to the output, each with
             why (weights in another format, a training log, over 512 MiB, nested too deep).
+        kept: Tensors ``keep_base`` copied from the base (a :class:`KeptBaseWarning` says so).
+        left_out: Tensors only models held that ``keep_base`` left out.
     """
 
     outputs: list[str]
@@ -76,11 +78,28 @@ class Report:
     seconds: float
     differing: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
 
 
 class CopiedTensorsWarning(UserWarning):
     """Integer or bool tensors differ between the base and a fine-tune: they were copied from the
     base, not merged (BatchNorm counters legitimately differ; token ids should not)."""
+
+
+class KeptBaseWarning(UserWarning):
+    """``keep_base`` copied tensors from the base (and left models' own out): the run names them."""
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _warn_kept(kept: list[str], left_out: list[str]) -> None:
+    if kept or left_out:
+        said = [f"copied {len(kept)} tensor(s) from the base: {_shown(kept)}"] if kept else []
+        said += [f"left out {len(left_out)} tensor(s) only models hold: {_shown(left_out)}"] if left_out else []
+        warnings.warn("keep_base " + "; ".join(said), KeptBaseWarning, stacklevel=4)
 
 
 def _warn_differing(names: list[str]) -> None:
@@ -178,7 +197,9 @@ def _models(models: object) -> list[Any]:
 
 def _report(d: dict[str, Any]) -> Report:
     _warn_differing(d["differing"])
-    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"], d["differing"], d["skipped"])
+    _warn_kept(d.get("kept", []), d.get("left_out", []))
+    return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"], d["differing"], d["skipped"],
+                  d.get("kept", []), d.get("left_out", []))  # fmt: skip
 
 
 def _svd_options(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +261,7 @@ def merge(
     overwrite: bool = False,
     weights: Sequence[float] | str | None = None,
     compat: str | None = None,
+    keep_base: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
 ) -> Report:
@@ -272,6 +294,11 @@ def merge(
         compat: ``"mergekit"`` computes mergekit's version of the method (its names and
             semantics: per-tensor sparsification, weights after it, normalized sign consensus;
             see the README's semantics table); default: the papers' semantics of SPEC.md.
+        keep_base: A regular expression (Python's ``re.search``) naming tensors the base and the
+            models do not all share, such as a classification head of another size: the output
+            takes the base's, copied as they are, and a model's own are left out. Without it such
+            tensors are an error that lists them all (none is guessed). The report's ``kept`` and
+            ``left_out`` and the output's metadata say which.
         progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
             raising from it cancels the merge.
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
@@ -294,7 +321,7 @@ def merge(
             nothing is left at ``out`` when it is raised.
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
-               out_dtype=out_dtype, weights=weights, compat=compat)  # fmt: skip
+               out_dtype=out_dtype, weights=weights, compat=compat, keep_base=keep_base)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
@@ -316,6 +343,7 @@ def weave(
     overwrite: bool = False,
     weights: Sequence[float] | str | None = None,
     compat: str | None = None,
+    keep_base: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
 ) -> Report:
@@ -349,7 +377,7 @@ def weave(
     """
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
                threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights, search=search,
-               compat=compat)  # fmt: skip
+               compat=compat, keep_base=keep_base)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress)
 
 
@@ -490,6 +518,7 @@ def merge_arrays(
     out_dtype: str | None = None,
     weights: Sequence[float] | str | None = None,
     compat: str | None = None,
+    keep_base: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
 ) -> dict[str, Any]:
@@ -499,7 +528,7 @@ def merge_arrays(
     same Rust engine with the inputs shared zero-copy where their layout allows.
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
-               out_dtype=out_dtype, weights=weights, compat=compat)  # fmt: skip
+               out_dtype=out_dtype, weights=weights, compat=compat, keep_base=keep_base)  # fmt: skip
     return _run_arrays(base, models, job, progress)
 
 
@@ -518,11 +547,12 @@ def weave_arrays(
     out_dtype: str | None = None,
     weights: Sequence[float] | str | None = None,
     compat: str | None = None,
+    keep_base: str | None = None,
     progress: ProgressFn | None = None,
     **params: float | bool | str | Sequence[float],
 ) -> dict[str, Any]:
     """:func:`weave` on in-memory state dicts of numpy arrays or torch tensors."""
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
                threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights, search=search,
-               compat=compat)  # fmt: skip
+               compat=compat, keep_base=keep_base)  # fmt: skip
     return _run_arrays(base, models, job, progress)

@@ -196,6 +196,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "'metagpt' (MetaGPT's ‖τ_t‖²/Σ‖τ_k‖²)")  # fmt: skip
     p.add_argument("--compat", choices=["paper", "mergekit"],
                    help="mergekit: mergekit's semantics and names (see the README's semantics table)")  # fmt: skip
+    p.add_argument("--keep-base", metavar="PATTERN",
+                   help="regular expression: tensors the base and the models do not all share (a head of another "
+                        "size) are copied from the base, a model's own left out")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--chunk-size", type=int, help="elements per chunk")
@@ -297,6 +300,7 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
             overwrite=args.overwrite,
             weights=_weights(args.weights),
             compat=args.compat,
+            keep_base=args.keep_base,
             progress=bar,
             **parse_set(args.set),
         )

@@ -179,7 +179,8 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
          lambdas: Sequence[float] | str | None = None, pool: PoolArg = "mean", include_deltas: bool = True,
          seed: int = 0, threads: int | None = None, chunk_size: int | None = None,
          out_dtype: str | None = None, weights: Sequence[float] | str | None = None,
-         search: SearchArg | None = None, compat: str | None = None) -> dict[str, Any]:  # fmt: skip
+         search: SearchArg | None = None, compat: str | None = None,
+         keep_base: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The recipe and run options, validated, as the one mapping every Rust entry point takes."""
     for name, v in (("threads", threads), ("chunk_size", chunk_size)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v >= 2**63):
@@ -223,6 +224,8 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
         raise ParamError(f"pool must be one of {', '.join(POOLS)} or a function, got {pool!r}")
     if out_dtype is not None and not isinstance(out_dtype, str):
         raise ParamError(f"out_dtype must be a string such as 'bf16', got {out_dtype!r}")
+    if keep_base is not None and (not isinstance(keep_base, str) or not keep_base):
+        raise ParamError(f"keep_base must be a regular expression such as '^classifier\\.', got {keep_base!r}")
     if compat is not None and (not isinstance(compat, str) or compat not in COMPATS):
         raise ParamError(f"compat must be one of {', '.join(COMPATS)}, got {compat!r}")
     for k, v in params.items():
@@ -251,6 +254,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
         "overlays": overlays,
         "tokenizer": tokenizer,
         "load_dtype": load_dtype,
+        "keep_base": keep_base,
     }
 
 

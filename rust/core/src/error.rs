@@ -32,18 +32,28 @@ pub enum Error {
         reason: String,
     },
     /// A tensor of the base is absent from a fine-tuned model.
-    #[error("{file}: tensor '{tensor}' of the base is missing")]
-    MissingTensor { file: String, tensor: String },
+    #[error("{file}: tensor '{tensor}' of the base is missing{hint}")]
+    MissingTensor {
+        file: String,
+        tensor: String,
+        /// The other tensors not shared, and the option that copies the base's (or empty).
+        hint: String,
+    },
     /// A fine-tuned model holds a tensor the base does not.
-    #[error("{file}: tensor '{tensor}' is not in the base")]
-    ExtraTensor { file: String, tensor: String },
+    #[error("{file}: tensor '{tensor}' is not in the base{hint}")]
+    ExtraTensor {
+        file: String,
+        tensor: String,
+        hint: String,
+    },
     /// Same tensor name, different shape than the base.
-    #[error("{file}: tensor '{tensor}' has shape {got:?}, the base has {expected:?}")]
+    #[error("{file}: tensor '{tensor}' has shape {got:?}, the base has {expected:?}{hint}")]
     ShapeMismatch {
         file: String,
         tensor: String,
         expected: Vec<usize>,
         got: Vec<usize>,
+        hint: String,
     },
     /// Same tensor name, a dtype that cannot be merged with the base's.
     #[error("{file}: tensor '{tensor}' has dtype {got}, incompatible with the base's {expected}")]

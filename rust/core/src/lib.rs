@@ -5,6 +5,7 @@
 
 pub mod dtype;
 pub mod error;
+pub mod keep;
 pub mod source;
 /// The safetensors header parser, under its historical name.
 pub use source::safetensors as header;
@@ -62,6 +63,8 @@ pub struct Report {
     pub outputs: Vec<PathBuf>,
     /// Integer/bool tensors that differ between the base and a fine-tune (copied from the base).
     pub differing: Vec<String>,
+    /// What `keep_base` copied from the base and left out of the models.
+    pub kept: keep::Kept,
     /// Files of the base's model directory not copied to the output, with why.
     pub skipped: Vec<String>,
     pub bytes_read: u64,
@@ -83,12 +86,15 @@ pub fn run_views(
     let mut recipe = job.recipe_cancellable(cancel)?;
     no_slices(job)?;
     job.check_tasks(&recipe, models.len())?;
-    let plan = plan::validate(base, models, job.out_dtype()?)?;
+    let mut models = models.to_vec();
+    let kept = job.keep_base(base, &mut models)?;
+    let mut plan = plan::validate(base, &models, job.out_dtype()?)?;
+    keep::mark(&mut plan, &kept);
     recipe.groups = job.tensor_groups(&plan, models.len(), cancel)?;
     let given = plan::given_for(&plan, given, &recipe)?;
     let opts = job.options();
     pipeline::run(
-        base, models, &plan, &recipe, opts, sink, progress, cancel, &given,
+        base, &models, &plan, &recipe, opts, sink, progress, cancel, &given,
     )?;
     Ok(plan)
 }
@@ -121,7 +127,10 @@ pub fn plan_views(
     let recipe = job.recipe_cancellable(cancel)?;
     no_slices(job)?;
     job.check_tasks(&recipe, models.len())?;
-    let plan = plan::validate(base, models, job.out_dtype()?)?;
+    let mut models = models.to_vec();
+    let kept = job.keep_base(base, &mut models)?;
+    let mut plan = plan::validate(base, &models, job.out_dtype()?)?;
+    keep::mark(&mut plan, &kept);
     job.tensor_groups(&plan, models.len(), cancel)?;
     Ok(plan)
 }
@@ -140,6 +149,7 @@ pub struct Prepared {
     output: writer::FileOutput,
     inputs: Vec<(PathBuf, watch::Fingerprint)>,
     differing: Vec<String>,
+    kept: keep::Kept,
     bytes_read: u64,
     bytes_written: u64,
     start: Instant,
@@ -154,6 +164,7 @@ impl Prepared {
             output,
             inputs,
             differing,
+            kept,
             bytes_read,
             bytes_written,
             start,
@@ -168,6 +179,7 @@ impl Prepared {
         Ok(Report {
             outputs: outputs?,
             differing,
+            kept,
             skipped,
             bytes_read,
             bytes_written,
@@ -185,6 +197,7 @@ pub(crate) struct Opened {
     pub output: writer::FileOutput,
     pub bytes_written: u64,
     pub differing: Vec<String>,
+    pub kept: keep::Kept,
     /// Some input weight is FP8 with scales (dequantized while read).
     pub scaled: bool,
 }
@@ -247,11 +260,15 @@ fn output_metadata(
     recipe: &Recipe,
     base: &Path,
     models: &[PathBuf],
+    kept: &keep::Kept,
 ) -> BTreeMap<String, String> {
     let mut meta = base_ck.metadata().clone();
     let mut ours = job.metadata(recipe);
     if let Some(r) = ours.get_mut("weightweave.recipe") {
         if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(r) {
+            if let Some(p) = &job.keep_base {
+                v["keep_base"] = serde_json::json!({"pattern": p, "copied": kept.copied, "left_out": kept.dropped});
+            }
             v["base"] = serde_json::json!(base.display().to_string());
             v["models"] = serde_json::json!(models
                 .iter()
@@ -306,22 +323,24 @@ pub(crate) fn open_files(
         ck.overlay(&o.path, &o.label)?;
     }
     let out_dtype = job.out_dtype()?;
-    let (plan, differing, scaled) = {
-        let (base_view, views, scaled) = job_views(job, &base_ck, &model_cks)?;
+    let (plan, differing, scaled, kept) = {
+        let (base_view, mut views, scaled) = job_views(job, &base_ck, &model_cks)?;
+        let kept = job.keep_base(&base_view, &mut views)?;
         let mut plan = plan::validate(&base_view, &views, out_dtype)?;
+        keep::mark(&mut plan, &kept);
         let differing = plan::differing_copies(&base_view, &views, &plan);
         // Scaled FP8 weights are written re-quantized with fresh scales, unless out_dtype asks
         // for them dequantized.
         if scaled.is_some() && out_dtype.is_none() {
             plan::requantize(&mut plan, &base_view);
         }
-        (plan, differing, scaled)
+        (plan, differing, scaled, kept)
     };
     let mut inputs = base_ck.input_files();
     for m in &model_cks {
         inputs.extend(m.input_files());
     }
-    let metadata = output_metadata(&base_ck, job, recipe, base, models);
+    let metadata = output_metadata(&base_ck, job, recipe, base, models, &kept);
     let (output, bytes_written) = writer::FileOutput::create(
         &target,
         &plan,
@@ -343,6 +362,7 @@ pub(crate) fn open_files(
         output,
         bytes_written,
         differing,
+        kept,
         scaled: scaled.is_some(),
     })
 }
@@ -366,6 +386,7 @@ impl Opened {
             output: self.output,
             inputs,
             differing: self.differing,
+            kept: self.kept,
             bytes_read,
             bytes_written: self.bytes_written,
             start,
@@ -402,7 +423,8 @@ pub fn prepare_files(
     let mut recipe = recipe;
     recipe.groups = job.tensor_groups(&opened.plan, job.tasks(models.len()), cancel)?;
     let bytes_read = {
-        let (base_view, views, _) = job_views(job, &opened.base, &opened.models)?;
+        let (base_view, mut views, _) = job_views(job, &opened.base, &opened.models)?;
+        job.keep_base(&base_view, &mut views)?;
         pipeline::run(
             &base_view,
             &views,

@@ -106,31 +106,11 @@ pub fn validate(
     for m in std::iter::once(base).chain(models) {
         check_quantization(m)?;
     }
-    for m in models {
-        if let Some(extra) = m.tensors.keys().find(|k| !base.tensors.contains_key(*k)) {
-            return Err(Error::ExtraTensor {
-                file: m.tensors[extra].file.to_owned(),
-                tensor: extra.clone(),
-            });
-        }
-    }
+    unshared(base, models)?;
     let mut plan = Vec::with_capacity(base.tensors.len());
     for (name, b) in &base.tensors {
         for m in models {
-            let Some(t) = m.tensors.get(name) else {
-                return Err(Error::MissingTensor {
-                    file: m.label.clone(),
-                    tensor: name.clone(),
-                });
-            };
-            if t.shape != b.shape {
-                return Err(Error::ShapeMismatch {
-                    file: t.file.to_owned(),
-                    tensor: name.clone(),
-                    expected: b.shape.to_vec(),
-                    got: t.shape.to_vec(),
-                });
-            }
+            let t = &m.tensors[name];
             let compatible = if b.dtype.is_mergeable() {
                 t.dtype.is_mergeable()
             } else {
@@ -162,6 +142,122 @@ pub fn validate(
         });
     }
     Ok(plan)
+}
+
+/// Every tensor a model and the base do not share (a model's own, one the model lacks, one of
+/// another shape), found all at once: the error names the first as before, then lists the
+/// others and the `keep_base` pattern that would copy the base's for all of them.
+fn unshared(base: &ModelView, models: &[ModelView]) -> Result<()> {
+    let mut found: Vec<(Error, String, String)> = Vec::new(); // (error, name, why)
+    let none = String::new;
+    for m in models {
+        for (name, t) in &m.tensors {
+            if !base.tensors.contains_key(name) {
+                let file = t.file.to_owned();
+                let why = format!("only in {file}");
+                let e = Error::ExtraTensor {
+                    file,
+                    tensor: name.clone(),
+                    hint: none(),
+                };
+                found.push((e, name.clone(), why));
+            }
+        }
+    }
+    for (name, b) in &base.tensors {
+        for m in models {
+            match m.tensors.get(name) {
+                None => {
+                    let e = Error::MissingTensor {
+                        file: m.label.clone(),
+                        tensor: name.clone(),
+                        hint: none(),
+                    };
+                    found.push((e, name.clone(), format!("not in {}", m.label)));
+                }
+                Some(t) if t.shape != b.shape => {
+                    let why = format!("{:?} in {}, {:?} in the base", t.shape, t.file, b.shape);
+                    let e = Error::ShapeMismatch {
+                        file: t.file.to_owned(),
+                        tensor: name.clone(),
+                        expected: b.shape.to_vec(),
+                        got: t.shape.to_vec(),
+                        hint: none(),
+                    };
+                    found.push((e, name.clone(), why));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let Some((first, _, _)) = found.first() else {
+        return Ok(());
+    };
+    let mut names: Vec<&str> = found.iter().map(|(_, n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    const SHOWN: usize = 6;
+    let mut list: Vec<String> = found
+        .iter()
+        .take(SHOWN)
+        .map(|(_, n, why)| format!("'{n}' ({why})"))
+        .collect();
+    if found.len() > SHOWN {
+        list.push(format!("{} more", found.len() - SHOWN));
+    }
+    let hint = format!(
+        "; {} tensor(s) are not shared by the base and every model: {}. None is guessed: to copy the base's for them (a model's own are then left out), pass keep_base='{}' (CLI --keep-base)",
+        names.len(),
+        list.join(", "),
+        keep_pattern(&names)
+    );
+    Err(match first {
+        Error::ExtraTensor { file, tensor, .. } => Error::ExtraTensor {
+            file: file.clone(),
+            tensor: tensor.clone(),
+            hint,
+        },
+        Error::MissingTensor { file, tensor, .. } => Error::MissingTensor {
+            file: file.clone(),
+            tensor: tensor.clone(),
+            hint,
+        },
+        Error::ShapeMismatch {
+            file,
+            tensor,
+            expected,
+            got,
+            ..
+        } => Error::ShapeMismatch {
+            file: file.clone(),
+            tensor: tensor.clone(),
+            expected: expected.clone(),
+            got: got.clone(),
+            hint,
+        },
+        _ => unreachable!("only these are found"),
+    })
+}
+
+/// A regular expression that matches exactly `names` (sorted, distinct): each name escaped, or
+/// for many names the module prefixes (all but the last component) they share.
+fn keep_pattern(names: &[&str]) -> String {
+    let esc = |s: &str| regex::escape(s);
+    if names.len() <= 4 {
+        return format!(
+            "^({})$",
+            names.iter().map(|n| esc(n)).collect::<Vec<_>>().join("|")
+        );
+    }
+    let mut stems: Vec<String> = names
+        .iter()
+        .map(|n| {
+            n.rsplit_once('.')
+                .map_or(format!("{}$", esc(n)), |(s, _)| format!("{}\\.", esc(s)))
+        })
+        .collect();
+    stems.dedup();
+    format!("^({})", stems.join("|"))
 }
 
 /// Plans every scaled FP8 weight of `base` to be written re-quantized: the weight keeps its FP8
@@ -257,8 +353,8 @@ pub fn differing_copies(
         .filter(|t| {
             let b = base.tensors[&t.name].data;
             models.iter().any(|m| {
-                let r = &m.tensors[&t.name];
-                r.delta.is_none() && r.data != b
+                let r = m.tensors.get(&t.name);
+                r.is_some_and(|r| r.delta.is_none() && r.data != b)
             })
         })
         .map(|t| t.name.clone())

@@ -26,6 +26,7 @@ pub struct Session {
     opts: Options,
     output: FileOutput,
     differing: Vec<String>,
+    kept: crate::keep::Kept,
     written: Mutex<Vec<bool>>,
     bytes_written: u64,
     done: AtomicU64,
@@ -102,6 +103,7 @@ impl Session {
             output: opened.output,
             bytes_written: opened.bytes_written,
             differing: opened.differing,
+            kept: opened.kept,
             done: AtomicU64::new(0),
             total,
             start,
@@ -333,6 +335,7 @@ impl Session {
         Ok(Report {
             outputs,
             differing: self.differing,
+            kept: self.kept,
             skipped,
             bytes_read,
             bytes_written: self.bytes_written,

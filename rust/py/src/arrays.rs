@@ -199,8 +199,11 @@ pub fn merge_buffers<'py>(
         given.insert(n.clone(), f32_slice(b)?);
     }
     let r = run_detached(py, progress, |report, cancel| {
-        run_views(&base_view, &views, &job, &given, &sink, report, cancel)
-            .map(|plan| differing_copies(&base_view, &views, &plan))
+        let plan = run_views(&base_view, &views, &job, &given, &sink, report, cancel)?;
+        // The integer tensors that differ, among those the models share with the base.
+        let mut views = views.clone();
+        job.keep_base(&base_view, &mut views)?;
+        Ok(differing_copies(&base_view, &views, &plan))
     });
     drop(held);
     r

@@ -290,6 +290,7 @@ pub fn job(d: &Bound<'_, PyDict>) -> PyResult<Job> {
         pool_fn: pool_fn_,
         compat: item(d, "compat", None)?,
         load_dtype: item(d, "load_dtype", None)?,
+        keep_base: item(d, "keep_base", None)?,
         metagpt: item(d, "metagpt", false)?,
         lines: match d.get_item("lines")? {
             Some(l) if !l.is_none() => {

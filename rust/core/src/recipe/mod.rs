@@ -99,6 +99,9 @@ pub struct Job {
     /// mergekit's `dtype`: every input is rounded to it as it is read, as mergekit loads the
     /// tensors in it before any arithmetic (`None`: the values as stored).
     pub load_dtype: Option<String>,
+    /// A regular expression: tensors it matches are copied from the base, and a model's own
+    /// left out ([`crate::keep`]); for tensors the base and the models do not share.
+    pub keep_base: Option<String>,
 }
 
 /// Safetensors file `path` laid over input `input`'s tensors; `label` names them in errors.
@@ -139,6 +142,19 @@ impl Job {
             overlays: Vec::new(),
             tokenizer: None,
             load_dtype: None,
+            keep_base: None,
+        }
+    }
+
+    /// Applies [`Job::keep_base`] to the views (nothing without it).
+    pub fn keep_base<'a>(
+        &self,
+        base: &crate::reader::ModelView<'a>,
+        models: &mut [crate::reader::ModelView<'a>],
+    ) -> Result<crate::keep::Kept> {
+        match &self.keep_base {
+            Some(p) => crate::keep::apply(p, base, models),
+            None => Ok(crate::keep::Kept::default()),
         }
     }
 
