@@ -96,3 +96,71 @@ def test_keep_base_is_checked(tmp_path, heads, capsys):
                  "--method", "ties", "--keep-base", r"^classifier\."])  # fmt: skip
     assert code == 0
     assert "keep_base copied 2 tensor(s) from the base: classifier.bias, classifier.weight" in capsys.readouterr().err
+
+
+def test_a_prefix_that_differs_is_aligned_and_said(tmp_path):
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.BertModel(cfg)  # bare encoder: embeddings.*, encoder.*, pooler.*
+    base.save_pretrained(tmp_path / "base")
+    fts = []
+    for i in range(2):
+        m = transformers.BertForSequenceClassification(cfg)  # bert.* and a head the base lacks
+        with torch.no_grad():
+            for p, q in zip(m.bert.parameters(), base.parameters(), strict=True):
+                p.copy_(q + 0.01 * (i + 1) * torch.randn_like(q))
+        m.save_pretrained(tmp_path / f"ft{i}")
+        fts.append(m)
+    paths = [tmp_path / "ft0", tmp_path / "ft1"]
+    # The prefix is aligned; the head only the fine-tunes hold is still not guessed.
+    with pytest.raises(ww.MismatchError, match=r"'classifier.bias' is not in the base.*keep_base='\^\(classifier.*"
+                                               r"\(after aligning names: .*ft0: 'bert.' removed from 39 tensor names"):
+        ww.merge(tmp_path / "base", paths, tmp_path / "out", method="task_arithmetic")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = ww.merge(tmp_path / "base", paths, tmp_path / "out", method="task_arithmetic", lam=1.0,
+                       keep_base=r"^classifier\.")  # fmt: skip
+    said = [str(w.message) for w in caught if isinstance(w.message, ww.AlignedNamesWarning)]
+    assert len(said) == 2 and all("'bert.' removed from" in s for s in said)
+    assert rep.left_out == ["classifier.bias", "classifier.weight"] and len(rep.aligned) == 2
+    out = load(tmp_path / "out")
+    b = base.state_dict()
+    assert sorted(out) == sorted(b)  # the base's names
+    for name, v in b.items():
+        want = v + sum(ft.state_dict()["bert." + name] - v for ft in fts) if v.is_floating_point() else v
+        torch.testing.assert_close(out[name], want, rtol=0, atol=1e-6)
+    m, info = transformers.BertModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_ddp_module_prefixes_are_removed(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    base = {"enc.w": torch.randn(4, 4, generator=g), "enc.b": torch.randn(4, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    for i in range(2):
+        ft = {k: v + 0.1 * (i + 1) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(ft, tmp_path / f"plain{i}.safetensors")
+        save_file({"module." + k: v for k, v in ft.items()}, tmp_path / f"ddp{i}.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ww.merge(tmp_path / "base.safetensors", [tmp_path / "ddp0.safetensors", tmp_path / "ddp1.safetensors"],
+                 tmp_path / "a.safetensors", method="ties", density=0.5)  # fmt: skip
+    said = sorted(str(w.message) for w in caught if isinstance(w.message, ww.AlignedNamesWarning))
+    assert [re.search(r"ddp\d.safetensors: 'module.' removed from 2 tensor names", s) is not None for s in said] == [
+        True, True]
+    ww.merge(tmp_path / "base.safetensors", [tmp_path / "plain0.safetensors", tmp_path / "plain1.safetensors"],
+             tmp_path / "b.safetensors", method="ties", density=0.5)  # fmt: skip
+    a, b = load(tmp_path / "a.safetensors"), load(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        assert len(json.loads(f.metadata()["weightweave.recipe"])["aligned_names"]) == 2
+    # Arrays too: aligned, and said.
+    ddp = [{"module." + k: v for k, v in load(tmp_path / f"plain{i}.safetensors").items()} for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = ww.merge_arrays(base, ddp, method="ties", density=0.5)
+    assert sum(isinstance(w.message, ww.AlignedNamesWarning) for w in caught) == 2
+    assert all(torch.equal(out[k], a[k]) for k in a)

@@ -20,6 +20,7 @@ from .api import (
     METHODS,
     POOLS,
     SVD_METHODS,
+    AlignedNamesWarning,
     CopiedTensorsWarning,
     KeptBaseWarning,
     Report,
@@ -33,6 +34,7 @@ from .api import (
 from .recipe import RecipeError, RecipeWarning, run
 
 __all__ = [
+    "AlignedNamesWarning",
     "MERGEKIT_ONLY",
     "METHODS",
     "POOLS",

@@ -68,6 +68,9 @@ class Report:
             copied from the base, never merged; a :class:`CopiedTensorsWarning` says so too).
         skipped: Files of the base's model directory not copied next to the output, each with
             why (weights in another format, a training log, over 512 MiB, nested too deep).
+        aligned: Per fine-tune whose tensor names were aligned to the base's (a leading component
+            such as ``bert.`` or DDP's ``module.`` removed or added), what was done (an
+            :class:`AlignedNamesWarning` says so).
         kept: Tensors ``keep_base`` copied from the base (a :class:`KeptBaseWarning` says so).
         left_out: Tensors only models held that ``keep_base`` left out.
     """
@@ -80,6 +83,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
+    aligned: list[str] = field(default_factory=list)
 
 
 class CopiedTensorsWarning(UserWarning):
@@ -89,6 +93,16 @@ class CopiedTensorsWarning(UserWarning):
 
 class KeptBaseWarning(UserWarning):
     """``keep_base`` copied tensors from the base (and left models' own out): the run names them."""
+
+
+class AlignedNamesWarning(UserWarning):
+    """A fine-tune's tensor names were aligned to the base's by a leading component (``bert.``,
+    ``module.``): the run says which, so a wrong alignment is never silent."""
+
+
+def _warn_aligned(lines: list[str]) -> None:
+    for line in lines:
+        warnings.warn(f"tensor names aligned to the base's: {line}", AlignedNamesWarning, stacklevel=4)
 
 
 def _shown(names: list[str]) -> str:
@@ -197,9 +211,10 @@ def _models(models: object) -> list[Any]:
 
 def _report(d: dict[str, Any]) -> Report:
     _warn_differing(d["differing"])
+    _warn_aligned(d.get("aligned", []))
     _warn_kept(d.get("kept", []), d.get("left_out", []))
     return Report(d["outputs"], d["bytes_read"], d["bytes_written"], d["seconds"], d["differing"], d["skipped"],
-                  d.get("kept", []), d.get("left_out", []))  # fmt: skip
+                  d.get("kept", []), d.get("left_out", []), d.get("aligned", []))  # fmt: skip
 
 
 def _svd_options(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -484,7 +499,9 @@ def _run_arrays(base, models, job: dict[str, Any], progress) -> dict[str, Any]:
                                               params=job["params"], **svd)  # fmt: skip
         given = [(n, t.numpy().reshape(-1)) for n, t in m_by_name.items()]
     flat_outputs = [(n, a.reshape(-1)) for n, (_, a) in outputs.items()]
-    _warn_differing(_rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given))
+    differing, aligned = _rust.merge_buffers(b, ms, flat_outputs, job, progress=progress, given=given)
+    _warn_aligned(aligned)
+    _warn_differing(differing)
     if as_torch:
         import torch
 

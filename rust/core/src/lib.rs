@@ -87,9 +87,7 @@ pub fn run_views(
     no_slices(job)?;
     job.check_tasks(&recipe, models.len())?;
     let mut models = models.to_vec();
-    let kept = job.keep_base(base, &mut models)?;
-    let mut plan = plan::validate(base, &models, job.out_dtype()?)?;
-    keep::mark(&mut plan, &kept);
+    let (plan, _) = keep::plan(job, base, &mut models, job.out_dtype()?)?;
     recipe.groups = job.tensor_groups(&plan, models.len(), cancel)?;
     let given = plan::given_for(&plan, given, &recipe)?;
     let opts = job.options();
@@ -128,9 +126,7 @@ pub fn plan_views(
     no_slices(job)?;
     job.check_tasks(&recipe, models.len())?;
     let mut models = models.to_vec();
-    let kept = job.keep_base(base, &mut models)?;
-    let mut plan = plan::validate(base, &models, job.out_dtype()?)?;
-    keep::mark(&mut plan, &kept);
+    let (plan, _) = keep::plan(job, base, &mut models, job.out_dtype()?)?;
     job.tensor_groups(&plan, models.len(), cancel)?;
     Ok(plan)
 }
@@ -269,6 +265,9 @@ fn output_metadata(
             if let Some(p) = &job.keep_base {
                 v["keep_base"] = serde_json::json!({"pattern": p, "copied": kept.copied, "left_out": kept.dropped});
             }
+            if !kept.aligned.is_empty() {
+                v["aligned_names"] = serde_json::json!(kept.aligned);
+            }
             v["base"] = serde_json::json!(base.display().to_string());
             v["models"] = serde_json::json!(models
                 .iter()
@@ -325,9 +324,7 @@ pub(crate) fn open_files(
     let out_dtype = job.out_dtype()?;
     let (plan, differing, scaled, kept) = {
         let (base_view, mut views, scaled) = job_views(job, &base_ck, &model_cks)?;
-        let kept = job.keep_base(&base_view, &mut views)?;
-        let mut plan = plan::validate(&base_view, &views, out_dtype)?;
-        keep::mark(&mut plan, &kept);
+        let (mut plan, kept) = keep::plan(job, &base_view, &mut views, out_dtype)?;
         let differing = plan::differing_copies(&base_view, &views, &plan);
         // Scaled FP8 weights are written re-quantized with fresh scales, unless out_dtype asks
         // for them dequantized.
@@ -424,7 +421,7 @@ pub fn prepare_files(
     recipe.groups = job.tensor_groups(&opened.plan, job.tasks(models.len()), cancel)?;
     let bytes_read = {
         let (base_view, mut views, _) = job_views(job, &opened.base, &opened.models)?;
-        job.keep_base(&base_view, &mut views)?;
+        job.share_names(&base_view, &mut views)?;
         pipeline::run(
             &base_view,
             &views,

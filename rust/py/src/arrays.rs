@@ -159,7 +159,7 @@ pub fn merge_buffers<'py>(
     job: &Bound<'py, PyDict>,
     progress: Option<Py<PyAny>>,
     given: Option<Vec<(String, Bound<'py, PyAny>)>>,
-) -> PyResult<Vec<String>> {
+) -> PyResult<(Vec<String>, Vec<String>)> {
     let job = convert::job(job)?;
     let (b, ms) = inputs(base, models)?;
     let views: Vec<ModelView> = ms.iter().map(|m| m.view()).collect();
@@ -200,10 +200,11 @@ pub fn merge_buffers<'py>(
     }
     let r = run_detached(py, progress, |report, cancel| {
         let plan = run_views(&base_view, &views, &job, &given, &sink, report, cancel)?;
-        // The integer tensors that differ, among those the models share with the base.
+        // The integer tensors that differ, among those the models share with the base, and
+        // the names aligned to the base's (said by the caller).
         let mut views = views.clone();
-        job.keep_base(&base_view, &mut views)?;
-        Ok(differing_copies(&base_view, &views, &plan))
+        let kept = job.share_names(&base_view, &mut views)?;
+        Ok((differing_copies(&base_view, &views, &plan), kept.aligned))
     });
     drop(held);
     r

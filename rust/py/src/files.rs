@@ -62,6 +62,7 @@ pub fn report_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py,
     d.set_item("differing", report.differing.clone())?;
     d.set_item("kept", report.kept.copied.clone())?;
     d.set_item("left_out", report.kept.dropped.clone())?;
+    d.set_item("aligned", report.kept.aligned.clone())?;
     d.set_item("skipped", report.skipped.clone())?;
     d.set_item("bytes_read", report.bytes_read)?;
     d.set_item("bytes_written", report.bytes_written)?;

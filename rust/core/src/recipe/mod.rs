@@ -146,16 +146,13 @@ impl Job {
         }
     }
 
-    /// Applies [`Job::keep_base`] to the views (nothing without it).
-    pub fn keep_base<'a>(
+    /// Aligns the models' names to the base's and applies [`Job::keep_base`] ([`crate::keep`]).
+    pub fn share_names<'a>(
         &self,
         base: &crate::reader::ModelView<'a>,
         models: &mut [crate::reader::ModelView<'a>],
     ) -> Result<crate::keep::Kept> {
-        match &self.keep_base {
-            Some(p) => crate::keep::apply(p, base, models),
-            None => Ok(crate::keep::Kept::default()),
-        }
+        crate::keep::share(self.keep_base.as_deref(), base, models)
     }
 
     /// Fine-tuned models the method merges: the slices' model lanes, or the models given.
