@@ -164,3 +164,43 @@ def test_ddp_module_prefixes_are_removed(tmp_path):
         out = ww.merge_arrays(base, ddp, method="ties", density=0.5)
     assert sum(isinstance(w.message, ww.AlignedNamesWarning) for w in caught) == 2
     assert all(torch.equal(out[k], a[k]) for k in a)
+
+
+def test_vision_fine_tunes_of_a_whole_clip_model(tmp_path):
+    """transformers 5 saves a CLIPVisionModel as embeddings.* (no vision_model.): aligned to a
+    CLIPModel base; the text tower, projections and logit_scale the fine-tunes lack are listed with
+    a pattern that, passed back, gives a CLIPModel with the vision tower merged."""
+    tc = transformers.CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1)
+    vc = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.CLIPModel(transformers.CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(),
+                                                          projection_dim=8))  # fmt: skip
+    base.save_pretrained(tmp_path / "base")
+    b = base.state_dict()
+    fts = []
+    for i in range(2):
+        v = transformers.CLIPVisionModel(vc)
+        with torch.no_grad():
+            for n, p in v.named_parameters():
+                p.copy_(b[n if n in b else "vision_model." + n] + 0.01 * torch.randn_like(p))
+        v.save_pretrained(tmp_path / f"ft{i}")
+        fts.append({("vision_model." + k if "vision_model." + k in b else k): t for k, t in v.state_dict().items()})
+    paths = [tmp_path / "ft0", tmp_path / "ft1"]
+    with pytest.raises(ww.MismatchError) as e:
+        ww.merge(tmp_path / "base", paths, tmp_path / "out", method="task_arithmetic")
+    pattern = re.search(r"keep_base='([^']+)'", str(e.value)).group(1)
+    assert pattern == r"^(logit_scale$|text_model\.|text_projection\.|visual_projection\.)"
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        rep = ww.merge(tmp_path / "base", paths, tmp_path / "out", method="task_arithmetic", lam=1.0, keep_base=pattern)
+    if "embeddings.class_embedding" in transformers.CLIPVisionModel(vc).state_dict():  # transformers 5 names
+        assert len(rep.aligned) == 2 and all("'vision_model.' added" in s for s in rep.aligned)
+    out = load(tmp_path / "out")
+    for name, v in b.items():
+        want = v + sum(ft[name] - v for ft in fts) if name.startswith("vision_model.") else v
+        torch.testing.assert_close(out[name], want, rtol=0, atol=1e-6)
+    m, info = transformers.CLIPModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    m(input_ids=torch.tensor([[0, 5, 1]]), pixel_values=torch.zeros(1, 3, 16, 16))

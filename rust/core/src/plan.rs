@@ -193,6 +193,10 @@ fn unshared(base: &ModelView, models: &[ModelView]) -> Result<()> {
     let Some((first, _, _)) = found.first() else {
         return Ok(());
     };
+    let all: std::collections::BTreeSet<&str> = std::iter::once(base)
+        .chain(models)
+        .flat_map(|m| m.tensors.keys().map(String::as_str))
+        .collect();
     let mut names: Vec<&str> = found.iter().map(|(_, n, _)| n.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -209,7 +213,7 @@ fn unshared(base: &ModelView, models: &[ModelView]) -> Result<()> {
         "; {} tensor(s) are not shared by the base and every model: {}. None is guessed: to copy the base's for them (a model's own are then left out), pass keep_base='{}' (CLI --keep-base)",
         names.len(),
         list.join(", "),
-        keep_pattern(&names)
+        keep_pattern(&names, &all)
     );
     Err(match first {
         Error::ExtraTensor { file, tensor, .. } => Error::ExtraTensor {
@@ -239,25 +243,31 @@ fn unshared(base: &ModelView, models: &[ModelView]) -> Result<()> {
     })
 }
 
-/// A regular expression that matches exactly `names` (sorted, distinct): each name escaped, or
-/// for many names the module prefixes (all but the last component) they share.
-fn keep_pattern(names: &[&str]) -> String {
-    let esc = |s: &str| regex::escape(s);
-    if names.len() <= 4 {
-        return format!(
-            "^({})$",
-            names.iter().map(|n| esc(n)).collect::<Vec<_>>().join("|")
-        );
-    }
-    let mut stems: Vec<String> = names
+/// A regular expression that matches exactly `names` (sorted, distinct) among `all`: for each,
+/// the shortest leading run of components under which every name of `all` is one of `names`
+/// (`text_model\.` when no tensor of the text tower is shared), else the whole name.
+fn keep_pattern(names: &[&str], all: &std::collections::BTreeSet<&str>) -> String {
+    let covered = |prefix: &str| {
+        all.range(prefix..)
+            .take_while(|n| n.starts_with(prefix))
+            .all(|n| names.binary_search(n).is_ok())
+    };
+    let mut parts: Vec<String> = names
         .iter()
         .map(|n| {
-            n.rsplit_once('.')
-                .map_or(format!("{}$", esc(n)), |(s, _)| format!("{}\\.", esc(s)))
+            let cut = n
+                .match_indices('.')
+                .map(|(i, _)| &n[..=i])
+                .find(|p| covered(p));
+            match cut {
+                Some(p) => regex::escape(p),
+                None => format!("{}$", regex::escape(n)),
+            }
         })
         .collect();
-    stems.dedup();
-    format!("^({})", stems.join("|"))
+    parts.sort_unstable();
+    parts.dedup();
+    format!("^({})", parts.join("|"))
 }
 
 /// Plans every scaled FP8 weight of `base` to be written re-quantized: the weight keeps its FP8
