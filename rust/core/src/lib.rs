@@ -343,7 +343,10 @@ pub(crate) fn open_files(
         &plan,
         &metadata,
         &inputs,
-        base_ck.model_dir.as_deref(),
+        writer::BaseDir {
+            dir: base_ck.model_dir.as_deref(),
+            modules: &base_ck.module_paths(),
+        },
         out_dtype,
         scaled.is_some() && out_dtype.is_some(),
     )?;

@@ -148,6 +148,85 @@ pub struct Checkpoint {
     /// vocabulary tensors realigned to a tokenizer built for the output (see
     /// [`Checkpoint::overlay`]).
     overlays: Vec<MappedFile>,
+    /// The weights of a sentence-transformers model's module directories (`2_Dense/`, as
+    /// `modules.json` lists them), by module path: their tensors are named `path/name` in
+    /// [`Checkpoint::view`], and written back to `path/model.safetensors`.
+    modules: Vec<(String, MappedFile)>,
+}
+
+/// The module paths of a checkpoint's weights outside its root (sentence-transformers).
+impl Checkpoint {
+    pub fn module_paths(&self) -> Vec<String> {
+        self.modules.iter().map(|(p, _)| p.clone()).collect()
+    }
+}
+
+/// The most `modules.json` read (sentence-transformers writes a few hundred bytes).
+const MODULES_JSON_LIMIT: u64 = 1 << 20;
+
+/// The weights of the module directories a sentence-transformers model's `modules.json` lists
+/// (`2_Dense/model.safetensors`; the root module's are the directory's own): each module path
+/// must be one plain directory name in `dir` (a path that climbs out or nests is refused).
+fn open_modules(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
+    let listing = dir.join("modules.json");
+    if !listing.is_file() {
+        return Ok(Vec::new());
+    }
+    let label = listing.display().to_string();
+    let (file, meta) = open_regular(&listing)?;
+    if meta.len() > MODULES_JSON_LIMIT {
+        return Err(Error::header(
+            &label,
+            format!("is {} bytes, more than a modules.json holds", meta.len()),
+        ));
+    }
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MODULES_JSON_LIMIT),
+        &mut text,
+    )
+    .map_err(|e| Error::io(&listing, e))?;
+    #[derive(serde::Deserialize)]
+    struct Module {
+        #[serde(default)]
+        path: String,
+    }
+    let list: Vec<Module> = serde_json::from_slice(&text).map_err(|e| {
+        Error::header(
+            &label,
+            format!("not a sentence-transformers module list: {e}"),
+        )
+    })?;
+    let mut out: Vec<(String, MappedFile)> = Vec::new();
+    for m in list {
+        if m.path.is_empty() {
+            continue;
+        }
+        let plain = Path::new(&m.path).components().count() == 1
+            && matches!(
+                Path::new(&m.path).components().next(),
+                Some(std::path::Component::Normal(_))
+            );
+        if !plain || m.path.contains('/') {
+            return Err(Error::header(
+                &label,
+                format!(
+                    "module path '{}' is not one directory name inside the model",
+                    m.path.escape_debug()
+                ),
+            ));
+        }
+        if out.iter().any(|(p, _)| *p == m.path) {
+            continue;
+        }
+        let weights = dir.join(&m.path).join(SINGLE_FILE);
+        if weights.is_file() {
+            out.push((m.path.clone(), map_file(&weights)?));
+        } else if dir.join(&m.path).join(BIN_FILE).is_file() {
+            out.push((m.path.clone(), map_file(&dir.join(&m.path).join(BIN_FILE))?));
+        }
+    }
+    Ok(out)
 }
 
 /// A weight file's name as transformers and diffusers save it (variants such as
@@ -265,6 +344,7 @@ impl Checkpoint {
                 Self::open_single(path, &found)?
             };
             ck.model_dir = Some(path.to_owned());
+            ck.modules = open_modules(path)?;
             Ok(ck)
         } else {
             let mut ck = if path.extension().is_some_and(|e| e == "json") {
@@ -337,6 +417,7 @@ impl Checkpoint {
             files: vec![mapped],
             owner,
             overlays: Vec::new(),
+            modules: Vec::new(),
         })
     }
 
@@ -404,6 +485,7 @@ impl Checkpoint {
             files,
             owner: Some(owner),
             overlays: Vec::new(),
+            modules: Vec::new(),
         })
     }
 
@@ -432,6 +514,7 @@ impl Checkpoint {
             .files
             .iter()
             .chain(&self.overlays)
+            .chain(self.modules.iter().map(|(_, f)| f))
             .map(|f| f.path.clone())
             .collect();
         v.extend(self.index_file.clone());
@@ -444,6 +527,7 @@ impl Checkpoint {
         self.files
             .iter()
             .chain(&self.overlays)
+            .chain(self.modules.iter().map(|(_, f)| f))
             .filter_map(|f| f.guard.as_ref())
             .try_for_each(|g| g.check())
     }
@@ -455,6 +539,7 @@ impl Checkpoint {
             .files
             .iter()
             .chain(&self.overlays)
+            .chain(self.modules.iter().map(|(_, f)| f))
             .map(|f| (f.path.clone(), f.fingerprint))
             .collect();
         if let (Some(p), Some(fp)) = (&self.index_file, self.index_fingerprint) {
@@ -576,6 +661,11 @@ impl Checkpoint {
             .entries()
             .map(|(name, i, e)| (name.to_owned(), tensor_ref(&self.files[i], e)))
             .collect();
+        for (path, f) in &self.modules {
+            for (name, e) in f.header.iter() {
+                tensors.insert(format!("{path}/{name}"), tensor_ref(f, e));
+            }
+        }
         for f in &self.overlays {
             for (name, e) in f.header.iter() {
                 tensors.insert(name.to_owned(), tensor_ref(f, e));

@@ -26,6 +26,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pipeline::Sink;
 use crate::plan::TensorPlan;
+use crate::reader::SINGLE_FILE;
 use companions::Companion;
 use lock::OutputLock;
 
@@ -33,6 +34,13 @@ struct OutFile {
     name: String,
     header: Vec<u8>,
     size: u64,
+}
+
+/// What the output takes from the base's directory: its companion files (config, tokenizer), and
+/// the module directories whose weights are merged (sentence-transformers' `2_Dense/`).
+pub struct BaseDir<'a> {
+    pub dir: Option<&'a Path>,
+    pub modules: &'a [String],
 }
 
 /// Output files and the position of every tensor within them.
@@ -45,17 +53,31 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// `modules`: module paths whose tensors (named `path/name`) go to `path/model.safetensors`
+    /// (sentence-transformers' module directories), named there without the path.
     pub fn new(
         plan: &[TensorPlan],
         target: &Target,
         metadata: &BTreeMap<String, String>,
+        modules: &[String],
     ) -> Layout {
-        // Group tensors into shards (in name order, like transformers: a new shard starts when
-        // the next tensor would overflow the current one).
+        let module_of = |name: &str| {
+            modules.iter().position(|m| {
+                name.strip_prefix(m.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+        };
+        // Group the root's tensors into shards (in name order, like transformers: a new shard
+        // starts when the next tensor would overflow the current one).
         let limit = target.shard_size().unwrap_or(u64::MAX);
         let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut in_module: Vec<Vec<usize>> = vec![Vec::new(); modules.len()];
         let mut used = 0u64;
         for (i, t) in plan.iter().enumerate() {
+            if let Some(m) = module_of(&t.name) {
+                in_module[m].push(i);
+                continue;
+            }
             let b = t.out_bytes() as u64;
             if used > 0 && used.saturating_add(b) > limit {
                 groups.push(Vec::new());
@@ -65,13 +87,24 @@ impl Layout {
             used += b;
         }
         let n = groups.len();
-        let names: Vec<String> = match target.kind {
+        let mut names: Vec<String> = match target.kind {
             Kind::File => vec![target.name.to_string_lossy().into_owned()],
             Kind::Dir { .. } if n == 1 => vec![target.single_file()],
             Kind::Dir { .. } => (1..=n)
                 .map(|k| format!("{}-{k:05}-of-{n:05}.safetensors", target.stem))
                 .collect(),
         };
+        let main_total: u64 = groups
+            .iter()
+            .flatten()
+            .map(|&i| plan[i].out_bytes() as u64)
+            .sum();
+        for (m, g) in modules.iter().zip(in_module) {
+            if !g.is_empty() {
+                groups.push(g);
+                names.push(format!("{m}/{SINGLE_FILE}"));
+            }
+        }
         let mut loc = vec![(0, 0); plan.len()];
         let mut files = Vec::new();
         let mut weight_map = serde_json::Map::new();
@@ -85,11 +118,17 @@ impl Layout {
             for &i in group {
                 let t = &plan[i];
                 let end = offset + t.out_bytes() as u64;
+                let local = match module_of(&t.name) {
+                    Some(m) => t.name[modules[m].len() + 1..].to_owned(),
+                    None => {
+                        weight_map.insert(t.name.clone(), name.clone().into());
+                        t.name.clone()
+                    }
+                };
                 header.insert(
-                    t.name.clone(),
+                    local,
                     serde_json::json!({"dtype": t.out_dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
                 );
-                weight_map.insert(t.name.clone(), name.clone().into());
                 offset = end;
             }
             let mut bytes = serde_json::to_vec(&header).expect("json");
@@ -112,9 +151,7 @@ impl Layout {
             });
         }
         let index = (n > 1).then(|| {
-            let total: u64 = plan.iter().map(|t| t.out_bytes() as u64).sum();
-            let v =
-                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let v = serde_json::json!({"metadata": {"total_size": main_total}, "weight_map": weight_map});
             serde_json::to_vec_pretty(&v).expect("json")
         });
         Layout {
@@ -292,10 +329,11 @@ impl FileOutput {
         plan: &[TensorPlan],
         metadata: &BTreeMap<String, String>,
         inputs: &[PathBuf],
-        companions_from: Option<&Path>,
+        from: BaseDir<'_>,
         config_dtype: Option<DType>,
         dequantized: bool,
     ) -> Result<(FileOutput, u64)> {
+        let (companions_from, modules) = (from.dir, from.modules);
         let mut out = FileOutput {
             target: target.clone(),
             existing: Existing::Absent,
@@ -322,13 +360,30 @@ impl FileOutput {
         leftovers::clean(&target.parent, &key);
         target::check_inputs(target, inputs)?;
         out.existing = target::check_place(target)?;
+        if !modules.is_empty() && !target.is_dir() {
+            return Err(Error::BadOutput {
+                path: target.path.clone(),
+                reason: format!(
+                    "the model keeps weights in its module directories ({}): write it to a directory",
+                    modules.join(", ")
+                ),
+            });
+        }
         if let (true, Some(d)) = (target.is_dir(), companions_from) {
             let found = companions::list(d, inputs, &AtomicBool::new(false))?;
             out.companions = found.files;
-            out.skipped = found.skipped;
+            // A module's weights are merged, not skipped.
+            let merged = |s: &String| {
+                modules.iter().any(|m| {
+                    [SINGLE_FILE, crate::reader::BIN_FILE]
+                        .iter()
+                        .any(|w| s.starts_with(&format!("{m}/{w} ")))
+                })
+            };
+            out.skipped = found.skipped.into_iter().filter(|s| !merged(s)).collect();
         }
         let mut metadata = metadata.clone();
-        let probe = Layout::new(plan, target, &metadata);
+        let probe = Layout::new(plan, target, &metadata, modules);
         if target.is_dir() {
             let names = probe.entry_names(&out.companions);
             metadata.insert(
@@ -336,7 +391,7 @@ impl FileOutput {
                 serde_json::to_string(&names).expect("json"),
             );
         }
-        let layout = Layout::new(plan, target, &metadata);
+        let layout = Layout::new(plan, target, &metadata, modules);
         if let Some(f) = layout
             .files
             .iter()
@@ -370,6 +425,10 @@ impl FileOutput {
                 Kind::Dir { .. } => (staging.join(&f.name), target.path.join(&f.name)),
                 Kind::File => (staging.clone(), target.path.clone()),
             };
+            if let (Kind::Dir { .. }, Some(dir)) = (&target.kind, path.parent()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(&shown, e))?;
+                // a module's
+            }
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
