@@ -244,8 +244,9 @@ fn unshared(base: &ModelView, models: &[ModelView]) -> Result<()> {
 }
 
 /// A regular expression that matches exactly `names` (sorted, distinct) among `all`: for each,
-/// the shortest leading run of components under which every name of `all` is one of `names`
-/// (`text_model\.` when no tensor of the text tower is shared), else the whole name.
+/// the shortest leading run of components (split at `.` and at a module directory's `/`) under
+/// which every name of `all` is one of `names` (`text_model\.` when no tensor of the text tower
+/// is shared, `vae/` when a pipeline lacks its VAE), else the whole name.
 fn keep_pattern(names: &[&str], all: &std::collections::BTreeSet<&str>) -> String {
     let covered = |prefix: &str| {
         all.range(prefix..)
@@ -256,7 +257,7 @@ fn keep_pattern(names: &[&str], all: &std::collections::BTreeSet<&str>) -> Strin
         .iter()
         .map(|n| {
             let cut = n
-                .match_indices('.')
+                .match_indices(['.', '/'])
                 .map(|(i, _)| &n[..=i])
                 .find(|p| covered(p));
             match cut {

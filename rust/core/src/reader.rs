@@ -149,16 +149,118 @@ pub struct Checkpoint {
     /// [`Checkpoint::overlay`]).
     overlays: Vec<MappedFile>,
     /// The weights of a sentence-transformers model's module directories (`2_Dense/`, as
-    /// `modules.json` lists them), by module path: their tensors are named `path/name` in
-    /// [`Checkpoint::view`], and written back to `path/model.safetensors`.
+    /// `modules.json` lists them) or of a diffusers pipeline's components (`unet/`, as
+    /// `model_index.json` lists them; the root then holds none), by path: their tensors are
+    /// named `path/name` in [`Checkpoint::view`], and written back to `path/<weights file>`.
     modules: Vec<(String, MappedFile)>,
 }
 
 /// The module paths of a checkpoint's weights outside its root (sentence-transformers).
 impl Checkpoint {
-    pub fn module_paths(&self) -> Vec<String> {
-        self.modules.iter().map(|(p, _)| p.clone()).collect()
+    /// Each module directory whose weights are part of the model, with the file its merged
+    /// weights are written to (the input's name, safetensors for a `.bin`).
+    pub fn module_paths(&self) -> Vec<(String, String)> {
+        self.modules
+            .iter()
+            .map(|(p, f)| {
+                let name = f.path.file_name().map(|n| n.to_string_lossy().into_owned());
+                let out = match name.as_deref() {
+                    Some(n) if n.starts_with(DIFFUSERS_STEM) => {
+                        format!("{DIFFUSERS_STEM}.safetensors")
+                    }
+                    _ => SINGLE_FILE.to_owned(),
+                };
+                (p.clone(), out)
+            })
+            .collect()
     }
+}
+
+/// A diffusers pipeline's component list (the components are subdirectories).
+pub const PIPELINE_INDEX: &str = "model_index.json";
+
+/// The weight-bearing components of a diffusers pipeline directory (`unet/`, `vae/`,
+/// `text_encoder/`, ... as `model_index.json` lists them), each read like a module directory: one
+/// weights file, named as diffusers or transformers save it. A sharded or variant-only component
+/// is refused with what to do.
+fn open_pipeline(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
+    let listing = dir.join(PIPELINE_INDEX);
+    let label = listing.display().to_string();
+    let text = read_small(&listing)?;
+    let index: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| Error::header(&label, format!("not a diffusers pipeline index: {e}")))?;
+    let mut out = Vec::new();
+    for (name, v) in &index {
+        if name.starts_with('_')
+            || !v
+                .as_array()
+                .is_some_and(|a| a.len() == 2 && a[0].is_string())
+        {
+            continue; // _class_name, _diffusers_version; components set to null
+        }
+        let plain = Path::new(name).components().count() == 1
+            && matches!(
+                Path::new(name).components().next(),
+                Some(std::path::Component::Normal(_))
+            );
+        let sub = dir.join(name);
+        if !plain || !sub.is_dir() {
+            continue;
+        }
+        let single = [
+            SINGLE_FILE,
+            "diffusion_pytorch_model.safetensors",
+            BIN_FILE,
+            "diffusion_pytorch_model.bin",
+        ];
+        if let Some(f) = single.iter().map(|f| sub.join(f)).find(|p| p.is_file()) {
+            out.push((name.clone(), map_file(&f)?));
+            continue;
+        }
+        let comp = sub.display().to_string();
+        if let Some(f) = DIR_FILES
+            .iter()
+            .find(|f| f.ends_with(".index.json") && sub.join(f).is_file())
+        {
+            return Err(Error::NotAModel {
+                file: label,
+                reason: format!(
+                    "component '{name}' is sharded ({f}), which a whole pipeline is not read with yet; merge that component on its own: pass {comp} as the base and the fine-tunes' {name}/ directories"
+                ),
+            });
+        }
+        if std::fs::read_dir(&sub)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| is_weights_name(&e.file_name().to_string_lossy()))
+        {
+            return Err(Error::NotAModel {
+                file: label,
+                reason: format!("component '{name}' holds only variant weights (such as fp16); pass the variant files of each component instead"),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A small JSON file's bytes (a module or component list), bounded.
+fn read_small(path: &Path) -> Result<Vec<u8>> {
+    let label = path.display().to_string();
+    let (file, meta) = open_regular(path)?;
+    if meta.len() > MODULES_JSON_LIMIT {
+        return Err(Error::header(
+            &label,
+            format!("is {} bytes, more than such a list holds", meta.len()),
+        ));
+    }
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MODULES_JSON_LIMIT),
+        &mut text,
+    )
+    .map_err(|e| Error::io(path, e))?;
+    Ok(text)
 }
 
 /// The most `modules.json` read (sentence-transformers writes a few hundred bytes).
@@ -173,19 +275,7 @@ fn open_modules(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
         return Ok(Vec::new());
     }
     let label = listing.display().to_string();
-    let (file, meta) = open_regular(&listing)?;
-    if meta.len() > MODULES_JSON_LIMIT {
-        return Err(Error::header(
-            &label,
-            format!("is {} bytes, more than a modules.json holds", meta.len()),
-        ));
-    }
-    let mut text = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MODULES_JSON_LIMIT),
-        &mut text,
-    )
-    .map_err(|e| Error::io(&listing, e))?;
+    let text = read_small(&listing)?;
     #[derive(serde::Deserialize)]
     struct Module {
         #[serde(default)]
@@ -336,6 +426,26 @@ impl Checkpoint {
                 ));
             }
             let Some(found) = DIR_FILES.iter().map(|f| path.join(f)).find(|p| p.exists()) else {
+                if path.join(PIPELINE_INDEX).is_file() {
+                    let modules = open_pipeline(path)?;
+                    if modules.is_empty() {
+                        return Err(Error::NotAModel {
+                            file: label,
+                            reason: format!("a diffusers pipeline ({PIPELINE_INDEX}) none of whose components holds weights"),
+                        });
+                    }
+                    return Ok(Checkpoint {
+                        path: path.to_owned(),
+                        model_dir: Some(path.to_owned()),
+                        lora: None,
+                        index_file: None,
+                        index_fingerprint: None,
+                        files: Vec::new(),
+                        owner: None,
+                        overlays: Vec::new(),
+                        modules,
+                    });
+                }
                 return Err(not_a_model(path, &label));
             };
             let mut ck = if found.extension().is_some_and(|e| e == "json") {
@@ -559,13 +669,15 @@ impl Checkpoint {
 
     /// The `__metadata__` of the (first) file.
     pub fn metadata(&self) -> &BTreeMap<String, String> {
-        &self.files[0].header.metadata
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.files.first().map_or(&NONE, |f| &f.header.metadata)
     }
 
     /// Every tensor in name order: (name, the file that holds it, its entry). Borrows the
     /// headers only: no copy of the names (headers may list millions of tensors).
     pub fn entries(&self) -> Box<dyn Iterator<Item = (&str, usize, header::Entry<'_>)> + '_> {
         match &self.owner {
+            None if self.files.is_empty() => Box::new(std::iter::empty()),
             None => Box::new(self.files[0].header.iter().map(|(n, e)| (n, 0, e))),
             Some(owner) => Box::new(owner.iter().map(|(name, &i)| {
                 let e = self.files[i]

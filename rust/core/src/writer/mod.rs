@@ -40,7 +40,8 @@ struct OutFile {
 /// the module directories whose weights are merged (sentence-transformers' `2_Dense/`).
 pub struct BaseDir<'a> {
     pub dir: Option<&'a Path>,
-    pub modules: &'a [String],
+    /// (module path, the file its weights are written to).
+    pub modules: &'a [(String, String)],
 }
 
 /// Output files and the position of every tensor within them.
@@ -59,10 +60,10 @@ impl Layout {
         plan: &[TensorPlan],
         target: &Target,
         metadata: &BTreeMap<String, String>,
-        modules: &[String],
+        modules: &[(String, String)],
     ) -> Layout {
         let module_of = |name: &str| {
-            modules.iter().position(|m| {
+            modules.iter().position(|(m, _)| {
                 name.strip_prefix(m.as_str())
                     .is_some_and(|r| r.starts_with('/'))
             })
@@ -86,6 +87,10 @@ impl Layout {
             groups.last_mut().expect("non-empty").push(i);
             used += b;
         }
+        // A pipeline's root holds no weights of its own: no root file then.
+        if groups[0].is_empty() && !modules.is_empty() {
+            groups.clear();
+        }
         let n = groups.len();
         let mut names: Vec<String> = match target.kind {
             Kind::File => vec![target.name.to_string_lossy().into_owned()],
@@ -99,10 +104,10 @@ impl Layout {
             .flatten()
             .map(|&i| plan[i].out_bytes() as u64)
             .sum();
-        for (m, g) in modules.iter().zip(in_module) {
+        for ((m, file), g) in modules.iter().zip(in_module) {
             if !g.is_empty() {
                 groups.push(g);
-                names.push(format!("{m}/{SINGLE_FILE}"));
+                names.push(format!("{m}/{file}"));
             }
         }
         let mut loc = vec![(0, 0); plan.len()];
@@ -119,7 +124,7 @@ impl Layout {
                 let t = &plan[i];
                 let end = offset + t.out_bytes() as u64;
                 let local = match module_of(&t.name) {
-                    Some(m) => t.name[modules[m].len() + 1..].to_owned(),
+                    Some(m) => t.name[modules[m].0.len() + 1..].to_owned(),
                     None => {
                         weight_map.insert(t.name.clone(), name.clone().into());
                         t.name.clone()
@@ -365,7 +370,7 @@ impl FileOutput {
                 path: target.path.clone(),
                 reason: format!(
                     "the model keeps weights in its module directories ({}): write it to a directory",
-                    modules.join(", ")
+                    modules.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             });
         }
@@ -374,10 +379,15 @@ impl FileOutput {
             out.companions = found.files;
             // A module's weights are merged, not skipped.
             let merged = |s: &String| {
-                modules.iter().any(|m| {
-                    [SINGLE_FILE, crate::reader::BIN_FILE]
-                        .iter()
-                        .any(|w| s.starts_with(&format!("{m}/{w} ")))
+                modules.iter().any(|(m, _)| {
+                    [
+                        SINGLE_FILE,
+                        crate::reader::BIN_FILE,
+                        "diffusion_pytorch_model.safetensors",
+                        "diffusion_pytorch_model.bin",
+                    ]
+                    .iter()
+                    .any(|w| s.starts_with(&format!("{m}/{w} ")))
                 })
             };
             out.skipped = found.skipped.into_iter().filter(|s| !merged(s)).collect();

@@ -314,6 +314,28 @@ fn previous_files(dir: &Path) -> Option<Vec<String>> {
     ]
     .iter()
     .find_map(|stem| previous_files_of(dir, stem))
+    .or_else(|| previous_files_below(dir))
+}
+
+/// An output whose root holds no weights (a diffusers pipeline's): the list every weights file
+/// carries, read from a component's, in name order.
+fn previous_files_below(dir: &Path) -> Option<Vec<String>> {
+    let mut subs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    subs.sort();
+    subs.iter().find_map(|sub| {
+        ["model", crate::reader::DIFFUSERS_STEM]
+            .iter()
+            .find_map(|stem| {
+                let meta = file_metadata(&sub.join(format!("{stem}.safetensors")))?;
+                meta.get(VERSION_KEY)?;
+                serde_json::from_str(meta.get(FILES_KEY)?).ok()
+            })
+    })
 }
 
 fn previous_files_of(dir: &Path, stem: &str) -> Option<Vec<String>> {
