@@ -4,6 +4,7 @@ text encoder) merged, the pipeline written back whole, loaded by diffusers and r
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,25 @@ def test_sharded_components_and_single_file_outputs_say_what_to_do(pipelines):
     (unet / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {}}')
     with pytest.raises(ww.HeaderError, match=r"component 'unet' is sharded .*merge that component on its own"):
         ww.inspect(root / "base")
+
+
+def test_fine_tuned_unets_merge_into_the_pipeline(pipelines):
+    """DreamBooth-style fine-tunes are UNet directories: aligned to the pipeline's unet/, the other
+    components copied from the base with the suggested keep_base."""
+    root, base, fts = pipelines
+    unets = [root / f"ft{i}" / "unet" for i in range(2)]
+    with pytest.raises(ww.MismatchError) as e:
+        ww.merge(root / "base", unets, root / "out", method="task_arithmetic")
+    msg = str(e.value)
+    assert "'unet/' added to" in msg and "keep_base='^(text_encoder/|vae/)'" in msg
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        rep = ww.merge(root / "base", unets, root / "out", method="task_arithmetic", lam=1.0,
+                       keep_base="^(text_encoder/|vae/)")  # fmt: skip
+    assert len(rep.aligned) == 2
+    out = diffusers.StableDiffusionPipeline.from_pretrained(root / "out", **NONE)
+    for got, b, *f in zip(out.unet.parameters(), base.unet.parameters(), *[ft.unet.parameters() for ft in fts],
+                          strict=True):  # fmt: skip
+        torch.testing.assert_close(got, b + sum(x - b for x in f), rtol=0, atol=1e-6)
+    for got, b in zip(out.vae.parameters(), base.vae.parameters(), strict=True):
+        assert torch.equal(got, b)

@@ -1,5 +1,6 @@
 //! Names the base and the models do not share. A prefix that differs (`bert.` on a
-//! classification fine-tune of a bare encoder, DDP's `module.`) is aligned, and said: a model's
+//! classification fine-tune of a bare encoder, DDP's `module.`, a pipeline's `unet/` for a
+//! fine-tuned UNet directory) is aligned, and said: a model's
 //! names are renamed into the base's where that makes more of them land on a base tensor of the
 //! same shape. What still differs (a classification head of another size, a tensor one side
 //! lacks) is never guessed: with `keep_base`, a regular expression naming them, the output takes
@@ -61,9 +62,10 @@ impl Rename {
 pub fn align(base: &ModelView<'_>, models: &mut [ModelView<'_>]) -> Vec<String> {
     let lands =
         |name: &str, shape: &[usize]| base.tensors.get(name).is_some_and(|b| b.shape == shape);
+    // Leading components end at a '.' or at a module directory's '/' (a pipeline's `unet/`).
     let firsts = |names: &mut dyn Iterator<Item = &String>| {
         let mut f: Vec<String> = names
-            .filter_map(|n| n.split_once('.').map(|(c, _)| format!("{c}.")))
+            .filter_map(|n| n.find(['.', '/']).map(|i| n[..=i].to_owned()))
             .collect();
         f.sort_unstable();
         f.dedup();
@@ -268,6 +270,13 @@ mod tests {
         // Shapes must agree for a name to land.
         let mut m = vec![view("ft", &["module.enc.w"], s3)];
         assert!(align(&base, &mut m).is_empty());
+        // A module directory's '/' ends a component too (a pipeline's unet/).
+        let pipe = view("base", &["unet/conv.w", "unet/conv.b", "vae/x.w"], s2);
+        let mut m = vec![view("ft", &["conv.w", "conv.b"], s2)];
+        assert_eq!(
+            align(&pipe, &mut m),
+            ["ft: 'unet/' added to 2 tensor names"]
+        );
         // Names that already land are left alone.
         let mut m = vec![view("ft", &["enc.w", "enc.b"], s2)];
         assert!(align(&base, &mut m).is_empty());
