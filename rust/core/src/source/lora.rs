@@ -286,6 +286,16 @@ pub fn aligned_view<'a>(
                 "is targeted by the adapter but is not in the base",
             )
         })?;
+        // A convolution's (PEFT's Conv1d/2d/3d LoRA, LoCon): A [r, in, k…], B [out, r, 1…];
+        // ΔW[o, i, k…] = Σ_r B[o, r]·A[r, i, k…], the 2-D product over A's flattened columns.
+        let conv = !emb
+            && w.shape.len() >= 3
+            && a.shape.len() == w.shape.len()
+            && b.shape.len() == w.shape.len()
+            && b.shape[2..].iter().all(|&d| d == 1)
+            && a.shape[2..] == w.shape[2..]
+            && a.shape[0] == b.shape[1]
+            && (b.shape[0], a.shape[1]) == (w.shape[0], w.shape[1]);
         // A: [r, in], B: [out, r]; ΔW = B·A is [out, in], transposed for embeddings (whose
         // factors PEFT stores the other way round) and for Conv1D weights ([in, out]).
         let ok = a.shape.len() == 2
@@ -294,7 +304,9 @@ pub fn aligned_view<'a>(
             && a.shape[0] == b.shape[1];
         let plain = ok && (b.shape[0], a.shape[1]) == (w.shape[0], w.shape[1]);
         let flipped = ok && (a.shape[1], b.shape[0]) == (w.shape[0], w.shape[1]);
-        let transposed = if emb {
+        let transposed = if conv {
+            false
+        } else if emb {
             flipped
         } else if plain && flipped {
             // A square weight: its layer type decides, as in PEFT, never the flag alone.
@@ -312,7 +324,7 @@ pub fn aligned_view<'a>(
         } else {
             flipped
         };
-        if !flipped && (emb || !plain) {
+        if !conv && !flipped && (emb || !plain) {
             return Err(Error::tensor(
                 a.file,
                 &target,
@@ -416,7 +428,8 @@ fn decoded(t: &Factor, name: &str, out: &mut Vec<f32>) -> Result<()> {
     Ok(())
 }
 
-/// τ for elements `start..start + out.len()` of a tensor whose rows are `cols` long.
+/// τ for elements `start..start + out.len()` of a tensor whose rows are `cols` long (a
+/// non-transposed ΔW's rows are A's flattened columns, whatever the tensor's last dimension).
 /// `scratch` holds the decoded factors between calls.
 pub fn fill(
     delta: &Delta,
@@ -440,7 +453,9 @@ pub fn fill(
     decoded(a, name, fa)?;
     decoded(b, name, fb)?;
     let r = a.shape[0];
-    let a_cols = a.shape[1];
+    // A's columns: `in`, or `in × kernel` for a convolution (whose rows are that long too).
+    let a_cols: usize = a.shape[1..].iter().product();
+    let cols = if *transposed { cols } else { a_cols };
     for (k, o) in out.iter_mut().enumerate() {
         let idx = start + k;
         let (i, j) = (idx / cols, idx % cols);
