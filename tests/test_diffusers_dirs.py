@@ -118,3 +118,24 @@ def test_open_clip_directories(tmp_path):
     with pytest.raises(ww.ParamError, match="open_clip loads a single"):
         ww.merge(b, ms, tmp_path / "out3", method="ties", shard_size=1000)
     assert not (tmp_path / "out3").exists()
+
+
+@pytest.mark.parametrize("listing", ["model_index.json", "modules.json"])
+def test_hostile_component_lists_are_refused(tmp_path, listing):
+    """A module or component list from a stranger: names that climb out, JSON nested past any
+    parser's stack, and a list larger than any real one are errors, never a crash or a read
+    outside the model."""
+    d = tmp_path / "m"
+    (d / "unet").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, d / "unet" / "diffusion_pytorch_model.safetensors")
+    if listing == "modules.json":
+        save_file({"w": torch.zeros(2)}, d / "model.safetensors")
+    climbing = ({"unet": ["diffusers", "UNet2DConditionModel"], "../unet": ["diffusers", "X"]}
+                if listing == "model_index.json" else [{"path": "unet"}, {"path": "../unet"}])  # fmt: skip
+    cases = [(json.dumps(climbing), "not one directory name"),
+             ("[" * 200_000 + "]" * 200_000, "recursion limit|not a"),
+             (" " * (2 << 20) + "{}", "more than such a list holds")]  # fmt: skip
+    for text, why in cases:
+        (d / listing).write_text(text)
+        with pytest.raises(ww.HeaderError, match=why):
+            ww.inspect(d)

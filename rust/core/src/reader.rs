@@ -198,13 +198,17 @@ fn open_pipeline(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
         {
             continue; // _class_name, _diffusers_version; components set to null
         }
-        let plain = Path::new(name).components().count() == 1
-            && matches!(
-                Path::new(name).components().next(),
-                Some(std::path::Component::Normal(_))
-            );
+        if !one_dir_name(name) {
+            return Err(Error::header(
+                &label,
+                format!(
+                    "component '{}' is not one directory name inside the pipeline",
+                    name.escape_debug()
+                ),
+            ));
+        }
         let sub = dir.join(name);
-        if !plain || !sub.is_dir() {
+        if !sub.is_dir() {
             continue;
         }
         let single = [
@@ -242,6 +246,16 @@ fn open_pipeline(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
         }
     }
     Ok(out)
+}
+
+/// Whether `s`, from a module or component list, names one directory inside the model (not
+/// `..`, not absolute, not nested).
+fn one_dir_name(s: &str) -> bool {
+    let mut c = Path::new(s).components();
+    matches!(
+        (c.next(), c.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    ) && !s.contains('/')
 }
 
 /// A small JSON file's bytes (a module or component list), bounded.
@@ -292,12 +306,7 @@ fn open_modules(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
         if m.path.is_empty() {
             continue;
         }
-        let plain = Path::new(&m.path).components().count() == 1
-            && matches!(
-                Path::new(&m.path).components().next(),
-                Some(std::path::Component::Normal(_))
-            );
-        if !plain || m.path.contains('/') {
+        if !one_dir_name(&m.path) {
             return Err(Error::header(
                 &label,
                 format!(
