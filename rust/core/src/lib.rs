@@ -229,6 +229,15 @@ pub(crate) fn job_views<'a>(
 }
 
 pub(crate) fn input_views<'a>(base: &'a Checkpoint, models: &'a [Checkpoint]) -> Result<Views<'a>> {
+    if base.lora.is_some() {
+        return Err(Error::param(
+            "base",
+            format!(
+                "{} is a LoRA adapter; the base is the model it adapts (give the adapter as a fine-tune)",
+                base.path.display()
+            ),
+        ));
+    }
     let block = base.fp8_block();
     let model_type = base.model_type();
     let base_view = source::scaled::dequant_view(base.view(), block)?;

@@ -137,7 +137,7 @@ pub struct Checkpoint {
     /// The directory the model lives in, when the user gave a directory (for config files).
     pub model_dir: Option<PathBuf>,
     /// Set when the checkpoint is a PEFT LoRA adapter directory.
-    pub lora: Option<crate::source::lora::AdapterConfig>,
+    pub lora: Option<crate::source::lora::Adapter>,
     /// The index file, when the checkpoint is sharded, and its state when read.
     pub index_file: Option<PathBuf>,
     index_fingerprint: Option<Fingerprint>,
@@ -435,6 +435,19 @@ impl Checkpoint {
                 ));
             }
             let Some(found) = DIR_FILES.iter().map(|f| path.join(f)).find(|p| p.exists()) else {
+                // A diffusers LoRA directory (`save_lora_weights`): its one weights file.
+                let lora = path.join(crate::source::lora::files::WEIGHTS);
+                if lora.is_file() {
+                    let mut ck = Self::open_single(path, &lora)?;
+                    ck.lora = ck.diffusion_lora()?;
+                    if ck.lora.is_none() {
+                        return Err(Error::header(
+                            &lora.display().to_string(),
+                            "holds no LoRA factors in diffusers' or kohya-ss's naming",
+                        ));
+                    }
+                    return Ok(ck);
+                }
                 if path.join(PIPELINE_INDEX).is_file() {
                     let modules = open_pipeline(path)?;
                     if modules.is_empty() {
@@ -483,6 +496,7 @@ impl Checkpoint {
             {
                 ck.model_dir = Some(dir);
             }
+            ck.lora = ck.diffusion_lora()?;
             Ok(ck)
         }
     }
@@ -505,7 +519,7 @@ impl Checkpoint {
                 )
             })?;
         let mut ck = Self::open_single(dir, &weights)?;
-        ck.lora = Some(cfg);
+        ck.lora = Some(lora::Adapter::Peft(cfg));
         Ok(ck)
     }
 
@@ -520,8 +534,22 @@ impl Checkpoint {
     ) -> Result<ModelView<'a>> {
         match &self.lora {
             None => Ok(self.view()),
-            Some(cfg) => crate::source::lora::aligned_view(cfg, &self.view(), base, model_type),
+            Some(a) => crate::source::lora::aligned_view(a, &self.view(), base, model_type),
         }
+    }
+
+    /// A single file whose tensors are a diffusion LoRA's (diffusers or kohya-ss names).
+    fn diffusion_lora(&self) -> Result<Option<crate::source::lora::Adapter>> {
+        use crate::source::lora::{files, Adapter};
+        let [file] = self.files.as_slice() else {
+            return Ok(None);
+        };
+        let names: Vec<&str> = file.header.iter().map(|(n, _)| n).collect();
+        if !files::detect(names.iter().copied()) {
+            return Ok(None);
+        }
+        let f = files::LoraFile::new(&file.label, &names, &file.header.metadata)?;
+        Ok(Some(Adapter::File(f)))
     }
 
     fn open_single(given: &Path, file: &Path) -> Result<Checkpoint> {
