@@ -3,6 +3,7 @@ text encoder) merged, the pipeline written back whole, loaded by diffusers and r
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -88,15 +89,40 @@ def test_a_fine_tune_without_a_component_is_named(pipelines):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
-def test_sharded_components_and_single_file_outputs_say_what_to_do(pipelines):
+def test_single_file_outputs_say_what_to_do(pipelines):
     root, _, _ = pipelines
     with pytest.raises(ww.OutputError, match=r"module directories \(text_encoder, unet, vae\): write it to a dir"):
         ww.merge(root / "base", [root / "ft0"], root / "o.safetensors", method="task_arithmetic")
-    unet = root / "base" / "unet"
-    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "x.safetensors")
-    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {}}')
-    with pytest.raises(ww.HeaderError, match=r"component 'unet' is sharded .*merge that component on its own"):
-        ww.inspect(root / "base")
+
+
+def test_sharded_components(pipelines):
+    """A component saved in shards (diffusers' and transformers' max_shard_size) is read through
+    its index, in the base and in the fine-tunes alike: the merge equals the unsharded one, bit
+    for bit, and the output loads."""
+    root, base, fts = pipelines
+    ww.merge(root / "base", [root / "ft0", root / "ft1"], root / "plain", method="ties", lam=0.7)
+    for i, p in enumerate([base, fts[0]]):
+        d = root / ("base" if i == 0 else "ft0")
+        for c in ("unet", "text_encoder"):
+            shutil.rmtree(d / c)
+            getattr(p, c).save_pretrained(d / c, max_shard_size="4KB")
+    assert len(list((root / "base" / "unet").glob("*.safetensors"))) > 2
+    assert (root / "ft0" / "text_encoder" / "model.safetensors.index.json").is_file()
+    ww.merge(root / "base", [root / "ft0", root / "ft1"], root / "sharded", method="ties", lam=0.7)
+    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        got, want = load(root / "sharded" / f), load(root / "plain" / f)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    out = diffusers.StableDiffusionPipeline.from_pretrained(root / "sharded", **NONE)
+    assert out.unet.conv_in.weight.shape == base.unet.conv_in.weight.shape
+    # A shard that the index lists a tensor in but lacks it is named.
+    idx = root / "ft0" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    name = next(iter(data["weight_map"]))
+    others = sorted(set(data["weight_map"].values()) - {data["weight_map"][name]})
+    data["weight_map"][name] = others[0]
+    idx.write_text(json.dumps(data))
+    with pytest.raises(ww.WeaveError, match=f"{name}.*listed in .*index.json but absent from the shard"):
+        ww.merge(root / "base", [root / "ft0"], root / "o2", method="task_arithmetic")
 
 
 def test_fine_tuned_unets_merge_into_the_pipeline(pipelines):
@@ -119,3 +145,19 @@ def test_fine_tuned_unets_merge_into_the_pipeline(pipelines):
         torch.testing.assert_close(got, b + sum(x - b for x in f), rtol=0, atol=1e-6)
     for got, b in zip(out.vae.parameters(), base.vae.parameters(), strict=True):
         assert torch.equal(got, b)
+
+
+def test_only_named_components_are_merged(pipelines):
+    """keep_base names the components left as the base's: the UNet alone is merged, the VAE and
+    text encoder are the base's though every fine-tune holds its own."""
+    root, base, fts = pipelines
+    with pytest.warns(ww.KeptBaseWarning):
+        ww.merge(root / "base", [root / "ft0", root / "ft1"], root / "out", method="task_arithmetic", lam=1.0,
+                 keep_base="^(vae|text_encoder)/")  # fmt: skip
+    out = diffusers.StableDiffusionPipeline.from_pretrained(root / "out", **NONE)
+    for c in ("vae", "text_encoder"):
+        pairs = zip(getattr(out, c).parameters(), getattr(base, c).parameters(), strict=True)
+        assert all(torch.equal(x, y) for x, y in pairs)
+    for got, b, *f in zip(out.unet.parameters(), base.unet.parameters(), *[ft.unet.parameters() for ft in fts],
+                          strict=True):  # fmt: skip
+        torch.testing.assert_close(got, b + sum(x - b for x in f), rtol=0, atol=1e-6)

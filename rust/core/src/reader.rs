@@ -153,15 +153,20 @@ pub struct Checkpoint {
     /// `model_index.json` lists them; the root then holds none), by path: their tensors are
     /// named `path/name` in [`Checkpoint::view`], and written back to `path/<weights file>`.
     modules: Vec<(String, MappedFile)>,
+    /// The indexes of sharded module directories (a pipeline's components), as opened.
+    module_indexes: Vec<(PathBuf, Fingerprint)>,
 }
 
 /// The module paths of a checkpoint's weights outside its root (sentence-transformers).
 impl Checkpoint {
     /// Each module directory whose weights are part of the model, with the file its merged
-    /// weights are written to (the input's name, safetensors for a `.bin`).
+    /// weights are written to (the input's name, safetensors for a `.bin`; one file for a
+    /// sharded component, which its loader reads as well as shards).
     pub fn module_paths(&self) -> Vec<(String, String)> {
+        let mut seen = std::collections::BTreeSet::new();
         self.modules
             .iter()
+            .filter(|(p, _)| seen.insert(p.clone()))
             .map(|(p, f)| {
                 let name = f.path.file_name().map(|n| n.to_string_lossy().into_owned());
                 let out = match name.as_deref() {
@@ -176,20 +181,24 @@ impl Checkpoint {
     }
 }
 
+/// Module directories' weight files by module path, and the shard indexes among them.
+type Modules = (Vec<(String, MappedFile)>, Vec<(PathBuf, Fingerprint)>);
+
 /// A diffusers pipeline's component list (the components are subdirectories).
 pub const PIPELINE_INDEX: &str = "model_index.json";
 
 /// The weight-bearing components of a diffusers pipeline directory (`unet/`, `vae/`,
 /// `text_encoder/`, ... as `model_index.json` lists them), each read like a module directory: one
-/// weights file, named as diffusers or transformers save it. A sharded or variant-only component
-/// is refused with what to do.
-fn open_pipeline(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
+/// weights file, named as diffusers or transformers save it, or the shards its index lists (with
+/// the index, to watch). A variant-only component is refused with what to do.
+fn open_pipeline(dir: &Path) -> Result<Modules> {
     let listing = dir.join(PIPELINE_INDEX);
     let label = listing.display().to_string();
     let text = read_small(&listing)?;
     let index: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
         .map_err(|e| Error::header(&label, format!("not a diffusers pipeline index: {e}")))?;
     let mut out = Vec::new();
+    let mut indexes = Vec::new();
     for (name, v) in &index {
         if name.starts_with('_')
             || !v
@@ -221,17 +230,16 @@ fn open_pipeline(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
             out.push((name.clone(), map_file(&f)?));
             continue;
         }
-        let comp = sub.display().to_string();
         if let Some(f) = DIR_FILES
             .iter()
-            .find(|f| f.ends_with(".index.json") && sub.join(f).is_file())
+            .map(|f| sub.join(f))
+            .find(|f| f.extension().is_some_and(|e| e == "json") && f.is_file())
         {
-            return Err(Error::NotAModel {
-                file: label,
-                reason: format!(
-                    "component '{name}' is sharded ({f}), which a whole pipeline is not read with yet; merge that component on its own: pass {comp} as the base and the fine-tunes' {name}/ directories"
-                ),
-            });
+            // Sharded: the index checks that its shards hold exactly the tensors it lists.
+            let ck = Checkpoint::open_index(&sub, &f)?;
+            indexes.extend(ck.index_file.clone().zip(ck.index_fingerprint));
+            out.extend(ck.files.into_iter().map(|m| (name.clone(), m)));
+            continue;
         }
         if std::fs::read_dir(&sub)
             .into_iter()
@@ -245,7 +253,7 @@ fn open_pipeline(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
             });
         }
     }
-    Ok(out)
+    Ok((out, indexes))
 }
 
 /// Whether `s`, from a module or component list, names one directory inside the model (not
@@ -449,7 +457,7 @@ impl Checkpoint {
                     return Ok(ck);
                 }
                 if path.join(PIPELINE_INDEX).is_file() {
-                    let modules = open_pipeline(path)?;
+                    let (modules, module_indexes) = open_pipeline(path)?;
                     if modules.is_empty() {
                         return Err(Error::NotAModel {
                             file: label,
@@ -466,6 +474,7 @@ impl Checkpoint {
                         owner: None,
                         overlays: Vec::new(),
                         modules,
+                        module_indexes,
                     });
                 }
                 return Err(not_a_model(path, &label));
@@ -565,6 +574,7 @@ impl Checkpoint {
             owner,
             overlays: Vec::new(),
             modules: Vec::new(),
+            module_indexes: Vec::new(),
         })
     }
 
@@ -633,6 +643,7 @@ impl Checkpoint {
             owner: Some(owner),
             overlays: Vec::new(),
             modules: Vec::new(),
+            module_indexes: Vec::new(),
         })
     }
 
@@ -665,6 +676,7 @@ impl Checkpoint {
             .map(|f| f.path.clone())
             .collect();
         v.extend(self.index_file.clone());
+        v.extend(self.module_indexes.iter().map(|(p, _)| p.clone()));
         v
     }
 
@@ -692,6 +704,7 @@ impl Checkpoint {
         if let (Some(p), Some(fp)) = (&self.index_file, self.index_fingerprint) {
             v.push((p.clone(), fp));
         }
+        v.extend(self.module_indexes.iter().cloned());
         v
     }
 
