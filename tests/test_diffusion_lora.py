@@ -46,6 +46,7 @@ def made(tmp_path_factory):
         save(root / "plain", unet_lora_layers=usd, text_encoder_lora_layers=tsd)
         save(root / "meta", unet_lora_layers=usd, text_encoder_lora_layers=tsd,
              unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict())  # fmt: skip
+        save(root / "pickled", unet_lora_layers=usd, text_encoder_lora_layers=tsd, safe_serialization=False)
     bsd = _state(base)
     return root, bsd
 
@@ -84,11 +85,11 @@ def _check(got, want, bsd):
     assert moved == set(PARTS)  # the reference moved both parts: the test sees both
 
 
-@pytest.mark.parametrize("which", ["plain", "meta"])
+@pytest.mark.parametrize("which", ["plain", "meta", "pickled"])
 @pytest.mark.parametrize("given", ["dir", "file"])
 def test_diffusers_lora_files_are_diffusers_fuse_lora(made, tmp_path, which, given):
     root, bsd = made
-    lora = root / which if given == "dir" else root / which / "pytorch_lora_weights.safetensors"
+    lora = root / which if given == "dir" else next((root / which).glob("pytorch_lora_weights.*"))
     want = _diffusers_fused(root, lora)
     got = _merged(root, lora, tmp_path / "out")
     _check(got, want, bsd)

@@ -444,8 +444,11 @@ impl Checkpoint {
             }
             let Some(found) = DIR_FILES.iter().map(|f| path.join(f)).find(|p| p.exists()) else {
                 // A diffusers LoRA directory (`save_lora_weights`): its one weights file.
-                let lora = path.join(crate::source::lora::files::WEIGHTS);
-                if lora.is_file() {
+                let lora = crate::source::lora::files::WEIGHTS
+                    .iter()
+                    .map(|w| path.join(w))
+                    .find(|p| p.is_file());
+                if let Some(lora) = lora {
                     let mut ck = Self::open_single(path, &lora)?;
                     ck.lora = ck.diffusion_lora()?;
                     if ck.lora.is_none() {

@@ -23,8 +23,12 @@ use crate::dtype::decode;
 use crate::error::{Error, Result};
 use crate::reader::{ModelView, TensorRef};
 
-/// The file diffusers' `save_lora_weights` writes in the directory it is given.
-pub const WEIGHTS: &str = "pytorch_lora_weights.safetensors";
+/// The file diffusers' `save_lora_weights` writes in the directory it is given (safetensors, or
+/// a pickle with `safe_serialization=False`).
+pub const WEIGHTS: [&str; 2] = [
+    "pytorch_lora_weights.safetensors",
+    "pytorch_lora_weights.bin",
+];
 
 /// Where diffusers writes each component's LoRA configuration in the file's `__metadata__`.
 const METADATA_KEY: &str = "lora_adapter_metadata";
