@@ -68,7 +68,7 @@ pub struct ModelView<'a> {
     pub tensors: BTreeMap<String, TensorRef<'a>>,
 }
 
-struct MappedFile {
+pub(crate) struct MappedFile {
     path: PathBuf,
     label: String,
     /// Unregistered before the map goes (fields drop in order).
@@ -103,7 +103,7 @@ pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
     Ok((file, meta))
 }
 
-fn map_file(path: &Path) -> Result<MappedFile> {
+pub(crate) fn map_file(path: &Path) -> Result<MappedFile> {
     let label = path.display().to_string();
     let (file, meta) = open_regular(path)?;
     let len = meta.len();
@@ -140,8 +140,8 @@ pub struct Checkpoint {
     pub lora: Option<crate::source::lora::Adapter>,
     /// The index file, when the checkpoint is sharded, and its state when read.
     pub index_file: Option<PathBuf>,
-    index_fingerprint: Option<Fingerprint>,
-    files: Vec<MappedFile>,
+    pub(crate) index_fingerprint: Option<Fingerprint>,
+    pub(crate) files: Vec<MappedFile>,
     /// tensor name -> file index, for sharded checkpoints (a single file owns every tensor).
     owner: Option<BTreeMap<String, usize>>,
     /// Files whose tensors replace (or add to) the checkpoint's in [`Checkpoint::view`]: the
@@ -152,9 +152,9 @@ pub struct Checkpoint {
     /// `modules.json` lists them) or of a diffusers pipeline's components (`unet/`, as
     /// `model_index.json` lists them; the root then holds none), by path: their tensors are
     /// named `path/name` in [`Checkpoint::view`], and written back to `path/<weights file>`.
-    modules: Vec<(String, MappedFile)>,
+    pub(crate) modules: Vec<(String, MappedFile)>,
     /// The indexes of sharded module directories (a pipeline's components), as opened.
-    module_indexes: Vec<(PathBuf, Fingerprint)>,
+    pub(crate) module_indexes: Vec<(PathBuf, Fingerprint)>,
 }
 
 /// The module paths of a checkpoint's weights outside its root (sentence-transformers).
@@ -181,165 +181,10 @@ impl Checkpoint {
     }
 }
 
-/// Module directories' weight files by module path, and the shard indexes among them.
-type Modules = (Vec<(String, MappedFile)>, Vec<(PathBuf, Fingerprint)>);
-
-/// A diffusers pipeline's component list (the components are subdirectories).
-pub const PIPELINE_INDEX: &str = "model_index.json";
-
-/// The weight-bearing components of a diffusers pipeline directory (`unet/`, `vae/`,
-/// `text_encoder/`, ... as `model_index.json` lists them), each read like a module directory: one
-/// weights file, named as diffusers or transformers save it, or the shards its index lists (with
-/// the index, to watch). A variant-only component is refused with what to do.
-fn open_pipeline(dir: &Path) -> Result<Modules> {
-    let listing = dir.join(PIPELINE_INDEX);
-    let label = listing.display().to_string();
-    let text = read_small(&listing)?;
-    let index: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
-        .map_err(|e| Error::header(&label, format!("not a diffusers pipeline index: {e}")))?;
-    let mut out = Vec::new();
-    let mut indexes = Vec::new();
-    for (name, v) in &index {
-        if name.starts_with('_')
-            || !v
-                .as_array()
-                .is_some_and(|a| a.len() == 2 && a[0].is_string())
-        {
-            continue; // _class_name, _diffusers_version; components set to null
-        }
-        if !one_dir_name(name) {
-            return Err(Error::header(
-                &label,
-                format!(
-                    "component '{}' is not one directory name inside the pipeline",
-                    name.escape_debug()
-                ),
-            ));
-        }
-        let sub = dir.join(name);
-        if !sub.is_dir() {
-            continue;
-        }
-        let single = [
-            SINGLE_FILE,
-            "diffusion_pytorch_model.safetensors",
-            BIN_FILE,
-            "diffusion_pytorch_model.bin",
-        ];
-        if let Some(f) = single.iter().map(|f| sub.join(f)).find(|p| p.is_file()) {
-            out.push((name.clone(), map_file(&f)?));
-            continue;
-        }
-        if let Some(f) = DIR_FILES
-            .iter()
-            .map(|f| sub.join(f))
-            .find(|f| f.extension().is_some_and(|e| e == "json") && f.is_file())
-        {
-            // Sharded: the index checks that its shards hold exactly the tensors it lists.
-            let ck = Checkpoint::open_index(&sub, &f)?;
-            indexes.extend(ck.index_file.clone().zip(ck.index_fingerprint));
-            out.extend(ck.files.into_iter().map(|m| (name.clone(), m)));
-            continue;
-        }
-        if std::fs::read_dir(&sub)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| is_weights_name(&e.file_name().to_string_lossy()))
-        {
-            return Err(Error::NotAModel {
-                file: label,
-                reason: format!("component '{name}' holds only variant weights (such as fp16); pass the variant files of each component instead"),
-            });
-        }
-    }
-    Ok((out, indexes))
-}
-
-/// Whether `s`, from a module or component list, names one directory inside the model (not
-/// `..`, not absolute, not nested).
-fn one_dir_name(s: &str) -> bool {
-    let mut c = Path::new(s).components();
-    matches!(
-        (c.next(), c.next()),
-        (Some(std::path::Component::Normal(_)), None)
-    ) && !s.contains('/')
-}
-
-/// A small JSON file's bytes (a module or component list), bounded.
-fn read_small(path: &Path) -> Result<Vec<u8>> {
-    let label = path.display().to_string();
-    let (file, meta) = open_regular(path)?;
-    if meta.len() > MODULES_JSON_LIMIT {
-        return Err(Error::header(
-            &label,
-            format!("is {} bytes, more than such a list holds", meta.len()),
-        ));
-    }
-    let mut text = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, MODULES_JSON_LIMIT),
-        &mut text,
-    )
-    .map_err(|e| Error::io(path, e))?;
-    Ok(text)
-}
-
-/// The most `modules.json` read (sentence-transformers writes a few hundred bytes).
-const MODULES_JSON_LIMIT: u64 = 1 << 20;
-
-/// The weights of the module directories a sentence-transformers model's `modules.json` lists
-/// (`2_Dense/model.safetensors`; the root module's are the directory's own): each module path
-/// must be one plain directory name in `dir` (a path that climbs out or nests is refused).
-fn open_modules(dir: &Path) -> Result<Vec<(String, MappedFile)>> {
-    let listing = dir.join("modules.json");
-    if !listing.is_file() {
-        return Ok(Vec::new());
-    }
-    let label = listing.display().to_string();
-    let text = read_small(&listing)?;
-    #[derive(serde::Deserialize)]
-    struct Module {
-        #[serde(default)]
-        path: String,
-    }
-    let list: Vec<Module> = serde_json::from_slice(&text).map_err(|e| {
-        Error::header(
-            &label,
-            format!("not a sentence-transformers module list: {e}"),
-        )
-    })?;
-    let mut out: Vec<(String, MappedFile)> = Vec::new();
-    for m in list {
-        if m.path.is_empty() {
-            continue;
-        }
-        if !one_dir_name(&m.path) {
-            return Err(Error::header(
-                &label,
-                format!(
-                    "module path '{}' is not one directory name inside the model",
-                    m.path.escape_debug()
-                ),
-            ));
-        }
-        if out.iter().any(|(p, _)| *p == m.path) {
-            continue;
-        }
-        let weights = dir.join(&m.path).join(SINGLE_FILE);
-        if weights.is_file() {
-            out.push((m.path.clone(), map_file(&weights)?));
-        } else if dir.join(&m.path).join(BIN_FILE).is_file() {
-            out.push((m.path.clone(), map_file(&dir.join(&m.path).join(BIN_FILE))?));
-        }
-    }
-    Ok(out)
-}
-
 /// A weight file's name as transformers and diffusers save it (variants such as
 /// `diffusion_pytorch_model.fp16.safetensors` included): given as a file, it comes with its
 /// directory's config files.
-fn is_weights_name(n: &str) -> bool {
+pub(crate) fn is_weights_name(n: &str) -> bool {
     DIR_FILES.contains(&n)
         || (n.starts_with(DIFFUSERS_STEM) || n.starts_with("model."))
             && (n.ends_with(".safetensors") || n.ends_with(".safetensors.index.json"))
@@ -347,7 +192,7 @@ fn is_weights_name(n: &str) -> bool {
 
 /// Why a directory is not a model: what it lacks, and the variants it holds instead (diffusers'
 /// `variant="fp16"` files), which are passed as files.
-fn not_a_model(path: &Path, label: &str) -> Error {
+pub(crate) fn not_a_model(path: &Path, label: &str) -> Error {
     let mut variants: Vec<String> = std::fs::read_dir(path)
         .into_iter()
         .flatten()
@@ -430,66 +275,7 @@ impl Checkpoint {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
-            let index = path.join(INDEX_FILE);
-            let single = path.join(SINGLE_FILE);
-            let label = path.display().to_string();
-            if path.join(crate::source::lora::CONFIG_FILE).exists() {
-                return Self::open_adapter(path);
-            }
-            if index.exists() && single.exists() {
-                return Err(Error::header(
-                    &label,
-                    format!("holds both {SINGLE_FILE} and {INDEX_FILE}, and loaders disagree on which wins; pass the one to use"),
-                ));
-            }
-            let Some(found) = DIR_FILES.iter().map(|f| path.join(f)).find(|p| p.exists()) else {
-                // A diffusers LoRA directory (`save_lora_weights`): its one weights file.
-                let lora = crate::source::lora::files::WEIGHTS
-                    .iter()
-                    .map(|w| path.join(w))
-                    .find(|p| p.is_file());
-                if let Some(lora) = lora {
-                    let mut ck = Self::open_single(path, &lora)?;
-                    ck.lora = ck.diffusion_lora()?;
-                    if ck.lora.is_none() {
-                        return Err(Error::header(
-                            &lora.display().to_string(),
-                            "holds no LoRA factors in diffusers' or kohya-ss's naming",
-                        ));
-                    }
-                    return Ok(ck);
-                }
-                if path.join(PIPELINE_INDEX).is_file() {
-                    let (modules, module_indexes) = open_pipeline(path)?;
-                    if modules.is_empty() {
-                        return Err(Error::NotAModel {
-                            file: label,
-                            reason: format!("a diffusers pipeline ({PIPELINE_INDEX}) none of whose components holds weights"),
-                        });
-                    }
-                    return Ok(Checkpoint {
-                        path: path.to_owned(),
-                        model_dir: Some(path.to_owned()),
-                        lora: None,
-                        index_file: None,
-                        index_fingerprint: None,
-                        files: Vec::new(),
-                        owner: None,
-                        overlays: Vec::new(),
-                        modules,
-                        module_indexes,
-                    });
-                }
-                return Err(not_a_model(path, &label));
-            };
-            let mut ck = if found.extension().is_some_and(|e| e == "json") {
-                Self::open_index(path, &found)?
-            } else {
-                Self::open_single(path, &found)?
-            };
-            ck.model_dir = Some(path.to_owned());
-            ck.modules = open_modules(path)?;
-            Ok(ck)
+            crate::source::layout::open_dir(path)
         } else {
             let mut ck = if path.extension().is_some_and(|e| e == "json") {
                 Self::open_index(path, path)?
@@ -513,28 +299,6 @@ impl Checkpoint {
         }
     }
 
-    /// A PEFT LoRA adapter directory: its weights file, with the adapter's configuration.
-    fn open_adapter(dir: &Path) -> Result<Checkpoint> {
-        use crate::source::lora;
-        let cfg = lora::AdapterConfig::read(&dir.join(lora::CONFIG_FILE))?;
-        let weights = lora::WEIGHTS
-            .iter()
-            .map(|w| dir.join(w))
-            .find(|p| p.exists())
-            .ok_or_else(|| {
-                Error::header(
-                    &dir.display().to_string(),
-                    format!(
-                        "a LoRA adapter directory without {}",
-                        lora::WEIGHTS.join(" or ")
-                    ),
-                )
-            })?;
-        let mut ck = Self::open_single(dir, &weights)?;
-        ck.lora = Some(lora::Adapter::Peft(cfg));
-        Ok(ck)
-    }
-
     /// What the pipeline reads of this checkpoint as a fine-tune of `base`: its own tensors,
     /// or, for a LoRA adapter, every base tensor as a low-rank delta or τ = 0.
     /// `model_type`: the base's architecture (its config.json), which decides how a LoRA ΔW of
@@ -551,7 +315,7 @@ impl Checkpoint {
     }
 
     /// A single file whose tensors are a diffusion LoRA's (diffusers or kohya-ss names).
-    fn diffusion_lora(&self) -> Result<Option<crate::source::lora::Adapter>> {
+    pub(crate) fn diffusion_lora(&self) -> Result<Option<crate::source::lora::Adapter>> {
         use crate::source::lora::{files, Adapter};
         let [file] = self.files.as_slice() else {
             return Ok(None);
@@ -564,7 +328,27 @@ impl Checkpoint {
         Ok(Some(Adapter::File(f)))
     }
 
-    fn open_single(given: &Path, file: &Path) -> Result<Checkpoint> {
+    /// A model made only of module directories (a diffusers pipeline's components).
+    pub(crate) fn of_modules(
+        dir: &Path,
+        modules: Vec<(String, MappedFile)>,
+        module_indexes: Vec<(PathBuf, Fingerprint)>,
+    ) -> Checkpoint {
+        Checkpoint {
+            path: dir.to_owned(),
+            model_dir: Some(dir.to_owned()),
+            lora: None,
+            index_file: None,
+            index_fingerprint: None,
+            files: Vec::new(),
+            owner: None,
+            overlays: Vec::new(),
+            modules,
+            module_indexes,
+        }
+    }
+
+    pub(crate) fn open_single(given: &Path, file: &Path) -> Result<Checkpoint> {
         let mapped = map_file(file)?;
         let owner = None;
         Ok(Checkpoint {
@@ -591,7 +375,7 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn open_index(given: &Path, index: &Path) -> Result<Checkpoint> {
+    pub(crate) fn open_index(given: &Path, index: &Path) -> Result<Checkpoint> {
         let label = index.display().to_string();
         let (file, meta) = open_regular(index)?;
         if meta.len() > crate::header::MAX_HEADER_LEN {

@@ -5,6 +5,7 @@
 
 #[doc(hidden)]
 pub mod fuzzgen;
+pub mod layout;
 pub mod lora;
 mod pickle;
 pub mod pytorch;
