@@ -14,6 +14,9 @@ import weightweave as ww
 
 from conftest import load
 
+# Needs an ecosystem's package, which .ci/run installs (`pytest -m 'not ecosystems'` leaves these out).
+pytestmark = pytest.mark.ecosystems
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 

@@ -16,6 +16,9 @@ import weightweave as ww
 
 from conftest import load
 
+# Needs an ecosystem's package, which .ci/run installs (`pytest -m 'not ecosystems'` leaves these out).
+pytestmark = pytest.mark.ecosystems
+
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 from peft.utils import get_peft_model_state_dict  # noqa: E402

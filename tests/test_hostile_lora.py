@@ -19,7 +19,7 @@ from conftest import assert_close_ulp, load, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 peft = pytest.importorskip("peft", reason="PEFT checks the LoRA semantics (.ci/run installs it)")
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"), pytest.mark.ecosystems]
 
 
 llama = tiny_llama

@@ -11,6 +11,9 @@ import weightweave as ww
 
 from conftest import assert_close_ulp, load
 
+# Needs an ecosystem's package, which .ci/run installs (`pytest -m 'not ecosystems'` leaves these out).
+pytestmark = pytest.mark.ecosystems
+
 peft = pytest.importorskip("peft", reason="PEFT checks the LoRA semantics (.ci/run installs it)")
 
 

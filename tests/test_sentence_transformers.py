@@ -13,6 +13,9 @@ import weightweave as ww
 
 from conftest import load
 
+# Needs an ecosystem's package, which .ci/run installs (`pytest -m 'not ecosystems'` leaves these out).
+pytestmark = pytest.mark.ecosystems
+
 st = pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
 try:  # sentence-transformers >= 6 moved its modules

@@ -19,6 +19,9 @@ import weightweave as ww
 
 from conftest import load
 
+# Needs an ecosystem's package, which .ci/run installs (`pytest -m 'not ecosystems'` leaves these out).
+pytestmark = pytest.mark.ecosystems
+
 LAM = 0.4
 
 
