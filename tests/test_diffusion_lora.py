@@ -277,3 +277,31 @@ def test_kohya_scaling_by_hand(tmp_path):
     out = load_file(tmp_path / "o.safetensors")
     assert out["a.to_q.weight"].tolist() == [[1.5, 3.0], [2.0, 4.0]]
     assert out["c.weight"].tolist() == [[3.0, 1.0], [1.0, -1.0]]
+
+
+def test_a_flux_transformer_lora(tmp_path):
+    """A Flux LoRA (``transformer.`` names, as FluxPipeline.save_lora_weights writes them) on a
+    transformer component directory, against diffusers' load_lora_adapter + fuse_lora."""
+    torch.manual_seed(0)
+    cfg = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=False,
+               axes_dims_rope=(2, 2, 4))  # fmt: skip
+    t = diffusers.FluxTransformer2DModel(**cfg)
+    t.save_pretrained(tmp_path / "base")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp"]
+    t.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets))
+    diffusers.FluxPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(t))
+    ref = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.load_lora_adapter(tmp_path / "lora", prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+        ref.fuse_lora()
+        ref.unload_lora()
+    want = {k: v.detach() for k, v in ref.state_dict().items()}
+    ww.merge(tmp_path / "base", [tmp_path / "lora"], tmp_path / "out", method="task_arithmetic", lam=1.0)
+    got = load(tmp_path / "out")
+    base = load(tmp_path / "base")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=2e-6, rtol=1e-5, msg=k)
+    assert sum(not torch.equal(want[k], base[k]) for k in want) >= 8
