@@ -131,26 +131,27 @@ def _kohya(root, alphas, sgm=False) -> dict[str, torch.Tensor]:
     return out
 
 
+def _blk(m) -> int:  # block b, layer l -> the sgm block's number, layers_per_block = 1
+    return int(m[1]) * 2 + int(m[2])
+
+
+SGM = [  # diffusers' UNet path -> the sgm UNet's (SDXL in kohya-ss)
+    (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda m: f"input_blocks.{1 + _blk(m)}.1.{m[3]}"),
+    (r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1", lambda m: f"input_blocks.{1 + _blk(m)}.0.in_layers.2"),
+    (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda m: f"output_blocks.{_blk(m)}.1.{m[3]}"),
+    (r"up_blocks\.(\d+)\.resnets\.(\d+)\.conv1", lambda m: f"output_blocks.{_blk(m)}.0.in_layers.2"),
+    (r"mid_block\.attentions\.0\.(.*)", lambda m: f"middle_block.1.{m[1]}"),
+    (r"mid_block\.resnets\.(\d)\.conv1", lambda m: f"middle_block.{2 * int(m[1])}.in_layers.2"),
+]  # fmt: skip
+
+
 def _sgm(mod: str) -> str:
-    """diffusers' UNet path as the sgm UNet (SDXL in kohya-ss) numbers it, layers_per_block = 1."""
-    m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", mod)
-    if m:
-        return f"input_blocks.{1 + int(m[1]) * 2 + int(m[2])}.1.{m[3]}"
-    m = re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1", mod)
-    if m:
-        return f"input_blocks.{1 + int(m[1]) * 2 + int(m[2])}.0.in_layers.2"
-    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", mod)
-    if m:
-        return f"output_blocks.{int(m[1]) * 2 + int(m[2])}.1.{m[3]}"
-    m = re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.conv1", mod)
-    if m:
-        return f"output_blocks.{int(m[1]) * 2 + int(m[2])}.0.in_layers.2"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)", mod)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = re.match(r"mid_block\.resnets\.(\d)\.conv1", mod)
-    assert m, mod
-    return f"middle_block.{2 * int(m[1])}.in_layers.2"
+    """diffusers' UNet path as the sgm UNet (SDXL in kohya-ss) numbers it."""
+    for pattern, sgm in SGM:
+        m = re.match(pattern, mod)
+        if m:
+            return sgm(m)
+    raise AssertionError(mod)
 
 
 @pytest.mark.parametrize("alphas", ["per-module", "none"])
