@@ -369,6 +369,13 @@ impl Kernel for Gta {
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
         let tasks = x.tasks();
+        if self.sparsify == Sparsify::None && self.arith.is_none() {
+            // Nothing sparsified, so nothing rescaled: mix the deltas in place, no copies.
+            grow(s.a, x.n);
+            grow(s.b, x.n);
+            crate::simd!(mix(self, x.deltas, x.weights, x.n, m, (s.a, s.b)));
+            return;
+        }
         s.per_task.resize_with(tasks, Vec::new);
         let mut factors = vec![None; tasks];
         for k in 0..tasks {
