@@ -351,6 +351,55 @@ impl Windowed {
     }
 }
 
+/// What one chunk's windowed count saw, kept so that the chunk's counts above and at any value
+/// its window finds can be read off afterwards (a per-chunk count without another pass).
+#[derive(Clone, Debug)]
+pub struct PieceWindow {
+    /// The chunk's start and the length of each of its rows.
+    pub start: usize,
+    pub len: u64,
+    counted: Windowed,
+}
+
+impl PieceWindow {
+    pub fn new(start: usize, len: u64, counted: Windowed) -> PieceWindow {
+        PieceWindow {
+            start,
+            len,
+            counted,
+        }
+    }
+
+    /// (#keys > key(value), #keys = key(value)) of request `i`'s row in this chunk, for a value
+    /// inside the request's window (as [`Windowed::finish`] returns it).
+    pub fn above_equal(&self, w: &Windows, i: usize, value: f32) -> [u64; 2] {
+        let k = key(value);
+        let (lo, hi) = w.bounds[i];
+        let c = &self.counted;
+        if lo == hi {
+            return [self.len - c.below[i] - c.equal[i], c.equal[i]];
+        }
+        let inside = &c.inside[i];
+        let above_window = self.len - c.below[i] - inside.len() as u64;
+        let above = inside.iter().filter(|&&x| x > k).count() as u64;
+        let equal = inside.iter().filter(|&&x| x == k).count() as u64;
+        debug_assert!(k >= lo && k <= hi);
+        [above_window + above, equal]
+    }
+
+    /// The chunks' counts merged, as one windowed pass over them all would count.
+    pub fn merged(pieces: &[PieceWindow], w: &Windows) -> Windowed {
+        let mut all = w.acc();
+        for p in pieces {
+            all = all.merge(p.counted.clone());
+        }
+        if all.inside.iter().any(|v| v.len() > w.cap) {
+            all.overflow = true;
+        }
+        all
+    }
+}
+
 #[cfg(test)]
 mod window_tests {
     use super::*;
@@ -377,6 +426,35 @@ mod window_tests {
         }
     }
 
+    proptest! {
+        /// Each chunk's counts above and at the selected value, read off the windowed pass,
+        /// equal a direct count of the chunk (ties included: values drawn from a few levels).
+        #[test]
+        fn piece_counts_are_exact(levels in prop::collection::vec(0u8..12, 1..1500), r in 0usize..1500, stride in 1usize..40, chunk in 1usize..200) {
+            let values: Vec<f32> = levels.iter().map(|&l| f32::from(l) * 0.25).collect();
+            let rank = (r % values.len()) as u64;
+            let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
+            sample.sort_unstable();
+            let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
+            let pieces: Vec<PieceWindow> = values
+                .chunks(chunk)
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut counted = w.acc();
+                    counted.count(&w, 0, c);
+                    PieceWindow::new(i * chunk, c.len() as u64, counted)
+                })
+                .collect();
+            if let Some(v) = PieceWindow::merged(&pieces, &w).finish(&w) {
+                for (p, c) in pieces.iter().zip(values.chunks(chunk)) {
+                    let above = c.iter().filter(|&&x| x > v[0]).count() as u64;
+                    let equal = c.iter().filter(|&&x| x == v[0]).count() as u64;
+                    prop_assert_eq!(p.above_equal(&w, 0, v[0]), [above, equal]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn degenerate_windows_count_ties() {
         let mut values = vec![0.0f32; 1000];
@@ -392,6 +470,31 @@ mod window_tests {
         let mut acc = w.acc();
         acc.count(&w, 0, &values);
         assert_eq!(acc.finish(&w), Some(vec![0.0, 51.0]));
+    }
+
+    #[test]
+    fn degenerate_windows_count_pieces() {
+        let mut values = vec![0.0f32; 1000];
+        values.extend((1..=100).map(|i| i as f32));
+        let mut sample: Vec<u32> = values.iter().step_by(7).map(|&v| key(v)).collect();
+        sample.sort_unstable();
+        let w = Windows::from_sample(vec![Request { row: 0, rank: 500 }], &[sample], 1100, 6.0);
+        assert_eq!(w.bounds[0], (key(0.0), key(0.0)));
+        let pieces: Vec<PieceWindow> = values
+            .chunks(137)
+            .enumerate()
+            .map(|(i, c)| {
+                let mut counted = w.acc();
+                counted.count(&w, 0, c);
+                PieceWindow::new(i * 137, c.len() as u64, counted)
+            })
+            .collect();
+        assert_eq!(PieceWindow::merged(&pieces, &w).finish(&w), Some(vec![0.0]));
+        for (p, c) in pieces.iter().zip(values.chunks(137)) {
+            let above = c.iter().filter(|&&x| x > 0.0).count() as u64;
+            let equal = c.iter().filter(|&&x| x == 0.0).count() as u64;
+            assert_eq!(p.above_equal(&w, 0, 0.0), [above, equal]);
+        }
     }
 
     #[test]

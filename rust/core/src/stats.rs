@@ -9,7 +9,7 @@ use crate::methods::breadcrumbs::{self, Piece};
 use crate::methods::ties::SignTally;
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
-use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
+use crate::select::{key, unkey, Buckets, Hist, PieceWindow, Request, Windowed, Windows};
 
 /// What a sample tells about the wanted order statistics.
 enum Guess {
@@ -113,10 +113,12 @@ impl Engine<'_> {
             self.emit_abs(w, c, &reps, emit)
         };
         for pieces in chunks.chunk_by(|a, b| a.start / row == b.start / row) {
-            let v = if requests.is_empty() {
-                Vec::new()
+            // The cut values and, when the windowed select found them, each chunk's counts
+            // above and at them, read off the same pass.
+            let (v, fused) = if requests.is_empty() {
+                (Vec::new(), None)
             } else {
-                self.select(pieces, reps.len() * tasks, requests.clone(), rows)?
+                self.select_counting(pieces, reps.len() * tasks, requests.clone(), rows)?
             };
             // cuts[k][t] = (top, low) for the sets and tasks that keep something.
             let cuts: Vec<Vec<Option<RowCuts>>> = slots
@@ -127,37 +129,59 @@ impl Engine<'_> {
                         .collect()
                 })
                 .collect();
-            let counts = self.pass(
-                pieces,
-                Vec::new,
-                |w, c, acc: &mut Vec<(usize, Vec<Vec<[u64; 4]>>)>| {
-                    let mut per_set = vec![Vec::new(); all.len()];
-                    for (v, &j) in reps.iter().enumerate() {
-                        let src = self.set_deltas(w, j, c);
-                        let d = w.src(src);
-                        for (k, cs) in cuts.iter().enumerate() {
-                            if of[k] != v {
-                                continue;
+            let counts = match fused {
+                Some(per_chunk) => Ok(per_chunk
+                    .iter()
+                    .map(|(start, at)| {
+                        let cells = slots
+                            .iter()
+                            .map(|s| {
+                                s.iter()
+                                    .map(|o| match *o {
+                                        Some((g, kk, r)) => {
+                                            let low = if g + kk < n { at[r + 1] } else { [0, 0] };
+                                            [at[r][0], at[r][1], low[0], low[1]]
+                                        }
+                                        None => [0; 4],
+                                    })
+                                    .collect()
+                            })
+                            .collect();
+                        (*start, cells)
+                    })
+                    .collect()),
+                None => self.pass(
+                    pieces,
+                    Vec::new,
+                    |w, c, acc: &mut Vec<(usize, Vec<Vec<[u64; 4]>>)>| {
+                        let mut per_set = vec![Vec::new(); all.len()];
+                        for (v, &j) in reps.iter().enumerate() {
+                            let src = self.set_deltas(w, j, c);
+                            let d = w.src(src);
+                            for (k, cs) in cuts.iter().enumerate() {
+                                if of[k] != v {
+                                    continue;
+                                }
+                                per_set[k] = (0..tasks)
+                                    .map(|t| match cs[t] {
+                                        Some((top, low)) => {
+                                            breadcrumbs::count_piece(&d[t][..c.len], top, low)
+                                        }
+                                        None => [0; 4],
+                                    })
+                                    .collect();
                             }
-                            per_set[k] = (0..tasks)
-                                .map(|t| match cs[t] {
-                                    Some((top, low)) => {
-                                        breadcrumbs::count_piece(&d[t][..c.len], top, low)
-                                    }
-                                    None => [0; 4],
-                                })
-                                .collect();
                         }
-                    }
-                    acc.push((c.start, per_set));
-                    Ok(())
-                },
-                |mut a, b| {
-                    a.extend(b);
-                    a
-                },
-            )?;
-            let mut counts = counts;
+                        acc.push((c.start, per_set));
+                        Ok(())
+                    },
+                    |mut a, b| {
+                        a.extend(b);
+                        a
+                    },
+                ),
+            };
+            let mut counts = counts?;
             counts.sort_unstable_by_key(|(start, _)| *start);
             for (k, cs) in cuts.iter().enumerate() {
                 for t in 0..tasks {
@@ -361,6 +385,54 @@ impl Engine<'_> {
             Some(v) => Ok(v),
             None => self.radix_select(chunks, n_rows, requests, rows),
         }
+    }
+
+    /// [`Self::select`], and when its windowed pass found the values, also every chunk's
+    /// (#above, #equal) per request, counted in that pass: (start, per request) by chunk.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn select_counting(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        requests: Vec<Request>,
+        rows: Rows,
+    ) -> Result<(Vec<f32>, Option<Vec<(usize, Vec<[u64; 2]>)>>)> {
+        let windows = match self.guess(chunks, n_rows, requests.clone(), rows)? {
+            Some(Guess::Exact(v)) => return Ok((v, None)),
+            Some(Guess::Window(windows)) => windows,
+            None => return Ok((self.radix_select(chunks, n_rows, requests, rows)?, None)),
+        };
+        let pieces = self.pass(
+            chunks,
+            Vec::new,
+            |w, c, acc: &mut Vec<PieceWindow>| {
+                let mut counted = windows.acc();
+                rows(w, c, &mut |row, v| {
+                    crate::simd!(counted.count(&windows, row, v))
+                });
+                acc.push(PieceWindow::new(c.start, c.len as u64, counted));
+                Ok(())
+            },
+            |mut a, b| {
+                a.extend(b);
+                a
+            },
+        )?;
+        let all = PieceWindow::merged(&pieces, &windows);
+        self.debug_windows(&windows, &all);
+        let Some(v) = all.finish(&windows) else {
+            return Ok((self.radix_select(chunks, n_rows, requests, rows)?, None));
+        };
+        let per_chunk = pieces
+            .iter()
+            .map(|p| {
+                let at = (0..v.len())
+                    .map(|i| p.above_equal(&windows, i, v[i]))
+                    .collect();
+                (p.start, at)
+            })
+            .collect();
+        Ok((v, Some(per_chunk)))
     }
 
     /// A sample's guess at the requested order statistics: exact when the scope is small
