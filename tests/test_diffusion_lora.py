@@ -241,6 +241,8 @@ def _single(tmp_path, names):
         ({"unet.c.lora_A.weight": torch.ones(2, 4), "unet.c.lora_B.weight": torch.ones(4, 2),
           "unet.c.alpha": torch.tensor(1.0)}, "diffusers' loader does not read"),
         ({"unet.e.lora_A.weight": torch.ones(2, 4), "unet.e.lora_B.weight": torch.ones(4, 2)}, "adapts no module"),
+        ({"lora_unet_c.lora_down.weight": torch.ones(0, 4), "lora_unet_c.lora_up.weight": torch.ones(4, 0)},
+         "rank 0"),
     ],
 )  # fmt: skip
 def test_bad_lora_files_are_refused(tmp_path, lora, msg):

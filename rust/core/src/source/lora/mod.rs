@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 use crate::reader::{ModelView, TensorRef};
 
 pub mod files;
+#[doc(hidden)]
+pub mod fuzzcheck;
 pub mod peft;
 
 pub use peft::{AdapterConfig, CONFIG_FILE, WEIGHTS};
@@ -251,6 +253,13 @@ pub fn aligned_view<'a>(
                 a.file,
                 target,
                 "LoRA factors must be floating point",
+            ));
+        }
+        if a.shape[0] == 0 {
+            return Err(Error::tensor(
+                a.file,
+                target,
+                "has LoRA factors of rank 0: a LoRA rank must be positive (PEFT and diffusers refuse it)",
             ));
         }
         let scaling = format.scaling(pair, a.shape[0])?;
