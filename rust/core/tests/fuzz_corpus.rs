@@ -40,3 +40,11 @@ fn pytorch_program_corpus() {
         weightweave_core::source::pytorch::check_program,
     );
 }
+
+#[test]
+fn lora_file_corpus() {
+    replay(
+        "lora_file",
+        weightweave_core::source::lora::fuzzcheck::check_accepted,
+    );
+}
