@@ -400,6 +400,49 @@ impl PieceWindow {
     }
 }
 
+/// One worker's [`PieceWindow`]s, holding no more keys per request than one windowed pass
+/// would ([`Windows::cap`]): past that the keys are dropped and the select falls back to radix,
+/// so memory stays bounded however many chunks a scope has.
+#[derive(Clone, Debug, Default)]
+pub struct PieceWindows {
+    pub pieces: Vec<PieceWindow>,
+    kept: Vec<usize>,
+    overflow: bool,
+}
+
+impl PieceWindows {
+    pub fn push(&mut self, w: &Windows, piece: PieceWindow) {
+        if self.overflow {
+            return;
+        }
+        self.kept.resize(w.requests.len(), 0);
+        for (k, v) in self.kept.iter_mut().zip(&piece.counted.inside) {
+            *k += v.len();
+        }
+        if piece.counted.overflow || self.kept.iter().any(|&k| k > w.cap) {
+            self.overflow = true;
+            self.pieces = Vec::new();
+            return;
+        }
+        self.pieces.push(piece);
+    }
+
+    pub fn merge(mut self, other: PieceWindows) -> PieceWindows {
+        self.overflow |= other.overflow;
+        if self.overflow {
+            self.pieces = Vec::new();
+        } else {
+            self.pieces.extend(other.pieces);
+        }
+        self
+    }
+
+    /// The chunks' counts merged, or None when a worker dropped its keys.
+    pub fn merged(&self, w: &Windows) -> Option<Windowed> {
+        (!self.overflow).then(|| PieceWindow::merged(&self.pieces, w))
+    }
+}
+
 #[cfg(test)]
 mod window_tests {
     use super::*;
@@ -495,6 +538,26 @@ mod window_tests {
             let equal = c.iter().filter(|&&x| x == 0.0).count() as u64;
             assert_eq!(p.above_equal(&w, 0, 0.0), [above, equal]);
         }
+    }
+
+    #[test]
+    fn piece_windows_stay_within_the_cap() {
+        // Every chunk's keys fall inside the window; the worker gives up past `cap` in all.
+        let w = Windows {
+            requests: vec![Request { row: 0, rank: 0 }],
+            bounds: vec![(key(0.0), key(10.0))],
+            cap: 10,
+            viable: true,
+        };
+        let mut acc = PieceWindows::default();
+        for i in 0..3 {
+            let mut counted = w.acc();
+            counted.count(&w, 0, &[1.0, 2.0, 3.0, 4.0]);
+            acc.push(&w, PieceWindow::new(i * 4, 4, counted));
+            assert_eq!(acc.merged(&w).is_some(), i < 2);
+        }
+        assert!(acc.pieces.is_empty());
+        assert!(acc.merge(PieceWindows::default()).merged(&w).is_none());
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::methods::breadcrumbs::{self, Piece};
 use crate::methods::ties::SignTally;
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
-use crate::select::{key, unkey, Buckets, Hist, PieceWindow, Request, Windowed, Windows};
+use crate::select::{
+    key, unkey, Buckets, Hist, PieceWindow, PieceWindows, Request, Windowed, Windows,
+};
 
 /// What a sample tells about the wanted order statistics.
 enum Guess {
@@ -402,27 +404,27 @@ impl Engine<'_> {
             Some(Guess::Window(windows)) => windows,
             None => return Ok((self.radix_select(chunks, n_rows, requests, rows)?, None)),
         };
-        let pieces = self.pass(
+        let found = self.pass(
             chunks,
-            Vec::new,
-            |w, c, acc: &mut Vec<PieceWindow>| {
+            PieceWindows::default,
+            |w, c, acc: &mut PieceWindows| {
                 let mut counted = windows.acc();
                 rows(w, c, &mut |row, v| {
                     crate::simd!(counted.count(&windows, row, v))
                 });
-                acc.push(PieceWindow::new(c.start, c.len as u64, counted));
+                acc.push(&windows, PieceWindow::new(c.start, c.len as u64, counted));
                 Ok(())
             },
-            |mut a, b| {
-                a.extend(b);
-                a
-            },
+            PieceWindows::merge,
         )?;
-        let all = PieceWindow::merged(&pieces, &windows);
-        self.debug_windows(&windows, &all);
-        let Some(v) = all.finish(&windows) else {
+        let all = found.merged(&windows);
+        if let Some(all) = &all {
+            self.debug_windows(&windows, all);
+        }
+        let Some(v) = all.and_then(|all| all.finish(&windows)) else {
             return Ok((self.radix_select(chunks, n_rows, requests, rows)?, None));
         };
+        let pieces = found.pieces;
         let per_chunk = pieces
             .iter()
             .map(|p| {
