@@ -18,6 +18,8 @@ __all__ = [
     "metagpt_buffers",
     "Session",
     "TensorBuffer",
+    "ClusterDriver",
+    "merge_unit",
     "WeaveError",
     "HeaderError",
     "MismatchError",
@@ -76,6 +78,30 @@ def merge_buffers(
     given: Sequence[tuple[str, Any]] | None = None,
 ) -> tuple[list[str], list[str]]: ...
 def metagpt_buffers(base: Sequence[_Entry], models: Sequence[Sequence[_Entry]], job: _Job) -> list[float]: ...
+
+def merge_unit(
+    base: str, models: Sequence[str], job: _Job, ticket: bytes, *, progress: _Progress | None = None
+) -> int: ...
+
+@final
+class ClusterDriver:
+    """The driver of a cluster merge (see `weightweave.cluster`)."""
+
+    def __new__(
+        cls,
+        base: str,
+        models: Sequence[str],
+        out: str,
+        job: _Job,
+        *,
+        shard_size: int | None = None,
+        overwrite: bool = False,
+    ) -> ClusterDriver: ...
+    def units(self, n: int) -> list[tuple[list[int], int]]: ...
+    def model_stats(self, progress: _Progress | None = None) -> bytes: ...
+    def ticket(self, tensors: Sequence[int], model: bytes) -> bytes: ...
+    def publish(self, done: Sequence[Sequence[int]], bytes_read: int) -> dict[str, Any]: ...
+    def abort(self) -> None: ...
 
 @final
 class TensorBuffer:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _rust
+from . import cluster as _cluster
 from ._rust import ParamError
 from .job import MAX_LAMBDAS, PoolArg, SearchArg, _f32_checked, _is_number, _job, as_bool, parse_lambdas  # noqa: F401
 
@@ -238,7 +239,7 @@ def _progress(progress: object) -> ProgressFn | None:
     return progress  # type: ignore[return-value]
 
 
-def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, progress) -> Report:
+def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, progress, cluster=None) -> Report:
     if base is None:
         # A model soup needs no base: Σ w_t θ_t / Σ w_t is the same over any reference point, so
         # the first model serves as one (its delta is 0).
@@ -252,6 +253,11 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
     progress = _progress(progress)
     svd = _svd_options(job["method"], job["params"])
     opts = {"shard_size": shard_size, "overwrite": as_bool("overwrite", overwrite)}
+    if _cluster.parse(cluster) is not None:
+        if job["method"] in SVD_METHODS:
+            raise ParamError(f"{job['method']} runs on the torch backend, which a cluster merge does not use yet; "
+                             "merge on one machine")  # fmt: skip
+        return _report(_cluster.run(*args, job, opts, progress, cluster))
     if job["method"] in SVD_METHODS:
         backend = _backend()
         backend.check_options(**svd)
@@ -278,6 +284,7 @@ def merge(
     compat: str | None = None,
     keep_base: str | None = None,
     progress: ProgressFn | None = None,
+    cluster: str | None = None,
     **params: float | bool | str | Sequence[float],
 ) -> Report:
     """Merge fine-tuned checkpoints into θ_pre + λ·M, streaming from disk to disk.
@@ -316,6 +323,11 @@ def merge(
             ``left_out`` and the output's metadata say which.
         progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
             raising from it cancels the merge.
+        cluster: ``"ray"`` spreads the merge over a Ray cluster's CPUs (the runtime already
+            initialised, else ``RAY_ADDRESS``, else a local one; ``"ray:ADDRESS"`` connects to
+            ADDRESS), with the same output bit for bit. Inputs and ``out``'s directory must be
+            on a file system every node sees (checked before any work). Needs
+            ``weightweave[ray]``; see the README's "Beyond one machine".
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
             ``rescale``, ``ties_density`` (see the README's method table); ``density`` and
             ``gamma`` may be lists, one value per fine-tune. LiNeS, with any method:
@@ -337,7 +349,7 @@ def merge(
     """
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
                out_dtype=out_dtype, weights=weights, compat=compat, keep_base=keep_base)  # fmt: skip
-    return _run_files(base, models, out, job, shard_size, overwrite, progress)
+    return _run_files(base, models, out, job, shard_size, overwrite, progress, cluster)
 
 
 def weave(
@@ -360,6 +372,7 @@ def weave(
     compat: str | None = None,
     keep_base: str | None = None,
     progress: ProgressFn | None = None,
+    cluster: str | None = None,
     **params: float | bool | str | Sequence[float],
 ) -> Report:
     """Weight Weaving: θ_pre + pool([τ_1..τ_T] + [λ·M for λ in Λ]), without building that stack.
@@ -393,7 +406,7 @@ def weave(
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
                threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights, search=search,
                compat=compat, keep_base=keep_base)  # fmt: skip
-    return _run_files(base, models, out, job, shard_size, overwrite, progress)
+    return _run_files(base, models, out, job, shard_size, overwrite, progress, cluster)
 
 
 def inspect(path: PathLike) -> dict[str, Any]:

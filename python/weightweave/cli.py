@@ -210,6 +210,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="replace an earlier weightweave output at OUT (atomically; never anything else)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _ray_arg(p)
+
+
+def _ray_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="spread the merge over a Ray cluster (the same output bit for bit): ADDRESS, else "
+                        "RAY_ADDRESS, else a local Ray; inputs and OUT on a file system every node sees; needs "
+                        "weightweave[ray]")  # fmt: skip
+
+
+def _cluster(args: argparse.Namespace) -> str | None:
+    ray = getattr(args, "ray", None)
+    return None if ray is None else "ray" if ray == "" else f"ray:{ray}"
 
 
 def methods_table() -> str:
@@ -259,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chunk-size", type=int, help="elements per chunk")
     r.add_argument("--overwrite", action="store_true", help="replace an earlier weightweave output at OUT")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _ray_arg(r)
     r.add_argument("--allow-code", action="store_true",
                    help="let the recipe's 'pool: module:function' import and call that Python function (a recipe "
                         "never runs code without this flag)")  # fmt: skip
@@ -288,7 +302,8 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
 
         def call() -> api.Report:
             return recipe.run(args.recipe, args.out, overwrite=args.overwrite, progress=bar, threads=args.threads,
-                              chunk_size=args.chunk_size, allow_code=args.allow_code)  # fmt: skip
+                              chunk_size=args.chunk_size, allow_code=args.allow_code,
+                              cluster=_cluster(args))  # fmt: skip
     else:
         kw: dict[str, Any] = dict(
             method=args.method,
@@ -302,6 +317,7 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
             compat=args.compat,
             keep_base=args.keep_base,
             progress=bar,
+            cluster=_cluster(args),
             **parse_set(args.set),
         )
 

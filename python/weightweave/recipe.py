@@ -54,7 +54,8 @@ _MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_d
            "weave", "slices", "tokenizer", "chat_template", "name", "modules", "precision"}  # fmt: skip
 _WEAVE_KEYS = {"lambdas", "search", "pool", "include_deltas", "seed"}
 _OWN_TOP = {"base", "models", "method", "params", "mode", "lam", "lambdas", "search", "pool", "include_deltas",
-            "seed", "weights", "out", "out_dtype", "shard_size", "compat", "threads", "chunk_size"}  # fmt: skip
+            "seed", "weights", "out", "out_dtype", "shard_size", "compat", "threads", "chunk_size",
+            "cluster"}  # fmt: skip
 _OWN_MODEL = {"model", "weight", "density", "gamma", "ties_density"}
 
 
@@ -914,7 +915,7 @@ def _own(d: Mapping[str, Any], where: str) -> Recipe:
     if mode == "weave" and "lam" in d:
         raise _fail(where, "'lam' belongs to mode: merge (weave takes lambdas or search)")
     for k in ("lam", "lambdas", "search", "include_deltas", "seed", "out_dtype", "shard_size", "compat", "threads",
-              "chunk_size"):  # fmt: skip
+              "chunk_size", "cluster"):  # fmt: skip
         if k in d:
             kwargs[k] = d[k]
     if "pool" in d:
@@ -934,9 +935,11 @@ def run(
     threads: int | None = None,
     chunk_size: int | None = None,
     allow_code: bool = False,
+    cluster: str | None = None,
 ):
     """Runs a recipe (a YAML path or a mapping, in our schema or mergekit's) and returns the
-    :class:`~weightweave.Report`. ``out`` overrides the recipe's ``out``; one of them is needed.
+    :class:`~weightweave.Report`. ``out`` overrides the recipe's ``out``; one of them is needed;
+    ``cluster`` (``"ray"``, ``"ray:ADDRESS"``) the recipe's ``cluster``.
     ``allow_code=True`` lets a ``pool: module:function`` key import and call that function
     (never the default: a recipe from a stranger must not run code).
 
@@ -951,7 +954,7 @@ def run(
     if target is None:
         raise RecipeError("no output: give OUT (or 'out' in the recipe)")
     kw = dict(r.kwargs)
-    for k, v in (("threads", threads), ("chunk_size", chunk_size)):
+    for k, v in (("threads", threads), ("chunk_size", chunk_size), ("cluster", cluster)):
         if v is not None:
             kw[k] = v
     fn = api.weave if r.mode == "weave" else api.merge

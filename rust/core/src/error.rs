@@ -141,6 +141,10 @@ pub enum Error {
     /// An input changed while the merge read it: the result would mix two versions.
     #[error("{}: the input changed while the merge ran ({what}); nothing was written", path.display())]
     InputChanged { path: PathBuf, what: String },
+    /// A node of a cluster merge does not see the inputs or the output's staging area as the
+    /// driver does (no shared file system).
+    #[error("{reason}")]
+    NotShared { reason: String },
     /// A bug: an invariant of the engine did not hold. Reported, never a crash.
     #[error("internal error: {what} (please report it)")]
     Internal { what: String },

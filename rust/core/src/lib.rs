@@ -3,6 +3,7 @@
 //! [`reader`] (mmap + validation) → [`plan`] (cross-model checks, chunks) → [`pipeline`]
 //! (passes over chunks: [`methods`], [`select`] statistics, [`pool`]) → [`writer`].
 
+pub mod cluster;
 pub mod dtype;
 pub mod error;
 pub mod keep;
@@ -92,7 +93,16 @@ pub fn run_views(
     let given = plan::given_for(&plan, given, &recipe)?;
     let opts = job.options();
     pipeline::run(
-        base, &models, &plan, &recipe, opts, sink, progress, cancel, &given,
+        base,
+        &models,
+        &plan,
+        &recipe,
+        opts,
+        sink,
+        progress,
+        cancel,
+        &given,
+        pipeline::Part::default(),
     )?;
     Ok(plan)
 }
@@ -289,33 +299,20 @@ fn output_metadata(
     meta
 }
 
-pub(crate) fn open_files(
-    base: &Path,
-    models: &[PathBuf],
-    out: &Path,
-    opts: &OutputOptions,
-    job: &Job,
-    recipe: &Recipe,
-) -> Result<Opened> {
-    let mut target = writer::Target::new(out, opts.shard_size, opts.overwrite)?;
+/// A file merge's inputs opened, overlaid and planned: what every process of a cluster merge
+/// builds alike from the same paths and job.
+pub(crate) struct Inputs {
+    pub base: Checkpoint,
+    pub models: Vec<Checkpoint>,
+    pub plan: Vec<plan::TensorPlan>,
+    pub differing: Vec<String>,
+    pub kept: keep::Kept,
+    /// The name of one input weight that is FP8 with scales (dequantized while read).
+    pub scaled: Option<String>,
+}
+
+pub(crate) fn open_inputs(base: &Path, models: &[PathBuf], job: &Job) -> Result<Inputs> {
     let base_ck = Checkpoint::open(base)?;
-    // A sharded base gives a sharded output (shards as large as the base's largest) unless
-    // the caller chose.
-    if let (writer::Kind::Dir { shard_size: None }, Some(size)) =
-        (target.kind, base_ck.largest_shard_bytes())
-    {
-        target.kind = writer::Kind::Dir {
-            shard_size: Some(size.max(1)),
-        };
-    }
-    // A diffusers component's (or open_clip's) output is named as its loader looks for it.
-    target.stem = base_ck.weights_stem();
-    if target.stem == reader::OPEN_CLIP_STEM && target.shard_size().is_some() {
-        return Err(Error::param(
-            "shard_size",
-            "open_clip loads a single open_clip_model.safetensors and reads no shard index; write one file",
-        ));
-    }
     let mut model_cks = models
         .iter()
         .map(Checkpoint::open)
@@ -342,6 +339,63 @@ pub(crate) fn open_files(
         }
         (plan, differing, scaled, kept)
     };
+    Ok(Inputs {
+        base: base_ck,
+        models: model_cks,
+        plan,
+        differing,
+        kept,
+        scaled,
+    })
+}
+
+/// Where the output goes, as the base shapes it: shards as large as a sharded base's largest
+/// unless the caller chose, and the file name a diffusers component's (or open_clip's) loader
+/// looks for.
+pub(crate) fn output_target(
+    out: &Path,
+    opts: &OutputOptions,
+    base_ck: &Checkpoint,
+) -> Result<writer::Target> {
+    let mut target = writer::Target::new(out, opts.shard_size, opts.overwrite)?;
+    if let (writer::Kind::Dir { shard_size: None }, Some(size)) =
+        (target.kind, base_ck.largest_shard_bytes())
+    {
+        target.kind = writer::Kind::Dir {
+            shard_size: Some(size.max(1)),
+        };
+    }
+    target.stem = base_ck.weights_stem();
+    if target.stem == reader::OPEN_CLIP_STEM && target.shard_size().is_some() {
+        return Err(Error::param(
+            "shard_size",
+            "open_clip loads a single open_clip_model.safetensors and reads no shard index; write one file",
+        ));
+    }
+    Ok(target)
+}
+
+pub(crate) fn open_files(
+    base: &Path,
+    models: &[PathBuf],
+    out: &Path,
+    opts: &OutputOptions,
+    job: &Job,
+    recipe: &Recipe,
+) -> Result<Opened> {
+    // The output's place is checked before any input is read.
+    writer::Target::new(out, opts.shard_size, opts.overwrite)?;
+    let inputs = open_inputs(base, models, job)?;
+    let target = output_target(out, opts, &inputs.base)?;
+    let Inputs {
+        base: base_ck,
+        models: model_cks,
+        plan,
+        differing,
+        kept,
+        scaled,
+    } = inputs;
+    let out_dtype = job.out_dtype()?;
     let mut inputs = base_ck.input_files();
     for m in &model_cks {
         inputs.extend(m.input_files());
@@ -444,6 +498,7 @@ pub fn prepare_files(
             progress,
             cancel,
             &[],
+            pipeline::Part::default(),
         )?
     };
     opened.output.stage_extras(cancel)?;

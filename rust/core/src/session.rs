@@ -278,6 +278,7 @@ impl Session {
             &|_, _, _| {},
             cancel,
             &given,
+            pipeline::Part::default(),
         )?;
         self.done.fetch_add(bytes, Ordering::Relaxed);
         Ok(())

@@ -38,6 +38,12 @@ impl Fingerprint {
         }
     }
 
+    /// What another machine sees of the same file on a shared file system (device and inode
+    /// numbers are per mount): size and modification time.
+    pub fn shared(&self) -> (u64, i64, i64) {
+        (self.size, self.mtime.0, self.mtime.1)
+    }
+
     /// What differs from `now`, in words, or `None` when nothing does.
     fn change(&self, now: &Fingerprint) -> Option<String> {
         if (self.dev, self.ino) != (now.dev, now.ino) {

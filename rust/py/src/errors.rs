@@ -150,7 +150,9 @@ impl From<PyWeaveErr> for PyErr {
             | Error::ScaleOverflow { .. }
             | Error::ArithmeticOverflow { .. }
             | Error::Locked { .. } => OutputError::new_err(msg),
-            Error::Io { .. } | Error::InputChanged { .. } => WeaveIOError::new_err(msg),
+            Error::Io { .. } | Error::InputChanged { .. } | Error::NotShared { .. } => {
+                WeaveIOError::new_err(msg)
+            }
             Error::Cancelled => CancelledError::new_err(msg),
             Error::Internal { .. } | Error::PoolFunction { .. } => WeaveError::new_err(msg),
         }

@@ -1,6 +1,7 @@
 //! `weightweave._rust`: the binding module. Declarations only; each area lives in its own file.
 
 mod arrays;
+mod cluster;
 mod convert;
 mod errors;
 mod files;
@@ -23,6 +24,8 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(arrays::plan_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::merge_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::metagpt_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(cluster::merge_unit, m)?)?;
+    m.add_class::<cluster::ClusterDriver>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<session::TensorBuffer>()?;
     errors::register(m)

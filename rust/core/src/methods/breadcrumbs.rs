@@ -99,7 +99,7 @@ pub fn kept_ranks(n: usize, density: f64, gamma: f64) -> Option<(u64, u64)> {
 /// magnitude), of which the first `top_skip` (in position order) rank above g and are dropped;
 /// `low` is |x| at rank g + k and how many of that magnitude are still kept (`None`: the row
 /// keeps everything from rank g on).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Cut {
     pub top: f32,
     pub top_skip: u64,
@@ -108,7 +108,7 @@ pub struct Cut {
 
 /// A cut as one piece of the row sees it: how many elements of magnitude `top` and `low`
 /// precede the piece in the row.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Piece {
     pub cut: Cut,
     pub top_before: u64,

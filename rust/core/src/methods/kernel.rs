@@ -127,7 +127,7 @@ pub enum Stage {
 }
 
 /// A stage's results.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Found {
     /// `units × slots` sums, and (whole-tensor units) the sums before each chunk by its start.
     Sums {
@@ -142,7 +142,7 @@ pub enum Found {
 }
 
 /// The statistics of one tensor for one parameter set: every finished stage's results.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TensorStats {
     pub stages: Vec<Found>,
     /// Per task, the cuts of the piece of a long row starting at each chunk start (rows

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Mutex;
 
-use super::{scaling, source, Engine, Given, Options, Progress};
+use super::{scaling, source, Engine, Given, Options, Part, Progress};
 use crate::error::{Error, Result};
 use crate::methods::Rows;
 use crate::plan::TensorPlan;
@@ -45,6 +45,7 @@ pub fn metagpt_weights(
         cancel,
         given: &[],
         total,
+        part: Part::default(),
     };
     let engine = run.engine(&r, 0, 0);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -64,6 +65,7 @@ pub(super) struct Run<'a> {
     pub(super) cancel: &'a AtomicBool,
     pub(super) given: Given<'a>,
     pub(super) total: u64,
+    pub(super) part: Part<'a>,
 }
 
 impl<'a> Run<'a> {
@@ -124,6 +126,7 @@ impl<'a> Run<'a> {
             rows: method.rows(),
             stats_passes: AtomicU32::new(stats_passes),
             in_output: AtomicBool::new(false),
+            part: self.part,
         }
     }
 }

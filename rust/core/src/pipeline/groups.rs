@@ -5,7 +5,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use super::{run_chunks, total_bytes, Given, Options, Progress, Sink};
+use super::{run_chunks, total_bytes, Given, Options, Part, Progress, Sink};
 use crate::error::Result;
 use crate::plan::{Chunk, TensorPlan};
 use crate::reader::ModelView;
@@ -24,6 +24,7 @@ pub(super) fn run(
     progress: Progress,
     cancel: &AtomicBool,
     given: Given,
+    part: Part,
 ) -> Result<u64> {
     let mut group_of = vec![usize::MAX; plan.len()];
     for (g, grp) in recipe.groups.iter().enumerate() {
@@ -64,6 +65,7 @@ pub(super) fn run(
             &report,
             cancel,
             given,
+            Part { group: g, ..part },
         )?;
     }
     Ok(done)

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{grow, Engine, Src, Stats, Work};
+use super::{grow, Engine, ModelPart, Src, Stats, Work};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::kernel::{ChunkIn, Found, Kernel, Scratch, Stage, TensorStats, Unit};
@@ -111,13 +111,15 @@ impl Engine<'_> {
         let sets = self.recipe.sets.len();
         // Representatives: one set per distinct statistics key.
         let mut reps: Vec<usize> = Vec::new();
+        let mut rep_keys: Vec<String> = Vec::new();
         let mut of = Vec::with_capacity(sets);
         // By hash, not a scan: a 512 × 512 grid has a quarter million sets.
         let mut keys: std::collections::HashMap<String, usize> = Default::default();
         for j in 0..sets {
             let key = format!("{} {}", self.kernel_of(j).stats_key(), self.deltas_key(j));
-            let r = *keys.entry(key).or_insert_with(|| {
+            let r = *keys.entry(key.clone()).or_insert_with(|| {
                 reps.push(j);
+                rep_keys.push(key);
                 reps.len() - 1
             });
             of.push(r);
@@ -149,9 +151,10 @@ impl Engine<'_> {
         };
         let mut found: Vec<Vec<TensorStats>> =
             vec![vec![TensorStats::default(); n + 1]; reps.len()];
+        let gather = matches!(self.part.model, ModelPart::Gather(_));
         // Rows longer than a chunk, for a method ranking within rows: their pieces' cuts.
         for (i, t) in self.plan.iter().enumerate() {
-            if groups.present[i] && t.has_long(self.rows, chunk_size) {
+            if !gather && groups.present[i] && t.has_long(self.rows, chunk_size) {
                 for (r, cuts) in self.crumbs_stats(merge, i, &reps)?.into_iter().enumerate() {
                     found[r][i].cuts = cuts;
                 }
@@ -160,6 +163,30 @@ impl Engine<'_> {
         let mut open: Vec<Vec<bool>> = (0..reps.len())
             .map(|r| (0..=n).map(|g| groups.live(r, g)).collect())
             .collect();
+        // A cluster merge: the driver gathers the model's statistics alone, and its units take
+        // them as given (their chunks are a part of the model).
+        let group = self.part.group;
+        for r in (0..reps.len()).filter(|&r| groups.global[r]) {
+            if let ModelPart::Given(model) = self.part.model {
+                if open[r][n] {
+                    found[r][n] = model
+                        .get(&(group, rep_keys[r].clone()))
+                        .cloned()
+                        .ok_or_else(|| {
+                            crate::Error::param(
+                                "cluster",
+                                "a unit was not given the model's statistics its method needs",
+                            )
+                        })?;
+                    open[r][n] = false;
+                }
+            }
+        }
+        if gather {
+            for row in &mut open {
+                row[..n].iter_mut().for_each(|o| *o = false);
+            }
+        }
         loop {
             // This stage's requests per (representative, group).
             let mut wants: Vec<Vec<Option<Stage>>> = vec![vec![None; n + 1]; reps.len()];
@@ -192,10 +219,21 @@ impl Engine<'_> {
             self.select_stage(&round, &mut found)?;
             self.trim_stage(&round, &mut found)?;
         }
+        let given = matches!(self.part.model, ModelPart::Given(_));
         for (r, &j) in reps.iter().enumerate() {
             let k = self.kernel_of(j);
-            for g in (0..=n).filter(|&g| groups.live(r, g)) {
+            // Given statistics were checked where they were gathered (this run's "model" is
+            // only its unit).
+            let checked = |g: usize| groups.live(r, g) && !(given && g == n);
+            for g in (0..=n).filter(|&g| checked(g) && !(gather && g < n)) {
                 k.check_stats(groups.plan(g), self.tasks(), &found[r][g])?;
+            }
+            if let (ModelPart::Gather(into), true) = (self.part.model, groups.global[r]) {
+                if groups.live(r, n) {
+                    into.lock()
+                        .expect("not poisoned")
+                        .insert((group, rep_keys[r].clone()), found[r][n].clone());
+                }
             }
             if groups.global[r] {
                 // Every tensor sees the model's statistics.

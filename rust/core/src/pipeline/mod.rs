@@ -45,6 +45,33 @@ pub struct Options {
 /// tensor means "compute it here".
 pub type Given<'a> = &'a [Option<&'a [f32]>];
 
+/// Whole-model statistics of a run's representatives, by (tensor group, statistics key): what
+/// a cluster merge's driver gathers once and hands to every unit (`crate::cluster`).
+pub type ModelStats = BTreeMap<(usize, String), crate::methods::kernel::TensorStats>;
+
+/// A run's share of a merge split across processes (`crate::cluster`).
+#[derive(Clone, Copy, Default)]
+pub struct Part<'a> {
+    /// The tensors this run merges and writes (a unit); `None`: every tensor.
+    pub tensors: Option<&'a [bool]>,
+    pub model: ModelPart<'a>,
+    /// The tensor group being run (per-tensor parameters): keys [`ModelStats`].
+    pub(crate) group: usize,
+}
+
+/// Where a run's whole-model statistics (TIES's and PCB's global scope) come from.
+#[derive(Clone, Copy, Default)]
+pub enum ModelPart<'a> {
+    /// Computed here, from the chunks at hand (a whole run).
+    #[default]
+    Compute,
+    /// Computed here over every tensor, and nothing else: no per-tensor statistics, no output
+    /// (a cluster driver's pass).
+    Gather(&'a Mutex<ModelStats>),
+    /// Given: a unit holds only some of the model.
+    Given(&'a ModelStats),
+}
+
 /// Called with (bytes processed, bytes to process, stage) after every chunk; must be cheap.
 /// The stage is 0 for the output pass and k ≥ 1 for the k-th statistics pass.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64, u32) + Sync);
@@ -163,6 +190,7 @@ pub(crate) struct Engine<'a> {
     /// progress reports).
     pub(crate) stats_passes: AtomicU32,
     pub(crate) in_output: AtomicBool,
+    pub(crate) part: Part<'a>,
 }
 
 /// Runs a merge: validation already done (`plan` from [`crate::plan::validate`]).
@@ -177,6 +205,7 @@ pub fn run(
     progress: Progress,
     cancel: &AtomicBool,
     given: Given,
+    part: Part,
 ) -> Result<u64> {
     let mut chunk = opts.chunk_size.max(1);
     if let Combine::Weave {
@@ -223,7 +252,13 @@ pub fn run(
         chunk_size: chunk,
         ..opts
     };
-    let (merge, copy) = crate::plan::chunks(plan, chunk, rows);
+    let (mut merge, mut copy) = crate::plan::chunks(plan, chunk, rows);
+    if let Some(mine) = part.tensors {
+        // A unit: its own tensors' chunks only (per-tensor statistics stay exact: a tensor's
+        // chunks all go to one unit).
+        merge.retain(|c| mine[c.tensor]);
+        copy.retain(|c| mine[c.tensor]);
+    }
     // Per-tensor parameters run each group of tensors in turn; otherwise one run takes them all.
     let go: RunFn = if recipe.groups.is_empty() {
         run_chunks
@@ -241,6 +276,7 @@ pub fn run(
         progress,
         cancel,
         given,
+        part,
     )
 }
 
@@ -256,6 +292,7 @@ type RunFn = fn(
     Progress,
     &AtomicBool,
     Given,
+    Part,
 ) -> Result<u64>;
 
 /// Runs the given merge and copy chunks (all of a model, or one tensor's).
@@ -271,6 +308,7 @@ pub fn run_chunks(
     progress: Progress,
     cancel: &AtomicBool,
     given: Given,
+    part: Part,
 ) -> Result<u64> {
     let total = total_bytes(plan, recipe, models.len(), opts.chunk_size, (merge, copy));
     let pool = rayon::ThreadPoolBuilder::new()
@@ -285,10 +323,17 @@ pub fn run_chunks(
         cancel,
         given,
         total,
+        part,
     };
     let resolved;
     let mut recipe = recipe;
     let (mut done, mut stats_passes) = (0, 0);
+    if recipe.metagpt && part.tensors.is_some() {
+        return Err(Error::param(
+            "metagpt",
+            "MetaGPT's weights need every tensor's norms: a cluster merge does not take them yet",
+        ));
+    }
     if recipe.metagpt {
         // The norms of the unweighted deltas set the weights of everything after.
         let pre = parts.engine(recipe, 0, 0);
@@ -309,6 +354,9 @@ pub fn run_chunks(
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
         let stats = engine.statistics(merge, opts.chunk_size)?;
+        if let ModelPart::Gather(_) = part.model {
+            return Ok(());
+        }
         if recipe.lines.is_some() {
             let alphas = engine.lines_alphas(merge, &stats)?;
             (engine.classes, engine.class_of) = scaling::classes(recipe, plan, &alphas)?;

@@ -263,6 +263,10 @@ fn renameat2(a: &Path, b: &Path, flags: libc::c_uint) -> std::io::Result<()> {
     }
 }
 
+/// Per staged file (its path in the staging area, the path the user will see), and per planned
+/// tensor (file, byte offset of its data).
+pub type Staging = (Vec<(PathBuf, PathBuf)>, Vec<(usize, u64)>);
+
 /// An output being written. [`FileOutput::publish`] to publish; drop to discard.
 pub struct FileOutput {
     target: Target,
@@ -513,6 +517,25 @@ impl FileOutput {
                 .map(|c| self.target.path.join(&c.rel)),
         );
         v
+    }
+
+    /// Per output file (its path in the staging area, the path the user will see), and per
+    /// planned tensor (file, byte offset of its data): where other processes write (a cluster
+    /// merge's units).
+    pub fn staged(&self) -> Staging {
+        let staging = self.staging.clone().expect("created");
+        let files = self
+            .files
+            .iter()
+            .map(|s| match self.target.kind {
+                Kind::Dir { .. } => {
+                    let rel = s.shown.strip_prefix(&self.target.path).expect("inside");
+                    (staging.join(rel), s.shown.clone())
+                }
+                Kind::File => (staging.clone(), s.shown.clone()),
+            })
+            .collect();
+        (files, self.loc.clone())
     }
 
     /// Files of the base's directory that were not copied, with why.

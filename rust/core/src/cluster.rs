@@ -1,0 +1,568 @@
+//! A merge split across processes — Ray tasks on a cluster's nodes (`weightweave.cluster`) —
+//! whose output is the one process's, bit for bit.
+//!
+//! The [`Driver`] opens the inputs, plans, and creates the output's staging area with every
+//! file at its final size and header, exactly as a local run; it gathers the whole-model
+//! statistics (TIES's and PCB's global scope) once, and splits the tensors into units. Each
+//! unit ([`run_unit`], anywhere) opens the inputs itself, checks that it sees what the driver
+//! saw (the plan, and every input file's size and modification time: one shared file system),
+//! computes its tensors — their per-tensor statistics too, since a tensor's chunks all belong to
+//! one unit — and writes their bytes at their final offsets in the staged files. A unit run
+//! again writes the same bytes at the same places, so retries are harmless. The driver
+//! publishes once every unit has reported, under the lock, as a local run.
+//!
+//! The core knows nothing of Ray: a unit is a ticket of bytes in and a byte count out.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::pipeline::{self, ModelPart, ModelStats, Part, Sink};
+use crate::plan::TensorPlan;
+use crate::recipe::Recipe;
+use crate::{Checkpoint, Job, Opened, OutputOptions, Prepared};
+
+/// What a unit needs besides the paths and job every unit gets alike.
+#[derive(Serialize, Deserialize)]
+struct Ticket {
+    /// The plan and inputs as the driver saw them ([`describe`]).
+    seen: String,
+    /// The tensors this unit writes, by plan index.
+    tensors: Vec<usize>,
+    /// Per staged file: (its path in the staging area, the path the user will see).
+    files: Vec<(PathBuf, PathBuf)>,
+    /// Per planned tensor: (file, byte offset of its data).
+    loc: Vec<(usize, u64)>,
+    /// The whole-model statistics ([`ModelStats`], encoded).
+    model: Vec<u8>,
+}
+
+/// The plan and every input file's (size, mtime) in words, one line each: two machines that
+/// agree on this read the same bytes.
+fn describe(base: &Checkpoint, models: &[Checkpoint], plan: &[TensorPlan]) -> String {
+    let mut s = String::new();
+    let files = base
+        .fingerprints()
+        .into_iter()
+        .chain(models.iter().flat_map(|m| m.fingerprints()));
+    for (p, fp) in files {
+        let (size, sec, nsec) = fp.shared();
+        // The driver may have been given relative paths, the units absolute ones.
+        let p = std::path::absolute(&p).unwrap_or(p);
+        s += &format!(
+            "input {} {size} bytes, modified {sec}.{nsec:09}\n",
+            p.display()
+        );
+    }
+    for t in plan {
+        s += &format!(
+            "tensor {} {:?} {} -> {} merged {}\n",
+            t.name,
+            t.shape,
+            t.base_dtype.name(),
+            t.out_dtype.name(),
+            t.mergeable
+        );
+    }
+    s
+}
+
+/// Refuses what a cluster merge does not take yet, before any work.
+fn check_job(job: &Job, recipe: &Recipe) -> Result<()> {
+    let no = |name: &str, why: &str| {
+        Err(Error::param(
+            name,
+            format!("{why}: a cluster merge does not take it yet; merge on one machine"),
+        ))
+    };
+    if recipe.method().external() {
+        return no(
+            "method",
+            &format!("{} runs on the torch backend", recipe.method().name()),
+        );
+    }
+    if recipe.metagpt {
+        return no("metagpt", "MetaGPT's weights need every tensor's norms");
+    }
+    if crate::scaling::auto_alpha_sets(recipe).iter().any(|&a| a) {
+        return no(
+            "lines_alpha",
+            "LiNeS's α rule needs the whole merged task vector",
+        );
+    }
+    let _ = job;
+    Ok(())
+}
+
+/// The driver's side: the opened inputs and the staged output.
+pub struct Driver {
+    opened: Opened,
+    recipe: Recipe,
+    seen: String,
+    files: Vec<(PathBuf, PathBuf)>,
+    loc: Vec<(usize, u64)>,
+    /// Bytes the driver's own passes read.
+    bytes_read: u64,
+    start: Instant,
+}
+
+impl Driver {
+    /// Opens and validates every input and creates the output's staging area (under the lock):
+    /// every check that can fail before any work has passed when this returns.
+    pub fn open(
+        base: &Path,
+        models: &[PathBuf],
+        out: &Path,
+        opts: &OutputOptions,
+        job: &Job,
+        cancel: &AtomicBool,
+    ) -> Result<Driver> {
+        let start = Instant::now();
+        let mut recipe = job.recipe_cancellable(cancel)?;
+        job.check_tasks(&recipe, job.tasks(models.len()))?;
+        check_job(job, &recipe)?;
+        let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
+        if opened.scaled {
+            return Err(Error::param(
+                "models",
+                "FP8 weights with scale tensors: a cluster merge does not take them yet; merge on one machine",
+            ));
+        }
+        recipe.groups = job.tensor_groups(&opened.plan, job.tasks(models.len()), cancel)?;
+        // What a unit rebuilds from the same paths and job: it must see the same.
+        let seen = describe(&opened.base, &opened.models, &opened.plan);
+        let (files, loc) = opened.output.staged();
+        let files = files
+            .into_iter()
+            .map(|(staged, shown)| (std::path::absolute(&staged).unwrap_or(staged), shown))
+            .collect();
+        Ok(Driver {
+            opened,
+            recipe,
+            seen,
+            files,
+            loc,
+            bytes_read: 0,
+            start,
+        })
+    }
+
+    pub fn plan(&self) -> &[TensorPlan] {
+        &self.opened.plan
+    }
+
+    /// Splits the tensors into at most `n` units of consecutive tensors, balanced by the bytes
+    /// each reads and writes (a tensor is never split).
+    /// Each with the bytes it reads.
+    pub fn units(&self, n: usize) -> Vec<(Vec<usize>, u64)> {
+        let tasks = self.opened.models.len() as u64;
+        split(&self.opened.plan, self.opened.models.len(), n)
+            .into_iter()
+            .map(|u| {
+                let read = u.iter().map(|&i| {
+                    let t = &self.opened.plan[i];
+                    (t.numel * t.base_dtype.size()) as u64 * if t.mergeable { tasks + 1 } else { 1 }
+                });
+                let read = read.sum();
+                (u, read)
+            })
+            .collect()
+    }
+
+    /// Gathers the whole-model statistics the recipe needs (none for most methods: then no
+    /// pass), encoded for [`Driver::ticket`].
+    pub fn model_stats(
+        &mut self,
+        job: &Job,
+        progress: pipeline::Progress,
+        cancel: &AtomicBool,
+    ) -> Result<Vec<u8>> {
+        let into = Mutex::new(ModelStats::new());
+        let global = |r: &Recipe| {
+            r.sets
+                .iter()
+                .any(|s| s.method.scope() == crate::methods::Scope::Global)
+        };
+        if global(&self.recipe) || self.recipe.groups.iter().any(|g| global(&g.recipe)) {
+            let (base_view, mut views, _) =
+                crate::job_views(job, &self.opened.base, &self.opened.models)?;
+            job.share_names(&base_view, &mut views)?;
+            self.bytes_read += pipeline::run(
+                &base_view,
+                &views,
+                &self.opened.plan,
+                &self.recipe,
+                job.options(),
+                &NoSink,
+                progress,
+                cancel,
+                &[],
+                Part {
+                    model: ModelPart::Gather(&into),
+                    ..Part::default()
+                },
+            )?;
+        }
+        encode(&into.into_inner().expect("not poisoned"))
+    }
+
+    /// A unit's ticket: what [`run_unit`] needs besides the paths and the job.
+    pub fn ticket(&self, tensors: &[usize], model: &[u8]) -> Result<Vec<u8>> {
+        if let Some(&t) = tensors.iter().find(|&&t| t >= self.opened.plan.len()) {
+            return Err(Error::param("units", format!("no tensor {t} in the plan")));
+        }
+        encode(&Ticket {
+            seen: self.seen.clone(),
+            tensors: tensors.to_vec(),
+            files: self.files.clone(),
+            loc: self.loc.clone(),
+            model: model.to_vec(),
+        })
+    }
+
+    /// Once every unit has reported (`done`: their tensors; `bytes_read`: what they read):
+    /// checks that every tensor was written, stages the index and companion files, and leaves
+    /// the output ready to publish ([`Prepared::publish`]: fsync, inputs unchanged, rename).
+    pub fn finish(
+        mut self,
+        done: &[Vec<usize>],
+        bytes_read: u64,
+        cancel: &AtomicBool,
+    ) -> Result<Prepared> {
+        let mut written = vec![false; self.opened.plan.len()];
+        for &t in done.iter().flatten() {
+            if let Some(w) = written.get_mut(t) {
+                *w = true;
+            }
+        }
+        if let Some(t) = written.iter().position(|w| !w) {
+            return Err(Error::Internal {
+                what: format!(
+                    "tensor '{}' was in no finished unit; nothing was published",
+                    self.opened.plan[t].name
+                ),
+            });
+        }
+        self.opened.output.stage_extras(cancel)?;
+        let read = self.bytes_read + bytes_read;
+        self.opened.finish_reading(read, self.start)
+    }
+}
+
+/// Runs one unit of a cluster merge: opens the inputs, checks that this machine sees what the
+/// driver saw, computes the unit's tensors and writes them into the staged files (fsynced
+/// before it returns). Returns the bytes read.
+pub fn run_unit(
+    base: &Path,
+    models: &[PathBuf],
+    job: &Job,
+    ticket: &[u8],
+    progress: pipeline::Progress,
+    cancel: &AtomicBool,
+) -> Result<u64> {
+    let t: Ticket = decode(ticket)?;
+    let mut recipe = job.recipe_cancellable(cancel)?;
+    check_job(job, &recipe)?;
+    let ins = crate::open_inputs(base, models, job).map_err(|e| match e {
+        Error::Io { .. } => Error::NotShared {
+            reason: format!(
+                "{} cannot read an input ({e}); every node must read the inputs from one shared file system (NFS, Lustre, a cloud file store)",
+                hostname()
+            ),
+        },
+        e => e,
+    })?;
+    let here = describe(&ins.base, &ins.models, &ins.plan);
+    if here != t.seen {
+        return Err(not_shared(&t.seen, &here));
+    }
+    let sink = UnitSink::open(&t, &ins.plan)?;
+    if t.tensors.is_empty() {
+        return Ok(0);
+    }
+    recipe.groups = job.tensor_groups(&ins.plan, job.tasks(models.len()), cancel)?;
+    let model: ModelStats = decode(&t.model)?;
+    let mut mine = vec![false; ins.plan.len()];
+    for &i in &t.tensors {
+        mine[i] = true;
+    }
+    let bytes = {
+        let (base_view, mut views, _) = crate::job_views(job, &ins.base, &ins.models)?;
+        job.share_names(&base_view, &mut views)?;
+        pipeline::run(
+            &base_view,
+            &views,
+            &ins.plan,
+            &recipe,
+            job.options(),
+            &sink,
+            progress,
+            cancel,
+            &[],
+            Part {
+                tensors: Some(&mine),
+                model: ModelPart::Given(&model),
+                ..Part::default()
+            },
+        )?
+    };
+    ins.base.check_truncation()?;
+    ins.models
+        .iter()
+        .try_for_each(Checkpoint::check_truncation)?;
+    sink.sync()?;
+    Ok(bytes)
+}
+
+/// The first line where this machine's view differs from the driver's, in words.
+fn not_shared(driver: &str, here: &str) -> Error {
+    let host = hostname();
+    let mut d = driver.lines();
+    let mut h = here.lines();
+    loop {
+        match (d.next(), h.next()) {
+            (Some(a), Some(b)) if a == b => continue,
+            (a, b) => {
+                let (a, b) = (a.unwrap_or("nothing"), b.unwrap_or("nothing"));
+                return Error::NotShared {
+                    reason: format!(
+                        "{host} does not see the inputs the driver saw (the driver: {a}; {host}: {b}); every node must read the inputs from one shared file system (NFS, Lustre, a cloud file store)"
+                    ),
+                };
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: a writable buffer of the given length; gethostname NUL-terminates within it.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "this node".into()
+    };
+    format!("node {name}")
+}
+
+/// A unit's writes into the staged files: only its own tensors, within their bounds.
+struct UnitSink {
+    files: Vec<(File, PathBuf)>,
+    loc: Vec<(usize, u64)>,
+    bytes: Vec<u64>,
+    mine: Vec<bool>,
+}
+
+impl UnitSink {
+    fn open(t: &Ticket, plan: &[TensorPlan]) -> Result<UnitSink> {
+        let host = hostname();
+        let files = t
+            .files
+            .iter()
+            .map(|(staged, shown)| {
+                OpenOptions::new()
+                    .write(true)
+                    .open(staged)
+                    .map(|f| (f, shown.clone()))
+                    .map_err(|e| Error::NotShared {
+                        reason: format!(
+                            "{host} cannot open the output's staging file {} for {} ({e}); the output's directory must be on a file system every node sees",
+                            staged.display(),
+                            shown.display()
+                        ),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if t.loc.len() != plan.len() {
+            return Err(Error::Internal {
+                what: "a unit's ticket does not match its plan".into(),
+            });
+        }
+        let mut mine = vec![false; plan.len()];
+        for &i in &t.tensors {
+            mine[i] = true;
+        }
+        Ok(UnitSink {
+            files,
+            loc: t.loc.clone(),
+            bytes: plan.iter().map(|p| p.out_bytes() as u64).collect(),
+            mine,
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.files
+            .iter()
+            .try_for_each(|(f, shown)| f.sync_all().map_err(|e| Error::io(shown, e)))
+    }
+}
+
+impl Sink for UnitSink {
+    fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()> {
+        let end = offset as u64 + data.len() as u64;
+        if !self.mine[tensor] || end > self.bytes[tensor] {
+            return Err(Error::Internal {
+                what: format!("a unit wrote outside its tensors (tensor {tensor})"),
+            });
+        }
+        let (f, at) = self.loc[tensor];
+        let (file, shown) = &self.files[f];
+        file.write_all_at(data, at + offset as u64)
+            .map_err(|e| Error::io(shown, e))
+    }
+}
+
+/// The driver's statistics pass writes nothing.
+struct NoSink;
+
+impl Sink for NoSink {
+    fn write(&self, _: usize, _: usize, _: &[u8]) -> Result<()> {
+        Err(Error::Internal {
+            what: "a statistics pass wrote output".into(),
+        })
+    }
+}
+
+/// Consecutive tensors in at most `n` groups of about equal bytes (read and written).
+fn split(plan: &[TensorPlan], tasks: usize, n: usize) -> Vec<Vec<usize>> {
+    let cost = |t: &TensorPlan| {
+        let read =
+            (t.numel * t.base_dtype.size()) as u64 * if t.mergeable { tasks as u64 + 1 } else { 1 };
+        read + t.out_bytes() as u64
+    };
+    let total: u64 = plan.iter().map(cost).sum();
+    let n = n.max(1) as u64;
+    let mut units: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut acc = 0u64;
+    for (i, t) in plan.iter().enumerate() {
+        // Unit k ends once the running total passes k/n of the whole.
+        let k = units.len() as u64;
+        if !units.last().expect("non-empty").is_empty() && acc * n >= total * k {
+            units.push(Vec::new());
+        }
+        units.last_mut().expect("non-empty").push(i);
+        acc += cost(t);
+    }
+    units.retain(|u| !u.is_empty());
+    units
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    bincode::serialize(v).map_err(|e| Error::Internal {
+        what: format!("encoding a cluster ticket: {e}"),
+    })
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
+    use bincode::Options;
+    // Tickets come from our own driver; the limit only keeps a corrupt one from allocating
+    // without bound.
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(b.len() as u64 * 2 + 4096)
+        .deserialize(b)
+        .map_err(|e| Error::param("ticket", format!("not a unit ticket of this version: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    fn tensor(numel: usize, mergeable: bool) -> TensorPlan {
+        TensorPlan {
+            name: format!("t{numel}"),
+            shape: vec![numel],
+            numel,
+            base_dtype: DType::F32,
+            out_dtype: DType::F32,
+            mergeable,
+            requant: None,
+            derived: None,
+        }
+    }
+
+    #[test]
+    fn units_cover_every_tensor_once_in_order_and_balance_bytes() {
+        let sizes = [10, 1000, 3, 3, 500, 500, 7, 2000, 1, 1, 1, 900];
+        let plan: Vec<TensorPlan> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| tensor(n, i % 5 != 0))
+            .collect();
+        for n in 1..=16 {
+            let units = split(&plan, 3, n);
+            assert!(units.len() <= n && !units.is_empty());
+            let flat: Vec<usize> = units.iter().flatten().copied().collect();
+            assert_eq!(flat, (0..plan.len()).collect::<Vec<_>>(), "n = {n}");
+            // No unit but one holding a single large tensor exceeds twice the fair share.
+            let cost = |t: &TensorPlan| {
+                (t.numel * 4) as u64 * if t.mergeable { 4 } else { 1 } + (t.numel * 4) as u64
+            };
+            let total: u64 = plan.iter().map(cost).sum();
+            for u in &units {
+                let c: u64 = u.iter().map(|&i| cost(&plan[i])).sum();
+                assert!(u.len() == 1 || c * n as u64 <= 2 * total + cost(&plan[7]) * n as u64);
+            }
+        }
+        assert_eq!(split(&plan, 3, 1).len(), 1);
+        assert!(split(&[], 3, 4).is_empty());
+    }
+
+    #[test]
+    fn a_ticket_from_another_version_is_refused() {
+        let err = decode::<Ticket>(b"\x01\x02").err().expect("refused");
+        assert!(err.to_string().contains("not a unit ticket"), "{err}");
+    }
+
+    #[test]
+    fn model_statistics_round_trip_bit_exactly() {
+        use crate::methods::kernel::{Found, TensorStats};
+        let mut m = ModelStats::new();
+        m.insert(
+            (1, "ties 0.3".into()),
+            TensorStats {
+                stages: vec![
+                    Found::Trim {
+                        thr: vec![f32::MIN_POSITIVE, -0.0, f32::NAN, 1.0e-45],
+                        count: -7,
+                    },
+                    Found::Select(vec![0.1, 3.4e38]),
+                ],
+                cuts: Default::default(),
+            },
+        );
+        let back: ModelStats = decode(&encode(&m).expect("encodes")).expect("decodes");
+        let bits = |s: &ModelStats| {
+            format!(
+                "{:?}",
+                s.values()
+                    .map(|t| t
+                        .stages
+                        .iter()
+                        .map(|f| match f {
+                            Found::Trim { thr, count } =>
+                                (thr.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), *count),
+                            Found::Select(v) => (v.iter().map(|x| x.to_bits()).collect(), 0),
+                            Found::Sums { .. } => (Vec::new(), 0),
+                        })
+                        .collect::<Vec<_>>())
+                    .collect::<Vec<_>>()
+            )
+        };
+        assert_eq!(bits(&back), bits(&m));
+        assert_eq!(
+            back.keys().collect::<Vec<_>>(),
+            m.keys().collect::<Vec<_>>()
+        );
+    }
+}
