@@ -90,7 +90,8 @@ def main() -> None:
         f"({inputs / 1e9:.2f} GB of inputs); {cores} cores. Command: `python benches/ray_scaling.py "
         f"--hidden {args.hidden} --layers {args.layers} --workers {args.workers}`. Times are whole `ww.merge` "
         f"calls, best of {args.repeat}, warm page cache; each Ray row is a fresh local runtime "
-        "(`ray.init(num_cpus=k)`, its start-up not counted) with one thread per unit and 2k units; every "
+        "(`ray.init(num_cpus=k)`, its start-up not counted) with one thread per unit and 2k units, TIES's global "
+        "statistics gathered over the units pass by pass; every "
         "output is bit-identical to the local one (checked).",
         "",
         "| run | " + " | ".join(f"{m} s | × local" for m in METHODS) + " | identical |",
@@ -118,18 +119,17 @@ def main() -> None:
 MODEL = """## A model on paper of larger runs
 
 Measured here: one process merges task arithmetic at {ta:.2f} GB/s of inputs and TIES (global, exact) reads
-at {rate:.2f} GB/s on 2 cores, so the arithmetic is not what limits a node with a disk or a network link
-slower than that per core pair. Each unit reads its tensors once and writes them once; TIES's and PCB's
-global statistics are gathered by the driver alone, in one read of every input, before the units run (units
-gather per-tensor statistics themselves).
+at {rate:.2f} GB/s on 2 cores, so the arithmetic is not what limits a node whose disk or network link is
+slower than that per core pair. Every pass is the units': each reads its own tensors, in the statistics
+passes (TIES's and PCB's global threshold and majority sign, gathered as partials the driver merges) and in
+the output pass, so the cluster reads exactly the bytes one process reads (`Report.bytes_read`, checked
+equal by tests/test_ray.py) and the driver reads none; a statistics pass costs one round of tasks.
 
 - **405 B parameters in bf16, base + 4 fine-tunes, 8 nodes, one shared file system.** Inputs 4.05 TB,
-  output 0.81 TB. Task arithmetic (and every per-tensor method): the units' read of 4.05 TB spreads over
-  8 nodes, so at 2 GB/s per node from the file system it takes 4.05 TB / 16 GB/s ≈ 4.2 min if the file
-  system serves 16 GB/s in aggregate (a Lustre or cloud file store of that class), against 34 min for one
-  node at 2 GB/s. Global TIES/PCB add the driver's statistics read: 4.05 TB at one node's 2 GB/s ≈ 34 min,
-  which then dominates (≈ 38 min in all). Spreading that pass over the units (mergeable histogram counts
-  reduced by the driver) is the next step; until then, `scope: tensor` TIES scales like task arithmetic.
+  output 0.81 TB. At 2 GB/s per node from a file system serving 16 GB/s in aggregate (a Lustre or cloud
+  file store of that class), one read of the inputs takes 4.05 TB / 16 GB/s ≈ 4.2 min, against 34 min on
+  one node at 2 GB/s: task arithmetic (and every per-tensor method) ≈ 4.2 min, global TIES (a statistics
+  read, then the output read; two when the sampled windows hold) ≈ 8.4 min against 68 min.
 - **TSV / Iso-C on a 70 B model over GPUs:** the SVD methods run on the torch backend, which a cluster
   merge does not use yet (`cluster="ray"` refuses them); no figure is claimed."""
 

@@ -1,8 +1,10 @@
 """Beyond one machine: the same merge, bit for bit, spread over a Ray cluster's CPUs.
 
 The driver (this process) opens the inputs, plans, and stages the output under its lock as a
-local run does; it gathers the whole-model statistics the method needs (TIES's and PCB's global
-scope) and splits the tensors into units balanced by bytes. Each unit is a Ray task that calls
+local run does, and splits the tensors into units balanced by bytes. The whole-model statistics a
+method needs (TIES's and PCB's global scope) are gathered pass by pass: each unit folds its own
+tensors into a partial (histogram counts, sign tallies, samples), the driver merges them with the
+pass's own merge, exactly as threads' partials are merged in one process. Each unit is a Ray task that calls
 the Rust core on its tensors and writes their bytes at their final offsets in the staged files;
 it first checks that its node sees the inputs exactly as the driver did, so inputs and the
 output's directory must be on one file system every node sees. A unit lost with its node is
@@ -64,6 +66,14 @@ def _unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes,
         return "error", (type(e).__name__, str(e))
 
 
+def _gather(base: str, models: list[str], job: dict[str, Any], ticket: bytes, known: list[bytes]) -> tuple[str, Any]:
+    """A unit's partial of the next statistics pass: ("ok", (partial, bytes read)) or an error."""
+    try:
+        return "ok", _rust.gather_unit(base, models, job, ticket, known)
+    except _rust.WeaveError as e:
+        return "error", (type(e).__name__, str(e))
+
+
 def _check(base: str, models: list[str], job: dict[str, Any], ticket: bytes) -> tuple[str, Any]:
     """A node's view of the inputs and of the staging area against the driver's."""
     return _unit(base, models, job, ticket, None)
@@ -121,27 +131,54 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
             _raise(result)
         split = driver.units(units or max(1, 2 * int(ray.cluster_resources().get("CPU", 1))))
         total = sum(b for _, b in split)
-        stats_total = [0]
+        state = {"read": 0, "done": 0, "total": total}
 
-        def stats_progress(done: int, of: int) -> object:
-            stats_total[0] = of
-            return progress(done, of + total) if progress else None
+        def wait_all(refs: list[Any], bytes_of: list[int]) -> list[Any]:
+            """Results in order, progress as units finish (Ctrl-C lands here, between waits)."""
+            of = {r: i for i, r in enumerate(refs)}
+            results: list[Any] = [None] * len(refs)
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+                for r in ready:
+                    results[of[r]] = _raise(ray.get(r))
+                    state["done"] += bytes_of[of[r]]
+                if progress:
+                    progress(state["done"], state["total"])
+            return results
 
-        model = driver.model_stats(progress=stats_progress if progress else None)
+        model = b""
+        if driver.needs_model_stats():
+            # The whole-model statistics, one pass at a time: each unit folds its tensors into a
+            # partial, the driver merges them (exact integer counts; the units' split cannot
+            # change a bit), until the statistics are known.
+            gather = ray.remote(_gather).options(num_cpus=threads, max_retries=RETRIES)
+            tickets = [driver.ticket(u, b"") for u, _ in split]
+            known: list[bytes] = []
+            partials = None
+            while True:
+                kind, value = driver.gather(known, partials)
+                if kind == "done":
+                    model = value
+                    break
+                if value is not None:
+                    known.append(value)
+                state["total"] += total
+                known_ref = ray.put(known)
+                refs = [gather.remote(base, models, unit_job, t, known_ref) for t in tickets]
+                results = wait_all(refs, [b for _, b in split])
+                partials = [p for p, _ in results]
+                state["read"] += sum(r for _, r in results)
         task = ray.remote(_unit).options(num_cpus=threads, max_retries=RETRIES)
         refs = [task.remote(base, models, unit_job, driver.ticket(u, model), hooks.get("unit")) for u, _ in split]
-        of = {r: i for i, r in enumerate(refs)}
-        pending, read, done = list(refs), 0, 0
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
-            for r in ready:
-                read += _raise(ray.get(r))
-                done += split[of[r]][1]
-            if progress:
-                progress(stats_total[0] + done, stats_total[0] + total)
+        read = sum(wait_all(refs, [b for _, b in split])) + state["read"]
         return driver.publish([u for u, _ in split], read)
     except BaseException:
-        for r in refs:
-            ray.cancel(r, force=True)
+        # Stop the tasks still running, gently (a unit stops at its next chunk): killing their
+        # workers races with replies in flight, which Ray 2.x's owner cannot take (it aborts).
+        if refs:
+            _, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for r in running:
+                ray.cancel(r, force=False)
         driver.abort()
         raise

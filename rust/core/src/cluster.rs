@@ -23,6 +23,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::pipeline::exchange::{decode, encode, Exchange, Role};
 use crate::pipeline::{self, ModelPart, ModelStats, Part, Sink};
 use crate::plan::TensorPlan;
 use crate::recipe::Recipe;
@@ -175,41 +176,55 @@ impl Driver {
             .collect()
     }
 
-    /// Gathers the whole-model statistics the recipe needs (none for most methods: then no
-    /// pass), encoded for [`Driver::ticket`].
-    pub fn model_stats(
-        &mut self,
-        job: &Job,
-        progress: pipeline::Progress,
-        cancel: &AtomicBool,
-    ) -> Result<Vec<u8>> {
-        let into = Mutex::new(ModelStats::new());
+    /// Whether the recipe needs whole-model statistics (TIES's and PCB's global scope):
+    /// then [`Driver::gather`] runs before the units.
+    pub fn needs_model_stats(&self) -> bool {
         let global = |r: &Recipe| {
             r.sets
                 .iter()
                 .any(|s| s.method.scope() == crate::methods::Scope::Global)
         };
-        if global(&self.recipe) || self.recipe.groups.iter().any(|g| global(&g.recipe)) {
-            let (base_view, mut views, _) =
-                crate::job_views(job, &self.opened.base, &self.opened.models)?;
-            job.share_names(&base_view, &mut views)?;
-            self.bytes_read += pipeline::run(
-                &base_view,
-                &views,
-                &self.opened.plan,
-                &self.recipe,
-                job.options(),
-                &NoSink,
-                progress,
-                cancel,
-                &[],
-                Part {
-                    model: ModelPart::Gather(&into),
-                    ..Part::default()
-                },
-            )?;
+        global(&self.recipe) || self.recipe.groups.iter().any(|g| global(&g.recipe))
+    }
+
+    /// One step of gathering the whole-model statistics over the units, pass by pass
+    /// (`pipeline::exchange`): given the merged results of the passes so far (`known`) and the
+    /// units' partials of the next one, it merges them and says what comes next. The driver
+    /// reads no tensor: every pass is the units'.
+    pub fn gather(
+        &mut self,
+        job: &Job,
+        known: Vec<Vec<u8>>,
+        partials: Option<Vec<Vec<u8>>>,
+        cancel: &AtomicBool,
+    ) -> Result<Gathered> {
+        let into = Mutex::new(ModelStats::new());
+        let x = Exchange::new(known, Role::Driver(partials));
+        let (base_view, mut views, _) =
+            crate::job_views(job, &self.opened.base, &self.opened.models)?;
+        job.share_names(&base_view, &mut views)?;
+        let ran = pipeline::run(
+            &base_view,
+            &views,
+            &self.opened.plan,
+            &self.recipe,
+            job.options(),
+            &NoSink,
+            &|_, _, _| {},
+            cancel,
+            &[],
+            Part {
+                model: ModelPart::Gather(&into, Some(&x)),
+                ..Part::default()
+            },
+        );
+        match ran {
+            Ok(_) => Ok(Gathered::Done(encode(
+                &into.into_inner().expect("not poisoned"),
+            )?)),
+            Err(Error::Suspended) => Ok(Gathered::Next(x.said())),
+            Err(e) => Err(e),
         }
-        encode(&into.into_inner().expect("not poisoned"))
     }
 
     /// A unit's ticket: what [`run_unit`] needs besides the paths and the job.
@@ -255,6 +270,85 @@ impl Driver {
     }
 }
 
+/// What [`Driver::gather`] found.
+pub enum Gathered {
+    /// The units' partials of the next pass are needed; with the merged result of the pass
+    /// whose partials were given, to add to `known` first.
+    Next(Option<Vec<u8>>),
+    /// The whole-model statistics, encoded for [`Driver::ticket`].
+    Done(Vec<u8>),
+}
+
+/// A unit's partial of the next statistics pass of [`Driver::gather`] over its tensors, and the
+/// bytes it read.
+pub fn gather_unit(
+    base: &Path,
+    models: &[PathBuf],
+    job: &Job,
+    ticket: &[u8],
+    known: Vec<Vec<u8>>,
+    cancel: &AtomicBool,
+) -> Result<(Vec<u8>, u64)> {
+    let t: Ticket = decode(ticket)?;
+    let mut recipe = job.recipe_cancellable(cancel)?;
+    let ins = open_checked(base, models, job, &t)?;
+    recipe.groups = job.tensor_groups(&ins.plan, job.tasks(models.len()), cancel)?;
+    let mut mine = vec![false; ins.plan.len()];
+    for &i in &t.tensors {
+        mine[i] = true;
+    }
+    let x = Exchange::new(known, Role::Unit(mine));
+    let into = Mutex::new(ModelStats::new());
+    let (base_view, mut views, _) = crate::job_views(job, &ins.base, &ins.models)?;
+    job.share_names(&base_view, &mut views)?;
+    let ran = pipeline::run(
+        &base_view,
+        &views,
+        &ins.plan,
+        &recipe,
+        job.options(),
+        &NoSink,
+        &|_, _, _| {},
+        cancel,
+        &[],
+        Part {
+            model: ModelPart::Gather(&into, Some(&x)),
+            ..Part::default()
+        },
+    );
+    match (ran, x.said()) {
+        (Err(Error::Suspended), Some(partial)) => {
+            ins.base.check_truncation()?;
+            ins.models
+                .iter()
+                .try_for_each(Checkpoint::check_truncation)?;
+            Ok((partial, x.read()))
+        }
+        (Err(e), _) if !matches!(e, Error::Suspended) => Err(e),
+        _ => Err(Error::Internal {
+            what: "a unit was asked for a statistics pass the driver already has".into(),
+        }),
+    }
+}
+
+/// Opens a unit's inputs and checks that they are what the driver saw.
+fn open_checked(base: &Path, models: &[PathBuf], job: &Job, t: &Ticket) -> Result<crate::Inputs> {
+    let ins = crate::open_inputs(base, models, job).map_err(|e| match e {
+        Error::Io { .. } => Error::NotShared {
+            reason: format!(
+                "{} cannot read an input ({e}); every node must read the inputs from one shared file system (NFS, Lustre, a cloud file store)",
+                hostname()
+            ),
+        },
+        e => e,
+    })?;
+    let here = describe(&ins.base, &ins.models, &ins.plan);
+    if here != t.seen {
+        return Err(not_shared(&t.seen, &here));
+    }
+    Ok(ins)
+}
+
 /// Runs one unit of a cluster merge: opens the inputs, checks that this machine sees what the
 /// driver saw, computes the unit's tensors and writes them into the staged files (fsynced
 /// before it returns). Returns the bytes read.
@@ -269,25 +363,18 @@ pub fn run_unit(
     let t: Ticket = decode(ticket)?;
     let mut recipe = job.recipe_cancellable(cancel)?;
     check_job(job, &recipe)?;
-    let ins = crate::open_inputs(base, models, job).map_err(|e| match e {
-        Error::Io { .. } => Error::NotShared {
-            reason: format!(
-                "{} cannot read an input ({e}); every node must read the inputs from one shared file system (NFS, Lustre, a cloud file store)",
-                hostname()
-            ),
-        },
-        e => e,
-    })?;
-    let here = describe(&ins.base, &ins.models, &ins.plan);
-    if here != t.seen {
-        return Err(not_shared(&t.seen, &here));
-    }
+    let ins = open_checked(base, models, job, &t)?;
     let sink = UnitSink::open(&t, &ins.plan)?;
     if t.tensors.is_empty() {
         return Ok(0);
     }
     recipe.groups = job.tensor_groups(&ins.plan, job.tasks(models.len()), cancel)?;
-    let model: ModelStats = decode(&t.model)?;
+    // None gathered (no method of the recipe has whole-model statistics): none given.
+    let model: ModelStats = if t.model.is_empty() {
+        ModelStats::new()
+    } else {
+        decode(&t.model)?
+    };
     let mut mine = vec![false; ins.plan.len()];
     for &i in &t.tensors {
         mine[i] = true;
@@ -455,24 +542,6 @@ fn split(plan: &[TensorPlan], tasks: usize, n: usize) -> Vec<Vec<usize>> {
     units
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    bincode::serialize(v).map_err(|e| Error::Internal {
-        what: format!("encoding a cluster ticket: {e}"),
-    })
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T> {
-    use bincode::Options;
-    // Tickets come from our own driver; the limit only keeps a corrupt one from allocating
-    // without bound.
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .allow_trailing_bytes()
-        .with_limit(b.len() as u64 * 2 + 4096)
-        .deserialize(b)
-        .map_err(|e| Error::param("ticket", format!("not a unit ticket of this version: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,7 +590,7 @@ mod tests {
     #[test]
     fn a_ticket_from_another_version_is_refused() {
         let err = decode::<Ticket>(b"\x01\x02").err().expect("refused");
-        assert!(err.to_string().contains("not a unit ticket"), "{err}");
+        assert!(err.to_string().contains("not a cluster message"), "{err}");
     }
 
     #[test]

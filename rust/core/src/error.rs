@@ -145,6 +145,10 @@ pub enum Error {
     /// driver does (no shared file system).
     #[error("{reason}")]
     NotShared { reason: String },
+    /// A process of a cluster merge reached a statistics pass it cannot finish alone (see
+    /// `pipeline::exchange`); never reported to a user.
+    #[error("internal error: a cluster pass was suspended (please report it)")]
+    Suspended,
     /// A bug: an invariant of the engine did not hold. Reported, never a crash.
     #[error("internal error: {what} (please report it)")]
     Internal { what: String },

@@ -34,7 +34,7 @@ pub struct Request {
 }
 
 /// `n` histograms of 2^16 bins each.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Hist {
     bins: Vec<u64>,
 }
@@ -241,7 +241,7 @@ impl Windows {
 }
 
 /// Per-worker state of a windowed pass.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Windowed {
     below: Vec<u64>,
     /// Keys seen in a degenerate (lo == hi) window: all equal, so only counted.

@@ -281,7 +281,7 @@ impl Engine<'_> {
             })
             .collect();
         // One pass finds the thresholds and tallies the majority signs together.
-        let (acc, tallies) = self.pass(
+        let (acc, tallies) = self.pass_shared(
             chunks,
             || {
                 let tallies = (0..sets.len())
@@ -312,6 +312,7 @@ impl Engine<'_> {
                 let t = x.into_iter().zip(y).map(|(p, q)| p.merge(q)).collect();
                 (a.merge(b), t)
             },
+            false,
         )?;
         self.debug_windows(&windows, &acc);
         let thr = match acc.finish(&windows) {
@@ -338,7 +339,7 @@ impl Engine<'_> {
         reps: &[usize],
         thr: &[Vec<f32>],
     ) -> Result<Vec<i64>> {
-        self.pass(
+        self.pass_shared(
             chunks,
             || vec![0i64; thr.len()],
             #[inline(always)]
@@ -357,6 +358,7 @@ impl Engine<'_> {
                 Ok(())
             },
             |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
+            false,
         )
     }
 
@@ -513,7 +515,7 @@ impl Engine<'_> {
             }
             offset = end;
         }
-        let mut samples = self.pass_quiet(
+        let mut samples = self.pass_shared(
             &picks,
             || vec![Vec::new(); n_rows],
             |w, c, acc: &mut Vec<Vec<u32>>| {
@@ -528,6 +530,7 @@ impl Engine<'_> {
                 }
                 a
             },
+            true,
         )?;
         for s in &mut samples {
             s.sort_unstable();
@@ -575,12 +578,12 @@ impl Engine<'_> {
         merge: M,
     ) -> Result<A>
     where
-        A: Send,
+        A: Send + serde::Serialize + serde::de::DeserializeOwned,
         I: Fn() -> A + Sync + Send,
         C: Fn(&mut A, usize, &[f32]) + Sync + Send,
         M: Fn(A, A) -> A + Sync + Send,
     {
-        self.pass(
+        self.pass_shared(
             chunks,
             init,
             #[inline(always)]
@@ -589,6 +592,7 @@ impl Engine<'_> {
                 Ok(())
             },
             merge,
+            false,
         )
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use weightweave_core::cluster::{run_unit, Driver};
+use weightweave_core::cluster::{gather_unit as core_gather_unit, run_unit, Driver, Gathered};
 use weightweave_core::{Job, OutputOptions};
 
 use crate::convert;
@@ -67,20 +67,28 @@ impl ClusterDriver {
         self.with(|d| Ok(d.units(n)))
     }
 
-    /// The whole-model statistics, gathered on this machine (b"" encodes none needed).
-    #[pyo3(signature = (progress=None))]
-    fn model_stats<'py>(
+    /// Whether `gather` must run before the units (whole-model statistics).
+    fn needs_model_stats(&self) -> PyResult<bool> {
+        self.with(|d| Ok(d.needs_model_stats()))
+    }
+
+    /// One step of gathering the whole-model statistics over the units: ("next", merged result
+    /// of the given partials' pass or None) or ("done", the statistics for `ticket`).
+    #[pyo3(signature = (known, partials=None))]
+    fn gather<'py>(
         &self,
         py: Python<'py>,
-        progress: Option<Py<PyAny>>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+        known: Vec<Vec<u8>>,
+        partials: Option<Vec<Vec<u8>>>,
+    ) -> PyResult<(&'static str, Option<Bound<'py, PyBytes>>)> {
         let mut guard = self.inner.lock().map_err(|_| closed())?;
         let d = guard.as_mut().ok_or_else(closed)?;
         let job = &self.job;
-        let bytes = run_detached(py, progress, |report, cancel| {
-            d.model_stats(job, report, cancel)
-        })?;
-        Ok(PyBytes::new(py, &bytes))
+        let step = run_detached(py, None, |_, cancel| d.gather(job, known, partials, cancel))?;
+        Ok(match step {
+            Gathered::Next(b) => ("next", b.map(|b| PyBytes::new(py, &b))),
+            Gathered::Done(b) => ("done", Some(PyBytes::new(py, &b))),
+        })
     }
 
     /// What unit `tensors` runs with (`merge_unit`'s ticket).
@@ -137,4 +145,22 @@ pub fn merge_unit(
     run_detached(py, progress, |report, cancel| {
         run_unit(&base, &models, &job, &ticket, report, cancel)
     })
+}
+
+/// A unit's partial of the next statistics pass of `ClusterDriver.gather`: (partial, bytes read).
+#[pyfunction]
+pub fn gather_unit<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    models: Vec<PathBuf>,
+    job: &Bound<'py, PyDict>,
+    ticket: &[u8],
+    known: Vec<Vec<u8>>,
+) -> PyResult<(Bound<'py, PyBytes>, u64)> {
+    let job = convert::job(job)?;
+    let ticket = ticket.to_vec();
+    let (partial, read) = run_detached(py, None, |_, cancel| {
+        core_gather_unit(&base, &models, &job, &ticket, known, cancel)
+    })?;
+    Ok((PyBytes::new(py, &partial), read))
 }

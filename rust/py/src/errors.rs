@@ -154,7 +154,9 @@ impl From<PyWeaveErr> for PyErr {
                 WeaveIOError::new_err(msg)
             }
             Error::Cancelled => CancelledError::new_err(msg),
-            Error::Internal { .. } | Error::PoolFunction { .. } => WeaveError::new_err(msg),
+            Error::Internal { .. } | Error::PoolFunction { .. } | Error::Suspended => {
+                WeaveError::new_err(msg)
+            }
         }
     }
 }

@@ -25,6 +25,7 @@ fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(arrays::merge_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(arrays::metagpt_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(cluster::merge_unit, m)?)?;
+    m.add_function(wrap_pyfunction!(cluster::gather_unit, m)?)?;
     m.add_class::<cluster::ClusterDriver>()?;
     m.add_class::<session::Session>()?;
     m.add_class::<session::TensorBuffer>()?;

@@ -217,7 +217,7 @@ const BLOCK: usize = 4096;
 /// tasks all fall outside their windows is counted at once; the few with a task inside one are
 /// kept (all T values) and counted by [`SignTally::resolve`] once the thresholds are known.
 /// Past `cap` kept elements the tally gives up, and the caller runs the separate count pass.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SignTally {
     count: i64,
     pending: Vec<f32>,

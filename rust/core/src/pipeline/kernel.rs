@@ -151,7 +151,7 @@ impl Engine<'_> {
         };
         let mut found: Vec<Vec<TensorStats>> =
             vec![vec![TensorStats::default(); n + 1]; reps.len()];
-        let gather = matches!(self.part.model, ModelPart::Gather(_));
+        let gather = matches!(self.part.model, ModelPart::Gather(..));
         // Rows longer than a chunk, for a method ranking within rows: their pieces' cuts.
         for (i, t) in self.plan.iter().enumerate() {
             if !gather && groups.present[i] && t.has_long(self.rows, chunk_size) {
@@ -228,7 +228,7 @@ impl Engine<'_> {
             for g in (0..=n).filter(|&g| checked(g) && !(gather && g < n)) {
                 k.check_stats(groups.plan(g), self.tasks(), &found[r][g])?;
             }
-            if let (ModelPart::Gather(into), true) = (self.part.model, groups.global[r]) {
+            if let (ModelPart::Gather(into, _), true) = (self.part.model, groups.global[r]) {
                 if groups.live(r, n) {
                     into.lock()
                         .expect("not poisoned")
@@ -274,7 +274,7 @@ impl Engine<'_> {
             return Ok(());
         }
         let found_ro: &[Vec<TensorStats>] = found;
-        let mut partials: Vec<Partial> = self.pass(
+        let mut partials: Vec<Partial> = self.pass_shared(
             &chunks,
             Vec::new,
             |w, c, acc: &mut Vec<Partial>| {
@@ -309,6 +309,7 @@ impl Engine<'_> {
                 a.extend(b);
                 a
             },
+            false,
         )?;
         partials.sort_unstable_by_key(|p| (p.0, p.1, p.2, p.3));
         for group in partials.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {

@@ -5,6 +5,7 @@
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
 mod engine;
+pub mod exchange;
 mod groups;
 mod kernel;
 mod output;
@@ -66,8 +67,9 @@ pub enum ModelPart<'a> {
     #[default]
     Compute,
     /// Computed here over every tensor, and nothing else: no per-tensor statistics, no output
-    /// (a cluster driver's pass).
-    Gather(&'a Mutex<ModelStats>),
+    /// (a cluster driver's pass); with an [`exchange::Exchange`], each pass split across the
+    /// cluster's units.
+    Gather(&'a Mutex<ModelStats>, Option<&'a exchange::Exchange>),
     /// Given: a unit holds only some of the model.
     Given(&'a ModelStats),
 }
@@ -354,7 +356,7 @@ pub fn run_chunks(
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
         let stats = engine.statistics(merge, opts.chunk_size)?;
-        if let ModelPart::Gather(_) = part.model {
+        if let ModelPart::Gather(..) = part.model {
             return Ok(());
         }
         if recipe.lines.is_some() {
@@ -439,23 +441,6 @@ impl<'a> Engine<'a> {
         R: Fn(A, A) -> A + Sync + Send,
     {
         self.pass_impl(chunks, init, f, merge, true)
-    }
-
-    /// [`Self::pass`] without progress reports (samples are not counted in the total).
-    pub(crate) fn pass_quiet<A, I, F, R>(
-        &self,
-        chunks: &[Chunk],
-        init: I,
-        f: F,
-        merge: R,
-    ) -> Result<A>
-    where
-        A: Send,
-        I: Fn() -> A + Sync + Send,
-        F: Fn(&mut Work, &Chunk, &mut A) -> Result<()> + Sync + Send,
-        R: Fn(A, A) -> A + Sync + Send,
-    {
-        self.pass_impl(chunks, init, f, merge, false)
     }
 
     pub(crate) fn pass_impl<A, I, F, R>(
