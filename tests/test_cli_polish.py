@@ -77,3 +77,19 @@ def test_progress_names_the_pass_for_callbacks_that_ask(tmp_path):
     assert staged.calls[-1] == "output"  # the last call, before the publish, is the output pass's
     assert all(s == "output" or s.startswith("statistics ") for s in staged.calls)
     assert plain[-1][0] == plain[-1][1]  # two arguments for plain callbacks, as documented
+
+
+def test_ray_without_ray_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """--ray (and cluster="ray") without Ray installed: one clear error naming the extra, before
+    any work, and nothing written."""
+    from conftest import write_models
+
+    base, models = make_state(1)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ww.ParamError, match=r"needs Ray: pip install 'weightweave\[ray\]'"):
+        ww.merge(bp, mps, tmp_path / "out", method="ties", cluster="ray")
+    assert main(["merge", str(bp), *map(str, mps), "-o", str(tmp_path / "out"), "--method", "ties", "-q",
+                 "--ray"]) != 0  # fmt: skip
+    assert "weightweave[ray]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

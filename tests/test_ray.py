@@ -180,8 +180,9 @@ def test_a_node_killed_mid_run_changes_nothing(cluster, inputs, tmp_path):
 
     t = threading.Thread(target=drive)
     t.start()
-    # Every worker node holds a unit at the gate: kill one of them with its unit.
-    arrived = ray.get(gate.arrivals.remote(3))
+    # Every worker node holds a unit at the gate: kill one of them with its unit. (The timeout
+    # only turns a run that failed before its units started into a failure, not a hang.)
+    arrived = ray.get(gate.arrivals.remote(3), timeout=300)
     victim = next(n for n in cluster.list_all_nodes() if n.node_id == arrived[0][0])
     # A node dies with every process on it: its raylet, and the workers holding units (left
     # alone, a worker of a dead raylet could still answer, which is not a node's death).
@@ -243,10 +244,27 @@ def test_a_killed_driver_publishes_nothing(cluster, inputs, tmp_path):
     script.write_text(textwrap.dedent(DRIVER))
     proc = subprocess.Popen([sys.executable, str(script), str(fifo), cluster.address, str(bp), str(out),
                              *map(str, mps)])  # fmt: skip
+    def watch():
+        # A driver that dies before any unit runs still unblocks the reader below.
+        rc = proc.wait()
+        try:  # without a reader left (the test is past it), nothing to unblock
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            os.write(fd, f"driver exited with {rc}".encode())
+        except OSError:  # the reader went in between
+            pass
+        finally:
+            os.close(fd)
+
+    import threading
+
+    threading.Thread(target=watch, daemon=True).start()
     try:
-        with open(fifo) as f:  # blocks until a unit of that driver is running (or it failed)
-            said = f.read()
-        assert said.startswith("x"), said
+        with open(fifo) as f:  # blocks until a unit of that driver is running (or it ended)
+            said = f.read(1)
+        assert said == "x", said + f.read()
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()

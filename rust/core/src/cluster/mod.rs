@@ -13,8 +13,8 @@
 //!
 //! The core knows nothing of Ray: a unit is a ticket of bytes in and a byte count out.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+mod unit;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
@@ -23,15 +23,17 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::pipeline::exchange::{decode, encode, Exchange, Role};
-use crate::pipeline::{self, ModelPart, ModelStats, Part, Sink};
+use crate::pipeline::exchange::{encode, Exchange, Role};
+use crate::pipeline::{self, ModelPart, ModelStats, Part};
 use crate::plan::TensorPlan;
 use crate::recipe::Recipe;
 use crate::{Checkpoint, Job, Opened, OutputOptions, Prepared};
+use unit::NoSink;
+pub use unit::{gather_unit, run_unit};
 
 /// What a unit needs besides the paths and job every unit gets alike.
 #[derive(Serialize, Deserialize)]
-struct Ticket {
+pub(crate) struct Ticket {
     /// The plan and inputs as the driver saw them ([`describe`]).
     seen: String,
     /// The tensors this unit writes, by plan index.
@@ -46,7 +48,7 @@ struct Ticket {
 
 /// The plan and every input file's (size, mtime) in words, one line each: two machines that
 /// agree on this read the same bytes.
-fn describe(base: &Checkpoint, models: &[Checkpoint], plan: &[TensorPlan]) -> String {
+pub(crate) fn describe(base: &Checkpoint, models: &[Checkpoint], plan: &[TensorPlan]) -> String {
     let mut s = String::new();
     let files = base
         .fingerprints()
@@ -75,7 +77,7 @@ fn describe(base: &Checkpoint, models: &[Checkpoint], plan: &[TensorPlan]) -> St
 }
 
 /// Refuses what a cluster merge does not take yet, before any work.
-fn check_job(job: &Job, recipe: &Recipe) -> Result<()> {
+pub(crate) fn check_job(recipe: &Recipe) -> Result<()> {
     let no = |name: &str, why: &str| {
         Err(Error::param(
             name,
@@ -97,7 +99,6 @@ fn check_job(job: &Job, recipe: &Recipe) -> Result<()> {
             "LiNeS's α rule needs the whole merged task vector",
         );
     }
-    let _ = job;
     Ok(())
 }
 
@@ -127,7 +128,7 @@ impl Driver {
         let start = Instant::now();
         let mut recipe = job.recipe_cancellable(cancel)?;
         job.check_tasks(&recipe, job.tasks(models.len()))?;
-        check_job(job, &recipe)?;
+        check_job(&recipe)?;
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
         if opened.scaled {
             return Err(Error::param(
@@ -200,23 +201,14 @@ impl Driver {
     ) -> Result<Gathered> {
         let into = Mutex::new(ModelStats::new());
         let x = Exchange::new(known, Role::Driver(partials));
-        let (base_view, mut views, _) =
-            crate::job_views(job, &self.opened.base, &self.opened.models)?;
-        job.share_names(&base_view, &mut views)?;
-        let ran = pipeline::run(
-            &base_view,
-            &views,
-            &self.opened.plan,
+        let o = &self.opened;
+        let ran = gather_pass(
+            job,
+            (&o.base, &o.models, &o.plan),
             &self.recipe,
-            job.options(),
-            &NoSink,
-            &|_, _, _| {},
+            &into,
+            &x,
             cancel,
-            &[],
-            Part {
-                model: ModelPart::Gather(&into, Some(&x)),
-                ..Part::default()
-            },
         );
         match ran {
             Ok(_) => Ok(Gathered::Done(encode(
@@ -270,6 +262,35 @@ impl Driver {
     }
 }
 
+/// Runs the statistics of a gathering (`x` says whose part) over the inputs `(base, models,
+/// plan)`; the driver's and every unit's run alike, so that they replay the same passes.
+pub(crate) fn gather_pass(
+    job: &Job,
+    (base, models, plan): (&Checkpoint, &[Checkpoint], &[TensorPlan]),
+    recipe: &Recipe,
+    into: &Mutex<ModelStats>,
+    x: &Exchange,
+    cancel: &AtomicBool,
+) -> Result<u64> {
+    let (base_view, mut views, _) = crate::job_views(job, base, models)?;
+    job.share_names(&base_view, &mut views)?;
+    pipeline::run(
+        &base_view,
+        &views,
+        plan,
+        recipe,
+        job.options(),
+        &NoSink,
+        &|_, _, _| {},
+        cancel,
+        &[],
+        Part {
+            model: ModelPart::Gather(into, Some(x)),
+            ..Part::default()
+        },
+    )
+}
+
 /// What [`Driver::gather`] found.
 pub enum Gathered {
     /// The units' partials of the next pass are needed; with the merged result of the pass
@@ -277,245 +298,6 @@ pub enum Gathered {
     Next(Option<Vec<u8>>),
     /// The whole-model statistics, encoded for [`Driver::ticket`].
     Done(Vec<u8>),
-}
-
-/// A unit's partial of the next statistics pass of [`Driver::gather`] over its tensors, and the
-/// bytes it read.
-pub fn gather_unit(
-    base: &Path,
-    models: &[PathBuf],
-    job: &Job,
-    ticket: &[u8],
-    known: Vec<Vec<u8>>,
-    cancel: &AtomicBool,
-) -> Result<(Vec<u8>, u64)> {
-    let t: Ticket = decode(ticket)?;
-    let mut recipe = job.recipe_cancellable(cancel)?;
-    let ins = open_checked(base, models, job, &t)?;
-    recipe.groups = job.tensor_groups(&ins.plan, job.tasks(models.len()), cancel)?;
-    let mut mine = vec![false; ins.plan.len()];
-    for &i in &t.tensors {
-        mine[i] = true;
-    }
-    let x = Exchange::new(known, Role::Unit(mine));
-    let into = Mutex::new(ModelStats::new());
-    let (base_view, mut views, _) = crate::job_views(job, &ins.base, &ins.models)?;
-    job.share_names(&base_view, &mut views)?;
-    let ran = pipeline::run(
-        &base_view,
-        &views,
-        &ins.plan,
-        &recipe,
-        job.options(),
-        &NoSink,
-        &|_, _, _| {},
-        cancel,
-        &[],
-        Part {
-            model: ModelPart::Gather(&into, Some(&x)),
-            ..Part::default()
-        },
-    );
-    match (ran, x.said()) {
-        (Err(Error::Suspended), Some(partial)) => {
-            ins.base.check_truncation()?;
-            ins.models
-                .iter()
-                .try_for_each(Checkpoint::check_truncation)?;
-            Ok((partial, x.read()))
-        }
-        (Err(e), _) if !matches!(e, Error::Suspended) => Err(e),
-        _ => Err(Error::Internal {
-            what: "a unit was asked for a statistics pass the driver already has".into(),
-        }),
-    }
-}
-
-/// Opens a unit's inputs and checks that they are what the driver saw.
-fn open_checked(base: &Path, models: &[PathBuf], job: &Job, t: &Ticket) -> Result<crate::Inputs> {
-    let ins = crate::open_inputs(base, models, job).map_err(|e| match e {
-        Error::Io { .. } => Error::NotShared {
-            reason: format!(
-                "{} cannot read an input ({e}); every node must read the inputs from one shared file system (NFS, Lustre, a cloud file store)",
-                hostname()
-            ),
-        },
-        e => e,
-    })?;
-    let here = describe(&ins.base, &ins.models, &ins.plan);
-    if here != t.seen {
-        return Err(not_shared(&t.seen, &here));
-    }
-    Ok(ins)
-}
-
-/// Runs one unit of a cluster merge: opens the inputs, checks that this machine sees what the
-/// driver saw, computes the unit's tensors and writes them into the staged files (fsynced
-/// before it returns). Returns the bytes read.
-pub fn run_unit(
-    base: &Path,
-    models: &[PathBuf],
-    job: &Job,
-    ticket: &[u8],
-    progress: pipeline::Progress,
-    cancel: &AtomicBool,
-) -> Result<u64> {
-    let t: Ticket = decode(ticket)?;
-    let mut recipe = job.recipe_cancellable(cancel)?;
-    check_job(job, &recipe)?;
-    let ins = open_checked(base, models, job, &t)?;
-    let sink = UnitSink::open(&t, &ins.plan)?;
-    if t.tensors.is_empty() {
-        return Ok(0);
-    }
-    recipe.groups = job.tensor_groups(&ins.plan, job.tasks(models.len()), cancel)?;
-    // None gathered (no method of the recipe has whole-model statistics): none given.
-    let model: ModelStats = if t.model.is_empty() {
-        ModelStats::new()
-    } else {
-        decode(&t.model)?
-    };
-    let mut mine = vec![false; ins.plan.len()];
-    for &i in &t.tensors {
-        mine[i] = true;
-    }
-    let bytes = {
-        let (base_view, mut views, _) = crate::job_views(job, &ins.base, &ins.models)?;
-        job.share_names(&base_view, &mut views)?;
-        pipeline::run(
-            &base_view,
-            &views,
-            &ins.plan,
-            &recipe,
-            job.options(),
-            &sink,
-            progress,
-            cancel,
-            &[],
-            Part {
-                tensors: Some(&mine),
-                model: ModelPart::Given(&model),
-                ..Part::default()
-            },
-        )?
-    };
-    ins.base.check_truncation()?;
-    ins.models
-        .iter()
-        .try_for_each(Checkpoint::check_truncation)?;
-    sink.sync()?;
-    Ok(bytes)
-}
-
-/// The first line where this machine's view differs from the driver's, in words.
-fn not_shared(driver: &str, here: &str) -> Error {
-    let host = hostname();
-    let mut d = driver.lines();
-    let mut h = here.lines();
-    loop {
-        match (d.next(), h.next()) {
-            (Some(a), Some(b)) if a == b => continue,
-            (a, b) => {
-                let (a, b) = (a.unwrap_or("nothing"), b.unwrap_or("nothing"));
-                return Error::NotShared {
-                    reason: format!(
-                        "{host} does not see the inputs the driver saw (the driver: {a}; {host}: {b}); every node must read the inputs from one shared file system (NFS, Lustre, a cloud file store)"
-                    ),
-                };
-            }
-        }
-    }
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: a writable buffer of the given length; gethostname NUL-terminates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let name = if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        "this node".into()
-    };
-    format!("node {name}")
-}
-
-/// A unit's writes into the staged files: only its own tensors, within their bounds.
-struct UnitSink {
-    files: Vec<(File, PathBuf)>,
-    loc: Vec<(usize, u64)>,
-    bytes: Vec<u64>,
-    mine: Vec<bool>,
-}
-
-impl UnitSink {
-    fn open(t: &Ticket, plan: &[TensorPlan]) -> Result<UnitSink> {
-        let host = hostname();
-        let files = t
-            .files
-            .iter()
-            .map(|(staged, shown)| {
-                OpenOptions::new()
-                    .write(true)
-                    .open(staged)
-                    .map(|f| (f, shown.clone()))
-                    .map_err(|e| Error::NotShared {
-                        reason: format!(
-                            "{host} cannot open the output's staging file {} for {} ({e}); the output's directory must be on a file system every node sees",
-                            staged.display(),
-                            shown.display()
-                        ),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if t.loc.len() != plan.len() {
-            return Err(Error::Internal {
-                what: "a unit's ticket does not match its plan".into(),
-            });
-        }
-        let mut mine = vec![false; plan.len()];
-        for &i in &t.tensors {
-            mine[i] = true;
-        }
-        Ok(UnitSink {
-            files,
-            loc: t.loc.clone(),
-            bytes: plan.iter().map(|p| p.out_bytes() as u64).collect(),
-            mine,
-        })
-    }
-
-    fn sync(&self) -> Result<()> {
-        self.files
-            .iter()
-            .try_for_each(|(f, shown)| f.sync_all().map_err(|e| Error::io(shown, e)))
-    }
-}
-
-impl Sink for UnitSink {
-    fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()> {
-        let end = offset as u64 + data.len() as u64;
-        if !self.mine[tensor] || end > self.bytes[tensor] {
-            return Err(Error::Internal {
-                what: format!("a unit wrote outside its tensors (tensor {tensor})"),
-            });
-        }
-        let (f, at) = self.loc[tensor];
-        let (file, shown) = &self.files[f];
-        file.write_all_at(data, at + offset as u64)
-            .map_err(|e| Error::io(shown, e))
-    }
-}
-
-/// The driver's statistics pass writes nothing.
-struct NoSink;
-
-impl Sink for NoSink {
-    fn write(&self, _: usize, _: usize, _: &[u8]) -> Result<()> {
-        Err(Error::Internal {
-            what: "a statistics pass wrote output".into(),
-        })
-    }
 }
 
 /// Consecutive tensors in at most `n` groups of about equal bytes (read and written).
@@ -545,6 +327,7 @@ fn split(plan: &[TensorPlan], tasks: usize, n: usize) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::exchange::decode;
     use crate::DType;
 
     fn tensor(numel: usize, mergeable: bool) -> TensorPlan {
