@@ -98,9 +98,81 @@ def test_refusals_before_any_work(cluster, inputs, tmp_path):
         ww.merge(bp, mps, tmp_path / "o", method="ties", cluster="spark")
     with pytest.raises(ww.ParamError, match="MetaGPT"):
         ww.merge(bp, mps, tmp_path / "o", method="task_arithmetic", lam="metagpt", cluster="ray")
-    with pytest.raises(ww.ParamError, match="torch backend"):
-        ww.merge(bp, mps, tmp_path / "o", method="tsv", cluster="ray")
+    with pytest.raises(ww.ParamError, match="MetaGPT"):
+        ww.merge(bp, mps, tmp_path / "o", method="tsv", lam="metagpt", cluster="ray")
+    with pytest.raises(ww.ParamError, match="Ray assigns each unit its GPU"):
+        ww.merge(bp, mps, tmp_path / "o", method="tsv", device="cuda:1", cluster="ray")
+    with pytest.raises(ww.ParamError, match="the Ray cluster has no GPU"):
+        ww.merge(bp, mps, tmp_path / "o", method="tsv", device="cuda", cluster="ray")
+    with pytest.raises(ww.ParamError, match="threads=2: .* largest node has 1"):
+        ww.merge(bp, mps, tmp_path / "o", method="ties", threads=2, cluster="ray")
+    with pytest.raises(ww.ParamError, match="svd_exclude"):
+        ww.merge(bp, mps, tmp_path / "o", method="tsv", svd_exclude="(", cluster="ray")
     assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("out_dtype", [None, "bf16"])
+def test_scaled_fp8_inputs(cluster, tmp_path, out_dtype):
+    """FP8 weights with scale tensors, written re-quantized with fresh scales (or dequantized):
+    a weight and its scale tensor are cut into different units by bytes, but the unit that merges
+    the weight writes both."""
+    from test_fp8_and_copies import write_scaled
+
+    d, fts, _, _ = write_scaled(tmp_path, "block")
+    kw = dict(method="ties", density=0.4, out_dtype=out_dtype)
+    ww.merge(d, fts, tmp_path / "local", **kw)
+    ww.merge(d, fts, tmp_path / "ray", cluster="ray", **kw)
+    assert digest(tmp_path / "ray") == digest(tmp_path / "local")
+
+
+@pytest.fixture(scope="module")
+def svd_inputs(tmp_path_factory):
+    """Matrices large enough for LAPACK's blocked SVD, beside tensors that take the mean."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {"embed.weight": (150, 48), "layers.0.q.weight": (96, 96), "layers.0.up.weight": (160, 96),
+              "layers.0.norm.weight": (96,), "head.weight": (40, 96), "conv.weight": (8, 4, 3, 3)}  # fmt: skip
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    base["step"] = torch.tensor([3], dtype=torch.int64)
+    root = tmp_path_factory.mktemp("svd")
+    save_file(base, str(root / "base.safetensors"))
+    models = []
+    for i in range(3):
+        m = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
+        save_file(m, str(root / f"ft{i}.safetensors"))
+        models.append(root / f"ft{i}.safetensors")
+    return root / "base.safetensors", models
+
+
+SVD_CASES = {
+    "tsv": dict(method="tsv"),
+    "iso_c": dict(method="iso_c"),
+    "iso_cts": dict(method="iso_cts", common_space_fraction=0.5),
+    "wudi": dict(method="wudi", steps=3),
+    "tsv_exclude": dict(method="tsv", svd_exclude="^head"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SVD_CASES))
+def test_svd_methods_on_cpus_are_bit_identical_to_one_machine(cluster, svd_inputs, tmp_path, name):
+    """The torch backend in every unit. LAPACK's SVD changes in its last bits with torch's threads,
+    so the local run pins one thread: a unit's default."""
+    bp, mps = svd_inputs
+    kw = SVD_CASES[name]
+    mine = ww.merge(bp, mps, tmp_path / "local", shard_size=30_000, threads=1, **kw)
+    rep = ww.merge(bp, mps, tmp_path / "ray", shard_size=30_000, cluster="ray", **kw)
+    assert len(list((tmp_path / "local").glob("*.safetensors"))) > 1
+    assert digest(tmp_path / "ray") == digest(tmp_path / "local")
+    assert rep.bytes_read == mine.bytes_read
+
+
+def test_svd_weave_is_bit_identical(cluster, svd_inputs, tmp_path):
+    bp, mps = svd_inputs
+    ww.weave(bp, mps, tmp_path / "local", method="tsv", lambdas=[0.5, 1.0, 1.5], threads=1)
+    ww.weave(bp, mps, tmp_path / "ray", method="tsv", lambdas=[0.5, 1.0, 1.5], cluster="ray")
+    assert digest(tmp_path / "ray") == digest(tmp_path / "local")
 
 
 def test_a_node_that_sees_other_inputs_is_refused(cluster, inputs, tmp_path):
@@ -155,9 +227,16 @@ class Gate:
         self.opened.set()
 
 
-def test_a_node_killed_mid_run_changes_nothing(cluster, inputs, tmp_path):
-    bp, mps = inputs
-    ww.merge(bp, mps, tmp_path / "local", method="ties", density=0.3, shard_size=2000)
+@pytest.mark.parametrize("method", ["ties", "tsv"])
+def test_a_node_killed_mid_run_changes_nothing(cluster, inputs, svd_inputs, tmp_path, method):
+    if method == "tsv":
+        bp, mps = svd_inputs
+        ww.merge(bp, mps, tmp_path / "local", method="tsv", threads=1, shard_size=2000)
+        job, svd = _svd_job(), {"device": None, "svd_exclude": None}
+    else:
+        bp, mps = inputs
+        ww.merge(bp, mps, tmp_path / "local", method="ties", density=0.3, shard_size=2000)
+        job, svd = _job(), None
     # The gate lives on the driver's node, which stays.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -173,8 +252,9 @@ def test_a_node_killed_mid_run_changes_nothing(cluster, inputs, tmp_path):
 
     def drive():
         try:
-            result["report"] = ww.cluster.run(str(bp), [str(m) for m in mps], str(tmp_path / "ray"), _job(),
-                                              {"shard_size": 2000}, None, "ray", units=6, hooks={"unit": hold})
+            result["report"] = ww.cluster.run(str(bp), [str(m) for m in mps], str(tmp_path / "ray"), job,
+                                              {"shard_size": 2000}, None, "ray", svd=svd, units=6,
+                                              hooks={"unit": hold})  # fmt: skip
         except BaseException as e:  # surfaced below
             result["error"] = e
 
@@ -244,8 +324,128 @@ def test_a_killed_driver_publishes_nothing(cluster, inputs, tmp_path):
     script.write_text(textwrap.dedent(DRIVER))
     proc = subprocess.Popen([sys.executable, str(script), str(fifo), cluster.address, str(bp), str(out),
                              *map(str, mps)])  # fmt: skip
+    _unblock_when_it_exits(proc, fifo)
+    try:
+        with open(fifo) as f:  # blocks until a unit of that driver is running (or it ended)
+            said = f.read(1)
+        assert said == "x", said + f.read()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not out.exists()
+    # The next run in that directory removes what the killed one left, and publishes.
+    ww.merge(bp, mps, out, method="ties", density=0.3, cluster="ray")
+    assert tree(out.parent) == ["out"] + [f"out/{p}" for p in tree(out)]
+
+
+INTERRUPTED = """
+import signal, sys, threading
+# As in a terminal: a harness may start us with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import ray
+from weightweave import cluster
+from weightweave.job import _job
+
+fifo, address, base, out, *models = sys.argv[1:]
+ray.init(address=address, log_to_driver=False)
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    def __init__(self):
+        import asyncio
+
+        self.n = 0
+        self.stopped = 0
+        self.changed = asyncio.Condition()
+        self.never = asyncio.Event()
+
+    async def arrive(self):
+        async with self.changed:
+            self.n += 1
+            self.changed.notify_all()
+        await self.never.wait()
+
+    async def stop(self):
+        async with self.changed:
+            self.stopped += 1
+            self.changed.notify_all()
+
+    async def arrivals(self, n):
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.n >= n)
+
+    async def all_stopped(self):
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.stopped >= self.n)
+            return self.stopped
+
+
+gate = Gate.remote()
+
+
+def hold():
+    try:
+        ray.get(gate.arrive.remote())
+    except BaseException:  # the unit was cancelled: it says so, then goes
+        ray.get(gate.stop.remote())
+        raise
+
+
+def tell():
+    ray.get(gate.arrivals.remote(3))  # every node's CPU holds a unit
+    with open(fifo, "w") as f:
+        f.write("x")
+
+
+threading.Thread(target=tell, daemon=True).start()
+job = _job("ties", {"density": 0.3}, "merge")
+try:
+    cluster.run(base, models, out, job, {}, None, "ray", hooks={"unit": hold})
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+# Every unit that started stops (a unit blocked in ray.get holds no CPU: Ray lends it out, so
+# the next run alone would not show this).
+print("units stopped:", ray.get(gate.all_stopped.remote()), flush=True)
+# The process lives on (a notebook's kernel): the cancelled units gave their CPUs back.
+cluster.run(base, models, out + "-next", job, {}, None, "ray")
+print("next run published", flush=True)
+"""
+
+
+def test_ctrl_c_on_the_driver_cancels_every_unit(cluster, inputs, tmp_path):
+    bp, mps = inputs
+    ww.merge(bp, mps, tmp_path / "local", method="ties", density=0.3)
+    fifo, out = tmp_path / "arrived", tmp_path / "site" / "out"
+    out.parent.mkdir()
+    os.mkfifo(fifo)
+    script = tmp_path / "driver.py"
+    script.write_text(INTERRUPTED)
+    proc = subprocess.Popen([sys.executable, str(script), str(fifo), cluster.address, str(bp), str(out),
+                             *map(str, mps)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    _unblock_when_it_exits(proc, fifo)
+    try:
+        with open(fifo) as f:  # blocks until the units hold every CPU (or the driver ended)
+            said = f.read(1)
+        assert said == "x", said + f.read()
+        os.kill(proc.pid, signal.SIGINT)
+        # The timeout turns a driver that never stops into a failure, not a hang.
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = stdout.split("\n")
+    assert proc.returncode == 0 and lines[0] == "interrupted" and lines[2] == "next run published", stdout
+    assert int(lines[1].removeprefix("units stopped: ")) >= 3, stdout
+    assert tree(out.parent) == ["out-next"] + [f"out-next/{p}" for p in tree(out.parent / "out-next")]
+    assert digest(out.parent / "out-next") == digest(tmp_path / "local")
+
+
+def _unblock_when_it_exits(proc: subprocess.Popen, fifo: Path) -> None:
+    """A driver that dies before it writes to `fifo` still unblocks the test's read of it."""
+
     def watch():
-        # A driver that dies before any unit runs still unblocks the reader below.
         rc = proc.wait()
         try:  # without a reader left (the test is past it), nothing to unblock
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -261,17 +461,6 @@ def test_a_killed_driver_publishes_nothing(cluster, inputs, tmp_path):
     import threading
 
     threading.Thread(target=watch, daemon=True).start()
-    try:
-        with open(fifo) as f:  # blocks until a unit of that driver is running (or it ended)
-            said = f.read(1)
-        assert said == "x", said + f.read()
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not out.exists()
-    # The next run in that directory removes what the killed one left, and publishes.
-    ww.merge(bp, mps, out, method="ties", density=0.3, cluster="ray")
-    assert tree(out.parent) == ["out"] + [f"out/{p}" for p in tree(out)]
 
 
 def test_cli_and_recipe_take_ray(cluster, inputs, tmp_path):
@@ -288,3 +477,63 @@ def test_cli_and_recipe_take_ray(cluster, inputs, tmp_path):
     assert digest(tmp_path / "cli") == digest(tmp_path / "local") == digest(tmp_path / "recipe")
     with pytest.raises(ww.ParamError, match="cluster must be 'ray'"):
         recipe.run(dict(spec, cluster="dask"), tmp_path / "bad")
+
+
+@ray.remote(num_cpus=0)
+class Seen:
+    """What each unit was given by Ray."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def add(self, resources: dict) -> None:
+        self.seen.append(resources)
+
+    def all(self) -> list[dict]:
+        return self.seen
+
+
+def test_svd_units_ask_a_gpu_share_where_the_cluster_has_gpus(cluster, svd_inputs, tmp_path):
+    """A node advertising a GPU (a logical one: this machine has none) draws the units holding
+    2-D tensors, each asking for torch_backend.gpu_share of it; the other units take CPUs. With
+    device='cpu' no unit asks for a GPU. Where torch sees no CUDA device, the unit says so."""
+    bp, mps = svd_inputs
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    node = cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    try:
+        for device, expect in ((None, "error"), ("cpu", "ok")):
+            seen = Seen.options(scheduling_strategy=here).remote()
+
+            def record(seen=seen):
+                ray.get(seen.add.remote(ray.get_runtime_context().get_assigned_resources()))
+
+            out = tmp_path / f"out-{device}"
+            job = _svd_job()
+            svd = {"device": device, "svd_exclude": None}
+            if expect == "error":
+                with pytest.raises(ww.WeaveError, match="Ray gave a unit a GPU, but torch there sees no CUDA"):
+                    ww.cluster.run(str(bp), [str(m) for m in mps], str(out), job, {}, None, "ray", svd=svd,
+                                   hooks={"unit": record})  # fmt: skip
+                assert not out.exists()
+            else:
+                ww.cluster.run(str(bp), [str(m) for m in mps], str(out), job, {}, None, "ray", svd=svd,
+                               hooks={"unit": record})  # fmt: skip
+                ww.merge(bp, mps, tmp_path / "local", method="tsv", threads=1)
+                assert digest(out) == digest(tmp_path / "local")
+            gpus = sorted(r.get("GPU", 0) for r in ray.get(seen.all.remote()))
+            if expect == "error":
+                # 4 × 16 GiB ≥ (8 words per element) × the largest matrix: the smallest share.
+                assert gpus and gpus[-1] == 0.125
+            else:
+                assert gpus and gpus[-1] == 0
+    finally:
+        cluster.remove_node(node)
+
+
+def _svd_job():
+    from weightweave.job import _job as job
+
+    return job("tsv", {}, "merge")

@@ -272,3 +272,15 @@ def test_cli_and_recipe_run_iso_cts(tmp_path):
     )
     assert main(["run", str(recipe), "-q"]) == 0
     assert_close_ulp(load(tmp_path / "r.safetensors"), want, atol=slack)
+
+
+def test_gpu_share_of_a_cluster_unit():
+    """Hand-worked: the working set is (8 + T held deltas) f32 words per element, against 16 GiB,
+    in eighths of a GPU, at least one, at most eight."""
+    from weightweave.torch_backend import gpu_share
+
+    assert gpu_share((1024, 1024), 3, "tsv") == 0.125  # 32 MiB
+    assert gpu_share((16384, 16384), 3, "tsv") == 0.5  # 8 GiB: 4 eighths
+    assert gpu_share((16384, 16384 + 1), 3, "tsv") == 0.625  # just over: 5 eighths
+    assert gpu_share((16384, 16384), 8, "iso_cts") == 1.0  # 16 words: 16 GiB
+    assert gpu_share((32768, 32768), 8, "wudi") == 1.0  # more than a GPU: a whole one

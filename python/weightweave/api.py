@@ -255,15 +255,15 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
     opts = {"shard_size": shard_size, "overwrite": as_bool("overwrite", overwrite)}
     if _cluster.parse(cluster) is not None:
         if job["method"] in SVD_METHODS:
-            raise ParamError(f"{job['method']} runs on the torch backend, which a cluster merge does not use yet; "
-                             "merge on one machine")  # fmt: skip
+            _backend().svd_targets([], svd.get("svd_exclude"))  # torch here too, and the pattern checked
+            return _report(_cluster.run(*args, job, opts, progress, cluster, svd=svd))
         return _report(_cluster.run(*args, job, opts, progress, cluster))
     if job["method"] in SVD_METHODS:
         backend = _backend()
         backend.check_options(**svd)
         sess = _rust.Session(*args, job, **opts)
         return _report(backend.run_session(sess, job["method"], progress=progress, weights=job["weights"],
-                                           params=job["params"], **svd))  # fmt: skip
+                                           params=job["params"], threads=job.get("threads"), **svd))  # fmt: skip
     return _report(_rust.merge_files(*args, job, **opts, progress=progress))
 
 
@@ -302,7 +302,8 @@ def merge(
             ``"metagpt"``: MetaGPT's closed form, per-task weights λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² (exact
             norms over the whole model, one more read of the inputs) with λ = 1.
         seed: Seed of the counter-based generator (DARE masks).
-        threads: Worker threads (default: all cores).
+        threads: Worker threads (default: all cores); for the SVD methods, torch's threads too
+            (default: torch's), since LAPACK's SVD changes in its last bits with their number.
         chunk_size: Elements per chunk (default 262144); memory is O(chunk_size × threads × T).
         out_dtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"f64"`` for merged tensors
             (default: the base's dtype).
@@ -323,10 +324,11 @@ def merge(
             ``left_out`` and the output's metadata say which.
         progress: Called as ``progress(bytes_done, bytes_total)`` about every 100 ms;
             raising from it cancels the merge.
-        cluster: ``"ray"`` spreads the merge over a Ray cluster's CPUs (the runtime already
-            initialised, else ``RAY_ADDRESS``, else a local one; ``"ray:ADDRESS"`` connects to
-            ADDRESS), with the same output bit for bit. Inputs and ``out``'s directory must be
-            on a file system every node sees (checked before any work). Needs
+        cluster: ``"ray"`` spreads the merge over a Ray cluster's CPUs, and GPUs for the SVD
+            methods (the runtime already initialised, else ``RAY_ADDRESS``, else a local one;
+            ``"ray:ADDRESS"`` connects to ADDRESS), with the same output bit for bit. Inputs and
+            ``out``'s directory must be on a file system every node sees (checked before any
+            work). Needs
             ``weightweave[ray]``; see the README's "Beyond one machine".
         **params: Method parameters: ``density``, ``gamma``, ``ratio``, ``scope``,
             ``rescale``, ``ties_density`` (see the README's method table); ``density`` and

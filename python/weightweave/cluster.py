@@ -1,4 +1,4 @@
-"""Beyond one machine: the same merge, bit for bit, spread over a Ray cluster's CPUs.
+"""Beyond one machine: the same merge, bit for bit, spread over a Ray cluster's CPUs and GPUs.
 
 The driver (this process) opens the inputs, plans, and stages the output under its lock as a
 local run does, and splits the tensors into units balanced by bytes. The whole-model statistics a
@@ -11,11 +11,17 @@ output's directory must be on one file system every node sees. A unit lost with 
 run again by Ray (it rewrites the same bytes); the driver publishes, atomically, only once every
 unit has reported. Ray is used as it is found: the runtime the caller initialised, else
 ``RAY_ADDRESS``, else a local one.
+
+The SVD methods (TSV, Iso-C, Iso-CTS, WUDI) run on the torch backend in every unit: the units
+holding 2-D tensors ask Ray for a share of a GPU when the cluster has GPUs (by their largest
+matrix's working set, ``torch_backend.gpu_share``), a CPU otherwise; the other tensors go to CPU
+units, written as a local run writes them.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +72,31 @@ def _unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes,
         return "error", (type(e).__name__, str(e))
 
 
+def _torch_unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes, svd: dict[str, Any],
+                hook: Callable[[], object] | None) -> tuple[str, Any]:  # fmt: skip
+    """A unit of an SVD method on the torch backend: ("ok", (bytes read, warnings)) or an error.
+    Warnings (a matrix that did not fit the GPU) go back to the driver, which shows them."""
+    if hook is not None:
+        hook()
+    try:
+        from . import torch_backend
+
+        if svd["device"] == "cuda" and not torch_backend.torch.cuda.is_available():
+            return "error", ("WeaveError", f"node {os.uname().nodename}: Ray gave a unit a GPU, but torch there sees "
+                                           "no CUDA device (install torch with CUDA on every GPU node, or give "
+                                           "device='cpu')")  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sess = _rust.Session.unit(base, models, job, ticket)
+            read = torch_backend.run_unit(sess, job["method"], svd["device"], svd.get("svd_exclude"), job["params"],
+                                          job["threads"])  # fmt: skip
+        return "ok", (read, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+    except _rust.WeaveError as e:
+        return "error", (type(e).__name__, str(e))
+    except Exception as e:  # torch's own (CUDA out of memory, …): the driver raises it, named
+        return "error", ("WeaveError", f"a unit failed on {os.uname().nodename}: {type(e).__name__}: {e}")
+
+
 def _gather(base: str, models: list[str], job: dict[str, Any], ticket: bytes, known: list[bytes]) -> tuple[str, Any]:
     """A unit's partial of the next statistics pass: ("ok", (partial, bytes read)) or an error."""
     try:
@@ -74,8 +105,11 @@ def _gather(base: str, models: list[str], job: dict[str, Any], ticket: bytes, kn
         return "error", (type(e).__name__, str(e))
 
 
-def _check(base: str, models: list[str], job: dict[str, Any], ticket: bytes) -> tuple[str, Any]:
+def _check(base: str, models: list[str], job: dict[str, Any], ticket: bytes,
+           svd: dict[str, Any] | None) -> tuple[str, Any]:  # fmt: skip
     """A node's view of the inputs and of the staging area against the driver's."""
+    if svd is not None:
+        return _torch_unit(base, models, job, ticket, dict(svd, device="cpu"), None)
     return _unit(base, models, job, ticket, None)
 
 
@@ -91,15 +125,53 @@ def _alive_nodes(ray: Any) -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
 
 
+def _svd_device(svd: dict[str, Any]) -> str | None:
+    """The torch backend's device on a cluster: Ray assigns GPUs, so only the kind is given."""
+    device = svd.get("device")
+    if device is not None and (not isinstance(device, str) or device not in ("cpu", "cuda")):
+        raise ParamError(f"device: on a cluster give 'cpu' or 'cuda' (Ray assigns each unit its GPU), got {device!r}")
+    return device
+
+
+def _torch_work(ray: Any, driver: Any, job: dict[str, Any], svd: dict[str, Any], units: int | None,
+                cpus: int, tasks: int) -> list[tuple[list[int], int, dict[str, Any], str]]:  # fmt: skip
+    """The units of an SVD method: (tensors, bytes read, Ray resources, device). The 2-D tensors'
+    units ask for a share of a GPU when the cluster has one (and ``device`` is not ``"cpu"``); the
+    other tensors' units, a CPU."""
+    from . import torch_backend
+
+    device = _svd_device(svd)
+    tensors = driver.tensors()
+    targets = torch_backend.check_targets(job["method"], tensors, tasks, svd.get("svd_exclude"), job["params"])
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if device == "cuda" and gpus <= 0:
+        raise ParamError("device 'cuda': the Ray cluster has no GPU (give 'cpu', or leave device out)")
+    threads = job.get("threads") or 1
+    chosen = set(targets)
+    rest = [i for i in range(len(tensors)) if i not in chosen]
+    work = [(u, b, {"num_cpus": threads}, "cpu") for u, b in driver.units(units or 2 * cpus, rest)]
+    if targets and gpus > 0 and device != "cpu":
+        share = max(torch_backend.gpu_share(tensors[i][2], tasks, job["method"]) for i in targets)
+        n = units or max(1, 2 * int(gpus / share))
+        work += [(u, b, {"num_cpus": 1, "num_gpus": share}, "cuda") for u, b in driver.units(n, targets)]
+    elif targets:
+        work += [(u, b, {"num_cpus": threads}, "cpu") for u, b in driver.units(units or 2 * cpus, targets)]
+    return work
+
+
 def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[str, Any],
-        progress: Callable[[int, int], object] | None, cluster: str, *, units: int | None = None,
-        hooks: dict[str, Callable[..., object]] | None = None) -> dict[str, Any]:  # fmt: skip
+        progress: Callable[[int, int], object] | None, cluster: str, *, svd: dict[str, Any] | None = None,
+        units: int | None = None, hooks: dict[str, Callable[..., object]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Runs a file merge on Ray; returns the report dict a local run returns.
 
+    ``svd``: the torch backend's options (``device``, ``svd_exclude``) for an SVD method.
     ``units``: how many units the tensors are split into (default: twice the cluster's CPUs, so
-    that a lost node's share is small and fast nodes take more). ``hooks`` (tests): ``"unit"``
-    runs in each unit's task before it merges; ``"opened"`` on the driver once it staged."""
+    that a lost node's share is small and fast nodes take more; for GPU units twice the units
+    the GPUs hold at once). ``hooks`` (tests): ``"unit"`` runs in each unit's task before it
+    merges; ``"opened"`` on the driver once it staged."""
     ray = _ray()
+    if svd is not None:
+        _svd_device(svd)
     _connect(ray, cluster)
     hooks = hooks or {}
     threads = job.get("threads") or 1
@@ -111,6 +183,11 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
     models = [os.path.abspath(m) for m in models]
     refs: list[Any] = []
     try:
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if threads > largest:
+            # Ray would wait forever for a node that large.
+            raise ParamError(f"threads={threads}: each unit asks for that many CPUs of one node, and the "
+                             f"cluster's largest node has {largest:g}")  # fmt: skip
         if "opened" in hooks:
             hooks["opened"]()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -120,7 +197,7 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
         probe = driver.ticket([], b"")
         refs = [check.options(num_cpus=0, max_retries=0,
                               scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-                .remote(base, models, unit_job, probe) for node in _alive_nodes(ray)]  # fmt: skip
+                .remote(base, models, unit_job, probe, svd) for node in _alive_nodes(ray)]  # fmt: skip
         for r in refs:
             try:
                 result = ray.get(r)
@@ -129,8 +206,12 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
                 # A node that left since it was listed runs no unit (and each unit checks again).
                 continue
             _raise(result)
-        split = driver.units(units or max(1, 2 * int(ray.cluster_resources().get("CPU", 1))))
-        total = sum(b for _, b in split)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if svd is not None:
+            work = _torch_work(ray, driver, job, svd, units, cpus, len(models))
+        else:
+            work = [(u, b, {"num_cpus": threads}, "") for u, b in driver.units(units or 2 * cpus)]
+        total = sum(w[1] for w in work)
         state = {"read": 0, "done": 0, "total": total}
 
         def wait_all(refs: list[Any], bytes_of: list[int]) -> list[Any]:
@@ -153,7 +234,7 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
             # partial, the driver merges them (exact integer counts; the units' split cannot
             # change a bit), until the statistics are known.
             gather = ray.remote(_gather).options(num_cpus=threads, max_retries=RETRIES)
-            tickets = [driver.ticket(u, b"") for u, _ in split]
+            tickets = [driver.ticket(w[0], b"") for w in work]
             known: list[bytes] = []
             partials = None
             while True:
@@ -166,13 +247,25 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
                 state["total"] += total
                 known_ref = ray.put(known)
                 refs = [gather.remote(base, models, unit_job, t, known_ref) for t in tickets]
-                results = wait_all(refs, [b for _, b in split])
+                results = wait_all(refs, [w[1] for w in work])
                 partials = [p for p, _ in results]
                 state["read"] += sum(r for _, r in results)
-        task = ray.remote(_unit).options(num_cpus=threads, max_retries=RETRIES)
-        refs = [task.remote(base, models, unit_job, driver.ticket(u, model), hooks.get("unit")) for u, _ in split]
-        read = sum(wait_all(refs, [b for _, b in split])) + state["read"]
-        return driver.publish([u for u, _ in split], read)
+        if svd is None:
+            task = ray.remote(_unit)
+            refs = [task.options(**res, max_retries=RETRIES)
+                    .remote(base, models, unit_job, driver.ticket(u, model), hooks.get("unit"))
+                    for u, _, res, _ in work]  # fmt: skip
+            read = sum(wait_all(refs, [w[1] for w in work]))
+        else:
+            task = ray.remote(_torch_unit)
+            refs = [task.options(**res, max_retries=RETRIES)
+                    .remote(base, models, unit_job, driver.ticket(u, model), dict(svd, device=dev), hooks.get("unit"))
+                    for u, _, res, dev in work]  # fmt: skip
+            results = wait_all(refs, [w[1] for w in work])
+            read = sum(r for r, _ in results)
+            for message in dict.fromkeys(m for _, said in results for m in said):
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return driver.publish([w[0] for w in work], read + state["read"])
     except BaseException:
         # Stop the tasks still running, gently (a unit stops at its next chunk): killing their
         # workers races with replies in flight, which Ray 2.x's owner cannot take (it aborts).

@@ -233,37 +233,27 @@ def svd_targets(tensors: Sequence[tuple[str, str, list[int], bool]], svd_exclude
     ]
 
 
-def run_session(
+def _check_targets(method: str, tensors: Sequence[tuple[str, str, list[int], bool]], targets: Sequence[int],
+                   tasks: int, opts: Mapping[str, Any]) -> None:  # fmt: skip
+    """Refuses, before any work, a tensor the method cannot merge (Iso-CTS's split)."""
+    if method == "iso_cts":
+        for i in targets:
+            check_iso_cts(tensors[i][0], tensors[i][2], tasks, opts["common_space_fraction"])
+
+
+def _compute(
     sess: Session,
     method: str,
-    device: str | torch.device | None = None,
-    svd_exclude: str | None = None,
-    progress: Callable[[int, int], object] | None = None,
-    weights: Sequence[float] | None = None,
-    params: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Computes M for every 2-D tensor of an open session, then finishes it. ``weights`` scale
-    each task's delta (τ'_t = w_t·τ_t), as the core does for the other tensors; ``params`` are the
-    method's (Iso-CTS's common_space_fraction)."""
-    dev = pick_device(device)
-    try:
-        # MetaGPT's weights take a pass over the inputs before any tensor: the core's weights
-        # then serve the deltas here and every tensor it computes itself.
-        weights = sess.resolve_weights(progress)
-    except BaseException:
-        sess.abort()
-        raise
+    dev: torch.device,
+    targets: Sequence[int],
+    weights: Sequence[float] | None,
+    opts: Mapping[str, Any],
+    progress: Callable[[int, int], object] | None,
+) -> None:
+    """Computes M of each target tensor and hands it to the session, which pools and writes it."""
     tensors = sess.tensors()
-    targets = svd_targets(tensors, svd_exclude)
-    opts = _state_options(method, params)
     tasks = len(sess.inputs(targets[0])[1]) if targets else 0
-    if method == "iso_cts":
-        try:
-            for i in targets:  # before any work
-                check_iso_cts(tensors[i][0], tensors[i][2], tasks, opts["common_space_fraction"])
-        except BaseException:
-            sess.abort()
-            raise
+    _check_targets(method, tensors, targets, tasks, opts)
     jobs = []
     for i in targets:
         shape = tensors[i][2]
@@ -272,7 +262,7 @@ def run_session(
             warnings.warn(
                 f"{tensors[i][0]} {shape}: the SVD does not fit on {dev}; computing it on the CPU",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             on = torch.device("cpu")
         jobs.append((i, shape, on))
@@ -331,6 +321,50 @@ def run_session(
                 sess.write(i, m.numpy().reshape(-1))
                 if progress is not None:
                     progress(*sess.progress())
+    finally:
+        stop.set()
+        producer.join()
+
+
+class _torch_threads:  # noqa: N801 (a context manager, named as the call reads)
+    """torch's intra-op threads set to ``n`` for the block (restored after; None: unchanged). On the
+    CPU, LAPACK's SVD differs in its last bits with the number of threads, so a run that pins them
+    is reproducible on any machine, and a cluster unit (one thread by default) gives the output of
+    a local run with the same ``threads``."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n:
+            torch.set_num_threads(self.old)
+
+
+def run_session(
+    sess: Session,
+    method: str,
+    device: str | torch.device | None = None,
+    svd_exclude: str | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Computes M for every 2-D tensor of an open session, then finishes it. ``weights`` scale
+    each task's delta (τ'_t = w_t·τ_t), as the core does for the other tensors; ``params`` are the
+    method's (Iso-CTS's common_space_fraction); ``threads``: torch's threads (default: torch's)."""
+    dev = pick_device(device)
+    try:
+        # MetaGPT's weights take a pass over the inputs before any tensor: the core's weights
+        # then serve the deltas here and every tensor it computes itself.
+        weights = sess.resolve_weights(progress)
+        with _torch_threads(threads):
+            _compute(sess, method, dev, svd_targets(sess.tensors(), svd_exclude), weights,
+                     _state_options(method, params), progress)  # fmt: skip
         sess.complete()
         if progress is not None:
             # The last report comes before the publish: a callback that raises here (or a
@@ -339,12 +373,49 @@ def run_session(
             progress(total, total)
         return sess.publish()
     except BaseException:
-        stop.set()
         sess.abort()
         raise
-    finally:
-        stop.set()
-        producer.join()
+
+
+def run_unit(
+    sess: Session,
+    method: str,
+    device: str | torch.device | None = None,
+    svd_exclude: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> int:
+    """A cluster unit's share (``Session.unit``): M of its 2-D tensors, the rest as a local run
+    writes them; returns the bytes read. The weights are the job's (MetaGPT's are refused)."""
+    dev = pick_device(device)
+    try:
+        mine = set(sess.mine())
+        targets = [i for i in svd_targets(sess.tensors(), svd_exclude) if i in mine]
+        with _torch_threads(threads):
+            _compute(sess, method, dev, targets, sess.resolve_weights(), _state_options(method, params), None)
+        sess.complete()
+        return sess.finish_unit()
+    except BaseException:
+        sess.abort()
+        raise
+
+
+def check_targets(method: str, tensors: Sequence[tuple[str, str, list[int], bool]], tasks: int,
+                  svd_exclude: str | None, params: Mapping[str, Any] | None) -> list[int]:  # fmt: skip
+    """A cluster driver's check before any work: the tensors whose M the method computes."""
+    targets = svd_targets(tensors, svd_exclude)
+    _check_targets(method, tensors, targets, tasks, _state_options(method, params))
+    return targets
+
+
+def gpu_share(shape: Sequence[int], tasks: int, method: str) -> float:
+    """The fraction of a GPU a cluster unit asks Ray for, by its largest matrix's working set (as
+    ``_fits`` counts it) against 16 GiB, the smallest data-centre GPUs': 1/8 steps, at most 1.
+    Ray only schedules by it; the unit still checks the memory it finds free."""
+    m, n = shape
+    need = (8 + (tasks if method in _HOLDS_DELTAS else 0)) * m * n * 4
+    eighths = -(-need * 8 // (16 << 30))
+    return min(8, max(1, eighths)) / 8
 
 
 def merged_tensors(

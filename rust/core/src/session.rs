@@ -3,7 +3,8 @@
 //! the core pools it with the deltas exactly as for every other method and writes it. Tensors the
 //! caller does not hand back take the mean of the deltas (or are copied) at [`Session::complete`].
 //! The output stays in its staging area until [`Session::publish`]; dropping the session
-//! discards it.
+//! discards it. A cluster unit's session ([`Session::open_unit`]) does the same for the unit's
+//! tensors only, writing them at their final offsets in the driver's staged files.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,13 +19,64 @@ use crate::recipe::Recipe;
 use crate::writer::FileOutput;
 use crate::{Job, OutputOptions, Report};
 
+/// Where a session writes.
+enum Target {
+    /// A local run's own staged output, published by [`Session::publish`].
+    Local(Box<FileOutput>),
+    /// A cluster unit's share of the driver's staged files ([`Session::open_unit`]).
+    Unit(crate::cluster::UnitSink),
+}
+
+/// What the torch backend does not take yet, refused before any work (a local run's and a
+/// cluster's alike).
+pub(crate) fn refuse(
+    recipe: &Recipe,
+    job: &Job,
+    scaled: bool,
+    models: &[crate::Checkpoint],
+) -> Result<()> {
+    let name = recipe.method().name();
+    if job.slices.is_some() {
+        return Err(Error::param(
+            "slices",
+            format!("{name} runs on the torch backend, which merges whole models"),
+        ));
+    }
+    if scaled {
+        return Err(Error::param(
+            "models",
+            format!(
+                "{name} does not take FP8 weights with scale tensors yet; dequantize them first"
+            ),
+        ));
+    }
+    if let Some(m) = models.iter().find(|m| m.lora.is_some()) {
+        return Err(Error::param(
+            "models",
+            format!(
+                "{} is a LoRA adapter; {name} does not take adapters yet (merge it into a full fine-tune first)",
+                m.path.display()
+            ),
+        ));
+    }
+    if crate::scaling::auto_alpha_sets(recipe).iter().any(|&a| a) {
+        return Err(Error::param(
+            "lines_alpha",
+            format!(
+                "LiNeS's α rule needs the whole merged task vector before the first tensor is written, which {name} computes tensor by tensor; give lines_alpha"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub struct Session {
     base: Arc<Checkpoint>,
     models: Vec<Arc<Checkpoint>>,
     plan: Vec<TensorPlan>,
     recipe: Recipe,
     opts: Options,
-    output: FileOutput,
+    output: Target,
     differing: Vec<String>,
     kept: crate::keep::Kept,
     written: Mutex<Vec<bool>>,
@@ -46,45 +98,12 @@ impl Session {
         let start = Instant::now();
         let recipe = job.recipe()?;
         if job.slices.is_some() {
-            return Err(Error::param(
-                "slices",
-                format!(
-                    "{} runs on the torch backend, which merges whole models",
-                    recipe.method().name()
-                ),
-            ));
+            refuse(&recipe, job, false, &[])?;
         }
         job.check_tasks(&recipe, models.len())?;
 
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
-        if opened.scaled {
-            return Err(Error::param(
-                "models",
-                format!(
-                    "{} does not take FP8 weights with scale tensors yet; dequantize them first",
-                    recipe.method().name()
-                ),
-            ));
-        }
-        if let Some(m) = opened.models.iter().find(|m| m.lora.is_some()) {
-            return Err(Error::param(
-                "models",
-                format!(
-                    "{} is a LoRA adapter; {} does not take adapters yet (merge it into a full fine-tune first)",
-                    m.path.display(),
-                    recipe.method().name()
-                ),
-            ));
-        }
-        if crate::scaling::auto_alpha_sets(&recipe).iter().any(|&a| a) {
-            return Err(Error::param(
-                "lines_alpha",
-                format!(
-                    "LiNeS's α rule needs the whole merged task vector before the first tensor is written, which {} computes tensor by tensor; give lines_alpha",
-                    recipe.method().name()
-                ),
-            ));
-        }
+        refuse(&recipe, job, opened.scaled, &opened.models)?;
         let tasks = models.len() as u64;
         let total = opened
             .plan
@@ -100,7 +119,7 @@ impl Session {
             plan: opened.plan,
             recipe,
             opts: job.options(),
-            output: opened.output,
+            output: Target::Local(Box::new(opened.output)),
             bytes_written: opened.bytes_written,
             differing: opened.differing,
             kept: opened.kept,
@@ -112,6 +131,14 @@ impl Session {
 
     pub fn plan(&self) -> &[TensorPlan] {
         &self.plan
+    }
+
+    /// The tensors this session writes (a cluster unit's, or all).
+    pub fn mine(&self) -> Vec<usize> {
+        match &self.output {
+            Target::Local(_) => (0..self.plan.len()).collect(),
+            Target::Unit(u) => (0..self.plan.len()).filter(|&i| u.owns(i)).collect(),
+        }
     }
 
     /// The checkpoints, for callers that hand out views of their maps.
@@ -248,6 +275,14 @@ impl Session {
                 ));
             }
         }
+        if let Target::Unit(u) = &self.output {
+            if !u.owns(tensor) {
+                return Err(Error::param(
+                    "tensor",
+                    format!("'{}' is not this cluster unit's", t.name),
+                ));
+            }
+        }
         {
             let mut w = self.written.lock().expect("not poisoned");
             if w[tensor] {
@@ -274,7 +309,10 @@ impl Session {
             &self.recipe,
             self.opts,
             (merge, copy),
-            &self.output,
+            match &self.output {
+                Target::Local(o) => &**o as &dyn pipeline::Sink,
+                Target::Unit(u) => u,
+            },
             &|_, _, _| {},
             cancel,
             &given,
@@ -302,7 +340,88 @@ impl Session {
     /// Copies the companion files into the output's staging area, checking `cancel`; the
     /// caller runs it where Ctrl-C is watched, before [`Session::publish`].
     pub fn stage_extras(&mut self, cancel: &AtomicBool) -> Result<()> {
-        self.output.stage_extras(cancel)
+        self.local_output()?.stage_extras(cancel)
+    }
+
+    fn local_output(&mut self) -> Result<&mut FileOutput> {
+        match &mut self.output {
+            Target::Local(o) => Ok(o),
+            Target::Unit(_) => Err(Error::param(
+                "session",
+                "a cluster unit's session is finished with finish_unit(); the driver publishes",
+            )),
+        }
+    }
+
+    /// Opens a cluster unit's share of a merge on the torch backend: the inputs (checked
+    /// against what the driver saw) and the staged files, where [`Session::write`] and
+    /// [`Session::complete`] write the ticket's tensors only.
+    pub fn open_unit(base: &Path, models: &[PathBuf], job: &Job, ticket: &[u8]) -> Result<Session> {
+        let start = Instant::now();
+        let recipe = job.recipe()?;
+        if job.slices.is_some() {
+            refuse(&recipe, job, false, &[])?;
+        }
+        let (ins, sink, mine) = crate::cluster::open_unit_inputs(base, models, job, ticket)?;
+        refuse(&recipe, job, ins.scaled.is_some(), &ins.models)?;
+        if recipe.metagpt {
+            return Err(Error::param(
+                "metagpt",
+                "MetaGPT's weights need every tensor's norms: a cluster merge does not take them yet",
+            ));
+        }
+        let tasks = models.len() as u64;
+        let total = ins
+            .plan
+            .iter()
+            .zip(&mine)
+            .filter(|(_, &m)| m)
+            .map(|(t, _)| {
+                (t.numel * t.base_dtype.size()) as u64 * if t.mergeable { tasks + 1 } else { 1 }
+            })
+            .sum();
+        Ok(Session {
+            written: Mutex::new(mine.iter().map(|m| !m).collect()),
+            base: Arc::new(ins.base),
+            models: ins.models.into_iter().map(Arc::new).collect(),
+            plan: ins.plan,
+            recipe,
+            opts: job.options(),
+            output: Target::Unit(sink),
+            bytes_written: 0,
+            differing: ins.differing,
+            kept: ins.kept,
+            done: AtomicU64::new(0),
+            total,
+            start,
+        })
+    }
+
+    /// A cluster unit's end: every tensor of its ticket written, the inputs unchanged since
+    /// they were opened, the staged files fsynced. Returns the bytes read.
+    pub fn finish_unit(self) -> Result<u64> {
+        let Target::Unit(sink) = &self.output else {
+            return Err(Error::param("session", "not a cluster unit's session"));
+        };
+        if let Some(i) = self
+            .written
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .position(|w| !w)
+        {
+            return Err(Error::param(
+                "session",
+                format!(
+                    "'{}' is still unwritten: call complete() first",
+                    self.plan[i].name
+                ),
+            ));
+        }
+        self.base.check_truncation()?;
+        self.models.iter().try_for_each(|m| m.check_truncation())?;
+        sink.sync()?;
+        Ok(self.done.load(Ordering::Relaxed))
     }
 
     /// Publishes the output once every tensor is written and no input changed.
@@ -331,8 +450,14 @@ impl Session {
                 .try_for_each(|(p, fp)| crate::watch::verify(p, fp))
         };
         let bytes_read = self.done.load(Ordering::Relaxed);
-        let skipped = self.output.skipped().to_vec();
-        let outputs = self.output.publish(&verify)?;
+        let Target::Local(output) = self.output else {
+            return Err(Error::param(
+                "session",
+                "a cluster unit's session is finished with finish_unit(); the driver publishes",
+            ));
+        };
+        let skipped = output.skipped().to_vec();
+        let outputs = output.publish(&verify)?;
         Ok(Report {
             outputs,
             differing: self.differing,

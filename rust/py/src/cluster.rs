@@ -15,6 +15,9 @@ use crate::errors::{PyWeaveErr, WeaveError};
 use crate::files::{detach_catching, report_dict};
 use crate::progress::run_detached;
 
+/// One output tensor as Python sees it: (name, base dtype, shape, merged?).
+type TensorRow = (String, &'static str, Vec<usize>, bool);
+
 /// The driver of a cluster merge: inputs opened, output staged under its lock. Dropping it (or
 /// `abort`) removes the staging area; `publish` makes the output visible.
 #[pyclass(frozen, module = "weightweave._rust")]
@@ -61,10 +64,31 @@ impl ClusterDriver {
         })
     }
 
-    /// At most `n` units of consecutive tensors balanced by bytes: [(tensor indices, bytes the
-    /// unit reads)].
-    fn units(&self, n: usize) -> PyResult<Vec<(Vec<usize>, u64)>> {
-        self.with(|d| Ok(d.units(n)))
+    /// At most `n` units of consecutive tensors (`only`: of those tensors) balanced by bytes:
+    /// [(tensor indices, bytes the unit reads)].
+    #[pyo3(signature = (n, only=None))]
+    fn units(&self, n: usize, only: Option<Vec<usize>>) -> PyResult<Vec<(Vec<usize>, u64)>> {
+        self.with(|d| {
+            d.units(n, only.as_deref())
+                .map_err(|e| PyWeaveErr(e).into())
+        })
+    }
+
+    /// Every output tensor: (name, base dtype, shape, merged?), as `Session.tensors`.
+    fn tensors(&self) -> PyResult<Vec<TensorRow>> {
+        self.with(|d| {
+            Ok(d.plan()
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        t.base_dtype.name(),
+                        t.shape.clone(),
+                        t.mergeable,
+                    )
+                })
+                .collect())
+        })
     }
 
     /// Whether `gather` must run before the units (whole-model statistics).

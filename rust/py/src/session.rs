@@ -128,6 +128,46 @@ impl Session {
         })
     }
 
+    /// A cluster unit's share of a merge on the torch backend (`weightweave.cluster`): the
+    /// ticket's tensors are written, at their final offsets in the driver's staged files; end it
+    /// with `finish_unit`.
+    #[staticmethod]
+    fn unit(
+        py: Python<'_>,
+        base: PathBuf,
+        models: Vec<PathBuf>,
+        job: &Bound<'_, PyDict>,
+        ticket: &[u8],
+    ) -> PyResult<Session> {
+        let job = convert::job(job)?;
+        if !job.recipe().map_err(PyWeaveErr)?.method().external() {
+            return Err(ParamError::new_err(format!(
+                "method '{}' does not take M from outside",
+                job.method
+            )));
+        }
+        let s = detach_catching(py, || CoreSession::open_unit(&base, &models, &job, ticket))?;
+        Ok(Session {
+            inner: RwLock::new(Some(s)),
+        })
+    }
+
+    /// A unit's end (after `complete`): checks, fsyncs the staged files; returns the bytes read.
+    fn finish_unit(&self, py: Python<'_>) -> PyResult<u64> {
+        let s = self
+            .inner
+            .write()
+            .map_err(|_| closed())?
+            .take()
+            .ok_or_else(closed)?;
+        detach_catching(py, || s.finish_unit())
+    }
+
+    /// The tensors this session writes: a cluster unit's, or every one.
+    fn mine(&self) -> PyResult<Vec<usize>> {
+        self.with(|s| Ok(s.mine()))
+    }
+
     /// Every output tensor: (name, base dtype, shape, merged?).
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         self.with(|s| {

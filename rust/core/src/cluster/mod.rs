@@ -30,6 +30,7 @@ use crate::recipe::Recipe;
 use crate::{Checkpoint, Job, Opened, OutputOptions, Prepared};
 use unit::NoSink;
 pub use unit::{gather_unit, run_unit};
+pub(crate) use unit::{open_unit_inputs, UnitSink};
 
 /// What a unit needs besides the paths and job every unit gets alike.
 #[derive(Serialize, Deserialize)]
@@ -76,19 +77,24 @@ pub(crate) fn describe(base: &Checkpoint, models: &[Checkpoint], plan: &[TensorP
     s
 }
 
-/// Refuses what a cluster merge does not take yet, before any work.
-pub(crate) fn check_job(recipe: &Recipe) -> Result<()> {
+/// Refuses what a cluster merge does not take yet, before any work. `external`: whether the
+/// torch backend computes the method's tensors ([`crate::session::Session::open_unit`]); a
+/// unit of the core's own pipeline does not take those methods.
+pub(crate) fn check_job(recipe: &Recipe, external: bool) -> Result<()> {
     let no = |name: &str, why: &str| {
         Err(Error::param(
             name,
             format!("{why}: a cluster merge does not take it yet; merge on one machine"),
         ))
     };
-    if recipe.method().external() {
-        return no(
+    if recipe.method().external() && !external {
+        return Err(Error::param(
             "method",
-            &format!("{} runs on the torch backend", recipe.method().name()),
-        );
+            format!(
+                "{} runs on the torch backend: its units are torch sessions",
+                recipe.method().name()
+            ),
+        ));
     }
     if recipe.metagpt {
         return no("metagpt", "MetaGPT's weights need every tensor's norms");
@@ -128,13 +134,14 @@ impl Driver {
         let start = Instant::now();
         let mut recipe = job.recipe_cancellable(cancel)?;
         job.check_tasks(&recipe, job.tasks(models.len()))?;
-        check_job(&recipe)?;
+        let external = recipe.method().external();
+        check_job(&recipe, true)?;
+        if external && job.slices.is_some() {
+            crate::session::refuse(&recipe, job, false, &[])?;
+        }
         let opened = crate::open_files(base, models, out, opts, job, &recipe)?;
-        if opened.scaled {
-            return Err(Error::param(
-                "models",
-                "FP8 weights with scale tensors: a cluster merge does not take them yet; merge on one machine",
-            ));
+        if external {
+            crate::session::refuse(&recipe, job, opened.scaled, &opened.models)?;
         }
         recipe.groups = job.tensor_groups(&opened.plan, job.tasks(models.len()), cancel)?;
         // What a unit rebuilds from the same paths and job: it must see the same.
@@ -159,12 +166,25 @@ impl Driver {
         &self.opened.plan
     }
 
-    /// Splits the tensors into at most `n` units of consecutive tensors, balanced by the bytes
-    /// each reads and writes (a tensor is never split).
-    /// Each with the bytes it reads.
-    pub fn units(&self, n: usize) -> Vec<(Vec<usize>, u64)> {
+    /// Splits the tensors (`only`: those of them, in plan order) into at most `n` units of
+    /// consecutive tensors, balanced by the bytes each reads and writes (a tensor is never
+    /// split). Each with the bytes it reads.
+    pub fn units(&self, n: usize, only: Option<&[usize]>) -> Result<Vec<(Vec<usize>, u64)>> {
         let tasks = self.opened.models.len() as u64;
-        split(&self.opened.plan, self.opened.models.len(), n)
+        let plan = &self.opened.plan;
+        let which: Vec<usize> = match only {
+            None => (0..plan.len()).collect(),
+            Some(o) => {
+                if let Some(&t) = o.iter().find(|&&t| t >= plan.len()) {
+                    return Err(Error::param("units", format!("no tensor {t} in the plan")));
+                }
+                let mut o = o.to_vec();
+                o.sort_unstable();
+                o.dedup();
+                o
+            }
+        };
+        Ok(split(plan, &which, self.opened.models.len(), n)
             .into_iter()
             .map(|u| {
                 let read = u.iter().map(|&i| {
@@ -174,7 +194,7 @@ impl Driver {
                 let read = read.sum();
                 (u, read)
             })
-            .collect()
+            .collect())
     }
 
     /// Whether the recipe needs whole-model statistics (TIES's and PCB's global scope):
@@ -300,18 +320,46 @@ pub enum Gathered {
     Done(Vec<u8>),
 }
 
-/// Consecutive tensors in at most `n` groups of about equal bytes (read and written).
-fn split(plan: &[TensorPlan], tasks: usize, n: usize) -> Vec<Vec<usize>> {
+/// The tensors `which` (plan indices, ascending), consecutive, in at most `n` groups of about
+/// equal bytes (read and written). A tensor computed from another (a re-quantized FP8 weight's
+/// fresh scales) goes with it: the unit that merges the weight writes both.
+fn split(plan: &[TensorPlan], which: &[usize], tasks: usize, n: usize) -> Vec<Vec<usize>> {
+    let mut units = split_by_bytes(plan, which, tasks, n);
+    let unit_of: std::collections::HashMap<usize, usize> = units
+        .iter()
+        .enumerate()
+        .flat_map(|(u, ts)| ts.iter().map(move |&t| (t, u)))
+        .collect();
+    let mut moves = Vec::new();
+    for (u, ts) in units.iter().enumerate() {
+        for &t in ts {
+            if let Some(&to) = plan[t].derived.and_then(|w| unit_of.get(&w)) {
+                if to != u {
+                    moves.push((t, u, to));
+                }
+            }
+        }
+    }
+    for (t, from, to) in moves {
+        units[from].retain(|&x| x != t);
+        units[to].push(t);
+        units[to].sort_unstable();
+    }
+    units.retain(|u| !u.is_empty());
+    units
+}
+
+fn split_by_bytes(plan: &[TensorPlan], which: &[usize], tasks: usize, n: usize) -> Vec<Vec<usize>> {
     let cost = |t: &TensorPlan| {
         let read =
             (t.numel * t.base_dtype.size()) as u64 * if t.mergeable { tasks as u64 + 1 } else { 1 };
         read + t.out_bytes() as u64
     };
-    let total: u64 = plan.iter().map(cost).sum();
+    let total: u64 = which.iter().map(|&i| cost(&plan[i])).sum();
     let n = n.max(1) as u64;
     let mut units: Vec<Vec<usize>> = vec![Vec::new()];
     let mut acc = 0u64;
-    for (i, t) in plan.iter().enumerate() {
+    for (i, t) in which.iter().map(|&i| (i, &plan[i])) {
         // Unit k ends once the running total passes k/n of the whole.
         let k = units.len() as u64;
         if !units.last().expect("non-empty").is_empty() && acc * n >= total * k {
@@ -352,7 +400,8 @@ mod tests {
             .map(|(i, &n)| tensor(n, i % 5 != 0))
             .collect();
         for n in 1..=16 {
-            let units = split(&plan, 3, n);
+            let all: Vec<usize> = (0..plan.len()).collect();
+            let units = split(&plan, &all, 3, n);
             assert!(units.len() <= n && !units.is_empty());
             let flat: Vec<usize> = units.iter().flatten().copied().collect();
             assert_eq!(flat, (0..plan.len()).collect::<Vec<_>>(), "n = {n}");
@@ -366,8 +415,29 @@ mod tests {
                 assert!(u.len() == 1 || c * n as u64 <= 2 * total + cost(&plan[7]) * n as u64);
             }
         }
-        assert_eq!(split(&plan, 3, 1).len(), 1);
-        assert!(split(&[], 3, 4).is_empty());
+        let all: Vec<usize> = (0..plan.len()).collect();
+        assert_eq!(split(&plan, &all, 3, 1).len(), 1);
+        assert!(split(&[], &[], 3, 4).is_empty());
+        // A computed scale tensor is in its weight's unit, whatever the cut.
+        let mut scaled = plan.clone();
+        scaled[8].derived = Some(7);
+        scaled[2].derived = Some(11);
+        for n in 1..=12 {
+            let units = split(&scaled, &all, 3, n);
+            let unit = |t: usize| units.iter().position(|u| u.contains(&t));
+            assert_eq!(unit(8), unit(7), "n = {n}");
+            assert_eq!(unit(2), unit(11), "n = {n}");
+            let mut flat: Vec<usize> = units.concat();
+            flat.sort_unstable();
+            assert_eq!(flat, all, "n = {n}");
+        }
+        // A subset: only its tensors, in order, each once.
+        let some = [1, 4, 5, 7, 11];
+        for n in 1..=6 {
+            let units = split(&plan, &some, 3, n);
+            assert!(units.len() <= n.min(some.len()));
+            assert_eq!(units.concat(), some.to_vec(), "n = {n}");
+        }
     }
 
     #[test]

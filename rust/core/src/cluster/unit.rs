@@ -57,6 +57,21 @@ pub fn gather_unit(
     }
 }
 
+/// A torch unit's inputs (checked against the driver's view), its writes into the staged files,
+/// and which tensors are its own ([`crate::session::Session::open_unit`]).
+pub(crate) fn open_unit_inputs(
+    base: &Path,
+    models: &[PathBuf],
+    job: &Job,
+    ticket: &[u8],
+) -> Result<(crate::Inputs, UnitSink, Vec<bool>)> {
+    let t: Ticket = decode(ticket)?;
+    let ins = open_checked(base, models, job, &t)?;
+    let sink = UnitSink::open(&t, &ins.plan)?;
+    let mine = sink.mine.clone();
+    Ok((ins, sink, mine))
+}
+
 /// Opens a unit's inputs and checks that they are what the driver saw.
 fn open_checked(base: &Path, models: &[PathBuf], job: &Job, t: &Ticket) -> Result<crate::Inputs> {
     let ins = crate::open_inputs(base, models, job).map_err(|e| match e {
@@ -88,7 +103,7 @@ pub fn run_unit(
 ) -> Result<u64> {
     let t: Ticket = decode(ticket)?;
     let mut recipe = job.recipe_cancellable(cancel)?;
-    check_job(&recipe)?;
+    check_job(&recipe, false)?;
     let ins = open_checked(base, models, job, &t)?;
     let sink = UnitSink::open(&t, &ins.plan)?;
     if t.tensors.is_empty() {
@@ -167,7 +182,7 @@ fn hostname() -> String {
 }
 
 /// A unit's writes into the staged files: only its own tensors, within their bounds.
-struct UnitSink {
+pub(crate) struct UnitSink {
     files: Vec<(File, PathBuf)>,
     loc: Vec<(usize, u64)>,
     bytes: Vec<u64>,
@@ -211,7 +226,11 @@ impl UnitSink {
         })
     }
 
-    fn sync(&self) -> Result<()> {
+    pub(crate) fn owns(&self, tensor: usize) -> bool {
+        self.mine.get(tensor).copied().unwrap_or(false)
+    }
+
+    pub(crate) fn sync(&self) -> Result<()> {
         self.files
             .iter()
             .try_for_each(|(f, shown)| f.sync_all().map_err(|e| Error::io(shown, e)))
