@@ -85,7 +85,13 @@ def merge_unit(
 ) -> int: ...
 
 def gather_unit(
-    base: str, models: Sequence[str], job: _Job, ticket: bytes, known: Sequence[bytes]
+    base: str,
+    models: Sequence[str],
+    job: _Job,
+    ticket: bytes,
+    known: Sequence[bytes],
+    *,
+    progress: _Progress | None = None,
 ) -> tuple[bytes, int]: ...
 
 @final

@@ -21,6 +21,7 @@ units, written as a local run writes them.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,39 @@ from ._rust import ParamError
 HINT = "pip install 'weightweave[ray]'"
 #: Times Ray runs a unit again when its worker or node dies.
 RETRIES = 3
+#: Seconds between a running unit's progress reports to the driver (its first goes at once).
+REPORT_EVERY = 0.5
+
+
+class _Board:
+    """A Ray actor beside the driver: each running unit's share done, as it reports it."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], float] = {}
+
+    def report(self, key: tuple[int, int], fraction: float) -> None:
+        self.done[key] = max(self.done.get(key, 0.0), fraction)
+
+    def fractions(self) -> dict[tuple[int, int], float]:
+        return self.done
+
+
+class _Reporter:
+    """A unit's progress callback: sends the share of its work done to the driver's board, at
+    most every REPORT_EVERY seconds (Ctrl-C and cancels reach the unit in the same calls)."""
+
+    def __init__(self, board: Any, key: tuple[int, int], hook: Callable[[], object] | None) -> None:
+        self.board, self.key, self.hook, self.last = board, key, hook, None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not total or (self.last is not None and now - self.last < REPORT_EVERY):
+            return
+        self.last = now
+        self.board.report.remote(self.key, min(1.0, done / total))
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
 
 
 def parse(cluster: object) -> str | None:
@@ -60,20 +94,20 @@ def _connect(ray: Any, cluster: str) -> None:
     ray.init(address=address, log_to_driver=False, configure_logging=False)
 
 
-def _unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes,
-          hook: Callable[[], object] | None) -> tuple[str, Any]:  # fmt: skip
+def _unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes, hook: Callable[[], object] | None,
+          progress: _Reporter | None = None) -> tuple[str, Any]:  # fmt: skip
     """One unit, on whichever node Ray chose: ("ok", bytes read) or ("error", (class, message)).
     Errors are returned, not raised, so that Ray retries only lost workers, never a refusal."""
     if hook is not None:
         hook()
     try:
-        return "ok", _rust.merge_unit(base, models, job, ticket)
+        return "ok", _rust.merge_unit(base, models, job, ticket, progress=progress)
     except _rust.WeaveError as e:
         return "error", (type(e).__name__, str(e))
 
 
 def _torch_unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes, svd: dict[str, Any],
-                hook: Callable[[], object] | None) -> tuple[str, Any]:  # fmt: skip
+                hook: Callable[[], object] | None, progress: _Reporter | None = None) -> tuple[str, Any]:  # fmt: skip
     """A unit of an SVD method on the torch backend: ("ok", (bytes read, warnings)) or an error.
     Warnings (a matrix that did not fit the GPU) go back to the driver, which shows them."""
     if hook is not None:
@@ -89,7 +123,7 @@ def _torch_unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes
             warnings.simplefilter("always")
             sess = _rust.Session.unit(base, models, job, ticket)
             read = torch_backend.run_unit(sess, job["method"], svd["device"], svd.get("svd_exclude"), job["params"],
-                                          job["threads"])  # fmt: skip
+                                          job["threads"], progress)  # fmt: skip
         return "ok", (read, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
     except _rust.WeaveError as e:
         return "error", (type(e).__name__, str(e))
@@ -97,10 +131,11 @@ def _torch_unit(base: str, models: list[str], job: dict[str, Any], ticket: bytes
         return "error", ("WeaveError", f"a unit failed on {os.uname().nodename}: {type(e).__name__}: {e}")
 
 
-def _gather(base: str, models: list[str], job: dict[str, Any], ticket: bytes, known: list[bytes]) -> tuple[str, Any]:
+def _gather(base: str, models: list[str], job: dict[str, Any], ticket: bytes, known: list[bytes],
+            progress: _Reporter | None = None) -> tuple[str, Any]:  # fmt: skip
     """A unit's partial of the next statistics pass: ("ok", (partial, bytes read)) or an error."""
     try:
-        return "ok", _rust.gather_unit(base, models, job, ticket, known)
+        return "ok", _rust.gather_unit(base, models, job, ticket, known, progress=progress)
     except _rust.WeaveError as e:
         return "error", (type(e).__name__, str(e))
 
@@ -168,7 +203,8 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
     ``units``: how many units the tensors are split into (default: twice the cluster's CPUs, so
     that a lost node's share is small and fast nodes take more; for GPU units twice the units
     the GPUs hold at once). ``hooks`` (tests): ``"unit"`` runs in each unit's task before it
-    merges; ``"opened"`` on the driver once it staged."""
+    merges; ``"reported"`` in a unit once it sent its first progress report; ``"opened"`` on the
+    driver once it staged."""
     ray = _ray()
     if svd is not None:
         _svd_device(svd)
@@ -212,20 +248,35 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
         else:
             work = [(u, b, {"num_cpus": threads}, "") for u, b in driver.units(units or 2 * cpus)]
         total = sum(w[1] for w in work)
-        state = {"read": 0, "done": 0, "total": total}
+        state = {"read": 0, "done": 0, "total": total, "round": 0}
+        # Running units report the share of their work done to a board beside the driver.
+        board = ray.remote(num_cpus=0)(_Board).options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote() if progress else None  # fmt: skip
+
+        def reporter(i: int) -> _Reporter | None:
+            if board is None:
+                return None
+            return _Reporter(board, (state["round"], i), hooks.get("reported"))
 
         def wait_all(refs: list[Any], bytes_of: list[int]) -> list[Any]:
-            """Results in order, progress as units finish (Ctrl-C lands here, between waits)."""
+            """Results in order; progress from finished units' bytes and running units' reported
+            shares (Ctrl-C lands here, between waits)."""
             of = {r: i for i, r in enumerate(refs)}
             results: list[Any] = [None] * len(refs)
+            finished: set[int] = set()
             pending = list(refs)
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
                 for r in ready:
                     results[of[r]] = _raise(ray.get(r))
                     state["done"] += bytes_of[of[r]]
+                    finished.add(of[r])
                 if progress:
-                    progress(state["done"], state["total"])
+                    shares = ray.get(board.fractions.remote()) if pending else {}
+                    running = sum(bytes_of[i] * f for (k, i), f in shares.items()
+                                  if k == state["round"] and i not in finished)  # fmt: skip
+                    progress(min(state["done"] + int(running), state["total"]), state["total"])
+            state["round"] += 1
             return results
 
         model = b""
@@ -246,21 +297,22 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
                     known.append(value)
                 state["total"] += total
                 known_ref = ray.put(known)
-                refs = [gather.remote(base, models, unit_job, t, known_ref) for t in tickets]
+                refs = [gather.remote(base, models, unit_job, t, known_ref, reporter(i)) for i, t in enumerate(tickets)]
                 results = wait_all(refs, [w[1] for w in work])
                 partials = [p for p, _ in results]
                 state["read"] += sum(r for _, r in results)
         if svd is None:
             task = ray.remote(_unit)
             refs = [task.options(**res, max_retries=RETRIES)
-                    .remote(base, models, unit_job, driver.ticket(u, model), hooks.get("unit"))
-                    for u, _, res, _ in work]  # fmt: skip
+                    .remote(base, models, unit_job, driver.ticket(u, model), hooks.get("unit"), reporter(i))
+                    for i, (u, _, res, _) in enumerate(work)]  # fmt: skip
             read = sum(wait_all(refs, [w[1] for w in work]))
         else:
             task = ray.remote(_torch_unit)
             refs = [task.options(**res, max_retries=RETRIES)
-                    .remote(base, models, unit_job, driver.ticket(u, model), dict(svd, device=dev), hooks.get("unit"))
-                    for u, _, res, dev in work]  # fmt: skip
+                    .remote(base, models, unit_job, driver.ticket(u, model), dict(svd, device=dev), hooks.get("unit"),
+                            reporter(i))
+                    for i, (u, _, res, dev) in enumerate(work)]  # fmt: skip
             results = wait_all(refs, [w[1] for w in work])
             read = sum(r for r, _ in results)
             for message in dict.fromkeys(m for _, said in results for m in said):

@@ -384,15 +384,17 @@ def run_unit(
     svd_exclude: str | None = None,
     params: Mapping[str, Any] | None = None,
     threads: int | None = None,
+    progress: Callable[[int, int], object] | None = None,
 ) -> int:
     """A cluster unit's share (``Session.unit``): M of its 2-D tensors, the rest as a local run
-    writes them; returns the bytes read. The weights are the job's (MetaGPT's are refused)."""
+    writes them; returns the bytes read. The weights are the job's (MetaGPT's are refused);
+    ``progress(done, total)`` follows the unit's own bytes, tensor by tensor."""
     dev = pick_device(device)
     try:
         mine = set(sess.mine())
         targets = [i for i in svd_targets(sess.tensors(), svd_exclude) if i in mine]
         with _torch_threads(threads):
-            _compute(sess, method, dev, targets, sess.resolve_weights(), _state_options(method, params), None)
+            _compute(sess, method, dev, targets, sess.resolve_weights(), _state_options(method, params), progress)
         sess.complete()
         return sess.finish_unit()
     except BaseException:

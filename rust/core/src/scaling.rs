@@ -110,7 +110,7 @@ pub(crate) fn auto_alpha_sets(recipe: &Recipe) -> Vec<bool> {
 /// the significands (or of their squares), so that adding is associative and the result is the
 /// same whatever the order, the chunking or the threads. Turned into an f64 once, bins in a
 /// fixed order.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ExactSum {
     bins: Vec<u128>,
     square: bool,

@@ -173,6 +173,7 @@ pub fn merge_unit(
 
 /// A unit's partial of the next statistics pass of `ClusterDriver.gather`: (partial, bytes read).
 #[pyfunction]
+#[pyo3(signature = (base, models, job, ticket, known, *, progress=None))]
 pub fn gather_unit<'py>(
     py: Python<'py>,
     base: PathBuf,
@@ -180,11 +181,12 @@ pub fn gather_unit<'py>(
     job: &Bound<'py, PyDict>,
     ticket: &[u8],
     known: Vec<Vec<u8>>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(Bound<'py, PyBytes>, u64)> {
     let job = convert::job(job)?;
     let ticket = ticket.to_vec();
-    let (partial, read) = run_detached(py, None, |_, cancel| {
-        core_gather_unit(&base, &models, &job, &ticket, known, cancel)
+    let (partial, read) = run_detached(py, progress, |report, cancel| {
+        core_gather_unit(&base, &models, &job, &ticket, known, report, cancel)
     })?;
     Ok((PyBytes::new(py, &partial), read))
 }

@@ -96,8 +96,11 @@ pub(crate) fn check_job(recipe: &Recipe, external: bool) -> Result<()> {
             ),
         ));
     }
-    if recipe.metagpt {
-        return no("metagpt", "MetaGPT's weights need every tensor's norms");
+    if recipe.metagpt && recipe.method().external() {
+        return no(
+            "metagpt",
+            "MetaGPT's weights on the torch backend need every tensor's norms first",
+        );
     }
     if crate::scaling::auto_alpha_sets(recipe).iter().any(|&a| a) {
         return no(
@@ -197,14 +200,15 @@ impl Driver {
             .collect())
     }
 
-    /// Whether the recipe needs whole-model statistics (TIES's and PCB's global scope):
-    /// then [`Driver::gather`] runs before the units.
+    /// Whether the recipe needs whole-model statistics (TIES's and PCB's global scope,
+    /// MetaGPT's weights): then [`Driver::gather`] runs before the units.
     pub fn needs_model_stats(&self) -> bool {
         let global = |r: &Recipe| {
             r.sets
                 .iter()
                 .any(|s| s.method.scope() == crate::methods::Scope::Global)
         };
+        let global = |r: &Recipe| global(r) || r.metagpt;
         global(&self.recipe) || self.recipe.groups.iter().any(|g| global(&g.recipe))
     }
 
@@ -226,8 +230,8 @@ impl Driver {
             job,
             (&o.base, &o.models, &o.plan),
             &self.recipe,
-            &into,
-            &x,
+            (&into, &x),
+            &|_, _, _| {},
             cancel,
         );
         match ran {
@@ -288,8 +292,8 @@ pub(crate) fn gather_pass(
     job: &Job,
     (base, models, plan): (&Checkpoint, &[Checkpoint], &[TensorPlan]),
     recipe: &Recipe,
-    into: &Mutex<ModelStats>,
-    x: &Exchange,
+    (into, x): (&Mutex<ModelStats>, &Exchange),
+    progress: pipeline::Progress,
     cancel: &AtomicBool,
 ) -> Result<u64> {
     let (base_view, mut views, _) = crate::job_views(job, base, models)?;
@@ -301,7 +305,7 @@ pub(crate) fn gather_pass(
         recipe,
         job.options(),
         &NoSink,
-        &|_, _, _| {},
+        progress,
         cancel,
         &[],
         Part {
@@ -450,7 +454,8 @@ mod tests {
     fn model_statistics_round_trip_bit_exactly() {
         use crate::methods::kernel::{Found, TensorStats};
         let mut m = ModelStats::new();
-        m.insert(
+        m.metagpt.insert(2, vec![0.25, f32::MIN_POSITIVE]);
+        m.tensors.insert(
             (1, "ties 0.3".into()),
             TensorStats {
                 stages: vec![
@@ -467,7 +472,8 @@ mod tests {
         let bits = |s: &ModelStats| {
             format!(
                 "{:?}",
-                s.values()
+                s.tensors
+                    .values()
                     .map(|t| t
                         .stages
                         .iter()
@@ -483,8 +489,18 @@ mod tests {
         };
         assert_eq!(bits(&back), bits(&m));
         assert_eq!(
-            back.keys().collect::<Vec<_>>(),
-            m.keys().collect::<Vec<_>>()
+            back.tensors.keys().collect::<Vec<_>>(),
+            m.tensors.keys().collect::<Vec<_>>()
         );
+        let w = |s: &ModelStats| {
+            format!(
+                "{:?}",
+                s.metagpt
+                    .iter()
+                    .map(|(g, v)| (*g, v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()))
+                    .collect::<Vec<_>>()
+            )
+        };
+        assert_eq!(w(&back), w(&m));
     }
 }

@@ -22,6 +22,7 @@ pub fn gather_unit(
     job: &Job,
     ticket: &[u8],
     known: Vec<Vec<u8>>,
+    progress: pipeline::Progress,
     cancel: &AtomicBool,
 ) -> Result<(Vec<u8>, u64)> {
     let t: Ticket = decode(ticket)?;
@@ -38,8 +39,8 @@ pub fn gather_unit(
         job,
         (&ins.base, &ins.models, &ins.plan),
         &recipe,
-        &into,
-        &x,
+        (&into, &x),
+        progress,
         cancel,
     );
     match (ran, x.said()) {

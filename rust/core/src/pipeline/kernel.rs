@@ -170,6 +170,7 @@ impl Engine<'_> {
             if let ModelPart::Given(model) = self.part.model {
                 if open[r][n] {
                     found[r][n] = model
+                        .tensors
                         .get(&(group, rep_keys[r].clone()))
                         .cloned()
                         .ok_or_else(|| {
@@ -232,6 +233,7 @@ impl Engine<'_> {
                 if groups.live(r, n) {
                     into.lock()
                         .expect("not poisoned")
+                        .tensors
                         .insert((group, rep_keys[r].clone()), found[r][n].clone());
                 }
             }

@@ -46,9 +46,21 @@ pub struct Options {
 /// tensor means "compute it here".
 pub type Given<'a> = &'a [Option<&'a [f32]>];
 
-/// Whole-model statistics of a run's representatives, by (tensor group, statistics key): what
-/// a cluster merge's driver gathers once and hands to every unit (`crate::cluster`).
-pub type ModelStats = BTreeMap<(usize, String), crate::methods::kernel::TensorStats>;
+/// Whole-model statistics: what a cluster merge's driver gathers once and hands to every unit
+/// (`crate::cluster`).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+pub struct ModelStats {
+    /// Each representative's, by (tensor group, statistics key).
+    pub tensors: BTreeMap<(usize, String), crate::methods::kernel::TensorStats>,
+    /// MetaGPT's weights, by tensor group (each group's from its own tensors, as in one process).
+    pub metagpt: BTreeMap<usize, Vec<f32>>,
+}
+
+impl ModelStats {
+    pub fn new() -> ModelStats {
+        ModelStats::default()
+    }
+}
 
 /// A run's share of a merge split across processes (`crate::cluster`).
 #[derive(Clone, Copy, Default)]
@@ -330,18 +342,27 @@ pub fn run_chunks(
     let resolved;
     let mut recipe = recipe;
     let (mut done, mut stats_passes) = (0, 0);
-    if recipe.metagpt && part.tensors.is_some() {
-        return Err(Error::param(
-            "metagpt",
-            "MetaGPT's weights need every tensor's norms: a cluster merge does not take them yet",
-        ));
-    }
     if recipe.metagpt {
-        // The norms of the unweighted deltas set the weights of everything after.
-        let pre = parts.engine(recipe, 0, 0);
-        let norms = pool.install(|| pre.task_sq_norms(merge))?;
-        let w = crate::scaling::metagpt_weights(&norms)?;
-        (done, stats_passes) = (pre.done.into_inner(), pre.stats_passes.into_inner());
+        // The norms of the unweighted deltas set the weights of everything after: found here
+        // (a cluster's driver: pass by pass over its units), or given to a cluster's unit.
+        let w =
+            if let ModelPart::Given(model) = part.model {
+                model.metagpt.get(&part.group).cloned().ok_or_else(|| {
+                    Error::param("cluster", "a unit was not given MetaGPT's weights")
+                })?
+            } else {
+                let pre = parts.engine(recipe, 0, 0);
+                let norms = pool.install(|| pre.task_sq_norms(merge))?;
+                let w = crate::scaling::metagpt_weights(&norms)?;
+                (done, stats_passes) = (pre.done.into_inner(), pre.stats_passes.into_inner());
+                if let ModelPart::Gather(into, _) = part.model {
+                    into.lock()
+                        .expect("not poisoned")
+                        .metagpt
+                        .insert(part.group, w.clone());
+                }
+                w
+            };
         let mut r = recipe.clone();
         r.metagpt = false;
         r.weights = Some(w.clone());

@@ -95,7 +95,8 @@ impl Engine<'_> {
     /// Σ τ_t² over every mergeable element, per task, exactly (MetaGPT's norms).
     pub(crate) fn task_sq_norms(&self, merge: &[Chunk]) -> Result<Vec<f64>> {
         let tasks = self.tasks();
-        let acc = self.pass(
+        // Shared: a cluster's units each fold their tensors, the driver merges (exact sums).
+        let acc = self.pass_shared(
             merge,
             || vec![ExactSum::new(true); tasks],
             |w, c, acc| {
@@ -105,6 +106,7 @@ impl Engine<'_> {
                 Ok(())
             },
             |a, b| a.into_iter().zip(&b).map(|(x, y)| x.merge(y)).collect(),
+            false,
         )?;
         Ok(acc.iter().map(ExactSum::value).collect())
     }
