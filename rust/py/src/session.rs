@@ -111,13 +111,7 @@ impl Session {
         shard_size: Option<u64>,
         overwrite: bool,
     ) -> PyResult<Session> {
-        let job = convert::job(job)?;
-        if !job.recipe().map_err(PyWeaveErr)?.method().external() {
-            return Err(ParamError::new_err(format!(
-                "method '{}' does not take M from outside",
-                job.method
-            )));
-        }
+        let job = external_job(job)?;
         let opts = OutputOptions {
             shard_size,
             overwrite,
@@ -139,13 +133,7 @@ impl Session {
         job: &Bound<'_, PyDict>,
         ticket: &[u8],
     ) -> PyResult<Session> {
-        let job = convert::job(job)?;
-        if !job.recipe().map_err(PyWeaveErr)?.method().external() {
-            return Err(ParamError::new_err(format!(
-                "method '{}' does not take M from outside",
-                job.method
-            )));
-        }
+        let job = external_job(job)?;
         let s = detach_catching(py, || CoreSession::open_unit(&base, &models, &job, ticket))?;
         Ok(Session {
             inner: RwLock::new(Some(s)),
@@ -319,6 +307,18 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The job of a session: its method must be one whose M the caller computes.
+fn external_job(job: &Bound<'_, PyDict>) -> PyResult<weightweave_core::Job> {
+    let job = convert::job(job)?;
+    if !job.recipe().map_err(PyWeaveErr)?.method().external() {
+        return Err(ParamError::new_err(format!(
+            "method '{}' does not take M from outside",
+            job.method
+        )));
+    }
+    Ok(job)
 }
 
 /// A float32 view of a contiguous, aligned buffer.
