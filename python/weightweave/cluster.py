@@ -156,6 +156,18 @@ def _raise(result: tuple[str, Any]) -> Any:
     raise getattr(_rust, name, _rust.WeaveError)(message)
 
 
+def _board(ray: Any) -> Any:
+    """The progress board, on the driver's node where there is one (not through Ray Client)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(num_cpus=0)(_Board)
+    try:
+        here = ray.get_runtime_context().get_node_id()
+    except Exception:  # a Ray Client driver is on no node of the cluster
+        return actor.remote()
+    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+
+
 def _alive_nodes(ray: Any) -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
 
@@ -250,8 +262,7 @@ def run(base: str, models: list[str], out: str, job: dict[str, Any], opts: dict[
         total = sum(w[1] for w in work)
         state = {"read": 0, "done": 0, "total": total, "round": 0}
         # Running units report the share of their work done to a board beside the driver.
-        board = ray.remote(num_cpus=0)(_Board).options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=True)).remote() if progress else None  # fmt: skip
+        board = _board(ray) if progress else None
 
         def reporter(i: int) -> _Reporter | None:
             if board is None:
