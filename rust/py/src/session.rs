@@ -92,6 +92,15 @@ fn closed() -> PyErr {
 }
 
 impl Session {
+    /// The session itself, leaving this object closed (to finish it).
+    fn take(&self) -> PyResult<CoreSession> {
+        self.inner
+            .write()
+            .map_err(|_| closed())?
+            .take()
+            .ok_or_else(closed)
+    }
+
     fn with<T>(&self, f: impl FnOnce(&CoreSession) -> PyResult<T>) -> PyResult<T> {
         let guard = self.inner.read().map_err(|_| closed())?;
         f(guard.as_ref().ok_or_else(closed)?)
@@ -142,12 +151,7 @@ impl Session {
 
     /// A unit's end (after `complete`): checks, fsyncs the staged files; returns the bytes read.
     fn finish_unit(&self, py: Python<'_>) -> PyResult<u64> {
-        let s = self
-            .inner
-            .write()
-            .map_err(|_| closed())?
-            .take()
-            .ok_or_else(closed)?;
+        let s = self.take()?;
         detach_catching(py, || s.finish_unit())
     }
 
@@ -287,12 +291,7 @@ impl Session {
 
     /// Publishes the output; returns the report as a dict. Call after `complete`.
     fn publish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self
-            .inner
-            .write()
-            .map_err(|_| closed())?
-            .take()
-            .ok_or_else(closed)?;
+        let s = self.take()?;
         let mut s = s;
         // Companions are copied where Ctrl-C is watched; the publish after it only renames.
         crate::progress::run_detached(py, None, |_, cancel| s.stage_extras(cancel))?;
