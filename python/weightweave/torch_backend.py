@@ -14,10 +14,11 @@ without crossing into Python.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -326,22 +327,20 @@ def _compute(
         producer.join()
 
 
-class _torch_threads:  # noqa: N801 (a context manager, named as the call reads)
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` for the block (restored after; None: unchanged). On the
     CPU, LAPACK's SVD differs in its last bits with the number of threads, so a run that pins them
     is reproducible on any machine, and a cluster unit (one thread by default) gives the output of
     a local run with the same ``threads``."""
-
-    def __init__(self, n: int | None) -> None:
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.n:
-            torch.set_num_threads(self.old)
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
 
 
 def run_session(
