@@ -165,8 +165,9 @@ mod tests {
 }
 
 /// One-pass exact selection inside a key window guessed from a sample. For each request the
-/// window [lo, hi] should contain the wanted rank; one pass counts the keys below it and keeps
-/// the keys inside it, and the rank is then selected exactly among those. When the guess was
+/// window [lo, hi] should contain the wanted rank; one pass counts the keys below it and at lo,
+/// keeps the keys above lo inside it, and the rank is then selected exactly among those. (Keys
+/// at lo are only counted: a mass of equal values, such as the zeros DARE leaves, sits there.) When the guess was
 /// wrong (the rank is not inside) or the window held more keys than `cap`, [`Windowed::finish`]
 /// says so and the caller falls back to the two-pass radix select.
 #[derive(Clone, Debug)]
@@ -178,6 +179,9 @@ pub struct Windows {
     pub cap: usize,
     /// False when the expected keys inside would not fit the memory budget.
     pub viable: bool,
+    /// Per request, the sample's own estimate (a key inside the window): where a speculative
+    /// pass guesses the value before it is known.
+    pub guess: Vec<u32>,
 }
 
 /// Keys all windows of one select may keep together (32 MiB), so statistics memory is bounded
@@ -195,11 +199,13 @@ impl Windows {
     ) -> Windows {
         let budget = WINDOW_BUDGET / requests.len().max(1);
         let mut bounds = Vec::with_capacity(requests.len());
+        let mut guess = Vec::with_capacity(requests.len());
         let mut expected = 0.0f64;
         for r in &requests {
             let s = &samples[r.row];
             if s.is_empty() || total == 0 {
                 bounds.push((0, u32::MAX));
+                guess.push(key(0.0));
                 expected = expected.max(total as f64);
                 continue;
             }
@@ -215,10 +221,12 @@ impl Windows {
                 s[hi_i as usize]
             };
             bounds.push((lo, hi));
+            let at = ((p * n).floor() as usize).min(s.len() - 1);
+            guess.push(s[at].clamp(lo, hi));
             if lo < hi {
-                // Keys inside are stored; estimate how many from the sample itself (ties make
-                // index distance a poor guide). A degenerate window's keys are only counted.
-                let inside = s.partition_point(|&k| k <= hi) - s.partition_point(|&k| k < lo);
+                // Keys above lo are stored; estimate how many from the sample itself (ties make
+                // index distance a poor guide). Keys at lo are only counted.
+                let inside = s.partition_point(|&k| k <= hi) - s.partition_point(|&k| k <= lo);
                 expected = expected.max((inside as f64 + spread) / n * total as f64);
             }
         }
@@ -227,6 +235,7 @@ impl Windows {
             bounds,
             cap: ((4.0 * expected) as usize + (1 << 16)).min(budget),
             viable: (expected as usize) < budget,
+            guess,
         }
     }
 
@@ -244,7 +253,7 @@ impl Windows {
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Windowed {
     below: Vec<u64>,
-    /// Keys seen in a degenerate (lo == hi) window: all equal, so only counted.
+    /// Keys equal to lo: only counted.
     equal: Vec<u64>,
     inside: Vec<Vec<u32>>,
     overflow: bool,
@@ -276,24 +285,27 @@ impl Windowed {
                 continue;
             }
             // Count in short vectorized blocks; revisit a block only when it has keys inside
-            // (rare: the window is narrow). One unsigned compare tests lo <= k <= hi.
+            // (rare: the window is narrow). One unsigned compare tests lo < k <= hi.
+            let mut equal = 0u32;
             for block in values.chunks(16) {
                 let mut hits = 0u32;
                 for &v in block {
                     let k = key(v);
                     below += u32::from(k < lo);
-                    hits += u32::from(k.wrapping_sub(lo) <= width);
+                    equal += u32::from(k == lo);
+                    hits += u32::from(k.wrapping_sub(lo).wrapping_sub(1) < width);
                 }
                 if hits > 0 {
                     inside.extend(
                         block
                             .iter()
                             .map(|&v| key(v))
-                            .filter(|k| k.wrapping_sub(lo) <= width),
+                            .filter(|k| k.wrapping_sub(lo).wrapping_sub(1) < width),
                     );
                 }
             }
             self.below[i] += u64::from(below);
+            self.equal[i] += u64::from(equal);
             if inside.len() > w.cap {
                 self.overflow = true;
                 self.inside.iter_mut().for_each(|v| *v = Vec::new());
@@ -340,6 +352,11 @@ impl Windowed {
                 out.push(unkey(lo));
                 continue;
             }
+            if r < self.equal[i] {
+                out.push(unkey(lo));
+                continue;
+            }
+            let r = r - self.equal[i];
             let keys = &mut self.inside[i];
             if r >= keys.len() as u64 {
                 return None;
@@ -380,9 +397,10 @@ impl PieceWindow {
             return [self.len - c.below[i] - c.equal[i], c.equal[i]];
         }
         let inside = &c.inside[i];
-        let above_window = self.len - c.below[i] - inside.len() as u64;
+        let above_window = self.len - c.below[i] - c.equal[i] - inside.len() as u64;
         let above = inside.iter().filter(|&&x| x > k).count() as u64;
-        let equal = inside.iter().filter(|&&x| x == k).count() as u64;
+        let at_lo = if k == lo { c.equal[i] } else { 0 };
+        let equal = inside.iter().filter(|&&x| x == k).count() as u64 + at_lo;
         debug_assert!(k >= lo && k <= hi);
         [above_window + above, equal]
     }
@@ -548,6 +566,7 @@ mod window_tests {
             bounds: vec![(key(0.0), key(10.0))],
             cap: 10,
             viable: true,
+            guess: vec![0],
         };
         let mut acc = PieceWindows::default();
         for i in 0..3 {
@@ -567,9 +586,29 @@ mod window_tests {
             bounds: vec![(key(5.0), key(6.0))],
             cap: 10,
             viable: true,
+            guess: vec![0],
         };
         let mut acc = w.acc();
         acc.count(&w, 0, &[1.0, 2.0, 5.5]);
         assert_eq!(acc.finish(&w), None);
+    }
+
+    #[test]
+    fn keys_at_lo_are_counted_not_kept() {
+        // A mass of zeros at the window's lower bound (DARE's drops) costs no memory.
+        let w = Windows {
+            requests: vec![Request { row: 0, rank: 5 }, Request { row: 0, rank: 7 }],
+            bounds: vec![(key(0.0), key(3.0)); 2],
+            cap: 2,
+            viable: true,
+            guess: vec![key(0.0); 2],
+        };
+        let values = [0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0];
+        let mut acc = w.acc();
+        acc.count(&w, 0, &values);
+        let p = PieceWindow::new(0, values.len() as u64, acc.clone());
+        assert_eq!(acc.finish(&w), Some(vec![0.0, 2.0]));
+        assert_eq!(p.above_equal(&w, 0, 0.0), [3, 6]);
+        assert_eq!(p.above_equal(&w, 1, 2.0), [1, 1]);
     }
 }

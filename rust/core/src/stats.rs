@@ -14,7 +14,7 @@ use crate::select::{
 };
 
 /// What a sample tells about the wanted order statistics.
-enum Guess {
+pub(crate) enum Guess {
     Exact(Vec<f32>),
     Window(Windows),
 }
@@ -32,7 +32,7 @@ impl Engine<'_> {
 
     /// Groups sets whose deltas are the same (same weights and DARE; mergekit's methods all
     /// read the unweighted deltas): (variant of each set, a representative set per variant).
-    fn variants(&self, sets: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    pub(crate) fn variants(&self, sets: &[usize]) -> (Vec<usize>, Vec<usize>) {
         let key = |j: usize| {
             let s = &self.recipe.sets[j];
             match &s.method {
@@ -58,7 +58,7 @@ impl Engine<'_> {
     }
 
     /// Emits |deltas| of every variant, task by task, as rows `v·T + t`.
-    fn emit_abs(
+    pub(crate) fn emit_abs(
         &self,
         w: &mut Work,
         c: &Chunk,
@@ -315,10 +315,13 @@ impl Engine<'_> {
             false,
         )?;
         self.debug_windows(&windows, &acc);
-        let thr = match acc.finish(&windows) {
-            Some(v) => thresholds(&v),
-            None => thresholds(&self.radix_select(chunks, n_rows, requests, rows)?),
+        let Some(v) = acc.finish(&windows) else {
+            // A threshold outside its window: the tallies decided elements on a wrong premise.
+            let thr = thresholds(&self.radix_select(chunks, n_rows, requests, rows)?);
+            let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
+            return Ok(finish(thr, counts));
         };
+        let thr = thresholds(&v);
         let resolved: Option<Vec<i64>> = tallies
             .iter()
             .zip(&thr)
@@ -332,7 +335,7 @@ impl Engine<'_> {
     }
 
     /// Σ over the scope of sign(Σ_t trimmed_t), for every set: a pass of its own.
-    fn sign_counts(
+    pub(crate) fn sign_counts(
         &self,
         chunks: &[Chunk],
         of: &[usize],
@@ -443,7 +446,7 @@ impl Engine<'_> {
     /// enough to be sampled whole, else windows for a one-pass select; None when the radix
     /// select is forced (tests set WEIGHTWEAVE_FORCE_RADIX to exercise the fallback, which
     /// small models would otherwise never reach).
-    fn guess(
+    pub(crate) fn guess(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
@@ -539,7 +542,7 @@ impl Engine<'_> {
     }
 
     /// The two-pass radix select: exact whatever the data.
-    fn radix_select(
+    pub(crate) fn radix_select(
         &self,
         chunks: &[Chunk],
         n_rows: usize,

@@ -326,6 +326,14 @@ pub trait Kernel: Send + Sync + Debug {
         Ok(())
     }
 
+    /// Whether the output pass may run with statistics guessed from a sample and rewrite
+    /// afterwards the elements [`crate::methods::ties::SignTally::observe_marking`] marks: M
+    /// must be settled elsewhere by any thresholds inside the sampled windows
+    /// (`pipeline/speculate.rs`). Global TIES only.
+    fn speculates(&self) -> bool {
+        false
+    }
+
     /// Whether [`Kernel::next_stage`] ever asks for a stage.
     fn needs_statistics(&self) -> bool {
         true

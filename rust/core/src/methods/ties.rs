@@ -70,6 +70,10 @@ impl Kernel for Ties {
         self.scope
     }
 
+    fn speculates(&self) -> bool {
+        self.scope == Scope::Global
+    }
+
     fn check_tasks(&self, tasks: usize) -> Result<()> {
         match &self.dare {
             Some(d) => {
@@ -235,7 +239,8 @@ impl SignTally {
 
     /// Tallies one chunk; `bounds` are the windows' inclusive key bounds per task (a window one
     /// key wide decides alone: the threshold is then that key). `sum` and `undecided` are
-    /// chunk-sized scratch.
+    /// chunk-sized scratch. A zero is decided wherever its key falls: trimmed or kept, it adds
+    /// a zero of its own sign.
     #[inline(always)]
     pub fn observe<D: AsRef<[f32]>>(
         &mut self,
@@ -245,20 +250,70 @@ impl SignTally {
         sum: &mut [f32],
         undecided: &mut [f32],
     ) {
+        self.tally::<D, false>(deltas, bounds, n, sum, undecided, &mut []);
+    }
+
+    /// [`Self::observe`], and sets `marks[i]` to 1 where the chunk's M may still change with
+    /// the exact statistics: a task's |τ| inside its window, or trimmed values that cancel to a
+    /// zero sum (the element then takes the majority sign). Elsewhere M is the same for every
+    /// threshold inside the windows and every majority sign.
+    #[inline(always)]
+    pub fn observe_marking<D: AsRef<[f32]>>(
+        &mut self,
+        deltas: &[D],
+        bounds: &[(u32, u32)],
+        n: usize,
+        (sum, undecided): (&mut [f32], &mut [f32]),
+        marks: &mut [u8],
+    ) {
+        self.tally::<D, true>(deltas, bounds, n, sum, undecided, marks);
+    }
+
+    #[inline(always)]
+    fn tally<D: AsRef<[f32]>, const MARK: bool>(
+        &mut self,
+        deltas: &[D],
+        bounds: &[(u32, u32)],
+        n: usize,
+        sum: &mut [f32],
+        undecided: &mut [f32],
+        marks: &mut [u8],
+    ) {
+        let mut nonzero = [0f32; BLOCK];
         for start in (0..n).step_by(BLOCK) {
             let r = start..(start + BLOCK).min(n);
             let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
             sum.fill(0.0);
             undecided.fill(0.0);
+            let nonzero = &mut nonzero[..r.len()];
+            if MARK {
+                nonzero.fill(0.0);
+            }
             for (d, &(lo, hi)) in deltas.iter().zip(bounds) {
                 let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
                 let d = &d.as_ref()[r.clone()];
-                for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
+                let step = |s: &mut f32, u: &mut f32, x: f32| {
                     let k = key(x.abs());
                     let kept = (k > hi) | (!proper & (k == lo));
                     // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
                     *s += x * f32::from(u8::from(kept));
-                    *u += f32::from(u8::from(proper & (k.wrapping_sub(lo) <= width)));
+                    *u += f32::from(u8::from(
+                        proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
+                    ));
+                    kept & (x != 0.0)
+                };
+                if MARK {
+                    let cells = sum
+                        .iter_mut()
+                        .zip(undecided.iter_mut())
+                        .zip(nonzero.iter_mut());
+                    for (((s, u), z), &x) in cells.zip(d) {
+                        *z += f32::from(u8::from(step(s, u, x)));
+                    }
+                } else {
+                    for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
+                        step(s, u, x);
+                    }
                 }
             }
             // Signs of decided elements, summed as integers (a float sum would not vectorize).
@@ -268,6 +323,16 @@ impl SignTally {
                 .map(|(&s, &u)| (i32::from(s > 0.0) - i32::from(s < 0.0)) * i32::from(u == 0.0))
                 .sum();
             self.count += i64::from(decided);
+            if MARK {
+                for (((m, &s), &u), &z) in marks[r.clone()]
+                    .iter_mut()
+                    .zip(sum.iter())
+                    .zip(undecided.iter())
+                    .zip(nonzero.iter())
+                {
+                    *m |= u8::from((u != 0.0) | ((s == 0.0) & (z != 0.0)));
+                }
+            }
             if undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
                 continue;
             }
@@ -400,6 +465,46 @@ mod tally_tests {
             }).collect();
             let t = tally(&deltas, &bounds, chunk, usize::MAX);
             prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
+        }
+    }
+
+    proptest! {
+        // The fused pass writes unmarked elements once, with guessed statistics: their M must
+        // be the same under any thresholds inside the windows and any majority sign.
+        #[test]
+        fn unmarked_elements_are_settled(
+            values in prop::collection::vec(-6i8..=6, 3..600),
+            picks in prop::collection::vec((0u8..=6, 0u8..3, 0u8..3, 0u8..3), 3),
+            chunk in 1usize..100,
+        ) {
+            let n = values.len() / 3;
+            let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
+            // Per task a window [c − lo, c + hi] and two thresholds inside it.
+            let q = |x: u8| x as f32 * 0.25;
+            let lo: Vec<f32> = picks.iter().map(|p| (q(p.0) - q(p.1)).max(0.0)).collect();
+            let hi: Vec<f32> = picks.iter().map(|p| q(p.0) + q(p.2)).collect();
+            let bounds: Vec<(u32, u32)> = lo.iter().zip(&hi).map(|(&l, &h)| (key(l), key(h))).collect();
+            let thr_a: Vec<f32> = lo.clone();
+            let thr_b: Vec<f32> = lo.iter().zip(&hi).zip(&picks).map(|((&l, &h), p)| (l + q(p.3)).min(h)).collect();
+            let mut marks = vec![0u8; n];
+            for start in (0..n).step_by(chunk) {
+                let len = chunk.min(n - start);
+                let part: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
+                let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
+                SignTally::new(usize::MAX).observe_marking(&part, &bounds, len, (&mut s, &mut u), &mut marks[start..start + len]);
+            }
+            let m = |thr: &[f32], majority: f32| {
+                let stats = TiesStats { thr: thr.to_vec(), majority };
+                let (mut m, mut c, mut t) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                merge(&deltas, &stats, n, &mut m, &mut c, &mut t);
+                m
+            };
+            let (a, b) = (m(&thr_a, 1.0), m(&thr_b, -1.0));
+            for i in 0..n {
+                if marks[i] == 0 {
+                    prop_assert_eq!(a[i].to_bits(), b[i].to_bits(), "element {}", i);
+                }
+            }
         }
     }
 

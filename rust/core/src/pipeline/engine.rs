@@ -106,7 +106,7 @@ impl<'a> Run<'a> {
                 .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
                 .collect(),
             done: AtomicU64::new(done),
-            total: self.total,
+            total: AtomicU64::new(self.total),
             progress: self.progress,
             cancel: self.cancel,
             given: self.given,

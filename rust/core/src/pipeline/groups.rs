@@ -45,7 +45,17 @@ pub(super) fn run(
         .iter()
         .zip(&shares)
         .enumerate()
-        .map(|(g, (grp, m))| total_bytes(plan, &grp.recipe, tasks, opts.chunk_size, (m, copies(g))))
+        .map(|(g, (grp, m))| {
+            let part = Part { group: g, ..part };
+            total_bytes(
+                plan,
+                &grp.recipe,
+                tasks,
+                opts.chunk_size,
+                (m, copies(g)),
+                &part,
+            )
+        })
         .sum();
     let mut done = 0u64;
     for (g, (grp, m)) in recipe.groups.iter().zip(&shares).enumerate() {

@@ -67,6 +67,20 @@ impl Groups<'_> {
     }
 }
 
+/// The model as one flat tensor of `d` elements: the group of [`Scope::Global`] statistics.
+pub(super) fn model_plan(d: usize) -> TensorPlan {
+    TensorPlan {
+        name: "the model".to_owned(),
+        shape: vec![d],
+        numel: d,
+        base_dtype: DType::F32,
+        out_dtype: DType::F32,
+        mergeable: true,
+        requant: None,
+        derived: None,
+    }
+}
+
 /// One round of stages: what every (representative, group) asks for.
 #[derive(Clone, Copy)]
 struct Round<'r> {
@@ -96,7 +110,7 @@ impl Engine<'_> {
     }
 
     /// What set `j`'s deltas are: its own weights (where it has them) and DARE.
-    fn deltas_key(&self, j: usize) -> String {
+    pub(super) fn deltas_key(&self, j: usize) -> String {
         let own = self.own_weights[j].then(|| &self.weights[j]);
         format!("{own:?} {:?}", self.kernel_of(j).dare())
     }
@@ -132,16 +146,7 @@ impl Engine<'_> {
         }
         let groups = Groups {
             n,
-            model: TensorPlan {
-                name: "the model".to_owned(),
-                shape: vec![d],
-                numel: d,
-                base_dtype: DType::F32,
-                out_dtype: DType::F32,
-                mergeable: true,
-                requant: None,
-                derived: None,
-            },
+            model: model_plan(d),
             plan: self.plan,
             global: reps
                 .iter()

@@ -10,6 +10,7 @@ mod groups;
 mod kernel;
 mod output;
 mod scaling;
+mod speculate;
 
 pub use engine::metagpt_weights;
 use engine::Run;
@@ -120,6 +121,8 @@ pub(crate) struct Work {
     pub(crate) pos: Vec<u32>,
     pub(crate) picks: Vec<u64>,
     pub(crate) astar: Vec<f32>,
+    /// Elements of a chunk the one-read pass holds for rewriting (`speculate.rs`).
+    pub(crate) marks: Vec<u8>,
 }
 
 /// Which buffer holds a parameter set's deltas.
@@ -178,7 +181,7 @@ pub(crate) struct Engine<'a> {
     pub(crate) base_refs: Vec<TensorRef<'a>>,
     pub(crate) model_refs: Vec<Vec<TensorRef<'a>>>,
     pub(crate) done: AtomicU64,
-    pub(crate) total: u64,
+    pub(crate) total: AtomicU64,
     pub(crate) progress: Progress<'a>,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) given: Given<'a>,
@@ -324,7 +327,14 @@ pub fn run_chunks(
     given: Given,
     part: Part,
 ) -> Result<u64> {
-    let total = total_bytes(plan, recipe, models.len(), opts.chunk_size, (merge, copy));
+    let total = total_bytes(
+        plan,
+        recipe,
+        models.len(),
+        opts.chunk_size,
+        (merge, copy),
+        &part,
+    );
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
         .build()
@@ -373,14 +383,39 @@ pub fn run_chunks(
         recipe = &resolved;
     }
     let mut engine = parts.engine(recipe, done, stats_passes);
+    let one_read = speculate::eligible(recipe, plan, merge, &part);
     pool.install(|| {
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
-        let stats = engine.statistics(merge, opts.chunk_size)?;
+        if one_read && recipe.lines.is_some() {
+            // A fixed α: the classes need no statistics, and the output pass comes first.
+            let alphas = engine.lines_alphas(merge, &[])?;
+            (engine.classes, engine.class_of) = scaling::classes(recipe, plan, &alphas)?;
+        }
+        let spec = if one_read {
+            engine.speculate(merge, sink)?
+        } else {
+            speculate::Spec::No
+        };
+        let stats = match spec {
+            speculate::Spec::Written => {
+                if debug {
+                    eprintln!("one read: {:.2}s", t0.elapsed().as_secs_f64());
+                }
+                return engine.copy(copy, sink);
+            }
+            speculate::Spec::Stats(stats) => {
+                // The guess did not hold: the output pass comes on top of the one counted.
+                let extra = total_bytes(plan, recipe, parts.models.len(), 1, (merge, &[]), &part);
+                engine.total.fetch_add(extra, Ordering::Relaxed);
+                stats
+            }
+            speculate::Spec::No => engine.statistics(merge, opts.chunk_size)?,
+        };
         if let ModelPart::Gather(..) = part.model {
             return Ok(());
         }
-        if recipe.lines.is_some() {
+        if recipe.lines.is_some() && !one_read {
             let alphas = engine.lines_alphas(merge, &stats)?;
             (engine.classes, engine.class_of) = scaling::classes(recipe, plan, &alphas)?;
         }
@@ -407,6 +442,7 @@ pub(crate) fn total_bytes(
     tasks: usize,
     chunk_size: usize,
     (merge, copy): (&[Chunk], &[Chunk]),
+    part: &Part,
 ) -> u64 {
     let tasks = tasks as u64;
     let merge_bytes: u64 = merge
@@ -419,7 +455,11 @@ pub(crate) fn total_bytes(
         .sum();
     // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
     let method = recipe.method();
-    let passes = 1 + method.passes();
+    let passes = if speculate::eligible(recipe, plan, merge, part) {
+        1
+    } else {
+        1 + method.passes()
+    };
     let rows = method.rows();
     // Long rows take a windowed select and a counting pass more.
     let long_rows: u64 = merge
@@ -498,7 +538,8 @@ impl<'a> Engine<'a> {
                         let size = self.plan[c.tensor].base_dtype.size() as u64;
                         let bytes = c.len as u64 * size * (self.tasks() as u64 + 1);
                         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                        (self.progress)(done.min(self.total), self.total, stage);
+                        let total = self.total.load(Ordering::Relaxed);
+                        (self.progress)(done.min(total), total, stage);
                     }
                     Ok((w, acc))
                 },

@@ -40,7 +40,13 @@ impl Engine<'_> {
             },
             |_, _| (),
         )?;
+        self.copy(copy, sink)
+    }
+
+    /// Writes the copied tensors' chunks as they are.
+    pub(super) fn copy(&self, copy: &[Chunk], sink: &dyn Sink) -> Result<()> {
         use rayon::prelude::*;
+        let total = self.total.load(Ordering::Relaxed);
         copy.par_iter().try_for_each(|c| {
             let t = &self.plan[c.tensor];
             let size = t.base_dtype.size();
@@ -48,7 +54,7 @@ impl Engine<'_> {
             sink.write(c.tensor, c.start * size, data)?;
             let done =
                 self.done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
-            (self.progress)(done, self.total, 0);
+            (self.progress)(done, total, 0);
             Ok(())
         })
     }
@@ -189,7 +195,7 @@ impl Engine<'_> {
     }
 
     #[inline(always)]
-    fn output_chunk(
+    pub(super) fn output_chunk(
         &self,
         w: &mut Work,
         c: &Chunk,
