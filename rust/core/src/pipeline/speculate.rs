@@ -457,10 +457,8 @@ impl Engine<'_> {
         })?;
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             let (n, k) = (held.at.len(), redo.len());
-            eprintln!(
-                "one read: held {n}, rewrote {k} in {:.2}s",
-                t0.elapsed().as_secs_f64()
-            );
+            let secs = t0.elapsed().as_secs_f64();
+            eprintln!("one read: held {n}, rewrote {k} in {secs:.2}s; sign counts {counts:?}");
         }
         Ok(())
     }
