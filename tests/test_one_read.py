@@ -130,15 +130,18 @@ def _adversarial():
     return taus
 
 
-@pytest.mark.parametrize("one_read", ["0", "1"])
-def test_a_missed_window_still_merges_exactly(monkeypatch, one_read):
+@pytest.mark.parametrize(
+    ("one_read", "scope"), [("0", "global"), ("1", "global"), ("0", "tensor")], ids=["passes", "one-read", "per-tensor"]
+)
+def test_a_missed_window_still_merges_exactly(monkeypatch, one_read, scope):
     # Before the fix the thresholds were found again after the miss, but the majority sign kept
     # the window's wrong tally: 594,505 elements came out with the wrong sign.
     monkeypatch.setenv("WEIGHTWEAVE_ONE_READ", one_read)
     taus = _adversarial()
     base = {"w": np.zeros(N, np.float32)}
-    got = ww.merge_arrays(base, [{"w": t} for t in taus], method="ties", lam=1.0)["w"]
-    want = R.merge({"w": torch.zeros(N)}, [{"w": torch.from_numpy(t)} for t in taus], "ties", lam=1.0)["w"]
+    got = ww.merge_arrays(base, [{"w": t} for t in taus], method="ties", lam=1.0, scope=scope)["w"]
+    models = [{"w": torch.from_numpy(t)} for t in taus]
+    want = R.merge({"w": torch.zeros(N)}, models, "ties", lam=1.0, scope=scope)["w"]
     assert np.array_equal(got, want.numpy())
 
 
