@@ -260,7 +260,7 @@ def compare(a: Path, b: Path) -> dict:
 #: Methods whose arithmetic in bf16/f16 weightweave emulates (recipe.py, _ARITH_METHODS); every
 #: method loads its inputs in the config's dtype, and linear's f32 arithmetic is mergekit's.
 EMULATED = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock",
-            "sce", "nuslerp", "arcee_fusion", "linear"}  # fmt: skip
+            "sce", "nuslerp", "arcee_fusion", "linear", "karcher"}  # fmt: skip
 CUTS = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 
 
@@ -288,6 +288,10 @@ def why(r: dict) -> str:
         if method == "sce":
             return (f"elements at sce's top-k cut between equal {what} variances, where torch.topk picks "
                     "(mergekit's own result is undefined there)")  # fmt: skip
+        if method == "karcher":
+            return (f"emulated {what} arithmetic; its f32 norms and dots are exact sums here, in torch's f32 order "
+                    f"there: an f32 ulp that crosses a {what} rounding boundary, compounded over the iterations "
+                    "(torch's order changes with the thread count, mergekit_threads.md)")  # fmt: skip
         if method == "arcee_fusion":
             return ("importances at the threshold: torch's softmax (its vectorized exp and f32 sum) differs from "
                     "ours in an ulp, and a row's KL moves")  # fmt: skip
@@ -297,9 +301,6 @@ def why(r: dict) -> str:
         return ("norms and dot reduced in f64 here, in torch's chunked f32 order there, which changes with the "
                 "thread count on larger tensors (mergekit_threads.md)")  # fmt: skip
     if narrow:
-        if method == "karcher":
-            return (f"f32 arithmetic here, {what} there: not emulated (mergekit rounds the whole mean vector at "
-                    "every iteration; its f32 norms change with the thread count, mergekit_threads.md)")  # fmt: skip
         return f"f32 arithmetic here, {what} there (mergekit rounds after every operation; not emulated for {method})"
     return ("norms, dots and angles reduced in f64 here, in torch's f32 order there, which changes with the "
             "thread count on larger tensors (mergekit_threads.md)")  # fmt: skip

@@ -12,6 +12,7 @@ import yaml
 
 import weightweave as ww
 from weightweave import reference_mergekit as MK
+from weightweave import reference_mergekit_methods as MKM
 
 from conftest import load, write_models
 
@@ -131,3 +132,96 @@ def test_model_stock_in_its_dtype(tmp_path, dtype, filter_wise):
     ww.run(tmp_path / "c.yml", tmp_path / "f.safetensors")
     f32 = load(tmp_path / "f.safetensors")
     assert any(not torch.equal(f32[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("with_base", "n", "params"), [
+    (False, 3, {}), (True, 2, {"max_iter": 3}), (False, 2, {"tol": 1e-10, "max_iter": 40}), (True, 3, {"tol": 0.3})])
+def test_karcher_in_its_dtype(tmp_path, dtype, with_base, n, params):
+    """karcher computed as mergekit's run in bf16/f16 computes it, the iterate rounded at every
+    step (held between the passes: three per iteration), against the line-by-line torch
+    transcription run in that dtype with exact f32 norms and dots (ours; torch's own differ by f32
+    ulps, which rounding to the dtype nearly always hides: the real mergekit in
+    benches/mergekit_corpus.py). 40 iterations at tol 1e-10 never converge in bf16 (a published
+    config's setting); tol 0.3 stops early; 3 points make α = 1/3 (4 make it exact)."""
+    base, models = _state(14, DTYPES[dtype])
+    # Far apart (angles near 1 rad), so θ/sin θ and every other factor is far from 1 in the dtype.
+    models = [{n: (t.float() + (k + 1) * torch.randn(t.shape, generator=torch.Generator().manual_seed(k))).to(t.dtype)
+               for n, t in m.items()} for k, m in enumerate(models[:n])]  # fmt: skip
+    bp, mps = write_models(tmp_path / "in", base, models)
+    cfg = {"merge_method": "karcher", "dtype": dtype, "models": [{"model": str(m)} for m in mps]}
+    if params:
+        cfg["parameters"] = params
+    if with_base:
+        cfg["base_model"] = str(bp)
+    else:
+        cfg["models"].insert(0, {"model": str(bp)})
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    for chunk in (None, 7):
+        ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors", overwrite=True, chunk_size=chunk, threads=2)
+        got = load(tmp_path / "o.safetensors")
+        want = MKM.merge_in_dtype(base, models, "karcher", DTYPES[dtype], relative=False, exact_reductions=True,
+                                  with_base=True, **params)  # fmt: skip
+        for n in want:
+            assert got[n].dtype == DTYPES[dtype] and torch.equal(got[n], want[n]), (n, (got[n] - want[n]).abs().max())
+    # Our f32 arithmetic (precision: f32) gives another model: the emulation is what changed it.
+    cfg["precision"] = "f32"
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "f.safetensors")
+    f32 = load(tmp_path / "f.safetensors")
+    assert any(not torch.equal(f32[n], got[n]) for n in want)
+
+
+UNEMULATED = {
+    "multislerp": ({}, {"weight": 1.0}, 3),
+    "nearswap": ({"t": 0.5}, {}, 1),
+    "ram": ({}, {}, 3),
+    "ramplus_tl": ({}, {}, 3),
+    "della": ({}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, 3),
+    "della_linear": ({}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, 3),
+}
+
+
+@pytest.mark.parametrize("method", UNEMULATED)
+def test_a_method_computed_in_f32_under_a_bf16_dtype_says_so(tmp_path, method):
+    """mergekit computes these methods in the config's bf16/f16 dtype, rounding after every
+    operation; they compute in f32 here, so the run warns that the model is not mergekit's bit for
+    bit: under `dtype: bfloat16`, and without a dtype on bf16 checkpoints (mergekit then computes
+    in the stored dtype). `precision: f32` and an f32 dtype run quietly."""
+    import warnings
+
+    shared, per, n = UNEMULATED[method]
+    base, models = _state(12, torch.bfloat16)
+    bp, mps = write_models(tmp_path / "in", base, models[:n])
+
+    def run(**extra):
+        cfg = {"merge_method": method, "base_model": str(bp), "models": [{"model": str(m), "parameters": per}
+                                                                         for m in mps]}  # fmt: skip
+        if shared:
+            cfg["parameters"] = shared
+        cfg |= extra
+        (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+        ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors", overwrite=True)
+
+    for extra in ({"dtype": "bfloat16"}, {}, {"dtype": "float16"}):
+        with pytest.warns(ww.RecipeWarning, match=f"mergekit computes {method} in (bf16|f16).*precision: f32"):
+            run(**extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(dtype="bfloat16", precision="f32")
+        run(dtype="float32")
+
+
+def test_the_cli_says_a_warning_once(tmp_path):
+    import subprocess
+    import sys
+
+    base, models = _state(13, torch.bfloat16)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    cfg = {"merge_method": "multislerp", "dtype": "bfloat16",
+           "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in mps]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.run([sys.executable, "-m", "weightweave", "run", str(tmp_path / "c.yml"), str(tmp_path / "o"), "-q"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    assert p.stderr.count("mergekit computes multislerp in bf16") == 1, p.stderr
+    assert p.stderr.startswith("weightweave: warning: "), p.stderr

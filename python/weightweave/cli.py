@@ -297,7 +297,10 @@ def _run_merge(args: argparse.Namespace, signals: Signals) -> int:
     if args.command == "run":
         from . import recipe
 
-        recipe_ = recipe.load(args.recipe, allow_code=args.allow_code)  # every key checked before the bar starts
+        with warnings.catch_warnings():
+            # Every key checked before the bar starts; its warnings come once, from the run below.
+            warnings.simplefilter("ignore")
+            recipe_ = recipe.load(args.recipe, allow_code=args.allow_code)
         args.out = args.out if args.out is not None else recipe_.out
 
         def call() -> api.Report:

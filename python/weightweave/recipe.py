@@ -69,7 +69,8 @@ class RecipeError(ParamError):
 
 class RecipeWarning(UserWarning):
     """A key of a mergekit config that mergekit ignores (a mis-indented ``int8_mask``, a parameter
-    the method does not take): ignored here too, and said so."""
+    the method does not take): ignored here too, and said so; or a config whose bf16/f16
+    arithmetic is not emulated for its method, so its model is not mergekit's bit for bit."""
 
 
 def _ignored(where: str, keys: list[str], why: str) -> None:
@@ -570,7 +571,10 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
 #: mergekit's task-arithmetic family: computed in the config's dtype when it is bf16 or f16.
 _GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 #: Methods whose arithmetic in bf16/f16 is emulated.
-_ARITH_METHODS = (*_GTA_METHODS, "model_stock", "sce", "nuslerp", "arcee_fusion")
+_ARITH_METHODS = (*_GTA_METHODS, "model_stock", "sce", "nuslerp", "arcee_fusion", "karcher")
+#: Methods mergekit computes in a bf16/f16 dtype whose arithmetic is not emulated (they compute in
+#: f32 here and round once): a run says so, as its model is not mergekit's bit for bit.
+_F32_ONLY = ("multislerp", "nearswap", "ram", "ramplus_tl", "della", "della_linear")
 
 
 def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any], inputs: list[str]) -> None:
@@ -587,10 +591,17 @@ def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]
     dt = _MK_DTYPES.get(d["dtype"]) if isinstance(d.get("dtype"), str) else None
     if dt in ("bf16", "f16"):
         kwargs["_load_dtype"] = dt
-    if d.get("dtype") is None and precision == "dtype" and method in _ARITH_METHODS:
+    if d.get("dtype") is None and precision == "dtype" and method in (*_ARITH_METHODS, *_F32_ONLY):
         dt = _stored_dtype(inputs)
-        if dt is not None and "out_dtype" not in kwargs:
+        if dt is not None and "out_dtype" not in kwargs and method in _ARITH_METHODS:
             kwargs["out_dtype"] = dt
+    if precision == "dtype" and method in _F32_ONLY and dt in ("bf16", "f16"):
+        import warnings
+
+        warnings.warn(f"{where + ': ' if where else ''}mergekit computes {method} in {dt}, rounding after every "
+                      f"operation; weightweave computes it in f32 and rounds once, so elements can differ from "
+                      f"mergekit's model by a {dt} rounding step (emulated for: {', '.join(_ARITH_METHODS)}). "
+                      "'precision: f32' asks for f32 and silences this", RecipeWarning, stacklevel=4)  # fmt: skip
     # The emulation rounds the result to dt, but arcee_fusion's, which mergekit leaves in f32.
     out = kwargs.get("out_dtype")
     if precision == "f32" or method not in _ARITH_METHODS or dt not in ("bf16", "f16") or (

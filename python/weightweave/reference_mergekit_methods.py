@@ -40,7 +40,7 @@ def _fn(name: str, x: Tensor) -> Tensor:
         return getattr(torch, name)(x)
     f = getattr(_LIBM, name + "f")
     flat = [f(float(v)) for v in x.reshape(-1).tolist()]
-    return torch.tensor(flat, dtype=F32).reshape(x.shape)
+    return torch.tensor(flat, dtype=F32).reshape(x.shape).to(x.dtype)
 
 
 def _vnorm(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
@@ -258,16 +258,25 @@ def sce(base: Tensor, deltas: list[Tensor], select_topk: float = 1.0) -> Tensor:
     return base + (tvs * ew).sum(dim=0) / torch.sum(ew, dim=0).clamp(min=1e-6)
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.dot`` (exact products accumulated in f32, one rounding to the dtype), or exact."""
+    if not _EXACT[0]:
+        return torch.dot(a, b)
+    return (a.double() * b.double()).sum().to(F32).to(a.dtype)
+
+
 def karcher(tensors: list[Tensor], max_iter: int = 10, tol: float = 1e-5) -> Tensor:
-    """mergekit's ``karcher_merge_tensors`` with equal weights."""
+    """mergekit's ``karcher_merge_tensors`` with equal weights, in the tensors' dtype: norms in
+    f32 (f64 for f64 tensors), everything else in the dtype, cast back where mergekit casts."""
     if len(tensors) == 1:
         return tensors[0]
+    wide = torch.float64 if tensors[0].dtype == torch.float64 else F32
     alphas = [1.0 / len(tensors)] * len(tensors)
     norms, units = [], []
     for x in tensors:
-        n = _vnorm(x)
+        n = _vnorm(x.to(wide))
         norms.append(n)
-        units.append(torch.zeros_like(x) if n.item() == 0.0 else x / n)
+        units.append(torch.zeros_like(x) if n.item() == 0.0 else (x / n).to(x.dtype))
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
         return sum(x * 0 for x in tensors)
@@ -277,23 +286,23 @@ def karcher(tensors: list[Tensor], max_iter: int = 10, tol: float = 1e-5) -> Ten
     mean = torch.zeros_like(vu[0])
     for a, u in zip(na, vu, strict=True):
         mean += a * u
-    mn = _vnorm(mean)
-    mean = vu[0].clone() if mn.item() < tol else mean / mn
+    mn = _vnorm(mean.to(wide))
+    mean = vu[0].clone() if mn.item() < tol else (mean / mn).to(mean.dtype)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for a, u in zip(na, vu, strict=True):
-            dot = torch.clamp(_rsum(mean.flatten() * u.flatten()), -1.0, 1.0)
+            dot = torch.clamp(_dot(mean.flatten(), u.flatten()), -1.0, 1.0)
             theta = _fn("acos", dot)
             if theta.item() < tol:
                 continue
             tangent += a * (theta / _fn("sin", theta)) * (u - dot * mean)
-        tn = _vnorm(tangent)
+        tn = _vnorm(tangent.to(wide))
         if tn.item() < tol:
             break
-        mean = _fn("cos", tn) * mean + _fn("sin", tn) * (tangent / tn)
-        un = _vnorm(mean)
+        mean = (_fn("cos", tn) * mean + _fn("sin", tn) * (tangent / tn)).to(mean.dtype)
+        un = _vnorm(mean.to(wide))
         if un.item() > tol:
-            mean = mean / un
+            mean = (mean / un).to(mean.dtype)
     return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean
 
 
@@ -311,12 +320,18 @@ def arcee_fusion(base: Tensor, model: Tensor) -> Tensor:
 
 
 def merge_in_dtype(base: StateDict, models: Sequence[StateDict], method: str, dtype: torch.dtype,
-                   weights: Sequence[float] | None = None, relative: bool = True,
+                   weights: Sequence[float] | None = None, relative: bool = True, exact_reductions: bool = False,
                    **p: object) -> dict[str, Tensor]:  # fmt: skip
     """mergekit's merged model with the tensors loaded in ``dtype`` and every operation in it, as
-    mergekit's run with that ``dtype`` computes (torch's own reductions); each tensor as the
-    method returns it (arcee_fusion's result is f32)."""
-    return _merge(base, models, method, weights, 0, relative, compute=dtype, **p)
+    mergekit's run with that ``dtype`` computes (torch's own reductions; with
+    ``exact_reductions`` the f32 norms and dots of the methods that take them through
+    ``_vnorm``/``_dot`` are exact sums rounded once, and acos/sin/cos the C library's); each
+    tensor as the method returns it (arcee_fusion's result is f32)."""
+    _EXACT[0] = exact_reductions
+    try:
+        return _merge(base, models, method, weights, 0, relative, compute=dtype, **p)
+    finally:
+        _EXACT[0] = False
 
 
 def merge(base: StateDict, models: Sequence[StateDict], method: str, weights: Sequence[float] | None = None,

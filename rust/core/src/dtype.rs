@@ -348,6 +348,26 @@ pub fn round_to(d: DType, v: f32) -> f32 {
     }
 }
 
+/// `v` (a value of 16-bit `d`, bf16 or f16) as its bits: a held bf16/f16 iterate.
+#[inline]
+pub fn half_bits(d: DType, v: f32) -> u16 {
+    match d {
+        DType::BF16 => bf16_bits(v),
+        DType::F16 => f16::from_f32(v).to_bits(),
+        other => unreachable!("half_bits called on {}", other.name()),
+    }
+}
+
+/// The value of 16-bit `d`'s bits `b`.
+#[inline]
+pub fn from_half_bits(d: DType, b: u16) -> f32 {
+    match d {
+        DType::BF16 => f32::from_bits(u32::from(b) << 16),
+        DType::F16 => f16::from_bits(b).to_f32(),
+        other => unreachable!("from_half_bits called on {}", other.name()),
+    }
+}
+
 /// f32 → bf16 bits, round to nearest even, NaN kept NaN: branch-free so the loop vectorizes
 /// (`half::bf16::from_f32` gives the same bits but branches per element).
 #[inline]

@@ -465,7 +465,7 @@ mod tests {
                     },
                     Found::Select(vec![0.1, 3.4e38]),
                 ],
-                cuts: Default::default(),
+                ..Default::default()
             },
         );
         let back: ModelStats = decode(&encode(&m).expect("encodes")).expect("decodes");

@@ -9,9 +9,13 @@
 //! three times per iteration. The output pass forms Σ_t a_t·u_t per element. Results agree with
 //! mergekit's element-wise iteration to rounding (its f32 reductions over a tensor are the larger
 //! error); a convergence test that falls within rounding of `tol` may take one step more or less.
+//! With `arith` (mergekit's bf16/f16 `dtype`) the iteration runs as mergekit's does, element by
+//! element and rounded at every step (`karcher_dtype.rs`).
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::parse_arith;
 use super::Reader;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::TensorPlan;
 
@@ -21,6 +25,8 @@ pub struct Karcher {
     pub tol: f64,
     /// The base model is one of the points (mergekit's entries include a base_model).
     pub with_base: bool,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 /// The result of the iteration for one tensor: per point its norm (f32, as mergekit's) and its
@@ -35,7 +41,8 @@ impl Karcher {
         // Solved once per chunk on T coefficients: a cap keeps a hostile recipe from making
         // that the bulk of the work (mergekit's default is 10; convergence takes a handful).
         // The iteration runs on T coefficients, no pass over the tensor: mergekit sets no bound, and
-        // 10^5 steps cost milliseconds per tensor.
+        // 10^5 steps cost milliseconds per tensor. (Emulated in bf16/f16, each step is three
+        // passes, as mergekit's own run makes three sweeps of the tensor per step.)
         let max_iter = r.num("max_iter", 10.0, 0.0, 100_000.0, false)?;
         if max_iter.fract() != 0.0 {
             return Err(Error::param(
@@ -47,6 +54,7 @@ impl Karcher {
             max_iter: max_iter as usize,
             tol: r.num("tol", 1e-5, 0.0, f64::MAX, false)?,
             with_base: r.flag("with_base", false)?,
+            arith: parse_arith(r)?,
         })
     }
 
@@ -152,8 +160,12 @@ impl Kernel for Karcher {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit", "max_iter": self.max_iter, "tol": self.tol,
-            "with_base": self.with_base})
+        let mut v = serde_json::json!({"compat": "mergekit", "max_iter": self.max_iter,
+            "tol": self.tol, "with_base": self.with_base});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn inputs(&self) -> Inputs {
@@ -169,20 +181,40 @@ impl Kernel for Karcher {
     }
 
     fn stats_key(&self) -> String {
-        format!("karcher {}", self.with_base)
+        match self.arith {
+            None => format!("karcher {}", self.with_base),
+            // The iteration's own passes: they depend on every parameter.
+            Some(_) => self.params_json().to_string(),
+        }
+    }
+
+    fn passes(&self) -> u64 {
+        match self.arith {
+            None => 1,
+            Some(_) => 2 + 3 * self.max_iter as u64,
+        }
     }
 
     fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
         let points = tasks + usize::from(self.with_base);
-        (points > 1 && done.stages.is_empty()).then_some(Stage::Sums {
+        if points < 2 {
+            return None;
+        }
+        if self.arith.is_some() {
+            return self.dtype_stage(points, done);
+        }
+        done.stages.is_empty().then_some(Stage::Sums {
             unit: Unit::Tensor,
             slots: points * (points + 1) / 2,
         })
     }
 
     /// The Gram matrix of the points (exact products, summed in f64).
-    fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         let p = self.points(x);
+        if let Some(d) = self.arith {
+            return self.dtype_accumulate(d, x, &p, st, s, acc);
+        }
         let mut k = 0;
         for s in 0..p.len() {
             for t in s..p.len() {
@@ -192,11 +224,14 @@ impl Kernel for Karcher {
         }
     }
 
-    fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
+    fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
         let p = self.points(x);
         if p.len() == 1 {
             m.copy_from_slice(p[0]);
             return;
+        }
+        if let Some(d) = self.arith {
+            return self.dtype_merge(d, x, &p, st, s, m);
         }
         let solved = self.solve(p.len(), st.sums(0, 0));
         m.fill(0.0);

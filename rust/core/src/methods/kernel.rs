@@ -148,6 +148,38 @@ pub struct TensorStats {
     /// Per task, the cuts of the piece of a long row starting at each chunk start (rows
     /// longer than a chunk, for a method ranking within rows).
     pub cuts: BTreeMap<usize, Vec<Option<Piece>>>,
+    /// Per-element state the method keeps from one statistics pass to the next.
+    #[serde(skip)]
+    pub held: Held,
+}
+
+/// One `u16` per element of a tensor, kept by a method between its statistics passes (an
+/// iterate that mergekit rounds to bf16/f16 at every step, which no statistic can rebuild), and
+/// shared by every parameter set the statistics serve: clones share it. Allocated on first use.
+/// Chunks are disjoint, so each element has one writer per pass. Not serialised: a cluster unit
+/// gathers its own tensors' per-tensor statistics.
+#[derive(Clone, Default)]
+pub struct Held(std::sync::OnceLock<std::sync::Arc<Vec<std::sync::atomic::AtomicU16>>>);
+
+impl Held {
+    /// The state of a tensor of `n` elements (zeros until written).
+    pub fn of(&self, n: usize) -> &[std::sync::atomic::AtomicU16] {
+        self.0
+            .get_or_init(|| std::sync::Arc::new((0..n).map(|_| Default::default()).collect()))
+    }
+}
+
+impl Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({} elements)", self.0.get().map_or(0, |v| v.len()))
+    }
+}
+
+/// State is not a statistic: two sets' statistics agree whatever their methods hold.
+impl PartialEq for Held {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
 }
 
 impl TensorStats {

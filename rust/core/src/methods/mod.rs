@@ -9,6 +9,7 @@ pub mod della;
 pub mod elementwise;
 pub mod fastmath;
 pub mod karcher;
+mod karcher_dtype;
 pub mod kernel;
 pub mod linear;
 pub mod magmax;
