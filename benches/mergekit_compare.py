@@ -71,6 +71,12 @@ METHODS = {
                              "shared": {"normalize": True, "lambda": 0.7}},
     "ties_bf16": {"method": "ties", "dtype": "bfloat16", "per_model": {"weight": WEIGHTS, "density": DENSITIES},
                   "shared": {"normalize": True}},
+    "karcher_bf16": {"method": "karcher", "dtype": "bfloat16", "no_base": True, "per_model": {}, "shared": {}},
+    "multislerp_bf16": {"method": "multislerp", "dtype": "bfloat16", "per_model": {"weight": WEIGHTS}, "shared": {}},
+    "nearswap_bf16": {"method": "nearswap", "dtype": "bfloat16", "k": 1, "per_model": {}, "shared": {"t": 0.001}},
+    "ram_bf16": {"method": "ram", "dtype": "bfloat16", "per_model": {}, "shared": {"epsilon": 0.015}},
+    "ramplus_tl_bf16": {"method": "ramplus_tl", "dtype": "bfloat16", "per_model": {},
+                        "shared": {"epsilon": 0.015, "r": 0.3, "alpha": 0.2}},
     # Slices: a passthrough frankenmerge (layers stacked from two models, a zeroed copy) and a
     # slerp whose t restarts in each slice.
     "passthrough_slices": {"method": "passthrough", "per_model": {}, "shared": {}, "slices": "stack"},
@@ -92,6 +98,11 @@ NOTES = {
     "passthrough_slices": "layers stacked from two models, o_proj/down_proj zeroed in the second slice",
     "slerp_slices": "two slices, t restarting in each; the rest as slerp",
     "task_arithmetic_bf16": "f32 inputs loaded as bf16 and every operation rounded to bf16, as mergekit",
+    "karcher_bf16": "as task_arithmetic_bf16, the iterate held between passes (3 per iteration); f32 norms and dots "
+                    "are exact sums here, in torch's f32 order there",
+    "multislerp_bf16": "as task_arithmetic_bf16; its norms and dots are exact sums here, in torch's f32 order there",
+    "nearswap_bf16": "as task_arithmetic_bf16", "ram_bf16": "as task_arithmetic_bf16",
+    "ramplus_tl_bf16": "as task_arithmetic_bf16; its f32 λ makes the rest f32, and the model f32 in both tools",
     "ties_bf16": "as task_arithmetic_bf16, but these inputs are f32: the kept elements are ranked by their exact "
                  "deltas here, by the deltas of the bf16-rounded inputs in mergekit, and among equal bf16 \\|τ\\| "
                  "by torch's unstable sort there (on bf16 checkpoints only those ties differ: tests/test_mergekit_dtype.py)",

@@ -172,11 +172,65 @@ def test_karcher_in_its_dtype(tmp_path, dtype, with_base, n, params):
     assert any(not torch.equal(f32[n], got[n]) for n in want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("method", "params", "n"), [
+    ("nearswap", {"t": 0.05}, 1), ("nearswap", {"t": 0.01}, 1), ("ram", {"epsilon": 0.05}, 3), ("ram", {}, 2),
+    ("ramplus_tl", {"epsilon": 0.05, "r": 0.7, "alpha": 0.9}, 3)])  # fmt: skip
+def test_elementwise_methods_in_their_dtype(tmp_path, dtype, method, params, n):
+    """nearswap, ram and ramplus_tl computed as mergekit's run in bf16/f16 computes them (torch's
+    `t / x` as `reciprocal(x) * t`, the epsilon compared in the dtype, each averaged delta and
+    ram's sum and `base + merged` rounded; ramplus_tl's f32 λ makes the rest f32), against the
+    torch transcription run in that dtype. An epsilon of 0.05 makes elements that one, several or
+    no model changes."""
+    base, models = _state(15, DTYPES[dtype])
+    bp, mps = write_models(tmp_path / "in", base, models[:n])
+    cfg = {"merge_method": method, "base_model": str(bp), "dtype": dtype, "models": [{"model": str(m)} for m in mps],
+           "parameters": params}  # fmt: skip
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors")
+    got = load(tmp_path / "o.safetensors")
+    # ramplus_tl's result is f32 there (its λ is), and mergekit writes it so.
+    want = MKM.merge_in_dtype(base, models[:n], method, DTYPES[dtype], **params)
+    for k in want:
+        assert got[k].dtype == (torch.float32 if method == "ramplus_tl" else DTYPES[dtype]), k
+        assert torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max())
+    cfg["precision"] = "f32"
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "f.safetensors")
+    f32 = load(tmp_path / "f.safetensors")
+    assert any(not torch.equal(f32[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("with_base", "normalize"), [(True, True), (False, True), (True, False)])
+def test_multislerp_in_its_dtype(tmp_path, dtype, with_base, normalize):
+    """multislerp computed as mergekit's run in bf16/f16 computes it (the deltas, weights, each
+    norm and `+ eps`, quotient, product, sum over the models and dot rounded), against the torch
+    transcription run in that dtype with exact reductions (ours; torch's own f32 order differs by
+    ulps that rounding to the dtype nearly always hides)."""
+    base, models = _state(16, DTYPES[dtype])
+    bp, mps = write_models(tmp_path / "in", base, models)
+    ws = [1.0, 0.3, 0.55]
+    models_ = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(mps, ws, strict=True)]
+    cfg = {"merge_method": "multislerp", "dtype": dtype, "parameters": {"normalize_weights": normalize},
+           "models": models_}
+    if with_base:
+        cfg["base_model"] = str(bp)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors")
+    got = load(tmp_path / "o.safetensors")
+    want = MKM.merge_in_dtype(base, models, "multislerp", DTYPES[dtype], ws, relative=with_base,
+                              exact_reductions=True, normalize_weights=normalize)  # fmt: skip
+    for k in want:
+        assert got[k].dtype == DTYPES[dtype] and torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max())
+    cfg["precision"] = "f32"
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    ww.run(tmp_path / "c.yml", tmp_path / "f.safetensors")
+    f32 = load(tmp_path / "f.safetensors")
+    assert any(not torch.equal(f32[k], got[k]) for k in want)
+
+
 UNEMULATED = {
-    "multislerp": ({}, {"weight": 1.0}, 3),
-    "nearswap": ({"t": 0.5}, {}, 1),
-    "ram": ({}, {}, 3),
-    "ramplus_tl": ({}, {}, 3),
     "della": ({}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, 3),
     "della_linear": ({}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, 3),
 }
@@ -218,10 +272,10 @@ def test_the_cli_says_a_warning_once(tmp_path):
 
     base, models = _state(13, torch.bfloat16)
     bp, mps = write_models(tmp_path / "in", base, models)
-    cfg = {"merge_method": "multislerp", "dtype": "bfloat16",
-           "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in mps]}
+    cfg = {"merge_method": "della", "dtype": "bfloat16", "base_model": str(bp),
+           "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in mps]}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     p = subprocess.run([sys.executable, "-m", "weightweave", "run", str(tmp_path / "c.yml"), str(tmp_path / "o"), "-q"],
                        capture_output=True, text=True, check=True)  # fmt: skip
-    assert p.stderr.count("mergekit computes multislerp in bf16") == 1, p.stderr
+    assert p.stderr.count("mergekit computes della in bf16") == 1, p.stderr
     assert p.stderr.startswith("weightweave: warning: "), p.stderr

@@ -571,10 +571,14 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
 #: mergekit's task-arithmetic family: computed in the config's dtype when it is bf16 or f16.
 _GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 #: Methods whose arithmetic in bf16/f16 is emulated.
-_ARITH_METHODS = (*_GTA_METHODS, "model_stock", "sce", "nuslerp", "arcee_fusion", "karcher")
+_ARITH_METHODS = (*_GTA_METHODS, "model_stock", "sce", "nuslerp", "arcee_fusion", "karcher", "nearswap", "ram",
+                  "ramplus_tl", "multislerp")
+#: Methods whose result mergekit leaves in f32 whatever the dtype (an f32 tensor in their
+#: arithmetic promotes it): with no out_dtype, mergekit writes their model in f32.
+_F32_RESULT = ("arcee_fusion", "ramplus_tl")
 #: Methods mergekit computes in a bf16/f16 dtype whose arithmetic is not emulated (they compute in
 #: f32 here and round once): a run says so, as its model is not mergekit's bit for bit.
-_F32_ONLY = ("multislerp", "nearswap", "ram", "ramplus_tl", "della", "della_linear")
+_F32_ONLY = ("della", "della_linear")
 
 
 def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any], inputs: list[str]) -> None:
@@ -602,10 +606,11 @@ def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]
                       f"operation; weightweave computes it in f32 and rounds once, so elements can differ from "
                       f"mergekit's model by a {dt} rounding step (emulated for: {', '.join(_ARITH_METHODS)}). "
                       "'precision: f32' asks for f32 and silences this", RecipeWarning, stacklevel=4)  # fmt: skip
-    # The emulation rounds the result to dt, but arcee_fusion's, which mergekit leaves in f32.
+    # The emulation rounds the result to dt, but arcee_fusion's and ramplus_tl's, which mergekit
+    # leaves in f32.
     out = kwargs.get("out_dtype")
     if precision == "f32" or method not in _ARITH_METHODS or dt not in ("bf16", "f16") or (
-            out != dt and (method, out) != ("arcee_fusion", "f32")):
+            out != dt and (method in _F32_RESULT, out) != (True, "f32")):
         return
     kwargs["arith"] = dt
     if method in _GTA_METHODS and "lam" in kwargs and "weave" not in d:
@@ -752,9 +757,10 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
         if not isinstance(out_dtype, str) or out_dtype not in _MK_DTYPES:
             raise _fail(where, f"dtype '{out_dtype}' is not one of {', '.join(sorted(_MK_DTYPES))}")
         kwargs["out_dtype"] = _MK_DTYPES[out_dtype]
-    if method == "arcee_fusion" and d.get("out_dtype") is None:
+    if method in _F32_RESULT and d.get("out_dtype") is None:
         # mergekit writes each tensor as its method returns it unless out_dtype is given, and
-        # arcee_fusion's result is f32 (its mask is): mergekit's model is f32.
+        # arcee_fusion's result is f32 (its mask is), ramplus_tl's too (its λ is): mergekit's
+        # model is f32.
         kwargs["out_dtype"] = "f32"
     real = None
     if layout is not None:

@@ -49,7 +49,7 @@ def _vnorm(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
         return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)
     d = x.double().square()
     s = d.sum() if dim is None else d.sum(dim=dim, keepdim=keepdim)
-    return s.sqrt().to(F32)
+    return s.sqrt().to(F32).to(x.dtype)  # torch's norm of a bf16/f16 tensor is one
 
 
 def _rsum(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
@@ -57,7 +57,7 @@ def _rsum(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     if not _EXACT[0]:
         return x.sum() if dim is None else x.sum(dim=dim, keepdim=keepdim)
     d = x.double()
-    return (d.sum() if dim is None else d.sum(dim=dim, keepdim=keepdim)).to(F32)
+    return (d.sum() if dim is None else d.sum(dim=dim, keepdim=keepdim)).to(F32).to(x.dtype)
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:

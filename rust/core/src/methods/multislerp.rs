@@ -3,17 +3,47 @@
 //! weighted mean direction, average there, map back, and scale by the weighted mean norm.
 //! Four statistics stages: the norms, the mean's norm, the dots with the mean, the tangent's
 //! norm. One model is returned as it is.
+//!
+//! With `arith` (mergekit's bf16/f16 `dtype`) every torch operation of mergekit's code is
+//! rounded to it as mergekit's run rounds it: the deltas, the weights and their normalisation,
+//! each norm (reduced in f32, rounded once) and `+ eps`, each quotient and product, the sums over
+//! the models, the dots (of rounded products), cos/sin of the tangent's norm and the result.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::parse_arith;
 use super::{reduce, Reader};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::TensorPlan;
+
+/// Runs `$body` with `$r` the rounding of `$arith`, a closure of its own per dtype (the
+/// identity without one), so each arithmetic is compiled without a branch per operation.
+macro_rules! with_round {
+    ($arith:expr, |$r:ident| $body:expr) => {
+        match $arith {
+            None => {
+                let $r = |v: f32| v;
+                $body
+            }
+            Some(DType::F16) => {
+                let $r = |v: f32| half::f16::from_f32(v).to_f32();
+                $body
+            }
+            Some(_) => {
+                let $r = |v: f32| crate::dtype::round_to(DType::BF16, v);
+                $body
+            }
+        }
+    };
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct MultiSlerp {
     pub normalize_weights: bool,
     pub eps: f64,
     pub relative: bool,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 /// What the kernel knows of a tensor at a point in its stages.
@@ -30,11 +60,22 @@ impl MultiSlerp {
             normalize_weights: r.flag("normalize_weights", true)?,
             eps: r.num("eps", 1e-8, 0.0, 1.0, false)?,
             relative: r.flag("relative", true)?,
+            arith: parse_arith(r)?,
         })
     }
 
     fn eps(&self) -> f32 {
         self.eps as f32
+    }
+
+    /// A norm as torch gives it in the dtype (reduced wider, rounded once).
+    fn norm<R: Fn(f32) -> f32>(r: R, sum_sq: f64) -> f32 {
+        r(sum_sq.sqrt() as f32)
+    }
+
+    /// `mean_norm < eps`, compared in the dtype (torch rounds the scalar to the tensor's dtype).
+    fn cancelled(&self, mean_norm: f32) -> bool {
+        with_round!(self.arith, |r| mean_norm < r(self.eps()))
     }
 
     fn inputs_of<'a>(&self, x: &'a ChunkIn) -> &'a [&'a [f32]] {
@@ -45,52 +86,136 @@ impl MultiSlerp {
         }
     }
 
-    fn known(&self, x: &ChunkIn, st: &TensorStats) -> Known {
-        let mut weights = x.weights.to_vec();
+    fn known<R: Fn(f32) -> f32 + Copy>(&self, r: R, x: &ChunkIn, st: &TensorStats) -> Known {
+        let mut weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
         if self.normalize_weights {
-            let total = weights.iter().fold(0.0f32, |a, &b| a + b);
+            let total = r(weights.iter().fold(0.0f32, |a, &b| a + b));
             for w in &mut weights {
-                *w /= total;
+                *w = r(*w / total);
             }
         }
-        let norms = st.sums(0, 0).iter().map(|&s| s.sqrt() as f32).collect();
+        let norms = st.sums(0, 0).iter().map(|&s| Self::norm(r, s)).collect();
         Known {
             norms,
             weights,
-            mean_norm: (st.stages.len() > 1).then(|| st.sums(1, 0)[0].sqrt() as f32),
-            dots: (st.stages.len() > 2).then(|| st.sums(2, 0).iter().map(|&s| s as f32).collect()),
+            mean_norm: (st.stages.len() > 1).then(|| Self::norm(r, st.sums(1, 0)[0])),
+            dots: (st.stages.len() > 2)
+                .then(|| st.sums(2, 0).iter().map(|&s| r(s as f32)).collect()),
         }
     }
 
     /// The weighted mean of the unit vectors over the chunk, into `out` (task by task, as
-    /// torch's sum over the stacked tensors adds them).
-    fn mean_into(&self, k: &Known, v: &[&[f32]], out: &mut [f32]) {
+    /// torch's sum over the stacked tensors adds them, rounded once). Inputs are rounded to the
+    /// dtype first, as torch's `tensors -= base` leaves the deltas.
+    fn mean_into<R: Fn(f32) -> f32 + Copy>(&self, r: R, k: &Known, v: &[&[f32]], out: &mut [f32]) {
         out.fill(0.0);
         for ((x, &n), &w) in v.iter().zip(&k.norms).zip(&k.weights) {
-            let d = n + self.eps();
+            let d = r(n + self.eps());
             for (o, &y) in out.iter_mut().zip(x.iter()) {
-                *o += y / d * w;
+                *o += r(r(r(y) / d) * w);
             }
         }
+        out.iter_mut().for_each(|o| *o = r(*o));
     }
 
     /// The normalised mean into `mean` and the tangent-space result into `tangent`.
-    fn tangent_into(&self, k: &Known, v: &[&[f32]], mean: &mut [f32], tangent: &mut [f32]) {
-        self.mean_into(k, v, mean);
+    fn tangent_into<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        k: &Known,
+        v: &[&[f32]],
+        mean: &mut [f32],
+        tangent: &mut [f32],
+    ) {
+        self.mean_into(r, k, v, mean);
         let mn = k.mean_norm.expect("the mean's norm");
-        mean.iter_mut().for_each(|m| *m /= mn);
+        mean.iter_mut().for_each(|m| *m = r(*m / mn));
         let dots = k.dots.as_ref().expect("the dots");
         tangent.fill(0.0);
         for (((x, &n), &w), &d) in v.iter().zip(&k.norms).zip(&k.weights).zip(dots) {
-            let e = n + self.eps();
+            let e = r(n + self.eps());
             for ((o, &y), &m) in tangent.iter_mut().zip(x.iter()).zip(mean.iter()) {
-                *o += (y / e - d * m) * w;
+                *o += r(r(r(r(y) / e) - r(d * m)) * w);
+            }
+        }
+        tangent.iter_mut().for_each(|t| *t = r(*t));
+    }
+
+    fn fallback(&self, k: &Known) -> bool {
+        k.mean_norm.is_some_and(|n| self.cancelled(n))
+    }
+
+    fn accumulate_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        acc: &mut [f64],
+    ) {
+        let v = self.inputs_of(x);
+        if st.stages.is_empty() {
+            for (a, d) in acc.iter_mut().zip(v) {
+                *a += reduce::sum(x.n, |i| (r(d[i]) as f64) * (r(d[i]) as f64));
+            }
+            return;
+        }
+        let k = self.known(r, x, st);
+        crate::pipeline::grow(s.a, x.n);
+        crate::pipeline::grow(s.b, x.n);
+        let (mean, tangent) = (&mut s.a[..x.n], &mut s.b[..x.n]);
+        match st.stages.len() {
+            1 => {
+                self.mean_into(r, &k, v, mean);
+                acc[0] += reduce::sum_sq(mean);
+            }
+            2 => {
+                self.mean_into(r, &k, v, mean);
+                let mn = k.mean_norm.expect("norm");
+                mean.iter_mut().for_each(|m| *m = r(*m / mn));
+                for ((a, d), &n) in acc.iter_mut().zip(v).zip(&k.norms) {
+                    let e = r(n + self.eps());
+                    *a += reduce::sum(x.n, |i| r(r(r(d[i]) / e) * mean[i]) as f64);
+                }
+            }
+            _ => {
+                self.tangent_into(r, &k, v, mean, tangent);
+                acc[0] += reduce::sum_sq(tangent);
             }
         }
     }
 
-    fn fallback(&self, k: &Known) -> bool {
-        k.mean_norm.is_some_and(|n| n < self.eps())
+    fn merge_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        m: &mut [f32],
+    ) {
+        let v = self.inputs_of(x);
+        let k = self.known(r, x, st);
+        if self.fallback(&k) {
+            // Two models: their weighted sum (the caller refused more before any work).
+            for (i, o) in m.iter_mut().enumerate() {
+                *o = r(r(r(v[0][i]) * k.weights[0]) + r(r(v[1][i]) * k.weights[1]));
+            }
+            return;
+        }
+        let tn = r(Self::norm(r, st.sums(3, 0)[0]) + self.eps());
+        let (c, sn) = (r(tn.cos()), r(r(tn.sin()) / tn));
+        let avg = r(k
+            .norms
+            .iter()
+            .zip(&k.weights)
+            .fold(0.0f32, |a, (&n, &w)| a + r(n * w)));
+        crate::pipeline::grow(s.a, x.n);
+        crate::pipeline::grow(s.b, x.n);
+        let (mean, tangent) = (&mut s.a[..x.n], &mut s.b[..x.n]);
+        self.tangent_into(r, &k, v, mean, tangent);
+        for ((o, &mean), &t) in m.iter_mut().zip(mean.iter()).zip(tangent.iter()) {
+            *o = r(r(r(mean * c) + r(t * sn)) * avg);
+        }
     }
 }
 
@@ -100,8 +225,12 @@ impl Kernel for MultiSlerp {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit", "normalize_weights": self.normalize_weights,
-            "eps": self.eps, "relative": self.relative})
+        let mut v = serde_json::json!({"compat": "mergekit",
+            "normalize_weights": self.normalize_weights, "eps": self.eps, "relative": self.relative});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn inputs(&self) -> Inputs {
@@ -117,7 +246,9 @@ impl Kernel for MultiSlerp {
     }
 
     fn check_stats(&self, t: &TensorPlan, tasks: usize, st: &TensorStats) -> Result<()> {
-        let cancelled = st.stages.len() > 1 && (st.sums(1, 0)[0].sqrt() as f32) < self.eps();
+        let cancelled = st.stages.len() > 1
+            && with_round!(self.arith, |r| self
+                .cancelled(Self::norm(r, st.sums(1, 0)[0])));
         if tasks > 2 && cancelled {
             return Err(Error::param(
                 "weights",
@@ -140,7 +271,11 @@ impl Kernel for MultiSlerp {
             0 => sums(tasks),
             1 => sums(1),
             // The linear fallback needs no more (checked in `merge`).
-            2 if (done.sums(1, 0)[0].sqrt() as f32) < self.eps() => None,
+            2 if with_round!(self.arith, |r| self
+                .cancelled(Self::norm(r, done.sums(1, 0)[0]))) =>
+            {
+                None
+            }
             2 => sums(tasks),
             3 => sums(1),
             _ => None,
@@ -148,65 +283,14 @@ impl Kernel for MultiSlerp {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        let v = self.inputs_of(x);
-        if st.stages.is_empty() {
-            for (a, d) in acc.iter_mut().zip(v) {
-                *a += reduce::sum_sq(d);
-            }
-            return;
-        }
-        let k = self.known(x, st);
-        crate::pipeline::grow(s.a, x.n);
-        crate::pipeline::grow(s.b, x.n);
-        let (mean, tangent) = (&mut s.a[..x.n], &mut s.b[..x.n]);
-        match st.stages.len() {
-            1 => {
-                self.mean_into(&k, v, mean);
-                acc[0] += reduce::sum_sq(mean);
-            }
-            2 => {
-                self.mean_into(&k, v, mean);
-                let mn = k.mean_norm.expect("norm");
-                mean.iter_mut().for_each(|m| *m /= mn);
-                for ((a, d), &n) in acc.iter_mut().zip(v).zip(&k.norms) {
-                    let e = n + self.eps();
-                    *a += reduce::sum(x.n, |i| ((d[i] / e) * mean[i]) as f64);
-                }
-            }
-            _ => {
-                self.tangent_into(&k, v, mean, tangent);
-                acc[0] += reduce::sum_sq(tangent);
-            }
-        }
+        with_round!(self.arith, |r| self.accumulate_in(r, x, st, s, acc))
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        let v = self.inputs_of(x);
         if x.tasks() == 1 {
-            m.copy_from_slice(v[0]);
+            m.copy_from_slice(self.inputs_of(x)[0]);
             return;
         }
-        let k = self.known(x, st);
-        if self.fallback(&k) {
-            // Two models: their weighted sum (the caller refused more before any work).
-            for (i, o) in m.iter_mut().enumerate() {
-                *o = v[0][i] * k.weights[0] + v[1][i] * k.weights[1];
-            }
-            return;
-        }
-        let tn = (st.sums(3, 0)[0].sqrt() as f32) + self.eps();
-        let (c, sn) = (tn.cos(), tn.sin() / tn);
-        let avg = k
-            .norms
-            .iter()
-            .zip(&k.weights)
-            .fold(0.0f32, |a, (&n, &w)| a + n * w);
-        crate::pipeline::grow(s.a, x.n);
-        crate::pipeline::grow(s.b, x.n);
-        let (mean, tangent) = (&mut s.a[..x.n], &mut s.b[..x.n]);
-        self.tangent_into(&k, v, mean, tangent);
-        for ((o, &mean), &t) in m.iter_mut().zip(mean.iter()).zip(tangent.iter()) {
-            *o = (mean * c + t * sn) * avg;
-        }
+        with_round!(self.arith, |r| self.merge_in(r, x, st, s, m))
     }
 }

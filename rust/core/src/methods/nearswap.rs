@@ -1,20 +1,26 @@
 //! mergekit's `nearswap`: per element, move the base toward the model by t/|θ − θ_base|
 //! (clamped to [0, 1]): elements that barely differ take the model's value, distant ones keep
-//! the base's. Element-wise, no statistics.
+//! the base's. Element-wise, no statistics. With `arith` (mergekit's bf16/f16 `dtype`) every
+//! torch operation is rounded to it as mergekit's run rounds it.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, TensorStats};
+use super::mergekit::{parse_arith, round_opt};
 use super::Reader;
+use crate::dtype::DType;
 use crate::error::Result;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NearSwap {
     pub t: f64,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 impl NearSwap {
     pub fn parse(r: &mut Reader) -> Result<NearSwap> {
         Ok(NearSwap {
             t: super::registry::required(r, "nearswap", "t", f64::MIN, f64::MAX)?,
+            arith: parse_arith(r)?,
         })
     }
 }
@@ -29,7 +35,11 @@ impl Kernel for NearSwap {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        serde_json::json!({"compat": "mergekit", "t": self.t})
+        let mut v = serde_json::json!({"compat": "mergekit", "t": self.t});
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
     }
 
     fn inputs(&self) -> Inputs {
@@ -54,10 +64,11 @@ impl Kernel for NearSwap {
 
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         let t = self.t as f32;
+        let r = |v: f32| round_opt(self.arith, v);
         for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
-            // torch's `t / x` is `x.reciprocal() * t`.
-            let w = ((1.0 / (a - b).abs().max(1e-6)) * t).clamp(0.0, 1.0);
-            *o = w * b + (1.0 - w) * a;
+            // torch's `t / x` is `x.reciprocal() * t`; `clamp(min=1e-6)` rounds its result.
+            let w = r(r(1.0 / r(r(a - b).abs().max(1e-6))) * t).clamp(0.0, 1.0);
+            *o = r(r(w * b) + r(r(1.0 - w) * a));
         }
     }
 }

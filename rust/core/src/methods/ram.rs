@@ -2,9 +2,15 @@
 //! one fine-tune changes (|τ| > epsilon) is kept whole, one that several change is averaged
 //! over them. `ramplus_tl` scales each model's unique deltas by 1 + r·clamp(ρ, 0, α), where ρ
 //! is its count of shared over unique changed elements in the tensor (one statistics stage).
+//! With `arith` (mergekit's bf16/f16 `dtype`) the deltas, the epsilon they are compared with,
+//! each averaged delta and (`ram`) the sum over the models and `base + merged` are rounded to it
+//! as mergekit's run rounds them; `ramplus_tl`'s λ makes the rest f32 there (a bf16 tensor times
+//! an f32 one), and so here.
 
-use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats, Unit};
+use super::kernel::{ChunkIn, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit::{parse_arith, round_opt};
 use super::Reader;
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
@@ -14,6 +20,8 @@ pub struct Ram {
     pub epsilon: f64,
     pub r: f64,
     pub alpha: f64,
+    /// mergekit's dtype when its arithmetic is emulated.
+    pub arith: Option<DType>,
 }
 
 impl Ram {
@@ -32,15 +40,26 @@ impl Ram {
             epsilon,
             r: rr,
             alpha,
+            arith: parse_arith(r)?,
         })
     }
 
+    fn r(&self, v: f32) -> f32 {
+        round_opt(self.arith, v)
+    }
+
+    /// The epsilon |τ| is compared with (torch compares a bf16 tensor with the scalar rounded).
+    fn eps(&self) -> f32 {
+        self.r(self.epsilon as f32)
+    }
+
     /// Per element of the chunk: how many fine-tunes change it (|τ| > epsilon), into `out`.
-    fn counts(x: &ChunkIn, eps: f32, out: &mut [f32]) {
+    fn counts(&self, x: &ChunkIn, out: &mut [f32]) {
+        let eps = self.eps();
         out.fill(0.0);
         for d in x.deltas {
             for (c, &v) in out.iter_mut().zip(d.iter()) {
-                *c += f32::from(u8::from(v.abs() > eps));
+                *c += f32::from(u8::from(self.r(v).abs() > eps));
             }
         }
     }
@@ -60,10 +79,23 @@ impl Kernel for Ram {
     }
 
     fn params_json(&self) -> serde_json::Value {
-        if self.plus {
+        let mut v = if self.plus {
             serde_json::json!({"compat": "mergekit", "epsilon": self.epsilon, "r": self.r, "alpha": self.alpha})
         } else {
             serde_json::json!({"compat": "mergekit", "epsilon": self.epsilon})
+        };
+        if let Some(d) = self.arith {
+            v["arith"] = serde_json::json!(d.name());
+        }
+        v
+    }
+
+    /// `ram` in a dtype rounds `base + merged`: it writes the values.
+    fn output(&self) -> Output {
+        if self.arith.is_some() && !self.plus {
+            Output::Value
+        } else {
+            Output::Delta
         }
     }
 
@@ -72,7 +104,7 @@ impl Kernel for Ram {
     }
 
     fn stats_key(&self) -> String {
-        format!("ram {}", self.epsilon)
+        format!("ram {} {:?}", self.epsilon, self.arith)
     }
 
     fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
@@ -84,15 +116,15 @@ impl Kernel for Ram {
 
     /// Per task: elements it changes that others change too, and that only it changes.
     fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        let eps = self.epsilon as f32;
+        let eps = self.eps();
         let tasks = x.tasks();
         crate::pipeline::grow(s.a, x.n);
         let counts = &mut s.a[..x.n];
-        Ram::counts(x, eps, counts);
+        self.counts(x, counts);
         for (t, d) in x.deltas.iter().enumerate() {
             let (mut shared, mut unique) = (0u64, 0u64);
             for (&v, &c) in d.iter().zip(counts.iter()) {
-                let on = v.abs() > eps;
+                let on = self.r(v).abs() > eps;
                 shared += u64::from(on & (c > 1.0));
                 unique += u64::from(on & (c == 1.0));
             }
@@ -102,7 +134,7 @@ impl Kernel for Ram {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        let eps = self.epsilon as f32;
+        let eps = self.eps();
         let tasks = x.tasks();
         let lambdas: Vec<f32> = (0..tasks)
             .map(|t| {
@@ -110,17 +142,20 @@ impl Kernel for Ram {
                     return 1.0;
                 }
                 let s = st.sums(0, 0);
-                let rho = s[t] as f32 / (s[tasks + t] as f32).max(eps);
+                let rho = s[t] as f32 / (s[tasks + t] as f32).max(self.epsilon as f32);
                 1.0 + self.r as f32 * rho.clamp(0.0, self.alpha as f32)
             })
             .collect();
         crate::pipeline::grow(s.a, x.n);
         let counts = &mut s.a[..x.n];
-        Ram::counts(x, eps, counts);
+        self.counts(x, counts);
         m.fill(0.0);
-        // Task by task, as torch sums the stacked terms: z·unique(·λ) + z·overlap / count.
+        // Task by task, as torch sums the stacked terms: z·unique(·λ) + z·overlap / count (in
+        // the dtype: only one of the two is nonzero, so their sum is exact; ramplus_tl's λ makes
+        // it f32).
         for (d, &lam) in x.deltas.iter().zip(&lambdas) {
             for ((o, &v), &c) in m.iter_mut().zip(d.iter()).zip(counts.iter()) {
+                let v = self.r(v);
                 let z = v * f32::from(u8::from(v.abs() > eps));
                 let (unique, overlap) =
                     (f32::from(u8::from(c == 1.0)), f32::from(u8::from(c > 1.0)));
@@ -129,7 +164,13 @@ impl Kernel for Ram {
                 } else {
                     z * unique
                 };
-                *o += kept + z * overlap / c.max(1.0);
+                *o += kept + self.r(z * overlap / c.max(1.0));
+            }
+        }
+        if let (Some(_), false) = (self.arith, self.plus) {
+            // torch's sum over the models, accumulated in f32 and rounded once; then the base.
+            for (o, &b) in m.iter_mut().zip(x.base) {
+                *o = self.r(b + self.r(*o));
             }
         }
     }
