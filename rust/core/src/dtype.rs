@@ -339,7 +339,7 @@ pub mod fp8 {
 
 /// `v` rounded to floating dtype `d` (nearest even) and back to f32: the value a tensor loaded,
 /// or a torch operation computed, in `d` holds (f32 and wider: `v` itself).
-#[inline]
+#[inline(always)]
 pub fn round_to(d: DType, v: f32) -> f32 {
     match d {
         DType::BF16 => f32::from_bits(u32::from(bf16_bits(v)) << 16),

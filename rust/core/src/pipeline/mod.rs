@@ -692,7 +692,11 @@ impl<'a> Engine<'a> {
         read_values(b, t, c, base, lora)?;
         // The base as stored: a LoRA's values are θ_base + BA before they are loaded in d.
         stored.copy_from_slice(base);
-        round_loaded(d, b.file, t, c.start, base)?;
+        // Values stored in d itself are d's already (a bf16 checkpoint under `dtype: bfloat16`).
+        let plain = |r: &TensorRef| r.dtype == d && r.delta.is_none() && r.scale.is_none();
+        if !plain(b) {
+            round_loaded(d, b.file, t, c.start, base)?;
+        }
         for (k, refs) in self.model_refs.iter().enumerate() {
             let r = &refs[c.tensor];
             grow(&mut raw[k], n);
@@ -715,7 +719,9 @@ impl<'a> Engine<'a> {
                 }
                 None => read_values(r, t, c, v, lora)?,
             }
-            round_loaded(d, r.file, t, c.start, v)?;
+            if !plain(r) {
+                round_loaded(d, r.file, t, c.start, v)?;
+            }
             if !self.values {
                 for (x, &b) in raw[k][..n].iter_mut().zip(base.iter()) {
                     *x -= b;
@@ -824,17 +830,23 @@ fn read_values(
 /// the file, the tensor and the element, never an infinity merged.
 fn round_loaded(d: DType, file: &str, t: &TensorPlan, start: usize, v: &mut [f32]) -> Result<()> {
     let limit = d.overflow_at();
-    for (i, x) in v.iter_mut().enumerate() {
-        if x.abs() >= limit {
-            return Err(Error::LoadOverflow {
-                file: file.to_owned(),
-                tensor: t.name.clone(),
-                index: start + i,
-                value: *x,
-                dtype: d.name(),
-            });
-        }
-        *x = round_to(d, *x);
+    // The check and the rounding are loops of their own, without an early exit or a dtype
+    // branch per element, so both vectorise (one loop of both was a third of a bf16 merge).
+    if v.iter().fold(false, |over, x| over | (x.abs() >= limit)) {
+        let i = v.iter().position(|x| x.abs() >= limit).expect("one is");
+        return Err(Error::LoadOverflow {
+            file: file.to_owned(),
+            tensor: t.name.clone(),
+            index: start + i,
+            value: v[i],
+            dtype: d.name(),
+        });
+    }
+    match d {
+        DType::BF16 => v
+            .iter_mut()
+            .for_each(|x| *x = f32::from_bits(u32::from(crate::dtype::bf16_bits(*x)) << 16)),
+        _ => v.iter_mut().for_each(|x| *x = round_to(d, *x)),
     }
     Ok(())
 }
