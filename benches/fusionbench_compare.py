@@ -23,7 +23,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from mergekit_compare import load_dir, make_models, timed
+from mergekit_compare import load_dir, make_models, timed, weightweave_command
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
@@ -125,7 +125,7 @@ def main() -> None:
         cli = ["merge", str(base), *map(str, fts), "-o", str(ww_out), "-q"]
         if "--method" not in ww_args:
             cli += ["--method", method]
-        t_ww, m_ww = timed([sys.executable, "-m", "weightweave.cli", *cli, *ww_args])
+        t_ww, m_ww = timed([*weightweave_command(), *cli, *ww_args])
         row = compare(method, load_file(str(ww_out)), load_file(str(fb_out)), base_sd)
         row.update({"seconds_fusionbench": t_fb, "seconds_weightweave": t_ww, "speedup": t_fb / t_ww,
                     "peak_rss_fusionbench": m_fb, "peak_rss_weightweave": m_ww, "memory_ratio": m_fb / m_ww})  # fmt: skip

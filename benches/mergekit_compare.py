@@ -109,6 +109,20 @@ NOTES = {
 }  # fmt: skip
 
 
+def weightweave_command() -> list[str]:
+    """The `weightweave` command as a user runs it, its package byte-compiled first: pip writes
+    .pyc files for an installed package (mergekit's venv has them), and an editable install
+    writes them on first import unless PYTHONDONTWRITEBYTECODE is set (as on some CI machines),
+    where every run would compile the package again (0.1 s)."""
+    import compileall
+
+    import weightweave
+
+    compileall.compile_dir(str(Path(weightweave.__file__).parent), quiet=1)
+    exe = Path(sys.executable).parent / "weightweave"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "weightweave"]
+
+
 def ensure_mergekit() -> Path:
     exe = VENV / "bin" / "mergekit-yaml"
     if not exe.exists():
@@ -336,7 +350,7 @@ def main() -> None:
             return t_best, rss
 
         t_mk, m_mk = best([str(exe), str(cfg), str(mk_out)], mk_out)
-        t_ww, m_ww = best([sys.executable, "-m", "weightweave.cli", "run", str(cfg), str(ww_out), "-q"], ww_out)
+        t_ww, m_ww = best([*weightweave_command(), "run", str(cfg), str(ww_out), "-q"], ww_out)
         row = compare(method, load_dir(ww_out), load_dir(mk_out), base_sd, ft_sds)
         row.update({"seconds_mergekit": t_mk, "seconds_weightweave": t_ww, "speedup": t_mk / t_ww,
                     "peak_rss_mergekit": m_mk, "peak_rss_weightweave": m_ww, "memory_ratio": m_mk / m_ww})  # fmt: skip

@@ -41,7 +41,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mergekit_compare import ensure_mergekit  # noqa: E402
+from mergekit_compare import ensure_mergekit, weightweave_command  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "mergekit_corpus"
@@ -321,7 +321,7 @@ def main() -> None:
         configs = [c for c in configs if c.name.startswith(want)]
     rows = []
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
-    ww = shutil.which("weightweave") or "weightweave"
+    ww = weightweave_command()
     for path in configs:
         work = Path(tempfile.mkdtemp(prefix="mkc-", dir=args.keep))
         try:
@@ -332,7 +332,7 @@ def main() -> None:
             rc, r["mk_s"], r["mk_err"] = _run([str(exe), str(cfg), str(work / "mk"), "--no-write-model-card",
                                                "--lora-merge-cache", str(work / "lora-cache")], work, env)
             r["mk_ok"] = _weights(work / "mk") is not None if (work / "mk").exists() else False
-            rc, r["ww_s"], r["ww_err"] = _run([ww, "run", str(cfg), str(work / "ww"), "-q"], work, env)
+            rc, r["ww_s"], r["ww_err"] = _run([*ww, "run", str(cfg), str(work / "ww"), "-q"], work, env)
             r["ww_ok"] = rc == 0
             if r["mk_ok"] and r["ww_ok"]:
                 r.update(compare(work / "mk", work / "ww"))
