@@ -98,6 +98,7 @@ fn bufs<'s>(s: Scratch<'s>, n: usize) -> Bufs<'s> {
 }
 
 impl Karcher {
+    #[inline(always)]
     fn ctx(&self, points: usize, st: &TensorStats) -> Ctx {
         let norms: Vec<f32> = st.sums(0, 0).iter().map(|&s| s.sqrt() as f32).collect();
         let valid: Vec<usize> = (0..points)
@@ -128,6 +129,7 @@ impl Karcher {
     /// The mean the held values stand for, normalised by stage `w`'s norm (`w` ≡ 1 mod 3),
     /// into `b.mean`.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn mean<R: Round>(
         &self,
         r: R,
@@ -154,6 +156,7 @@ impl Karcher {
 
     /// The tangent at the mean in `b.mean`, from the dots of stage `s`, into `b.tan`: per valid
     /// point `α·(θ / sin θ)·(u − dot·mean)`, summed in the dtype (θ < tol skips the point).
+    #[inline(always)]
     fn tangent<R: Round>(
         &self,
         r: R,
@@ -179,11 +182,13 @@ impl Karcher {
         }
     }
 
+    #[inline(always)]
     fn norm_of(st: &TensorStats, s: usize) -> f32 {
         st.sums(s, 0)[0].sqrt() as f32
     }
 
     /// The latest stage (of `done`) whose norm normalises the held mean.
+    #[inline(always)]
     fn writer(done: usize) -> usize {
         done - 1 - (done + 1) % 3
     }
@@ -218,11 +223,13 @@ impl Karcher {
         acc: &mut [f64],
     ) {
         match d {
-            DType::F16 => self.accumulate_in(F16, x, p, st, s, acc),
-            _ => self.accumulate_in(Bf16, x, p, st, s, acc),
+            // The loops in the AVX2 copy (`simd!`): every function below is inlined into it.
+            DType::F16 => crate::simd!(self.accumulate_in(F16, x, p, st, s, acc)),
+            _ => crate::simd!(self.accumulate_in(Bf16, x, p, st, s, acc)),
         }
     }
 
+    #[inline(always)]
     fn accumulate_in<R: Round>(
         &self,
         r: R,
@@ -282,6 +289,7 @@ impl Karcher {
     }
 
     /// Holds `v` for the next pass, and adds its squared norm to `acc[0]`.
+    #[inline(always)]
     fn hold<R: Round>(r: R, v: &[f32], held: &[AtomicU16], acc: &mut [f64]) {
         for (h, &x) in held.iter().zip(v) {
             h.store(r.bits(x), Relaxed);
@@ -299,11 +307,12 @@ impl Karcher {
         m: &mut [f32],
     ) {
         match d {
-            DType::F16 => self.merge_in(F16, x, p, st, s, m),
-            _ => self.merge_in(Bf16, x, p, st, s, m),
+            DType::F16 => crate::simd!(self.merge_in(F16, x, p, st, s, m)),
+            _ => crate::simd!(self.merge_in(Bf16, x, p, st, s, m)),
         }
     }
 
+    #[inline(always)]
     fn merge_in<R: Round>(
         &self,
         r: R,

@@ -2,6 +2,27 @@
 //! per-chunk kernels. Global statistics (TIES thresholds, PCB percentiles) are gathered by the
 //! pipeline's extra passes and handed to the kernels as plain numbers.
 
+/// Runs `$body` with `$r` the rounding of `$arith`, a closure of its own per dtype (the
+/// identity without one), so each arithmetic is compiled without a branch per operation.
+macro_rules! with_round {
+    ($arith:expr, |$r:ident| $body:expr) => {
+        match $arith {
+            None => {
+                let $r = |v: f32| v;
+                $body
+            }
+            Some(crate::dtype::DType::F16) => {
+                let $r = |v: f32| half::f16::from_f32(v).to_f32();
+                $body
+            }
+            Some(_) => {
+                let $r = |v: f32| crate::dtype::round_to(crate::dtype::DType::BF16, v);
+                $body
+            }
+        }
+    };
+}
+
 pub mod arcee_fusion;
 pub mod breadcrumbs;
 pub mod dare;

@@ -16,27 +16,6 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::plan::TensorPlan;
 
-/// Runs `$body` with `$r` the rounding of `$arith`, a closure of its own per dtype (the
-/// identity without one), so each arithmetic is compiled without a branch per operation.
-macro_rules! with_round {
-    ($arith:expr, |$r:ident| $body:expr) => {
-        match $arith {
-            None => {
-                let $r = |v: f32| v;
-                $body
-            }
-            Some(DType::F16) => {
-                let $r = |v: f32| half::f16::from_f32(v).to_f32();
-                $body
-            }
-            Some(_) => {
-                let $r = |v: f32| crate::dtype::round_to(DType::BF16, v);
-                $body
-            }
-        }
-    };
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct MultiSlerp {
     pub normalize_weights: bool,
@@ -69,6 +48,7 @@ impl MultiSlerp {
     }
 
     /// A norm as torch gives it in the dtype (reduced wider, rounded once).
+    #[inline(always)]
     fn norm<R: Fn(f32) -> f32>(r: R, sum_sq: f64) -> f32 {
         r(sum_sq.sqrt() as f32)
     }
@@ -86,6 +66,7 @@ impl MultiSlerp {
         }
     }
 
+    #[inline(always)]
     fn known<R: Fn(f32) -> f32 + Copy>(&self, r: R, x: &ChunkIn, st: &TensorStats) -> Known {
         let mut weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
         if self.normalize_weights {
@@ -107,6 +88,7 @@ impl MultiSlerp {
     /// The weighted mean of the unit vectors over the chunk, into `out` (task by task, as
     /// torch's sum over the stacked tensors adds them, rounded once). Inputs are rounded to the
     /// dtype first, as torch's `tensors -= base` leaves the deltas.
+    #[inline(always)]
     fn mean_into<R: Fn(f32) -> f32 + Copy>(&self, r: R, k: &Known, v: &[&[f32]], out: &mut [f32]) {
         out.fill(0.0);
         for ((x, &n), &w) in v.iter().zip(&k.norms).zip(&k.weights) {
@@ -119,6 +101,7 @@ impl MultiSlerp {
     }
 
     /// The normalised mean into `mean` and the tangent-space result into `tangent`.
+    #[inline(always)]
     fn tangent_into<R: Fn(f32) -> f32 + Copy>(
         &self,
         r: R,
@@ -145,6 +128,7 @@ impl MultiSlerp {
         k.mean_norm.is_some_and(|n| self.cancelled(n))
     }
 
+    #[inline(always)]
     fn accumulate_in<R: Fn(f32) -> f32 + Copy>(
         &self,
         r: R,
@@ -185,6 +169,7 @@ impl MultiSlerp {
         }
     }
 
+    #[inline(always)]
     fn merge_in<R: Fn(f32) -> f32 + Copy>(
         &self,
         r: R,
@@ -283,7 +268,10 @@ impl Kernel for MultiSlerp {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        with_round!(self.arith, |r| self.accumulate_in(r, x, st, s, acc))
+        // The loops in the AVX2 copy (`simd!`): every function below is inlined into it.
+        with_round!(self.arith, |r| crate::simd!(
+            self.accumulate_in(r, x, st, s, acc)
+        ))
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
@@ -291,6 +279,6 @@ impl Kernel for MultiSlerp {
             m.copy_from_slice(self.inputs_of(x)[0]);
             return;
         }
-        with_round!(self.arith, |r| self.merge_in(r, x, st, s, m))
+        with_round!(self.arith, |r| crate::simd!(self.merge_in(r, x, st, s, m)))
     }
 }

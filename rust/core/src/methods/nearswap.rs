@@ -4,7 +4,7 @@
 //! torch operation is rounded to it as mergekit's run rounds it.
 
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, TensorStats};
-use super::mergekit::{parse_arith, round_opt};
+use super::mergekit::parse_arith;
 use super::Reader;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -64,11 +64,12 @@ impl Kernel for NearSwap {
 
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         let t = self.t as f32;
-        let r = |v: f32| round_opt(self.arith, v);
-        for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
-            // torch's `t / x` is `x.reciprocal() * t`; `clamp(min=1e-6)` rounds its result.
-            let w = r(r(1.0 / r(r(a - b).abs().max(1e-6))) * t).clamp(0.0, 1.0);
-            *o = r(r(w * b) + r(r(1.0 - w) * a));
-        }
+        with_round!(self.arith, |r| {
+            for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
+                // torch's `t / x` is `x.reciprocal() * t`; `clamp(min=1e-6)` rounds its result.
+                let w = r(r(1.0 / r(r(a - b).abs().max(1e-6))) * t).clamp(0.0, 1.0);
+                *o = r(r(w * b) + r(r(1.0 - w) * a));
+            }
+        })
     }
 }

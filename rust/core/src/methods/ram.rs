@@ -8,7 +8,7 @@
 //! an f32 one), and so here.
 
 use super::kernel::{ChunkIn, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::mergekit::{parse_arith, round_opt};
+use super::mergekit::parse_arith;
 use super::Reader;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -44,22 +44,88 @@ impl Ram {
         })
     }
 
-    fn r(&self, v: f32) -> f32 {
-        round_opt(self.arith, v)
-    }
-
-    /// The epsilon |τ| is compared with (torch compares a bf16 tensor with the scalar rounded).
-    fn eps(&self) -> f32 {
-        self.r(self.epsilon as f32)
-    }
-
-    /// Per element of the chunk: how many fine-tunes change it (|τ| > epsilon), into `out`.
-    fn counts(&self, x: &ChunkIn, out: &mut [f32]) {
-        let eps = self.eps();
+    /// Per element of the chunk: how many fine-tunes change it (|τ| > eps, τ as the dtype
+    /// holds it), into `out`.
+    fn counts<R: Fn(f32) -> f32 + Copy>(r: R, eps: f32, x: &ChunkIn, out: &mut [f32]) {
         out.fill(0.0);
         for d in x.deltas {
             for (c, &v) in out.iter_mut().zip(d.iter()) {
-                *c += f32::from(u8::from(self.r(v).abs() > eps));
+                *c += f32::from(u8::from(r(v).abs() > eps));
+            }
+        }
+    }
+
+    /// Per task: elements it changes that others change too, and that only it changes.
+    fn accumulate_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        s: Scratch,
+        acc: &mut [f64],
+    ) {
+        // torch compares a bf16 tensor with the scalar rounded to bf16.
+        let eps = r(self.epsilon as f32);
+        let tasks = x.tasks();
+        crate::pipeline::grow(s.a, x.n);
+        let counts = &mut s.a[..x.n];
+        Ram::counts(r, eps, x, counts);
+        for (t, d) in x.deltas.iter().enumerate() {
+            let (mut shared, mut unique) = (0u64, 0u64);
+            for (&v, &c) in d.iter().zip(counts.iter()) {
+                let on = r(v).abs() > eps;
+                shared += u64::from(on & (c > 1.0));
+                unique += u64::from(on & (c == 1.0));
+            }
+            acc[t] += shared as f64;
+            acc[tasks + t] += unique as f64;
+        }
+    }
+
+    fn merge_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        m: &mut [f32],
+    ) {
+        let eps = r(self.epsilon as f32);
+        let tasks = x.tasks();
+        let lambdas: Vec<f32> = (0..tasks)
+            .map(|t| {
+                if !self.plus {
+                    return 1.0;
+                }
+                let s = st.sums(0, 0);
+                let rho = s[t] as f32 / (s[tasks + t] as f32).max(self.epsilon as f32);
+                1.0 + self.r as f32 * rho.clamp(0.0, self.alpha as f32)
+            })
+            .collect();
+        crate::pipeline::grow(s.a, x.n);
+        let counts = &mut s.a[..x.n];
+        Ram::counts(r, eps, x, counts);
+        m.fill(0.0);
+        // Task by task, as torch sums the stacked terms: z·unique(·λ) + z·overlap / count (in
+        // the dtype: only one of the two is nonzero, so their sum is exact; ramplus_tl's λ makes
+        // it f32).
+        for (d, &lam) in x.deltas.iter().zip(&lambdas) {
+            for ((o, &v), &c) in m.iter_mut().zip(d.iter()).zip(counts.iter()) {
+                let v = r(v);
+                let z = v * f32::from(u8::from(v.abs() > eps));
+                let (unique, overlap) =
+                    (f32::from(u8::from(c == 1.0)), f32::from(u8::from(c > 1.0)));
+                let kept = if self.plus {
+                    z * unique * lam
+                } else {
+                    z * unique
+                };
+                *o += kept + r(z * overlap / c.max(1.0));
+            }
+        }
+        if let (Some(_), false) = (self.arith, self.plus) {
+            // torch's sum over the models, accumulated in f32 and rounded once; then the base.
+            for (o, &b) in m.iter_mut().zip(x.base) {
+                *o = r(b + r(*o));
             }
         }
     }
@@ -116,62 +182,10 @@ impl Kernel for Ram {
 
     /// Per task: elements it changes that others change too, and that only it changes.
     fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        let eps = self.eps();
-        let tasks = x.tasks();
-        crate::pipeline::grow(s.a, x.n);
-        let counts = &mut s.a[..x.n];
-        self.counts(x, counts);
-        for (t, d) in x.deltas.iter().enumerate() {
-            let (mut shared, mut unique) = (0u64, 0u64);
-            for (&v, &c) in d.iter().zip(counts.iter()) {
-                let on = self.r(v).abs() > eps;
-                shared += u64::from(on & (c > 1.0));
-                unique += u64::from(on & (c == 1.0));
-            }
-            acc[t] += shared as f64;
-            acc[tasks + t] += unique as f64;
-        }
+        with_round!(self.arith, |r| self.accumulate_in(r, x, s, acc))
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        let eps = self.eps();
-        let tasks = x.tasks();
-        let lambdas: Vec<f32> = (0..tasks)
-            .map(|t| {
-                if !self.plus {
-                    return 1.0;
-                }
-                let s = st.sums(0, 0);
-                let rho = s[t] as f32 / (s[tasks + t] as f32).max(self.epsilon as f32);
-                1.0 + self.r as f32 * rho.clamp(0.0, self.alpha as f32)
-            })
-            .collect();
-        crate::pipeline::grow(s.a, x.n);
-        let counts = &mut s.a[..x.n];
-        self.counts(x, counts);
-        m.fill(0.0);
-        // Task by task, as torch sums the stacked terms: z·unique(·λ) + z·overlap / count (in
-        // the dtype: only one of the two is nonzero, so their sum is exact; ramplus_tl's λ makes
-        // it f32).
-        for (d, &lam) in x.deltas.iter().zip(&lambdas) {
-            for ((o, &v), &c) in m.iter_mut().zip(d.iter()).zip(counts.iter()) {
-                let v = self.r(v);
-                let z = v * f32::from(u8::from(v.abs() > eps));
-                let (unique, overlap) =
-                    (f32::from(u8::from(c == 1.0)), f32::from(u8::from(c > 1.0)));
-                let kept = if self.plus {
-                    z * unique * lam
-                } else {
-                    z * unique
-                };
-                *o += kept + self.r(z * overlap / c.max(1.0));
-            }
-        }
-        if let (Some(_), false) = (self.arith, self.plus) {
-            // torch's sum over the models, accumulated in f32 and rounded once; then the base.
-            for (o, &b) in m.iter_mut().zip(x.base) {
-                *o = self.r(b + self.r(*o));
-            }
-        }
+        with_round!(self.arith, |r| self.merge_in(r, x, st, s, m))
     }
 }
