@@ -18,7 +18,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// The stream used by random pooling (DARE uses the task index).
 pub const POOL_STREAM: u64 = u64::MAX;
 
-#[inline]
+#[inline(always)]
 pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -44,7 +44,7 @@ impl Stream {
         Stream { key }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn draw(&self, index: u64) -> u64 {
         mix(self
             .key
@@ -52,13 +52,13 @@ impl Stream {
     }
 
     /// Bernoulli(density): true with probability `density` (exact multiples of 2^-24).
-    #[inline]
+    #[inline(always)]
     pub fn keep(&self, index: u64, density: f32) -> bool {
         self.unit(index) < density
     }
 
     /// Uniform in [0, 1), a multiple of 2^-24 (exact in f32): `keep` compares it.
-    #[inline]
+    #[inline(always)]
     pub fn unit(&self, index: u64) -> f32 {
         ((self.draw(index) >> 40) as f32) * (1.0 / 16_777_216.0)
     }

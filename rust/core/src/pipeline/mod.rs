@@ -776,12 +776,15 @@ impl<'a> Engine<'a> {
                 grow(&mut w.eff[k], n);
                 let stream = Stream::new(self.recipe.seed, k as u64, name);
                 let (first, density) = (c.start as u64, p.density.get(k));
+                // In the AVX2 copy (`simd!`): the draws' 64-bit products vectorise there.
                 if src == Src::Raw {
                     let (raw, eff) = (&w.raw[k][..n], &mut w.eff[k][..n]);
-                    elementwise::dare_into(raw, eff, &stream, first, density, p.rescale);
+                    crate::simd!(elementwise::dare_into(
+                        raw, eff, &stream, first, density, p.rescale
+                    ));
                 } else {
                     let x = &mut w.eff[k][..n];
-                    elementwise::dare(x, &stream, first, density, p.rescale);
+                    crate::simd!(elementwise::dare(x, &stream, first, density, p.rescale));
                 }
             }
             src = Src::Eff;
