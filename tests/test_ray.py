@@ -56,6 +56,8 @@ CASES = {
     "sce": dict(method="sce", select_topk=0.5),
     "model_stock": dict(method="model_stock"),
     "slerp": dict(method="slerp", t=0.4),
+    # The held iterate of karcher in bf16 lives in the unit that merges the tensor.
+    "karcher_bf16": dict(method="karcher", compat="mergekit", arith="bf16", out_dtype="bf16", max_iter=3),
     # MetaGPT's weights: the norms gathered over the units first, as TIES's statistics are.
     "metagpt": dict(method="task_arithmetic", lam="metagpt"),
     "metagpt_ties": dict(method="ties", density=0.3, lam="metagpt"),
