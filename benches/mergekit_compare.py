@@ -82,6 +82,11 @@ METHODS = {
     "passthrough_slices": {"method": "passthrough", "per_model": {}, "shared": {}, "slices": "stack"},
     "slerp_slices": {"method": "slerp", "per_model": {}, "shared": {"t": [{"filter": "self_attn", "value": [0, 1]},
                                                                           {"value": 0.4}]}, "slices": "split"},
+    # A vision-language model (Qwen2.5-VL layout: a text decoder of 4 layers, a vision tower of 6
+    # blocks, a projector), whose modules mergekit plans apart: mergekit's own vlm-ties.yml
+    # gradients, and a `modules:` config.
+    "vlm_ties_gradient": {"method": "ties", "vlm": "gradient", "per_model": {}, "shared": {}},
+    "vlm_modules": {"method": "task_arithmetic", "vlm": "modules", "per_model": {}, "shared": {}},
 }  # fmt: skip
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # Known causes of differences, by method (beyond rounding, which the ulps column shows).
@@ -97,6 +102,9 @@ NOTES = {
     "task_arithmetic_filter": "lambda by filter and layer gradient",
     "passthrough_slices": "layers stacked from two models, o_proj/down_proj zeroed in the second slice",
     "slerp_slices": "two slices, t restarting in each; the rest as slerp",
+    "vlm_ties_gradient": "Qwen2.5-VL layout: density and weight gradients over each module's own layers (text 4, "
+                         "vision 6), as mergekit's examples/vlm-ties.yml",
+    "vlm_modules": "Qwen2.5-VL layout, `modules:` with λ and weights per module and per model in a module",
     "task_arithmetic_bf16": "f32 inputs loaded as bf16 and every operation rounded to bf16, as mergekit",
     "karcher_bf16": "as task_arithmetic_bf16, the iterate held between passes (3 per iteration); f32 norms and dots "
                     "are exact sums here, in torch's f32 order there",
@@ -162,8 +170,82 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int = 32000,
     return base_dir, fts
 
 
+VLM_TEXT, VLM_VISION, VLM_HIDDEN = 4, 6, 256
+
+
+def make_vlm_models(root: Path) -> tuple[Path, list[Path]]:
+    """A Qwen2.5-VL-shaped base and two fine-tunes, f32, with the tensor names mergekit 0.1.5's
+    architecture file lists (the layout of the published checkpoints)."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig
+
+    base_dir = root / "base"
+    if (base_dir / "config.json").exists():
+        return base_dir, sorted(root.glob("ft*"))
+    h, v, vocab = VLM_HIDDEN, VLM_HIDDEN // 2, 4096
+    cfg = Qwen2_5_VLConfig(
+        text_config={"hidden_size": h, "intermediate_size": 2 * h, "num_hidden_layers": VLM_TEXT,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab},
+        vision_config={"depth": VLM_VISION, "hidden_size": v, "out_hidden_size": h, "intermediate_size": 2 * v,
+                       "num_heads": 4, "in_chans": 3, "patch_size": 2, "temporal_patch_size": 2,
+                       "spatial_merge_size": 2, "fullatt_block_indexes": [VLM_VISION - 1]},
+        architectures=["Qwen2_5_VLForConditionalGeneration"])  # fmt: skip
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h),
+              "visual.patch_embed.proj.weight": (v, 3, 2, 2, 2), "visual.merger.ln_q.weight": (v,),
+              "visual.merger.mlp.0.weight": (4 * v, 4 * v), "visual.merger.mlp.0.bias": (4 * v,),
+              "visual.merger.mlp.2.weight": (h, 4 * v), "visual.merger.mlp.2.bias": (h,)}  # fmt: skip
+    for i in range(VLM_TEXT):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "mlp.down_proj.weight": (h, 2 * h), p + "mlp.gate_proj.weight": (2 * h, h),
+                   p + "mlp.up_proj.weight": (2 * h, h), p + "self_attn.o_proj.weight": (h, h)}  # fmt: skip
+        for x, rows in (("q", h), ("k", h // 2), ("v", h // 2)):
+            shapes |= {p + f"self_attn.{x}_proj.weight": (rows, h), p + f"self_attn.{x}_proj.bias": (rows,)}
+    for j in range(VLM_VISION):
+        p = f"visual.blocks.{j}."
+        shapes |= {p + "attn.qkv.weight": (3 * v, v), p + "attn.qkv.bias": (3 * v,), p + "attn.proj.weight": (v, v),
+                   p + "attn.proj.bias": (v,), p + "norm1.weight": (v,), p + "norm2.weight": (v,)}  # fmt: skip
+        for x, shape in (("gate", (2 * v, v)), ("up", (2 * v, v)), ("down", (v, 2 * v))):
+            shapes |= {p + f"mlp.{x}_proj.weight": shape, p + f"mlp.{x}_proj.bias": shape[:1]}
+    g = torch.Generator().manual_seed(0)
+    base = {n: 0.02 * torch.randn(s, generator=g) for n, s in shapes.items()}
+    out = []
+    for k, scale in enumerate((0.0, 0.01, 0.02)):
+        d = base_dir if k == 0 else root / f"ft{k - 1}"
+        d.mkdir(parents=True)
+        save_file({n: t + scale * torch.randn(t.shape, generator=g) for n, t in base.items()},
+                  str(d / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+        cfg.save_pretrained(d)
+        out.append(d)
+    return out[0], out[1:]
+
+
+def vlm_recipe(kind: str, base: Path, fts: list[Path]) -> str:
+    if kind == "gradient":
+        # mergekit's examples/vlm-ties.yml, with its models replaced by these.
+        cfg: dict = {"models": [{"model": str(fts[0]), "parameters": {"density": [1, 0.7, 0.1], "weight": 1.0}},
+                                {"model": str(fts[1]), "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}}],
+                     "merge_method": "ties", "base_model": str(base), "parameters": {"normalize": True},
+                     "dtype": "float32"}  # fmt: skip
+    else:
+        def entries(w0, w1):  # noqa: E306
+            return [{"model": str(fts[0]), **({"parameters": {"weight": w0}} if w0 is not None else {})},
+                    {"model": str(fts[1]), **({"parameters": {"weight": w1}} if w1 is not None else {})}]
+
+        cfg = {"modules": {
+            "text_decoder": {"models": entries([1.0, 0.2], None), "parameters": {"lambda": [0.5, 1.5]}},
+            "multi_modal_projector": {"models": entries(0.0, None)},
+            "vision_tower": {"models": entries(None, 0.1),
+                             "parameters": {"lambda": [{"filter": "mlp", "value": [2.0, 0.0]}, {"value": 0.7}]}}},
+            "merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"weight": 0.6, "lambda": 1.0},
+            "dtype": "float32"}  # fmt: skip
+    return json.dumps(cfg, indent=1) + "\n"
+
+
 def recipe(method: str, base: Path, fts: list[Path]) -> str:
     spec = METHODS[method]
+    if "vlm" in spec:
+        return vlm_recipe(spec["vlm"], base, fts)
     if "slices" in spec:
         return slices_recipe(spec, base, fts)
     method = spec.get("method", method)
@@ -332,8 +414,12 @@ def main() -> None:
     size = sum(t.numel() * t.element_size() for t in base_sd.values())
     rows = []
     for method in args.methods.split(","):
+        models = (base, fts, base_sd, ft_sds)
+        if "vlm" in METHODS[method]:
+            vb, vf = make_vlm_models(DATA / "mergekit-vlm" / "models")
+            models = (vb, vf, load_dir(vb), [load_dir(f) for f in vf])
         cfg = work / f"{method}.yml"
-        cfg.write_text(recipe(method, base, fts))
+        cfg.write_text(recipe(method, *models[:2]))
         mk_out, ww_out = work / f"out-mergekit-{method}", work / f"out-weightweave-{method}"
         for d in (mk_out, ww_out):
             subprocess.run(["rm", "-rf", str(d)], check=True)
@@ -351,7 +437,9 @@ def main() -> None:
 
         t_mk, m_mk = best([str(exe), str(cfg), str(mk_out)], mk_out)
         t_ww, m_ww = best([*weightweave_command(), "run", str(cfg), str(ww_out), "-q"], ww_out)
-        row = compare(method, load_dir(ww_out), load_dir(mk_out), base_sd, ft_sds)
+        row = compare(method, load_dir(ww_out), load_dir(mk_out), *models[2:])
+        for d in (mk_out, ww_out):
+            subprocess.run(["rm", "-rf", str(d)], check=True)  # outputs of every row would fill the disk
         row.update({"seconds_mergekit": t_mk, "seconds_weightweave": t_ww, "speedup": t_mk / t_ww,
                     "peak_rss_mergekit": m_mk, "peak_rss_weightweave": m_ww, "memory_ratio": m_mk / m_ww})  # fmt: skip
         rows.append(row)

@@ -351,7 +351,7 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
         out.append("'slices' whose slices merge different numbers of sources, sources of unequal lengths, or no "
                    "source of base_model (each slice merges base_model's layers and as many others)")  # fmt: skip
     if "modules" in d:
-        out.append("'modules'")
+        out.append("'modules' beside 'models' or 'slices' (mergekit takes exactly one of the three)")
     method = d.get("merge_method")
     if not isinstance(method, str) or method not in MERGEKIT_METHODS:
         out.append(f"merge_method '{method}', not one weightweave runs (supported: {', '.join(MERGEKIT_METHODS)})")
@@ -617,6 +617,32 @@ def _arith(d: Mapping[str, Any], where: str, method: str, kwargs: dict[str, Any]
         kwargs["lambda"] = kwargs.pop("lam")
 
 
+def _modules_of(d: Mapping[str, Any], where: str) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The modules of the config's architecture, read from the base model's config.json (else the
+    first model's), as mergekit reads it; (None, arch) for a model of one module."""
+    ref = d.get("base_model")
+    if ref is None:
+        firsts: list[object] = []
+        if isinstance(d.get("models"), list) and d["models"]:
+            firsts.append(d["models"][0])
+        if isinstance(d.get("slices"), list) and d["slices"] and isinstance(d["slices"][0], Mapping):
+            firsts.extend((d["slices"][0].get("sources") or [None])[:1])
+        if isinstance(d.get("modules"), Mapping):
+            firsts.extend((m.get("models") or [None])[0] for m in d["modules"].values() if isinstance(m, Mapping)
+                          and isinstance(m.get("models"), list))  # fmt: skip
+        ref = next((e.get("model") for e in firsts if isinstance(e, Mapping)), None)
+    if not isinstance(ref, str):
+        return None, None
+    from .modules import architecture, table
+
+    path = ref.partition("+")[0] if "+" in ref and not os.path.exists(ref) else ref
+    try:
+        path = _local(where, "base_model", path)
+    except RecipeError:
+        return None, None  # reported where the model is read
+    return table(path), architecture(path)
+
+
 def _stored_dtype(paths: list[str]) -> str | None:
     """The one dtype (bf16 or f16) every floating tensor of these inputs is stored in, else None
     (a mix, another dtype, or inputs that cannot be inspected: the merge reports those)."""
@@ -641,6 +667,15 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     _ignored(where, unknown, "not a key of mergekit's config")
     d = {k: v for k, v in d.items() if k in _MK_TOP}
     d = _known_condition_keys(d, where)
+    mods, arch = _modules_of(d, where)
+    if "modules" in d and not ("models" in d or "slices" in d):
+        from .modules import flatten
+
+        d = flatten(d, where, mods, arch, _fail, _ignored)
+    elif mods is not None and "slices" in d and "models" not in d:
+        raise _fail(where, f"'slices' of {arch}, a model of modules ({', '.join(m['name'] for m in mods)}): mergekit "
+                           "slices such a model only under 'modules:', and so does weightweave; merge whole models "
+                           "with 'models'")  # fmt: skip
     layout = None
     if "slices" in d and "models" not in d:
         d = _known_slice_keys(d, where)
@@ -772,6 +807,9 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
                 loras.append((len(real) - 1, *applied[0], str(m)))
         # The tokenizer's models: every input, in the order the slices name them.
         order = list(zip(real, layout["inputs"], strict=True))
+    if mods is not None:
+        # Each module's gradients run over its own layers (modules.py).
+        kwargs["modules"] = mods
     _arith(d, where, method, kwargs, real or [base, *models])
     lam = kwargs.pop("lam", None)
     mode = "merge"

@@ -77,9 +77,9 @@ def conditions(name: str, v: object) -> list[dict[str, Any]]:
         raise ParamError(f"{name}: {len(v)} conditions, more than the {MAX_CONDITIONS} allowed")  # type: ignore[arg-type]
     out = []
     for i, c in enumerate(v):  # type: ignore[arg-type]
-        bad = sorted(str(k) for k in set(c) - {"value", "filter", "slice"})
+        bad = sorted(str(k) for k in set(c) - {"value", "filter", "slice", "module"})
         if bad:
-            raise ParamError(f"{name}[{i}]: '{bad[0]}' is not part of a condition (value, filter, slice)")
+            raise ParamError(f"{name}[{i}]: '{bad[0]}' is not part of a condition (value, filter, slice, module)")
         if "value" not in c:
             raise ParamError(f"{name}[{i}]: a condition needs a value")
         f = c.get("filter")
@@ -91,6 +91,11 @@ def conditions(name: str, v: object) -> list[dict[str, Any]]:
             if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < 2**31:
                 raise ParamError(f"{name}[{i}].slice must be the index of an output slice, got {_shown(k)}")
             cond["slice"] = k
+        if c.get("module") is not None:
+            k = c["module"]
+            if not isinstance(k, (str, int)) or isinstance(k, bool) or (isinstance(k, int) and not 0 <= k < 2**31):
+                raise ParamError(f"{name}[{i}].module must name one of the modules, got {_shown(k)}")
+            cond["module"] = k
         out.append(cond)
     return out
 
@@ -102,7 +107,10 @@ def _per_model(name: str, v: object) -> list[dict[str, Any]]:
 
 def split(params: dict[str, Any], weights: object, lam: object) -> tuple[object, object, dict[str, Any] | None]:
     """Takes the per-tensor settings out of ``params`` (in place), ``weights`` and ``lam``;
-    returns (weights, lam, per_tensor) with what is left of the first two."""
+    returns (weights, lam, per_tensor) with what is left of the first two. ``params["modules"]``
+    (taken out too) names the model's modules (``modules.py``): each runs its gradients over its
+    own layers, and a condition's ``module`` scopes it to one."""
+    modules = _modules(params.pop("modules", None))
     shared: dict[str, Any] = {}
     per_model: dict[str, Any] = {}
     for k in list(params):
@@ -121,7 +129,43 @@ def split(params: dict[str, Any], weights: object, lam: object) -> tuple[object,
         lam = None
     if not shared and not per_model:
         return weights, lam, None
-    return weights, lam, {"shared": shared, "per_model": per_model}
+    names = [m["name"] for m in modules]
+    for k, s in [*shared.items(), *((k, s) for k, per in per_model.items() for s in per)]:
+        for c in s:
+            m = c.get("module")
+            if isinstance(m, str):
+                if m not in names:
+                    raise ParamError(f"{k}: a condition of module '{m}', not one of the modules given "
+                                     f"({', '.join(names) or 'none'})")  # fmt: skip
+                c["module"] = names.index(m)
+            elif m is not None and m >= len(names):
+                raise ParamError(f"{k}: a condition of module {m}, of {len(names)} modules given")
+    return weights, lam, {"shared": shared, "per_model": per_model, **({"modules": modules} if modules else {})}
+
+
+def _modules(v: object) -> list[dict[str, Any]]:
+    """``modules``: ``[{"name": str, "prefixes": [str, ...], "layered": bool, "pins": [[prefix, t], ...]},
+    ...]`` (``layered`` true and ``pins`` none unless given)."""
+    if v is None:
+        return []
+    if not _is_list(v) or len(v) > 64:  # type: ignore[arg-type]
+        raise ParamError("modules must be a list of up to 64 {'name', 'prefixes', 'layered', 'pins'}")
+    out = []
+    for i, m in enumerate(v):  # type: ignore[arg-type]
+        keys = {"name", "prefixes", "layered", "pins"}
+        ok = isinstance(m, Mapping) and set(m) <= keys and isinstance(m.get("name"), str)
+        ps = m.get("prefixes") if ok else None  # type: ignore[union-attr]
+        ok = ok and _is_list(ps) and 0 < len(ps) <= 256 and all(isinstance(p, str) and p for p in ps)  # type: ignore[arg-type]
+        pins = m.get("pins", []) if ok else None  # type: ignore[union-attr]
+        ok = ok and _is_list(pins) and len(pins) <= 256 and all(  # type: ignore[arg-type]
+            _is_list(x) and len(x) == 2 and isinstance(x[0], str) and x[0] and not isinstance(x[1], bool)
+            and isinstance(x[1], (int, float)) and 0 <= x[1] <= 1 for x in pins)  # type: ignore[union-attr]  # fmt: skip
+        if not ok or not isinstance(m.get("layered", True), bool):  # type: ignore[union-attr]
+            raise ParamError(f"modules[{i}] must be {{'name': str, 'prefixes': [str, ...], 'layered': bool, "
+                             f"'pins': [[prefix, t], ...]}}, got {_shown(m)}")  # fmt: skip
+        out.append({"name": m["name"], "prefixes": list(ps), "layered": m.get("layered", True),  # type: ignore[index,union-attr,arg-type]
+                    "pins": [(x[0], float(x[1])) for x in pins]})  # type: ignore[union-attr]
+    return out
 
 
 def split_slices(params: dict[str, Any]) -> list[dict[str, Any]] | None:

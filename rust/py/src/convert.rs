@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
-use weightweave_core::recipe::tensors::{Cond, PerTensor, Setting, Value};
+use weightweave_core::recipe::tensors::{Cond, Module, PerTensor, Setting, Value};
 use weightweave_core::recipe::{Overlay, TokenizerOut};
 use weightweave_core::scaling::Lines;
 use weightweave_core::source::slices::{Slice, Slices, Source};
@@ -79,6 +79,7 @@ fn setting(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Setting> {
         })?;
         let filter: Option<String> = item(c, "filter", None)?;
         let slice: Option<usize> = item(c, "slice", None)?;
+        let module: Option<usize> = item(c, "module", None)?;
         let value = c.get_item("value")?.ok_or_else(|| {
             ParamError::new_err(format!("per-tensor '{key}': a condition needs a value"))
         })?;
@@ -96,6 +97,7 @@ fn setting(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Setting> {
         out.push(Cond {
             filter,
             slice,
+            module,
             value,
         });
     }
@@ -124,6 +126,22 @@ fn per_tensor(v: &Bound<'_, PyAny>) -> PyResult<PerTensor> {
                 .map(|x| setting(&k, x))
                 .collect::<PyResult<Vec<_>>>()?;
             pt.per_model.insert(k, per);
+        }
+    }
+    if let Some(s) = d.get_item("modules")? {
+        let items: Vec<Bound<'_, PyAny>> = s
+            .extract()
+            .map_err(|_| ParamError::new_err("modules must be a list of dicts"))?;
+        for m in items {
+            let m = m.cast::<PyDict>().map_err(|_| {
+                ParamError::new_err("a module is a dict of name, prefixes and layered")
+            })?;
+            pt.modules.push(Module {
+                name: item(m, "name", String::new())?,
+                prefixes: item(m, "prefixes", Vec::new())?,
+                layered: item(m, "layered", true)?,
+                pins: item(m, "pins", Vec::new())?,
+            });
         }
     }
     Ok(pt)

@@ -24,7 +24,41 @@ pub struct Cond {
     pub filter: Option<String>,
     /// With slices: the condition holds in this output slice only (a slice's own scope).
     pub slice: Option<usize>,
+    /// With modules: the condition holds in this module only (index into [`PerTensor::modules`]).
+    pub module: Option<usize>,
     pub value: Value,
+}
+
+/// A part of a model with layers of its own (mergekit's modules: a vision-language model's text
+/// decoder, vision tower and projector; T5's encoder and decoder). A gradient runs over the
+/// module's own layers, as mergekit plans each module apart, and a condition can be scoped to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Module {
+    pub name: String,
+    /// Its tensors: names starting with one of these (the longest prefix of any module wins, so
+    /// `visual.merger.` can be one module inside another's `visual.`).
+    pub prefixes: Vec<String>,
+    /// Whether it has layers; one without (a projector) reads its gradients at t = 0, as
+    /// mergekit's pre- and post-layer weights.
+    pub layered: bool,
+    /// Tensors (by name prefix) that mergekit plans at a t of its own: an architecture file
+    /// whose layer names lack the layer index plans them once per layer, and the last wins.
+    pub pins: Vec<(String, f64)>,
+}
+
+/// Modules one run accepts, and prefixes per module: far beyond any architecture.
+pub const MAX_MODULES: usize = 64;
+pub const MAX_PREFIXES: usize = 256;
+
+/// The module tensor `name` belongs to: the one with the longest prefix of it.
+pub fn module_of(modules: &[Module], name: &str) -> Option<usize> {
+    modules
+        .iter()
+        .enumerate()
+        .flat_map(|(m, md)| md.prefixes.iter().map(move |p| (m, p)))
+        .filter(|(_, p)| name.starts_with(p.as_str()))
+        .max_by_key(|(m, p)| (p.len(), std::cmp::Reverse(*m)))
+        .map(|(m, _)| m)
 }
 
 /// A condition's value.
@@ -46,6 +80,8 @@ pub struct PerTensor {
     pub shared: BTreeMap<String, Setting>,
     /// Per-model parameters (`weights` among them): one setting per fine-tuned model.
     pub per_model: BTreeMap<String, Vec<Setting>>,
+    /// The model's modules (none: one, the whole model).
+    pub modules: Vec<Module>,
 }
 
 /// Tensors merged with one recipe: plan indices, ascending.
@@ -60,13 +96,20 @@ pub const MAX_GROUPS: usize = 1 << 16;
 
 /// The value of `setting` for tensor `name` at `t`, `None` when no condition matches.
 pub fn evaluate(setting: &[Cond], name: &str, t: f64) -> Option<Param> {
-    evaluate_in(setting, name, t, 0)
+    evaluate_in(setting, name, t, 0, None)
 }
 
-/// [`evaluate`] for a tensor of output slice `slice`.
-pub fn evaluate_in(setting: &[Cond], name: &str, t: f64, slice: usize) -> Option<Param> {
+/// [`evaluate`] for a tensor of output slice `slice` and module `module`.
+pub fn evaluate_in(
+    setting: &[Cond],
+    name: &str,
+    t: f64,
+    slice: usize,
+    module: Option<usize>,
+) -> Option<Param> {
     let c = setting.iter().find(|c| {
         c.slice.map_or(true, |s| s == slice)
+            && c.module.map_or(true, |m| Some(m) == module)
             && match c.filter.as_deref() {
                 None | Some("*") => true,
                 Some(f) => name.contains(f),
@@ -105,21 +148,42 @@ fn first(setting: &[Cond]) -> Option<Param> {
     })
 }
 
-/// The layer of each tensor (its first integer name component, `layers.7.`) and the layer count:
-/// the largest layer + 1.
-fn layers(plan: &[TensorPlan]) -> (Vec<Option<usize>>, usize) {
+/// Each tensor's module and mergekit's t for it: its layer (its first integer name component,
+/// `layers.7.`) over its module's layer count, the largest layer of the module's tensors + 1
+/// (tensors in no module count as one more module; a module without layers reads t = 0).
+fn positions(plan: &[TensorPlan], modules: &[Module]) -> Vec<(Option<usize>, f64)> {
+    let module: Vec<Option<usize>> = plan.iter().map(|t| module_of(modules, &t.name)).collect();
     let layer: Vec<Option<usize>> = plan
         .iter()
         .map(|t| crate::scaling::block_index(&t.name))
         .collect();
-    let n = plan
+    let slot = |m: Option<usize>| m.unwrap_or(modules.len());
+    let mut n = vec![0usize; modules.len() + 1];
+    for ((t, m), l) in plan.iter().zip(&module).zip(&layer) {
+        if let (true, Some(l)) = (t.mergeable, l) {
+            n[slot(*m)] = n[slot(*m)].max(l + 1);
+        }
+    }
+    module
         .iter()
         .zip(&layer)
-        .filter(|(t, _)| t.mergeable)
-        .filter_map(|(_, l)| *l)
-        .max()
-        .map_or(0, |l| l + 1);
-    (layer, n)
+        .zip(plan)
+        .map(|((&m, &l), t)| match m {
+            Some(k) => {
+                let pin = modules[k]
+                    .pins
+                    .iter()
+                    .filter(|(p, _)| t.name.starts_with(p.as_str()))
+                    .max_by_key(|(p, _)| p.len());
+                match pin {
+                    Some(&(_, at)) => (m, at),
+                    None if !modules[k].layered => (m, 0.0),
+                    None => (m, gradient_t(l, n[k])),
+                }
+            }
+            None => (m, gradient_t(l, n[slot(m)])),
+        })
+        .collect()
 }
 
 /// mergekit's t: layer / (layers − 1), 1 with a single layer, 0 outside the layers.
@@ -142,6 +206,9 @@ fn setting_json(s: &[Cond]) -> serde_json::Value {
             if let Some(k) = c.slice {
                 j["slice"] = serde_json::json!(k);
             }
+            if let Some(k) = c.module {
+                j["module"] = serde_json::json!(k);
+            }
             j
         })
         .collect()
@@ -156,6 +223,17 @@ impl PerTensor {
         }
         for (k, per) in &self.per_model {
             r.insert(k.clone(), per.iter().map(|s| setting_json(s)).collect());
+        }
+        if !self.modules.is_empty() {
+            let m: Vec<serde_json::Value> = self
+                .modules
+                .iter()
+                .map(|m| {
+                    serde_json::json!({"name": m.name, "prefixes": m.prefixes, "layered": m.layered,
+                                       "pins": m.pins})
+                })
+                .collect();
+            r.insert("modules".into(), serde_json::Value::Array(m));
         }
         serde_json::Value::Object(r)
     }
@@ -211,6 +289,60 @@ impl PerTensor {
                 return Err(Error::param(k, "per-model settings for no model"));
             }
         }
+        self.check_modules(job)
+    }
+
+    fn check_modules(&self, job: &Job) -> Result<()> {
+        let bad = |m: String| Err(Error::param("modules", m));
+        if self.modules.is_empty() {
+            return Ok(());
+        }
+        if job.slices.is_some() {
+            return bad("slices and modules together: give each module its own layers".into());
+        }
+        if self.modules.len() > MAX_MODULES {
+            return bad(format!(
+                "{} modules, more than the {MAX_MODULES} allowed",
+                self.modules.len()
+            ));
+        }
+        for (i, m) in self.modules.iter().enumerate() {
+            if m.prefixes.is_empty() || m.prefixes.len() > MAX_PREFIXES {
+                return bad(format!(
+                    "module '{}' needs 1 to {MAX_PREFIXES} name prefixes",
+                    m.name
+                ));
+            }
+            if m.pins.len() > MAX_PREFIXES || m.pins.iter().any(|(_, t)| !(0.0..=1.0).contains(t)) {
+                return bad(format!(
+                    "module '{}': up to {MAX_PREFIXES} pins, each a t in [0, 1]",
+                    m.name
+                ));
+            }
+            if self.modules[..i].iter().any(|o| o.name == m.name) {
+                return bad(format!("module '{}' is given twice", m.name));
+            }
+        }
+        let settings = self.shared.iter().chain(
+            self.per_model
+                .iter()
+                .flat_map(|(k, per)| per.iter().map(move |s| (k, s))),
+        );
+        for (k, s) in settings {
+            if let Some(m) = s
+                .iter()
+                .filter_map(|c| c.module)
+                .find(|&m| m >= self.modules.len())
+            {
+                return Err(Error::param(
+                    k,
+                    format!(
+                        "a condition of module {m}, of {} modules",
+                        self.modules.len()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -253,13 +385,18 @@ impl PerTensor {
 
     /// The job of one tensor: its settings' values at its name and t, and a key telling apart
     /// jobs that differ.
-    fn resolve(&self, job: &Job, name: &str, (t, slice): (f64, usize)) -> Result<(Job, String)> {
+    fn resolve(
+        &self,
+        job: &Job,
+        name: &str,
+        (t, slice, module): (f64, usize, Option<usize>),
+    ) -> Result<(Job, String)> {
         let mut j = job.clone();
         j.per_tensor = None;
         j.slices = None;
         let mut key = String::new();
         for (k, s) in &self.shared {
-            let v = evaluate_in(s, name, t, slice);
+            let v = evaluate_in(s, name, t, slice, module);
             key.push_str(&format!("{k}={v:?};"));
             match (k.as_str(), v) {
                 (_, None) => {}
@@ -280,8 +417,10 @@ impl PerTensor {
             }
         }
         for (k, per) in &self.per_model {
-            let vals: Vec<Option<Param>> =
-                per.iter().map(|s| evaluate_in(s, name, t, slice)).collect();
+            let vals: Vec<Option<Param>> = per
+                .iter()
+                .map(|s| evaluate_in(s, name, t, slice, module))
+                .collect();
             key.push_str(&format!("{k}={vals:?};"));
             if vals.iter().all(Option::is_none) {
                 continue;
@@ -327,7 +466,7 @@ impl Job {
         let Some(pt) = &self.per_tensor else {
             return Ok(Vec::new());
         };
-        let (layer, n) = layers(plan);
+        let pos = positions(plan, &pt.modules);
         let mut index: BTreeMap<String, usize> = BTreeMap::new();
         let mut groups: Vec<TensorGroup> = Vec::new();
         for (i, t) in plan.iter().enumerate() {
@@ -347,9 +486,9 @@ impl Job {
             let at_t = match &self.slices {
                 Some(s) => {
                     let p = s.position(&t.name);
-                    (p.t, p.slice)
+                    (p.t, p.slice, None)
                 }
-                None => (gradient_t(layer[i], n), 0),
+                None => (pos[i].1, 0, pos[i].0),
             };
             let (job, key) = pt.resolve(self, &t.name, at_t).map_err(at)?;
             if let Some(&g) = index.get(&key) {
@@ -404,16 +543,19 @@ mod tests {
             Cond {
                 filter: Some("self_attn".into()),
                 slice: None,
+                module: None,
                 value: one(0.2),
             },
             Cond {
                 filter: Some("mlp".into()),
                 slice: None,
+                module: None,
                 value: one(0.7),
             },
             Cond {
                 filter: None,
                 slice: None,
+                module: None,
                 value: one(0.5),
             },
         ];
@@ -436,6 +578,7 @@ mod tests {
         let s = vec![Cond {
             filter: Some("*".into()),
             slice: None,
+            module: None,
             value: steps(&[0.0, 0.5, 0.3, 0.7, 1.0]),
         }];
         let Some(Param::Num(x)) = evaluate(&s, "x", 0.6) else {
@@ -447,6 +590,7 @@ mod tests {
         let flags = vec![Cond {
             filter: None,
             slice: None,
+            module: None,
             value: Value::Steps(vec![Param::Bool(true), Param::Bool(false)]),
         }];
         assert_eq!(evaluate(&flags, "x", 0.99), Some(Param::Bool(true)));
@@ -459,5 +603,94 @@ mod tests {
         assert_eq!(gradient_t(Some(0), 1), 1.0);
         assert_eq!(gradient_t(Some(3), 4), 1.0);
         assert_eq!(gradient_t(Some(1), 5), 0.25);
+    }
+
+    fn plan(names: &[&str]) -> Vec<TensorPlan> {
+        names
+            .iter()
+            .map(|n| TensorPlan {
+                name: (*n).into(),
+                shape: vec![1],
+                numel: 1,
+                base_dtype: crate::dtype::DType::F32,
+                out_dtype: crate::dtype::DType::F32,
+                mergeable: true,
+                requant: None,
+                derived: None,
+            })
+            .collect()
+    }
+
+    fn module(name: &str, prefixes: &[&str], layered: bool) -> Module {
+        Module {
+            name: name.into(),
+            prefixes: prefixes.iter().map(|p| (*p).into()).collect(),
+            layered,
+            pins: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_module_runs_its_gradient_over_its_own_layers() {
+        // A Qwen2-VL: 3 text layers, 5 vision blocks, a projector inside `visual.`.
+        let mut projector = module("multi_modal_projector", &["visual.merger."], false);
+        projector.pins = vec![("visual.merger.mlp.".into(), 1.0)];
+        let mods = [
+            module("text_decoder", &["model.", "lm_head."], true),
+            projector,
+            module("vision_tower", &["visual."], true),
+        ];
+        let p = plan(&[
+            "model.embed_tokens.weight",
+            "model.layers.2.mlp.up_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "visual.blocks.4.attn.qkv.weight",
+            "visual.blocks.1.attn.qkv.weight",
+            "visual.merger.mlp.2.weight",
+            "lm_head.weight",
+            "other.3.weight",
+            "visual.merger.ln_q.weight",
+        ]);
+        let got = positions(&p, &mods);
+        let want = [
+            (Some(0), 0.0),
+            (Some(0), 1.0),
+            (Some(0), 0.5),
+            (Some(0), 0.0),
+            (Some(2), 1.0),
+            (Some(2), 0.25),
+            (Some(1), 1.0),
+            (Some(0), 0.0),
+            (None, 1.0),
+            (Some(1), 0.0),
+        ];
+        assert_eq!(got, want);
+        // Without modules: one layer count (5) for every tensor, as before.
+        assert_eq!(positions(&p, &[])[1], (None, 0.5));
+        // Conditions scoped to a module hold in it only.
+        let s = vec![
+            Cond {
+                filter: None,
+                slice: None,
+                module: Some(2),
+                value: one(0.9),
+            },
+            Cond {
+                filter: None,
+                slice: None,
+                module: None,
+                value: one(0.1),
+            },
+        ];
+        assert_eq!(
+            evaluate_in(&s, "visual.blocks.1.x", 0.0, 0, Some(2)),
+            Some(Param::Num(0.9))
+        );
+        assert_eq!(
+            evaluate_in(&s, "visual.merger.x", 0.0, 0, Some(1)),
+            Some(Param::Num(0.1))
+        );
+        assert_eq!(module_of(&mods, "visualize.x"), None);
     }
 }
