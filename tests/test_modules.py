@@ -241,3 +241,15 @@ def test_modules_on_a_model_of_one_module_are_refused(tmp_path):
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RecipeError, match="not one mergekit 0.1.5 plans in modules"):
         ww.run(p, tmp_path / "o.safetensors")
+
+
+def test_the_api_reads_the_modules_of_the_base_directorys_architecture(vlm, tmp_path):
+    """Without ``modules=``, a gradient in ``ww.merge`` runs over the modules mergekit knows for the
+    base's architecture, as the same config through ``weightweave run`` does."""
+    base, models, (bp, m1, m2) = vlm
+    ww.merge(bp, [m1, m2], tmp_path / "o.safetensors", method="task_arithmetic", compat="mergekit",
+             lam={"value": [0.0, 1.0]})  # fmt: skip
+    got = load(tmp_path / "o.safetensors")
+    for n in base:
+        want = base[n] + _t(n) * ((models[0][n] - base[n]) + (models[1][n] - base[n]))
+        torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-6, msg=n)

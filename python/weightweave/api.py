@@ -267,6 +267,17 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
     return _report(_rust.merge_files(*args, job, **opts, progress=progress))
 
 
+def _default_modules(base: PathLike | None, params: dict[str, Any]) -> None:
+    """``modules`` from the base directory's architecture, unless given (``modules.py``)."""
+    if "modules" in params or base is None:
+        return
+    from .modules import table
+
+    mods = table(os.fspath(base))
+    if mods is not None:
+        params["modules"] = mods
+
+
 def merge(
     base: PathLike | None,
     models: Sequence[PathLike],
@@ -340,7 +351,11 @@ def merge(
             Per tensor (mergekit's gradients and filters): a parameter, ``lam`` or an entry of a
             per-model list may be a setting, ``{"value": [0.2, 0.8]}`` (a gradient over the
             layers) or ``[{"filter": "mlp", "value": 0.3}, {"value": 0.5}]`` (the first condition
-            whose filter is in the tensor's name); see the README's recipe section.
+            whose filter is in the tensor's name); see the README's recipe section. A gradient
+            runs over the layers of the tensor's module: ``modules=[{"name", "prefixes",
+            "layered", "pins"}, ...]``, by default the modules mergekit knows for the base
+            directory's ``config.json`` architecture (vision-language models, T5); a condition's
+            ``"module": name`` holds in that module only.
 
     Returns:
         A :class:`Report`.
@@ -349,6 +364,7 @@ def merge(
         WeaveError: any problem with the inputs, parameters or output (subclasses name it);
             nothing is left at ``out`` when it is raised.
     """
+    _default_modules(base, params)
     job = _job(method, params, "merge", lam=lam, seed=seed, threads=threads, chunk_size=chunk_size,
                out_dtype=out_dtype, weights=weights, compat=compat, keep_base=keep_base)  # fmt: skip
     return _run_files(base, models, out, job, shard_size, overwrite, progress, cluster)
@@ -405,6 +421,7 @@ def weave(
     Raises:
         WeaveError: as in :func:`merge`.
     """
+    _default_modules(base, params)
     job = _job(method, params, "weave", lambdas=lambdas, pool=pool, include_deltas=include_deltas, seed=seed,
                threads=threads, chunk_size=chunk_size, out_dtype=out_dtype, weights=weights, search=search,
                compat=compat, keep_base=keep_base)  # fmt: skip
