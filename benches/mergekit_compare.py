@@ -82,6 +82,8 @@ METHODS = {
     "passthrough_slices": {"method": "passthrough", "per_model": {}, "shared": {}, "slices": "stack"},
     "slerp_slices": {"method": "slerp", "per_model": {}, "shared": {"t": [{"filter": "self_attn", "value": [0, 1]},
                                                                           {"value": 0.4}]}, "slices": "split"},
+    "ties_slices_unequal": {"method": "ties", "per_model": {}, "shared": {"normalize": True, "density": 0.5},
+                            "slices": "unequal"},
     # A vision-language model (Qwen2.5-VL layout: a text decoder of 4 layers, a vision tower of 6
     # blocks, a projector), whose modules mergekit plans apart: mergekit's own vlm-ties.yml
     # gradients, and a `modules:` config.
@@ -102,6 +104,7 @@ NOTES = {
     "task_arithmetic_filter": "lambda by filter and layer gradient",
     "passthrough_slices": "layers stacked from two models, o_proj/down_proj zeroed in the second slice",
     "slerp_slices": "two slices, t restarting in each; the rest as slerp",
+    "ties_slices_unequal": "slices of 4, 2 and 1 sources (the base and 3 models, the base and 1, the base alone)",
     "vlm_ties_gradient": "Qwen2.5-VL layout: density and weight gradients over each module's own layers (text 4, "
                          "vision 6), as mergekit's examples/vlm-ties.yml",
     "vlm_modules": "Qwen2.5-VL layout, `modules:` with λ and weights per module and per model in a module",
@@ -274,6 +277,12 @@ def slices_recipe(spec: dict, base: Path, fts: list[Path]) -> str:
         zero = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
         cfg["slices"] = [{"sources": [{"model": str(fts[0]), "layer_range": [0, h + 1]}]},
                          {"sources": [{"model": str(fts[1]), "layer_range": [h - 1, n], "parameters": {"scale": zero}}]}]
+    elif spec["slices"] == "unequal":
+        cfg["base_model"] = str(base)
+        cfg["parameters"] = spec["shared"]
+        cfg["slices"] = [{"sources": [{"model": str(m), "layer_range": r, **({"parameters": {"weight": w}} if w else {})}
+                                      for m, w in zip((base, *fts), (None, *WEIGHTS), strict=True)][:k]}
+                         for r, k in (([0, h], 4), ([h, n - 1], 2), ([n - 1, n], 1))]  # fmt: skip
     else:
         cfg["base_model"] = str(base)
         cfg["parameters"] = spec["shared"]

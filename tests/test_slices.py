@@ -157,7 +157,7 @@ def test_ties_slices_take_each_sources_parameters_in_its_slice(llamas):
 
 @pytest.mark.parametrize(("slices", "match"), [
     ([{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}],
-     "'slices' whose slices merge different numbers of sources"),
+     "'slices' whose sources have unequal lengths"),
     ([{"sources": [{"model": "a", "layer_range": [2, 5]}, {"model": "b", "layer_range": [2, 5]}]}],
      "has no layer 4|no tensor 'model.layers.4"),
 ])  # fmt: skip
@@ -210,3 +210,57 @@ def test_keys_mergekit_does_not_have_in_a_slice_are_ignored_aloud(llamas):
     with pytest.warns(ww.RecipeWarning, match=r"'slices\[0\].sources\[0\].revision', 'slices\[1\].note' ignored"):
         got = _run(root, extra, "extra_rev")
     assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def _outside(sd):
+    return {n: t for n, t in sd.items() if not n.startswith("model.layers.")}
+
+
+def test_slices_may_merge_different_numbers_of_models(llamas):
+    """mergekit merges each slice's own sources: a TIES slice of the base and a fine-tune, then a
+    slice of the base alone (its layers as they are), the weights outside the layers from the
+    first slice's sources (embeddings) and the last's (norm, head)."""
+    root, a, b = llamas
+    cfg = {"merge_method": "ties", "base_model": str(root / "a"), "dtype": "float32",
+           "parameters": {"normalize": True, "density": 0.6}, "slices": [
+               {"sources": [_src(root, "a", 0, 2), _src(root, "b", 1, 3, weight=0.7)]},
+               {"sources": [_src(root, "a", 2, 4)]}]}  # fmt: skip
+    got = _run(root, cfg)
+    for k, (src_a, src_b) in enumerate([(0, 1), (1, 2)]):
+        for n, t in _layer(a, src_a).items():
+            want = MK.merge({n: t}, [{n: _layer(b, src_b)[n]}], "ties", [0.7], density=0.6, normalize=True)[n]
+            assert torch.equal(_layer(got, k)[n], want), (k, n)
+    for k, src in ((2, 2), (3, 3)):
+        assert all(torch.equal(_layer(got, k)[n], t) for n, t in _layer(a, src).items()), k
+    e = "model.embed_tokens.weight"
+    assert torch.equal(got[e], MK.merge({e: a[e]}, [{e: b[e]}], "ties", [0.7], density=0.6, normalize=True)[e])
+    assert torch.equal(got["model.norm.weight"], a["model.norm.weight"])
+    assert torch.equal(got["lm_head.weight"], a["lm_head.weight"])
+
+
+def test_linear_slices_without_a_base_may_merge_different_numbers_of_models(llamas):
+    root, a, b = llamas
+    cfg = {"merge_method": "linear", "dtype": "float32", "slices": [
+        {"sources": [_src(root, "a", 0, 3, weight=0.3), _src(root, "b", 0, 3, weight=0.9)]},
+        {"sources": [_src(root, "b", 3, 4, weight=0.7)]}]}  # fmt: skip
+    got = _run(root, cfg)
+    for k in range(3):
+        want = MK.linear([_layer(a, k), _layer(b, k)], [0.3, 0.9], True, _layer(a, k))
+        assert all(torch.equal(_layer(got, k)[n], want[n]) for n in want), k
+    want = MK.linear([_layer(b, 3)], [0.7], True, _layer(b, 3))
+    assert all(torch.equal(_layer(got, 3)[n], want[n]) for n in want)
+    # Embeddings from the first slice's two models, norm and head from the last's one.
+    want = MK.linear([_outside(a), _outside(b)], [0.3, 0.9], True, _outside(a))
+    assert torch.equal(got["model.embed_tokens.weight"], want["model.embed_tokens.weight"])
+    want = MK.linear([_outside(b)], [0.7], True, _outside(b))
+    assert torch.equal(got["lm_head.weight"], want["lm_head.weight"])
+    assert torch.equal(got["model.norm.weight"], want["model.norm.weight"])
+
+
+def test_slerp_slices_that_merge_one_model_are_refused(llamas):
+    root, _, _ = llamas
+    cfg = {"merge_method": "slerp", "base_model": str(root / "a"), "parameters": {"t": 0.5}, "slices": [
+        {"sources": [_src(root, "a", 0, 2), _src(root, "b", 0, 2)]}, {"sources": [_src(root, "a", 2, 4)]}]}  # fmt: skip
+    with pytest.raises(ww.RecipeError, match="merge different numbers of sources with slerp"):
+        _run(root, cfg, "bad2")
+    assert not (root / "bad2").exists()

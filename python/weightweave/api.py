@@ -269,11 +269,14 @@ def _run_files(base, models, out, job: dict[str, Any], shard_size, overwrite, pr
 
 def _default_modules(base: PathLike | None, params: dict[str, Any]) -> None:
     """``modules`` from the base directory's architecture, unless given (``modules.py``)."""
-    if "modules" in params or base is None:
-        return
+    if "modules" in params or not isinstance(base, (str, os.PathLike)):
+        return  # a base of the wrong type is reported where it is opened
     from .modules import table
 
-    mods = table(os.fspath(base))
+    try:
+        mods = table(os.fspath(base))
+    except (TypeError, ValueError, OSError):
+        return
     if mods is not None:
         params["modules"] = mods
 

@@ -348,8 +348,9 @@ def _blockers(d: Mapping[str, Any]) -> list[str]:
     where it is used."""
     out = []
     if "slices" in d:
-        out.append("'slices' whose slices merge different numbers of sources, sources of unequal lengths, or no "
-                   "source of base_model (each slice merges base_model's layers and as many others)")  # fmt: skip
+        out.append("'slices' whose sources have unequal lengths, that have no source of base_model, or whose "
+                   f"slices merge different numbers of sources with {d.get('merge_method')} (run for "
+                   f"{', '.join(_PAD_METHODS)}; each slice merges base_model's layers and others)")  # fmt: skip
     if "modules" in d:
         out.append("'modules' beside 'models' or 'slices' (mergekit takes exactly one of the three)")
     method = d.get("merge_method")
@@ -511,8 +512,10 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
             inputs.append(m)
         return inputs.index(m)
 
-    spec, lane_models, lane_params, slice_params = [], [], [], []
-    for k, one in enumerate(sl):
+    method = d.get("merge_method")
+    pad = method in _PAD_METHODS
+    parsed = []
+    for one in sl:
         if not isinstance(one, Mapping) or set(one) - {"sources", "parameters"}:
             return d, None
         srcs = one.get("sources")
@@ -527,7 +530,7 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
         if len({x["layer_range"][1] - x["layer_range"][0] for x in srcs}) != 1:
             return d, None  # mergekit: every source of a slice has as many layers
         if base_ref is None:
-            if len(srcs) != 1:
+            if len(srcs) != 1 and method != "linear":
                 return d, None
             base_src, others = srcs[0], srcs
         else:
@@ -535,18 +538,27 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
             if len(at_base) != 1:
                 return d, None
             base_src, others = at_base[0], [x for x in srcs if x is not at_base[0]]
-            if not others:
+            if not others and not pad:
                 return d, None
+        parsed.append((one, base_src, others))
+    width = max(len(others) for _, _, others in parsed)
+    if width == 0 or (not pad and any(len(others) != width for _, _, others in parsed)):
+        return d, None
+    spec, lane_params, slice_params = [], [[] for _ in range(width)], []
+    # Each lane's nominal model (its first in any slice): the models entries are the lanes.
+    lane_models = [next(o[j]["model"] for _, _, o in parsed if len(o) > j) for j in range(width)]
+    for k, (one, base_src, others) in enumerate(parsed):
         lanes = [[idx(base_src["model"]), base_src["layer_range"][0]]]
         lanes += [[idx(x["model"]), x["layer_range"][0]] for x in others]
-        if spec and len(lanes) != len(spec[0]["lanes"]):
-            return d, None
+        # A slice that merges fewer models than another: its spare lanes read the base's layers
+        # (τ = 0) with weight 0 (no share of a normalisation), which is the merge of the models it
+        # names, as mergekit merges each slice's own sources.
+        lanes += [lanes[0]] * (width - len(others))
         spec.append({"len": base_src["layer_range"][1] - base_src["layer_range"][0], "lanes": lanes})
-        if not lane_models:
-            lane_models = [x["model"] for x in others]
-            lane_params = [[] for _ in others]
         for j, x in enumerate(others):
             lane_params[j].append((k, _mapping(where, f"slices[{k}].sources.parameters", x.get("parameters"))))
+        for j in range(len(others), width):
+            lane_params[j].append((k, {"weight": 0.0}))
         slice_params.append((k, _mapping(where, f"slices[{k}].parameters", one.get("parameters"))))
 
     def scoped(scopes: list[tuple[int, dict[str, Any]]], key: str, at: str) -> list[dict[str, Any]]:
@@ -568,6 +580,10 @@ def _general_slices(d: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any]
     return out, {"inputs": inputs, "slices": spec}
 
 
+#: Methods whose slices may merge different numbers of models (a spare lane at weight 0 adds
+#: exactly nothing to their weighted sums, signs and normalisations).
+_PAD_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                "della", "della_linear")
 #: mergekit's task-arithmetic family: computed in the config's dtype when it is bf16 or f16.
 _GTA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
 #: Methods whose arithmetic in bf16/f16 is emulated.
