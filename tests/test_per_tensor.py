@@ -299,7 +299,7 @@ def test_slices_that_move_layers_are_refused_with_why(ck, tmp_path, edit):
     path = tmp_path / "c.yml"
     path.write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(bp), "slices": slices,
                                     "parameters": {"t": 0.5}}))  # fmt: skip
-    with pytest.raises(ww.RecipeError, match="'slices' whose sources have unequal lengths, that have no source of base_model"):
+    with pytest.raises(ww.RecipeError, match="'slices' whose sources have unequal lengths, that have no source of"):
         ww.run(path, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
 
