@@ -89,6 +89,7 @@ METHODS = {
     # gradients, and a `modules:` config.
     "vlm_ties_gradient": {"method": "ties", "vlm": "gradient", "per_model": {}, "shared": {}},
     "vlm_modules": {"method": "task_arithmetic", "vlm": "modules", "per_model": {}, "shared": {}},
+    "vlm_modules_unequal": {"method": "ties", "vlm": "unequal", "per_model": {}, "shared": {}},
 }  # fmt: skip
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # Known causes of differences, by method (beyond rounding, which the ulps column shows).
@@ -108,6 +109,8 @@ NOTES = {
     "vlm_ties_gradient": "Qwen2.5-VL layout: density and weight gradients over each module's own layers (text 4, "
                          "vision 6), as mergekit's examples/vlm-ties.yml",
     "vlm_modules": "Qwen2.5-VL layout, `modules:` with λ and weights per module and per model in a module",
+    "vlm_modules_unequal": "Qwen2.5-VL layout, `modules:` of TIES merging 2, 1 and no models (the projector the "
+                           "base's)",
     "task_arithmetic_bf16": "f32 inputs loaded as bf16 and every operation rounded to bf16, as mergekit",
     "karcher_bf16": "as task_arithmetic_bf16, the iterate held between passes (3 per iteration); f32 norms and dots "
                     "are exact sums here, in torch's f32 order there",
@@ -230,6 +233,14 @@ def vlm_recipe(kind: str, base: Path, fts: list[Path]) -> str:
                                 {"model": str(fts[1]), "parameters": {"density": 0.5, "weight": [0, 0.3, 0.7, 1]}}],
                      "merge_method": "ties", "base_model": str(base), "parameters": {"normalize": True},
                      "dtype": "float32"}  # fmt: skip
+    elif kind == "unequal":
+        cfg = {"modules": {
+            "text_decoder": {"models": [{"model": str(fts[0]), "parameters": {"weight": 0.5}},
+                                        {"model": str(fts[1]), "parameters": {"weight": [1.0, 0.2]}}]},
+            "multi_modal_projector": {"models": [{"model": str(base)}]},
+            "vision_tower": {"models": [{"model": str(fts[1]), "parameters": {"weight": 0.8}}]}},
+            "merge_method": "ties", "base_model": str(base), "parameters": {"normalize": True, "density": 0.5},
+            "dtype": "float32"}  # fmt: skip
     else:
         def entries(w0, w1):  # noqa: E306
             return [{"model": str(fts[0]), **({"parameters": {"weight": w0}} if w0 is not None else {})},

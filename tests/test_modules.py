@@ -152,6 +152,28 @@ def test_a_modules_config_gives_each_module_its_parameters(vlm, tmp_path):
     torch.testing.assert_close(got[n], base[n] + 0.6 * (models[1][n] - base[n]), rtol=0, atol=1e-6)
 
 
+def test_modules_may_merge_different_models(vlm, tmp_path):
+    """Each module is the TIES merge of its own models: the decoder of both fine-tunes, the vision
+    tower of the second, the projector of none (the base's, as mergekit keeps it)."""
+    base, models, (bp, m1, m2) = vlm
+    mods = {"text_decoder": {"models": [{"model": str(m1), "parameters": {"weight": 0.5}},
+                                        {"model": str(m2), "parameters": {"weight": [1.0, 0.2]}}]},
+            "vision_tower": {"models": [{"model": str(m2), "parameters": {"weight": 0.8}}]},
+            "multi_modal_projector": {"models": [{"model": str(bp)}]}}  # fmt: skip
+    got = _run(tmp_path, {"modules": mods, "merge_method": "ties", "base_model": str(bp), "dtype": "float32",
+                          "parameters": {"normalize": True, "density": 0.5}})  # fmt: skip
+    for n, (_, module, _) in LAYOUT.items():
+        if module == "multi_modal_projector":
+            assert torch.equal(got[n], base[n]), n
+            continue
+        if module == "vision_tower":
+            ms, w = [models[1]], [0.8]
+        else:
+            ms, w = models, [0.5, MK.resolve(n, "weight", [{"weight": [1.0, 0.2]}], _t(n))]
+        want = MK.merge(_one(base, n), [_one(m, n) for m in ms], "ties", w, density=0.5, normalize=True)[n]
+        assert torch.equal(got[n], want), n
+
+
 def test_the_api_takes_modules_and_scopes_conditions_to_them(vlm, tmp_path):
     base, models, (bp, m1, m2) = vlm
     mods = [{"name": "text", "prefixes": ["model.", "lm_head."]},
@@ -188,17 +210,24 @@ def _modules_cfg(paths, **over):
     ({"vision_tower": None}, "leaves out vision_tower: mergekit writes only the modules a config lists"),
     ({"audio": {"models": [{"model": "m1"}, {"model": "m2"}]}},
      "modules.audio: Qwen2VLForConditionalGeneration has the modules"),
-    ({"vision_tower": "m1"}, "models in another order|merges"),
+    ({"vision_tower": "m1", "merge_method": "slerp"}, "merge different models are run for linear"),
+    ({"vision_tower": "m2m1"}, "lists its models in another order"),
     ({"vision_tower": {"slices": [{"sources": []}]}}, "slices inside a module are not run yet"),
-], ids=["missing", "unknown", "other-models", "slices"])
+], ids=["missing", "unknown", "other-models", "other-order", "slices"])
 def test_modules_configs_weightweave_cannot_run_say_why(vlm, tmp_path, change, msg):
     _, _, paths = vlm
+    method = change.pop("merge_method", None)
     if change.get("vision_tower") == "m1":
         change = {"vision_tower": {"models": [{"model": str(paths[1])}]}}
+    if change.get("vision_tower") == "m2m1":
+        change = {"vision_tower": {"models": [{"model": str(paths[2])}, {"model": str(paths[1])}]}}
     if "audio" in change:
         change = {"audio": {"models": [{"model": str(paths[1])}, {"model": str(paths[2])}]}}
+    cfg = _modules_cfg(paths, **change)
+    if method:
+        cfg |= {"merge_method": method, "parameters": {"t": 0.5}}
     p = tmp_path / "c.yml"
-    p.write_text(yaml.safe_dump(_modules_cfg(paths, **change)))
+    p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RecipeError, match=msg):
         ww.run(p, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
@@ -207,13 +236,14 @@ def test_modules_configs_weightweave_cannot_run_say_why(vlm, tmp_path, change, m
 def test_every_reason_a_modules_config_cannot_run_comes_at_once(vlm, tmp_path):
     _, _, paths = vlm
     cfg = _modules_cfg(paths, vision_tower=None, multi_modal_projector={"slices": [{"sources": []}]},
-                       audio={"models": [{"model": str(paths[1])}]})  # fmt: skip
+                       audio={"models": [{"model": str(paths[1])}]},
+                       text_decoder={"models": [{"model": str(paths[1])}, {"model": str(paths[1])}]})  # fmt: skip
     p = tmp_path / "c.yml"
     p.write_text(yaml.safe_dump(cfg))
     with pytest.raises(RecipeError, match=r"'modules' cannot run \(4 reasons\)") as e:
         ww.run(p, tmp_path / "o.safetensors")
     for part in ("modules.audio: Qwen2VL", "leaves out vision_tower", "multi_modal_projector.slices",
-                 "modules that merge other models"):  # fmt: skip
+                 "modules.text_decoder lists a model twice"):  # fmt: skip
         assert part in str(e.value)
 
 

@@ -80,12 +80,13 @@ def table(path: str) -> list[dict[str, Any]] | None:
 
 
 def flatten(d: Mapping[str, Any], where: str, mods: list[dict[str, Any]] | None, arch: str | None,
-            fail: Callable[[str, str], Exception], ignored: Callable[[str, list[str], str], None]
-            ) -> dict[str, Any]:  # fmt: skip
-    """A ``modules:`` config as the ``models`` config it equals, when every module merges the same
-    models in the same order: each module's parameters (and its models') become conditions scoped
-    to it, in mergekit's precedence (a model's, then its module's, then the config's). Anything
-    else is refused, naming what."""
+            fail: Callable[[str, str], Exception], ignored: Callable[[str, list[str], str], None],
+            pad_methods: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    """A ``modules:`` config as the ``models`` config it equals: each module's parameters (and its
+    models') become conditions scoped to it, in mergekit's precedence (a model's, then its
+    module's, then the config's). Modules may merge different models with ``pad_methods`` (the
+    methods a weight of 0 takes a model out of exactly). Anything else is refused, naming what."""
+    pad = d.get("merge_method") in pad_methods
     given = d.get("modules")
     if not isinstance(given, Mapping) or not given:
         raise fail(where, "'modules' must map module names to their models and parameters")
@@ -102,8 +103,7 @@ def flatten(d: Mapping[str, Any], where: str, mods: list[dict[str, Any]] | None,
     if missing:
         blockers.append(f"'modules' leaves out {', '.join(missing)}: mergekit writes only the modules a config "
                         f"lists, a model without those tensors; list every module of {arch} ({', '.join(names)})")
-    order: list[str] | None = None
-    entries: list[list[tuple[str, dict[str, Any]]]] = []
+    listed: list[tuple[int, str, list[str], list[Mapping[str, Any]]]] = []
     shared: dict[str, list[dict[str, Any]]] = {}
     for name, m in given.items():
         at = f"modules.{name}"
@@ -118,43 +118,57 @@ def flatten(d: Mapping[str, Any], where: str, mods: list[dict[str, Any]] | None,
         models = m.get("models")
         if not isinstance(models, list) or not models:
             raise fail(where, f"{at}.models must be a non-empty list")
-        refs = []
         for i, e in enumerate(models):
             if not isinstance(e, Mapping) or not isinstance(e.get("model"), str):
                 raise fail(where, f"{at}.models[{i}] must be a mapping with 'model'")
-            refs.append(e["model"])
-        if order is None:
-            order, first = refs, at
-        elif refs != order:
-            blockers.append(f"{at} merges {refs} and {first} {order}: modules that merge other models, or the same "
-                            "in another order, are not run yet")  # fmt: skip
         if name not in names:
             continue
         k = names.index(name)
-        entries.append([(f"{at}.models[{i}]", e) for i, e in enumerate(models)])
+        listed.append((k, at, [e["model"] for e in models], models))
         ps = m.get("parameters") or {}
         if not isinstance(ps, Mapping):
             raise fail(where, f"{at}.parameters must be a mapping")
         for key, v in ps.items():
             shared.setdefault(str(key), []).extend(_scoped(where, f"{at}.parameters.{key}", v, k, fail, ignored))
+    # The models entries: every model any module merges, in the order they first appear. A
+    # module that merges fewer gives the others weight 0 in it, which adds exactly nothing (as for
+    # slices), so each module is the merge of its own models, as mergekit plans it.
+    order: list[str] = []
+    for _, _, refs, _ in listed:
+        order += [r for r in refs if r not in order]
+    base = d.get("base_model")
+    for _, at, refs, _ in listed:
+        if len(set(refs)) != len(refs):
+            blockers.append(f"{at} lists a model twice (mergekit refuses duplicate inputs)")
+        elif refs != order and not pad:
+            blockers.append(f"{at} merges {len(refs)} of the {len(order)} models the modules name: modules that "
+                            f"merge different models are run for {', '.join(pad_methods)}, not {d.get('merge_method')}")
+        elif [order.index(r) for r in refs] != sorted(order.index(r) for r in refs):
+            blockers.append(f"{at} lists its models in another order than the other modules: the order of a "
+                            "sum decides its last bits, so such modules are not run yet")  # fmt: skip
+        elif d.get("merge_method") == "linear" and base is not None and (base in refs) != (base in listed[0][2]):
+            # (linear averages base_model too, and mergekit adds it to a module that does not list it)
+            blockers.append(f"{at} and {listed[0][1]} differ in whether they list base_model: not run yet")
     if blockers:
         what = "a reason" if len(blockers) == 1 else f"{len(blockers)} reasons"
         raise fail(where, f"'modules' cannot run ({what}): " + "; ".join(blockers))
-    assert order is not None
     top = d.get("parameters") or {}
     if not isinstance(top, Mapping):
         raise fail(where, "parameters must be a mapping")
     out_models = []
-    for i, ref in enumerate(order):
+    for ref in order:
         per: dict[str, list[dict[str, Any]]] = {}
-        for mod_entries in entries:
-            at, e = mod_entries[i]
-            ps = e.get("parameters") or {}
+        for k, at, refs, models in listed:
+            if ref not in refs:
+                per.setdefault("weight", []).append({"filter": None, "value": 0.0, "module": k})
+                continue
+            i = refs.index(ref)
+            ps = models[i].get("parameters") or {}
             if not isinstance(ps, Mapping):
-                raise fail(where, f"{at}.parameters must be a mapping")
-            k = names.index(at.split(".")[1])
+                raise fail(where, f"{at}.models[{i}].parameters must be a mapping")
             for key, v in ps.items():
-                per.setdefault(str(key), []).extend(_scoped(where, f"{at}.parameters.{key}", v, k, fail, ignored))
+                per.setdefault(str(key), []).extend(_scoped(where, f"{at}.models[{i}].parameters.{key}", v, k, fail,
+                                                            ignored))  # fmt: skip
         out_models.append({"model": ref, **({"parameters": per} if per else {})})
     params = dict(top)
     for key, conds in shared.items():

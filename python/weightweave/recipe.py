@@ -687,7 +687,7 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     if "modules" in d and not ("models" in d or "slices" in d):
         from .modules import flatten
 
-        d = flatten(d, where, mods, arch, _fail, _ignored)
+        d = flatten(d, where, mods, arch, _fail, _ignored, _PAD_METHODS)
     elif mods is not None and "slices" in d and "models" not in d:
         raise _fail(where, f"'slices' of {arch}, a model of modules ({', '.join(m['name'] for m in mods)}): mergekit "
                            "slices such a model only under 'modules:', and so does weightweave; merge whole models "
