@@ -58,6 +58,11 @@ CASES = {
     "slerp": dict(method="slerp", t=0.4),
     # The held iterate of karcher in bf16 lives in the unit that merges the tensor.
     "karcher_bf16": dict(method="karcher", compat="mergekit", arith="bf16", out_dtype="bf16", max_iter=3),
+    # Modules: each group of tensors (by module and gradient) gathers its own TIES statistics
+    # over the units.
+    "modules_gradient": dict(method="ties", density=[{"module": "attn", "value": [0.2, 0.9]}, {"value": 0.5}],
+                             modules=[{"name": "attn", "prefixes": ["layer.0.attn", "emb."]},
+                                      {"name": "rest", "prefixes": ["layer.", "conv."]}]),
     # MetaGPT's weights: the norms gathered over the units first, as TIES's statistics are.
     "metagpt": dict(method="task_arithmetic", lam="metagpt"),
     "metagpt_ties": dict(method="ties", density=0.3, lam="metagpt"),
