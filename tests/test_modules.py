@@ -283,3 +283,35 @@ def test_the_api_reads_the_modules_of_the_base_directorys_architecture(vlm, tmp_
     for n in base:
         want = base[n] + _t(n) * ((models[0][n] - base[n]) + (models[1][n] - base[n]))
         torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-6, msg=n)
+
+
+def _new_layout(name: str) -> str:
+    """transformers' newer names for a Qwen2-VL's tensors."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def test_a_vlm_in_transformers_newer_layout_merges_the_same(vlm, tmp_path):
+    base, models, _ = vlm
+    paths = []
+    for k, sd in enumerate([base, *models]):
+        d = tmp_path / f"n{k}"
+        d.mkdir()
+        save_file({_new_layout(n): t for n, t in sd.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps(CONFIG))
+        paths.append(d)
+    kw = dict(method="ties", compat="mergekit", density={"value": [1.0, 0.1]}, weights=[{"value": [0, 1]}, 0.5])
+    ww.merge(paths[0], paths[1:], tmp_path / "new.safetensors", **kw)
+    ww.merge(*_old(vlm), tmp_path / "old.safetensors", **kw)
+    new, old = load(tmp_path / "new.safetensors"), load(tmp_path / "old.safetensors")
+    assert sorted(new) == sorted(_new_layout(n) for n in old)
+    for n, t in old.items():
+        assert torch.equal(new[_new_layout(n)], t), n
+
+
+def _old(vlm):
+    _, _, (bp, m1, m2) = vlm
+    return bp, [m1, m2]

@@ -264,3 +264,14 @@ def test_slerp_slices_that_merge_one_model_are_refused(llamas):
     with pytest.raises(ww.RecipeError, match="merge different numbers of sources with slerp"):
         _run(root, cfg, "bad2")
     assert not (root / "bad2").exists()
+
+
+def test_a_last_slice_with_more_sources_than_the_first_is_refused(llamas):
+    """mergekit plans the norm and head from the last slice's models zipped to the first slice's
+    count, so it drops models there; that is not emulated, and said so."""
+    root, _, _ = llamas
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(root / "a"), "slices": [
+        {"sources": [_src(root, "a", 0, 2)]}, {"sources": [_src(root, "a", 2, 4), _src(root, "b", 2, 4)]}]}  # fmt: skip
+    with pytest.raises(ww.RecipeError, match="unless the last slice has more sources than the first"):
+        _run(root, cfg, "bad3")
+    assert not (root / "bad3").exists()

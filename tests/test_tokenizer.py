@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import weightweave as ww
 from weightweave import reference_mergekit as rmk
+from weightweave.recipe import RecipeWarning
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -359,9 +360,27 @@ def test_a_tokenizer_with_slices_that_stack_layers(f32):
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
 
 
-def test_a_tokenizer_that_moves_rows_with_stacked_slices_is_refused(f32):
+def test_a_union_tokenizer_with_stacked_slices_realigns_each_tensor_over_its_slices_models(f32):
+    """A frankenmerge of models with different vocabularies under ``tokenizer_source: union``: the
+    embeddings come from the first slice's model (base), the head from the last slice's (ft2),
+    each realigned over that slice's models alone, as mergekit's planner gathers them; a token
+    those models lack has zero rows there, and the run says so."""
     body = STACKED.replace("MODEL", "ft2") + "tokenizer_source: union\n"
-    with pytest.raises(ww.ParamError, match="together with slices that stack layers"):
-        _run(f32, body, "stack_union")
-    assert not (f32 / "stack_union").exists()
+    with pytest.warns(RecipeWarning, match="are in none of the models it is merged from"):
+        out = _run(f32, body, "stack_union")
+    got = load_file(out / "model.safetensors")
+    assert torch.equal(got[EMBEDS[0]], _expected(f32, out, ["base"], None)["base"][EMBEDS[0]])
+    assert torch.equal(got[EMBEDS[1]], _expected(f32, out, ["ft2"], None)["ft2"][EMBEDS[1]])
+    sds = {m: load_file(f32 / m / "model.safetensors") for m in ("base", "ft2")}
+    for k, (m, i) in enumerate([("base", 0), ("base", 1), ("ft2", 0), ("ft2", 1)]):
+        p = f"model.layers.{i}."
+        for n, t in sds[m].items():
+            if n.startswith(p):
+                assert torch.equal(got[f"model.layers.{k}.{n[len(p):]}"], t), (k, n)
+    vocab = _vocab(out)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(vocab) == got[EMBEDS[0]].shape[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    ids = transformers.AutoTokenizer.from_pretrained(out)("w1 x3")["input_ids"]
+    assert model(torch.tensor([ids])).logits.shape == (1, 2, len(vocab))
     assert not [p for p in os.listdir(f32) if p.startswith(".weightweave-")]

@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("merge", "weave"):
-        from .recipe import MERGEKIT_METHODS
+        from .mergekit_config import MERGEKIT_METHODS
 
         known = MERGEKIT_METHODS if args.compat == "mergekit" else api.METHODS + api.MERGEKIT_ONLY
         if args.method not in known:

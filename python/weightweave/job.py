@@ -193,7 +193,7 @@ def _job(method: object, params: dict[str, Any], mode: str, *, lam: float | str 
     # A tokenizer built for the output by a recipe (recipe.run, tokenizer.py): not API arguments.
     overlays = params.pop("_overlays", None) or []
     tokenizer = params.pop("_tokenizer", None)
-    # mergekit's dtype, which the inputs are rounded to as they are read (recipe.py).
+    # mergekit's dtype, which the inputs are rounded to as they are read (mergekit_config.py).
     load_dtype = params.pop("_load_dtype", None)
     weights, lam, per_tensor = split(params, weights, lam)  # type: ignore[assignment]
     metagpt = False

@@ -24,15 +24,20 @@ from typing import Any
 from .settings import conditions
 
 _Module = tuple[str, tuple[str, ...], bool, tuple[tuple[str, float], ...]]
-_VLM: tuple[_Module, ...] = (("text_decoder", ("language_model.",), True, ()),
-                             ("multi_modal_projector", ("multi_modal_projector.",), False, ()),
-                             ("vision_tower", ("vision_tower.",), True, ()))  # fmt: skip
+# Each with the names its checkpoints were published under (``language_model.…``, ``visual.…``)
+# and those of transformers' newer layout (``model.language_model.…``), so a model merges the
+# same in either.
+_VLM: tuple[_Module, ...] = (
+    ("text_decoder", ("language_model.", "model.language_model.", "lm_head."), True, ()),
+    ("multi_modal_projector", ("multi_modal_projector.", "model.multi_modal_projector."), False, ()),
+    ("vision_tower", ("vision_tower.", "model.vision_tower."), True, ()))  # fmt: skip
 _QWEN2_VL: tuple[_Module, ...] = (
     ("text_decoder", ("model.", "lm_head."), True, ()),
     # mergekit's file gives this projector 2 layers whose weight names (mlp.0, mlp.2) carry no
     # layer index: it plans each of them at t = 0 and again at t = 1, and writes the last.
-    ("multi_modal_projector", ("visual.merger.",), False, (("visual.merger.mlp.", 1.0),)),
-    ("vision_tower", ("visual.",), True, ()))  # fmt: skip
+    ("multi_modal_projector", ("visual.merger.", "model.visual.merger."), False,
+     (("visual.merger.mlp.", 1.0), ("model.visual.merger.mlp.", 1.0))),
+    ("vision_tower", ("visual.", "model.visual."), True, ()))  # fmt: skip
 _QWEN3_VL: tuple[_Module, ...] = (
     ("text_decoder", ("model.language_model.", "lm_head."), True, ()),
     # Its deepstack mergers are the projector's layers.
@@ -45,7 +50,8 @@ _QWEN3_VL: tuple[_Module, ...] = (
 ARCHITECTURES: dict[str, tuple[_Module, ...]] = {
     "Gemma3ForConditionalGeneration": _VLM,
     "Mistral3ForConditionalGeneration": _VLM,
-    "Llama4ForConditionalGeneration": (_VLM[0], _VLM[1], ("vision_model", ("vision_model.",), True, ())),
+    "Llama4ForConditionalGeneration": (_VLM[0], _VLM[1], ("vision_model", ("vision_model.", "model.vision_model."),
+                                                          True, ())),
     "Qwen2VLForConditionalGeneration": _QWEN2_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,
     "Qwen3VLForConditionalGeneration": _QWEN3_VL,

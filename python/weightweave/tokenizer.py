@@ -314,8 +314,13 @@ def _prepare(t: dict[str, Any], inputs: list[str], work: str) -> dict[str, Any]:
         tok.save_pretrained(out)
         return {"_tokenizer": {"dir": out, "vocab_size": None}}
     built = build(spec, donor, order)
-    overlays = realign(built, spec, inputs, order, t["base"], t["dtype"], t["labels"], work,
-                       fixed_rows=t.get("fixed_rows", False))  # fmt: skip
+    members = None
+    if t.get("ends"):
+        first, last = t["ends"]
+        # As the core's slices place a tensor (source/slices.rs): before the layers if its name
+        # holds embed, wte or wpe, else after them.
+        members = lambda name: first if any(k in name for k in ("embed", "wte", "wpe")) else last  # noqa: E731
+    overlays = realign(built, spec, inputs, order, t["base"], t["dtype"], t["labels"], work, members)
     template = _template(spec, order)
     if template:
         built.tokenizer.chat_template = template

@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -108,13 +108,14 @@ def _dtype(name: str):
 
 def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base: str | None,
             dtype: str | None, labels: Mapping[str, str], work: str,
-            fixed_rows: bool = False) -> list[tuple[int, str, str]]:  # fmt: skip
+            members: Callable[[str], list[str]] | None = None) -> list[tuple[int, str, str]]:  # fmt: skip
     """Writes the realigned vocabulary tensors of every model that needs them into ``work`` and
     returns the overlays (input index, file, label). ``order``: the models in mergekit's order for
     a tensor (the config's, base last when not listed); ``base``: the config's base_model (None
-    without one); ``dtype``: the config's dtype (None: the inputs' own). ``fixed_rows``: the rows
-    must stay as they are (slices that stack layers): a tokenizer that moves them is an error,
-    raised before anything is written."""
+    without one); ``dtype``: the config's dtype (None: the inputs' own). ``members``: with slices,
+    the models a tensor is merged from, in mergekit's order (the first slice's for the weights
+    before the layers, the last's for those after): its default rows come from those alone, as
+    mergekit's planner gathers them."""
     import torch
 
     vocab = built.tokenizer.get_vocab()
@@ -130,7 +131,9 @@ def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base:
     names = [k for k in base_reader.tensors if k.endswith(VOCAB_SUFFIXES) and len(base_reader.tensors[k]["shape"])]
     plans: dict[str, dict[str, Any]] = {}
     for name in names:
-        have = [p for p in readers if name in readers[p].tensors]
+        have = [p for p in (members(name) if members else readers) if name in readers[p].tensors]
+        if not have:
+            continue
         shapes = {p: readers[p].tensors[name]["shape"] for p in have}
         if len({tuple(s[1:]) for s in shapes.values()}) > 1:
             raise ParamError(f"tensor '{name}': its shapes {sorted(set(map(tuple, shapes.values())))} differ beyond "
@@ -140,10 +143,6 @@ def realign(built: Built, spec: Spec, inputs: list[str], order: list[str], base:
         forced = {t for t, c in spec.tokens.items() if c.get("force")}
         if identity and not forced:
             continue
-        if fixed_rows:
-            raise ParamError(f"tensor '{name}': the output's tokenizer moves or adds its rows, which weightweave "
-                             "does not do yet together with slices that stack layers (give the models one "
-                             "tokenizer, or tokenizer_source: base)")  # fmt: skip
         if dtype is not None:
             dt = _dtype(dtype)
         else:
@@ -171,6 +170,7 @@ def _sources(name: str, spec: Spec, tokens: list[str], have: list[str], perms: n
     ``compute_default_embedding`` decide."""
     present = perms >= 0
     out: dict[int, Any] = {}
+    absent: list[str] = []
     for i, t in enumerate(tokens):
         cfg = spec.tokens.get(t)
         force = bool(cfg and cfg.get("force"))
@@ -184,14 +184,17 @@ def _sources(name: str, spec: Spec, tokens: list[str], have: list[str], perms: n
             k = int(np.argmax(present[:, i]))
             out[i] = ("model", k, int(perms[k, i]))
         elif count == 0:
-            warnings.warn(f"token {t!r} is in no model: its rows of '{name}' are zero, as mergekit writes them",
-                          RecipeWarning, stacklevel=4)  # fmt: skip
+            absent.append(t)
             out[i] = ("zero",)
         elif base is not None and base in have and present[have.index(base), i]:
             k = have.index(base)
             out[i] = ("model", k, int(perms[k, i]))
         else:
             out[i] = ("avg",)
+    if absent:
+        shown = ", ".join(repr(t) for t in absent[:8]) + (f", … ({len(absent)} in all)" if len(absent) > 8 else "")
+        warnings.warn(f"'{name}': token(s) {shown} are in none of the models it is merged from: their rows are zero, "
+                      "as mergekit writes them", RecipeWarning, stacklevel=4)  # fmt: skip
     return out
 
 
