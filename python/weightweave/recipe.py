@@ -1,10 +1,11 @@
 """Recipes as files: ``weightweave run RECIPE.yaml [OUT]`` and :func:`run`.
 
 Two schemas are read. A mapping with ``merge_method`` is a mergekit config, accepted as it is for
-the methods both tools have and run with mergekit's semantics (``compat="mergekit"``), plus an
-optional ``weave:`` block of ours. Anything else is our own schema (see the README). Every key
-is checked before any work: a key we do not support is one :class:`RecipeError` naming it, never
-ignored. Paths are taken as given (relative to the working directory, as mergekit does).
+the methods both tools have and run with mergekit's semantics (``compat="mergekit"``,
+``mergekit_config.py``), plus an optional ``weave:`` block of ours. Anything else is our own
+schema (see the README). Every key is checked before any work: a key we do not support is one
+:class:`RecipeError` naming it, never ignored. Paths are taken as given (relative to the working
+directory, as mergekit does).
 """
 
 from __future__ import annotations
