@@ -315,3 +315,14 @@ def test_a_vlm_in_transformers_newer_layout_merges_the_same(vlm, tmp_path):
 def _old(vlm):
     _, _, (bp, m1, m2) = vlm
     return bp, [m1, m2]
+
+
+def test_thousands_of_unknown_modules_give_a_short_message(vlm, tmp_path):
+    _, _, paths = vlm
+    cfg = _modules_cfg(paths)
+    cfg["modules"] |= {f"m{i}": {"models": [{"model": str(paths[1])}]} for i in range(5000)}
+    p = tmp_path / "c.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RecipeError, match="4992 more modules Qwen2VLForConditionalGeneration does not have") as e:
+        ww.run(p, tmp_path / "o.safetensors")
+    assert len(str(e.value)) < 2000

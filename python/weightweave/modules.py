@@ -104,7 +104,12 @@ def flatten(d: Mapping[str, Any], where: str, mods: list[dict[str, Any]] | None,
                           f"not one mergekit 0.1.5 plans in modules (those: {known})")  # fmt: skip
     names = [m["name"] for m in mods]
     # What keeps the config from running, all at once (a config rarely has just one).
-    blockers = [f"modules.{k}: {arch} has the modules {', '.join(names)}" for k in given if k not in names]
+    unknown = [str(k) for k in given if k not in names]
+    blockers = [f"modules.{k}: {arch} has the modules {', '.join(names)}" for k in unknown[:8]]
+    if len(unknown) > 8:
+        # A hostile config can name thousands: the message stays short.
+        blockers.append(f"{len(unknown) - 8} more modules {arch} does not have")
+        given = {k: v for k, v in given.items() if k in names}
     missing = [n for n in names if n not in given]
     if missing:
         blockers.append(f"'modules' leaves out {', '.join(missing)}: mergekit writes only the modules a config "
