@@ -2,8 +2,9 @@
 
 The fixture is built from integer hashing alone (no random generator whose stream could change
 between numpy or torch versions). The digests were taken with the engine before the one-read
-work (commit 59b8efb); every statistics path must still give them: the default passes, the
-one-read pass, one thread, and the baseline (non-AVX2) kernels."""
+work (commit 59b8efb; DELLA's with 179caf1, before its AVX2 row kernels); every statistics path
+must still give them: the default passes, the one-read pass, one thread, and the baseline
+(non-AVX2) kernels."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ RUNS = {
     "dare_ties_half": ("merge", {"method": "dare_ties", "density": 0.5, "ties_density": 0.5, "seed": 2, "lam": 0.7}),
     "pcb": ("merge", {"method": "pcb", "lam": 0.7}),
     "breadcrumbs": ("merge", {"method": "breadcrumbs", "lam": 0.7}),
+    "della": ("merge", {"method": "della", "weights": [1.0, 0.6, 0.3], "density": [0.5, 0.3, 0.7], "epsilon": 0.1}),
+    "della_linear": ("merge", {"method": "della_linear", "weights": [1.0, 0.5, 0.5], "density": 0.4, "epsilon": 0.2,
+                               "seed": 9}),
     "weave_dare_ties": (
         "weave",
         {"method": "dare_ties", "search": {"lam": [0.5, 1.0], "density": [0.1, 0.3]}, "pool": "random", "seed": 3},
@@ -53,6 +57,8 @@ PINNED = {
     "dare_ties_half": "9bd1db5fcf24ff49",
     "pcb": "5740a9f5b4503b31",
     "breadcrumbs": "a2c1cb62234cc2c1",
+    "della": "e721ebea08d0a968",
+    "della_linear": "42edb04730de0e10",
     "weave_dare_ties": "89c2cd84a4743647",
     "weave_ties_weights": "3153f07dcbf1fef2",
 }

@@ -285,25 +285,35 @@ impl Windowed {
                 continue;
             }
             // Count in short vectorized blocks; revisit a block only when it has keys inside
-            // (rare: the window is narrow). One unsigned compare tests lo < k <= hi.
+            // (rare: the window is narrow). One unsigned compare tests lo < k <= hi. The counts
+            // stay in per-lane registers across blocks: only the block's hit test is reduced
+            // across lanes (an OR), not three sums per block.
             let mut equal = 0u32;
-            for block in values.chunks(16) {
+            let (mut below_l, mut equal_l) = ([0u32; 16], [0u32; 16]);
+            let inside_window = |k: u32| k.wrapping_sub(lo).wrapping_sub(1) < width;
+            let mut blocks = values.chunks_exact(16);
+            for block in &mut blocks {
                 let mut hits = 0u32;
-                for &v in block {
+                for ((&v, b), e) in block.iter().zip(&mut below_l).zip(&mut equal_l) {
                     let k = key(v);
-                    below += u32::from(k < lo);
-                    equal += u32::from(k == lo);
-                    hits += u32::from(k.wrapping_sub(lo).wrapping_sub(1) < width);
+                    *b += u32::from(k < lo);
+                    *e += u32::from(k == lo);
+                    hits |= u32::from(inside_window(k));
                 }
                 if hits > 0 {
-                    inside.extend(
-                        block
-                            .iter()
-                            .map(|&v| key(v))
-                            .filter(|k| k.wrapping_sub(lo).wrapping_sub(1) < width),
-                    );
+                    inside.extend(block.iter().map(|&v| key(v)).filter(|&k| inside_window(k)));
                 }
             }
+            for &v in blocks.remainder() {
+                let k = key(v);
+                below += u32::from(k < lo);
+                equal += u32::from(k == lo);
+                if inside_window(k) {
+                    inside.push(k);
+                }
+            }
+            below += below_l.iter().sum::<u32>();
+            equal += equal_l.iter().sum::<u32>();
             self.below[i] += u64::from(below);
             self.equal[i] += u64::from(equal);
             if inside.len() > w.cap {

@@ -52,7 +52,9 @@ impl Della {
         g
     }
 
-    /// Task `t`'s pruned delta of one chunk of whole rows into `out` (unscaled).
+    /// Task `t`'s pruned delta of one chunk of whole rows into `out` (unscaled). Inlined into
+    /// the callers' AVX2 copies (`simd!`), where its per-row loops vectorize.
+    #[inline(always)]
     fn prune(&self, x: &ChunkIn, t: usize, out: &mut [f32]) {
         let d = x.deltas[t];
         let density = self.density.get(t);
@@ -82,16 +84,36 @@ impl Della {
             .map(|rank| low + (rank as f32 / span).clamp(0.0, 1.0) * 2.0 * eps32)
             .collect();
         let mut row = RowKeep::new(len);
+        let mut units = vec![0.0f32; len];
         for s0 in (0..x.n).step_by(slab) {
+            if stride == 1 {
+                // Rows of a matrix: contiguous, so each loop below vectorizes.
+                let (d, out) = (&d[s0..s0 + len], &mut out[s0..s0 + len]);
+                for (key, &v) in row.keys.iter_mut().zip(d) {
+                    *key = v.abs().to_bits();
+                }
+                let first = (x.start + s0) as u64;
+                for (j, u) in units.iter_mut().enumerate() {
+                    *u = stream.unit(first + j as u64);
+                }
+                row.decide(&probs, &units);
+                for ((o, &v), &keep) in out.iter_mut().zip(d).zip(&row.keep) {
+                    // τ × mask, as mergekit masks (a dropped negative delta is −0).
+                    *o = v * f32::from(u8::from(keep));
+                }
+                continue;
+            }
             for k in 0..stride {
                 let at = |j: usize| s0 + j * stride + k;
                 for (j, key) in row.keys.iter_mut().enumerate() {
                     *key = d[at(j)].abs().to_bits();
                 }
-                row.decide(&probs, |j| stream.unit((x.start + at(j)) as u64));
+                for (j, u) in units.iter_mut().enumerate() {
+                    *u = stream.unit((x.start + at(j)) as u64);
+                }
+                row.decide(&probs, &units);
                 for (j, &keep) in row.keep.iter().enumerate() {
                     let i = at(j);
-                    // τ × mask, as mergekit masks (a dropped negative delta is −0).
                     out[i] = d[i] * f32::from(u8::from(keep));
                 }
             }
@@ -118,6 +140,9 @@ struct RowKeep {
     bucket: Vec<u32>,
     /// Per bucket, where its ranks start (then, one past the last bucket, the length).
     start: Vec<u32>,
+    /// Per bucket, the range of its ranks' probabilities, as bits: the lowest, and the width.
+    lo: Vec<u32>,
+    width: Vec<u32>,
     vals: Vec<u64>,
     tmp: Vec<u64>,
 }
@@ -128,19 +153,23 @@ impl RowKeep {
             keys: vec![0; len],
             keep: vec![false; len],
             bucket: vec![0; len],
-            start: vec![0; len.next_power_of_two() + 1],
+            start: vec![0; len + 1],
+            lo: Vec::new(),
+            width: Vec::new(),
             vals: Vec::new(),
             tmp: Vec::new(),
         }
     }
 
-    /// Fills `keep` from `keys` (the magnitudes' bits), `probs` (per rank) and the draws.
-    fn decide(&mut self, probs: &[f32], unit: impl Fn(usize) -> f32) {
+    /// Fills `keep` from `keys` (the magnitudes' bits), `probs` (per rank) and the draws
+    /// `units` (per element).
+    #[inline(always)]
+    fn decide(&mut self, probs: &[f32], units: &[f32]) {
         let n = self.keys.len();
         let nb = self.start.len() - 1;
         let hi = self.keys.iter().fold(0u32, |hi, &k| hi.max(k));
         if hi == 0 || hi > f32::MAX.to_bits() {
-            return self.by_sort(probs, unit);
+            return self.by_sort(probs, units);
         }
         // Monotone in the key and free of branches (so vectorized): the value times a positive
         // constant, rounded to an integer by adding 2^23, clamped.
@@ -154,46 +183,71 @@ impl RowKeep {
         for &b in &self.bucket {
             self.start[b as usize + 1] += 1;
         }
-        let mut pairs = 0u64;
-        for b in 0..nb {
-            let c = u64::from(self.start[b + 1]);
+        // The running sum stays in a register (read back from memory, each step waited on
+        // the store before it).
+        let (mut pairs, mut sum) = (0u64, 0u32);
+        for s in &mut self.start[1..] {
+            let c = u64::from(*s);
             pairs += c * c.saturating_sub(1);
-            self.start[b + 1] += self.start[b];
+            sum += *s;
+            *s = sum;
         }
         // The expected number of exact ranks to count (each a scan of the vector): the draws
         // that fall between the probabilities of a bucket's first and last rank.
         let step = (probs[n - 1] - probs[0]).abs() / (n - 1) as f32;
         if pairs as f32 * step > 48.0 {
-            return self.by_sort(probs, unit);
+            return self.by_sort(probs, units);
         }
-        for j in 0..n {
-            let b = self.bucket[j] as usize;
-            let (p0, p1) = (
-                probs[self.start[b] as usize],
-                probs[self.start[b + 1] as usize - 1],
-            );
-            // The probabilities and draws are non-negative floats: compared by their bits, one
-            // unsigned comparison says lo ≤ u < hi, the rare branch; the keep decision stays
-            // free of branches (on a random draw, half of them would be mispredicted).
-            let (lo, hi) = (p0.min(p1).to_bits(), p0.max(p1).to_bits());
-            let u = unit(j).to_bits();
-            self.keep[j] = u < lo;
-            if u.wrapping_sub(lo) < hi - lo {
-                let kj = self.keys[j];
-                let below = self.keys.iter().filter(|&&k| k < kj).count();
-                let equal_before = self.keys[..j].iter().filter(|&&k| k == kj).count();
-                self.keep[j] = u < probs[below + equal_before].to_bits();
+        // Each bucket's probability range, as bits: the probabilities are positive floats, so
+        // their bits order as they do, and one unsigned comparison says lo ≤ u < lo + width.
+        // An empty bucket's range is never read: it is filled without a branch anyway.
+        self.lo.resize(nb, 0);
+        self.width.resize(nb, 0);
+        let last = n - 1;
+        for (b, (lo, width)) in self.lo.iter_mut().zip(&mut self.width).enumerate() {
+            let first = (self.start[b] as usize).min(last);
+            let end = (self.start[b + 1] as usize).max(1) - 1;
+            let (p0, p1) = (probs[first].to_bits(), probs[end.min(last)].to_bits());
+            *lo = p0.min(p1);
+            *width = p0.max(p1) - *lo;
+        }
+        // The keep decision stays free of branches (on a random draw, half of them would be
+        // mispredicted); a block is revisited only when one of its draws falls inside its
+        // bucket's range, the rare case whose rank is counted exactly.
+        let (lo, width) = (&self.lo[..nb], &self.width[..nb]);
+        const BLOCK: usize = 32;
+        for b0 in (0..n).step_by(BLOCK) {
+            let end = (b0 + BLOCK).min(n);
+            let mut rare = false;
+            let draws = self.bucket[b0..end].iter().zip(&units[b0..end]);
+            for ((&b, u), keep) in draws.zip(&mut self.keep[b0..end]) {
+                let b = (b as usize).min(nb - 1);
+                let u = u.to_bits();
+                *keep = u < lo[b];
+                rare |= u.wrapping_sub(lo[b]) < width[b];
+            }
+            if !rare {
+                continue;
+            }
+            for (j, u) in units.iter().enumerate().take(end).skip(b0) {
+                let (b, u) = (self.bucket[j] as usize, u.to_bits());
+                if u.wrapping_sub(lo[b]) < width[b] {
+                    let kj = self.keys[j];
+                    let below = self.keys.iter().filter(|&&k| k < kj).count();
+                    let equal_before = self.keys[..j].iter().filter(|&&k| k == kj).count();
+                    self.keep[j] = u < probs[below + equal_before].to_bits();
+                }
             }
         }
     }
 
     /// Every rank from a stable sort of the vector.
-    fn by_sort(&mut self, probs: &[f32], unit: impl Fn(usize) -> f32) {
+    fn by_sort(&mut self, probs: &[f32], units: &[f32]) {
         let keys = &self.keys;
         super::reduce::radix_order(keys.len(), |j| keys[j], &mut self.vals, &mut self.tmp);
         for (rank, &v) in self.vals.iter().enumerate() {
             let j = v as u32 as usize;
-            self.keep[j] = unit(j) < probs[rank];
+            self.keep[j] = units[j] < probs[rank];
         }
     }
 }
@@ -272,7 +326,7 @@ impl Kernel for Della {
         crate::pipeline::grow(s.a, x.n);
         for t in 0..tasks {
             let out = &mut s.a[..x.n];
-            self.prune(x, t, out);
+            crate::simd!(self.prune(x, t, out));
             acc[2 * t] += super::reduce::sum_abs(x.deltas[t]);
             acc[2 * t + 1] += super::reduce::sum_abs(out);
         }
@@ -285,7 +339,7 @@ impl Kernel for Della {
             let out = &mut s.per_task[t];
             crate::pipeline::grow(out, x.n);
             let out = &mut out[..x.n];
-            self.prune(x, t, out);
+            crate::simd!(self.prune(x, t, out));
             if self.rescale && self.prunes(t) && self.density.get(t) > 0.0 {
                 let sums = st.sums(0, 0);
                 let (before, after) = (sums[2 * t] as f32, sums[2 * t + 1] as f32);
@@ -353,9 +407,9 @@ mod tests {
                         .collect();
                     let mut row = RowKeep::new(n);
                     row.keys.copy_from_slice(&keys);
-                    row.decide(&probs, |j| draws[j]);
+                    row.decide(&probs, &draws);
                     let fast = row.keep.clone();
-                    row.by_sort(&probs, |j| draws[j]);
+                    row.by_sort(&probs, &draws);
                     assert_eq!(fast, row.keep, "n {n}, kind {kind}, eps {eps}");
                     // And by_sort against ranks written out by hand (a comparison sort).
                     let mut order: Vec<usize> = (0..n).collect();

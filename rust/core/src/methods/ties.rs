@@ -160,7 +160,10 @@ pub fn sign_count<D: AsRef<[f32]>>(
     scratch: &mut [f32],
 ) -> i64 {
     trimmed_sum(deltas, thr, n, scratch);
-    scratch[..n].iter().map(|&v| sign(v) as i64).sum()
+    scratch[..n]
+        .iter()
+        .map(|&v| i64::from(v > 0.0) - i64::from(v < 0.0))
+        .sum()
 }
 
 /// The merged task vector of one chunk; `count` and `total` are chunk-sized scratch.
