@@ -71,19 +71,21 @@ impl Kernel for Breadcrumbs {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
+        // The loops run in their AVX2 copy (`simd!`): the rank keys' 64-bit compares vectorize
+        // there, not in baseline x86-64.
         match st.cuts.get(&x.start) {
-            Some(cuts) => merge_pieces(x.deltas, x.n, cuts, m),
+            Some(cuts) => crate::simd!(merge_pieces(x.deltas, x.n, cuts, m)),
             None => {
                 let t = x.tensor;
                 let ranks = |len, k| self.kept_ranks(len, k);
-                merge(
+                crate::simd!(merge(
                     x.deltas,
                     x.n,
                     (t.row_len(), t.shape.is_empty()),
                     &ranks,
                     s.keys,
                     m,
-                )
+                ))
             }
         }
     }
@@ -130,6 +132,7 @@ pub fn count_piece(piece: &[f32], top: f32, low: Option<f32>) -> [u64; 4] {
 }
 
 /// Adds crumbs(piece) into `acc`, the piece being part of a long row cut by `p`.
+#[inline(always)]
 pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
     let Cut { top, top_skip, low } = p.cut;
     let (mut seen_top, mut seen_low) = (p.top_before, p.low_before);
@@ -156,6 +159,7 @@ pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
 }
 
 /// M of one piece of long rows: per task, its cut (`None`: the row keeps nothing).
+#[inline(always)]
 pub fn merge_pieces<D: AsRef<[f32]>>(
     deltas: &[D],
     n: usize,
@@ -178,6 +182,7 @@ fn rank_key(x: f32, pos: usize) -> u64 {
 
 /// Adds crumbs(row) into `acc`, keeping the descending ranks `ranks` = [g, g + k) (`None`:
 /// nothing). `keys` is scratch.
+#[inline(always)]
 pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc: &mut [f32]) {
     let n = row.len();
     let Some((drop_top, keep)) = ranks else {
@@ -210,6 +215,7 @@ pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc:
 
 /// M of one chunk: `row_len` divides the chunk (the pipeline aligns chunks to rows); task t
 /// keeps the ranks `ranks(row_len, t)`. A 0-d tensor (`scalar`) is left as it is.
+#[inline(always)]
 pub fn merge<D: AsRef<[f32]>>(
     deltas: &[D],
     n: usize,
@@ -231,6 +237,7 @@ pub fn merge<D: AsRef<[f32]>>(
 }
 
 /// Adds crumbs of one task's chunk (whole rows) into `acc`.
+#[inline(always)]
 pub fn add_task(
     d: &[f32],
     (row_len, scalar): (usize, bool),

@@ -133,12 +133,18 @@ impl Gta {
                 match st.cuts.get(&x.start) {
                     Some(cuts) => {
                         if let Some(p) = &cuts[k] {
-                            add_piece(src, p, out);
+                            crate::simd!(add_piece(src, p, out));
                         }
                     }
                     None => {
                         let unit = x.tensor.numel.max(1);
-                        add_task(src, (unit, false), self.kept_ranks(unit, k), keys, out);
+                        crate::simd!(add_task(
+                            src,
+                            (unit, false),
+                            self.kept_ranks(unit, k),
+                            keys,
+                            out
+                        ));
                     }
                 }
             }
