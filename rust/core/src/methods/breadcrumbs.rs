@@ -198,13 +198,18 @@ pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc:
     keys.clear();
     keys.extend(row.iter().enumerate().map(|(i, &x)| rank_key(x, i)));
     // The key at rank `drop_top` is the smallest kept; the one at `drop_top + keep` the first cut.
-    let (_, &mut lo, rest) = keys.select_nth_unstable(drop_top);
+    // The far cut is selected first: it leaves the `drop_top + keep` smallest keys in front (a
+    // small part of the row at the usual densities), where the near one is then selected,
+    // instead of a second select over the whole row. Keys are distinct (the position is in
+    // their low bits), so either order finds the same two.
     let hi = if drop_top + keep < n {
-        let (_, &mut hi, _) = rest.select_nth_unstable(keep - 1);
+        let (_, &mut hi, _) = keys.select_nth_unstable(drop_top + keep);
         hi
     } else {
         u64::MAX
     };
+    let front = (drop_top + keep).min(n);
+    let (_, &mut lo, _) = keys[..front].select_nth_unstable(drop_top);
     for (i, (a, &x)) in acc.iter_mut().zip(row).enumerate() {
         let k = rank_key(x, i);
         if k >= lo && k < hi {
@@ -275,5 +280,33 @@ mod tests {
         let mut acc = [0.0; 4];
         add_row(&row, kept_ranks(4, 0.5, 0.25), &mut Vec::new(), &mut acc);
         assert_eq!(acc, [0.0, 1.0, 1.0, 0.0]);
+    }
+
+    /// Against ranks written out by a full stable sort (descending |x|, then position), on rows
+    /// with many equal magnitudes and every drop/keep split, the far cut past the end included.
+    #[test]
+    fn kept_elements_are_the_sorted_ranks() {
+        let mut z = 5u64;
+        for n in [1usize, 2, 7, 64, 300] {
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    z = crate::rng::mix(z.wrapping_add(0x9E37_79B9_7F4A_7C15));
+                    ((z % 13) as f32 - 6.0) * if z & 64 == 0 { 1.0 } else { 0.37 }
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| row[b].abs().total_cmp(&row[a].abs()));
+            for g in 0..n {
+                for k in 1..=n + 1 {
+                    let mut want = vec![0.0f32; n];
+                    for &i in order.iter().skip(g).take(k) {
+                        want[i] = row[i];
+                    }
+                    let mut acc = vec![0.0f32; n];
+                    add_row(&row, Some((g as u64, k as u64)), &mut Vec::new(), &mut acc);
+                    assert_eq!(acc, want, "n {n}, g {g}, k {k}");
+                }
+            }
+        }
     }
 }
