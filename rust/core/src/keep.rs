@@ -241,6 +241,7 @@ mod tests {
         ModelView {
             label: label.into(),
             tensors: names.iter().map(|n| (n.to_string(), t)).collect(),
+            maps: Vec::new(),
         }
     }
 

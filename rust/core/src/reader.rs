@@ -66,6 +66,10 @@ impl TensorRef<'_> {
 pub struct ModelView<'a> {
     pub label: String,
     pub tensors: BTreeMap<String, TensorRef<'a>>,
+    /// The whole memory-mapped files the tensors lie in (empty for tensors in memory): the
+    /// engine gives the OS access-pattern hints for these (`pipeline::advice`), which only a
+    /// file mapping may take.
+    pub maps: Vec<&'a [u8]>,
 }
 
 pub(crate) struct MappedFile {
@@ -620,9 +624,15 @@ impl Checkpoint {
                 tensors.insert(name.to_owned(), tensor_ref(f, e));
             }
         }
+        let maps = (self.files.iter())
+            .chain(self.modules.iter().map(|(_, f)| f))
+            .chain(&self.overlays)
+            .filter_map(|f| f.map.as_deref())
+            .collect();
         ModelView {
             label: self.path.display().to_string(),
             tensors,
+            maps,
         }
     }
 }

@@ -458,7 +458,7 @@ impl Engine<'_> {
         }
         let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
         let t0 = std::time::Instant::now();
-        let samples = self.sample(chunks, n_rows, total, rows)?;
+        let samples = self.random_access(|| self.sample(chunks, n_rows, total, rows))?;
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             eprintln!("sample: {:.2}s", t0.elapsed().as_secs_f64());
         }

@@ -45,6 +45,7 @@ fn view<'a>(label: &str, m: &'a Owned) -> ModelView<'a> {
                 (n.clone(), r)
             })
             .collect(),
+        maps: Vec::new(),
     }
 }
 

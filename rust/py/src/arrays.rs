@@ -69,6 +69,7 @@ impl Owned {
         ModelView {
             label: self.label.clone(),
             tensors,
+            maps: Vec::new(),
         }
     }
 }

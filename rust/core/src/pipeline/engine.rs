@@ -97,6 +97,10 @@ impl<'a> Run<'a> {
             plan,
             recipe,
             // A computed scale tensor has no input of its own: its weight's stands in (never read).
+            maps: (self.base.maps.iter())
+                .chain(models.iter().flat_map(|m| &m.maps))
+                .copied()
+                .collect(),
             base_refs: plan
                 .iter()
                 .map(|t| self.base.tensors[source(plan, t)])

@@ -4,6 +4,7 @@
 //! size cannot change a result); the final pass computes M, pools, encodes and writes each chunk
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
+mod advice;
 mod engine;
 pub mod exchange;
 mod groups;
@@ -179,6 +180,8 @@ pub(crate) struct Engine<'a> {
     pub(crate) plan: &'a [TensorPlan],
     pub(crate) recipe: &'a Recipe,
     pub(crate) base_refs: Vec<TensorRef<'a>>,
+    /// The inputs' mapped files, for read-ahead advice (`advice`).
+    pub(crate) maps: Vec<&'a [u8]>,
     pub(crate) model_refs: Vec<Vec<TensorRef<'a>>>,
     pub(crate) done: AtomicU64,
     pub(crate) total: AtomicU64,
@@ -522,13 +525,20 @@ impl<'a> Engine<'a> {
             (true, false) => self.stats_passes.fetch_add(1, Ordering::Relaxed) + 1,
             _ => 0,
         };
+        let ahead = advice::distance(chunks);
         chunks
             .par_iter()
+            .enumerate()
             .try_fold(
                 || (self.spare_work(), init()),
-                |(mut w, mut acc), c| {
+                |(mut w, mut acc), (i, c)| {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Err(Error::Cancelled);
+                    }
+                    // A worker mostly walks its share of the list in order (rayon splits it
+                    // into ranges), so this is what it reads a few chunks from now.
+                    if let Some(next) = chunks.get(i + ahead) {
+                        self.prefetch(next);
                     }
                     crate::simd!({
                         let loaded = self.load(&mut w, c);

@@ -47,7 +47,11 @@ impl Engine<'_> {
     pub(super) fn copy(&self, copy: &[Chunk], sink: &dyn Sink) -> Result<()> {
         use rayon::prelude::*;
         let total = self.total.load(Ordering::Relaxed);
-        copy.par_iter().try_for_each(|c| {
+        let ahead = super::advice::distance(copy);
+        copy.par_iter().enumerate().try_for_each(|(i, c)| {
+            if let Some(next) = copy.get(i + ahead) {
+                self.prefetch_base(next);
+            }
             let t = &self.plan[c.tensor];
             let size = t.base_dtype.size();
             let data = &self.base_refs[c.tensor].data[c.start * size..(c.start + c.len) * size];

@@ -240,6 +240,8 @@ impl Slices {
             ModelView {
                 label: inputs[src.input].label.clone(),
                 tensors,
+                // Lanes mix inputs; a hint for a file this lane does not read costs nothing.
+                maps: inputs.iter().flat_map(|v| v.maps.iter().copied()).collect(),
             }
         });
         let base = views.next().expect("two lanes at least");

@@ -55,6 +55,7 @@ pub fn check_accepted(bytes: &[u8]) {
     let lora = ModelView {
         label: "fuzz".into(),
         tensors,
+        maps: Vec::new(),
     };
     let zeros = vec![0u8; 4 * 5 * 4 * 9];
     let base = ModelView {
@@ -74,6 +75,7 @@ pub fn check_accepted(bytes: &[u8]) {
                 (n.to_owned(), t)
             })
             .collect::<BTreeMap<_, _>>(),
+        maps: Vec::new(),
     };
     let Ok(view) = aligned_view(&Adapter::File(f), &lora, &base, None) else {
         return;

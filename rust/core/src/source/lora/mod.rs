@@ -294,7 +294,11 @@ pub fn aligned_view<'a>(
             );
         }
     }
-    Ok(ModelView { label, tensors })
+    Ok(ModelView {
+        label,
+        tensors,
+        maps: view.maps.clone(),
+    })
 }
 
 /// Checks that `saved` (an adapter's copy of a base tensor) holds exactly the base's values,
