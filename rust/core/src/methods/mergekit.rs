@@ -8,6 +8,7 @@
 use super::breadcrumbs::{add_piece, add_task};
 use super::elementwise;
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::mergekit_arith::mix_in;
 use super::{int_frac, PerTask, Reader, Rows};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -242,71 +243,6 @@ pub(super) fn round_in(d: DType, v: f32) -> f32 {
     crate::dtype::round_to(d, v)
 }
 
-/// mergekit's `merge_group` in `d`, given the sparsified deltas in `per_task` (whose kept
-/// elements are recomputed here from the values, rounded as loading in `d` rounds them): the
-/// weights in `d`, each product rounded, sums over the models accumulated in f32 in model order
-/// and rounded once (torch's reduction), the divisor likewise, then ÷, λ and `base + mixed_delta`
-/// each rounded: `m` gets the merged values.
-fn mix_in(
-    g: &Gta,
-    d: DType,
-    x: &ChunkIn,
-    (per_task, factors): (&mut [Vec<f32>], &[Option<f32>]),
-    m: &mut [f32],
-) {
-    let n = x.n;
-    let r = |v: f32| round_in(d, v);
-    let weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
-    for (k, o) in per_task.iter_mut().enumerate() {
-        let vals = &x.values[k][..n];
-        for ((o, &v), &b) in o[..n].iter_mut().zip(vals).zip(&x.base[..n]) {
-            if *o != 0.0 {
-                let kept = r(r(v) - r(b));
-                *o = factors[k].map_or(kept, |f| r(kept * f));
-            }
-            *o = r(*o * weights[k]);
-        }
-    }
-    let m = &mut m[..n];
-    let total = r(weights.iter().fold(0.0f32, |s, &w| s + w));
-    for (i, v) in m.iter_mut().enumerate() {
-        let sum = per_task.iter().fold(0.0f32, |s, o| s + o[i]);
-        if !g.consensus {
-            let mixed = r(sum);
-            let div = if total.abs() < 1e-8 { 1.0 } else { total };
-            *v = if g.normalize { r(mixed / div) } else { mixed };
-            continue;
-        }
-        let maj = if sum >= 0.0 { 1.0 } else { -1.0 };
-        let (mut s, mut q) = (0.0f32, 0.0f32);
-        for (o, &w) in per_task.iter().zip(&weights) {
-            let y = o[i];
-            let sign = if y > 0.0 {
-                1.0
-            } else if y < 0.0 {
-                -1.0
-            } else {
-                0.0
-            };
-            if sign == maj {
-                s += y;
-                q += w;
-            }
-        }
-        let (mixed, div) = (r(s), r(q));
-        let div = if div == 0.0 { 1.0 } else { div };
-        *v = if g.normalize { r(mixed / div) } else { mixed };
-    }
-    for (v, &b) in m.iter_mut().zip(&x.base[..n]) {
-        let mixed = if g.lambda != 1.0 {
-            r(*v * g.lambda)
-        } else {
-            *v
-        };
-        *v = r(r(b) + mixed);
-    }
-}
-
 impl Kernel for Gta {
     fn name(&self) -> &'static str {
         self.name
@@ -378,8 +314,25 @@ impl Kernel for Gta {
         }
     }
 
+    /// Without sparsification the emulated arithmetic reads only the values and the base.
+    fn reads_deltas(&self) -> bool {
+        !(self.arith.is_some() && self.sparsify == Sparsify::None)
+    }
+
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
         let tasks = x.tasks();
+        if let (Some(d), Sparsify::None) = (self.arith, self.sparsify) {
+            // Every element kept: `mix_in` reads the values alone (`reads_deltas`).
+            s.per_task.resize_with(tasks, Vec::new);
+            for o in s.per_task.iter_mut() {
+                grow(o, x.n);
+            }
+            grow(s.a, x.n);
+            grow(s.b, x.n);
+            let factors = vec![None; tasks];
+            let sums = (&mut s.a[..], &mut s.b[..]);
+            return mix_in(self, d, x, (&mut s.per_task[..tasks], &factors), m, sums);
+        }
         if self.sparsify == Sparsify::None && self.arith.is_none() {
             // Nothing sparsified, so nothing rescaled: mix the deltas in place, no copies.
             grow(s.a, x.n);
@@ -415,11 +368,12 @@ impl Kernel for Gta {
                 }
             }
         }
-        if let Some(d) = self.arith {
-            return mix_in(self, d, x, (&mut s.per_task[..tasks], &factors), m);
-        }
         grow(s.a, x.n);
         grow(s.b, x.n);
+        if let Some(d) = self.arith {
+            let sums = (&mut s.a[..], &mut s.b[..]);
+            return mix_in(self, d, x, (&mut s.per_task[..tasks], &factors), m, sums);
+        }
         crate::simd!(mix(self, s.per_task, x.weights, x.n, m, (s.a, s.b)));
     }
 }

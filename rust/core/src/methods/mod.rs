@@ -35,6 +35,7 @@ pub mod kernel;
 pub mod linear;
 pub mod magmax;
 pub mod mergekit;
+mod mergekit_arith;
 pub mod mergekit_linear;
 pub mod model_stock;
 pub mod multislerp;

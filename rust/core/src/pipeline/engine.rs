@@ -87,6 +87,13 @@ impl<'a> Run<'a> {
         let mergekit = method.unweighted();
         use crate::methods::kernel::{Inputs, Output};
         let value_out = method.output() == Output::Value;
+        let plain_merge = !recipe.metagpt
+            && recipe.lines.is_none()
+            && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0);
+        // One mergekit method at λ = 1 writes its merged values as they are (`pooled`): nothing
+        // reads A*'s weighted deltas then.
+        let direct = plain_merge && mergekit && value_out && recipe.sets.len() == 1;
+        let weigh_raw = recipe.weights.is_some() && !direct;
         // Without LiNeS every tensor is of one class; LiNeS's come once its α are known.
         let classes = vec![scaling::Class::of(
             recipe.combine.clone(),
@@ -117,16 +124,13 @@ impl<'a> Run<'a> {
             spare: Mutex::new(Vec::new()),
             classes,
             class_of: vec![0; plan.len()],
-            need_plain: recipe.weights.is_some() && (mergekit || own_weights.iter().any(|&o| o)),
+            need_plain: weigh_raw && (mergekit || own_weights.iter().any(|&o| o)),
+            weigh_raw,
             weights,
             own_weights,
             values: method.inputs() == Inputs::Values,
             value_out,
-            values_only: value_out
-                && !method.reads_deltas()
-                && !recipe.metagpt
-                && recipe.lines.is_none()
-                && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0),
+            values_only: value_out && !method.reads_deltas() && plain_merge,
             rows: method.rows(),
             stats_passes: AtomicU32::new(stats_passes),
             in_output: AtomicBool::new(false),

@@ -198,6 +198,10 @@ pub(crate) struct Engine<'a> {
     pub(crate) own_weights: Vec<bool>,
     /// Some set needs the unweighted deltas while A*'s are weighted.
     pub(crate) need_plain: bool,
+    /// The loads weight `raw` by the recipe's weights (A*'s τ'_t): false when there are none,
+    /// or when nothing reads A* (one mergekit method at λ = 1, whose merged values are
+    /// written as they are: its kernel then reads `raw` unweighted, no copy kept).
+    pub(crate) weigh_raw: bool,
     /// A kernel method reads the models' values (`Work::vals`).
     pub(crate) values: bool,
     /// A kernel method's M is the merged value, not a delta.
@@ -594,7 +598,7 @@ impl<'a> Engine<'a> {
                 p[..n].copy_from_slice(&d[..n]);
             }
         }
-        if let Some(ws) = &self.recipe.weights {
+        if let (true, Some(ws)) = (self.weigh_raw, &self.recipe.weights) {
             for (d, &wt) in w.raw.iter_mut().zip(ws) {
                 for x in &mut d[..n] {
                     *x *= wt;

@@ -1,0 +1,305 @@
+//! mergekit's `merge_group` for the generalized task arithmetic family (`task_arithmetic`,
+//! `ties`, `dare_*`, `breadcrumbs*`) under a bf16/f16 `dtype`: every torch operation rounded to
+//! that dtype, as mergekit computes. Published configs are mostly bf16 checkpoints under
+//! `dtype: bfloat16`, so this is the path most mergekit recipes take.
+//!
+//! Written as whole-chunk loops, task by task, with the per-element choices as selects, so that
+//! the AVX2 copy (`simd!`) vectorizes them; each element still sees the same operations in the
+//! same order as an element-at-a-time loop over the models (`tests::same_bits_as_per_element`
+//! checks it against one).
+
+use super::kernel::ChunkIn;
+use super::mergekit::{Gta, Sparsify};
+use crate::dtype::{bf16_bits, DType};
+
+/// M of one chunk (the merged values, into `m`) from the sparsified deltas in `per_task` (their
+/// contents unread without sparsification), whose kept elements are recomputed here from the
+/// values, rounded as loading in `d` rounds them:
+/// the weights in `d`, each product rounded, sums over the models accumulated in f32 in model
+/// order and rounded once (torch's reduction), the divisor likewise, then ÷, λ and
+/// `base + mixed_delta` each rounded. `sums` and `div` are chunk-sized scratch.
+pub(super) fn mix_in(
+    g: &Gta,
+    d: DType,
+    x: &ChunkIn,
+    (per_task, factors): (&mut [Vec<f32>], &[Option<f32>]),
+    m: &mut [f32],
+    (sums, div): (&mut [f32], &mut [f32]),
+) {
+    match d {
+        DType::BF16 => crate::simd!(mix_with(g, round_bf16, x, per_task, factors, m, sums, div)),
+        _ => mix_with(
+            g,
+            |v| crate::dtype::round_to(d, v),
+            x,
+            per_task,
+            factors,
+            m,
+            sums,
+            div,
+        ),
+    }
+}
+
+/// `v` rounded to bf16 (nearest even) and back.
+#[inline(always)]
+fn round_bf16(v: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(v)) << 16)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn mix_with(
+    g: &Gta,
+    r: impl Fn(f32) -> f32 + Copy,
+    x: &ChunkIn,
+    per_task: &mut [Vec<f32>],
+    factors: &[Option<f32>],
+    m: &mut [f32],
+    sums: &mut [f32],
+    div: &mut [f32],
+) {
+    let n = x.n;
+    let (m, sums, div, base) = (&mut m[..n], &mut sums[..n], &mut div[..n], &x.base[..n]);
+    let weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
+    // Each model's weighted delta y: a kept element's delta recomputed from the rounded values
+    // (and rescaled, rounded), then times its weight, rounded; added to the models' sum in
+    // model order, and kept in `per_task` when the sign consensus needs it again. Without
+    // sparsification every element is kept: its f32 delta is zero only where the values are
+    // equal, and the delta recomputed from them is then the same zero.
+    sums.fill(0.0);
+    let all_kept = g.sparsify == Sparsify::None;
+    for (k, o) in per_task.iter_mut().enumerate() {
+        let (o, vals, w) = (&mut o[..n], &x.values[k][..n], weights[k]);
+        let lanes = o.iter_mut().zip(vals).zip(base).zip(sums.iter_mut());
+        match (all_kept, g.consensus, factors[k]) {
+            (true, false, None) => {
+                for (((_, &v), &b), s) in lanes {
+                    *s += r(r(r(v) - r(b)) * w);
+                }
+            }
+            (true, true, None) => {
+                for (((o, &v), &b), s) in lanes {
+                    let y = r(r(r(v) - r(b)) * w);
+                    *o = y;
+                    *s += y;
+                }
+            }
+            (_, _, Some(f)) => {
+                for (((o, &v), &b), s) in lanes {
+                    let kept = r(r(r(v) - r(b)) * f);
+                    let y = r(if *o != 0.0 { kept } else { *o } * w);
+                    *o = y;
+                    *s += y;
+                }
+            }
+            (false, _, None) => {
+                for (((o, &v), &b), s) in lanes {
+                    let kept = r(r(v) - r(b));
+                    let y = r(if *o != 0.0 { kept } else { *o } * w);
+                    *o = y;
+                    *s += y;
+                }
+            }
+        }
+    }
+    let per_task = &*per_task;
+    if !g.consensus {
+        let total = r(weights.iter().fold(0.0f32, |s, &w| s + w));
+        let total = if total.abs() < 1e-8 { 1.0 } else { total };
+        for (v, &s) in m.iter_mut().zip(sums.iter()) {
+            let mixed = r(s);
+            *v = if g.normalize { r(mixed / total) } else { mixed };
+        }
+    } else {
+        // The models whose delta has the majority's sign (+ where the sum is ≥ 0; a zero has
+        // no sign and is never counted): their deltas' sum in `m`, their weights' in `div`.
+        m.fill(0.0);
+        div.fill(0.0);
+        for (o, &w) in per_task.iter().zip(&weights) {
+            let lanes = m.iter_mut().zip(div.iter_mut()).zip(sums.iter());
+            for (((s, q), &sum), &y) in lanes.zip(&o[..n]) {
+                let keep = if sum >= 0.0 { y > 0.0 } else { y < 0.0 };
+                *s = if keep { *s + y } else { *s };
+                *q = if keep { *q + w } else { *q };
+            }
+        }
+        for (v, &q) in m.iter_mut().zip(div.iter()) {
+            let (mixed, q) = (r(*v), r(q));
+            let q = if q == 0.0 { 1.0 } else { q };
+            *v = if g.normalize { r(mixed / q) } else { mixed };
+        }
+    }
+    if g.lambda != 1.0 {
+        for (v, &b) in m.iter_mut().zip(base) {
+            *v = r(r(b) + r(*v * g.lambda));
+        }
+    } else {
+        for (v, &b) in m.iter_mut().zip(base) {
+            *v = r(r(b) + *v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::round_to;
+
+    /// The element-at-a-time loop this file replaced, kept as the reference: per element, the
+    /// models in order.
+    fn per_element(
+        g: &Gta,
+        d: DType,
+        (values, base, weights): (&[Vec<f32>], &[f32], &[f32]),
+        (per_task, factors): (&mut [Vec<f32>], &[Option<f32>]),
+        m: &mut [f32],
+    ) {
+        let n = base.len();
+        let r = |v: f32| round_to(d, v);
+        let weights: Vec<f32> = weights.iter().map(|&w| r(w)).collect();
+        for (k, o) in per_task.iter_mut().enumerate() {
+            for ((o, &v), &b) in o[..n].iter_mut().zip(&values[k][..n]).zip(base) {
+                if *o != 0.0 {
+                    let kept = r(r(v) - r(b));
+                    *o = factors[k].map_or(kept, |f| r(kept * f));
+                }
+                *o = r(*o * weights[k]);
+            }
+        }
+        let total = r(weights.iter().fold(0.0f32, |s, &w| s + w));
+        for (i, v) in m.iter_mut().enumerate() {
+            let sum = per_task.iter().fold(0.0f32, |s, o| s + o[i]);
+            if !g.consensus {
+                let mixed = r(sum);
+                let div = if total.abs() < 1e-8 { 1.0 } else { total };
+                *v = if g.normalize { r(mixed / div) } else { mixed };
+                continue;
+            }
+            let maj = if sum >= 0.0 { 1.0 } else { -1.0 };
+            let (mut s, mut q) = (0.0f32, 0.0f32);
+            for (o, &w) in per_task.iter().zip(&weights) {
+                let y = o[i];
+                let sign = if y > 0.0 {
+                    1.0
+                } else if y < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                if sign == maj {
+                    s += y;
+                    q += w;
+                }
+            }
+            let (mixed, div) = (r(s), r(q));
+            let div = if div == 0.0 { 1.0 } else { div };
+            *v = if g.normalize { r(mixed / div) } else { mixed };
+        }
+        for (v, &b) in m.iter_mut().zip(base) {
+            let mixed = if g.lambda != 1.0 {
+                r(*v * g.lambda)
+            } else {
+                *v
+            };
+            *v = r(r(b) + mixed);
+        }
+    }
+
+    #[test]
+    fn same_bits_as_per_element() {
+        let n = 613;
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for name in ["task_arithmetic", "ties", "dare_linear", "breadcrumbs_ties"] {
+            for d in [DType::BF16, DType::F16] {
+                for (lambda, weights) in [(1.0, [1.0, 0.6, 0.3]), (0.7, [0.5, -0.5, 0.0])] {
+                    let mut g = Gta::named(name).unwrap();
+                    g.lambda = lambda;
+                    // Values on a coarse grid, so that equal values, zero deltas, sums that
+                    // cancel and ties in sign all occur; a NaN and infinities too.
+                    let mut val = |_| ((next() % 41) as f32 - 20.0) * 0.013;
+                    let base: Vec<f32> = (0..n).map(&mut val).collect();
+                    let mut values: Vec<Vec<f32>> =
+                        (0..3).map(|_| (0..n).map(&mut val).collect()).collect();
+                    values[1][5] = f32::NAN;
+                    values[2][9] = f32::INFINITY;
+                    values[0][11] = f32::NEG_INFINITY;
+                    // Sparsified deltas: the delta, or zero where dropped (and rescaled).
+                    let drops = g.sparsify != Sparsify::None;
+                    let sparse: Vec<Vec<f32>> = values
+                        .iter()
+                        .map(|v| {
+                            v.iter()
+                                .zip(&base)
+                                .map(
+                                    |(&v, &b)| {
+                                        if drops && next() % 3 == 0 {
+                                            0.0
+                                        } else {
+                                            v - b
+                                        }
+                                    },
+                                )
+                                .collect()
+                        })
+                        .collect();
+                    let factors = if drops {
+                        [Some(1.7f32), None, Some(0.4)]
+                    } else {
+                        [None; 3]
+                    };
+                    let mut want = vec![0.0; n];
+                    let mut pt = sparse.clone();
+                    per_element(
+                        &g,
+                        d,
+                        (&values, &base, &weights),
+                        (&mut pt, &factors),
+                        &mut want,
+                    );
+                    let deltas: Vec<&[f32]> = sparse.iter().map(|v| &v[..]).collect();
+                    let vals: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
+                    let plan = crate::plan::TensorPlan {
+                        name: "t".into(),
+                        shape: vec![n],
+                        numel: n,
+                        base_dtype: DType::F32,
+                        out_dtype: DType::F32,
+                        mergeable: true,
+                        requant: None,
+                        derived: None,
+                    };
+                    let x = ChunkIn {
+                        tensor: &plan,
+                        start: 0,
+                        n,
+                        base: &base,
+                        deltas: &deltas,
+                        values: &vals,
+                        weights: &weights,
+                        given: None,
+                        seed: 0,
+                    };
+                    let (mut got, mut a, mut b) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                    let mut pt = sparse.clone();
+                    mix_in(&g, d, &x, (&mut pt, &factors), &mut got, (&mut a, &mut b));
+                    for i in 0..n {
+                        assert!(
+                            got[i].to_bits() == want[i].to_bits()
+                                || (got[i].is_nan() && want[i].is_nan()),
+                            "{name} {d:?} λ {lambda} element {i}: {} vs {}",
+                            got[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
