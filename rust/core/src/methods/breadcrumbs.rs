@@ -313,34 +313,38 @@ pub fn add_task(
 mod tests {
     use super::*;
 
-    /// The element-at-a-time loop `add_piece` was before its blocks: the reference.
-    fn add_piece_counting(piece: &[f32], p: &Piece, acc: &mut [f32]) {
-        let Cut { top, top_skip, low } = p.cut;
-        let (mut seen_top, mut seen_low) = (p.top_before, p.low_before);
-        for (a, &x) in acc.iter_mut().zip(piece) {
+    /// The rule literally, element by element: an element at a cut is the o-th of the row at
+    /// that cut (o counted from the row's start, the piece's predecessors included); at `top`
+    /// the first `top_skip` are dropped, at `low` the first `keep` kept.
+    fn add_piece_by_ordinals(piece: &[f32], p: &Piece, acc: &mut [f32]) {
+        let mut ordinal = (p.cut.top, p.top_before);
+        let mut low_ordinal = p.cut.low.map(|(l, _)| (l, p.low_before));
+        for (i, &x) in piece.iter().enumerate() {
             let v = x.abs();
-            let below_top = if v == top {
-                seen_top += 1;
-                seen_top > top_skip
-            } else {
-                v < top
+            let o_top = (v == ordinal.0).then(|| {
+                ordinal.1 += 1;
+                ordinal.1
+            });
+            let o_low = low_ordinal.as_mut().and_then(|(l, o)| {
+                (v == *l).then(|| {
+                    *o += 1;
+                    *o
+                })
+            });
+            let under = o_top.map_or(v < p.cut.top, |o| o > p.cut.top_skip);
+            let over = match (p.cut.low, o_low) {
+                (None, _) => true,
+                (Some((_, keep)), Some(o)) => o <= keep,
+                (Some((l, _)), None) => v > l,
             };
-            let above_low = match low {
-                None => true,
-                Some((l, keep)) if v == l => {
-                    seen_low += 1;
-                    seen_low <= keep
-                }
-                Some((l, _)) => v > l,
-            };
-            if below_top && above_low {
-                *a += x;
+            if under && over {
+                acc[i] += x;
             }
         }
     }
 
     #[test]
-    fn blocks_decide_as_the_counting_loop() {
+    fn blocks_decide_as_the_ordinals_rule() {
         let mut state = 0x2545_F491_4F6C_DD1Du64;
         let mut next = move |m: u64| {
             state ^= state << 13;
@@ -375,7 +379,7 @@ mod tests {
             };
             let start: Vec<f32> = (0..n).map(|i| i as f32).collect();
             let (mut want, mut got) = (start.clone(), start);
-            add_piece_counting(&piece, &p, &mut want);
+            add_piece_by_ordinals(&piece, &p, &mut want);
             add_piece(&piece, &p, &mut got);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "round {round}: {p:?}");
