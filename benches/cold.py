@@ -3,7 +3,7 @@ smaller than the inputs, against one cold read of them.
 
     sudo python benches/cold.py                                    # 0.1 B bf16, base + 3, 256 MiB
     sudo python benches/cold.py --size 0.5 --cap-mb 1024
-    sudo python benches/cold.py --compare /tmp/old_wheel_site      # A/B a previous wheel
+    sudo python benches/cold.py --compare /tmp/old --compare-label 9ab797c   # A/B a previous wheel
 
 Root only (it drops the page cache before every run and makes cgroup-v1 memory groups). Each row
 is the median of ``--repeats`` whole CLI commands (``weightweave merge``), caches dropped before
@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--cap-mb", type=int, default=256, help="memory cgroup of every run")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--compare", type=Path, help="site directory of another weightweave build")
+    ap.add_argument("--compare-label", help="its name in the table (default: the directory)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cold.md")
     args = ap.parse_args()
     if not (can_cap() and drop_caches()):
@@ -84,7 +85,7 @@ def main() -> None:
     Path(str(inputs[0]) + ".floor").unlink(missing_ok=True)
     builds = [("this build", None)]
     if args.compare:
-        builds.insert(0, (f"`{args.compare}`", str(args.compare)))
+        builds.insert(0, (args.compare_label or f"`{args.compare}`", str(args.compare)))
     lines = [
         f"# Inputs bigger than memory (`benches/cold.py --size {args.size:g} --cap-mb {args.cap_mb}`)",
         "",
