@@ -5,8 +5,8 @@
 //! them from disk through page faults. A fault reads synchronously, so a worker waiting on the
 //! disk computes nothing; with two workers both were often waiting. Asking for the pages a
 //! worker will need a few chunks from now keeps the disk busy while it computes: task
-//! arithmetic went from 2.6 s to 1.7 s on 1 GB of bf16 inputs in a 256 MiB cgroup, TIES from
-//! 7.6 s to 3.7 s (`benches/cold.py`), with no change on a warm page cache.
+//! arithmetic went from 2.44 s to 1.70 s on 1 GB of bf16 inputs in a 256 MiB cgroup, TIES from
+//! 8.22 s to 4.07 s (`benches/results/cold.md`), with no change on a warm page cache.
 //!
 //! A sample pass touches 128 bytes every 32 KiB; the kernel's read-around made each touch read
 //! 128 KiB, so the sample alone read the whole model from disk. Random-access advice while it

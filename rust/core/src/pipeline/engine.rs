@@ -94,6 +94,13 @@ impl<'a> Run<'a> {
         // reads A*'s weighted deltas then.
         let direct = plain_merge && mergekit && value_out && recipe.sets.len() == 1;
         let weigh_raw = recipe.weights.is_some() && !direct;
+        // Each mapped file once (slices' lanes list every input's).
+        let mut maps: Vec<&[u8]> = (self.base.maps.iter())
+            .chain(models.iter().flat_map(|m| &m.maps))
+            .copied()
+            .collect();
+        maps.sort_by_key(|m| m.as_ptr());
+        maps.dedup_by_key(|m| m.as_ptr());
         // Without LiNeS every tensor is of one class; LiNeS's come once its α are known.
         let classes = vec![scaling::Class::of(
             recipe.combine.clone(),
@@ -103,11 +110,8 @@ impl<'a> Run<'a> {
             models,
             plan,
             recipe,
+            maps,
             // A computed scale tensor has no input of its own: its weight's stands in (never read).
-            maps: (self.base.maps.iter())
-                .chain(models.iter().flat_map(|m| &m.maps))
-                .copied()
-                .collect(),
             base_refs: plan
                 .iter()
                 .map(|t| self.base.tensors[source(plan, t)])
