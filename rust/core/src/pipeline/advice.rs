@@ -18,7 +18,7 @@ use crate::reader::TensorRef;
 
 /// How far ahead a worker asks for its inputs: about 1 MiB of elements (4 chunks of the
 /// default size), at least the next chunk and at most 512 chunks (the sample's short runs).
-pub(super) fn distance(chunks: &[Chunk]) -> usize {
+fn distance(chunks: &[Chunk]) -> usize {
     let longest = chunks.iter().map(|c| c.len).max().unwrap_or(1).max(1);
     ((1usize << 20) / longest).clamp(1, 512)
 }
@@ -42,6 +42,26 @@ fn will_need(data: &[u8], lo: usize, hi: usize) {
     }
 }
 
+/// Whether every page of a mapped file is in the page cache (`mincore`; false when it cannot
+/// tell, so that the hints are given).
+fn resident(map: &[u8]) -> bool {
+    let page = page_size();
+    let start = map.as_ptr() as usize;
+    if map.is_empty() || start % page != 0 {
+        return true;
+    }
+    let mut pages = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: the range is a whole live file mapping and `pages` has one byte per page of it.
+    let rc = unsafe {
+        libc::mincore(
+            start as *mut libc::c_void,
+            map.len(),
+            pages.as_mut_ptr() as *mut _,
+        )
+    };
+    rc == 0 && pages.iter().all(|&p| p & 1 == 1)
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -53,6 +73,17 @@ fn page_size() -> usize {
 }
 
 impl Engine<'_> {
+    /// How far ahead a pass over `chunks` asks for its inputs; 0 (no hints) when every page of
+    /// every mapped input is in memory already: a hint then finds nothing to read, and the
+    /// page-cache lookups it makes cost about 7 % of a warm task arithmetic's CPU time.
+    pub(super) fn read_ahead(&self, chunks: &[Chunk]) -> usize {
+        if self.maps.iter().all(|m| resident(m)) {
+            0
+        } else {
+            distance(chunks)
+        }
+    }
+
     /// Starts reading chunk `c` of the base and of every model (its byte range in each: the
     /// chunk's share of the tensor's bytes, whatever the dtype).
     pub(super) fn prefetch(&self, c: &Chunk) {
@@ -116,6 +147,25 @@ mod tests {
         assert_eq!(distance(&[c(64)]), 512);
         assert_eq!(distance(&[c(1 << 24)]), 1);
         assert_eq!(distance(&[]), 512);
+    }
+
+    #[test]
+    fn a_file_read_in_full_is_resident() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("ww-advice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&vec![7u8; 3 * page_size() + 5])
+            .unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a read-only map of a file this test owns.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        assert!(map.iter().all(|&b| b == 7)); // touched: every page in memory
+        assert!(resident(&map));
+        assert!(resident(&[]));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -529,7 +529,7 @@ impl<'a> Engine<'a> {
             (true, false) => self.stats_passes.fetch_add(1, Ordering::Relaxed) + 1,
             _ => 0,
         };
-        let ahead = advice::distance(chunks);
+        let ahead = self.read_ahead(chunks);
         chunks
             .par_iter()
             .enumerate()
@@ -541,7 +541,7 @@ impl<'a> Engine<'a> {
                     }
                     // A worker mostly walks its share of the list in order (rayon splits it
                     // into ranges), so this is what it reads a few chunks from now.
-                    if let Some(next) = chunks.get(i + ahead) {
+                    if let (true, Some(next)) = (ahead > 0, chunks.get(i + ahead)) {
                         self.prefetch(next);
                     }
                     crate::simd!({

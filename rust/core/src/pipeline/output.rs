@@ -47,9 +47,9 @@ impl Engine<'_> {
     pub(super) fn copy(&self, copy: &[Chunk], sink: &dyn Sink) -> Result<()> {
         use rayon::prelude::*;
         let total = self.total.load(Ordering::Relaxed);
-        let ahead = super::advice::distance(copy);
+        let ahead = self.read_ahead(copy);
         copy.par_iter().enumerate().try_for_each(|(i, c)| {
-            if let Some(next) = copy.get(i + ahead) {
+            if let (true, Some(next)) = (ahead > 0, copy.get(i + ahead)) {
                 self.prefetch_base(next);
             }
             let t = &self.plan[c.tensor];
