@@ -2,7 +2,8 @@
 
 The fixture is built from integer hashing alone (no random generator whose stream could change
 between numpy or torch versions). The digests were taken with the engine before the one-read
-work (commit 59b8efb; DELLA's with 179caf1, before its AVX2 row kernels); every statistics path
+work (commit 59b8efb; DELLA's with 179caf1, before its AVX2 row kernels; mergekit's with 4183fab,
+before their vectorised L1 sums); every statistics path
 must still give them: the default passes, the one-read pass, one thread, and the baseline
 (non-AVX2) kernels."""
 
@@ -47,6 +48,16 @@ RUNS = {
         "weave",
         {"method": "ties", "lambdas": [0.5, 1.0], "pool": "magmax", "weights": [1.0, 2.0, 0.5]},
     ),
+    # mergekit's semantics (compat), with its L1 rescale's statistics and its bf16 arithmetic.
+    "mk_dare_linear_bf16": ("merge", {"method": "dare_linear", "compat": "mergekit", "arith": "bf16",
+                                      "out_dtype": "bf16", "weights": [1.0, 0.6, 0.3], "density": [0.5, 0.3, 0.7],
+                                      "seed": 4}),
+    "mk_dare_ties": ("merge", {"method": "dare_ties", "compat": "mergekit", "weights": [1.0, 0.6, 0.3],
+                               "density": 0.4, "seed": 6}),
+    "mk_ties_bf16": ("merge", {"method": "ties", "compat": "mergekit", "arith": "bf16", "out_dtype": "bf16",
+                               "weights": [1.0, 0.6, 0.3], "density": [0.5, 0.3, 0.7]}),
+    "mk_breadcrumbs_ties": ("merge", {"method": "breadcrumbs_ties", "compat": "mergekit", "weights": [1.0, 0.6, 0.3],
+                                      "density": 0.5, "gamma": 0.02, "chunk_size": 4096}),
 }
 
 PINNED = {
@@ -61,6 +72,10 @@ PINNED = {
     "della_linear": "42edb04730de0e10",
     "weave_dare_ties": "89c2cd84a4743647",
     "weave_ties_weights": "3153f07dcbf1fef2",
+    "mk_dare_linear_bf16": "5f38576d6e043a79",
+    "mk_dare_ties": "58e47f32e9062c25",
+    "mk_ties_bf16": "f20faf552da408a3",
+    "mk_breadcrumbs_ties": "3b24f52cfb6a56c1",
 }
 
 

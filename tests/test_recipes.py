@@ -278,6 +278,21 @@ def test_keys_mergekit_ignores_are_ignored_aloud(ck, tmp_path, edit, msg):
     assert digest(tmp_path / "o") == digest(tmp_path / "plain")
 
 
+def test_density_on_task_arithmetic_is_ignored_aloud(ck, tmp_path):
+    """mergekit declares ``density`` for every method of its task-arithmetic family, and its
+    task_arithmetic runs a config that gives one (copied from a TIES config) without reading it:
+    the same model here as without the densities, with a RecipeWarning naming where they are."""
+    ta = MERGEKIT_TIES.replace("merge_method: ties", "merge_method: task_arithmetic")
+    plain = ta.replace(", density: 0.5", "").replace(", density: 0.3", "").replace("      density: 0.7\n", "")
+    assert "density" not in plain
+    ww.run(write(tmp_path, plain), "plain")
+    msg = (r"'models\[1\].parameters.density', 'models\[2\].parameters.density', 'parameters.density' ignored: "
+           "task_arithmetic does not sparsify")
+    with pytest.warns(ww.RecipeWarning, match=msg):
+        ww.run(write(tmp_path, ta), "o")
+    assert digest(tmp_path / "o") == digest(tmp_path / "plain")
+
+
 def test_a_number_yaml_reads_as_text_is_a_number(ck, tmp_path):
     """YAML 1.1 reads ``7e-1`` as a string; mergekit's schema takes it as the number (a published
     karcher config has ``tol: 1e-10``), and so does this."""

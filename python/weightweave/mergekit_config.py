@@ -277,6 +277,11 @@ def _mergekit(d: Mapping[str, Any], where: str) -> Recipe:
     for k in sorted(per_model_keys):
         name = "weights" if k == "weight" else k
         given = [sc[k] for sc in scopes]
+        if method == "task_arithmetic" and k == "density":
+            # mergekit 0.1.5 declares density for its whole task-arithmetic family (default 1.0),
+            # and task_arithmetic, which does not sparsify, never reads it.
+            _ignored(where, sorted({at for g in given for at, _ in g}), "task_arithmetic does not sparsify")
+            continue
         if k == "weight" and weight_required:
             missing = next((i for i, g in enumerate(given) if not g), None)
             if missing is not None:

@@ -47,6 +47,12 @@ fn round_bf16(v: f32) -> f32 {
     f32::from_bits(u32::from(bf16_bits(v)) << 16)
 }
 
+/// Elements a block of [`mix_with`] takes through every step: its buffers (the models'
+/// values and deltas, the base, the sums) then stay in cache from one step to the next, where
+/// whole chunks (1 MiB per buffer) went through memory at every step: 41 % of mergekit's TIES
+/// on bf16 was these loops, waiting on loads.
+const BLOCK: usize = 2048;
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn mix_with(
@@ -59,9 +65,34 @@ fn mix_with(
     sums: &mut [f32],
     div: &mut [f32],
 ) {
-    let n = x.n;
-    let (m, sums, div, base) = (&mut m[..n], &mut sums[..n], &mut div[..n], &x.base[..n]);
     let weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
+    // Every element goes through the same operations whatever its block.
+    for lo in (0..x.n).step_by(BLOCK) {
+        let at = lo..(lo + BLOCK).min(x.n);
+        mix_block(g, r, x, per_task, factors, &weights, m, sums, div, at);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn mix_block(
+    g: &Gta,
+    r: impl Fn(f32) -> f32 + Copy,
+    x: &ChunkIn,
+    per_task: &mut [Vec<f32>],
+    factors: &[Option<f32>],
+    weights: &[f32],
+    m: &mut [f32],
+    sums: &mut [f32],
+    div: &mut [f32],
+    at: std::ops::Range<usize>,
+) {
+    let (m, sums, div) = (
+        &mut m[at.clone()],
+        &mut sums[at.clone()],
+        &mut div[at.clone()],
+    );
+    let base = &x.base[at.clone()];
     // Each model's weighted delta y: a kept element's delta recomputed from the rounded values
     // (and rescaled, rounded), then times its weight, rounded; added to the models' sum in
     // model order, and kept in `per_task` when the sign consensus needs it again. Without
@@ -70,7 +101,7 @@ fn mix_with(
     sums.fill(0.0);
     let all_kept = g.sparsify == Sparsify::None;
     for (k, o) in per_task.iter_mut().enumerate() {
-        let (o, vals, w) = (&mut o[..n], &x.values[k][..n], weights[k]);
+        let (o, vals, w) = (&mut o[at.clone()], &x.values[k][at.clone()], weights[k]);
         let lanes = o.iter_mut().zip(vals).zip(base).zip(sums.iter_mut());
         match (all_kept, g.consensus, factors[k]) {
             (true, false, None) => {
@@ -116,9 +147,9 @@ fn mix_with(
         // no sign and is never counted): their deltas' sum in `m`, their weights' in `div`.
         m.fill(0.0);
         div.fill(0.0);
-        for (o, &w) in per_task.iter().zip(&weights) {
+        for (o, &w) in per_task.iter().zip(weights) {
             let lanes = m.iter_mut().zip(div.iter_mut()).zip(sums.iter());
-            for (((s, q), &sum), &y) in lanes.zip(&o[..n]) {
+            for (((s, q), &sum), &y) in lanes.zip(&o[at.clone()]) {
                 let keep = if sum >= 0.0 { y > 0.0 } else { y < 0.0 };
                 *s = if keep { *s + y } else { *s };
                 *q = if keep { *q + w } else { *q };
@@ -208,7 +239,8 @@ mod tests {
 
     #[test]
     fn same_bits_as_per_element() {
-        let n = 613;
+        // Over two blocks and a part: every block boundary meets the same operations.
+        let n = 2 * BLOCK + 613;
         let mut rng = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move || {
             rng ^= rng << 13;
