@@ -48,7 +48,7 @@ const PROBES: usize = 256;
 /// Whether a mapped file is in the page cache, judged from [`PROBES`] of its pages (`mincore`
 /// one page at a time; false when it cannot tell, so that the hints are given). Asking about
 /// every page cost more than the hints it saved: `mincore` looks each page this process has
-/// not touched yet up in the page cache, 0.1 s for 4 GB, and a per-tensor statistic runs a
+/// not touched yet up in the page cache, 0.07 s for 4 GB, and a per-tensor statistic runs a
 /// pass per tensor (TIES in mergekit's semantics on 0.5 B parameters: 17 % of its CPU time).
 fn resident(map: &[u8]) -> bool {
     let page = page_size();
