@@ -68,13 +68,20 @@ def _digest_in_subprocess(mode, bp, mps, out, method, opts, simd):
     return digest(out)
 
 
-EXTRA = [("weave", "task_arithmetic", {"pool": "mean"}), ("weave", "magmax", {"pool": "magmax"})]
+EXTRA = [
+    ("weave", "task_arithmetic", {"pool": "mean"}),
+    ("weave", "magmax", {"pool": "magmax"}),
+    ("merge", "della", {"density": [0.5, 0.3, 0.7], "epsilon": 0.1, "keep_base": "scale"}),
+]
 
 
 @pytest.mark.parametrize(("mode", "method", "opts"), CASES + EXTRA, ids=[f"{m}-{x}" for m, x, _ in CASES + EXTRA])
 def test_simd_width_does_not_change_output(ckpts, tmp_path, mode, method, opts):
-    # The AVX2 copies of the kernels must compute exactly what the baseline copies compute.
+    # The AVX2 copies of the kernels, and the AVX-512 copies of the draws' loops (where this CPU
+    # has AVX-512; else "auto" is AVX2 again), must compute exactly what the baseline copies do.
     _, _, bp, mps = ckpts
-    wide = _digest_in_subprocess(mode, bp, mps, tmp_path / "wide.safetensors", method, opts, "auto")
-    base = _digest_in_subprocess(mode, bp, mps, tmp_path / "base.safetensors", method, opts, "baseline")
-    assert wide == base
+    digests = {
+        simd: _digest_in_subprocess(mode, bp, mps, tmp_path / f"{simd}.safetensors", method, opts, simd)
+        for simd in ("auto", "avx2", "baseline")
+    }
+    assert len(set(digests.values())) == 1, digests

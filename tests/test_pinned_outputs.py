@@ -127,20 +127,22 @@ def inputs(tmp_path_factory):
     return _fixture(tmp_path_factory.mktemp("pinned"))
 
 
-@pytest.mark.parametrize("mode", ["passes", "one-read", "baseline-1-thread"])
+@pytest.mark.parametrize("mode", ["passes", "one-read", "baseline-1-thread", "avx2"])
 @pytest.mark.parametrize("name", list(RUNS))
 def test_outputs_keep_their_pinned_bytes(inputs, tmp_path, monkeypatch, name, mode):
     bp, mps = inputs
     fn, kw = RUNS[name]
     out = tmp_path / "out.safetensors"
-    if mode == "baseline-1-thread":
-        # The kernel copy is picked once per process: a fresh one, with the baseline forced.
+    if mode in ("baseline-1-thread", "avx2"):
+        # The kernel copy is picked once per process: a fresh one, with the baseline forced (one
+        # thread), or the AVX2 copies where the CPU would take the AVX-512 ones for the draws.
         code = (
             "import json, sys, weightweave as ww; a = json.loads(sys.argv[1]); "
-            "getattr(ww, a['fn'])(a['base'], a['models'], a['out'], threads=1, **a['kw'])"
+            "getattr(ww, a['fn'])(a['base'], a['models'], a['out'], **a['kw'])"
         )
+        kw = {**kw, "threads": 1} if mode == "baseline-1-thread" else kw
         arg = json.dumps({"fn": fn, "kw": kw, "base": str(bp), "models": [str(m) for m in mps], "out": str(out)})
-        env = {**os.environ, "WEIGHTWEAVE_SIMD": "baseline"}
+        env = {**os.environ, "WEIGHTWEAVE_SIMD": "baseline" if mode == "baseline-1-thread" else "avx2"}
         subprocess.run([sys.executable, "-c", code, arg], env=env, check=True)
     else:
         if mode == "one-read":

@@ -571,7 +571,7 @@ impl Engine<'_> {
     }
 
     /// A statistics pass: every row `rows` produces for a chunk goes to `count` on the worker's
-    /// accumulator (in the AVX2 copy when the CPU has it).
+    /// accumulator (in the wide copies when the CPU has them).
     fn rows_pass<A, I, C, M>(
         &self,
         chunks: &[Chunk],

@@ -323,7 +323,11 @@ fn external_job(job: &Bound<'_, PyDict>) -> PyResult<weightweave_core::Job> {
 /// A float32 view of a contiguous, aligned buffer.
 pub fn f32_slice(b: &PyUntypedBuffer) -> PyResult<&[f32]> {
     let ptr = b.buf_ptr() as *const f32;
-    if !b.is_c_contiguous() || b.len_bytes() % 4 != 0 || b.item_size() != 4 || !ptr.is_aligned() {
+    if !b.is_c_contiguous()
+        || !b.len_bytes().is_multiple_of(4)
+        || b.item_size() != 4
+        || !ptr.is_aligned()
+    {
         return Err(ParamError::new_err(
             "M must be a contiguous, aligned float32 buffer",
         ));

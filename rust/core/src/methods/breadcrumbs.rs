@@ -71,7 +71,7 @@ impl Kernel for Breadcrumbs {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        // The loops run in their AVX2 copy (`simd!`): the rank keys' 64-bit compares vectorize
+        // The loops run in their wide copies (`simd!`): the rank keys' 64-bit compares vectorize
         // there, not in baseline x86-64.
         match st.cuts.get(&x.start) {
             Some(cuts) => crate::simd!(merge_pieces(x.deltas, x.n, cuts, m)),

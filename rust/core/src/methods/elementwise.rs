@@ -92,6 +92,38 @@ mod tests {
     }
 
     #[test]
+    fn every_copy_draws_the_same_bits() {
+        // The AVX-512 copy (`simd!`, where this CPU has it) and the AVX2 copy of the
+        // draws' loop against the baseline copy, over odd lengths, specials and densities.
+        let mut src: Vec<f32> = (0..4099)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.1)
+            .collect();
+        src[..4].copy_from_slice(&[f32::NAN, f32::INFINITY, -0.0, f32::NEG_INFINITY]);
+        let s = Stream::new(5, 1, "w");
+        for (density, rescale) in [(0.3, true), (0.7, false), (1e-9, true), (1.0, true)] {
+            for first in [0, 123, 1 << 40] {
+                let mut want = vec![0.0; src.len()];
+                dare_into(&src, &mut want, &s, first, density, rescale);
+                let mut wide = vec![0.0; src.len()];
+                crate::simd!(dare_into(&src, &mut wide, &s, first, density, rescale));
+                let mut avx2 = want.clone();
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::wide() {
+                    // SAFETY: `wide()` checked that the CPU has AVX2 and the rest.
+                    unsafe {
+                        crate::simd::with_avx2(|| {
+                            dare_into(&src, &mut avx2, &s, first, density, rescale)
+                        })
+                    };
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&wide), bits(&want), "{density} {first}");
+                assert_eq!(bits(&avx2), bits(&want), "{density} {first}");
+            }
+        }
+    }
+
+    #[test]
     fn dare_keeps_or_rescales() {
         let mut out = vec![1.0f32; 1000];
         let s = Stream::new(3, 0, "t");

@@ -207,7 +207,7 @@ impl Karcher {
                 .any(|&s| s.sqrt() as f32 as f64 > self.tol)
                 .then_some(sums(1)),
             _ if l % 3 == 2 => ((l - 2) / 3 < self.max_iter).then_some(sums(points)),
-            _ if l % 3 == 0 => Some(sums(1)),
+            _ if l.is_multiple_of(3) => Some(sums(1)),
             // The tangent's norm below tol ends the iteration.
             _ => ((Self::norm_of(done, l - 1) as f64) >= self.tol).then_some(sums(1)),
         }
@@ -223,7 +223,7 @@ impl Karcher {
         acc: &mut [f64],
     ) {
         match d {
-            // The loops in the AVX2 copy (`simd!`): every function below is inlined into it.
+            // The loops in the wide copies (`simd!`): every function below is inlined into it.
             DType::F16 => crate::simd!(self.accumulate_in(F16, x, p, st, s, acc)),
             _ => crate::simd!(self.accumulate_in(Bf16, x, p, st, s, acc)),
         }

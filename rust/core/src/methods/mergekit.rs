@@ -121,7 +121,7 @@ impl Gta {
                 if self.sparsifies(k) {
                     let stream = Stream::new(x.seed, k as u64, &x.tensor.name);
                     let (first, density) = (x.start as u64, self.density.get(k));
-                    // In the AVX2 copy (`simd!`): the draws' 64-bit products vectorise there.
+                    // In the widest copy (`simd!`): the draws' 64-bit products vectorise there.
                     crate::simd!(elementwise::dare_into(
                         src, out, &stream, first, density, false
                     ));
@@ -304,7 +304,7 @@ impl Kernel for Gta {
         })
     }
 
-    /// The L1 sums in eight lanes (`reduce`), in the AVX2 copy: one f64 chain per sum was most
+    /// The L1 sums in eight lanes (`reduce`), in the wide copies: one f64 chain per sum was most
     /// of this pass (a dependent add per element).
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         grow(s.a, x.n);

@@ -4,7 +4,7 @@
 //! `dtype: bfloat16`, so this is the path most mergekit recipes take.
 //!
 //! Written as whole-chunk loops, task by task, with the per-element choices as selects, so that
-//! the AVX2 copy (`simd!`) vectorizes them; each element still sees the same operations in the
+//! the wide copies (`simd!`) vectorize them; each element still sees the same operations in the
 //! same order as an element-at-a-time loop over the models (`tests::same_bits_as_per_element`
 //! checks it against one).
 

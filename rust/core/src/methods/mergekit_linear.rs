@@ -45,7 +45,7 @@ impl Kernel for MergekitLinear {
     }
 
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        // In the AVX2 copy (`simd!`) `mul_add` is one vector FMA; compiled for baseline x86-64 it
+        // In the wide copies (`simd!`) `mul_add` is one vector FMA; compiled for baseline x86-64 it
         // is a libm call per element. Both round once, so the bits are the same.
         crate::simd!(weighted_sum(x.values, x.weights, self.normalize, m));
     }

@@ -268,7 +268,7 @@ impl Kernel for MultiSlerp {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        // The loops in the AVX2 copy (`simd!`): every function below is inlined into it.
+        // The loops in the wide copies (`simd!`): every function below is inlined into it.
         with_round!(self.arith, |r| crate::simd!(
             self.accumulate_in(r, x, st, s, acc)
         ))

@@ -53,7 +53,7 @@ const PROBES: usize = 256;
 fn resident(map: &[u8]) -> bool {
     let page = page_size();
     let start = map.as_ptr() as usize;
-    if map.is_empty() || start % page != 0 {
+    if map.is_empty() || !start.is_multiple_of(page) {
         return true;
     }
     let pages = map.len().div_ceil(page);
@@ -130,7 +130,7 @@ impl Engine<'_> {
         let page = page_size();
         for m in &self.maps {
             let start = m.as_ptr() as usize;
-            if m.is_empty() || start % page != 0 {
+            if m.is_empty() || !start.is_multiple_of(page) {
                 continue;
             }
             // SAFETY: the range is a whole live read-only file mapping; RANDOM and NORMAL

@@ -790,7 +790,7 @@ impl<'a> Engine<'a> {
                 grow(&mut w.eff[k], n);
                 let stream = Stream::new(self.recipe.seed, k as u64, name);
                 let (first, density) = (c.start as u64, p.density.get(k));
-                // In the AVX2 copy (`simd!`): the draws' 64-bit products vectorise there.
+                // In the widest copy (`simd!`): the draws' 64-bit products vectorise there.
                 if src == Src::Raw {
                     let (raw, eff) = (&w.raw[k][..n], &mut w.eff[k][..n]);
                     crate::simd!(elementwise::dare_into(

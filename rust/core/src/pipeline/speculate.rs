@@ -57,7 +57,7 @@ pub(crate) fn eligible(recipe: &Recipe, plan: &[TensorPlan], merge: &[Chunk], pa
     let on = std::env::var_os("WEIGHTWEAVE_ONE_READ").is_some_and(|v| v == "1");
     on && matches!(part.model, ModelPart::Compute)
         && recipe.sets.iter().all(|s| s.method.speculates())
-        && recipe.lines.as_ref().map_or(true, |l| l.alpha.is_some())
+        && recipe.lines.as_ref().is_none_or(|l| l.alpha.is_some())
         && !matches!(
             recipe.combine,
             Combine::Weave {

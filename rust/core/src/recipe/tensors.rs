@@ -108,8 +108,8 @@ pub fn evaluate_in(
     module: Option<usize>,
 ) -> Option<Param> {
     let c = setting.iter().find(|c| {
-        c.slice.map_or(true, |s| s == slice)
-            && c.module.map_or(true, |m| Some(m) == module)
+        c.slice.is_none_or(|s| s == slice)
+            && c.module.is_none_or(|m| Some(m) == module)
             && match c.filter.as_deref() {
                 None | Some("*") => true,
                 Some(f) => name.contains(f),

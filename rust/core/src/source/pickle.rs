@@ -268,7 +268,7 @@ impl<'a> Vm<'a> {
         let (depth, size) = measure(items.iter(), top.depth, top.size)?;
         match (&mut top.v, dict) {
             (Value::Dict(d), true) => {
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err("odd number of items for a dict".into());
                 }
                 let mut it = items.into_iter();

@@ -138,7 +138,7 @@ impl Layout {
             }
             let mut bytes = serde_json::to_vec(&header).expect("json");
             // Pad so tensor data starts 8-byte aligned, as the safetensors library does.
-            while bytes.len() % 8 != 0 {
+            while !bytes.len().is_multiple_of(8) {
                 bytes.push(b' ');
             }
             let data_start = 8 + bytes.len() as u64;
