@@ -29,23 +29,80 @@ pub fn exp(x: f32) -> f32 {
     y * f32::from_bits(((k + 127) as u32) << 23)
 }
 
+/// Below this |x|, [`tanh`] is its polynomial ([`tanh_small`]).
+pub const TANH_SMALL: f32 = 0.625;
+
 /// tanh(x): an odd polynomial near 0, 1 − 2/(e^{2|x|} + 1) elsewhere; both computed, one chosen.
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
     let a = x.abs();
-    let z = x * x;
-    let small =
-        ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
-            - 3.333_328_2e-1)
-            * z
-            * x
-            + x;
+    let small = tanh_small(x);
     let e = exp(2.0 * a.min(40.0));
     let large = (1.0 - 2.0 / (e + 1.0)).copysign(x);
-    if a < 0.625 {
+    if a < TANH_SMALL {
         small
     } else {
         large
+    }
+}
+
+/// [`tanh`]'s odd polynomial: what it returns for |x| < [`TANH_SMALL`], at a fraction of the
+/// cost (no exp, no division). Callers that know a whole block is that small use it alone.
+#[inline(always)]
+pub fn tanh_small(x: f32) -> f32 {
+    let z = x * x;
+    ((((-5.704_988_7e-3 * z + 2.063_908_9e-2) * z - 5.373_971_6e-2) * z + 1.333_144_2e-1) * z
+        - 3.333_328_2e-1)
+        * z
+        * x
+        + x
+}
+
+/// Lanes of a block that [`add_tanh`] decides together.
+const LANES: usize = 16;
+
+/// `acc[i] += tanh(x[i]·y[i])` and, with `also`, `also[i] += ` the same value. A block of 16
+/// products all below [`TANH_SMALL`] in magnitude takes the polynomial alone, the value `tanh`
+/// would choose there; any other block (a NaN too), and the tail, take the whole `tanh`. PCB's
+/// normalised products are mostly small, so most blocks skip the exp and the division: on
+/// AVX2, a third less time for PCB's pair sums (on AVX-512 the same time).
+#[inline(always)]
+pub fn add_tanh(x: &[f32], y: &[f32], acc: &mut [f32], mut also: Option<&mut [f32]>) {
+    let n = acc.len();
+    let (x, y) = (&x[..n], &y[..n]);
+    let full = n / LANES * LANES;
+    for b0 in (0..full).step_by(LANES) {
+        let (xs, ys) = (&x[b0..b0 + LANES], &y[b0..b0 + LANES]);
+        // Not `>=`: a NaN product is not small either.
+        let large = xs.iter().zip(ys).fold(false, |l, (&a, &b)| {
+            let small = (a * b).abs() < TANH_SMALL;
+            l | !small
+        });
+        let mut v = [0.0f32; LANES];
+        if large {
+            for ((v, &a), &b) in v.iter_mut().zip(xs).zip(ys) {
+                *v = tanh(a * b);
+            }
+        } else {
+            for ((v, &a), &b) in v.iter_mut().zip(xs).zip(ys) {
+                *v = tanh_small(a * b);
+            }
+        }
+        for (a, &v) in acc[b0..b0 + LANES].iter_mut().zip(&v) {
+            *a += v;
+        }
+        if let Some(also) = also.as_deref_mut() {
+            for (a, &v) in also[b0..b0 + LANES].iter_mut().zip(&v) {
+                *a += v;
+            }
+        }
+    }
+    for i in full..n {
+        let v = tanh(x[i] * y[i]);
+        acc[i] += v;
+        if let Some(also) = also.as_deref_mut() {
+            also[i] += v;
+        }
     }
 }
 
@@ -65,6 +122,62 @@ mod tests {
             worst = worst.max(ulps(exp(x), (x as f64).exp() as f32));
         }
         assert!(worst <= 2, "{worst}");
+    }
+
+    #[test]
+    fn add_tanh_adds_what_tanh_gives() {
+        // Blocks of small products, blocks with one large, NaN and ±inf, and a short tail:
+        // the same bits as adding `tanh` element by element.
+        let n = 16 * 40 + 7;
+        let x: Vec<f32> = (0..n)
+            .map(|i| match i % 97 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -0.0,
+                _ => ((i * 7919 % 2001) as f32 - 1000.0) / 1000.0,
+            })
+            .collect();
+        let y: Vec<f32> = (0..n)
+            .map(|i| {
+                let v = ((i * 104_729 % 1999) as f32 - 999.0) / 999.0;
+                // Mostly small products, with whole blocks of large ones now and then.
+                if (i / 16) % 5 == 0 {
+                    v
+                } else {
+                    v * 0.3
+                }
+            })
+            .collect();
+        let (mut x, mut y) = (x, y);
+        // Two blocks of small products but one: just past the threshold (the whole `tanh` must
+        // decide that block), and just below it (the polynomial is `tanh`'s value there).
+        // Past it, a product whose polynomial value is not `tanh`'s.
+        let past = (0..20_000)
+            .map(|i| TANH_SMALL + i as f32 * 1e-5)
+            .find(|&p| tanh_small(p).to_bits() != tanh(p).to_bits())
+            .unwrap();
+        for (b, edge) in [(10, past), (11, 0.62)] {
+            x[b * 16..b * 16 + 16].fill(0.1);
+            y[b * 16..b * 16 + 16].fill(0.5);
+            (x[b * 16 + 9], y[b * 16 + 9]) = (1.0, edge);
+        }
+        let start: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.25).collect();
+        let (mut acc, mut also) = (start.clone(), start.clone());
+        add_tanh(&x, &y, &mut acc, Some(&mut also));
+        let mut alone = start.clone();
+        add_tanh(&x, &y, &mut alone, None);
+        let mut small_blocks = 0;
+        for i in 0..n {
+            let want = start[i] + tanh(x[i] * y[i]);
+            assert_eq!(acc[i].to_bits(), want.to_bits(), "{i}");
+            assert_eq!(also[i].to_bits(), want.to_bits(), "{i}");
+            assert_eq!(alone[i].to_bits(), want.to_bits(), "{i}");
+        }
+        for b in x.chunks_exact(16).zip(y.chunks_exact(16)) {
+            small_blocks += usize::from(b.0.iter().zip(b.1).all(|(a, b)| (a * b).abs() < 0.625));
+        }
+        // Both paths ran.
+        assert!(small_blocks > 5 && small_blocks < 35, "{small_blocks}");
     }
 
     #[test]

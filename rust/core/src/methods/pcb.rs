@@ -174,17 +174,11 @@ pub fn scores<D: AsRef<[f32]>>(
                     &signed[j * len..(j + 1) * len],
                 );
                 if j == t {
-                    for (acc, &x) in b[t][r.clone()].iter_mut().zip(nt) {
-                        *acc += fastmath::tanh(x * x);
-                    }
+                    fastmath::add_tanh(nt, nt, &mut b[t][r.clone()], None);
                 } else {
                     let (lo, hi) = b.split_at_mut(j);
                     let (bt, bj) = (&mut lo[t][r.clone()], &mut hi[0][r.clone()]);
-                    for (((at, aj), &x), &y) in bt.iter_mut().zip(bj.iter_mut()).zip(nt).zip(nj) {
-                        let v = fastmath::tanh(x * y);
-                        *at += v;
-                        *aj += v;
-                    }
+                    fastmath::add_tanh(nt, nj, bt, Some(bj));
                 }
             }
         }
