@@ -53,7 +53,7 @@ impl Della {
     }
 
     /// Task `t`'s pruned delta of one chunk of whole rows into `out` (unscaled). Inlined into
-    /// the callers' widest copies (`simd!`), where its per-row loops vectorize.
+    /// the callers' wide copies (`simd!`), where its per-row loops vectorize.
     #[inline(always)]
     fn prune(&self, x: &ChunkIn, t: usize, out: &mut [f32]) {
         let d = x.deltas[t];

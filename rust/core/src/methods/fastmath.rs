@@ -129,7 +129,7 @@ mod tests {
         // Blocks of small products, blocks with one large, NaN and ±inf, and a short tail:
         // the same bits as adding `tanh` element by element.
         let n = 16 * 40 + 7;
-        let x: Vec<f32> = (0..n)
+        let mut x: Vec<f32> = (0..n)
             .map(|i| match i % 97 {
                 0 => f32::NAN,
                 1 => f32::INFINITY,
@@ -137,7 +137,7 @@ mod tests {
                 _ => ((i * 7919 % 2001) as f32 - 1000.0) / 1000.0,
             })
             .collect();
-        let y: Vec<f32> = (0..n)
+        let mut y: Vec<f32> = (0..n)
             .map(|i| {
                 let v = ((i * 104_729 % 1999) as f32 - 999.0) / 999.0;
                 // Mostly small products, with whole blocks of large ones now and then.
@@ -148,10 +148,9 @@ mod tests {
                 }
             })
             .collect();
-        let (mut x, mut y) = (x, y);
-        // Two blocks of small products but one: just past the threshold (the whole `tanh` must
-        // decide that block), and just below it (the polynomial is `tanh`'s value there).
-        // Past it, a product whose polynomial value is not `tanh`'s.
+        // Two blocks of small products but for one each: in block 10 the first product past
+        // the threshold whose polynomial value is not `tanh`'s (the whole `tanh` must decide
+        // that block), in block 11 one just below it (the polynomial is `tanh`'s value there).
         let past = (0..20_000)
             .map(|i| TANH_SMALL + i as f32 * 1e-5)
             .find(|&p| tanh_small(p).to_bits() != tanh(p).to_bits())
