@@ -168,15 +168,18 @@ mod tests {
 /// window [lo, hi] should contain the wanted rank; one pass counts the keys below it and at lo,
 /// keeps the keys above lo inside it, and the rank is then selected exactly among those. (Keys
 /// at lo are only counted: a mass of equal values, such as the zeros DARE leaves, sits there.) When the guess was
-/// wrong (the rank is not inside) or the window held more keys than `cap`, [`Windowed::finish`]
+/// wrong (the rank is not inside) or a window held more keys than its cap, [`Windowed::finish`]
 /// says so and the caller falls back to the two-pass radix select.
 #[derive(Clone, Debug)]
 pub struct Windows {
     pub requests: Vec<Request>,
     /// Inclusive key bounds per request.
     pub bounds: Vec<(u32, u32)>,
-    /// Most keys kept per request before giving up.
-    pub cap: usize,
+    /// Per request, the most keys kept before giving up: shares of [`WINDOW_BUDGET`] in
+    /// proportion to the keys each window is expected to hold, so that one wide window (a
+    /// quantile in the bulk of the data) may use what the narrow ones beside it (a row's
+    /// maximum) do not need.
+    pub caps: Vec<usize>,
     /// False when the expected keys inside would not fit the memory budget.
     pub viable: bool,
     /// Per request, the sample's own estimate (a key inside the window): where a speculative
@@ -197,16 +200,16 @@ impl Windows {
         total: u64,
         sigmas: f64,
     ) -> Windows {
-        let budget = WINDOW_BUDGET / requests.len().max(1);
         let mut bounds = Vec::with_capacity(requests.len());
         let mut guess = Vec::with_capacity(requests.len());
-        let mut expected = 0.0f64;
+        // Per request, the keys its window is expected to keep.
+        let mut expected = Vec::with_capacity(requests.len());
         for r in &requests {
             let s = &samples[r.row];
             if s.is_empty() || total == 0 {
                 bounds.push((0, u32::MAX));
                 guess.push(key(0.0));
-                expected = expected.max(total as f64);
+                expected.push(total as f64);
                 continue;
             }
             let n = s.len() as f64;
@@ -223,20 +226,34 @@ impl Windows {
             bounds.push((lo, hi));
             let at = ((p * n).floor() as usize).min(s.len() - 1);
             guess.push(s[at].clamp(lo, hi));
-            if lo < hi {
-                // Keys above lo are stored; estimate how many from the sample itself (ties make
-                // index distance a poor guide). Keys at lo are only counted.
+            // Keys above lo are stored; estimate how many from the sample itself (ties make
+            // index distance a poor guide). Keys at lo are only counted.
+            expected.push(if lo < hi {
                 let inside = s.partition_point(|&k| k <= hi) - s.partition_point(|&k| k <= lo);
-                expected = expected.max((inside as f64 + spread) / n * total as f64);
-            }
+                (inside as f64 + spread) / n * total as f64
+            } else {
+                0.0
+            });
         }
+        // Four times the expectation (and a floor) each, scaled down together to the budget.
+        let want: Vec<f64> = expected.iter().map(|e| 4.0 * e + 65536.0).collect();
+        let scale = (WINDOW_BUDGET as f64 / want.iter().sum::<f64>()).min(1.0);
+        let caps: Vec<usize> = want.iter().map(|w| (w * scale) as usize).collect();
         Windows {
             requests,
             bounds,
-            cap: ((4.0 * expected) as usize + (1 << 16)).min(budget),
-            viable: (expected as usize) < budget,
+            viable: expected.iter().zip(&caps).all(|(&e, &c)| e < c as f64),
+            caps,
             guess,
         }
+    }
+
+    /// Elements per task a sign tally beside these windows may hold pending: the largest cap,
+    /// but no more than an even share of the budget, so that the tallies of several parameter
+    /// sets stay within it too.
+    pub fn tally_cap(&self) -> usize {
+        let even = WINDOW_BUDGET / self.requests.len().max(1);
+        self.caps.iter().copied().max().unwrap_or(0).min(even)
     }
 
     pub fn acc(&self) -> Windowed {
@@ -326,7 +343,7 @@ impl Windowed {
             equal += equal_l.iter().sum::<u32>();
             self.below[i] += u64::from(below);
             self.equal[i] += u64::from(equal);
-            if inside.len() > w.cap {
+            if inside.len() > w.caps[i] {
                 self.overflow = true;
                 self.inside.iter_mut().for_each(|v| *v = Vec::new());
                 return;
@@ -431,7 +448,7 @@ impl PieceWindow {
         for p in pieces {
             all = all.merge(p.counted.clone());
         }
-        if all.inside.iter().any(|v| v.len() > w.cap) {
+        if all.inside.iter().zip(&w.caps).any(|(v, &c)| v.len() > c) {
             all.overflow = true;
         }
         all
@@ -439,7 +456,7 @@ impl PieceWindow {
 }
 
 /// One worker's [`PieceWindow`]s, holding no more keys per request than one windowed pass
-/// would ([`Windows::cap`]): past that the keys are dropped and the select falls back to radix,
+/// would ([`Windows::caps`]): past that the keys are dropped and the select falls back to radix,
 /// so memory stays bounded however many chunks a scope has.
 #[derive(Clone, Debug, Default)]
 pub struct PieceWindows {
@@ -457,7 +474,7 @@ impl PieceWindows {
         for (k, v) in self.kept.iter_mut().zip(&piece.counted.inside) {
             *k += v.len();
         }
-        if piece.counted.overflow || self.kept.iter().any(|&k| k > w.cap) {
+        if piece.counted.overflow || self.kept.iter().zip(&w.caps).any(|(&k, &c)| k > c) {
             self.overflow = true;
             self.pieces = Vec::new();
             return;
@@ -580,11 +597,11 @@ mod window_tests {
 
     #[test]
     fn piece_windows_stay_within_the_cap() {
-        // Every chunk's keys fall inside the window; the worker gives up past `cap` in all.
+        // Every chunk's keys fall inside the window; the worker gives up past its cap in all.
         let w = Windows {
             requests: vec![Request { row: 0, rank: 0 }],
             bounds: vec![(key(0.0), key(10.0))],
-            cap: 10,
+            caps: vec![10],
             viable: true,
             guess: vec![0],
         };
@@ -600,11 +617,42 @@ mod window_tests {
     }
 
     #[test]
+    fn a_wide_window_takes_the_budget_narrow_ones_leave() {
+        // PCB's score select at 0.5 B elements a row: a quantile in the bulk (rank 0.95 d) and
+        // the maximum, for 3 rows. An even split of the budget (a sixth each) is less than the
+        // quantiles' windows are expected to hold; the maxima's windows hold a handful.
+        let total = 500_000_000u64;
+        let sample: Vec<u32> = (0..1u32 << 21).map(|i| key(i as f32)).collect();
+        let samples = vec![sample; 3];
+        let requests: Vec<Request> = (0..3)
+            .flat_map(|row| {
+                [
+                    Request {
+                        row,
+                        rank: total * 95 / 100,
+                    },
+                    Request {
+                        row,
+                        rank: total - 1,
+                    },
+                ]
+            })
+            .collect();
+        let w = Windows::from_sample(requests, &samples, total, 6.0);
+        assert!(w.viable);
+        assert!(w.caps.iter().sum::<usize>() <= WINDOW_BUDGET);
+        assert!(w.caps[0] > WINDOW_BUDGET / 6 && w.caps[1] < WINDOW_BUDGET / 6);
+        // Ten times the rows: the quantiles' windows no longer fit, and the select says so.
+        let w = Windows::from_sample(w.requests, &samples, total * 10, 6.0);
+        assert!(!w.viable);
+    }
+
+    #[test]
     fn a_bad_guess_declines() {
         let w = Windows {
             requests: vec![Request { row: 0, rank: 0 }],
             bounds: vec![(key(5.0), key(6.0))],
-            cap: 10,
+            caps: vec![10],
             viable: true,
             guess: vec![0],
         };
@@ -619,7 +667,7 @@ mod window_tests {
         let w = Windows {
             requests: vec![Request { row: 0, rank: 5 }, Request { row: 0, rank: 7 }],
             bounds: vec![(key(0.0), key(3.0)); 2],
-            cap: 2,
+            caps: vec![2; 2],
             viable: true,
             guess: vec![key(0.0); 2],
         };

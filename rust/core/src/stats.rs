@@ -285,7 +285,7 @@ impl Engine<'_> {
             chunks,
             || {
                 let tallies = (0..sets.len())
-                    .map(|_| SignTally::new(windows.cap * tasks))
+                    .map(|_| SignTally::new(windows.tally_cap() * tasks))
                     .collect::<Vec<_>>();
                 (windows.acc(), tallies)
             },
@@ -479,9 +479,9 @@ impl Engine<'_> {
     fn debug_windows(&self, windows: &Windows, acc: &Windowed) {
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             eprintln!(
-                "select: windows {:?} cap {} {}",
+                "select: windows {:?} caps {:?} {}",
                 windows.bounds,
-                windows.cap,
+                windows.caps,
                 acc.describe()
             );
         }

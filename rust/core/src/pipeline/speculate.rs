@@ -141,7 +141,7 @@ impl Engine<'_> {
             Windows {
                 requests: Vec::new(),
                 bounds: Vec::new(),
-                cap: 0,
+                caps: Vec::new(),
                 viable: true,
                 guess: Vec::new(),
             }
@@ -153,7 +153,7 @@ impl Engine<'_> {
                     bounds: v.iter().map(|&x| (key(x), key(x))).collect(),
                     guess: v.iter().map(|&x| key(x)).collect(),
                     requests: requests.clone(),
-                    cap: 0,
+                    caps: vec![0; requests.len()],
                     viable: true,
                 },
                 None => return Ok(Spec::No),
@@ -193,7 +193,7 @@ impl Engine<'_> {
             || Acc {
                 windows: windows.acc(),
                 tallies: (0..reps.len())
-                    .map(|_| SignTally::new(windows.cap * tasks))
+                    .map(|_| SignTally::new(windows.tally_cap() * tasks))
                     .collect(),
                 held: Held::default(),
                 redo: false,
