@@ -256,6 +256,25 @@ impl Windows {
         self.caps.iter().copied().max().unwrap_or(0).min(even)
     }
 
+    /// Per row of `n_rows`, the lowest value any of its windows tells apart from the values
+    /// below it: every value below counts the same in [`Windowed::count`]. −∞ for a row
+    /// without a request.
+    pub fn floors(&self, n_rows: usize) -> Vec<f32> {
+        let mut f = vec![f32::NEG_INFINITY; n_rows];
+        let mut seen = vec![false; n_rows];
+        for (r, &(lo, _)) in self.requests.iter().zip(&self.bounds) {
+            // The smallest key has no value below it (unkey(0) is a NaN).
+            let v = if lo == 0 {
+                f32::NEG_INFINITY
+            } else {
+                unkey(lo)
+            };
+            f[r.row] = if seen[r.row] { f[r.row].min(v) } else { v };
+            seen[r.row] = true;
+        }
+        f
+    }
+
     pub fn acc(&self) -> Windowed {
         Windowed {
             below: vec![0; self.requests.len()],

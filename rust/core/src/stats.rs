@@ -111,9 +111,10 @@ impl Engine<'_> {
                 }
             }
         }
-        let rows = &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
-            self.emit_abs(w, c, &reps, emit)
-        };
+        let rows =
+            &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut dyn FnMut(usize, &[f32])| {
+                self.emit_abs(w, c, &reps, emit)
+            };
         for pieces in chunks.chunk_by(|a, b| a.start / row == b.start / row) {
             // The cut values and, when the windowed select found them, each chunk's counts
             // above and at them, read off the same pass.
@@ -249,9 +250,10 @@ impl Engine<'_> {
             thr.into_iter().zip(counts).collect()
         };
         let n_rows = reps.len() * tasks;
-        let rows = &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
-            self.emit_abs(w, c, &reps, emit)
-        };
+        let rows =
+            &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut dyn FnMut(usize, &[f32])| {
+                self.emit_abs(w, c, &reps, emit)
+            };
         if requests.is_empty() {
             let thr = thresholds(&[]);
             let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
@@ -379,9 +381,11 @@ impl Engine<'_> {
             Some(Guess::Window(windows)) => windows,
             None => return self.radix_select(chunks, n_rows, requests, rows),
         };
+        let floors = windows.floors(n_rows);
         let acc = self.rows_pass(
             chunks,
             rows,
+            Some(&floors),
             || windows.acc(),
             #[inline(always)]
             |a, row, v| a.count(&windows, row, v),
@@ -414,7 +418,7 @@ impl Engine<'_> {
             PieceWindows::default,
             |w, c, acc: &mut PieceWindows| {
                 let mut counted = windows.acc();
-                rows(w, c, &mut |row, v| {
+                rows(w, c, None, &mut |row, v| {
                     crate::simd!(counted.count(&windows, row, v))
                 });
                 acc.push(&windows, PieceWindow::new(c.start, c.len as u64, counted));
@@ -522,7 +526,7 @@ impl Engine<'_> {
             &picks,
             || vec![Vec::new(); n_rows],
             |w, c, acc: &mut Vec<Vec<u32>>| {
-                rows(w, c, &mut |row, v| {
+                rows(w, c, None, &mut |row, v| {
                     acc[row].extend(v.iter().map(|&x| key(x)))
                 });
                 Ok(())
@@ -552,6 +556,7 @@ impl Engine<'_> {
         let high = self.rows_pass(
             chunks,
             rows,
+            None,
             || Hist::new(n_rows),
             #[inline(always)]
             |h, row, v| h.count_high(row, v),
@@ -562,6 +567,7 @@ impl Engine<'_> {
         let low = self.rows_pass(
             chunks,
             rows,
+            None,
             || found.low_hist(),
             #[inline(always)]
             |h, row, v| h.count_low(&found, row, v),
@@ -571,11 +577,13 @@ impl Engine<'_> {
     }
 
     /// A statistics pass: every row `rows` produces for a chunk goes to `count` on the worker's
-    /// accumulator (in the wide copies when the CPU has them).
+    /// accumulator (in the wide copies when the CPU has them). `floor` is passed on to `rows`:
+    /// `count` must count a value below its row's floor the same whatever the value.
     fn rows_pass<A, I, C, M>(
         &self,
         chunks: &[Chunk],
         rows: Rows,
+        floor: Floor,
         init: I,
         count: C,
         merge: M,
@@ -591,7 +599,7 @@ impl Engine<'_> {
             init,
             #[inline(always)]
             |w, c, a| {
-                rows(w, c, &mut |row, v| crate::simd!(count(a, row, v)));
+                rows(w, c, floor, &mut |row, v| crate::simd!(count(a, row, v)));
                 Ok(())
             },
             merge,
@@ -607,7 +615,13 @@ type RowCuts = (f32, Option<f32>);
 pub(crate) type Cuts = BTreeMap<usize, Vec<Option<Piece>>>;
 
 /// Produces a chunk's rows (one per task, or per requested statistic's task) for a select.
-pub(crate) type Rows<'r> = &'r (dyn Fn(&mut Work, &Chunk, &mut dyn FnMut(usize, &[f32])) + Sync);
+pub(crate) type Rows<'r> =
+    &'r (dyn Fn(&mut Work, &Chunk, Floor, &mut dyn FnMut(usize, &[f32])) + Sync);
+
+/// Per row, a value below which the pass counting the rows does not tell values apart (a
+/// windowed select only counts them): a row may emit −∞ for a value it can show is below its
+/// floor without computing it. None: every value exact (a sample, a radix select).
+pub(crate) type Floor<'f> = Option<&'f [f32]>;
 
 #[inline(always)]
 fn abs_into(src: &[f32], dst: &mut [f32]) {

@@ -157,7 +157,14 @@ impl Kernel for ArceeFusion {
         }
     }
 
-    fn score(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, out: &mut [Vec<f32>]) {
+    fn score(
+        &self,
+        x: &ChunkIn,
+        st: &TensorStats,
+        _s: Scratch,
+        _floor: Option<&[f32]>,
+        out: &mut [Vec<f32>],
+    ) {
         self.importances(x, st, &mut out[0][..x.n]);
     }
 

@@ -193,4 +193,17 @@ mod tests {
         assert_eq!(tanh(0.0), 0.0);
         assert_eq!(tanh(20.0), 1.0);
     }
+
+    #[test]
+    fn tanh_is_odd_and_never_exceeds_its_argument() {
+        // PCB's bound on its scores rests on |tanh(y)| <= |y| for its products, |y| <= 1:
+        // every 61st f32 of (0, 1], and 1 itself.
+        let one = 1.0f32.to_bits();
+        for bits in (1..=one).step_by(61).chain([one]) {
+            let y = f32::from_bits(bits);
+            let t = tanh(y);
+            assert!(t >= 0.0 && t <= y, "tanh({y:e}) = {t:e}");
+            assert_eq!(tanh(-y).to_bits(), (-t).to_bits(), "{y:e}");
+        }
+    }
 }

@@ -409,8 +409,18 @@ pub trait Kernel: Send + Sync + Debug {
     /// the chunk touches, the first being the unit of its first element.
     fn accumulate(&self, _x: &ChunkIn, _st: &TensorStats, _scratch: Scratch, _acc: &mut [f64]) {}
 
-    /// The per-element scores a [`Stage::Select`] ranks, row `r` into `out[r][..n]`.
-    fn score(&self, _x: &ChunkIn, _st: &TensorStats, _s: Scratch, _out: &mut [Vec<f32>]) {}
+    /// The per-element scores a [`Stage::Select`] ranks, row `r` into `out[r][..n]`. With a
+    /// `floor`, a score the kernel can show to be below `floor[r]` may be written as −∞
+    /// instead (the select only counts such scores); without one, every score is exact.
+    fn score(
+        &self,
+        _x: &ChunkIn,
+        _st: &TensorStats,
+        _s: Scratch,
+        _floor: Option<&[f32]>,
+        _out: &mut [Vec<f32>],
+    ) {
+    }
 
     /// The ascending ranks a [`Stage::Select`] or [`Stage::Trim`] over tensor `t` wants, as
     /// (row, rank); a trim's rows are the tasks.

@@ -70,7 +70,14 @@ impl Kernel for Pcb {
         (0..tasks).flat_map(|k| [(k, a), (k, b)]).collect()
     }
 
-    fn score(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, out: &mut [Vec<f32>]) {
+    fn score(
+        &self,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        floor: Option<&[f32]>,
+        out: &mut [Vec<f32>],
+    ) {
         if st.stages.is_empty() {
             for (o, d) in out.iter_mut().zip(x.deltas) {
                 for (o, &v) in o[..x.n].iter_mut().zip(d.iter()) {
@@ -79,7 +86,7 @@ impl Kernel for Pcb {
             }
         } else {
             let abs = clamps(st.selected(0));
-            crate::simd!(scores(x.deltas, x.n, &abs, out, s.a));
+            crate::simd!(scores(x.deltas, x.n, &abs, floor, out, s.a, s.b));
         }
     }
 
@@ -91,7 +98,15 @@ impl Kernel for Pcb {
         }
         // The kernel is reached through the trait, out of line: its loops need their own AVX2
         // copy (`simd!`).
-        crate::simd!(merge(x.deltas, x.n, &abs, &score, s.per_task, s.a, m));
+        crate::simd!(merge(
+            x.deltas,
+            x.n,
+            &abs,
+            &score,
+            s.per_task,
+            (s.a, s.b),
+            m
+        ));
     }
 }
 
@@ -141,61 +156,153 @@ fn sign(x: f32) -> f32 {
 /// B_t = exp(T·norm(A_t)²) · Σ_j tanh(N_t N_j) for every element of the chunk, into `b`.
 /// Each symmetric pair tanh(N_t N_j) is evaluated once and added to both sums, which still
 /// accumulate in ascending j like the reference.
+///
+/// With a `floor` (per task), an element whose every B_t is provably below its task's floor
+/// gets −∞ for all of them, without its T(T+1)/2 tanh: the callers cannot tell such scores
+/// apart (a windowed select counts them below its window; the output clamps them to the cut,
+/// where S_t = 0). The proof is cheap because |tanh y| ≤ |y|: Σ_j tanh(N_t N_j) ≤
+/// |N_t|·Σ_j |N_j|, so B_t ≤ exp(T·N_t²)·|N_t|·Σ_j |N_j| =: U_t, with the same exp factor
+/// B_t is computed with. U_t is taken with a margin over the rounding of it and of B_t's sum
+/// (see [`undecided`]). Elements past the test are gathered into short rows and
+/// computed exactly as without a floor, so every B_t that is written has the same bits.
 #[inline(always)]
 pub fn scores<D: AsRef<[f32]>>(
     deltas: &[D],
     n: usize,
     abs: &[Clamp],
+    floor: Option<&[f32]>,
     b: &mut [Vec<f32>],
     signed: &mut Vec<f32>,
+    work: &mut Vec<f32>,
 ) {
     let t_count = deltas.len();
     let tf = t_count as f32;
-    // Blocks keep N (t-major) and the block's scores in L1 across the T(T+1)/2 pair loops.
-    signed.resize(t_count * BLOCK, 0.0);
+    // Blocks keep N (t-major), the exp factors and the block's scores in L1 across the
+    // T(T+1)/2 pair loops.
+    // Grown, never shrunk: the scratch is chunk-sized buffers the caller uses again.
+    grow(signed, t_count * BLOCK);
+    grow(work, 2 * t_count * BLOCK + BLOCK);
+    let (e, rest) = work.split_at_mut(t_count * BLOCK);
+    let (sum, rest) = rest.split_at_mut(BLOCK);
+    let out = &mut rest[..t_count * BLOCK];
+    let mut idx = [0u16; BLOCK];
     for start in (0..n).step_by(BLOCK) {
         let r = start..(start + BLOCK).min(n);
         let len = r.len();
-        // N_t = sign(x)·norm(A_t).
+        // N_t = sign(x)·norm(A_t), and exp(T·N_t²).
         for (t, d) in deltas.iter().enumerate() {
             let c = abs[t];
             let d = &d.as_ref()[r.clone()];
-            for (s, &x) in signed[t * len..(t + 1) * len].iter_mut().zip(d) {
+            let (nt, et) = (
+                &mut signed[t * len..(t + 1) * len],
+                &mut e[t * len..(t + 1) * len],
+            );
+            for ((s, e), &x) in nt.iter_mut().zip(et.iter_mut()).zip(d) {
                 *s = sign(x) * c.norm(c.clip(x.abs()));
+                let na = s.abs();
+                *e = fastmath::exp(tf * (na * na));
             }
         }
-        for bt in b.iter_mut() {
-            bt[r.clone()].fill(0.0);
-        }
-        for t in 0..t_count {
-            for j in t..t_count {
-                let (nt, nj) = (
-                    &signed[t * len..(t + 1) * len],
-                    &signed[j * len..(j + 1) * len],
+        // The elements to compute: all, or those some task's bound does not settle.
+        let m = match floor {
+            None => len,
+            Some(f) => undecided(signed, e, len, f, &mut sum[..len], &mut idx),
+        };
+        if m < len {
+            // Packed in place: row t's kept elements to its first m slots (idx[k] >= k).
+            for t in 0..t_count {
+                let (nt, et) = (
+                    &mut signed[t * len..(t + 1) * len],
+                    &mut e[t * len..(t + 1) * len],
                 );
-                if j == t {
-                    fastmath::add_tanh(nt, nt, &mut b[t][r.clone()], None);
-                } else {
-                    let (lo, hi) = b.split_at_mut(j);
-                    let (bt, bj) = (&mut lo[t][r.clone()], &mut hi[0][r.clone()]);
-                    fastmath::add_tanh(nt, nj, bt, Some(bj));
+                for (k, &i) in idx[..m].iter().enumerate() {
+                    nt[k] = nt[i as usize];
+                    et[k] = et[i as usize];
                 }
             }
         }
+        // Row t's m elements at t·len, in `signed`, `e` and `out` alike.
+        let out = &mut out[..t_count * len];
         for t in 0..t_count {
-            let nt = &signed[t * len..(t + 1) * len];
-            for (out, &x) in b[t][r.clone()].iter_mut().zip(nt) {
-                let na = x.abs();
-                *out *= fastmath::exp(tf * (na * na));
+            out[t * len..t * len + m].fill(0.0);
+        }
+        for t in 0..t_count {
+            for j in t..t_count {
+                let nt = &signed[t * len..t * len + m];
+                let nj = &signed[j * len..j * len + m];
+                let (lo, hi) = out.split_at_mut(j * len);
+                if j == t {
+                    fastmath::add_tanh(nt, nt, &mut hi[..m], None);
+                } else {
+                    let bt = &mut lo[t * len..t * len + m];
+                    fastmath::add_tanh(nt, nj, bt, Some(&mut hi[..m]));
+                }
+            }
+        }
+        for (t, bt) in b.iter_mut().enumerate() {
+            let (ot, et) = (&mut out[t * len..t * len + m], &e[t * len..t * len + m]);
+            for (o, &x) in ot.iter_mut().zip(et) {
+                *o *= x;
+            }
+            let bt = &mut bt[r.clone()];
+            if m == len {
+                bt.copy_from_slice(ot);
+            } else {
+                bt.fill(f32::NEG_INFINITY);
+                for (&i, &v) in idx[..m].iter().zip(ot.iter()) {
+                    bt[i as usize] = v;
+                }
             }
         }
     }
 }
 
-/// Elements per block: T rows of N plus T rows of scores stay in L1.
+/// The elements of a block that the bound U_t < floor_t does not settle for every task, as
+/// indices into `idx`; returns their count. `sum` is scratch for Σ_j |N_j|.
+#[inline(always)]
+fn undecided(
+    signed: &[f32],
+    e: &[f32],
+    len: usize,
+    floor: &[f32],
+    sum: &mut [f32],
+    idx: &mut [u16; BLOCK],
+) -> usize {
+    let t_count = floor.len();
+    sum.fill(0.0);
+    for t in 0..t_count {
+        for (s, &x) in sum.iter_mut().zip(&signed[t * len..(t + 1) * len]) {
+            *s += x.abs();
+        }
+    }
+    // Σ_j |N_j| and B_t's sum of T terms are each rounded at most T times, the products and
+    // U_t a few times more: (2T + 5) units of 2^-24 in all, doubled, and a fixed 10^-5.
+    let margin = 1.0 + 1e-5 + (2 * t_count + 5) as f32 * f32::EPSILON;
+    // 1 where every task is settled (a NaN bound settles nothing: `<` is false for it).
+    let mut settled = [1u8; BLOCK];
+    let settled = &mut settled[..len];
+    for (t, &f) in floor.iter().enumerate() {
+        let (nt, et) = (&signed[t * len..(t + 1) * len], &e[t * len..(t + 1) * len]);
+        for (((o, &x), &ex), &s) in settled.iter_mut().zip(nt).zip(et).zip(sum.iter()) {
+            let u = x.abs() * s * ex * margin;
+            *o &= u8::from(u < f);
+        }
+    }
+    // Branch-free compaction: every index is written, the count advances on the open ones.
+    let mut m = 0;
+    for (i, &o) in settled.iter().enumerate() {
+        idx[m] = i as u16;
+        m += usize::from(1 - o);
+    }
+    m
+}
+
+/// Elements per block: T rows of N, of exp factors and of scores stay in L1.
 const BLOCK: usize = 1024;
 
-/// M = Σ_t S_t ⊙ Xc_t / max(Σ_t S_t, 1e-12), with S_t = norm(clamp(B_t)).
+/// M = Σ_t S_t ⊙ Xc_t / max(Σ_t S_t, 1e-12), with S_t = norm(clamp(B_t)). The scores are
+/// computed with the cuts as floors: an element whose B_t are all below their cuts has every
+/// S_t = 0, and M = 0 whatever the B_t.
 #[inline(always)]
 pub fn merge<D: AsRef<[f32]>>(
     deltas: &[D],
@@ -203,10 +310,11 @@ pub fn merge<D: AsRef<[f32]>>(
     abs: &[Clamp],
     score: &[Clamp],
     b: &mut [Vec<f32>],
-    signed: &mut Vec<f32>,
+    (signed, work): (&mut Vec<f32>, &mut Vec<f32>),
     m: &mut [f32],
 ) {
-    scores(deltas, n, abs, b, signed);
+    let cuts: Vec<f32> = score.iter().map(|c| c.a).collect();
+    scores(deltas, n, abs, Some(&cuts), b, signed, work);
     for start in (0..n).step_by(BLOCK) {
         let r = start..(start + BLOCK).min(n);
         let mut den = [0.0f32; BLOCK];
@@ -247,5 +355,162 @@ mod tests {
     fn flat_row_normalizes_to_zero() {
         let c = Clamp { a: 2.0, b: 2.0 };
         assert_eq!(c.norm(c.clip(5.0)), 0.0);
+    }
+
+    /// Deltas of `t` tasks, length `n`: mostly small, some exact zeros, a heavy tail; NaN and
+    /// ±inf when `odd`.
+    fn deltas(t: usize, n: usize, seed: u64, odd: bool) -> Vec<Vec<f32>> {
+        let mut s = seed;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        (0..t)
+            .map(|_| {
+                (0..n)
+                    .map(|i| {
+                        let u = next() - 0.5;
+                        match (i % 211, i % 997) {
+                            (_, 500) if odd => f32::NAN,
+                            (_, 501) if odd => f32::INFINITY,
+                            (_, 502) if odd => f32::NEG_INFINITY,
+                            (3..=9, _) => 0.0,
+                            (10, _) => -0.0,
+                            (11, _) => u * 40.0,
+                            _ => u * 2e-3,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Value at rank r (0-based, ascending, NaN last) of v.
+    fn at_rank(v: &[f32], r: usize) -> f32 {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[r]
+    }
+
+    fn abs_clamps(d: &[Vec<f32>]) -> Vec<Clamp> {
+        let n = d[0].len();
+        let (a, b) = clamp_ranks(n, ABS_CLAMP.0, ABS_CLAMP.1);
+        d.iter()
+            .map(|row| {
+                let abs: Vec<f32> = row.iter().map(|x| x.abs()).collect();
+                Clamp {
+                    a: at_rank(&abs, a as usize),
+                    b: at_rank(&abs, b as usize),
+                }
+            })
+            .collect()
+    }
+
+    fn run_scores(d: &[Vec<f32>], abs: &[Clamp], floor: Option<&[f32]>) -> Vec<Vec<f32>> {
+        let n = d[0].len();
+        let mut b = vec![vec![0.0; n]; d.len()];
+        let (mut signed, mut work) = (Vec::new(), Vec::new());
+        scores(d, n, abs, floor, &mut b, &mut signed, &mut work);
+        b
+    }
+
+    #[test]
+    fn a_floor_only_hides_scores_below_it() {
+        let n = 5 * BLOCK + 77;
+        for (t, odd) in [(3, false), (3, true), (1, false), (5, false), (8, true)] {
+            let d = deltas(t, n, 7 + t as u64, odd);
+            let abs = abs_clamps(&d);
+            let exact = run_scores(&d, &abs, None);
+            // Floors at the 95th and 50th percentiles of each task's scores, one task's floor
+            // at −∞ or NaN (nothing hidden for it, so nothing at all), and at +∞.
+            let q = |k: usize| -> Vec<f32> {
+                exact.iter().map(|row| at_rank(row, n * k / 100)).collect()
+            };
+            let mut minus = q(95);
+            minus[0] = f32::NEG_INFINITY;
+            let mut nan = q(95);
+            nan[t - 1] = f32::NAN;
+            for (name, floor) in [
+                ("q95", q(95)),
+                ("q50", q(50)),
+                ("-inf", minus),
+                ("nan", nan),
+                ("+inf", vec![f32::INFINITY; t]),
+            ] {
+                let got = run_scores(&d, &abs, Some(&floor));
+                let mut hidden = 0;
+                for i in 0..n {
+                    let h = got[0][i] == f32::NEG_INFINITY && exact[0][i] != f32::NEG_INFINITY;
+                    for k in 0..t {
+                        if h {
+                            assert_eq!(got[k][i], f32::NEG_INFINITY, "{name} t{k} {i}");
+                            assert!(exact[k][i] < floor[k], "{name} t{k} {i}: {}", exact[k][i]);
+                        } else {
+                            assert_eq!(got[k][i].to_bits(), exact[k][i].to_bits(), "{name} {i}");
+                        }
+                    }
+                    hidden += usize::from(h);
+                }
+                match name {
+                    "-inf" | "nan" => assert_eq!(hidden, 0, "{name}"),
+                    // The bound settles most of the elements below the cuts, and not all.
+                    "q95" if t <= 3 => assert!(hidden > n / 4 && hidden < n, "{name} {hidden}"),
+                    "+inf" => assert!(hidden > n / 2, "{name} {hidden}"),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn merge_with_its_cuts_as_floors_keeps_every_bit() {
+        let n = 3 * BLOCK + 5;
+        for (t, odd) in [(3, false), (3, true), (6, false)] {
+            let d = deltas(t, n, 99 + t as u64, odd);
+            let abs = abs_clamps(&d);
+            let exact = run_scores(&d, &abs, None);
+            let score: Vec<Clamp> = exact
+                .iter()
+                .map(|row| Clamp {
+                    a: at_rank(row, int_frac(n, 0.95)),
+                    b: at_rank(row, n - 1),
+                })
+                .collect();
+            let mut b = vec![Vec::new(); t];
+            for v in &mut b {
+                grow(v, n);
+            }
+            let (mut signed, mut work) = (Vec::new(), Vec::new());
+            let mut m = vec![0.0; n];
+            merge(
+                &d,
+                n,
+                &abs,
+                &score,
+                &mut b,
+                (&mut signed, &mut work),
+                &mut m,
+            );
+            // SPEC.md's M from the exact scores, element by element.
+            for i in 0..n {
+                let (mut num, mut den) = (0.0f32, 0.0f32);
+                for k in 0..t {
+                    let x = d[k][i];
+                    let xc = sign(x) * abs[k].clip(x.abs());
+                    let s = score[k].norm(score[k].clip(exact[k][i]));
+                    num += s * xc;
+                    den += s;
+                }
+                let want = num / den.max(1e-12);
+                assert_eq!(
+                    m[i].to_bits(),
+                    want.to_bits(),
+                    "t{t} {i}: {} vs {want}",
+                    m[i]
+                );
+            }
+        }
     }
 }

@@ -212,7 +212,14 @@ impl Kernel for Sce {
         }
     }
 
-    fn score(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, out: &mut [Vec<f32>]) {
+    fn score(
+        &self,
+        x: &ChunkIn,
+        _st: &TensorStats,
+        s: Scratch,
+        _floor: Option<&[f32]>,
+        out: &mut [Vec<f32>],
+    ) {
         let out = &mut out[0][..x.n];
         self.var_into(x, s.wide, out);
         out.iter_mut().for_each(|v| *v = v.abs());

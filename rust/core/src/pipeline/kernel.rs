@@ -400,15 +400,19 @@ impl Engine<'_> {
             } else {
                 let chunks = groups.chunks(merge, g);
                 let found_ro: &[Vec<TensorStats>] = found;
-                let emit = |w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
+                let emit = |w: &mut Work,
+                            c: &Chunk,
+                            floor: crate::stats::Floor,
+                            emit: &mut dyn FnMut(usize, &[f32])| {
                     for &(_, base, rows, r) in &blocks {
+                        let floor = floor.map(|f| &f[base..base + rows]);
                         let mut out = std::mem::take(&mut w.sel);
                         out.resize_with(out.len().max(rows), Vec::new);
                         for o in &mut out[..rows] {
                             grow(o, c.len);
                         }
                         self.with_chunk(w, reps[r], c, |k, x, scratch| {
-                            k.score(x, &found_ro[r][g], scratch, &mut out[..rows])
+                            k.score(x, &found_ro[r][g], scratch, floor, &mut out[..rows])
                         });
                         for (row, o) in out[..rows].iter().enumerate() {
                             emit(base + row, &o[..c.len]);

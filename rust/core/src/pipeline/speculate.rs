@@ -134,7 +134,10 @@ impl Engine<'_> {
             }
         }
         let n_rows = variants.len() * tasks;
-        let rows = &|w: &mut Work, c: &Chunk, emit: &mut dyn FnMut(usize, &[f32])| {
+        let rows = &|w: &mut Work,
+                     c: &Chunk,
+                     _floor: crate::stats::Floor,
+                     emit: &mut dyn FnMut(usize, &[f32])| {
             self.emit_abs(w, c, &variants, emit)
         };
         let windows = if requests.is_empty() {
