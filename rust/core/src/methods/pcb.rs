@@ -178,8 +178,8 @@ pub fn scores<D: AsRef<[f32]>>(
     let t_count = deltas.len();
     let tf = t_count as f32;
     // Blocks keep N (t-major), the exp factors and the block's scores in L1 across the
-    // T(T+1)/2 pair loops.
-    // Grown, never shrunk: the scratch is chunk-sized buffers the caller uses again.
+    // T(T+1)/2 pair loops. The scratch is grown, never shrunk: the caller's chunk-sized
+    // buffers (`work` is the output buffer) are used again after this.
     grow(signed, t_count * BLOCK);
     grow(work, 2 * t_count * BLOCK + BLOCK);
     let (e, rest) = work.split_at_mut(t_count * BLOCK);
