@@ -17,17 +17,29 @@ use std::sync::OnceLock;
 
 /// Evaluates an expression, compiled for AVX-512 or AVX2 when this CPU supports it. A macro
 /// rather than a function taking a closure: each expansion makes a closure with one call site,
-/// which LLVM then always inlines into the wide wrapper (a closure called from two places stays
-/// out of line, at baseline width).
+/// marked `#[inline(always)]` so that it is compiled into the wide wrapper. Without the mark
+/// LLVM left large closures out of line (the engine's per-chunk load, DELLA's pruning,
+/// `karcher`'s emulated iteration: 16 of the wrappers were a bare jump), where they ran at
+/// baseline width.
 #[macro_export]
 macro_rules! simd {
     ($body:expr) => {{
         #[cfg(target_arch = "x86_64")]
         let value = match $crate::simd::tier() {
             // SAFETY: `tier()` checked at run time that the CPU has every enabled feature.
-            $crate::simd::Tier::Avx512 => unsafe { $crate::simd::with_avx512(|| $body) },
+            $crate::simd::Tier::Avx512 => unsafe {
+                $crate::simd::with_avx512(
+                    #[inline(always)]
+                    || $body,
+                )
+            },
             // SAFETY: as above.
-            $crate::simd::Tier::Avx2 => unsafe { $crate::simd::with_avx2(|| $body) },
+            $crate::simd::Tier::Avx2 => unsafe {
+                $crate::simd::with_avx2(
+                    #[inline(always)]
+                    || $body,
+                )
+            },
             $crate::simd::Tier::Baseline => $body,
         };
         #[cfg(not(target_arch = "x86_64"))]

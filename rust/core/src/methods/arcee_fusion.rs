@@ -61,6 +61,7 @@ impl ArceeFusion {
     }
 
     /// The importance of each element of the chunk into `out`.
+    #[inline(always)]
     fn importances(&self, x: &ChunkIn, st: &TensorStats, out: &mut [f32]) {
         for (u, span) in x.row_spans() {
             let kl = self.r(st.sums(2, u)[0] as f32);
@@ -120,41 +121,43 @@ impl Kernel for ArceeFusion {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
-        let first = x.row_of(0);
-        let (v, b) = (x.values[0], x.base);
-        for (u, span) in x.row_spans() {
-            // Each row's sums add its elements in order, as before the loops ran by row.
-            match st.stages.len() {
-                0 => {
-                    let a = &mut acc[(u - first) * 2..];
-                    for i in span {
-                        a[0] = a[0].max(v[i] as f64);
-                        a[1] = a[1].max(b[i] as f64);
+        crate::simd!({
+            let first = x.row_of(0);
+            let (v, b) = (x.values[0], x.base);
+            for (u, span) in x.row_spans() {
+                // Each row's sums add its elements in order, as before the loops ran by row.
+                match st.stages.len() {
+                    0 => {
+                        let a = &mut acc[(u - first) * 2..];
+                        for i in span {
+                            a[0] = a[0].max(v[i] as f64);
+                            a[1] = a[1].max(b[i] as f64);
+                        }
                     }
-                }
-                1 => {
-                    let a = &mut acc[(u - first) * 2..];
-                    let mx = st.sums(0, u);
-                    let (m0, m1) = (mx[0] as f32, mx[1] as f32);
-                    let (mut s0, mut s1) = (a[0], a[1]);
-                    for i in span {
-                        s0 += (v[i] - m0).exp() as f64;
-                        s1 += (b[i] - m1).exp() as f64;
+                    1 => {
+                        let a = &mut acc[(u - first) * 2..];
+                        let mx = st.sums(0, u);
+                        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+                        let (mut s0, mut s1) = (a[0], a[1]);
+                        for i in span {
+                            s0 += (v[i] - m0).exp() as f64;
+                            s1 += (b[i] - m1).exp() as f64;
+                        }
+                        (a[0], a[1]) = (s0, s1);
                     }
-                    (a[0], a[1]) = (s0, s1);
-                }
-                _ => {
-                    let a = &mut acc[u - first];
-                    let probs = self.probs(st, u);
-                    let mut kl = *a;
-                    for i in span {
-                        let (p, q) = probs(v[i], b[i]);
-                        kl += self.r(p * self.r(self.r(p / q).ln())) as f64;
+                    _ => {
+                        let a = &mut acc[u - first];
+                        let probs = self.probs(st, u);
+                        let mut kl = *a;
+                        for i in span {
+                            let (p, q) = probs(v[i], b[i]);
+                            kl += self.r(p * self.r(self.r(p / q).ln())) as f64;
+                        }
+                        *a = kl;
                     }
-                    *a = kl;
                 }
             }
-        }
+        })
     }
 
     fn score(
@@ -165,7 +168,9 @@ impl Kernel for ArceeFusion {
         _floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
     ) {
-        self.importances(x, st, &mut out[0][..x.n]);
+        crate::simd!({
+            self.importances(x, st, &mut out[0][..x.n]);
+        })
     }
 
     fn ranks(&self, t: &TensorPlan, _tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {
@@ -174,14 +179,16 @@ impl Kernel for ArceeFusion {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        let q = st.selected(3);
-        let r = |v: f32| self.r(v);
-        let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
-        self.importances(x, st, m);
-        for (i, o) in m.iter_mut().enumerate() {
-            let keep = f32::from(u8::from(*o >= threshold));
-            let (v, b) = (x.values[0][i], x.base[i]);
-            *o = b + self.change(v, b) * keep;
-        }
+        crate::simd!({
+            let q = st.selected(3);
+            let r = |v: f32| self.r(v);
+            let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
+            self.importances(x, st, m);
+            for (i, o) in m.iter_mut().enumerate() {
+                let keep = f32::from(u8::from(*o >= threshold));
+                let (v, b) = (x.values[0][i], x.base[i]);
+                *o = b + self.change(v, b) * keep;
+            }
+        })
     }
 }

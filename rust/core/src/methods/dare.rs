@@ -43,6 +43,8 @@ impl Kernel for Dare {
 
     #[inline(always)]
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        elementwise::sum(x.deltas, x.n, m);
+        crate::simd!({
+            elementwise::sum(x.deltas, x.n, m);
+        })
     }
 }

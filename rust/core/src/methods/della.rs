@@ -322,46 +322,50 @@ impl Kernel for Della {
 
     /// Σ|τ_t| and Σ|pruned τ_t| per task.
     fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        let tasks = x.tasks();
-        crate::pipeline::grow(s.a, x.n);
-        for t in 0..tasks {
-            let out = &mut s.a[..x.n];
-            crate::simd!(self.prune(x, t, out));
-            acc[2 * t] += super::reduce::sum_abs(x.deltas[t]);
-            acc[2 * t + 1] += super::reduce::sum_abs(out);
-        }
+        crate::simd!({
+            let tasks = x.tasks();
+            crate::pipeline::grow(s.a, x.n);
+            for t in 0..tasks {
+                let out = &mut s.a[..x.n];
+                self.prune(x, t, out);
+                acc[2 * t] += super::reduce::sum_abs(x.deltas[t]);
+                acc[2 * t + 1] += super::reduce::sum_abs(out);
+            }
+        })
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        let tasks = x.tasks();
-        s.per_task.resize_with(tasks, Vec::new);
-        for t in 0..tasks {
-            let out = &mut s.per_task[t];
-            crate::pipeline::grow(out, x.n);
-            let out = &mut out[..x.n];
-            crate::simd!(self.prune(x, t, out));
-            if self.rescale && self.prunes(t) && self.density.get(t) > 0.0 {
-                let sums = st.sums(0, 0);
-                let (before, after) = (sums[2 * t] as f32, sums[2 * t + 1] as f32);
-                if before >= 1e-7 && after >= 1e-7 {
-                    let f = before / after;
-                    for v in out.iter_mut() {
-                        *v *= f;
+        crate::simd!({
+            let tasks = x.tasks();
+            s.per_task.resize_with(tasks, Vec::new);
+            for t in 0..tasks {
+                let out = &mut s.per_task[t];
+                crate::pipeline::grow(out, x.n);
+                let out = &mut out[..x.n];
+                self.prune(x, t, out);
+                if self.rescale && self.prunes(t) && self.density.get(t) > 0.0 {
+                    let sums = st.sums(0, 0);
+                    let (before, after) = (sums[2 * t] as f32, sums[2 * t + 1] as f32);
+                    if before >= 1e-7 && after >= 1e-7 {
+                        let f = before / after;
+                        for v in out.iter_mut() {
+                            *v *= f;
+                        }
                     }
                 }
             }
-        }
-        crate::pipeline::grow(s.a, x.n);
-        crate::pipeline::grow(s.b, x.n);
-        let g = self.gta();
-        mix(
-            &g,
-            s.per_task,
-            x.weights,
-            x.n,
-            m,
-            (&mut s.a[..], &mut s.b[..]),
-        );
+            crate::pipeline::grow(s.a, x.n);
+            crate::pipeline::grow(s.b, x.n);
+            let g = self.gta();
+            mix(
+                &g,
+                s.per_task,
+                x.weights,
+                x.n,
+                m,
+                (&mut s.a[..], &mut s.b[..]),
+            );
+        })
     }
 }
 

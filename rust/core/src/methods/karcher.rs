@@ -211,37 +211,41 @@ impl Kernel for Karcher {
 
     /// The Gram matrix of the points (exact products, summed in f64).
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        let p = self.points(x);
-        if let Some(d) = self.arith {
-            return self.dtype_accumulate(d, x, &p, st, s, acc);
-        }
-        let mut k = 0;
-        for s in 0..p.len() {
-            for t in s..p.len() {
-                acc[k] += super::reduce::dot(p[s], p[t]);
-                k += 1;
+        crate::simd!({
+            let p = self.points(x);
+            if let Some(d) = self.arith {
+                return self.dtype_accumulate(d, x, &p, st, s, acc);
             }
-        }
+            let mut k = 0;
+            for s in 0..p.len() {
+                for t in s..p.len() {
+                    acc[k] += super::reduce::dot(p[s], p[t]);
+                    k += 1;
+                }
+            }
+        })
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        let p = self.points(x);
-        if p.len() == 1 {
-            m.copy_from_slice(p[0]);
-            return;
-        }
-        if let Some(d) = self.arith {
-            return self.dtype_merge(d, x, &p, st, s, m);
-        }
-        let solved = self.solve(p.len(), st.sums(0, 0));
-        m.fill(0.0);
-        for ((v, &n), &c) in p.iter().zip(&solved.norms).zip(&solved.coef) {
-            if n == 0.0 || c == 0.0 {
-                continue;
+        crate::simd!({
+            let p = self.points(x);
+            if p.len() == 1 {
+                m.copy_from_slice(p[0]);
+                return;
             }
-            for (o, &y) in m.iter_mut().zip(v.iter()) {
-                *o += c * (y / n);
+            if let Some(d) = self.arith {
+                return self.dtype_merge(d, x, &p, st, s, m);
             }
-        }
+            let solved = self.solve(p.len(), st.sums(0, 0));
+            m.fill(0.0);
+            for ((v, &n), &c) in p.iter().zip(&solved.norms).zip(&solved.coef) {
+                if n == 0.0 || c == 0.0 {
+                    continue;
+                }
+                for (o, &y) in m.iter_mut().zip(v.iter()) {
+                    *o += c * (y / n);
+                }
+            }
+        })
     }
 }

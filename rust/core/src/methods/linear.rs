@@ -48,12 +48,14 @@ impl Kernel for Linear {
 
     #[inline(always)]
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        elementwise::sum(x.deltas, x.n, m);
-        if self.normalize {
-            let total = crate::pool::lam_sum(x.weights.iter().copied());
-            for v in m.iter_mut() {
-                *v /= total;
+        crate::simd!({
+            elementwise::sum(x.deltas, x.n, m);
+            if self.normalize {
+                let total = crate::pool::lam_sum(x.weights.iter().copied());
+                for v in m.iter_mut() {
+                    *v /= total;
+                }
             }
-        }
+        })
     }
 }

@@ -33,6 +33,8 @@ impl Kernel for MagMax {
 
     #[inline(always)]
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        elementwise::magmax(x.deltas, x.n, m);
+        crate::simd!({
+            elementwise::magmax(x.deltas, x.n, m);
+        })
     }
 }

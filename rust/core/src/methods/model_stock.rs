@@ -121,87 +121,92 @@ impl Kernel for ModelStock {
     }
 
     fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
-        let tasks = x.tasks();
-        let slots = slots(tasks);
-        // Segments of the chunk within one unit: the whole chunk, or its pieces of rows.
-        let len = match self.unit() {
-            Unit::Tensor => x.n,
-            _ => x.tensor.row_len(),
-        };
-        let first = x.row_of(0);
-        let mut at = 0;
-        while at < x.n {
-            let end = match self.unit() {
+        crate::simd!({
+            let tasks = x.tasks();
+            let slots = slots(tasks);
+            // Segments of the chunk within one unit: the whole chunk, or its pieces of rows.
+            let len = match self.unit() {
                 Unit::Tensor => x.n,
-                _ => ((x.start + at) / len + 1) * len - x.start,
-            }
-            .min(x.n);
-            let u = match self.unit() {
-                Unit::Tensor => 0,
-                _ => (x.start + at) / len - first,
+                _ => x.tensor.row_len(),
             };
-            let a = &mut acc[u * slots..(u + 1) * slots];
-            if let Some(d) = self.arith {
-                Self::accumulate_in(d, x, at, end, a);
-                at = end;
-                continue;
-            }
-            let mut k = tasks;
-            for p in 0..tasks {
-                let dp = &x.deltas[p][at..end];
-                a[p] += reduce::sum_sq(dp);
-                for q in p + 1..tasks {
-                    // (a·b).sum(): the product rounded to f32, as torch forms it.
-                    let dq = &x.deltas[q][at..end];
-                    a[k] += reduce::sum(dp.len(), |i| (dp[i] * dq[i]) as f64);
-                    k += 1;
+            let first = x.row_of(0);
+            let mut at = 0;
+            while at < x.n {
+                let end = match self.unit() {
+                    Unit::Tensor => x.n,
+                    _ => ((x.start + at) / len + 1) * len - x.start,
                 }
+                .min(x.n);
+                let u = match self.unit() {
+                    Unit::Tensor => 0,
+                    _ => (x.start + at) / len - first,
+                };
+                let a = &mut acc[u * slots..(u + 1) * slots];
+                if let Some(d) = self.arith {
+                    Self::accumulate_in(d, x, at, end, a);
+                    at = end;
+                    continue;
+                }
+                let mut k = tasks;
+                for p in 0..tasks {
+                    let dp = &x.deltas[p][at..end];
+                    a[p] += reduce::sum_sq(dp);
+                    for q in p + 1..tasks {
+                        // (a·b).sum(): the product rounded to f32, as torch forms it.
+                        let dq = &x.deltas[q][at..end];
+                        a[k] += reduce::sum(dp.len(), |i| (dp[i] * dq[i]) as f64);
+                        k += 1;
+                    }
+                }
+                at = end;
             }
-            at = end;
-        }
+        })
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        let tasks = x.tasks();
-        let count = tasks as f32;
-        let Some(d) = self.arith else {
-            return self.per_unit(
+        crate::simd!({
+            let tasks = x.tasks();
+            let count = tasks as f32;
+            let Some(d) = self.arith else {
+                return self.per_unit(
+                    x,
+                    st,
+                    m,
+                    |s| ModelStock::ratio(tasks, s),
+                    |t, i| {
+                        // sum(ws) / count, starting from 0 as Python's sum does.
+                        let mut sum = 0.0f32;
+                        for v in x.values {
+                            sum += v[i];
+                        }
+                        t * (sum / count) + (1.0 - t) * x.base[i]
+                    },
+                );
+            };
+            let r = |v: f32| round_in(d, v);
+            self.per_unit(
                 x,
                 st,
                 m,
-                |s| ModelStock::ratio(tasks, s),
+                |s| ModelStock::ratio_in(d, tasks, s),
                 |t, i| {
-                    // sum(ws) / count, starting from 0 as Python's sum does.
-                    let mut sum = 0.0f32;
-                    for v in x.values {
-                        sum += v[i];
+                    // Python's sum from 0: the first value as it is, then each addition rounded.
+                    let mut sum = r(x.values[0][i]);
+                    for v in &x.values[1..] {
+                        sum = r(sum + r(v[i]));
                     }
-                    t * (sum / count) + (1.0 - t) * x.base[i]
+                    let average = r(sum / count);
+                    r(r(t * average) + r(r(1.0 - t) * r(x.base[i])))
                 },
-            );
-        };
-        let r = |v: f32| round_in(d, v);
-        self.per_unit(
-            x,
-            st,
-            m,
-            |s| ModelStock::ratio_in(d, tasks, s),
-            |t, i| {
-                // Python's sum from 0: the first value as it is, then each addition rounded.
-                let mut sum = r(x.values[0][i]);
-                for v in &x.values[1..] {
-                    sum = r(sum + r(v[i]));
-                }
-                let average = r(sum / count);
-                r(r(t * average) + r(r(1.0 - t) * r(x.base[i])))
-            },
-        )
+            )
+        })
     }
 }
 
 impl ModelStock {
     /// The sums of elements `at..end` in `d`: offsets `w − w₀` of the rounded values, rounded;
     /// squared norms (torch squares and sums them wider); dots of rounded products.
+    #[inline(always)]
     fn accumulate_in(d: DType, x: &ChunkIn, at: usize, end: usize, a: &mut [f64]) {
         let tasks = x.tasks();
         let offset =
@@ -219,6 +224,7 @@ impl ModelStock {
     }
 
     /// `m[i] = elem(t, i)`, with t = `ratio` of element i's unit (the tensor, or its row).
+    #[inline(always)]
     fn per_unit(
         &self,
         x: &ChunkIn,

@@ -63,13 +63,15 @@ impl Kernel for NearSwap {
     }
 
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        let t = self.t as f32;
-        with_round!(self.arith, |r| {
-            for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
-                // torch's `t / x` is `x.reciprocal() * t`; `clamp(min=1e-6)` rounds its result.
-                let w = r(r(1.0 / r(r(a - b).abs().max(1e-6))) * t).clamp(0.0, 1.0);
-                *o = r(r(w * b) + r(r(1.0 - w) * a));
-            }
+        crate::simd!({
+            let t = self.t as f32;
+            with_round!(self.arith, |r| {
+                for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
+                    // torch's `t / x` is `x.reciprocal() * t`; `clamp(min=1e-6)` rounds its result.
+                    let w = r(r(1.0 / r(r(a - b).abs().max(1e-6))) * t).clamp(0.0, 1.0);
+                    *o = r(r(w * b) + r(r(1.0 - w) * a));
+                }
+            })
         })
     }
 }

@@ -69,6 +69,7 @@ impl NuSlerp {
         }
     }
 
+    #[inline(always)]
     fn pair<'a>(&self, x: &'a ChunkIn) -> (&'a [f32], &'a [f32]) {
         if self.relative {
             (x.deltas[0], x.deltas[1])
@@ -78,6 +79,7 @@ impl NuSlerp {
     }
 
     /// The two norms of unit `u`, rounded and clamped (at 1e-7) as mergekit's `_normalize`.
+    #[inline(always)]
     fn norms(&self, st: &TensorStats, u: usize) -> (f32, f32) {
         let s = st.sums(0, u);
         let floor = self.r(1e-7);
@@ -134,91 +136,96 @@ impl Kernel for NuSlerp {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
-        let (a, b) = self.pair(x);
-        let unit = self.unit();
-        let slots = if st.stages.is_empty() { 2 } else { 1 };
-        if unit == Unit::Column {
-            // Units interleave: element by element.
-            for i in 0..x.n {
-                let u = unit.of(x.tensor, x.start + i);
-                let (ai, bi) = self.at((a, b), i);
-                if st.stages.is_empty() {
-                    acc[2 * u] += (ai as f64) * (ai as f64);
-                    acc[2 * u + 1] += (bi as f64) * (bi as f64);
+        crate::simd!({
+            let (a, b) = self.pair(x);
+            let unit = self.unit();
+            let slots = if st.stages.is_empty() { 2 } else { 1 };
+            if unit == Unit::Column {
+                // Units interleave: element by element.
+                for i in 0..x.n {
+                    let u = unit.of(x.tensor, x.start + i);
+                    let (ai, bi) = self.at((a, b), i);
+                    if st.stages.is_empty() {
+                        acc[2 * u] += (ai as f64) * (ai as f64);
+                        acc[2 * u + 1] += (bi as f64) * (bi as f64);
+                    } else {
+                        let (p, q) = self.norms(st, u);
+                        acc[u] += self.r(self.r(ai / p) * self.r(bi / q)) as f64;
+                    }
+                }
+                return;
+            }
+            // The whole chunk, or its pieces of rows.
+            let first = x.row_of(0);
+            let mut at = 0;
+            while at < x.n {
+                let (u, end) = match unit {
+                    Unit::Tensor => (0, x.n),
+                    _ => {
+                        let row = x.tensor.row_len();
+                        let r = (x.start + at) / row;
+                        (r, ((r + 1) * row - x.start).min(x.n))
+                    }
+                };
+                let (sa, sb) = (&a[at..end], &b[at..end]);
+                let o = (u - if unit == Unit::Tensor { 0 } else { first }) * slots;
+                if self.arith.is_some() {
+                    let pair = (sa, sb);
+                    if st.stages.is_empty() {
+                        acc[o] += reduce::sum(sa.len(), |i| (self.at(pair, i).0 as f64).powi(2));
+                        acc[o + 1] +=
+                            reduce::sum(sa.len(), |i| (self.at(pair, i).1 as f64).powi(2));
+                    } else {
+                        let (p, q) = self.norms(st, u);
+                        acc[o] += reduce::sum(sa.len(), |i| {
+                            let (ai, bi) = self.at(pair, i);
+                            self.r(self.r(ai / p) * self.r(bi / q)) as f64
+                        });
+                    }
+                } else if st.stages.is_empty() {
+                    acc[o] += reduce::sum_sq(sa);
+                    acc[o + 1] += reduce::sum_sq(sb);
                 } else {
                     let (p, q) = self.norms(st, u);
-                    acc[u] += self.r(self.r(ai / p) * self.r(bi / q)) as f64;
+                    acc[o] += reduce::sum(sa.len(), |i| ((sa[i] / p) * (sb[i] / q)) as f64);
                 }
+                at = end;
             }
-            return;
-        }
-        // The whole chunk, or its pieces of rows.
-        let first = x.row_of(0);
-        let mut at = 0;
-        while at < x.n {
-            let (u, end) = match unit {
-                Unit::Tensor => (0, x.n),
-                _ => {
-                    let row = x.tensor.row_len();
-                    let r = (x.start + at) / row;
-                    (r, ((r + 1) * row - x.start).min(x.n))
-                }
-            };
-            let (sa, sb) = (&a[at..end], &b[at..end]);
-            let o = (u - if unit == Unit::Tensor { 0 } else { first }) * slots;
-            if self.arith.is_some() {
-                let pair = (sa, sb);
-                if st.stages.is_empty() {
-                    acc[o] += reduce::sum(sa.len(), |i| (self.at(pair, i).0 as f64).powi(2));
-                    acc[o + 1] += reduce::sum(sa.len(), |i| (self.at(pair, i).1 as f64).powi(2));
-                } else {
-                    let (p, q) = self.norms(st, u);
-                    acc[o] += reduce::sum(sa.len(), |i| {
-                        let (ai, bi) = self.at(pair, i);
-                        self.r(self.r(ai / p) * self.r(bi / q)) as f64
-                    });
-                }
-            } else if st.stages.is_empty() {
-                acc[o] += reduce::sum_sq(sa);
-                acc[o + 1] += reduce::sum_sq(sb);
-            } else {
-                let (p, q) = self.norms(st, u);
-                acc[o] += reduce::sum(sa.len(), |i| ((sa[i] / p) * (sb[i] / q)) as f64);
-            }
-            at = end;
-        }
+        })
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        let t = self.t(x);
-        let (t32, rest32) = (t as f32, (1.0 - t) as f32);
-        let pair = self.pair(x);
-        let unit = self.unit();
-        let r = |v: f32| self.r(v);
-        // Per unit: (unit, coefficient of a, coefficient of b, divisor or None when colinear).
-        let mut coef = (usize::MAX, 0.0f32, 0.0f32, None::<f32>);
-        for (i, o) in m.iter_mut().enumerate() {
-            let u = unit.of(x.tensor, x.start + i);
-            if coef.0 != u {
-                let cos = r(st.sums(1, u)[0] as f32).clamp(-1.0, 1.0);
-                let colinear = r(1.0 - r(cos * cos)) <= r(1e-16f32);
-                coef = if colinear {
-                    (u, rest32, t32, None)
-                } else {
-                    let theta = r(cos.acos());
-                    (
-                        u,
-                        r(r(rest32 * theta).sin()),
-                        r(r(t32 * theta).sin()),
-                        Some(r(theta.sin())),
-                    )
+        crate::simd!({
+            let t = self.t(x);
+            let (t32, rest32) = (t as f32, (1.0 - t) as f32);
+            let pair = self.pair(x);
+            let unit = self.unit();
+            let r = |v: f32| self.r(v);
+            // Per unit: (unit, coefficient of a, coefficient of b, divisor or None when colinear).
+            let mut coef = (usize::MAX, 0.0f32, 0.0f32, None::<f32>);
+            for (i, o) in m.iter_mut().enumerate() {
+                let u = unit.of(x.tensor, x.start + i);
+                if coef.0 != u {
+                    let cos = r(st.sums(1, u)[0] as f32).clamp(-1.0, 1.0);
+                    let colinear = r(1.0 - r(cos * cos)) <= r(1e-16f32);
+                    coef = if colinear {
+                        (u, rest32, t32, None)
+                    } else {
+                        let theta = r(cos.acos());
+                        (
+                            u,
+                            r(r(rest32 * theta).sin()),
+                            r(r(t32 * theta).sin()),
+                            Some(r(theta.sin())),
+                        )
+                    };
+                }
+                let (a, b) = self.at(pair, i);
+                *o = match coef.3 {
+                    None => r(r(coef.1 * a) + r(coef.2 * b)),
+                    Some(s) => r(r(r(coef.1 * a) + r(coef.2 * b)) / s),
                 };
             }
-            let (a, b) = self.at(pair, i);
-            *o = match coef.3 {
-                None => r(r(coef.1 * a) + r(coef.2 * b)),
-                Some(s) => r(r(r(coef.1 * a) + r(coef.2 * b)) / s),
-            };
-        }
+        })
     }
 }

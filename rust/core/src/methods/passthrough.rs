@@ -68,14 +68,16 @@ impl Kernel for Passthrough {
     }
 
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        match self.scale {
-            None => m.copy_from_slice(x.values[0]),
-            Some(s) => {
-                let s = s as f32;
-                for (o, &v) in m.iter_mut().zip(x.values[0]) {
-                    *o = v * s;
+        crate::simd!({
+            match self.scale {
+                None => m.copy_from_slice(x.values[0]),
+                Some(s) => {
+                    let s = s as f32;
+                    for (o, &v) in m.iter_mut().zip(x.values[0]) {
+                        *o = v * s;
+                    }
                 }
             }
-        }
+        })
     }
 }

@@ -46,6 +46,7 @@ impl Ram {
 
     /// Per element of the chunk: how many fine-tunes change it (|τ| > eps, τ as the dtype
     /// holds it), into `out`.
+    #[inline(always)]
     fn counts<R: Fn(f32) -> f32 + Copy>(r: R, eps: f32, x: &ChunkIn, out: &mut [f32]) {
         out.fill(0.0);
         for d in x.deltas {
@@ -56,6 +57,7 @@ impl Ram {
     }
 
     /// Per task: elements it changes that others change too, and that only it changes.
+    #[inline(always)]
     fn accumulate_in<R: Fn(f32) -> f32 + Copy>(
         &self,
         r: R,
@@ -81,6 +83,7 @@ impl Ram {
         }
     }
 
+    #[inline(always)]
     fn merge_in<R: Fn(f32) -> f32 + Copy>(
         &self,
         r: R,
@@ -182,10 +185,10 @@ impl Kernel for Ram {
 
     /// Per task: elements it changes that others change too, and that only it changes.
     fn accumulate(&self, x: &ChunkIn, _st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        with_round!(self.arith, |r| self.accumulate_in(r, x, s, acc))
+        crate::simd!({ with_round!(self.arith, |r| self.accumulate_in(r, x, s, acc)) })
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        with_round!(self.arith, |r| self.merge_in(r, x, st, s, m))
+        crate::simd!({ with_round!(self.arith, |r| self.merge_in(r, x, st, s, m)) })
     }
 }

@@ -50,6 +50,7 @@ impl Sce {
     /// The variance across tasks of every element of the chunk, into `out`, as torch's CPU
     /// `var(unbiased=False)` has it: Welford's update in f64, rounded to f32 (equal deltas give
     /// exactly 0). Task by task over the chunk, so that it vectorizes.
+    #[inline(always)]
     fn var_into(&self, x: &ChunkIn, wide: &mut Vec<f64>, out: &mut [f32]) {
         let n = x.n;
         wide.clear();
@@ -82,6 +83,7 @@ impl Sce {
     }
 
     /// The selection mask of one chunk into `mask` (1 or 0), given the cut and the ties before.
+    #[inline(always)]
     fn mask(&self, x: &ChunkIn, st: &TensorStats, wide: &mut Vec<f64>, mask: &mut [f32]) {
         if !self.selects() {
             mask.fill(1.0);
@@ -187,29 +189,31 @@ impl Kernel for Sce {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        let stage = st.stages.len();
-        crate::pipeline::grow(s.a, x.n);
-        let buf = &mut s.a[..x.n];
-        if self.selects() && stage == NONZERO {
-            self.var_into(x, s.wide, buf);
-            acc[0] += buf.iter().filter(|&&v| v != 0.0).count() as f64;
-            return;
-        }
-        if stage == TIES && self.selects() {
-            let cut = st.selected(CUT)[0];
-            self.var_into(x, s.wide, buf);
-            acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
-            acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
-            return;
-        }
-        // The weights: Σ (mask·τ_t)² per task.
-        self.mask(x, st, s.wide, buf);
-        for (t, d) in x.deltas.iter().enumerate() {
-            acc[t] += reduce::sum(x.n, |i| {
-                let y = self.r(d[i]) * buf[i];
-                self.r(y * y) as f64
-            });
-        }
+        crate::simd!({
+            let stage = st.stages.len();
+            crate::pipeline::grow(s.a, x.n);
+            let buf = &mut s.a[..x.n];
+            if self.selects() && stage == NONZERO {
+                self.var_into(x, s.wide, buf);
+                acc[0] += buf.iter().filter(|&&v| v != 0.0).count() as f64;
+                return;
+            }
+            if stage == TIES && self.selects() {
+                let cut = st.selected(CUT)[0];
+                self.var_into(x, s.wide, buf);
+                acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
+                acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
+                return;
+            }
+            // The weights: Σ (mask·τ_t)² per task.
+            self.mask(x, st, s.wide, buf);
+            for (t, d) in x.deltas.iter().enumerate() {
+                acc[t] += reduce::sum(x.n, |i| {
+                    let y = self.r(d[i]) * buf[i];
+                    self.r(y * y) as f64
+                });
+            }
+        })
     }
 
     fn score(
@@ -220,9 +224,11 @@ impl Kernel for Sce {
         _floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
     ) {
-        let out = &mut out[0][..x.n];
-        self.var_into(x, s.wide, out);
-        out.iter_mut().for_each(|v| *v = v.abs());
+        crate::simd!({
+            let out = &mut out[0][..x.n];
+            self.var_into(x, s.wide, out);
+            out.iter_mut().for_each(|v| *v = v.abs());
+        })
     }
 
     fn ranks(&self, t: &TensorPlan, _tasks: usize, st: &TensorStats) -> Vec<(usize, u64)> {
@@ -230,31 +236,33 @@ impl Kernel for Sce {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        if self.keeps_nothing(st) {
-            m.fill(0.0);
-            return;
-        }
-        let numel = x.tensor.numel as f32;
-        let squares = st.sums(self.weights_stage(), 0);
-        let weights = self.weights(squares, numel);
-        crate::pipeline::grow(s.a, x.n);
-        let mask = &mut s.a[..x.n];
-        self.mask(x, st, s.wide, mask);
-        let r = |v: f32| self.r(v);
-        let floor = r(1e-6);
-        for (i, o) in m.iter_mut().enumerate() {
-            let k = mask[i];
-            let sum = x.deltas.iter().fold(0.0f32, |a, d| a + r(d[i]) * k);
-            let majority = if r(sum) >= 0.0 { 1.0 } else { -1.0 };
-            let (mut merged, mut div) = (0.0f32, 0.0f32);
-            for (d, &w) in x.deltas.iter().zip(&weights) {
-                let v = r(d[i]) * k;
-                let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
-                let ew = w * f32::from(u8::from(sign == majority));
-                merged += r(v * ew);
-                div += ew;
+        crate::simd!({
+            if self.keeps_nothing(st) {
+                m.fill(0.0);
+                return;
             }
-            *o = r(r(merged) / r(div).max(floor));
-        }
+            let numel = x.tensor.numel as f32;
+            let squares = st.sums(self.weights_stage(), 0);
+            let weights = self.weights(squares, numel);
+            crate::pipeline::grow(s.a, x.n);
+            let mask = &mut s.a[..x.n];
+            self.mask(x, st, s.wide, mask);
+            let r = |v: f32| self.r(v);
+            let floor = r(1e-6);
+            for (i, o) in m.iter_mut().enumerate() {
+                let k = mask[i];
+                let sum = x.deltas.iter().fold(0.0f32, |a, d| a + r(d[i]) * k);
+                let majority = if r(sum) >= 0.0 { 1.0 } else { -1.0 };
+                let (mut merged, mut div) = (0.0f32, 0.0f32);
+                for (d, &w) in x.deltas.iter().zip(&weights) {
+                    let v = r(d[i]) * k;
+                    let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
+                    let ew = w * f32::from(u8::from(sign == majority));
+                    merged += r(v * ew);
+                    div += ew;
+                }
+                *o = r(r(merged) / r(div).max(floor));
+            }
+        })
     }
 }

@@ -98,20 +98,24 @@ impl Kernel for Slerp {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
-        let (a, b) = (x.base, x.values[0]);
-        if st.stages.is_empty() {
-            acc[0] += reduce::sum_sq(a);
-            acc[1] += reduce::sum_sq(b);
-        } else {
-            let (na, nb) = Slerp::norms(st);
-            acc[0] += reduce::sum(x.n, |i| ((a[i] / na) * (b[i] / nb)) as f64);
-        }
+        crate::simd!({
+            let (a, b) = (x.base, x.values[0]);
+            if st.stages.is_empty() {
+                acc[0] += reduce::sum_sq(a);
+                acc[1] += reduce::sum_sq(b);
+            } else {
+                let (na, nb) = Slerp::norms(st);
+                acc[0] += reduce::sum(x.n, |i| ((a[i] / na) * (b[i] / nb)) as f64);
+            }
+        })
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        let (ca, cb) = self.coefficients(st);
-        for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
-            *o = ca * a + cb * b;
-        }
+        crate::simd!({
+            let (ca, cb) = self.coefficients(st);
+            for ((o, &a), &b) in m.iter_mut().zip(x.base).zip(x.values[0]) {
+                *o = ca * a + cb * b;
+            }
+        })
     }
 }

@@ -37,6 +37,8 @@ impl Kernel for TaskArithmetic {
 
     #[inline(always)]
     fn merge(&self, x: &ChunkIn, _st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        elementwise::sum(x.deltas, x.n, m);
+        crate::simd!({
+            elementwise::sum(x.deltas, x.n, m);
+        })
     }
 }

@@ -689,6 +689,7 @@ impl<'a> Engine<'a> {
 
     /// The inputs of a chunk loaded in `d` (mergekit's `dtype`): each value, the base's too,
     /// rounded to `d` before the deltas are formed, as mergekit converts the tensors it loads.
+    #[inline(always)]
     fn load_rounded(&self, w: &mut Work, c: &Chunk, d: DType) -> Result<()> {
         let n = c.len;
         let t = &self.plan[c.tensor];
@@ -845,6 +846,7 @@ fn read_values(
 
 /// Rounds loaded values to `d` (nearest even); a value beyond `d`'s range is an error naming
 /// the file, the tensor and the element, never an infinity merged.
+#[inline(always)]
 fn round_loaded(d: DType, file: &str, t: &TensorPlan, start: usize, v: &mut [f32]) -> Result<()> {
     let limit = d.overflow_at();
     // The check and the rounding are loops of their own, without an early exit or a dtype
