@@ -154,7 +154,11 @@ impl Kernel for ModelStock {
                     for q in p + 1..tasks {
                         // (a·b).sum(): the product rounded to f32, as torch forms it.
                         let dq = &x.deltas[q][at..end];
-                        a[k] += reduce::sum(dp.len(), |i| (dp[i] * dq[i]) as f64);
+                        a[k] += reduce::sum(
+                            dp.len(),
+                            #[inline(always)]
+                            |i| (dp[i] * dq[i]) as f64,
+                        );
                         k += 1;
                     }
                 }
@@ -213,11 +217,17 @@ impl ModelStock {
             |p: usize, i: usize| round_in(d, round_in(d, x.values[p][i]) - round_in(d, x.base[i]));
         let mut k = tasks;
         for p in 0..tasks {
-            a[p] += reduce::sum(end - at, |i| (offset(p, at + i) as f64).powi(2));
+            a[p] += reduce::sum(
+                end - at,
+                #[inline(always)]
+                |i| (offset(p, at + i) as f64).powi(2),
+            );
             for q in p + 1..tasks {
-                a[k] += reduce::sum(end - at, |i| {
-                    round_in(d, offset(p, at + i) * offset(q, at + i)) as f64
-                });
+                a[k] += reduce::sum(
+                    end - at,
+                    #[inline(always)]
+                    |i| round_in(d, offset(p, at + i) * offset(q, at + i)) as f64,
+                );
                 k += 1;
             }
         }

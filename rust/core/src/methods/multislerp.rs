@@ -140,7 +140,11 @@ impl MultiSlerp {
         let v = self.inputs_of(x);
         if st.stages.is_empty() {
             for (a, d) in acc.iter_mut().zip(v) {
-                *a += reduce::sum(x.n, |i| (r(d[i]) as f64) * (r(d[i]) as f64));
+                *a += reduce::sum(
+                    x.n,
+                    #[inline(always)]
+                    |i| (r(d[i]) as f64) * (r(d[i]) as f64),
+                );
             }
             return;
         }
@@ -159,7 +163,11 @@ impl MultiSlerp {
                 mean.iter_mut().for_each(|m| *m = r(*m / mn));
                 for ((a, d), &n) in acc.iter_mut().zip(v).zip(&k.norms) {
                     let e = r(n + self.eps());
-                    *a += reduce::sum(x.n, |i| r(r(r(d[i]) / e) * mean[i]) as f64);
+                    *a += reduce::sum(
+                        x.n,
+                        #[inline(always)]
+                        |i| r(r(r(d[i]) / e) * mean[i]) as f64,
+                    );
                 }
             }
             _ => {

@@ -172,22 +172,37 @@ impl Kernel for NuSlerp {
                 if self.arith.is_some() {
                     let pair = (sa, sb);
                     if st.stages.is_empty() {
-                        acc[o] += reduce::sum(sa.len(), |i| (self.at(pair, i).0 as f64).powi(2));
-                        acc[o + 1] +=
-                            reduce::sum(sa.len(), |i| (self.at(pair, i).1 as f64).powi(2));
+                        acc[o] += reduce::sum(
+                            sa.len(),
+                            #[inline(always)]
+                            |i| (self.at(pair, i).0 as f64).powi(2),
+                        );
+                        acc[o + 1] += reduce::sum(
+                            sa.len(),
+                            #[inline(always)]
+                            |i| (self.at(pair, i).1 as f64).powi(2),
+                        );
                     } else {
                         let (p, q) = self.norms(st, u);
-                        acc[o] += reduce::sum(sa.len(), |i| {
-                            let (ai, bi) = self.at(pair, i);
-                            self.r(self.r(ai / p) * self.r(bi / q)) as f64
-                        });
+                        acc[o] += reduce::sum(
+                            sa.len(),
+                            #[inline(always)]
+                            |i| {
+                                let (ai, bi) = self.at(pair, i);
+                                self.r(self.r(ai / p) * self.r(bi / q)) as f64
+                            },
+                        );
                     }
                 } else if st.stages.is_empty() {
                     acc[o] += reduce::sum_sq(sa);
                     acc[o + 1] += reduce::sum_sq(sb);
                 } else {
                     let (p, q) = self.norms(st, u);
-                    acc[o] += reduce::sum(sa.len(), |i| ((sa[i] / p) * (sb[i] / q)) as f64);
+                    acc[o] += reduce::sum(
+                        sa.len(),
+                        #[inline(always)]
+                        |i| ((sa[i] / p) * (sb[i] / q)) as f64,
+                    );
                 }
                 at = end;
             }

@@ -53,11 +53,24 @@ impl Sce {
     #[inline(always)]
     fn var_into(&self, x: &ChunkIn, wide: &mut Vec<f64>, out: &mut [f32]) {
         let n = x.n;
-        wide.clear();
-        wide.resize(2 * n, 0.0);
-        let (mean, m2) = wide.split_at_mut(n);
-        for (t, d) in x.deltas.iter().enumerate() {
-            let k = (t + 1) as f64;
+        if wide.len() < 2 * n {
+            wide.resize(2 * n, 0.0);
+        }
+        let (mean, m2) = wide[..2 * n].split_at_mut(n);
+        // The first update from zero, written out: μ = 0 + v (so −0 becomes +0, as there),
+        // M2 = +0 (v·(v − μ) is ±0, and 0 + ±0 is +0). It replaces zeroing the buffers and a
+        // division per element.
+        let Some((first, rest)) = x.deltas.split_first() else {
+            mean.fill(0.0);
+            m2.fill(0.0);
+            return self.finish(x, m2, out);
+        };
+        for ((mu, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(first.iter()) {
+            *mu = 0.0 + self.r(v) as f64;
+            *q = 0.0;
+        }
+        for (t, d) in rest.iter().enumerate() {
+            let k = (t + 2) as f64;
             for ((mu, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(d.iter()) {
                 let v = self.r(v) as f64;
                 let delta = v - *mu;
@@ -65,6 +78,12 @@ impl Sce {
                 *q += delta * (v - *mu);
             }
         }
+        self.finish(x, m2, out);
+    }
+
+    /// The variance from M2: M2 / T, rounded to f32 and to the arithmetic's dtype.
+    #[inline(always)]
+    fn finish(&self, x: &ChunkIn, m2: &[f64], out: &mut [f32]) {
         let tasks = x.tasks() as f64;
         for (o, &q) in out.iter_mut().zip(m2.iter()) {
             *o = self.r((q / tasks) as f32);
@@ -208,10 +227,14 @@ impl Kernel for Sce {
             // The weights: Σ (mask·τ_t)² per task.
             self.mask(x, st, s.wide, buf);
             for (t, d) in x.deltas.iter().enumerate() {
-                acc[t] += reduce::sum(x.n, |i| {
-                    let y = self.r(d[i]) * buf[i];
-                    self.r(y * y) as f64
-                });
+                acc[t] += reduce::sum(
+                    x.n,
+                    #[inline(always)]
+                    |i| {
+                        let y = self.r(d[i]) * buf[i];
+                        self.r(y * y) as f64
+                    },
+                );
             }
         })
     }
@@ -264,5 +287,88 @@ impl Kernel for Sce {
                 *o = r(r(merged) / r(div).max(floor));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The variance equals Welford's update written literally from zero (every task, the
+    /// first too), bit for bit: signed zeros, equal deltas, spread and extreme values, one to
+    /// five tasks, f32 and bf16 arithmetic, and a scratch buffer left dirty by a longer chunk.
+    #[test]
+    fn var_is_welford_from_zero() {
+        let mut seed = 5u64;
+        let mut next = || {
+            seed = crate::rng::mix(seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
+            seed
+        };
+        let n = 67;
+        for tasks in 1..=5 {
+            for arith in [None, Some(DType::BF16)] {
+                let sce = Sce {
+                    select_topk: 0.5,
+                    arith,
+                };
+                let deltas: Vec<Vec<f32>> = (0..tasks)
+                    .map(|t| {
+                        (0..n)
+                            .map(|i| match i % 7 {
+                                0 => -0.0,
+                                1 => 0.0,
+                                2 => 0.25, // equal in every task
+                                3 if t % 2 == 0 => -0.0,
+                                4 => f32::MAX / 4.0 * if t == 0 { 1.0 } else { -1.0 },
+                                _ => ((next() >> 40) as f32 / 16_777_216.0 - 0.5) * 1e-2,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let d: Vec<&[f32]> = deltas.iter().map(|v| &v[..]).collect();
+                let base = vec![0.0f32; n];
+                let plan = TensorPlan {
+                    name: "t".into(),
+                    shape: vec![n],
+                    numel: n,
+                    base_dtype: DType::F32,
+                    out_dtype: DType::F32,
+                    mergeable: true,
+                    requant: None,
+                    derived: None,
+                };
+                let weights = vec![1.0f32; tasks];
+                let x = ChunkIn {
+                    tensor: &plan,
+                    start: 0,
+                    n,
+                    base: &base,
+                    deltas: &d,
+                    values: &d,
+                    weights: &weights,
+                    given: None,
+                    seed: 0,
+                };
+                let mut wide = vec![f64::NAN; 3 * n];
+                let mut got = vec![0.0f32; n];
+                sce.var_into(&x, &mut wide, &mut got);
+                for i in 0..n {
+                    let (mut mu, mut q) = (0.0f64, 0.0f64);
+                    for (t, dt) in d.iter().enumerate() {
+                        let v = sce.r(dt[i]) as f64;
+                        let delta = v - mu;
+                        mu += delta / (t + 1) as f64;
+                        q += delta * (v - mu);
+                    }
+                    let want = sce.r((q / tasks as f64) as f32);
+                    assert_eq!(
+                        got[i].to_bits(),
+                        want.to_bits(),
+                        "T {tasks} {arith:?} element {i}: {} vs {want}",
+                        got[i]
+                    );
+                }
+            }
+        }
     }
 }

@@ -105,7 +105,11 @@ impl Kernel for Slerp {
                 acc[1] += reduce::sum_sq(b);
             } else {
                 let (na, nb) = Slerp::norms(st);
-                acc[0] += reduce::sum(x.n, |i| ((a[i] / na) * (b[i] / nb)) as f64);
+                acc[0] += reduce::sum(
+                    x.n,
+                    #[inline(always)]
+                    |i| ((a[i] / na) * (b[i] / nb)) as f64,
+                );
             }
         })
     }
