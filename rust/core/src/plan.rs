@@ -37,6 +37,21 @@ pub struct Requant {
 }
 
 impl TensorPlan {
+    /// A mergeable f32 vector of `n` elements: the model as one flat tensor (the group of
+    /// global statistics), and the tensor of kernels' unit tests.
+    pub(crate) fn vector(name: &str, n: usize) -> TensorPlan {
+        TensorPlan {
+            name: name.to_owned(),
+            shape: vec![n],
+            numel: n,
+            base_dtype: crate::dtype::DType::F32,
+            out_dtype: crate::dtype::DType::F32,
+            mergeable: true,
+            requant: None,
+            derived: None,
+        }
+    }
+
     /// Length of a row along the last dimension (a 0-d tensor is one row of one element).
     pub fn row_len(&self) -> usize {
         self.shape.last().copied().unwrap_or(1).max(1)

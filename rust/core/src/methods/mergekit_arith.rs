@@ -297,16 +297,7 @@ mod tests {
                     );
                     let deltas: Vec<&[f32]> = sparse.iter().map(|v| &v[..]).collect();
                     let vals: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
-                    let plan = crate::plan::TensorPlan {
-                        name: "t".into(),
-                        shape: vec![n],
-                        numel: n,
-                        base_dtype: DType::F32,
-                        out_dtype: DType::F32,
-                        mergeable: true,
-                        requant: None,
-                        derived: None,
-                    };
+                    let plan = crate::plan::TensorPlan::vector("t", n);
                     let x = ChunkIn {
                         tensor: &plan,
                         start: 0,

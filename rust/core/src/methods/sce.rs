@@ -327,16 +327,7 @@ mod tests {
                     .collect();
                 let d: Vec<&[f32]> = deltas.iter().map(|v| &v[..]).collect();
                 let base = vec![0.0f32; n];
-                let plan = TensorPlan {
-                    name: "t".into(),
-                    shape: vec![n],
-                    numel: n,
-                    base_dtype: DType::F32,
-                    out_dtype: DType::F32,
-                    mergeable: true,
-                    requant: None,
-                    derived: None,
-                };
+                let plan = TensorPlan::vector("t", n);
                 let weights = vec![1.0f32; tasks];
                 let x = ChunkIn {
                     tensor: &plan,

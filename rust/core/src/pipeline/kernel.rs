@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{grow, Engine, ModelPart, Src, Stats, Work};
-use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::kernel::{ChunkIn, Found, Kernel, Scratch, Stage, TensorStats, Unit};
 use crate::methods::Scope;
@@ -69,16 +68,7 @@ impl Groups<'_> {
 
 /// The model as one flat tensor of `d` elements: the group of [`Scope::Global`] statistics.
 pub(super) fn model_plan(d: usize) -> TensorPlan {
-    TensorPlan {
-        name: "the model".to_owned(),
-        shape: vec![d],
-        numel: d,
-        base_dtype: DType::F32,
-        out_dtype: DType::F32,
-        mergeable: true,
-        requant: None,
-        derived: None,
-    }
+    TensorPlan::vector("the model", d)
 }
 
 /// One round of stages: what every (representative, group) asks for.
