@@ -95,7 +95,7 @@ RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # Known causes of differences, by method (beyond rounding, which the ulps column shows).
 NOTES = {
     "slerp": "norms and dot summed in f64 here, in f32 by torch; acos/sin from the C library here, SLEEF/MKL there",
-    "nuslerp": "as slerp", "multislerp": "as slerp (4 reductions per tensor)", "model_stock": "norms and dots (f64)",
+    "nuslerp": "as slerp", "multislerp": "its 4 per-tensor scalars from the Gram matrix here (1 pass), f32 reductions of the intermediate tensors there", "model_stock": "norms and dots (f64)",
     "karcher": "iterated on the Gram matrix here (1 pass), element-wise in f32 there",
     "sce": "mean squares in f64; the elements beyond 64 ulps are ties in variance at the top-k cut (torch's topk order)",
     "arcee_fusion": "mergekit takes quantiles of a random sample of 10^6 elements in larger tensors; ours are exact",

@@ -80,9 +80,11 @@ def _merge(ck, tmp_path, method, k, params, **kw):
     return load(out)
 
 
-#: Iterated on the Gram matrix's coefficients instead of element by element (see karcher.rs):
+#: Their tensor-wide scalars come from the Gram matrix of the models (one statistics pass)
+#: instead of sums of the f32 intermediate tensors (karcher iterates on its coefficients,
+#: multislerp's mean norm, dots and tangent follow from it; see karcher.rs, multislerp.rs):
 #: equal to rounding, not bit for bit.
-GRAM = ("karcher",)
+GRAM = ("karcher", "multislerp")
 
 
 def _slack(base: dict, models: list[dict], ulps: float = 8) -> dict:
@@ -147,6 +149,19 @@ def _one(tmp_path, base: list[float], models: list[list[float]], method: str, **
     out = tmp_path / "o.safetensors"
     ww.merge(bp, mps, out, method=method, compat="mergekit", overwrite=True, **params)
     return load(out)["w"].tolist()
+
+
+def test_hand_multislerp(tmp_path):
+    """Orthogonal [1, 0] and [0, 3], equal weights: the unit vectors' mean direction is the
+    bisector, scaled by the mean norm 2: [√2, √2]. Opposite directions cancel: with two models
+    their weighted sum (mergekit's fallback), with three an error naming the tensor."""
+    got = _one(tmp_path, [0.0, 0.0], [[1.0, 0.0], [0.0, 3.0]], "multislerp", weights=[1, 1])
+    assert got == pytest.approx([math.sqrt(2), math.sqrt(2)], abs=1e-6)
+    got = _one(tmp_path, [1.0, 1.0], [[2.0, 1.0], [-2.0, 1.0]], "multislerp", weights=[1, 1])
+    assert got == [0.0, 1.0]  # τ = [1, 0], [−3, 0]: the base + ½·1 + ½·(−3) = 1 − 1
+    with pytest.raises(ww.ParamError, match="tensor 'w'.*directions is zero"):
+        _one(tmp_path / "c", [0.0, 0.0], [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], "multislerp", weights=[1, 1, 1])
+    assert not (tmp_path / "c" / "o.safetensors").exists()
 
 
 def test_hand_slerp(tmp_path):
@@ -292,6 +307,9 @@ def test_mergekit_yaml_configs(ck, tmp_path, monkeypatch):
     for name, want in wants.items():
         ww.recipe.run(tmp_path / f"{name}.yaml", tmp_path / f"{name}.safetensors")
         got = load(tmp_path / f"{name}.safetensors")
+        if name == "multi":  # from the Gram matrix (see GRAM)
+            assert_close_ulp(got, want, ulps=2, atol=_slack(base, models, 4))
+            continue
         for n in want:
             assert torch.equal(got[n], want[n]), (name, n)
     ww.recipe.run(tmp_path / "della.yaml", tmp_path / "della.safetensors")

@@ -70,7 +70,7 @@ impl TensorPlan {
     /// streamed in pieces.
     pub fn has_long(&self, rows: Rows, chunk_size: usize) -> bool {
         match rows {
-            Rows::None | Rows::Slab => false,
+            Rows::None | Rows::Slab | Rows::Whole => false,
             Rows::Last => self.mergeable && !self.shape.is_empty() && self.row_len() > chunk_size,
             Rows::Tensor => self.mergeable && self.numel > chunk_size,
         }
@@ -406,7 +406,7 @@ pub fn chunks(plan: &[TensorPlan], chunk_size: usize, rows: Rows) -> (Vec<Chunk>
             continue;
         } else if !t.mergeable {
             push(&mut copy, i, 0, t.numel, chunk_size);
-        } else if rows == Rows::None {
+        } else if rows == Rows::None || (rows == Rows::Whole && t.unit(rows) > chunk_size) {
             push(&mut merge, i, 0, t.numel, chunk_size);
         } else if t.has_long(rows, chunk_size) {
             let row = t.unit(rows);
@@ -471,4 +471,46 @@ pub fn tensor_chunks(plan: &[TensorPlan], tensor: usize, chunk_size: usize) -> V
             len: chunk_size.max(1).min(t.numel - start),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Rows::Whole`: a tensor whose rows fit a chunk is cut at row boundaries only (the chunk
+    /// shrinks to whole rows); one whose rows do not is cut as with `Rows::None`. Every element
+    /// is in exactly one chunk, in order.
+    #[test]
+    fn whole_rows_fit_their_chunks() {
+        let shaped = |name: &str, shape: Vec<usize>| TensorPlan {
+            shape: shape.clone(),
+            numel: shape.iter().product(),
+            ..TensorPlan::vector(name, 0)
+        };
+        let plan = vec![
+            shaped("a", vec![7, 3]),
+            shaped("b", vec![2, 11]),
+            shaped("c", vec![5]),
+        ];
+        let (whole, _) = chunks(&plan, 8, Rows::Whole);
+        let (plain, _) = chunks(&plan, 8, Rows::None);
+        let of = |list: &[Chunk], t: usize| -> Vec<(usize, usize)> {
+            list.iter()
+                .filter(|c| c.tensor == t)
+                .map(|c| (c.start, c.len))
+                .collect()
+        };
+        assert_eq!(of(&whole, 0), [(0, 6), (6, 6), (12, 6), (18, 3)]);
+        assert_eq!(of(&whole, 1), of(&plain, 1));
+        assert_eq!(of(&whole, 1), [(0, 8), (8, 8), (16, 6)]);
+        assert_eq!(of(&whole, 2), [(0, 5)]);
+        for t in 0..plan.len() {
+            let mut at = 0;
+            for (start, len) in of(&whole, t) {
+                assert_eq!(start, at);
+                at += len;
+            }
+            assert_eq!(at, plan[t].numel);
+        }
+    }
 }

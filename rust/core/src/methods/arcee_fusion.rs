@@ -3,22 +3,30 @@
 //! — reaches the tensor's dynamic threshold median + 1.5·IQR. The softmax needs each row's
 //! largest value and exponential sum, the KL one more row sum, and the threshold three order
 //! statistics of the importance over the tensor (mergekit samples a million elements of larger
-//! tensors at random; here the quantiles are exact). Four statistics stages.
+//! tensors at random; here the quantiles are exact).
+//!
+//! Chunks hold whole rows where a row fits one ([`Rows::Whole`]): then each chunk finishes its
+//! rows' largest values, exponential sums and KL sums alone, from the data it holds, and one
+//! statistics pass gives all three (each row's values in the order the three passes added them,
+//! so the same bits). A tensor whose rows come in pieces takes three passes, one per row
+//! statistic. Then the quantiles (an exact select), then the output pass.
 //!
 //! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
 //! rounded to that dtype as it is there: the softmaxes (computed wider, rounded once), `+ eps`,
 //! the ratio, its log, each product, the KL sum, the importance and the threshold's steps; the
 //! kept change `θ − θ_base` is rounded, and added to the base in f32 (mergekit's mask is f32).
 
-use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
+use super::kernel::{ChunkIn, Found, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
 use super::mergekit::{parse_arith, round_opt};
-use super::Reader;
+use super::{Reader, Rows};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::plan::TensorPlan;
 
 const EPS: f32 = 1e-8;
 const QUANTILES: [f32; 3] = [0.25, 0.5, 0.75];
+/// Slots of the one-stage row statistics.
+const ROW_SLOTS: usize = 5;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ArceeFusion {
@@ -38,20 +46,112 @@ impl ArceeFusion {
         round_opt(self.arith, v)
     }
 
-    /// The softmax probabilities (+ eps) of the model's and the base's row `u`, as functions of
-    /// an element's values; the row's statistics are looked up once.
-    #[inline(always)]
-    fn probs(&self, st: &TensorStats, u: usize) -> impl Fn(f32, f32) -> (f32, f32) + '_ {
-        let (mx, sums) = (st.sums(0, u), st.sums(1, u));
-        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
-        let (s0, s1) = (1.0 / sums[0] as f32, 1.0 / sums[1] as f32);
-        move |v, b| {
-            let r = |v: f32| self.r(v);
-            (
-                r(r((v - m0).exp() * s0) + EPS),
-                r(r((b - m1).exp() * s1) + EPS),
-            )
+    /// Whether the row statistics came in one stage (chunks of whole rows): its five slots are
+    /// both rows' largest values, both exponential sums, and the KL sum.
+    fn one_stage(st: &TensorStats) -> bool {
+        matches!(
+            &st.stages[0],
+            Found::Sums {
+                slots: ROW_SLOTS,
+                ..
+            }
+        )
+    }
+
+    /// Row `u`'s (largest values, exponential sums) of the model and the base.
+    fn softmax_stats(st: &TensorStats, u: usize) -> ([f64; 2], [f64; 2]) {
+        if Self::one_stage(st) {
+            let a = st.sums(0, u);
+            ([a[0], a[1]], [a[2], a[3]])
+        } else {
+            let (mx, sums) = (st.sums(0, u), st.sums(1, u));
+            ([mx[0], mx[1]], [sums[0], sums[1]])
         }
+    }
+
+    /// Row `u`'s KL sum.
+    fn kl_sum(st: &TensorStats, u: usize) -> f64 {
+        if Self::one_stage(st) {
+            st.sums(0, u)[4]
+        } else {
+            st.sums(2, u)[0]
+        }
+    }
+
+    /// The stage of the quantiles.
+    fn select_stage(st: &TensorStats) -> usize {
+        if Self::one_stage(st) {
+            1
+        } else {
+            3
+        }
+    }
+
+    /// The largest values of the model's row `v` and the base's `b` (from −∞, NaN skipped).
+    #[inline(always)]
+    fn maxes(acc: [f64; 2], v: &[f32], b: &[f32]) -> [f64; 2] {
+        let [mut a0, mut a1] = acc;
+        for (&v, &b) in v.iter().zip(b) {
+            a0 = a0.max(v as f64);
+            a1 = a1.max(b as f64);
+        }
+        [a0, a1]
+    }
+
+    /// The exponential sums of a row's elements, added in order to `acc`.
+    #[inline(always)]
+    fn exp_sums(acc: [f64; 2], mx: [f64; 2], v: &[f32], b: &[f32]) -> [f64; 2] {
+        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+        let [mut s0, mut s1] = acc;
+        for (&v, &b) in v.iter().zip(b) {
+            s0 += (v - m0).exp() as f64;
+            s1 += (b - m1).exp() as f64;
+        }
+        [s0, s1]
+    }
+
+    /// The KL terms of a row's elements, added in order to `acc`: p · ln(p / q) of the softmax
+    /// probabilities (+ eps) of the model's row `v` and the base's `b`, given the row's largest
+    /// values and exponential sums.
+    #[inline(always)]
+    fn kl(&self, acc: f64, mx: [f64; 2], sums: [f64; 2], v: &[f32], b: &[f32]) -> f64 {
+        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+        let mut kl = acc;
+        for (&v, &b) in v.iter().zip(b) {
+            kl += self.kl_term(sums, (v - m0).exp(), (b - m1).exp());
+        }
+        kl
+    }
+
+    /// One element's KL term from its exponentials exp(v − max) and exp(b − max).
+    #[inline(always)]
+    fn kl_term(&self, sums: [f64; 2], ev: f32, eb: f32) -> f64 {
+        let (s0, s1) = (1.0 / sums[0] as f32, 1.0 / sums[1] as f32);
+        let r = |v: f32| self.r(v);
+        let p = r(r(ev * s0) + EPS);
+        let q = r(r(eb * s1) + EPS);
+        r(p * r(r(p / q).ln())) as f64
+    }
+
+    /// A whole row's three statistics: [both largest values, both exponential sums, the KL
+    /// sum], each added in the row's order as the three passes add them. The exponentials are
+    /// kept in `ev`, `eb` between the sums and the KL terms (half the calls to exp).
+    #[inline(always)]
+    fn row_stats(&self, v: &[f32], b: &[f32], ev: &mut [f32], eb: &mut [f32]) -> [f64; 5] {
+        let mx = Self::maxes([f64::NEG_INFINITY; 2], v, b);
+        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+        let (mut s0, mut s1) = (0.0f64, 0.0f64);
+        for (((&v, &b), ev), eb) in v.iter().zip(b).zip(ev.iter_mut()).zip(eb.iter_mut()) {
+            *ev = (v - m0).exp();
+            *eb = (b - m1).exp();
+            s0 += *ev as f64;
+            s1 += *eb as f64;
+        }
+        let mut kl = 0.0f64;
+        for (&ev, &eb) in ev.iter().zip(eb.iter()) {
+            kl += self.kl_term([s0, s1], ev, eb);
+        }
+        [mx[0], mx[1], s0, s1, kl]
     }
 
     /// The change θ − θ_base as mergekit holds it.
@@ -64,7 +164,7 @@ impl ArceeFusion {
     #[inline(always)]
     fn importances(&self, x: &ChunkIn, st: &TensorStats, out: &mut [f32]) {
         for (u, span) in x.row_spans() {
-            let kl = self.r(st.sums(2, u)[0] as f32);
+            let kl = self.r(Self::kl_sum(st, u) as f32);
             for i in span {
                 out[i] = self.r(self.change(x.values[0][i], x.base[i]).abs() * kl);
             }
@@ -106,54 +206,76 @@ impl Kernel for ArceeFusion {
     }
 
     fn passes(&self) -> u64 {
-        4
+        2
     }
 
-    fn next_stage(&self, _t: &TensorPlan, _tasks: usize, done: &TensorStats) -> Option<Stage> {
+    fn rows(&self) -> Rows {
+        Rows::Whole
+    }
+
+    fn next_stage(&self, t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+        self.next_stage_for(t, tasks, done, false)
+    }
+
+    fn next_stage_for(
+        &self,
+        _t: &TensorPlan,
+        _tasks: usize,
+        done: &TensorStats,
+        whole_rows: bool,
+    ) -> Option<Stage> {
         let unit = Unit::Row;
-        match done.stages.len() {
-            0 => Some(Stage::Maxes { unit, slots: 2 }),
-            1 => Some(Stage::Sums { unit, slots: 2 }),
-            2 => Some(Stage::Sums { unit, slots: 1 }),
-            3 => Some(Stage::Select { rows: 1 }),
+        match (done.stages.len(), whole_rows) {
+            (0, true) => Some(Stage::Sums {
+                unit,
+                slots: ROW_SLOTS,
+            }),
+            (1, true) => Some(Stage::Select { rows: 1 }),
+            (0, false) => Some(Stage::Maxes { unit, slots: 2 }),
+            (1, false) => Some(Stage::Sums { unit, slots: 2 }),
+            (2, false) => Some(Stage::Sums { unit, slots: 1 }),
+            (3, false) => Some(Stage::Select { rows: 1 }),
             _ => None,
         }
     }
 
-    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         crate::simd!({
             let first = x.row_of(0);
+            let units = x.row_of(x.n - 1) - first + 1;
+            // The stage asked for (`next_stage_for`) shows in its slots per row.
+            let whole = acc.len() == units * ROW_SLOTS;
             let (v, b) = (x.values[0], x.base);
             for (u, span) in x.row_spans() {
-                // Each row's sums add its elements in order, as before the loops ran by row.
+                let (v, b) = (&v[span.clone()], &b[span]);
+                let at = u - first;
                 match st.stages.len() {
-                    0 => {
-                        let a = &mut acc[(u - first) * 2..];
-                        for i in span {
-                            a[0] = a[0].max(v[i] as f64);
-                            a[1] = a[1].max(b[i] as f64);
+                    // Whole rows: the three statistics of each, one after the other.
+                    0 if whole => {
+                        crate::pipeline::grow(s.a, v.len());
+                        crate::pipeline::grow(s.b, v.len());
+                        let (ev, eb) = (&mut s.a[..v.len()], &mut s.b[..v.len()]);
+                        let stats = self.row_stats(v, b, ev, eb);
+                        let a = &mut acc[at * ROW_SLOTS..(at + 1) * ROW_SLOTS];
+                        // The row's only chunk: each sum starts at 0 (so a largest value of
+                        // −0 is held as +0, which leaves every v − max unchanged).
+                        for (a, s) in a.iter_mut().zip(stats) {
+                            *a += s;
                         }
+                    }
+                    // Rows in pieces: each statistic in its own pass, carried between chunks.
+                    0 => {
+                        let a = &mut acc[at * 2..at * 2 + 2];
+                        [a[0], a[1]] = Self::maxes([a[0], a[1]], v, b);
                     }
                     1 => {
-                        let a = &mut acc[(u - first) * 2..];
+                        let a = &mut acc[at * 2..at * 2 + 2];
                         let mx = st.sums(0, u);
-                        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
-                        let (mut s0, mut s1) = (a[0], a[1]);
-                        for i in span {
-                            s0 += (v[i] - m0).exp() as f64;
-                            s1 += (b[i] - m1).exp() as f64;
-                        }
-                        (a[0], a[1]) = (s0, s1);
+                        [a[0], a[1]] = Self::exp_sums([a[0], a[1]], [mx[0], mx[1]], v, b);
                     }
                     _ => {
-                        let a = &mut acc[u - first];
-                        let probs = self.probs(st, u);
-                        let mut kl = *a;
-                        for i in span {
-                            let (p, q) = probs(v[i], b[i]);
-                            kl += self.r(p * self.r(self.r(p / q).ln())) as f64;
-                        }
-                        *a = kl;
+                        let (mx, sums) = Self::softmax_stats(st, u);
+                        acc[at] = self.kl(acc[at], mx, sums, v, b);
                     }
                 }
             }
@@ -180,7 +302,7 @@ impl Kernel for ArceeFusion {
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         crate::simd!({
-            let q = st.selected(3);
+            let q = st.selected(Self::select_stage(st));
             let r = |v: f32| self.r(v);
             let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
             self.importances(x, st, m);

@@ -394,12 +394,26 @@ pub trait Kernel: Send + Sync + Debug {
         None
     }
 
+    /// [`Kernel::next_stage`], knowing whether every chunk of the pass holds whole rows of the
+    /// tensor (along the last dimension; [`Rows::Whole`] asks for such chunks where rows fit):
+    /// then a row's statistics can be finished within its chunk.
+    fn next_stage_for(
+        &self,
+        t: &TensorPlan,
+        tasks: usize,
+        done: &TensorStats,
+        whole_rows: bool,
+    ) -> Option<Stage> {
+        let _ = whole_rows;
+        self.next_stage(t, tasks, done)
+    }
+
     /// Refuses statistics the method cannot merge from (mergekit raises there), after the
-    /// last stage and before any output.
+    /// last stage and before any output. `weights` are the set's, one per fine-tune.
     fn check_stats(
         &self,
         _t: &TensorPlan,
-        _tasks: usize,
+        _weights: &[f32],
         _st: &TensorStats,
     ) -> crate::error::Result<()> {
         Ok(())

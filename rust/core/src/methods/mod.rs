@@ -115,6 +115,10 @@ pub enum Rows {
     /// Whole slices along dimension 0 of a tensor of 3 or more dimensions (the vectors along
     /// dimension 1 lie within one), rows along the last dimension otherwise; never split.
     Slab,
+    /// Rows along the last dimension, whole in every chunk where a row fits one (a longer row
+    /// comes in plain chunks, as with `None`); nothing ranks within them. For row statistics
+    /// a chunk can finish alone (see [`kernel::Kernel::next_stage_for`]).
+    Whole,
 }
 
 /// Where TIES computes its threshold and majority sign.

@@ -153,7 +153,7 @@ impl Kernel for ModelStock {
                     a[p] += reduce::sum_sq(dp);
                     for q in p + 1..tasks {
                         // (a·b).sum(): the product rounded to f32, as torch forms it.
-                        let dq = &x.deltas[q][at..end];
+                        let dq = &x.deltas[q][at..end][..dp.len()];
                         a[k] += reduce::sum(
                             dp.len(),
                             #[inline(always)]

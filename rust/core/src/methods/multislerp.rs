@@ -1,8 +1,20 @@
 //! mergekit's `multislerp`: barycentric interpolation of T models (of their deltas from the
 //! base when there is one) on the hypersphere, per tensor: project onto the tangent space at the
 //! weighted mean direction, average there, map back, and scale by the weighted mean norm.
-//! Four statistics stages: the norms, the mean's norm, the dots with the mean, the tangent's
-//! norm. One model is returned as it is.
+//! One model is returned as it is.
+//!
+//! In f32 every tensor-wide scalar comes from the Gram matrix of the inputs (exact products
+//! summed in f64), gathered in one statistics pass: the norms are its diagonal, the mean is
+//! `m = Σ c_i y_i` with `c_i = w_i / (‖y_i‖ + eps)`, so `‖m‖² = Σ c_i c_j G_ij` and the dots with
+//! the mean are `Σ_j c_j G_ij / ((‖y_i‖ + eps) ‖m‖)`. mergekit's tangent is then zero (the weighted
+//! sum of the projections of the unit vectors is `m − ‖m‖ m̂`); its norm in f64 is that difference,
+//! where mergekit's is the norm of its f32 rounding errors. Either is far below the eps-sized
+//! angles where cos and sin/x round to anything but 1 in f32, so the elements are mergekit's
+//! arithmetic on these scalars. Four passes over the models become one, as in `karcher`.
+//!
+//! Emulating a dtype (`arith`) keeps mergekit's four statistics stages (the norms, the mean's
+//! norm, the dots with the mean, the tangent's norm), each a sum of the rounded elements: there
+//! the rounding errors are the result (bf16's tangent is not negligible).
 //!
 //! With `arith` (mergekit's bf16/f16 `dtype`) every torch operation of mergekit's code is
 //! rounded to it as mergekit's run rounds it: the deltas, the weights and their normalisation,
@@ -31,6 +43,8 @@ struct Known {
     weights: Vec<f32>,
     mean_norm: Option<f32>,
     dots: Option<Vec<f32>>,
+    /// The tangent's norm (before `+ eps`).
+    tangent_norm: Option<f32>,
 }
 
 impl MultiSlerp {
@@ -66,14 +80,34 @@ impl MultiSlerp {
         }
     }
 
-    #[inline(always)]
-    fn known<R: Fn(f32) -> f32 + Copy>(&self, r: R, x: &ChunkIn, st: &TensorStats) -> Known {
-        let mut weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
+    /// The weights as the kernel uses them (rounded, normalised when asked).
+    fn weights<R: Fn(f32) -> f32 + Copy>(&self, r: R, given: &[f32]) -> Vec<f32> {
+        let mut weights: Vec<f32> = given.iter().map(|&w| r(w)).collect();
         if self.normalize_weights {
             let total = r(weights.iter().fold(0.0f32, |a, &b| a + b));
             for w in &mut weights {
                 *w = r(*w / total);
             }
+        }
+        weights
+    }
+
+    #[inline(always)]
+    fn known<R: Fn(f32) -> f32 + Copy>(&self, r: R, x: &ChunkIn, st: &TensorStats) -> Known {
+        self.known_at_end(r, x.weights, st)
+    }
+
+    /// What the stages done so far tell, given the set's weights.
+    #[inline(always)]
+    fn known_at_end<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        given: &[f32],
+        st: &TensorStats,
+    ) -> Known {
+        let weights = self.weights(r, given);
+        if self.arith.is_none() {
+            return self.known_from_gram(weights, st.sums(0, 0));
         }
         let norms = st.sums(0, 0).iter().map(|&s| Self::norm(r, s)).collect();
         Known {
@@ -82,6 +116,40 @@ impl MultiSlerp {
             mean_norm: (st.stages.len() > 1).then(|| Self::norm(r, st.sums(1, 0)[0])),
             dots: (st.stages.len() > 2)
                 .then(|| st.sums(2, 0).iter().map(|&s| r(s as f32)).collect()),
+            tangent_norm: (st.stages.len() > 3).then(|| Self::norm(r, st.sums(3, 0)[0])),
+        }
+    }
+
+    /// The f32 scalars from the Gram matrix `gram` (upper triangle, row by row), in f64 from
+    /// the f32 norms and weights the elements use.
+    fn known_from_gram(&self, weights: Vec<f32>, gram: &[f64]) -> Known {
+        let tasks = weights.len();
+        let at = |a: usize, b: usize| {
+            let (a, b) = (a.min(b), a.max(b));
+            gram[a * tasks - a * (a + 1) / 2 + b]
+        };
+        let norms: Vec<f32> = (0..tasks).map(|t| Self::norm(|v| v, at(t, t))).collect();
+        let denom: Vec<f64> = norms.iter().map(|&n| (n + self.eps()) as f64).collect();
+        let coef: Vec<f64> = (0..tasks).map(|t| weights[t] as f64 / denom[t]).collect();
+        // y_i · m for each model, and ‖m‖.
+        let with_mean: Vec<f64> = (0..tasks)
+            .map(|i| (0..tasks).map(|j| coef[j] * at(i, j)).sum())
+            .collect();
+        let mn = coef
+            .iter()
+            .zip(&with_mean)
+            .map(|(c, g)| c * g)
+            .sum::<f64>()
+            .max(0.0)
+            .sqrt();
+        let dots: Vec<f64> = (0..tasks).map(|i| with_mean[i] / (denom[i] * mn)).collect();
+        let along: f64 = dots.iter().zip(&weights).map(|(d, &w)| d * w as f64).sum();
+        Known {
+            norms,
+            mean_norm: Some(mn as f32),
+            dots: Some(dots.iter().map(|&d| d as f32).collect()),
+            tangent_norm: Some((mn - along).abs() as f32),
+            weights,
         }
     }
 
@@ -138,8 +206,19 @@ impl MultiSlerp {
         acc: &mut [f64],
     ) {
         let v = self.inputs_of(x);
+        if self.arith.is_none() {
+            let mut k = 0;
+            for s in 0..v.len() {
+                for t in s..v.len() {
+                    acc[k] += reduce::dot(v[s], v[t]);
+                    k += 1;
+                }
+            }
+            return;
+        }
         if st.stages.is_empty() {
             for (a, d) in acc.iter_mut().zip(v) {
+                let d = &d[..x.n];
                 *a += reduce::sum(
                     x.n,
                     #[inline(always)]
@@ -161,8 +240,9 @@ impl MultiSlerp {
                 self.mean_into(r, &k, v, mean);
                 let mn = k.mean_norm.expect("norm");
                 mean.iter_mut().for_each(|m| *m = r(*m / mn));
+                let mean: &[f32] = mean;
                 for ((a, d), &n) in acc.iter_mut().zip(v).zip(&k.norms) {
-                    let e = r(n + self.eps());
+                    let (e, d) = (r(n + self.eps()), &d[..x.n]);
                     *a += reduce::sum(
                         x.n,
                         #[inline(always)]
@@ -195,7 +275,7 @@ impl MultiSlerp {
             }
             return;
         }
-        let tn = r(Self::norm(r, st.sums(3, 0)[0]) + self.eps());
+        let tn = r(k.tangent_norm.expect("the tangent's norm") + self.eps());
         let (c, sn) = (r(tn.cos()), r(r(tn.sin()) / tn));
         let avg = r(k
             .norms
@@ -235,14 +315,21 @@ impl Kernel for MultiSlerp {
     }
 
     fn passes(&self) -> u64 {
-        4
+        match self.arith {
+            None => 1,
+            Some(_) => 4,
+        }
     }
 
-    fn check_stats(&self, t: &TensorPlan, tasks: usize, st: &TensorStats) -> Result<()> {
-        let cancelled = st.stages.len() > 1
-            && with_round!(self.arith, |r| self
-                .cancelled(Self::norm(r, st.sums(1, 0)[0])));
-        if tasks > 2 && cancelled {
+    fn check_stats(&self, t: &TensorPlan, weights: &[f32], st: &TensorStats) -> Result<()> {
+        if st.stages.is_empty() {
+            return Ok(()); // one model
+        }
+        let cancelled = with_round!(self.arith, |r| {
+            let known = self.known_at_end(r, weights, st);
+            self.fallback(&known)
+        });
+        if weights.len() > 2 && cancelled {
             return Err(Error::param(
                 "weights",
                 format!("multislerp: tensor '{}': the weighted sum of the models' directions is zero (antipodal models with balancing weights); use other weights", t.name),
@@ -251,17 +338,18 @@ impl Kernel for MultiSlerp {
         Ok(())
     }
 
-    fn next_stage(&self, t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
+    fn next_stage(&self, _t: &TensorPlan, tasks: usize, done: &TensorStats) -> Option<Stage> {
         let sums = |slots| {
             Some(Stage::Sums {
                 unit: Unit::Tensor,
                 slots,
             })
         };
-        let _ = t;
         match done.stages.len() {
             _ if tasks == 1 => None,
+            0 if self.arith.is_none() => sums(tasks * (tasks + 1) / 2),
             0 => sums(tasks),
+            _ if self.arith.is_none() => None,
             1 => sums(1),
             // The linear fallback needs no more (checked in `merge`).
             2 if with_round!(self.arith, |r| self

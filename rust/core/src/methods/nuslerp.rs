@@ -167,6 +167,7 @@ impl Kernel for NuSlerp {
                         (r, ((r + 1) * row - x.start).min(x.n))
                     }
                 };
+                // Both cut to the same length: the sums vectorize (see `reduce`).
                 let (sa, sb) = (&a[at..end], &b[at..end]);
                 let o = (u - if unit == Unit::Tensor { 0 } else { first }) * slots;
                 if self.arith.is_some() {

@@ -51,7 +51,13 @@ impl Sce {
     /// `var(unbiased=False)` has it: Welford's update in f64, rounded to f32 (equal deltas give
     /// exactly 0). Task by task over the chunk, so that it vectorizes.
     #[inline(always)]
-    fn var_into(&self, x: &ChunkIn, wide: &mut Vec<f64>, out: &mut [f32]) {
+    fn var_into<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        wide: &mut Vec<f64>,
+        out: &mut [f32],
+    ) {
         let n = x.n;
         if wide.len() < 2 * n {
             wide.resize(2 * n, 0.0);
@@ -63,30 +69,30 @@ impl Sce {
         let Some((first, rest)) = x.deltas.split_first() else {
             mean.fill(0.0);
             m2.fill(0.0);
-            return self.finish(x, m2, out);
+            return self.finish(r, x, m2, out);
         };
         for ((mu, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(first.iter()) {
-            *mu = 0.0 + self.r(v) as f64;
+            *mu = 0.0 + r(v) as f64;
             *q = 0.0;
         }
         for (t, d) in rest.iter().enumerate() {
             let k = (t + 2) as f64;
             for ((mu, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(d.iter()) {
-                let v = self.r(v) as f64;
+                let v = r(v) as f64;
                 let delta = v - *mu;
                 *mu += delta / k;
                 *q += delta * (v - *mu);
             }
         }
-        self.finish(x, m2, out);
+        self.finish(r, x, m2, out);
     }
 
     /// The variance from M2: M2 / T, rounded to f32 and to the arithmetic's dtype.
     #[inline(always)]
-    fn finish(&self, x: &ChunkIn, m2: &[f64], out: &mut [f32]) {
+    fn finish<R: Fn(f32) -> f32>(&self, r: R, x: &ChunkIn, m2: &[f64], out: &mut [f32]) {
         let tasks = x.tasks() as f64;
         for (o, &q) in out.iter_mut().zip(m2.iter()) {
-            *o = self.r((q / tasks) as f32);
+            *o = r((q / tasks) as f32);
         }
     }
 
@@ -103,7 +109,14 @@ impl Sce {
 
     /// The selection mask of one chunk into `mask` (1 or 0), given the cut and the ties before.
     #[inline(always)]
-    fn mask(&self, x: &ChunkIn, st: &TensorStats, wide: &mut Vec<f64>, mask: &mut [f32]) {
+    fn mask<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        wide: &mut Vec<f64>,
+        mask: &mut [f32],
+    ) {
         if !self.selects() {
             mask.fill(1.0);
             return;
@@ -118,7 +131,14 @@ impl Sce {
         // Of the elements equal to the cut, the first k − (# above) by position are kept.
         let room = k as f64 - total[0];
         let mut equal_before = st.before(TIES, x.start)[1];
-        self.var_into(x, wide, mask);
+        self.var_into(r, x, wide, mask);
+        if !mask.iter().fold(false, |any, &v| any | (v == cut)) {
+            // No tie at the cut in this chunk (nearly every chunk): no count to carry, so the
+            // loop vectorizes.
+            mask.iter_mut()
+                .for_each(|o| *o = if *o > cut { 1.0 } else { 0.0 });
+            return;
+        }
         for o in mask.iter_mut() {
             let v = *o;
             *o = if v > cut {
@@ -208,35 +228,10 @@ impl Kernel for Sce {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        crate::simd!({
-            let stage = st.stages.len();
-            crate::pipeline::grow(s.a, x.n);
-            let buf = &mut s.a[..x.n];
-            if self.selects() && stage == NONZERO {
-                self.var_into(x, s.wide, buf);
-                acc[0] += buf.iter().filter(|&&v| v != 0.0).count() as f64;
-                return;
-            }
-            if stage == TIES && self.selects() {
-                let cut = st.selected(CUT)[0];
-                self.var_into(x, s.wide, buf);
-                acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
-                acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
-                return;
-            }
-            // The weights: Σ (mask·τ_t)² per task.
-            self.mask(x, st, s.wide, buf);
-            for (t, d) in x.deltas.iter().enumerate() {
-                acc[t] += reduce::sum(
-                    x.n,
-                    #[inline(always)]
-                    |i| {
-                        let y = self.r(d[i]) * buf[i];
-                        self.r(y * y) as f64
-                    },
-                );
-            }
-        })
+        // The rounding picked once, outside the loops (a per-element match kept them scalar).
+        with_round!(self.arith, |r| crate::simd!(
+            self.accumulate_in(r, x, st, s, acc)
+        ))
     }
 
     fn score(
@@ -247,11 +242,11 @@ impl Kernel for Sce {
         _floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
     ) {
-        crate::simd!({
+        with_round!(self.arith, |r| crate::simd!({
             let out = &mut out[0][..x.n];
-            self.var_into(x, s.wide, out);
+            self.var_into(r, x, s.wide, out);
             out.iter_mut().for_each(|v| *v = v.abs());
-        })
+        }))
     }
 
     fn ranks(&self, t: &TensorPlan, _tasks: usize, st: &TensorStats) -> Vec<(usize, u64)> {
@@ -259,7 +254,21 @@ impl Kernel for Sce {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {
-        crate::simd!({
+        with_round!(self.arith, |r| crate::simd!(self.merge_in(r, x, st, s, m)))
+    }
+}
+
+impl Sce {
+    #[inline(always)]
+    fn merge_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        m: &mut [f32],
+    ) {
+        {
             if self.keeps_nothing(st) {
                 m.fill(0.0);
                 return;
@@ -269,24 +278,89 @@ impl Kernel for Sce {
             let weights = self.weights(squares, numel);
             crate::pipeline::grow(s.a, x.n);
             let mask = &mut s.a[..x.n];
-            self.mask(x, st, s.wide, mask);
-            let r = |v: f32| self.r(v);
+            self.mask(r, x, st, s.wide, mask);
             let floor = r(1e-6);
-            for (i, o) in m.iter_mut().enumerate() {
-                let k = mask[i];
-                let sum = x.deltas.iter().fold(0.0f32, |a, d| a + r(d[i]) * k);
-                let majority = if r(sum) >= 0.0 { 1.0 } else { -1.0 };
-                let (mut merged, mut div) = (0.0f32, 0.0f32);
-                for (d, &w) in x.deltas.iter().zip(&weights) {
-                    let v = r(d[i]) * k;
+            let n = x.n;
+            // Task by task over the chunk (each element's sums still add the tasks in order,
+            // from 0, as the per-element folds did), so that every loop vectorizes.
+            let mask: &[f32] = mask;
+            // The majority sign of the masked deltas' sum, into `m`.
+            m.fill(0.0);
+            for d in x.deltas {
+                for ((o, &k), &y) in m.iter_mut().zip(mask).zip(&d[..n]) {
+                    *o += r(y) * k;
+                }
+            }
+            m.iter_mut()
+                .for_each(|o| *o = if r(*o) >= 0.0 { 1.0 } else { -1.0 });
+            crate::pipeline::grow(s.b, n);
+            if s.per_task.is_empty() {
+                s.per_task.push(Vec::new());
+            }
+            crate::pipeline::grow(&mut s.per_task[0], n);
+            let (div, merged) = (&mut s.b[..n], &mut s.per_task[0][..n]);
+            div.fill(0.0);
+            merged.fill(0.0);
+            for (d, &w) in x.deltas.iter().zip(&weights) {
+                for ((((me, dv), &majority), &k), &y) in merged
+                    .iter_mut()
+                    .zip(div.iter_mut())
+                    .zip(m.iter())
+                    .zip(mask)
+                    .zip(&d[..n])
+                {
+                    let v = r(y) * k;
                     let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
                     let ew = w * f32::from(u8::from(sign == majority));
-                    merged += r(v * ew);
-                    div += ew;
+                    *me += r(v * ew);
+                    *dv += ew;
                 }
-                *o = r(r(merged) / r(div).max(floor));
             }
-        })
+            for ((o, &me), &dv) in m.iter_mut().zip(merged.iter()).zip(div.iter()) {
+                *o = r(r(me) / r(dv).max(floor));
+            }
+        }
+    }
+
+    /// The statistics of a chunk (see [`Kernel::accumulate`]).
+    #[inline(always)]
+    fn accumulate_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        acc: &mut [f64],
+    ) {
+        let stage = st.stages.len();
+        crate::pipeline::grow(s.a, x.n);
+        let buf = &mut s.a[..x.n];
+        if self.selects() && stage == NONZERO {
+            self.var_into(r, x, s.wide, buf);
+            acc[0] += buf.iter().filter(|&&v| v != 0.0).count() as f64;
+            return;
+        }
+        if stage == TIES && self.selects() {
+            let cut = st.selected(CUT)[0];
+            self.var_into(r, x, s.wide, buf);
+            acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
+            acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
+            return;
+        }
+        // The weights: Σ (mask·τ_t)² per task.
+        self.mask(r, x, st, s.wide, buf);
+        let buf: &[f32] = buf;
+        for (t, d) in x.deltas.iter().enumerate() {
+            let d = &d[..x.n];
+            acc[t] += reduce::sum(
+                x.n,
+                #[inline(always)]
+                |i| {
+                    let y = r(d[i]) * buf[i];
+                    r(y * y) as f64
+                },
+            );
+        }
     }
 }
 
@@ -342,7 +416,7 @@ mod tests {
                 };
                 let mut wide = vec![f64::NAN; 3 * n];
                 let mut got = vec![0.0f32; n];
-                sce.var_into(&x, &mut wide, &mut got);
+                with_round!(sce.arith, |r| sce.var_into(r, &x, &mut wide, &mut got));
                 for i in 0..n {
                     let (mut mu, mut q) = (0.0f64, 0.0f64);
                     for (t, dt) in d.iter().enumerate() {

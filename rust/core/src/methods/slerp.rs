@@ -105,6 +105,7 @@ impl Kernel for Slerp {
                 acc[1] += reduce::sum_sq(b);
             } else {
                 let (na, nb) = Slerp::norms(st);
+                let (a, b) = (&a[..x.n], &b[..x.n]);
                 acc[0] += reduce::sum(
                     x.n,
                     #[inline(always)]

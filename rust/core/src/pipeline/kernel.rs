@@ -155,6 +155,17 @@ impl Engine<'_> {
                 }
             }
         }
+        // Tensors whose chunks all hold whole rows (the model as one tensor: not known).
+        let mut whole = vec![true; n + 1];
+        whole[n] = false;
+        for c in merge {
+            let row = self.plan[c.tensor].row_len().max(1);
+            let numel = self.plan[c.tensor].numel;
+            let ends = c.start + c.len;
+            if !c.start.is_multiple_of(row) || !(ends.is_multiple_of(row) || ends == numel) {
+                whole[c.tensor] = false;
+            }
+        }
         let mut open: Vec<Vec<bool>> = (0..reps.len())
             .map(|r| (0..=n).map(|g| groups.live(r, g)).collect())
             .collect();
@@ -193,7 +204,7 @@ impl Engine<'_> {
                     if !open[r][g] {
                         continue;
                     }
-                    match k.next_stage(groups.plan(g), self.tasks(), &found[r][g]) {
+                    match k.next_stage_for(groups.plan(g), self.tasks(), &found[r][g], whole[g]) {
                         Some(s) => {
                             wants[r][g] = Some(s);
                             any = true;
@@ -222,7 +233,7 @@ impl Engine<'_> {
             // only its unit).
             let checked = |g: usize| groups.live(r, g) && !(given && g == n);
             for g in (0..=n).filter(|&g| checked(g) && !(gather && g < n)) {
-                k.check_stats(groups.plan(g), self.tasks(), &found[r][g])?;
+                k.check_stats(groups.plan(g), &self.weights[j], &found[r][g])?;
             }
             if let (ModelPart::Gather(into, _), true) = (self.part.model, groups.global[r]) {
                 if groups.live(r, n) {
