@@ -504,13 +504,13 @@ mod tests {
         assert_eq!(of(&whole, 1), of(&plain, 1));
         assert_eq!(of(&whole, 1), [(0, 8), (8, 8), (16, 6)]);
         assert_eq!(of(&whole, 2), [(0, 5)]);
-        for t in 0..plan.len() {
+        for (t, tensor) in plan.iter().enumerate() {
             let mut at = 0;
             for (start, len) in of(&whole, t) {
                 assert_eq!(start, at);
                 at += len;
             }
-            assert_eq!(at, plan[t].numel);
+            assert_eq!(at, tensor.numel);
         }
     }
 }

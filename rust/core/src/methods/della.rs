@@ -133,6 +133,9 @@ impl Della {
 /// as about one element shares a bucket. Vectors where that would happen too often (many equal
 /// magnitudes at a cut, non-finite values) are ranked by the radix sort. The decisions are the
 /// same either way.
+/// Elements per bucket, on average.
+const BUCKET: usize = 8;
+
 struct RowKeep {
     keys: Vec<u32>,
     keep: Vec<bool>,
@@ -150,10 +153,15 @@ impl RowKeep {
             keys: vec![0; len],
             keep: vec![false; len],
             bucket: vec![0; len],
-            start: vec![0; len + 1],
+            start: vec![0; Self::buckets(len) + 1],
             vals: Vec::new(),
             tmp: Vec::new(),
         }
+    }
+
+    /// Buckets for a vector of `len`: about 8 elements each (see `decide`).
+    fn buckets(len: usize) -> usize {
+        (len / BUCKET).max(1)
     }
 
     /// Fills `keep` from `keys` (the magnitudes' bits), `probs` (per rank) and the draws

@@ -169,38 +169,50 @@ impl Kernel for ModelStock {
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
         crate::simd!({
-            let tasks = x.tasks();
+            let (n, tasks) = (x.n, x.tasks());
             let count = tasks as f32;
+            // The models' sum task by task over the chunk (each element still adds them in
+            // order), so that the loops vectorize.
             let Some(d) = self.arith else {
+                // sum(ws) / count, starting from 0 as Python's sum does.
+                m.fill(0.0);
+                for v in x.values {
+                    for (o, &y) in m.iter_mut().zip(&v[..n]) {
+                        *o += y;
+                    }
+                }
                 return self.per_unit(
                     x,
                     st,
                     m,
                     |s| ModelStock::ratio(tasks, s),
-                    |t, i| {
-                        // sum(ws) / count, starting from 0 as Python's sum does.
-                        let mut sum = 0.0f32;
-                        for v in x.values {
-                            sum += v[i];
+                    |t, m, base| {
+                        for (o, &b) in m.iter_mut().zip(base) {
+                            *o = t * (*o / count) + (1.0 - t) * b;
                         }
-                        t * (sum / count) + (1.0 - t) * x.base[i]
                     },
                 );
             };
             let r = |v: f32| round_in(d, v);
+            // Python's sum from 0: the first value as it is, then each addition rounded.
+            for (o, &y) in m.iter_mut().zip(&x.values[0][..n]) {
+                *o = r(y);
+            }
+            for v in &x.values[1..] {
+                for (o, &y) in m.iter_mut().zip(&v[..n]) {
+                    *o = r(*o + r(y));
+                }
+            }
             self.per_unit(
                 x,
                 st,
                 m,
                 |s| ModelStock::ratio_in(d, tasks, s),
-                |t, i| {
-                    // Python's sum from 0: the first value as it is, then each addition rounded.
-                    let mut sum = r(x.values[0][i]);
-                    for v in &x.values[1..] {
-                        sum = r(sum + r(v[i]));
+                |t, m, base| {
+                    for (o, &b) in m.iter_mut().zip(base) {
+                        let average = r(*o / count);
+                        *o = r(r(t * average) + r(r(1.0 - t) * r(b)));
                     }
-                    let average = r(sum / count);
-                    r(r(t * average) + r(r(1.0 - t) * r(x.base[i])))
                 },
             )
         })
@@ -233,7 +245,8 @@ impl ModelStock {
         }
     }
 
-    /// `m[i] = elem(t, i)`, with t = `ratio` of element i's unit (the tensor, or its row).
+    /// Applies `finish(t, m, base)` to each unit's part of the chunk (the whole chunk, or each
+    /// row's piece), t from the unit's sums.
     #[inline(always)]
     fn per_unit(
         &self,
@@ -241,21 +254,15 @@ impl ModelStock {
         st: &TensorStats,
         m: &mut [f32],
         ratio: impl Fn(&[f64]) -> f32,
-        elem: impl Fn(f32, usize) -> f32,
+        finish: impl Fn(f32, &mut [f32], &[f32]),
     ) {
-        let row = x.tensor.row_len();
-        let mut unit = usize::MAX;
-        let mut t = 0.0f32;
-        for (i, o) in m.iter_mut().enumerate() {
-            let u = match self.unit() {
-                Unit::Tensor => 0,
-                _ => (x.start + i) / row,
-            };
-            if u != unit {
-                unit = u;
-                t = ratio(st.sums(0, u));
+        match self.unit() {
+            Unit::Tensor => finish(ratio(st.sums(0, 0)), m, &x.base[..x.n]),
+            _ => {
+                for (u, span) in x.row_spans() {
+                    finish(ratio(st.sums(0, u)), &mut m[span.clone()], &x.base[span]);
+                }
             }
-            *o = elem(t, i);
         }
     }
 }

@@ -211,37 +211,90 @@ impl Kernel for NuSlerp {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        crate::simd!({
-            let t = self.t(x);
-            let (t32, rest32) = (t as f32, (1.0 - t) as f32);
-            let pair = self.pair(x);
-            let unit = self.unit();
-            let r = |v: f32| self.r(v);
-            // Per unit: (unit, coefficient of a, coefficient of b, divisor or None when colinear).
-            let mut coef = (usize::MAX, 0.0f32, 0.0f32, None::<f32>);
+        // The rounding picked once, outside the loops (a per-element match kept them scalar).
+        with_round!(self.arith, |r| crate::simd!(self.merge_in(r, x, st, m)))
+    }
+}
+
+/// A unit's blend: the coefficients of a and b, and the divisor (None when colinear).
+type Coef = (f32, f32, Option<f32>);
+
+impl NuSlerp {
+    /// Unit `u`'s coefficients, from its cosine, as mergekit computes them in the dtype.
+    #[inline(always)]
+    fn coef<R: Fn(f32) -> f32 + Copy>(&self, r: R, st: &TensorStats, u: usize, t: f64) -> Coef {
+        let (t32, rest32) = (t as f32, (1.0 - t) as f32);
+        let cos = r(st.sums(1, u)[0] as f32).clamp(-1.0, 1.0);
+        let colinear = r(1.0 - r(cos * cos)) <= r(1e-16f32);
+        if colinear {
+            (rest32, t32, None)
+        } else {
+            let theta = r(cos.acos());
+            (
+                r(r(rest32 * theta).sin()),
+                r(r(t32 * theta).sin()),
+                Some(r(theta.sin())),
+            )
+        }
+    }
+
+    /// One unit's elements: `load` gives an element as mergekit holds it.
+    #[inline(always)]
+    fn blend<R: Fn(f32) -> f32 + Copy, L: Fn(f32) -> f32 + Copy>(
+        r: R,
+        load: L,
+        (ca, cb, div): Coef,
+        m: &mut [f32],
+        a: &[f32],
+        b: &[f32],
+    ) {
+        let pairs = m.iter_mut().zip(a).zip(b);
+        match div {
+            None => pairs.for_each(|((o, &a), &b)| *o = r(r(ca * load(a)) + r(cb * load(b)))),
+            Some(s) => {
+                pairs.for_each(|((o, &a), &b)| *o = r(r(r(ca * load(a)) + r(cb * load(b))) / s))
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn merge_in<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        m: &mut [f32],
+    ) {
+        let t = self.t(x);
+        let (a, b) = self.pair(x);
+        let unit = self.unit();
+        if unit == Unit::Column {
+            // Units interleave: element by element.
+            let mut coef = (usize::MAX, (0.0, 0.0, None));
             for (i, o) in m.iter_mut().enumerate() {
                 let u = unit.of(x.tensor, x.start + i);
                 if coef.0 != u {
-                    let cos = r(st.sums(1, u)[0] as f32).clamp(-1.0, 1.0);
-                    let colinear = r(1.0 - r(cos * cos)) <= r(1e-16f32);
-                    coef = if colinear {
-                        (u, rest32, t32, None)
-                    } else {
-                        let theta = r(cos.acos());
-                        (
-                            u,
-                            r(r(rest32 * theta).sin()),
-                            r(r(t32 * theta).sin()),
-                            Some(r(theta.sin())),
-                        )
-                    };
+                    coef = (u, self.coef(r, st, u, t));
                 }
-                let (a, b) = self.at(pair, i);
-                *o = match coef.3 {
-                    None => r(r(coef.1 * a) + r(coef.2 * b)),
-                    Some(s) => r(r(r(coef.1 * a) + r(coef.2 * b)) / s),
-                };
+                let (a, b) = self.at((a, b), i);
+                Self::blend(r, |v| v, coef.1, std::slice::from_mut(o), &[a], &[b]);
             }
-        })
+            return;
+        }
+        // The whole chunk, or its pieces of rows.
+        let whole = [(0, 0..x.n)];
+        let spans: Box<dyn Iterator<Item = (usize, std::ops::Range<usize>)>> = match unit {
+            Unit::Tensor => Box::new(whole.into_iter()),
+            _ => Box::new(x.row_spans()),
+        };
+        for (u, span) in spans {
+            let c = self.coef(r, st, u, t);
+            let (m, a, b) = (&mut m[span.clone()], &a[span.clone()], &b[span]);
+            if self.relative {
+                Self::blend(r, r, c, m, a, b);
+            } else {
+                Self::blend(r, |v| v, c, m, a, b);
+            }
+        }
     }
 }
