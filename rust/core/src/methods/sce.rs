@@ -259,6 +259,7 @@ impl Kernel for Sce {
 }
 
 impl Sce {
+    /// M of one chunk (see [`Kernel::merge`]), with the dtype's rounding `r`.
     #[inline(always)]
     fn merge_in<R: Fn(f32) -> f32 + Copy>(
         &self,
@@ -268,57 +269,55 @@ impl Sce {
         s: Scratch,
         m: &mut [f32],
     ) {
-        {
-            if self.keeps_nothing(st) {
-                m.fill(0.0);
-                return;
-            }
-            let numel = x.tensor.numel as f32;
-            let squares = st.sums(self.weights_stage(), 0);
-            let weights = self.weights(squares, numel);
-            crate::pipeline::grow(s.a, x.n);
-            let mask = &mut s.a[..x.n];
-            self.mask(r, x, st, s.wide, mask);
-            let floor = r(1e-6);
-            let n = x.n;
-            // Task by task over the chunk (each element's sums still add the tasks in order,
-            // from 0, as the per-element folds did), so that every loop vectorizes.
-            let mask: &[f32] = mask;
-            // The majority sign of the masked deltas' sum, into `m`.
+        if self.keeps_nothing(st) {
             m.fill(0.0);
-            for d in x.deltas {
-                for ((o, &k), &y) in m.iter_mut().zip(mask).zip(&d[..n]) {
-                    *o += r(y) * k;
-                }
+            return;
+        }
+        let numel = x.tensor.numel as f32;
+        let squares = st.sums(self.weights_stage(), 0);
+        let weights = self.weights(squares, numel);
+        crate::pipeline::grow(s.a, x.n);
+        let mask = &mut s.a[..x.n];
+        self.mask(r, x, st, s.wide, mask);
+        let floor = r(1e-6);
+        let n = x.n;
+        // Task by task over the chunk (each element's sums still add the tasks in order,
+        // from 0, as the per-element folds did), so that every loop vectorizes.
+        let mask: &[f32] = mask;
+        // The majority sign of the masked deltas' sum, into `m`.
+        m.fill(0.0);
+        for d in x.deltas {
+            for ((o, &k), &y) in m.iter_mut().zip(mask).zip(&d[..n]) {
+                *o += r(y) * k;
             }
-            m.iter_mut()
-                .for_each(|o| *o = if r(*o) >= 0.0 { 1.0 } else { -1.0 });
-            crate::pipeline::grow(s.b, n);
-            if s.per_task.is_empty() {
-                s.per_task.push(Vec::new());
+        }
+        m.iter_mut()
+            .for_each(|o| *o = if r(*o) >= 0.0 { 1.0 } else { -1.0 });
+        crate::pipeline::grow(s.b, n);
+        if s.per_task.is_empty() {
+            s.per_task.push(Vec::new());
+        }
+        crate::pipeline::grow(&mut s.per_task[0], n);
+        let (div, merged) = (&mut s.b[..n], &mut s.per_task[0][..n]);
+        div.fill(0.0);
+        merged.fill(0.0);
+        for (d, &w) in x.deltas.iter().zip(&weights) {
+            for ((((me, dv), &majority), &k), &y) in merged
+                .iter_mut()
+                .zip(div.iter_mut())
+                .zip(m.iter())
+                .zip(mask)
+                .zip(&d[..n])
+            {
+                let v = r(y) * k;
+                let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
+                let ew = w * f32::from(u8::from(sign == majority));
+                *me += r(v * ew);
+                *dv += ew;
             }
-            crate::pipeline::grow(&mut s.per_task[0], n);
-            let (div, merged) = (&mut s.b[..n], &mut s.per_task[0][..n]);
-            div.fill(0.0);
-            merged.fill(0.0);
-            for (d, &w) in x.deltas.iter().zip(&weights) {
-                for ((((me, dv), &majority), &k), &y) in merged
-                    .iter_mut()
-                    .zip(div.iter_mut())
-                    .zip(m.iter())
-                    .zip(mask)
-                    .zip(&d[..n])
-                {
-                    let v = r(y) * k;
-                    let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
-                    let ew = w * f32::from(u8::from(sign == majority));
-                    *me += r(v * ew);
-                    *dv += ew;
-                }
-            }
-            for ((o, &me), &dv) in m.iter_mut().zip(merged.iter()).zip(div.iter()) {
-                *o = r(r(me) / r(dv).max(floor));
-            }
+        }
+        for ((o, &me), &dv) in m.iter_mut().zip(merged.iter()).zip(div.iter()) {
+            *o = r(r(me) / r(dv).max(floor));
         }
     }
 
