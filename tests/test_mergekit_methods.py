@@ -201,6 +201,19 @@ def test_hand_sce(tmp_path):
     assert _one(tmp_path, [0.0, 0.0], [[2.0, -1.0], [2.0, 1.0]], "sce") == [2.0, 1.0]
 
 
+def test_hand_sce_ties_at_the_cut(tmp_path):
+    """Two tasks, τ_2 = −τ_1, so var = τ_1². |τ_1| = [2, 1, 1, ½], select_topk ¾: k = 3, the cut
+    is 1 and both elements at it are kept (the weights' sums come with the tie counts):
+    weights ½ each, each kept element's sum is 0, so the + vote keeps τ_1 → [2, 1, 1, 0]. Five
+    variances of 1 and select_topk ½: k = 2 of 5 tied, the first 2 by position are kept (the
+    weights then take a pass of their own) → [1, 1, 0, 0, 0, 0]."""
+    got = _one(tmp_path, [0.0] * 4, [[2.0, 1.0, 1.0, 0.5], [-2.0, -1.0, -1.0, -0.5]], "sce", select_topk=0.75)
+    assert got == [2.0, 1.0, 1.0, 0.0]
+    got = _one(tmp_path, [0.0] * 6, [[1.0, 1.0, 1.0, 1.0, 2.0, 0.0], [-1.0, -1.0, -1.0, -1.0, 0.0, 0.0]], "sce",
+               select_topk=0.5)  # fmt: skip
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def test_slerp_weaves_over_t(ck, tmp_path):
     """Weight Weaving's search variable for slerp is t: A* = [τ] + [slerp(t) − θ_base for t in T],
     mean-pooled, with λ = 1."""

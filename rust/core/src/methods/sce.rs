@@ -3,7 +3,9 @@
 //! variances (ties at the cut by position), weight each task by its mean squared (selected)
 //! delta over the sum of those, erase deltas against TIES's majority sign, and take the
 //! weighted mean of the rest. Stages: the nonzero count, the cut (an exact select), the ties
-//! at the cut before each chunk, and the weights.
+//! at the cut before each chunk with the weights' sums of squares if every tie is kept (the
+//! usual case: the cut's value is one element's), and only when more elements tie at the cut
+//! than the selection has room for, the weights in a pass of their own.
 //!
 //! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
 //! rounded to that dtype as it is there: each delta, the variance, each square and its mean,
@@ -28,6 +30,7 @@ pub struct Sce {
 const NONZERO: usize = 0;
 const CUT: usize = 1;
 const TIES: usize = 2;
+const WEIGHTS: usize = 3;
 
 impl Sce {
     pub fn parse(r: &mut Reader) -> Result<Sce> {
@@ -175,11 +178,35 @@ impl Sce {
         }
     }
 
-    fn weights_stage(&self) -> usize {
-        if self.selects() {
-            3
-        } else {
-            0
+    /// Each task's Σ (mask·τ_t)²: from the ties stage when every tie is kept, else from the
+    /// weights' own stage (or the only stage, without a selection).
+    fn squares<'a>(&self, st: &'a TensorStats) -> &'a [f64] {
+        match (self.selects(), st.stages.len()) {
+            (false, _) => st.sums(0, 0),
+            (true, 3) => &st.sums(TIES, 0)[2..],
+            _ => st.sums(WEIGHTS, 0),
+        }
+    }
+
+    /// Whether every element tied at the cut is kept (k − #above ≥ #equal).
+    fn keeps_every_tie(&self, st: &TensorStats) -> bool {
+        let total = st.sums(TIES, 0);
+        total[1] <= self.k(st) as f64 - total[0]
+    }
+
+    /// Σ (mask·τ_t)² of the chunk into `acc[t]`, as mergekit squares the masked deltas.
+    #[inline(always)]
+    fn add_squares<R: Fn(f32) -> f32 + Copy>(r: R, x: &ChunkIn, mask: &[f32], acc: &mut [f64]) {
+        for (t, d) in x.deltas.iter().enumerate() {
+            let d = &d[..x.n];
+            acc[t] += reduce::sum(
+                x.n,
+                #[inline(always)]
+                |i| {
+                    let y = r(d[i]) * mask[i];
+                    r(y * y) as f64
+                },
+            );
         }
     }
 }
@@ -203,7 +230,7 @@ impl Kernel for Sce {
 
     fn passes(&self) -> u64 {
         if self.selects() {
-            5
+            4
         } else {
             1
         }
@@ -221,7 +248,8 @@ impl Kernel for Sce {
             (true, 0) => sums(1),
             (true, 1) if self.keeps_nothing(done) => None,
             (true, 1) => Some(Stage::Select { rows: 1 }),
-            (true, 2) => sums(2),
+            (true, 2) => sums(2 + tasks),
+            (true, 3) if self.keeps_every_tie(done) => None,
             (true, 3) => sums(tasks),
             _ => None,
         }
@@ -274,7 +302,7 @@ impl Sce {
             return;
         }
         let numel = x.tensor.numel as f32;
-        let squares = st.sums(self.weights_stage(), 0);
+        let squares = self.squares(st);
         let weights = self.weights(squares, numel);
         crate::pipeline::grow(s.a, x.n);
         let mask = &mut s.a[..x.n];
@@ -344,22 +372,15 @@ impl Sce {
             self.var_into(r, x, s.wide, buf);
             acc[0] += buf.iter().filter(|&&v| v > cut).count() as f64;
             acc[1] += buf.iter().filter(|&&v| v == cut).count() as f64;
-            return;
+            // The weights' sums as if every tie were kept: the mask `mask` gives then (used
+            // only when the counts show it is so).
+            buf.iter_mut()
+                .for_each(|v| *v = if *v >= cut { 1.0 } else { 0.0 });
+            return Self::add_squares(r, x, buf, &mut acc[2..]);
         }
         // The weights: Σ (mask·τ_t)² per task.
         self.mask(r, x, st, s.wide, buf);
-        let buf: &[f32] = buf;
-        for (t, d) in x.deltas.iter().enumerate() {
-            let d = &d[..x.n];
-            acc[t] += reduce::sum(
-                x.n,
-                #[inline(always)]
-                |i| {
-                    let y = r(d[i]) * buf[i];
-                    r(y * y) as f64
-                },
-            );
-        }
+        Self::add_squares(r, x, buf, acc);
     }
 }
 
