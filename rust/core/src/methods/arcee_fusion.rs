@@ -116,17 +116,24 @@ impl ArceeFusion {
     #[inline(always)]
     fn kl(&self, acc: f64, mx: [f64; 2], sums: [f64; 2], v: &[f32], b: &[f32]) -> f64 {
         let (m0, m1) = (mx[0] as f32, mx[1] as f32);
+        let inv = Self::inverses(sums);
         let mut kl = acc;
         for (&v, &b) in v.iter().zip(b) {
-            kl += self.kl_term(sums, (v - m0).exp(), (b - m1).exp());
+            kl += self.kl_term(inv, (v - m0).exp(), (b - m1).exp());
         }
         kl
     }
 
-    /// One element's KL term from its exponentials exp(v − max) and exp(b − max).
+    /// 1 / each exponential sum, in f32 (once per row, not per element).
     #[inline(always)]
-    fn kl_term(&self, sums: [f64; 2], ev: f32, eb: f32) -> f64 {
-        let (s0, s1) = (1.0 / sums[0] as f32, 1.0 / sums[1] as f32);
+    fn inverses(sums: [f64; 2]) -> [f32; 2] {
+        [1.0 / sums[0] as f32, 1.0 / sums[1] as f32]
+    }
+
+    /// One element's KL term from its exponentials exp(v − max) and exp(b − max), given the
+    /// row's [`Self::inverses`].
+    #[inline(always)]
+    fn kl_term(&self, [s0, s1]: [f32; 2], ev: f32, eb: f32) -> f64 {
         let r = |v: f32| self.r(v);
         let p = r(r(ev * s0) + EPS);
         let q = r(r(eb * s1) + EPS);
@@ -147,9 +154,10 @@ impl ArceeFusion {
             s0 += *ev as f64;
             s1 += *eb as f64;
         }
+        let inv = Self::inverses([s0, s1]);
         let mut kl = 0.0f64;
         for (&ev, &eb) in ev.iter().zip(eb.iter()) {
-            kl += self.kl_term([s0, s1], ev, eb);
+            kl += self.kl_term(inv, ev, eb);
         }
         [mx[0], mx[1], s0, s1, kl]
     }
