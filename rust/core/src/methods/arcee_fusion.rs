@@ -9,7 +9,8 @@
 //! rows' largest values, exponential sums and KL sums alone, from the data it holds, and one
 //! statistics pass gives all three (each row's values in the order the three passes added them,
 //! so the same bits). A tensor whose rows come in pieces takes three passes, one per row
-//! statistic. Then the quantiles (an exact select), then the output pass.
+//! statistic. Then the quantiles (an exact select), then the output pass. The exponentials and
+//! logarithms are [`super::libm`]'s: the C library's bits, in loops that vectorize.
 //!
 //! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
 //! rounded to that dtype as it is there: the softmaxes (computed wider, rounded once), `+ eps`,
@@ -17,7 +18,8 @@
 //! kept change `θ − θ_base` is rounded, and added to the base in f32 (mergekit's mask is f32).
 
 use super::kernel::{ChunkIn, Found, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
-use super::mergekit::{parse_arith, round_opt};
+use super::libm::{expf, logf};
+use super::mergekit::parse_arith;
 use super::{Reader, Rows};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -39,11 +41,6 @@ impl ArceeFusion {
         Ok(ArceeFusion {
             arith: parse_arith(r)?,
         })
-    }
-
-    #[inline(always)]
-    fn r(&self, v: f32) -> f32 {
-        round_opt(self.arith, v)
     }
 
     /// Whether the row statistics came in one stage (chunks of whole rows): its five slots are
@@ -104,8 +101,8 @@ impl ArceeFusion {
         let (m0, m1) = (mx[0] as f32, mx[1] as f32);
         let [mut s0, mut s1] = acc;
         for (&v, &b) in v.iter().zip(b) {
-            s0 += (v - m0).exp() as f64;
-            s1 += (b - m1).exp() as f64;
+            s0 += expf(v - m0) as f64;
+            s1 += expf(b - m1) as f64;
         }
         [s0, s1]
     }
@@ -114,12 +111,19 @@ impl ArceeFusion {
     /// probabilities (+ eps) of the model's row `v` and the base's `b`, given the row's largest
     /// values and exponential sums.
     #[inline(always)]
-    fn kl(&self, acc: f64, mx: [f64; 2], sums: [f64; 2], v: &[f32], b: &[f32]) -> f64 {
+    fn kl<R: Fn(f32) -> f32 + Copy>(
+        r: R,
+        acc: f64,
+        mx: [f64; 2],
+        sums: [f64; 2],
+        v: &[f32],
+        b: &[f32],
+    ) -> f64 {
         let (m0, m1) = (mx[0] as f32, mx[1] as f32);
         let inv = Self::inverses(sums);
         let mut kl = acc;
         for (&v, &b) in v.iter().zip(b) {
-            kl += self.kl_term(inv, (v - m0).exp(), (b - m1).exp());
+            kl += Self::kl_term(r, inv, expf(v - m0), expf(b - m1)) as f64;
         }
         kl
     }
@@ -131,50 +135,61 @@ impl ArceeFusion {
     }
 
     /// One element's KL term from its exponentials exp(v − max) and exp(b − max), given the
-    /// row's [`Self::inverses`].
+    /// row's [`Self::inverses`], with the dtype's rounding `r`.
     #[inline(always)]
-    fn kl_term(&self, [s0, s1]: [f32; 2], ev: f32, eb: f32) -> f64 {
-        let r = |v: f32| self.r(v);
+    fn kl_term<R: Fn(f32) -> f32>(r: R, [s0, s1]: [f32; 2], ev: f32, eb: f32) -> f32 {
         let p = r(r(ev * s0) + EPS);
         let q = r(r(eb * s1) + EPS);
-        r(p * r(r(p / q).ln())) as f64
+        r(p * r(logf(r(p / q))))
     }
 
     /// A whole row's three statistics: [both largest values, both exponential sums, the KL
-    /// sum], each added in the row's order as the three passes add them. The exponentials are
-    /// kept in `ev`, `eb` between the sums and the KL terms (half the calls to exp).
+    /// sum], each added in the row's order as the three passes add them. The exponentials and
+    /// then the KL terms are computed into `ev`, `eb` first, a loop that vectorizes (each sum
+    /// then adds them in order, which does not); half the calls to exp.
     #[inline(always)]
-    fn row_stats(&self, v: &[f32], b: &[f32], ev: &mut [f32], eb: &mut [f32]) -> [f64; 5] {
+    fn row_stats<R: Fn(f32) -> f32 + Copy>(
+        r: R,
+        v: &[f32],
+        b: &[f32],
+        ev: &mut [f32],
+        eb: &mut [f32],
+    ) -> [f64; 5] {
+        let n = v.len();
+        let (b, ev, eb) = (&b[..n], &mut ev[..n], &mut eb[..n]);
         let mx = Self::maxes([f64::NEG_INFINITY; 2], v, b);
         let (m0, m1) = (mx[0] as f32, mx[1] as f32);
-        let (mut s0, mut s1) = (0.0f64, 0.0f64);
         for (((&v, &b), ev), eb) in v.iter().zip(b).zip(ev.iter_mut()).zip(eb.iter_mut()) {
-            *ev = (v - m0).exp();
-            *eb = (b - m1).exp();
-            s0 += *ev as f64;
-            s1 += *eb as f64;
+            *ev = expf(v - m0);
+            *eb = expf(b - m1);
+        }
+        let (mut s0, mut s1) = (0.0f64, 0.0f64);
+        for (&ev, &eb) in ev.iter().zip(eb.iter()) {
+            s0 += ev as f64;
+            s1 += eb as f64;
         }
         let inv = Self::inverses([s0, s1]);
+        // Each term (an f32 value) in place of the model's exponential.
+        for (ev, &eb) in ev.iter_mut().zip(eb.iter()) {
+            *ev = Self::kl_term(r, inv, *ev, eb);
+        }
         let mut kl = 0.0f64;
-        for (&ev, &eb) in ev.iter().zip(eb.iter()) {
-            kl += self.kl_term(inv, ev, eb);
+        for &term in ev.iter() {
+            kl += term as f64;
         }
         [mx[0], mx[1], s0, s1, kl]
     }
 
-    /// The change θ − θ_base as mergekit holds it.
+    /// The importance of each element of the chunk into `out`: |θ − θ_base| (the change as
+    /// mergekit holds it) times its row's KL sum, with the dtype's rounding `r`.
     #[inline(always)]
-    fn change(&self, v: f32, b: f32) -> f32 {
-        self.r(v - b)
-    }
-
-    /// The importance of each element of the chunk into `out`.
-    #[inline(always)]
-    fn importances(&self, x: &ChunkIn, st: &TensorStats, out: &mut [f32]) {
+    fn importances<R: Fn(f32) -> f32 + Copy>(r: R, x: &ChunkIn, st: &TensorStats, out: &mut [f32]) {
+        let (v, b) = (&x.values[0][..x.n], &x.base[..x.n]);
         for (u, span) in x.row_spans() {
-            let kl = self.r(Self::kl_sum(st, u) as f32);
-            for i in span {
-                out[i] = self.r(self.change(x.values[0][i], x.base[i]).abs() * kl);
+            let kl = r(Self::kl_sum(st, u) as f32);
+            let (v, b) = (&v[span.clone()], &b[span.clone()]);
+            for ((o, &v), &b) in out[span].iter_mut().zip(v).zip(b) {
+                *o = r(r(v - b).abs() * kl);
             }
         }
     }
@@ -248,46 +263,10 @@ impl Kernel for ArceeFusion {
     }
 
     fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
-        crate::simd!({
-            let first = x.row_of(0);
-            let units = x.row_of(x.n - 1) - first + 1;
-            // The stage asked for (`next_stage_for`) shows in its slots per row.
-            let whole = acc.len() == units * ROW_SLOTS;
-            let (v, b) = (x.values[0], x.base);
-            for (u, span) in x.row_spans() {
-                let (v, b) = (&v[span.clone()], &b[span]);
-                let at = u - first;
-                match st.stages.len() {
-                    // Whole rows: the three statistics of each, one after the other.
-                    0 if whole => {
-                        crate::pipeline::grow(s.a, v.len());
-                        crate::pipeline::grow(s.b, v.len());
-                        let (ev, eb) = (&mut s.a[..v.len()], &mut s.b[..v.len()]);
-                        let stats = self.row_stats(v, b, ev, eb);
-                        let a = &mut acc[at * ROW_SLOTS..(at + 1) * ROW_SLOTS];
-                        // The row's only chunk: each sum starts at 0 (so a largest value of
-                        // −0 is held as +0, which leaves every v − max unchanged).
-                        for (a, s) in a.iter_mut().zip(stats) {
-                            *a += s;
-                        }
-                    }
-                    // Rows in pieces: each statistic in its own pass, carried between chunks.
-                    0 => {
-                        let a = &mut acc[at * 2..at * 2 + 2];
-                        [a[0], a[1]] = Self::maxes([a[0], a[1]], v, b);
-                    }
-                    1 => {
-                        let a = &mut acc[at * 2..at * 2 + 2];
-                        let mx = st.sums(0, u);
-                        [a[0], a[1]] = Self::exp_sums([a[0], a[1]], [mx[0], mx[1]], v, b);
-                    }
-                    _ => {
-                        let (mx, sums) = Self::softmax_stats(st, u);
-                        acc[at] = self.kl(acc[at], mx, sums, v, b);
-                    }
-                }
-            }
-        })
+        // The rounding picked once, outside the loops (a per-element match kept them scalar).
+        with_round!(self.arith, |r| crate::simd!(Self::accumulate_in(
+            r, x, st, s, acc
+        )))
     }
 
     fn score(
@@ -298,9 +277,12 @@ impl Kernel for ArceeFusion {
         _floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
     ) {
-        crate::simd!({
-            self.importances(x, st, &mut out[0][..x.n]);
-        })
+        with_round!(self.arith, |r| crate::simd!(Self::importances(
+            r,
+            x,
+            st,
+            &mut out[0][..x.n]
+        )))
     }
 
     fn ranks(&self, t: &TensorPlan, _tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {
@@ -309,16 +291,71 @@ impl Kernel for ArceeFusion {
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, m: &mut [f32]) {
-        crate::simd!({
-            let q = st.selected(Self::select_stage(st));
-            let r = |v: f32| self.r(v);
-            let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
-            self.importances(x, st, m);
-            for (i, o) in m.iter_mut().enumerate() {
-                let keep = f32::from(u8::from(*o >= threshold));
-                let (v, b) = (x.values[0][i], x.base[i]);
-                *o = b + self.change(v, b) * keep;
+        with_round!(self.arith, |r| crate::simd!(Self::merge_in(r, x, st, m)))
+    }
+}
+
+impl ArceeFusion {
+    /// [`Kernel::accumulate`] with the dtype's rounding `r`.
+    #[inline(always)]
+    fn accumulate_in<R: Fn(f32) -> f32 + Copy>(
+        r: R,
+        x: &ChunkIn,
+        st: &TensorStats,
+        s: Scratch,
+        acc: &mut [f64],
+    ) {
+        let first = x.row_of(0);
+        let units = x.row_of(x.n - 1) - first + 1;
+        // The stage asked for (`next_stage_for`) shows in its slots per row.
+        let whole = acc.len() == units * ROW_SLOTS;
+        let (v, b) = (x.values[0], x.base);
+        for (u, span) in x.row_spans() {
+            let (v, b) = (&v[span.clone()], &b[span]);
+            let at = u - first;
+            match st.stages.len() {
+                // Whole rows: the three statistics of each, one after the other.
+                0 if whole => {
+                    crate::pipeline::grow(s.a, v.len());
+                    crate::pipeline::grow(s.b, v.len());
+                    let (ev, eb) = (&mut s.a[..v.len()], &mut s.b[..v.len()]);
+                    let stats = Self::row_stats(r, v, b, ev, eb);
+                    let a = &mut acc[at * ROW_SLOTS..(at + 1) * ROW_SLOTS];
+                    // The row's only chunk: each sum starts at 0 (so a largest value of
+                    // −0 is held as +0, which leaves every v − max unchanged).
+                    for (a, s) in a.iter_mut().zip(stats) {
+                        *a += s;
+                    }
+                }
+                // Rows in pieces: each statistic in its own pass, carried between chunks.
+                0 => {
+                    let a = &mut acc[at * 2..at * 2 + 2];
+                    [a[0], a[1]] = Self::maxes([a[0], a[1]], v, b);
+                }
+                1 => {
+                    let a = &mut acc[at * 2..at * 2 + 2];
+                    let mx = st.sums(0, u);
+                    [a[0], a[1]] = Self::exp_sums([a[0], a[1]], [mx[0], mx[1]], v, b);
+                }
+                _ => {
+                    let (mx, sums) = Self::softmax_stats(st, u);
+                    acc[at] = Self::kl(r, acc[at], mx, sums, v, b);
+                }
             }
-        })
+        }
+    }
+
+    /// [`Kernel::merge`] with the dtype's rounding `r`.
+    #[inline(always)]
+    fn merge_in<R: Fn(f32) -> f32 + Copy>(r: R, x: &ChunkIn, st: &TensorStats, m: &mut [f32]) {
+        let q = st.selected(Self::select_stage(st));
+        let threshold = r(q[1] + r(1.5 * r(q[2] - q[0])));
+        let m = &mut m[..x.n];
+        Self::importances(r, x, st, m);
+        let (v, b) = (&x.values[0][..x.n], &x.base[..x.n]);
+        for ((o, &v), &b) in m.iter_mut().zip(v).zip(b) {
+            let keep = f32::from(u8::from(*o >= threshold));
+            *o = b + r(v - b) * keep;
+        }
     }
 }

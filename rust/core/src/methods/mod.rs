@@ -32,6 +32,7 @@ pub mod fastmath;
 pub mod karcher;
 mod karcher_dtype;
 pub mod kernel;
+pub mod libm;
 pub mod linear;
 pub mod magmax;
 pub mod mergekit;

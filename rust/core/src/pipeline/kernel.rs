@@ -222,9 +222,22 @@ impl Engine<'_> {
                 reps: &reps,
                 wants: &wants,
             };
+            let t0 = std::time::Instant::now();
             self.sums_stage(&round, &mut found)?;
+            let t1 = std::time::Instant::now();
             self.select_stage(&round, &mut found)?;
+            let t2 = std::time::Instant::now();
             self.trim_stage(&round, &mut found)?;
+            if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
+                let s = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64();
+                let t3 = std::time::Instant::now();
+                eprintln!(
+                    "stage: sums {:.3}s select {:.3}s trim {:.3}s",
+                    s(t0, t1),
+                    s(t1, t2),
+                    s(t2, t3)
+                );
+            }
         }
         let given = matches!(self.part.model, ModelPart::Given(_));
         for (r, &j) in reps.iter().enumerate() {
