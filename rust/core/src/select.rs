@@ -185,6 +185,13 @@ pub struct Windows {
     /// Per request, the sample's own estimate (a key inside the window): where a speculative
     /// pass guesses the value before it is known.
     pub guess: Vec<u32>,
+    /// Per request (empty: none), a fraction f when its rank is only known after the pass:
+    /// the ⌊nonzero · f⌋-th largest value of its row (in f32, as mergekit's
+    /// `int(count_nonzero · f)`), the row's zeros counted by the pass itself; the request's
+    /// `rank` is then the sample's estimate, which placed the window.
+    pub late: Vec<Option<f32>>,
+    /// The values in each row (what a late rank counts down from).
+    pub total: u64,
 }
 
 /// Keys all windows of one select may keep together (32 MiB), so statistics memory is bounded
@@ -200,11 +207,24 @@ impl Windows {
         total: u64,
         sigmas: f64,
     ) -> Windows {
+        Self::from_sample_spread(requests, samples, total, sigmas, &[])
+    }
+
+    /// [`Self::from_sample`], each request's window widened by `extra[i]` more sample
+    /// positions on each side (none past the slice's end): the uncertainty of a rank that
+    /// was itself estimated from the sample.
+    pub fn from_sample_spread(
+        requests: Vec<Request>,
+        samples: &[Vec<u32>],
+        total: u64,
+        sigmas: f64,
+        extra: &[f64],
+    ) -> Windows {
         let mut bounds = Vec::with_capacity(requests.len());
         let mut guess = Vec::with_capacity(requests.len());
         // Per request, the keys its window is expected to keep.
         let mut expected = Vec::with_capacity(requests.len());
-        for r in &requests {
+        for (i, r) in requests.iter().enumerate() {
             let s = &samples[r.row];
             if s.is_empty() || total == 0 {
                 bounds.push((0, u32::MAX));
@@ -214,7 +234,8 @@ impl Windows {
             }
             let n = s.len() as f64;
             let p = (r.rank as f64 + 0.5) / total as f64;
-            let spread = sigmas * (n * p * (1.0 - p)).sqrt() + 8.0;
+            let spread =
+                sigmas * (n * p * (1.0 - p)).sqrt() + 8.0 + extra.get(i).copied().unwrap_or(0.0);
             let lo_i = (p * n - spread).floor();
             let hi_i = (p * n + spread).ceil();
             let lo = if lo_i < 0.0 { 0 } else { s[lo_i as usize] };
@@ -245,6 +266,8 @@ impl Windows {
             viable: expected.iter().zip(&caps).all(|(&e, &c)| e < c as f64),
             caps,
             guess,
+            late: Vec::new(),
+            total,
         }
     }
 
@@ -281,9 +304,24 @@ impl Windows {
             equal: vec![0; self.requests.len()],
             inside: vec![Vec::new(); self.requests.len()],
             overflow: false,
+            zeros: vec![0; self.requests.len()],
         }
     }
+
+    /// Request `i`'s fraction when its rank is late.
+    fn late(&self, i: usize) -> Option<f32> {
+        self.late.get(i).copied().flatten()
+    }
 }
+
+/// The rank of the ⌊nonzero · f⌋-th largest of `total` values (f32 product, as mergekit's
+/// `int(count_nonzero · f)`), None when that is no value at all (k = 0).
+pub fn top_rank(total: u64, nonzero: u64, f: f32) -> Option<u64> {
+    let k = ((nonzero as f32 * f) as u64).min(total);
+    (k > 0).then(|| total - k)
+}
+
+impl Windows {}
 
 /// Per-worker state of a windowed pass.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -293,6 +331,9 @@ pub struct Windowed {
     equal: Vec<u64>,
     inside: Vec<Vec<u32>>,
     overflow: bool,
+    /// Values equal to 0 (either sign), for the late requests only.
+    #[serde(default)]
+    zeros: Vec<u64>,
 }
 
 impl Windowed {
@@ -304,6 +345,9 @@ impl Windowed {
         for (i, (req, &(lo, hi))) in w.requests.iter().zip(&w.bounds).enumerate() {
             if req.row != row {
                 continue;
+            }
+            if w.late(i).is_some() {
+                self.zeros[i] += values.iter().map(|&v| u64::from(v == 0.0)).sum::<u64>();
             }
             // u32 counters (a chunk holds < 2^32 values) vectorize twice as wide as u64.
             let mut below = 0u32;
@@ -378,10 +422,19 @@ impl Windowed {
         for (a, b) in self.equal.iter_mut().zip(&other.equal) {
             *a += b;
         }
+        for (a, b) in self.zeros.iter_mut().zip(&other.zeros) {
+            *a += b;
+        }
         for (a, b) in self.inside.iter_mut().zip(&mut other.inside) {
             a.append(b);
         }
         self
+    }
+
+    /// Per request, the nonzero values of its row the pass counted (late requests only; a
+    /// count is complete unless the pass overflowed, when [`Self::finish`] says None).
+    pub fn nonzero(&self, w: &Windows) -> Vec<u64> {
+        self.zeros.iter().map(|&z| w.total - z).collect()
     }
 
     pub fn describe(&self) -> String {
@@ -399,7 +452,18 @@ impl Windowed {
         }
         let mut out = Vec::with_capacity(w.requests.len());
         for (i, req) in w.requests.iter().enumerate() {
-            let r = req.rank.checked_sub(self.below[i])?;
+            let rank = match w.late(i) {
+                None => req.rank,
+                Some(f) => match top_rank(w.total, w.total - self.zeros[i], f) {
+                    Some(rank) => rank,
+                    // Nothing is kept: no value to find.
+                    None => {
+                        out.push(f32::INFINITY);
+                        continue;
+                    }
+                },
+            };
+            let r = rank.checked_sub(self.below[i])?;
             let (lo, hi) = w.bounds[i];
             if lo == hi {
                 if r >= self.equal[i] {
@@ -623,6 +687,8 @@ mod window_tests {
             caps: vec![10],
             viable: true,
             guess: vec![0],
+            late: Vec::new(),
+            total: 0,
         };
         let mut acc = PieceWindows::default();
         for i in 0..3 {
@@ -674,6 +740,8 @@ mod window_tests {
             caps: vec![10],
             viable: true,
             guess: vec![0],
+            late: Vec::new(),
+            total: 0,
         };
         let mut acc = w.acc();
         acc.count(&w, 0, &[1.0, 2.0, 5.5]);
@@ -689,6 +757,8 @@ mod window_tests {
             caps: vec![2; 2],
             viable: true,
             guess: vec![key(0.0); 2],
+            late: Vec::new(),
+            total: 0,
         };
         let values = [0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0];
         let mut acc = w.acc();

@@ -493,7 +493,7 @@ impl Engine<'_> {
 
     /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
     /// (2^15 to 2^21 elements; everything when the scope is small).
-    fn sample(
+    pub(crate) fn sample(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
@@ -579,7 +579,7 @@ impl Engine<'_> {
     /// A statistics pass: every row `rows` produces for a chunk goes to `count` on the worker's
     /// accumulator (in the wide copies when the CPU has them). `floor` is passed on to `rows`:
     /// `count` must count a value below its row's floor the same whatever the value.
-    fn rows_pass<A, I, C, M>(
+    pub(crate) fn rows_pass<A, I, C, M>(
         &self,
         chunks: &[Chunk],
         rows: Rows,

@@ -442,6 +442,15 @@ pub trait Kernel: Send + Sync + Debug {
         Vec::new()
     }
 
+    /// A [`Stage::Select`] ranked from the top of the nonzero values instead of by
+    /// [`Kernel::ranks`]: Some(f) asks, for each of its rows, for the ⌊nonzero · f⌋-th largest
+    /// score (+∞ when that is none), the row's count of nonzero scores taken in the same pass
+    /// (`pipeline/top_nonzero.rs`). The engine records that stage as two: a one-slot
+    /// [`Found::Sums`] per row holding the count, then the [`Found::Select`].
+    fn top_of_nonzero(&self, _st: &TensorStats) -> Option<f32> {
+        None
+    }
+
     /// M of one chunk into `m[..n]`.
     fn merge(&self, x: &ChunkIn, st: &TensorStats, scratch: Scratch, m: &mut [f32]);
 }

@@ -2,10 +2,11 @@
 //! whose variance across the fine-tunes is in the top `select_topk` fraction of the nonzero
 //! variances (ties at the cut by position), weight each task by its mean squared (selected)
 //! delta over the sum of those, erase deltas against TIES's majority sign, and take the
-//! weighted mean of the rest. Stages: the nonzero count, the cut (an exact select), the ties
-//! at the cut before each chunk with the weights' sums of squares if every tie is kept (the
-//! usual case: the cut's value is one element's), and only when more elements tie at the cut
-//! than the selection has room for, the weights in a pass of their own.
+//! weighted mean of the rest. Stages: the nonzero count and the cut (an exact select ranked
+//! from the top of the nonzero variances, counted in the same pass: `top_of_nonzero`), the
+//! ties at the cut before each chunk with the weights' sums of squares if every tie is kept
+//! (the usual case: the cut's value is one element's), and only when more elements tie at the
+//! cut than the selection has room for, the weights in a pass of their own.
 //!
 //! With `arith` (mergekit's `dtype`, bf16 or f16) every torch operation of mergekit's code is
 //! rounded to that dtype as it is there: each delta, the variance, each square and its mean,
@@ -230,7 +231,7 @@ impl Kernel for Sce {
 
     fn passes(&self) -> u64 {
         if self.selects() {
-            4
+            3
         } else {
             1
         }
@@ -245,9 +246,11 @@ impl Kernel for Sce {
         };
         match (self.selects(), done.stages.len()) {
             (false, 0) => sums(tasks),
-            (true, 0) => sums(1),
-            (true, 1) if self.keeps_nothing(done) => None,
-            (true, 1) => Some(Stage::Select { rows: 1 }),
+            // Nothing can be kept: no statistic is needed.
+            (true, 0) if self.select_topk <= 0.0 => None,
+            // The nonzero count and the cut, in one pass (`top_of_nonzero`): two stages.
+            (true, 0) => Some(Stage::Select { rows: 1 }),
+            (true, 2) if self.keeps_nothing(done) => None,
             (true, 2) => sums(2 + tasks),
             (true, 3) if self.keeps_every_tie(done) => None,
             (true, 3) => sums(tasks),
@@ -277,8 +280,8 @@ impl Kernel for Sce {
         }))
     }
 
-    fn ranks(&self, t: &TensorPlan, _tasks: usize, st: &TensorStats) -> Vec<(usize, u64)> {
-        vec![(0, t.numel as u64 - self.k(st))]
+    fn top_of_nonzero(&self, st: &TensorStats) -> Option<f32> {
+        (self.selects() && st.stages.is_empty()).then_some(self.select_topk as f32)
     }
 
     fn merge(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, m: &mut [f32]) {

@@ -387,6 +387,8 @@ impl Engine<'_> {
             let mut n_rows = 0;
             let mut requests = Vec::new();
             let mut counts = Vec::new();
+            // Representatives ranking from the top of the nonzero scores: (row, fraction).
+            let mut tops = Vec::new();
             for &(r, rows) in &asking {
                 let k = self.kernel_of(reps[r]);
                 let key = format!(
@@ -402,6 +404,11 @@ impl Engine<'_> {
                         n_rows - rows
                     }
                 };
+                if let Some(f) = k.top_of_nonzero(&found[r][g]) {
+                    counts.push(rows);
+                    tops.extend((0..rows).map(|row| (base + row, f)));
+                    continue;
+                }
                 let ranks = k.ranks(groups.plan(g), self.tasks(), &found[r][g]);
                 counts.push(ranks.len());
                 requests.extend(ranks.into_iter().map(|(row, rank)| Request {
@@ -409,35 +416,57 @@ impl Engine<'_> {
                     rank,
                 }));
             }
+            let chunks = groups.chunks(merge, g);
+            let found_ro: &[Vec<TensorStats>] = found;
+            let emit = |w: &mut Work,
+                        c: &Chunk,
+                        floor: crate::stats::Floor,
+                        emit: &mut dyn FnMut(usize, &[f32])| {
+                for &(_, base, rows, r) in &blocks {
+                    let floor = floor.map(|f| &f[base..base + rows]);
+                    let mut out = std::mem::take(&mut w.sel);
+                    out.resize_with(out.len().max(rows), Vec::new);
+                    for o in &mut out[..rows] {
+                        grow(o, c.len);
+                    }
+                    self.with_chunk(w, reps[r], c, |k, x, scratch| {
+                        k.score(x, &found_ro[r][g], scratch, floor, &mut out[..rows])
+                    });
+                    for (row, o) in out[..rows].iter().enumerate() {
+                        emit(base + row, &o[..c.len]);
+                    }
+                    w.sel = out;
+                }
+            };
             let values = if requests.is_empty() {
                 Vec::new()
             } else {
-                let chunks = groups.chunks(merge, g);
-                let found_ro: &[Vec<TensorStats>] = found;
-                let emit = |w: &mut Work,
-                            c: &Chunk,
-                            floor: crate::stats::Floor,
-                            emit: &mut dyn FnMut(usize, &[f32])| {
-                    for &(_, base, rows, r) in &blocks {
-                        let floor = floor.map(|f| &f[base..base + rows]);
-                        let mut out = std::mem::take(&mut w.sel);
-                        out.resize_with(out.len().max(rows), Vec::new);
-                        for o in &mut out[..rows] {
-                            grow(o, c.len);
-                        }
-                        self.with_chunk(w, reps[r], c, |k, x, scratch| {
-                            k.score(x, &found_ro[r][g], scratch, floor, &mut out[..rows])
-                        });
-                        for (row, o) in out[..rows].iter().enumerate() {
-                            emit(base + row, &o[..c.len]);
-                        }
-                        w.sel = out;
-                    }
-                };
                 self.select(&chunks, n_rows, requests, &emit)?
             };
-            let mut at = 0;
+            let (top_values, nonzero) = if tops.is_empty() {
+                (Vec::new(), Vec::new())
+            } else {
+                self.select_top_nonzero(&chunks, n_rows, &tops, &emit)?
+            };
+            let (mut at, mut at_top) = (0, 0);
             for (&(r, _), n) in asking.iter().zip(counts) {
+                if self
+                    .kernel_of(reps[r])
+                    .top_of_nonzero(&found[r][g])
+                    .is_some()
+                {
+                    let range = at_top..at_top + n;
+                    found[r][g].stages.push(Found::Sums {
+                        slots: 1,
+                        sums: nonzero[range.clone()].iter().map(|&c| c as f64).collect(),
+                        before: Default::default(),
+                    });
+                    found[r][g]
+                        .stages
+                        .push(Found::Select(top_values[range].to_vec()));
+                    at_top += n;
+                    continue;
+                }
                 found[r][g]
                     .stages
                     .push(Found::Select(values[at..at + n].to_vec()));

@@ -12,6 +12,7 @@ mod kernel;
 mod output;
 mod scaling;
 mod speculate;
+mod top_nonzero;
 
 pub use engine::metagpt_weights;
 use engine::Run;

@@ -147,6 +147,8 @@ impl Engine<'_> {
                 caps: Vec::new(),
                 viable: true,
                 guess: Vec::new(),
+                late: Vec::new(),
+                total: 0,
             }
         } else {
             match self.guess(merge, n_rows, requests.clone(), rows)? {
@@ -158,6 +160,8 @@ impl Engine<'_> {
                     requests: requests.clone(),
                     caps: vec![0; requests.len()],
                     viable: true,
+                    late: Vec::new(),
+                    total: 0,
                 },
                 None => return Ok(Spec::No),
             }
