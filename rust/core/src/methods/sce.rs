@@ -229,11 +229,13 @@ impl Kernel for Sce {
         v
     }
 
+    /// Statistics passes: the weights' sums; with a selection, the nonzero count with the cut,
+    /// then the ties at the cut with the sums (none when nothing can be kept).
     fn passes(&self) -> u64 {
-        if self.selects() {
-            3
-        } else {
-            1
+        match (self.selects(), self.select_topk <= 0.0) {
+            (false, _) => 1,
+            (true, true) => 0,
+            (true, false) => 2,
         }
     }
 
