@@ -431,6 +431,23 @@ impl Windowed {
         self
     }
 
+    /// [`Self::merge`], overflowing where the merged keys of a request exceed its cap: each
+    /// worker checks its own keys, and rayon's pieces of a pass are merged afterwards, so
+    /// without this check whether a pass overflowed (and fell back) would depend on how the
+    /// chunks were split, and a merge could hold more than the caps.
+    pub fn merge_capped(self, other: Windowed, w: &Windows) -> Windowed {
+        self.merge(other).capped(w)
+    }
+
+    /// Overflowed (its keys dropped) if a request holds more keys than its cap.
+    fn capped(mut self, w: &Windows) -> Windowed {
+        if !self.overflow && self.inside.iter().zip(&w.caps).any(|(v, &c)| v.len() > c) {
+            self.overflow = true;
+            self.inside.iter_mut().for_each(|v| *v = Vec::new());
+        }
+        self
+    }
+
     /// Per request, the nonzero values of its row the pass counted (late requests only; a
     /// count is complete unless the pass overflowed, when [`Self::finish`] says None).
     pub fn nonzero(&self, w: &Windows) -> Vec<u64> {
@@ -446,7 +463,12 @@ impl Windowed {
     }
 
     /// The selected values, or None when a rank fell outside its window (or it overflowed).
-    pub fn finish(mut self, w: &Windows) -> Option<Vec<f32>> {
+    pub fn finish(self, w: &Windows) -> Option<Vec<f32>> {
+        self.capped(w).finish_within(w)
+    }
+
+    /// [`Self::finish`] of counts within their caps.
+    fn finish_within(mut self, w: &Windows) -> Option<Vec<f32>> {
         if self.overflow {
             return None;
         }
@@ -573,6 +595,23 @@ impl PieceWindows {
             self.pieces.extend(other.pieces);
         }
         self
+    }
+
+    /// [`Self::merge`], dropping the keys where the merged pieces hold more than a request's
+    /// cap (as [`Windowed::merge_capped`]).
+    pub fn merge_capped(self, other: PieceWindows, w: &Windows) -> PieceWindows {
+        let mut kept = self.kept.clone();
+        kept.resize(w.requests.len(), 0);
+        for (k, o) in kept.iter_mut().zip(&other.kept) {
+            *k += o;
+        }
+        let mut merged = self.merge(other);
+        merged.kept = kept;
+        if merged.kept.iter().zip(&w.caps).any(|(&k, &c)| k > c) {
+            merged.overflow = true;
+            merged.pieces = Vec::new();
+        }
+        merged
     }
 
     /// The chunks' counts merged, or None when a worker dropped its keys.

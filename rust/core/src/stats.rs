@@ -5,13 +5,11 @@
 use std::collections::BTreeMap;
 
 use crate::error::Result;
-use crate::methods::breadcrumbs::{self, Piece};
+use crate::methods::breadcrumbs::Piece;
 use crate::methods::ties::SignTally;
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
-use crate::select::{
-    key, unkey, Buckets, Hist, PieceWindow, PieceWindows, Request, Windowed, Windows,
-};
+use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
 /// What a sample tells about the wanted order statistics.
 pub(crate) enum Guess {
@@ -74,149 +72,6 @@ impl Engine<'_> {
                 emit(v * tasks + t, &p.scratch[..n]);
             }
         }
-    }
-
-    /// Cuts for every piece of tensor `i`'s long rows, for each of `sets`, by the piece's
-    /// start, one row at a time: an exact select of the magnitudes at the two cut ranks, then a
-    /// pass counting, per piece, the elements above and equal to each cut (the ties are ranked
-    /// by position).
-    pub(crate) fn crumbs_stats(
-        &self,
-        merge: &[Chunk],
-        i: usize,
-        all: &[usize],
-    ) -> Result<Vec<Cuts>> {
-        let row = self.plan[i].unit(self.rows);
-        let tasks = self.tasks();
-        let mut stats: Vec<Cuts> = vec![BTreeMap::new(); all.len()];
-        let (of, reps) = self.variants(all);
-        let chunks: Vec<Chunk> = merge.iter().filter(|c| c.tensor == i).copied().collect();
-        let n = row as u64;
-        // Per (set, task): the kept ranks, and the indices of its two requests.
-        let mut requests = Vec::new();
-        let mut slots: Vec<Vec<Option<(u64, u64, usize)>>> = vec![vec![None; tasks]; all.len()];
-        for (k, &j) in all.iter().enumerate() {
-            for (t, slot) in slots[k].iter_mut().enumerate() {
-                if let Some((g, kk)) = self.kernel_of(j).kept_ranks(row, t) {
-                    *slot = Some((g, kk, requests.len()));
-                    let r = of[k] * tasks + t;
-                    requests.push(Request {
-                        row: r,
-                        rank: n - 1 - g,
-                    });
-                    requests.push(Request {
-                        row: r,
-                        rank: n - 1 - (g + kk).min(n - 1),
-                    });
-                }
-            }
-        }
-        let rows =
-            &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut dyn FnMut(usize, &[f32])| {
-                self.emit_abs(w, c, &reps, emit)
-            };
-        for pieces in chunks.chunk_by(|a, b| a.start / row == b.start / row) {
-            // The cut values and, when the windowed select found them, each chunk's counts
-            // above and at them, read off the same pass.
-            let (v, fused) = if requests.is_empty() {
-                (Vec::new(), None)
-            } else {
-                self.select_counting(pieces, reps.len() * tasks, requests.clone(), rows)?
-            };
-            // cuts[k][t] = (top, low) for the sets and tasks that keep something.
-            let cuts: Vec<Vec<Option<RowCuts>>> = slots
-                .iter()
-                .map(|s| {
-                    s.iter()
-                        .map(|o| o.map(|(g, kk, r)| (v[r], (g + kk < n).then_some(v[r + 1]))))
-                        .collect()
-                })
-                .collect();
-            let counts = match fused {
-                Some(per_chunk) => Ok(per_chunk
-                    .iter()
-                    .map(|(start, at)| {
-                        let cells = slots
-                            .iter()
-                            .map(|s| {
-                                s.iter()
-                                    .map(|o| match *o {
-                                        Some((g, kk, r)) => {
-                                            let low = if g + kk < n { at[r + 1] } else { [0, 0] };
-                                            [at[r][0], at[r][1], low[0], low[1]]
-                                        }
-                                        None => [0; 4],
-                                    })
-                                    .collect()
-                            })
-                            .collect();
-                        (*start, cells)
-                    })
-                    .collect()),
-                None => self.pass(
-                    pieces,
-                    Vec::new,
-                    |w, c, acc: &mut Vec<(usize, Vec<Vec<[u64; 4]>>)>| {
-                        let mut per_set = vec![Vec::new(); all.len()];
-                        for (v, &j) in reps.iter().enumerate() {
-                            let src = self.set_deltas(w, j, c);
-                            let d = w.src(src);
-                            for (k, cs) in cuts.iter().enumerate() {
-                                if of[k] != v {
-                                    continue;
-                                }
-                                per_set[k] = (0..tasks)
-                                    .map(|t| match cs[t] {
-                                        Some((top, low)) => {
-                                            breadcrumbs::count_piece(&d[t][..c.len], top, low)
-                                        }
-                                        None => [0; 4],
-                                    })
-                                    .collect();
-                            }
-                        }
-                        acc.push((c.start, per_set));
-                        Ok(())
-                    },
-                    |mut a, b| {
-                        a.extend(b);
-                        a
-                    },
-                ),
-            };
-            let mut counts = counts?;
-            counts.sort_unstable_by_key(|(start, _)| *start);
-            for (k, cs) in cuts.iter().enumerate() {
-                for t in 0..tasks {
-                    let Some((top, low)) = cs[t] else {
-                        for (start, _) in &counts {
-                            stats[k].entry(*start).or_insert_with(|| vec![None; tasks]);
-                        }
-                        continue;
-                    };
-                    let (g, kk, _) = slots[k][t].expect("a cut has ranks");
-                    let above_top: u64 = counts.iter().map(|(_, c)| c[k][t][0]).sum();
-                    let above_low: u64 = counts.iter().map(|(_, c)| c[k][t][2]).sum();
-                    let cut = breadcrumbs::Cut {
-                        top,
-                        top_skip: g - above_top,
-                        low: low.map(|l| (l, g + kk - above_low)),
-                    };
-                    let (mut top_before, mut low_before) = (0, 0);
-                    for (start, c) in &counts {
-                        let cell = stats[k].entry(*start).or_insert_with(|| vec![None; tasks]);
-                        cell[t] = Some(breadcrumbs::Piece {
-                            cut,
-                            top_before,
-                            low_before,
-                        });
-                        top_before += c[k][t][1];
-                        low_before += c[k][t][3];
-                    }
-                }
-            }
-        }
-        Ok(stats)
     }
 
     /// Trim thresholds (per set, task `t`'s at the rank `ranks` gives it; 0 where none) and
@@ -389,61 +244,13 @@ impl Engine<'_> {
             || windows.acc(),
             #[inline(always)]
             |a, row, v| a.count(&windows, row, v),
-            Windowed::merge,
+            |a, b| a.merge_capped(b, &windows),
         )?;
         self.debug_windows(&windows, &acc);
         match acc.finish(&windows) {
             Some(v) => Ok(v),
             None => self.radix_select(chunks, n_rows, requests, rows),
         }
-    }
-
-    /// [`Self::select`], and when its windowed pass found the values, also every chunk's
-    /// (#above, #equal) per request, counted in that pass: (start, per request) by chunk.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn select_counting(
-        &self,
-        chunks: &[Chunk],
-        n_rows: usize,
-        requests: Vec<Request>,
-        rows: Rows,
-    ) -> Result<(Vec<f32>, Option<Vec<(usize, Vec<[u64; 2]>)>>)> {
-        let windows = match self.guess(chunks, n_rows, requests.clone(), rows)? {
-            Some(Guess::Exact(v)) => return Ok((v, None)),
-            Some(Guess::Window(windows)) => windows,
-            None => return Ok((self.radix_select(chunks, n_rows, requests, rows)?, None)),
-        };
-        let found = self.pass(
-            chunks,
-            PieceWindows::default,
-            |w, c, acc: &mut PieceWindows| {
-                let mut counted = windows.acc();
-                rows(w, c, None, &mut |row, v| {
-                    crate::simd!(counted.count(&windows, row, v))
-                });
-                acc.push(&windows, PieceWindow::new(c.start, c.len as u64, counted));
-                Ok(())
-            },
-            PieceWindows::merge,
-        )?;
-        let all = found.merged(&windows);
-        if let Some(all) = &all {
-            self.debug_windows(&windows, all);
-        }
-        let Some(v) = all.and_then(|all| all.finish(&windows)) else {
-            return Ok((self.radix_select(chunks, n_rows, requests, rows)?, None));
-        };
-        let pieces = found.pieces;
-        let per_chunk = pieces
-            .iter()
-            .map(|p| {
-                let at = (0..v.len())
-                    .map(|i| p.above_equal(&windows, i, v[i]))
-                    .collect();
-                (p.start, at)
-            })
-            .collect();
-        Ok((v, Some(per_chunk)))
     }
 
     /// A sample's guess at the requested order statistics: exact when the scope is small
@@ -608,15 +415,15 @@ impl Engine<'_> {
     }
 }
 
-/// A long row's magnitudes at its two cut ranks (the lower one absent when it keeps the rest).
-type RowCuts = (f32, Option<f32>);
-
 /// Per task, the cuts of the piece of a long row starting at each chunk start.
 pub(crate) type Cuts = BTreeMap<usize, Vec<Option<Piece>>>;
 
 /// Produces a chunk's rows (one per task, or per requested statistic's task) for a select.
-pub(crate) type Rows<'r> =
-    &'r (dyn Fn(&mut Work, &Chunk, Floor, &mut dyn FnMut(usize, &[f32])) + Sync);
+pub(crate) type Rows<'r> = &'r RowsFn<'r>;
+
+/// What a [`Rows`] refers to.
+pub(crate) type RowsFn<'r> =
+    dyn Fn(&mut Work, &Chunk, Floor, &mut dyn FnMut(usize, &[f32])) + Sync + 'r;
 
 /// Per row, a value below which the pass counting the rows does not tell values apart (a
 /// windowed select only counts them): a row may emit −∞ for a value it can show is below its

@@ -1,6 +1,6 @@
 //! The engine side of [`Kernel`]: statistics scheduled from the methods' requests, and M of a
-//! chunk from them. Stage k of every tensor and parameter set runs in one shared pass (a select
-//! takes a pass per tensor, as TIES's per-tensor scope does); parameter sets whose statistics
+//! chunk from them. Stage k of every tensor and parameter set runs in one shared pass (the
+//! selects in passes of their own, `select_stage.rs`); parameter sets whose statistics
 //! agree ([`Kernel::stats_key`], and their own weights) share them. A method with
 //! [`Scope::Global`] statistics has one group, the model, asked as one flat tensor; the others a
 //! group per tensor.
@@ -13,7 +13,6 @@ use crate::error::Result;
 use crate::methods::kernel::{ChunkIn, Found, Kernel, Scratch, Stage, TensorStats, Unit};
 use crate::methods::Scope;
 use crate::plan::{Chunk, TensorPlan};
-use crate::select::Request;
 
 /// A chunk's sums: (representative, group, chunk start, first unit, `units × slots` values),
 /// in chunk order within a group once sorted (a group's chunks are in plan order).
@@ -22,8 +21,8 @@ type Partial = (usize, usize, usize, usize, usize, Vec<f64>);
 static EMPTY: std::sync::OnceLock<TensorStats> = std::sync::OnceLock::new();
 
 /// The statistics groups of one run: a group per tensor, and the model as group `n`.
-struct Groups<'p> {
-    n: usize,
+pub(super) struct Groups<'p> {
+    pub(super) n: usize,
     model: TensorPlan,
     plan: &'p [TensorPlan],
     /// Per representative: whether its statistics are the model's.
@@ -33,7 +32,7 @@ struct Groups<'p> {
 }
 
 impl Groups<'_> {
-    fn plan(&self, g: usize) -> &TensorPlan {
+    pub(super) fn plan(&self, g: usize) -> &TensorPlan {
         if g == self.n {
             &self.model
         } else {
@@ -57,7 +56,7 @@ impl Groups<'_> {
         (self.global[r] == (g == self.n)) && present && t.mergeable && t.numel > 0
     }
 
-    fn chunks(&self, merge: &[Chunk], g: usize) -> Vec<Chunk> {
+    pub(super) fn chunks(&self, merge: &[Chunk], g: usize) -> Vec<Chunk> {
         if g == self.n {
             merge.to_vec()
         } else {
@@ -73,7 +72,7 @@ pub(super) fn model_plan(d: usize) -> TensorPlan {
 
 /// One round of stages: what every (representative, group) asks for.
 #[derive(Clone, Copy)]
-struct Round<'r> {
+pub(super) struct Round<'r> {
     merge: &'r [Chunk],
     groups: &'r Groups<'r>,
     reps: &'r [usize],
@@ -81,7 +80,7 @@ struct Round<'r> {
 }
 
 /// A round's (merge chunks, groups, representatives, requests).
-type Parts<'r> = (
+pub(super) type Parts<'r> = (
     &'r [Chunk],
     &'r Groups<'r>,
     &'r [usize],
@@ -89,7 +88,7 @@ type Parts<'r> = (
 );
 
 impl<'r> Round<'r> {
-    fn parts(&self) -> Parts<'r> {
+    pub(super) fn parts(&self) -> Parts<'r> {
         (self.merge, self.groups, self.reps, self.wants)
     }
 }
@@ -148,9 +147,14 @@ impl Engine<'_> {
             vec![vec![TensorStats::default(); n + 1]; reps.len()];
         let gather = matches!(self.part.model, ModelPart::Gather(..));
         // Rows longer than a chunk, for a method ranking within rows: their pieces' cuts.
-        for (i, t) in self.plan.iter().enumerate() {
-            if !gather && groups.present[i] && t.has_long(self.rows, chunk_size) {
-                for (r, cuts) in self.crumbs_stats(merge, i, &reps)?.into_iter().enumerate() {
+        let long: Vec<usize> = (0..n)
+            .filter(|&i| {
+                !gather && groups.present[i] && self.plan[i].has_long(self.rows, chunk_size)
+            })
+            .collect();
+        if !long.is_empty() {
+            for (&i, per_set) in long.iter().zip(self.crumbs_stats(merge, &long, &reps)?) {
+                for (r, cuts) in per_set.into_iter().enumerate() {
                     found[r][i].cuts = cuts;
                 }
             }
@@ -363,115 +367,6 @@ impl Engine<'_> {
                 sums,
                 before,
             });
-        }
-        Ok(())
-    }
-
-    /// The exact selects asked for at this stage: one per group, every representative's
-    /// scores as rows of it (representatives whose deltas and [`Kernel::select_key`] agree
-    /// share their rows).
-    fn select_stage(&self, round: &Round, found: &mut [Vec<TensorStats>]) -> Result<()> {
-        let (merge, groups, reps, wants) = round.parts();
-        for g in 0..=groups.n {
-            let asking: Vec<(usize, usize)> = (0..reps.len())
-                .filter_map(|r| match wants[r][g] {
-                    Some(Stage::Select { rows }) => Some((r, rows)),
-                    _ => None,
-                })
-                .collect();
-            if asking.is_empty() {
-                continue;
-            }
-            // Blocks of shared rows: (key, first row, rows, the representative scoring them).
-            let mut blocks: Vec<(String, usize, usize, usize)> = Vec::new();
-            let mut n_rows = 0;
-            let mut requests = Vec::new();
-            let mut counts = Vec::new();
-            // Representatives ranking from the top of the nonzero scores: (row, fraction).
-            let mut tops = Vec::new();
-            for &(r, rows) in &asking {
-                let k = self.kernel_of(reps[r]);
-                let key = format!(
-                    "{} {} {rows}",
-                    self.deltas_key(reps[r]),
-                    k.select_key(&found[r][g])
-                );
-                let base = match blocks.iter().find(|b| b.0 == key) {
-                    Some(b) => b.1,
-                    None => {
-                        blocks.push((key, n_rows, rows, r));
-                        n_rows += rows;
-                        n_rows - rows
-                    }
-                };
-                if let Some(f) = k.top_of_nonzero(&found[r][g]) {
-                    counts.push(rows);
-                    tops.extend((0..rows).map(|row| (base + row, f)));
-                    continue;
-                }
-                let ranks = k.ranks(groups.plan(g), self.tasks(), &found[r][g]);
-                counts.push(ranks.len());
-                requests.extend(ranks.into_iter().map(|(row, rank)| Request {
-                    row: base + row,
-                    rank,
-                }));
-            }
-            let chunks = groups.chunks(merge, g);
-            let found_ro: &[Vec<TensorStats>] = found;
-            let emit = |w: &mut Work,
-                        c: &Chunk,
-                        floor: crate::stats::Floor,
-                        emit: &mut dyn FnMut(usize, &[f32])| {
-                for &(_, base, rows, r) in &blocks {
-                    let floor = floor.map(|f| &f[base..base + rows]);
-                    let mut out = std::mem::take(&mut w.sel);
-                    out.resize_with(out.len().max(rows), Vec::new);
-                    for o in &mut out[..rows] {
-                        grow(o, c.len);
-                    }
-                    self.with_chunk(w, reps[r], c, |k, x, scratch| {
-                        k.score(x, &found_ro[r][g], scratch, floor, &mut out[..rows])
-                    });
-                    for (row, o) in out[..rows].iter().enumerate() {
-                        emit(base + row, &o[..c.len]);
-                    }
-                    w.sel = out;
-                }
-            };
-            let values = if requests.is_empty() {
-                Vec::new()
-            } else {
-                self.select(&chunks, n_rows, requests, &emit)?
-            };
-            let (top_values, nonzero) = if tops.is_empty() {
-                (Vec::new(), Vec::new())
-            } else {
-                self.select_top_nonzero(&chunks, n_rows, &tops, &emit)?
-            };
-            let (mut at, mut at_top) = (0, 0);
-            for (&(r, _), n) in asking.iter().zip(counts) {
-                if self
-                    .kernel_of(reps[r])
-                    .top_of_nonzero(&found[r][g])
-                    .is_some()
-                {
-                    let range = at_top..at_top + n;
-                    found[r][g].stages.push(Found::Sums {
-                        slots: 1,
-                        sums: nonzero[range.clone()].iter().map(|&c| c as f64).collect(),
-                        before: Default::default(),
-                    });
-                    found[r][g]
-                        .stages
-                        .push(Found::Select(top_values[range].to_vec()));
-                    at_top += n;
-                    continue;
-                }
-                found[r][g]
-                    .stages
-                    .push(Found::Select(values[at..at + n].to_vec()));
-                at += n;
-            }
         }
         Ok(())
     }

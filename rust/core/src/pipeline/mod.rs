@@ -9,10 +9,13 @@ mod engine;
 pub mod exchange;
 mod groups;
 mod kernel;
+mod long_rows;
 mod output;
 mod scaling;
+pub(crate) mod select_many;
+mod select_stage;
 mod speculate;
-mod top_nonzero;
+pub(crate) mod top_nonzero;
 
 pub use engine::metagpt_weights;
 use engine::Run;

@@ -17,6 +17,16 @@ use crate::stats::Rows;
 /// Binomial standard deviations of a sample's estimate that a window allows for.
 const SIGMAS: f64 = 6.0;
 
+/// What a sample tells about a select from the top of the nonzero values.
+pub(crate) enum TopGuess {
+    /// The sample was the data: each value and its row's nonzero count.
+    Exact(Vec<f32>, Vec<u64>),
+    /// Windows for one pass that counts the zeros too ([`Windows::late`] set).
+    Window(Windows),
+    /// No guess: count the zeros first ([`Engine::top_exact`]).
+    None,
+}
+
 impl Engine<'_> {
     /// For each `(row, f)` of `tops`, the ⌊nonzero · f⌋-th largest value of the row (+∞ when
     /// that is none: nothing is kept) and the row's count of nonzero values.
@@ -27,43 +37,9 @@ impl Engine<'_> {
         tops: &[(usize, f32)],
         rows: Rows,
     ) -> Result<(Vec<f32>, Vec<u64>)> {
-        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let is_zero = |k: u32| k == key(0.0) || k == key(-0.0);
-        if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_none() {
-            let samples = self.random_access(|| self.sample(chunks, n_rows, total, rows))?;
-            let zeros = |row: usize| samples[row].iter().filter(|&&k| is_zero(k)).count();
-            if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
-                // The sorted sample is the data.
-                let nonzero: Vec<u64> = tops
-                    .iter()
-                    .map(|&(row, _)| total - zeros(row) as u64)
-                    .collect();
-                let values = tops
-                    .iter()
-                    .zip(&nonzero)
-                    .map(|(&(row, f), &nz)| match top_rank(total, nz, f) {
-                        Some(rank) => unkey(samples[row][rank as usize]),
-                        None => f32::INFINITY,
-                    })
-                    .collect();
-                return Ok((values, nonzero));
-            }
-            let mut requests = Vec::with_capacity(tops.len());
-            let mut extra = Vec::with_capacity(tops.len());
-            for &(row, f) in tops {
-                let n = samples[row].len().max(1) as f64;
-                let q = zeros(row) as f64 / n;
-                let guess = ((1.0 - q) * total as f64) as u64;
-                // A guess of nothing kept still places the window at the top.
-                let rank = top_rank(total, guess, f).unwrap_or(total.saturating_sub(1));
-                requests.push(Request { row, rank });
-                // The zeros' share moves the rank by f times its own sampling error.
-                extra.push(f64::from(f) * SIGMAS * (n * q * (1.0 - q)).sqrt());
-            }
-            let mut windows =
-                Windows::from_sample_spread(requests, &samples, total, SIGMAS, &extra);
-            if windows.viable {
-                windows.late = tops.iter().map(|&(_, f)| Some(f)).collect();
+        match self.top_guess(chunks, n_rows, tops, rows)? {
+            TopGuess::Exact(values, nonzero) => return Ok((values, nonzero)),
+            TopGuess::Window(windows) => {
                 let windows = &windows;
                 let acc = self.rows_pass(
                     chunks,
@@ -73,22 +49,93 @@ impl Engine<'_> {
                     || windows.acc(),
                     #[inline(always)]
                     |a, row, v| a.count(windows, row, v),
-                    Windowed::merge,
+                    |a, b| a.merge_capped(b, windows),
                 )?;
-                let nonzero = acc.nonzero(windows);
-                if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
-                    eprintln!(
-                        "select (top of nonzero): windows {:?} {}",
-                        windows.bounds,
-                        acc.describe()
-                    );
-                }
-                if let Some(values) = acc.finish(windows) {
-                    return Ok((values, nonzero));
+                if let Some(found) = Self::top_finish(windows, acc) {
+                    return Ok(found);
                 }
             }
+            TopGuess::None => {}
         }
-        // The zeros in a pass of their own, then an exact select at the ranks they give.
+        self.top_exact(chunks, n_rows, tops, rows)
+    }
+
+    /// The sample's guess for [`Self::select_top_nonzero`].
+    pub(crate) fn top_guess(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        tops: &[(usize, f32)],
+        rows: Rows,
+    ) -> Result<TopGuess> {
+        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let is_zero = |k: u32| k == key(0.0) || k == key(-0.0);
+        if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
+            return Ok(TopGuess::None);
+        }
+        let samples = self.random_access(|| self.sample(chunks, n_rows, total, rows))?;
+        let zeros = |row: usize| samples[row].iter().filter(|&&k| is_zero(k)).count();
+        if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
+            // The sorted sample is the data.
+            let nonzero: Vec<u64> = tops
+                .iter()
+                .map(|&(row, _)| total - zeros(row) as u64)
+                .collect();
+            let values = tops
+                .iter()
+                .zip(&nonzero)
+                .map(|(&(row, f), &nz)| match top_rank(total, nz, f) {
+                    Some(rank) => unkey(samples[row][rank as usize]),
+                    None => f32::INFINITY,
+                })
+                .collect();
+            return Ok(TopGuess::Exact(values, nonzero));
+        }
+        let mut requests = Vec::with_capacity(tops.len());
+        let mut extra = Vec::with_capacity(tops.len());
+        for &(row, f) in tops {
+            let n = samples[row].len().max(1) as f64;
+            let q = zeros(row) as f64 / n;
+            let guess = ((1.0 - q) * total as f64) as u64;
+            // A guess of nothing kept still places the window at the top.
+            let rank = top_rank(total, guess, f).unwrap_or(total.saturating_sub(1));
+            requests.push(Request { row, rank });
+            // The zeros' share moves the rank by f times its own sampling error.
+            extra.push(f64::from(f) * SIGMAS * (n * q * (1.0 - q)).sqrt());
+        }
+        let mut windows = Windows::from_sample_spread(requests, &samples, total, SIGMAS, &extra);
+        if !windows.viable {
+            return Ok(TopGuess::None);
+        }
+        windows.late = tops.iter().map(|&(_, f)| Some(f)).collect();
+        Ok(TopGuess::Window(windows))
+    }
+
+    /// The values and nonzero counts a windowed pass's counts give, or None when a rank fell
+    /// outside its window.
+    pub(crate) fn top_finish(windows: &Windows, acc: Windowed) -> Option<(Vec<f32>, Vec<u64>)> {
+        let nonzero = acc.nonzero(windows);
+        if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
+            eprintln!(
+                "select (top of nonzero): windows {:?} caps {:?} {}",
+                windows.bounds,
+                windows.caps,
+                acc.describe()
+            );
+        }
+        acc.finish(windows).map(|values| (values, nonzero))
+    }
+
+    /// [`Self::select_top_nonzero`] without a guess: the zeros in a pass of their own, then an
+    /// exact select at the ranks they give.
+    pub(crate) fn top_exact(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        tops: &[(usize, f32)],
+        rows: Rows,
+    ) -> Result<(Vec<f32>, Vec<u64>)> {
+        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             eprintln!("select (top of nonzero): no window held the rank; zeros counted first");
         }
