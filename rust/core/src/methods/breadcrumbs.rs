@@ -141,6 +141,20 @@ pub fn count_piece(piece: &[f32], top: f32, low: Option<f32>) -> [u64; 4] {
 /// shared by many elements (deltas of bf16 weights take few distinct values).
 #[inline(always)]
 pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
+    piece_into::<false>(piece, p, acc)
+}
+
+/// crumbs(piece) into `out`, as [`add_piece`] into zeros (`0 + x`: a kept −0 is +0, as there)
+/// without zeroing `out` first: mergekit's sparsified deltas, where the memset of every task's
+/// chunk was 3 % of a per-tensor TIES.
+#[inline(always)]
+pub fn set_piece(piece: &[f32], p: &Piece, out: &mut [f32]) {
+    piece_into::<true>(piece, p, out)
+}
+
+/// [`add_piece`] (`SET`: [`set_piece`]).
+#[inline(always)]
+fn piece_into<const SET: bool>(piece: &[f32], p: &Piece, acc: &mut [f32]) {
     const BLOCK: usize = 32;
     let Cut { top, top_skip, low } = p.cut;
     // NaN equals nothing; every non-NaN magnitude exceeds −∞ (no low cut: all above it).
@@ -174,7 +188,12 @@ pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
                     let v = x.abs();
                     let below_top = if v == top { tk } else { v < top };
                     let above_low = if v == low_at { lk } else { v > low_above };
-                    *a = if below_top & above_low { *a + x } else { *a };
+                    let from = if SET { 0.0 } else { *a };
+                    *a = if below_top & above_low {
+                        from + x
+                    } else {
+                        from
+                    };
                 }
                 seen_top += at_top;
                 seen_low += at_low;
@@ -196,9 +215,12 @@ pub fn add_piece(piece: &[f32], p: &Piece, acc: &mut [f32]) {
                         }
                         Some((l, _)) => v > l,
                     };
-                    if below_top && above_low {
-                        *a += x;
-                    }
+                    let from = if SET { 0.0 } else { *a };
+                    *a = if below_top && above_low {
+                        from + x
+                    } else {
+                        from
+                    };
                 }
             }
         }
@@ -357,9 +379,11 @@ mod tests {
             // Magnitudes on a grid of 9 values, so that runs of elements at a cut are common;
             // some blocks (and whole pieces) with none, a NaN now and then.
             let grid = if round % 3 == 0 { 40 } else { 9 };
+            // And −0 now and then: `set_piece` must keep it as adding it to zeros does (+0).
             let piece: Vec<f32> = (0..n)
                 .map(|_| match next(50) {
                     0 => f32::NAN,
+                    1 => -0.0,
                     _ => (next(grid) as f32 - grid as f32 / 2.0) * 0.25,
                 })
                 .collect();
@@ -383,6 +407,12 @@ mod tests {
             add_piece(&piece, &p, &mut got);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "round {round}: {p:?}");
+            // Into zeros, and set over whatever the buffer held.
+            let mut zeros = vec![0.0f32; n];
+            add_piece_by_ordinals(&piece, &p, &mut zeros);
+            let mut set = vec![f32::NAN; n];
+            set_piece(&piece, &p, &mut set);
+            assert_eq!(bits(&set), bits(&zeros), "round {round}: {p:?}");
         }
     }
 

@@ -5,7 +5,7 @@
 //! kept, and `normalize` divides by Σ w_t over the kept ones. Keeping the family in one
 //! parameterised kernel mirrors mergekit, where the methods are the same code with switches.
 
-use super::breadcrumbs::{add_piece, add_task};
+use super::breadcrumbs::{add_task, set_piece};
 use super::elementwise;
 use super::kernel::{ChunkIn, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
 use super::mergekit_arith::mix_in;
@@ -129,26 +129,23 @@ impl Gta {
                     out.copy_from_slice(src);
                 }
             }
-            Sparsify::Magnitude | Sparsify::Outliers => {
-                out.fill(0.0);
-                match st.cuts.get(&x.start) {
-                    Some(cuts) => {
-                        if let Some(p) = &cuts[k] {
-                            crate::simd!(add_piece(src, p, out));
-                        }
-                    }
-                    None => {
-                        let unit = x.tensor.numel.max(1);
-                        crate::simd!(add_task(
-                            src,
-                            (unit, false),
-                            self.kept_ranks(unit, k),
-                            keys,
-                            out
-                        ));
-                    }
+            Sparsify::Magnitude | Sparsify::Outliers => match st.cuts.get(&x.start) {
+                Some(cuts) => match &cuts[k] {
+                    Some(p) => crate::simd!(set_piece(src, p, out)),
+                    None => out.fill(0.0),
+                },
+                None => {
+                    out.fill(0.0);
+                    let unit = x.tensor.numel.max(1);
+                    crate::simd!(add_task(
+                        src,
+                        (unit, false),
+                        self.kept_ranks(unit, k),
+                        keys,
+                        out
+                    ));
                 }
-            }
+            },
         }
     }
 
