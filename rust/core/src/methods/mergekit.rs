@@ -390,13 +390,22 @@ pub fn mix<D: AsRef<[f32]>>(
     (sums, div): (&mut [f32], &mut [f32]),
 ) {
     let (m, sums, div) = (&mut m[..n], &mut sums[..n], &mut div[..n]);
-    m.fill(0.0);
-    if !g.consensus {
-        for (d, &w) in deltas.iter().zip(weights) {
+    // Each sum starts at 0 in the first model's loop (`0 + y`, as adding into zeros) rather
+    // than in a memset of the chunk.
+    if deltas.is_empty() {
+        m.fill(0.0);
+        sums.fill(0.0);
+        div.fill(0.0);
+    }
+    let weighted_sum = |m: &mut [f32]| {
+        for (k, (d, &w)) in deltas.iter().zip(weights).enumerate() {
             for (acc, &x) in m.iter_mut().zip(&d.as_ref()[..n]) {
-                *acc += x * w;
+                *acc = if k == 0 { 0.0 } else { *acc } + x * w;
             }
         }
+    };
+    if !g.consensus {
+        weighted_sum(m);
         if g.normalize {
             let mut total = weights.iter().fold(0.0f32, |s, &w| s + w);
             if total.abs() < 1e-8 {
@@ -409,17 +418,11 @@ pub fn mix<D: AsRef<[f32]>>(
         return;
     }
     // m holds Σ_t w_t·τ_t first, then becomes the majority sign (+1 where the sum is ≥ 0).
-    for (d, &w) in deltas.iter().zip(weights) {
-        for (acc, &x) in m.iter_mut().zip(&d.as_ref()[..n]) {
-            *acc += x * w;
-        }
-    }
+    weighted_sum(m);
     for v in m.iter_mut() {
         *v = if *v >= 0.0 { 1.0 } else { -1.0 };
     }
-    div.fill(0.0);
-    sums.fill(0.0);
-    for (d, &w) in deltas.iter().zip(weights) {
+    for (k, (d, &w)) in deltas.iter().zip(weights).enumerate() {
         for ((s, (q, &maj)), &x) in sums
             .iter_mut()
             .zip(div.iter_mut().zip(m.iter()))
@@ -428,8 +431,9 @@ pub fn mix<D: AsRef<[f32]>>(
             let y = x * w;
             let sign = f32::from(u8::from(y > 0.0)) - f32::from(u8::from(y < 0.0));
             let keep = f32::from(u8::from(sign == maj));
-            *s += y * keep;
-            *q += w * keep;
+            let (from_s, from_q) = if k == 0 { (0.0, 0.0) } else { (*s, *q) };
+            *s = from_s + y * keep;
+            *q = from_q + w * keep;
         }
     }
     for ((v, &s), &q) in m.iter_mut().zip(sums.iter()).zip(div.iter()) {
@@ -457,6 +461,72 @@ mod tests {
         assert_eq!(b.kept_ranks(100, 0), Some((50, 50))); // outlier removal reduced
         b.density = PerTask::All(1.0);
         assert_eq!(b.kept_ranks(100, 0), Some((0, 100))); // not sparsified
+    }
+
+    /// mergekit's mixing element by element (the sums from 0, the models in order), against
+    /// `mix` over scratch holding garbage: the sums must not depend on what it held.
+    #[test]
+    fn mix_matches_the_rule_over_garbage_scratch() {
+        let mut z = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            z
+        };
+        let n = 1000;
+        for name in ["ties", "task_arithmetic"] {
+            for normalize in [false, true] {
+                let mut g = Gta::named(name).unwrap();
+                g.normalize = normalize;
+                // A grid with zeros, −0 and sums that cancel.
+                let d: Vec<Vec<f32>> = (0..3)
+                    .map(|_| {
+                        (0..n)
+                            .map(|_| match next() % 9 {
+                                0 => -0.0,
+                                v => (v as f32 - 5.0) * 0.25,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let w = [1.0f32, -0.5, 0.5];
+                let mut want = vec![0.0f32; n];
+                for (i, o) in want.iter_mut().enumerate() {
+                    let sum = (0..3).fold(0.0f32, |s, t| s + d[t][i] * w[t]);
+                    if !g.consensus {
+                        let total = w.iter().fold(0.0f32, |s, &w| s + w);
+                        *o = if normalize { sum / total } else { sum };
+                        continue;
+                    }
+                    let maj = if sum >= 0.0 { 1.0 } else { -1.0 };
+                    let (mut s, mut q) = (0.0f32, 0.0f32);
+                    for t in 0..3 {
+                        let y = d[t][i] * w[t];
+                        let sign = if y > 0.0 {
+                            1.0
+                        } else if y < 0.0 {
+                            -1.0
+                        } else {
+                            0.0
+                        };
+                        let keep = if sign == maj { 1.0 } else { 0.0 };
+                        s += y * keep;
+                        q += w[t] * keep;
+                    }
+                    *o = if normalize {
+                        s / if q == 0.0 { 1.0 } else { q }
+                    } else {
+                        s
+                    };
+                }
+                let (mut m, mut a, mut b) =
+                    (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+                mix(&g, &d, &w, n, &mut m, (&mut a, &mut b));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&m), bits(&want), "{name} normalize {normalize}");
+            }
+        }
     }
 
     #[test]
