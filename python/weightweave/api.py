@@ -318,7 +318,7 @@ def merge(
         seed: Seed of the counter-based generator (DARE masks).
         threads: Worker threads (default: all cores); for the SVD methods, torch's threads too
             (default: torch's), since LAPACK's SVD changes in its last bits with their number.
-        chunk_size: Elements per chunk (default 262144); memory is O(chunk_size × threads × T).
+        chunk_size: Elements per chunk (default 131072); memory is O(chunk_size × threads × T).
         out_dtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"f64"`` for merged tensors
             (default: the base's dtype).
         shard_size: Maximum bytes per output shard (directory output only).
