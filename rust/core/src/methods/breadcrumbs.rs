@@ -9,6 +9,7 @@
 //! decides its elements alone, given how many equal magnitudes came before it ([`Piece`]).
 
 use super::kernel::{ChunkIn, Kernel, Scratch, TensorStats};
+use super::row_cut::{cut_keys, rank_key};
 use super::{int_frac, PerTask, Reader, Rows};
 use crate::error::{Error, Result};
 
@@ -244,12 +245,6 @@ pub fn merge_pieces<D: AsRef<[f32]>>(
     }
 }
 
-/// Sort key: ascending key order = descending |x|, then ascending position.
-#[inline]
-fn rank_key(x: f32, pos: usize) -> u64 {
-    (((!x.abs().to_bits()) as u64) << 32) | pos as u64
-}
-
 /// Adds crumbs(row) into `acc`, keeping the descending ranks `ranks` = [g, g + k) (`None`:
 /// nothing). `keys` is scratch.
 #[inline(always)]
@@ -265,21 +260,9 @@ pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc:
         return;
     }
     let (drop_top, keep) = (drop_top as usize, keep as usize);
-    keys.clear();
-    keys.extend(row.iter().enumerate().map(|(i, &x)| rank_key(x, i)));
     // The key at rank `drop_top` is the smallest kept; the one at `drop_top + keep` the first cut.
-    // The far cut is selected first: it leaves the `drop_top + keep` smallest keys in front (a
-    // small part of the row at the usual densities), where the near one is then selected,
-    // instead of a second select over the whole row. Keys are distinct (the position is in
-    // their low bits), so either order finds the same two.
-    let hi = if drop_top + keep < n {
-        let (_, &mut hi, _) = keys.select_nth_unstable(drop_top + keep);
-        hi
-    } else {
-        u64::MAX
-    };
-    let front = (drop_top + keep).min(n);
-    let (_, &mut lo, _) = keys[..front].select_nth_unstable(drop_top);
+    let far = (drop_top + keep < n).then_some(drop_top + keep);
+    let (lo, hi) = cut_keys(row, drop_top, far, keys);
     for (i, (a, &x)) in acc.iter_mut().zip(row).enumerate() {
         let k = rank_key(x, i);
         if k >= lo && k < hi {

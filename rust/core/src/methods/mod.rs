@@ -47,6 +47,7 @@ pub mod pcb;
 pub mod ram;
 pub mod reduce;
 pub mod registry;
+mod row_cut;
 pub mod sce;
 pub mod slerp;
 pub mod svd;
