@@ -58,6 +58,12 @@ RUNS = {
                                "weights": [1.0, 0.6, 0.3], "density": [0.5, 0.3, 0.7]}),
     "mk_breadcrumbs_ties": ("merge", {"method": "breadcrumbs_ties", "compat": "mergekit", "weights": [1.0, 0.6, 0.3],
                                       "density": 0.5, "gamma": 0.02, "chunk_size": 4096}),
+    # Row statistics of whole rows side by side, and per-tensor selects sampled in one pass
+    # (digests taken with d64caf6, before both). `models` keeps the first models alone.
+    "mk_arcee_fusion": ("merge", {"method": "arcee_fusion", "compat": "mergekit", "models": 1}),
+    "mk_arcee_fusion_bf16_pieces": ("merge", {"method": "arcee_fusion", "compat": "mergekit", "arith": "bf16",
+                                              "models": 1, "chunk_size": 4096}),
+    "mk_sce": ("merge", {"method": "sce", "compat": "mergekit", "select_topk": 0.3}),
 }
 
 PINNED = {
@@ -76,6 +82,9 @@ PINNED = {
     "mk_dare_ties": "58e47f32e9062c25",
     "mk_ties_bf16": "f20faf552da408a3",
     "mk_breadcrumbs_ties": "3b24f52cfb6a56c1",
+    "mk_arcee_fusion": "beaf9eaedc09e22e",
+    "mk_arcee_fusion_bf16_pieces": "f224a9363a4ce2cd",
+    "mk_sce": "562253e8bdcf5740",
 }
 
 
@@ -132,6 +141,8 @@ def inputs(tmp_path_factory):
 def test_outputs_keep_their_pinned_bytes(inputs, tmp_path, monkeypatch, name, mode):
     bp, mps = inputs
     fn, kw = RUNS[name]
+    kw = dict(kw)
+    mps = mps[: kw.pop("models", len(mps))]
     out = tmp_path / "out.safetensors"
     if mode in ("baseline-1-thread", "avx2"):
         # The kernel copy is picked once per process: a fresh one, with the baseline forced (one

@@ -268,23 +268,29 @@ impl Engine<'_> {
             return Ok(None);
         }
         let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let t0 = std::time::Instant::now();
-        let samples = self.random_access(|| self.sample(chunks, n_rows, total, rows))?;
-        if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
-            eprintln!("sample: {:.2}s", t0.elapsed().as_secs_f64());
-        }
+        let samples = self.random_access(|| self.sample(chunks, n_rows, rows))?;
+        Ok(Self::guess_from(&samples, total, requests))
+    }
+
+    /// [`Self::guess`] from the scope's sorted sample ([`Self::sample`]) of its `total`
+    /// values.
+    pub(crate) fn guess_from(
+        samples: &[Vec<u32>],
+        total: u64,
+        requests: Vec<Request>,
+    ) -> Option<Guess> {
         if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
             // The sorted sample is the data.
-            return Ok(Some(Guess::Exact(
+            return Some(Guess::Exact(
                 requests
                     .iter()
                     .map(|r| unkey(samples[r.row][r.rank as usize]))
                     .collect(),
-            )));
+            ));
         }
-        let windows = Windows::from_sample(requests, &samples, total, 6.0);
+        let windows = Windows::from_sample(requests, samples, total, 6.0);
         // Windows that would hold more keys than the memory budget go straight to radix.
-        Ok(windows.viable.then_some(Guess::Window(windows)))
+        windows.viable.then_some(Guess::Window(windows))
     }
 
     fn debug_windows(&self, windows: &Windows, acc: &Windowed) {
@@ -296,60 +302,6 @@ impl Engine<'_> {
                 acc.describe()
             );
         }
-    }
-
-    /// Sorted keys per row from short evenly spaced runs covering about 1/256 of the scope
-    /// (2^15 to 2^21 elements; everything when the scope is small).
-    pub(crate) fn sample(
-        &self,
-        chunks: &[Chunk],
-        n_rows: usize,
-        total: u64,
-        rows: Rows,
-    ) -> Result<Vec<Vec<u32>>> {
-        const RUN: u64 = 64;
-        // Capped, so that neither the sample nor the windows it implies grow with the model.
-        let want = (total / 256).clamp(1 << 15, 1 << 21);
-        let runs = (want / RUN).max(1);
-        let step = (total / runs).max(RUN);
-        let mut picks = Vec::new();
-        let mut offset = 0u64; // global position of the current chunk's start
-        let mut next = 0u64;
-        for c in chunks {
-            let end = offset + c.len as u64;
-            while next < end {
-                let at = next - offset;
-                let len = RUN.min(end - next) as usize;
-                picks.push(Chunk {
-                    tensor: c.tensor,
-                    start: c.start + at as usize,
-                    len,
-                });
-                next += step;
-            }
-            offset = end;
-        }
-        let mut samples = self.pass_shared(
-            &picks,
-            || vec![Vec::new(); n_rows],
-            |w, c, acc: &mut Vec<Vec<u32>>| {
-                rows(w, c, None, &mut |row, v| {
-                    acc[row].extend(v.iter().map(|&x| key(x)))
-                });
-                Ok(())
-            },
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    x.extend(y);
-                }
-                a
-            },
-            true,
-        )?;
-        for s in &mut samples {
-            s.sort_unstable();
-        }
-        Ok(samples)
     }
 
     /// The two-pass radix select: exact whatever the data.

@@ -19,6 +19,7 @@
 
 use super::kernel::{ChunkIn, Found, Inputs, Kernel, Output, Scratch, Stage, TensorStats, Unit};
 use super::libm::{expf, logf};
+use super::libm_avx512::{expf_shifted, logf_in_place};
 use super::mergekit::parse_arith;
 use super::{Reader, Rows};
 use crate::dtype::DType;
@@ -29,6 +30,8 @@ const EPS: f32 = 1e-8;
 const QUANTILES: [f32; 3] = [0.25, 0.5, 0.75];
 /// Slots of the one-stage row statistics.
 const ROW_SLOTS: usize = 5;
+/// Whole rows whose statistics are computed side by side (their sums' chains overlap).
+const BLOCK: usize = 8;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ArceeFusion {
@@ -143,41 +146,64 @@ impl ArceeFusion {
         r(p * r(logf(r(p / q))))
     }
 
-    /// A whole row's three statistics: [both largest values, both exponential sums, the KL
-    /// sum], each added in the row's order as the three passes add them. The exponentials and
-    /// then the KL terms are computed into `ev`, `eb` first, a loop that vectorizes (each sum
-    /// then adds them in order, which does not); half the calls to exp.
+    /// The three statistics of `K` whole rows of `n` elements each (`v`, `b` hold them one
+    /// after the other): per row [both largest values, both exponential sums, the KL sum], each
+    /// sum added in the row's order as the three passes add them. The exponentials and then the
+    /// KL terms are computed into `ev`, `eb` first, loops that vectorize; the sums, chains of
+    /// dependent f64 adds that cannot be reordered without changing bits, run `K` rows side by
+    /// side so that the rows' chains overlap (one row alone waited on each add's latency).
     #[inline(always)]
-    fn row_stats<R: Fn(f32) -> f32 + Copy>(
+    fn rows_stats<R: Fn(f32) -> f32 + Copy, const K: usize>(
         r: R,
+        n: usize,
         v: &[f32],
         b: &[f32],
         ev: &mut [f32],
         eb: &mut [f32],
-    ) -> [f64; 5] {
-        let n = v.len();
-        let (b, ev, eb) = (&b[..n], &mut ev[..n], &mut eb[..n]);
-        let mx = Self::maxes([f64::NEG_INFINITY; 2], v, b);
-        let (m0, m1) = (mx[0] as f32, mx[1] as f32);
-        for (((&v, &b), ev), eb) in v.iter().zip(b).zip(ev.iter_mut()).zip(eb.iter_mut()) {
-            *ev = expf(v - m0);
-            *eb = expf(b - m1);
+    ) -> [[f64; ROW_SLOTS]; K] {
+        let (v, b, ev, eb) = (&v[..K * n], &b[..K * n], &mut ev[..K * n], &mut eb[..K * n]);
+        let mut out = [[0.0f64; ROW_SLOTS]; K];
+        for (k, o) in out.iter_mut().enumerate() {
+            let row = k * n..(k + 1) * n;
+            let (m0, m1) = (largest(&v[row.clone()]), largest(&b[row.clone()]));
+            [o[0], o[1]] = [m0 as f64, m1 as f64];
+            expf_shifted(&v[row.clone()], m0, &mut ev[row.clone()]);
+            expf_shifted(&b[row.clone()], m1, &mut eb[row]);
         }
-        let (mut s0, mut s1) = (0.0f64, 0.0f64);
-        for (&ev, &eb) in ev.iter().zip(eb.iter()) {
-            s0 += ev as f64;
-            s1 += eb as f64;
+        let (mut s0, mut s1) = ([0.0f64; K], [0.0f64; K]);
+        for j in 0..n {
+            for k in 0..K {
+                s0[k] += ev[k * n + j] as f64;
+                s1[k] += eb[k * n + j] as f64;
+            }
         }
-        let inv = Self::inverses([s0, s1]);
-        // Each term (an f32 value) in place of the model's exponential.
-        for (ev, &eb) in ev.iter_mut().zip(eb.iter()) {
-            *ev = Self::kl_term(r, inv, *ev, eb);
+        for k in 0..K {
+            let inv = Self::inverses([s0[k], s1[k]]);
+            let row = k * n..(k + 1) * n;
+            // Each term (an f32 value) in place of the model's exponential: [`Self::kl_term`]
+            // in three loops, the logarithms in one of their own (wide, where the CPU has it).
+            let [i0, i1] = inv;
+            for (ev, eb) in ev[row.clone()].iter_mut().zip(eb[row.clone()].iter_mut()) {
+                let p = r(r(*ev * i0) + EPS);
+                let q = r(r(*eb * i1) + EPS);
+                (*ev, *eb) = (p, r(p / q));
+            }
+            logf_in_place(&mut eb[row.clone()]);
+            for (ev, &ln) in ev[row.clone()].iter_mut().zip(&eb[row]) {
+                *ev = r(*ev * r(ln));
+            }
+            [out[k][2], out[k][3]] = [s0[k], s1[k]];
         }
-        let mut kl = 0.0f64;
-        for &term in ev.iter() {
-            kl += term as f64;
+        let mut kl = [0.0f64; K];
+        for j in 0..n {
+            for k in 0..K {
+                kl[k] += ev[k * n + j] as f64;
+            }
         }
-        [mx[0], mx[1], s0, s1, kl]
+        for k in 0..K {
+            out[k][4] = kl[k];
+        }
+        out
     }
 
     /// The importance of each element of the chunk into `out`: |θ − θ_base| (the change as
@@ -310,23 +336,13 @@ impl ArceeFusion {
         // The stage asked for (`next_stage_for`) shows in its slots per row.
         let whole = acc.len() == units * ROW_SLOTS;
         let (v, b) = (x.values[0], x.base);
+        if whole && st.stages.is_empty() {
+            return Self::whole_rows(r, x, s, &mut acc[..units * ROW_SLOTS]);
+        }
         for (u, span) in x.row_spans() {
             let (v, b) = (&v[span.clone()], &b[span]);
             let at = u - first;
             match st.stages.len() {
-                // Whole rows: the three statistics of each, one after the other.
-                0 if whole => {
-                    crate::pipeline::grow(s.a, v.len());
-                    crate::pipeline::grow(s.b, v.len());
-                    let (ev, eb) = (&mut s.a[..v.len()], &mut s.b[..v.len()]);
-                    let stats = Self::row_stats(r, v, b, ev, eb);
-                    let a = &mut acc[at * ROW_SLOTS..(at + 1) * ROW_SLOTS];
-                    // The row's only chunk: each sum starts at 0 (so a largest value of
-                    // −0 is held as +0, which leaves every v − max unchanged).
-                    for (a, s) in a.iter_mut().zip(stats) {
-                        *a += s;
-                    }
-                }
                 // Rows in pieces: each statistic in its own pass, carried between chunks.
                 0 => {
                     let a = &mut acc[at * 2..at * 2 + 2];
@@ -345,6 +361,42 @@ impl ArceeFusion {
         }
     }
 
+    /// The one-stage statistics of a chunk of whole rows into `acc` (its rows' slots, from the
+    /// first): [`Self::rows_stats`] of [`BLOCK`] rows at a time, the rest one by one. Each
+    /// row's only chunk, so each sum starts at 0 (a largest value of −0 is held as +0, which
+    /// leaves every v − max unchanged).
+    #[inline(always)]
+    fn whole_rows<R: Fn(f32) -> f32 + Copy>(r: R, x: &ChunkIn, s: Scratch, acc: &mut [f64]) {
+        let (v, b) = (&x.values[0][..x.n], &x.base[..x.n]);
+        let n = x.tensor.row_len().max(1);
+        debug_assert!(
+            x.start.is_multiple_of(n) && x.n.is_multiple_of(n),
+            "chunks of whole rows"
+        );
+        let rows = x.n / n;
+        crate::pipeline::grow(s.a, BLOCK * n);
+        crate::pipeline::grow(s.b, BLOCK * n);
+        let mut put = |row: usize, stats: &[f64; ROW_SLOTS]| {
+            for (a, s) in acc[row * ROW_SLOTS..][..ROW_SLOTS].iter_mut().zip(stats) {
+                *a += s;
+            }
+        };
+        let mut row = 0;
+        while row < rows {
+            let (v, b) = (&v[row * n..], &b[row * n..]);
+            if rows - row >= BLOCK {
+                let stats = Self::rows_stats::<R, BLOCK>(r, n, v, b, s.a, s.b);
+                for (k, st) in stats.iter().enumerate() {
+                    put(row + k, st);
+                }
+                row += BLOCK;
+            } else {
+                put(row, &Self::rows_stats::<R, 1>(r, n, v, b, s.a, s.b)[0]);
+                row += 1;
+            }
+        }
+    }
+
     /// [`Kernel::merge`] with the dtype's rounding `r`.
     #[inline(always)]
     fn merge_in<R: Fn(f32) -> f32 + Copy>(r: R, x: &ChunkIn, st: &TensorStats, m: &mut [f32]) {
@@ -357,5 +409,117 @@ impl ArceeFusion {
             let keep = f32::from(u8::from(*o >= threshold));
             *o = b + r(v - b) * keep;
         }
+    }
+}
+
+/// The largest of `x` (−∞ if empty or all NaN; NaN skipped) as f64::max finds it from −∞, but
+/// in 16 lanes that vectorize: the same value, but for the sign of a largest zero, which the
+/// statistics' sums (started at +0) and v − max do not see.
+#[inline(always)]
+fn largest(x: &[f32]) -> f32 {
+    let pick = |m: f32, v: f32| if v > m { v } else { m };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut blocks = x.chunks_exact(16);
+    for block in &mut blocks {
+        for (l, &v) in lanes.iter_mut().zip(block) {
+            *l = pick(*l, v);
+        }
+    }
+    let m = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| pick(m, v));
+    blocks.remainder().iter().fold(m, |m, &v| pick(m, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same f64, NaN for NaN (its payload may differ), and a zero's sign ignored where the
+    /// statistics hold it (their sums start at +0).
+    fn same(a: f64, b: f64) -> bool {
+        (0.0 + a).to_bits() == (0.0 + b).to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    /// Rows of a simple generator's values, with the cases a row can hold: ties, zeros of both
+    /// signs, a NaN, ±∞, a row of one value, a large value (exponentials that underflow). The
+    /// spread of the later seeds makes the sums' terms span more than f64 holds exactly, so
+    /// that their order shows in the bits.
+    fn rows(n: usize, k: usize, seed: u64) -> Vec<f32> {
+        let spread = [8.0f32, 60.0, 150.0][seed as usize % 3];
+        let mut s = seed;
+        let mut x: Vec<f32> = (0..n * k)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * spread
+            })
+            .collect();
+        let mut set = |i: usize, v: f32| {
+            if let Some(e) = x.get_mut(i) {
+                *e = v;
+            }
+        };
+        set(3, 0.75);
+        set(5, 0.75);
+        set(n, -0.0);
+        set(n + 1, 0.0);
+        set(2 * n + 4, f32::NAN);
+        set(3 * n + 1, f32::INFINITY);
+        set(3 * n + 2, f32::NEG_INFINITY);
+        set(5 * n + 7, 300.0);
+        if k > 4 {
+            x[4 * n..5 * n].fill(-0.0);
+        }
+        x
+    }
+
+    /// The one-stage statistics of rows side by side are the three passes' (each row's
+    /// statistics one after the other, as a tensor whose rows come in pieces takes them), bit
+    /// for bit, in f32 and in bf16 arithmetic.
+    fn check<R: Fn(f32) -> f32 + Copy>(r: R) {
+        for &(n, k) in &[(301usize, BLOCK), (16, BLOCK), (1, BLOCK), (257, 1), (5, 1)] {
+            for seed in 0..3u64 {
+                let (v, b) = (rows(n, k.max(6), seed), rows(n, k.max(6), seed + 10));
+                let (mut ev, mut eb) = (vec![0.0; k * n], vec![0.0; k * n]);
+                let got: Vec<[f64; ROW_SLOTS]> = match k {
+                    BLOCK => {
+                        ArceeFusion::rows_stats::<R, BLOCK>(r, n, &v, &b, &mut ev, &mut eb).to_vec()
+                    }
+                    _ => ArceeFusion::rows_stats::<R, 1>(r, n, &v, &b, &mut ev, &mut eb).to_vec(),
+                };
+                for (row, g) in got.iter().enumerate() {
+                    let (v, b) = (&v[row * n..][..n], &b[row * n..][..n]);
+                    let mx = ArceeFusion::maxes([f64::NEG_INFINITY; 2], v, b);
+                    let sums = ArceeFusion::exp_sums([0.0; 2], mx, v, b);
+                    let kl = ArceeFusion::kl(r, 0.0, mx, sums, v, b);
+                    let want = [mx[0], mx[1], sums[0], sums[1], kl];
+                    for (slot, (&g, &w)) in g.iter().zip(&want).enumerate() {
+                        assert!(
+                            same(g, w),
+                            "n {n} row {row} seed {seed} slot {slot}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_side_by_side_give_the_three_passes_bits() {
+        check(|v: f32| v);
+        check(|v: f32| crate::dtype::round_to(crate::dtype::DType::BF16, v));
+    }
+
+    #[test]
+    fn largest_is_f64_max_from_minus_infinity() {
+        let mut x = rows(40, 6, 3);
+        for len in [0usize, 1, 15, 16, 17, 33, 240] {
+            let want = x[..len]
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            assert!(same(largest(&x[..len]) as f64, want), "len {len}");
+        }
+        x.fill(f32::NAN);
+        assert_eq!(largest(&x), f32::NEG_INFINITY);
     }
 }

@@ -21,7 +21,7 @@
 #![allow(clippy::excessive_precision, clippy::unreadable_literal)]
 
 /// 2^(i/32) as f64 bits, each less `i << 47` (the exponent bits the reduction adds back).
-const EXP_TABLE: [u64; 32] = [
+pub(super) const EXP_TABLE: [u64; 32] = [
     0x3ff0000000000000,
     0x3fefd9b0d3158574,
     0x3fefb5586cf9890f,
@@ -56,15 +56,15 @@ const EXP_TABLE: [u64; 32] = [
     0x3fefd0765b6e4540,
 ];
 /// 32 / ln 2 (0x1.71547652b82fep+5).
-const EXP_INV_LN2_N: u64 = 0x40471547652b82fe;
+pub(super) const EXP_INV_LN2_N: u64 = 0x40471547652b82fe;
 /// The polynomial for 2^(r/32) − 1 on |r| ≤ 1/2, highest degree first.
-const EXP_POLY: [u64; 3] = [0x3ebc6af84b912394, 0x3f2ebfce50fac4f3, 0x3f962e42ff0c52d6];
+pub(super) const EXP_POLY: [u64; 3] = [0x3ebc6af84b912394, 0x3f2ebfce50fac4f3, 0x3f962e42ff0c52d6];
 /// 1.5 · 2^52: adding it rounds an f64 of magnitude < 2^51 to an integer, in its low bits.
-const EXP_SHIFT: u64 = 0x4338000000000000;
+pub(super) const EXP_SHIFT: u64 = 0x4338000000000000;
 /// Above this, e^x overflows f32 (0x1.62e42ep6 ≈ 88.72).
-const EXP_OVER: u32 = 0x42b17217;
+pub(super) const EXP_OVER: u32 = 0x42b17217;
 /// Below this, e^x rounds to 0 (−0x1.9fe368p6 ≈ −103.97).
-const EXP_UNDER: u32 = 0xc2cff1b4;
+pub(super) const EXP_UNDER: u32 = 0xc2cff1b4;
 
 /// e^x, as glibc's `expf` (FMA build) computes it.
 #[inline(always)]
@@ -96,7 +96,7 @@ pub fn expf(x: f32) -> f32 {
 }
 
 /// (1/c, ln c) for the 16 subintervals of [0x1.66p-1, 0x1.66p0) that `logf` reduces to.
-const LOG_TABLE: [[u64; 2]; 16] = [
+pub(super) const LOG_TABLE: [[u64; 2]; 16] = [
     [0x3ff661ec79f8f3be, 0xbfd57bf7808caade],
     [0x3ff571ed4aaf883d, 0xbfd2bef0a7c06ddb],
     [0x3ff49539f0f010b0, 0xbfd01eae7f513a67],
@@ -115,11 +115,11 @@ const LOG_TABLE: [[u64; 2]; 16] = [
     [0x3fe767dcf5534862, 0x3fd4043057b6ee09],
 ];
 /// ln 2 (0x1.62e42fefa39efp-1).
-const LOG_LN2: u64 = 0x3fe62e42fefa39ef;
+pub(super) const LOG_LN2: u64 = 0x3fe62e42fefa39ef;
 /// The polynomial for ln(1 + r) − r on the reduced range, highest degree first.
-const LOG_POLY: [u64; 3] = [0xbfd00ea348b88334, 0x3fd5575b0be00b6a, 0xbfdffffef20a4123];
+pub(super) const LOG_POLY: [u64; 3] = [0xbfd00ea348b88334, 0x3fd5575b0be00b6a, 0xbfdffffef20a4123];
 /// The bits of 0x1.66p-1: the reduced argument lies in [OFF, 2·OFF).
-const LOG_OFF: u32 = 0x3f330000;
+pub(super) const LOG_OFF: u32 = 0x3f330000;
 
 /// ln x, as glibc's `logf` (FMA build) computes it.
 #[inline(always)]

@@ -33,6 +33,7 @@ pub mod karcher;
 mod karcher_dtype;
 pub mod kernel;
 pub mod libm;
+pub mod libm_avx512;
 pub mod linear;
 pub mod magmax;
 pub mod mergekit;

@@ -11,6 +11,7 @@ mod groups;
 mod kernel;
 mod long_rows;
 mod output;
+mod sample;
 mod scaling;
 pub(crate) mod select_many;
 mod select_stage;

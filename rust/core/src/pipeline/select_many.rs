@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
+use crate::pipeline::sample::{sample_keys, Scope, SAMPLE_BUDGET};
 use crate::pipeline::top_nonzero::TopGuess;
 use crate::pipeline::Engine;
 use crate::plan::Chunk;
@@ -71,43 +72,58 @@ impl Engine<'_> {
         // The sampled windows of the jobs that need a pass, in batches within the budget.
         let mut batches: Vec<Vec<(usize, Windows)>> = vec![Vec::new()];
         let mut held = 0usize;
-        for (i, j) in jobs.iter().enumerate() {
-            debug_assert!(j.requests.is_empty() || j.tops.is_empty());
-            let guess = if !j.tops.is_empty() {
-                match self.top_guess(&j.chunks, j.n_rows, &j.tops, j.rows)? {
-                    TopGuess::Exact(values, nonzero) => Err(Selected {
-                        values,
-                        nonzero,
-                        per_chunk: None,
-                    }),
-                    TopGuess::Window(w) => Ok(Some(w)),
-                    TopGuess::None => Ok(None),
+        let force = std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some();
+        // What a job's sample costs: nothing when it asks nothing or the radix select is
+        // forced (tests set WEIGHTWEAVE_FORCE_RADIX to exercise it).
+        let sampled = |j: &Job| !force && (!j.requests.is_empty() || !j.tops.is_empty());
+        let mut next = 0;
+        while next < jobs.len() {
+            // The next jobs sampled in one pass, their samples within the budget.
+            let (mut group, mut keys) = (Vec::new(), 0usize);
+            while let Some(j) = jobs.get(next) {
+                let k = match sampled(j) {
+                    true => sample_keys(&j.chunks, j.n_rows),
+                    false => 0,
+                };
+                if !group.is_empty() && keys + k > SAMPLE_BUDGET {
+                    break;
                 }
-            } else if j.requests.is_empty() {
-                Err(Selected::default())
-            } else {
-                match self.guess(&j.chunks, j.n_rows, j.requests.clone(), j.rows)? {
-                    Some(Guess::Exact(values)) => Err(Selected {
-                        values,
-                        ..Default::default()
-                    }),
-                    Some(Guess::Window(w)) => Ok(Some(w)),
-                    None => Ok(None),
-                }
-            };
-            match guess {
-                Err(done) => out[i] = Some(done),
-                Ok(Some(w)) => {
-                    let values: usize = j.chunks.iter().map(|c| c.len).sum();
-                    let keys: usize = w.caps.iter().map(|&c| c.min(values)).sum();
-                    if held + keys > WINDOW_BUDGET && !batches.last().expect("one").is_empty() {
-                        batches.push(Vec::new());
-                        held = 0;
+                (keys, next) = (keys + k, next + 1);
+                group.push(next - 1);
+            }
+            let scopes: Vec<Scope> = group
+                .iter()
+                .map(|&i| &jobs[i])
+                .filter(|j| sampled(j))
+                .map(|j| (&j.chunks[..], j.n_rows, j.rows))
+                .collect();
+            let mut samples = match scopes.is_empty() {
+                true => Vec::new(),
+                false => self.random_access(|| self.sample_many(&scopes))?,
+            }
+            .into_iter();
+            for i in group {
+                let j = &jobs[i];
+                debug_assert!(j.requests.is_empty() || j.tops.is_empty());
+                let sample = match sampled(j) {
+                    true => samples.next(),
+                    false => None,
+                };
+                let guess = Self::guess_job(j, force, sample);
+                match guess {
+                    Err(done) => out[i] = Some(done),
+                    Ok(Some(w)) => {
+                        let values: usize = j.chunks.iter().map(|c| c.len).sum();
+                        let keys: usize = w.caps.iter().map(|&c| c.min(values)).sum();
+                        if held + keys > WINDOW_BUDGET && !batches.last().expect("one").is_empty() {
+                            batches.push(Vec::new());
+                            held = 0;
+                        }
+                        held += keys;
+                        batches.last_mut().expect("one").push((i, w));
                     }
-                    held += keys;
-                    batches.last_mut().expect("one").push((i, w));
+                    Ok(None) => {}
                 }
-                Ok(None) => {}
             }
         }
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
@@ -150,6 +166,41 @@ impl Engine<'_> {
                 }),
             })
             .collect()
+    }
+
+    /// A job's guess from its sample: done (exact from the sample, or nothing asked), windows
+    /// for the shared pass, or None for the radix select (forced, or windows too wide).
+    fn guess_job(
+        j: &Job,
+        force: bool,
+        sample: Option<Vec<Vec<u32>>>,
+    ) -> std::result::Result<Option<Windows>, Selected> {
+        if j.requests.is_empty() && j.tops.is_empty() {
+            return Err(Selected::default());
+        }
+        let (false, Some(s)) = (force, sample) else {
+            return Ok(None);
+        };
+        let total: u64 = j.chunks.iter().map(|c| c.len as u64).sum();
+        if !j.tops.is_empty() {
+            return match Self::top_guess_from(&s, total, &j.tops) {
+                TopGuess::Exact(values, nonzero) => Err(Selected {
+                    values,
+                    nonzero,
+                    per_chunk: None,
+                }),
+                TopGuess::Window(w) => Ok(Some(w)),
+                TopGuess::None => Ok(None),
+            };
+        }
+        match Self::guess_from(&s, total, j.requests.clone()) {
+            Some(Guess::Exact(values)) => Err(Selected {
+                values,
+                ..Default::default()
+            }),
+            Some(Guess::Window(w)) => Ok(Some(w)),
+            None => Ok(None),
+        }
     }
 
     /// A job's radix select, where the sample could not guess or its windows missed.

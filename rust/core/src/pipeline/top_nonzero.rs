@@ -68,12 +68,21 @@ impl Engine<'_> {
         tops: &[(usize, f32)],
         rows: Rows,
     ) -> Result<TopGuess> {
-        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let is_zero = |k: u32| k == key(0.0) || k == key(-0.0);
         if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
             return Ok(TopGuess::None);
         }
-        let samples = self.random_access(|| self.sample(chunks, n_rows, total, rows))?;
+        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let samples = self.random_access(|| self.sample(chunks, n_rows, rows))?;
+        Ok(Self::top_guess_from(&samples, total, tops))
+    }
+
+    /// [`Self::top_guess`] from the scope's sorted sample of its `total` values.
+    pub(crate) fn top_guess_from(
+        samples: &[Vec<u32>],
+        total: u64,
+        tops: &[(usize, f32)],
+    ) -> TopGuess {
+        let is_zero = |k: u32| k == key(0.0) || k == key(-0.0);
         let zeros = |row: usize| samples[row].iter().filter(|&&k| is_zero(k)).count();
         if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
             // The sorted sample is the data.
@@ -89,7 +98,7 @@ impl Engine<'_> {
                     None => f32::INFINITY,
                 })
                 .collect();
-            return Ok(TopGuess::Exact(values, nonzero));
+            return TopGuess::Exact(values, nonzero);
         }
         let mut requests = Vec::with_capacity(tops.len());
         let mut extra = Vec::with_capacity(tops.len());
@@ -103,12 +112,12 @@ impl Engine<'_> {
             // The zeros' share moves the rank by f times its own sampling error.
             extra.push(f64::from(f) * SIGMAS * (n * q * (1.0 - q)).sqrt());
         }
-        let mut windows = Windows::from_sample_spread(requests, &samples, total, SIGMAS, &extra);
+        let mut windows = Windows::from_sample_spread(requests, samples, total, SIGMAS, &extra);
         if !windows.viable {
-            return Ok(TopGuess::None);
+            return TopGuess::None;
         }
         windows.late = tops.iter().map(|&(_, f)| Some(f)).collect();
-        Ok(TopGuess::Window(windows))
+        TopGuess::Window(windows)
     }
 
     /// The values and nonzero counts a windowed pass's counts give, or None when a rank fell
