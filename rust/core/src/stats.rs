@@ -264,12 +264,8 @@ impl Engine<'_> {
         requests: Vec<Request>,
         rows: Rows,
     ) -> Result<Option<Guess>> {
-        if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
-            return Ok(None);
-        }
-        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let samples = self.random_access(|| self.sample(chunks, n_rows, rows))?;
-        Ok(Self::guess_from(&samples, total, requests))
+        let sample = self.sample_scope(chunks, n_rows, rows)?;
+        Ok(sample.and_then(|(s, total)| Self::guess_from(&s, total, requests)))
     }
 
     /// [`Self::guess`] from the scope's sorted sample ([`Self::sample`]) of its `total`

@@ -58,7 +58,29 @@ pub(crate) fn sample_keys(chunks: &[Chunk], n_rows: usize) -> usize {
     picks(chunks).iter().map(|c| c.len).sum::<usize>() * n_rows
 }
 
+/// Whether the tests force the radix select (WEIGHTWEAVE_FORCE_RADIX), which small models would
+/// otherwise never reach: no sample is taken then.
+pub(crate) fn forced_radix() -> bool {
+    std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some()
+}
+
 impl Engine<'_> {
+    /// One scope's sorted sample (random-access advice while it is read) and its count of
+    /// values; None where the radix select is forced.
+    pub(crate) fn sample_scope(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        rows: Rows,
+    ) -> Result<Option<(Vec<Vec<u32>>, u64)>> {
+        if forced_radix() {
+            return Ok(None);
+        }
+        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let samples = self.random_access(|| self.sample(chunks, n_rows, rows))?;
+        Ok(Some((samples, total)))
+    }
+
     /// Sorted keys per row of one scope's sample.
     pub(crate) fn sample(
         &self,

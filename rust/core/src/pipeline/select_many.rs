@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
-use crate::pipeline::sample::{sample_keys, Scope, SAMPLE_BUDGET};
+use crate::pipeline::sample::{forced_radix, sample_keys, Scope, SAMPLE_BUDGET};
 use crate::pipeline::top_nonzero::TopGuess;
 use crate::pipeline::Engine;
 use crate::plan::Chunk;
@@ -72,7 +72,7 @@ impl Engine<'_> {
         // The sampled windows of the jobs that need a pass, in batches within the budget.
         let mut batches: Vec<Vec<(usize, Windows)>> = vec![Vec::new()];
         let mut held = 0usize;
-        let force = std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some();
+        let force = forced_radix();
         // What a job's sample costs: nothing when it asks nothing or the radix select is
         // forced (tests set WEIGHTWEAVE_FORCE_RADIX to exercise it).
         let sampled = |j: &Job| !force && (!j.requests.is_empty() || !j.tops.is_empty());

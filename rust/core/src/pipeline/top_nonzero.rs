@@ -68,12 +68,10 @@ impl Engine<'_> {
         tops: &[(usize, f32)],
         rows: Rows,
     ) -> Result<TopGuess> {
-        if std::env::var_os("WEIGHTWEAVE_FORCE_RADIX").is_some() {
-            return Ok(TopGuess::None);
-        }
-        let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let samples = self.random_access(|| self.sample(chunks, n_rows, rows))?;
-        Ok(Self::top_guess_from(&samples, total, tops))
+        let sample = self.sample_scope(chunks, n_rows, rows)?;
+        Ok(sample.map_or(TopGuess::None, |(s, total)| {
+            Self::top_guess_from(&s, total, tops)
+        }))
     }
 
     /// [`Self::top_guess`] from the scope's sorted sample of its `total` values.
