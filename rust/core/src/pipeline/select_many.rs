@@ -60,6 +60,12 @@ impl Counted {
     }
 }
 
+/// A job's sorted sample: its keys per row.
+type Sample = Vec<Vec<u32>>;
+
+/// Jobs sampled in one pass: each job's index and its sample (None where none was taken).
+type Group = Vec<(usize, Option<Sample>)>;
+
 /// Per chunk (start), per request: (#above, #equal) the selected value.
 pub(crate) type PerChunk = Vec<(usize, Vec<[u64; 2]>)>;
 
@@ -78,38 +84,12 @@ impl Engine<'_> {
         let sampled = |j: &Job| !force && (!j.requests.is_empty() || !j.tops.is_empty());
         let mut next = 0;
         while next < jobs.len() {
-            // The next jobs sampled in one pass, their samples within the budget.
-            let (mut group, mut keys) = (Vec::new(), 0usize);
-            while let Some(j) = jobs.get(next) {
-                let k = match sampled(j) {
-                    true => sample_keys(&j.chunks, j.n_rows),
-                    false => 0,
-                };
-                if !group.is_empty() && keys + k > SAMPLE_BUDGET {
-                    break;
-                }
-                (keys, next) = (keys + k, next + 1);
-                group.push(next - 1);
-            }
-            let scopes: Vec<Scope> = group
-                .iter()
-                .map(|&i| &jobs[i])
-                .filter(|j| sampled(j))
-                .map(|j| (&j.chunks[..], j.n_rows, j.rows))
-                .collect();
-            let mut samples = match scopes.is_empty() {
-                true => Vec::new(),
-                false => self.random_access(|| self.sample_many(&scopes))?,
-            }
-            .into_iter();
-            for i in group {
+            let group;
+            (next, group) = self.sample_group(jobs, next, &sampled)?;
+            for (i, sample) in group {
                 let j = &jobs[i];
                 debug_assert!(j.requests.is_empty() || j.tops.is_empty());
-                let sample = match sampled(j) {
-                    true => samples.next(),
-                    false => None,
-                };
-                let guess = Self::guess_job(j, force, sample);
+                let guess = Self::guess_job(j, sample);
                 match guess {
                     Err(done) => out[i] = Some(done),
                     Ok(Some(w)) => {
@@ -168,17 +148,53 @@ impl Engine<'_> {
             .collect()
     }
 
+    /// The jobs from `from` on whose samples fit one shared pass (at least one job), each with
+    /// its sample where `sampled` asks for one; and the first job left.
+    fn sample_group(
+        &self,
+        jobs: &[Job],
+        from: usize,
+        sampled: &dyn Fn(&Job) -> bool,
+    ) -> Result<(usize, Group)> {
+        let (mut to, mut keys) = (from, 0usize);
+        while let Some(j) = jobs.get(to) {
+            let k = match sampled(j) {
+                true => sample_keys(&j.chunks, j.n_rows),
+                false => 0,
+            };
+            if to > from && keys + k > SAMPLE_BUDGET {
+                break;
+            }
+            (keys, to) = (keys + k, to + 1);
+        }
+        let taken = from..to;
+        let scopes: Vec<Scope> = jobs[taken.clone()]
+            .iter()
+            .filter(|j| sampled(j))
+            .map(|j| (&j.chunks[..], j.n_rows, j.rows))
+            .collect();
+        let mut samples = match scopes.is_empty() {
+            true => Vec::new(),
+            false => self.random_access(|| self.sample_many(&scopes))?,
+        }
+        .into_iter();
+        let group = taken
+            .map(|i| (i, sampled(&jobs[i]).then(|| samples.next()).flatten()))
+            .collect();
+        Ok((to, group))
+    }
+
     /// A job's guess from its sample: done (exact from the sample, or nothing asked), windows
-    /// for the shared pass, or None for the radix select (forced, or windows too wide).
+    /// for the shared pass, or None for the radix select (no sample: forced; or windows too
+    /// wide).
     fn guess_job(
         j: &Job,
-        force: bool,
-        sample: Option<Vec<Vec<u32>>>,
+        sample: Option<Sample>,
     ) -> std::result::Result<Option<Windows>, Selected> {
         if j.requests.is_empty() && j.tops.is_empty() {
             return Err(Selected::default());
         }
-        let (false, Some(s)) = (force, sample) else {
+        let Some(s) = sample else {
             return Ok(None);
         };
         let total: u64 = j.chunks.iter().map(|c| c.len as u64).sum();
