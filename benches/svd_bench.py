@@ -1,9 +1,16 @@
-"""Time and peak memory of weaving TSV / Iso-C on a model with several 4096×4096 matrices.
+"""Time and peak memory of weaving the SVD methods on a model with several 4096×4096 matrices,
+against pure torch with every state dict in memory on the same device.
 
     python benches/svd_bench.py [--matrices 3] [--size 4096] [--tasks 3] [--device cpu|cuda]
+                                [--methods iso_c,tsv] [--baseline]
 
 Each run is a subprocess whose anonymous resident memory is sampled every 10 ms (the memory
-maps of the inputs are file-backed and not counted). Prints a markdown table.
+maps of the inputs are file-backed and not counted). ``--baseline`` adds, per method, the
+in-RAM pure-torch run: the state dicts loaded onto the device, M computed once by
+``weightweave.reference`` (SPEC's literal code: its TSV keeps every factor), A* of the default Λ
+stacked and mean-pooled, the result saved; and the largest difference of its output from
+weightweave's. Both timings include reading the inputs and writing the output. Prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import numpy as np
 
 from weightweave._st import save, to_bf16_bits
 
-CHILD = r"""
+# A child's start: its arguments and a thread that samples its anonymous resident memory.
+SAMPLER = r"""
 import json, sys, threading, time
 import torch
 import weightweave as ww
@@ -35,6 +43,10 @@ def sample():
     while not done.is_set():
         peak[0] = max(peak[0], anon()); time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
+"""
+CHILD = (
+    SAMPLER
+    + r"""
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
@@ -44,6 +56,35 @@ done.set()
 gpu = torch.cuda.max_memory_allocated() if device == "cuda" else 0
 print(json.dumps({"seconds": secs, "peak_anon": peak[0], "start_anon": start, "gpu_peak": gpu}))
 """
+)
+
+BASELINE = (
+    SAMPLER
+    + r"""
+from safetensors.torch import load_file, save_file
+from weightweave import reference as R
+torch.set_default_device(device)
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+b = load_file(base, device=device)
+ms = [load_file(m, device=device) for m in models]
+m = R.merged_task_vector(b, ms, method, 0, None)
+p = R.weave(b, ms, method, ww.default_lambdas(method), pool="mean", merged=lambda ws, ps: m)
+save_file({k: v.contiguous().cpu() for k, v in p.items()}, out)
+secs = time.perf_counter() - t0
+done.set()
+gpu = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+print(json.dumps({"seconds": secs, "peak_anon": peak[0], "start_anon": start, "gpu_peak": gpu}))
+"""
+)
+
+
+def max_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return max(float((v.double() - y[n].double()).abs().max()) for n, v in x.items())
 
 
 def make(root: Path, matrices: int, size: int, tasks: int) -> tuple[Path, list[Path]]:
@@ -69,6 +110,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--tasks", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--methods", default="iso_c,tsv")
+    ap.add_argument("--baseline", action="store_true", help="also time pure torch in memory on the device")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -76,15 +119,24 @@ def main() -> None:
         tensor_mb = a.size * a.size * 4 / 2**20
         print(f"{a.matrices} matrices of {a.size}x{a.size} (one f32 copy = {tensor_mb:.0f} MiB), T = {a.tasks}, "
               f"device {a.device}\n")  # fmt: skip
-        print("| method | seconds | s per matrix | peak anon MiB | in f32 copies of one matrix | GPU peak MiB |")
-        print("|---|---|---|---|---|---|")
-        for method in ("iso_c", "tsv"):
-            out = root / f"{method}.safetensors"
-            cmd = [sys.executable, "-c", CHILD, str(base), ",".join(map(str, models)), str(out), method, a.device]
-            r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            extra = (r["peak_anon"] - r["start_anon"]) / 2**20
-            print(f"| {method} | {r['seconds']:.1f} | {r['seconds'] / a.matrices:.1f} | {extra:.0f} | "
-                  f"{extra / tensor_mb:.1f} | {r['gpu_peak'] / 2**20:.0f} |", flush=True)  # fmt: skip
+        print("| method | run | seconds | s per matrix | peak anon MiB | in f32 copies of one matrix | GPU peak MiB "
+              "| max abs difference from weightweave |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        runs = [("weightweave", CHILD)] + ([("pure torch, in memory", BASELINE)] if a.baseline else [])
+        for method in a.methods.split(","):
+            outs = []
+            for label, code in runs:
+                out = root / f"{method}-{len(outs)}.safetensors"
+                cmd = [sys.executable, "-c", code, str(base), ",".join(map(str, models)), str(out), method, a.device]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{label} {method} failed:\n{done.stderr}")
+                r = json.loads(done.stdout.splitlines()[-1])
+                outs.append(out)
+                extra = (r["peak_anon"] - r["start_anon"]) / 2**20
+                diff = f"{max_diff(outs[0], out):.2e}" if len(outs) > 1 else ""
+                print(f"| {method} | {label} | {r['seconds']:.1f} | {r['seconds'] / a.matrices:.2f} | {extra:.0f} | "
+                      f"{extra / tensor_mb:.1f} | {r['gpu_peak'] / 2**20:.0f} | {diff} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
