@@ -201,13 +201,18 @@ def test_elementwise_methods_in_their_dtype(tmp_path, dtype, method, params, n):
     assert any(not torch.equal(f32[k], got[k]) for k in want)
 
 
+@pytest.mark.parametrize("miss", [None, "norm", "dots"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("with_base", "normalize"), [(True, True), (False, True), (True, False)])
-def test_multislerp_in_its_dtype(tmp_path, dtype, with_base, normalize):
+def test_multislerp_in_its_dtype(tmp_path, monkeypatch, dtype, with_base, normalize, miss):
     """multislerp computed as mergekit's run in bf16/f16 computes it (the deltas, weights, each
     norm and `+ eps`, quotient, product, sum over the models and dot rounded), against the torch
     transcription run in that dtype with exact reductions (ours; torch's own f32 order differs by
-    ulps that rounding to the dtype nearly always hides)."""
+    ulps that rounding to the dtype nearly always hides). Its second pass computes the dots and
+    the tangent's norm from guessed roundings of the mean's norm and the dots; `miss` makes every
+    tensor's guess of the norm, or of a dot, miss, so the passes that follow a miss run."""
+    if miss:
+        monkeypatch.setenv("WEIGHTWEAVE_FORCE_MISS", miss)
     base, models = _state(16, DTYPES[dtype])
     bp, mps = write_models(tmp_path / "in", base, models)
     ws = [1.0, 0.3, 0.55]

@@ -408,6 +408,20 @@ pub trait Kernel: Send + Sync + Debug {
         self.next_stage(t, tasks, done)
     }
 
+    /// [`Kernel::next_stage_for`], knowing the set's `weights` (one per fine-tune): for a method
+    /// whose stages guess scalars that depend on them, to see whether the guesses held.
+    fn next_stage_weighted(
+        &self,
+        t: &TensorPlan,
+        tasks: usize,
+        weights: &[f32],
+        done: &TensorStats,
+        whole_rows: bool,
+    ) -> Option<Stage> {
+        let _ = weights;
+        self.next_stage_for(t, tasks, done, whole_rows)
+    }
+
     /// Refuses statistics the method cannot merge from (mergekit raises there), after the
     /// last stage and before any output. `weights` are the set's, one per fine-tune.
     fn check_stats(

@@ -208,7 +208,9 @@ impl Engine<'_> {
                     if !open[r][g] {
                         continue;
                     }
-                    match k.next_stage_for(groups.plan(g), self.tasks(), &found[r][g], whole[g]) {
+                    let (plan, weights) = (groups.plan(g), &self.weights[j]);
+                    match k.next_stage_weighted(plan, self.tasks(), weights, &found[r][g], whole[g])
+                    {
                         Some(s) => {
                             wants[r][g] = Some(s);
                             any = true;
