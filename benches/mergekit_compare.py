@@ -74,6 +74,8 @@ METHODS = {
                   "shared": {"normalize": True}},
     "karcher_bf16": {"method": "karcher", "dtype": "bfloat16", "no_base": True, "per_model": {}, "shared": {}},
     "multislerp_bf16": {"method": "multislerp", "dtype": "bfloat16", "per_model": {"weight": WEIGHTS}, "shared": {}},
+    "model_stock_bf16": {"method": "model_stock", "dtype": "bfloat16", "list_base": True, "per_model": {},
+                         "shared": {"filter_wise": False}},
     "nearswap_bf16": {"method": "nearswap", "dtype": "bfloat16", "k": 1, "per_model": {}, "shared": {"t": 0.001}},
     "ram_bf16": {"method": "ram", "dtype": "bfloat16", "per_model": {}, "shared": {"epsilon": 0.015}},
     "ramplus_tl_bf16": {"method": "ramplus_tl", "dtype": "bfloat16", "per_model": {},
@@ -115,6 +117,9 @@ NOTES = {
     "task_arithmetic_bf16": "f32 inputs loaded as bf16 and every operation rounded to bf16, as mergekit",
     "karcher_bf16": "as task_arithmetic_bf16, the iterate held between passes (3 per iteration); f32 norms and dots "
                     "are exact sums here, in torch's f32 order there",
+    "model_stock_bf16": "as task_arithmetic_bf16; norms and dots of the rounded offsets are exact sums here, in "
+                        "torch's f32 order there (the likely cause of the elements one bf16 step apart; not traced "
+                        "tensor by tensor)",
     "multislerp_bf16": "as task_arithmetic_bf16; its norms and dots are exact sums here, in torch's f32 order there; "
                        "3 passes where the predicted roundings hold (4 and 5 for the tensors where they miss)",
     "nearswap_bf16": "as task_arithmetic_bf16", "ram_bf16": "as task_arithmetic_bf16",
