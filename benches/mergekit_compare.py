@@ -76,6 +76,9 @@ METHODS = {
     "multislerp_bf16": {"method": "multislerp", "dtype": "bfloat16", "per_model": {"weight": WEIGHTS}, "shared": {}},
     "model_stock_bf16": {"method": "model_stock", "dtype": "bfloat16", "list_base": True, "per_model": {},
                          "shared": {"filter_wise": False}},
+    "sce_bf16": {"method": "sce", "dtype": "bfloat16", "per_model": {}, "shared": {"select_topk": 0.5}},
+    "nuslerp_bf16": {"method": "nuslerp", "dtype": "bfloat16", "k": 2, "per_model": {"weight": [1.0, 0.6]},
+                     "shared": {}},
     "nearswap_bf16": {"method": "nearswap", "dtype": "bfloat16", "k": 1, "per_model": {}, "shared": {"t": 0.001}},
     "ram_bf16": {"method": "ram", "dtype": "bfloat16", "per_model": {}, "shared": {"epsilon": 0.015}},
     "ramplus_tl_bf16": {"method": "ramplus_tl", "dtype": "bfloat16", "per_model": {},
@@ -122,6 +125,10 @@ NOTES = {
                         "tensor by tensor)",
     "multislerp_bf16": "as task_arithmetic_bf16; its norms and dots are exact sums here, in torch's f32 order there; "
                        "3 passes where the predicted roundings hold (4 and 5 for the tensors where they miss)",
+    "sce_bf16": "as task_arithmetic_bf16; bf16 variances tie often at the top-k cut: of the tied elements mergekit "
+                "keeps those torch's topk returns, we keep the first by position (every mask difference is such a tie, "
+                "checked against mergekit's sce_mask: 46288 elements in 39 tensors)",
+    "nuslerp_bf16": "as task_arithmetic_bf16",
     "nearswap_bf16": "as task_arithmetic_bf16", "ram_bf16": "as task_arithmetic_bf16",
     "ramplus_tl_bf16": "as task_arithmetic_bf16; its f32 λ makes the rest f32, and the model f32 in both tools",
     "ties_bf16": "as task_arithmetic_bf16, but these inputs are f32: the kept elements are ranked by their exact "

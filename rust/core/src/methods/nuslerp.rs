@@ -78,6 +78,42 @@ impl NuSlerp {
         }
     }
 
+    /// A unit's sums in the dtype's arithmetic (stage 0 the squared norms, stage 1 the dot of
+    /// the normalized pair), with `r` its rounding. The rounded terms go through `buf` before
+    /// the f64 sums: rounded inside them, the loops stayed scalar.
+    #[inline(always)]
+    fn arith_sums<R: Fn(f32) -> f32 + Copy>(
+        &self,
+        r: R,
+        st: &TensorStats,
+        u: usize,
+        (a, b): (&[f32], &[f32]),
+        buf: &mut Vec<f32>,
+        acc: &mut [f64],
+    ) {
+        let n = a.len();
+        crate::pipeline::grow(buf, n);
+        let (buf, b) = (&mut buf[..n], &b[..n]);
+        // An element as mergekit holds it (a delta rounded as `t − base` is in the dtype;
+        // values are already loaded in it).
+        let load = |v: f32| if self.relative { r(v) } else { v };
+        if st.stages.is_empty() {
+            for (slot, v) in [a, b].into_iter().enumerate() {
+                for (o, &x) in buf.iter_mut().zip(v) {
+                    *o = load(x);
+                }
+                acc[slot] += reduce::sum_sq(buf);
+            }
+        } else {
+            let (p, q) = self.norms(st, u);
+            for ((o, &x), &y) in buf.iter_mut().zip(a).zip(b) {
+                *o = r(r(load(x) / p) * r(load(y) / q));
+            }
+            let buf: &[f32] = buf;
+            acc[0] += reduce::sum(n, |i| buf[i] as f64);
+        }
+    }
+
     /// The two norms of unit `u`, rounded and clamped (at 1e-7) as mergekit's `_normalize`.
     #[inline(always)]
     fn norms(&self, st: &TensorStats, u: usize) -> (f32, f32) {
@@ -135,8 +171,9 @@ impl Kernel for NuSlerp {
         })
     }
 
-    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, _s: Scratch, acc: &mut [f64]) {
+    fn accumulate(&self, x: &ChunkIn, st: &TensorStats, s: Scratch, acc: &mut [f64]) {
         crate::simd!({
+            let buf = s.a;
             let (a, b) = self.pair(x);
             let unit = self.unit();
             let slots = if st.stages.is_empty() { 2 } else { 1 };
@@ -171,29 +208,14 @@ impl Kernel for NuSlerp {
                 let (sa, sb) = (&a[at..end], &b[at..end]);
                 let o = (u - if unit == Unit::Tensor { 0 } else { first }) * slots;
                 if self.arith.is_some() {
-                    let pair = (sa, sb);
-                    if st.stages.is_empty() {
-                        acc[o] += reduce::sum(
-                            sa.len(),
-                            #[inline(always)]
-                            |i| (self.at(pair, i).0 as f64).powi(2),
-                        );
-                        acc[o + 1] += reduce::sum(
-                            sa.len(),
-                            #[inline(always)]
-                            |i| (self.at(pair, i).1 as f64).powi(2),
-                        );
-                    } else {
-                        let (p, q) = self.norms(st, u);
-                        acc[o] += reduce::sum(
-                            sa.len(),
-                            #[inline(always)]
-                            |i| {
-                                let (ai, bi) = self.at(pair, i);
-                                self.r(self.r(ai / p) * self.r(bi / q)) as f64
-                            },
-                        );
-                    }
+                    with_round!(self.arith, |r| self.arith_sums(
+                        r,
+                        st,
+                        u,
+                        (sa, sb),
+                        buf,
+                        &mut acc[o..]
+                    ));
                 } else if st.stages.is_empty() {
                     acc[o] += reduce::sum_sq(sa);
                     acc[o + 1] += reduce::sum_sq(sb);

@@ -136,11 +136,19 @@ impl Sce {
         let room = k as f64 - total[0];
         let mut equal_before = st.before(TIES, x.start)[1];
         self.var_into(r, x, wide, mask);
-        if !mask.iter().fold(false, |any, &v| any | (v == cut)) {
-            // No tie at the cut in this chunk (nearly every chunk): no count to carry, so the
-            // loop vectorizes.
+        let equal = mask.iter().filter(|&&v| v == cut).count() as f64;
+        if equal == 0.0 || equal_before >= room {
+            // No tie at the cut here, or no room left for one (nearly every chunk; in a bf16
+            // dtype, whose variances tie often, the chunks after the room is used up): no
+            // count to carry, so the loop vectorizes.
             mask.iter_mut()
                 .for_each(|o| *o = if *o > cut { 1.0 } else { 0.0 });
+            return;
+        }
+        if equal_before + equal <= room {
+            // Room for every tie here (the chunks before the room is used up).
+            mask.iter_mut()
+                .for_each(|o| *o = if *o >= cut { 1.0 } else { 0.0 });
             return;
         }
         for o in mask.iter_mut() {
@@ -195,19 +203,27 @@ impl Sce {
         total[1] <= self.k(st) as f64 - total[0]
     }
 
-    /// Σ (mask·τ_t)² of the chunk into `acc[t]`, as mergekit squares the masked deltas.
+    /// Σ (mask·τ_t)² of the chunk into `acc[t]`, as mergekit squares the masked deltas. The
+    /// rounded squares go through `sq` first: rounded inside the f64 sum, the loop stayed
+    /// scalar (the bf16 statistics passes took 2–7× the f32 ones).
     #[inline(always)]
-    fn add_squares<R: Fn(f32) -> f32 + Copy>(r: R, x: &ChunkIn, mask: &[f32], acc: &mut [f64]) {
+    fn add_squares<R: Fn(f32) -> f32 + Copy>(
+        r: R,
+        x: &ChunkIn,
+        mask: &[f32],
+        sq: &mut Vec<f32>,
+        acc: &mut [f64],
+    ) {
+        let n = x.n;
+        crate::pipeline::grow(sq, n);
+        let (sq, mask) = (&mut sq[..n], &mask[..n]);
         for (t, d) in x.deltas.iter().enumerate() {
-            let d = &d[..x.n];
-            acc[t] += reduce::sum(
-                x.n,
-                #[inline(always)]
-                |i| {
-                    let y = r(d[i]) * mask[i];
-                    r(y * y) as f64
-                },
-            );
+            for ((o, &v), &k) in sq.iter_mut().zip(&d[..n]).zip(mask) {
+                let y = r(v) * k;
+                *o = r(y * y);
+            }
+            let sq: &[f32] = sq;
+            acc[t] += reduce::sum(n, |i| sq[i] as f64);
         }
     }
 }
@@ -381,11 +397,11 @@ impl Sce {
             // only when the counts show it is so).
             buf.iter_mut()
                 .for_each(|v| *v = if *v >= cut { 1.0 } else { 0.0 });
-            return Self::add_squares(r, x, buf, &mut acc[2..]);
+            return Self::add_squares(r, x, buf, s.b, &mut acc[2..]);
         }
         // The weights: Σ (mask·τ_t)² per task.
         self.mask(r, x, st, s.wide, buf);
-        Self::add_squares(r, x, buf, acc);
+        Self::add_squares(r, x, buf, s.b, acc);
     }
 }
 
