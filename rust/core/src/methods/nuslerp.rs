@@ -270,11 +270,20 @@ impl NuSlerp {
         a: &[f32],
         b: &[f32],
     ) {
-        let pairs = m.iter_mut().zip(a).zip(b);
+        // `for` loops, not `for_each`: its `fold` was compiled apart, outside the wide copy
+        // (`simd!`), in 4-lane SSE.
+        let n = m.len();
+        let (a, b) = (&a[..n], &b[..n]);
         match div {
-            None => pairs.for_each(|((o, &a), &b)| *o = r(r(ca * load(a)) + r(cb * load(b)))),
+            None => {
+                for ((o, &a), &b) in m.iter_mut().zip(a).zip(b) {
+                    *o = r(r(ca * load(a)) + r(cb * load(b)));
+                }
+            }
             Some(s) => {
-                pairs.for_each(|((o, &a), &b)| *o = r(r(r(ca * load(a)) + r(cb * load(b))) / s))
+                for ((o, &a), &b) in m.iter_mut().zip(a).zip(b) {
+                    *o = r(r(r(ca * load(a)) + r(cb * load(b))) / s);
+                }
             }
         }
     }
