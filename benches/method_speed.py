@@ -44,6 +44,13 @@ CASES = {
     "ram": (3, {"epsilon": 0.015}),
     "ramplus_tl": (3, {"epsilon": 0.015}),
     "arcee_fusion": (1, {}),
+    # mergekit's arithmetic in bf16 (a config's `dtype: bfloat16`), every operation rounded: the
+    # methods whose statistics then take more passes (karcher one per reduction of its iteration).
+    "nuslerp bf16": (2, {"weights": [1.0, 0.6], "arith": "bf16"}),
+    "multislerp bf16": (3, {"weights": W3, "arith": "bf16"}),
+    "karcher bf16": (3, {"arith": "bf16"}),
+    "model_stock bf16": (3, {"arith": "bf16"}),
+    "sce select_topk bf16": (3, {"select_topk": 0.5, "arith": "bf16"}),
 }
 
 
