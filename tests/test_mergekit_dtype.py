@@ -139,7 +139,8 @@ def test_model_stock_in_its_dtype(tmp_path, dtype, filter_wise):
     (False, 3, {}), (True, 2, {"max_iter": 3}), (False, 2, {"tol": 1e-10, "max_iter": 40}), (True, 3, {"tol": 0.3})])
 def test_karcher_in_its_dtype(tmp_path, dtype, with_base, n, params):
     """karcher computed as mergekit's run in bf16/f16 computes it, the iterate rounded at every
-    step (held between the passes: three per iteration), against the line-by-line torch
+    step (held between the passes: three per iteration; a tensor that is one chunk iterates in
+    one), against the line-by-line torch
     transcription run in that dtype with exact f32 norms and dots (ours; torch's own differ by f32
     ulps, which rounding to the dtype nearly always hides: the real mergekit in
     benches/mergekit_corpus.py). 40 iterations at tol 1e-10 never converge in bf16 (a published
@@ -157,17 +158,20 @@ def test_karcher_in_its_dtype(tmp_path, dtype, with_base, n, params):
     else:
         cfg["models"].insert(0, {"model": str(bp)})
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    # What two passes over the inputs read: f32 karcher's (the Gram matrix's, the output's).
+    (tmp_path / "f.yml").write_text(yaml.safe_dump({**cfg, "precision": "f32"}))
+    two_passes = ww.run(tmp_path / "f.yml", tmp_path / "f.safetensors").bytes_read
     for chunk in (None, 7):
-        ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors", overwrite=True, chunk_size=chunk, threads=2)
+        rep = ww.run(tmp_path / "c.yml", tmp_path / "o.safetensors", overwrite=True, chunk_size=chunk, threads=2)
+        # Each tensor one chunk: the whole iteration in the norms' pass, then the output's; in
+        # chunks of 7, a pass per reduction. Both give the transcription's model.
+        assert (rep.bytes_read == two_passes) == (chunk is None), (chunk, rep.bytes_read, two_passes)
         got = load(tmp_path / "o.safetensors")
         want = MKM.merge_in_dtype(base, models, "karcher", DTYPES[dtype], relative=False, exact_reductions=True,
                                   with_base=True, **params)  # fmt: skip
         for n in want:
             assert got[n].dtype == DTYPES[dtype] and torch.equal(got[n], want[n]), (n, (got[n] - want[n]).abs().max())
     # Our f32 arithmetic (precision: f32) gives another model: the emulation is what changed it.
-    cfg["precision"] = "f32"
-    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
-    ww.run(tmp_path / "c.yml", tmp_path / "f.safetensors")
     f32 = load(tmp_path / "f.safetensors")
     assert any(not torch.equal(f32[n], got[n]) for n in want)
 

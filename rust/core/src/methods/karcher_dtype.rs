@@ -10,6 +10,13 @@
 //! held from here); then per iteration k: 2+3k the dots, 3+3k the tangent's, 4+3k the stepped
 //! mean's (held again). The held mean's normaliser is the latest stage ≡ 1 (mod 3).
 //!
+//! A tensor that is one chunk (every tensor of a small model, the norm vectors of any) runs
+//! the whole iteration in stage 0's pass instead: the same stages, in the same order, over the
+//! chunk it already holds, each stage's sums taken as the engine would take them (`0 + sum`).
+//! So the result is the passes' bit for bit, without a pass per reduction (a published config
+//! asks for 1200 iterations). Stage 0's last slot says so (1), and the final mean is held
+//! normalised.
+//!
 //! torch's rounding rules, as mergekit's expressions meet them: a 0-d tensor as the first
 //! operand of a product is rounded to the dtype first (`cos(tn) * mean`, `scale * mean`), a
 //! divisor or a Python float is not (`tensor / norm`, `alpha * unit`); norms are f32 (mergekit
@@ -20,7 +27,7 @@ use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
 use half::f16;
 
 use super::karcher::Karcher;
-use super::kernel::{ChunkIn, Scratch, Stage, TensorStats, Unit};
+use super::kernel::{ChunkIn, Found, Scratch, Stage, TensorStats, Unit};
 use super::reduce;
 use crate::dtype::{bf16_bits, DType};
 use crate::pipeline::grow;
@@ -100,7 +107,10 @@ fn bufs<'s>(s: Scratch<'s>, n: usize) -> Bufs<'s> {
 impl Karcher {
     #[inline(always)]
     fn ctx(&self, points: usize, st: &TensorStats) -> Ctx {
-        let norms: Vec<f32> = st.sums(0, 0).iter().map(|&s| s.sqrt() as f32).collect();
+        let norms: Vec<f32> = st.sums(0, 0)[..points]
+            .iter()
+            .map(|&s| s.sqrt() as f32)
+            .collect();
         let valid: Vec<usize> = (0..points)
             .filter(|&t| norms[t] as f64 > self.tol)
             .collect();
@@ -200,9 +210,10 @@ impl Karcher {
         };
         let l = done.stages.len();
         match l {
-            0 => Some(sums(points)),
-            1 => done
-                .sums(0, 0)
+            // The squared norms, and whether the tensor was iterated whole (see the module).
+            0 => Some(sums(points + 1)),
+            1 if Self::whole(points, done) => None,
+            1 => done.sums(0, 0)[..points]
                 .iter()
                 .any(|&s| s.sqrt() as f32 as f64 > self.tol)
                 .then_some(sums(1)),
@@ -244,8 +255,28 @@ impl Karcher {
             for (a, v) in acc.iter_mut().zip(p) {
                 *a += reduce::sum_sq(v);
             }
+            if x.start == 0 && x.n == x.tensor.numel {
+                self.iterate_whole(r, x, p, st, s, acc);
+            }
             return;
         }
+        self.stage_in(r, x, p, st, s, acc);
+    }
+
+    /// A stage after the norms (see [`Self::accumulate_in`]); apart from it, so that
+    /// `iterate_whole` calls it without a recursion (which would keep these loops from being
+    /// inlined into the wide copy).
+    #[inline(always)]
+    fn stage_in<R: Round>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        p: &[&[f32]],
+        st: &TensorStats,
+        s: Scratch,
+        acc: &mut [f64],
+    ) {
+        let l = st.stages.len();
         let c = self.ctx(p.len(), st);
         let held = &st.held.of(x.tensor.numel)[x.start..x.start + x.n];
         let mut b = bufs(s, x.n);
@@ -323,22 +354,99 @@ impl Karcher {
         m: &mut [f32],
     ) {
         let l = st.stages.len();
-        if l < 2 {
-            // No point's norm exceeds tol: mergekit returns Σ x·0.
+        let whole = Self::whole(p.len(), st);
+        // No point's norm exceeds tol (no stage after the norms; iterated whole, no valid
+        // point): mergekit returns Σ x·0.
+        if l < 2 && !whole {
             m.fill(0.0);
             return;
         }
         let c = self.ctx(p.len(), st);
+        if c.valid.is_empty() {
+            m.fill(0.0);
+            return;
+        }
         // scale = Σ α·‖x_t‖ over every point, in f32 (a 0-d tensor times a Python float); as
         // the first factor of `scale * mean` it is rounded to the dtype.
         let alpha = (1.0 / p.len() as f64) as f32;
         let scale = r.r(c.norms.iter().fold(0.0f32, |s, &n| s + n * alpha));
         let held = &st.held.of(x.tensor.numel)[x.start..x.start + x.n];
+        if whole {
+            // Held normalised (`iterate_whole`).
+            for (o, h) in m.iter_mut().zip(held) {
+                *o = r.r(scale * r.value(h.load(Relaxed)));
+            }
+            return;
+        }
         let mut b = bufs(s, x.n);
         self.mean(r, &c, p, held, Self::writer(l), st, &mut b);
         for (o, &v) in m.iter_mut().zip(b.mean.iter()) {
             *o = r.r(scale * v);
         }
+    }
+
+    /// Whether the tensor was iterated whole in stage 0's pass (its last slot).
+    fn whole(points: usize, st: &TensorStats) -> bool {
+        st.stages
+            .first()
+            .is_some_and(|_| st.sums(0, 0).get(points) == Some(&1.0))
+    }
+
+    /// The whole iteration over a tensor that is this one chunk: every later stage run here, in
+    /// order, as the passes would run it (`acc` holds stage 0's sums of the chunk; the engine
+    /// adds them to 0, and so does this), then the final mean held normalised and stage 0's
+    /// last slot set.
+    #[inline(always)]
+    fn iterate_whole<R: Round>(
+        &self,
+        r: R,
+        x: &ChunkIn,
+        p: &[&[f32]],
+        st: &TensorStats,
+        mut s: Scratch,
+        acc: &mut [f64],
+    ) {
+        let points = p.len();
+        let taken = |a: &[f64]| a.iter().map(|&v| 0.0 + v).collect::<Vec<f64>>();
+        let found = |sums: Vec<f64>| Found::Sums {
+            slots: sums.len(),
+            sums,
+            before: Default::default(),
+        };
+        // Allocated before the clone: clones of an empty `Held` would not share it.
+        st.held.of(x.tensor.numel);
+        let mut run = TensorStats {
+            held: st.held.clone(),
+            ..Default::default()
+        };
+        run.stages.push(found(taken(acc)));
+        while let Some(Stage::Sums { slots, .. }) = self.dtype_stage(points, &run) {
+            let mut a = vec![0.0; slots];
+            self.stage_in(r, x, p, &run, again(&mut s), &mut a);
+            run.stages.push(found(taken(&a)));
+        }
+        let l = run.stages.len();
+        let c = self.ctx(points, &run);
+        if l >= 2 && !c.valid.is_empty() {
+            let held = &run.held.of(x.tensor.numel)[..x.n];
+            let mut b = bufs(s, x.n);
+            self.mean(r, &c, p, held, Self::writer(l), &run, &mut b);
+            for (h, &v) in held.iter().zip(b.mean.iter()) {
+                h.store(r.bits(v), Relaxed);
+            }
+        }
+        acc[points] = 1.0;
+    }
+}
+
+/// `s` again, for one more call (its buffers lent, not given).
+fn again<'b>(s: &'b mut Scratch) -> Scratch<'b> {
+    Scratch {
+        a: &mut *s.a,
+        b: &mut *s.b,
+        per_task: &mut *s.per_task,
+        keys: &mut *s.keys,
+        wide: &mut *s.wide,
     }
 }
 
