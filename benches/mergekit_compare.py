@@ -118,7 +118,8 @@ NOTES = {
     "vlm_modules_unequal": "Qwen2.5-VL layout, `modules:` of TIES merging 2, 1 and no models (the projector the "
                            "base's)",
     "task_arithmetic_bf16": "f32 inputs loaded as bf16 and every operation rounded to bf16, as mergekit",
-    "karcher_bf16": "as task_arithmetic_bf16, the iterate held between passes (3 per iteration); f32 norms and dots "
+    "karcher_bf16": "as task_arithmetic_bf16, the iterate held between passes (3 per iteration; a tensor of one chunk "
+                    "iterates whole in one); f32 norms and dots "
                     "are exact sums here, in torch's f32 order there",
     "model_stock_bf16": "as task_arithmetic_bf16; norms and dots of the rounded offsets are exact sums here, in "
                         "torch's f32 order there (the likely cause of the elements one bf16 step apart; not traced "
