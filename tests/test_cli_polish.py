@@ -20,6 +20,13 @@ def test_methods_are_listed_with_parameters_and_defaults(capsys):
     out = capsys.readouterr().out
     for m in ww.METHODS:
         assert m in out
+    # mergekit's names too, every one a mergekit YAML may use.
+    from weightweave.mergekit_config import MERGEKIT_METHODS
+
+    assert len(MERGEKIT_METHODS) >= 20
+    names = out.split("mergekit's methods")[1].split("data-free")[0]
+    for m in MERGEKIT_METHODS:
+        assert f" {m}," in names or f" {m}\n" in names, m
     assert "density=0.2, scope=global" in out and "density=0.15, gamma=0.006" in out and "ratio=0.05" in out
     assert "λ for merge: 0.3   Λ for weave: 0.1:1.0:0.1" in out and "Λ for weave: 0.1:2.5:0.1" in out
     with pytest.raises(SystemExit):

@@ -232,7 +232,24 @@ def methods_table() -> str:
         params = ", ".join(f"{k}={v}" for k, v in d["params"].items()) or "-"
         rows.append(f"  {d['method']:16} {d['description']}\n  {'':16} parameters: {params}\n"
                     f"  {'':16} λ for merge: {d['lam']:g}   Λ for weave: {d['lambdas_text']}")  # fmt: skip
-    return "methods:\n" + "\n".join(rows) + "\n" + DATA_FREE
+    return "methods:\n" + "\n".join(rows) + "\n" + _mergekit_names() + DATA_FREE
+
+
+def _mergekit_names() -> str:
+    """The mergekit methods a mergekit YAML may name (all of mergekit 0.1.5's), wrapped."""
+    from .mergekit_config import MERGEKIT_METHODS
+
+    lines, line = [], f"  {'mergekit YAML':16} "
+    for i, m in enumerate(MERGEKIT_METHODS):
+        word = m + ("," if i < len(MERGEKIT_METHODS) - 1 else "")
+        if len(line) + len(word) > 100:
+            lines.append(line.rstrip())
+            line = " " * 19
+        line += word + " "
+    lines.append(line.rstrip())
+    head = ("mergekit's methods, with its semantics (`weightweave run` on a config with merge_method:; "
+            "--compat mergekit\nfor merge and weave):\n")  # fmt: skip
+    return head + "\n".join(lines) + "\n"
 
 
 DATA_FREE = """data-free λ (with every method):
