@@ -1,8 +1,12 @@
 """TIES's statistics taken in the output pass (`WEIGHTWEAVE_ONE_READ=1`, `pipeline/speculate.rs`)
 and the windowed select's fallbacks: bit-identical to the statistics passes, equal to the
-pure-torch reference written from SPEC.md, and one read of the inputs."""
+pure-torch reference written from SPEC.md, and one read of the inputs; unset, the path is
+chosen by whether the inputs are in memory."""
 
 from __future__ import annotations
+
+import ctypes
+import os
 
 import numpy as np
 import pytest
@@ -153,3 +157,94 @@ def test_held_elements_past_their_budget_fall_back(tmp_path, monkeypatch):
     assert one == two
     # The output pass ran again on top of the one that held too much.
     assert rep.bytes_read == 2 * _input_bytes(base, models)
+
+
+def test_windows_expected_to_hold_too_much_decline_before_the_pass(tmp_path, monkeypatch):
+    # Continuous deltas: the sample's windows are expected to hold more than the budget allows,
+    # so the run takes the statistics passes (with the sample already taken) and no output
+    # pass is wasted: two reads, the passes' bytes.
+    base, models = _state(False)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    monkeypatch.setenv("WEIGHTWEAVE_HELD_BUDGET", "4096")
+    (two, rep2, _), (one, rep1, _) = _both(
+        tmp_path, monkeypatch, bp, mps, ww.merge, method="dare_ties", lam=0.7, seed=2
+    )
+    assert one == two
+    assert rep1.bytes_read == rep2.bytes_read == 2 * _input_bytes(base, models)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def _resident(path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages), asked of the kernel (`mincore` on a map)."""
+    size = os.path.getsize(path)
+    pages = -(-size // os.sysconf("SC_PAGE_SIZE"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert _libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vec), pages
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def _evict(path) -> None:
+    """Drops a file's clean pages from the page cache (written out first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_inputs_read_from_disk_take_one_read(tmp_path, monkeypatch):
+    # Unset, the one-read path is taken where some page of the inputs is not in memory, and the
+    # statistics passes where every page is (measured: benches/results/one_read.md). Files
+    # of 24 MiB: the first touch of a map reads up to the device's read-ahead (8 MiB here)
+    # around it, which would take a small file in whole.
+    monkeypatch.delenv("WEIGHTWEAVE_ONE_READ", raising=False)
+    g = torch.Generator().manual_seed(11)
+    shape = (3072, 2048)
+    base = {"w": torch.randn(shape, generator=g)}
+    models = [{"w": base["w"] + torch.randint(-3, 4, shape, generator=g).float() / 64} for _ in range(3)]
+    bp, mps = write_models(tmp_path / "in", base, models)
+    files = sorted((tmp_path / "in").rglob("*.safetensors"))
+    for f in files:
+        _evict(f)
+    if any(_resident(f)[0] * 2 > _resident(f)[1] for f in files):
+        pytest.skip("this filesystem keeps the inputs in memory (posix_fadvise cannot drop them)")
+    inputs = _input_bytes(base, models)
+    cold = ww.merge(bp, mps, tmp_path / "cold.safetensors", method="ties", lam=0.7)
+    assert cold.bytes_read == inputs
+    assert all(_resident(f)[0] == _resident(f)[1] for f in files)  # the pass read them all
+    warm = ww.merge(bp, mps, tmp_path / "warm.safetensors", method="ties", lam=0.7)
+    assert warm.bytes_read == 2 * inputs
+    assert digest(tmp_path / "cold.safetensors") == digest(tmp_path / "warm.safetensors")
+
+
+def test_one_read_into_shards(tmp_path, monkeypatch):
+    # The rewrites land in several output files, each patched a window at a time. Deltas
+    # mirrored: their majority sign comes out negative, so every cancelling element is rewritten.
+    base, models = _state(True)
+    models = [{n: 2 * base[n] - t for n, t in m.items()} for m in models]
+    bp, mps = write_models(tmp_path / "in", base, models)
+    got = []
+    for mode in "01":
+        monkeypatch.setenv("WEIGHTWEAVE_ONE_READ", mode)
+        out = tmp_path / f"out{mode}"
+        rep = ww.merge(bp, mps, out, method="ties", lam=0.7, shard_size=200_000)
+        got.append(({p.name: digest(p) for p in out.glob("*.safetensors")}, rep.bytes_read))
+    assert got[0][0] == got[1][0]
+    assert len(got[0][0]) > 1
+    assert got[1][1] == _input_bytes(base, models)

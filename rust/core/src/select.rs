@@ -192,6 +192,9 @@ pub struct Windows {
     pub late: Vec<Option<f32>>,
     /// The values in each row (what a late rank counts down from).
     pub total: u64,
+    /// Per request, the keys above its lower bound the sample expects the window to hold
+    /// (what a speculative pass expects to set aside).
+    pub expected: Vec<f64>,
 }
 
 /// Keys all windows of one select may keep together (32 MiB), so statistics memory is bounded
@@ -268,6 +271,7 @@ impl Windows {
             guess,
             late: Vec::new(),
             total,
+            expected,
         }
     }
 
@@ -728,6 +732,7 @@ mod window_tests {
             guess: vec![0],
             late: Vec::new(),
             total: 0,
+            expected: Vec::new(),
         };
         let mut acc = PieceWindows::default();
         for i in 0..3 {
@@ -781,6 +786,7 @@ mod window_tests {
             guess: vec![0],
             late: Vec::new(),
             total: 0,
+            expected: Vec::new(),
         };
         let mut acc = w.acc();
         acc.count(&w, 0, &[1.0, 2.0, 5.5]);
@@ -798,6 +804,7 @@ mod window_tests {
             guess: vec![key(0.0); 2],
             late: Vec::new(),
             total: 0,
+            expected: Vec::new(),
         };
         let values = [0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0];
         let mut acc = w.acc();

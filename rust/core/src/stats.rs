@@ -17,6 +17,44 @@ pub(crate) enum Guess {
     Window(Windows),
 }
 
+/// A scope's sorted sample (per row) and its count of values, kept by the one-read path when
+/// it declines a run (its windows would hold too much) so that the statistics passes need not
+/// read it again: on inputs bigger than memory a sample is thousands of random reads.
+pub(crate) struct SpareSample {
+    key: (usize, usize, usize, Vec<usize>),
+    samples: Vec<Vec<u32>>,
+    total: u64,
+}
+
+impl SpareSample {
+    pub(crate) fn new(
+        chunks: &[Chunk],
+        n_rows: usize,
+        variants: &[usize],
+        (samples, total): (Vec<Vec<u32>>, u64),
+    ) -> SpareSample {
+        SpareSample {
+            key: Self::key(chunks, n_rows, variants),
+            samples,
+            total,
+        }
+    }
+
+    /// The same chunk list, row count and variants: the same rows sampled at the same places.
+    fn key(
+        chunks: &[Chunk],
+        n_rows: usize,
+        variants: &[usize],
+    ) -> (usize, usize, usize, Vec<usize>) {
+        (
+            chunks.as_ptr() as usize,
+            chunks.len(),
+            n_rows,
+            variants.to_vec(),
+        )
+    }
+}
+
 impl Engine<'_> {
     /// The statistics of every parameter set, gathered in shared passes (the methods' requests,
     /// scheduled by `pipeline/kernel.rs`).
@@ -114,7 +152,7 @@ impl Engine<'_> {
             let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
             return Ok(finish(thr, counts));
         }
-        let windows = match self.guess(chunks, n_rows, requests.clone(), rows)? {
+        let windows = match self.guess_trim(chunks, n_rows, requests.clone(), rows, &reps)? {
             Some(Guess::Exact(v)) => {
                 let thr = thresholds(&v);
                 let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
@@ -266,6 +304,25 @@ impl Engine<'_> {
     ) -> Result<Option<Guess>> {
         let sample = self.sample_scope(chunks, n_rows, rows)?;
         Ok(sample.and_then(|(s, total)| Self::guess_from(&s, total, requests)))
+    }
+
+    /// [`Self::guess`] for the global TIES's trim thresholds over the deltas of `variants`:
+    /// from the sample the one-read path left ([`SpareSample`]) where it is of these chunks
+    /// and rows, else from a new one.
+    pub(crate) fn guess_trim(
+        &self,
+        chunks: &[Chunk],
+        n_rows: usize,
+        requests: Vec<Request>,
+        rows: Rows,
+        variants: &[usize],
+    ) -> Result<Option<Guess>> {
+        let key = SpareSample::key(chunks, n_rows, variants);
+        let spare = self.spare_sample.lock().expect("not poisoned").take();
+        match spare.filter(|s| s.key == key) {
+            Some(s) => Ok(Self::guess_from(&s.samples, s.total, requests)),
+            None => self.guess(chunks, n_rows, requests, rows),
+        }
     }
 
     /// [`Self::guess`] from the scope's sorted sample ([`Self::sample`]) of its `total`

@@ -14,7 +14,7 @@
 
 use super::Engine;
 use crate::plan::Chunk;
-use crate::reader::TensorRef;
+use crate::reader::{ModelView, TensorRef};
 
 /// How far ahead a worker asks for its inputs: about 1 MiB of elements (4 chunks of the
 /// default size), at least the next chunk and at most 512 chunks (the sample's short runs).
@@ -70,6 +70,13 @@ fn resident(map: &[u8]) -> bool {
         };
         rc == 0 && v & 1 == 1
     })
+}
+
+/// Whether some page of the inputs' mapped files is not in memory ([`resident`]): a pass
+/// then reads from disk. Inputs held in memory (no file mapping) never are.
+pub(super) fn from_disk(base: &ModelView, models: &[ModelView]) -> bool {
+    let maps = base.maps.iter().chain(models.iter().flat_map(|m| &m.maps));
+    !maps.into_iter().all(|m| resident(m))
 }
 
 fn page_size() -> usize {

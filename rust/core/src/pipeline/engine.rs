@@ -138,6 +138,7 @@ impl<'a> Run<'a> {
             rows: method.rows(),
             stats_passes: AtomicU32::new(stats_passes),
             in_output: AtomicBool::new(false),
+            spare_sample: Default::default(),
             part: self.part,
         }
     }

@@ -40,6 +40,7 @@ pub(super) fn run(
     }
     let tasks = models.len();
     let copies = |g: usize| if g == 0 { copy } else { &[][..] };
+    let from_disk = super::advice::from_disk(base, models);
     let total: u64 = recipe
         .groups
         .iter()
@@ -53,7 +54,7 @@ pub(super) fn run(
                 tasks,
                 opts.chunk_size,
                 (m, copies(g)),
-                &part,
+                super::speculate::eligible(&grp.recipe, plan, m, &part, from_disk),
             )
         })
         .sum();

@@ -11,6 +11,8 @@ mod groups;
 mod kernel;
 mod long_rows;
 mod output;
+pub mod patch;
+mod room;
 mod sample;
 mod scaling;
 pub(crate) mod select_many;
@@ -40,6 +42,14 @@ use crate::source::{lora, scaled};
 pub trait Sink: Sync {
     /// Writes `data` at byte `offset` of output tensor `tensor`.
     fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()>;
+
+    /// Writes `edits` over bytes written before (the one-read pass's fix-ups, `patch.rs`),
+    /// later edits over earlier ones. One [`Sink::write`] each unless the sink can do better.
+    fn patch(&self, edits: &patch::Edits) -> Result<()> {
+        edits
+            .iter()
+            .try_for_each(|(tensor, offset, data)| self.write(tensor, offset, data))
+    }
 }
 
 /// How to run it.
@@ -219,6 +229,9 @@ pub(crate) struct Engine<'a> {
     /// progress reports).
     pub(crate) stats_passes: AtomicU32,
     pub(crate) in_output: AtomicBool,
+    /// A sample the one-read path took and then declined to use, for the statistics passes
+    /// to take rather than read it again (`speculate.rs`).
+    pub(crate) spare_sample: Mutex<Option<crate::stats::SpareSample>>,
     pub(crate) part: Part<'a>,
 }
 
@@ -339,13 +352,15 @@ pub fn run_chunks(
     given: Given,
     part: Part,
 ) -> Result<u64> {
+    // Decided once, so that the progress total and the passes run agree.
+    let one_read = speculate::eligible(recipe, plan, merge, &part, advice::from_disk(base, models));
     let total = total_bytes(
         plan,
         recipe,
         models.len(),
         opts.chunk_size,
         (merge, copy),
-        &part,
+        one_read,
     );
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads.max(1))
@@ -395,7 +410,7 @@ pub fn run_chunks(
         recipe = &resolved;
     }
     let mut engine = parts.engine(recipe, done, stats_passes);
-    let one_read = speculate::eligible(recipe, plan, merge, &part);
+    let tasks = parts.models.len();
     pool.install(|| {
         let debug = std::env::var_os("WEIGHTWEAVE_DEBUG").is_some();
         let t0 = std::time::Instant::now();
@@ -418,11 +433,20 @@ pub fn run_chunks(
             }
             speculate::Spec::Stats(stats) => {
                 // The guess did not hold: the output pass comes on top of the one counted.
-                let extra = total_bytes(plan, recipe, parts.models.len(), 1, (merge, &[]), &part);
+                let extra = total_bytes(plan, recipe, tasks, 1, (merge, &[]), true);
                 engine.total.fetch_add(extra, Ordering::Relaxed);
                 stats
             }
-            speculate::Spec::No => engine.statistics(merge, opts.chunk_size)?,
+            speculate::Spec::No => {
+                if one_read {
+                    // Declined after all: the statistics passes come on top of the one counted.
+                    let size = opts.chunk_size;
+                    let passes = total_bytes(plan, recipe, tasks, size, (merge, &[]), false);
+                    let one = total_bytes(plan, recipe, tasks, size, (merge, &[]), true);
+                    engine.total.fetch_add(passes - one, Ordering::Relaxed);
+                }
+                engine.statistics(merge, opts.chunk_size)?
+            }
         };
         if let ModelPart::Gather(..) = part.model {
             return Ok(());
@@ -454,7 +478,7 @@ pub(crate) fn total_bytes(
     tasks: usize,
     chunk_size: usize,
     (merge, copy): (&[Chunk], &[Chunk]),
-    part: &Part,
+    one_read: bool,
 ) -> u64 {
     let tasks = tasks as u64;
     let merge_bytes: u64 = merge
@@ -467,11 +491,7 @@ pub(crate) fn total_bytes(
         .sum();
     // Statistics passes when the sampled windows hold (a radix fallback adds one per select).
     let method = recipe.method();
-    let passes = if speculate::eligible(recipe, plan, merge, part) {
-        1
-    } else {
-        1 + method.passes()
-    };
+    let passes = if one_read { 1 } else { 1 + method.passes() };
     let rows = method.rows();
     // Long rows take a windowed select and a counting pass more.
     let long_rows: u64 = merge

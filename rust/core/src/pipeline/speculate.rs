@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
+use super::patch::{Collect, Edits};
+use super::room;
 use super::{grow, kernel::model_plan, Engine, ModelPart, Part, Stats, Work};
 use crate::error::{Error, Result};
 use crate::methods::kernel::{Found, TensorStats};
@@ -29,10 +31,20 @@ use crate::plan::{Chunk, TensorPlan};
 use crate::pool::Pool;
 use crate::recipe::{Combine, Recipe};
 use crate::select::{key, unkey, Request, Windowed, Windows};
+use crate::stats::SpareSample;
 use crate::Sink;
 
-/// Bytes the held elements may take before the run falls back to a second output pass.
+/// Bytes the held elements may take before the run falls back to a second output pass, at
+/// most: [`held_budget`] gives less where memory is short.
 const HELD_BUDGET: usize = 256 << 20;
+
+/// [`HELD_BUDGET`], or an eighth of the memory this process may still take ([`room`]) where
+/// that is less: the held records grow by doubling and are merged across workers, so their
+/// peak is a few times what they count.
+fn held_budget() -> usize {
+    let room = room::room().map_or(usize::MAX, |r| usize::try_from(r / 8).unwrap_or(usize::MAX));
+    HELD_BUDGET.min(room)
+}
 
 /// What [`Engine::speculate`] did.
 pub(super) enum Spec {
@@ -44,17 +56,29 @@ pub(super) enum Spec {
     Written,
 }
 
-/// Whether a run of `recipe` takes the one-read path: asked for (`WEIGHTWEAVE_ONE_READ=1`),
-/// every parameter set a global TIES, and nothing after M that needs the exact statistics
-/// before the output (LiNeS's fitted α, re-quantized FP8 scales, a function pool), on a run
-/// that computes its own statistics.
+/// Whether a run of `recipe` takes the one-read path. It can where every parameter set is a
+/// global TIES and nothing after M needs the exact statistics before the output (LiNeS's fitted
+/// α, re-quantized FP8 scales, a function pool), on a run that computes its own statistics.
+/// It does where `WEIGHTWEAVE_ONE_READ` is `1`, never where it is `0`, and otherwise where the
+/// inputs come from disk (`from_disk`: some page of them is not in memory).
 ///
-/// Opt-in, because it does not pay yet: on a 2-core machine it is slower than the two passes
-/// both with a warm page cache and in a memory cgroup smaller than the inputs (the held
-/// elements' memory and the rewritten pages cost more than the read it saves; the numbers are
-/// in `benches/results/one_read.md`).
-pub(crate) fn eligible(recipe: &Recipe, plan: &[TensorPlan], merge: &[Chunk], part: &Part) -> bool {
-    let on = std::env::var_os("WEIGHTWEAVE_ONE_READ").is_some_and(|v| v == "1");
+/// Why only then: the pass's marking and holding cost more compute than the statistics pass
+/// it replaces saves once the inputs are in memory (2 cores, 0.1 B bf16: 0.70-0.78 s against
+/// 0.59-0.64 s); read from disk, the saved read is worth more (in a cgroup smaller than the
+/// inputs, TIES 2.08-2.39 s against 2.48-2.87 s). The numbers are in
+/// `benches/results/one_read.md`.
+pub(crate) fn eligible(
+    recipe: &Recipe,
+    plan: &[TensorPlan],
+    merge: &[Chunk],
+    part: &Part,
+    from_disk: bool,
+) -> bool {
+    let on = match std::env::var_os("WEIGHTWEAVE_ONE_READ") {
+        Some(v) if v == "1" => true,
+        Some(v) if v == "0" => false,
+        _ => from_disk,
+    };
     on && matches!(part.model, ModelPart::Compute)
         && recipe.sets.iter().all(|s| s.method.speculates())
         && recipe.lines.as_ref().is_none_or(|l| l.alpha.is_some())
@@ -140,6 +164,7 @@ impl Engine<'_> {
                      emit: &mut dyn FnMut(usize, &[f32])| {
             self.emit_abs(w, c, &variants, emit)
         };
+        let mut sample = None;
         let windows = if requests.is_empty() {
             Windows {
                 requests: Vec::new(),
@@ -149,9 +174,14 @@ impl Engine<'_> {
                 guess: Vec::new(),
                 late: Vec::new(),
                 total: 0,
+                expected: Vec::new(),
             }
         } else {
-            match self.guess(merge, n_rows, requests.clone(), rows)? {
+            sample = self.sample_scope(merge, n_rows, rows)?;
+            let guess = sample
+                .as_ref()
+                .and_then(|(s, total)| Engine::guess_from(s, *total, requests.clone()));
+            match guess {
                 Some(crate::stats::Guess::Window(w)) => w,
                 // The sample was the data: windows one key wide.
                 Some(crate::stats::Guess::Exact(v)) => Windows {
@@ -162,6 +192,7 @@ impl Engine<'_> {
                     viable: true,
                     late: Vec::new(),
                     total: 0,
+                    expected: vec![0.0; requests.len()],
                 },
                 None => return Ok(Spec::No),
             }
@@ -190,8 +221,22 @@ impl Engine<'_> {
         let budget = std::env::var("WEIGHTWEAVE_HELD_BUDGET")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(HELD_BUDGET);
+            .unwrap_or_else(held_budget);
         let cap = budget / (16 + 4 * layout.width);
+        // The elements the windows are expected to set aside (each task's as if none shared
+        // an element; the cancelling ones come on top): past the cap, the pass would end in
+        // the output pass again, a read more than the statistics passes make.
+        let expected: f64 = windows.expected.iter().sum();
+        if expected > cap as f64 {
+            if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
+                eprintln!("one read: {expected:.0} elements expected held, cap {cap}: passes");
+            }
+            if let Some(s) = sample {
+                *self.spare_sample.lock().expect("not poisoned") =
+                    Some(SpareSample::new(merge, n_rows, &variants, s));
+            }
+            return Ok(Spec::No);
+        }
         let (count, over) = (AtomicUsize::new(0), AtomicBool::new(false));
         self.in_output.store(true, Ordering::Relaxed);
         let t0 = std::time::Instant::now();
@@ -444,24 +489,33 @@ impl Engine<'_> {
             .collect();
         redo.par_sort_unstable_by_key(|&h| held.at[h]);
         let t0 = std::time::Instant::now();
-        redo.par_chunks(1024).try_for_each(|part| {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let mut work = self.spare_work();
-            for &h in part {
-                let (tensor, at) = held.at[h];
-                self.load_held(&mut work, layout, &held.vals[h * w..(h + 1) * w]);
-                let c = Chunk {
-                    tensor: tensor as usize,
-                    start: at as usize,
-                    len: 1,
-                };
-                crate::simd!(self.output_chunk(&mut work, &c, exact, sink))?;
-            }
-            self.spare.lock().expect("not poisoned").push(work);
-            Ok(())
-        })?;
+        let parts: Vec<Edits> = redo
+            .par_chunks(1024)
+            .map(|part| {
+                if self.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let mut work = self.spare_work();
+                let out = Collect::default();
+                for &h in part {
+                    let (tensor, at) = held.at[h];
+                    self.load_held(&mut work, layout, &held.vals[h * w..(h + 1) * w]);
+                    let c = Chunk {
+                        tensor: tensor as usize,
+                        start: at as usize,
+                        len: 1,
+                    };
+                    crate::simd!(self.output_chunk(&mut work, &c, exact, &out))?;
+                }
+                self.spare.lock().expect("not poisoned").push(work);
+                Ok(out.into_edits())
+            })
+            .collect::<Result<_>>()?;
+        let mut edits = Edits::default();
+        for p in parts {
+            edits.append(p);
+        }
+        sink.patch(&edits)?;
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             let (n, k) = (held.at.len(), redo.len());
             let secs = t0.elapsed().as_secs_f64();

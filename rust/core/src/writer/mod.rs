@@ -12,6 +12,7 @@
 mod companions;
 pub mod leftovers;
 pub mod lock;
+mod patch;
 mod target;
 
 use std::collections::BTreeMap;
@@ -627,6 +628,10 @@ impl Sink for FileOutput {
             start_writeback(&s.file);
         }
         Ok(())
+    }
+
+    fn patch(&self, edits: &crate::pipeline::patch::Edits) -> Result<()> {
+        self.patch_windows(edits)
     }
 }
 
