@@ -615,12 +615,13 @@ fn start_writeback(file: &File) {
     let _ = file;
 }
 
-impl Sink for FileOutput {
-    fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()> {
-        let (f, base) = self.loc[tensor];
+impl FileOutput {
+    /// Writes `data` at byte `at` of output file `f`, starting writeback every
+    /// [`WRITEBACK_EVERY`] bytes.
+    fn write_at(&self, f: usize, at: u64, data: &[u8]) -> Result<()> {
         let s = &self.files[f];
         s.file
-            .write_all_at(data, base + offset as u64)
+            .write_all_at(data, at)
             .map_err(|e| Error::io(&s.shown, e))?;
         let pending = self.unflushed[f].fetch_add(data.len() as u64, Ordering::Relaxed);
         if pending + data.len() as u64 >= WRITEBACK_EVERY {
@@ -628,6 +629,13 @@ impl Sink for FileOutput {
             start_writeback(&s.file);
         }
         Ok(())
+    }
+}
+
+impl Sink for FileOutput {
+    fn write(&self, tensor: usize, offset: usize, data: &[u8]) -> Result<()> {
+        let (f, base) = self.loc[tensor];
+        self.write_at(f, base + offset as u64, data)
     }
 
     fn patch(&self, edits: &crate::pipeline::patch::Edits) -> Result<()> {

@@ -8,11 +8,10 @@
 //! read-ahead, and a warm page cache saves the system calls.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
-use super::{start_writeback, FileOutput, WRITEBACK_EVERY};
+use super::FileOutput;
 use crate::error::{Error, Result};
 use crate::pipeline::patch::Edits;
 
@@ -63,15 +62,7 @@ impl FileOutput {
                 let k = (at - lo) as usize;
                 buf[k..k + d.len()].copy_from_slice(d);
             }
-            s.file
-                .write_all_at(&buf, lo)
-                .map_err(|e| Error::io(&s.shown, e))?;
-            let pending = self.unflushed[f].fetch_add(buf.len() as u64, Ordering::Relaxed);
-            if pending + buf.len() as u64 >= WRITEBACK_EVERY {
-                self.unflushed[f].store(0, Ordering::Relaxed);
-                start_writeback(&s.file);
-            }
-            Ok(())
+            self.write_at(f, lo, &buf)
         })
     }
 }
