@@ -1,5 +1,5 @@
 //! Runtime dispatch to AVX2 and AVX-512 code. The library is built for baseline x86-64 so one
-//! wheel runs on every CPU; the hot loops run inside [`simd!`], whose AVX2 and AVX-512 copies
+//! wheel runs on every CPU; the hot loops run inside [`simd!`](crate::simd!), whose AVX2 and AVX-512 copies
 //! recompile the closure (and every `#[inline(always)]` kernel it calls) with wider vectors, the
 //! widest the CPU has picked once per process. Results do not depend on the copy taken: Rust neither fuses `a * b + c` into an
 //! FMA nor reorders float sums, so every lane width performs the same IEEE operations. Setting
@@ -56,7 +56,7 @@ pub enum Tier {
     Avx512,
 }
 
-/// The copy [`simd!`] takes: the CPU's widest, capped by `WEIGHTWEAVE_SIMD`
+/// The copy [`simd!`](crate::simd!) takes: the CPU's widest, capped by `WEIGHTWEAVE_SIMD`
 /// (`baseline` or `avx2`).
 pub fn tier() -> Tier {
     static TIER: OnceLock<Tier> = OnceLock::new();
@@ -70,7 +70,7 @@ pub fn tier() -> Tier {
     })
 }
 
-/// Whether [`simd!`] takes a copy with AVX2 (the AVX-512 one has it too).
+/// Whether [`simd!`](crate::simd!) takes a copy with AVX2 (the AVX-512 one has it too).
 pub fn wide() -> bool {
     tier() >= Tier::Avx2
 }

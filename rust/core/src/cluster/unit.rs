@@ -14,7 +14,7 @@ use crate::pipeline::{self, ModelPart, ModelStats, Part, Sink};
 use crate::plan::TensorPlan;
 use crate::{Checkpoint, Job};
 
-/// A unit's partial of the next statistics pass of [`Driver::gather`] over its tensors, and the
+/// A unit's partial of the next statistics pass of [`Driver::gather`](super::Driver::gather) over its tensors, and the
 /// bytes it read.
 pub fn gather_unit(
     base: &Path,

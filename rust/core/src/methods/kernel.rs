@@ -79,7 +79,7 @@ pub enum Unit {
     /// Rows along the last dimension (a 0-d or 1-d tensor is one row).
     Row,
     /// Vectors along the first dimension: elements whose index agrees modulo
-    /// numel / shape[0] (a 0-d or 1-d tensor is one).
+    /// numel / `shape[0]` (a 0-d or 1-d tensor is one).
     Column,
 }
 

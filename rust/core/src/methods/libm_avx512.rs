@@ -16,7 +16,7 @@ use super::libm::{EXP_INV_LN2_N, EXP_OVER, EXP_POLY, EXP_SHIFT, EXP_TABLE, EXP_U
 #[cfg(target_arch = "x86_64")]
 use super::libm::{LOG_LN2, LOG_OFF, LOG_POLY, LOG_TABLE};
 
-/// out[i] = e^(x[i] − m), with `x[i] − m` rounded to f32 first (as the scalar loop computes it).
+/// `out[i] = e^(x[i] − m)`, with `x[i] − m` rounded to f32 first (as the scalar loop computes it).
 #[inline(always)]
 pub fn expf_shifted(x: &[f32], m: f32, out: &mut [f32]) {
     let out = &mut out[..x.len()];
@@ -87,7 +87,7 @@ fn expf_shifted_avx512(x: &[f32], m: f32, out: &mut [f32]) {
     }
 }
 
-/// x[i] = ln x[i], in place.
+/// `x[i] = ln x[i]`, in place.
 #[inline(always)]
 pub fn logf_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -163,7 +163,7 @@ fn sign(x: f32) -> f32 {
 /// where S_t = 0). The proof is cheap because |tanh y| ≤ |y|: Σ_j tanh(N_t N_j) ≤
 /// |N_t|·Σ_j |N_j|, so B_t ≤ exp(T·N_t²)·|N_t|·Σ_j |N_j| =: U_t, with the same exp factor
 /// B_t is computed with. U_t is taken with a margin over the rounding of it and of B_t's sum
-/// (see [`undecided`]). Elements past the test are gathered into short rows and
+/// (see `undecided`). Elements past the test are gathered into short rows and
 /// computed exactly as without a floor, so every B_t that is written has the same bits.
 #[inline(always)]
 pub fn scores<D: AsRef<[f32]>>(

@@ -1,5 +1,5 @@
 //! Pooling over a search space with several parameter sets, or with a user's function. A* is
-//! [deltas] + [λ_p·M(set_p) for p in S]: the pipeline computes each set's M in turn, and each
+//! `[deltas] + [λ_p·M(set_p) for p in S]`: the pipeline computes each set's M in turn, and each
 //! built-in pool folds it in at once (a running sum, a running (magnitude, position) maximum, or
 //! the values of the members the random draws picked), so memory stays O(chunk) whatever |S|.
 //! Only a function pool fills a block of A*, a chunk wide.

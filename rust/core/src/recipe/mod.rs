@@ -168,7 +168,7 @@ pub struct ParamSet {
     pub weights: Option<Vec<f32>>,
 }
 
-/// One point of the search space: λ_p · M(sets[set]).
+/// One point of the search space: `λ_p · M(sets[set])`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Point {
     pub lam: f32,
@@ -229,7 +229,7 @@ pub struct Recipe {
     /// With per-tensor parameters, the groups of tensors and their own recipes (every mergeable
     /// tensor in one); empty otherwise. Filled once the plan is known ([`Job::tensor_groups`]).
     pub groups: Vec<TensorGroup>,
-    /// The inputs are rounded to this dtype as they are read ([`Job::load_dtype`]).
+    /// The inputs are rounded to this dtype as they are read (`Job::load_dtype`).
     pub load_dtype: Option<crate::DType>,
 }
 

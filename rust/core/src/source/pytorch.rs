@@ -3,7 +3,7 @@
 //! checkpoint's dict, or a whole `nn.Module`, pickled) and one entry per storage (`data/0`,
 //! `data/1`, ...). The archive is memory-mapped like a safetensors
 //! file; its directory gives each storage's position, and the restricted unpickler
-//! ([`super::pickle`]) gives each tensor's storage, offset and shape. Tensor data is read in
+//! (`super::pickle`) gives each tensor's storage, offset and shape. Tensor data is read in
 //! place: no whole-file load, and no code from the pickle ever runs.
 
 use std::collections::BTreeMap;

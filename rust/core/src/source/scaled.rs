@@ -1,5 +1,5 @@
 //! FP8 weights that carry scale tensors, dequantized on the fly: W = q · s, with s one value for
-//! the tensor (`X.weight_scale` of shape [] or [1]), one per row (`[rows]` or `[rows, 1]`), or
+//! the tensor (`X.weight_scale` of shape `[]` or `[1]`), one per row (`[rows]` or `[rows, 1]`), or
 //! one per block (DeepSeek-style `X.weight_scale_inv` of shape [⌈rows/b⌉, ⌈cols/b⌉], b = 128
 //! unless the config's `weight_block_size` says otherwise). The scale tensors leave the view:
 //! they describe the weight, they are not tensors to merge.

@@ -54,7 +54,7 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 
 impl Target {
     /// A path ending in `.safetensors` is a file; anything else a directory. Checks the path's
-    /// shape only; [`check_place`] looks at what is there.
+    /// shape only; `check_place` looks at what is there.
     pub fn new(path: &Path, shard_size: Option<u64>, overwrite: bool) -> Result<Target> {
         if path.as_os_str().is_empty() {
             return Err(bad(path, "the output path is empty"));

@@ -1,5 +1,5 @@
 //! Directory layouts, as each ecosystem writes a model: which files in a directory hold its
-//! weights and how they are named. One file per layout, behind [`Layout`]; the first layout that
+//! weights and how they are named. One file per layout, behind `Layout`; the first layout that
 //! recognises a directory opens it. The formats of the files themselves are `source/`'s.
 
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! LoRA adapters as fine-tunes. An adapter stands for θ_pre + ΔW with ΔW = scaling · B·A on every
 //! module it targets and τ = 0 on every other tensor. Its format (one file each, behind
-//! [`Format`]) says how factors name their modules and how each is scaled: PEFT adapter
+//! `Format`) says how factors name their modules and how each is scaled: PEFT adapter
 //! directories ([`peft`]), diffusers and kohya-ss LoRA files ([`files`]). ΔW is never
 //! built whole: each chunk's rows are computed from the low-rank factors as the pipeline reaches
 //! them ([`fill`]).
