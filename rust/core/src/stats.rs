@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::methods::breadcrumbs::Piece;
-use crate::methods::ties::SignTally;
+use crate::methods::sign_tally::SignTally;
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};

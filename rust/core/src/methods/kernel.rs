@@ -359,7 +359,7 @@ pub trait Kernel: Send + Sync + Debug {
     }
 
     /// Whether the output pass may run with statistics guessed from a sample and rewrite
-    /// afterwards the elements [`crate::methods::ties::SignTally::observe_marking`] marks: M
+    /// afterwards the elements [`crate::methods::sign_tally::SignTally::observe_marking`] marks: M
     /// must be settled elsewhere by any thresholds inside the sampled windows
     /// (`pipeline/speculate.rs`). Global TIES only.
     fn speculates(&self) -> bool {

@@ -50,6 +50,7 @@ pub mod reduce;
 pub mod registry;
 mod row_cut;
 pub mod sce;
+pub mod sign_tally;
 pub mod slerp;
 pub mod svd;
 pub mod task_arithmetic;

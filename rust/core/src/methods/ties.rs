@@ -6,7 +6,6 @@ use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats};
 use super::{int_frac, DareParams, PerTask, Reader, Scope};
 use crate::error::Result;
 use crate::plan::TensorPlan;
-use crate::select::key;
 
 /// TIES (and DARE-TIES: DARE's drop and rescale first, by the engine), as SPEC.md writes it.
 #[derive(Debug)]
@@ -130,7 +129,7 @@ pub fn threshold_rank(d: usize, density: f64) -> Option<u64> {
 }
 
 #[inline]
-fn trim(x: f32, thr: f32) -> f32 {
+pub(super) fn trim(x: f32, thr: f32) -> f32 {
     x * f32::from(u8::from(x.abs() >= thr))
 }
 
@@ -147,7 +146,7 @@ fn trimmed_sum<D: AsRef<[f32]>>(deltas: &[D], thr: &[f32], n: usize, s: &mut [f3
 
 /// torch.sign, branch-free: data signs are random, so a branch would mispredict half the time.
 #[inline]
-fn sign(x: f32) -> f32 {
+pub(super) fn sign(x: f32) -> f32 {
     f32::from(u8::from(x > 0.0)) - f32::from(u8::from(x < 0.0))
 }
 
@@ -216,178 +215,7 @@ pub fn merge<D: AsRef<[f32]>>(
 }
 
 /// Elements per block of the per-element loops: a few 16 KiB buffers fit L1.
-const BLOCK: usize = 4096;
-
-/// The majority-sign count, tallied during the threshold's windowed pass (before the thresholds
-/// are known). With the key window [lo, hi] around task t's threshold, |τ_t| above the window
-/// survives the trim for certain and below it is trimmed for certain, so every element whose
-/// tasks all fall outside their windows is counted at once; the few with a task inside one are
-/// kept (all T values) and counted by [`SignTally::resolve`] once the thresholds are known.
-/// Past `cap` kept elements the tally gives up, and the caller runs the separate count pass.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct SignTally {
-    count: i64,
-    pending: Vec<f32>,
-    cap: usize,
-    overflow: bool,
-}
-
-impl SignTally {
-    pub fn new(cap: usize) -> SignTally {
-        SignTally {
-            cap,
-            ..SignTally::default()
-        }
-    }
-
-    /// Tallies one chunk; `bounds` are the windows' inclusive key bounds per task (a window one
-    /// key wide decides alone: the threshold is then that key). `sum` and `undecided` are
-    /// chunk-sized scratch. A zero is decided wherever its key falls: trimmed or kept, it adds
-    /// a zero of its own sign.
-    #[inline(always)]
-    pub fn observe<D: AsRef<[f32]>>(
-        &mut self,
-        deltas: &[D],
-        bounds: &[(u32, u32)],
-        n: usize,
-        sum: &mut [f32],
-        undecided: &mut [f32],
-    ) {
-        self.tally::<D, false>(deltas, bounds, n, sum, undecided, &mut []);
-    }
-
-    /// [`Self::observe`], and sets `marks[i]` to 1 where the chunk's M may still change with
-    /// the exact statistics: a task's |τ| inside its window, or trimmed values that cancel to a
-    /// zero sum (the element then takes the majority sign). Elsewhere M is the same for every
-    /// threshold inside the windows and every majority sign.
-    #[inline(always)]
-    pub fn observe_marking<D: AsRef<[f32]>>(
-        &mut self,
-        deltas: &[D],
-        bounds: &[(u32, u32)],
-        n: usize,
-        (sum, undecided): (&mut [f32], &mut [f32]),
-        marks: &mut [u8],
-    ) {
-        self.tally::<D, true>(deltas, bounds, n, sum, undecided, marks);
-    }
-
-    #[inline(always)]
-    fn tally<D: AsRef<[f32]>, const MARK: bool>(
-        &mut self,
-        deltas: &[D],
-        bounds: &[(u32, u32)],
-        n: usize,
-        sum: &mut [f32],
-        undecided: &mut [f32],
-        marks: &mut [u8],
-    ) {
-        let mut nonzero = [0f32; BLOCK];
-        for start in (0..n).step_by(BLOCK) {
-            let r = start..(start + BLOCK).min(n);
-            let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
-            sum.fill(0.0);
-            undecided.fill(0.0);
-            let nonzero = &mut nonzero[..r.len()];
-            if MARK {
-                nonzero.fill(0.0);
-            }
-            for (d, &(lo, hi)) in deltas.iter().zip(bounds) {
-                let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
-                let d = &d.as_ref()[r.clone()];
-                let step = |s: &mut f32, u: &mut f32, x: f32| {
-                    let k = key(x.abs());
-                    let kept = (k > hi) | (!proper & (k == lo));
-                    // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
-                    *s += x * f32::from(u8::from(kept));
-                    *u += f32::from(u8::from(
-                        proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
-                    ));
-                    kept & (x != 0.0)
-                };
-                if MARK {
-                    let cells = sum
-                        .iter_mut()
-                        .zip(undecided.iter_mut())
-                        .zip(nonzero.iter_mut());
-                    for (((s, u), z), &x) in cells.zip(d) {
-                        *z += f32::from(u8::from(step(s, u, x)));
-                    }
-                } else {
-                    for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
-                        step(s, u, x);
-                    }
-                }
-            }
-            // Signs of decided elements, summed as integers (a float sum would not vectorize).
-            let decided: i32 = sum
-                .iter()
-                .zip(undecided.iter())
-                .map(|(&s, &u)| (i32::from(s > 0.0) - i32::from(s < 0.0)) * i32::from(u == 0.0))
-                .sum();
-            self.count += i64::from(decided);
-            if MARK {
-                for (((m, &s), &u), &z) in marks[r.clone()]
-                    .iter_mut()
-                    .zip(sum.iter())
-                    .zip(undecided.iter())
-                    .zip(nonzero.iter())
-                {
-                    *m |= u8::from((u != 0.0) | ((s == 0.0) & (z != 0.0)));
-                }
-            }
-            if undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
-                continue;
-            }
-            for (i, &u) in undecided.iter().enumerate() {
-                if u != 0.0 {
-                    self.keep(deltas.iter().map(|d| d.as_ref()[start + i]));
-                }
-            }
-        }
-    }
-
-    fn keep(&mut self, values: impl Iterator<Item = f32>) {
-        if self.overflow {
-            return;
-        }
-        self.pending.extend(values);
-        if self.pending.len() > self.cap {
-            self.overflow = true;
-            self.pending = Vec::new();
-        }
-    }
-
-    pub fn merge(mut self, mut other: SignTally) -> SignTally {
-        self.count += other.count;
-        self.overflow |= other.overflow || self.pending.len() + other.pending.len() > self.cap;
-        if self.overflow {
-            self.pending = Vec::new();
-        } else {
-            self.pending.append(&mut other.pending);
-        }
-        self
-    }
-
-    /// The full count, given the thresholds; None when the tally overflowed.
-    pub fn resolve(&self, thr: &[f32]) -> Option<i64> {
-        if self.overflow || thr.is_empty() {
-            return None;
-        }
-        let late: i64 = self
-            .pending
-            .chunks(thr.len())
-            .map(|xs| {
-                let s = xs
-                    .iter()
-                    .zip(thr)
-                    .fold(0.0f32, |s, (&x, &t)| s + trim(x, t));
-                sign(s) as i64
-            })
-            .sum();
-        Some(self.count + late)
-    }
-}
+pub(super) const BLOCK: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -411,114 +239,5 @@ mod tests {
         merge(&d, &stats, 4, &mut m, &mut c, &mut t);
         // [3,-4] → sign −1 → −4; [0,5] → 5; [2,2] → 2; [−2,2] → sum 0 → majority +1 → 2.
         assert_eq!(m, [-4.0, 5.0, 2.0, 2.0]);
-    }
-}
-
-#[cfg(test)]
-mod tally_tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// Σ sign(Σ_t trim(x_t, thr_t)) straight from the definition.
-    fn direct(deltas: &[Vec<f32>], thr: &[f32]) -> i64 {
-        (0..deltas[0].len())
-            .map(|i| {
-                let s = deltas
-                    .iter()
-                    .zip(thr)
-                    .fold(0.0f32, |s, (d, &t)| s + trim(d[i], t));
-                sign(s) as i64
-            })
-            .sum()
-    }
-
-    fn tally(deltas: &[Vec<f32>], bounds: &[(u32, u32)], chunk: usize, cap: usize) -> SignTally {
-        let n = deltas[0].len();
-        let mut total = SignTally::new(cap);
-        for start in (0..n).step_by(chunk) {
-            let len = chunk.min(n - start);
-            let part: Vec<Vec<f32>> = deltas
-                .iter()
-                .map(|d| d[start..start + len].to_vec())
-                .collect();
-            let mut t = SignTally::new(cap);
-            let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
-            t.observe(&part, bounds, len, &mut s, &mut u);
-            total = total.merge(t);
-        }
-        total
-    }
-
-    proptest! {
-        // Small integers make exact cancellations (sum 0 → majority) and ties at thr common.
-        #[test]
-        fn matches_the_definition(
-            values in prop::collection::vec(-6i8..=6, 3..600),
-            thr_pick in prop::collection::vec(0u8..=6, 3),
-            widen in 0u8..3,
-            chunk in 1usize..100,
-        ) {
-            let n = values.len() / 3;
-            let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
-            let thr: Vec<f32> = thr_pick.iter().map(|&p| p as f32 * 0.25).collect();
-            // Windows that contain each threshold, from one key wide to a few values wide.
-            let bounds: Vec<(u32, u32)> = thr.iter().map(|&t| {
-                let w = widen as f32 * 0.25;
-                (key((t - w).max(0.0)), key(t + w))
-            }).collect();
-            let t = tally(&deltas, &bounds, chunk, usize::MAX);
-            prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
-        }
-    }
-
-    proptest! {
-        // The fused pass writes unmarked elements once, with guessed statistics: their M must
-        // be the same under any thresholds inside the windows and any majority sign.
-        #[test]
-        fn unmarked_elements_are_settled(
-            values in prop::collection::vec(-6i8..=6, 3..600),
-            picks in prop::collection::vec((0u8..=6, 0u8..3, 0u8..3, 0u8..3), 3),
-            chunk in 1usize..100,
-        ) {
-            let n = values.len() / 3;
-            let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
-            // Per task a window [c − lo, c + hi] and two thresholds inside it.
-            let q = |x: u8| x as f32 * 0.25;
-            let lo: Vec<f32> = picks.iter().map(|p| (q(p.0) - q(p.1)).max(0.0)).collect();
-            let hi: Vec<f32> = picks.iter().map(|p| q(p.0) + q(p.2)).collect();
-            let bounds: Vec<(u32, u32)> = lo.iter().zip(&hi).map(|(&l, &h)| (key(l), key(h))).collect();
-            let thr_a: Vec<f32> = lo.clone();
-            let thr_b: Vec<f32> = lo.iter().zip(&hi).zip(&picks).map(|((&l, &h), p)| (l + q(p.3)).min(h)).collect();
-            let mut marks = vec![0u8; n];
-            for start in (0..n).step_by(chunk) {
-                let len = chunk.min(n - start);
-                let part: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
-                let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
-                SignTally::new(usize::MAX).observe_marking(&part, &bounds, len, (&mut s, &mut u), &mut marks[start..start + len]);
-            }
-            let m = |thr: &[f32], majority: f32| {
-                let stats = TiesStats { thr: thr.to_vec(), majority };
-                let (mut m, mut c, mut t) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-                merge(&deltas, &stats, n, &mut m, &mut c, &mut t);
-                m
-            };
-            let (a, b) = (m(&thr_a, 1.0), m(&thr_b, -1.0));
-            for i in 0..n {
-                if marks[i] == 0 {
-                    prop_assert_eq!(a[i].to_bits(), b[i].to_bits(), "element {}", i);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn overflow_declines() {
-        let deltas = vec![vec![1.0f32; 100], vec![-1.0; 100]];
-        let bounds = vec![(key(0.5), key(2.0)); 2];
-        let t = tally(&deltas, &bounds, 7, 10);
-        assert_eq!(t.resolve(&[1.0, 1.0]), None);
-        let t = tally(&deltas, &bounds, 7, 1000);
-        assert_eq!(t.resolve(&[1.0, 1.0]), Some(0));
-        assert_eq!(t.resolve(&[1.0, 1.5]), Some(100));
     }
 }

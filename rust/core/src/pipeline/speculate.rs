@@ -26,7 +26,7 @@ use super::room;
 use super::{grow, kernel::model_plan, Engine, ModelPart, Part, Stats, Work};
 use crate::error::{Error, Result};
 use crate::methods::kernel::{Found, TensorStats};
-use crate::methods::ties::SignTally;
+use crate::methods::sign_tally::SignTally;
 use crate::plan::{Chunk, TensorPlan};
 use crate::pool::Pool;
 use crate::recipe::{Combine, Recipe};

@@ -1,0 +1,408 @@
+//! TIES's majority sign, tallied in the threshold's own windowed pass, before the thresholds
+//! are known, so that the statistics take one pass over the inputs, not two.
+//!
+//! With the key window [lo, hi] around task t's threshold, |τ_t| above the window survives the
+//! trim for certain and below it is trimmed for certain, so an element whose tasks all fall
+//! outside their windows is counted at once. An element with one task inside its window (nearly
+//! every undecided one: windows are narrow) has two possible signs, trimmed or kept; it is
+//! counted as trimmed, and where keeping would change its sign, that change is set aside under
+//! the task's key (4 bytes), to be added once the threshold says whether the key is kept. Only
+//! elements with several tasks inside their windows keep all T values. Without the flips, an
+//! element held T values, and on DARE-TIES's wide windows (its dropped zeros make the sample's
+//! quantile coarse) the tally overflowed and cost a third pass over the inputs.
+
+use super::ties::{sign, trim, BLOCK};
+use crate::select::key;
+
+/// The sign changes a flip can record, in the order of [`SignTally::flips`]' lists.
+const CHANGES: [i64; 4] = [-2, -1, 1, 2];
+
+/// The majority-sign count of one parameter set: what is decided, the flips of elements with
+/// one task inside its window, and the values of those with several. Past `cap` held values
+/// and flips together the tally gives up, and the caller runs the separate count pass.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SignTally {
+    count: i64,
+    /// Per task, per sign change in [`CHANGES`] order: the keys of |τ_t| whose element changes
+    /// sign by that much if τ_t survives the trim (the element is counted trimmed in `count`).
+    flips: Vec<[Vec<u32>; 4]>,
+    /// All T values of each element with several tasks inside their windows.
+    pending: Vec<f32>,
+    /// Flips and pending values held, against `cap`.
+    held: usize,
+    cap: usize,
+    overflow: bool,
+}
+
+impl SignTally {
+    pub fn new(cap: usize) -> SignTally {
+        SignTally {
+            cap,
+            ..SignTally::default()
+        }
+    }
+
+    /// Tallies one chunk; `bounds` are the windows' inclusive key bounds per task (a window one
+    /// key wide decides alone: the threshold is then that key). `sum` and `undecided` are
+    /// chunk-sized scratch. A zero is decided wherever its key falls: trimmed or kept, it adds
+    /// a zero of its own sign.
+    #[inline(always)]
+    pub fn observe<D: AsRef<[f32]>>(
+        &mut self,
+        deltas: &[D],
+        bounds: &[(u32, u32)],
+        n: usize,
+        sum: &mut [f32],
+        undecided: &mut [f32],
+    ) {
+        self.tally::<D, false>(deltas, bounds, n, sum, undecided, &mut []);
+    }
+
+    /// [`Self::observe`], and sets `marks[i]` to 1 where the chunk's M may still change with
+    /// the exact statistics: a task's |τ| inside its window, or trimmed values that cancel to a
+    /// zero sum (the element then takes the majority sign). Elsewhere M is the same for every
+    /// threshold inside the windows and every majority sign.
+    #[inline(always)]
+    pub fn observe_marking<D: AsRef<[f32]>>(
+        &mut self,
+        deltas: &[D],
+        bounds: &[(u32, u32)],
+        n: usize,
+        (sum, undecided): (&mut [f32], &mut [f32]),
+        marks: &mut [u8],
+    ) {
+        self.tally::<D, true>(deltas, bounds, n, sum, undecided, marks);
+    }
+
+    #[inline(always)]
+    fn tally<D: AsRef<[f32]>, const MARK: bool>(
+        &mut self,
+        deltas: &[D],
+        bounds: &[(u32, u32)],
+        n: usize,
+        sum: &mut [f32],
+        undecided: &mut [f32],
+        marks: &mut [u8],
+    ) {
+        let mut nonzero = [0f32; BLOCK];
+        for start in (0..n).step_by(BLOCK) {
+            let r = start..(start + BLOCK).min(n);
+            let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
+            sum.fill(0.0);
+            undecided.fill(0.0);
+            let nonzero = &mut nonzero[..r.len()];
+            if MARK {
+                nonzero.fill(0.0);
+            }
+            for (d, &(lo, hi)) in deltas.iter().zip(bounds) {
+                let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
+                let d = &d.as_ref()[r.clone()];
+                let step = |s: &mut f32, u: &mut f32, x: f32| {
+                    let k = key(x.abs());
+                    let kept = (k > hi) | (!proper & (k == lo));
+                    // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
+                    *s += x * f32::from(u8::from(kept));
+                    *u += f32::from(u8::from(
+                        proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
+                    ));
+                    kept & (x != 0.0)
+                };
+                if MARK {
+                    let cells = sum
+                        .iter_mut()
+                        .zip(undecided.iter_mut())
+                        .zip(nonzero.iter_mut());
+                    for (((s, u), z), &x) in cells.zip(d) {
+                        *z += f32::from(u8::from(step(s, u, x)));
+                    }
+                } else {
+                    for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
+                        step(s, u, x);
+                    }
+                }
+            }
+            // Signs of decided elements, summed as integers (a float sum would not vectorize).
+            let decided: i32 = sum
+                .iter()
+                .zip(undecided.iter())
+                .map(|(&s, &u)| (i32::from(s > 0.0) - i32::from(s < 0.0)) * i32::from(u == 0.0))
+                .sum();
+            self.count += i64::from(decided);
+            if MARK {
+                for (((m, &s), &u), &z) in marks[r.clone()]
+                    .iter_mut()
+                    .zip(sum.iter())
+                    .zip(undecided.iter())
+                    .zip(nonzero.iter())
+                {
+                    *m |= u8::from((u != 0.0) | ((s == 0.0) & (z != 0.0)));
+                }
+            }
+            if undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
+                continue;
+            }
+            // A mask per 16 elements, its set bits visited: a branch per undecided element,
+            // not one per element (they are a few percent, at random places).
+            for (g, us) in undecided.chunks(16).enumerate() {
+                let mut mask = us
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |m, (j, &u)| m | (u32::from(u != 0.0) << j));
+                while mask != 0 {
+                    let j = mask.trailing_zeros() as usize;
+                    mask &= mask - 1;
+                    self.undecided(deltas, bounds, start + g * 16 + j);
+                }
+            }
+        }
+    }
+
+    /// One element with some task inside its window, from its values again (such elements are
+    /// few, so the vectorized loop above does not carry what only they need).
+    #[cold]
+    fn undecided<D: AsRef<[f32]>>(&mut self, deltas: &[D], bounds: &[(u32, u32)], i: usize) {
+        if self.overflow {
+            return;
+        }
+        // The trimmed sum in task order with the inside values trimmed and kept: the only two
+        // sums there are when one task is inside.
+        let (mut trimmed, mut kept, mut inside) = (0.0f32, 0.0f32, None);
+        let mut several = false;
+        for (t, (d, &(lo, hi))) in deltas.iter().zip(bounds).enumerate() {
+            let x = d.as_ref()[i];
+            let k = key(x.abs());
+            let sure = (k > hi) | ((lo == hi) & (k == lo));
+            let within = (lo != hi) & (k.wrapping_sub(lo) <= hi.wrapping_sub(lo)) & (x != 0.0);
+            trimmed += x * f32::from(u8::from(sure));
+            kept += x * f32::from(u8::from(sure | within));
+            if within {
+                several |= inside.is_some();
+                inside = Some((t, k));
+            }
+        }
+        match inside {
+            Some((t, k)) if !several => {
+                let before = sign(trimmed) as i64;
+                self.count += before;
+                let change = sign(kept) as i64 - before;
+                if let Some(j) = CHANGES.iter().position(|&c| c == change) {
+                    if self.flips.len() < deltas.len() {
+                        self.flips.resize_with(deltas.len(), Default::default);
+                    }
+                    self.flips[t][j].push(k);
+                    self.hold(1);
+                }
+            }
+            _ => {
+                self.pending.extend(deltas.iter().map(|d| d.as_ref()[i]));
+                self.hold(deltas.len());
+            }
+        }
+    }
+
+    fn hold(&mut self, n: usize) {
+        self.held += n;
+        if self.held > self.cap {
+            self.overflow = true;
+            self.pending = Vec::new();
+            self.flips = Vec::new();
+        }
+    }
+
+    pub fn merge(mut self, mut other: SignTally) -> SignTally {
+        self.count += other.count;
+        self.held += other.held;
+        self.overflow |= other.overflow || self.held > self.cap;
+        if self.overflow {
+            self.pending = Vec::new();
+            self.flips = Vec::new();
+        } else {
+            self.pending.append(&mut other.pending);
+            if self.flips.len() < other.flips.len() {
+                self.flips.resize_with(other.flips.len(), Default::default);
+            }
+            for (mine, theirs) in self.flips.iter_mut().zip(&mut other.flips) {
+                for (a, b) in mine.iter_mut().zip(theirs) {
+                    a.append(b);
+                }
+            }
+        }
+        self
+    }
+
+    /// The full count, given the thresholds; None when the tally overflowed.
+    pub fn resolve(&self, thr: &[f32]) -> Option<i64> {
+        if self.overflow || thr.is_empty() {
+            return None;
+        }
+        let late: i64 = self
+            .pending
+            .chunks(thr.len())
+            .map(|xs| {
+                let s = xs
+                    .iter()
+                    .zip(thr)
+                    .fold(0.0f32, |s, (&x, &t)| s + trim(x, t));
+                sign(s) as i64
+            })
+            .sum();
+        // A flip's key is kept where |τ| >= thr, i.e. where its key is at least thr's.
+        let flips: i64 = self
+            .flips
+            .iter()
+            .zip(thr)
+            .map(|(lists, &t)| {
+                let at = key(t);
+                lists
+                    .iter()
+                    .zip(CHANGES)
+                    .map(|(keys, c)| c * keys.iter().filter(|&&k| k >= at).count() as i64)
+                    .sum::<i64>()
+            })
+            .sum();
+        Some(self.count + flips + late)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::ties::{merge, TiesStats};
+    use proptest::prelude::*;
+
+    /// Σ sign(Σ_t trim(x_t, thr_t)) straight from the definition.
+    fn direct(deltas: &[Vec<f32>], thr: &[f32]) -> i64 {
+        (0..deltas[0].len())
+            .map(|i| {
+                let s = deltas
+                    .iter()
+                    .zip(thr)
+                    .fold(0.0f32, |s, (d, &t)| s + trim(d[i], t));
+                sign(s) as i64
+            })
+            .sum()
+    }
+
+    fn tally(deltas: &[Vec<f32>], bounds: &[(u32, u32)], chunk: usize, cap: usize) -> SignTally {
+        let n = deltas[0].len();
+        let mut total = SignTally::new(cap);
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let part: Vec<Vec<f32>> = deltas
+                .iter()
+                .map(|d| d[start..start + len].to_vec())
+                .collect();
+            let mut t = SignTally::new(cap);
+            let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
+            t.observe(&part, bounds, len, &mut s, &mut u);
+            total = total.merge(t);
+        }
+        total
+    }
+
+    proptest! {
+        // Small integers make exact cancellations (sum 0 → majority) and ties at thr common.
+        #[test]
+        fn matches_the_definition(
+            values in prop::collection::vec(-6i8..=6, 3..600),
+            thr_pick in prop::collection::vec(0u8..=6, 3),
+            widen in 0u8..3,
+            chunk in 1usize..100,
+        ) {
+            let n = values.len() / 3;
+            let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
+            let thr: Vec<f32> = thr_pick.iter().map(|&p| p as f32 * 0.25).collect();
+            // Windows that contain each threshold, from one key wide to a few values wide.
+            let bounds: Vec<(u32, u32)> = thr.iter().map(|&t| {
+                let w = widen as f32 * 0.25;
+                (key((t - w).max(0.0)), key(t + w))
+            }).collect();
+            let t = tally(&deltas, &bounds, chunk, usize::MAX);
+            prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
+        }
+    }
+
+    proptest! {
+        // The fused pass writes unmarked elements once, with guessed statistics: their M must
+        // be the same under any thresholds inside the windows and any majority sign.
+        #[test]
+        fn unmarked_elements_are_settled(
+            values in prop::collection::vec(-6i8..=6, 3..600),
+            picks in prop::collection::vec((0u8..=6, 0u8..3, 0u8..3, 0u8..3), 3),
+            chunk in 1usize..100,
+        ) {
+            let n = values.len() / 3;
+            let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
+            // Per task a window [c − lo, c + hi] and two thresholds inside it.
+            let q = |x: u8| x as f32 * 0.25;
+            let lo: Vec<f32> = picks.iter().map(|p| (q(p.0) - q(p.1)).max(0.0)).collect();
+            let hi: Vec<f32> = picks.iter().map(|p| q(p.0) + q(p.2)).collect();
+            let bounds: Vec<(u32, u32)> = lo.iter().zip(&hi).map(|(&l, &h)| (key(l), key(h))).collect();
+            let thr_a: Vec<f32> = lo.clone();
+            let thr_b: Vec<f32> = lo.iter().zip(&hi).zip(&picks).map(|((&l, &h), p)| (l + q(p.3)).min(h)).collect();
+            let mut marks = vec![0u8; n];
+            for start in (0..n).step_by(chunk) {
+                let len = chunk.min(n - start);
+                let part: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
+                let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
+                SignTally::new(usize::MAX).observe_marking(&part, &bounds, len, (&mut s, &mut u), &mut marks[start..start + len]);
+            }
+            let m = |thr: &[f32], majority: f32| {
+                let stats = TiesStats { thr: thr.to_vec(), majority };
+                let (mut m, mut c, mut t) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                merge(&deltas, &stats, n, &mut m, &mut c, &mut t);
+                m
+            };
+            let (a, b) = (m(&thr_a, 1.0), m(&thr_b, -1.0));
+            for i in 0..n {
+                if marks[i] == 0 {
+                    prop_assert_eq!(a[i].to_bits(), b[i].to_bits(), "element {}", i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overflow_declines() {
+        let deltas = vec![vec![1.0f32; 100], vec![-1.0; 100]];
+        let bounds = vec![(key(0.5), key(2.0)); 2];
+        let t = tally(&deltas, &bounds, 7, 10);
+        assert_eq!(t.resolve(&[1.0, 1.0]), None);
+        let t = tally(&deltas, &bounds, 7, 1000);
+        assert_eq!(t.resolve(&[1.0, 1.0]), Some(0));
+        assert_eq!(t.resolve(&[1.0, 1.5]), Some(100));
+    }
+
+    #[test]
+    fn one_task_inside_holds_one_key() {
+        // Task 0 inside its window everywhere, task 1 decided (kept): each element's sign hangs
+        // on task 0 alone, so it holds one key, not both values. 100 elements fit a cap of 100
+        // (two values each would not).
+        let deltas = vec![vec![-3.0f32; 100], vec![2.0; 100]];
+        let bounds = vec![(key(2.5), key(4.0)), (key(1.0), key(1.0))];
+        let t = tally(&deltas, &bounds, 7, 100);
+        assert_eq!(t.resolve(&[3.0, 1.0]), Some(-100)); // kept: −3 + 2 < 0
+        assert_eq!(t.resolve(&[3.5, 1.0]), Some(100)); // trimmed: 0 + 2 > 0
+        assert_eq!(tally(&deltas, &bounds, 7, 99).resolve(&[3.0, 1.0]), None);
+    }
+
+    proptest! {
+        // Values of far apart magnitudes, so the trimmed sums round (1e8 + 1 − 1e8 is 0 in f32):
+        // the sign must be the rounded sum's, in task order, as the merge pass computes it.
+        #[test]
+        fn rounding_sums_match_the_definition(
+            picks in prop::collection::vec(0usize..9, 3..600),
+            thr_pick in prop::collection::vec(0usize..9, 3),
+            chunk in 1usize..100,
+        ) {
+            const V: [f32; 9] = [0.0, 1.0, -1.0, 3.0, -3.0, 1e8, -1e8, 2e8, -1.5e8];
+            let n = picks.len() / 3;
+            let deltas: Vec<Vec<f32>> = (0..3).map(|t| picks[t * n..(t + 1) * n].iter().map(|&p| V[p]).collect()).collect();
+            let thr: Vec<f32> = thr_pick.iter().map(|&p| V[p].abs()).collect();
+            // Windows from half to twice the threshold: values of other magnitudes decided.
+            let bounds: Vec<(u32, u32)> = thr.iter().map(|&t| (key(t * 0.5), key(t * 2.0 + 1.0))).collect();
+            let t = tally(&deltas, &bounds, chunk, usize::MAX);
+            prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
+        }
+    }
+}
