@@ -12,6 +12,9 @@ use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
 
 /// What a sample tells about the wanted order statistics.
+/// The window widths a select tries, widest first (see [`Engine::guess_from`]).
+const SIGMAS: [f64; 3] = [6.0, 4.0, 3.0];
+
 pub(crate) enum Guess {
     Exact(Vec<f32>),
     Window(Windows),
@@ -341,9 +344,16 @@ impl Engine<'_> {
                     .collect(),
             ));
         }
-        let windows = Windows::from_sample(requests, samples, total, 6.0);
-        // Windows that would hold more keys than the memory budget go straight to radix.
-        windows.viable.then_some(Guess::Window(windows))
+        // Six binomial standard deviations each side, so a rank practically never misses its
+        // window. From ~0.8 B values per row (the sample is capped, so a window holds a fixed
+        // fraction of the row) those windows would hold more keys than the memory budget, and
+        // narrower ones are taken: a rank misses a 4σ window with probability 6e-5, a 3σ one
+        // 3e-3, and a miss costs one pass more than the radix select's (the windowed pass),
+        // where a hit saves two. Windows that fit at none go straight to radix.
+        SIGMAS.iter().find_map(|&sigmas| {
+            let windows = Windows::from_sample(requests.clone(), samples, total, sigmas);
+            windows.viable.then_some(Guess::Window(windows))
+        })
     }
 
     fn debug_windows(&self, windows: &Windows, acc: &Windowed) {
@@ -439,5 +449,46 @@ pub(crate) type Floor<'f> = Option<&'f [f32]>;
 fn abs_into(src: &[f32], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.abs();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::{key, Request};
+
+    /// Three rows (a TIES trim's three tasks) with the same sorted sample of `n` distinct keys
+    /// spread evenly over (1, 2), and the windows of their 0.8-quantiles among `total` values.
+    fn guess(n: usize, total: u64) -> Option<Guess> {
+        let sample: Vec<u32> = (0..n)
+            .map(|i| key(1.0 + (i as f32 + 0.5) / n as f32))
+            .collect();
+        let rank = total / 5 * 4;
+        let requests = (0..3).map(|row| Request { row, rank }).collect();
+        Engine::guess_from(&[sample.clone(), sample.clone(), sample], total, requests)
+    }
+
+    /// The σ the windows were placed at, from their width in sample positions
+    /// (2·σ·sqrt(n p (1 − p)) + 16).
+    fn sigmas_of(g: Option<Guess>, n: usize) -> Option<f64> {
+        let Some(Guess::Window(w)) = g else {
+            return None;
+        };
+        let (lo, hi) = w.bounds[0];
+        let at = |k: u32| ((unkey(k) - 1.0) * n as f32) as f64;
+        Some(((at(hi) - at(lo)) - 16.0) / (2.0 * (n as f64 * 0.16).sqrt()))
+    }
+
+    #[test]
+    fn narrower_windows_where_wide_ones_would_not_fit() {
+        let n = 1 << 21;
+        let sigmas = |total| sigmas_of(guess(n, total), n).map(|s| s.round());
+        // 0.5 B values per row: 6σ windows fit the budget.
+        assert_eq!(sigmas(500_000_000), Some(6.0));
+        // 0.7 B: 6σ windows would hold more than the budget's share; 4σ ones fit.
+        assert_eq!(sigmas(700_000_000), Some(4.0));
+        assert_eq!(sigmas(1_000_000_000), Some(3.0));
+        // 2 B: none fits, the radix select takes over.
+        assert_eq!(sigmas(2_000_000_000), None);
     }
 }
