@@ -1,4 +1,4 @@
-"""Writes a Llama-shaped bf16 base and T fine-tunes (= base + small noise) for benchmarks.
+"""Writes a Llama-shaped bf16 (or f16) base and T fine-tunes (= base + small noise) for benchmarks.
 
 Each tensor is generated and written on its own, so the generator needs memory for one tensor,
 not one model. Sizes: ``--params 0.1`` (≈0.1 B) up to ``--params 1`` or more.
@@ -73,9 +73,12 @@ def write_model(
     base_seed: int,
     noise: float,
     shard_size: int | None,
+    dtype: str = "bf16",
 ) -> None:
     """Tensor values are regenerated from seeds: the base from ``base_seed``; a fine-tune adds
-    noise from ``seed`` (seed == base_seed writes the base itself)."""
+    noise from ``seed`` (seed == base_seed writes the base itself). ``dtype`` "f16" keeps ten
+    mantissa bits, so the deltas take many distinct values (bf16's 7 make them coarse: a few
+    values hold whole quantiles), as in fine-tunes kept at higher precision."""
     out.mkdir(parents=True, exist_ok=True)
     groups = _groups(shapes, shard_size)
     weight_map = {}
@@ -85,7 +88,11 @@ def write_model(
         off = 0
         for n in names:
             size = int(np.prod(shapes[n])) * 2
-            header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [off, off + size]}
+            header[n] = {
+                "dtype": "F16" if dtype == "f16" else "BF16",
+                "shape": list(shapes[n]),
+                "data_offsets": [off, off + size],
+            }
             off += size
             weight_map[n] = fname
         text = json.dumps(header).encode()
@@ -102,7 +109,7 @@ def write_model(
                     w += np.random.default_rng([seed, idx]).standard_normal(shapes[n], dtype=np.float32) * np.float32(
                         noise
                     )
-                f.write(to_bf16_bits(w).tobytes())
+                f.write(w.astype(np.float16).tobytes() if dtype == "f16" else to_bf16_bits(w).tobytes())
     if len(groups) > 1:
         total = sum(int(np.prod(s)) * 2 for s in shapes.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -110,14 +117,23 @@ def write_model(
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def make(out: Path, params_b: float, tasks: int, shard_size: int | None = None, noise: float = 0.002) -> list[Path]:
+def make(
+    out: Path,
+    params_b: float,
+    tasks: int,
+    shard_size: int | None = None,
+    noise: float = 0.002,
+    dtype: str = "bf16",
+) -> list[Path]:
     """Writes ``out/base`` and ``out/ft{i}``; skips what already exists. Returns [base, *fine-tunes]."""
     shapes, config = llama_shapes(params_b)
+    if dtype == "f16":
+        config = {**config, "torch_dtype": "float16"}
     dirs = [out / "base"] + [out / f"ft{i}" for i in range(tasks)]
     for i, d in enumerate(dirs):
         if (d / "config.json").exists():
             continue
-        write_model(d, shapes, config, seed=i, base_seed=0, noise=noise, shard_size=shard_size)
+        write_model(d, shapes, config, seed=i, base_seed=0, noise=noise, shard_size=shard_size, dtype=dtype)
     return dirs
 
 
