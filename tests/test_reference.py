@@ -141,3 +141,22 @@ def test_windowed_statistics_match_reference_and_radix(tmp_path, monkeypatch, me
     radix = tmp_path / "radix.safetensors"
     ww.merge(bp, mps, radix, method=method, lam=0.7, seed=5, **params)
     assert digest(out) == digest(radix)
+
+
+def test_counted_windows_match_kept_keys(tmp_path, monkeypatch, capfd):
+    # Beyond ~1 B values per task the statistics windows count each key of their spans instead
+    # of keeping the keys (and the sign tally sums its flips per key); small models never get
+    # there, so WEIGHTWEAVE_FORCE_DENSE takes that path: the same bytes as the kept keys.
+    base, models = _big_state(R.torch.float32, quantized=False)
+    bp, mps = write_models(tmp_path / "in", base, models)
+    kept = tmp_path / "kept.safetensors"
+    ww.merge(bp, mps, kept, method="ties", lam=0.7, chunk_size=5000)
+    monkeypatch.setenv("WEIGHTWEAVE_FORCE_DENSE", "1")
+    monkeypatch.setenv("WEIGHTWEAVE_DEBUG", "1")
+    capfd.readouterr()
+    counted = tmp_path / "counted.safetensors"
+    report = ww.merge(bp, mps, counted, method="ties", lam=0.7, chunk_size=5000)
+    assert "dense [true, true, true]" in capfd.readouterr().err
+    assert digest(counted) == digest(kept)
+    inputs = sum(p.stat().st_size for p in [bp, *mps])
+    assert report.bytes_read < 2.1 * inputs  # one statistics pass, not the radix select's

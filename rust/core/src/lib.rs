@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod dtype;
 pub mod error;
 pub mod keep;
+pub mod key_hist;
 pub mod source;
 /// The safetensors header parser, under its historical name.
 pub use source::safetensors as header;

@@ -4,6 +4,8 @@
 //! the keys inside it. Counts are integers, so merging per-thread histograms is order-free and the
 //! result is bit-identical for any thread count or chunking.
 
+use crate::key_hist::{KeyHist, HIST_BUDGET};
+
 const BINS: usize = 1 << 16;
 
 /// Maps f32 to u32 so that unsigned order equals numeric order (finite values).
@@ -195,6 +197,9 @@ pub struct Windows {
     /// Per request, the keys above its lower bound the sample expects the window to hold
     /// (what a speculative pass expects to set aside).
     pub expected: Vec<f64>,
+    /// Per request, whether its window counts each key ([`KeyHist`]) instead of keeping the
+    /// keys: see [`Self::densified`].
+    pub dense: Vec<bool>,
 }
 
 /// Keys all windows of one select may keep together (32 MiB), so statistics memory is bounded
@@ -264,6 +269,7 @@ impl Windows {
         let scale = (WINDOW_BUDGET as f64 / want.iter().sum::<f64>()).min(1.0);
         let caps: Vec<usize> = want.iter().map(|w| (w * scale) as usize).collect();
         Windows {
+            dense: vec![false; requests.len()],
             requests,
             bounds,
             viable: expected.iter().zip(&caps).all(|(&e, &c)| e < c as f64),
@@ -273,6 +279,26 @@ impl Windows {
             total,
             expected,
         }
+    }
+
+    /// These windows, those expected to hold more keys than their caps counting each key of
+    /// their span instead (a [`KeyHist`]), as far as the spans fit [`HIST_BUDGET`] together;
+    /// viable when every other window fits its cap. Only for [`Windowed`] passes (not the
+    /// per-chunk counts of [`PieceWindows`]).
+    pub fn densified(mut self) -> Windows {
+        let mut spanned = 0u64;
+        for i in 0..self.requests.len() {
+            let (lo, hi) = self.bounds[i];
+            let span = u64::from(hi.wrapping_sub(lo));
+            let over = self.expected[i] >= self.caps[i] as f64;
+            if lo < hi && over && self.late(i).is_none() && spanned + span <= HIST_BUDGET {
+                self.dense[i] = true;
+                spanned += span;
+            }
+        }
+        self.viable = (self.expected.iter().zip(&self.caps).zip(&self.dense))
+            .all(|((&e, &c), &d)| d || e < c as f64);
+        self
     }
 
     /// Elements per task a sign tally beside these windows may hold pending: the largest cap,
@@ -307,6 +333,7 @@ impl Windows {
             below: vec![0; self.requests.len()],
             equal: vec![0; self.requests.len()],
             inside: vec![Vec::new(); self.requests.len()],
+            hist: vec![KeyHist::default(); self.requests.len()],
             overflow: false,
             zeros: vec![0; self.requests.len()],
         }
@@ -334,6 +361,9 @@ pub struct Windowed {
     /// Keys equal to lo: only counted.
     equal: Vec<u64>,
     inside: Vec<Vec<u32>>,
+    /// The counts of dense requests' windows ([`Windows::dense`]).
+    #[serde(default)]
+    hist: Vec<KeyHist>,
     overflow: bool,
     /// Values equal to 0 (either sign), for the late requests only.
     #[serde(default)]
@@ -384,7 +414,15 @@ impl Windowed {
                     *e += u32::from(k == lo);
                     hits |= u32::from(inside_window(k));
                 }
-                if hits > 0 {
+                if hits > 0 && w.dense[i] {
+                    let hist = &mut self.hist[i];
+                    for &v in block {
+                        let k = key(v);
+                        if inside_window(k) {
+                            hist.add(lo, width, k);
+                        }
+                    }
+                } else if hits > 0 {
                     // Branch-free compaction: every key is written, the count advances on the
                     // ones inside. A window holding a whole level of bf16 deltas (mergekit's
                     // per-tensor TIES) has a key in most blocks, where a push per key cost a
@@ -402,7 +440,9 @@ impl Windowed {
                 let k = key(v);
                 below += u32::from(k < lo);
                 equal += u32::from(k == lo);
-                if inside_window(k) {
+                if inside_window(k) && w.dense[i] {
+                    self.hist[i].add(lo, width, k);
+                } else if inside_window(k) {
                     inside.push(k);
                 }
             }
@@ -432,6 +472,9 @@ impl Windowed {
         for (a, b) in self.inside.iter_mut().zip(&mut other.inside) {
             a.append(b);
         }
+        for (a, b) in self.hist.iter_mut().zip(other.hist) {
+            a.merge(b);
+        }
         self
     }
 
@@ -459,7 +502,9 @@ impl Windowed {
     }
 
     pub fn describe(&self) -> String {
-        let sizes: Vec<usize> = self.inside.iter().map(|v| v.len()).collect();
+        let sizes: Vec<u64> = (self.inside.iter().zip(&self.hist))
+            .map(|(v, h)| v.len() as u64 + h.len())
+            .collect();
         format!(
             "overflow {} below {:?} inside {:?}",
             self.overflow, self.below, sizes
@@ -503,6 +548,10 @@ impl Windowed {
                 continue;
             }
             let r = r - self.equal[i];
+            if w.dense[i] {
+                out.push(unkey(self.hist[i].nth(lo, r)?));
+                continue;
+            }
             let keys = &mut self.inside[i];
             if r >= keys.len() as u64 {
                 return None;
@@ -625,193 +674,4 @@ impl PieceWindows {
 }
 
 #[cfg(test)]
-mod window_tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn windowed_is_exact_or_declines(values in prop::collection::vec(-1e3f32..1e3, 1..2000), r in 0usize..2000, stride in 1usize..50, chunk in 1usize..100) {
-            let rank = (r % values.len()) as u64;
-            let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
-            sample.sort_unstable();
-            let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
-            let mut acc = w.acc();
-            for c in values.chunks(chunk) {
-                let mut part = w.acc();
-                part.count(&w, 0, c);
-                acc = acc.merge(part);
-            }
-            let mut sorted = values.clone();
-            sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            if let Some(v) = acc.finish(&w) {
-                prop_assert_eq!(v[0], sorted[rank as usize]);
-            }
-        }
-    }
-
-    proptest! {
-        /// Each chunk's counts above and at the selected value, read off the windowed pass,
-        /// equal a direct count of the chunk (ties included: values drawn from a few levels).
-        #[test]
-        fn piece_counts_are_exact(levels in prop::collection::vec(0u8..12, 1..1500), r in 0usize..1500, stride in 1usize..40, chunk in 1usize..200) {
-            let values: Vec<f32> = levels.iter().map(|&l| f32::from(l) * 0.25).collect();
-            let rank = (r % values.len()) as u64;
-            let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
-            sample.sort_unstable();
-            let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
-            let pieces: Vec<PieceWindow> = values
-                .chunks(chunk)
-                .enumerate()
-                .map(|(i, c)| {
-                    let mut counted = w.acc();
-                    counted.count(&w, 0, c);
-                    PieceWindow::new(i * chunk, c.len() as u64, counted)
-                })
-                .collect();
-            if let Some(v) = PieceWindow::merged(&pieces, &w).finish(&w) {
-                for (p, c) in pieces.iter().zip(values.chunks(chunk)) {
-                    let above = c.iter().filter(|&&x| x > v[0]).count() as u64;
-                    let equal = c.iter().filter(|&&x| x == v[0]).count() as u64;
-                    prop_assert_eq!(p.above_equal(&w, 0, v[0]), [above, equal]);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn degenerate_windows_count_ties() {
-        let mut values = vec![0.0f32; 1000];
-        values.extend((1..=100).map(|i| i as f32));
-        let mut sample: Vec<u32> = values.iter().step_by(7).map(|&v| key(v)).collect();
-        sample.sort_unstable();
-        let reqs = vec![
-            Request { row: 0, rank: 500 },
-            Request { row: 0, rank: 1050 },
-        ];
-        let w = Windows::from_sample(reqs, &[sample], 1100, 6.0);
-        assert_eq!(w.bounds[0], (key(0.0), key(0.0)));
-        let mut acc = w.acc();
-        acc.count(&w, 0, &values);
-        assert_eq!(acc.finish(&w), Some(vec![0.0, 51.0]));
-    }
-
-    #[test]
-    fn degenerate_windows_count_pieces() {
-        let mut values = vec![0.0f32; 1000];
-        values.extend((1..=100).map(|i| i as f32));
-        let mut sample: Vec<u32> = values.iter().step_by(7).map(|&v| key(v)).collect();
-        sample.sort_unstable();
-        let w = Windows::from_sample(vec![Request { row: 0, rank: 500 }], &[sample], 1100, 6.0);
-        assert_eq!(w.bounds[0], (key(0.0), key(0.0)));
-        let pieces: Vec<PieceWindow> = values
-            .chunks(137)
-            .enumerate()
-            .map(|(i, c)| {
-                let mut counted = w.acc();
-                counted.count(&w, 0, c);
-                PieceWindow::new(i * 137, c.len() as u64, counted)
-            })
-            .collect();
-        assert_eq!(PieceWindow::merged(&pieces, &w).finish(&w), Some(vec![0.0]));
-        for (p, c) in pieces.iter().zip(values.chunks(137)) {
-            let above = c.iter().filter(|&&x| x > 0.0).count() as u64;
-            let equal = c.iter().filter(|&&x| x == 0.0).count() as u64;
-            assert_eq!(p.above_equal(&w, 0, 0.0), [above, equal]);
-        }
-    }
-
-    #[test]
-    fn piece_windows_stay_within_the_cap() {
-        // Every chunk's keys fall inside the window; the worker gives up past its cap in all.
-        let w = Windows {
-            requests: vec![Request { row: 0, rank: 0 }],
-            bounds: vec![(key(0.0), key(10.0))],
-            caps: vec![10],
-            viable: true,
-            guess: vec![0],
-            late: Vec::new(),
-            total: 0,
-            expected: Vec::new(),
-        };
-        let mut acc = PieceWindows::default();
-        for i in 0..3 {
-            let mut counted = w.acc();
-            counted.count(&w, 0, &[1.0, 2.0, 3.0, 4.0]);
-            acc.push(&w, PieceWindow::new(i * 4, 4, counted));
-            assert_eq!(acc.merged(&w).is_some(), i < 2);
-        }
-        assert!(acc.pieces.is_empty());
-        assert!(acc.merge(PieceWindows::default()).merged(&w).is_none());
-    }
-
-    #[test]
-    fn a_wide_window_takes_the_budget_narrow_ones_leave() {
-        // PCB's score select at 0.5 B elements a row: a quantile in the bulk (rank 0.95 d) and
-        // the maximum, for 3 rows. An even split of the budget (a sixth each) is less than the
-        // quantiles' windows are expected to hold; the maxima's windows hold a handful.
-        let total = 500_000_000u64;
-        let sample: Vec<u32> = (0..1u32 << 21).map(|i| key(i as f32)).collect();
-        let samples = vec![sample; 3];
-        let requests: Vec<Request> = (0..3)
-            .flat_map(|row| {
-                [
-                    Request {
-                        row,
-                        rank: total * 95 / 100,
-                    },
-                    Request {
-                        row,
-                        rank: total - 1,
-                    },
-                ]
-            })
-            .collect();
-        let w = Windows::from_sample(requests, &samples, total, 6.0);
-        assert!(w.viable);
-        assert!(w.caps.iter().sum::<usize>() <= WINDOW_BUDGET);
-        assert!(w.caps[0] > WINDOW_BUDGET / 6 && w.caps[1] < WINDOW_BUDGET / 6);
-        // Ten times the rows: the quantiles' windows no longer fit, and the select says so.
-        let w = Windows::from_sample(w.requests, &samples, total * 10, 6.0);
-        assert!(!w.viable);
-    }
-
-    #[test]
-    fn a_bad_guess_declines() {
-        let w = Windows {
-            requests: vec![Request { row: 0, rank: 0 }],
-            bounds: vec![(key(5.0), key(6.0))],
-            caps: vec![10],
-            viable: true,
-            guess: vec![0],
-            late: Vec::new(),
-            total: 0,
-            expected: Vec::new(),
-        };
-        let mut acc = w.acc();
-        acc.count(&w, 0, &[1.0, 2.0, 5.5]);
-        assert_eq!(acc.finish(&w), None);
-    }
-
-    #[test]
-    fn keys_at_lo_are_counted_not_kept() {
-        // A mass of zeros at the window's lower bound (DARE's drops) costs no memory.
-        let w = Windows {
-            requests: vec![Request { row: 0, rank: 5 }, Request { row: 0, rank: 7 }],
-            bounds: vec![(key(0.0), key(3.0)); 2],
-            caps: vec![2; 2],
-            viable: true,
-            guess: vec![key(0.0); 2],
-            late: Vec::new(),
-            total: 0,
-            expected: Vec::new(),
-        };
-        let values = [0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0];
-        let mut acc = w.acc();
-        acc.count(&w, 0, &values);
-        let p = PieceWindow::new(0, values.len() as u64, acc.clone());
-        assert_eq!(acc.finish(&w), Some(vec![0.0, 2.0]));
-        assert_eq!(p.above_equal(&w, 0, 0.0), [3, 6]);
-        assert_eq!(p.above_equal(&w, 1, 2.0), [1, 1]);
-    }
-}
+mod window_tests;

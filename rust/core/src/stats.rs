@@ -182,8 +182,12 @@ impl Engine<'_> {
         let (acc, tallies) = self.pass_shared(
             chunks,
             || {
-                let tallies = (0..sets.len())
-                    .map(|_| SignTally::new(windows.tally_cap() * tasks))
+                let tallies = (slot.iter())
+                    .map(|s| {
+                        let dense = |i: usize| windows.dense[i].then_some(windows.bounds[i]);
+                        let counted = s.iter().map(|o| o.and_then(dense)).collect();
+                        SignTally::new(windows.tally_cap() * tasks).counting(counted)
+                    })
                     .collect::<Vec<_>>();
                 (windows.acc(), tallies)
             },
@@ -306,7 +310,7 @@ impl Engine<'_> {
         rows: Rows,
     ) -> Result<Option<Guess>> {
         let sample = self.sample_scope(chunks, n_rows, rows)?;
-        Ok(sample.and_then(|(s, total)| Self::guess_from(&s, total, requests)))
+        Ok(sample.and_then(|(s, total)| Self::guess_counting(&s, total, requests)))
     }
 
     /// [`Self::guess`] for the global TIES's trim thresholds over the deltas of `variants`:
@@ -323,9 +327,35 @@ impl Engine<'_> {
         let key = SpareSample::key(chunks, n_rows, variants);
         let spare = self.spare_sample.lock().expect("not poisoned").take();
         match spare.filter(|s| s.key == key) {
-            Some(s) => Ok(Self::guess_from(&s.samples, s.total, requests)),
+            Some(s) => Ok(Self::guess_counting(&s.samples, s.total, requests)),
             None => self.guess(chunks, n_rows, requests, rows),
         }
+    }
+
+    /// [`Self::guess_from`], and where no windows fit the budget, 6σ windows that count each
+    /// key of their span instead of keeping the keys ([`Windows::densified`]): what a
+    /// [`Windowed`] pass can take (the per-chunk counts of `select_many` and the one-read path
+    /// cannot), so that the statistics stay one pass at any model size.
+    pub(crate) fn guess_counting(
+        samples: &[Vec<u32>],
+        total: u64,
+        requests: Vec<Request>,
+    ) -> Option<Guess> {
+        // Tests set WEIGHTWEAVE_FORCE_DENSE to count every window that can be (small models
+        // never need it).
+        let forced = std::env::var_os("WEIGHTWEAVE_FORCE_DENSE").is_some();
+        let fit = (!forced).then(|| Self::guess_from(samples, total, requests.clone()));
+        fit.flatten().or_else(|| {
+            if samples.iter().map(|s| s.len() as u64).max() == Some(total) {
+                return Self::guess_from(samples, total, requests);
+            }
+            let mut windows = Windows::from_sample(requests, samples, total, SIGMAS[0]);
+            if forced {
+                windows.expected.iter_mut().for_each(|e| *e = f64::INFINITY);
+            }
+            let windows = windows.densified();
+            windows.viable.then_some(Guess::Window(windows))
+        })
     }
 
     /// [`Self::guess`] from the scope's sorted sample ([`Self::sample`]) of its `total`
@@ -359,9 +389,10 @@ impl Engine<'_> {
     fn debug_windows(&self, windows: &Windows, acc: &Windowed) {
         if std::env::var_os("WEIGHTWEAVE_DEBUG").is_some() {
             eprintln!(
-                "select: windows {:?} caps {:?} {}",
+                "select: windows {:?} caps {:?} dense {:?} {}",
                 windows.bounds,
                 windows.caps,
+                windows.dense,
                 acc.describe()
             );
         }
@@ -488,7 +519,27 @@ mod tests {
         // 0.7 B: 6σ windows would hold more than the budget's share; 4σ ones fit.
         assert_eq!(sigmas(700_000_000), Some(4.0));
         assert_eq!(sigmas(1_000_000_000), Some(3.0));
-        // 2 B: none fits, the radix select takes over.
+        // 2 B: none fits; windows counting each key of their spans (a few ten thousand keys
+        // each) take the pass instead of the radix select.
         assert_eq!(sigmas(2_000_000_000), None);
+        let requests = (0..3)
+            .map(|row| Request {
+                row,
+                rank: 1_600_000_000,
+            })
+            .collect();
+        let sample: Vec<u32> = (0..n)
+            .map(|i| key(1.0 + (i as f32 + 0.5) / n as f32))
+            .collect();
+        let samples = [sample.clone(), sample.clone(), sample];
+        let Some(Guess::Window(w)) = Engine::guess_counting(&samples, 2_000_000_000, requests)
+        else {
+            panic!("no windows at 2 B");
+        };
+        assert_eq!(w.dense, vec![true; 3]);
+        assert_eq!(
+            sigmas_of(Some(Guess::Window(w)), n).map(|s| s.round()),
+            Some(6.0)
+        );
     }
 }

@@ -30,6 +30,14 @@ pub struct SignTally {
     pending: Vec<f32>,
     /// Flips and pending values held, against `cap`.
     held: usize,
+    /// Per task, its window [lo, hi] where the select counts that window's keys instead of
+    /// keeping them ([`crate::select::Windows::densified`]: the model is too large for them);
+    /// the task's flips are then summed per key in `counts`, not kept.
+    #[serde(default)]
+    counted: Vec<Option<(u32, u32)>>,
+    /// Per counted task, the sign changes summed per key of [lo, hi] (allocated on first use).
+    #[serde(default)]
+    counts: Vec<Vec<i64>>,
     cap: usize,
     overflow: bool,
 }
@@ -40,6 +48,14 @@ impl SignTally {
             cap,
             ..SignTally::default()
         }
+    }
+
+    /// This tally, summing per key the flips of the tasks whose windows are given (see
+    /// `counted`): memory by the windows' spans, not by the elements in them.
+    pub fn counting(mut self, windows: Vec<Option<(u32, u32)>>) -> SignTally {
+        self.counts = vec![Vec::new(); windows.len()];
+        self.counted = windows;
+        self
     }
 
     /// Tallies one chunk; `bounds` are the windows' inclusive key bounds per task (a window one
@@ -185,7 +201,13 @@ impl SignTally {
                 let before = sign(trimmed) as i64;
                 self.count += before;
                 let change = sign(kept) as i64 - before;
-                if let Some(j) = CHANGES.iter().position(|&c| c == change) {
+                if let (true, Some(&Some((lo, hi)))) = (change != 0, self.counted.get(t)) {
+                    let c = &mut self.counts[t];
+                    if c.is_empty() {
+                        *c = vec![0; (hi - lo) as usize + 1];
+                    }
+                    c[(k - lo) as usize] += change;
+                } else if let Some(j) = CHANGES.iter().position(|&c| c == change) {
                     if self.flips.len() < deltas.len() {
                         self.flips.resize_with(deltas.len(), Default::default);
                     }
@@ -226,6 +248,17 @@ impl SignTally {
                     a.append(b);
                 }
             }
+            if self.counted.is_empty() {
+                self.counted = other.counted;
+                self.counts = vec![Vec::new(); self.counted.len()];
+            }
+            for (a, b) in self.counts.iter_mut().zip(other.counts) {
+                if a.is_empty() {
+                    *a = b;
+                } else {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+            }
         }
         self
     }
@@ -260,7 +293,17 @@ impl SignTally {
                     .sum::<i64>()
             })
             .sum();
-        Some(self.count + flips + late)
+        // A counted task's keys from thr's key up are kept.
+        let counted: i64 = (self.counted.iter().zip(&self.counts).zip(thr))
+            .map(|((w, c), &t)| match w {
+                Some((lo, _)) if !c.is_empty() => {
+                    let from = key(t).saturating_sub(*lo) as usize;
+                    c.iter().skip(from).sum::<i64>()
+                }
+                _ => 0,
+            })
+            .sum();
+        Some(self.count + flips + counted + late)
     }
 }
 
@@ -284,15 +327,32 @@ mod tests {
     }
 
     fn tally(deltas: &[Vec<f32>], bounds: &[(u32, u32)], chunk: usize, cap: usize) -> SignTally {
+        tally_counting(deltas, bounds, chunk, cap, &[])
+    }
+
+    /// [`tally`], the flips of the tasks `counted` names summed per key.
+    fn tally_counting(
+        deltas: &[Vec<f32>],
+        bounds: &[(u32, u32)],
+        chunk: usize,
+        cap: usize,
+        counted: &[bool],
+    ) -> SignTally {
         let n = deltas[0].len();
-        let mut total = SignTally::new(cap);
+        let new = || {
+            let windows = (counted.iter().zip(bounds))
+                .map(|(&c, &b)| c.then_some(b))
+                .collect();
+            SignTally::new(cap).counting(windows)
+        };
+        let mut total = new();
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             let part: Vec<Vec<f32>> = deltas
                 .iter()
                 .map(|d| d[start..start + len].to_vec())
                 .collect();
-            let mut t = SignTally::new(cap);
+            let mut t = new();
             let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
             t.observe(&part, bounds, len, &mut s, &mut u);
             total = total.merge(t);
@@ -394,6 +454,7 @@ mod tests {
             picks in prop::collection::vec(0usize..9, 3..600),
             thr_pick in prop::collection::vec(0usize..9, 3),
             chunk in 1usize..100,
+            counted in prop::collection::vec(any::<bool>(), 3),
         ) {
             const V: [f32; 9] = [0.0, 1.0, -1.0, 3.0, -3.0, 1e8, -1e8, 2e8, -1.5e8];
             let n = picks.len() / 3;
@@ -403,6 +464,47 @@ mod tests {
             let bounds: Vec<(u32, u32)> = thr.iter().map(|&t| (key(t * 0.5), key(t * 2.0 + 1.0))).collect();
             let t = tally(&deltas, &bounds, chunk, usize::MAX);
             prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
+            // Flips summed per key where the select counts a window's keys (at scale; only
+            // windows of a few keys here: the sums are allocated by the span).
+            let counted: Vec<bool> = counted.iter().zip(&bounds).map(|(&c, &(lo, hi))| c & (hi - lo < 1 << 16)).collect();
+            let t = tally_counting(&deltas, &bounds, chunk, usize::MAX, &counted);
+            prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
         }
+    }
+
+    proptest! {
+        // Values 1 + level · 2^-20 of either sign (or 0), windows a few levels wide: spans of
+        // a few hundred keys, so every task's flips may be summed per key.
+        #[test]
+        fn counted_flips_match_the_definition(
+            picks in prop::collection::vec((0u16..40, 0u8..3), 3..600),
+            windows in prop::collection::vec((0u16..40, 0u16..6, 0u16..6, 0u16..12), 3),
+            chunk in 1usize..100,
+            counted in prop::collection::vec(any::<bool>(), 3),
+        ) {
+            let level = |l: u16| 1.0 + f32::from(l) * (1.0 / 1_048_576.0);
+            let n = picks.len() / 3;
+            let deltas: Vec<Vec<f32>> = (0..3)
+                .map(|t| picks[t * n..(t + 1) * n].iter().map(|&(l, s)| [0.0, level(l), -level(l)][s as usize]).collect())
+                .collect();
+            // Per task a window [c − a, c + b] and a threshold inside it.
+            let bounds: Vec<(u32, u32)> = windows.iter().map(|&(c, a, b, _)| (key(level(c.saturating_sub(a))), key(level(c + b)))).collect();
+            let thr: Vec<f32> = windows.iter().map(|&(c, a, b, p)| {
+                let lo = c.saturating_sub(a);
+                level(lo + p % (c + b - lo + 1))
+            }).collect();
+            let t = tally_counting(&deltas, &bounds, chunk, usize::MAX, &counted);
+            prop_assert_eq!(t.resolve(&thr), Some(direct(&deltas, &thr)));
+        }
+    }
+
+    #[test]
+    fn counted_flips_hold_nothing() {
+        // As one_task_inside_holds_one_key, task 0's flips summed per key: a cap of 0 holds.
+        let deltas = vec![vec![-3.0f32; 100], vec![2.0; 100]];
+        let bounds = vec![(key(2.5), key(4.0)), (key(1.0), key(1.0))];
+        let t = tally_counting(&deltas, &bounds, 7, 0, &[true, false]);
+        assert_eq!(t.resolve(&[3.0, 1.0]), Some(-100));
+        assert_eq!(t.resolve(&[3.5, 1.0]), Some(100));
     }
 }

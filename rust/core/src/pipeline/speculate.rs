@@ -175,6 +175,7 @@ impl Engine<'_> {
                 late: Vec::new(),
                 total: 0,
                 expected: Vec::new(),
+                dense: Vec::new(),
             }
         } else {
             sample = self.sample_scope(merge, n_rows, rows)?;
@@ -193,6 +194,7 @@ impl Engine<'_> {
                     late: Vec::new(),
                     total: 0,
                     expected: vec![0.0; requests.len()],
+                    dense: vec![false; requests.len()],
                 },
                 None => return Ok(Spec::No),
             }
