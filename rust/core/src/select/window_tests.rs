@@ -3,6 +3,21 @@
 use super::*;
 use proptest::prelude::*;
 
+/// Windows placed by hand: `bounds` and `caps` per request.
+fn by_hand(requests: Vec<Request>, bounds: Vec<(u32, u32)>, caps: Vec<usize>) -> Windows {
+    Windows {
+        guess: vec![0; requests.len()],
+        dense: vec![false; requests.len()],
+        requests,
+        bounds,
+        caps,
+        viable: true,
+        late: Vec::new(),
+        total: 0,
+        expected: Vec::new(),
+    }
+}
+
 /// Windowed counts of `values` in chunks, merged, and their selected values.
 fn select_windowed(w: &Windows, values: &[f32], chunk: usize) -> Option<Vec<f32>> {
     let mut acc = w.acc();
@@ -169,17 +184,11 @@ fn degenerate_windows_count_pieces() {
 #[test]
 fn piece_windows_stay_within_the_cap() {
     // Every chunk's keys fall inside the window; the worker gives up past its cap in all.
-    let w = Windows {
-        requests: vec![Request { row: 0, rank: 0 }],
-        bounds: vec![(key(0.0), key(10.0))],
-        caps: vec![10],
-        viable: true,
-        guess: vec![0],
-        late: Vec::new(),
-        total: 0,
-        expected: Vec::new(),
-        dense: vec![false; 8],
-    };
+    let w = by_hand(
+        vec![Request { row: 0, rank: 0 }],
+        vec![(key(0.0), key(10.0))],
+        vec![10],
+    );
     let mut acc = PieceWindows::default();
     for i in 0..3 {
         let mut counted = w.acc();
@@ -224,17 +233,11 @@ fn a_wide_window_takes_the_budget_narrow_ones_leave() {
 
 #[test]
 fn a_bad_guess_declines() {
-    let w = Windows {
-        requests: vec![Request { row: 0, rank: 0 }],
-        bounds: vec![(key(5.0), key(6.0))],
-        caps: vec![10],
-        viable: true,
-        guess: vec![0],
-        late: Vec::new(),
-        total: 0,
-        expected: Vec::new(),
-        dense: vec![false; 8],
-    };
+    let w = by_hand(
+        vec![Request { row: 0, rank: 0 }],
+        vec![(key(5.0), key(6.0))],
+        vec![10],
+    );
     let mut acc = w.acc();
     acc.count(&w, 0, &[1.0, 2.0, 5.5]);
     assert_eq!(acc.finish(&w), None);
@@ -243,17 +246,11 @@ fn a_bad_guess_declines() {
 #[test]
 fn keys_at_lo_are_counted_not_kept() {
     // A mass of zeros at the window's lower bound (DARE's drops) costs no memory.
-    let w = Windows {
-        requests: vec![Request { row: 0, rank: 5 }, Request { row: 0, rank: 7 }],
-        bounds: vec![(key(0.0), key(3.0)); 2],
-        caps: vec![2; 2],
-        viable: true,
-        guess: vec![key(0.0); 2],
-        late: Vec::new(),
-        total: 0,
-        expected: Vec::new(),
-        dense: vec![false; 8],
-    };
+    let w = by_hand(
+        vec![Request { row: 0, rank: 5 }, Request { row: 0, rank: 7 }],
+        vec![(key(0.0), key(3.0)); 2],
+        vec![2; 2],
+    );
     let values = [0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 9.0];
     let mut acc = w.acc();
     acc.count(&w, 0, &values);
