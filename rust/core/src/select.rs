@@ -398,31 +398,21 @@ impl Windowed {
                 self.below[i] += u64::from(below);
                 continue;
             }
-            // Count in short vectorized blocks; revisit a block only when it has keys inside
-            // (rare: the window is narrow). One unsigned compare tests lo < k <= hi. The counts
-            // stay in per-lane registers across blocks: only the block's hit test is reduced
-            // across lanes (an OR), not three sums per block.
-            let mut equal = 0u32;
-            let (mut below_l, mut equal_l) = ([0u32; 16], [0u32; 16]);
             let inside_window = |k: u32| k.wrapping_sub(lo).wrapping_sub(1) < width;
-            let mut blocks = values.chunks_exact(16);
-            for block in &mut blocks {
-                let mut hits = 0u32;
-                for ((&v, b), e) in block.iter().zip(&mut below_l).zip(&mut equal_l) {
-                    let k = key(v);
-                    *b += u32::from(k < lo);
-                    *e += u32::from(k == lo);
-                    hits |= u32::from(inside_window(k));
-                }
-                if hits > 0 && w.dense[i] {
-                    let hist = &mut self.hist[i];
+            // Two copies of the counting loop (one per way of keeping the keys inside), so
+            // that the usual one carries no test of the other.
+            let (below, equal) = if w.dense[i] {
+                let hist = &mut self.hist[i];
+                count_blocks(values, lo, width, |block: &[f32]| {
                     for &v in block {
                         let k = key(v);
                         if inside_window(k) {
                             hist.add(lo, width, k);
                         }
                     }
-                } else if hits > 0 {
+                })
+            } else {
+                count_blocks(values, lo, width, |block: &[f32]| {
                     // Branch-free compaction: every key is written, the count advances on the
                     // ones inside. A window holding a whole level of bf16 deltas (mergekit's
                     // per-tensor TIES) has a key in most blocks, where a push per key cost a
@@ -434,20 +424,8 @@ impl Windowed {
                         c += usize::from(inside_window(k));
                     }
                     inside.extend_from_slice(&keep[..c]);
-                }
-            }
-            for &v in blocks.remainder() {
-                let k = key(v);
-                below += u32::from(k < lo);
-                equal += u32::from(k == lo);
-                if inside_window(k) && w.dense[i] {
-                    self.hist[i].add(lo, width, k);
-                } else if inside_window(k) {
-                    inside.push(k);
-                }
-            }
-            below += below_l.iter().sum::<u32>();
-            equal += equal_l.iter().sum::<u32>();
+                })
+            };
             self.below[i] += u64::from(below);
             self.equal[i] += u64::from(equal);
             if inside.len() > w.caps[i] {
@@ -561,6 +539,43 @@ impl Windowed {
         }
         Some(out)
     }
+}
+
+/// Counts `values`' keys below `lo` and at `lo`, and hands `inside` every block of up to 16
+/// values with a key in (lo, lo + width]. Counts run in short vectorized blocks and stay in
+/// per-lane registers across them: only a block's hit test is reduced across lanes (an OR),
+/// not three sums per block; a block is revisited only when it has keys inside (rare: the
+/// window is narrow). One unsigned compare tests lo < k <= lo + width.
+#[inline(always)]
+fn count_blocks(values: &[f32], lo: u32, width: u32, mut inside: impl FnMut(&[f32])) -> (u32, u32) {
+    let inside_window = |k: u32| k.wrapping_sub(lo).wrapping_sub(1) < width;
+    let (mut below_l, mut equal_l) = ([0u32; 16], [0u32; 16]);
+    let mut blocks = values.chunks_exact(16);
+    for block in &mut blocks {
+        let mut hits = 0u32;
+        for ((&v, b), e) in block.iter().zip(&mut below_l).zip(&mut equal_l) {
+            let k = key(v);
+            *b += u32::from(k < lo);
+            *e += u32::from(k == lo);
+            hits |= u32::from(inside_window(k));
+        }
+        if hits > 0 {
+            inside(block);
+        }
+    }
+    let (mut below, mut equal) = (0u32, 0u32);
+    for v in blocks.remainder().chunks(1) {
+        let k = key(v[0]);
+        below += u32::from(k < lo);
+        equal += u32::from(k == lo);
+        if inside_window(k) {
+            inside(v);
+        }
+    }
+    (
+        below + below_l.iter().sum::<u32>(),
+        equal + equal_l.iter().sum::<u32>(),
+    )
 }
 
 /// What one chunk's windowed count saw, kept so that the chunk's counts above and at any value
