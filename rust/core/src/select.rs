@@ -373,6 +373,18 @@ pub struct Windowed {
 impl Windowed {
     #[inline(always)]
     pub fn count(&mut self, w: &Windows, row: usize, values: &[f32]) {
+        self.count_as::<false>(w, row, values);
+    }
+
+    /// [`Self::count`] of |values|: the magnitudes' keys taken in the counting loops, without
+    /// a pass that writes the magnitudes out and one that reads them back (TIES's thresholds).
+    #[inline(always)]
+    pub fn count_abs(&mut self, w: &Windows, row: usize, values: &[f32]) {
+        self.count_as::<true>(w, row, values);
+    }
+
+    #[inline(always)]
+    fn count_as<const ABS: bool>(&mut self, w: &Windows, row: usize, values: &[f32]) {
         if self.overflow {
             return;
         }
@@ -390,7 +402,7 @@ impl Windowed {
             if width == 0 {
                 let mut equal = 0u32;
                 for &v in values {
-                    let k = key(v);
+                    let k = key(magnitude::<ABS>(v));
                     below += u32::from(k < lo);
                     equal += u32::from(k == lo);
                 }
@@ -403,23 +415,23 @@ impl Windowed {
             // that the usual one carries no test of the other.
             let (below, equal) = if w.dense[i] {
                 let hist = &mut self.hist[i];
-                count_blocks(values, lo, width, |block: &[f32]| {
+                count_blocks::<ABS>(values, lo, width, |block: &[f32]| {
                     for &v in block {
-                        let k = key(v);
+                        let k = key(magnitude::<ABS>(v));
                         if inside_window(k) {
                             hist.add(lo, width, k);
                         }
                     }
                 })
             } else {
-                count_blocks(values, lo, width, |block: &[f32]| {
+                count_blocks::<ABS>(values, lo, width, |block: &[f32]| {
                     // Branch-free compaction: every key is written, the count advances on the
                     // ones inside. A window holding a whole level of bf16 deltas (mergekit's
                     // per-tensor TIES) has a key in most blocks, where a push per key cost a
                     // fifth of the pass.
                     let (mut keep, mut c) = ([0u32; 16], 0usize);
                     for &v in block {
-                        let k = key(v);
+                        let k = key(magnitude::<ABS>(v));
                         keep[c & 15] = k;
                         c += usize::from(inside_window(k));
                     }
@@ -541,20 +553,35 @@ impl Windowed {
     }
 }
 
+/// `v`, or |v| where `ABS` (a count of magnitudes).
+#[inline(always)]
+fn magnitude<const ABS: bool>(v: f32) -> f32 {
+    if ABS {
+        v.abs()
+    } else {
+        v
+    }
+}
+
 /// Counts `values`' keys below `lo` and at `lo`, and hands `inside` every block of up to 16
 /// values with a key in (lo, lo + width]. Counts run in short vectorized blocks and stay in
 /// per-lane registers across them: only a block's hit test is reduced across lanes (an OR),
 /// not three sums per block; a block is revisited only when it has keys inside (rare: the
 /// window is narrow). One unsigned compare tests lo < k <= lo + width.
 #[inline(always)]
-fn count_blocks(values: &[f32], lo: u32, width: u32, mut inside: impl FnMut(&[f32])) -> (u32, u32) {
+fn count_blocks<const ABS: bool>(
+    values: &[f32],
+    lo: u32,
+    width: u32,
+    mut inside: impl FnMut(&[f32]),
+) -> (u32, u32) {
     let inside_window = |k: u32| k.wrapping_sub(lo).wrapping_sub(1) < width;
     let (mut below_l, mut equal_l) = ([0u32; 16], [0u32; 16]);
     let mut blocks = values.chunks_exact(16);
     for block in &mut blocks {
         let mut hits = 0u32;
         for ((&v, b), e) in block.iter().zip(&mut below_l).zip(&mut equal_l) {
-            let k = key(v);
+            let k = key(magnitude::<ABS>(v));
             *b += u32::from(k < lo);
             *e += u32::from(k == lo);
             hits |= u32::from(inside_window(k));
@@ -565,7 +592,7 @@ fn count_blocks(values: &[f32], lo: u32, width: u32, mut inside: impl FnMut(&[f3
     }
     let (mut below, mut equal) = (0u32, 0u32);
     for v in blocks.remainder().chunks(1) {
-        let k = key(v[0]);
+        let k = key(magnitude::<ABS>(v[0]));
         below += u32::from(k < lo);
         equal += u32::from(k == lo);
         if inside_window(k) {

@@ -198,8 +198,7 @@ impl Engine<'_> {
                     let src = self.set_deltas(w, j, c);
                     let p = w.parts(src);
                     for (t, x) in p.deltas.iter().enumerate() {
-                        crate::simd!(abs_into(&x[..n], &mut p.scratch[..n]));
-                        crate::simd!(acc.count(&windows, v * tasks + t, &p.scratch[..n]));
+                        crate::simd!(acc.count_abs(&windows, v * tasks + t, &x[..n]));
                     }
                     for (k, tally) in tallies.iter_mut().enumerate() {
                         if of[k] == v {

@@ -262,8 +262,8 @@ impl Engine<'_> {
                     let src = self.set_deltas(w, j, c);
                     let p = w.parts(src);
                     for (t, x) in p.deltas.iter().enumerate() {
-                        crate::simd!(abs_into(&x[..n], &mut p.scratch[..n]));
-                        crate::simd!(acc.windows.count(&windows, v * tasks + t, &p.scratch[..n]));
+                        let row = v * tasks + t;
+                        crate::simd!(acc.windows.count_abs(&windows, row, &x[..n]));
                     }
                     for (k, tally) in acc.tallies.iter_mut().enumerate() {
                         if of[k] == v {
@@ -546,12 +546,5 @@ impl Engine<'_> {
         grow(&mut w.m, 1);
         grow(&mut w.scratch, 1);
         grow(&mut w.out, 1);
-    }
-}
-
-#[inline(always)]
-fn abs_into(src: &[f32], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.abs();
     }
 }

@@ -29,6 +29,17 @@ fn select_windowed(w: &Windows, values: &[f32], chunk: usize) -> Option<Vec<f32>
     acc.finish(w)
 }
 
+/// [`select_windowed`] of |values|, counted with [`Windowed::count_abs`] from the signed values.
+fn select_windowed_abs(w: &Windows, values: &[f32], chunk: usize) -> Option<Vec<f32>> {
+    let mut acc = w.acc();
+    for c in values.chunks(chunk) {
+        let mut part = w.acc();
+        part.count_abs(w, 0, c);
+        acc = acc.merge(part);
+    }
+    acc.finish(w)
+}
+
 /// Values 1 + level · 2^-20: eight keys apart, so windows span few keys.
 fn near_one(levels: &[u16]) -> Vec<f32> {
     levels
@@ -57,6 +68,36 @@ proptest! {
         sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
         if let Some(v) = select_windowed(&w, &values, chunk) {
             prop_assert_eq!(v[0], sorted[rank as usize]);
+        }
+    }
+}
+
+proptest! {
+    /// Counting the magnitudes of signed values selects what counting the values' |·| does,
+    /// and the sorted magnitudes' value at the rank, with kept keys and counted keys alike.
+    #[test]
+    fn magnitudes_count_as_their_absolute_values(levels in prop::collection::vec(-3000i16..3000, 1..2000), r in 0usize..2000, stride in 1usize..50, chunk in 1usize..100, dense in any::<bool>()) {
+        // ±(1 + |level| · 2^-20): magnitudes eight keys apart (a counted window's span stays
+        // small), signs mixed.
+        let values: Vec<f32> = levels
+            .iter()
+            .map(|&l| (1.0 + f32::from(l.unsigned_abs()) * (1.0 / 1_048_576.0)).copysign(f32::from(l) + 0.5))
+            .collect();
+        let abs: Vec<f32> = values.iter().map(|v| v.abs()).collect();
+        let rank = (r % values.len()) as u64;
+        let mut sample: Vec<u32> = abs.iter().step_by(stride).map(|&v| key(v)).collect();
+        sample.sort_unstable();
+        let mut w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
+        let (lo, hi) = w.bounds[0];
+        w.bounds[0] = (lo.max(key(1.0) - 1), hi.min(key(1.0 + 3001.0 / 1_048_576.0)));
+        prop_assume!(w.bounds[0].0 < w.bounds[0].1);
+        w.dense = vec![dense];
+        let got = select_windowed_abs(&w, &values, chunk);
+        prop_assert_eq!(&got, &select_windowed(&w, &abs, chunk));
+        let mut sorted = abs.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if let Some(v) = got {
+            prop_assert_eq!(v[0].to_bits(), sorted[rank as usize].to_bits());
         }
     }
 }
