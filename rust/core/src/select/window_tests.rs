@@ -20,21 +20,20 @@ fn by_hand(requests: Vec<Request>, bounds: Vec<(u32, u32)>, caps: Vec<usize>) ->
 
 /// Windowed counts of `values` in chunks, merged, and their selected values.
 fn select_windowed(w: &Windows, values: &[f32], chunk: usize) -> Option<Vec<f32>> {
-    let mut acc = w.acc();
-    for c in values.chunks(chunk) {
-        let mut part = w.acc();
-        part.count(w, 0, c);
-        acc = acc.merge(part);
-    }
-    acc.finish(w)
+    select_counting(w, values, chunk, Windowed::count)
 }
 
-/// [`select_windowed`] of |values|, counted with [`Windowed::count_abs`] from the signed values.
-fn select_windowed_abs(w: &Windows, values: &[f32], chunk: usize) -> Option<Vec<f32>> {
+/// [`select_windowed`], each chunk counted by `count` ([`Windowed::count_abs`]: of |values|).
+fn select_counting(
+    w: &Windows,
+    values: &[f32],
+    chunk: usize,
+    count: fn(&mut Windowed, &Windows, usize, &[f32]),
+) -> Option<Vec<f32>> {
     let mut acc = w.acc();
     for c in values.chunks(chunk) {
         let mut part = w.acc();
-        part.count_abs(w, 0, c);
+        count(&mut part, w, 0, c);
         acc = acc.merge(part);
     }
     acc.finish(w)
@@ -48,6 +47,27 @@ fn near_one(levels: &[u16]) -> Vec<f32> {
         .collect()
 }
 
+/// A 6σ window for `rank` of `values` (near 1: see [`near_one`]) from every `stride`-th value;
+/// ends the sample left open are closed around the data so that a counted span fits (any
+/// window is a valid one: a rank outside it declines). None if nothing is left of it.
+fn window_near_one(values: &[f32], rank: u64, stride: usize, dense: bool) -> Option<Windows> {
+    let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
+    sample.sort_unstable();
+    let mut w = Windows::from_sample(
+        vec![Request { row: 0, rank }],
+        &[sample],
+        values.len() as u64,
+        6.0,
+    );
+    let (lo, hi) = w.bounds[0];
+    w.bounds[0] = (
+        lo.max(key(1.0) - 1),
+        hi.min(key(1.0 + 3001.0 / 1_048_576.0)),
+    );
+    w.dense = vec![dense];
+    (w.bounds[0].0 < w.bounds[0].1).then_some(w)
+}
+
 proptest! {
     /// Counting each key of a window selects what keeping the keys selects (ties
     /// included), for any chunking.
@@ -55,15 +75,9 @@ proptest! {
     fn dense_windows_select_the_same(levels in prop::collection::vec(0u16..3000, 1..2000), r in 0usize..2000, stride in 1usize..50, chunk in 1usize..100) {
         let values = near_one(&levels);
         let rank = (r % values.len()) as u64;
-        let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
-        sample.sort_unstable();
-        let mut w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
-        // Any window is a valid one (a rank outside it declines); ends the sample left
-        // open are closed around the data so that the span fits.
-        let (lo, hi) = w.bounds[0];
-        w.bounds[0] = (lo.max(key(1.0) - 1), hi.min(key(1.0 + 3001.0 / 1_048_576.0)));
-        prop_assume!(w.bounds[0].0 < w.bounds[0].1);
-        w.dense = vec![true];
+        let w = window_near_one(&values, rank, stride, true);
+        prop_assume!(w.is_some());
+        let w = w.unwrap();
         let mut sorted = values.clone();
         sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
         if let Some(v) = select_windowed(&w, &values, chunk) {
@@ -85,14 +99,10 @@ proptest! {
             .collect();
         let abs: Vec<f32> = values.iter().map(|v| v.abs()).collect();
         let rank = (r % values.len()) as u64;
-        let mut sample: Vec<u32> = abs.iter().step_by(stride).map(|&v| key(v)).collect();
-        sample.sort_unstable();
-        let mut w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
-        let (lo, hi) = w.bounds[0];
-        w.bounds[0] = (lo.max(key(1.0) - 1), hi.min(key(1.0 + 3001.0 / 1_048_576.0)));
-        prop_assume!(w.bounds[0].0 < w.bounds[0].1);
-        w.dense = vec![dense];
-        let got = select_windowed_abs(&w, &values, chunk);
+        let w = window_near_one(&abs, rank, stride, dense);
+        prop_assume!(w.is_some());
+        let w = w.unwrap();
+        let got = select_counting(&w, &values, chunk, Windowed::count_abs);
         prop_assert_eq!(&got, &select_windowed(&w, &abs, chunk));
         let mut sorted = abs.clone();
         sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
