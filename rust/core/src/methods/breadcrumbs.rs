@@ -9,7 +9,7 @@
 //! decides its elements alone, given how many equal magnitudes came before it ([`Piece`]).
 
 use super::kernel::{ChunkIn, Kernel, Scratch, TensorStats};
-use super::row_cut::{cut_keys, rank_key};
+use super::row_cut::{cut_keys_hinted, rank_key, Hint};
 use super::{int_frac, PerTask, Reader, Rows};
 use crate::error::{Error, Result};
 
@@ -246,9 +246,15 @@ pub fn merge_pieces<D: AsRef<[f32]>>(
 }
 
 /// Adds crumbs(row) into `acc`, keeping the descending ranks `ranks` = [g, g + k) (`None`:
-/// nothing). `keys` is scratch.
+/// nothing). `keys` is scratch; `hint` carries the cuts from one row to the next.
 #[inline(always)]
-pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc: &mut [f32]) {
+pub fn add_row(
+    row: &[f32],
+    ranks: Option<(u64, u64)>,
+    keys: &mut Vec<u64>,
+    hint: &mut Hint,
+    acc: &mut [f32],
+) {
     let n = row.len();
     let Some((drop_top, keep)) = ranks else {
         return;
@@ -262,7 +268,7 @@ pub fn add_row(row: &[f32], ranks: Option<(u64, u64)>, keys: &mut Vec<u64>, acc:
     let (drop_top, keep) = (drop_top as usize, keep as usize);
     // The key at rank `drop_top` is the smallest kept; the one at `drop_top + keep` the first cut.
     let far = (drop_top + keep < n).then_some(drop_top + keep);
-    let (lo, hi) = cut_keys(row, drop_top, far, keys);
+    let (lo, hi) = cut_keys_hinted(row, drop_top, far, keys, hint);
     for (i, (a, &x)) in acc.iter_mut().zip(row).enumerate() {
         let k = rank_key(x, i);
         if k >= lo && k < hi {
@@ -309,8 +315,9 @@ pub fn add_task(
         }
         return;
     }
+    let mut hint = Hint::default();
     for (row, acc) in d.chunks(row_len).zip(acc.chunks_mut(row_len)) {
-        add_row(row, ranks, keys, acc);
+        add_row(row, ranks, keys, &mut hint, acc);
     }
 }
 
@@ -404,7 +411,13 @@ mod tests {
         // n = 10, γ = 0.1 → drop 1; β = 0.3 → keep 3.
         let row = [1.0, -9.0, 3.0, 0.5, -4.0, 2.0, 0.0, 5.0, -0.1, 0.2];
         let mut acc = [0.0; 10];
-        add_row(&row, kept_ranks(10, 0.3, 0.1), &mut Vec::new(), &mut acc);
+        add_row(
+            &row,
+            kept_ranks(10, 0.3, 0.1),
+            &mut Vec::new(),
+            &mut Hint::default(),
+            &mut acc,
+        );
         assert_eq!(acc, [0.0, 0.0, 3.0, 0.0, -4.0, 0.0, 0.0, 5.0, 0.0, 0.0]);
     }
 
@@ -412,7 +425,13 @@ mod tests {
     fn ties_go_to_earlier_positions() {
         let row = [1.0, 1.0, 1.0, 1.0];
         let mut acc = [0.0; 4];
-        add_row(&row, kept_ranks(4, 0.5, 0.25), &mut Vec::new(), &mut acc);
+        add_row(
+            &row,
+            kept_ranks(4, 0.5, 0.25),
+            &mut Vec::new(),
+            &mut Hint::default(),
+            &mut acc,
+        );
         assert_eq!(acc, [0.0, 1.0, 1.0, 0.0]);
     }
 
@@ -437,7 +456,13 @@ mod tests {
                         want[i] = row[i];
                     }
                     let mut acc = vec![0.0f32; n];
-                    add_row(&row, Some((g as u64, k as u64)), &mut Vec::new(), &mut acc);
+                    add_row(
+                        &row,
+                        Some((g as u64, k as u64)),
+                        &mut Vec::new(),
+                        &mut Hint::default(),
+                        &mut acc,
+                    );
                     assert_eq!(acc, want, "n {n}, g {g}, k {k}");
                 }
             }

@@ -136,6 +136,184 @@ pub fn cut_keys(row: &[f32], lo: usize, hi: Option<usize>, keys: &mut Vec<u64>) 
     }
 }
 
+/// A row's cut magnitudes guessed from the row before it (rows of one tensor and task have
+/// much the same spread): per cut, the bits of |x| found there and the window's relative
+/// half-width around it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Hint {
+    cuts: [(u32, f32); 2],
+    seen: bool,
+}
+
+/// The window a hint starts with, and the narrowest and widest it may take, relative to the
+/// magnitude.
+const FIRST_WIDTH: f32 = 0.1;
+const MIN_WIDTH: f32 = 1.0 / 256.0;
+const MAX_WIDTH: f32 = 0.5;
+/// Each window is split into this many brackets of equal width; the pass counts the
+/// magnitudes above each bracket's edges, and only the bracket holding the rank is gathered.
+const BRACKETS: usize = 3;
+const EDGES: usize = BRACKETS + 1;
+
+/// [`cut_keys`], trying first the windows of `hint` (the previous row's cuts): one pass counts
+/// the magnitudes above each window's bracket edges; where each rank falls in a bracket, a
+/// second gathers that bracket's few keys and the rank is selected among them. Where not,
+/// [`cut_keys`] counts the row. Either way the keys are the same, and `hint` then holds this
+/// row's cuts.
+///
+/// Why: the histogram's scattered increments and its two extra passes over the row (the
+/// largest magnitude, the buckets' members) were most of Breadcrumbs' time; the edges' tests
+/// are compares that vectorize.
+#[inline(always)]
+pub fn cut_keys_hinted(
+    row: &[f32],
+    lo: usize,
+    hi: Option<usize>,
+    keys: &mut Vec<u64>,
+    hint: &mut Hint,
+) -> (u64, u64) {
+    let n = row.len();
+    let tried = hint.seen && n >= SHORT;
+    if tried {
+        if let Some((found, at)) = windowed(row, lo, hi, keys, hint) {
+            hint.follow(found, Some(at));
+            return found;
+        }
+    }
+    let found = cut_keys(row, lo, hi, keys);
+    if tried {
+        for c in &mut hint.cuts {
+            c.1 = (c.1 * 2.0).min(MAX_WIDTH);
+        }
+    }
+    hint.follow(found, None);
+    found
+}
+
+impl Hint {
+    /// Centres the windows on the cuts just found. A window whose rank fell in an inner
+    /// bracket narrows, one whose rank fell in an outer bracket widens (`at`: the brackets, 1
+    /// to [`BRACKETS`]; `None` where the windows were not used). A hint on a magnitude that is
+    /// not finite is dropped.
+    fn follow(&mut self, (k0, k1): (u64, u64), at: Option<[usize; 2]>) {
+        let mag = |k: u64| !((k >> 32) as u32);
+        let fresh = !self.seen;
+        for (c, (k, j)) in self
+            .cuts
+            .iter_mut()
+            .zip([k0, k1].into_iter().zip(at.unwrap_or_default()))
+        {
+            c.0 = if k == u64::MAX { 0 } else { mag(k) };
+            c.1 = if fresh {
+                FIRST_WIDTH
+            } else if j == 1 || j == BRACKETS {
+                (c.1 * 1.25).min(MAX_WIDTH)
+            } else if j != 0 {
+                (c.1 * 0.9).max(MIN_WIDTH)
+            } else {
+                c.1
+            };
+        }
+        self.seen = self.cuts.iter().all(|c| c.0 < f32::INFINITY.to_bits());
+    }
+}
+
+/// The cut keys where both ranks fall in the hint's windows, with the bracket each fell in;
+/// `None` where one does not.
+#[inline(always)]
+fn windowed(
+    row: &[f32],
+    lo: usize,
+    hi: Option<usize>,
+    keys: &mut Vec<u64>,
+    hint: &Hint,
+) -> Option<((u64, u64), [usize; 2])> {
+    // Bits of |x| order as the rank keys do (NaN above infinity above every finite value).
+    // Edge e of a window sits at m·(1 + w·(2e/BRACKETS − 1)); bracket e holds the magnitudes
+    // from edge e − 1 up to (not including) edge e. A cut at zero takes the brackets [0, 1),
+    // [1, 2), … of the bits, the first holding the zeros.
+    let edges = |(m, w): (u32, f32)| -> [u32; EDGES] {
+        let v = f32::from_bits(m);
+        std::array::from_fn(|e| {
+            let f = 1.0 + w * (2.0 * e as f32 / BRACKETS as f32 - 1.0);
+            if m == 0 {
+                e as u32
+            } else {
+                (v * f).max(0.0).to_bits()
+            }
+        })
+    };
+    let mut t = [u32::MAX; 2 * EDGES];
+    t[..EDGES].copy_from_slice(&edges(hint.cuts[0]));
+    if hi.is_some() {
+        t[EDGES..].copy_from_slice(&edges(hint.cuts[1]));
+    }
+    // above[e]: how many magnitudes reach edge e, one edge at a time (each a loop of
+    // compares and adds in vector registers; the row stays in L1).
+    let mut above = [0usize; 2 * EDGES];
+    let used = if hi.is_some() { 2 * EDGES } else { EDGES };
+    for (a, &te) in above.iter_mut().zip(&t).take(used) {
+        *a = row
+            .iter()
+            .map(|&x| u32::from(x.to_bits() & 0x7fff_ffff >= te))
+            .sum::<u32>() as usize;
+    }
+    // The bracket holding descending rank r: above[e] <= r < above[e - 1].
+    let bracket =
+        |above: &[usize], r: usize| (1..EDGES).find(|&e| above[e] <= r && r < above[e - 1]);
+    let b0 = bracket(&above[..EDGES], lo)?;
+    let b1 = match hi {
+        Some(h) => bracket(&above[EDGES..], h)?,
+        None => 0,
+    };
+    // Each bracket's keys, gathered in one pass into a buffer of its own (the two windows may
+    // overlap).
+    let (g0, g1) = (
+        above[b0 - 1] - above[b0],
+        if hi.is_some() {
+            above[EDGES + b1 - 1] - above[EDGES + b1]
+        } else {
+            0
+        },
+    );
+    keys.clear();
+    keys.resize(g0 + g1, 0);
+    let (s0, s1) = keys.split_at_mut(g0);
+    let (l0, h0) = (t[b0 - 1], t[b0]);
+    let (l1, h1) = if hi.is_some() {
+        (t[EDGES + b1 - 1], t[EDGES + b1])
+    } else {
+        (u32::MAX, u32::MAX)
+    };
+    let (mut i0, mut i1) = (0, 0);
+    for (blk, xs) in row.chunks(64).enumerate() {
+        let (mut m0, mut m1) = (0u64, 0u64);
+        for (k, &x) in xs.iter().enumerate() {
+            let b = x.to_bits() & 0x7fff_ffff;
+            m0 |= u64::from(b >= l0 && b < h0) << k;
+            m1 |= u64::from(b >= l1 && b < h1) << k;
+        }
+        while m0 != 0 {
+            let j = blk * 64 + m0.trailing_zeros() as usize;
+            m0 &= m0 - 1;
+            s0[i0] = rank_key(row[j], j);
+            i0 += 1;
+        }
+        while m1 != 0 {
+            let j = blk * 64 + m1.trailing_zeros() as usize;
+            m1 &= m1 - 1;
+            s1[i1] = rank_key(row[j], j);
+            i1 += 1;
+        }
+    }
+    let k0 = *s0.select_nth_unstable(lo - above[b0]).1;
+    let k1 = match hi {
+        Some(h) => *s1.select_nth_unstable(h - above[EDGES + b1]).1,
+        None => u64::MAX,
+    };
+    Some(((k0, k1), [b0, b1]))
+}
+
 /// [`cut_keys`] by quickselects over every key of the row.
 fn by_select(row: &[f32], lo: usize, hi: Option<usize>, keys: &mut Vec<u64>) -> (u64, u64) {
     keys.clear();
@@ -201,6 +379,100 @@ mod tests {
             out.push(outlier);
         }
         out
+    }
+
+    /// Rows in the order a task's chunk passes them to the hinted cuts: runs of one spread
+    /// (the windows hit), a spread 3x wider and 100x narrower (they miss), ties and zeros
+    /// at the cuts, a NaN and an infinity, a row of zeros, and back.
+    fn row_sequence(n: usize) -> Vec<Vec<f32>> {
+        let mut seed = 11u64;
+        let mut next = move || {
+            seed = crate::rng::mix(seed);
+            (seed >> 40) as f32 / 16_777_216.0 - 0.5
+        };
+        let mut out = Vec::new();
+        for scale in [1.0f32, 1.0, 1.0, 1.02, 0.98, 3.0, 3.0, 0.03, 0.03, 1.0] {
+            out.push((0..n).map(|_| next() * scale).collect::<Vec<_>>());
+        }
+        for _ in 0..3 {
+            // Coarse values: long ties at both cuts.
+            out.push((0..n).map(|_| (next() * 8.0).round() / 8.0).collect());
+        }
+        for zeros in [n / 2, n - n / 50, n] {
+            // Most of the row zero: the far cut (and at `n`, the near one) at magnitude 0.
+            out.push(
+                (0..n)
+                    .map(|i| if i < zeros { 0.0 } else { next() })
+                    .collect(),
+            );
+        }
+        let mut special: Vec<f32> = (0..n).map(|_| next()).collect();
+        special[n / 3] = f32::NAN;
+        special[n / 2] = f32::INFINITY;
+        out.push(special.clone());
+        out.push((0..n).map(|_| next()).collect());
+        special[1] = -f32::INFINITY;
+        special.swap(0, n - 1);
+        out.push(special);
+        for _ in 0..4 {
+            out.push((0..n).map(|_| next()).collect());
+        }
+        out
+    }
+
+    #[test]
+    fn hinted_cuts_are_the_sorted_keys_row_after_row() {
+        let mut keys = Vec::new();
+        let mut tried = 0;
+        for n in [64usize, 100, 1536, 4099] {
+            let cuts = [
+                (n / 160, Some(n / 160 + n * 3 / 20)),
+                (0, Some(n / 2)),
+                (n / 10, None),
+                (n - 2, Some(n - 1)),
+                (0, Some(1)),
+            ];
+            for (lo, hi) in cuts {
+                let mut hint = Hint::default();
+                for (r, row) in row_sequence(n).iter().enumerate() {
+                    let want = sorted(row, lo, hi);
+                    tried += usize::from(hint.seen);
+                    let got = cut_keys_hinted(row, lo, hi, &mut keys, &mut hint);
+                    assert_eq!(got, want, "n {n} lo {lo} hi {hi:?} row {r}");
+                }
+            }
+        }
+        assert!(tried > 300, "the windows were tried on {tried} rows");
+    }
+
+    /// The windows themselves, where they hold the ranks, against the sorted keys; and that
+    /// they do hold them for a row like the one before.
+    #[test]
+    fn windows_select_the_sorted_keys_where_they_hit() {
+        let mut keys = Vec::new();
+        let rows = row_sequence(1536);
+        let mut hits = 0;
+        for pair in rows.windows(2) {
+            for (lo, hi) in [(9, Some(239)), (100, None), (0, Some(767))] {
+                let mut hint = Hint::default();
+                cut_keys_hinted(&pair[0], lo, hi, &mut keys, &mut hint);
+                if let Some((got, at)) = windowed(&pair[1], lo, hi, &mut keys, &hint) {
+                    hits += 1;
+                    assert_eq!(got, sorted(&pair[1], lo, hi), "lo {lo} hi {hi:?}");
+                    assert!((1..=BRACKETS).contains(&at[0]));
+                }
+            }
+        }
+        // Twelve of the pairs are of one spread (or the same zeros).
+        assert!(hits >= 20, "{hits} hits");
+        // A cut at zero: the zeros' bracket holds it in the next such row.
+        let mostly_zero: Vec<f32> = (0..1536)
+            .map(|i| f32::from(u8::from(i % 10 == 0)))
+            .collect();
+        let mut hint = Hint::default();
+        cut_keys_hinted(&mostly_zero, 9, Some(239), &mut keys, &mut hint);
+        let got = windowed(&mostly_zero, 9, Some(239), &mut keys, &hint).map(|w| w.0);
+        assert_eq!(got, Some(sorted(&mostly_zero, 9, Some(239))));
     }
 
     #[test]
