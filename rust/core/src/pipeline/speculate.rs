@@ -111,6 +111,20 @@ struct Held {
     vals: Vec<f32>,
 }
 
+/// The positions of the marked elements, ascending. Few are marked (0.06 % of the 0.5 B
+/// bf16 set's): blocks of 64 are skipped on one OR of their marks, which vectorizes, where
+/// an element-by-element test was 5 % of the one-read pass (`perf`).
+fn marked(marks: &[u8]) -> Vec<usize> {
+    let mut picked = Vec::new();
+    for (b, block) in marks.chunks(64).enumerate() {
+        if block.iter().fold(0u8, |a, &m| a | m) != 0 {
+            let at = block.iter().enumerate().filter(|&(_, &m)| m != 0);
+            picked.extend(at.map(|(i, _)| b * 64 + i));
+        }
+    }
+    picked
+}
+
 /// What decides whether a held element changes: each representative's variant, its guessed
 /// and exact thresholds, and its exact sign count.
 type Verdicts<'v> = (&'v [usize], &'v [Vec<f32>], &'v [Vec<f32>], &'v [i64]);
@@ -274,12 +288,13 @@ impl Engine<'_> {
                         }
                     }
                 }
-                let marked = marks.iter().filter(|&&m| m != 0).count();
+                let picked = marked(&marks);
+                let marked = picked.len();
                 if marked > 0 && !over.load(Ordering::Relaxed) {
                     if count.fetch_add(marked, Ordering::Relaxed) + marked > cap {
                         over.store(true, Ordering::Relaxed);
                     } else {
-                        self.hold(w, c, &variants, &layout, &marks, &mut acc.held);
+                        self.hold(w, c, &variants, &layout, &picked, &mut acc.held);
                     }
                 }
                 if over.load(Ordering::Relaxed) {
@@ -418,18 +433,18 @@ impl Engine<'_> {
         }
     }
 
-    /// Holds chunk `c`'s marked elements: their position and inputs, and each variant's own
-    /// deltas (formed again for all but the last variant, whose are still in `w.eff`).
+    /// Holds chunk `c`'s marked elements (`picked`, ascending): their position and inputs, and
+    /// each variant's own deltas (formed again for all but the last variant, whose are still
+    /// in `w.eff`).
     fn hold(
         &self,
         w: &mut Work,
         c: &Chunk,
         variants: &[usize],
         layout: &Layout,
-        marks: &[u8],
+        picked: &[usize],
         held: &mut Held,
     ) {
-        let picked: Vec<usize> = (0..c.len).filter(|&i| marks[i] != 0).collect();
         let first = held.vals.len();
         held.vals.resize(first + picked.len() * layout.width, 0.0);
         for (h, &i) in picked.iter().enumerate() {
