@@ -71,7 +71,11 @@ impl SignTally {
         sum: &mut [f32],
         undecided: &mut [f32],
     ) {
-        self.tally::<D, false>(deltas, bounds, n, sum, undecided, &mut []);
+        if narrow(bounds) {
+            self.tally::<D, false, true>(deltas, bounds, n, sum, undecided, &mut []);
+        } else {
+            self.tally::<D, false, false>(deltas, bounds, n, sum, undecided, &mut []);
+        }
     }
 
     /// [`Self::observe`], and sets `marks[i]` to 1 where the chunk's M may still change with
@@ -87,11 +91,17 @@ impl SignTally {
         (sum, undecided): (&mut [f32], &mut [f32]),
         marks: &mut [u8],
     ) {
-        self.tally::<D, true>(deltas, bounds, n, sum, undecided, marks);
+        if narrow(bounds) {
+            self.tally::<D, true, true>(deltas, bounds, n, sum, undecided, marks);
+        } else {
+            self.tally::<D, true, false>(deltas, bounds, n, sum, undecided, marks);
+        }
     }
 
+    /// `NARROW`: every window is one key wide ([`narrow`]), so no element is undecided and the
+    /// loop carries no count of them (bf16 fine-tunes' coarse deltas give such windows).
     #[inline(always)]
-    fn tally<D: AsRef<[f32]>, const MARK: bool>(
+    fn tally<D: AsRef<[f32]>, const MARK: bool, const NARROW: bool>(
         &mut self,
         deltas: &[D],
         bounds: &[(u32, u32)],
@@ -105,7 +115,9 @@ impl SignTally {
             let r = start..(start + BLOCK).min(n);
             let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
             sum.fill(0.0);
-            undecided.fill(0.0);
+            if !NARROW {
+                undecided.fill(0.0);
+            }
             let nonzero = &mut nonzero[..r.len()];
             if MARK {
                 nonzero.fill(0.0);
@@ -115,12 +127,19 @@ impl SignTally {
                 let d = &d.as_ref()[r.clone()];
                 let step = |s: &mut f32, u: &mut f32, x: f32| {
                     let k = key(x.abs());
-                    let kept = (k > hi) | (!proper & (k == lo));
+                    // One key wide (lo = hi): kept from that key up.
+                    let kept = if NARROW {
+                        k >= lo
+                    } else {
+                        (k > hi) | (!proper & (k == lo))
+                    };
                     // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
                     *s += x * f32::from(u8::from(kept));
-                    *u += f32::from(u8::from(
-                        proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
-                    ));
+                    if !NARROW {
+                        *u += f32::from(u8::from(
+                            proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
+                        ));
+                    }
                     kept & (x != 0.0)
                 };
                 if MARK {
@@ -138,13 +157,24 @@ impl SignTally {
                 }
             }
             // Signs of decided elements, summed as integers (a float sum would not vectorize).
-            let decided: i32 = sum
-                .iter()
-                .zip(undecided.iter())
-                .map(|(&s, &u)| (i32::from(s > 0.0) - i32::from(s < 0.0)) * i32::from(u == 0.0))
-                .sum();
+            let signum = |s: f32| i32::from(s > 0.0) - i32::from(s < 0.0);
+            let decided: i32 = if NARROW {
+                sum.iter().map(|&s| signum(s)).sum()
+            } else {
+                (sum.iter().zip(undecided.iter()))
+                    .map(|(&s, &u)| signum(s) * i32::from(u == 0.0))
+                    .sum()
+            };
             self.count += i64::from(decided);
-            if MARK {
+            if MARK && NARROW {
+                for ((m, &s), &z) in marks[r.clone()]
+                    .iter_mut()
+                    .zip(sum.iter())
+                    .zip(nonzero.iter())
+                {
+                    *m |= u8::from((s == 0.0) & (z != 0.0));
+                }
+            } else if MARK {
                 for (((m, &s), &u), &z) in marks[r.clone()]
                     .iter_mut()
                     .zip(sum.iter())
@@ -154,7 +184,7 @@ impl SignTally {
                     *m |= u8::from((u != 0.0) | ((s == 0.0) & (z != 0.0)));
                 }
             }
-            if undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
+            if NARROW || undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
                 continue;
             }
             // A mask per 16 elements, its set bits visited: a branch per undecided element,
@@ -307,6 +337,11 @@ impl SignTally {
     }
 }
 
+/// Whether every window is one key wide.
+fn narrow(bounds: &[(u32, u32)]) -> bool {
+    bounds.iter().all(|&(lo, hi)| lo == hi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,7 +425,10 @@ mod tests {
             values in prop::collection::vec(-6i8..=6, 3..600),
             picks in prop::collection::vec((0u8..=6, 0u8..3, 0u8..3, 0u8..3), 3),
             chunk in 1usize..100,
+            narrow in any::<bool>(),
         ) {
+            // Half the cases with every window one key wide (the loop's narrow copy).
+            let picks: Vec<_> = picks.into_iter().map(|p| if narrow { (p.0, 0, 0, 0) } else { p }).collect();
             let n = values.len() / 3;
             let deltas: Vec<Vec<f32>> = (0..3).map(|t| values[t * n..(t + 1) * n].iter().map(|&v| v as f32 * 0.25).collect()).collect();
             // Per task a window [c − lo, c + hi] and two thresholds inside it.
