@@ -12,6 +12,9 @@
 //! exactly. The keys are the same as the quickselect's, hence the same bits downstream. A row
 //! whose largest magnitude is zero, infinite, NaN or too small to scale goes to the quickselect,
 //! as does a short row.
+//!
+//! Row after row of one task, [`cut_keys_hinted`] first tries windows around the previous row's
+//! cuts, which need no histogram; the counting above runs where a rank falls outside them.
 
 /// Elements per bucket, on average.
 const PER_BUCKET: usize = 8;
