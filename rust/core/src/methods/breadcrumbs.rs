@@ -406,32 +406,25 @@ mod tests {
         }
     }
 
+    /// crumbs(row) of one row on its own, keeping the descending ranks `ranks`.
+    fn crumbs(row: &[f32], ranks: Option<(u64, u64)>) -> Vec<f32> {
+        let mut acc = vec![0.0; row.len()];
+        add_row(row, ranks, &mut Vec::new(), &mut Hint::default(), &mut acc);
+        acc
+    }
+
     #[test]
     fn drops_top_then_keeps_next() {
         // n = 10, γ = 0.1 → drop 1; β = 0.3 → keep 3.
         let row = [1.0, -9.0, 3.0, 0.5, -4.0, 2.0, 0.0, 5.0, -0.1, 0.2];
-        let mut acc = [0.0; 10];
-        add_row(
-            &row,
-            kept_ranks(10, 0.3, 0.1),
-            &mut Vec::new(),
-            &mut Hint::default(),
-            &mut acc,
-        );
+        let acc = crumbs(&row, kept_ranks(10, 0.3, 0.1));
         assert_eq!(acc, [0.0, 0.0, 3.0, 0.0, -4.0, 0.0, 0.0, 5.0, 0.0, 0.0]);
     }
 
     #[test]
     fn ties_go_to_earlier_positions() {
         let row = [1.0, 1.0, 1.0, 1.0];
-        let mut acc = [0.0; 4];
-        add_row(
-            &row,
-            kept_ranks(4, 0.5, 0.25),
-            &mut Vec::new(),
-            &mut Hint::default(),
-            &mut acc,
-        );
+        let acc = crumbs(&row, kept_ranks(4, 0.5, 0.25));
         assert_eq!(acc, [0.0, 1.0, 1.0, 0.0]);
     }
 
@@ -455,14 +448,7 @@ mod tests {
                     for &i in order.iter().skip(g).take(k) {
                         want[i] = row[i];
                     }
-                    let mut acc = vec![0.0f32; n];
-                    add_row(
-                        &row,
-                        Some((g as u64, k as u64)),
-                        &mut Vec::new(),
-                        &mut Hint::default(),
-                        &mut acc,
-                    );
+                    let acc = crumbs(&row, Some((g as u64, k as u64)));
                     assert_eq!(acc, want, "n {n}, g {g}, k {k}");
                 }
             }

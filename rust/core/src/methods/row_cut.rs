@@ -101,28 +101,8 @@ pub fn cut_keys(row: &[f32], lo: usize, hi: Option<usize>, keys: &mut Vec<u64>) 
     // vectorizes), then the few marked are gathered.
     keys.resize(nb + c0 + c1, 0);
     let (s0, s1) = keys[nb..].split_at_mut(c0);
-    let (mut i0, mut i1) = (0, 0);
     let b0 = b0 as u32;
-    for (blk, xs) in row.chunks(64).enumerate() {
-        let (mut m0, mut m1) = (0u64, 0u64);
-        for (k, &x) in xs.iter().enumerate() {
-            let b = bucket(x);
-            m0 |= u64::from(b == b0) << k;
-            m1 |= u64::from(b == b1) << k;
-        }
-        while m0 != 0 {
-            let j = blk * 64 + m0.trailing_zeros() as usize;
-            m0 &= m0 - 1;
-            s0[i0] = rank_key(row[j], j);
-            i0 += 1;
-        }
-        while m1 != 0 {
-            let j = blk * 64 + m1.trailing_zeros() as usize;
-            m1 &= m1 - 1;
-            s1[i1] = rank_key(row[j], j);
-            i1 += 1;
-        }
-    }
+    gather_two(row, |x| (bucket(x) == b0, bucket(x) == b1), s0, s1);
     let r0 = lo - above0 as usize;
     match hi {
         None => (*s0.select_nth_unstable(r0).1, u64::MAX),
@@ -288,33 +268,38 @@ fn windowed(
     } else {
         (u32::MAX, u32::MAX)
     };
-    let (mut i0, mut i1) = (0, 0);
-    for (blk, xs) in row.chunks(64).enumerate() {
-        let (mut m0, mut m1) = (0u64, 0u64);
-        for (k, &x) in xs.iter().enumerate() {
-            let b = x.to_bits() & 0x7fff_ffff;
-            m0 |= u64::from(b >= l0 && b < h0) << k;
-            m1 |= u64::from(b >= l1 && b < h1) << k;
-        }
-        while m0 != 0 {
-            let j = blk * 64 + m0.trailing_zeros() as usize;
-            m0 &= m0 - 1;
-            s0[i0] = rank_key(row[j], j);
-            i0 += 1;
-        }
-        while m1 != 0 {
-            let j = blk * 64 + m1.trailing_zeros() as usize;
-            m1 &= m1 - 1;
-            s1[i1] = rank_key(row[j], j);
-            i1 += 1;
-        }
-    }
+    let within = |x: f32, l: u32, h: u32| (l..h).contains(&(x.to_bits() & 0x7fff_ffff));
+    gather_two(row, |x| (within(x, l0, h0), within(x, l1, h1)), s0, s1);
     let k0 = *s0.select_nth_unstable(lo - above[b0]).1;
     let k1 = match hi {
         Some(h) => *s1.select_nth_unstable(h - above[EDGES + b1]).1,
         None => u64::MAX,
     };
     Some(((k0, k1), [b0, b1]))
+}
+
+/// Fills `s0` and `s1` with the rank keys, in position order, of the row's elements that `is`
+/// puts in its first and its second set: a mask per 64 elements (a loop that vectorizes), then
+/// the few set bits visited. Each slice is exactly as long as its set.
+#[inline(always)]
+fn gather_two(row: &[f32], is: impl Fn(f32) -> (bool, bool), s0: &mut [u64], s1: &mut [u64]) {
+    let (mut i0, mut i1) = (0, 0);
+    for (blk, xs) in row.chunks(64).enumerate() {
+        let (mut m0, mut m1) = (0u64, 0u64);
+        for (k, &x) in xs.iter().enumerate() {
+            let (a, b) = is(x);
+            m0 |= u64::from(a) << k;
+            m1 |= u64::from(b) << k;
+        }
+        for (mut m, s, i) in [(m0, &mut *s0, &mut i0), (m1, &mut *s1, &mut i1)] {
+            while m != 0 {
+                let j = blk * 64 + m.trailing_zeros() as usize;
+                m &= m - 1;
+                s[*i] = rank_key(row[j], j);
+                *i += 1;
+            }
+        }
+    }
 }
 
 /// [`cut_keys`] by quickselects over every key of the row.
