@@ -202,8 +202,9 @@ pub fn merge<D: AsRef<[f32]>>(
                 .zip(&d.as_ref()[r.clone()])
             {
                 let x = trim(x, t);
-                // Non-short-circuit operators and arithmetic selects: no data-dependent branches.
-                let keep = f32::from(u8::from(((s > 0.0) & (x > 0.0)) | ((s < 0.0) & (x < 0.0))));
+                // x agrees with the elected sign s ∈ {−1, 0, 1} where x·s > 0 (exact: s is ±1 or
+                // 0, x finite): one multiply and compare, no data-dependent branches.
+                let keep = f32::from(u8::from(x * s > 0.0));
                 *acc += keep * x;
                 *c += keep;
             }
