@@ -175,7 +175,7 @@ pub fn cut_keys_hinted(
     }
     let found = cut_keys(row, lo, hi, keys);
     if tried {
-        hint.misses += 1;
+        hint.misses = hint.misses.saturating_add(1);
         hint.rest = ((1u32 << hint.misses.min(6)) - 1).min(MAX_REST);
         for c in &mut hint.cuts {
             c.1 = (c.1 * 2.0).min(MAX_WIDTH);
@@ -464,7 +464,7 @@ mod tests {
                 }
             }
         }
-        // Twelve of the pairs are of one spread (or the same zeros).
+        // Many of the pairs are of one spread (or the same zeros): 44 of 75 hit.
         assert!(hits >= 20, "{hits} hits");
         // A cut at zero: the zeros' bracket holds it in the next such row.
         let mostly_zero: Vec<f32> = (0..1536)

@@ -202,8 +202,9 @@ pub fn merge<D: AsRef<[f32]>>(
                 .zip(&d.as_ref()[r.clone()])
             {
                 let x = trim(x, t);
-                // x agrees with the elected sign s ∈ {−1, 0, 1} where x·s > 0 (exact: s is ±1 or
-                // 0, x finite): one multiply and compare, no data-dependent branches.
+                // x agrees with the elected sign s ∈ {−1, 0, 1} where x·s > 0: the same answer
+                // as testing both signs for every x (±0, ±∞ and NaN included), with one multiply
+                // and compare and no data-dependent branches.
                 let keep = f32::from(u8::from(x * s > 0.0));
                 *acc += keep * x;
                 *c += keep;
