@@ -41,9 +41,12 @@ pub fn magmax<D: AsRef<[f32]>>(deltas: &[D], n: usize, m: &mut [f32]) {
 /// index of `x[0]` within its tensor, so the mask does not depend on chunking.
 #[inline(always)]
 pub fn dare(x: &mut [f32], stream: &Stream, first: u64, density: f64, rescale: bool) {
-    let density = density as f32;
-    for (i, o) in x.iter_mut().enumerate() {
-        *o = dare_one(*o, stream, first + i as u64, density, rescale);
+    let (below, scale) = dare_terms(density, rescale);
+    let z = stream.counter(first);
+    match scale {
+        Scale::One => dare_loop(x, z, below, |v| v),
+        Scale::Mul(r) => dare_loop(x, z, below, |v| v * r),
+        Scale::Div(d) => dare_loop(x, z, below, |v| v / d),
     }
 }
 
@@ -57,23 +60,68 @@ pub fn dare_into(
     density: f64,
     rescale: bool,
 ) {
-    let density = density as f32;
-    for (i, (o, &x)) in out.iter_mut().zip(src).enumerate() {
-        *o = dare_one(x, stream, first + i as u64, density, rescale);
+    let (below, scale) = dare_terms(density, rescale);
+    let z = stream.counter(first);
+    match scale {
+        Scale::One => dare_loop_into(src, out, z, below, |v| v),
+        Scale::Mul(r) => dare_loop_into(src, out, z, below, |v| v * r),
+        Scale::Div(d) => dare_loop_into(src, out, z, below, |v| v / d),
+    }
+}
+
+/// How the kept values are rescaled.
+#[derive(Clone, Copy)]
+enum Scale {
+    One,
+    /// By 1/density where that is a power of two: x·(1/d) and x/d round the same real number,
+    /// so the bits are the division's, for a multiply (the default density 0.5 is one).
+    Mul(f32),
+    Div(f32),
+}
+
+/// The integer keep threshold ([`crate::rng::keep_below`]) and the rescale of one call.
+fn dare_terms(density: f64, rescale: bool) -> (u64, Scale) {
+    let d = density as f32;
+    let scale = if !rescale {
+        Scale::One
+    } else if d.is_normal() && d > 0.0 && d.to_bits() & 0x007F_FFFF == 0 {
+        // d = 2^e, a normal f32: 1/d = 2^-e is an f32 too (exactly).
+        Scale::Mul(1.0 / d)
+    } else {
+        Scale::Div(d)
+    };
+    (crate::rng::keep_below(d), scale)
+}
+
+/// One element of the draws' loops: the counter is carried (one add per element,
+/// [`Stream::draw_at`]) and the keep test is an integer compare, so an element costs two 64-bit
+/// multiplies (three, two conversions to f32 and a float multiply before).
+#[inline(always)]
+fn dare_one(x: f32, z: &mut u64, below: u64, scale: &impl Fn(f32) -> f32) -> f32 {
+    let (draw, next) = Stream::draw_at(*z);
+    *z = next;
+    // A dropped element is 0·x: −0 for a negative delta and NaN for an infinite one, as the
+    // mask's product in the reference.
+    scale(if draw >> 40 < below { x } else { 0.0 * x })
+}
+
+#[inline(always)]
+fn dare_loop(x: &mut [f32], mut z: u64, below: u64, scale: impl Fn(f32) -> f32) {
+    for o in x.iter_mut() {
+        *o = dare_one(*o, &mut z, below, &scale);
     }
 }
 
 #[inline(always)]
-fn dare_one(x: f32, stream: &Stream, index: u64, density: f32, rescale: bool) -> f32 {
-    let kept = if stream.keep(index, density) {
-        x
-    } else {
-        0.0 * x
-    };
-    if rescale {
-        kept / density
-    } else {
-        kept
+fn dare_loop_into(
+    src: &[f32],
+    out: &mut [f32],
+    mut z: u64,
+    below: u64,
+    scale: impl Fn(f32) -> f32,
+) {
+    for (o, &x) in out.iter_mut().zip(src) {
+        *o = dare_one(x, &mut z, below, &scale);
     }
 }
 
@@ -119,6 +167,57 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&wide), bits(&want), "{density} {first}");
                 assert_eq!(bits(&avx2), bits(&want), "{density} {first}");
+            }
+        }
+    }
+
+    #[test]
+    fn dare_is_its_definition() {
+        // Element by element as SPEC and `Stream::keep` define it: kept x / density, dropped
+        // 0·x; densities a power of two (the multiply) or not (the division), subnormal and
+        // rescaled or not, over values whose quotients round (and overflow, and are NaN).
+        let mut src: Vec<f32> = (0..3001)
+            .map(|i| f32::from_bits(0x3F80_0000u32.wrapping_add(i * 2_654_435) ^ (i << 31)))
+            .collect();
+        src[..6].copy_from_slice(&[f32::NAN, f32::INFINITY, -0.0, f32::MAX, -1e-40, 3e38]);
+        let s = Stream::new(11, 2, "layer.w");
+        let tiny = f32::from_bits(1);
+        // A density equal to one element's unit draw: that element is dropped (unit < d fails).
+        let at = |first: u64| (s.draw(first + 5) >> 40) as f64 / 16_777_216.0;
+        for first in [0u64, 77, 1 << 33] {
+            for density in [
+                0.5,
+                0.25,
+                1.0,
+                0.3,
+                0.53,
+                0.1,
+                2f64.powi(-20),
+                tiny as f64,
+                at(first),
+            ] {
+                for rescale in [true, false] {
+                    let d = density as f32;
+                    let want: Vec<u32> = (0..src.len())
+                        .map(|i| {
+                            let x = src[i];
+                            let kept = if s.keep(first + i as u64, d) {
+                                x
+                            } else {
+                                0.0 * x
+                            };
+                            (if rescale { kept / d } else { kept }).to_bits()
+                        })
+                        .collect();
+                    let mut into = vec![0.0; src.len()];
+                    crate::simd!(dare_into(&src, &mut into, &s, first, density, rescale));
+                    let mut inplace = src.clone();
+                    dare(&mut inplace, &s, first, density, rescale);
+                    for (got, name) in [(into, "into"), (inplace, "in place")] {
+                        let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{name} {density:e} {rescale} {first}");
+                    }
+                }
             }
         }
     }
