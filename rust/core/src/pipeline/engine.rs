@@ -90,9 +90,15 @@ impl<'a> Run<'a> {
         let plain_merge = !recipe.metagpt
             && recipe.lines.is_none()
             && matches!(recipe.combine, Combine::Merge { lam } if lam == 1.0);
-        // One mergekit method at λ = 1 writes its merged values as they are (`pooled`): nothing
-        // reads A*'s weighted deltas then.
-        let direct = plain_merge && mergekit && value_out && recipe.sets.len() == 1;
+        // One mergekit method merged at any λ: it weights the unweighted deltas itself, and
+        // nothing else reads A*'s weighted deltas (MetaGPT's norms, LiNeS's sums and a weave's
+        // pool do; a merge's θ_pre + λ·M does not). Weighting them all the same and copying the
+        // unweighted ones aside for the kernel was a tenth of an f32 mergekit DARE-TIES's time.
+        let direct = !recipe.metagpt
+            && recipe.lines.is_none()
+            && matches!(recipe.combine, Combine::Merge { .. })
+            && mergekit
+            && recipe.sets.len() == 1;
         let weigh_raw = recipe.weights.is_some() && !direct;
         // Each mapped file once (slices' lanes list every input's).
         let mut maps: Vec<&[u8]> = (self.base.maps.iter())
