@@ -76,7 +76,7 @@ impl Stream {
     /// Uniform in [0, 1), a multiple of 2^-24 (exact in f32): `keep` compares it.
     #[inline(always)]
     pub fn unit(&self, index: u64) -> f32 {
-        ((self.draw(index) >> 40) as f32) * (1.0 / 16_777_216.0)
+        unit_of(self.draw(index))
     }
 
     /// Uniform in `0..n` for `n < 2^32`.
@@ -84,6 +84,12 @@ impl Stream {
     pub fn pick(&self, index: u64, n: u64) -> usize {
         (((self.draw(index) >> 32) * n) >> 32) as usize
     }
+}
+
+/// The unit a draw gives ([`Stream::unit`]): its top 24 bits times 2^-24.
+#[inline(always)]
+pub fn unit_of(draw: u64) -> f32 {
+    ((draw >> 40) as f32) * (1.0 / 16_777_216.0)
 }
 
 /// [`Stream::keep`] as one integer compare: keep(i) ⇔ `draw(i) >> 40 < keep_below(density)`.

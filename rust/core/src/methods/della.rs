@@ -92,9 +92,13 @@ impl Della {
                 for (key, &v) in row.keys.iter_mut().zip(d) {
                     *key = v.abs().to_bits();
                 }
-                let first = (x.start + s0) as u64;
-                for (j, u) in units.iter_mut().enumerate() {
-                    *u = stream.unit(first + j as u64);
+                // The draws of consecutive indices: the counter carried, an add per element
+                // for a 64-bit multiply (`Stream::draw_at`).
+                let mut z = stream.counter((x.start + s0) as u64);
+                for u in units.iter_mut() {
+                    let (draw, next) = Stream::draw_at(z);
+                    z = next;
+                    *u = crate::rng::unit_of(draw);
                 }
                 row.decide(&probs, &units);
                 for ((o, &v), &keep) in out.iter_mut().zip(d).zip(&row.keep) {
