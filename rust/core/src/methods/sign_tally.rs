@@ -114,17 +114,19 @@ impl SignTally {
         for start in (0..n).step_by(BLOCK) {
             let r = start..(start + BLOCK).min(n);
             let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
-            sum.fill(0.0);
-            if !NARROW {
-                undecided.fill(0.0);
-            }
             let nonzero = &mut nonzero[..r.len()];
-            if MARK {
+            if deltas.len().min(bounds.len()) == 0 {
+                sum.fill(0.0);
+                undecided.fill(0.0);
                 nonzero.fill(0.0);
             }
-            for (d, &(lo, hi)) in deltas.iter().zip(bounds) {
+            for (k, (d, &(lo, hi))) in deltas.iter().zip(bounds).enumerate() {
                 let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
                 let d = &d.as_ref()[r.clone()];
+                // Each sum starts at 0 in the first task's loop (`0 + y`, the bits of adding
+                // into zeros) rather than in a memset per block.
+                let first = k == 0;
+                let from = |v: &f32| if first { 0.0 } else { *v };
                 let step = |s: &mut f32, u: &mut f32, x: f32| {
                     let k = key(x.abs());
                     // One key wide (lo = hi): kept from that key up.
@@ -134,11 +136,12 @@ impl SignTally {
                         (k > hi) | (!proper & (k == lo))
                     };
                     // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
-                    *s += x * f32::from(u8::from(kept));
+                    *s = from(s) + x * f32::from(u8::from(kept));
                     if !NARROW {
-                        *u += f32::from(u8::from(
-                            proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
-                        ));
+                        *u = from(u)
+                            + f32::from(u8::from(
+                                proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
+                            ));
                     }
                     kept & (x != 0.0)
                 };
@@ -148,7 +151,7 @@ impl SignTally {
                         .zip(undecided.iter_mut())
                         .zip(nonzero.iter_mut());
                     for (((s, u), z), &x) in cells.zip(d) {
-                        *z += f32::from(u8::from(step(s, u, x)));
+                        *z = from(z) + f32::from(u8::from(step(s, u, x)));
                     }
                 } else {
                     for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
@@ -388,7 +391,8 @@ mod tests {
                 .map(|d| d[start..start + len].to_vec())
                 .collect();
             let mut t = new();
-            let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
+            // Scratch as the pipeline leaves it: stale values, which the tally must not read.
+            let (mut s, mut u) = (vec![f32::NAN; len], vec![-3.0; len]);
             t.observe(&part, bounds, len, &mut s, &mut u);
             total = total.merge(t);
         }
@@ -442,12 +446,12 @@ mod tests {
             for start in (0..n).step_by(chunk) {
                 let len = chunk.min(n - start);
                 let part: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
-                let (mut s, mut u) = (vec![0.0; len], vec![0.0; len]);
+                let (mut s, mut u) = (vec![f32::NAN; len], vec![-3.0; len]);
                 SignTally::new(usize::MAX).observe_marking(&part, &bounds, len, (&mut s, &mut u), &mut marks[start..start + len]);
             }
             let m = |thr: &[f32], majority: f32| {
                 let stats = TiesStats { thr: thr.to_vec(), majority };
-                let (mut m, mut c, mut t) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                let (mut m, mut c, mut t) = (vec![f32::NAN; n], vec![7.0; n], vec![-2.0; n]);
                 merge(&deltas, &stats, n, &mut m, &mut c, &mut t);
                 m
             };

@@ -180,10 +180,14 @@ pub fn merge<D: AsRef<[f32]>>(
     for start in (0..n).step_by(BLOCK) {
         let r = start..(start + BLOCK).min(n);
         let m = &mut m[r.clone()];
-        m.fill(0.0);
-        for (d, &t) in deltas.iter().zip(&stats.thr) {
+        // Each sum starts at 0 in the first task's loop (`0 + y`, the bits of adding into
+        // zeros, −0 included) rather than in a memset per block (3 % of TIES's time, `perf`).
+        if deltas.len().min(stats.thr.len()) == 0 {
+            m.fill(0.0);
+        }
+        for (k, (d, &t)) in deltas.iter().zip(&stats.thr).enumerate() {
             for (acc, &x) in m.iter_mut().zip(&d.as_ref()[r.clone()]) {
-                *acc += trim(x, t);
+                *acc = if k == 0 { 0.0 } else { *acc } + trim(x, t);
             }
         }
         let majority = stats.majority;
@@ -192,9 +196,11 @@ pub fn merge<D: AsRef<[f32]>>(
             *s = v + majority * f32::from(u8::from(v == 0.0));
         }
         let (count, total) = (&mut count[..r.len()], &mut total[..r.len()]);
-        count.fill(0.0);
-        total.fill(0.0);
-        for (d, &t) in deltas.iter().zip(&stats.thr) {
+        if deltas.len().min(stats.thr.len()) == 0 {
+            count.fill(0.0);
+            total.fill(0.0);
+        }
+        for (k, (d, &t)) in deltas.iter().zip(&stats.thr).enumerate() {
             for (((c, acc), &s), &x) in count
                 .iter_mut()
                 .zip(total.iter_mut())
@@ -206,8 +212,9 @@ pub fn merge<D: AsRef<[f32]>>(
                 // as testing both signs for every x (±0, ±∞ and NaN included), with one multiply
                 // and compare and no data-dependent branches.
                 let keep = f32::from(u8::from(x * s > 0.0));
-                *acc += keep * x;
-                *c += keep;
+                let (from_acc, from_c) = if k == 0 { (0.0, 0.0) } else { (*acc, *c) };
+                *acc = from_acc + keep * x;
+                *c = from_c + keep;
             }
         }
         for ((v, &acc), &c) in m.iter_mut().zip(total.iter()).zip(count.iter()) {
@@ -237,7 +244,8 @@ mod tests {
             thr: vec![2.0, 2.0],
             majority: 1.0,
         };
-        let (mut m, mut c, mut t) = ([0.0; 4], [0.0; 4], [0.0; 4]);
+        // Scratch as the pipeline leaves it: stale values, which the merge must not read.
+        let (mut m, mut c, mut t) = ([f32::NAN; 4], [7.0; 4], [-2.0; 4]);
         merge(&d, &stats, 4, &mut m, &mut c, &mut t);
         // [3,-4] → sign −1 → −4; [0,5] → 5; [2,2] → 2; [−2,2] → sum 0 → majority +1 → 2.
         assert_eq!(m, [-4.0, 5.0, 2.0, 2.0]);
