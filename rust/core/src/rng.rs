@@ -51,7 +51,7 @@ impl Stream {
             .wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN)))
     }
 
-    /// The counter `draw(index)` mixes. Consecutive indices step it by [`GOLDEN`]
+    /// The counter `draw(index)` mixes. Consecutive indices step it by the golden-ratio constant
     /// ([`Stream::draw_at`]), so a loop over a run of indices can carry it with one add
     /// instead of a 64-bit multiply per element.
     #[inline(always)]
