@@ -46,9 +46,7 @@ impl Stream {
 
     #[inline(always)]
     pub fn draw(&self, index: u64) -> u64 {
-        mix(self
-            .key
-            .wrapping_add(index.wrapping_add(1).wrapping_mul(GOLDEN)))
+        mix(self.counter(index))
     }
 
     /// The counter `draw(index)` mixes. Consecutive indices step it by the golden-ratio constant

@@ -6,9 +6,9 @@
 //! `WEIGHTWEAVE_SIMD=baseline` forces the baseline copy (the tests compare the two).
 //!
 //! Where the CPU has AVX-512 (`avx512f`, `avx512dq`, `avx512vl`), a third copy takes it: the
-//! random draws (DARE's masks, DELLA's) are three 64-bit multiplies each, which AVX2 lacks (LLVM
-//! emulates one with three 32-bit multiplies and shifts) and AVX-512DQ has (`vpmullq`), 1.9×
-//! faster on the draws' loop; the other loops gain from twice the lanes (task arithmetic and
+//! random draws (DARE's masks, DELLA's) are 64-bit multiplies (two per draw, the counter
+//! carried), which AVX2 lacks (LLVM emulates one with three 32-bit multiplies and shifts) and
+//! AVX-512DQ has (`vpmullq`), 1.9× faster on the draws' loop; the other loops gain from twice the lanes (task arithmetic and
 //! mergekit's TIES 15–20 % faster end to end, measured on Sapphire Rapids). The operations are
 //! the same IEEE ones, so the bits are too. `WEIGHTWEAVE_SIMD=avx2` stops at the AVX2 copy (the
 //! tests compare all three).
