@@ -176,8 +176,10 @@ mod tests {
         // Element by element as SPEC and `Stream::keep` define it: kept x / density, dropped
         // 0·x; densities a power of two (the multiply) or not (the division), subnormal and
         // rescaled or not, over values whose quotients round (and overflow, and are NaN).
-        let mut src: Vec<f32> = (0..3001)
-            .map(|i| f32::from_bits(0x3F80_0000u32.wrapping_add(i * 2_654_435) ^ (i << 31)))
+        let mut src: Vec<f32> = (0..3001u32)
+            .map(|i| {
+                f32::from_bits(0x3F80_0000u32.wrapping_add(i.wrapping_mul(2_654_435)) ^ (i << 31))
+            })
             .collect();
         src[..6].copy_from_slice(&[f32::NAN, f32::INFINITY, -0.0, f32::MAX, -1e-40, 3e38]);
         let s = Stream::new(11, 2, "layer.w");
