@@ -371,6 +371,19 @@ pub struct Windowed {
 }
 
 impl Windowed {
+    /// Counts `n` values of `row` below its floor ([`Windows::floors`]), left out by their
+    /// producer: below every window of the row (and not zero).
+    pub fn count_below(&mut self, w: &Windows, row: usize, n: u64) {
+        if n == 0 || self.overflow {
+            return;
+        }
+        for (b, req) in self.below.iter_mut().zip(&w.requests) {
+            if req.row == row {
+                *b += n;
+            }
+        }
+    }
+
     #[inline(always)]
     pub fn count(&mut self, w: &Windows, row: usize, values: &[f32]) {
         self.count_as::<false>(w, row, values);

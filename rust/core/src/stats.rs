@@ -102,7 +102,7 @@ impl Engine<'_> {
         w: &mut Work,
         c: &Chunk,
         reps: &[usize],
-        emit: &mut dyn FnMut(usize, &[f32]),
+        emit: &mut crate::stats::Emit,
     ) {
         let (n, tasks) = (c.len, self.tasks());
         for (v, &j) in reps.iter().enumerate() {
@@ -110,7 +110,7 @@ impl Engine<'_> {
             let p = w.parts(src);
             for (t, x) in p.deltas.iter().enumerate() {
                 crate::simd!(abs_into(&x[..n], &mut p.scratch[..n]));
-                emit(v * tasks + t, &p.scratch[..n]);
+                emit(v * tasks + t, &p.scratch[..n], 0);
             }
         }
     }
@@ -146,10 +146,9 @@ impl Engine<'_> {
             thr.into_iter().zip(counts).collect()
         };
         let n_rows = reps.len() * tasks;
-        let rows =
-            &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut dyn FnMut(usize, &[f32])| {
-                self.emit_abs(w, c, &reps, emit)
-            };
+        let rows = &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut crate::stats::Emit| {
+            self.emit_abs(w, c, &reps, emit)
+        };
         if requests.is_empty() {
             let thr = thresholds(&[]);
             let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
@@ -287,7 +286,10 @@ impl Engine<'_> {
             Some(&floors),
             || windows.acc(),
             #[inline(always)]
-            |a, row, v| a.count(&windows, row, v),
+            |a, row, v, out| {
+                a.count(&windows, row, v);
+                a.count_below(&windows, row, out);
+            },
             |a, b| a.merge_capped(b, &windows),
         )?;
         self.debug_windows(&windows, &acc);
@@ -411,7 +413,7 @@ impl Engine<'_> {
             None,
             || Hist::new(n_rows),
             #[inline(always)]
-            |h, row, v| h.count_high(row, v),
+            |h, row, v, _| h.count_high(row, v),
             Hist::merge,
         )?;
         let found = Buckets::resolve(&high, requests);
@@ -422,15 +424,16 @@ impl Engine<'_> {
             None,
             || found.low_hist(),
             #[inline(always)]
-            |h, row, v| h.count_low(&found, row, v),
+            |h, row, v, _| h.count_low(&found, row, v),
             Hist::merge,
         )?;
         Ok(found.finish(&low))
     }
 
     /// A statistics pass: every row `rows` produces for a chunk goes to `count` on the worker's
-    /// accumulator (in the wide copies when the CPU has them). `floor` is passed on to `rows`:
-    /// `count` must count a value below its row's floor the same whatever the value.
+    /// accumulator (in the wide copies when the CPU has them), with the count of its values
+    /// left out ([`Emit`]). `floor` is passed on to `rows`: `count` must count a value below
+    /// its row's floor the same whatever the value, and as many as were left out.
     pub(crate) fn rows_pass<A, I, C, M>(
         &self,
         chunks: &[Chunk],
@@ -443,7 +446,7 @@ impl Engine<'_> {
     where
         A: Send + serde::Serialize + serde::de::DeserializeOwned,
         I: Fn() -> A + Sync + Send,
-        C: Fn(&mut A, usize, &[f32]) + Sync + Send,
+        C: Fn(&mut A, usize, &[f32], u64) + Sync + Send,
         M: Fn(A, A) -> A + Sync + Send,
     {
         self.pass_shared(
@@ -451,7 +454,10 @@ impl Engine<'_> {
             init,
             #[inline(always)]
             |w, c, a| {
-                rows(w, c, floor, &mut |row, v| crate::simd!(count(a, row, v)));
+                rows(w, c, floor, &mut |row, v, out| {
+                    debug_assert!(out == 0 || floor.is_some(), "left out without a floor");
+                    crate::simd!(count(a, row, v, out))
+                });
                 Ok(())
             },
             merge,
@@ -467,8 +473,13 @@ pub(crate) type Cuts = BTreeMap<usize, Vec<Option<Piece>>>;
 pub(crate) type Rows<'r> = &'r RowsFn<'r>;
 
 /// What a [`Rows`] refers to.
-pub(crate) type RowsFn<'r> =
-    dyn Fn(&mut Work, &Chunk, Floor, &mut dyn FnMut(usize, &[f32])) + Sync + 'r;
+pub(crate) type RowsFn<'r> = dyn Fn(&mut Work, &Chunk, Floor, &mut Emit) + Sync + 'r;
+
+/// Takes a row of a chunk: (row, values, left out). With a [`Floor`], a producer may leave out
+/// values it can show are below the row's floor, and only count them: the pass counting the
+/// rows counts them below every window of the row, the same as −∞. Without one, nothing is
+/// left out (0).
+pub(crate) type Emit<'e> = dyn FnMut(usize, &[f32], u64) + 'e;
 
 /// Per row, a value below which the pass counting the rows does not tell values apart (a
 /// windowed select only counts them): a row may emit −∞ for a value it can show is below its

@@ -302,13 +302,14 @@ impl Kernel for ArceeFusion {
         _s: Scratch,
         _floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
-    ) {
+    ) -> usize {
         with_round!(self.arith, |r| crate::simd!(Self::importances(
             r,
             x,
             st,
             &mut out[0][..x.n]
-        )))
+        )));
+        x.n
     }
 
     fn ranks(&self, t: &TensorPlan, _tasks: usize, _st: &TensorStats) -> Vec<(usize, u64)> {

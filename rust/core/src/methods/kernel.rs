@@ -437,17 +437,20 @@ pub trait Kernel: Send + Sync + Debug {
     /// the chunk touches, the first being the unit of its first element.
     fn accumulate(&self, _x: &ChunkIn, _st: &TensorStats, _scratch: Scratch, _acc: &mut [f64]) {}
 
-    /// The per-element scores a [`Stage::Select`] ranks, row `r` into `out[r][..n]`. With a
-    /// `floor`, a score the kernel can show to be below `floor[r]` may be written as −∞
-    /// instead (the select only counts such scores); without one, every score is exact.
+    /// The per-element scores a [`Stage::Select`] ranks, row `r` into `out[r][..n]`; returns
+    /// how many each row holds. With a `floor`, a score the kernel can show to be below
+    /// `floor[r]` may be written as −∞ instead, or left out: every row then holds its other
+    /// scores first, as many in each row (the select only counts the ones left out, in
+    /// any order). Without a floor, every score is exact and in place (returns n).
     fn score(
         &self,
-        _x: &ChunkIn,
+        x: &ChunkIn,
         _st: &TensorStats,
         _s: Scratch,
         _floor: Option<&[f32]>,
         _out: &mut [Vec<f32>],
-    ) {
+    ) -> usize {
+        x.n
     }
 
     /// The ascending ranks a [`Stage::Select`] or [`Stage::Trim`] over tensor `t` wants, as

@@ -45,6 +45,7 @@ pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
 pub mod pcb;
+mod pcb_block;
 pub mod ram;
 pub mod reduce;
 pub mod registry;

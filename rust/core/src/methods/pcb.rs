@@ -3,7 +3,8 @@
 //! pipeline's radix-select passes; everything else is per element.
 
 use super::kernel::{ChunkIn, Kernel, Scratch, Stage, TensorStats};
-use super::{fastmath, int_frac, Reader, Scope};
+use super::pcb_block::{self, sign, Rows, BLOCK};
+use super::{int_frac, Reader, Scope};
 use crate::error::Result;
 use crate::pipeline::grow;
 use crate::plan::TensorPlan;
@@ -77,16 +78,17 @@ impl Kernel for Pcb {
         s: Scratch,
         floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
-    ) {
+    ) -> usize {
         if st.stages.is_empty() {
             for (o, d) in out.iter_mut().zip(x.deltas) {
                 for (o, &v) in o[..x.n].iter_mut().zip(d.iter()) {
                     *o = v.abs();
                 }
             }
+            x.n
         } else {
             let abs = clamps(st.selected(0));
-            crate::simd!(scores(x.deltas, x.n, &abs, floor, out, s.a, s.b));
+            crate::simd!(scores(x.deltas, x.n, &abs, floor, out, (s.a, s.b), true))
         }
     }
 
@@ -147,27 +149,17 @@ pub fn clamp_ranks(d: usize, lo: f64, hi: f64) -> (u64, u64) {
 /// |X| is clamped at the 1st and 99th percentiles.
 pub const ABS_CLAMP: (f64, f64) = (0.01, 0.01);
 
-/// torch.sign, branch-free: data signs are random, so a branch would mispredict half the time.
-#[inline]
-fn sign(x: f32) -> f32 {
-    f32::from(u8::from(x > 0.0)) - f32::from(u8::from(x < 0.0))
-}
-
-/// B_t = exp(T·norm(A_t)²) · Σ_j tanh(N_t N_j) for every element of the chunk, into `b`.
-/// Each symmetric pair tanh(N_t N_j) is evaluated once and added to both sums, which still
-/// accumulate in ascending j like the reference.
+/// B_t = exp(T·norm(A_t)²) · Σ_j tanh(N_t N_j) for every element of the chunk, into `b`;
+/// returns how many elements each row of `b` holds.
 ///
 /// With a `floor` (per task), an element whose every B_t is provably below its task's floor
 /// gets −∞ for all of them, without its T(T+1)/2 tanh and T exp: the callers cannot tell such
 /// scores apart (a windowed select counts them below its window; the output clamps them to
-/// the cut, where S_t = 0). The proof is cheap: every |N| ≤ 1, so each product y = N_t·N_j
-/// is in [−1, 1], where tanh y ≤ y for y ≥ 0 and, tanh being convex below 0, tanh y ≤
-/// tanh(1)·y ≤ 0.76·y for y ≤ 0. With P_t the sum of |N_j| over the tasks of N_t's sign and
-/// Q_t over the others, Σ_j tanh(N_t N_j) ≤ |N_t|·(P_t − 0.76·Q_t) =: |N_t|·V_t, so
-/// B_t ≤ |N_t|·V_t·e^(T·N_t²) =: U_t, with an upper bound of the exponential where V_t > 0
-/// and e^0 = 1 where V_t ≤ 0. U_t is taken with margins over the roundings (see
-/// `undecided`). Elements past the test are gathered into short rows and computed exactly as
-/// without a floor, so every B_t that is written has the same bits.
+/// the cut, where S_t = 0). With `compact`, such elements are left out instead: the others'
+/// scores are written to the front of the rows, in order (a select then counts the rest
+/// without reading them). The bound is [`pcb_block::settle`]'s; elements past it are
+/// gathered into short rows and computed exactly as without a floor, so every B_t that is
+/// written has the same bits.
 #[inline(always)]
 pub fn scores<D: AsRef<[f32]>>(
     deltas: &[D],
@@ -175,176 +167,50 @@ pub fn scores<D: AsRef<[f32]>>(
     abs: &[Clamp],
     floor: Option<&[f32]>,
     b: &mut [Vec<f32>],
-    signed: &mut Vec<f32>,
-    work: &mut Vec<f32>,
-) {
+    (signed, work): (&mut Vec<f32>, &mut Vec<f32>),
+    compact: bool,
+) -> usize {
     let t_count = deltas.len();
-    let tf = t_count as f32;
-    // Blocks keep N (t-major), the exp factors and the block's scores in L1 across the
-    // T(T+1)/2 pair loops. The scratch is grown, never shrunk: the caller's chunk-sized
-    // buffers (`work` is the output buffer) are used again after this.
-    grow(signed, t_count * BLOCK);
-    grow(work, 2 * t_count * BLOCK + 2 * BLOCK);
-    let (e, rest) = work.split_at_mut(t_count * BLOCK);
-    let (sum, rest) = rest.split_at_mut(2 * BLOCK);
-    let out = &mut rest[..t_count * BLOCK];
-    let mut idx = [0u16; BLOCK];
+    let mut rows = Rows::new(t_count, signed, work);
+    let mut kept = 0;
     for start in (0..n).step_by(BLOCK) {
         let r = start..(start + BLOCK).min(n);
         let len = r.len();
-        // N_t = sign(x)·norm(A_t), and exp(T·N_t²).
-        for (t, d) in deltas.iter().enumerate() {
-            let c = abs[t];
-            let d = &d.as_ref()[r.clone()];
-            let (nt, et) = (
-                &mut signed[t * len..(t + 1) * len],
-                &mut e[t * len..(t + 1) * len],
-            );
-            for ((s, e), &x) in nt.iter_mut().zip(et.iter_mut()).zip(d) {
-                *s = sign(x) * c.norm(c.clip(x.abs()));
-                let na = s.abs();
-                // The exponent for now; e^ of it below, where the element is computed.
-                *e = tf * (na * na);
-            }
-        }
-        // The elements to compute: all, or those some task's bound does not settle.
-        let m = match floor {
-            None => len,
-            Some(f) => undecided(signed, e, len, f, &mut sum[..2 * len], &mut idx),
-        };
-        if m < len {
-            // Packed in place: row t's kept elements to its first m slots (idx[k] >= k).
-            for t in 0..t_count {
-                let (nt, et) = (
-                    &mut signed[t * len..(t + 1) * len],
-                    &mut e[t * len..(t + 1) * len],
-                );
-                for (k, &i) in idx[..m].iter().enumerate() {
-                    nt[k] = nt[i as usize];
-                    et[k] = et[i as usize];
-                }
-            }
-        }
-        for t in 0..t_count {
-            for z in &mut e[t * len..t * len + m] {
-                *z = fastmath::exp(*z);
-            }
-        }
-        // Row t's m elements at t·len, in `signed`, `e` and `out` alike.
-        let out = &mut out[..t_count * len];
-        for t in 0..t_count {
-            out[t * len..t * len + m].fill(0.0);
-        }
-        for t in 0..t_count {
-            for j in t..t_count {
-                let nt = &signed[t * len..t * len + m];
-                let nj = &signed[j * len..j * len + m];
-                let (lo, hi) = out.split_at_mut(j * len);
-                if j == t {
-                    fastmath::add_tanh(nt, nt, &mut hi[..m], None);
-                } else {
-                    let bt = &mut lo[t * len..t * len + m];
-                    fastmath::add_tanh(nt, nj, bt, Some(&mut hi[..m]));
-                }
-            }
-        }
+        let m = pcb_block::settle(deltas, r.clone(), abs, floor, &mut rows);
+        pcb_block::pack(deltas, r.clone(), m, false, &mut rows);
+        pcb_block::pair_sums(t_count, len, m, &mut rows);
         for (t, bt) in b.iter_mut().enumerate() {
-            let (ot, et) = (&mut out[t * len..t * len + m], &e[t * len..t * len + m]);
-            for (o, &x) in ot.iter_mut().zip(et) {
-                *o *= x;
+            let ot = &rows.out[t * len..t * len + m];
+            if compact {
+                // kept ≤ start: nothing unwritten is overwritten.
+                bt[kept..kept + m].copy_from_slice(ot);
+                continue;
             }
             let bt = &mut bt[r.clone()];
             if m == len {
                 bt.copy_from_slice(ot);
             } else {
                 bt.fill(f32::NEG_INFINITY);
-                for (&i, &v) in idx[..m].iter().zip(ot.iter()) {
+                for (&i, &v) in rows.idx[..m].iter().zip(ot) {
                     bt[i as usize] = v;
                 }
             }
         }
+        kept += if compact { m } else { len };
     }
+    kept
 }
-
-/// The elements of a block that the bound U_t < floor_t does not settle for every task, as
-/// indices into `idx`; returns their count. `z` holds the exponents T·N_t², `sum` is scratch.
-#[inline(always)]
-fn undecided(
-    signed: &[f32],
-    z: &[f32],
-    len: usize,
-    floor: &[f32],
-    sum: &mut [f32],
-    idx: &mut [u16; BLOCK],
-) -> usize {
-    let t_count = floor.len();
-    // P = Σ_j max(N_j, 0) and Q = Σ_j max(−N_j, 0): sums of non-negative terms, each within
-    // T roundings of its exact value.
-    let (pos, neg) = sum.split_at_mut(len);
-    pos.fill(0.0);
-    neg.fill(0.0);
-    for t in 0..t_count {
-        let row = &signed[t * len..(t + 1) * len];
-        for ((p, q), &x) in pos.iter_mut().zip(neg.iter_mut()).zip(row) {
-            *p += x.max(0.0);
-            *q += (-x).max(0.0);
-        }
-    }
-    // V = P_t − 0.76·Q_t is a difference, so the rounding of it, of the products N_t·N_j, of
-    // the T tanh and of B_t's sum is bounded against P + Q instead: 8(T + 2) units of 2^-24
-    // of it. The remaining factors are rounded a few times each, and the exponential's bound
-    // is (z + 1) units low at most (z ≤ T) and `exp` 2 ulp off: (2T + 5) units of 2^-24 in
-    // all, doubled, and a fixed 10^-5, cover them.
-    let slack = (4 * (t_count + 2)) as f32 * f32::EPSILON;
-    let margin = 1.0 + 1e-5 + (2 * t_count + 5) as f32 * f32::EPSILON;
-    // 1 where every task is settled (a NaN bound settles nothing: `<` is false for it).
-    let mut settled = [1u8; BLOCK];
-    let settled = &mut settled[..len];
-    for (t, &f) in floor.iter().enumerate() {
-        let (nt, zt) = (&signed[t * len..(t + 1) * len], &z[t * len..(t + 1) * len]);
-        let cells = settled
-            .iter_mut()
-            .zip(nt)
-            .zip(zt)
-            .zip(pos.iter().zip(neg.iter()));
-        for (((o, &x), &z), (&p, &q)) in cells {
-            let (same, other) = if x > 0.0 { (p, q) } else { (q, p) };
-            let v = same - 0.76 * other + slack * (same + other);
-            // B_t ≤ |N_t|·V·e^z: an upper bound of e^z where V > 0, its lower bound 1 where
-            // V ≤ 0.
-            let factor = if v > 0.0 {
-                fastmath::exp_upper(z) * margin
-            } else {
-                1.0 / margin
-            };
-            let u = x.abs() * v * factor;
-            *o &= u8::from(u < f);
-        }
-    }
-    // The open ones' indices: a mask per 64 elements (a loop that vectorizes), its set bits
-    // visited. A store per element with a count carried from one to the next (branch-free
-    // compaction) took 7 % of PCB's time; open elements are a sixth of them.
-    let mut m = 0;
-    for (g, os) in settled.chunks(64).enumerate() {
-        let mut mask = os
-            .iter()
-            .enumerate()
-            .fold(0u64, |a, (k, &o)| a | (u64::from(o == 0) << k));
-        while mask != 0 {
-            idx[m] = (g * 64) as u16 + mask.trailing_zeros() as u16;
-            mask &= mask - 1;
-            m += 1;
-        }
-    }
-    m
-}
-
-/// Elements per block: T rows of N, of exp factors and of scores stay in L1.
-const BLOCK: usize = 1024;
 
 /// M = Σ_t S_t ⊙ Xc_t / max(Σ_t S_t, 1e-12), with S_t = norm(clamp(B_t)). The scores are
-/// computed with the cuts as floors: an element whose B_t are all below their cuts has every
-/// S_t = 0, and M = 0 whatever the B_t.
+/// computed with the cuts as floors: an element whose B_t are all below their cuts (−∞) has
+/// every S_t = 0, and M = 0 whatever the B_t.
+///
+/// Where the clamps of |X| are finite (so is every Xc_t), such an element's M is +0 (sums of
+/// ±0 from +0, over 10^-12), so only the open elements are merged, from their packed rows;
+/// otherwise every element is, from its scores. (That S_t is +0: an element is settled only
+/// where every cut a_t is above −∞, and then clamp(−∞) = min(a_t, b_t), the low end of the
+/// norm, which maps it to (a_t − a_t)/(b_t − a_t) = +0, or to 0 where b_t − a_t is not
+/// positive.)
 #[inline(always)]
 pub fn merge<D: AsRef<[f32]>>(
     deltas: &[D],
@@ -356,29 +222,68 @@ pub fn merge<D: AsRef<[f32]>>(
     m: &mut [f32],
 ) {
     let cuts: Vec<f32> = score.iter().map(|c| c.a).collect();
-    scores(deltas, n, abs, Some(&cuts), b, signed, work);
+    if !abs.iter().all(|c| c.a.is_finite() && c.b.is_finite()) {
+        scores(deltas, n, abs, Some(&cuts), b, (signed, work), false);
+        for start in (0..n).step_by(BLOCK) {
+            let r = start..(start + BLOCK).min(n);
+            merge_rows(
+                deltas.iter().map(|d| &d.as_ref()[r.clone()]),
+                b.iter().map(|b| &b[r.clone()]),
+                abs,
+                score,
+                &mut m[r.clone()],
+            );
+        }
+        return;
+    }
+    let t_count = deltas.len();
+    let mut rows = Rows::new(t_count, signed, work);
     for start in (0..n).step_by(BLOCK) {
         let r = start..(start + BLOCK).min(n);
-        let mut den = [0.0f32; BLOCK];
-        let (m, den) = (&mut m[r.clone()], &mut den[..r.len()]);
+        let len = r.len();
+        let open = pcb_block::settle(deltas, r.clone(), abs, Some(&cuts), &mut rows);
+        pcb_block::pack(deltas, r.clone(), open, true, &mut rows);
+        pcb_block::pair_sums(t_count, len, open, &mut rows);
+        let m = &mut m[r];
+        if open == len {
+            let xs = (0..t_count).map(|t| &rows.xs[t * len..(t + 1) * len]);
+            let bs = (0..t_count).map(|t| &rows.out[t * len..(t + 1) * len]);
+            merge_rows(xs, bs, abs, score, m);
+            continue;
+        }
+        let mut packed = [0.0f32; BLOCK];
+        let xs = (0..t_count).map(|t| &rows.xs[t * len..t * len + open]);
+        let bs = (0..t_count).map(|t| &rows.out[t * len..t * len + open]);
+        merge_rows(xs, bs, abs, score, &mut packed[..open]);
         m.fill(0.0);
-        for (t, d) in deltas.iter().enumerate() {
-            let (ca, cb) = (abs[t], score[t]);
-            for (((mi, di), &x), &bt) in m
-                .iter_mut()
-                .zip(den.iter_mut())
-                .zip(&d.as_ref()[r.clone()])
-                .zip(&b[t][r.clone()])
-            {
-                let xc = sign(x) * ca.clip(x.abs());
-                let s = cb.norm(cb.clip(bt));
-                *mi += s * xc;
-                *di += s;
-            }
+        for (&i, &v) in rows.idx[..open].iter().zip(&packed) {
+            m[i as usize] = v;
         }
-        for (v, &d) in m.iter_mut().zip(den.iter()) {
-            *v /= d.max(1e-12);
+    }
+}
+
+/// M of elements whose deltas and scores are the rows `xs` and `bs` (one per task), into `m`.
+#[inline(always)]
+fn merge_rows<'a>(
+    xs: impl Iterator<Item = &'a [f32]>,
+    bs: impl Iterator<Item = &'a [f32]>,
+    abs: &[Clamp],
+    score: &[Clamp],
+    m: &mut [f32],
+) {
+    let mut den = [0.0f32; BLOCK];
+    let den = &mut den[..m.len()];
+    m.fill(0.0);
+    for (((x, bt), &ca), &cb) in xs.zip(bs).zip(abs).zip(score) {
+        for (((mi, di), &x), &bt) in m.iter_mut().zip(den.iter_mut()).zip(x).zip(bt) {
+            let xc = sign(x) * ca.clip(x.abs());
+            let s = cb.norm(cb.clip(bt));
+            *mi += s * xc;
+            *di += s;
         }
+    }
+    for (v, &d) in m.iter_mut().zip(den.iter()) {
+        *v /= d.max(1e-12);
     }
 }
 
@@ -454,7 +359,7 @@ mod tests {
         let n = d[0].len();
         let mut b = vec![vec![0.0; n]; d.len()];
         let (mut signed, mut work) = (Vec::new(), Vec::new());
-        scores(d, n, abs, floor, &mut b, &mut signed, &mut work);
+        scores(d, n, abs, floor, &mut b, (&mut signed, &mut work), false);
         b
     }
 
@@ -519,6 +424,20 @@ mod tests {
                     }
                     hidden += usize::from(h);
                 }
+                // Left out instead (a select's rows): the same scores, in order, up front.
+                let mut c = vec![vec![f32::NAN; n]; t];
+                let (mut signed, mut work) = (Vec::new(), Vec::new());
+                let pair = (&mut signed, &mut work);
+                let kept = scores(&d, n, &abs, Some(&floor), &mut c, pair, true);
+                assert_eq!(kept, n - hidden, "{name}");
+                for (row, c) in got.iter().zip(&c) {
+                    let open = (0..n).filter(|&i| {
+                        got[0][i] != f32::NEG_INFINITY || exact[0][i] == f32::NEG_INFINITY
+                    });
+                    for (j, i) in open.enumerate() {
+                        assert_eq!(c[j].to_bits(), row[i].to_bits(), "{name} kept {j}");
+                    }
+                }
                 match name {
                     "-inf" | "nan" => assert_eq!(hidden, 0, "{name}"),
                     // The bound settles most of the elements below the cuts, and not all.
@@ -530,53 +449,72 @@ mod tests {
         }
     }
 
+    /// The clamps of |X| and of B at PCB's ranks (ratio 0.05) of `d`'s own values.
+    fn data_clamps(d: &[Vec<f32>]) -> (Vec<Clamp>, Vec<Clamp>) {
+        let n = d[0].len();
+        let abs = abs_clamps(d);
+        let score = run_scores(d, &abs, None)
+            .iter()
+            .map(|row| Clamp {
+                a: at_rank(row, int_frac(n, 0.95)),
+                b: at_rank(row, n - 1),
+            })
+            .collect();
+        (abs, score)
+    }
+
+    /// SPEC.md's M from the exact scores, element by element, against `merge`'s.
+    fn check_merge(d: &[Vec<f32>], abs: &[Clamp], score: &[Clamp]) -> Vec<f32> {
+        let (t, n) = (d.len(), d[0].len());
+        let exact = run_scores(d, abs, None);
+        let mut b = vec![Vec::new(); t];
+        for v in &mut b {
+            grow(v, n);
+        }
+        let (mut signed, mut work) = (Vec::new(), Vec::new());
+        let mut m = vec![0.0; n];
+        merge(d, n, abs, score, &mut b, (&mut signed, &mut work), &mut m);
+        for i in 0..n {
+            let (mut num, mut den) = (0.0f32, 0.0f32);
+            for k in 0..t {
+                let x = d[k][i];
+                let xc = sign(x) * abs[k].clip(x.abs());
+                let s = score[k].norm(score[k].clip(exact[k][i]));
+                num += s * xc;
+                den += s;
+            }
+            let want = num / den.max(1e-12);
+            assert_eq!(
+                m[i].to_bits(),
+                want.to_bits(),
+                "t{t} {i}: {} vs {want}",
+                m[i]
+            );
+        }
+        m
+    }
+
     #[test]
     fn merge_with_its_cuts_as_floors_keeps_every_bit() {
         let n = 3 * BLOCK + 5;
         for (t, odd) in [(3, false), (3, true), (6, false)] {
             let d = deltas(t, n, 99 + t as u64, odd);
-            let abs = abs_clamps(&d);
-            let exact = run_scores(&d, &abs, None);
-            let score: Vec<Clamp> = exact
-                .iter()
-                .map(|row| Clamp {
-                    a: at_rank(row, int_frac(n, 0.95)),
-                    b: at_rank(row, n - 1),
-                })
-                .collect();
-            let mut b = vec![Vec::new(); t];
-            for v in &mut b {
-                grow(v, n);
-            }
-            let (mut signed, mut work) = (Vec::new(), Vec::new());
-            let mut m = vec![0.0; n];
-            merge(
-                &d,
-                n,
-                &abs,
-                &score,
-                &mut b,
-                (&mut signed, &mut work),
-                &mut m,
-            );
-            // SPEC.md's M from the exact scores, element by element.
-            for i in 0..n {
-                let (mut num, mut den) = (0.0f32, 0.0f32);
-                for k in 0..t {
-                    let x = d[k][i];
-                    let xc = sign(x) * abs[k].clip(x.abs());
-                    let s = score[k].norm(score[k].clip(exact[k][i]));
-                    num += s * xc;
-                    den += s;
-                }
-                let want = num / den.max(1e-12);
-                assert_eq!(
-                    m[i].to_bits(),
-                    want.to_bits(),
-                    "t{t} {i}: {} vs {want}",
-                    m[i]
-                );
-            }
+            let (abs, score) = data_clamps(&d);
+            let m = check_merge(&d, &abs, &score);
+            assert!(m.iter().filter(|v| v.to_bits() == 0).count() > n / 2);
         }
+        // Clamps of |X| at +∞ for a task (given, as no data has them: its N are then all 0,
+        // and its scores' cut is 0, which settles nothing): every nonzero Xc of it is ±∞ and
+        // M is 0·∞ = NaN wherever its delta is nonzero, though all scores there are below
+        // their cuts (the elements merged from their packed rows alone would be +0).
+        let d = deltas(3, n, 5, false);
+        let (mut abs, mut score) = data_clamps(&d);
+        abs[1] = Clamp {
+            a: f32::INFINITY,
+            b: f32::INFINITY,
+        };
+        score[1] = Clamp { a: 1.0, b: 2.0 };
+        let m = check_merge(&d, &abs, &score);
+        assert!((0..n).filter(|&i| d[1][i] != 0.0).all(|i| m[i].is_nan()));
     }
 }

@@ -290,12 +290,13 @@ impl Kernel for Sce {
         s: Scratch,
         _floor: Option<&[f32]>,
         out: &mut [Vec<f32>],
-    ) {
+    ) -> usize {
         with_round!(self.arith, |r| crate::simd!({
             let out = &mut out[0][..x.n];
             self.var_into(r, x, s.wide, out);
             out.iter_mut().for_each(|v| *v = v.abs());
-        }))
+        }));
+        x.n
     }
 
     fn top_of_nonzero(&self, st: &TensorStats) -> Option<f32> {

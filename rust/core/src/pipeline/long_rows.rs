@@ -42,10 +42,9 @@ impl Engine<'_> {
     ) -> Result<Vec<Vec<Cuts>>> {
         let tasks = self.tasks();
         let (of, reps) = self.variants(all);
-        let rows =
-            &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut dyn FnMut(usize, &[f32])| {
-                self.emit_abs(w, c, &reps, emit)
-            };
+        let rows = &|w: &mut Work, c: &Chunk, _floor: Floor, emit: &mut crate::stats::Emit| {
+            self.emit_abs(w, c, &reps, emit)
+        };
         let mut asks = Vec::with_capacity(tensors.len());
         let mut jobs = Vec::new();
         for (ti, &i) in tensors.iter().enumerate() {

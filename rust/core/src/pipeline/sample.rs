@@ -115,7 +115,7 @@ impl Engine<'_> {
                     _ => of_run[&(c.tensor, c.start)],
                 };
                 let acc = &mut acc[s];
-                (scopes[s].2)(w, c, None, &mut |row, v| {
+                (scopes[s].2)(w, c, None, &mut |row, v, _| {
                     acc[row].extend(v.iter().map(|&x| key(x)))
                 });
                 Ok(())

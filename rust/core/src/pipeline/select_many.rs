@@ -267,7 +267,7 @@ impl Engine<'_> {
                 if per_chunk {
                     // Every value exact: the chunk's counts at the found values are read off.
                     let mut part = windows.acc();
-                    rows(w, c, None, &mut |row, v| {
+                    rows(w, c, None, &mut |row, v, _| {
                         crate::simd!(part.count(windows, row, v))
                     });
                     let slot = acc[b].get_or_insert_with(|| Counted::Pieces(Default::default()));
@@ -277,8 +277,9 @@ impl Engine<'_> {
                 } else {
                     let slot = acc[b].get_or_insert_with(|| Counted::All(windows.acc()));
                     if let Counted::All(a) = slot {
-                        rows(w, c, floors[b].as_deref(), &mut |row, v| {
-                            crate::simd!(a.count(windows, row, v))
+                        rows(w, c, floors[b].as_deref(), &mut |row, v, out| {
+                            crate::simd!(a.count(windows, row, v));
+                            a.count_below(windows, row, out);
                         });
                     }
                 }

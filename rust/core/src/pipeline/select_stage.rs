@@ -182,7 +182,7 @@ impl Engine<'_> {
             move |w: &mut Work,
                   c: &Chunk,
                   floor: crate::stats::Floor,
-                  emit: &mut dyn FnMut(usize, &[f32])| {
+                  emit: &mut crate::stats::Emit| {
                 for &(_, base, rows, r) in blocks {
                     let floor = floor.map(|f| &f[base..base + rows]);
                     let mut out = std::mem::take(&mut w.sel);
@@ -190,11 +190,12 @@ impl Engine<'_> {
                     for o in &mut out[..rows] {
                         grow(o, c.len);
                     }
-                    self.with_chunk(w, reps[r], c, |k, x, scratch| {
+                    let kept = self.with_chunk(w, reps[r], c, |k, x, scratch| {
                         k.score(x, &found[r][g], scratch, floor, &mut out[..rows])
                     });
+                    debug_assert!(kept == c.len || floor.is_some(), "left out without a floor");
                     for (row, o) in out[..rows].iter().enumerate() {
-                        emit(base + row, &o[..c.len]);
+                        emit(base + row, &o[..kept], (c.len - kept) as u64);
                     }
                     w.sel = out;
                 }

@@ -172,12 +172,11 @@ impl Engine<'_> {
             }
         }
         let n_rows = variants.len() * tasks;
-        let rows = &|w: &mut Work,
-                     c: &Chunk,
-                     _floor: crate::stats::Floor,
-                     emit: &mut dyn FnMut(usize, &[f32])| {
-            self.emit_abs(w, c, &variants, emit)
-        };
+        let rows =
+            &|w: &mut Work,
+              c: &Chunk,
+              _floor: crate::stats::Floor,
+              emit: &mut crate::stats::Emit| { self.emit_abs(w, c, &variants, emit) };
         let mut sample = None;
         let windows = if requests.is_empty() {
             Windows {

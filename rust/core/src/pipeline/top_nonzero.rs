@@ -48,7 +48,7 @@ impl Engine<'_> {
                     None,
                     || windows.acc(),
                     #[inline(always)]
-                    |a, row, v| a.count(windows, row, v),
+                    |a, row, v, _| a.count(windows, row, v),
                     |a, b| a.merge_capped(b, windows),
                 )?;
                 if let Some(found) = Self::top_finish(windows, acc) {
@@ -152,7 +152,7 @@ impl Engine<'_> {
             None,
             || vec![0u64; n_rows],
             #[inline(always)]
-            |z, row, v| z[row] += v.iter().map(|&x| u64::from(x == 0.0)).sum::<u64>(),
+            |z, row, v, _| z[row] += v.iter().map(|&x| u64::from(x == 0.0)).sum::<u64>(),
             |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
         )?;
         let nonzero: Vec<u64> = tops.iter().map(|&(row, _)| total - zeros[row]).collect();

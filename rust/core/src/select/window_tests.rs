@@ -112,6 +112,42 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Values below the row's floor left out and only counted (as PCB's scores leave out the
+    /// elements their bound settles) select what counting every value selects, and the sorted
+    /// values' value at the rank; with kept keys and counted keys alike, in any chunking.
+    #[test]
+    fn values_left_out_below_the_floor_count_the_same(levels in prop::collection::vec(0u16..3000, 1..2000), r in 0usize..2000, stride in 1usize..50, chunk in 1usize..100, dense in any::<bool>()) {
+        let values = near_one(&levels);
+        let rank = (r % values.len()) as u64;
+        let w = window_near_one(&values, rank, stride, dense);
+        prop_assume!(w.is_some());
+        let w = w.unwrap();
+        let floor = w.floors(1)[0];
+        let mut acc = w.acc();
+        let mut left_out = 0;
+        for c in values.chunks(chunk) {
+            let kept: Vec<f32> = c.iter().copied().filter(|&v| v >= floor).collect();
+            let mut part = w.acc();
+            part.count(&w, 0, &kept);
+            part.count_below(&w, 0, (c.len() - kept.len()) as u64);
+            // Another row's count leaves this one's alone.
+            part.count_below(&w, 1, 7);
+            left_out += c.len() - kept.len();
+            acc = acc.merge(part);
+        }
+        let got = acc.finish(&w);
+        prop_assert_eq!(&got, &select_windowed(&w, &values, chunk));
+        let mut sorted = values.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if let Some(v) = got {
+            prop_assert_eq!(v[0].to_bits(), sorted[rank as usize].to_bits());
+            // The floor leaves some out where the rank is well above it.
+            prop_assert!(left_out > 0 || sorted[0] >= floor);
+        }
+    }
+}
+
 #[test]
 fn densified_windows_select_exactly() {
     // 100 000 values, a sample of 1 in 50: 6σ windows expect far more keys than the caps
