@@ -157,7 +157,7 @@ pub const ABS_CLAMP: (f64, f64) = (0.01, 0.01);
 /// scores apart (a windowed select counts them below its window; the output clamps them to
 /// the cut, where S_t = 0). With `compact`, such elements are left out instead: the others'
 /// scores are written to the front of the rows, in order (a select then counts the rest
-/// without reading them). The bound is [`pcb_block::settle`]'s; elements past it are
+/// without reading them). The bound is `pcb_block::settle`'s; elements past it are
 /// gathered into short rows and computed exactly as without a floor, so every B_t that is
 /// written has the same bits.
 #[inline(always)]
