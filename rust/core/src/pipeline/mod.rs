@@ -555,6 +555,7 @@ impl<'a> Engine<'a> {
             _ => 0,
         };
         let ahead = self.read_ahead(chunks);
+        let release = self.releases(ahead);
         chunks
             .par_iter()
             .enumerate()
@@ -573,6 +574,9 @@ impl<'a> Engine<'a> {
                         let loaded = self.load(&mut w, c);
                         loaded.and_then(|()| f(&mut w, c, &mut acc))
                     })?;
+                    if release {
+                        self.release(c);
+                    }
                     if report {
                         let size = self.plan[c.tensor].base_dtype.size() as u64;
                         let bytes = c.len as u64 * size * (self.tasks() as u64 + 1);

@@ -48,6 +48,7 @@ impl Engine<'_> {
         use rayon::prelude::*;
         let total = self.total.load(Ordering::Relaxed);
         let ahead = self.read_ahead(copy);
+        let release = self.releases(ahead);
         copy.par_iter().enumerate().try_for_each(|(i, c)| {
             if let (true, Some(next)) = (ahead > 0, copy.get(i + ahead)) {
                 self.prefetch_base(next);
@@ -56,6 +57,9 @@ impl Engine<'_> {
             let size = t.base_dtype.size();
             let data = &self.base_refs[c.tensor].data[c.start * size..(c.start + c.len) * size];
             sink.write(c.tensor, c.start * size, data)?;
+            if release {
+                self.release_base(c);
+            }
             let done =
                 self.done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
             (self.progress)(done, total, 0);
