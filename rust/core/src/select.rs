@@ -6,6 +6,9 @@
 
 use crate::key_hist::{KeyHist, HIST_BUDGET};
 
+mod sample_row;
+pub use sample_row::SampleRow;
+
 const BINS: usize = 1 << 16;
 
 /// Maps f32 to u32 so that unsigned order equals numeric order (finite values).
@@ -207,11 +210,12 @@ pub struct Windows {
 pub const WINDOW_BUDGET: usize = 1 << 23;
 
 impl Windows {
-    /// Windows from per-row sorted sample keys: the sample quantile of each request's rank,
-    /// widened by `sigmas` binomial standard deviations (and a margin) on each side.
+    /// Windows from per-row samples: the sample quantile of each request's rank, widened by
+    /// `sigmas` standard deviations of the count of sample keys below it (the binomial's times
+    /// the row's design effect there: [`SampleRow::effect_at`]) and a margin on each side.
     pub fn from_sample(
         requests: Vec<Request>,
-        samples: &[Vec<u32>],
+        samples: &[SampleRow],
         total: u64,
         sigmas: f64,
     ) -> Windows {
@@ -223,7 +227,7 @@ impl Windows {
     /// was itself estimated from the sample.
     pub fn from_sample_spread(
         requests: Vec<Request>,
-        samples: &[Vec<u32>],
+        samples: &[SampleRow],
         total: u64,
         sigmas: f64,
         extra: &[f64],
@@ -242,8 +246,9 @@ impl Windows {
             }
             let n = s.len() as f64;
             let p = (r.rank as f64 + 0.5) / total as f64;
-            let spread =
-                sigmas * (n * p * (1.0 - p)).sqrt() + 8.0 + extra.get(i).copied().unwrap_or(0.0);
+            let spread = sigmas * (n * p * (1.0 - p) * s.effect_at(p)).sqrt()
+                + 8.0
+                + extra.get(i).copied().unwrap_or(0.0);
             let lo_i = (p * n - spread).floor();
             let hi_i = (p * n + spread).ceil();
             let lo = if lo_i < 0.0 { 0 } else { s[lo_i as usize] };

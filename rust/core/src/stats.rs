@@ -9,7 +9,7 @@ use crate::methods::breadcrumbs::Piece;
 use crate::methods::sign_tally::SignTally;
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
-use crate::select::{key, unkey, Buckets, Hist, Request, Windowed, Windows};
+use crate::select::{key, unkey, Buckets, Hist, Request, SampleRow, Windowed, Windows};
 
 /// What a sample tells about the wanted order statistics.
 /// The window widths a select tries, widest first (see [`Engine::guess_from`]).
@@ -25,7 +25,7 @@ pub(crate) enum Guess {
 /// read it again: on inputs bigger than memory a sample is thousands of random reads.
 pub(crate) struct SpareSample {
     key: (usize, usize, usize, Vec<usize>),
-    samples: Vec<Vec<u32>>,
+    samples: Vec<SampleRow>,
     total: u64,
 }
 
@@ -34,7 +34,7 @@ impl SpareSample {
         chunks: &[Chunk],
         n_rows: usize,
         variants: &[usize],
-        (samples, total): (Vec<Vec<u32>>, u64),
+        (samples, total): (Vec<SampleRow>, u64),
     ) -> SpareSample {
         SpareSample {
             key: Self::key(chunks, n_rows, variants),
@@ -338,7 +338,7 @@ impl Engine<'_> {
     /// [`Windowed`] pass can take (the per-chunk counts of `select_many` and the one-read path
     /// cannot), so that the statistics stay one pass at any model size.
     pub(crate) fn guess_counting(
-        samples: &[Vec<u32>],
+        samples: &[SampleRow],
         total: u64,
         requests: Vec<Request>,
     ) -> Option<Guess> {
@@ -362,7 +362,7 @@ impl Engine<'_> {
     /// [`Self::guess`] from the scope's sorted sample ([`Self::sample`]) of its `total`
     /// values.
     pub(crate) fn guess_from(
-        samples: &[Vec<u32>],
+        samples: &[SampleRow],
         total: u64,
         requests: Vec<Request>,
     ) -> Option<Guess> {
@@ -506,7 +506,11 @@ mod tests {
             .collect();
         let rank = total / 5 * 4;
         let requests = (0..3).map(|row| Request { row, rank }).collect();
-        Engine::guess_from(&[sample.clone(), sample.clone(), sample], total, requests)
+        Engine::guess_from(
+            &[sample.clone().into(), sample.clone().into(), sample.into()],
+            total,
+            requests,
+        )
     }
 
     /// The σ the windows were placed at, from their width in sample positions
@@ -541,7 +545,7 @@ mod tests {
         let sample: Vec<u32> = (0..n)
             .map(|i| key(1.0 + (i as f32 + 0.5) / n as f32))
             .collect();
-        let samples = [sample.clone(), sample.clone(), sample];
+        let samples = [sample.clone().into(), sample.clone().into(), sample.into()];
         let Some(Guess::Window(w)) = Engine::guess_counting(&samples, 2_000_000_000, requests)
         else {
             panic!("no windows at 2 B");

@@ -1,5 +1,5 @@
-//! The samples that place a select's windows: short evenly spaced runs of each scope's values,
-//! their keys sorted per row. Many scopes (one per tensor in a per-tensor select) are sampled
+//! The samples that place a select's windows: evenly spaced runs of each scope's values, their
+//! keys sorted per row. Many scopes (one per tensor in a per-tensor select) are sampled
 //! in one shared pass: a pass of its own per tensor cost more in its start, its join and its
 //! residency probes (about 0.45 ms each) than the few thousand values it read, 39 of them a
 //! tenth of an `arcee_fusion` run on a hidden-512 model. The keys are the same whichever pass
@@ -8,15 +8,30 @@
 use std::collections::HashMap;
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::Engine;
 use crate::error::Result;
 use crate::plan::Chunk;
-use crate::select::key;
+use crate::select::{key, SampleRow};
 use crate::stats::Rows;
 
 /// Length of one run of a sample.
 const RUN: u64 = 64;
+
+/// Length of one run of a large scope's sample. On inputs bigger than memory each run is a
+/// random read from disk, whatever its length up to a page: with runs of 64, the sample of
+/// each select stage of a 0.1 B-parameter PCB took 1.36–1.42 s of reads for 1 GB, against
+/// 0.48 s for a cold `cat`; 16× fewer runs took it to 0.88 s (`benches/results/cold.md`).
+/// Neighbours are not independent draws; the windows widen by the design effect the runs
+/// show ([`SampleRow`]).
+const LONG_RUN: u64 = 1024;
+
+/// A scope takes long runs from this many values on: at least 256 of them in its sample,
+/// enough to estimate their design effect. Only from disk ([`Engine::sample_many`]): on a warm
+/// page cache a run costs no read, and short runs' smaller design effect keeps the windows
+/// narrower.
+const LONG_FROM: u64 = 1 << 26;
 
 /// The keys that the samples of one shared pass may hold together (32 MiB); a scope larger
 /// than that alone still takes its pass (a sample holds at most 2^21 values per row).
@@ -27,12 +42,16 @@ pub(crate) type Scope<'a> = (&'a [Chunk], usize, Rows<'a>);
 
 /// The runs of a scope's sample: about 1/256 of its values, capped to 2^15..2^21 so that
 /// neither the sample nor the windows it implies grow with the model (everything when the
-/// scope is small).
-pub(crate) fn picks(chunks: &[Chunk]) -> Vec<Chunk> {
+/// scope is small); `long`: runs of [`LONG_RUN`] where the scope is large.
+pub(crate) fn picks(chunks: &[Chunk], long: bool) -> Vec<Chunk> {
     let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
     let want = (total / 256).clamp(1 << 15, 1 << 21);
-    let runs = (want / RUN).max(1);
-    let step = (total / runs).max(RUN);
+    let run = match long && total >= LONG_FROM {
+        true => LONG_RUN,
+        false => RUN,
+    };
+    let runs = (want / run).max(1);
+    let step = (total / runs).max(run);
     let mut picks = Vec::new();
     let mut offset = 0u64; // global position of the current chunk's start
     let mut next = 0u64;
@@ -40,7 +59,7 @@ pub(crate) fn picks(chunks: &[Chunk]) -> Vec<Chunk> {
         let end = offset + c.len as u64;
         while next < end {
             let at = next - offset;
-            let len = RUN.min(end - next) as usize;
+            let len = run.min(end - next) as usize;
             picks.push(Chunk {
                 tensor: c.tensor,
                 start: c.start + at as usize,
@@ -55,7 +74,8 @@ pub(crate) fn picks(chunks: &[Chunk]) -> Vec<Chunk> {
 
 /// The keys a scope's sample holds (each of its rows'): an upper bound, for the budget.
 pub(crate) fn sample_keys(chunks: &[Chunk], n_rows: usize) -> usize {
-    picks(chunks).iter().map(|c| c.len).sum::<usize>() * n_rows
+    let keys = |long| picks(chunks, long).iter().map(|c| c.len).sum::<usize>();
+    keys(false).max(keys(true)) * n_rows
 }
 
 /// Whether the tests force the radix select (WEIGHTWEAVE_FORCE_RADIX), which small models would
@@ -72,7 +92,7 @@ impl Engine<'_> {
         chunks: &[Chunk],
         n_rows: usize,
         rows: Rows,
-    ) -> Result<Option<(Vec<Vec<u32>>, u64)>> {
+    ) -> Result<Option<(Vec<SampleRow>, u64)>> {
         if forced_radix() {
             return Ok(None);
         }
@@ -81,32 +101,33 @@ impl Engine<'_> {
         Ok(Some((samples, total)))
     }
 
-    /// Sorted keys per row of one scope's sample.
+    /// One scope's sample, per row.
     pub(crate) fn sample(
         &self,
         chunks: &[Chunk],
         n_rows: usize,
         rows: Rows,
-    ) -> Result<Vec<Vec<u32>>> {
+    ) -> Result<Vec<SampleRow>> {
         let mut one = self.sample_many(&[(chunks, n_rows, rows)])?;
         Ok(one.pop().expect("one scope"))
     }
 
-    /// Sorted keys per row of each scope's sample, in one pass. Scopes share no chunk (each
-    /// run is found again by its tensor and start).
-    pub(crate) fn sample_many(&self, scopes: &[Scope]) -> Result<Vec<Vec<Vec<u32>>>> {
+    /// Each scope's sample, per row, in one pass. Scopes share no chunk (each run is found
+    /// again by its tensor and start).
+    pub(crate) fn sample_many(&self, scopes: &[Scope]) -> Result<Vec<Vec<SampleRow>>> {
         let mut of_run: HashMap<(usize, usize), usize> = HashMap::new();
         let mut runs = Vec::new();
+        let long = self.on_disk();
         for (s, &(chunks, _, _)) in scopes.iter().enumerate() {
-            for c in picks(chunks) {
+            for c in picks(chunks, long) {
                 let prev = of_run.insert((c.tensor, c.start), s);
                 debug_assert!(prev.is_none(), "scopes share a chunk");
                 runs.push(c);
             }
         }
         let init =
-            || -> Vec<Vec<Vec<u32>>> { scopes.iter().map(|s| vec![Vec::new(); s.1]).collect() };
-        let mut samples = self.pass_shared(
+            || -> Vec<Vec<Drawn>> { scopes.iter().map(|s| vec![Drawn::default(); s.1]).collect() };
+        let drawn = self.pass_shared(
             &runs,
             init,
             |w, c, acc| {
@@ -115,23 +136,74 @@ impl Engine<'_> {
                     _ => of_run[&(c.tensor, c.start)],
                 };
                 let acc = &mut acc[s];
+                // Each row's run of this chunk: its keys' start, then (below) their count.
+                for d in acc.iter_mut() {
+                    d.runs.push(d.keys.len() as u32);
+                }
                 (scopes[s].2)(w, c, None, &mut |row, v, _| {
-                    acc[row].extend(v.iter().map(|&x| key(x)))
+                    acc[row].keys.extend(v.iter().map(|&x| key(x)))
                 });
+                for d in acc.iter_mut() {
+                    let start = d.runs.pop().expect("pushed above");
+                    let m = d.keys.len() as u32 - start;
+                    if m > 0 {
+                        d.runs.push(m);
+                    }
+                }
                 Ok(())
             },
             |mut a, b| {
                 for (x, y) in a.iter_mut().flatten().zip(b.into_iter().flatten()) {
-                    x.extend(y);
+                    x.keys.extend(y.keys);
+                    x.runs.extend(y.runs);
                 }
                 a
             },
             true,
         )?;
-        samples
-            .par_iter_mut()
-            .flat_map_iter(|s| s.iter_mut())
-            .for_each(|row| row.sort_unstable());
-        Ok(samples)
+        Ok(drawn
+            .into_iter()
+            .map(|rows| {
+                rows.into_par_iter()
+                    .map(|d| SampleRow::from_runs(d.keys, &d.runs))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// A row's sample keys in the order drawn, and the length of each run (a cluster's units
+/// send theirs to the driver).
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct Drawn {
+    keys: Vec<u32>,
+    runs: Vec<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(len: usize) -> Vec<Chunk> {
+        vec![Chunk {
+            tensor: 0,
+            start: 0,
+            len,
+        }]
+    }
+
+    #[test]
+    fn large_scopes_take_long_runs_of_the_same_share() {
+        let small = picks(&one(1 << 25), true);
+        assert!(small.iter().all(|c| c.len == RUN as usize));
+        assert_eq!(small.len(), (1 << 17) / RUN as usize);
+        let large = picks(&one(1 << 26), true);
+        assert!(large.iter().all(|c| c.len == LONG_RUN as usize));
+        assert_eq!(large.len(), (1 << 18) / LONG_RUN as usize);
+        assert!(large.windows(2).all(|w| w[1].start - w[0].start == 1 << 18));
+        // From memory, short runs whatever the size.
+        let warm = picks(&one(1 << 26), false);
+        assert!(warm.iter().all(|c| c.len == RUN as usize));
+        assert_eq!(warm.len(), (1 << 18) / RUN as usize);
     }
 }

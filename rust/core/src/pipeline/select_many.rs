@@ -18,7 +18,9 @@ use crate::pipeline::sample::{forced_radix, sample_keys, Scope, SAMPLE_BUDGET};
 use crate::pipeline::top_nonzero::TopGuess;
 use crate::pipeline::Engine;
 use crate::plan::Chunk;
-use crate::select::{PieceWindow, PieceWindows, Request, Windowed, Windows, WINDOW_BUDGET};
+use crate::select::{
+    PieceWindow, PieceWindows, Request, SampleRow, Windowed, Windows, WINDOW_BUDGET,
+};
 use crate::stats::{Guess, Rows};
 
 /// One select: its chunks (no other job's), the rows its scores go to, the requested ranks,
@@ -61,7 +63,7 @@ impl Counted {
 }
 
 /// A job's sorted sample: its keys per row.
-type Sample = Vec<Vec<u32>>;
+type Sample = Vec<SampleRow>;
 
 /// Jobs sampled in one pass: each job's index and its sample (None where none was taken).
 type Group = Vec<(usize, Option<Sample>)>;

@@ -11,7 +11,7 @@
 use crate::error::Result;
 use crate::pipeline::Engine;
 use crate::plan::Chunk;
-use crate::select::{key, top_rank, unkey, Request, Windowed, Windows};
+use crate::select::{key, top_rank, unkey, Request, SampleRow, Windowed, Windows};
 use crate::stats::Rows;
 
 /// Binomial standard deviations of a sample's estimate that a window allows for.
@@ -76,7 +76,7 @@ impl Engine<'_> {
 
     /// [`Self::top_guess`] from the scope's sorted sample of its `total` values.
     pub(crate) fn top_guess_from(
-        samples: &[Vec<u32>],
+        samples: &[SampleRow],
         total: u64,
         tops: &[(usize, f32)],
     ) -> TopGuess {
@@ -107,8 +107,10 @@ impl Engine<'_> {
             // A guess of nothing kept still places the window at the top.
             let rank = top_rank(total, guess, f).unwrap_or(total.saturating_sub(1));
             requests.push(Request { row, rank });
-            // The zeros' share moves the rank by f times its own sampling error.
-            extra.push(f64::from(f) * SIGMAS * (n * q * (1.0 - q)).sqrt());
+            // The zeros' share moves the rank by f times its own sampling error (the runs'
+            // design effect there too: zeros come in runs where a tensor was left alone).
+            let effect = samples[row].effect_at(q);
+            extra.push(f64::from(f) * SIGMAS * (n * q * (1.0 - q) * effect).sqrt());
         }
         let mut windows = Windows::from_sample_spread(requests, samples, total, SIGMAS, &extra);
         if !windows.viable {

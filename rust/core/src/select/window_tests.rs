@@ -55,7 +55,7 @@ fn window_near_one(values: &[f32], rank: u64, stride: usize, dense: bool) -> Opt
     sample.sort_unstable();
     let mut w = Windows::from_sample(
         vec![Request { row: 0, rank }],
-        &[sample],
+        &[sample.into()],
         values.len() as u64,
         6.0,
     );
@@ -163,7 +163,7 @@ fn densified_windows_select_exactly() {
     for rank in [20_000u64, 50_000, 79_999] {
         let mut w = Windows::from_sample(
             vec![Request { row: 0, rank }],
-            &[sample.clone()],
+            &[sample.clone().into()],
             100_000,
             6.0,
         );
@@ -182,7 +182,7 @@ proptest! {
         let rank = (r % values.len()) as u64;
         let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
         sample.sort_unstable();
-        let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
+        let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample.into()], values.len() as u64, 6.0);
         let mut acc = w.acc();
         for c in values.chunks(chunk) {
             let mut part = w.acc();
@@ -206,7 +206,7 @@ proptest! {
         let rank = (r % values.len()) as u64;
         let mut sample: Vec<u32> = values.iter().step_by(stride).map(|&v| key(v)).collect();
         sample.sort_unstable();
-        let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample], values.len() as u64, 6.0);
+        let w = Windows::from_sample(vec![Request { row: 0, rank }], &[sample.into()], values.len() as u64, 6.0);
         let pieces: Vec<PieceWindow> = values
             .chunks(chunk)
             .enumerate()
@@ -236,7 +236,7 @@ fn degenerate_windows_count_ties() {
         Request { row: 0, rank: 500 },
         Request { row: 0, rank: 1050 },
     ];
-    let w = Windows::from_sample(reqs, &[sample], 1100, 6.0);
+    let w = Windows::from_sample(reqs, &[sample.into()], 1100, 6.0);
     assert_eq!(w.bounds[0], (key(0.0), key(0.0)));
     let mut acc = w.acc();
     acc.count(&w, 0, &values);
@@ -249,7 +249,12 @@ fn degenerate_windows_count_pieces() {
     values.extend((1..=100).map(|i| i as f32));
     let mut sample: Vec<u32> = values.iter().step_by(7).map(|&v| key(v)).collect();
     sample.sort_unstable();
-    let w = Windows::from_sample(vec![Request { row: 0, rank: 500 }], &[sample], 1100, 6.0);
+    let w = Windows::from_sample(
+        vec![Request { row: 0, rank: 500 }],
+        &[sample.into()],
+        1100,
+        6.0,
+    );
     assert_eq!(w.bounds[0], (key(0.0), key(0.0)));
     let pieces: Vec<PieceWindow> = values
         .chunks(137)
@@ -309,6 +314,7 @@ fn a_wide_window_takes_the_budget_narrow_ones_leave() {
             ]
         })
         .collect();
+    let samples: Vec<SampleRow> = samples.into_iter().map(SampleRow::from).collect();
     let w = Windows::from_sample(requests, &samples, total, 6.0);
     assert!(w.viable);
     assert!(w.caps.iter().sum::<usize>() <= WINDOW_BUDGET);
