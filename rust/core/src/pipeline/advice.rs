@@ -115,7 +115,7 @@ fn page_size() -> usize {
     }
 }
 
-impl Engine<'_> {
+impl<'a> Engine<'a> {
     /// How far ahead a pass over `chunks` asks for its inputs; 0 (no hints) when the mapped
     /// inputs are in memory already ([`resident`]): a hint then finds nothing to read, and the
     /// page-cache lookups it makes cost about 7 % of a warm task arithmetic's CPU time.
@@ -135,10 +135,14 @@ impl Engine<'_> {
     /// Starts reading chunk `c` of the base and of every model (its byte range in each: the
     /// chunk's share of the tensor's bytes, whatever the dtype).
     pub(super) fn prefetch(&self, c: &Chunk) {
-        self.prefetch_base(c);
-        for refs in &self.model_refs {
-            self.prefetch_one(&refs[c.tensor], c);
-        }
+        self.inputs_of(c).for_each(|r| self.prefetch_one(r, c));
+    }
+
+    /// Chunk `c`'s tensor in the base and in every model.
+    fn inputs_of(&self, c: &Chunk) -> impl Iterator<Item = &TensorRef<'a>> {
+        let t = c.tensor;
+        let models = self.model_refs.iter().map(move |refs| &refs[t]);
+        std::iter::once(&self.base_refs[t]).chain(models)
     }
 
     /// As [`Engine::prefetch`], of the base alone (the tensors copied from it).
@@ -147,11 +151,17 @@ impl Engine<'_> {
     }
 
     fn prefetch_one(&self, r: &TensorRef, c: &Chunk) {
+        let (lo, hi) = self.bytes_of(r, c);
+        will_need(r.data, lo, hi);
+    }
+
+    /// Chunk `c`'s byte range in `r`: its share of the tensor's bytes, whatever the dtype.
+    fn bytes_of(&self, r: &TensorRef, c: &Chunk) -> (usize, usize) {
         let numel = self.plan[c.tensor].numel.max(1) as u128;
         let len = r.data.len() as u128;
         let lo = (len * c.start as u128 / numel) as usize;
         let hi = (len * (c.start + c.len) as u128 / numel).min(len) as usize;
-        will_need(r.data, lo, hi);
+        (lo, hi)
     }
 
     /// Whether a pass reading `ahead` chunks ahead ([`Engine::read_ahead`]: 0 when the inputs
@@ -170,10 +180,7 @@ impl Engine<'_> {
     /// Unmaps the pages a pass is done with: chunk `c` of the base and of every model (see
     /// [`Engine::release_base`]).
     pub(super) fn release(&self, c: &Chunk) {
-        self.release_base(c);
-        for refs in &self.model_refs {
-            self.release_one(&refs[c.tensor], c);
-        }
+        self.inputs_of(c).for_each(|r| self.release_one(r, c));
     }
 
     /// Unmaps the whole pages of chunk `c` of the base from this process, where the inputs
@@ -189,10 +196,7 @@ impl Engine<'_> {
     }
 
     fn release_one(&self, r: &TensorRef, c: &Chunk) {
-        let numel = self.plan[c.tensor].numel.max(1) as u128;
-        let len = r.data.len() as u128;
-        let lo = (len * c.start as u128 / numel) as usize;
-        let hi = (len * (c.start + c.len) as u128 / numel).min(len) as usize;
+        let (lo, hi) = self.bytes_of(r, c);
         // The map that holds the tensor, if any (`maps` is sorted by address).
         let start = r.data.as_ptr() as usize;
         let i = self.maps.partition_point(|m| m.as_ptr() as usize <= start);

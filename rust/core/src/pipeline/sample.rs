@@ -20,9 +20,10 @@ use crate::stats::Rows;
 const RUN: u64 = 64;
 
 /// Length of one run of a large scope's sample. On inputs bigger than memory each run is a
-/// random read from disk, whatever its length up to a page: with runs of 64, the sample of
-/// each select stage of a 0.1 B-parameter PCB took 1.36–1.42 s of reads for 1 GB, against
-/// 0.48 s for a cold `cat`; 16× fewer runs took it to 0.88 s (`benches/results/cold.md`).
+/// random read from disk, whatever its length up to a page: with runs of 64, each select
+/// stage of a cold 0.1 B-parameter PCB (its sample, then its pass) took 1.36–1.42 s for 1 GB,
+/// against 0.48 s for a cold `cat`; 16× fewer runs took the stages to 0.88 and 1.01 s
+/// (`benches/results/cold.md`).
 /// Neighbours are not independent draws; the windows widen by the design effect the runs
 /// show ([`SampleRow`]).
 const LONG_RUN: u64 = 1024;
