@@ -19,7 +19,7 @@ use crate::stats::Rows;
 /// Length of one run of a sample.
 const RUN: u64 = 64;
 
-/// Length of one run of a large scope's sample. On inputs bigger than memory each run is a
+/// The longest run of a sample read from disk. On inputs bigger than memory each run is a
 /// random read from disk, whatever its length up to a page: with runs of 64, each select
 /// stage of a cold 0.1 B-parameter PCB (its sample, then its pass) took 1.36–1.42 s for 1 GB,
 /// against 0.48 s for a cold `cat`; 16× fewer runs took the stages to 0.88 and 1.01 s
@@ -28,11 +28,12 @@ const RUN: u64 = 64;
 /// show ([`SampleRow`]).
 const LONG_RUN: u64 = 1024;
 
-/// A scope takes long runs from this many values on: at least 256 of them in its sample,
-/// enough to estimate their design effect. Only from disk ([`Engine::sample_many`]): on a warm
-/// page cache a run costs no read, and short runs' smaller design effect keeps the windows
+/// A sample read from disk takes runs as long as leave it this many (between [`RUN`] and
+/// [`LONG_RUN`]): enough to estimate their design effect (its variance's relative error is
+/// about sqrt(2 / runs), 12 % here). Only from disk ([`Engine::sample_many`]): on a warm page
+/// cache a run costs no read, and short runs' smaller design effect keeps the windows
 /// narrower.
-const LONG_FROM: u64 = 1 << 26;
+const DISK_RUNS: u64 = 128;
 
 /// The keys that the samples of one shared pass may hold together (32 MiB); a scope larger
 /// than that alone still takes its pass (a sample holds at most 2^21 values per row).
@@ -43,12 +44,12 @@ pub(crate) type Scope<'a> = (&'a [Chunk], usize, Rows<'a>);
 
 /// The runs of a scope's sample: about 1/256 of its values, capped to 2^15..2^21 so that
 /// neither the sample nor the windows it implies grow with the model (everything when the
-/// scope is small); `long`: runs of [`LONG_RUN`] where the scope is large.
+/// scope is small); `long` (from disk): runs as long as leave [`DISK_RUNS`] of them.
 pub(crate) fn picks(chunks: &[Chunk], long: bool) -> Vec<Chunk> {
     let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
     let want = (total / 256).clamp(1 << 15, 1 << 21);
-    let run = match long && total >= LONG_FROM {
-        true => LONG_RUN,
+    let run = match long {
+        true => (want / DISK_RUNS).clamp(RUN, LONG_RUN),
         false => RUN,
     };
     let runs = (want / run).max(1);
@@ -194,14 +195,22 @@ mod tests {
     }
 
     #[test]
-    fn large_scopes_take_long_runs_of_the_same_share() {
-        let small = picks(&one(1 << 25), true);
-        assert!(small.iter().all(|c| c.len == RUN as usize));
-        assert_eq!(small.len(), (1 << 17) / RUN as usize);
+    fn samples_from_disk_take_long_runs_of_the_same_share() {
+        // A small scope: 2^15 values in 128 runs of 256.
+        let small = picks(&one(1 << 20), true);
+        assert!(small.iter().all(|c| c.len == 256));
+        assert_eq!(small.len(), DISK_RUNS as usize);
+        // A large one: runs of at most 1024, then more of them.
         let large = picks(&one(1 << 26), true);
         assert!(large.iter().all(|c| c.len == LONG_RUN as usize));
         assert_eq!(large.len(), (1 << 18) / LONG_RUN as usize);
         assert!(large.windows(2).all(|w| w[1].start - w[0].start == 1 << 18));
+        // A scope sampled whole stays whole.
+        let whole = picks(&one(5000), true);
+        assert_eq!(whole.iter().map(|c| c.len).sum::<usize>(), 5000);
+        assert!(whole
+            .windows(2)
+            .all(|w| w[1].start == w[0].start + w[0].len));
         // From memory, short runs whatever the size.
         let warm = picks(&one(1 << 26), false);
         assert!(warm.iter().all(|c| c.len == RUN as usize));
