@@ -4,6 +4,7 @@ smaller than the inputs, against one cold read of them.
     sudo python benches/cold.py                                    # 0.1 B bf16, base + 3, 256 MiB
     sudo python benches/cold.py --size 0.5 --cap-mb 1024
     sudo python benches/cold.py --compare /tmp/old --compare-label 9ab797c   # A/B a previous wheel
+    sudo python benches/cold.py --methods ties@tensor        # METHOD@SCOPE: --set scope=SCOPE
 
 Root only (it drops the page cache before every run and makes cgroup-v1 memory groups). Each row
 is the median of ``--repeats`` whole CLI commands (``weightweave merge``), caches dropped before
@@ -36,6 +37,9 @@ METHODS = {
     "dare_ties": ["--seed", "1"],
     "breadcrumbs": [],
     "pcb": [],
+    # Per-tensor statistics (mergekit's semantics): batches of tensors (`pipeline/batches.rs`).
+    "ties@tensor": [],
+    "dare_ties@tensor": ["--seed", "1"],
 }
 FLOOR = (
     "import os, sys\n"
@@ -100,8 +104,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for m in args.methods.split(","):
+        method, _, scope = m.partition("@")
         cmd = [sys.executable, "-m", "weightweave", "merge", *map(str, inputs), "-o", str(out)]
-        cmd += ["-q", "--overwrite", "--method", m, *METHODS.get(m, [])]
+        cmd += ["-q", "--overwrite", "--method", method, *METHODS.get(m, [])]
+        cmd += ["--set", f"scope={scope}"] if scope else []
         times: dict[str, list[float]] = {name: [] for name, _ in builds}
         for _ in range(args.repeats):
             for name, site in builds:

@@ -203,13 +203,7 @@ impl Driver {
     /// Whether the recipe needs whole-model statistics (TIES's and PCB's global scope,
     /// MetaGPT's weights): then [`Driver::gather`] runs before the units.
     pub fn needs_model_stats(&self) -> bool {
-        let global = |r: &Recipe| {
-            r.sets
-                .iter()
-                .any(|s| s.method.scope() == crate::methods::Scope::Global)
-        };
-        let global = |r: &Recipe| global(r) || r.metagpt;
-        global(&self.recipe) || self.recipe.groups.iter().any(|g| global(&g.recipe))
+        !self.recipe.tensor_local()
     }
 
     /// One step of gathering the whole-model statistics over the units, pass by pass

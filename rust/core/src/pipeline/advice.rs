@@ -13,7 +13,7 @@
 //! runs makes a touch read its own page.
 
 use super::{room, Engine};
-use crate::plan::Chunk;
+use crate::plan::{Chunk, TensorPlan};
 use crate::reader::{ModelView, TensorRef};
 
 /// How far ahead a worker asks for its inputs: about 1 MiB of elements (4 chunks of the
@@ -24,21 +24,69 @@ fn distance(chunks: &[Chunk]) -> usize {
 }
 
 /// Asks the OS to start reading `data[lo..hi]` (any memory: on an anonymous page the hint is
-/// a no-op or a swap-in; errors are ignored, as for any hint).
+/// a no-op or a swap-in; errors are ignored, as for any hint), in pieces of [`PIECE`].
 fn will_need(data: &[u8], lo: usize, hi: usize) {
     if lo >= hi || hi > data.len() {
         return;
     }
     let start = data.as_ptr() as usize + lo;
     let page = start & !(page_size() - 1);
-    // SAFETY: MADV_WILLNEED only schedules reads of pages of this process's mappings; it
-    // changes no memory, and the range starts in the page holding `data[lo]`, a live slice.
-    unsafe {
-        libc::madvise(
-            page as *mut libc::c_void,
-            start + (hi - lo) - page,
-            libc::MADV_WILLNEED,
-        );
+    let end = start + (hi - lo);
+    for at in (page..end).step_by(PIECE) {
+        // SAFETY: MADV_WILLNEED only schedules reads of pages of this process's mappings; it
+        // changes no memory, and the range lies in the pages holding `data[lo..hi]`, a live
+        // slice.
+        unsafe {
+            libc::madvise(
+                at as *mut libc::c_void,
+                PIECE.min(end - at),
+                libc::MADV_WILLNEED,
+            );
+        }
+    }
+}
+
+/// The most one MADV_WILLNEED asks for. The kernel reads at most its read-ahead window of a
+/// larger range (`read_ahead_kb`: 128 KiB by default) and drops the rest, so a tensor asked
+/// for in one call was read only in its first 128 KiB (8 MiB on the bench machine).
+const PIECE: usize = 128 << 10;
+
+/// Asks the OS to start reading tensor `t` of the base and of every model, whole (a batch of
+/// tensors about to be merged: `batches.rs`).
+pub(super) fn will_need_tensor(
+    base: &ModelView,
+    models: &[ModelView],
+    plan: &[TensorPlan],
+    t: usize,
+) {
+    let name = super::source(plan, &plan[t]);
+    for v in std::iter::once(base).chain(models) {
+        if let Some(r) = v.tensors.get(name) {
+            will_need(r.data, 0, r.data.len());
+        }
+    }
+}
+
+/// Marks the pages of tensor `t` of the base and of every model that this process maps as the
+/// first to reclaim (MADV_COLD: no byte changes, the pages stay cached until memory is short).
+/// A batch done with (`batches.rs`) was touched twice and sits on the active list; without
+/// this the kernel reclaimed the next batch's pages, read ahead and touched once, before it.
+pub(super) fn cold_tensor(base: &ModelView, models: &[ModelView], plan: &[TensorPlan], t: usize) {
+    let name = super::source(plan, &plan[t]);
+    for v in std::iter::once(base).chain(models) {
+        if let Some(r) = v.tensors.get(name) {
+            let start = r.data.as_ptr() as usize;
+            let page = start & !(page_size() - 1);
+            let end = start + r.data.len();
+            if r.data.is_empty() {
+                continue;
+            }
+            // SAFETY: MADV_COLD only moves this process's pages of a live slice to the
+            // inactive list; it changes no memory.
+            unsafe {
+                libc::madvise(page as *mut libc::c_void, end - page, libc::MADV_COLD);
+            }
+        }
     }
 }
 
@@ -164,17 +212,28 @@ impl<'a> Engine<'a> {
         (lo, hi)
     }
 
-    /// Whether a pass reading `ahead` chunks ahead ([`Engine::read_ahead`]: 0 when the inputs
-    /// are in memory) unmaps what it has read ([`Engine::release_base`]): where it reads from
-    /// disk and the mapped inputs are more than the memory this process may take (including
-    /// the page cache it may reclaim: [`room::room`]), so that they cannot stay cached. Tests
-    /// set WEIGHTWEAVE_RELEASE=1 to release in every pass (the inputs of a test are cached).
-    pub(super) fn releases(&self, ahead: usize) -> bool {
+    /// Whether a pass over `chunks` reading `ahead` chunks ahead ([`Engine::read_ahead`]: 0
+    /// when the inputs are in memory) unmaps what it has read ([`Engine::release_base`]): where
+    /// it reads from disk and its chunks' tensors (in every input) are more than the memory
+    /// this process may take (including the page cache it may reclaim: [`room::room`]), so
+    /// that they cannot stay cached. A batch of tensors that fits (`batches.rs`) keeps its
+    /// pages mapped for its next pass. Tests set WEIGHTWEAVE_RELEASE=1 to release in every
+    /// pass (the inputs of a test are cached).
+    pub(super) fn releases(&self, ahead: usize, chunks: &[Chunk]) -> bool {
         if std::env::var_os("WEIGHTWEAVE_RELEASE").is_some_and(|v| v == "1") {
             return true;
         }
-        let bytes: u64 = self.maps.iter().map(|m| m.len() as u64).sum();
-        ahead > 0 && room::room().is_some_and(|r| bytes > r)
+        if ahead == 0 {
+            return false;
+        }
+        let mut seen = vec![false; self.plan.len()];
+        let mut bytes = 0u64;
+        for c in chunks {
+            if !std::mem::replace(&mut seen[c.tensor], true) {
+                bytes += self.inputs_of(c).map(|r| r.data.len() as u64).sum::<u64>();
+            }
+        }
+        room::room().is_some_and(|r| bytes > r)
     }
 
     /// Unmaps the pages a pass is done with: chunk `c` of the base and of every model (see

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use super::{run_chunks, total_bytes, Given, Options, Part, Progress, Sink};
+use super::{total_bytes, Given, Options, Part, Progress, Sink};
 use crate::error::Result;
 use crate::plan::{Chunk, TensorPlan};
 use crate::reader::ModelView;
@@ -65,7 +65,7 @@ pub(super) fn run(
         }
         let at = done;
         let report = move |d: u64, _: u64, stage: u32| progress((at + d).min(total), total, stage);
-        done += run_chunks(
+        done += super::batches::run(
             base,
             models,
             plan,

@@ -5,6 +5,7 @@
 //! at its final offset. Anonymous memory is a few chunk-sized buffers per worker.
 
 mod advice;
+mod batches;
 mod engine;
 pub mod exchange;
 mod groups;
@@ -301,9 +302,10 @@ pub fn run(
         merge.retain(|c| mine[c.tensor]);
         copy.retain(|c| mine[c.tensor]);
     }
-    // Per-tensor parameters run each group of tensors in turn; otherwise one run takes them all.
+    // Per-tensor parameters run each group of tensors in turn; otherwise one run takes them all
+    // (in batches of tensors where that reads less from disk: `batches.rs`).
     let go: RunFn = if recipe.groups.is_empty() {
-        run_chunks
+        batches::run
     } else {
         groups::run
     };
@@ -555,7 +557,11 @@ impl<'a> Engine<'a> {
             _ => 0,
         };
         let ahead = self.read_ahead(chunks);
-        let release = self.releases(ahead);
+        let release = self.releases(ahead, chunks);
+        // The chunks no worker asks for below (those within `ahead` of the start). Why: a
+        // sample's runs are fewer than `ahead` (a tensor's own sample in a per-tensor select:
+        // 128 runs), so without this every run was a synchronous read, one or two at a time.
+        chunks.iter().take(ahead).for_each(|c| self.prefetch(c));
         chunks
             .par_iter()
             .enumerate()

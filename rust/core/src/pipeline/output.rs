@@ -48,7 +48,7 @@ impl Engine<'_> {
         use rayon::prelude::*;
         let total = self.total.load(Ordering::Relaxed);
         let ahead = self.read_ahead(copy);
-        let release = self.releases(ahead);
+        let release = self.releases(ahead, copy);
         copy.par_iter().enumerate().try_for_each(|(i, c)| {
             if let (true, Some(next)) = (ahead > 0, copy.get(i + ahead)) {
                 self.prefetch_base(next);

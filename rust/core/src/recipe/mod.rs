@@ -238,6 +238,21 @@ impl Recipe {
     pub fn method(&self) -> &Method {
         &self.sets[0].method
     }
+
+    /// Whether every statistic the merge needs is a tensor's own, in this recipe and in each
+    /// of its groups: no whole-model scope (TIES's and PCB's global one), no MetaGPT weights,
+    /// no LiNeS α rule. Tensors may then be merged in any grouping with the same result (a
+    /// cluster's units, `pipeline/batches.rs`).
+    pub fn tensor_local(&self) -> bool {
+        let local = |r: &Recipe| {
+            !r.metagpt
+                && !crate::scaling::auto_alpha_sets(r).iter().any(|&a| a)
+                && r.sets
+                    .iter()
+                    .all(|s| s.method.scope() == crate::methods::Scope::Tensor)
+        };
+        local(self) && self.groups.iter().all(|g| local(&g.recipe))
+    }
 }
 
 /// Whether `v` is finite and an f32 holds it (all arithmetic is f32).
