@@ -69,8 +69,9 @@ pub(super) fn will_need_tensor(
 
 /// Marks the pages of tensor `t` of the base and of every model that this process maps as the
 /// first to reclaim (MADV_COLD: no byte changes, the pages stay cached until memory is short).
-/// A batch done with (`batches.rs`) was touched twice and sits on the active list; without
-/// this the kernel reclaimed the next batch's pages, read ahead and touched once, before it.
+/// A batch done with (`batches.rs`) was touched twice and sits on the active list, ahead of the
+/// next batch's pages, read ahead and touched once: TIES at scope=tensor, 0.5 B bf16 in a 1 GiB
+/// cgroup, took 5.18-5.41 s with this against 5.42-5.52 s without (alternated runs).
 pub(super) fn cold_tensor(base: &ModelView, models: &[ModelView], plan: &[TensorPlan], t: usize) {
     let name = super::source(plan, &plan[t]);
     for v in std::iter::once(base).chain(models) {
