@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::methods::breadcrumbs::Piece;
 use crate::methods::sign_tally::SignTally;
+use crate::pipeline::sample::{trim_floor, FLOOR};
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
 use crate::select::{key, unkey, Buckets, Hist, Request, SampleRow, Windowed, Windows};
@@ -274,7 +275,7 @@ impl Engine<'_> {
         requests: Vec<Request>,
         rows: Rows,
     ) -> Result<Vec<f32>> {
-        let windows = match self.guess(chunks, n_rows, requests.clone(), rows)? {
+        let windows = match self.guess(chunks, n_rows, requests.clone(), rows, FLOOR)? {
             Some(Guess::Exact(v)) => return Ok(v),
             Some(Guess::Window(windows)) => windows,
             None => return self.radix_select(chunks, n_rows, requests, rows),
@@ -309,8 +310,9 @@ impl Engine<'_> {
         n_rows: usize,
         requests: Vec<Request>,
         rows: Rows,
+        floor: u64,
     ) -> Result<Option<Guess>> {
-        let sample = self.sample_scope(chunks, n_rows, rows)?;
+        let sample = self.sample_scope(chunks, n_rows, rows, floor)?;
         Ok(sample.and_then(|(s, total)| Self::guess_counting(&s, total, requests)))
     }
 
@@ -329,7 +331,7 @@ impl Engine<'_> {
         let spare = self.spare_sample.lock().expect("not poisoned").take();
         match spare.filter(|s| s.key == key) {
             Some(s) => Ok(Self::guess_counting(&s.samples, s.total, requests)),
-            None => self.guess(chunks, n_rows, requests, rows),
+            None => self.guess(chunks, n_rows, requests, rows, trim_floor(chunks)),
         }
     }
 

@@ -14,7 +14,7 @@ mod long_rows;
 mod output;
 pub mod patch;
 mod room;
-mod sample;
+pub(crate) mod sample;
 mod scaling;
 pub(crate) mod select_many;
 mod select_stage;

@@ -42,12 +42,33 @@ pub(crate) const SAMPLE_BUDGET: usize = 1 << 23;
 /// One scope to sample: its chunks, its rows and how to score a chunk into them.
 pub(crate) type Scope<'a> = (&'a [Chunk], usize, Rows<'a>);
 
-/// The runs of a scope's sample: about 1/256 of its values, capped to 2^15..2^21 so that
+/// The fewest values a sample takes (everything when the scope is smaller).
+pub(crate) const FLOOR: u64 = 1 << 15;
+
+/// [`FLOOR`] for the trim thresholds of one tensor (TIES at scope=tensor: [`trim_floor`]).
+/// Why more: the tensor's statistics pass is exact whatever the sample, but each element with
+/// a task inside the window takes a slow path there (`SignTally::undecided`: 22.7 % of a warm
+/// run's `perf` samples at 2^15, 0.5 B bf16, 2.8 % of the task-values inside). At 2^18 that
+/// run took 3.20-3.25 s against 3.79-3.92 s (user 4.4 s against 5.7 s), the same bytes; 2^19
+/// and 2^20 sorted more than they saved. Only there: mergekit's per-tensor selects (one
+/// shared sample pass for many tensors) gained nothing, and `breadcrumbs_ties` lost 10 %.
+pub(crate) const TENSOR_FLOOR: u64 = 1 << 18;
+
+/// The sample floor for trim thresholds over `chunks`: [`TENSOR_FLOOR`] where they are one
+/// tensor's, else [`FLOOR`].
+pub(crate) fn trim_floor(chunks: &[Chunk]) -> u64 {
+    match chunks.windows(2).all(|w| w[0].tensor == w[1].tensor) {
+        true => TENSOR_FLOOR,
+        false => FLOOR,
+    }
+}
+
+/// The runs of a scope's sample: about 1/256 of its values, capped to `floor`..2^21 so that
 /// neither the sample nor the windows it implies grow with the model (everything when the
 /// scope is small); `long` (from disk): runs as long as leave [`DISK_RUNS`] of them.
-pub(crate) fn picks(chunks: &[Chunk], long: bool) -> Vec<Chunk> {
+pub(crate) fn picks(chunks: &[Chunk], long: bool, floor: u64) -> Vec<Chunk> {
     let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-    let want = (total / 256).clamp(1 << 15, 1 << 21);
+    let want = (total / 256).clamp(floor, 1 << 21);
     let run = match long {
         true => (want / DISK_RUNS).clamp(RUN, LONG_RUN),
         false => RUN,
@@ -76,7 +97,12 @@ pub(crate) fn picks(chunks: &[Chunk], long: bool) -> Vec<Chunk> {
 
 /// The keys a scope's sample holds (each of its rows'): an upper bound, for the budget.
 pub(crate) fn sample_keys(chunks: &[Chunk], n_rows: usize) -> usize {
-    let keys = |long| picks(chunks, long).iter().map(|c| c.len).sum::<usize>();
+    let keys = |long| {
+        picks(chunks, long, FLOOR)
+            .iter()
+            .map(|c| c.len)
+            .sum::<usize>()
+    };
     keys(false).max(keys(true)) * n_rows
 }
 
@@ -94,12 +120,13 @@ impl Engine<'_> {
         chunks: &[Chunk],
         n_rows: usize,
         rows: Rows,
+        floor: u64,
     ) -> Result<Option<(Vec<SampleRow>, u64)>> {
         if forced_radix() {
             return Ok(None);
         }
         let total: u64 = chunks.iter().map(|c| c.len as u64).sum();
-        let samples = self.random_access(|| self.sample(chunks, n_rows, rows))?;
+        let samples = self.random_access(|| self.sample(chunks, n_rows, rows, floor))?;
         Ok(Some((samples, total)))
     }
 
@@ -109,19 +136,20 @@ impl Engine<'_> {
         chunks: &[Chunk],
         n_rows: usize,
         rows: Rows,
+        floor: u64,
     ) -> Result<Vec<SampleRow>> {
-        let mut one = self.sample_many(&[(chunks, n_rows, rows)])?;
+        let mut one = self.sample_many(&[(chunks, n_rows, rows)], floor)?;
         Ok(one.pop().expect("one scope"))
     }
 
     /// Each scope's sample, per row, in one pass. Scopes share no chunk (each run is found
     /// again by its tensor and start).
-    pub(crate) fn sample_many(&self, scopes: &[Scope]) -> Result<Vec<Vec<SampleRow>>> {
+    pub(crate) fn sample_many(&self, scopes: &[Scope], floor: u64) -> Result<Vec<Vec<SampleRow>>> {
         let mut of_run: HashMap<(usize, usize), usize> = HashMap::new();
         let mut runs = Vec::new();
         let long = self.on_disk();
         for (s, &(chunks, _, _)) in scopes.iter().enumerate() {
-            for c in picks(chunks, long) {
+            for c in picks(chunks, long, floor) {
                 let prev = of_run.insert((c.tensor, c.start), s);
                 debug_assert!(prev.is_none(), "scopes share a chunk");
                 runs.push(c);
@@ -197,23 +225,52 @@ mod tests {
     #[test]
     fn samples_from_disk_take_long_runs_of_the_same_share() {
         // A small scope: 2^15 values in 128 runs of 256.
-        let small = picks(&one(1 << 20), true);
+        let small = picks(&one(1 << 20), true, FLOOR);
         assert!(small.iter().all(|c| c.len == 256));
         assert_eq!(small.len(), DISK_RUNS as usize);
         // A large one: runs of at most 1024, then more of them.
-        let large = picks(&one(1 << 26), true);
+        let large = picks(&one(1 << 26), true, FLOOR);
         assert!(large.iter().all(|c| c.len == LONG_RUN as usize));
         assert_eq!(large.len(), (1 << 18) / LONG_RUN as usize);
         assert!(large.windows(2).all(|w| w[1].start - w[0].start == 1 << 18));
         // A scope sampled whole stays whole.
-        let whole = picks(&one(5000), true);
+        let whole = picks(&one(5000), true, FLOOR);
         assert_eq!(whole.iter().map(|c| c.len).sum::<usize>(), 5000);
         assert!(whole
             .windows(2)
             .all(|w| w[1].start == w[0].start + w[0].len));
         // From memory, short runs whatever the size.
-        let warm = picks(&one(1 << 26), false);
+        let warm = picks(&one(1 << 26), false, FLOOR);
         assert!(warm.iter().all(|c| c.len == RUN as usize));
         assert_eq!(warm.len(), (1 << 18) / RUN as usize);
+    }
+
+    #[test]
+    fn one_tensors_trim_samples_at_least_its_floor() {
+        let two = [
+            one(1 << 20),
+            vec![Chunk {
+                tensor: 1,
+                start: 0,
+                len: 1 << 20,
+            }],
+        ]
+        .concat();
+        assert_eq!(trim_floor(&two), FLOOR);
+        let split = [
+            one(1 << 19),
+            vec![Chunk {
+                tensor: 0,
+                start: 1 << 19,
+                len: 1 << 19,
+            }],
+        ]
+        .concat();
+        assert_eq!(trim_floor(&split), TENSOR_FLOOR);
+        let got = picks(&split, false, trim_floor(&split));
+        assert_eq!(got.iter().map(|c| c.len as u64).sum::<u64>(), TENSOR_FLOOR);
+        // Under the floor, the tensor is its own sample.
+        let below = picks(&one((1 << 18) - 1), false, TENSOR_FLOOR);
+        assert_eq!(below.iter().map(|c| c.len).sum::<usize>(), (1 << 18) - 1);
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
-use crate::pipeline::sample::{forced_radix, sample_keys, Scope, SAMPLE_BUDGET};
+use crate::pipeline::sample::{forced_radix, sample_keys, Scope, FLOOR, SAMPLE_BUDGET};
 use crate::pipeline::top_nonzero::TopGuess;
 use crate::pipeline::Engine;
 use crate::plan::Chunk;
@@ -177,7 +177,7 @@ impl Engine<'_> {
             .collect();
         let mut samples = match scopes.is_empty() {
             true => Vec::new(),
-            false => self.random_access(|| self.sample_many(&scopes))?,
+            false => self.random_access(|| self.sample_many(&scopes, FLOOR))?,
         }
         .into_iter();
         let group = taken

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use super::patch::{Collect, Edits};
 use super::room;
+use super::sample::FLOOR;
 use super::{grow, kernel::model_plan, Engine, ModelPart, Part, Stats, Work};
 use crate::error::{Error, Result};
 use crate::methods::kernel::{Found, TensorStats};
@@ -191,7 +192,7 @@ impl Engine<'_> {
                 dense: Vec::new(),
             }
         } else {
-            sample = self.sample_scope(merge, n_rows, rows)?;
+            sample = self.sample_scope(merge, n_rows, rows, FLOOR)?;
             let guess = sample
                 .as_ref()
                 .and_then(|(s, total)| Engine::guess_from(s, *total, requests.clone()));

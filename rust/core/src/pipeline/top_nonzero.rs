@@ -9,6 +9,7 @@
 //! follows, as before: the result is the same either way.
 
 use crate::error::Result;
+use crate::pipeline::sample::FLOOR;
 use crate::pipeline::Engine;
 use crate::plan::Chunk;
 use crate::select::{key, top_rank, unkey, Request, SampleRow, Windowed, Windows};
@@ -68,7 +69,7 @@ impl Engine<'_> {
         tops: &[(usize, f32)],
         rows: Rows,
     ) -> Result<TopGuess> {
-        let sample = self.sample_scope(chunks, n_rows, rows)?;
+        let sample = self.sample_scope(chunks, n_rows, rows, FLOOR)?;
         Ok(sample.map_or(TopGuess::None, |(s, total)| {
             Self::top_guess_from(&s, total, tops)
         }))

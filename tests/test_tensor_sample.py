@@ -1,0 +1,42 @@
+"""TIES's trim thresholds of one tensor sample at least 2^18 of its values (`pipeline/sample.rs`,
+TENSOR_FLOOR): a smaller tensor is its own sample (exact, no window), a larger one takes the
+windowed select. Both against the pure-torch reference, for TIES and DARE-TIES at scope=tensor,
+bf16 and f32, whole and in chunks; the debug lines show which path each tensor took."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weightweave as ww
+from weightweave import reference as REF
+
+from conftest import assert_close_ulp, load, write_models
+
+
+def _state(dtype):
+    g = torch.Generator().manual_seed(11)
+    # 600,000 values (sampled in runs: windowed), 2^18 - 1 (sampled whole), a small one.
+    shapes = {"big.weight": (600_000,), "edge.weight": (511, 513), "small.weight": (40, 30)}
+    base = {n: torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()}
+    models = [{n: (t.float() + 0.02 * torch.randn(t.shape, generator=g)).to(dtype) for n, t in base.items()}
+              for _ in range(3)]  # fmt: skip
+    return base, models
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(("method", "params"), [("ties", {"density": 0.3}), ("dare_ties", {"density": 0.7})])
+@pytest.mark.parametrize("chunk", [None, 4096])
+def test_tensor_samples_at_the_floor(tmp_path, monkeypatch, capfd, dtype, method, params, chunk):
+    base, models = _state(dtype)
+    assert 511 * 513 == (1 << 18) - 1
+    bp, mps = write_models(tmp_path / "in", base, models)
+    monkeypatch.setenv("WEIGHTWEAVE_DEBUG", "1")
+    out = tmp_path / "o.safetensors"
+    capfd.readouterr()
+    ww.merge(bp, mps, out, method=method, lam=0.7, seed=3, chunk_size=chunk, scope="tensor", **params)
+    err = capfd.readouterr().err
+    # One windowed select: the tensor past the floor (the others are their own samples).
+    assert sum(line.startswith("select: windows") for line in err.splitlines()) == 1, err
+    want = REF.merge(base, models, method, lam=0.7, seed=3, scope="tensor", **params)
+    assert_close_ulp(load(out), want, atol=1e-6)
