@@ -139,23 +139,31 @@ fn batch_bytes(
 /// (0.5 B bf16 in a 1 GiB cgroup: a fifth 5.1-5.2 s, a third 5.2-5.9 s, a half 5.4-5.9 s).
 const BATCHES_IN_ROOM: u64 = 4;
 
-/// `merge` cut into batches of consecutive whole tensors, each with at most `limit` input
-/// bytes unless one tensor alone has more (then it is a batch of its own).
+/// `merge` cut into batches of whole tensors (in the order each first appears; a tensor's
+/// chunks all go to one batch, in their order, even where the list interleaves tensors), each
+/// with at most `limit` input bytes unless one tensor alone has more (then it is a batch of its
+/// own).
 fn split(merge: &[Chunk], limit: u64, input: impl Fn(usize) -> u64) -> Vec<Vec<Chunk>> {
+    let mut of_tensor: std::collections::BTreeMap<usize, Vec<Chunk>> = Default::default();
+    let mut order = Vec::new();
+    for c in merge {
+        let chunks = of_tensor.entry(c.tensor).or_insert_with(|| {
+            order.push(c.tensor);
+            Vec::new()
+        });
+        chunks.push(*c);
+    }
     let mut batches: Vec<Vec<Chunk>> = Vec::new();
     let mut held = 0u64;
-    let mut last = usize::MAX;
-    for c in merge {
-        if c.tensor != last {
-            let bytes = input(c.tensor);
-            if batches.is_empty() || held + bytes > limit {
-                batches.push(Vec::new());
-                held = 0;
-            }
-            held += bytes;
-            last = c.tensor;
+    for t in order {
+        let bytes = input(t);
+        if batches.is_empty() || held + bytes > limit {
+            batches.push(Vec::new());
+            held = 0;
         }
-        batches.last_mut().expect("pushed above").push(*c);
+        held += bytes;
+        let chunks = of_tensor.remove(&t).expect("listed above");
+        batches.last_mut().expect("pushed above").extend(chunks);
     }
     batches
 }
@@ -194,5 +202,16 @@ mod tests {
         assert_eq!(got, vec![vec![0, 0, 1], vec![2, 2], vec![3]]);
         let all: Vec<Chunk> = split(&merge, 10, bytes).concat();
         assert_eq!(all, merge);
+        // Interleaved tensors: each tensor's chunks stay together, in their order.
+        let mixed = [c(0, 0, 4), c(2, 0, 8), c(0, 4, 4), c(1, 0, 2), c(2, 8, 8)];
+        let got = split(&mixed, 10, bytes);
+        assert_eq!(
+            got,
+            vec![
+                vec![c(0, 0, 4), c(0, 4, 4)],
+                vec![c(2, 0, 8), c(2, 8, 8)],
+                vec![c(1, 0, 2)]
+            ]
+        );
     }
 }
