@@ -49,9 +49,10 @@ pub(crate) const FLOOR: u64 = 1 << 15;
 /// Why more: the tensor's statistics pass is exact whatever the sample, but each element with
 /// a task inside the window takes a slow path there (`SignTally::undecided`: 22.7 % of a warm
 /// run's `perf` samples at 2^15, 0.5 B bf16, 2.8 % of the task-values inside). At 2^18 that
-/// run took 3.20-3.25 s against 3.79-3.92 s (user 4.4 s against 5.7 s), the same bytes; 2^19
-/// and 2^20 sorted more than they saved. Only there: mergekit's per-tensor selects (one
-/// shared sample pass for many tensors) gained nothing, and `breadcrumbs_ties` lost 10 %.
+/// run took 3.10-3.33 s against 3.72-3.87 s (user 4.6 s against 6.0 s), the same bytes. With
+/// the floor on every scope (tried first): 2^19 took 3.12-3.48 s (less CPU, no less time),
+/// 2^20 4.47-4.66 s (the sort); mergekit's per-tensor selects (one shared sample pass for many
+/// tensors) gained nothing and `breadcrumbs_ties` lost 10 %, so they keep [`FLOOR`].
 pub(crate) const TENSOR_FLOOR: u64 = 1 << 18;
 
 /// The sample floor for trim thresholds over `chunks`: [`TENSOR_FLOOR`] where they are one
