@@ -111,14 +111,17 @@ impl SignTally {
         marks: &mut [u8],
     ) {
         let mut nonzero = [0f32; BLOCK];
+        // The sum with the values inside their windows kept (not NARROW).
+        let mut kept_sum = [0f32; BLOCK];
         for start in (0..n).step_by(BLOCK) {
             let r = start..(start + BLOCK).min(n);
             let (sum, undecided) = (&mut sum[..r.len()], &mut undecided[..r.len()]);
-            let nonzero = &mut nonzero[..r.len()];
+            let (nonzero, kept_sum) = (&mut nonzero[..r.len()], &mut kept_sum[..r.len()]);
             if deltas.len().min(bounds.len()) == 0 {
                 sum.fill(0.0);
                 undecided.fill(0.0);
                 nonzero.fill(0.0);
+                kept_sum.fill(0.0);
             }
             for (k, (d, &(lo, hi))) in deltas.iter().zip(bounds).enumerate() {
                 let (proper, width) = (lo != hi, hi.wrapping_sub(lo));
@@ -127,7 +130,7 @@ impl SignTally {
                 // into zeros) rather than in a memset per block.
                 let first = k == 0;
                 let from = |v: &f32| if first { 0.0 } else { *v };
-                let step = |s: &mut f32, u: &mut f32, x: f32| {
+                let step = |s: &mut f32, u: &mut f32, ks: &mut f32, x: f32| {
                     let k = key(x.abs());
                     // One key wide (lo = hi): kept from that key up.
                     let kept = if NARROW {
@@ -138,34 +141,32 @@ impl SignTally {
                     // Multiplying by 0/1 reproduces trim() bit for bit, zeros' signs included.
                     *s = from(s) + x * f32::from(u8::from(kept));
                     if !NARROW {
-                        *u = from(u)
-                            + f32::from(u8::from(
-                                proper & (k.wrapping_sub(lo) <= width) & (x != 0.0),
-                            ));
+                        let within = proper & (k.wrapping_sub(lo) <= width) & (x != 0.0);
+                        *u = from(u) + f32::from(u8::from(within));
+                        *ks = from(ks) + x * f32::from(u8::from(kept | within));
                     }
                     kept & (x != 0.0)
                 };
+                let cells = (sum.iter_mut().zip(undecided.iter_mut())).zip(kept_sum.iter_mut());
                 if MARK {
-                    let cells = sum
-                        .iter_mut()
-                        .zip(undecided.iter_mut())
-                        .zip(nonzero.iter_mut());
-                    for (((s, u), z), &x) in cells.zip(d) {
-                        *z = from(z) + f32::from(u8::from(step(s, u, x)));
+                    for ((((s, u), ks), z), &x) in cells.zip(nonzero.iter_mut()).zip(d) {
+                        *z = from(z) + f32::from(u8::from(step(s, u, ks, x)));
                     }
                 } else {
-                    for ((s, u), &x) in sum.iter_mut().zip(undecided.iter_mut()).zip(d) {
-                        step(s, u, x);
+                    for (((s, u), ks), &x) in cells.zip(d) {
+                        step(s, u, ks, x);
                     }
                 }
             }
             // Signs of decided elements, summed as integers (a float sum would not vectorize).
             let signum = |s: f32| i32::from(s > 0.0) - i32::from(s < 0.0);
+            // An element with one task inside counts its trimmed sum's sign here; where keeping
+            // that task changes the sign, the change is set aside below.
             let decided: i32 = if NARROW {
                 sum.iter().map(|&s| signum(s)).sum()
             } else {
                 (sum.iter().zip(undecided.iter()))
-                    .map(|(&s, &u)| signum(s) * i32::from(u == 0.0))
+                    .map(|(&s, &u)| signum(s) * i32::from(u <= 1.0))
                     .sum()
             };
             self.count += i64::from(decided);
@@ -190,68 +191,73 @@ impl SignTally {
             if NARROW || undecided.iter().fold(0u32, |a, u| a | u.to_bits()) == 0 {
                 continue;
             }
-            // A mask per 16 elements, its set bits visited: a branch per undecided element,
-            // not one per element (they are a few percent, at random places).
-            for (g, us) in undecided.chunks(16).enumerate() {
-                let mut mask = us
-                    .iter()
+            // A mask per 16 elements, its set bits visited: a branch per element whose sign its
+            // one inside task changes or with several inside, not one per element (they are a
+            // few percent, at random places). Elements with one task inside that keep their
+            // sign either way (about half) are settled by the count above.
+            let visit =
+                |u: f32, s: f32, ks: f32| (u > 1.0) | ((u == 1.0) & (signum(ks) != signum(s)));
+            let groups = (undecided.chunks(16).zip(sum.chunks(16))).zip(kept_sum.chunks(16));
+            for (g, ((us, ss), ks)) in groups.enumerate() {
+                let mut mask = (us.iter().zip(ss).zip(ks))
                     .enumerate()
-                    .fold(0u32, |m, (j, &u)| m | (u32::from(u != 0.0) << j));
+                    .fold(0u32, |m, (j, ((&u, &s), &k))| {
+                        m | (u32::from(visit(u, s, k)) << j)
+                    });
                 while mask != 0 {
-                    let j = mask.trailing_zeros() as usize;
+                    let i = g * 16 + mask.trailing_zeros() as usize;
                     mask &= mask - 1;
-                    self.undecided(deltas, bounds, start + g * 16 + j);
+                    let change = i64::from(signum(kept_sum[i]) - signum(sum[i]));
+                    self.undecided(deltas, bounds, start + i, undecided[i] == 1.0, change);
                 }
             }
         }
     }
 
     /// One element with some task inside its window, from its values again (such elements are
-    /// few, so the vectorized loop above does not carry what only they need).
+    /// few, so the vectorized loop above does not carry what only they need): with `one` task
+    /// inside, its sign's `change` if that task survives the trim is set aside under the task's
+    /// key; with several, all T values are held.
     #[cold]
-    fn undecided<D: AsRef<[f32]>>(&mut self, deltas: &[D], bounds: &[(u32, u32)], i: usize) {
+    fn undecided<D: AsRef<[f32]>>(
+        &mut self,
+        deltas: &[D],
+        bounds: &[(u32, u32)],
+        i: usize,
+        one: bool,
+        change: i64,
+    ) {
         if self.overflow {
             return;
         }
-        // The trimmed sum in task order with the inside values trimmed and kept: the only two
-        // sums there are when one task is inside.
-        let (mut trimmed, mut kept, mut inside) = (0.0f32, 0.0f32, None);
-        let mut several = false;
-        for (t, (d, &(lo, hi))) in deltas.iter().zip(bounds).enumerate() {
-            let x = d.as_ref()[i];
-            let k = key(x.abs());
-            let sure = (k > hi) | ((lo == hi) & (k == lo));
-            let within = (lo != hi) & (k.wrapping_sub(lo) <= hi.wrapping_sub(lo)) & (x != 0.0);
-            trimmed += x * f32::from(u8::from(sure));
-            kept += x * f32::from(u8::from(sure | within));
-            if within {
-                several |= inside.is_some();
-                inside = Some((t, k));
-            }
+        if !one {
+            self.pending.extend(deltas.iter().map(|d| d.as_ref()[i]));
+            self.hold(deltas.len());
+            return;
         }
-        match inside {
-            Some((t, k)) if !several => {
-                let before = sign(trimmed) as i64;
-                self.count += before;
-                let change = sign(kept) as i64 - before;
-                if let (true, Some(&Some((lo, hi)))) = (change != 0, self.counted.get(t)) {
-                    let c = &mut self.counts[t];
-                    if c.is_empty() {
-                        *c = vec![0; (hi - lo) as usize + 1];
-                    }
-                    c[(k - lo) as usize] += change;
-                } else if let Some(j) = CHANGES.iter().position(|&c| c == change) {
-                    if self.flips.len() < deltas.len() {
-                        self.flips.resize_with(deltas.len(), Default::default);
-                    }
-                    self.flips[t][j].push(k);
-                    self.hold(1);
-                }
+        let inside = deltas
+            .iter()
+            .zip(bounds)
+            .enumerate()
+            .find_map(|(t, (d, &(lo, hi)))| {
+                let x = d.as_ref()[i];
+                let k = key(x.abs());
+                let within = (lo != hi) & (k.wrapping_sub(lo) <= hi.wrapping_sub(lo)) & (x != 0.0);
+                within.then_some((t, k))
+            });
+        let Some((t, k)) = inside else { return };
+        if let Some(&Some((lo, hi))) = self.counted.get(t) {
+            let c = &mut self.counts[t];
+            if c.is_empty() {
+                *c = vec![0; (hi - lo) as usize + 1];
             }
-            _ => {
-                self.pending.extend(deltas.iter().map(|d| d.as_ref()[i]));
-                self.hold(deltas.len());
+            c[(k - lo) as usize] += change;
+        } else if let Some(j) = CHANGES.iter().position(|&c| c == change) {
+            if self.flips.len() < deltas.len() {
+                self.flips.resize_with(deltas.len(), Default::default);
             }
+            self.flips[t][j].push(k);
+            self.hold(1);
         }
     }
 
