@@ -40,3 +40,28 @@ def test_tensor_samples_at_the_floor(tmp_path, monkeypatch, capfd, dtype, method
     assert sum(line.startswith("select: windows") for line in err.splitlines()) == 1, err
     want = REF.merge(base, models, method, lam=0.7, seed=3, scope="tensor", **params)
     assert_close_ulp(load(out), want, atol=1e-6)
+
+
+def test_tensor_samples_drawn_together_fit_their_tensors(tmp_path, monkeypatch, capfd):
+    """The tensors' samples of one trim stage are drawn in shared passes, as many as 2^23 keys
+    hold (`pipeline/kernel.rs`, trim_samples): 12 tensors of 300,000 values take 2^18 per task
+    each, so two passes. Each tensor's values are a scale of their own (10^-3 to 10^8): a
+    sample handed to the wrong tensor would place windows that miss, and the radix select
+    would read that tensor twice more. One read for the statistics and one for the output,
+    and the pure-torch reference's merge."""
+    g = torch.Generator().manual_seed(5)
+    base = {f"t{i:02d}.weight": (10.0 ** (i - 3)) * torch.randn(300_000, generator=g) for i in range(12)}
+    models = [{n: t + 0.05 * t.abs().mean() * torch.randn(t.shape, generator=g) for n, t in base.items()}
+              for _ in range(3)]  # fmt: skip
+    bp, mps = write_models(tmp_path / "in", base, models)
+    monkeypatch.setenv("WEIGHTWEAVE_DEBUG", "1")
+    out = tmp_path / "o.safetensors"
+    capfd.readouterr()
+    rep = ww.merge(bp, mps, out, method="ties", density=0.3, lam=0.7, scope="tensor")
+    err = capfd.readouterr().err
+    windows = [line for line in err.splitlines() if line.startswith("select: windows")]
+    assert len(windows) == 12, err
+    inputs = 4 * 12 * 300_000 * 4
+    assert rep.bytes_read == 2 * inputs, (rep.bytes_read, inputs)
+    want = REF.merge(base, models, "ties", density=0.3, lam=0.7, scope="tensor")
+    assert_close_ulp(load(out), want, atol=1e-6)

@@ -21,6 +21,9 @@ pub(crate) enum Guess {
     Window(Windows),
 }
 
+/// A scope's sorted sample, per row, and its count of values.
+pub(crate) type ScopeSample = (Vec<SampleRow>, u64);
+
 /// A scope's sorted sample (per row) and its count of values, kept by the one-read path when
 /// it declines a run (its windows would hold too much) so that the statistics passes need not
 /// read it again: on inputs bigger than memory a sample is thousands of random reads.
@@ -97,6 +100,14 @@ impl Engine<'_> {
         (of, reps)
     }
 
+    /// The rows of [`Engine::ties_stats`]' select for `sets`: |deltas| of each variant
+    /// ([`Engine::variants`]), task by task; and how many there are.
+    pub(crate) fn trim_rows(&self, sets: &[usize]) -> (Vec<usize>, usize) {
+        let (_, reps) = self.variants(sets);
+        let n_rows = reps.len() * self.tasks();
+        (reps, n_rows)
+    }
+
     /// Emits |deltas| of every variant, task by task, as rows `v·T + t`.
     pub(crate) fn emit_abs(
         &self,
@@ -119,11 +130,14 @@ impl Engine<'_> {
     /// Trim thresholds (per set, task `t`'s at the rank `ranks` gives it; 0 where none) and
     /// majority-sign tallies of every set over one scope, in shared passes: one windowed pass
     /// finds the thresholds and tallies the signs together where the sampled windows allow.
+    /// `drawn`: the scope's sample of [`Engine::trim_rows`]' rows and its count of values,
+    /// where the caller drew it (with other scopes' in a shared pass); else it is drawn here.
     pub(crate) fn ties_stats(
         &self,
         chunks: &[Chunk],
         sets: &[usize],
         ranks: &[Vec<(usize, u64)>],
+        drawn: Option<ScopeSample>,
     ) -> Result<Vec<(Vec<f32>, i64)>> {
         let tasks = self.tasks();
         let (of, reps) = self.variants(sets);
@@ -155,7 +169,11 @@ impl Engine<'_> {
             let counts = self.sign_counts(chunks, &of, &reps, &thr)?;
             return Ok(finish(thr, counts));
         }
-        let windows = match self.guess_trim(chunks, n_rows, requests.clone(), rows, &reps)? {
+        let guess = match drawn {
+            Some((s, total)) => Self::guess_counting(&s, total, requests.clone()),
+            None => self.guess_trim(chunks, n_rows, requests.clone(), rows, &reps)?,
+        };
+        let windows = match guess {
             Some(Guess::Exact(v)) => {
                 let thr = thresholds(&v);
                 let counts = self.sign_counts(chunks, &of, &reps, &thr)?;

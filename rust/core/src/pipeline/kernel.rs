@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::sample::{self, forced_radix, sample_keys, SAMPLE_BUDGET, TENSOR_FLOOR};
 use super::{grow, Engine, ModelPart, Src, Stats, Work};
 use crate::error::Result;
 use crate::methods::kernel::{ChunkIn, Found, Kernel, Scratch, Stage, TensorStats, Unit};
 use crate::methods::Scope;
 use crate::plan::{Chunk, TensorPlan};
+use crate::stats::ScopeSample;
 
 /// A chunk's sums: (representative, group, chunk start, first unit, `units × slots` values),
 /// in chunk order within a group once sorted (a group's chunks are in plan order).
@@ -68,6 +70,16 @@ impl Groups<'_> {
 /// The model as one flat tensor of `d` elements: the group of [`Scope::Global`] statistics.
 pub(super) fn model_plan(d: usize) -> TensorPlan {
     TensorPlan::vector("the model", d)
+}
+
+/// What one group asks of a trim stage: its asking representatives, their sets and ranks,
+/// and its chunks.
+struct TrimAsk {
+    g: usize,
+    asking: Vec<usize>,
+    sets: Vec<usize>,
+    ranks: Vec<Vec<(usize, u64)>>,
+    chunks: Vec<Chunk>,
 }
 
 /// One round of stages: what every (representative, group) asks for.
@@ -374,30 +386,121 @@ impl Engine<'_> {
     }
 
     /// The [`Stage::Trim`]s asked for at this stage: per group, the thresholds of every
-    /// representative with the sign tallies, in shared passes.
+    /// representative with the sign tallies, in shared passes. The tensors' samples are drawn
+    /// together, as many as [`SAMPLE_BUDGET`] holds to a pass ([`Engine::trim_samples`]).
     fn trim_stage(&self, round: &Round, found: &mut [Vec<TensorStats>]) -> Result<()> {
         let (merge, groups, reps, wants) = round.parts();
-        for g in 0..=groups.n {
-            let asking: Vec<usize> = (0..reps.len())
-                .filter(|&r| wants[r][g] == Some(Stage::Trim))
-                .collect();
-            if asking.is_empty() {
-                continue;
-            }
-            let sets: Vec<usize> = asking.iter().map(|&r| reps[r]).collect();
-            let ranks: Vec<Vec<(usize, u64)>> = asking
-                .iter()
-                .map(|&r| {
-                    let k = self.kernel_of(reps[r]);
-                    k.ranks(groups.plan(g), self.tasks(), &found[r][g])
+        let asks: Vec<TrimAsk> = (0..=groups.n)
+            .filter_map(|g| {
+                let asking: Vec<usize> = (0..reps.len())
+                    .filter(|&r| wants[r][g] == Some(Stage::Trim))
+                    .collect();
+                if asking.is_empty() {
+                    return None;
+                }
+                let sets: Vec<usize> = asking.iter().map(|&r| reps[r]).collect();
+                let ranks: Vec<Vec<(usize, u64)>> = asking
+                    .iter()
+                    .map(|&r| {
+                        let k = self.kernel_of(reps[r]);
+                        k.ranks(groups.plan(g), self.tasks(), &found[r][g])
+                    })
+                    .collect();
+                let chunks = groups.chunks(merge, g);
+                Some(TrimAsk {
+                    g,
+                    asking,
+                    sets,
+                    ranks,
+                    chunks,
                 })
-                .collect();
-            let chunks = groups.chunks(merge, g);
-            for (&r, (thr, count)) in asking.iter().zip(self.ties_stats(&chunks, &sets, &ranks)?) {
-                found[r][g].stages.push(Found::Trim { thr, count });
+            })
+            .collect();
+        // From disk, each tensor's sample stays just before its pass: drawn together, ten
+        // tensors' random reads ran ahead of the batch's read in sequence (`batches.rs`) and
+        // waited on the disk (0.5 B bf16 at scope=tensor in a 1 GiB cgroup: 4.9 -> 5.5 s).
+        let model = match self.on_disk() {
+            true => None,
+            false => Some(groups.n),
+        };
+        let mut at = 0;
+        while at < asks.len() {
+            let (to, drawn) = self.trim_samples(&asks, at, model)?;
+            for (a, d) in asks[at..to].iter().zip(drawn) {
+                let got = self.ties_stats(&a.chunks, &a.sets, &a.ranks, d)?;
+                for (&r, (thr, count)) in a.asking.iter().zip(got) {
+                    found[r][a.g].stages.push(Found::Trim { thr, count });
+                }
             }
+            at = to;
         }
         Ok(())
+    }
+
+    /// The asks from `from` on whose tensors' samples fit one shared pass (at least one ask),
+    /// each with its sample where it is one tensor's and selects something; and the first ask
+    /// left. Why together: a sample pass per tensor sorted its three rows on two cores (one
+    /// idle a third of the time) and paid a pass's start and residency probes each time.
+    /// The model's ask (group `model`) is sampled by [`Engine::ties_stats`] itself, alone (it
+    /// may take the sample the one-read path left); with `model` None, every ask is.
+    fn trim_samples(
+        &self,
+        asks: &[TrimAsk],
+        from: usize,
+        model: Option<usize>,
+    ) -> Result<(usize, Vec<Option<ScopeSample>>)> {
+        let Some(model) = model else {
+            return Ok((from + 1, vec![None]));
+        };
+        let sampled =
+            |a: &TrimAsk| a.g != model && !forced_radix() && a.ranks.iter().any(|r| !r.is_empty());
+        let (mut to, mut keys) = (from, 0usize);
+        while let Some(a) = asks.get(to) {
+            if to > from && (a.g == model || asks[to - 1].g == model) {
+                break;
+            }
+            let k = match sampled(a) {
+                true => sample_keys(&a.chunks, self.trim_rows(&a.sets).1, TENSOR_FLOOR),
+                false => 0,
+            };
+            if to > from && keys + k > SAMPLE_BUDGET {
+                break;
+            }
+            (keys, to) = (keys + k, to + 1);
+        }
+        let taken = &asks[from..to];
+        let rows: Vec<(Vec<usize>, usize)> =
+            taken.iter().map(|a| self.trim_rows(&a.sets)).collect();
+        let emitters: Vec<Box<crate::stats::RowsFn>> = rows
+            .iter()
+            .map(|(reps, _)| {
+                Box::new(
+                    move |w: &mut Work,
+                          c: &Chunk,
+                          _: crate::stats::Floor,
+                          emit: &mut crate::stats::Emit| {
+                        self.emit_abs(w, c, reps, emit)
+                    },
+                ) as Box<crate::stats::RowsFn>
+            })
+            .collect();
+        let scopes: Vec<sample::Scope> = (taken.iter().zip(&rows).zip(&emitters))
+            .filter(|((a, _), _)| sampled(a))
+            .map(|((a, (_, n_rows)), e)| (&a.chunks[..], *n_rows, &**e))
+            .collect();
+        let mut samples = match scopes.is_empty() {
+            true => Vec::new(),
+            false => self.random_access(|| self.sample_many(&scopes, TENSOR_FLOOR))?,
+        }
+        .into_iter();
+        let drawn = taken
+            .iter()
+            .map(|a| {
+                let total: u64 = a.chunks.iter().map(|c| c.len as u64).sum();
+                sampled(a).then(|| (samples.next().expect("one per scope"), total))
+            })
+            .collect();
+        Ok((to, drawn))
     }
 
     /// Calls `f` with set `j`'s kernel and chunk `c` as it sees it.

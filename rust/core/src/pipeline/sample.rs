@@ -96,10 +96,11 @@ pub(crate) fn picks(chunks: &[Chunk], long: bool, floor: u64) -> Vec<Chunk> {
     picks
 }
 
-/// The keys a scope's sample holds (each of its rows'): an upper bound, for the budget.
-pub(crate) fn sample_keys(chunks: &[Chunk], n_rows: usize) -> usize {
+/// The keys a scope's sample holds (each of its rows') at `floor`: an upper bound, for the
+/// budget.
+pub(crate) fn sample_keys(chunks: &[Chunk], n_rows: usize, floor: u64) -> usize {
     let keys = |long| {
-        picks(chunks, long, FLOOR)
+        picks(chunks, long, floor)
             .iter()
             .map(|c| c.len)
             .sum::<usize>()
@@ -192,8 +193,10 @@ impl Engine<'_> {
             },
             true,
         )?;
+        // Every scope's rows sorted together: a tensor's three rows on two cores left one idle
+        // a third of the time.
         Ok(drawn
-            .into_iter()
+            .into_par_iter()
             .map(|rows| {
                 rows.into_par_iter()
                     .map(|d| SampleRow::from_runs(d.keys, &d.runs))

@@ -161,7 +161,7 @@ impl Engine<'_> {
         let (mut to, mut keys) = (from, 0usize);
         while let Some(j) = jobs.get(to) {
             let k = match sampled(j) {
-                true => sample_keys(&j.chunks, j.n_rows),
+                true => sample_keys(&j.chunks, j.n_rows, FLOOR),
                 false => 0,
             };
             if to > from && keys + k > SAMPLE_BUDGET {
