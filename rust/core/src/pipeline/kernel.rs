@@ -488,11 +488,7 @@ impl Engine<'_> {
             .filter(|((a, _), _)| sampled(a))
             .map(|((a, (_, n_rows)), e)| (&a.chunks[..], *n_rows, &**e))
             .collect();
-        let mut samples = match scopes.is_empty() {
-            true => Vec::new(),
-            false => self.random_access(|| self.sample_many(&scopes, TENSOR_FLOOR))?,
-        }
-        .into_iter();
+        let mut samples = self.sample_scopes(&scopes, TENSOR_FLOOR)?;
         let drawn = taken
             .iter()
             .map(|a| {

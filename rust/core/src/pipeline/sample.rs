@@ -144,6 +144,20 @@ impl Engine<'_> {
         Ok(one.pop().expect("one scope"))
     }
 
+    /// [`Engine::sample_many`] with random-access advice while it reads (none for no scope):
+    /// the samples in the scopes' order.
+    pub(crate) fn sample_scopes(
+        &self,
+        scopes: &[Scope],
+        floor: u64,
+    ) -> Result<std::vec::IntoIter<Vec<SampleRow>>> {
+        let samples = match scopes.is_empty() {
+            true => Vec::new(),
+            false => self.random_access(|| self.sample_many(scopes, floor))?,
+        };
+        Ok(samples.into_iter())
+    }
+
     /// Each scope's sample, per row, in one pass. Scopes share no chunk (each run is found
     /// again by its tensor and start).
     pub(crate) fn sample_many(&self, scopes: &[Scope], floor: u64) -> Result<Vec<Vec<SampleRow>>> {

@@ -175,11 +175,7 @@ impl Engine<'_> {
             .filter(|j| sampled(j))
             .map(|j| (&j.chunks[..], j.n_rows, j.rows))
             .collect();
-        let mut samples = match scopes.is_empty() {
-            true => Vec::new(),
-            false => self.random_access(|| self.sample_many(&scopes, FLOOR))?,
-        }
-        .into_iter();
+        let mut samples = self.sample_scopes(&scopes, FLOOR)?;
         let group = taken
             .map(|i| (i, sampled(&jobs[i]).then(|| samples.next()).flatten()))
             .collect();
