@@ -194,7 +194,7 @@ impl SignTally {
             // A mask per 16 elements, its set bits visited: a branch per element whose sign its
             // one inside task changes or with several inside, not one per element (they are a
             // few percent, at random places). Elements with one task inside that keep their
-            // sign either way (about half) are settled by the count above.
+            // sign either way are settled by the count above.
             let visit =
                 |u: f32, s: f32, ks: f32| (u > 1.0) | ((u == 1.0) & (signum(ks) != signum(s)));
             let groups = (undecided.chunks(16).zip(sum.chunks(16))).zip(kept_sum.chunks(16));
