@@ -140,6 +140,8 @@ pub(crate) struct Work {
     pub(crate) astar: Vec<f32>,
     /// Elements of a chunk the one-read pass holds for rewriting (`speculate.rs`).
     pub(crate) marks: Vec<u8>,
+    /// The chunks this worker has read and not yet released, as one run ([`Engine::release`]).
+    pub(crate) unreleased: Option<Chunk>,
 }
 
 /// Which buffer holds a parameter set's deltas.
@@ -581,7 +583,7 @@ impl<'a> Engine<'a> {
                         loaded.and_then(|()| f(&mut w, c, &mut acc))
                     })?;
                     if release {
-                        self.release(c);
+                        self.release_after(&mut w, c);
                     }
                     if report {
                         let size = self.plan[c.tensor].base_dtype.size() as u64;
@@ -594,7 +596,10 @@ impl<'a> Engine<'a> {
                 },
             )
             .map(|r| {
-                r.map(|(w, acc)| {
+                r.map(|(mut w, acc)| {
+                    if let Some(run) = w.unreleased.take() {
+                        self.release(&run);
+                    }
                     self.spare.lock().expect("not poisoned").push(w);
                     acc
                 })
