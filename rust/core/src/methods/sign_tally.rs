@@ -130,6 +130,32 @@ impl SignTally {
                 // into zeros) rather than in a memset per block.
                 let first = k == 0;
                 let from = |v: &f32| if first { 0.0 } else { *v };
+                if !NARROW && !proper {
+                    // This task's window is one key wide: none of its values is undecided, so
+                    // it adds the same kept value to both sums and nothing to the count of
+                    // tasks inside (per-tensor windows are often so for some tasks).
+                    if first {
+                        undecided.fill(0.0);
+                    }
+                    let step = |s: &mut f32, ks: &mut f32, x: f32| {
+                        let kept = key(x.abs()) >= lo;
+                        let v = x * f32::from(u8::from(kept));
+                        *s = from(s) + v;
+                        *ks = from(ks) + v;
+                        kept & (x != 0.0)
+                    };
+                    let cells = sum.iter_mut().zip(kept_sum.iter_mut());
+                    if MARK {
+                        for (((s, ks), z), &x) in cells.zip(nonzero.iter_mut()).zip(d) {
+                            *z = from(z) + f32::from(u8::from(step(s, ks, x)));
+                        }
+                    } else {
+                        for ((s, ks), &x) in cells.zip(d) {
+                            step(s, ks, x);
+                        }
+                    }
+                    continue;
+                }
                 let step = |s: &mut f32, u: &mut f32, ks: &mut f32, x: f32| {
                     let k = key(x.abs());
                     // One key wide (lo = hi): kept from that key up.
