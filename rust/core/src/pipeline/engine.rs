@@ -117,6 +117,7 @@ impl<'a> Run<'a> {
             plan,
             recipe,
             maps,
+            in_memory: AtomicBool::new(false),
             // A computed scale tensor has no input of its own: its weight's stands in (never read).
             base_refs: plan
                 .iter()

@@ -200,6 +200,8 @@ pub(crate) struct Engine<'a> {
     pub(crate) base_refs: Vec<TensorRef<'a>>,
     /// The inputs' mapped files, for read-ahead advice (`advice`).
     pub(crate) maps: Vec<&'a [u8]>,
+    /// Whether a pass has found every page of `maps` in memory ([`Engine::on_disk`]).
+    pub(crate) in_memory: AtomicBool,
     pub(crate) model_refs: Vec<Vec<TensorRef<'a>>>,
     pub(crate) done: AtomicU64,
     pub(crate) total: AtomicU64,
