@@ -284,6 +284,16 @@ pub trait Kernel: Send + Sync + Debug {
         Inputs::Deltas
     }
 
+    /// Whether, with [`Inputs::Values`], the kernel takes θ_t − θ_base from `ChunkIn::deltas`
+    /// when `ChunkIn::values` comes empty: the engine leaves the values out of a tensor whose
+    /// base and models are all stored plain (no LoRA, no FP8 scale) in `stored` and loaded as
+    /// they are stored. For mergekit's arithmetic in that dtype, rounding a stored value to it
+    /// changes nothing and the f32 difference of two is the delta the load formed, so the
+    /// values are the deltas' cost over again.
+    fn values_from_deltas(&self, _stored: crate::dtype::DType) -> bool {
+        false
+    }
+
     /// Whether the kernel reads `ChunkIn::deltas` (with [`Inputs::Values`], a kernel that reads
     /// only the values and the base returns false, and a plain merge at λ = 1 then skips
     /// forming the deltas).

@@ -14,7 +14,8 @@ use crate::dtype::{bf16_bits, DType};
 
 /// M of one chunk (the merged values, into `m`) from the sparsified deltas in `per_task` (their
 /// contents unread without sparsification), whose kept elements are recomputed here from the
-/// values, rounded as loading in `d` rounds them:
+/// values, rounded as loading in `d` rounds them (from the deltas where the values are left
+/// out, stored in `d`: `Kernel::values_from_deltas`):
 /// the weights in `d`, each product rounded, sums over the models accumulated in f32 in model
 /// order and rounded once (torch's reduction), the divisor likewise, then ÷, λ and
 /// `base + mixed_delta` each rounded. `sums` and `div` are chunk-sized scratch.
@@ -66,10 +67,22 @@ fn mix_with(
     div: &mut [f32],
 ) {
     let weights: Vec<f32> = x.weights.iter().map(|&w| r(w)).collect();
-    // Every element goes through the same operations whatever its block.
-    for lo in (0..x.n).step_by(BLOCK) {
-        let at = lo..(lo + BLOCK).min(x.n);
-        mix_block(g, r, x, per_task, factors, &weights, m, sums, div, at);
+    // Without values (`Kernel::values_from_deltas`) each difference r(θ_t) − r(θ_base) is the
+    // delta itself; a loop of each kind, so neither carries a test per element.
+    if x.values.is_empty() {
+        let from = |d: f32, _b: f32| d;
+        for lo in (0..x.n).step_by(BLOCK) {
+            let at = lo..(lo + BLOCK).min(x.n);
+            let src = (x.deltas, from);
+            mix_block(g, r, x, src, per_task, factors, &weights, m, sums, div, at);
+        }
+    } else {
+        let from = |v: f32, b: f32| r(v) - r(b);
+        for lo in (0..x.n).step_by(BLOCK) {
+            let at = lo..(lo + BLOCK).min(x.n);
+            let src = (x.values, from);
+            mix_block(g, r, x, src, per_task, factors, &weights, m, sums, div, at);
+        }
     }
 }
 
@@ -79,6 +92,7 @@ fn mix_block(
     g: &Gta,
     r: impl Fn(f32) -> f32 + Copy,
     x: &ChunkIn,
+    (src, from): (&[&[f32]], impl Fn(f32, f32) -> f32 + Copy),
     per_task: &mut [Vec<f32>],
     factors: &[Option<f32>],
     weights: &[f32],
@@ -105,25 +119,25 @@ fn mix_block(
     }
     let all_kept = g.sparsify == Sparsify::None;
     for (k, o) in per_task.iter_mut().enumerate() {
-        let (o, vals, w) = (&mut o[at.clone()], &x.values[k][at.clone()], weights[k]);
+        let (o, vals, w) = (&mut o[at.clone()], &src[k][at.clone()], weights[k]);
         let lanes = o.iter_mut().zip(vals).zip(base).zip(sums.iter_mut());
         let add = |s: &mut f32, y: f32| *s = if k == 0 { 0.0 } else { *s } + y;
         match (all_kept, g.consensus, factors[k]) {
             (true, false, None) => {
                 for (((_, &v), &b), s) in lanes {
-                    add(s, r(r(r(v) - r(b)) * w));
+                    add(s, r(r(from(v, b)) * w));
                 }
             }
             (true, true, None) => {
                 for (((o, &v), &b), s) in lanes {
-                    let y = r(r(r(v) - r(b)) * w);
+                    let y = r(r(from(v, b)) * w);
                     *o = y;
                     add(s, y);
                 }
             }
             (_, _, Some(f)) => {
                 for (((o, &v), &b), s) in lanes {
-                    let kept = r(r(r(v) - r(b)) * f);
+                    let kept = r(r(from(v, b)) * f);
                     let y = r(if *o != 0.0 { kept } else { *o } * w);
                     *o = y;
                     add(s, y);
@@ -131,7 +145,7 @@ fn mix_block(
             }
             (false, _, None) => {
                 for (((o, &v), &b), s) in lanes {
-                    let kept = r(r(v) - r(b));
+                    let kept = r(from(v, b));
                     let y = r(if *o != 0.0 { kept } else { *o } * w);
                     *o = y;
                     add(s, y);
@@ -333,6 +347,80 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Values stored in the arithmetic's dtype left out (`Kernel::values_from_deltas`): the
+    /// kernel reads the f32 deltas θ_t − θ_base the load formed, and gives the bits the
+    /// element-at-a-time reference gives from the values, over sparsified methods, both dtypes
+    /// and values whose differences need rounding (wide and narrow magnitudes together).
+    #[test]
+    fn deltas_stand_in_for_values_stored_in_the_dtype() {
+        let n = BLOCK + 777;
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for name in ["ties", "dare_ties", "breadcrumbs_ties", "dare_linear"] {
+            for d in [DType::BF16, DType::F16] {
+                let mut g = Gta::named(name).unwrap();
+                g.lambda = 0.9;
+                let r = |v: f32| round_to(d, v);
+                let mut val = |_| {
+                    let u = (next() % 2001) as f32 / 1000.0 - 1.0;
+                    r(if next() % 4 == 0 { u * 37.0 } else { u * 0.02 })
+                };
+                let base: Vec<f32> = (0..n).map(&mut val).collect();
+                let values: Vec<Vec<f32>> =
+                    (0..3).map(|_| (0..n).map(&mut val).collect()).collect();
+                let deltas: Vec<Vec<f32>> = values
+                    .iter()
+                    .map(|v| v.iter().zip(&base).map(|(&v, &b)| v - b).collect())
+                    .collect();
+                let sparse: Vec<Vec<f32>> = deltas
+                    .iter()
+                    .map(|v| {
+                        v.iter()
+                            .map(|&x| if next() % 3 == 0 { 0.0 } else { x })
+                            .collect()
+                    })
+                    .collect();
+                let factors = [Some(1.7f32), None, Some(0.4)];
+                let weights = [0.8, 0.45, 1.1];
+                let mut want = vec![0.0; n];
+                let mut pt = sparse.clone();
+                per_element(
+                    &g,
+                    d,
+                    (&values, &base, &weights),
+                    (&mut pt, &factors),
+                    &mut want,
+                );
+                let ds: Vec<&[f32]> = deltas.iter().map(|v| &v[..]).collect();
+                let plan = crate::plan::TensorPlan::vector("t", n);
+                let x = ChunkIn {
+                    tensor: &plan,
+                    start: 0,
+                    n,
+                    base: &base,
+                    deltas: &ds,
+                    values: &[],
+                    weights: &weights,
+                    given: None,
+                    seed: 0,
+                };
+                let (mut got, mut a, mut b) =
+                    (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+                let mut pt = sparse.clone();
+                mix_in(&g, d, &x, (&mut pt, &factors), &mut got, (&mut a, &mut b));
+                let differ = (0..n).filter(|&i| got[i].to_bits() != want[i].to_bits());
+                assert_eq!(differ.count(), 0, "{name} {d:?}");
+                // Some deltas need their rounding: the case is not the identity's.
+                assert!(deltas.iter().flatten().any(|&x| r(x) != x), "{name} {d:?}");
             }
         }
     }

@@ -529,14 +529,17 @@ impl Engine<'_> {
             Src::Eff => eff,
         };
         let deltas: Vec<&[f32]> = from.iter().map(|d| &d[..n]).collect();
-        let values: Vec<&[f32]> = vals.iter().map(|d| &d[..n]).collect();
+        let values: Vec<&[f32]> = match self.reads_values(c.tensor) {
+            true => vals.iter().map(|d| &d[..n]).collect(),
+            false => Vec::new(),
+        };
         let x = ChunkIn {
             tensor: &self.plan[c.tensor],
             start: c.start,
             n,
             base: &base[..n],
             deltas: &deltas,
-            values: if self.values { &values } else { &[] },
+            values: &values,
             weights: &self.weights[j],
             given: self
                 .given

@@ -224,6 +224,9 @@ pub(crate) struct Engine<'a> {
     pub(crate) weigh_raw: bool,
     /// A kernel method reads the models' values (`Work::vals`).
     pub(crate) values: bool,
+    /// Per tensor: its values are left out, the kernel taking their differences from the
+    /// deltas ([`crate::methods::kernel::Kernel::values_from_deltas`]).
+    pub(crate) values_from_deltas: Vec<bool>,
     /// A kernel method's M is the merged value, not a delta.
     pub(crate) value_out: bool,
     /// Nothing reads the deltas of stored values (a plain merge at λ = 1 by a method that
@@ -653,6 +656,13 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Whether tensor `t`'s chunks load the models' values ([`Engine::values`], less the
+    /// tensors whose kernel takes them from the deltas).
+    #[inline(always)]
+    pub(crate) fn reads_values(&self, t: usize) -> bool {
+        self.values && !self.values_from_deltas[t]
+    }
+
     /// The inputs of a chunk as stored: the base, and each model's delta from it (and its
     /// values for a kernel that reads them).
     #[inline(always)]
@@ -665,7 +675,7 @@ impl<'a> Engine<'a> {
             grow(&mut w.raw[k], n);
             let d = &mut w.raw[k][..n];
             let r = &refs[c.tensor];
-            if self.values && r.delta.is_none() && r.scale.is_none() {
+            if self.reads_values(c.tensor) && r.delta.is_none() && r.scale.is_none() {
                 // The values as stored, and the deltas from them (the same f32 subtraction
                 // `decode_delta` does).
                 grow(&mut w.vals[k], n);
@@ -696,7 +706,7 @@ impl<'a> Engine<'a> {
                 decode_checked(r, &t.name, c, d)?;
             }
         }
-        if self.values {
+        if self.reads_values(c.tensor) {
             // LoRA and scaled FP8 inputs have no stored value: θ_base + τ stands in.
             for (k, refs) in self.model_refs.iter().enumerate() {
                 let r = &refs[c.tensor];
