@@ -92,6 +92,25 @@ def test_wider_inputs_are_rounded_first(tmp_path):
         assert got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n]), n
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_sparsified_wider_inputs_are_rounded_first(tmp_path, method, mixed):
+    """f32 checkpoints (one stored in bf16 where ``mixed``) under ``dtype: bfloat16``, sparsified:
+    the emulation takes r(θ_t) − r(θ_base) from the deltas the load forms of the rounded values
+    (no values kept), and gives mergekit's bits. A zero base keeps the deltas bf16 values."""
+    base, models = _state(9, torch.float32, zero_base=True)
+    if mixed:
+        models[1] = {n: t.to(torch.bfloat16) for n, t in models[1].items()}
+    bp, mps = write_models(tmp_path / "in", base, models)
+    per = [{"density": 0.5, "gamma": 0.05}, {"density": 0.7}, {"density": 0.3}]
+    per = [{k: v for k, v in p.items() if method == "breadcrumbs_ties" or k != "gamma"} for p in per]
+    got = _run(tmp_path, method, bp, mps, "bfloat16", {"normalize": True}, per)
+    want = MK.merge_in_dtype(base, models, method, WEIGHTS, torch.bfloat16, normalize=True,
+                             density=[p["density"] for p in per], gamma=[0.05, 0.01, 0.01])  # fmt: skip
+    for n in want:
+        assert got[n].dtype == torch.bfloat16 and torch.equal(got[n], want[n]), n
+
+
 def test_precision_f32_keeps_our_arithmetic(tmp_path):
     base, models = _state(8, torch.bfloat16)
     bp, mps = write_models(tmp_path / "in", base, models)

@@ -6,11 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Mutex;
 
 use super::{scaling, source, Engine, Given, Options, Part, Progress};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::methods::Rows;
 use crate::plan::TensorPlan;
-use crate::reader::{ModelView, TensorRef};
+use crate::reader::ModelView;
 use crate::recipe::{Combine, Recipe};
 
 /// MetaGPT's weights λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² of `recipe`'s inputs, from one pass over every
@@ -113,25 +112,21 @@ impl<'a> Run<'a> {
             recipe.combine.clone(),
             recipe.sets.len(),
         )];
-        // A computed scale tensor has no input of its own: its weight's stands in (never read).
-        let base_refs: Vec<TensorRef> = plan
-            .iter()
-            .map(|t| self.base.tensors[source(plan, t)])
-            .collect();
-        let model_refs: Vec<Vec<TensorRef>> = models
-            .iter()
-            .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
-            .collect();
-        let values = method.inputs() == Inputs::Values;
-        let values_from_deltas = Self::values_from_deltas(recipe, values, &base_refs, &model_refs);
-        Engine {
+        let mut engine = Engine {
             models,
             plan,
             recipe,
             maps,
             in_memory: AtomicBool::new(false),
-            base_refs,
-            model_refs,
+            // A computed scale tensor has no input of its own: its weight's stands in (never read).
+            base_refs: plan
+                .iter()
+                .map(|t| self.base.tensors[source(plan, t)])
+                .collect(),
+            model_refs: models
+                .iter()
+                .map(|m| plan.iter().map(|t| m.tensors[source(plan, t)]).collect())
+                .collect(),
             done: AtomicU64::new(done),
             total: AtomicU64::new(self.total),
             progress: self.progress,
@@ -144,8 +139,8 @@ impl<'a> Run<'a> {
             weigh_raw,
             weights,
             own_weights,
-            values,
-            values_from_deltas,
+            values: method.inputs() == Inputs::Values,
+            values_from_deltas: Vec::new(),
             value_out,
             values_only: value_out && !method.reads_deltas() && plain_merge,
             rows: method.rows(),
@@ -153,36 +148,10 @@ impl<'a> Run<'a> {
             in_output: AtomicBool::new(false),
             spare_sample: Default::default(),
             part: self.part,
-        }
-    }
-
-    /// Per tensor, whether its values are left out of the loads: every set's kernel takes
-    /// their differences from the deltas in the dtype the tensor's inputs are stored in
-    /// ([`crate::methods::kernel::Kernel::values_from_deltas`]), and they are loaded as stored:
-    /// the base and every model plain (no LoRA, no FP8 scale) in that dtype, which the
-    /// recipe's load dtype does not round (`Engine::rounding` gives none).
-    fn values_from_deltas(
-        recipe: &Recipe,
-        values: bool,
-        base: &[TensorRef],
-        models: &[Vec<TensorRef>],
-    ) -> Vec<bool> {
-        let plain =
-            |r: &TensorRef, d: DType| r.dtype == d && r.delta.is_none() && r.scale.is_none();
-        let as_stored = |d: DType| {
-            recipe
-                .load_dtype
-                .is_none_or(|l| l == d || !matches!(l, DType::BF16 | DType::F16))
         };
-        (0..base.len())
-            .map(|t| {
-                let d = base[t].dtype;
-                values
-                    && as_stored(d)
-                    && plain(&base[t], d)
-                    && models.iter().all(|m| plain(&m[t], d))
-                    && recipe.sets.iter().all(|s| s.method.values_from_deltas(d))
-            })
-            .collect()
+        engine.values_from_deltas = (0..plan.len())
+            .map(|t| engine.takes_values_from_deltas(t))
+            .collect();
+        engine
     }
 }

@@ -656,6 +656,31 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Whether tensor `t`'s values are left out of the loads: every set's kernel takes their
+    /// differences from the deltas in the dtype they are loaded in
+    /// ([`crate::methods::kernel::Kernel::values_from_deltas`]), and the load forms each delta
+    /// as the f32 difference of those very values. Loaded in the recipe's load dtype
+    /// ([`Engine::rounding`]), every input is rounded to it (a LoRA's and a scaled FP8's values
+    /// too) before the deltas are formed; loaded as stored, only a base and models stored plain
+    /// in one dtype are (a LoRA's value is θ_base + τ, whose rounding its delta does not carry).
+    pub(crate) fn takes_values_from_deltas(&self, t: usize) -> bool {
+        let accept = |d: DType| (self.recipe.sets.iter()).all(|s| s.method.values_from_deltas(d));
+        let plain =
+            |r: &TensorRef, d: DType| r.dtype == d && r.delta.is_none() && r.scale.is_none();
+        if !self.values {
+            return false;
+        }
+        match self.rounding(t) {
+            Some(d) => accept(d),
+            None => {
+                let d = self.base_refs[t].dtype;
+                plain(&self.base_refs[t], d)
+                    && self.model_refs.iter().all(|m| plain(&m[t], d))
+                    && accept(d)
+            }
+        }
+    }
+
     /// Whether tensor `t`'s chunks load the models' values ([`Engine::values`], less the
     /// tensors whose kernel takes them from the deltas).
     #[inline(always)]
@@ -767,10 +792,11 @@ impl<'a> Engine<'a> {
         for (k, refs) in self.model_refs.iter().enumerate() {
             let r = &refs[c.tensor];
             grow(&mut raw[k], n);
-            if self.values {
+            let values = self.reads_values(c.tensor);
+            if values {
                 grow(&mut vals[k], n);
             }
-            let v = if self.values {
+            let v = if values {
                 &mut vals[k][..n]
             } else {
                 &mut raw[k][..n]
@@ -789,7 +815,7 @@ impl<'a> Engine<'a> {
             if !plain(r) {
                 round_loaded(d, r.file, t, c.start, v)?;
             }
-            if !self.values {
+            if !values {
                 for (x, &b) in raw[k][..n].iter_mut().zip(base.iter()) {
                     *x -= b;
                 }
