@@ -314,7 +314,7 @@ impl Kernel for Gta {
     }
 
     /// Sparsified, the emulated arithmetic reads both; stored in its own dtype, a value
-    /// rounded to it is itself, so r(r(θ_t) − r(θ_base)) is r(τ_t) bit for bit ([`mix_in`]),
+    /// rounded to it is itself, so r(r(θ_t) − r(θ_base)) is r(τ_t) bit for bit (`mix_in`),
     /// and each chunk is decoded once, into the deltas. mergekit's TIES on 0.5 B bf16 under
     /// `dtype: bfloat16` spent 37 % of its `perf` samples decoding values and forming deltas
     /// from them; the run took 3.17-3.24 s, now 2.68-2.69 s (the same bytes).
