@@ -260,17 +260,59 @@ mod tests {
         }
     }
 
-    #[test]
-    fn same_bits_as_per_element() {
-        // Over two blocks and a part: every block boundary meets the same operations.
-        let n = 2 * BLOCK + 613;
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
+    /// A xorshift64 stream from `seed`.
+    fn xorshift(mut rng: u64) -> impl FnMut() -> u64 {
+        move || {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             rng
+        }
+    }
+
+    /// The reference's M and `mix_in`'s for the same inputs: `sparse` the sparsified deltas,
+    /// `chunk_deltas` what the chunk carries as its deltas, and the values given to the kernel
+    /// only `with_values` (else it takes their differences from `chunk_deltas`).
+    #[allow(clippy::too_many_arguments)]
+    fn reference_and_kernel(
+        g: &Gta,
+        d: DType,
+        (values, base, weights): (&[Vec<f32>], &[f32], &[f32]),
+        sparse: &[Vec<f32>],
+        factors: &[Option<f32>],
+        chunk_deltas: &[Vec<f32>],
+        with_values: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let n = base.len();
+        let mut want = vec![0.0; n];
+        let mut pt = sparse.to_vec();
+        per_element(g, d, (values, base, weights), (&mut pt, factors), &mut want);
+        let deltas: Vec<&[f32]> = chunk_deltas.iter().map(|v| &v[..]).collect();
+        let vals: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
+        let plan = crate::plan::TensorPlan::vector("t", n);
+        let x = ChunkIn {
+            tensor: &plan,
+            start: 0,
+            n,
+            base,
+            deltas: &deltas,
+            values: if with_values { &vals } else { &[] },
+            weights,
+            given: None,
+            seed: 0,
         };
+        // Scratch holding garbage: nothing may depend on what it held.
+        let (mut got, mut a, mut b) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        let mut pt = sparse.to_vec();
+        mix_in(g, d, &x, (&mut pt, factors), &mut got, (&mut a, &mut b));
+        (want, got)
+    }
+
+    #[test]
+    fn same_bits_as_per_element() {
+        // Over two blocks and a part: every block boundary meets the same operations.
+        let n = 2 * BLOCK + 613;
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15u64);
         for name in ["task_arithmetic", "ties", "dare_linear", "breadcrumbs_ties"] {
             for d in [DType::BF16, DType::F16] {
                 for (lambda, weights) in [(1.0, [1.0, 0.6, 0.3]), (0.7, [0.5, -0.5, 0.0])] {
@@ -292,15 +334,13 @@ mod tests {
                         .map(|v| {
                             v.iter()
                                 .zip(&base)
-                                .map(
-                                    |(&v, &b)| {
-                                        if drops && next() % 3 == 0 {
-                                            0.0
-                                        } else {
-                                            v - b
-                                        }
-                                    },
-                                )
+                                .map(|(&v, &b)| {
+                                    if drops && next().is_multiple_of(3) {
+                                        0.0
+                                    } else {
+                                        v - b
+                                    }
+                                })
                                 .collect()
                         })
                         .collect();
@@ -309,34 +349,15 @@ mod tests {
                     } else {
                         [None; 3]
                     };
-                    let mut want = vec![0.0; n];
-                    let mut pt = sparse.clone();
-                    per_element(
+                    let (want, got) = reference_and_kernel(
                         &g,
                         d,
                         (&values, &base, &weights),
-                        (&mut pt, &factors),
-                        &mut want,
+                        &sparse,
+                        &factors,
+                        &sparse,
+                        true,
                     );
-                    let deltas: Vec<&[f32]> = sparse.iter().map(|v| &v[..]).collect();
-                    let vals: Vec<&[f32]> = values.iter().map(|v| &v[..]).collect();
-                    let plan = crate::plan::TensorPlan::vector("t", n);
-                    let x = ChunkIn {
-                        tensor: &plan,
-                        start: 0,
-                        n,
-                        base: &base,
-                        deltas: &deltas,
-                        values: &vals,
-                        weights: &weights,
-                        given: None,
-                        seed: 0,
-                    };
-                    // Scratch holding garbage: nothing may depend on what it held.
-                    let (mut got, mut a, mut b) =
-                        (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-                    let mut pt = sparse.clone();
-                    mix_in(&g, d, &x, (&mut pt, &factors), &mut got, (&mut a, &mut b));
                     for i in 0..n {
                         assert!(
                             got[i].to_bits() == want[i].to_bits()
@@ -358,13 +379,7 @@ mod tests {
     #[test]
     fn deltas_stand_in_for_values_stored_in_the_dtype() {
         let n = BLOCK + 777;
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x2545_F491_4F6C_DD1Du64);
         for name in ["ties", "dare_ties", "breadcrumbs_ties", "dare_linear"] {
             for d in [DType::BF16, DType::F16] {
                 let mut g = Gta::named(name).unwrap();
@@ -372,7 +387,11 @@ mod tests {
                 let r = |v: f32| round_to(d, v);
                 let mut val = |_| {
                     let u = (next() % 2001) as f32 / 1000.0 - 1.0;
-                    r(if next() % 4 == 0 { u * 37.0 } else { u * 0.02 })
+                    r(if next().is_multiple_of(4) {
+                        u * 37.0
+                    } else {
+                        u * 0.02
+                    })
                 };
                 let base: Vec<f32> = (0..n).map(&mut val).collect();
                 let values: Vec<Vec<f32>> =
@@ -385,38 +404,21 @@ mod tests {
                     .iter()
                     .map(|v| {
                         v.iter()
-                            .map(|&x| if next() % 3 == 0 { 0.0 } else { x })
+                            .map(|&x| if next().is_multiple_of(3) { 0.0 } else { x })
                             .collect()
                     })
                     .collect();
                 let factors = [Some(1.7f32), None, Some(0.4)];
                 let weights = [0.8, 0.45, 1.1];
-                let mut want = vec![0.0; n];
-                let mut pt = sparse.clone();
-                per_element(
+                let (want, got) = reference_and_kernel(
                     &g,
                     d,
                     (&values, &base, &weights),
-                    (&mut pt, &factors),
-                    &mut want,
+                    &sparse,
+                    &factors,
+                    &deltas,
+                    false,
                 );
-                let ds: Vec<&[f32]> = deltas.iter().map(|v| &v[..]).collect();
-                let plan = crate::plan::TensorPlan::vector("t", n);
-                let x = ChunkIn {
-                    tensor: &plan,
-                    start: 0,
-                    n,
-                    base: &base,
-                    deltas: &ds,
-                    values: &[],
-                    weights: &weights,
-                    given: None,
-                    seed: 0,
-                };
-                let (mut got, mut a, mut b) =
-                    (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-                let mut pt = sparse.clone();
-                mix_in(&g, d, &x, (&mut pt, &factors), &mut got, (&mut a, &mut b));
                 let differ = (0..n).filter(|&i| got[i].to_bits() != want[i].to_bits());
                 assert_eq!(differ.count(), 0, "{name} {d:?}");
                 // Some deltas need their rounding: the case is not the identity's.
