@@ -285,12 +285,12 @@ pub trait Kernel: Send + Sync + Debug {
     }
 
     /// Whether, with [`Inputs::Values`], the kernel takes θ_t − θ_base from `ChunkIn::deltas`
-    /// when `ChunkIn::values` comes empty: the engine leaves the values out of a tensor whose
-    /// base and models are all stored plain (no LoRA, no FP8 scale) in `stored` and loaded as
-    /// they are stored. For mergekit's arithmetic in that dtype, rounding a stored value to it
-    /// changes nothing and the f32 difference of two is the delta the load formed, so the
-    /// values are the deltas' cost over again.
-    fn values_from_deltas(&self, _stored: crate::dtype::DType) -> bool {
+    /// when `ChunkIn::values` comes empty, for a tensor whose values are all `loaded` values
+    /// (stored plain in that dtype, or rounded to it as they load) and whose deltas the load
+    /// formed as the f32 differences of those values (`Engine::takes_values_from_deltas`). For
+    /// mergekit's arithmetic in that dtype, rounding such a value to it changes nothing, so the
+    /// values would only repeat the deltas' decoding.
+    fn values_from_deltas(&self, _loaded: crate::dtype::DType) -> bool {
         false
     }
 

@@ -313,13 +313,13 @@ impl Kernel for Gta {
         }
     }
 
-    /// Sparsified, the emulated arithmetic reads both; stored in its own dtype, a value
+    /// Sparsified, the emulated arithmetic reads both; loaded in its own dtype, a value
     /// rounded to it is itself, so r(r(θ_t) − r(θ_base)) is r(τ_t) bit for bit (`mix_in`),
     /// and each chunk is decoded once, into the deltas. mergekit's TIES on 0.5 B bf16 under
     /// `dtype: bfloat16` spent 37 % of its `perf` samples decoding values and forming deltas
     /// from them; the run took 3.17-3.24 s, now 2.68-2.69 s (the same bytes).
-    fn values_from_deltas(&self, stored: DType) -> bool {
-        self.arith == Some(stored) && self.reads_deltas()
+    fn values_from_deltas(&self, loaded: DType) -> bool {
+        self.arith == Some(loaded) && self.reads_deltas()
     }
 
     /// Without sparsification the emulated arithmetic reads only the values and the base.

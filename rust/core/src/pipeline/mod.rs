@@ -664,12 +664,12 @@ impl<'a> Engine<'a> {
     /// too) before the deltas are formed; loaded as stored, only a base and models stored plain
     /// in one dtype are (a LoRA's value is θ_base + τ, whose rounding its delta does not carry).
     pub(crate) fn takes_values_from_deltas(&self, t: usize) -> bool {
-        let accept = |d: DType| (self.recipe.sets.iter()).all(|s| s.method.values_from_deltas(d));
-        let plain =
-            |r: &TensorRef, d: DType| r.dtype == d && r.delta.is_none() && r.scale.is_none();
         if !self.values {
             return false;
         }
+        let accept = |d: DType| (self.recipe.sets.iter()).all(|s| s.method.values_from_deltas(d));
+        let plain =
+            |r: &TensorRef, d: DType| r.dtype == d && r.delta.is_none() && r.scale.is_none();
         match self.rounding(t) {
             Some(d) => accept(d),
             None => {
@@ -789,10 +789,10 @@ impl<'a> Engine<'a> {
         if !plain(b) {
             round_loaded(d, b.file, t, c.start, base)?;
         }
+        let values = self.reads_values(c.tensor);
         for (k, refs) in self.model_refs.iter().enumerate() {
             let r = &refs[c.tensor];
             grow(&mut raw[k], n);
-            let values = self.reads_values(c.tensor);
             if values {
                 grow(&mut vals[k], n);
             }
