@@ -99,7 +99,7 @@ pub fn kept_ranks(n: usize, density: f64, gamma: f64) -> Option<(u64, u64)> {
 }
 
 /// One task's cuts in one long row: `top` is |x| at descending rank g (the largest kept
-/// magnitude), of which the first `top_skip` (in position order) rank above g and are dropped;
+/// magnitude; +∞ where g = 0), of which the first `top_skip` (in position order) rank above g and are dropped;
 /// `low` is |x| at rank g + k and how many of that magnitude are still kept (`None`: the row
 /// keeps everything from rank g on).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -13,13 +13,26 @@ use crate::plan::Chunk;
 use crate::select::Request;
 use crate::stats::{Cuts, Floor};
 
-/// Per (set, task): the kept ranks [g, g + k) and the index of the first of its two requests.
-type Slots = Vec<Vec<Option<(u64, u64, usize)>>>;
+/// Per (set, task) that keeps something: the kept ranks [g, g + k) and the indices of its
+/// requests for the two cuts ([`Slot`]).
+type Slots = Vec<Vec<Option<Slot>>>;
+
+/// One (set, task)'s kept ranks [g, g + k) and its requests: the top cut's at rank g (none
+/// where g = 0: nothing is dropped from the top, the cut is +∞) and the low cut's at g + k
+/// (none where that is past the row: the rest is kept). mergekit's TIES drops nothing from the
+/// top, and selecting each row's maximum there anyway counted every value a second time: its
+/// statistics on 0.5 B bf16 took 1.14-1.15 s with that request, 1.05-1.08 s without.
+#[derive(Clone, Copy)]
+struct Slot {
+    g: u64,
+    k: u64,
+    top: Option<usize>,
+    low: Option<usize>,
+}
 
 /// One long row's pieces and what its cuts are read with.
 struct Pieces<'p> {
     pieces: &'p [Chunk],
-    n: u64,
     slots: &'p Slots,
     of: &'p [usize],
     reps: &'p [usize],
@@ -69,11 +82,9 @@ impl Engine<'_> {
         let found = self.select_many(&jobs, true)?;
         let mut stats: Vec<Vec<Cuts>> = vec![vec![BTreeMap::new(); all.len()]; tensors.len()];
         for ((job, ti), sel) in jobs.iter().zip(owner).zip(found) {
-            let n = self.plan[tensors[ti]].unit(self.rows) as u64;
             let slots = &asks[ti].1;
             let piece = Pieces {
                 pieces: &job.chunks,
-                n,
                 slots,
                 of: &of,
                 reps: &reps,
@@ -83,8 +94,8 @@ impl Engine<'_> {
         Ok(stats)
     }
 
-    /// A long row's two requests per (set, task) that keeps something, and per (set, task)
-    /// the kept ranks [g, g + k) with the index of its first request.
+    /// A long row's requests (up to two per (set, task) that keeps something: [`Slot`]), and
+    /// per (set, task) its slot.
     fn crumbs_ask(&self, n: u64, all: &[usize], of: &[usize]) -> (Vec<Request>, Slots) {
         let tasks = self.tasks();
         let mut requests = Vec::new();
@@ -92,16 +103,14 @@ impl Engine<'_> {
         for (k, &j) in all.iter().enumerate() {
             for (t, slot) in slots[k].iter_mut().enumerate() {
                 if let Some((g, kk)) = self.kernel_of(j).kept_ranks(n as usize, t) {
-                    *slot = Some((g, kk, requests.len()));
-                    let r = of[k] * tasks + t;
-                    requests.push(Request {
-                        row: r,
-                        rank: n - 1 - g,
-                    });
-                    requests.push(Request {
-                        row: r,
-                        rank: n - 1 - (g + kk).min(n - 1),
-                    });
+                    let row = of[k] * tasks + t;
+                    let mut ask = |rank: u64| {
+                        requests.push(Request { row, rank });
+                        requests.len() - 1
+                    };
+                    let top = (g > 0).then(|| ask(n - 1 - g));
+                    let low = (g + kk < n).then(|| ask(n - 1 - (g + kk)));
+                    *slot = Some(Slot { g, k: kk, top, low });
                 }
             }
         }
@@ -118,28 +127,40 @@ impl Engine<'_> {
         fused: Option<PerChunk>,
         stats: &mut [Cuts],
     ) -> Result<()> {
-        let (tasks, n, slots, of, reps) = (self.tasks(), p.n, p.slots, p.of, p.reps);
+        let (tasks, slots, of, reps) = (self.tasks(), p.slots, p.of, p.reps);
         // cuts[k][t] = (top, low) for the sets and tasks that keep something.
         let cuts: Vec<Vec<Option<RowCuts>>> = slots
             .iter()
             .map(|s| {
                 s.iter()
-                    .map(|o| o.map(|(g, kk, r)| (v[r], (g + kk < n).then_some(v[r + 1]))))
+                    .map(|o| {
+                        o.map(|s| (s.top.map_or(f32::INFINITY, |r| v[r]), s.low.map(|r| v[r])))
+                    })
                     .collect()
             })
             .collect();
+        let asked = slots
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|s| s.top.or(s.low).is_some());
         let counts = match fused {
+            // Nothing selected (every cut +∞ or absent): nothing above or at a cut, no pass.
+            _ if !asked => Ok((p.pieces.iter())
+                .map(|c| (c.start, vec![vec![[0; 4]; tasks]; slots.len()]))
+                .collect()),
             Some(per_chunk) => Ok(per_chunk
                 .iter()
                 .map(|(start, at)| {
+                    let at = |r: Option<usize>| r.map_or([0, 0], |r| at[r]);
                     let cells = slots
                         .iter()
                         .map(|s| {
                             s.iter()
                                 .map(|o| match *o {
-                                    Some((g, kk, r)) => {
-                                        let low = if g + kk < n { at[r + 1] } else { [0, 0] };
-                                        [at[r][0], at[r][1], low[0], low[1]]
+                                    Some(s) => {
+                                        let (top, low) = (at(s.top), at(s.low));
+                                        [top[0], top[1], low[0], low[1]]
                                     }
                                     None => [0; 4],
                                 })
@@ -190,7 +211,7 @@ impl Engine<'_> {
                     }
                     continue;
                 };
-                let (g, kk, _) = slots[k][t].expect("a cut has ranks");
+                let Slot { g, k: kk, .. } = slots[k][t].expect("a cut has ranks");
                 let above_top: u64 = counts.iter().map(|(_, c)| c[k][t][0]).sum();
                 let above_low: u64 = counts.iter().map(|(_, c)| c[k][t][2]).sum();
                 let cut = breadcrumbs::Cut {
