@@ -10,7 +10,7 @@ use crate::methods::sign_tally::SignTally;
 use crate::pipeline::sample::{trim_floor, FLOOR};
 use crate::pipeline::{Engine, Stats, Work};
 use crate::plan::Chunk;
-use crate::select::{key, unkey, Buckets, Hist, Request, SampleRow, Windowed, Windows};
+use crate::select::{key, unkey, Buckets, Hist, Request, SampleRow, Score, Windowed, Windows};
 
 /// What a sample tells about the wanted order statistics.
 /// The window widths a select tries, widest first (see [`Engine::guess_from`]).
@@ -108,7 +108,8 @@ impl Engine<'_> {
         (reps, n_rows)
     }
 
-    /// Emits |deltas| of every variant, task by task, as rows `v·T + t`.
+    /// Emits |deltas| of every variant, task by task, as rows `v·T + t`: the deltas, scored by
+    /// magnitude ([`Score`]).
     pub(crate) fn emit_abs(
         &self,
         w: &mut Work,
@@ -119,10 +120,8 @@ impl Engine<'_> {
         let (n, tasks) = (c.len, self.tasks());
         for (v, &j) in reps.iter().enumerate() {
             let src = self.set_deltas(w, j, c);
-            let p = w.parts(src);
-            for (t, x) in p.deltas.iter().enumerate() {
-                crate::simd!(abs_into(&x[..n], &mut p.scratch[..n]));
-                emit(v * tasks + t, &p.scratch[..n], 0);
+            for (t, x) in w.src(src).iter().enumerate() {
+                emit(v * tasks + t, &x[..n], Score::Magnitude, 0);
             }
         }
     }
@@ -305,8 +304,8 @@ impl Engine<'_> {
             Some(&floors),
             || windows.acc(),
             #[inline(always)]
-            |a, row, v, out| {
-                a.count(&windows, row, v);
+            |a, row, v, s, out| {
+                a.count_scored(&windows, row, v, s);
                 a.count_below(&windows, row, out);
             },
             |a, b| a.merge_capped(b, &windows),
@@ -433,7 +432,7 @@ impl Engine<'_> {
             None,
             || Hist::new(n_rows),
             #[inline(always)]
-            |h, row, v, _| h.count_high(row, v),
+            |h, row, v, s, _| h.count_high(row, v, s),
             Hist::merge,
         )?;
         let found = Buckets::resolve(&high, requests);
@@ -444,7 +443,7 @@ impl Engine<'_> {
             None,
             || found.low_hist(),
             #[inline(always)]
-            |h, row, v, _| h.count_low(&found, row, v),
+            |h, row, v, s, _| h.count_low(&found, row, v, s),
             Hist::merge,
         )?;
         Ok(found.finish(&low))
@@ -466,7 +465,7 @@ impl Engine<'_> {
     where
         A: Send + serde::Serialize + serde::de::DeserializeOwned,
         I: Fn() -> A + Sync + Send,
-        C: Fn(&mut A, usize, &[f32], u64) + Sync + Send,
+        C: Fn(&mut A, usize, &[f32], Score, u64) + Sync + Send,
         M: Fn(A, A) -> A + Sync + Send,
     {
         self.pass_shared(
@@ -474,9 +473,9 @@ impl Engine<'_> {
             init,
             #[inline(always)]
             |w, c, a| {
-                rows(w, c, floor, &mut |row, v, out| {
+                rows(w, c, floor, &mut |row, v, s, out| {
                     debug_assert!(out == 0 || floor.is_some(), "left out without a floor");
-                    crate::simd!(count(a, row, v, out))
+                    crate::simd!(count(a, row, v, s, out))
                 });
                 Ok(())
             },
@@ -495,23 +494,16 @@ pub(crate) type Rows<'r> = &'r RowsFn<'r>;
 /// What a [`Rows`] refers to.
 pub(crate) type RowsFn<'r> = dyn Fn(&mut Work, &Chunk, Floor, &mut Emit) + Sync + 'r;
 
-/// Takes a row of a chunk: (row, values, left out). With a [`Floor`], a producer may leave out
-/// values it can show are below the row's floor, and only count them: the pass counting the
-/// rows counts them below every window of the row, the same as −∞. Without one, nothing is
-/// left out (0).
-pub(crate) type Emit<'e> = dyn FnMut(usize, &[f32], u64) + 'e;
+/// Takes a row of a chunk: (row, values, what their keys are taken of, left out). With a
+/// [`Floor`], a producer may leave out values it can show are below the row's floor, and only
+/// count them: the pass counting the rows counts them below every window of the row, the same
+/// as −∞. Without one, nothing is left out (0).
+pub(crate) type Emit<'e> = dyn FnMut(usize, &[f32], Score, u64) + 'e;
 
 /// Per row, a value below which the pass counting the rows does not tell values apart (a
 /// windowed select only counts them): a row may emit −∞ for a value it can show is below its
 /// floor without computing it. None: every value exact (a sample, a radix select).
 pub(crate) type Floor<'f> = Option<&'f [f32]>;
-
-#[inline(always)]
-fn abs_into(src: &[f32], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.abs();
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::Engine;
 use crate::error::Result;
 use crate::plan::Chunk;
-use crate::select::{key, SampleRow};
+use crate::select::SampleRow;
 use crate::stats::Rows;
 
 /// Length of one run of a sample.
@@ -186,8 +186,8 @@ impl Engine<'_> {
                 for d in acc.iter_mut() {
                     d.runs.push(d.keys.len() as u32);
                 }
-                (scopes[s].2)(w, c, None, &mut |row, v, _| {
-                    acc[row].keys.extend(v.iter().map(|&x| key(x)))
+                (scopes[s].2)(w, c, None, &mut |row, v, score, _| {
+                    acc[row].keys.extend(v.iter().map(|&x| score.key(x)))
                 });
                 for d in acc.iter_mut() {
                     let start = d.runs.pop().expect("pushed above");

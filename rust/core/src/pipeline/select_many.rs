@@ -265,8 +265,8 @@ impl Engine<'_> {
                 if per_chunk {
                     // Every value exact: the chunk's counts at the found values are read off.
                     let mut part = windows.acc();
-                    rows(w, c, None, &mut |row, v, _| {
-                        crate::simd!(part.count(windows, row, v))
+                    rows(w, c, None, &mut |row, v, s, _| {
+                        crate::simd!(part.count_scored(windows, row, v, s))
                     });
                     let slot = acc[b].get_or_insert_with(|| Counted::Pieces(Default::default()));
                     if let Counted::Pieces(p) = slot {
@@ -275,8 +275,8 @@ impl Engine<'_> {
                 } else {
                     let slot = acc[b].get_or_insert_with(|| Counted::All(windows.acc()));
                     if let Counted::All(a) = slot {
-                        rows(w, c, floors[b].as_deref(), &mut |row, v, out| {
-                            crate::simd!(a.count(windows, row, v));
+                        rows(w, c, floors[b].as_deref(), &mut |row, v, s, out| {
+                            crate::simd!(a.count_scored(windows, row, v, s));
                             a.count_below(windows, row, out);
                         });
                     }

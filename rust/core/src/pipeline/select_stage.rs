@@ -9,7 +9,7 @@ use super::{grow, Engine, Work};
 use crate::error::Result;
 use crate::methods::kernel::{Found, Stage, TensorStats};
 use crate::plan::Chunk;
-use crate::select::Request;
+use crate::select::{Request, Score};
 
 /// Rows shared by representatives in a select: (key, first row, rows, the representative
 /// scoring them).
@@ -195,7 +195,7 @@ impl Engine<'_> {
                     });
                     debug_assert!(kept == c.len || floor.is_some(), "left out without a floor");
                     for (row, o) in out[..rows].iter().enumerate() {
-                        emit(base + row, &o[..kept], (c.len - kept) as u64);
+                        emit(base + row, &o[..kept], Score::Value, (c.len - kept) as u64);
                     }
                     w.sel = out;
                 }

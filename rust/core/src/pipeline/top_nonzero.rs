@@ -49,7 +49,7 @@ impl Engine<'_> {
                     None,
                     || windows.acc(),
                     #[inline(always)]
-                    |a, row, v, _| a.count(windows, row, v),
+                    |a, row, v, s, _| a.count_scored(windows, row, v, s),
                     |a, b| a.merge_capped(b, windows),
                 )?;
                 if let Some(found) = Self::top_finish(windows, acc) {
@@ -155,7 +155,8 @@ impl Engine<'_> {
             None,
             || vec![0u64; n_rows],
             #[inline(always)]
-            |z, row, v, _| z[row] += v.iter().map(|&x| u64::from(x == 0.0)).sum::<u64>(),
+            // |x| = 0 exactly where x = 0: the same count whatever the score.
+            |z, row, v, _, _| z[row] += v.iter().map(|&x| u64::from(x == 0.0)).sum::<u64>(),
             |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
         )?;
         let nonzero: Vec<u64> = tops.iter().map(|&(row, _)| total - zeros[row]).collect();
