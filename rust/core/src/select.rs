@@ -6,6 +6,7 @@
 
 use crate::key_hist::{KeyHist, HIST_BUDGET};
 
+mod keep_avx512;
 mod sample_row;
 pub use sample_row::SampleRow;
 
@@ -481,19 +482,7 @@ impl Windowed {
                     }
                 })
             } else {
-                count_blocks::<ABS>(values, lo, width, |block: &[f32]| {
-                    // Branch-free compaction: every key is written, the count advances on the
-                    // ones inside. A window holding a whole level of bf16 deltas (mergekit's
-                    // per-tensor TIES) has a key in most blocks, where a push per key cost a
-                    // fifth of the pass.
-                    let (mut keep, mut c) = ([0u32; 16], 0usize);
-                    for &v in block {
-                        let k = key(magnitude::<ABS>(v));
-                        keep[c & 15] = k;
-                        c += usize::from(inside_window(k));
-                    }
-                    inside.extend_from_slice(&keep[..c]);
-                })
+                count_keep::<ABS>(values, lo, width, inside)
             };
             self.below[i] += u64::from(below);
             self.equal[i] += u64::from(equal);
@@ -504,7 +493,6 @@ impl Windowed {
             }
         }
     }
-
     pub fn merge(mut self, mut other: Windowed) -> Windowed {
         self.overflow |= other.overflow;
         for (a, b) in self.below.iter_mut().zip(&other.below) {
@@ -639,6 +627,47 @@ fn magnitude<const ABS: bool>(v: f32) -> f32 {
     } else {
         v
     }
+}
+
+/// (#keys < lo, #keys = lo) of `values` (|values| where `ABS`), every key in (lo, lo + width]
+/// appended to `inside` in order: in AVX-512 where the CPU has it (`select/keep_avx512.rs`),
+/// else through [`count_blocks`].
+#[inline(always)]
+fn count_keep<const ABS: bool>(
+    values: &[f32],
+    lo: u32,
+    width: u32,
+    inside: &mut Vec<u32>,
+) -> (u32, u32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::tier() == crate::simd::Tier::Avx512 {
+        // SAFETY: the tier is AVX-512 only where the CPU has avx512f, avx512dq and avx512vl.
+        return unsafe { keep_avx512::count_keep::<ABS>(values, lo, width, inside) };
+    }
+    count_keep_portable::<ABS>(values, lo, width, inside)
+}
+
+/// [`count_keep`] in portable code.
+#[inline(always)]
+fn count_keep_portable<const ABS: bool>(
+    values: &[f32],
+    lo: u32,
+    width: u32,
+    inside: &mut Vec<u32>,
+) -> (u32, u32) {
+    let inside_window = |k: u32| k.wrapping_sub(lo).wrapping_sub(1) < width;
+    count_blocks::<ABS>(values, lo, width, |block: &[f32]| {
+        // Branch-free compaction: every key is written, the count advances on the ones
+        // inside. A window holding a whole level of bf16 deltas (mergekit's per-tensor TIES)
+        // has a key in most blocks, where a push per key cost a fifth of the pass.
+        let (mut keep, mut c) = ([0u32; 16], 0usize);
+        for &v in block {
+            let k = key(magnitude::<ABS>(v));
+            keep[c & 15] = k;
+            c += usize::from(inside_window(k));
+        }
+        inside.extend_from_slice(&keep[..c]);
+    })
 }
 
 /// Counts `values`' keys below `lo` and at `lo`, and hands `inside` every block of up to 16
