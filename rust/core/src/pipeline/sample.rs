@@ -52,8 +52,13 @@ pub(crate) const FLOOR: u64 = 1 << 15;
 /// run took 3.10-3.33 s against 3.72-3.87 s (user 4.6 s against 6.0 s), the same bytes. With
 /// the floor on every scope (tried first): 2^19 took 3.12-3.48 s (less CPU, no less time),
 /// 2^20 4.47-4.66 s (the sort); mergekit's per-tensor selects (one shared sample pass for many
-/// tensors) gained nothing and `breadcrumbs_ties` lost 10 %, so they keep [`FLOOR`].
-pub(crate) const TENSOR_FLOOR: u64 = 1 << 18;
+/// tensors) gained nothing and `breadcrumbs_ties` lost 10 %, so they keep [`FLOOR`]. Since the
+/// windowed count packs the keys inside in AVX-512 (`select/keep_avx512.rs`) and takes the
+/// magnitudes itself, a wider window costs less and the sample's draws and sort more: on a
+/// 2-core Xeon VM, 2^18 took 2.62-2.80 s, 2^17 2.62-2.78, 2^16 2.51-2.55 and 2^15 2.74-2.78
+/// (`dare_ties`: 2^18 3.36-3.53 s, 2^16 3.19-3.23; with the portable count,
+/// `WEIGHTWEAVE_SIMD=avx2`: 2^18 2.96-3.13 s, 2^16 2.79-2.90), the same bytes.
+pub(crate) const TENSOR_FLOOR: u64 = 1 << 16;
 
 /// The sample floor for trim thresholds over `chunks`: [`TENSOR_FLOOR`] where they are one
 /// tensor's, else [`FLOOR`].
@@ -288,7 +293,7 @@ mod tests {
         let got = picks(&split, false, trim_floor(&split));
         assert_eq!(got.iter().map(|c| c.len as u64).sum::<u64>(), TENSOR_FLOOR);
         // Under the floor, the tensor is its own sample.
-        let below = picks(&one((1 << 18) - 1), false, TENSOR_FLOOR);
-        assert_eq!(below.iter().map(|c| c.len).sum::<usize>(), (1 << 18) - 1);
+        let below = picks(&one((1 << 16) - 1), false, TENSOR_FLOOR);
+        assert_eq!(below.iter().map(|c| c.len).sum::<usize>(), (1 << 16) - 1);
     }
 }
