@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::methods::kernel::{ChunkIn, Found, Kernel, Scratch, Stage, TensorStats, Unit};
 use crate::methods::Scope;
 use crate::plan::{Chunk, TensorPlan};
-use crate::stats::ScopeSample;
+use crate::stats::{Reach, ScopeSample};
 
 /// A chunk's sums: (representative, group, chunk start, first unit, `units × slots` values),
 /// in chunk order within a group once sorted (a group's chunks are in plan order).
@@ -427,7 +427,12 @@ impl Engine<'_> {
         while at < asks.len() {
             let (to, drawn) = self.trim_samples(&asks, at, model)?;
             for (a, d) in asks[at..to].iter().zip(drawn) {
-                let got = self.ties_stats(&a.chunks, &a.sets, &a.ranks, d)?;
+                // The model's select (group `groups.n`) or one tensor's.
+                let reach = match a.g == groups.n {
+                    true => Reach::Model,
+                    false => Reach::Tensor,
+                };
+                let got = self.ties_stats(&a.chunks, &a.sets, &a.ranks, (d, reach))?;
                 for (&r, (thr, count)) in a.asking.iter().zip(got) {
                     found[r][a.g].stages.push(Found::Trim { thr, count });
                 }

@@ -21,7 +21,7 @@ use crate::plan::Chunk;
 use crate::select::{
     PieceWindow, PieceWindows, Request, SampleRow, Windowed, Windows, WINDOW_BUDGET,
 };
-use crate::stats::{Guess, Rows};
+use crate::stats::{Guess, Reach, Rows};
 
 /// One select: its chunks (no other job's), the rows its scores go to, the requested ranks,
 /// and how to score a chunk.
@@ -207,7 +207,7 @@ impl Engine<'_> {
                 TopGuess::None => Ok(None),
             };
         }
-        match Self::guess_from(&s, total, j.requests.clone()) {
+        match Self::guess_from(&s, total, j.requests.clone(), Reach::Tensor) {
             Some(Guess::Exact(values)) => Err(Selected {
                 values,
                 ..Default::default()

@@ -32,7 +32,7 @@ use crate::plan::{Chunk, TensorPlan};
 use crate::pool::Pool;
 use crate::recipe::{Combine, Recipe};
 use crate::select::{key, unkey, Request, Windowed, Windows};
-use crate::stats::SpareSample;
+use crate::stats::{Reach, SpareSample};
 use crate::Sink;
 
 /// Bytes the held elements may take before the run falls back to a second output pass, at
@@ -193,9 +193,9 @@ impl Engine<'_> {
             }
         } else {
             sample = self.sample_scope(merge, n_rows, rows, FLOOR)?;
-            let guess = sample
-                .as_ref()
-                .and_then(|(s, total)| Engine::guess_from(s, *total, requests.clone()));
+            let guess = sample.as_ref().and_then(|(s, total)| {
+                Engine::guess_from(s, *total, requests.clone(), Reach::Model)
+            });
             match guess {
                 Some(crate::stats::Guess::Window(w)) => w,
                 // The sample was the data: windows one key wide.
