@@ -44,7 +44,6 @@ impl Reach {
 }
 
 /// What a sample tells about the wanted order statistics.
-
 pub(crate) enum Guess {
     Exact(Vec<f32>),
     Window(Windows),
