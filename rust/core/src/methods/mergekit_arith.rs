@@ -157,10 +157,7 @@ fn mix_block(
     if !g.consensus {
         let total = r(weights.iter().fold(0.0f32, |s, &w| s + w));
         let total = if total.abs() < 1e-8 { 1.0 } else { total };
-        for (v, &s) in m.iter_mut().zip(sums.iter()) {
-            let mixed = r(s);
-            *v = if g.normalize { r(mixed / total) } else { mixed };
-        }
+        finish(g, r, (m, sums, base), |_, s| (r(s), total));
     } else {
         // The models whose delta has the majority's sign (+ where the sum is ≥ 0; a zero has
         // no sign and is never counted): their deltas' sum in `m`, their weights' in `div`.
@@ -178,20 +175,50 @@ fn mix_block(
                 *q = if keep { from_q + w } else { from_q };
             }
         }
-        for (v, &q) in m.iter_mut().zip(div.iter()) {
-            let (mixed, q) = (r(*v), r(q));
-            let q = if q == 0.0 { 1.0 } else { q };
-            *v = if g.normalize { r(mixed / q) } else { mixed };
-        }
+        finish(g, r, (m, div, base), |s, q| {
+            let q = r(q);
+            (r(s), if q == 0.0 { 1.0 } else { q })
+        });
     }
-    if g.lambda != 1.0 {
-        for (v, &b) in m.iter_mut().zip(base) {
-            *v = r(r(b) + r(*v * g.lambda));
-        }
-    } else {
-        for (v, &b) in m.iter_mut().zip(base) {
-            *v = r(r(b) + *v);
-        }
+}
+
+/// θ_base + λ·M as mergekit rounds it, into `m`: M from each element's value in `m` and in
+/// `other` (`mixed` gives its rounded sum over the models and the divisor), ÷ where
+/// normalizing, × λ, + the base, each rounded. One loop for all of it (the mix and the base's
+/// addition were two, each reading and writing M), and one per case of `normalize` and λ = 1,
+/// so that neither is a test per element.
+#[inline(always)]
+fn finish(
+    g: &Gta,
+    r: impl Fn(f32) -> f32 + Copy,
+    (m, other, base): (&mut [f32], &[f32], &[f32]),
+    mixed: impl Fn(f32, f32) -> (f32, f32) + Copy,
+) {
+    let lambda = g.lambda;
+    match (g.normalize, lambda != 1.0) {
+        (true, true) => each_into(m, other, base, |v, o, b| {
+            let (x, d) = mixed(v, o);
+            r(r(b) + r(r(x / d) * lambda))
+        }),
+        (true, false) => each_into(m, other, base, |v, o, b| {
+            let (x, d) = mixed(v, o);
+            r(r(b) + r(x / d))
+        }),
+        (false, true) => each_into(
+            m,
+            other,
+            base,
+            |v, o, b| r(r(b) + r(mixed(v, o).0 * lambda)),
+        ),
+        (false, false) => each_into(m, other, base, |v, o, b| r(r(b) + mixed(v, o).0)),
+    }
+}
+
+/// `m[i] = f(m[i], other[i], base[i])` for every element.
+#[inline(always)]
+fn each_into(m: &mut [f32], other: &[f32], base: &[f32], f: impl Fn(f32, f32, f32) -> f32) {
+    for ((v, &o), &b) in m.iter_mut().zip(other).zip(base) {
+        *v = f(*v, o, b);
     }
 }
 
