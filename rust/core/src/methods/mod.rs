@@ -29,6 +29,7 @@ pub mod dare;
 pub mod della;
 pub mod elementwise;
 pub mod fastmath;
+mod gather_avx512;
 pub mod karcher;
 mod karcher_dtype;
 pub mod kernel;
