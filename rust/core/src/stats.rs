@@ -31,7 +31,8 @@ impl Reach {
     /// sign tally handles each element with a task inside apart, so a window's width is paid
     /// on every pass, while a miss there costs a few passes over one tensor, about a hundredth
     /// of the model on the 0.5 B bench set (101 tensors). At 3σ a rank misses with probability
-    /// 3e-3 per request (about one tensor in a hundred, one extra pass over it); the 6σ windows
+    /// 3e-3 per request (about one tensor in a hundred, its radix select and sign count: three
+    /// passes over it); the 6σ windows
     /// it had made TIES at scope=tensor's statistics 1.43-1.63 s against 1.05-1.15 s at 3σ on
     /// that set, with no miss at either (bf16 deltas: the threshold's key is shared by ~1 %
     /// of a tensor's values, and narrower windows cover fewer of its neighbours).
