@@ -45,7 +45,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// buffers (512 KiB each) stay near its core's L2 cache, large enough to amortize per-chunk
 /// overhead. It was 2^18 (1 MiB buffers) until measured (`benches/chunk_size.py`): on 2 Zen 4
 /// cores (1 MiB L2), warm cache, 0.5 B bf16, 2^17 took 0.43–0.88× the time of 2^18 for every
-/// paper method and mergekit's TIES; 2^16 and 2^15 were no faster again.
+/// paper method and mergekit's TIES; 2^16 and 2^15 were no faster again. On 2 Xeon cores
+/// (2 MiB L2) every size from 2^14 to 2^17 took 0.90–1.04× the time of 2^17
+/// (`benches/results/chunk_size_xeon.md`), so it stayed.
 pub const DEFAULT_CHUNK: usize = 1 << 17;
 
 /// The largest chunk accepted.
